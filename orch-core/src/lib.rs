@@ -1,0 +1,53 @@
+//! # orch-core
+//!
+//! The core of orch, a toolkit for building container orchestrators: the object model, the
+//! [`Store`] trait every state backend implements, typed access through [`Api`], and the
+//! conformance kits every backend must pass.
+//!
+//! An application picks a store backend (for example `orch_store::MemoryStore`), wraps it in
+//! `Arc<dyn Store>`, and works with typed kinds through [`Api`]:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use orch_core::{Api, Object, ObjectMeta, Store, kinds::Workload};
+//!
+//! async fn run(store: Arc<dyn Store>) -> orch_core::Result<()> {
+//!     let workloads: Api<Workload> = Api::namespaced(store, "default");
+//!     let w = Object::new(ObjectMeta::named("hello"), Workload::command("main", &["/bin/echo", "hi"]));
+//!     let created = workloads.create(&w).await?;
+//!     println!("created at revision {}", created.metadata.resource_version);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Define your own kinds by implementing [`Resource`] on a spec type; they get the same typed,
+//! validated access and the same store semantics as the built-in [`kinds::Node`] and
+//! [`kinds::Workload`].
+//!
+//! | feature   | what it adds |
+//! |-----------|--------------|
+//! | `testkit` | [`testkit::store`]: the store conformance suite with its model check |
+
+pub mod api;
+pub mod error;
+pub mod kinds;
+pub mod meta;
+pub mod object;
+pub mod quantity;
+pub mod selector;
+pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+pub mod validation;
+
+pub use api::{Api, Deleted, Event, ListParams, ObjectList};
+pub use error::{Error, Result};
+pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestamp, TokioClock};
+pub use object::{DynamicObject, Object, ObjectKey, RawJson, Resource, Scope};
+pub use quantity::Quantity;
+pub use selector::{FieldSelector, LabelSelector, Requirement};
+pub use store::{
+    DeleteOptions, DeleteOutcome, Guard, LeaseInfo, ListRequest, ListResponse, Selection, Store, WatchEvent,
+    WatchRequest, WatchStream, WriteOptions,
+};
+pub use validation::{FieldError, ValidationError, Validator};

@@ -1,0 +1,285 @@
+//! Metadata every object carries: identity, labels, revisions, ownership and deletion state.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::validation::{self, Validator};
+
+/// Id of a store lease (see [`Store::grant_lease`](crate::Store::grant_lease)).
+pub type LeaseId = u64;
+
+/// Metadata of an object. The store owns the fields marked "set by the store": whatever a caller
+/// puts there is replaced on write.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ObjectMeta {
+    /// Unique within kind and namespace; a DNS-1123 subdomain.
+    pub name: String,
+    /// Empty for cluster-scoped kinds (such as `Node`); a DNS-1123 label otherwise.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    /// Set by the store on create: unique across the object's whole history, so a re-created
+    /// object with the same name is told apart from its predecessor.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    /// Identifying key/value pairs that selectors match on.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Free-form key/value pairs for tools; not selectable.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Set by the store: the revision of the last write (the compare-and-swap token for updates
+    /// and deletes).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub resource_version: u64,
+    /// Set by the store: the revision at which the object was created.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub create_revision: u64,
+    /// Set by the store: number of writes since creation (1 after create).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub version: u64,
+    /// Set by the store: starts at 1 and grows by one each time the spec changes (never on
+    /// status or metadata changes), so controllers can tell which spec they have acted on.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub generation: u64,
+    /// Set by the store on create.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<Timestamp>,
+    /// Set by the store when a delete is asked for while finalizers remain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<Timestamp>,
+    /// Objects this one belongs to; a collector deletes it when its controlling owner is gone.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub owner_references: Vec<OwnerReference>,
+    /// Cleanup that must happen before the object disappears: while any remain, a delete only
+    /// sets `deletion_timestamp`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub finalizers: Vec<String>,
+    /// A lease the object is attached to: when the lease expires or is revoked, the object is
+    /// deleted (finalizers do not hold it back).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseId>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl ObjectMeta {
+    /// Metadata with just a name (for cluster-scoped kinds).
+    pub fn named(name: impl Into<String>) -> Self {
+        ObjectMeta { name: name.into(), ..Default::default() }
+    }
+
+    /// Metadata with a namespace and a name.
+    pub fn namespaced(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectMeta { name: name.into(), namespace: namespace.into(), ..Default::default() }
+    }
+
+    /// Adds a label (builder style).
+    pub fn with_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// True once a delete has been asked for and finalizers hold the object back.
+    pub fn is_being_deleted(&self) -> bool {
+        self.deletion_timestamp.is_some()
+    }
+
+    /// The owner reference marked `controller`, if any.
+    pub fn controller_owner(&self) -> Option<&OwnerReference> {
+        self.owner_references.iter().find(|o| o.controller)
+    }
+
+    /// Checks the caller-settable fields; `namespaced` says whether the kind needs a namespace.
+    pub fn validate(&self, namespaced: bool, v: &mut Validator) {
+        v.check_with(|| "metadata.name".into(), validation::dns1123_subdomain(&self.name));
+        if namespaced {
+            v.check_with(|| "metadata.namespace".into(), validation::dns1123_label(&self.namespace));
+        } else if !self.namespace.is_empty() {
+            v.reject("metadata.namespace", "must be empty for a cluster-scoped kind");
+        }
+        for (k, val) in &self.labels {
+            v.check_with(|| format!("metadata.labels[{k:?}]"), validation::qualified_name(k));
+            v.check_with(|| format!("metadata.labels[{k:?}]"), validation::label_value(val));
+        }
+        let mut annotation_bytes = 0;
+        for (k, val) in &self.annotations {
+            v.check_with(|| format!("metadata.annotations[{k:?}]"), validation::qualified_name(k));
+            annotation_bytes += k.len() + val.len();
+        }
+        if annotation_bytes > 256 * 1024 {
+            v.reject("metadata.annotations", format!("total size must be at most 256 KiB (is {annotation_bytes} bytes)"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, f) in self.finalizers.iter().enumerate() {
+            v.check_with(|| format!("metadata.finalizers[{i}]"), validation::qualified_name(f));
+            if !seen.insert(f) {
+                v.reject(format!("metadata.finalizers[{i}]"), format!("duplicate finalizer {f:?}"));
+            }
+        }
+        let mut controllers = 0;
+        for (i, o) in self.owner_references.iter().enumerate() {
+            if o.kind.is_empty() {
+                v.reject(format!("metadata.ownerReferences[{i}].kind"), "must not be empty");
+            }
+            v.check_with(|| format!("metadata.ownerReferences[{i}].name"), validation::dns1123_subdomain(&o.name));
+            if o.uid.is_empty() {
+                v.reject(format!("metadata.ownerReferences[{i}].uid"), "must not be empty");
+            }
+            controllers += usize::from(o.controller);
+        }
+        if controllers > 1 {
+            v.reject("metadata.ownerReferences", "at most one owner may be the controller");
+        }
+    }
+}
+
+/// A link from an object to the object that owns it (always in the same namespace, or
+/// cluster-scoped).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct OwnerReference {
+    /// Kind of the owner.
+    pub kind: String,
+    /// Name of the owner.
+    pub name: String,
+    /// Uid of the owner, so a re-created owner of the same name is not mistaken for it.
+    pub uid: String,
+    /// True for the one owner that manages this object.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub controller: bool,
+    /// When true, a foreground deletion of the owner waits for this object to go first.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub block_owner_deletion: bool,
+}
+
+/// A wall-clock instant, in milliseconds since the Unix epoch (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// Milliseconds since the Unix epoch.
+    pub fn as_millis(&self) -> i64 {
+        self.0
+    }
+
+    /// This instant moved forward by `d`.
+    pub fn add(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_add(d.as_millis().min(i64::MAX as u128) as i64))
+    }
+
+    /// Time from `earlier` to `self`, zero if `earlier` is later.
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0).max(0) as u64)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-25T17:57:45.123Z`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let millis = self.0.rem_euclid(1000);
+        let secs = self.0.div_euclid(1000);
+        let days = secs.div_euclid(86_400);
+        let tod = secs.rem_euclid(86_400);
+        // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+            tod / 3600,
+            (tod / 60) % 60,
+            tod % 60
+        )
+    }
+}
+
+/// Source of wall-clock timestamps. Inject one to make timestamps follow virtual time.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// The current wall-clock time.
+    fn now(&self) -> Timestamp;
+}
+
+/// The system's real-time clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        Timestamp(d.as_millis() as i64)
+    }
+}
+
+/// A wall clock that advances with `tokio::time`, so a paused test or simulation runtime moves
+/// timestamps along with its virtual time.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    base: Timestamp,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock reading `base` now and advancing with `tokio::time::Instant`.
+    pub fn starting_at(base: Timestamp) -> Self {
+        TokioClock { base, start: tokio::time::Instant::now() }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        self.base.add(self.start.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_prints_rfc3339() {
+        assert_eq!(Timestamp(0).to_string(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(Timestamp(1_795_629_465_123).to_string(), "2026-11-25T17:57:45.123Z");
+        assert_eq!(Timestamp(951_782_400_000).to_string(), "2000-02-29T00:00:00.000Z");
+        assert_eq!(Timestamp(-1).to_string(), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn metadata_validation_names_fields() {
+        let mut m = ObjectMeta::namespaced("default", "Web_1");
+        m.labels.insert("app".into(), "-bad".into());
+        m.finalizers = vec!["orch.dev/x".into(), "orch.dev/x".into()];
+        m.owner_references = vec![OwnerReference { kind: String::new(), name: "a".into(), uid: "u".into(), ..Default::default() }];
+        let mut v = Validator::new();
+        m.validate(true, &mut v);
+        let e = v.finish().unwrap_err();
+        assert!(e.has_field("metadata.name"), "{e}");
+        assert!(e.has_field("metadata.labels[\"app\"]"), "{e}");
+        assert!(e.has_field("metadata.finalizers[1]"), "{e}");
+        assert!(e.has_field("metadata.ownerReferences[0].kind"), "{e}");
+
+        let mut v = Validator::new();
+        ObjectMeta::namespaced("default", "node-1").validate(false, &mut v);
+        assert!(v.finish().unwrap_err().has_field("metadata.namespace"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokio_clock_follows_virtual_time() {
+        let c = TokioClock::starting_at(Timestamp(1000));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(c.now(), Timestamp(6000));
+    }
+}

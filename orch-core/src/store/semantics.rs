@@ -1,0 +1,179 @@
+//! The write rules every backend applies, written once.
+//!
+//! A backend looks up the current object, checks resource versions and guards under its own
+//! atomicity (a lock, a transaction), asks these functions what the write means, then stamps the
+//! revision and applies the resulting [`Plan`]. Keeping the rules here means the in-memory,
+//! embedded and etcd stores cannot drift apart on generation bumps, finalizers or status
+//! separation.
+
+use crate::error::{Error, Result};
+use crate::meta::{ObjectMeta, Timestamp};
+use crate::object::DynamicObject;
+use crate::validation::Validator;
+
+/// What a write turns into.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Store this object; stamp `resource_version` (and on create `create_revision`) first.
+    Put(DynamicObject),
+    /// Remove the object; this is its final state, to stamp and send as the `Deleted` event.
+    Remove(DynamicObject),
+    /// The write changes nothing: keep the stored object, bump no revision, send no event.
+    Unchanged,
+}
+
+/// Checks the kind name and the caller-settable metadata of any object.
+pub fn validate(obj: &DynamicObject) -> Result<()> {
+    let mut v = Validator::new();
+    let kind_ok = !obj.kind.is_empty()
+        && obj.kind.len() <= 63
+        && obj.kind.as_bytes()[0].is_ascii_alphabetic()
+        && obj.kind.bytes().all(|c| c.is_ascii_alphanumeric());
+    v.check(kind_ok, || "kind".into(), "must be 1-63 letters and digits, starting with a letter");
+    obj.metadata.validate(!obj.metadata.namespace.is_empty(), &mut v);
+    v.finish().map_err(|source| Error::Invalid { kind: obj.kind.clone(), source })
+}
+
+/// A fresh unique id for a new object.
+pub fn new_uid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Prepares a create: validates and fills the fields the store owns (all but the revisions).
+pub fn create(mut obj: DynamicObject, now: Timestamp) -> Result<DynamicObject> {
+    validate(&obj)?;
+    let m = &mut obj.metadata;
+    m.uid = new_uid();
+    m.creation_timestamp = Some(now);
+    m.deletion_timestamp = None;
+    m.generation = 1;
+    m.version = 1;
+    m.resource_version = 0;
+    m.create_revision = 0;
+    Ok(obj)
+}
+
+fn same_caller_metadata(a: &ObjectMeta, b: &ObjectMeta) -> bool {
+    a.labels == b.labels
+        && a.annotations == b.annotations
+        && a.owner_references == b.owner_references
+        && a.finalizers == b.finalizers
+        && a.lease == b.lease
+}
+
+/// Prepares an update of metadata and spec (the resource version has already been checked).
+pub fn update(current: &DynamicObject, new: DynamicObject) -> Result<Plan> {
+    validate(&new)?;
+    if current.metadata.is_being_deleted() {
+        if let Some(added) = new.metadata.finalizers.iter().find(|f| !current.metadata.finalizers.contains(f)) {
+            return Err(Error::invalid(
+                &new.kind,
+                "metadata.finalizers",
+                format!("cannot add finalizer {added:?} to an object that is being deleted"),
+            ));
+        }
+    }
+    let spec_changed = current.spec != new.spec;
+    if !spec_changed && same_caller_metadata(&current.metadata, &new.metadata) {
+        return Ok(Plan::Unchanged);
+    }
+    let cm = &current.metadata;
+    let mut out = DynamicObject { kind: new.kind, metadata: new.metadata, spec: new.spec, status: current.status.clone() };
+    let m = &mut out.metadata;
+    m.uid = cm.uid.clone();
+    m.creation_timestamp = cm.creation_timestamp;
+    m.deletion_timestamp = cm.deletion_timestamp;
+    m.create_revision = cm.create_revision;
+    m.generation = cm.generation + u64::from(spec_changed);
+    m.version = cm.version + 1;
+    if m.deletion_timestamp.is_some() && m.finalizers.is_empty() {
+        Ok(Plan::Remove(out))
+    } else {
+        Ok(Plan::Put(out))
+    }
+}
+
+/// Prepares a status update (the resource version has already been checked).
+pub fn update_status(current: &DynamicObject, new: DynamicObject) -> Result<Plan> {
+    if new.kind != current.kind {
+        return Err(Error::invalid(&new.kind, "kind", format!("must be {}", current.kind)));
+    }
+    if new.status == current.status {
+        return Ok(Plan::Unchanged);
+    }
+    let mut out = current.clone();
+    out.status = new.status;
+    out.metadata.version += 1;
+    Ok(Plan::Put(out))
+}
+
+/// Prepares a delete: removal, or a deletion mark while finalizers remain.
+pub fn delete(current: &DynamicObject, now: Timestamp) -> Plan {
+    let mut out = current.clone();
+    out.metadata.version += 1;
+    if current.metadata.finalizers.is_empty() {
+        Plan::Remove(out)
+    } else if current.metadata.is_being_deleted() {
+        Plan::Unchanged
+    } else {
+        out.metadata.deletion_timestamp = Some(now);
+        Plan::Put(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::object::RawJson;
+
+    fn obj(spec: &str) -> DynamicObject {
+        DynamicObject::new("Thing", ObjectMeta::namespaced("ns", "a")).with_spec(RawJson::parse(spec).unwrap())
+    }
+
+    #[test]
+    fn generation_moves_with_spec_only() {
+        let cur = create(obj(r#"{"x":1}"#), Timestamp(5)).unwrap();
+        assert_eq!(cur.metadata.generation, 1);
+        let Plan::Put(next) = update(&cur, obj(r#"{"x":2}"#)).unwrap() else { panic!() };
+        assert_eq!(next.metadata.generation, 2);
+        assert_eq!(next.metadata.uid, cur.metadata.uid);
+        let mut relabeled = obj(r#"{"x":1}"#);
+        relabeled.metadata.labels.insert("a".into(), "b".into());
+        let Plan::Put(l) = update(&cur, relabeled).unwrap() else { panic!() };
+        assert_eq!(l.metadata.generation, 1);
+        assert_eq!(update(&cur, obj(r#"{ "x" : 1 }"#)).unwrap(), Plan::Unchanged);
+    }
+
+    #[test]
+    fn status_update_keeps_spec() {
+        let cur = create(obj(r#"{"x":1}"#), Timestamp(5)).unwrap();
+        let mut new = obj(r#"{"x":99}"#);
+        new.status = RawJson::parse(r#"{"ready":true}"#).unwrap();
+        let Plan::Put(next) = update_status(&cur, new).unwrap() else { panic!() };
+        assert_eq!(next.spec, cur.spec);
+        assert_eq!(next.metadata.generation, 1);
+        assert_eq!(next.status.as_str(), r#"{"ready":true}"#);
+    }
+
+    #[test]
+    fn finalizers_hold_deletion() {
+        let mut o = obj("{}");
+        o.metadata.finalizers = vec!["orch.dev/f".into()];
+        let cur = create(o, Timestamp(5)).unwrap();
+        let Plan::Put(marked) = delete(&cur, Timestamp(9)) else { panic!() };
+        assert_eq!(marked.metadata.deletion_timestamp, Some(Timestamp(9)));
+        assert_eq!(delete(&marked, Timestamp(10)), Plan::Unchanged);
+        let mut more = marked.clone();
+        more.metadata.finalizers.push("orch.dev/g".into());
+        assert!(update(&marked, more).unwrap_err().is_invalid());
+        let mut done = marked.clone();
+        done.metadata.finalizers.clear();
+        assert!(matches!(update(&marked, done).unwrap(), Plan::Remove(_)));
+    }
+
+    #[test]
+    fn bad_kind_is_named() {
+        let e = create(DynamicObject::new("no-dash", ObjectMeta::named("a")), Timestamp(0)).unwrap_err();
+        assert!(e.to_string().contains("kind: must be"), "{e}");
+    }
+}

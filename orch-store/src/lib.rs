@@ -1,0 +1,27 @@
+//! # orch-store
+//!
+//! [`Store`](orch_core::Store) backends for orch.
+//!
+//! | backend | feature | durability | use it for |
+//! |---|---|---|---|
+//! | [`MemoryStore`] | always on | none: state lives in the process | tests, simulations, single-process control planes that rebuild state on start |
+//!
+//! Every backend passes `orch_core::testkit::store`, so code written against one runs unchanged
+//! on another.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use orch_core::{Api, Object, ObjectMeta, Store, kinds::Node};
+//! use orch_store::MemoryStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> orch_core::Result<()> {
+//! let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+//! let nodes: Api<Node> = Api::all(store);
+//! nodes.create(&Object::new(ObjectMeta::named("node-1"), Node::default())).await?;
+//! assert_eq!(nodes.list(&Default::default()).await?.items.len(), 1);
+//! # Ok(()) }
+//! ```
+
+pub mod memory;
+
+pub use memory::{MemoryStore, MemoryStoreBuilder};

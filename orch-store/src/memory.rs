@@ -1,0 +1,745 @@
+//! [`MemoryStore`]: the in-memory backend. Fast, many concurrent readers, bounded history, and
+//! watchers that read the shared history themselves so a slow one never holds up a writer.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::ops::Bound;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use orch_core::store::semantics::{self, Plan};
+use orch_core::store::{decode_continue, encode_continue};
+use orch_core::{
+    Clock, DeleteOptions, DeleteOutcome, DynamicObject, Error, Guard, LeaseId, LeaseInfo, ListRequest, ListResponse,
+    ObjectKey, Result, Selection, Store, SystemClock, WatchEvent, WatchRequest, WatchStream, WriteOptions,
+};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+/// Events a watcher takes from the history in one go, so it holds the read lock only briefly.
+const WATCH_BATCH: usize = 1024;
+
+/// Configures a [`MemoryStore`].
+#[derive(Debug, Clone)]
+pub struct MemoryStoreBuilder {
+    history_limit: usize,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        MemoryStoreBuilder { history_limit: 100_000, clock: Arc::new(SystemClock) }
+    }
+}
+
+impl MemoryStoreBuilder {
+    /// Keep at most this many events of history (default 100,000). Older events are compacted
+    /// away: a watcher or a paged list that needs them gets `Compacted`.
+    pub fn history_limit(mut self, events: usize) -> Self {
+        self.history_limit = events.max(1);
+        self
+    }
+
+    /// The clock for creation and deletion timestamps (default: the system clock). Use
+    /// `TokioClock` to make them follow a paused runtime's virtual time.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Builds the store. Inside a tokio runtime, a background task expires leases on time;
+    /// without one, leases expire at the next write or lease call after their deadline.
+    pub fn build(self) -> MemoryStore {
+        let (rev_tx, _) = watch::channel(0u64);
+        let inner = Arc::new(Inner {
+            state: RwLock::new(State {
+                revision: 0,
+                floor: 1,
+                objects: HashMap::new(),
+                history: VecDeque::new(),
+                leases: HashMap::new(),
+                next_lease: 1,
+            }),
+            rev_tx,
+            lease_changed: Arc::new(Notify::new()),
+            clock: self.clock,
+            history_limit: self.history_limit,
+        });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(expire_leases(Arc::downgrade(&inner), inner.lease_changed.clone()));
+        }
+        MemoryStore { inner }
+    }
+}
+
+/// A [`Store`] that keeps everything in memory.
+///
+/// All objects live in one map behind a reader-writer lock: reads run in parallel, writes are
+/// short critical sections. Every write appends to a bounded history; watchers read that history
+/// at their own pace, and one that falls behind its end gets `Compacted` (as with etcd) instead
+/// of slowing anyone down.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: RwLock<State>,
+    /// Bumped after each write so idle watchers wake up.
+    rev_tx: watch::Sender<u64>,
+    /// Wakes the lease task when a lease is granted or renewed.
+    lease_changed: Arc<Notify>,
+    clock: Arc<dyn Clock>,
+    history_limit: usize,
+}
+
+type Names = BTreeMap<String, Arc<DynamicObject>>;
+type Namespaces = BTreeMap<String, Names>;
+
+struct State {
+    revision: u64,
+    /// Oldest revision whose events are all still in `history`.
+    floor: u64,
+    /// kind → namespace → name → object.
+    objects: HashMap<String, Namespaces>,
+    history: VecDeque<Change>,
+    leases: HashMap<LeaseId, Lease>,
+    next_lease: LeaseId,
+}
+
+struct Change {
+    revision: u64,
+    /// The new state, or for a delete the final state stamped with the deletion revision.
+    object: Arc<DynamicObject>,
+    /// The state before, `None` for a create.
+    prev: Option<Arc<DynamicObject>>,
+    deleted: bool,
+}
+
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+    keys: HashSet<ObjectKey>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.inner.read();
+        f.debug_struct("MemoryStore")
+            .field("revision", &st.revision)
+            .field("history", &st.history.len())
+            .field("leases", &st.leases.len())
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// A store with default settings.
+    pub fn new() -> Self {
+        MemoryStoreBuilder::default().build()
+    }
+
+    /// Settings for a new store.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    /// Number of objects stored (all kinds).
+    pub fn len(&self) -> usize {
+        self.inner.read().objects.values().flat_map(|ns| ns.values()).map(BTreeMap::len).sum()
+    }
+
+    /// True when no object is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Inner {
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-written: every write
+        // prepares its change before touching the maps.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self, revision: u64) {
+        self.rev_tx.send_modify(|r| *r = (*r).max(revision));
+    }
+}
+
+impl State {
+    fn get(&self, key: &ObjectKey) -> Option<&Arc<DynamicObject>> {
+        self.objects.get(&key.kind)?.get(&key.namespace)?.get(&key.name)
+    }
+
+    fn check_guard(&self, guard: Option<&Guard>) -> Result<()> {
+        if let Some(g) = guard {
+            if self.get(&g.key).map(|o| o.metadata.resource_version) != Some(g.resource_version) {
+                return Err(Error::PreconditionFailed { key: g.key.clone(), expected: g.resource_version });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_lease(&self, lease: Option<LeaseId>) -> Result<()> {
+        match lease {
+            Some(id) if !self.leases.contains_key(&id) => Err(Error::LeaseNotFound(id)),
+            _ => Ok(()),
+        }
+    }
+
+    fn insert(&mut self, obj: Arc<DynamicObject>) {
+        let m = &obj.metadata;
+        self.objects
+            .entry(obj.kind.clone())
+            .or_default()
+            .entry(m.namespace.clone())
+            .or_default()
+            .insert(m.name.clone(), obj.clone());
+    }
+
+    fn remove(&mut self, key: &ObjectKey) {
+        if let Some(namespaces) = self.objects.get_mut(&key.kind) {
+            if let Some(names) = namespaces.get_mut(&key.namespace) {
+                names.remove(&key.name);
+                if names.is_empty() {
+                    namespaces.remove(&key.namespace);
+                }
+            }
+        }
+    }
+
+    fn relink_lease(&mut self, key: &ObjectKey, old: Option<LeaseId>, new: Option<LeaseId>) {
+        if old == new {
+            return;
+        }
+        if let Some(l) = old.and_then(|id| self.leases.get_mut(&id)) {
+            l.keys.remove(key);
+        }
+        if let Some(l) = new.and_then(|id| self.leases.get_mut(&id)) {
+            l.keys.insert(key.clone());
+        }
+    }
+
+    /// Applies a prepared write at the next revision and records it.
+    fn apply(&mut self, key: &ObjectKey, prev: Option<Arc<DynamicObject>>, plan: Plan) -> Option<Arc<DynamicObject>> {
+        let old_lease = prev.as_ref().and_then(|p| p.metadata.lease);
+        let (mut obj, deleted) = match plan {
+            Plan::Unchanged => return None,
+            Plan::Put(o) => (o, false),
+            Plan::Remove(o) => (o, true),
+        };
+        self.revision += 1;
+        obj.metadata.resource_version = self.revision;
+        if prev.is_none() {
+            obj.metadata.create_revision = self.revision;
+        }
+        let obj = Arc::new(obj);
+        if deleted {
+            self.remove(key);
+            self.relink_lease(key, old_lease, None);
+        } else {
+            self.insert(obj.clone());
+            self.relink_lease(key, old_lease, obj.metadata.lease);
+        }
+        self.history.push_back(Change { revision: self.revision, object: obj.clone(), prev, deleted });
+        Some(obj)
+    }
+
+    /// Drops history past the limit, whole revisions at a time.
+    fn trim(&mut self, limit: usize) {
+        while self.history.len() > limit {
+            let Some(first) = self.history.pop_front() else { break };
+            while self.history.front().is_some_and(|c| c.revision == first.revision) {
+                self.history.pop_front();
+            }
+            self.floor = first.revision + 1;
+        }
+    }
+
+    fn compact(&mut self, revision: u64) {
+        while self.history.front().is_some_and(|c| c.revision < revision) {
+            self.history.pop_front();
+        }
+        self.floor = self.floor.max(revision);
+    }
+
+    /// Deletes a lease and every object attached to it, all at one revision.
+    fn drop_lease(&mut self, id: LeaseId) -> Option<u64> {
+        let lease = self.leases.remove(&id)?;
+        if lease.keys.is_empty() {
+            return None;
+        }
+        let mut keys: Vec<_> = lease.keys.into_iter().collect();
+        keys.sort();
+        let revision = self.revision + 1;
+        for key in keys {
+            let Some(cur) = self.get(&key).cloned() else { continue };
+            let mut last = (*cur).clone();
+            last.metadata.version += 1;
+            last.metadata.resource_version = revision;
+            self.remove(&key);
+            self.history.push_back(Change { revision, object: Arc::new(last), prev: Some(cur), deleted: true });
+        }
+        self.revision = revision;
+        Some(revision)
+    }
+
+    /// Expires every lease whose deadline has passed; returns the last revision written.
+    fn expire_due(&mut self, now: Instant) -> Option<u64> {
+        let due: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
+        let mut last = None;
+        for id in due {
+            last = self.drop_lease(id).or(last);
+        }
+        last
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.leases.values().map(|l| l.deadline).min()
+    }
+
+    fn lease_info(&self, id: LeaseId, now: Instant) -> Result<LeaseInfo> {
+        let l = self.leases.get(&id).ok_or(Error::LeaseNotFound(id))?;
+        Ok(LeaseInfo { id, ttl: l.ttl, remaining: l.deadline.saturating_duration_since(now) })
+    }
+
+    /// The objects of `sel` at `revision`, after `start_after`, by undoing newer history.
+    fn list_at(
+        &self,
+        sel: &Selection,
+        revision: u64,
+        start_after: Option<&(String, String)>,
+        limit: usize,
+    ) -> (Vec<Arc<DynamicObject>>, bool) {
+        // State at `revision` of every key written since: the `prev` of its first later change.
+        let mut overlay: BTreeMap<(&str, &str), Option<&Arc<DynamicObject>>> = BTreeMap::new();
+        if revision < self.revision {
+            let start = self.history.partition_point(|c| c.revision <= revision);
+            for c in self.history.range(start..) {
+                let m = &c.object.metadata;
+                if c.object.kind != sel.kind || sel.namespace.as_ref().is_some_and(|ns| *ns != m.namespace) {
+                    continue;
+                }
+                overlay.entry((m.namespace.as_str(), m.name.as_str())).or_insert(c.prev.as_ref());
+            }
+        }
+        let after = |k: &(&str, &str)| start_after.is_none_or(|(ns, n)| (ns.as_str(), n.as_str()) < *k);
+        let current = self.objects.get(&sel.kind).into_iter().flat_map(|namespaces| {
+            let range: Box<dyn Iterator<Item = (&String, &Names)>> = match &sel.namespace {
+                Some(ns) => Box::new(namespaces.get_key_value(ns).into_iter()),
+                None => match start_after {
+                    Some((ns, _)) => Box::new(namespaces.range::<String, _>((Bound::Included(ns), Bound::Unbounded))),
+                    None => Box::new(namespaces.iter()),
+                },
+            };
+            range.flat_map(move |(ns, names)| {
+                let iter: Box<dyn Iterator<Item = (&String, &Arc<DynamicObject>)>> = match start_after {
+                    Some((sns, sname)) if sns == ns => {
+                        Box::new(names.range::<String, _>((Bound::Excluded(sname), Bound::Unbounded)))
+                    }
+                    _ => Box::new(names.iter()),
+                };
+                iter.map(move |(name, o)| ((ns.as_str(), name.as_str()), o))
+            })
+        });
+        let mut current = current.filter(|(k, _)| after(k)).peekable();
+        let mut older = overlay.into_iter().filter(|(k, _)| after(k)).peekable();
+        let mut items = Vec::new();
+        loop {
+            // Merge the two sorted sequences; the overlay wins on equal keys.
+            let next = match (current.peek(), older.peek()) {
+                (None, None) => break,
+                (Some(_), None) => current.next().map(|(_, o)| Some(o)),
+                (None, Some(_)) => older.next().map(|(_, o)| o),
+                (Some((ck, _)), Some((ok, _))) => {
+                    if ck < ok {
+                        current.next().map(|(_, o)| Some(o))
+                    } else {
+                        if ck == ok {
+                            current.next();
+                        }
+                        older.next().map(|(_, o)| o)
+                    }
+                }
+            };
+            let Some(Some(obj)) = next else { continue };
+            if sel.labels.matches(&obj.metadata.labels) && sel.fields.matches(obj) {
+                if items.len() == limit {
+                    return (items, true);
+                }
+                items.push(obj.clone());
+            }
+        }
+        (items, false)
+    }
+}
+
+/// Background task: expires leases when their deadline passes.
+async fn expire_leases(inner: Weak<Inner>, changed: Arc<Notify>) {
+    loop {
+        let notified = changed.notified();
+        let deadline = {
+            let Some(inner) = inner.upgrade() else { return };
+            let now = Instant::now();
+            let mut st = inner.write();
+            if let Some(rev) = st.expire_due(now) {
+                inner.notify(rev);
+            }
+            st.next_deadline()
+        };
+        match deadline {
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(d) => {}
+                    _ = notified => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}
+
+impl MemoryStore {
+    /// Expires due leases before a write; the caller notifies watchers after unlocking.
+    fn write_state(&self) -> (RwLockWriteGuard<'_, State>, Option<u64>) {
+        let mut st = self.inner.write();
+        let expired = if st.leases.is_empty() { None } else { st.expire_due(Instant::now()) };
+        (st, expired)
+    }
+
+    fn finish(&self, expired: Option<u64>, written: Option<&Arc<DynamicObject>>) {
+        if let Some(rev) = written.map(|o| o.metadata.resource_version).or(expired) {
+            self.inner.notify(rev);
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn get(&self, key: &ObjectKey) -> Result<Arc<DynamicObject>> {
+        self.inner.read().get(key).cloned().ok_or_else(|| Error::NotFound(key.clone()))
+    }
+
+    async fn list(&self, req: &ListRequest) -> Result<ListResponse> {
+        req.selection.fields.validate()?;
+        let st = self.inner.read();
+        let (revision, start_after) = match &req.continue_token {
+            Some(token) => {
+                let (rev, ns, name) = decode_continue(token)?;
+                (rev, Some((ns, name)))
+            }
+            None => (req.revision.unwrap_or(st.revision), None),
+        };
+        if revision > st.revision {
+            return Err(Error::FutureRevision { requested: revision, current: st.revision });
+        }
+        if revision < st.revision && revision < st.floor {
+            return Err(Error::Compacted { requested: revision, compacted: st.floor });
+        }
+        let limit = match req.limit {
+            Some(0) => return Err(Error::invalid("ListRequest", "limit", "must be >= 1 when set")),
+            Some(n) => n,
+            None => usize::MAX,
+        };
+        let (items, more) = st.list_at(&req.selection, revision, start_after.as_ref(), limit);
+        let continue_token = more.then(|| {
+            let last = &items[items.len() - 1].metadata;
+            encode_continue(revision, &last.namespace, &last.name)
+        });
+        Ok(ListResponse { items, revision, continue_token })
+    }
+
+    async fn create(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
+        let obj = semantics::create(obj, self.inner.clock.now())?;
+        let key = obj.key();
+        let (mut st, expired) = self.write_state();
+        let result = (|| {
+            st.check_guard(opts.guard.as_ref())?;
+            if st.get(&key).is_some() {
+                return Err(Error::AlreadyExists(key.clone()));
+            }
+            st.check_lease(obj.metadata.lease)?;
+            Ok(st.apply(&key, None, Plan::Put(obj)).expect("a put always writes"))
+        })();
+        st.trim(self.inner.history_limit);
+        drop(st);
+        self.finish(expired, result.as_ref().ok());
+        result
+    }
+
+    async fn update(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
+        semantics::validate(&obj)?;
+        let key = obj.key();
+        let (mut st, expired) = self.write_state();
+        let result = (|| {
+            st.check_guard(opts.guard.as_ref())?;
+            let cur = st.get(&key).cloned().ok_or_else(|| Error::NotFound(key.clone()))?;
+            if cur.metadata.resource_version != obj.metadata.resource_version {
+                return Err(Error::Conflict { key: key.clone(), expected: obj.metadata.resource_version, current: Some(cur) });
+            }
+            let plan = semantics::update(&cur, obj)?;
+            if let Plan::Put(o) = &plan {
+                if o.metadata.lease != cur.metadata.lease {
+                    st.check_lease(o.metadata.lease)?;
+                }
+            }
+            Ok(st.apply(&key, Some(cur.clone()), plan).unwrap_or(cur))
+        })();
+        st.trim(self.inner.history_limit);
+        drop(st);
+        self.finish(expired, result.as_ref().ok());
+        result
+    }
+
+    async fn update_status(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
+        let key = obj.key();
+        let (mut st, expired) = self.write_state();
+        let result = (|| {
+            st.check_guard(opts.guard.as_ref())?;
+            let cur = st.get(&key).cloned().ok_or_else(|| Error::NotFound(key.clone()))?;
+            if cur.metadata.resource_version != obj.metadata.resource_version {
+                return Err(Error::Conflict { key: key.clone(), expected: obj.metadata.resource_version, current: Some(cur) });
+            }
+            let plan = semantics::update_status(&cur, obj)?;
+            Ok(st.apply(&key, Some(cur.clone()), plan).unwrap_or(cur))
+        })();
+        st.trim(self.inner.history_limit);
+        drop(st);
+        self.finish(expired, result.as_ref().ok());
+        result
+    }
+
+    async fn delete(&self, key: &ObjectKey, opts: &DeleteOptions) -> Result<DeleteOutcome> {
+        let now = self.inner.clock.now();
+        let (mut st, expired) = self.write_state();
+        let result = (|| {
+            st.check_guard(opts.guard.as_ref())?;
+            let cur = st.get(key).cloned().ok_or_else(|| Error::NotFound(key.clone()))?;
+            if let Some(rv) = opts.resource_version {
+                if cur.metadata.resource_version != rv {
+                    return Err(Error::Conflict { key: key.clone(), expected: rv, current: Some(cur) });
+                }
+            }
+            let plan = semantics::delete(&cur, now);
+            let removing = matches!(plan, Plan::Remove(_));
+            let obj = st.apply(key, Some(cur.clone()), plan).unwrap_or(cur);
+            Ok(if removing { DeleteOutcome::Deleted(obj) } else { DeleteOutcome::Pending(obj) })
+        })();
+        st.trim(self.inner.history_limit);
+        drop(st);
+        let written = match &result {
+            Ok(DeleteOutcome::Deleted(o)) | Ok(DeleteOutcome::Pending(o)) => Some(o),
+            Err(_) => None,
+        };
+        self.finish(expired, written);
+        result
+    }
+
+    async fn watch(&self, req: &WatchRequest) -> Result<WatchStream> {
+        req.selection.fields.validate()?;
+        let mut rx = self.inner.rev_tx.subscribe();
+        rx.borrow_and_update();
+        let cursor = {
+            let st = self.inner.read();
+            let from = req.from_revision.unwrap_or(st.revision + 1);
+            if from < st.floor {
+                return Err(Error::Compacted { requested: from, compacted: st.floor });
+            }
+            from
+        };
+        let watcher = Watcher {
+            inner: Arc::downgrade(&self.inner),
+            selection: req.selection.clone(),
+            cursor,
+            rx,
+            buffer: VecDeque::new(),
+            progress_interval: req.progress_interval,
+            failed: false,
+        };
+        Ok(futures::stream::unfold(watcher, |mut w| async move {
+            let item = w.next_event().await?;
+            Some((item, w))
+        })
+        .boxed())
+    }
+
+    async fn current_revision(&self) -> Result<u64> {
+        Ok(self.inner.read().revision)
+    }
+
+    async fn compact(&self, revision: u64) -> Result<()> {
+        let mut st = self.inner.write();
+        if revision > st.revision {
+            return Err(Error::FutureRevision { requested: revision, current: st.revision });
+        }
+        st.compact(revision);
+        Ok(())
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseInfo> {
+        if ttl.is_zero() {
+            return Err(Error::invalid("Lease", "ttl", "must be > 0"));
+        }
+        let (mut st, expired) = self.write_state();
+        let id = st.next_lease;
+        st.next_lease += 1;
+        let now = Instant::now();
+        st.leases.insert(id, Lease { ttl, deadline: now + ttl, keys: HashSet::new() });
+        let info = st.lease_info(id, now);
+        drop(st);
+        self.finish(expired, None);
+        self.inner.lease_changed.notify_one();
+        info
+    }
+
+    async fn keep_alive(&self, id: LeaseId) -> Result<LeaseInfo> {
+        let (mut st, expired) = self.write_state();
+        let now = Instant::now();
+        let info = match st.leases.get_mut(&id) {
+            Some(l) => {
+                l.deadline = now + l.ttl;
+                st.lease_info(id, now)
+            }
+            None => Err(Error::LeaseNotFound(id)),
+        };
+        drop(st);
+        self.finish(expired, None);
+        self.inner.lease_changed.notify_one();
+        info
+    }
+
+    async fn revoke_lease(&self, id: LeaseId) -> Result<()> {
+        let (mut st, expired) = self.write_state();
+        if !st.leases.contains_key(&id) {
+            drop(st);
+            self.finish(expired, None);
+            return Err(Error::LeaseNotFound(id));
+        }
+        let rev = st.drop_lease(id);
+        st.trim(self.inner.history_limit);
+        drop(st);
+        if let Some(rev) = rev.or(expired) {
+            self.inner.notify(rev);
+        }
+        Ok(())
+    }
+
+    async fn lease(&self, id: LeaseId) -> Result<LeaseInfo> {
+        let (st, expired) = self.write_state();
+        let info = st.lease_info(id, Instant::now());
+        drop(st);
+        self.finish(expired, None);
+        info
+    }
+}
+
+/// One watch: a cursor into the shared history.
+struct Watcher {
+    inner: Weak<Inner>,
+    selection: Selection,
+    /// Next revision to deliver.
+    cursor: u64,
+    rx: watch::Receiver<u64>,
+    buffer: VecDeque<WatchEvent>,
+    progress_interval: Option<Duration>,
+    failed: bool,
+}
+
+impl Watcher {
+    /// Moves events from the history into the buffer; false when the store is gone.
+    fn fill(&mut self) -> Result<bool> {
+        let Some(inner) = self.inner.upgrade() else { return Ok(false) };
+        self.rx.borrow_and_update();
+        let st = inner.read();
+        if self.cursor < st.floor {
+            return Err(Error::Compacted { requested: self.cursor, compacted: st.floor });
+        }
+        let start = st.history.partition_point(|c| c.revision < self.cursor);
+        let mut taken = 0;
+        let mut last_rev = None;
+        for c in st.history.range(start..) {
+            if taken >= WATCH_BATCH && last_rev != Some(c.revision) {
+                break;
+            }
+            taken += 1;
+            last_rev = Some(c.revision);
+            if c.object.kind != self.selection.kind {
+                continue;
+            }
+            let now = !c.deleted && self.selection.matches(&c.object);
+            let before = c.prev.as_ref().is_some_and(|p| self.selection.matches(p));
+            let event = match (before, now) {
+                (false, true) => WatchEvent::Added(c.object.clone()),
+                (true, true) => WatchEvent::Modified(c.object.clone()),
+                (true, false) => WatchEvent::Deleted(c.object.clone()),
+                (false, false) => continue,
+            };
+            self.buffer.push_back(event);
+        }
+        match last_rev {
+            Some(rev) => self.cursor = rev + 1,
+            // Nothing newer: everything up to the current revision has been seen.
+            None => self.cursor = self.cursor.max(st.revision + 1),
+        }
+        Ok(true)
+    }
+
+    async fn next_event(&mut self) -> Option<Result<WatchEvent>> {
+        if self.failed {
+            return None;
+        }
+        loop {
+            if let Some(e) = self.buffer.pop_front() {
+                return Some(Ok(e));
+            }
+            match self.fill() {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+            if !self.buffer.is_empty() {
+                continue;
+            }
+            match self.progress_interval {
+                Some(interval) => match tokio::time::timeout(interval, self.rx.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return None,
+                    Err(_) => {
+                        match self.fill() {
+                            Ok(true) => {}
+                            Ok(false) => return None,
+                            Err(e) => {
+                                self.failed = true;
+                                return Some(Err(e));
+                            }
+                        }
+                        if self.buffer.is_empty() {
+                            return Some(Ok(WatchEvent::Progress(self.cursor - 1)));
+                        }
+                    }
+                },
+                None => {
+                    if self.rx.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
