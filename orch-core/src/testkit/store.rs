@@ -1,0 +1,1224 @@
+//! The store conformance suite: every point of the store contract as a named case, plus a model
+//! check that runs random operation sequences against the store and a simple sequential model.
+//!
+//! Run it through [`store_conformance!`](crate::store_conformance) or call [`run_case`] /
+//! [`run_all`] directly.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{BoxFuture, LocalBoxFuture};
+use futures::{FutureExt, StreamExt};
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, TestRunner};
+
+use crate::{
+    DeleteOptions, DeleteOutcome, DynamicObject, Error, FieldSelector, Guard, LabelSelector, ListRequest, ObjectKey,
+    ObjectMeta, RawJson, Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
+};
+
+/// Makes a fresh, empty store for one case.
+pub type Factory = Arc<dyn Fn() -> BoxFuture<'static, Arc<dyn Store>> + Send + Sync>;
+
+type CaseFn = fn(Factory) -> LocalBoxFuture<'static, ()>;
+
+/// Longest a case waits for something that should happen promptly (an event, a lease expiry).
+const PATIENCE: Duration = Duration::from_secs(20);
+
+macro_rules! make_cases {
+    (() $($name:ident),* $(,)?) => {
+        /// Every case of the suite, by name.
+        pub const CASES: &[(&str, CaseFn)] = &[$((stringify!($name), |f| $name(f).boxed_local())),*];
+    };
+}
+
+/// Hands the list of case names to `$callback!{ (args) name, name, … }`: the one list that both
+/// [`CASES`] and [`store_conformance!`](crate::store_conformance) are built from.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_cases {
+    ($callback:path, ($($args:tt)*)) => {
+        $callback! { ($($args)*)
+            create_then_get,
+            create_existing_fails,
+            revisions_only_go_up,
+            update_is_compare_and_swap,
+            update_without_change_writes_nothing,
+            update_missing_fails,
+            status_and_spec_are_separate,
+            delete_removes_and_checks_version,
+            finalizers_hold_deletion,
+            keys_are_isolated_by_kind_and_namespace,
+            list_filters_by_selectors,
+            list_pages_are_pinned_to_first_revision,
+            list_at_compacted_revision_fails,
+            watch_delivers_history_in_order,
+            watch_resumes_without_gap_or_duplicate,
+            watch_reports_selector_transitions,
+            watch_sees_concurrent_writes_once_in_order,
+            watch_from_compacted_revision_fails,
+            watch_sends_progress,
+            slow_watcher_does_not_stall_writers,
+            compaction_rejects_future_revision,
+            concurrent_cas_has_one_winner_per_round,
+            lease_expiry_deletes_attached_objects,
+            lease_keep_alive_and_revoke,
+            guard_fences_writes,
+            bad_input_is_refused_without_change,
+            model_check
+        }
+    };
+}
+
+__store_cases!(make_cases, ());
+
+/// Runs one named case on stores from `builder`, in a fresh tokio runtime (current-thread with a
+/// paused clock when `paused_time`, so lease and progress timing cost no wall time).
+///
+/// # Panics
+/// When the case fails (that is the test failing), or when no case has that name.
+pub fn run_case<F, Fut, S>(name: &str, builder: F, paused_time: bool)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = S> + Send + 'static,
+    S: Store,
+{
+    let case = CASES.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no store case named {name}")).1;
+    let builder = Arc::new(builder);
+    let factory: Factory = Arc::new(move || {
+        let b = builder.clone();
+        async move { Arc::new(b().await) as Arc<dyn Store> }.boxed()
+    });
+    let rt = if paused_time {
+        tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    }
+    .expect("a tokio runtime for the case");
+    rt.block_on(case(factory));
+}
+
+/// Runs every case in turn (see [`run_case`]).
+pub fn run_all<F, Fut, S>(builder: F, paused_time: bool)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = S> + Send + 'static,
+    S: Store,
+{
+    for (name, _) in CASES {
+        run_case(name, builder.clone(), paused_time);
+    }
+}
+
+/// Generates one `#[test]` per store conformance case.
+///
+/// `$builder` is an expression evaluated (awaited, if `async`) inside each case's runtime to make
+/// a fresh store; `paused_time` picks a paused current-thread runtime (for in-process stores) or
+/// a real-time multi-thread one (for stores behind a network).
+///
+/// ```no_run
+/// orch_core::store_conformance!(async { orch_store::MemoryStore::new() }, paused_time = true);
+/// ```
+#[macro_export]
+macro_rules! store_conformance {
+    (async $builder:block, paused_time = $paused:expr) => {
+        $crate::__store_cases!($crate::__store_case_tests, ((async move || $builder), $paused));
+    };
+    ($builder:expr, paused_time = $paused:expr) => {
+        $crate::__store_cases!($crate::__store_case_tests, ((async move || $builder), $paused));
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_case_tests {
+    (($builder:expr, $paused:expr) $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::testkit::store::run_case(stringify!($name), $builder, $paused);
+            }
+        )*
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+const KIND: &str = "Thing";
+const NS: &str = "suite";
+
+fn thing(name: &str, spec: serde_json::Value) -> DynamicObject {
+    DynamicObject::new(KIND, ObjectMeta::namespaced(NS, name)).with_spec(RawJson::from_value(&spec))
+}
+
+fn key(name: &str) -> ObjectKey {
+    ObjectKey::new(KIND, NS, name)
+}
+
+fn w() -> WriteOptions {
+    WriteOptions::default()
+}
+
+fn things() -> Selection {
+    Selection::kind(KIND).in_namespace(NS)
+}
+
+async fn next_event(stream: &mut WatchStream) -> WatchEvent {
+    match tokio::time::timeout(PATIENCE, stream.next()).await {
+        Ok(Some(Ok(e))) => e,
+        Ok(Some(Err(e))) => panic!("watch failed: {e}"),
+        Ok(None) => panic!("watch ended early"),
+        Err(_) => panic!("no watch event within {PATIENCE:?}"),
+    }
+}
+
+/// The next event that is not a progress notification.
+async fn next_change(stream: &mut WatchStream) -> WatchEvent {
+    loop {
+        match next_event(stream).await {
+            WatchEvent::Progress(_) => continue,
+            e => return e,
+        }
+    }
+}
+
+fn describe(e: &WatchEvent) -> (&'static str, String, u64) {
+    match e {
+        WatchEvent::Added(o) => ("Added", o.metadata.name.clone(), o.metadata.resource_version),
+        WatchEvent::Modified(o) => ("Modified", o.metadata.name.clone(), o.metadata.resource_version),
+        WatchEvent::Deleted(o) => ("Deleted", o.metadata.name.clone(), o.metadata.resource_version),
+        WatchEvent::Progress(r) => ("Progress", String::new(), *r),
+    }
+}
+
+async fn eventually_gone(store: &dyn Store, k: &ObjectKey) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match store.get(k).await {
+            Err(e) if e.is_not_found() => return,
+            Err(e) => panic!("get {k} failed: {e}"),
+            Ok(_) if tokio::time::Instant::now() > deadline => panic!("{k} still exists after {PATIENCE:?}"),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases
+
+async fn create_then_get(f: Factory) {
+    let s = f().await;
+    let before = s.current_revision().await.unwrap();
+    let mut input = thing("a", serde_json::json!({"size": 1}));
+    input.metadata.labels.insert("app".into(), "web".into());
+    input.metadata.uid = "caller-chosen".into();
+    input.metadata.generation = 42;
+    let c = s.create(input, &w()).await.unwrap();
+    let m = &c.metadata;
+    assert!(m.resource_version > before, "create must get a new revision");
+    assert_eq!(m.create_revision, m.resource_version);
+    assert_eq!((m.generation, m.version), (1, 1));
+    assert!(!m.uid.is_empty() && m.uid != "caller-chosen", "the store sets the uid");
+    assert!(m.creation_timestamp.is_some());
+    assert!(m.deletion_timestamp.is_none());
+    assert_eq!(s.current_revision().await.unwrap(), m.resource_version);
+    let g = s.get(&key("a")).await.unwrap();
+    assert_eq!(*g, *c);
+    assert_eq!(g.spec.to_value(), serde_json::json!({"size": 1}));
+    assert_eq!(g.metadata.labels["app"], "web");
+    assert!(s.get(&key("b")).await.unwrap_err().is_not_found());
+}
+
+async fn create_existing_fails(f: Factory) {
+    let s = f().await;
+    s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    let rev = s.current_revision().await.unwrap();
+    let e = s.create(thing("a", serde_json::json!(2)), &w()).await.unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists(ref k) if *k == key("a")), "{e}");
+    assert_eq!(s.current_revision().await.unwrap(), rev, "a failed create must not bump the revision");
+    assert_eq!(s.get(&key("a")).await.unwrap().spec.to_value(), serde_json::json!(1));
+}
+
+async fn revisions_only_go_up(f: Factory) {
+    let s = f().await;
+    let mut last = s.current_revision().await.unwrap();
+    for i in 0..20 {
+        let c = s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap();
+        assert!(c.metadata.resource_version > last);
+        last = c.metadata.resource_version;
+        let mut next = (*c).clone();
+        next.spec = RawJson::from_value(&serde_json::json!(i + 100));
+        let u = s.update(next, &w()).await.unwrap();
+        assert!(u.metadata.resource_version > last);
+        last = u.metadata.resource_version;
+    }
+    assert!(s.current_revision().await.unwrap() >= last);
+}
+
+async fn update_is_compare_and_swap(f: Factory) {
+    let s = f().await;
+    let c = s.create(thing("a", serde_json::json!({"v": 1})), &w()).await.unwrap();
+    let mut next = (*c).clone();
+    next.spec = RawJson::from_value(&serde_json::json!({"v": 2}));
+    let u = s.update(next.clone(), &w()).await.unwrap();
+    assert!(u.metadata.resource_version > c.metadata.resource_version);
+    assert_eq!((u.metadata.generation, u.metadata.version), (2, 2));
+    assert_eq!(u.metadata.uid, c.metadata.uid);
+    assert_eq!(u.metadata.create_revision, c.metadata.create_revision);
+    assert_eq!(u.metadata.creation_timestamp, c.metadata.creation_timestamp);
+
+    // The same stale write again: refused, with the current object attached.
+    next.spec = RawJson::from_value(&serde_json::json!({"v": 3}));
+    match s.update(next, &w()).await.unwrap_err() {
+        Error::Conflict { expected, current: Some(cur), .. } => {
+            assert_eq!(expected, c.metadata.resource_version);
+            assert_eq!(*cur, *u);
+        }
+        e => panic!("expected Conflict, got {e}"),
+    }
+    assert_eq!(s.get(&key("a")).await.unwrap().spec.to_value(), serde_json::json!({"v": 2}), "no stale overwrite");
+
+    // A label change moves the resource version but not the generation.
+    let mut relabel = (*u).clone();
+    relabel.metadata.labels.insert("tier".into(), "db".into());
+    let l = s.update(relabel, &w()).await.unwrap();
+    assert_eq!(l.metadata.generation, 2);
+    assert_eq!(l.metadata.version, 3);
+    assert!(l.metadata.resource_version > u.metadata.resource_version);
+}
+
+async fn update_without_change_writes_nothing(f: Factory) {
+    let s = f().await;
+    let c = s.create(thing("a", serde_json::json!({"v": 1, "w": 2})), &w()).await.unwrap();
+    let mut watch = s.watch(&WatchRequest::from(things(), c.metadata.resource_version + 1)).await.unwrap();
+    let mut same = (*c).clone();
+    same.spec = RawJson::parse(r#"{ "w": 2, "v": 1 }"#).unwrap();
+    let u = s.update(same, &w()).await.unwrap();
+    assert_eq!(u.metadata.resource_version, c.metadata.resource_version, "a no-op update is not a write");
+    let st = s.update_status((*c).clone(), &w()).await.unwrap();
+    assert_eq!(st.metadata.resource_version, c.metadata.resource_version, "a no-op status update is not a write");
+    assert_eq!(s.current_revision().await.unwrap(), c.metadata.resource_version);
+    // The next event the watch sees is a real change, not the no-ops.
+    let mut real = (*c).clone();
+    real.spec = RawJson::from_value(&serde_json::json!(0));
+    let r = s.update(real, &w()).await.unwrap();
+    assert_eq!(describe(&next_change(&mut watch).await), ("Modified", "a".into(), r.metadata.resource_version));
+}
+
+async fn update_missing_fails(f: Factory) {
+    let s = f().await;
+    let mut ghost = thing("ghost", serde_json::json!(1));
+    ghost.metadata.resource_version = 1;
+    assert!(s.update(ghost.clone(), &w()).await.unwrap_err().is_not_found());
+    assert!(s.update_status(ghost, &w()).await.unwrap_err().is_not_found());
+    assert!(s.delete(&key("ghost"), &DeleteOptions::default()).await.unwrap_err().is_not_found());
+}
+
+async fn status_and_spec_are_separate(f: Factory) {
+    let s = f().await;
+    let c = s.create(thing("a", serde_json::json!({"want": 3})), &w()).await.unwrap();
+    // A status write that also carries a different spec changes only the status.
+    let mut st = (*c).clone();
+    st.spec = RawJson::from_value(&serde_json::json!({"want": 99}));
+    st.status = RawJson::from_value(&serde_json::json!({"have": 1}));
+    st.metadata.labels.insert("sneaky".into(), "1".into());
+    let a = s.update_status(st, &w()).await.unwrap();
+    assert_eq!(a.spec.to_value(), serde_json::json!({"want": 3}));
+    assert_eq!(a.status.to_value(), serde_json::json!({"have": 1}));
+    assert!(a.metadata.labels.is_empty());
+    assert_eq!(a.metadata.generation, 1, "status writes never bump the generation");
+    // A spec write that carries a stale status keeps the stored status.
+    let mut sp = (*a).clone();
+    sp.spec = RawJson::from_value(&serde_json::json!({"want": 4}));
+    sp.status = RawJson::from_value(&serde_json::json!({"have": 0}));
+    let b = s.update(sp, &w()).await.unwrap();
+    assert_eq!(b.spec.to_value(), serde_json::json!({"want": 4}));
+    assert_eq!(b.status.to_value(), serde_json::json!({"have": 1}));
+    assert_eq!(b.metadata.generation, 2);
+    // Status writes are compare-and-swap too.
+    let mut stale = (*a).clone();
+    stale.status = RawJson::from_value(&serde_json::json!({"have": 7}));
+    assert!(s.update_status(stale, &w()).await.unwrap_err().is_conflict());
+}
+
+async fn delete_removes_and_checks_version(f: Factory) {
+    let s = f().await;
+    let c = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    let mut watch = s.watch(&WatchRequest::from(things(), c.metadata.resource_version + 1)).await.unwrap();
+    let stale = DeleteOptions { resource_version: Some(c.metadata.resource_version + 1000), guard: None };
+    assert!(s.delete(&key("a"), &stale).await.unwrap_err().is_conflict());
+    assert!(s.get(&key("a")).await.is_ok(), "a refused delete leaves the object");
+    let exact = DeleteOptions { resource_version: Some(c.metadata.resource_version), guard: None };
+    let DeleteOutcome::Deleted(last) = s.delete(&key("a"), &exact).await.unwrap() else { panic!("expected Deleted") };
+    assert!(last.metadata.resource_version > c.metadata.resource_version, "the deletion has its own revision");
+    assert!(s.get(&key("a")).await.unwrap_err().is_not_found());
+    assert!(s.delete(&key("a"), &DeleteOptions::default()).await.unwrap_err().is_not_found());
+    assert_eq!(describe(&next_change(&mut watch).await), ("Deleted", "a".into(), last.metadata.resource_version));
+    // The name can be used again, by a new object with a new uid.
+    let again = s.create(thing("a", serde_json::json!(2)), &w()).await.unwrap();
+    assert_ne!(again.metadata.uid, c.metadata.uid);
+}
+
+async fn finalizers_hold_deletion(f: Factory) {
+    let s = f().await;
+    let mut o = thing("a", serde_json::json!(1));
+    o.metadata.finalizers = vec!["orch.dev/cleanup".into(), "orch.dev/backup".into()];
+    let c = s.create(o, &w()).await.unwrap();
+    let mut watch = s.watch(&WatchRequest::from(things(), c.metadata.resource_version + 1)).await.unwrap();
+
+    let DeleteOutcome::Pending(marked) = s.delete(&key("a"), &DeleteOptions::default()).await.unwrap() else {
+        panic!("an object with finalizers must not disappear at once")
+    };
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    assert!(marked.metadata.resource_version > c.metadata.resource_version);
+    let ev = next_change(&mut watch).await;
+    assert_eq!(describe(&ev), ("Modified", "a".into(), marked.metadata.resource_version));
+
+    // Deleting again changes nothing.
+    let DeleteOutcome::Pending(again) = s.delete(&key("a"), &DeleteOptions::default()).await.unwrap() else { panic!() };
+    assert_eq!(again.metadata.resource_version, marked.metadata.resource_version);
+
+    // No new finalizers on an object being deleted.
+    let mut add = (*marked).clone();
+    add.metadata.finalizers.push("orch.dev/late".into());
+    let e = s.update(add, &w()).await.unwrap_err();
+    assert!(e.is_invalid() && e.to_string().contains("metadata.finalizers"), "{e}");
+
+    // Removing one keeps it; removing the last deletes it.
+    let mut one = (*marked).clone();
+    one.metadata.finalizers = vec!["orch.dev/backup".into()];
+    let kept = s.update(one, &w()).await.unwrap();
+    assert!(s.get(&key("a")).await.unwrap().metadata.deletion_timestamp.is_some());
+    assert_eq!(describe(&next_change(&mut watch).await), ("Modified", "a".into(), kept.metadata.resource_version));
+    let mut none = (*kept).clone();
+    none.metadata.finalizers.clear();
+    let last = s.update(none, &w()).await.unwrap();
+    assert!(s.get(&key("a")).await.unwrap_err().is_not_found());
+    assert_eq!(describe(&next_change(&mut watch).await), ("Deleted", "a".into(), last.metadata.resource_version));
+}
+
+async fn keys_are_isolated_by_kind_and_namespace(f: Factory) {
+    let s = f().await;
+    let a = s.create(thing("x", serde_json::json!("suite")), &w()).await.unwrap();
+    let mut other_ns = thing("x", serde_json::json!("other"));
+    other_ns.metadata.namespace = "other".into();
+    s.create(other_ns, &w()).await.unwrap();
+    let other_kind = DynamicObject::new("Gadget", ObjectMeta::namespaced(NS, "x"));
+    s.create(other_kind, &w()).await.unwrap();
+    let cluster = DynamicObject::new(KIND, ObjectMeta::named("x"));
+    s.create(cluster, &w()).await.unwrap();
+    assert_eq!(*s.get(&key("x")).await.unwrap(), *a);
+    assert_eq!(s.get(&ObjectKey::new(KIND, "other", "x")).await.unwrap().spec.to_value(), serde_json::json!("other"));
+    let all = s.list(&ListRequest::new(Selection::kind(KIND))).await.unwrap();
+    let keys: Vec<_> = all.items.iter().map(|o| (o.metadata.namespace.clone(), o.metadata.name.clone())).collect();
+    assert_eq!(keys, vec![("".into(), "x".into()), ("other".into(), "x".into()), ("suite".into(), "x".into())]);
+    let gadgets = s.list(&ListRequest::new(Selection::kind("Gadget"))).await.unwrap();
+    assert_eq!(gadgets.items.len(), 1);
+}
+
+async fn list_filters_by_selectors(f: Factory) {
+    let s = f().await;
+    for (name, app, node) in [("a", "web", "n1"), ("b", "web", "n2"), ("c", "db", "n1"), ("d", "", "n2")] {
+        let mut o = thing(name, serde_json::json!({"nodeName": node}));
+        if !app.is_empty() {
+            o.metadata.labels.insert("app".into(), app.into());
+        }
+        s.create(o, &w()).await.unwrap();
+    }
+    let names = |items: &[Arc<DynamicObject>]| items.iter().map(|o| o.metadata.name.clone()).collect::<Vec<_>>();
+    let all = s.list(&ListRequest::new(things())).await.unwrap();
+    assert_eq!(names(&all.items), ["a", "b", "c", "d"]);
+    assert_eq!(all.revision, s.current_revision().await.unwrap());
+    assert!(all.continue_token.is_none());
+    let web = s.list(&ListRequest::new(things().with_labels(LabelSelector::parse("app=web").unwrap()))).await.unwrap();
+    assert_eq!(names(&web.items), ["a", "b"]);
+    let not_web = s.list(&ListRequest::new(things().with_labels(LabelSelector::parse("app!=web").unwrap()))).await.unwrap();
+    assert_eq!(names(&not_web.items), ["c", "d"]);
+    let set = LabelSelector::parse("app in (web,db),app notin (db)").unwrap();
+    assert_eq!(names(&s.list(&ListRequest::new(things().with_labels(set))).await.unwrap().items), ["a", "b"]);
+    let none = s.list(&ListRequest::new(things().with_labels(LabelSelector::parse("!app").unwrap()))).await.unwrap();
+    assert_eq!(names(&none.items), ["d"]);
+    let n1 = s.list(&ListRequest::new(things().with_fields(FieldSelector::parse("spec.nodeName=n1").unwrap()))).await.unwrap();
+    assert_eq!(names(&n1.items), ["a", "c"]);
+    let both = things()
+        .with_labels(LabelSelector::parse("app=web").unwrap())
+        .with_fields(FieldSelector::parse("spec.nodeName=n2").unwrap());
+    assert_eq!(names(&s.list(&ListRequest::new(both)).await.unwrap().items), ["b"]);
+}
+
+async fn list_pages_are_pinned_to_first_revision(f: Factory) {
+    let s = f().await;
+    for i in 0..10 {
+        s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap();
+    }
+    let snapshot = s.list(&ListRequest::new(things())).await.unwrap();
+    let mut page = s.list(&ListRequest::new(things()).limit(3)).await.unwrap();
+    assert_eq!(page.revision, snapshot.revision);
+    let mut seen: Vec<Arc<DynamicObject>> = page.items.clone();
+    let mut round = 0;
+    while let Some(token) = page.continue_token.clone() {
+        // Churn between pages: a later page must not show any of it.
+        s.create(thing(&format!("o{round}x"), serde_json::json!("new")), &w()).await.unwrap();
+        let victim = format!("o{}", 9 - round);
+        if let Ok(cur) = s.get(&key(&victim)).await {
+            let mut m = (*cur).clone();
+            m.spec = RawJson::from_value(&serde_json::json!("changed"));
+            s.update(m, &w()).await.unwrap();
+        }
+        s.delete(&key(&format!("o{}", 8 - round)), &DeleteOptions::default()).await.ok();
+        round += 1;
+        page = s
+            .list(&ListRequest { continue_token: Some(token), ..ListRequest::new(things()).limit(3) })
+            .await
+            .unwrap();
+        assert_eq!(page.revision, snapshot.revision, "every page is read at the first page's revision");
+        assert!(page.items.len() <= 3);
+        seen.extend(page.items.iter().cloned());
+    }
+    assert_eq!(seen, snapshot.items, "the pages together are exactly the snapshot");
+}
+
+async fn list_at_compacted_revision_fails(f: Factory) {
+    let s = f().await;
+    for i in 0..6 {
+        s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap();
+    }
+    let first = s.list(&ListRequest::new(things()).limit(2)).await.unwrap();
+    let token = first.continue_token.clone().expect("more pages");
+    let at_first = first.revision;
+    s.delete(&key("o5"), &DeleteOptions::default()).await.unwrap();
+    // An old revision is still readable before compaction...
+    let old = s.list(&ListRequest { revision: Some(at_first), ..ListRequest::new(things()) }).await.unwrap();
+    assert_eq!(old.items.len(), 6);
+    assert_eq!(old.revision, at_first);
+    // ...and not after.
+    let now = s.current_revision().await.unwrap();
+    s.compact(now).await.unwrap();
+    let e = s
+        .list(&ListRequest { continue_token: Some(token), ..ListRequest::new(things()).limit(2) })
+        .await
+        .unwrap_err();
+    assert!(e.is_compacted(), "{e}");
+    let e = s.list(&ListRequest { revision: Some(at_first), ..ListRequest::new(things()) }).await.unwrap_err();
+    assert!(e.is_compacted(), "{e}");
+    // The current state is untouched by compaction.
+    assert_eq!(s.list(&ListRequest::new(things())).await.unwrap().items.len(), 5);
+}
+
+async fn watch_delivers_history_in_order(f: Factory) {
+    let s = f().await;
+    let a = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    let mut m = (*a).clone();
+    m.spec = RawJson::from_value(&serde_json::json!(2));
+    let a2 = s.update(m, &w()).await.unwrap();
+    let b = s.create(thing("b", serde_json::json!(1)), &w()).await.unwrap();
+    let DeleteOutcome::Deleted(a3) = s.delete(&key("a"), &DeleteOptions::default()).await.unwrap() else { panic!() };
+    let expected = vec![
+        ("Added", "a".to_string(), a.metadata.resource_version),
+        ("Modified", "a".into(), a2.metadata.resource_version),
+        ("Added", "b".into(), b.metadata.resource_version),
+        ("Deleted", "a".into(), a3.metadata.resource_version),
+    ];
+    let mut watch = s.watch(&WatchRequest::from(things(), a.metadata.resource_version)).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(describe(&next_change(&mut watch).await));
+    }
+    assert_eq!(got, expected);
+    // From a later revision (inclusive) it starts there.
+    let mut watch = s.watch(&WatchRequest::from(things(), b.metadata.resource_version)).await.unwrap();
+    assert_eq!(describe(&next_change(&mut watch).await), expected[2]);
+    // Live events follow the history.
+    let c = s.create(thing("c", serde_json::json!(1)), &w()).await.unwrap();
+    assert_eq!(describe(&next_change(&mut watch).await), expected[3]);
+    assert_eq!(describe(&next_change(&mut watch).await), ("Added", "c".into(), c.metadata.resource_version));
+    let WatchEvent::Added(obj) = WatchEvent::Added(c.clone()) else { unreachable!() };
+    assert_eq!(obj.spec.to_value(), serde_json::json!(1));
+}
+
+async fn watch_resumes_without_gap_or_duplicate(f: Factory) {
+    let s = f().await;
+    let start = s.current_revision().await.unwrap() + 1;
+    let mut revs = Vec::new();
+    for i in 0..10 {
+        revs.push(s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap().metadata.resource_version);
+    }
+    let mut watch = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(next_change(&mut watch).await.revision());
+    }
+    drop(watch);
+    for i in 10..13 {
+        revs.push(s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap().metadata.resource_version);
+    }
+    let mut watch = s.watch(&WatchRequest::from(things(), got[3] + 1)).await.unwrap();
+    while got.len() < revs.len() {
+        got.push(next_change(&mut watch).await.revision());
+    }
+    assert_eq!(got, revs);
+}
+
+async fn watch_reports_selector_transitions(f: Factory) {
+    let s = f().await;
+    let start = s.current_revision().await.unwrap() + 1;
+    let sel = things().with_labels(LabelSelector::parse("app=web").unwrap());
+    let mut watch = s.watch(&WatchRequest::from(sel, start)).await.unwrap();
+    let plain = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    let mut labeled = (*plain).clone();
+    labeled.metadata.labels.insert("app".into(), "web".into());
+    let in_ = s.update(labeled, &w()).await.unwrap();
+    let mut changed = (*in_).clone();
+    changed.spec = RawJson::from_value(&serde_json::json!(2));
+    let still = s.update(changed, &w()).await.unwrap();
+    let mut unlabeled = (*still).clone();
+    unlabeled.metadata.labels.clear();
+    let out = s.update(unlabeled, &w()).await.unwrap();
+    let mut relabeled = (*out).clone();
+    relabeled.metadata.labels.insert("app".into(), "web".into());
+    let back = s.update(relabeled, &w()).await.unwrap();
+    let got: Vec<_> = [
+        next_change(&mut watch).await,
+        next_change(&mut watch).await,
+        next_change(&mut watch).await,
+        next_change(&mut watch).await,
+    ]
+    .iter()
+    .map(describe)
+    .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("Added", "a".into(), in_.metadata.resource_version),
+            ("Modified", "a".into(), still.metadata.resource_version),
+            ("Deleted", "a".into(), out.metadata.resource_version),
+            ("Added", "a".into(), back.metadata.resource_version),
+        ]
+    );
+}
+
+async fn watch_sees_concurrent_writes_once_in_order(f: Factory) {
+    let s = f().await;
+    let start = s.current_revision().await.unwrap() + 1;
+    let mut watch = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
+    let writers = 8;
+    let per = 25;
+    let mut tasks = Vec::new();
+    for t in 0..writers {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut revs = Vec::new();
+            for i in 0..per {
+                let name = format!("w{t}-{}", i % 5);
+                let rev = match s.get(&key(&name)).await {
+                    Ok(cur) => {
+                        let mut next = (*cur).clone();
+                        next.spec = RawJson::from_value(&serde_json::json!(i));
+                        s.update(next, &WriteOptions::default()).await.unwrap().metadata.resource_version
+                    }
+                    Err(_) => s.create(thing(&name, serde_json::json!(i)), &WriteOptions::default()).await.unwrap().metadata.resource_version,
+                };
+                revs.push(rev);
+                tokio::task::yield_now().await;
+            }
+            revs
+        }));
+    }
+    let mut acknowledged = BTreeSet::new();
+    for t in tasks {
+        acknowledged.extend(t.await.unwrap());
+    }
+    let mut got = Vec::new();
+    while got.len() < acknowledged.len() {
+        got.push(next_change(&mut watch).await.revision());
+    }
+    assert!(got.windows(2).all(|p| p[0] < p[1]), "events out of order or duplicated: {got:?}");
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), acknowledged, "every acknowledged write seen once");
+}
+
+async fn watch_from_compacted_revision_fails(f: Factory) {
+    let s = f().await;
+    let a = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    for i in 0..3 {
+        s.create(thing(&format!("b{i}"), serde_json::json!(i)), &w()).await.unwrap();
+    }
+    let now = s.current_revision().await.unwrap();
+    s.compact(now).await.unwrap();
+    s.compact(a.metadata.resource_version).await.unwrap(); // compacting backwards is a no-op
+    match s.watch(&WatchRequest::from(things(), a.metadata.resource_version)).await {
+        Err(e) => assert!(e.is_compacted(), "{e}"),
+        Ok(mut stream) => match tokio::time::timeout(PATIENCE, stream.next()).await {
+            Ok(Some(Err(e))) => assert!(e.is_compacted(), "{e}"),
+            other => panic!("expected Compacted, got {other:?}"),
+        },
+    }
+    // From the compaction point on, the watch works.
+    let mut ok = s.watch(&WatchRequest::from(things(), now)).await.unwrap();
+    assert_eq!(next_change(&mut ok).await.revision(), now);
+}
+
+async fn watch_sends_progress(f: Factory) {
+    let s = f().await;
+    let mut req = WatchRequest::from(things(), s.current_revision().await.unwrap() + 1);
+    req.progress_interval = Some(Duration::from_secs(1));
+    let mut watch = s.watch(&req).await.unwrap();
+    // Writes of another kind only: the watch sees no events but must learn the store moved on.
+    let g = s.create(DynamicObject::new("Gadget", ObjectMeta::namespaced(NS, "g")), &w()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match next_event(&mut watch).await {
+            WatchEvent::Progress(r) if r >= g.metadata.resource_version => break,
+            WatchEvent::Progress(_) if tokio::time::Instant::now() < deadline => continue,
+            other => panic!("expected progress past {}, got {other:?}", g.metadata.resource_version),
+        }
+    }
+    // A progress revision is a safe place to resume: nothing is skipped after it.
+    let t = s.create(thing("t", serde_json::json!(1)), &w()).await.unwrap();
+    assert_eq!(describe(&next_change(&mut watch).await), ("Added", "t".into(), t.metadata.resource_version));
+}
+
+async fn slow_watcher_does_not_stall_writers(f: Factory) {
+    let s = f().await;
+    let start = s.current_revision().await.unwrap() + 1;
+    // This watcher never reads.
+    let _idle = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
+    let mut fast = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
+    let n = 2_000;
+    let writes = async {
+        for i in 0..n {
+            s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap();
+        }
+    };
+    tokio::time::timeout(PATIENCE, writes).await.expect("writes must not wait for an idle watcher");
+    let mut count = 0;
+    while count < n {
+        next_change(&mut fast).await;
+        count += 1;
+    }
+}
+
+async fn compaction_rejects_future_revision(f: Factory) {
+    let s = f().await;
+    s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    let now = s.current_revision().await.unwrap();
+    let e = s.compact(now + 10).await.unwrap_err();
+    assert!(matches!(e, Error::FutureRevision { .. }), "{e}");
+    let e = s.list(&ListRequest { revision: Some(now + 10), ..ListRequest::new(things()) }).await.unwrap_err();
+    assert!(matches!(e, Error::FutureRevision { .. }), "{e}");
+    assert_eq!(s.get(&key("a")).await.unwrap().spec.to_value(), serde_json::json!(1));
+}
+
+async fn concurrent_cas_has_one_winner_per_round(f: Factory) {
+    let s = f().await;
+    s.create(thing("counter", serde_json::json!(0)), &w()).await.unwrap();
+    let rounds = 20;
+    let racers = 8;
+    for round in 0..rounds {
+        let cur = s.get(&key("counter")).await.unwrap();
+        let mut tasks = Vec::new();
+        for r in 0..racers {
+            let s = s.clone();
+            let mut next = (*cur).clone();
+            next.spec = RawJson::from_value(&serde_json::json!({"round": round, "winner": r}));
+            tasks.push(tokio::spawn(async move { s.update(next, &WriteOptions::default()).await }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => winners += 1,
+                Err(e) => assert!(e.is_conflict(), "losers must see Conflict, got {e}"),
+            }
+        }
+        assert_eq!(winners, 1, "round {round}: exactly one racer wins");
+    }
+    // No lost update: a counter incremented with retries by many tasks reaches the exact total.
+    let mut tasks = Vec::new();
+    for _ in 0..racers {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                loop {
+                    let cur = s.get(&key("counter")).await.unwrap();
+                    let n = cur.spec.to_value().get("n").and_then(|v| v.as_u64()).unwrap_or(0);
+                    let mut next = (*cur).clone();
+                    next.spec = RawJson::from_value(&serde_json::json!({"n": n + 1}));
+                    match s.update(next, &WriteOptions::default()).await {
+                        Ok(_) => break,
+                        Err(e) if e.is_conflict() => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let end = s.get(&key("counter")).await.unwrap();
+    assert_eq!(end.spec.to_value()["n"], serde_json::json!(racers * 10));
+}
+
+async fn lease_expiry_deletes_attached_objects(f: Factory) {
+    let s = f().await;
+    let lease = s.grant_lease(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(lease.ttl, Duration::from_secs(2));
+    let mut revs = Vec::new();
+    for name in ["l1", "l2"] {
+        let mut o = thing(name, serde_json::json!(1));
+        o.metadata.lease = Some(lease.id);
+        o.metadata.finalizers = vec!["orch.dev/ignored-by-leases".into()];
+        revs.push(s.create(o, &w()).await.unwrap().metadata.resource_version);
+    }
+    let keep = s.create(thing("keep", serde_json::json!(1)), &w()).await.unwrap();
+    let mut watch = s.watch(&WatchRequest::from(things(), keep.metadata.resource_version + 1)).await.unwrap();
+    eventually_gone(&*s, &key("l1")).await;
+    eventually_gone(&*s, &key("l2")).await;
+    assert!(s.get(&key("keep")).await.is_ok());
+    let a = describe(&next_change(&mut watch).await);
+    let b = describe(&next_change(&mut watch).await);
+    assert_eq!((a.0, b.0), ("Deleted", "Deleted"));
+    assert_eq!(a.2, b.2, "keys of one lease go in one revision");
+    assert_eq!([a.1, b.1].into_iter().collect::<HashSet<_>>(), HashSet::from(["l1".to_string(), "l2".to_string()]));
+    // An expired lease never comes back.
+    assert!(matches!(s.keep_alive(lease.id).await.unwrap_err(), Error::LeaseNotFound(id) if id == lease.id));
+    let mut late = thing("late", serde_json::json!(1));
+    late.metadata.lease = Some(lease.id);
+    assert!(matches!(s.create(late, &w()).await.unwrap_err(), Error::LeaseNotFound(_)));
+}
+
+async fn lease_keep_alive_and_revoke(f: Factory) {
+    let s = f().await;
+    let lease = s.grant_lease(Duration::from_secs(3)).await.unwrap();
+    let mut o = thing("held", serde_json::json!(1));
+    o.metadata.lease = Some(lease.id);
+    s.create(o, &w()).await.unwrap();
+    // Kept alive across several TTLs, the object stays.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let info = s.keep_alive(lease.id).await.unwrap();
+        assert!(info.remaining > Duration::from_secs(1) && info.remaining <= Duration::from_secs(3));
+    }
+    assert!(s.get(&key("held")).await.is_ok());
+    assert_eq!(s.lease(lease.id).await.unwrap().id, lease.id);
+    // Detaching the object from the lease keeps it when the lease goes.
+    let mut other = thing("detached", serde_json::json!(1));
+    other.metadata.lease = Some(lease.id);
+    let d = s.create(other, &w()).await.unwrap();
+    let mut detach = (*d).clone();
+    detach.metadata.lease = None;
+    s.update(detach, &w()).await.unwrap();
+    s.revoke_lease(lease.id).await.unwrap();
+    eventually_gone(&*s, &key("held")).await;
+    assert!(s.get(&key("detached")).await.is_ok());
+    assert!(matches!(s.revoke_lease(lease.id).await.unwrap_err(), Error::LeaseNotFound(_)));
+    assert!(matches!(s.lease(lease.id).await.unwrap_err(), Error::LeaseNotFound(_)));
+}
+
+async fn guard_fences_writes(f: Factory) {
+    let s = f().await;
+    let lock = s.create(thing("leader-lock", serde_json::json!({"holder": "a"})), &w()).await.unwrap();
+    let guard = Guard { key: key("leader-lock"), resource_version: lock.metadata.resource_version };
+    let fenced = WriteOptions { guard: Some(guard.clone()) };
+    let ok = s.create(thing("work", serde_json::json!(1)), &fenced).await.unwrap();
+    // Another holder takes the lock: the old token stops working for every kind of write.
+    let mut taken = (*lock).clone();
+    taken.spec = RawJson::from_value(&serde_json::json!({"holder": "b"}));
+    s.update(taken, &w()).await.unwrap();
+    let rev = s.current_revision().await.unwrap();
+    let e = s.create(thing("work2", serde_json::json!(1)), &fenced).await.unwrap_err();
+    assert!(matches!(e, Error::PreconditionFailed { .. }), "{e}");
+    let mut upd = (*ok).clone();
+    upd.spec = RawJson::from_value(&serde_json::json!(2));
+    assert!(matches!(s.update(upd.clone(), &fenced).await.unwrap_err(), Error::PreconditionFailed { .. }));
+    assert!(matches!(s.update_status(upd, &fenced).await.unwrap_err(), Error::PreconditionFailed { .. }));
+    let del = DeleteOptions { resource_version: None, guard: Some(guard) };
+    assert!(matches!(s.delete(&key("work"), &del).await.unwrap_err(), Error::PreconditionFailed { .. }));
+    assert_eq!(s.current_revision().await.unwrap(), rev, "fenced writes change nothing");
+    assert!(s.get(&key("work2")).await.unwrap_err().is_not_found());
+}
+
+async fn bad_input_is_refused_without_change(f: Factory) {
+    let s = f().await;
+    let good = s.create(thing("good", serde_json::json!(1)), &w()).await.unwrap();
+    let rev = s.current_revision().await.unwrap();
+    let field_error = |e: Error, field: &str| {
+        assert!(e.is_invalid(), "expected Invalid for {field}, got {e}");
+        assert!(e.to_string().contains(field), "error should name {field}: {e}");
+    };
+    field_error(s.create(thing("Bad_Name", serde_json::json!(1)), &w()).await.unwrap_err(), "metadata.name");
+    field_error(s.create(thing("", serde_json::json!(1)), &w()).await.unwrap_err(), "metadata.name");
+    let mut bad_ns = thing("x", serde_json::json!(1));
+    bad_ns.metadata.namespace = "-ns".into();
+    field_error(s.create(bad_ns, &w()).await.unwrap_err(), "metadata.namespace");
+    let mut bad_label = thing("x", serde_json::json!(1));
+    bad_label.metadata.labels.insert("ok".into(), "not ok!".into());
+    field_error(s.create(bad_label, &w()).await.unwrap_err(), "metadata.labels");
+    let bad_kind = DynamicObject::new("bad kind", ObjectMeta::namespaced(NS, "x"));
+    field_error(s.create(bad_kind, &w()).await.unwrap_err(), "kind");
+    let mut bad_update = (*good).clone();
+    bad_update.metadata.finalizers = vec!["no good".into()];
+    field_error(s.update(bad_update, &w()).await.unwrap_err(), "metadata.finalizers[0]");
+    let token = ListRequest { continue_token: Some("garbage".into()), ..ListRequest::new(things()) };
+    field_error(s.list(&token).await.unwrap_err(), "continue");
+    field_error(s.list(&ListRequest::new(things()).limit(0)).await.unwrap_err(), "limit");
+    field_error(s.grant_lease(Duration::ZERO).await.unwrap_err(), "ttl");
+    assert_eq!(s.current_revision().await.unwrap(), rev, "refused writes change nothing");
+    assert_eq!(*s.get(&key("good")).await.unwrap(), *good);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model check
+
+/// One operation of the model check, on a key space of three names.
+#[derive(Debug, Clone)]
+enum Op {
+    Create { name: u8, label: u8, spec: u8, finalizers: u8 },
+    Update { name: u8, stale: bool, label: u8, spec: u8, finalizers: u8 },
+    UpdateStatus { name: u8, stale: bool, status: u8 },
+    Delete { name: u8, stale: Option<bool> },
+    Get { name: u8 },
+    List { label: Option<u8> },
+    Compact { back: u8 },
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let name = 0..3u8;
+    prop_oneof![
+        3 => (name.clone(), 0..2u8, 0..3u8, 0..3u8).prop_map(|(name, label, spec, finalizers)| Op::Create { name, label, spec, finalizers }),
+        4 => (name.clone(), proptest::bool::weighted(0.2), 0..2u8, 0..3u8, 0..3u8)
+            .prop_map(|(name, stale, label, spec, finalizers)| Op::Update { name, stale, label, spec, finalizers }),
+        2 => (name.clone(), proptest::bool::weighted(0.2), 0..3u8).prop_map(|(name, stale, status)| Op::UpdateStatus { name, stale, status }),
+        2 => (name.clone(), proptest::option::of(proptest::bool::ANY)).prop_map(|(name, stale)| Op::Delete { name, stale }),
+        1 => name.clone().prop_map(|name| Op::Get { name }),
+        1 => proptest::option::of(0..2u8).prop_map(|label| Op::List { label }),
+        1 => (0..4u8).prop_map(|back| Op::Compact { back }),
+    ]
+}
+
+const FINALIZERS: [&str; 2] = ["model.orch.dev/a", "model.orch.dev/b"];
+
+#[derive(Debug, Clone, PartialEq)]
+struct ModelObj {
+    rv: u64,
+    generation: u64,
+    version: u64,
+    label: u8,
+    spec: u8,
+    status: Option<u8>,
+    finalizers: u8,
+    deleting: bool,
+}
+
+#[derive(Default)]
+struct Model {
+    objects: BTreeMap<u8, ModelObj>,
+    /// (event type, name, revision) in order.
+    events: Vec<(&'static str, String, u64)>,
+    last_rev: u64,
+    /// Revisions written so far, to pick compaction points from.
+    written: Vec<u64>,
+    floor: u64,
+}
+
+fn model_name(n: u8) -> String {
+    format!("m{n}")
+}
+
+fn model_object(name: u8, label: u8, spec: u8, finalizers: u8) -> DynamicObject {
+    let mut o = thing(&model_name(name), serde_json::json!({ "v": spec }));
+    o.metadata.labels.insert("l".into(), label.to_string());
+    o.metadata.finalizers = FINALIZERS[..finalizers as usize].iter().map(|s| s.to_string()).collect();
+    o
+}
+
+/// What one operation returned, reduced to what the model predicts.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Ok(u64),
+    Pending(u64),
+    Gone(u64),
+    Found(Option<u64>),
+    Listed(Vec<(String, u64)>),
+    Err(&'static str),
+}
+
+impl Model {
+    /// Checks that a write the model expects got a fresh revision, then records it.
+    fn advance(&mut self, rev: u64) -> Result<u64, String> {
+        if rev <= self.last_rev {
+            return Err(format!("revision {rev} is not after {}", self.last_rev));
+        }
+        self.last_rev = rev;
+        self.written.push(rev);
+        Ok(rev)
+    }
+}
+
+async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
+    let mut m = Model { last_rev: store.current_revision().await.map_err(|e| e.to_string())?, ..Default::default() };
+    let start = m.last_rev + 1;
+    m.floor = 0;
+    for (i, op) in ops.iter().enumerate() {
+        let ctx = |msg: String| format!("op #{i} {op:?}: {msg}");
+        match op {
+            Op::Create { name, label, spec, finalizers } => {
+                let got = store.create(model_object(*name, *label, *spec, *finalizers), &w()).await;
+                let outcome = match &got {
+                    Ok(o) => Outcome::Ok(o.metadata.resource_version),
+                    Err(e) => Outcome::Err(e.code()),
+                };
+                if m.objects.contains_key(name) {
+                    if outcome != Outcome::Err("AlreadyExists") {
+                        return Err(ctx(format!("expected AlreadyExists, got {outcome:?}")));
+                    }
+                } else {
+                    let Outcome::Ok(rev) = outcome else { return Err(ctx(format!("expected success, got {outcome:?}"))) };
+                    let rev = m.advance(rev).map_err(ctx)?;
+                    let o = got.unwrap();
+                    if (o.metadata.generation, o.metadata.version) != (1, 1) {
+                        return Err(ctx("generation and version must start at 1".into()));
+                    }
+                    m.objects.insert(*name, ModelObj {
+                        rv: rev, generation: 1, version: 1, label: *label, spec: *spec, status: None,
+                        finalizers: *finalizers, deleting: false,
+                    });
+                    m.events.push(("Added", model_name(*name), rev));
+                }
+            }
+            Op::Update { name, stale, label, spec, finalizers } => {
+                let cur = m.objects.get(name).cloned();
+                let rv = cur.as_ref().map_or(1, |c| if *stale { c.rv - 1 } else { c.rv });
+                let mut obj = model_object(*name, *label, *spec, *finalizers);
+                obj.metadata.resource_version = rv;
+                let got = store.update(obj, &w()).await;
+                let outcome = match &got {
+                    Ok(o) => Outcome::Ok(o.metadata.resource_version),
+                    Err(e) => Outcome::Err(e.code()),
+                };
+                let Some(cur) = cur else {
+                    if outcome != Outcome::Err("NotFound") {
+                        return Err(ctx(format!("expected NotFound, got {outcome:?}")));
+                    }
+                    continue;
+                };
+                let expected_err = if *stale {
+                    Some("Conflict")
+                } else if cur.deleting && *finalizers > cur.finalizers {
+                    Some("Invalid")
+                } else {
+                    None
+                };
+                if let Some(code) = expected_err {
+                    if outcome != Outcome::Err(code) {
+                        return Err(ctx(format!("expected {code}, got {outcome:?}")));
+                    }
+                    continue;
+                }
+                let Outcome::Ok(rev) = outcome else { return Err(ctx(format!("expected success, got {outcome:?}"))) };
+                if cur.label == *label && cur.spec == *spec && cur.finalizers == *finalizers {
+                    if rev != cur.rv {
+                        return Err(ctx(format!("a no-op update must keep revision {}, got {rev}", cur.rv)));
+                    }
+                    continue;
+                }
+                let rev = m.advance(rev).map_err(ctx)?;
+                let o = got.unwrap();
+                let generation = cur.generation + u64::from(cur.spec != *spec);
+                if o.metadata.generation != generation || o.metadata.version != cur.version + 1 {
+                    return Err(ctx(format!(
+                        "expected generation {generation} version {}, got {} {}",
+                        cur.version + 1, o.metadata.generation, o.metadata.version
+                    )));
+                }
+                if cur.deleting && *finalizers == 0 {
+                    m.objects.remove(name);
+                    m.events.push(("Deleted", model_name(*name), rev));
+                } else {
+                    m.objects.insert(*name, ModelObj {
+                        rv: rev, generation, version: cur.version + 1, label: *label, spec: *spec,
+                        finalizers: *finalizers, ..cur
+                    });
+                    m.events.push(("Modified", model_name(*name), rev));
+                }
+            }
+            Op::UpdateStatus { name, stale, status } => {
+                let cur = m.objects.get(name).cloned();
+                let rv = cur.as_ref().map_or(1, |c| if *stale { c.rv - 1 } else { c.rv });
+                let mut obj = model_object(*name, 0, 0, 0);
+                obj.metadata.resource_version = rv;
+                obj.status = RawJson::from_value(&serde_json::json!({ "s": status }));
+                let outcome = match store.update_status(obj, &w()).await {
+                    Ok(o) => Outcome::Ok(o.metadata.resource_version),
+                    Err(e) => Outcome::Err(e.code()),
+                };
+                let Some(cur) = cur else {
+                    if outcome != Outcome::Err("NotFound") {
+                        return Err(ctx(format!("expected NotFound, got {outcome:?}")));
+                    }
+                    continue;
+                };
+                if *stale {
+                    if outcome != Outcome::Err("Conflict") {
+                        return Err(ctx(format!("expected Conflict, got {outcome:?}")));
+                    }
+                    continue;
+                }
+                let Outcome::Ok(rev) = outcome else { return Err(ctx(format!("expected success, got {outcome:?}"))) };
+                if cur.status == Some(*status) {
+                    if rev != cur.rv {
+                        return Err(ctx("a no-op status update must keep the revision".into()));
+                    }
+                    continue;
+                }
+                let rev = m.advance(rev).map_err(ctx)?;
+                m.objects.insert(*name, ModelObj { rv: rev, version: cur.version + 1, status: Some(*status), ..cur });
+                m.events.push(("Modified", model_name(*name), rev));
+            }
+            Op::Delete { name, stale } => {
+                let cur = m.objects.get(name).cloned();
+                let rv = match (stale, &cur) {
+                    (Some(true), Some(c)) => Some(c.rv - 1),
+                    (Some(false), Some(c)) => Some(c.rv),
+                    (Some(_), None) => Some(1),
+                    (None, _) => None,
+                };
+                let got = store.delete(&key(&model_name(*name)), &DeleteOptions { resource_version: rv, guard: None }).await;
+                let outcome = match &got {
+                    Ok(DeleteOutcome::Deleted(o)) => Outcome::Gone(o.metadata.resource_version),
+                    Ok(DeleteOutcome::Pending(o)) => Outcome::Pending(o.metadata.resource_version),
+                    Err(e) => Outcome::Err(e.code()),
+                };
+                let Some(cur) = cur else {
+                    if outcome != Outcome::Err("NotFound") {
+                        return Err(ctx(format!("expected NotFound, got {outcome:?}")));
+                    }
+                    continue;
+                };
+                if *stale == Some(true) {
+                    if outcome != Outcome::Err("Conflict") {
+                        return Err(ctx(format!("expected Conflict, got {outcome:?}")));
+                    }
+                    continue;
+                }
+                if cur.finalizers == 0 {
+                    let Outcome::Gone(rev) = outcome else { return Err(ctx(format!("expected Deleted, got {outcome:?}"))) };
+                    let rev = m.advance(rev).map_err(ctx)?;
+                    m.objects.remove(name);
+                    m.events.push(("Deleted", model_name(*name), rev));
+                } else if cur.deleting {
+                    if outcome != Outcome::Pending(cur.rv) {
+                        return Err(ctx(format!("a repeated delete must change nothing, got {outcome:?}")));
+                    }
+                } else {
+                    let Outcome::Pending(rev) = outcome else { return Err(ctx(format!("expected Pending, got {outcome:?}"))) };
+                    let rev = m.advance(rev).map_err(ctx)?;
+                    m.objects.insert(*name, ModelObj { rv: rev, version: cur.version + 1, deleting: true, ..cur });
+                    m.events.push(("Modified", model_name(*name), rev));
+                }
+            }
+            Op::Get { name } => {
+                let outcome = match store.get(&key(&model_name(*name))).await {
+                    Ok(o) => Outcome::Found(Some(o.metadata.resource_version)),
+                    Err(e) if e.is_not_found() => Outcome::Found(None),
+                    Err(e) => Outcome::Err(e.code()),
+                };
+                let expected = Outcome::Found(m.objects.get(name).map(|o| o.rv));
+                if outcome != expected {
+                    return Err(ctx(format!("expected {expected:?}, got {outcome:?}")));
+                }
+            }
+            Op::List { label } => {
+                let mut sel = things();
+                if let Some(l) = label {
+                    sel = sel.with_labels(LabelSelector::from_labels([("l", l.to_string())]));
+                }
+                let outcome = match store.list(&ListRequest::new(sel)).await {
+                    Ok(page) => Outcome::Listed(page.items.iter().map(|o| (o.metadata.name.clone(), o.metadata.resource_version)).collect()),
+                    Err(e) => Outcome::Err(e.code()),
+                };
+                let expected = Outcome::Listed(
+                    m.objects.iter().filter(|(_, o)| label.is_none_or(|l| o.label == l)).map(|(n, o)| (model_name(*n), o.rv)).collect(),
+                );
+                if outcome != expected {
+                    return Err(ctx(format!("expected {expected:?}, got {outcome:?}")));
+                }
+            }
+            Op::Compact { back } => {
+                let Some(&rev) = m.written.iter().rev().nth(*back as usize) else { continue };
+                store.compact(rev).await.map_err(|e| ctx(e.to_string()))?;
+                m.floor = m.floor.max(rev);
+            }
+        }
+    }
+    // Every object's full state matches.
+    for (name, o) in &m.objects {
+        let got = store.get(&key(&model_name(*name))).await.map_err(|e| format!("final get m{name}: {e}"))?;
+        let mm = &got.metadata;
+        let status = if got.status.is_null() { None } else { got.status.to_value()["s"].as_u64().map(|s| s as u8) };
+        let actual = ModelObj {
+            rv: mm.resource_version,
+            generation: mm.generation,
+            version: mm.version,
+            label: mm.labels.get("l").and_then(|l| l.parse().ok()).unwrap_or(255),
+            spec: got.spec.to_value()["v"].as_u64().unwrap_or(255) as u8,
+            status,
+            finalizers: mm.finalizers.len() as u8,
+            deleting: mm.deletion_timestamp.is_some(),
+        };
+        if actual != *o {
+            return Err(format!("final state of m{name}: expected {o:?}, got {actual:?}"));
+        }
+    }
+    // The event stream from the oldest revision still available equals the model's.
+    let from = start.max(m.floor);
+    let expected: Vec<_> = m.events.iter().filter(|e| e.2 >= from).cloned().collect();
+    let mut watch = store.watch(&WatchRequest::from(things(), from)).await.map_err(|e| format!("watch from {from}: {e}"))?;
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match tokio::time::timeout(PATIENCE, watch.next()).await {
+            Ok(Some(Ok(WatchEvent::Progress(_)))) => {}
+            Ok(Some(Ok(e))) => got.push(describe(&e)),
+            other => return Err(format!("watch from {from} stopped after {got:?}: {other:?}")),
+        }
+    }
+    if got != expected {
+        return Err(format!("event stream differs:\nexpected {expected:?}\ngot      {got:?}"));
+    }
+    Ok(())
+}
+
+async fn model_check(f: Factory) {
+    let cases = std::env::var("ORCH_MODEL_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64);
+    let mut runner = TestRunner::new(Config { cases, ..Config::default() });
+    let strategy = proptest::collection::vec(op_strategy(), 1..40);
+    for _ in 0..cases {
+        let mut tree = strategy.new_tree(&mut runner).expect("generate operations");
+        let Err(first) = run_model(f().await, &tree.current()).await else { continue };
+        // Shrink to a minimal failing sequence.
+        let mut best = (tree.current(), first);
+        let mut budget = 256;
+        if tree.simplify() {
+            while budget > 0 {
+                budget -= 1;
+                match run_model(f().await, &tree.current()).await {
+                    Err(msg) => {
+                        best = (tree.current(), msg);
+                        if !tree.simplify() {
+                            break;
+                        }
+                    }
+                    Ok(()) => {
+                        if !tree.complicate() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        panic!("store disagrees with the model: {}\nminimal operations: {:#?}", best.1, best.0);
+    }
+}
