@@ -116,7 +116,11 @@ impl<K: Resource> Api<K> {
             (Scope::Cluster, _) => String::new(),
             (Scope::Namespaced, Some(ns)) => ns.clone(),
             (Scope::Namespaced, None) => {
-                return Err(Error::invalid(K::KIND, "metadata.namespace", "required: use Api::namespaced for a namespaced kind"));
+                return Err(Error::invalid(
+                    K::KIND,
+                    "metadata.namespace",
+                    "required: use Api::namespaced for a namespaced kind",
+                ));
             }
         };
         Ok(ObjectKey::new(K::KIND, ns, name))
@@ -128,7 +132,11 @@ impl<K: Resource> Api<K> {
         match K::SCOPE {
             Scope::Cluster => {
                 if !obj.metadata.namespace.is_empty() {
-                    return Err(Error::invalid(K::KIND, "metadata.namespace", "must be empty for a cluster-scoped kind"));
+                    return Err(Error::invalid(
+                        K::KIND,
+                        "metadata.namespace",
+                        "must be empty for a cluster-scoped kind",
+                    ));
                 }
             }
             Scope::Namespaced => match (&self.namespace, obj.metadata.namespace.is_empty()) {
@@ -253,7 +261,9 @@ impl<K: Resource> Api<K> {
             }
             let patched: Object<K> = serde_json::from_value(doc)
                 .map_err(|e| Error::invalid(K::KIND, "patch", format!("result does not decode: {e}")))?;
-            if patched.metadata.name != current.metadata.name || patched.metadata.namespace != current.metadata.namespace {
+            if patched.metadata.name != current.metadata.name
+                || patched.metadata.namespace != current.metadata.namespace
+            {
                 return Err(Error::invalid(K::KIND, "patch.metadata", "name and namespace cannot be patched"));
             }
             let result = if status { self.replace_status(&patched).await } else { self.replace(&patched).await };

@@ -113,7 +113,10 @@ impl ObjectMeta {
             annotation_bytes += k.len() + val.len();
         }
         if annotation_bytes > 256 * 1024 {
-            v.reject("metadata.annotations", format!("total size must be at most 256 KiB (is {annotation_bytes} bytes)"));
+            v.reject(
+                "metadata.annotations",
+                format!("total size must be at most 256 KiB (is {annotation_bytes} bytes)"),
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for (i, f) in self.finalizers.iter().enumerate() {
@@ -170,7 +173,7 @@ impl Timestamp {
     }
 
     /// This instant moved forward by `d`.
-    pub fn add(self, d: Duration) -> Timestamp {
+    pub fn plus(self, d: Duration) -> Timestamp {
         Timestamp(self.0.saturating_add(d.as_millis().min(i64::MAX as u128) as i64))
     }
 
@@ -197,13 +200,7 @@ impl fmt::Display for Timestamp {
         let day = doy - (153 * mp + 2) / 5 + 1;
         let month = if mp < 10 { mp + 3 } else { mp - 9 };
         let year = yoe + era * 400 + i64::from(month <= 2);
-        write!(
-            f,
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-            tod / 3600,
-            (tod / 60) % 60,
-            tod % 60
-        )
+        write!(f, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", tod / 3600, (tod / 60) % 60, tod % 60)
     }
 }
 
@@ -241,7 +238,7 @@ impl TokioClock {
 
 impl Clock for TokioClock {
     fn now(&self) -> Timestamp {
-        self.base.add(self.start.elapsed())
+        self.base.plus(self.start.elapsed())
     }
 }
 
@@ -262,7 +259,8 @@ mod tests {
         let mut m = ObjectMeta::namespaced("default", "Web_1");
         m.labels.insert("app".into(), "-bad".into());
         m.finalizers = vec!["orch.dev/x".into(), "orch.dev/x".into()];
-        m.owner_references = vec![OwnerReference { kind: String::new(), name: "a".into(), uid: "u".into(), ..Default::default() }];
+        m.owner_references =
+            vec![OwnerReference { kind: String::new(), name: "a".into(), uid: "u".into(), ..Default::default() }];
         let mut v = Validator::new();
         m.validate(true, &mut v);
         let e = v.finish().unwrap_err();

@@ -10,13 +10,51 @@ use crate::error::{Error, Result};
 use crate::meta::ObjectMeta;
 use crate::validation::Validator;
 
-/// A JSON document kept as compact text and shared by reference.
+/// A JSON document kept as canonical text (compact, object keys sorted) and shared by reference.
 ///
 /// Stores hold spec and status this way: an object costs about its encoded size in memory, a
-/// clone is a reference-count bump, and typed access decodes straight from the text. Equality is
-/// semantic: the same document with keys in another order compares equal.
+/// clone is a reference-count bump, and typed access decodes straight from the text. Because the
+/// text is canonical, equality is a byte comparison and still semantic: the same document with
+/// keys in another order is the same text.
 #[derive(Clone)]
 pub struct RawJson(Arc<str>);
+
+/// Writes `v` as compact JSON with every object's keys in sorted order.
+fn write_canonical(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_unstable();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_scalar(&Value::String(k.clone()), out);
+                out.push(':');
+                write_canonical(&map[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => write_scalar(scalar, out),
+    }
+}
+
+fn write_scalar(v: &serde_json::Value, out: &mut String) {
+    // Scalars have exactly one compact form; serde_json writes it.
+    out.push_str(&v.to_string());
+}
 
 impl RawJson {
     /// The JSON `null`.
@@ -31,8 +69,8 @@ impl RawJson {
 
     /// Encodes any serializable value.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
-        serde_json::to_string(value)
-            .map(|s| RawJson(Arc::from(s)))
+        serde_json::to_value(value)
+            .map(|v| Self::from_value(&v))
             .map_err(|source| Error::Serialization { what: std::any::type_name::<T>().into(), source })
     }
 
@@ -45,7 +83,9 @@ impl RawJson {
 
     /// Encodes a JSON value.
     pub fn from_value(value: &serde_json::Value) -> Self {
-        RawJson(Arc::from(value.to_string()))
+        let mut out = String::new();
+        write_canonical(value, &mut out);
+        RawJson(Arc::from(out))
     }
 
     /// Decodes into a typed value.
@@ -89,7 +129,8 @@ impl Default for RawJson {
 
 impl PartialEq for RawJson {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0 || self.to_value() == other.to_value()
+        // Canonical text: equal documents are equal bytes.
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
     }
 }
 
@@ -116,9 +157,9 @@ impl Serialize for RawJson {
 
 impl<'de> Deserialize<'de> for RawJson {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
-        let text: Box<str> = raw.into();
-        Ok(RawJson(Arc::from(text)))
+        // Input may come in any key order or spacing: store it canonically.
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(RawJson::from_value(&value))
     }
 }
 
@@ -304,6 +345,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn raw_json_is_canonical() {
+        let a = RawJson::parse(r#"{ "z": {"b": 1, "a": [true, null, "x\"y"]}, "a": 1.5 }"#).unwrap();
+        assert_eq!(a.as_str(), r#"{"a":1.5,"z":{"a":[true,null,"x\"y"],"b":1}}"#);
+        let typed = RawJson::encode(&serde_json::json!({"b": 2, "a": 1})).unwrap();
+        assert_eq!(typed.as_str(), r#"{"a":1,"b":2}"#);
+        let back: RawJson = serde_json::from_str(r#"{"b": 2,  "a": 1}"#).unwrap();
+        assert_eq!(back.as_str(), typed.as_str());
+    }
+
+    #[test]
     fn raw_json_equality_is_semantic() {
         let a = RawJson::parse(r#"{"a":1,"b":[1,2]}"#).unwrap();
         let b = RawJson::parse(r#"{ "b": [1, 2], "a": 1 }"#).unwrap();
@@ -318,7 +369,10 @@ mod tests {
         let mut o = DynamicObject::new("Thing", ObjectMeta::namespaced("ns", "x"));
         o.spec = RawJson::parse(r#"{"size":3}"#).unwrap();
         let text = serde_json::to_string(&o).unwrap();
-        assert_eq!(text, r#"{"kind":"Thing","metadata":{"name":"x","namespace":"ns"},"spec":{"size":3},"status":null}"#);
+        assert_eq!(
+            text,
+            r#"{"kind":"Thing","metadata":{"name":"x","namespace":"ns"},"spec":{"size":3},"status":null}"#
+        );
         let back: DynamicObject = serde_json::from_str(&text).unwrap();
         assert_eq!(back, o);
     }

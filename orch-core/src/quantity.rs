@@ -223,7 +223,9 @@ impl Add for Quantity {
     /// Saturates at the representable range rather than panicking.
     fn add(self, rhs: Quantity) -> Quantity {
         let limit = MAX_UNITS * NANO;
-        Quantity { nanos: (self.nanos + rhs.nanos).clamp(-limit, limit), format: self.format }
+        // Zero has no format of its own: a sum starting from zero prints like what was added.
+        let format = if self.nanos == 0 { rhs.format } else { self.format };
+        Quantity { nanos: (self.nanos + rhs.nanos).clamp(-limit, limit), format }
     }
 }
 

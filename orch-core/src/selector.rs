@@ -351,7 +351,11 @@ impl FieldSelector {
             } else if let Some((p, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 (p, v, false)
             } else {
-                return Err(Error::invalid("FieldSelector", "selector", format!("{term:?} must be path=value or path!=value")));
+                return Err(Error::invalid(
+                    "FieldSelector",
+                    "selector",
+                    format!("{term:?} must be path=value or path!=value"),
+                ));
             };
             s.requirements.push(FieldRequirement { path: path.trim().into(), value: value.trim().into(), negated });
         }
@@ -369,7 +373,10 @@ impl FieldSelector {
                 return Err(Error::invalid(
                     "FieldSelector",
                     "selector",
-                    format!("{:?} is not selectable: use metadata.name, metadata.namespace, or a path under spec. or status.", r.path),
+                    format!(
+                        "{:?} is not selectable: use metadata.name, metadata.namespace, or a path under spec. or status.",
+                        r.path
+                    ),
                 ));
             }
         }

@@ -130,7 +130,9 @@ pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
     }
     for part in s.split('.') {
         if part.is_empty() || !is_alnum_lower(part.as_bytes()[0]) || !is_alnum_lower(part.as_bytes()[part.len() - 1]) {
-            return Err(format!("{s:?} must be dot-separated parts that start and end with a lower-case letter or digit"));
+            return Err(format!(
+                "{s:?} must be dot-separated parts that start and end with a lower-case letter or digit"
+            ));
         }
     }
     Ok(())

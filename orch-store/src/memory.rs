@@ -488,7 +488,11 @@ impl Store for MemoryStore {
             st.check_guard(opts.guard.as_ref())?;
             let cur = st.get(&key).cloned().ok_or_else(|| Error::NotFound(key.clone()))?;
             if cur.metadata.resource_version != obj.metadata.resource_version {
-                return Err(Error::Conflict { key: key.clone(), expected: obj.metadata.resource_version, current: Some(cur) });
+                return Err(Error::Conflict {
+                    key: key.clone(),
+                    expected: obj.metadata.resource_version,
+                    current: Some(cur),
+                });
             }
             let plan = semantics::update(&cur, obj)?;
             if let Plan::Put(o) = &plan {
@@ -511,7 +515,11 @@ impl Store for MemoryStore {
             st.check_guard(opts.guard.as_ref())?;
             let cur = st.get(&key).cloned().ok_or_else(|| Error::NotFound(key.clone()))?;
             if cur.metadata.resource_version != obj.metadata.resource_version {
-                return Err(Error::Conflict { key: key.clone(), expected: obj.metadata.resource_version, current: Some(cur) });
+                return Err(Error::Conflict {
+                    key: key.clone(),
+                    expected: obj.metadata.resource_version,
+                    current: Some(cur),
+                });
             }
             let plan = semantics::update_status(&cur, obj)?;
             Ok(st.apply(&key, Some(cur.clone()), plan).unwrap_or(cur))
@@ -668,13 +676,11 @@ impl Watcher {
             return Err(Error::Compacted { requested: self.cursor, compacted: st.floor });
         }
         let start = st.history.partition_point(|c| c.revision < self.cursor);
-        let mut taken = 0;
         let mut last_rev = None;
-        for c in st.history.range(start..) {
+        for (taken, c) in st.history.range(start..).enumerate() {
             if taken >= WATCH_BATCH && last_rev != Some(c.revision) {
                 break;
             }
-            taken += 1;
             last_rev = Some(c.revision);
             if c.object.kind != self.selection.kind {
                 continue;
@@ -741,5 +747,75 @@ impl Watcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orch_core::{ObjectMeta, RawJson};
+
+    fn obj(name: &str) -> DynamicObject {
+        DynamicObject::new("Thing", ObjectMeta::namespaced("ns", name))
+            .with_spec(RawJson::from_value(&serde_json::json!(1)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watcher_behind_trimmed_history_gets_compacted_then_relists() {
+        let s = MemoryStore::builder().history_limit(8).build();
+        let sel = Selection::kind("Thing");
+        let mut slow = s.watch(&WatchRequest::from(sel.clone(), 1)).await.unwrap();
+        for i in 0..20 {
+            s.create(obj(&format!("o{i:02}")), &WriteOptions::default()).await.unwrap();
+        }
+        match slow.next().await {
+            Some(Err(Error::Compacted { requested: 1, compacted })) => assert!(compacted > 1),
+            other => panic!("expected Compacted, got {other:?}"),
+        }
+        assert!(slow.next().await.is_none(), "the stream ends after its error");
+        // Re-list and re-watch from the list's revision: every object once, then live events.
+        let page = s.list(&ListRequest::new(sel.clone())).await.unwrap();
+        assert_eq!(page.items.len(), 20);
+        let mut again = s.watch(&WatchRequest::from(sel, page.revision + 1)).await.unwrap();
+        let c = s.create(obj("late"), &WriteOptions::default()).await.unwrap();
+        match again.next().await {
+            Some(Ok(WatchEvent::Added(o))) => assert_eq!(o.metadata.resource_version, c.metadata.resource_version),
+            other => panic!("expected the live event, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_stays_bounded() {
+        let s = MemoryStore::builder().history_limit(100).build();
+        for i in 0..1000 {
+            s.create(obj(&format!("o{i}")), &WriteOptions::default()).await.unwrap();
+        }
+        let st = s.inner.read();
+        assert!(st.history.len() <= 100);
+        assert_eq!(st.floor, st.history.front().unwrap().revision);
+        drop(st);
+        assert_eq!(s.len(), 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_store_ends_watches() {
+        let s = MemoryStore::new();
+        let mut w = s.watch(&WatchRequest::from(Selection::kind("Thing"), 1)).await.unwrap();
+        drop(s);
+        assert!(w.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_expire_without_any_other_call() {
+        let s = MemoryStore::new();
+        let lease = s.grant_lease(Duration::from_secs(5)).await.unwrap();
+        let mut o = obj("a");
+        o.metadata.lease = Some(lease.id);
+        let c = s.create(o, &WriteOptions::default()).await.unwrap();
+        let mut w =
+            s.watch(&WatchRequest::from(Selection::kind("Thing"), c.metadata.resource_version + 1)).await.unwrap();
+        // Only the background task can produce this event: nothing else touches the store.
+        let e = tokio::time::timeout(Duration::from_secs(6), w.next()).await.expect("expired on time");
+        assert!(matches!(e, Some(Ok(WatchEvent::Deleted(_)))), "{e:?}");
     }
 }

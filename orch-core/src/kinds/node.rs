@@ -104,7 +104,10 @@ impl Resource for Node {
             v.check_with(|| format!("spec.taints[{i}].key"), validation::qualified_name(&t.key));
             v.check_with(|| format!("spec.taints[{i}].value"), validation::label_value(&t.value));
             if !seen.insert((&t.key, t.effect)) {
-                v.reject(format!("spec.taints[{i}]"), format!("duplicate taint {:?} with effect {:?}", t.key, t.effect));
+                v.reject(
+                    format!("spec.taints[{i}]"),
+                    format!("duplicate taint {:?} with effect {:?}", t.key, t.effect),
+                );
             }
         }
     }

@@ -694,7 +694,10 @@ impl Resource for Workload {
             for (name, req) in &c.resources.requests {
                 if let Some(lim) = c.resources.limits.get(name) {
                     if req > lim {
-                        v.reject(format!("{f}.resources.requests.{name}"), format!("must not exceed the limit ({req} > {lim})"));
+                        v.reject(
+                            format!("{f}.resources.requests.{name}"),
+                            format!("must not exceed the limit ({req} > {lim})"),
+                        );
                     }
                 }
             }
@@ -717,7 +720,10 @@ impl Resource for Workload {
                     }
                 }
                 if !container_ports.insert((p.container_port, p.protocol)) {
-                    v.reject(format!("{pf}.containerPort"), format!("port {}/{:?} is listed twice", p.container_port, p.protocol));
+                    v.reject(
+                        format!("{pf}.containerPort"),
+                        format!("port {}/{:?} is listed twice", p.container_port, p.protocol),
+                    );
                 }
                 if let Some(name) = &p.name {
                     v.check_with(|| format!("{pf}.name"), validation::dns1123_label(name));
@@ -734,7 +740,10 @@ impl Resource for Workload {
                 if !m.mount_path.starts_with('/') {
                     v.reject(format!("{f}.volumeMounts[{mi}].mountPath"), "must be an absolute path");
                 } else if !mount_paths.insert(m.mount_path.as_str()) {
-                    v.reject(format!("{f}.volumeMounts[{mi}].mountPath"), format!("{:?} is mounted twice", m.mount_path));
+                    v.reject(
+                        format!("{f}.volumeMounts[{mi}].mountPath"),
+                        format!("{:?} is mounted twice", m.mount_path),
+                    );
                 }
             }
             for (name, probe) in [
@@ -784,7 +793,10 @@ impl Resource for Workload {
         }
         for (i, t) in self.topology_spread_constraints.iter().enumerate() {
             if t.max_skew < 1 {
-                v.reject(format!("spec.topologySpreadConstraints[{i}].maxSkew"), format!("must be >= 1 (is {})", t.max_skew));
+                v.reject(
+                    format!("spec.topologySpreadConstraints[{i}].maxSkew"),
+                    format!("must be >= 1 (is {})", t.max_skew),
+                );
             }
             v.check_with(
                 || format!("spec.topologySpreadConstraints[{i}].topologyKey"),
@@ -813,9 +825,11 @@ mod tests {
     fn valid_workload_passes() {
         let mut w = Workload::command("main", &["/bin/sleep", "60"]);
         w.containers[0].resources.requests = req(&[("cpu", "100m"), ("memory", "500Mi"), ("gpu", "300m")]);
-        w.containers[0].ports = vec![ContainerPort { name: Some("http".into()), container_port: 8080, ..Default::default() }];
+        w.containers[0].ports =
+            vec![ContainerPort { name: Some("http".into()), container_port: 8080, ..Default::default() }];
         w.volumes = vec![Volume { name: "data".into(), source: VolumeSource::EmptyDir { size_limit: None } }];
-        w.containers[0].volume_mounts = vec![VolumeMount { name: "data".into(), mount_path: "/data".into(), read_only: false }];
+        w.containers[0].volume_mounts =
+            vec![VolumeMount { name: "data".into(), mount_path: "/data".into(), read_only: false }];
         Object::new(ObjectMeta::namespaced("default", "web-0"), w).validate().unwrap();
     }
 
@@ -830,9 +844,16 @@ mod tests {
             ContainerPort { container_port: 80, host_port: Some(80), ..Default::default() },
         ];
         w.containers[1].ports = vec![ContainerPort { container_port: 81, host_port: Some(80), ..Default::default() }];
-        w.containers[0].volume_mounts = vec![VolumeMount { name: "nope".into(), mount_path: "data".into(), read_only: false }];
-        w.tolerations = vec![Toleration { operator: TolerationOperator::Exists, value: "x".into(), key: "k".into(), ..Default::default() }];
-        w.topology_spread_constraints = vec![TopologySpreadConstraint { max_skew: 0, topology_key: "zone".into(), ..Default::default() }];
+        w.containers[0].volume_mounts =
+            vec![VolumeMount { name: "nope".into(), mount_path: "data".into(), read_only: false }];
+        w.tolerations = vec![Toleration {
+            operator: TolerationOperator::Exists,
+            value: "x".into(),
+            key: "k".into(),
+            ..Default::default()
+        }];
+        w.topology_spread_constraints =
+            vec![TopologySpreadConstraint { max_skew: 0, topology_key: "zone".into(), ..Default::default() }];
         let e = Object::new(ObjectMeta::namespaced("default", "w"), w).validate().unwrap_err();
         let crate::Error::Invalid { source, .. } = &e else { panic!("{e}") };
         for field in [
@@ -854,7 +875,8 @@ mod tests {
 
     #[test]
     fn tolerations_and_node_terms() {
-        let taint = Taint { key: "dedicated".into(), value: "gpu".into(), effect: TaintEffect::NoSchedule, time_added: None };
+        let taint =
+            Taint { key: "dedicated".into(), value: "gpu".into(), effect: TaintEffect::NoSchedule, time_added: None };
         let eq = Toleration { key: "dedicated".into(), value: "gpu".into(), ..Default::default() };
         let other = Toleration { key: "dedicated".into(), value: "cpu".into(), ..Default::default() };
         let all = Toleration { operator: TolerationOperator::Exists, ..Default::default() };
@@ -865,7 +887,11 @@ mod tests {
         assert!(!wrong_effect.tolerates(&taint));
 
         let labels: BTreeMap<String, String> = [("cores".to_string(), "16".to_string())].into();
-        let gt = NodeSelectorRequirement { key: "cores".into(), operator: NodeSelectorOperator::Gt, values: vec!["8".into()] };
+        let gt = NodeSelectorRequirement {
+            key: "cores".into(),
+            operator: NodeSelectorOperator::Gt,
+            values: vec!["8".into()],
+        };
         let lt = NodeSelectorRequirement { operator: NodeSelectorOperator::Lt, ..gt.clone() };
         assert!(gt.matches(&labels));
         assert!(!lt.matches(&labels));

@@ -78,7 +78,8 @@ pub fn update(current: &DynamicObject, new: DynamicObject) -> Result<Plan> {
         return Ok(Plan::Unchanged);
     }
     let cm = &current.metadata;
-    let mut out = DynamicObject { kind: new.kind, metadata: new.metadata, spec: new.spec, status: current.status.clone() };
+    let mut out =
+        DynamicObject { kind: new.kind, metadata: new.metadata, spec: new.spec, status: current.status.clone() };
     let m = &mut out.metadata;
     m.uid = cm.uid.clone();
     m.creation_timestamp = cm.creation_timestamp;
@@ -86,11 +87,7 @@ pub fn update(current: &DynamicObject, new: DynamicObject) -> Result<Plan> {
     m.create_revision = cm.create_revision;
     m.generation = cm.generation + u64::from(spec_changed);
     m.version = cm.version + 1;
-    if m.deletion_timestamp.is_some() && m.finalizers.is_empty() {
-        Ok(Plan::Remove(out))
-    } else {
-        Ok(Plan::Put(out))
-    }
+    if m.deletion_timestamp.is_some() && m.finalizers.is_empty() { Ok(Plan::Remove(out)) } else { Ok(Plan::Put(out)) }
 }
 
 /// Prepares a status update (the resource version has already been checked).

@@ -436,13 +436,17 @@ async fn list_filters_by_selectors(f: Factory) {
     assert!(all.continue_token.is_none());
     let web = s.list(&ListRequest::new(things().with_labels(LabelSelector::parse("app=web").unwrap()))).await.unwrap();
     assert_eq!(names(&web.items), ["a", "b"]);
-    let not_web = s.list(&ListRequest::new(things().with_labels(LabelSelector::parse("app!=web").unwrap()))).await.unwrap();
+    let not_web =
+        s.list(&ListRequest::new(things().with_labels(LabelSelector::parse("app!=web").unwrap()))).await.unwrap();
     assert_eq!(names(&not_web.items), ["c", "d"]);
     let set = LabelSelector::parse("app in (web,db),app notin (db)").unwrap();
     assert_eq!(names(&s.list(&ListRequest::new(things().with_labels(set))).await.unwrap().items), ["a", "b"]);
     let none = s.list(&ListRequest::new(things().with_labels(LabelSelector::parse("!app").unwrap()))).await.unwrap();
     assert_eq!(names(&none.items), ["d"]);
-    let n1 = s.list(&ListRequest::new(things().with_fields(FieldSelector::parse("spec.nodeName=n1").unwrap()))).await.unwrap();
+    let n1 = s
+        .list(&ListRequest::new(things().with_fields(FieldSelector::parse("spec.nodeName=n1").unwrap())))
+        .await
+        .unwrap();
     assert_eq!(names(&n1.items), ["a", "c"]);
     let both = things()
         .with_labels(LabelSelector::parse("app=web").unwrap())
@@ -471,10 +475,8 @@ async fn list_pages_are_pinned_to_first_revision(f: Factory) {
         }
         s.delete(&key(&format!("o{}", 8 - round)), &DeleteOptions::default()).await.ok();
         round += 1;
-        page = s
-            .list(&ListRequest { continue_token: Some(token), ..ListRequest::new(things()).limit(3) })
-            .await
-            .unwrap();
+        page =
+            s.list(&ListRequest { continue_token: Some(token), ..ListRequest::new(things()).limit(3) }).await.unwrap();
         assert_eq!(page.revision, snapshot.revision, "every page is read at the first page's revision");
         assert!(page.items.len() <= 3);
         seen.extend(page.items.iter().cloned());
@@ -498,10 +500,8 @@ async fn list_at_compacted_revision_fails(f: Factory) {
     // ...and not after.
     let now = s.current_revision().await.unwrap();
     s.compact(now).await.unwrap();
-    let e = s
-        .list(&ListRequest { continue_token: Some(token), ..ListRequest::new(things()).limit(2) })
-        .await
-        .unwrap_err();
+    let e =
+        s.list(&ListRequest { continue_token: Some(token), ..ListRequest::new(things()).limit(2) }).await.unwrap_err();
     assert!(e.is_compacted(), "{e}");
     let e = s.list(&ListRequest { revision: Some(at_first), ..ListRequest::new(things()) }).await.unwrap_err();
     assert!(e.is_compacted(), "{e}");
@@ -545,7 +545,9 @@ async fn watch_resumes_without_gap_or_duplicate(f: Factory) {
     let start = s.current_revision().await.unwrap() + 1;
     let mut revs = Vec::new();
     for i in 0..10 {
-        revs.push(s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap().metadata.resource_version);
+        revs.push(
+            s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap().metadata.resource_version,
+        );
     }
     let mut watch = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
     let mut got = Vec::new();
@@ -554,7 +556,9 @@ async fn watch_resumes_without_gap_or_duplicate(f: Factory) {
     }
     drop(watch);
     for i in 10..13 {
-        revs.push(s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap().metadata.resource_version);
+        revs.push(
+            s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap().metadata.resource_version,
+        );
     }
     let mut watch = s.watch(&WatchRequest::from(things(), got[3] + 1)).await.unwrap();
     while got.len() < revs.len() {
@@ -620,7 +624,13 @@ async fn watch_sees_concurrent_writes_once_in_order(f: Factory) {
                         next.spec = RawJson::from_value(&serde_json::json!(i));
                         s.update(next, &WriteOptions::default()).await.unwrap().metadata.resource_version
                     }
-                    Err(_) => s.create(thing(&name, serde_json::json!(i)), &WriteOptions::default()).await.unwrap().metadata.resource_version,
+                    Err(_) => {
+                        s.create(thing(&name, serde_json::json!(i)), &WriteOptions::default())
+                            .await
+                            .unwrap()
+                            .metadata
+                            .resource_version
+                    }
                 };
                 revs.push(rev);
                 tokio::task::yield_now().await;
@@ -976,16 +986,27 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                         return Err(ctx(format!("expected AlreadyExists, got {outcome:?}")));
                     }
                 } else {
-                    let Outcome::Ok(rev) = outcome else { return Err(ctx(format!("expected success, got {outcome:?}"))) };
+                    let Outcome::Ok(rev) = outcome else {
+                        return Err(ctx(format!("expected success, got {outcome:?}")));
+                    };
                     let rev = m.advance(rev).map_err(ctx)?;
                     let o = got.unwrap();
                     if (o.metadata.generation, o.metadata.version) != (1, 1) {
                         return Err(ctx("generation and version must start at 1".into()));
                     }
-                    m.objects.insert(*name, ModelObj {
-                        rv: rev, generation: 1, version: 1, label: *label, spec: *spec, status: None,
-                        finalizers: *finalizers, deleting: false,
-                    });
+                    m.objects.insert(
+                        *name,
+                        ModelObj {
+                            rv: rev,
+                            generation: 1,
+                            version: 1,
+                            label: *label,
+                            spec: *spec,
+                            status: None,
+                            finalizers: *finalizers,
+                            deleting: false,
+                        },
+                    );
                     m.events.push(("Added", model_name(*name), rev));
                 }
             }
@@ -1031,17 +1052,27 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                 if o.metadata.generation != generation || o.metadata.version != cur.version + 1 {
                     return Err(ctx(format!(
                         "expected generation {generation} version {}, got {} {}",
-                        cur.version + 1, o.metadata.generation, o.metadata.version
+                        cur.version + 1,
+                        o.metadata.generation,
+                        o.metadata.version
                     )));
                 }
                 if cur.deleting && *finalizers == 0 {
                     m.objects.remove(name);
                     m.events.push(("Deleted", model_name(*name), rev));
                 } else {
-                    m.objects.insert(*name, ModelObj {
-                        rv: rev, generation, version: cur.version + 1, label: *label, spec: *spec,
-                        finalizers: *finalizers, ..cur
-                    });
+                    m.objects.insert(
+                        *name,
+                        ModelObj {
+                            rv: rev,
+                            generation,
+                            version: cur.version + 1,
+                            label: *label,
+                            spec: *spec,
+                            finalizers: *finalizers,
+                            ..cur
+                        },
+                    );
                     m.events.push(("Modified", model_name(*name), rev));
                 }
             }
@@ -1086,7 +1117,8 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                     (Some(_), None) => Some(1),
                     (None, _) => None,
                 };
-                let got = store.delete(&key(&model_name(*name)), &DeleteOptions { resource_version: rv, guard: None }).await;
+                let got =
+                    store.delete(&key(&model_name(*name)), &DeleteOptions { resource_version: rv, guard: None }).await;
                 let outcome = match &got {
                     Ok(DeleteOutcome::Deleted(o)) => Outcome::Gone(o.metadata.resource_version),
                     Ok(DeleteOutcome::Pending(o)) => Outcome::Pending(o.metadata.resource_version),
@@ -1105,7 +1137,9 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                     continue;
                 }
                 if cur.finalizers == 0 {
-                    let Outcome::Gone(rev) = outcome else { return Err(ctx(format!("expected Deleted, got {outcome:?}"))) };
+                    let Outcome::Gone(rev) = outcome else {
+                        return Err(ctx(format!("expected Deleted, got {outcome:?}")));
+                    };
                     let rev = m.advance(rev).map_err(ctx)?;
                     m.objects.remove(name);
                     m.events.push(("Deleted", model_name(*name), rev));
@@ -1114,7 +1148,9 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                         return Err(ctx(format!("a repeated delete must change nothing, got {outcome:?}")));
                     }
                 } else {
-                    let Outcome::Pending(rev) = outcome else { return Err(ctx(format!("expected Pending, got {outcome:?}"))) };
+                    let Outcome::Pending(rev) = outcome else {
+                        return Err(ctx(format!("expected Pending, got {outcome:?}")));
+                    };
                     let rev = m.advance(rev).map_err(ctx)?;
                     m.objects.insert(*name, ModelObj { rv: rev, version: cur.version + 1, deleting: true, ..cur });
                     m.events.push(("Modified", model_name(*name), rev));
@@ -1137,11 +1173,17 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                     sel = sel.with_labels(LabelSelector::from_labels([("l", l.to_string())]));
                 }
                 let outcome = match store.list(&ListRequest::new(sel)).await {
-                    Ok(page) => Outcome::Listed(page.items.iter().map(|o| (o.metadata.name.clone(), o.metadata.resource_version)).collect()),
+                    Ok(page) => Outcome::Listed(
+                        page.items.iter().map(|o| (o.metadata.name.clone(), o.metadata.resource_version)).collect(),
+                    ),
                     Err(e) => Outcome::Err(e.code()),
                 };
                 let expected = Outcome::Listed(
-                    m.objects.iter().filter(|(_, o)| label.is_none_or(|l| o.label == l)).map(|(n, o)| (model_name(*n), o.rv)).collect(),
+                    m.objects
+                        .iter()
+                        .filter(|(_, o)| label.is_none_or(|l| o.label == l))
+                        .map(|(n, o)| (model_name(*n), o.rv))
+                        .collect(),
                 );
                 if outcome != expected {
                     return Err(ctx(format!("expected {expected:?}, got {outcome:?}")));
@@ -1176,7 +1218,8 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
     // The event stream from the oldest revision still available equals the model's.
     let from = start.max(m.floor);
     let expected: Vec<_> = m.events.iter().filter(|e| e.2 >= from).cloned().collect();
-    let mut watch = store.watch(&WatchRequest::from(things(), from)).await.map_err(|e| format!("watch from {from}: {e}"))?;
+    let mut watch =
+        store.watch(&WatchRequest::from(things(), from)).await.map_err(|e| format!("watch from {from}: {e}"))?;
     let mut got = Vec::new();
     while got.len() < expected.len() {
         match tokio::time::timeout(PATIENCE, watch.next()).await {

@@ -1,0 +1,66 @@
+//! Watch delivery latency percentiles: from a write until all of N watchers have it.
+//!
+//! `cargo bench -p orch-benches --bench watch_latency`
+//!
+//! Criterion (the `store` bench) reports the mean of the same measurement; this one reports the
+//! p50 and p99 over 2,000 writes for 1, 100 and 1,000 watchers, on a 2-worker tokio runtime.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use orch_benches::{KIND, object};
+use orch_core::{Selection, Store, WatchRequest, WriteOptions};
+use orch_store::MemoryStore;
+use tokio::sync::Notify;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let writes = 2_000;
+    for watchers in [1usize, 100, 1000] {
+        let samples = rt.block_on(async {
+            let store = Arc::new(MemoryStore::new());
+            let remaining = Arc::new(AtomicUsize::new(0));
+            let all_seen = Arc::new(Notify::new());
+            for _ in 0..watchers {
+                let mut w = store.watch(&WatchRequest::from(Selection::kind(KIND), 1)).await.expect("watch");
+                let (remaining, all_seen) = (remaining.clone(), all_seen.clone());
+                tokio::spawn(async move {
+                    while let Some(Ok(_)) = w.next().await {
+                        if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                            all_seen.notify_one();
+                        }
+                    }
+                });
+            }
+            let mut samples = Vec::with_capacity(writes);
+            for i in 0..writes + 100 {
+                remaining.store(watchers, Ordering::Release);
+                let seen = all_seen.notified();
+                let start = Instant::now();
+                store.create(object(i, 256), &WriteOptions::default()).await.expect("create");
+                seen.await;
+                if i >= 100 {
+                    samples.push(start.elapsed()); // the first 100 warm up
+                }
+            }
+            samples
+        });
+        let mut sorted = samples;
+        sorted.sort();
+        println!(
+            "watch_latency/{watchers:>4} watchers: p50 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}  ({writes} writes)",
+            percentile(&sorted, 0.50),
+            percentile(&sorted, 0.99),
+            sorted[sorted.len() - 1]
+        );
+    }
+}

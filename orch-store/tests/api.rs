@@ -1,0 +1,141 @@
+//! Typed access through `Api<K>` on the in-memory store: validation, patching, scopes, watches.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use orch_core::kinds::{Node, Workload};
+use orch_core::{
+    Api, DeleteOptions, Deleted, Event, ListParams, Object, ObjectMeta, Resource, Scope, Store, Validator,
+};
+use orch_store::MemoryStore;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+fn store() -> Arc<dyn Store> {
+    Arc::new(MemoryStore::new())
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Echo {
+    message: String,
+    replicas: i32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct EchoStatus {
+    ready: i32,
+}
+
+impl Resource for Echo {
+    const KIND: &'static str = "Echo";
+    const SCOPE: Scope = Scope::Namespaced;
+    type Status = EchoStatus;
+    fn validate(&self, v: &mut Validator) {
+        v.check(self.replicas >= 0, || "spec.replicas".into(), "must be >= 0");
+    }
+}
+
+fn echo(name: &str, replicas: i32) -> Object<Echo> {
+    Object::new(ObjectMeta::named(name), Echo { message: "hi".into(), replicas })
+}
+
+#[tokio::test]
+async fn user_defined_kinds_are_validated_and_typed() {
+    let api: Api<Echo> = Api::namespaced(store(), "default");
+    let e = api.create(&echo("bad", -1)).await.unwrap_err();
+    assert_eq!(e.to_string(), "invalid Echo: spec.replicas: must be >= 0");
+    let created = api.create(&echo("good", 2)).await.unwrap();
+    assert_eq!(created.metadata.namespace, "default");
+    assert_eq!(created.spec.replicas, 2);
+    let mut status = created.clone();
+    status.status.ready = 2;
+    let s = api.replace_status(&status).await.unwrap();
+    assert_eq!(api.get("good").await.unwrap().status.ready, 2);
+    assert_eq!(s.metadata.generation, 1);
+    assert!(api.get_opt("missing").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn merge_patch_retries_on_conflict_unless_pinned() {
+    let api: Api<Echo> = Api::namespaced(store(), "default");
+    let created = api.create(&echo("p", 1)).await.unwrap();
+    let patched = api.patch("p", &json!({"spec": {"replicas": 5}, "metadata": {"labels": {"a": "b"}}})).await.unwrap();
+    assert_eq!(patched.spec.replicas, 5);
+    assert_eq!(patched.spec.message, "hi");
+    assert_eq!(patched.metadata.labels["a"], "b");
+    assert_eq!(patched.metadata.generation, 2);
+    // A patch pinned to an old resource version fails instead of retrying.
+    let pinned = json!({"metadata": {"resourceVersion": created.metadata.resource_version}, "spec": {"replicas": 9}});
+    assert!(api.patch("p", &pinned).await.unwrap_err().is_conflict());
+    // A patch that makes the object invalid is refused, naming the field.
+    let e = api.patch("p", &json!({"spec": {"replicas": -3}})).await.unwrap_err();
+    assert!(e.to_string().contains("spec.replicas"), "{e}");
+    let e = api.patch("p", &json!({"spec": {"replicas": "many"}})).await.unwrap_err();
+    assert!(e.is_invalid(), "{e}");
+    let st = api.patch_status("p", &json!({"status": {"ready": 4}})).await.unwrap();
+    assert_eq!(st.status.ready, 4);
+    assert_eq!(st.spec.replicas, 5);
+    assert_eq!(api.get("p").await.unwrap().spec.replicas, 5);
+}
+
+#[tokio::test]
+async fn scopes_are_enforced() {
+    let s = store();
+    let nodes: Api<Node> = Api::all(s.clone());
+    let mut n = Object::new(ObjectMeta::named("n1"), Node::default());
+    nodes.create(&n).await.unwrap();
+    n.metadata.namespace = "default".into();
+    let e = nodes.create(&n).await.unwrap_err();
+    assert!(e.to_string().contains("metadata.namespace"), "{e}");
+    let all: Api<Workload> = Api::all(s.clone());
+    let w = Object::new(ObjectMeta::named("w"), Workload::command("main", &["/bin/true"]));
+    assert!(all.create(&w).await.unwrap_err().to_string().contains("metadata.namespace"));
+    let ns: Api<Workload> = Api::namespaced(s.clone(), "team-a");
+    ns.create(&w).await.unwrap();
+    let other: Api<Workload> = Api::namespaced(s, "team-b");
+    other.create(&w).await.unwrap();
+    assert_eq!(all.list(&ListParams::default()).await.unwrap().items.len(), 2);
+    assert_eq!(ns.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    let mut wrong = w.clone();
+    wrong.metadata.namespace = "team-b".into();
+    assert!(ns.create(&wrong).await.unwrap_err().to_string().contains("does not match"));
+}
+
+#[tokio::test]
+async fn invalid_workloads_never_reach_the_store() {
+    let s = store();
+    let api: Api<Workload> = Api::namespaced(s.clone(), "default");
+    let mut w = Workload::command("main", &["/bin/sleep", "1"]);
+    w.containers[0].resources.requests.insert("cpu".into(), "-1".parse().unwrap());
+    let e = api.create(&Object::new(ObjectMeta::named("w"), w)).await.unwrap_err();
+    assert!(e.to_string().contains("spec.containers[0].resources.requests.cpu: must be >= 0"), "{e}");
+    assert_eq!(s.current_revision().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn typed_watch_and_delete() {
+    let api: Api<Echo> = Api::namespaced(store(), "default");
+    let mut watch = api.watch(&ListParams::default(), Some(1)).await.unwrap();
+    let mut with_finalizer = echo("f", 1);
+    with_finalizer.metadata.finalizers = vec!["orch.dev/wait".into()];
+    api.create(&with_finalizer).await.unwrap();
+    let Deleted::Pending(marked) = api.delete("f", &DeleteOptions::default()).await.unwrap() else { panic!() };
+    assert!(marked.metadata.deletion_timestamp.is_some());
+    let mut done = marked.clone();
+    done.metadata.finalizers.clear();
+    api.replace(&done).await.unwrap();
+    let kinds: Vec<&str> = [watch.next().await, watch.next().await, watch.next().await]
+        .into_iter()
+        .map(|e| match e.unwrap().unwrap() {
+            Event::Added(_) => "added",
+            Event::Modified(_) => "modified",
+            Event::Deleted(o) => {
+                assert_eq!(o.spec.message, "hi");
+                "deleted"
+            }
+            Event::Progress(_) => "progress",
+        })
+        .collect();
+    assert_eq!(kinds, ["added", "modified", "deleted"]);
+    assert!(api.get("f").await.unwrap_err().is_not_found());
+}
