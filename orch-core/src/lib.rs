@@ -31,6 +31,7 @@
 pub mod api;
 pub mod error;
 pub mod kinds;
+pub mod labels;
 pub mod meta;
 pub mod object;
 pub mod quantity;
@@ -42,6 +43,7 @@ pub mod validation;
 
 pub use api::{Api, Deleted, Event, ListParams, ObjectList};
 pub use error::{Error, Result};
+pub use labels::Labels;
 pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestamp, TokioClock};
 pub use object::{DynamicObject, Object, ObjectKey, RawJson, Resource, Scope};
 pub use quantity::Quantity;

@@ -1,11 +1,11 @@
 //! Metadata every object carries: identity, labels, revisions, ownership and deletion state.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::labels::Labels;
 use crate::validation::{self, Validator};
 
 /// Id of a store lease (see [`Store::grant_lease`](crate::Store::grant_lease)).
@@ -26,11 +26,11 @@ pub struct ObjectMeta {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub uid: String,
     /// Identifying key/value pairs that selectors match on.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
     /// Free-form key/value pairs for tools; not selectable.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Labels::is_empty")]
+    pub annotations: Labels,
     /// Set by the store: the revision of the last write (the compare-and-swap token for updates
     /// and deletes).
     #[serde(skip_serializing_if = "is_zero")]
@@ -257,7 +257,7 @@ mod tests {
     #[test]
     fn metadata_validation_names_fields() {
         let mut m = ObjectMeta::namespaced("default", "Web_1");
-        m.labels.insert("app".into(), "-bad".into());
+        m.labels.insert("app", "-bad");
         m.finalizers = vec!["orch.dev/x".into(), "orch.dev/x".into()];
         m.owner_references =
             vec![OwnerReference { kind: String::new(), name: "a".into(), uid: "u".into(), ..Default::default() }];

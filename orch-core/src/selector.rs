@@ -6,6 +6,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::labels::Labels;
 use crate::object::DynamicObject;
 use crate::validation;
 
@@ -40,7 +41,7 @@ impl Requirement {
     }
 
     /// True when `labels` satisfy this requirement.
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &Labels) -> bool {
         match self {
             Requirement::Equals(k, v) => labels.get(k) == Some(v),
             Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
@@ -71,11 +72,10 @@ impl fmt::Display for Requirement {
 ///
 /// Parses from the familiar text form and serializes in the structured form used in specs:
 /// ```
-/// use orch_core::LabelSelector;
-/// use std::collections::BTreeMap;
+/// use orch_core::{LabelSelector, Labels};
 ///
 /// let s: LabelSelector = "app=web, tier in (front,edge), !canary".parse().unwrap();
-/// let labels = BTreeMap::from([("app".to_string(), "web".to_string()), ("tier".into(), "edge".into())]);
+/// let labels = Labels::from([("app", "web"), ("tier", "edge")]);
 /// assert!(s.matches(&labels));
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -120,7 +120,7 @@ impl LabelSelector {
     }
 
     /// True when `labels` satisfy every requirement.
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &Labels) -> bool {
         self.requirements.iter().all(|r| r.matches(labels))
     }
 
@@ -433,7 +433,7 @@ mod tests {
     use crate::meta::ObjectMeta;
     use crate::object::RawJson;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 

@@ -7,8 +7,11 @@ use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
+use std::hash::BuildHasher;
+
 use async_trait::async_trait;
 use futures::StreamExt;
+use hashbrown::{DefaultHashBuilder, HashTable};
 use orch_core::store::semantics::{self, Plan};
 use orch_core::store::{decode_continue, encode_continue};
 use orch_core::{
@@ -58,7 +61,10 @@ impl MemoryStoreBuilder {
                 revision: 0,
                 floor: 1,
                 objects: HashMap::new(),
+                by_key: HashTable::new(),
+                hasher: DefaultHashBuilder::default(),
                 history: VecDeque::new(),
+                popped: 0,
                 leases: HashMap::new(),
                 next_lease: 1,
             }),
@@ -102,9 +108,16 @@ struct State {
     revision: u64,
     /// Oldest revision whose events are all still in `history`.
     floor: u64,
-    /// kind → namespace → name → object.
+    /// kind → namespace → name → object: the ordered index that lists walk.
     objects: HashMap<String, Namespaces>,
+    /// The same objects hashed by key: one probe per get instead of a walk down a B-tree whose
+    /// every string comparison is a cache miss.
+    by_key: HashTable<Arc<DynamicObject>>,
+    hasher: DefaultHashBuilder,
     history: VecDeque<Change>,
+    /// History entries dropped from the front so far: watchers keep absolute positions, so
+    /// finding their place is a subtraction, not a search.
+    popped: u64,
     leases: HashMap<LeaseId, Lease>,
     next_lease: LeaseId,
 }
@@ -180,8 +193,13 @@ impl Inner {
 }
 
 impl State {
+    fn hash(&self, kind: &str, namespace: &str, name: &str) -> u64 {
+        self.hasher.hash_one((kind, namespace, name))
+    }
+
     fn get(&self, key: &ObjectKey) -> Option<&Arc<DynamicObject>> {
-        self.objects.get(&key.kind)?.get(&key.namespace)?.get(&key.name)
+        let hash = self.hash(&key.kind, &key.namespace, &key.name);
+        self.by_key.find(hash, |o| is_key(o, key))
     }
 
     fn check_guard(&self, guard: Option<&Guard>) -> Result<()> {
@@ -202,6 +220,18 @@ impl State {
 
     fn insert(&mut self, obj: Arc<DynamicObject>) {
         let m = &obj.metadata;
+        let hash = self.hash(&obj.kind, &m.namespace, &m.name);
+        let hasher = &self.hasher;
+        match self.by_key.entry(
+            hash,
+            |o| o.kind == obj.kind && o.metadata.namespace == m.namespace && o.metadata.name == m.name,
+            |o| hasher.hash_one((o.kind.as_str(), o.metadata.namespace.as_str(), o.metadata.name.as_str())),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = obj.clone(),
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(obj.clone());
+            }
+        }
         self.objects
             .entry(obj.kind.clone())
             .or_default()
@@ -211,6 +241,10 @@ impl State {
     }
 
     fn remove(&mut self, key: &ObjectKey) {
+        let hash = self.hash(&key.kind, &key.namespace, &key.name);
+        if let Ok(e) = self.by_key.find_entry(hash, |o| is_key(o, key)) {
+            e.remove();
+        }
         if let Some(namespaces) = self.objects.get_mut(&key.kind) {
             if let Some(names) = namespaces.get_mut(&key.namespace) {
                 names.remove(&key.name);
@@ -262,8 +296,10 @@ impl State {
     fn trim(&mut self, limit: usize) {
         while self.history.len() > limit {
             let Some(first) = self.history.pop_front() else { break };
+            self.popped += 1;
             while self.history.front().is_some_and(|c| c.revision == first.revision) {
                 self.history.pop_front();
+                self.popped += 1;
             }
             self.floor = first.revision + 1;
         }
@@ -272,6 +308,7 @@ impl State {
     fn compact(&mut self, revision: u64) {
         while self.history.front().is_some_and(|c| c.revision < revision) {
             self.history.pop_front();
+            self.popped += 1;
         }
         self.floor = self.floor.max(revision);
     }
@@ -385,6 +422,10 @@ impl State {
         }
         (items, false)
     }
+}
+
+fn is_key(o: &DynamicObject, key: &ObjectKey) -> bool {
+    o.metadata.name == key.name && o.metadata.namespace == key.namespace && o.kind == key.kind
 }
 
 /// Background task: expires leases when their deadline passes.
@@ -560,18 +601,19 @@ impl Store for MemoryStore {
         req.selection.fields.validate()?;
         let mut rx = self.inner.rev_tx.subscribe();
         rx.borrow_and_update();
-        let cursor = {
+        let (cursor, next_index) = {
             let st = self.inner.read();
             let from = req.from_revision.unwrap_or(st.revision + 1);
             if from < st.floor {
                 return Err(Error::Compacted { requested: from, compacted: st.floor });
             }
-            from
+            (from, st.popped + st.history.partition_point(|c| c.revision < from) as u64)
         };
         let watcher = Watcher {
             inner: Arc::downgrade(&self.inner),
             selection: req.selection.clone(),
             cursor,
+            next_index,
             rx,
             buffer: VecDeque::new(),
             progress_interval: req.progress_interval,
@@ -660,6 +702,8 @@ struct Watcher {
     selection: Selection,
     /// Next revision to deliver.
     cursor: u64,
+    /// Absolute position (counting dropped entries) of the next history entry to look at.
+    next_index: u64,
     rx: watch::Receiver<u64>,
     buffer: VecDeque<WatchEvent>,
     progress_interval: Option<Duration>,
@@ -672,14 +716,21 @@ impl Watcher {
         let Some(inner) = self.inner.upgrade() else { return Ok(false) };
         self.rx.borrow_and_update();
         let st = inner.read();
-        if self.cursor < st.floor {
+        if self.next_index < st.popped {
+            // Entries this watcher still needed were dropped.
             return Err(Error::Compacted { requested: self.cursor, compacted: st.floor });
         }
-        let start = st.history.partition_point(|c| c.revision < self.cursor);
+        let start = (self.next_index - st.popped) as usize;
         let mut last_rev = None;
-        for (taken, c) in st.history.range(start..).enumerate() {
-            if taken >= WATCH_BATCH && last_rev != Some(c.revision) {
+        let mut examined = 0;
+        for c in st.history.range(start..) {
+            if examined >= WATCH_BATCH && last_rev != Some(c.revision) {
                 break;
+            }
+            examined += 1;
+            // A watch from a future revision skips what comes before it.
+            if c.revision < self.cursor {
+                continue;
             }
             last_rev = Some(c.revision);
             if c.object.kind != self.selection.kind {
@@ -695,6 +746,7 @@ impl Watcher {
             };
             self.buffer.push_back(event);
         }
+        self.next_index += examined as u64;
         match last_rev {
             Some(rev) => self.cursor = rev + 1,
             // Nothing newer: everything up to the current revision has been seen.

@@ -3,6 +3,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::{Condition, Resources, resource, validate_conditions, validate_resources};
+use crate::labels::Labels;
 use crate::meta::Timestamp;
 use crate::object::{Resource, Scope};
 use crate::quantity::Quantity;
@@ -25,8 +26,8 @@ pub struct Workload {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// Only nodes with all these labels qualify.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub node_selector: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Labels::is_empty")]
+    pub node_selector: Labels,
     /// Node and workload (anti-)affinity.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
@@ -367,7 +368,7 @@ pub struct NodeSelectorRequirement {
 
 impl NodeSelectorRequirement {
     /// True when a node with `labels` satisfies the requirement.
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &Labels) -> bool {
         let v = labels.get(&self.key);
         let as_int = |s: &str| s.parse::<i64>().ok();
         match self.operator {
@@ -393,7 +394,7 @@ impl NodeSelectorRequirement {
 
 impl NodeSelectorTerm {
     /// True when every requirement matches.
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, labels: &Labels) -> bool {
         self.match_expressions.iter().all(|r| r.matches(labels))
     }
 }
@@ -886,7 +887,7 @@ mod tests {
         assert!(all.tolerates(&taint));
         assert!(!wrong_effect.tolerates(&taint));
 
-        let labels: BTreeMap<String, String> = [("cores".to_string(), "16".to_string())].into();
+        let labels = Labels::from([("cores", "16")]);
         let gt = NodeSelectorRequirement {
             key: "cores".into(),
             operator: NodeSelectorOperator::Gt,

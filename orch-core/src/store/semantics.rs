@@ -135,7 +135,7 @@ mod tests {
         assert_eq!(next.metadata.generation, 2);
         assert_eq!(next.metadata.uid, cur.metadata.uid);
         let mut relabeled = obj(r#"{"x":1}"#);
-        relabeled.metadata.labels.insert("a".into(), "b".into());
+        relabeled.metadata.labels.insert("a", "b");
         let Plan::Put(l) = update(&cur, relabeled).unwrap() else { panic!() };
         assert_eq!(l.metadata.generation, 1);
         assert_eq!(update(&cur, obj(r#"{ "x" : 1 }"#)).unwrap(), Plan::Unchanged);

@@ -214,7 +214,7 @@ async fn create_then_get(f: Factory) {
     let s = f().await;
     let before = s.current_revision().await.unwrap();
     let mut input = thing("a", serde_json::json!({"size": 1}));
-    input.metadata.labels.insert("app".into(), "web".into());
+    input.metadata.labels.insert("app", "web");
     input.metadata.uid = "caller-chosen".into();
     input.metadata.generation = 42;
     let c = s.create(input, &w()).await.unwrap();
@@ -284,7 +284,7 @@ async fn update_is_compare_and_swap(f: Factory) {
 
     // A label change moves the resource version but not the generation.
     let mut relabel = (*u).clone();
-    relabel.metadata.labels.insert("tier".into(), "db".into());
+    relabel.metadata.labels.insert("tier", "db");
     let l = s.update(relabel, &w()).await.unwrap();
     assert_eq!(l.metadata.generation, 2);
     assert_eq!(l.metadata.version, 3);
@@ -325,7 +325,7 @@ async fn status_and_spec_are_separate(f: Factory) {
     let mut st = (*c).clone();
     st.spec = RawJson::from_value(&serde_json::json!({"want": 99}));
     st.status = RawJson::from_value(&serde_json::json!({"have": 1}));
-    st.metadata.labels.insert("sneaky".into(), "1".into());
+    st.metadata.labels.insert("sneaky", "1");
     let a = s.update_status(st, &w()).await.unwrap();
     assert_eq!(a.spec.to_value(), serde_json::json!({"want": 3}));
     assert_eq!(a.status.to_value(), serde_json::json!({"have": 1}));
@@ -425,7 +425,7 @@ async fn list_filters_by_selectors(f: Factory) {
     for (name, app, node) in [("a", "web", "n1"), ("b", "web", "n2"), ("c", "db", "n1"), ("d", "", "n2")] {
         let mut o = thing(name, serde_json::json!({"nodeName": node}));
         if !app.is_empty() {
-            o.metadata.labels.insert("app".into(), app.into());
+            o.metadata.labels.insert("app", app);
         }
         s.create(o, &w()).await.unwrap();
     }
@@ -574,7 +574,7 @@ async fn watch_reports_selector_transitions(f: Factory) {
     let mut watch = s.watch(&WatchRequest::from(sel, start)).await.unwrap();
     let plain = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
     let mut labeled = (*plain).clone();
-    labeled.metadata.labels.insert("app".into(), "web".into());
+    labeled.metadata.labels.insert("app", "web");
     let in_ = s.update(labeled, &w()).await.unwrap();
     let mut changed = (*in_).clone();
     changed.spec = RawJson::from_value(&serde_json::json!(2));
@@ -583,7 +583,7 @@ async fn watch_reports_selector_transitions(f: Factory) {
     unlabeled.metadata.labels.clear();
     let out = s.update(unlabeled, &w()).await.unwrap();
     let mut relabeled = (*out).clone();
-    relabeled.metadata.labels.insert("app".into(), "web".into());
+    relabeled.metadata.labels.insert("app", "web");
     let back = s.update(relabeled, &w()).await.unwrap();
     let got: Vec<_> = [
         next_change(&mut watch).await,
@@ -865,7 +865,7 @@ async fn bad_input_is_refused_without_change(f: Factory) {
     bad_ns.metadata.namespace = "-ns".into();
     field_error(s.create(bad_ns, &w()).await.unwrap_err(), "metadata.namespace");
     let mut bad_label = thing("x", serde_json::json!(1));
-    bad_label.metadata.labels.insert("ok".into(), "not ok!".into());
+    bad_label.metadata.labels.insert("ok", "not ok!");
     field_error(s.create(bad_label, &w()).await.unwrap_err(), "metadata.labels");
     let bad_kind = DynamicObject::new("bad kind", ObjectMeta::namespaced(NS, "x"));
     field_error(s.create(bad_kind, &w()).await.unwrap_err(), "kind");
@@ -940,7 +940,7 @@ fn model_name(n: u8) -> String {
 
 fn model_object(name: u8, label: u8, spec: u8, finalizers: u8) -> DynamicObject {
     let mut o = thing(&model_name(name), serde_json::json!({ "v": spec }));
-    o.metadata.labels.insert("l".into(), label.to_string());
+    o.metadata.labels.insert("l", label.to_string());
     o.metadata.finalizers = FINALIZERS[..finalizers as usize].iter().map(|s| s.to_string()).collect();
     o
 }
