@@ -617,6 +617,8 @@ impl Store for MemoryStore {
             rx,
             buffer: VecDeque::new(),
             progress_interval: req.progress_interval,
+            last_sent: Instant::now(),
+            caught_up: false,
             failed: false,
         };
         Ok(futures::stream::unfold(watcher, |mut w| async move {
@@ -707,6 +709,10 @@ struct Watcher {
     rx: watch::Receiver<u64>,
     buffer: VecDeque<WatchEvent>,
     progress_interval: Option<Duration>,
+    /// When the last event (or progress notification) went out.
+    last_sent: Instant,
+    /// The last `fill` read everything there was (it did not stop at the batch limit).
+    caught_up: bool,
     failed: bool,
 }
 
@@ -723,8 +729,10 @@ impl Watcher {
         let start = (self.next_index - st.popped) as usize;
         let mut last_rev = None;
         let mut examined = 0;
+        self.caught_up = true;
         for c in st.history.range(start..) {
             if examined >= WATCH_BATCH && last_rev != Some(c.revision) {
+                self.caught_up = false;
                 break;
             }
             examined += 1;
@@ -761,7 +769,39 @@ impl Watcher {
         }
         loop {
             if let Some(e) = self.buffer.pop_front() {
+                self.last_sent = Instant::now();
                 return Some(Ok(e));
+            }
+            // `fill` marks the notification as seen before it reads the history, so once it has
+            // caught up nothing new can arrive without `changed` firing: wait before reading
+            // again. This halves the work per event when a thousand watchers wake together.
+            if self.caught_up {
+                match self.progress_interval {
+                    Some(interval) => {
+                        match tokio::time::timeout_at(self.last_sent + interval, self.rx.changed()).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => return None,
+                            Err(_) => {
+                                // Quiet for a whole interval: catch up, and if there is still
+                                // nothing for this watcher, say how far it has got.
+                                if let Err(e) = self.fill() {
+                                    self.failed = true;
+                                    return Some(Err(e));
+                                }
+                                if self.buffer.is_empty() {
+                                    self.last_sent = Instant::now();
+                                    return Some(Ok(WatchEvent::Progress(self.cursor - 1)));
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    None => {
+                        if self.rx.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                }
             }
             match self.fill() {
                 Ok(true) => {}
@@ -769,33 +809,6 @@ impl Watcher {
                 Err(e) => {
                     self.failed = true;
                     return Some(Err(e));
-                }
-            }
-            if !self.buffer.is_empty() {
-                continue;
-            }
-            match self.progress_interval {
-                Some(interval) => match tokio::time::timeout(interval, self.rx.changed()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return None,
-                    Err(_) => {
-                        match self.fill() {
-                            Ok(true) => {}
-                            Ok(false) => return None,
-                            Err(e) => {
-                                self.failed = true;
-                                return Some(Err(e));
-                            }
-                        }
-                        if self.buffer.is_empty() {
-                            return Some(Ok(WatchEvent::Progress(self.cursor - 1)));
-                        }
-                    }
-                },
-                None => {
-                    if self.rx.changed().await.is_err() {
-                        return None;
-                    }
                 }
             }
         }
