@@ -107,22 +107,26 @@ fn watch_fanout(c: &mut Criterion) {
                 });
             }
         });
-        let mut i = 0;
+        let next = Arc::new(AtomicUsize::new(0));
         g.bench_function(BenchmarkId::from_parameter(watchers), |b| {
             b.iter_custom(|iters| {
-                rt.block_on(async {
+                let (store, remaining, all_seen, next) =
+                    (store.clone(), remaining.clone(), all_seen.clone(), next.clone());
+                // The writer is a task on the runtime, as a controller's writes would be.
+                rt.block_on(tokio::spawn(async move {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         remaining.store(watchers, Ordering::Release);
                         let seen = all_seen.notified();
                         let start = Instant::now();
+                        let i = next.fetch_add(1, Ordering::Relaxed);
                         store.create(object(i, 256), &WriteOptions::default()).await.expect("create");
                         seen.await;
                         total += start.elapsed();
-                        i += 1;
                     }
                     total
-                })
+                }))
+                .expect("writer task")
             })
         });
     }
