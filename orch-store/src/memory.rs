@@ -15,8 +15,9 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 use orch_core::store::semantics::{self, Plan};
 use orch_core::store::{decode_continue, encode_continue};
 use orch_core::{
-    Clock, DeleteOptions, DeleteOutcome, DynamicObject, Error, Guard, LeaseId, LeaseInfo, ListRequest, ListResponse,
-    ObjectKey, Result, Selection, Store, SystemClock, WatchEvent, WatchRequest, WatchStream, WriteOptions,
+    Clock, DeleteOptions, DeleteOutcome, DynamicObject, Error, Guard, Labels, LeaseId, LeaseInfo, ListRequest,
+    ListResponse, ObjectKey, Requirement, Result, Selection, Store, SystemClock, WatchEvent, WatchRequest, WatchStream,
+    WriteOptions,
 };
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -63,6 +64,7 @@ impl MemoryStoreBuilder {
                 objects: HashMap::new(),
                 by_key: HashTable::new(),
                 hasher: DefaultHashBuilder::default(),
+                labels: HashMap::new(),
                 history: VecDeque::new(),
                 popped: 0,
                 leases: HashMap::new(),
@@ -103,6 +105,18 @@ struct Inner {
 
 type Names = BTreeMap<String, Arc<DynamicObject>>;
 type Namespaces = BTreeMap<String, Names>;
+/// (label key, label value) → the objects of one kind that carry it.
+type LabelIndex = hashbrown::HashMap<(String, String), hashbrown::HashSet<Arc<ObjectKey>>>;
+
+/// Looks up a `(String, String)` index key from borrowed parts without allocating.
+#[derive(Hash)]
+struct PairRef<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(String, String)> for PairRef<'_> {
+    fn equivalent(&self, key: &(String, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
 
 struct State {
     revision: u64,
@@ -114,6 +128,8 @@ struct State {
     /// every string comparison is a cache miss.
     by_key: HashTable<Arc<DynamicObject>>,
     hasher: DefaultHashBuilder,
+    /// kind → label index, so an equality selector reads its matches instead of every object.
+    labels: HashMap<String, LabelIndex>,
     history: VecDeque<Change>,
     /// History entries dropped from the front so far: watchers keep absolute positions, so
     /// finding their place is a subtraction, not a search.
@@ -198,8 +214,59 @@ impl State {
     }
 
     fn get(&self, key: &ObjectKey) -> Option<&Arc<DynamicObject>> {
-        let hash = self.hash(&key.kind, &key.namespace, &key.name);
-        self.by_key.find(hash, |o| is_key(o, key))
+        self.get_parts(&key.kind, &key.namespace, &key.name)
+    }
+
+    fn get_parts(&self, kind: &str, namespace: &str, name: &str) -> Option<&Arc<DynamicObject>> {
+        let hash = self.hash(kind, namespace, name);
+        self.by_key.find(hash, |o| o.metadata.name == name && o.metadata.namespace == namespace && o.kind == kind)
+    }
+
+    /// Moves `key` in the label index from its `old` labels to its `new` ones.
+    fn reindex(&mut self, key: &ObjectKey, old: Option<&Labels>, new: Option<&Labels>) {
+        let empty = Labels::new();
+        let (old, new) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
+        if old == new {
+            return;
+        }
+        let index = self.labels.entry(key.kind.clone()).or_default();
+        for (k, v) in old.iter().filter(|(k, v)| new.get(k) != Some(v)) {
+            if let Some(set) = index.get_mut(&PairRef(k, v)) {
+                set.remove(key);
+                if set.is_empty() {
+                    index.remove(&PairRef(k, v));
+                }
+            }
+        }
+        let mut shared: Option<Arc<ObjectKey>> = None;
+        for (k, v) in new.iter().filter(|(k, v)| old.get(k) != Some(v)) {
+            let entry = shared.get_or_insert_with(|| Arc::new(key.clone())).clone();
+            match index.get_mut(&PairRef(k, v)) {
+                Some(set) => {
+                    set.insert(entry);
+                }
+                None => {
+                    index.insert((k.clone(), v.clone()), hashbrown::HashSet::from_iter([entry]));
+                }
+            }
+        }
+    }
+
+    /// Keys that may match `sel`'s label selector, from the index of its most selective
+    /// equality or set requirement; `None` when no requirement can use the index.
+    fn label_candidates(&self, sel: &Selection) -> Option<Vec<&ObjectKey>> {
+        let index = self.labels.get(&sel.kind);
+        let sets = |r: &Requirement| -> Option<Vec<Option<&hashbrown::HashSet<Arc<ObjectKey>>>>> {
+            match r {
+                Requirement::Equals(k, v) => Some(vec![index.and_then(|i| i.get(&PairRef(k, v)))]),
+                Requirement::In(k, vs) => Some(vs.iter().map(|v| index.and_then(|i| i.get(&PairRef(k, v)))).collect()),
+                _ => None,
+            }
+        };
+        let size =
+            |s: &[Option<&hashbrown::HashSet<Arc<ObjectKey>>>]| s.iter().flatten().map(|s| s.len()).sum::<usize>();
+        let best = sel.labels.requirements().iter().filter_map(sets).min_by_key(|s| size(s))?;
+        Some(best.into_iter().flatten().flat_map(|s| s.iter().map(|k| &**k)).collect())
     }
 
     fn check_guard(&self, guard: Option<&Guard>) -> Result<()> {
@@ -281,12 +348,15 @@ impl State {
             obj.metadata.create_revision = self.revision;
         }
         let obj = Arc::new(obj);
+        let old_labels = prev.as_deref().map(|p| &p.metadata.labels);
         if deleted {
             self.remove(key);
             self.relink_lease(key, old_lease, None);
+            self.reindex(key, old_labels, None);
         } else {
             self.insert(obj.clone());
             self.relink_lease(key, old_lease, obj.metadata.lease);
+            self.reindex(key, old_labels, Some(&obj.metadata.labels));
         }
         self.history.push_back(Change { revision: self.revision, object: obj.clone(), prev, deleted });
         Some(obj)
@@ -328,6 +398,7 @@ impl State {
             last.metadata.version += 1;
             last.metadata.resource_version = revision;
             self.remove(&key);
+            self.reindex(&key, Some(&cur.metadata.labels), None);
             self.history.push_back(Change { revision, object: Arc::new(last), prev: Some(cur), deleted: true });
         }
         self.revision = revision;
@@ -360,6 +431,7 @@ impl State {
         revision: u64,
         start_after: Option<&(String, String)>,
         limit: usize,
+        use_index: bool,
     ) -> (Vec<Arc<DynamicObject>>, bool) {
         // State at `revision` of every key written since: the `prev` of its first later change.
         let mut overlay: BTreeMap<(&str, &str), Option<&Arc<DynamicObject>>> = BTreeMap::new();
@@ -374,6 +446,34 @@ impl State {
             }
         }
         let after = |k: &(&str, &str)| start_after.is_none_or(|(ns, n)| (ns.as_str(), n.as_str()) < *k);
+        if let Some(candidates) = self.label_candidates(sel).filter(|_| use_index) {
+            // Indexed: the candidates now, plus every key changed since `revision` (its older
+            // state may match), resolved at `revision` and put in order.
+            let mut keys: Vec<(&str, &str)> = candidates
+                .iter()
+                .map(|k| (k.namespace.as_str(), k.name.as_str()))
+                .chain(overlay.keys().copied())
+                .filter(|(ns, _)| sel.namespace.as_ref().is_none_or(|want| want == ns))
+                .filter(|k| after(k))
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let mut items = Vec::new();
+            for k in keys {
+                let obj = match overlay.get(&k) {
+                    Some(at_revision) => *at_revision,
+                    None => self.get_parts(&sel.kind, k.0, k.1),
+                };
+                let Some(obj) = obj else { continue };
+                if sel.labels.matches(&obj.metadata.labels) && sel.fields.matches(obj) {
+                    if items.len() == limit {
+                        return (items, true);
+                    }
+                    items.push(obj.clone());
+                }
+            }
+            return (items, false);
+        }
         let current = self.objects.get(&sel.kind).into_iter().flat_map(|namespaces| {
             let range: Box<dyn Iterator<Item = (&String, &Names)>> = match &sel.namespace {
                 Some(ns) => Box::new(namespaces.get_key_value(ns).into_iter()),
@@ -495,7 +595,7 @@ impl Store for MemoryStore {
             Some(n) => n,
             None => usize::MAX,
         };
-        let (items, more) = st.list_at(&req.selection, revision, start_after.as_ref(), limit);
+        let (items, more) = st.list_at(&req.selection, revision, start_after.as_ref(), limit, true);
         let continue_token = more.then(|| {
             let last = &items[items.len() - 1].metadata;
             encode_continue(revision, &last.namespace, &last.name)
@@ -846,6 +946,56 @@ mod tests {
         match again.next().await {
             Some(Ok(WatchEvent::Added(o))) => assert_eq!(o.metadata.resource_version, c.metadata.resource_version),
             other => panic!("expected the live event, got {other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        /// Lists answered from the label index equal full scans, at every past revision and
+        /// for every page size, whatever writes came before.
+        #[test]
+        fn indexed_lists_equal_scans(
+            writes in proptest::collection::vec((0..12usize, 0..4u8, 0..3u8), 1..80),
+            limit in 1..6usize,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let s = MemoryStore::new();
+                for (i, label, action) in writes {
+                    let name = format!("o{i:02}");
+                    let key = ObjectKey::new("Thing", "ns", &name);
+                    match (s.get(&key).await, action) {
+                        (Ok(cur), 0) => { s.delete(&key, &DeleteOptions::default()).await.unwrap(); drop(cur); }
+                        (Ok(cur), _) => {
+                            let mut next = (*cur).clone();
+                            next.metadata.labels.insert("app", format!("a{label}"));
+                            if label == 3 { next.metadata.labels.remove("app"); }
+                            s.update(next, &WriteOptions::default()).await.unwrap();
+                        }
+                        (Err(_), _) => {
+                            let mut o = obj(&name);
+                            o.metadata.labels.insert("app", format!("a{label}"));
+                            s.create(o, &WriteOptions::default()).await.unwrap();
+                        }
+                    }
+                }
+                let st = s.inner.read();
+                for revision in 0..=st.revision {
+                    for selector in ["app=a1", "app in (a0,a2)", "app=a9"] {
+                        let sel = Selection::kind("Thing").with_labels(selector.parse().unwrap());
+                        let (mut fast, mut slow) = (Vec::new(), Vec::new());
+                        for (use_index, out) in [(true, &mut fast), (false, &mut slow)] {
+                            let mut after: Option<(String, String)> = None;
+                            loop {
+                                let (items, more) = st.list_at(&sel, revision, after.as_ref(), limit, use_index);
+                                after = items.last().map(|o| (o.metadata.namespace.clone(), o.metadata.name.clone()));
+                                out.extend(items.into_iter().map(|o| (o.metadata.name.clone(), o.metadata.resource_version)));
+                                if !more { break; }
+                            }
+                        }
+                        assert_eq!(fast, slow, "revision {revision}, selector {selector}");
+                    }
+                }
+            });
         }
     }
 
