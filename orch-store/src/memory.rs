@@ -381,6 +381,10 @@ impl State {
             self.popped += 1;
         }
         self.floor = self.floor.max(revision);
+        // Give back the memory of a burst once it has been compacted away.
+        if self.history.capacity() > 1024 && self.history.len() < self.history.capacity() / 4 {
+            self.history.shrink_to_fit();
+        }
     }
 
     /// Deletes a lease and every object attached to it, all at one revision.
