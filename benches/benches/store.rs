@@ -113,7 +113,7 @@ fn watch_fanout(c: &mut Criterion) {
                 let (store, remaining, all_seen, next) =
                     (store.clone(), remaining.clone(), all_seen.clone(), next.clone());
                 // The writer is a task on the runtime, as a controller's writes would be.
-                rt.block_on(tokio::spawn(async move {
+                rt.block_on(rt.spawn(async move {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         remaining.store(watchers, Ordering::Release);
