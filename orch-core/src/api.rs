@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::object::{Object, ObjectKey, Resource, Scope};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{
-    DeleteOptions, DeleteOutcome, ListRequest, Selection, Store, WatchEvent, WatchRequest, WriteOptions,
+    DeleteOptions, DeleteOutcome, Guard, ListRequest, Selection, Store, WatchEvent, WatchRequest, WriteOptions,
 };
 
 /// How many times a patch re-reads and retries after losing a compare-and-swap race.
@@ -33,12 +33,19 @@ const PATCH_ATTEMPTS: usize = 16;
 pub struct Api<K> {
     store: Arc<dyn Store>,
     namespace: Option<String>,
+    /// Attached to every write: the fencing token of the leader this Api acts for.
+    guard: Option<Guard>,
     _kind: PhantomData<fn() -> K>,
 }
 
 impl<K> Clone for Api<K> {
     fn clone(&self) -> Self {
-        Api { store: self.store.clone(), namespace: self.namespace.clone(), _kind: PhantomData }
+        Api {
+            store: self.store.clone(),
+            namespace: self.namespace.clone(),
+            guard: self.guard.clone(),
+            _kind: PhantomData,
+        }
     }
 }
 
@@ -97,13 +104,24 @@ pub enum Deleted<K: Resource> {
 impl<K: Resource> Api<K> {
     /// Access to the objects of one namespace (for namespaced kinds).
     pub fn namespaced(store: Arc<dyn Store>, namespace: impl Into<String>) -> Self {
-        Api { store, namespace: Some(namespace.into()), _kind: PhantomData }
+        Api { store, namespace: Some(namespace.into()), guard: None, _kind: PhantomData }
     }
 
     /// Access to cluster-scoped objects, or to every namespace of a namespaced kind (reads only
     /// unless the object names its namespace).
     pub fn all(store: Arc<dyn Store>) -> Self {
-        Api { store, namespace: None, _kind: PhantomData }
+        Api { store, namespace: None, guard: None, _kind: PhantomData }
+    }
+
+    /// Makes every write through this Api carry `guard` (a leader's fencing token), so the store
+    /// refuses them with `PreconditionFailed` once the guard no longer holds.
+    pub fn fenced(mut self, guard: Option<Guard>) -> Self {
+        self.guard = guard;
+        self
+    }
+
+    fn write_options(&self, opts: &WriteOptions) -> WriteOptions {
+        WriteOptions { guard: opts.guard.clone().or_else(|| self.guard.clone()) }
     }
 
     /// The store underneath.
@@ -200,7 +218,9 @@ impl<K: Resource> Api<K> {
     /// Creates an object after validating it.
     pub async fn create(&self, obj: &Object<K>) -> Result<Object<K>> {
         let obj = self.place(obj)?;
-        Object::from_dynamic(&*self.store.create(obj.to_dynamic()?, &WriteOptions::default()).await?)
+        Object::from_dynamic(
+            &*self.store.create(obj.to_dynamic()?, &self.write_options(&WriteOptions::default())).await?,
+        )
     }
 
     /// Replaces metadata and spec (compare-and-swap on `metadata.resource_version`).
@@ -211,7 +231,7 @@ impl<K: Resource> Api<K> {
     /// [`replace`](Api::replace) with a guard.
     pub async fn replace_with(&self, obj: &Object<K>, opts: &WriteOptions) -> Result<Object<K>> {
         let obj = self.place(obj)?;
-        Object::from_dynamic(&*self.store.update(obj.to_dynamic()?, opts).await?)
+        Object::from_dynamic(&*self.store.update(obj.to_dynamic()?, &self.write_options(opts)).await?)
     }
 
     /// Replaces the status (compare-and-swap on `metadata.resource_version`).
@@ -222,7 +242,7 @@ impl<K: Resource> Api<K> {
     /// [`replace_status`](Api::replace_status) with a guard.
     pub async fn replace_status_with(&self, obj: &Object<K>, opts: &WriteOptions) -> Result<Object<K>> {
         let obj = self.place(obj)?;
-        Object::from_dynamic(&*self.store.update_status(obj.to_dynamic()?, opts).await?)
+        Object::from_dynamic(&*self.store.update_status(obj.to_dynamic()?, &self.write_options(opts)).await?)
     }
 
     /// Applies a JSON merge patch (RFC 7386) to `{metadata, spec}`.
@@ -277,7 +297,11 @@ impl<K: Resource> Api<K> {
 
     /// Deletes an object (or marks it, while finalizers remain).
     pub async fn delete(&self, name: &str, opts: &DeleteOptions) -> Result<Deleted<K>> {
-        Ok(match self.store.delete(&self.key(name)?, opts).await? {
+        let opts = DeleteOptions {
+            resource_version: opts.resource_version,
+            guard: opts.guard.clone().or_else(|| self.guard.clone()),
+        };
+        Ok(match self.store.delete(&self.key(name)?, &opts).await? {
             DeleteOutcome::Deleted(o) => Deleted::Gone(Object::from_dynamic(&o)?),
             DeleteOutcome::Pending(o) => Deleted::Pending(Object::from_dynamic(&o)?),
         })

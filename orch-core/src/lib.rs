@@ -29,9 +29,12 @@
 //! | `testkit` | [`testkit::store`]: the store conformance suite with its model check |
 
 pub mod api;
+pub mod cache;
+pub mod controller;
 pub mod error;
 pub mod kinds;
 pub mod labels;
+pub mod manager;
 pub mod meta;
 pub mod object;
 pub mod quantity;
@@ -42,8 +45,11 @@ pub mod testkit;
 pub mod validation;
 
 pub use api::{Api, Deleted, Event, ListParams, ObjectList};
+pub use cache::{Cache, CacheConfig, CacheEvent, ObjectRef};
+pub use controller::{Action, Context, Controller, ControllerBuilder};
 pub use error::{Error, Result};
 pub use labels::Labels;
+pub use manager::Manager;
 pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestamp, TokioClock};
 pub use object::{DynamicObject, Object, ObjectKey, RawJson, Resource, Scope};
 pub use quantity::Quantity;

@@ -1,0 +1,460 @@
+//! Caches: an in-memory, indexed, always-current copy of one kind, kept by list + watch.
+//!
+//! A [`Cache<K>`] is a read handle: controllers and schedulers read from it and subscribe to its
+//! changes, but only its reflector task writes to it. Objects are held as `Arc`s, decoded once,
+//! and shared by every reader in the process.
+//!
+//! The reflector lists (in pages, all at one revision), then watches from the next revision. A
+//! broken watch resumes from the last revision seen; `Compacted` makes it list again, and the new
+//! list replaces the contents with a diff, so an object deleted during the gap is dropped (never
+//! resurrected) and every change is announced once.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::error::{Error, Result};
+use crate::object::{DynamicObject, Object, Resource};
+use crate::store::{ListRequest, Selection, Store, WatchEvent, WatchRequest};
+
+/// Namespace and name of a cached object (the kind is the cache's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    /// Empty for cluster-scoped kinds.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// A reference from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef { namespace: namespace.into(), name: name.into() }
+    }
+
+    /// The reference of an object.
+    pub fn of<K: Resource>(obj: &Object<K>) -> Self {
+        ObjectRef::new(&obj.metadata.namespace, &obj.metadata.name)
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() { f.write_str(&self.name) } else { write!(f, "{}/{}", self.namespace, self.name) }
+    }
+}
+
+/// Computes the index values of an object (for example its node name).
+pub type Indexer<K> = Arc<dyn Fn(&Object<K>) -> Vec<String> + Send + Sync>;
+
+/// Name of the built-in index of labels; values are `key=value`.
+pub const LABEL_INDEX: &str = "label";
+/// Name of the built-in index of owners; values are owner uids.
+pub const OWNER_INDEX: &str = "owner";
+
+/// A change to a cache, as its subscribers see it.
+#[derive(Debug, Clone)]
+pub enum CacheEvent<K: Resource> {
+    /// Added or changed; the new state.
+    Applied(Arc<Object<K>>),
+    /// Gone; its last known state.
+    Deleted(Arc<Object<K>>),
+}
+
+impl<K: Resource> CacheEvent<K> {
+    /// The object the event is about.
+    pub fn object(&self) -> &Arc<Object<K>> {
+        match self {
+            CacheEvent::Applied(o) | CacheEvent::Deleted(o) => o,
+        }
+    }
+}
+
+/// How a cache is built.
+pub struct CacheConfig<K: Resource> {
+    /// Which objects (kind is set from `K`).
+    pub selection: Selection,
+    /// Extra indexes by name (the label and owner indexes always exist).
+    pub indexers: Vec<(String, Indexer<K>)>,
+    /// Page size of the initial and recovery lists.
+    pub page_size: usize,
+    /// First retry delay after a store error; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+}
+
+impl<K: Resource> Default for CacheConfig<K> {
+    fn default() -> Self {
+        CacheConfig {
+            selection: Selection::kind(K::KIND),
+            indexers: Vec::new(),
+            page_size: 500,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl<K: Resource> CacheConfig<K> {
+    /// Adds an index (builder style).
+    pub fn index(
+        mut self,
+        name: impl Into<String>,
+        indexer: impl Fn(&Object<K>) -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.indexers.push((name.into(), Arc::new(indexer)));
+        self
+    }
+}
+
+type Index = HashMap<String, HashSet<Arc<ObjectRef>>>;
+
+struct State<K: Resource> {
+    objects: HashMap<Arc<ObjectRef>, Arc<Object<K>>>,
+    indexes: HashMap<String, Index>,
+    revision: u64,
+}
+
+struct Shared<K: Resource> {
+    state: RwLock<State<K>>,
+    indexers: Vec<(String, Indexer<K>)>,
+    ready: watch::Sender<bool>,
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<CacheEvent<K>>>>,
+    decode_errors: std::sync::atomic::AtomicU64,
+}
+
+/// A read handle on a cache of kind `K`. Clones share the same cache.
+pub struct Cache<K: Resource> {
+    shared: Arc<Shared<K>>,
+}
+
+impl<K: Resource> Clone for Cache<K> {
+    fn clone(&self) -> Self {
+        Cache { shared: self.shared.clone() }
+    }
+}
+
+impl<K: Resource> fmt::Debug for Cache<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache").field("kind", &K::KIND).field("objects", &self.len()).finish()
+    }
+}
+
+fn label_values<K: Resource>(o: &Object<K>) -> Vec<String> {
+    o.metadata.labels.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+fn owner_values<K: Resource>(o: &Object<K>) -> Vec<String> {
+    o.metadata.owner_references.iter().map(|r| r.uid.clone()).collect()
+}
+
+impl<K: Resource> Cache<K> {
+    /// Starts a cache: spawns its reflector on the current tokio runtime and returns the read
+    /// handle at once. Wait for [`ready`](Cache::ready) before trusting a miss.
+    pub fn spawn(store: Arc<dyn Store>, config: CacheConfig<K>) -> Self {
+        let cache = Self::detached(&config);
+        let writer = cache.clone();
+        tokio::spawn(reflect(store, config, writer));
+        cache
+    }
+
+    /// A cache without a reflector (fed through [`apply`](Cache::apply) in tests).
+    fn detached(config: &CacheConfig<K>) -> Self {
+        let mut indexers: Vec<(String, Indexer<K>)> =
+            vec![(LABEL_INDEX.into(), Arc::new(label_values::<K>)), (OWNER_INDEX.into(), Arc::new(owner_values::<K>))];
+        indexers.extend(config.indexers.iter().cloned());
+        let indexes = indexers.iter().map(|(n, _)| (n.clone(), Index::new())).collect();
+        Cache {
+            shared: Arc::new(Shared {
+                state: RwLock::new(State { objects: HashMap::new(), indexes, revision: 0 }),
+                indexers,
+                ready: watch::channel(false).0,
+                subscribers: Mutex::new(Vec::new()),
+                decode_errors: Default::default(),
+            }),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State<K>> {
+        self.shared.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State<K>> {
+        self.shared.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One object.
+    pub fn get(&self, r: &ObjectRef) -> Option<Arc<Object<K>>> {
+        self.read().objects.get(r).cloned()
+    }
+
+    /// Every object (in no particular order).
+    pub fn list(&self) -> Vec<Arc<Object<K>>> {
+        self.read().objects.values().cloned().collect()
+    }
+
+    /// The objects whose index `index` has `value` (e.g. `("label", "app=web")`).
+    pub fn by_index(&self, index: &str, value: &str) -> Vec<Arc<Object<K>>> {
+        let st = self.read();
+        let Some(refs) = st.indexes.get(index).and_then(|i| i.get(value)) else { return Vec::new() };
+        refs.iter().filter_map(|r| st.objects.get(r).cloned()).collect()
+    }
+
+    /// The objects owned by the object with this uid.
+    pub fn owned_by(&self, owner_uid: &str) -> Vec<Arc<Object<K>>> {
+        self.by_index(OWNER_INDEX, owner_uid)
+    }
+
+    /// Number of objects.
+    pub fn len(&self) -> usize {
+        self.read().objects.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The store revision the cache reflects.
+    pub fn revision(&self) -> u64 {
+        self.read().revision
+    }
+
+    /// Objects of this kind that could not be decoded (skipped, with a warning).
+    pub fn decode_errors(&self) -> u64 {
+        self.shared.decode_errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// True once the first list is in.
+    pub fn is_ready(&self) -> bool {
+        *self.shared.ready.borrow()
+    }
+
+    /// Waits until the first list is in.
+    pub async fn ready(&self) {
+        let mut rx = self.shared.ready.subscribe();
+        // The sender lives as long as this handle, so this cannot fail while we wait.
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Every later change, in order. Subscribe before reading the current contents to miss
+    /// nothing. The channel is unbounded: a cache never waits for a slow subscriber.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<CacheEvent<K>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared.subscribers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+        rx
+    }
+
+    fn announce(&self, events: Vec<CacheEvent<K>>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut subs = self.shared.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        subs.retain(|tx| events.iter().all(|e| tx.send(e.clone()).is_ok()));
+    }
+
+    fn decode(&self, obj: &DynamicObject) -> Option<Object<K>> {
+        match Object::<K>::from_dynamic(obj) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                self.shared.decode_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(kind = K::KIND, object = %obj.key(), error = %e, "skipping an object that does not decode");
+                None
+            }
+        }
+    }
+
+    /// Replaces the contents with a full list taken at `revision`, announcing the difference.
+    fn replace(&self, items: Vec<Object<K>>, revision: u64) {
+        let mut events = Vec::new();
+        {
+            let mut st = self.write();
+            let mut seen = HashSet::with_capacity(items.len());
+            for obj in items {
+                let r = ObjectRef::of(&obj);
+                let unchanged = st
+                    .objects
+                    .get(&r)
+                    .is_some_and(|cur| cur.metadata.resource_version == obj.metadata.resource_version);
+                if !unchanged {
+                    let obj = Arc::new(obj);
+                    self.put(&mut st, r.clone(), obj.clone());
+                    events.push(CacheEvent::Applied(obj));
+                }
+                seen.insert(r);
+            }
+            let gone: Vec<Arc<ObjectRef>> = st.objects.keys().filter(|r| !seen.contains(&***r)).cloned().collect();
+            for r in gone {
+                if let Some(old) = self.remove(&mut st, &r) {
+                    events.push(CacheEvent::Deleted(old));
+                }
+            }
+            st.revision = revision;
+        }
+        self.announce(events);
+        self.shared.ready.send_replace(true);
+    }
+
+    /// Applies one watch event.
+    fn apply(&self, event: &WatchEvent) {
+        let mut st = self.write();
+        let announce = match event {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) => {
+                st.revision = st.revision.max(o.metadata.resource_version);
+                self.decode(o).map(|obj| {
+                    let obj = Arc::new(obj);
+                    self.put(&mut st, ObjectRef::of(&obj), obj.clone());
+                    CacheEvent::Applied(obj)
+                })
+            }
+            WatchEvent::Deleted(o) => {
+                st.revision = st.revision.max(o.metadata.resource_version);
+                let r = ObjectRef::new(&o.metadata.namespace, &o.metadata.name);
+                // Announce the object's final state when it decodes, else the last cached one.
+                let removed = self.remove(&mut st, &r);
+                self.decode(o).map(Arc::new).or(removed).map(CacheEvent::Deleted)
+            }
+            WatchEvent::Progress(r) => {
+                st.revision = st.revision.max(*r);
+                None
+            }
+        };
+        drop(st);
+        if let Some(e) = announce {
+            self.announce(vec![e]);
+        }
+    }
+
+    fn put(&self, st: &mut State<K>, r: ObjectRef, obj: Arc<Object<K>>) {
+        self.remove(st, &r);
+        let key = Arc::new(r);
+        for (name, indexer) in &self.shared.indexers {
+            let index = st.indexes.get_mut(name).expect("every indexer has an index");
+            for value in indexer(&obj) {
+                index.entry(value).or_default().insert(key.clone());
+            }
+        }
+        st.objects.insert(key, obj);
+    }
+
+    fn remove(&self, st: &mut State<K>, r: &ObjectRef) -> Option<Arc<Object<K>>> {
+        let (key, old) = st.objects.remove_entry(r)?;
+        for (name, indexer) in &self.shared.indexers {
+            let index = st.indexes.get_mut(name).expect("every indexer has an index");
+            for value in indexer(&old) {
+                if let Some(set) = index.get_mut(&value) {
+                    set.remove(&*key);
+                    if set.is_empty() {
+                        index.remove(&value);
+                    }
+                }
+            }
+        }
+        Some(old)
+    }
+}
+
+/// Lists every page of a selection at one revision.
+async fn list_all<K: Resource>(
+    store: &dyn Store,
+    selection: &Selection,
+    page_size: usize,
+    cache: &Cache<K>,
+) -> Result<(Vec<Object<K>>, u64)> {
+    let mut req = ListRequest::new(selection.clone()).limit(page_size.max(1));
+    let mut items = Vec::new();
+    loop {
+        let page = store.list(&req).await?;
+        items.extend(page.items.iter().filter_map(|o| cache.decode(o)));
+        match page.continue_token {
+            Some(token) => req.continue_token = Some(token),
+            None => return Ok((items, page.revision)),
+        }
+    }
+}
+
+/// The reflector: keeps `cache` equal to the store's objects of its selection until every read
+/// handle is gone.
+async fn reflect<K: Resource>(store: Arc<dyn Store>, config: CacheConfig<K>, cache: Cache<K>) {
+    let mut selection = config.selection.clone();
+    selection.kind = K::KIND.to_string();
+    let mut backoff = config.min_backoff;
+    let next_backoff = |b: &mut Duration| {
+        let wait = *b;
+        *b = (*b * 2).min(config.max_backoff);
+        wait
+    };
+    let mut need_list = true;
+    loop {
+        // Stop once nobody but this task holds the cache.
+        if Arc::strong_count(&cache.shared) == 1 {
+            return;
+        }
+        if need_list {
+            match list_all(&*store, &selection, config.page_size, &cache).await {
+                Ok((items, revision)) => {
+                    cache.replace(items, revision);
+                    need_list = false;
+                    backoff = config.min_backoff;
+                }
+                Err(e) => {
+                    tracing::warn!(kind = K::KIND, error = %e, "list failed; retrying");
+                    tokio::time::sleep(next_backoff(&mut backoff)).await;
+                    continue;
+                }
+            }
+        }
+        let from = cache.revision() + 1;
+        let req = WatchRequest {
+            selection: selection.clone(),
+            from_revision: Some(from),
+            progress_interval: Some(Duration::from_secs(10)),
+        };
+        let mut stream = match store.watch(&req).await {
+            Ok(s) => s,
+            Err(Error::Compacted { .. }) => {
+                need_list = true;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(kind = K::KIND, error = %e, "watch failed; retrying");
+                tokio::time::sleep(next_backoff(&mut backoff)).await;
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                // Check now and then whether the cache is still wanted.
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                    if Arc::strong_count(&cache.shared) == 1 { return; }
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok(event)) => {
+                    cache.apply(&event);
+                    backoff = config.min_backoff;
+                }
+                Some(Err(Error::Compacted { .. })) => {
+                    need_list = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(kind = K::KIND, error = %e, "watch broke; resuming");
+                    tokio::time::sleep(next_backoff(&mut backoff)).await;
+                    break;
+                }
+                None => {
+                    tokio::time::sleep(next_backoff(&mut backoff)).await;
+                    break;
+                }
+            }
+        }
+    }
+}

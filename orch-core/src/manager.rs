@@ -1,0 +1,139 @@
+//! [`Manager`]: runs many controllers on one store, over shared caches, under one leadership.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::cache::{Cache, CacheConfig};
+use crate::controller::leader::{LeaderElectionConfig, campaign};
+use crate::controller::{CacheRegistry, Controller, ControllerBuilder, Leadership, RunParts, Runnable};
+use crate::error::Result;
+use crate::object::Resource;
+use crate::store::Store;
+
+/// Runs controllers: starts the caches they need, reports readiness once every cache has its
+/// first list, runs reconciles only while this replica leads, and drains in-flight reconciles
+/// on shutdown.
+pub struct Manager {
+    store: Arc<dyn Store>,
+    caches: CacheRegistry,
+    controllers: Vec<Box<dyn Runnable>>,
+    election: Option<LeaderElectionConfig>,
+    ready: watch::Sender<bool>,
+    leadership: watch::Sender<Leadership>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("controllers", &self.controllers.iter().map(|c| c.name().to_string()).collect::<Vec<_>>())
+            .field("election", &self.election)
+            .finish()
+    }
+}
+
+impl Manager {
+    /// A manager over `store`, with no controllers yet.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Manager {
+            store,
+            caches: CacheRegistry::default(),
+            controllers: Vec::new(),
+            election: None,
+            ready: watch::channel(false).0,
+            leadership: watch::channel(Leadership::Standby).0,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The shared cache of kind `K` (started on first use; needs a tokio runtime).
+    pub fn cache<K: Resource>(&self) -> Cache<K> {
+        self.caches.get_or_start::<K>(&self.store)
+    }
+
+    /// Starts the shared cache of `K` with custom indexes, before any controller asks for it.
+    pub fn cache_with<K: Resource>(&self, config: CacheConfig<K>) -> Cache<K> {
+        if let Some(c) = self.caches.get::<K>() {
+            return c;
+        }
+        self.caches.insert(Cache::spawn(self.store.clone(), config))
+    }
+
+    /// Adds a controller.
+    pub fn add<C: Controller>(&mut self, controller: ControllerBuilder<C>) -> &mut Self {
+        self.controllers.push(Box::new(controller));
+        self
+    }
+
+    /// Runs controllers only while this replica holds the lock described by `config`.
+    pub fn with_leader_election(mut self, config: LeaderElectionConfig) -> Self {
+        self.election = Some(config);
+        self
+    }
+
+    /// Turns true once every cache has its first list.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// This replica's leadership as it changes.
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.subscribe()
+    }
+
+    /// Runs until `shutdown` completes, then stops taking work and waits for in-flight
+    /// reconciles to finish.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        for c in &mut self.controllers {
+            c.prepare(&self.caches, &self.store);
+        }
+        // Readiness, then cache sizes for metrics, until the manager stops.
+        let (ready, caches) = (self.ready.clone(), self.caches.clone());
+        let reporter = tokio::spawn(async move {
+            futures::future::join_all(caches.ready_futures()).await;
+            ready.send_replace(true);
+            loop {
+                for (kind, n) in caches.sizes() {
+                    metrics::gauge!("orch_cache_objects", "kind" => kind).set(n as f64);
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+        let election = match self.election.clone() {
+            Some(config) => {
+                Some(tokio::spawn(campaign(self.store.clone(), config, self.leadership.clone(), stop_rx.clone())))
+            }
+            None => {
+                self.leadership.send_replace(Leadership::Leading(None));
+                None
+            }
+        };
+        let mut controllers = JoinSet::new();
+        for c in self.controllers.drain(..) {
+            let parts = RunParts {
+                store: self.store.clone(),
+                caches: self.caches.clone(),
+                leader: self.leadership.subscribe(),
+                shutdown: stop_rx.clone(),
+            };
+            controllers.spawn(c.run(parts));
+        }
+        shutdown.await;
+        stop_tx.send_replace(true);
+        while controllers.join_next().await.is_some() {}
+        if let Some(election) = election {
+            // It releases the lock (revokes its lease) so a standby need not wait out the TTL.
+            let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
+        }
+        reporter.abort();
+        Ok(())
+    }
+}
