@@ -97,7 +97,9 @@ impl Manager {
         }
         // Readiness, then cache sizes for metrics, until the manager stops.
         let (ready, caches) = (self.ready.clone(), self.caches.clone());
-        let reporter = tokio::spawn(async move {
+        // Held in join sets so that dropping this future (a killed manager) stops them too.
+        let mut reporter = JoinSet::new();
+        reporter.spawn(async move {
             futures::future::join_all(caches.ready_futures()).await;
             ready.send_replace(true);
             loop {
@@ -107,15 +109,15 @@ impl Manager {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         });
-        let election = match self.election.clone() {
+        let mut election = JoinSet::new();
+        match self.election.clone() {
             Some(config) => {
-                Some(tokio::spawn(campaign(self.store.clone(), config, self.leadership.clone(), stop_rx.clone())))
+                election.spawn(campaign(self.store.clone(), config, self.leadership.clone(), stop_rx.clone()));
             }
             None => {
                 self.leadership.send_replace(Leadership::Leading(None));
-                None
             }
-        };
+        }
         let mut controllers = JoinSet::new();
         for c in self.controllers.drain(..) {
             let parts = RunParts {
@@ -129,11 +131,9 @@ impl Manager {
         shutdown.await;
         stop_tx.send_replace(true);
         while controllers.join_next().await.is_some() {}
-        if let Some(election) = election {
-            // It releases the lock (revokes its lease) so a standby need not wait out the TTL.
-            let _ = tokio::time::timeout(Duration::from_secs(5), election).await;
-        }
-        reporter.abort();
+        // The election releases the lock (revokes its lease) so a standby need not wait out the TTL.
+        let _ = tokio::time::timeout(Duration::from_secs(5), election.join_all()).await;
+        reporter.shutdown().await;
         Ok(())
     }
 }

@@ -408,6 +408,8 @@ async fn run_controller<C: Controller>(b: ControllerBuilder<C>, parts: RunParts)
     let permits = Arc::new(Semaphore::new(b.concurrency));
     let mut in_flight = JoinSet::new();
     let mut was_leader = false;
+    // The first time this replica leads, the initial list the feeders enqueue covers everything.
+    let mut led_before = false;
     loop {
         // Only the leader reconciles; a standby keeps its caches and queue warm.
         let current = leader.borrow_and_update().clone();
@@ -423,10 +425,13 @@ async fn run_controller<C: Controller>(b: ControllerBuilder<C>, parts: RunParts)
         };
         if !was_leader {
             was_leader = true;
-            // A new leader takes nothing on trust: everything is reconciled once.
-            for o in cache.list() {
-                queue.add(ObjectRef::of(&o));
+            if led_before {
+                // Leading again after a spell as standby: take nothing on trust, reconcile all.
+                for o in cache.list() {
+                    queue.add(ObjectRef::of(&o));
+                }
             }
+            led_before = true;
         }
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
