@@ -55,6 +55,8 @@ pub type Indexer<K> = Arc<dyn Fn(&Object<K>) -> Vec<String> + Send + Sync>;
 pub const LABEL_INDEX: &str = "label";
 /// Name of the built-in index of owners; values are owner uids.
 pub const OWNER_INDEX: &str = "owner";
+/// Name of the index of workloads by the node they are bound to; values are node names.
+pub const NODE_INDEX: &str = "node";
 
 /// A change to a cache, as its subscribers see it.
 #[derive(Debug, Clone)]
@@ -167,6 +169,7 @@ impl<K: Resource> Cache<K> {
     fn detached(config: &CacheConfig<K>) -> Self {
         let mut indexers: Vec<(String, Indexer<K>)> =
             vec![(LABEL_INDEX.into(), Arc::new(label_values::<K>)), (OWNER_INDEX.into(), Arc::new(owner_values::<K>))];
+        indexers.extend(K::indexers());
         indexers.extend(config.indexers.iter().cloned());
         let indexes = indexers.iter().map(|(n, _)| (n.clone(), Index::new())).collect();
         Cache {

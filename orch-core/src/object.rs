@@ -273,6 +273,12 @@ pub trait Resource: Serialize + DeserializeOwned + Clone + fmt::Debug + PartialE
     fn validate_status(status: &Self::Status, v: &mut Validator) {
         let _ = (status, v);
     }
+
+    /// Indexes every cache of this kind keeps, beyond the label and owner indexes (for
+    /// example workloads by node).
+    fn indexers() -> Vec<(String, crate::cache::Indexer<Self>)> {
+        Vec::new()
+    }
 }
 
 /// A typed object: metadata, the spec `K` and its status.

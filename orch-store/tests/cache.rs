@@ -26,7 +26,7 @@ async fn reads_indexes_and_events() {
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     api.create(&workload("before", "web")).await.unwrap();
     let config = CacheConfig::<Workload>::default()
-        .index("node", |w: &Object<Workload>| w.spec.node_name.iter().cloned().collect());
+        .index("zone", |w: &Object<Workload>| w.spec.node_selector.get("zone").cloned().into_iter().collect());
     let cache = Cache::spawn(store.clone(), config);
     let mut events = cache.subscribe();
     cache.ready().await;
@@ -42,12 +42,14 @@ async fn reads_indexes_and_events() {
         ..Default::default()
     }];
     owned.spec.node_name = Some("node-1".into());
+    owned.spec.node_selector.insert("zone", "z1");
     let child = api.create(&owned).await.unwrap();
     eventually(Duration::from_secs(5), "the cache sees the child", || cache.len() == 2).await;
     assert_eq!(cache.by_index("label", "app=web").len(), 1);
     assert_eq!(cache.by_index("label", "app=db")[0].metadata.name, "child");
     assert_eq!(cache.owned_by("owner-uid")[0].metadata.uid, child.metadata.uid);
-    assert_eq!(cache.by_index("node", "node-1").len(), 1);
+    assert_eq!(cache.by_index("node", "node-1").len(), 1, "workloads are indexed by node out of the box");
+    assert_eq!(cache.by_index("zone", "z1").len(), 1, "user-defined index");
     assert_eq!(cache.revision(), store.current_revision().await.unwrap());
 
     // Relabeling moves the object between index entries.

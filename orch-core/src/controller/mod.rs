@@ -385,7 +385,7 @@ impl<C: Controller> Runnable for ControllerBuilder<C> {
 async fn run_controller<C: Controller>(b: ControllerBuilder<C>, parts: RunParts) {
     let RunParts { store, caches, mut leader, mut shutdown } = parts;
     let name: Arc<str> = Arc::from(b.name.as_str());
-    let queue: WorkQueue<ObjectRef> = WorkQueue::new(b.queue.clone());
+    let queue: WorkQueue<ObjectRef> = WorkQueue::with_metrics(b.queue.clone(), &b.name);
     let cache = caches.get_or_start::<C::Kind>(&store);
     let mut feeders = JoinSet::new();
     feeders.spawn(forward(cache.clone(), queue.clone(), |o: &Object<C::Kind>| vec![ObjectRef::of(o)]));
@@ -499,9 +499,6 @@ async fn run_controller<C: Controller>(b: ControllerBuilder<C>, parts: RunParts)
                         queue.add_backoff(key);
                     }
                 }
-                let stats = queue.stats();
-                metrics::gauge!("orch_queue_ready", "controller" => name.to_string()).set(stats.ready as f64);
-                metrics::gauge!("orch_queue_delayed", "controller" => name.to_string()).set(stats.delayed as f64);
             }
             .instrument(span),
         );

@@ -76,6 +76,8 @@ struct Inner<K> {
     /// Signalled when a key may have become available.
     wake: Notify,
     config: QueueConfig,
+    /// Label of this queue's metrics (`queue="…"`), if it reports any.
+    metrics_name: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -136,7 +138,27 @@ impl<K: Hash + Eq + Clone + Send + 'static> WorkQueue<K> {
                 }),
                 wake: Notify::new(),
                 config,
+                metrics_name: None,
             }),
+        }
+    }
+
+    /// An empty queue that reports `orch_queue_adds_total`, `orch_queue_depth` and
+    /// `orch_queue_processing` under the label `queue=name` through the `metrics` facade.
+    pub fn with_metrics(config: QueueConfig, name: &str) -> Self {
+        let q = Self::new(config);
+        let inner = Arc::try_unwrap(q.inner).unwrap_or_else(|_| unreachable!("a new queue has one owner"));
+        WorkQueue { inner: Arc::new(Inner { metrics_name: Some(Arc::from(name)), ..inner }) }
+    }
+
+    fn report(&self, st: &State<K>, added: bool) {
+        if let Some(name) = &self.inner.metrics_name {
+            if added {
+                metrics::counter!("orch_queue_adds_total", "queue" => name.to_string()).increment(1);
+            }
+            metrics::gauge!("orch_queue_depth", "queue" => name.to_string())
+                .set((st.queued.len() + st.due.len()) as f64);
+            metrics::gauge!("orch_queue_processing", "queue" => name.to_string()).set(st.processing.len() as f64);
         }
     }
 
@@ -157,7 +179,9 @@ impl<K: Hash + Eq + Clone + Send + 'static> WorkQueue<K> {
         if st.shut_down {
             return;
         }
-        if st.push(key, priority) {
+        let newly_ready = st.push(key, priority);
+        self.report(&st, true);
+        if newly_ready {
             drop(st);
             self.inner.wake.notify_one();
         }
@@ -187,6 +211,7 @@ impl<K: Hash + Eq + Clone + Send + 'static> WorkQueue<K> {
         st.seq += 1;
         let seq = st.seq;
         st.delayed.push(Reverse(Delayed { due, seq, key, priority }));
+        self.report(&st, true);
         drop(st);
         // A waiting worker may need to sleep less now.
         self.inner.wake.notify_one();
@@ -219,6 +244,7 @@ impl<K: Hash + Eq + Clone + Send + 'static> WorkQueue<K> {
     pub fn done(&self, key: &K) {
         let mut st = self.lock();
         st.processing.remove(key);
+        self.report(&st, false);
         if let Some(priority) = st.dirty.remove(key) {
             if !st.shut_down && st.push(key.clone(), priority) {
                 drop(st);

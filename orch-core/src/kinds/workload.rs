@@ -809,6 +809,13 @@ impl Resource for Workload {
     fn validate_status(status: &WorkloadStatus, v: &mut Validator) {
         validate_conditions("status.conditions", &status.conditions, v);
     }
+
+    fn indexers() -> Vec<(String, crate::cache::Indexer<Self>)> {
+        vec![(
+            crate::cache::NODE_INDEX.to_string(),
+            std::sync::Arc::new(|w: &crate::Object<Workload>| w.spec.node_name.iter().cloned().collect()),
+        )]
+    }
 }
 
 #[cfg(test)]
