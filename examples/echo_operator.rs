@@ -70,11 +70,15 @@ impl Controller for EchoController {
             match event {
                 FinalizerEvent::Apply(echo) => {
                     let mine = children.owned_by(&echo.metadata.uid);
-                    let wanted: Vec<String> = (0..echo.spec.replicas).map(|i| format!("{}-{i}", echo.metadata.name)).collect();
+                    let wanted: Vec<String> =
+                        (0..echo.spec.replicas).map(|i| format!("{}-{i}", echo.metadata.name)).collect();
                     for name in wanted.iter().filter(|n| !mine.iter().any(|c| &c.metadata.name == *n)) {
                         let mut meta = ObjectMeta::named(name.clone());
                         meta.owner_references = vec![echo.controller_ref()];
-                        match replicas.create(&Object::new(meta, EchoReplica { message: echo.spec.message.clone() })).await {
+                        match replicas
+                            .create(&Object::new(meta, EchoReplica { message: echo.spec.message.clone() }))
+                            .await
+                        {
                             Ok(_) => println!("  [controller] created {name}"),
                             Err(Error::AlreadyExists(_)) => {}
                             Err(e) => return Err(e),
@@ -111,7 +115,8 @@ async fn show(echoes: &Api<Echo>, replicas: &Api<EchoReplica>) -> orch_core::Res
     for e in echoes.list(&ListParams::default()).await?.items {
         println!("  echo {}: replicas={} ready={}", e.metadata.name, e.spec.replicas, e.status.ready);
     }
-    let names: Vec<String> = replicas.list(&ListParams::default()).await?.items.into_iter().map(|r| r.metadata.name).collect();
+    let names: Vec<String> =
+        replicas.list(&ListParams::default()).await?.items.into_iter().map(|r| r.metadata.name).collect();
     println!("  replicas: {names:?}");
     Ok(())
 }
@@ -138,7 +143,9 @@ async fn main() -> orch_core::Result<()> {
     show(&echoes, &replicas).await?;
 
     println!("invalid input is refused:");
-    if let Err(e) = echoes.create(&Object::new(ObjectMeta::named("bad"), Echo { message: String::new(), replicas: 99 })).await {
+    if let Err(e) =
+        echoes.create(&Object::new(ObjectMeta::named("bad"), Echo { message: String::new(), replicas: 99 })).await
+    {
         println!("  {e}");
     }
 
