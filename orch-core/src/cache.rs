@@ -158,6 +158,9 @@ fn owner_values<K: Resource>(o: &Object<K>) -> Vec<String> {
 impl<K: Resource> Cache<K> {
     /// Starts a cache: spawns its reflector on the current tokio runtime and returns the read
     /// handle at once. Wait for [`ready`](Cache::ready) before trusting a miss.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (it must spawn its reflector somewhere).
     pub fn spawn(store: Arc<dyn Store>, config: CacheConfig<K>) -> Self {
         let cache = Self::detached(&config);
         let writer = cache.clone();

@@ -53,7 +53,10 @@ impl Manager {
         &self.store
     }
 
-    /// The shared cache of kind `K` (started on first use; needs a tokio runtime).
+    /// The shared cache of kind `K`, started on first use.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, on first use of a kind.
     pub fn cache<K: Resource>(&self) -> Cache<K> {
         self.caches.get_or_start::<K>(&self.store)
     }

@@ -457,3 +457,34 @@ async fn standby_takes_over_when_the_leader_dies_and_the_old_leader_is_fenced() 
     assert!(store.get(&lock).await.unwrap_err().is_not_found());
     let _ = ObjectRef::new("", "");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_lock_is_taken_away_steps_down_and_campaigns_again() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let config = LeaderElectionConfig {
+        lease_ttl: Duration::from_secs(3),
+        retry_period: Duration::from_millis(200),
+        ..LeaderElectionConfig::new("orch-system", "solo", "only")
+    };
+    let lock = config.lock_key();
+    let manager = Manager::new(store.clone()).with_leader_election(config);
+    let mut leads = manager.leadership();
+    let (stop, run) = start(manager);
+    let first = leads.wait_for(|l| matches!(l, Leadership::Leading(_))).await.unwrap().clone();
+    let token = |l: &Leadership| match l {
+        Leadership::Leading(Some(g)) => g.resource_version,
+        _ => 0,
+    };
+    let first = token(&first);
+    assert!(first > 0);
+    store.delete(&lock, &DeleteOptions::default()).await.unwrap();
+    // It notices within a renewal period, steps down, and wins a new term with a new token.
+    let second = tokio::time::timeout(Duration::from_secs(5), leads.wait_for(|l| token(l) > first))
+        .await
+        .expect("a new term within one renewal and one retry")
+        .unwrap()
+        .clone();
+    assert_eq!(store.get(&lock).await.unwrap().metadata.resource_version, token(&second));
+    stop.send(()).unwrap();
+    run.await.unwrap().unwrap();
+}

@@ -110,6 +110,16 @@ pub async fn campaign(
                 leadership.send_replace(Leadership::Standby);
                 break;
             }
+            // Someone removed or replaced the lock: our token is void, so step down.
+            match store.get(&key).await {
+                Ok(lock) if lock.metadata.resource_version == revision => {}
+                other => {
+                    tracing::warn!(identity = %config.identity, lock = ?other.map(|l| l.metadata.resource_version), "lock changed hands; stepping down");
+                    leadership.send_replace(Leadership::Standby);
+                    let _ = store.revoke_lease(lease_id).await;
+                    break;
+                }
+            }
         }
     }
 }

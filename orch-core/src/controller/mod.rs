@@ -483,7 +483,9 @@ async fn run_controller<C: Controller>(b: ControllerBuilder<C>, parts: RunParts)
                     Ok(action) => action,
                     Err(e) => {
                         tracing::warn!(error = %e, "reconcile failed");
-                        controller.error_policy(&obj, &e, &ctx)
+                        // A panicking error policy must not strand the key in "processing".
+                        std::panic::catch_unwind(AssertUnwindSafe(|| controller.error_policy(&obj, &e, &ctx)))
+                            .unwrap_or(Action::Retry)
                     }
                 };
                 queue.done(&key);
