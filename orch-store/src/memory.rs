@@ -269,6 +269,18 @@ impl State {
         Some(best.into_iter().flatten().flat_map(|s| s.iter().map(|k| &**k)).collect())
     }
 
+    /// The object a write is aimed at, after the guard and resource-version checks.
+    fn current(&self, key: &ObjectKey, guard: Option<&Guard>, expected: Option<u64>) -> Result<Arc<DynamicObject>> {
+        self.check_guard(guard)?;
+        let cur = self.get(key).cloned().ok_or_else(|| Error::NotFound(key.clone()))?;
+        match expected {
+            Some(rv) if rv != cur.metadata.resource_version => {
+                Err(Error::Conflict { key: key.clone(), expected: rv, current: Some(cur) })
+            }
+            _ => Ok(cur),
+        }
+    }
+
     fn check_guard(&self, guard: Option<&Guard>) -> Result<()> {
         if let Some(g) = guard {
             if self.get(&g.key).map(|o| o.metadata.resource_version) != Some(g.resource_version) {
@@ -565,10 +577,24 @@ impl MemoryStore {
         (st, expired)
     }
 
-    fn finish(&self, expired: Option<u64>, written: Option<&Arc<DynamicObject>>) {
-        if let Some(rev) = written.map(|o| o.metadata.resource_version).or(expired) {
+    /// Wakes watchers for deletions made by lease expiry.
+    fn finish(&self, expired: Option<u64>) {
+        if let Some(rev) = expired {
             self.inner.notify(rev);
         }
+    }
+
+    /// Runs one object write under the write lock: expires due leases first, trims history
+    /// after, and wakes watchers once the lock is released.
+    fn write<T>(&self, op: impl FnOnce(&mut State) -> Result<T>, revision: impl FnOnce(&T) -> u64) -> Result<T> {
+        let (mut st, expired) = self.write_state();
+        let result = op(&mut st);
+        st.trim(self.inner.history_limit);
+        drop(st);
+        if let Some(rev) = result.as_ref().ok().map(revision).or(expired) {
+            self.inner.notify(rev);
+        }
+        result
     }
 }
 
@@ -610,95 +636,61 @@ impl Store for MemoryStore {
     async fn create(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
         let obj = semantics::create(obj, self.inner.clock.now())?;
         let key = obj.key();
-        let (mut st, expired) = self.write_state();
-        let result = (|| {
-            st.check_guard(opts.guard.as_ref())?;
-            if st.get(&key).is_some() {
-                return Err(Error::AlreadyExists(key.clone()));
-            }
-            st.check_lease(obj.metadata.lease)?;
-            Ok(st.apply(&key, None, Plan::Put(obj)).expect("a put always writes"))
-        })();
-        st.trim(self.inner.history_limit);
-        drop(st);
-        self.finish(expired, result.as_ref().ok());
-        result
+        self.write(
+            |st| {
+                st.check_guard(opts.guard.as_ref())?;
+                if st.get(&key).is_some() {
+                    return Err(Error::AlreadyExists(key.clone()));
+                }
+                st.check_lease(obj.metadata.lease)?;
+                Ok(st.apply(&key, None, Plan::Put(obj)).expect("a put always writes"))
+            },
+            |o| o.metadata.resource_version,
+        )
     }
 
     async fn update(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
         semantics::validate(&obj)?;
         let key = obj.key();
-        let (mut st, expired) = self.write_state();
-        let result = (|| {
-            st.check_guard(opts.guard.as_ref())?;
-            let cur = st.get(&key).cloned().ok_or_else(|| Error::NotFound(key.clone()))?;
-            if cur.metadata.resource_version != obj.metadata.resource_version {
-                return Err(Error::Conflict {
-                    key: key.clone(),
-                    expected: obj.metadata.resource_version,
-                    current: Some(cur),
-                });
-            }
-            let plan = semantics::update(&cur, obj)?;
-            if let Plan::Put(o) = &plan {
-                if o.metadata.lease != cur.metadata.lease {
-                    st.check_lease(o.metadata.lease)?;
+        self.write(
+            |st| {
+                let cur = st.current(&key, opts.guard.as_ref(), Some(obj.metadata.resource_version))?;
+                let plan = semantics::update(&cur, obj)?;
+                if let Plan::Put(o) = &plan {
+                    if o.metadata.lease != cur.metadata.lease {
+                        st.check_lease(o.metadata.lease)?;
+                    }
                 }
-            }
-            Ok(st.apply(&key, Some(cur.clone()), plan).unwrap_or(cur))
-        })();
-        st.trim(self.inner.history_limit);
-        drop(st);
-        self.finish(expired, result.as_ref().ok());
-        result
+                Ok(st.apply(&key, Some(cur.clone()), plan).unwrap_or(cur))
+            },
+            |o| o.metadata.resource_version,
+        )
     }
 
     async fn update_status(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
         let key = obj.key();
-        let (mut st, expired) = self.write_state();
-        let result = (|| {
-            st.check_guard(opts.guard.as_ref())?;
-            let cur = st.get(&key).cloned().ok_or_else(|| Error::NotFound(key.clone()))?;
-            if cur.metadata.resource_version != obj.metadata.resource_version {
-                return Err(Error::Conflict {
-                    key: key.clone(),
-                    expected: obj.metadata.resource_version,
-                    current: Some(cur),
-                });
-            }
-            let plan = semantics::update_status(&cur, obj)?;
-            Ok(st.apply(&key, Some(cur.clone()), plan).unwrap_or(cur))
-        })();
-        st.trim(self.inner.history_limit);
-        drop(st);
-        self.finish(expired, result.as_ref().ok());
-        result
+        self.write(
+            |st| {
+                let cur = st.current(&key, opts.guard.as_ref(), Some(obj.metadata.resource_version))?;
+                let plan = semantics::update_status(&cur, obj)?;
+                Ok(st.apply(&key, Some(cur.clone()), plan).unwrap_or(cur))
+            },
+            |o| o.metadata.resource_version,
+        )
     }
 
     async fn delete(&self, key: &ObjectKey, opts: &DeleteOptions) -> Result<DeleteOutcome> {
         let now = self.inner.clock.now();
-        let (mut st, expired) = self.write_state();
-        let result = (|| {
-            st.check_guard(opts.guard.as_ref())?;
-            let cur = st.get(key).cloned().ok_or_else(|| Error::NotFound(key.clone()))?;
-            if let Some(rv) = opts.resource_version {
-                if cur.metadata.resource_version != rv {
-                    return Err(Error::Conflict { key: key.clone(), expected: rv, current: Some(cur) });
-                }
-            }
-            let plan = semantics::delete(&cur, now);
-            let removing = matches!(plan, Plan::Remove(_));
-            let obj = st.apply(key, Some(cur.clone()), plan).unwrap_or(cur);
-            Ok(if removing { DeleteOutcome::Deleted(obj) } else { DeleteOutcome::Pending(obj) })
-        })();
-        st.trim(self.inner.history_limit);
-        drop(st);
-        let written = match &result {
-            Ok(DeleteOutcome::Deleted(o)) | Ok(DeleteOutcome::Pending(o)) => Some(o),
-            Err(_) => None,
-        };
-        self.finish(expired, written);
-        result
+        self.write(
+            |st| {
+                let cur = st.current(key, opts.guard.as_ref(), opts.resource_version)?;
+                let plan = semantics::delete(&cur, now);
+                let removing = matches!(plan, Plan::Remove(_));
+                let obj = st.apply(key, Some(cur.clone()), plan).unwrap_or(cur);
+                Ok(if removing { DeleteOutcome::Deleted(obj) } else { DeleteOutcome::Pending(obj) })
+            },
+            |outcome| outcome.object().metadata.resource_version,
+        )
     }
 
     async fn watch(&self, req: &WatchRequest) -> Result<WatchStream> {
@@ -756,7 +748,7 @@ impl Store for MemoryStore {
         st.leases.insert(id, Lease { ttl, deadline: now + ttl, keys: HashSet::new() });
         let info = st.lease_info(id, now);
         drop(st);
-        self.finish(expired, None);
+        self.finish(expired);
         self.inner.lease_changed.notify_one();
         info
     }
@@ -772,7 +764,7 @@ impl Store for MemoryStore {
             None => Err(Error::LeaseNotFound(id)),
         };
         drop(st);
-        self.finish(expired, None);
+        self.finish(expired);
         self.inner.lease_changed.notify_one();
         info
     }
@@ -781,7 +773,7 @@ impl Store for MemoryStore {
         let (mut st, expired) = self.write_state();
         if !st.leases.contains_key(&id) {
             drop(st);
-            self.finish(expired, None);
+            self.finish(expired);
             return Err(Error::LeaseNotFound(id));
         }
         let rev = st.drop_lease(id);
@@ -797,7 +789,7 @@ impl Store for MemoryStore {
         let (st, expired) = self.write_state();
         let info = st.lease_info(id, Instant::now());
         drop(st);
-        self.finish(expired, None);
+        self.finish(expired);
         info
     }
 }
