@@ -38,6 +38,7 @@ pub mod manager;
 pub mod meta;
 pub mod object;
 pub mod quantity;
+pub mod runtime;
 pub mod selector;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -53,6 +54,7 @@ pub use manager::Manager;
 pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestamp, TokioClock};
 pub use object::{DynamicObject, Object, ObjectKey, RawJson, Resource, Scope};
 pub use quantity::Quantity;
+pub use runtime::{Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
 pub use selector::{FieldSelector, LabelSelector, Requirement};
 pub use store::{
     DeleteOptions, DeleteOutcome, Guard, LeaseInfo, ListRequest, ListResponse, Selection, Store, WatchEvent,

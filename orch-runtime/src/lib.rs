@@ -1,6 +1,17 @@
 //! # orch-runtime
 //!
-//! Runtime backends for orch: they run the containers and processes of the workloads the node
-//! agent is given. This crate is the home of the local-process, Docker Engine and simulated-node
-//! backends; none has landed yet (the `Runtime` trait they implement is not in `orch-core` yet
-//! either), so the crate exports nothing so far.
+//! [`Runtime`](orch_core::Runtime) backends for orch: they run the containers and processes of
+//! the workloads a node agent is given.
+//!
+//! | backend | feature | what it runs |
+//! |---|---|---|
+//! | [`ProcessRuntime`] | `process` (default) | real OS processes, each in its own process group, with per-instance directories and log files; survives an agent restart |
+//!
+//! The Docker Engine and simulated-node backends are not built yet. Every backend passes
+//! `orch_core::testkit::runtime`.
+
+#[cfg(feature = "process")]
+pub mod process;
+
+#[cfg(feature = "process")]
+pub use process::ProcessRuntime;

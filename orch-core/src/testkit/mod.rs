@@ -10,4 +10,5 @@
 //! which expands to one `#[test]` per case (so each shows up by name in the test report), each
 //! on a fresh store from the given expression, evaluated inside the case's tokio runtime.
 
+pub mod runtime;
 pub mod store;

@@ -1,0 +1,243 @@
+//! The [`Runtime`] trait: how a node agent starts, stops and observes the instances (containers
+//! or processes) of the workloads bound to its node.
+//!
+//! The contract, checked for every backend by [`testkit::runtime`](crate::testkit::runtime)
+//! (feature `testkit`):
+//! - `start` returns a serializable, versioned [`Handle`]: the agent stores it, and after a
+//!   restart gives it to `recover` to find the instance again;
+//! - `stop(grace)` asks politely (the stop signal), waits up to `grace`, then kills; stopping an
+//!   instance that has exited or was stopped already succeeds and changes nothing;
+//! - `wait` on an exited instance returns its exit at once;
+//! - `remove` frees what the instance held (its directory, its logs); the handle is then unknown;
+//! - a spec the backend cannot run is refused with [`RuntimeError::InvalidSpec`] naming the field.
+//!
+//! Restart policies, crash-loop backoff, probes and log rotation live in the node agent, not
+//! here, so every runtime gets them.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::kinds::Container;
+use crate::labels::Labels;
+use crate::meta::Timestamp;
+
+/// What to run: one container of one workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// Unique on the node for the instance's whole life (a restart is a new instance), a
+    /// DNS-1123 label-like string such as `default.web-0.main.3`.
+    pub id: String,
+    /// The container to run.
+    pub container: Container,
+    /// Volumes resolved to host paths by the agent, by volume name.
+    pub volumes: Vec<HostVolume>,
+    /// Labels identifying the workload, its node and the agent, recorded with the instance.
+    pub labels: Labels,
+}
+
+/// A volume already resolved to a directory on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostVolume {
+    /// The workload's volume name, as mounts refer to it.
+    pub name: String,
+    /// The directory on the host.
+    pub host_path: PathBuf,
+}
+
+/// A reference to a started instance that survives the agent: serialize it, store it, and pass
+/// it to [`Runtime::recover`] after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handle {
+    /// The runtime that made it (`process`, `docker`, `simulated`).
+    pub runtime: String,
+    /// The format version of `data`, so an old handle is read correctly or refused clearly.
+    pub version: u32,
+    /// The instance id from its spec.
+    pub id: String,
+    /// Backend-specific facts (a pid and its start time, a container id…).
+    pub data: serde_json::Value,
+}
+
+/// How an instance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// The exit code, when it exited by itself (or when the backend can tell).
+    pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// Killed for using more memory than its limit.
+    pub oom_killed: bool,
+    /// When it ended.
+    pub finished_at: Timestamp,
+}
+
+impl ExitStatus {
+    /// True for exit code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// What an instance is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Running since `started_at`.
+    Running {
+        /// When it started.
+        started_at: Timestamp,
+    },
+    /// Ended.
+    Exited(ExitStatus),
+    /// The backend cannot find it any more (its process or container is gone without a trace).
+    Lost,
+}
+
+/// What a backend can do; the agent adapts (no limits enforced, no exec probes…).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Memory and CPU limits are enforced.
+    pub resource_limits: bool,
+    /// Images are run (otherwise `command` is required).
+    pub images: bool,
+    /// A running instance survives the agent and `recover` finds it.
+    pub recover: bool,
+    /// The exit code of a recovered instance can still be read.
+    pub exit_code_after_recover: bool,
+}
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One line of output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Its stream.
+    pub stream: LogStream,
+    /// The text, without the line break.
+    pub line: String,
+}
+
+/// Which log lines to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogOptions {
+    /// Only the last this many lines of each stream (all when `None`).
+    pub tail: Option<usize>,
+    /// Keep streaming new lines until the instance exits.
+    pub follow: bool,
+}
+
+/// Why a runtime call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// The spec cannot be run by this backend; the field and the reason say why.
+    #[error("invalid instance spec: {field}: {reason}")]
+    InvalidSpec {
+        /// Path of the offending field, e.g. `container.command`.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// No instance with this handle (never started, removed, or from another runtime).
+    #[error("instance {0} not found")]
+    NotFound(String),
+    /// A handle this backend cannot read (another runtime, or an unknown version).
+    #[error("handle for {id} is not usable by the {runtime} runtime: {reason}")]
+    BadHandle {
+        /// The instance id.
+        id: String,
+        /// This runtime.
+        runtime: String,
+        /// Why.
+        reason: String,
+    },
+    /// The backend cannot work now (daemon down, permission denied…); the message says what
+    /// to do.
+    #[error("runtime unavailable: {message}")]
+    Unavailable {
+        /// What failed and what to do about it.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// An operating-system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RuntimeError {
+    /// An `InvalidSpec` error.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        RuntimeError::InvalidSpec { field: field.into(), reason: reason.into() }
+    }
+
+    /// An `Io` error with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        RuntimeError::Io { context: context.into(), source }
+    }
+}
+
+/// Runs instances on one node. Implementations: local processes, the Docker Engine, simulated
+/// nodes (crate `orch-runtime`).
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync + fmt::Debug + 'static {
+    /// The backend's name, recorded in its handles.
+    fn name(&self) -> &str;
+
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Starts an instance.
+    ///
+    /// # To ensure correctness
+    /// Refuses a spec it cannot run with `InvalidSpec` before starting anything; an id already
+    /// in use is `InvalidSpec` on `id`. On success the instance is running or has already
+    /// exited, never half-started.
+    async fn start(&self, spec: &InstanceSpec) -> Result<Handle, RuntimeError>;
+
+    /// Stops an instance: the polite signal, up to `grace` to exit, then a kill.
+    ///
+    /// # To ensure correctness
+    /// Idempotent: stopping an exited or stopped instance succeeds. Returns once it has exited.
+    async fn stop(&self, handle: &Handle, grace: Duration) -> Result<(), RuntimeError>;
+
+    /// Frees everything the instance held, killing it first if it still runs.
+    async fn remove(&self, handle: &Handle) -> Result<(), RuntimeError>;
+
+    /// What the instance is doing now.
+    async fn status(&self, handle: &Handle) -> Result<InstanceState, RuntimeError>;
+
+    /// Waits for the instance to exit; returns at once if it has.
+    async fn wait(&self, handle: &Handle) -> Result<ExitStatus, RuntimeError>;
+
+    /// Handles of every instance this runtime manages on the node (including ones started
+    /// before the agent restarted).
+    async fn list(&self) -> Result<Vec<Handle>, RuntimeError>;
+
+    /// Output lines (see [`LogOptions`]).
+    async fn logs(&self, handle: &Handle, options: LogOptions) -> Result<BoxStream<'static, LogLine>, RuntimeError>;
+
+    /// Finds an instance again after the agent restarted: its current state, or `Lost`.
+    ///
+    /// # To ensure correctness
+    /// Never restarts anything, and never mistakes a different process or container that
+    /// happens to reuse an id or pid for the instance.
+    async fn recover(&self, handle: &Handle) -> Result<InstanceState, RuntimeError>;
+}

@@ -1,0 +1,481 @@
+//! [`ProcessRuntime`]: workloads as real OS processes.
+//!
+//! Each instance gets a directory under the runtime's root holding its handle, its output
+//! (`stdout.log`, `stderr.log`) and, once it exits while the runtime watches, its exit record.
+//! The process runs in a process group of its own, so a stop reaches its children too. The
+//! handle records the pid together with the process's start time from `/proc`, so a recovered
+//! handle never adopts an unrelated process that reused the pid.
+//!
+//! Not enforced by this backend (see [`Capabilities`]): memory and CPU limits, and mount paths
+//! (a volume's host directory is given to the process as `ORCH_VOLUME_<NAME>` instead).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use orch_core::runtime::{
+    Capabilities, ExitStatus, Handle, InstanceSpec, InstanceState, LogLine, LogOptions, LogStream, Runtime,
+    RuntimeError,
+};
+use orch_core::{Clock, SystemClock, Timestamp};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+const NAME: &str = "process";
+const HANDLE_VERSION: u32 = 1;
+
+/// What a handle's `data` holds for this backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ProcessData {
+    pid: i32,
+    /// Start time of the process in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+    start_ticks: u64,
+    started_at: Timestamp,
+}
+
+/// Runs instances as processes on this machine.
+#[derive(Debug, Clone)]
+pub struct ProcessRuntime {
+    root: PathBuf,
+    clock: Arc<dyn Clock>,
+    /// Exit watchers of the processes this runtime spawned (and so reaps).
+    children: Arc<Mutex<HashMap<String, watch::Receiver<Option<ExitStatus>>>>>,
+}
+
+impl ProcessRuntime {
+    /// A runtime keeping its instance directories under `root` (created if missing). A runtime
+    /// made later over the same root finds the instances again.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|e| RuntimeError::io(format!("creating {}", root.display()), e))?;
+        Ok(ProcessRuntime { root, clock: Arc::new(SystemClock), children: Default::default() })
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    fn data(&self, handle: &Handle) -> Result<ProcessData, RuntimeError> {
+        let bad = |reason: String| RuntimeError::BadHandle { id: handle.id.clone(), runtime: NAME.into(), reason };
+        if handle.runtime != NAME {
+            return Err(bad(format!("it was made by the {} runtime", handle.runtime)));
+        }
+        if handle.version != HANDLE_VERSION {
+            return Err(bad(format!("unknown handle version {}", handle.version)));
+        }
+        check_id(&handle.id).map_err(|e| bad(e.to_string()))?;
+        if !self.dir(&handle.id).is_dir() {
+            return Err(RuntimeError::NotFound(handle.id.clone()));
+        }
+        serde_json::from_value(handle.data.clone()).map_err(|e| bad(e.to_string()))
+    }
+
+    fn recorded_exit(&self, id: &str) -> Option<ExitStatus> {
+        let text = std::fs::read_to_string(self.dir(id).join("exit.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The state, from the reaper when this runtime spawned it, else from `/proc` and the
+    /// exit record.
+    fn state(&self, handle: &Handle, data: &ProcessData) -> InstanceState {
+        if let Some(rx) = self.children.lock().unwrap_or_else(|e| e.into_inner()).get(&handle.id) {
+            return match *rx.borrow() {
+                Some(exit) => InstanceState::Exited(exit),
+                None => InstanceState::Running { started_at: data.started_at },
+            };
+        }
+        if let Some(exit) = self.recorded_exit(&handle.id) {
+            return InstanceState::Exited(exit);
+        }
+        if is_alive(data.pid, data.start_ticks) {
+            InstanceState::Running { started_at: data.started_at }
+        } else {
+            InstanceState::Lost
+        }
+    }
+
+    async fn wait_exit(&self, handle: &Handle, data: &ProcessData) -> Result<ExitStatus, RuntimeError> {
+        let rx = self.children.lock().unwrap_or_else(|e| e.into_inner()).get(&handle.id).cloned();
+        if let Some(mut rx) = rx {
+            let exit = rx.wait_for(Option::is_some).await.map_err(|_| RuntimeError::Unavailable {
+                message: format!("the reaper of {} stopped", handle.id),
+                source: None,
+            })?;
+            return Ok(exit.expect("waited for Some"));
+        }
+        // Not our child (found again after a restart): watch /proc until it is gone.
+        loop {
+            match self.state(handle, data) {
+                InstanceState::Running { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+                InstanceState::Exited(exit) => return Ok(exit),
+                InstanceState::Lost => {
+                    return Ok(ExitStatus {
+                        code: None,
+                        signal: None,
+                        oom_killed: false,
+                        finished_at: self.clock.now(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn check_id(id: &str) -> Result<(), RuntimeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 200
+        && !id.starts_with('.')
+        && id.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::invalid(
+            "id",
+            format!("{id:?} must be 1-200 of a-z, 0-9, '-', '.', '_', not starting with '.'"),
+        ))
+    }
+}
+
+/// The start time (field 22 of `/proc/<pid>/stat`) of a live, non-zombie process.
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: parse after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (the state).
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn is_alive(pid: i32, ticks: u64) -> bool {
+    start_ticks(pid) == Some(ticks)
+}
+
+fn signal_group(pid: i32, signal: Signal) {
+    // The instance leads its own process group, so the negative pid reaches its children too.
+    // ESRCH (already gone) is the expected outcome of a stop racing an exit.
+    let _ = kill(Pid::from_raw(-pid), signal);
+}
+
+fn exit_from(status: std::process::ExitStatus, finished_at: Timestamp) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    ExitStatus { code: status.code(), signal: status.signal(), oom_killed: false, finished_at }
+}
+
+#[async_trait]
+impl Runtime for ProcessRuntime {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { resource_limits: false, images: false, recover: true, exit_code_after_recover: false }
+    }
+
+    async fn start(&self, spec: &InstanceSpec) -> Result<Handle, RuntimeError> {
+        check_id(&spec.id)?;
+        let c = &spec.container;
+        let Some(program) = c.command.first().filter(|p| !p.is_empty()) else {
+            return Err(RuntimeError::invalid(
+                "container.command",
+                "required: the process runtime runs commands, not images",
+            ));
+        };
+        if let Some(dir) = &c.working_dir {
+            if !Path::new(dir).is_dir() {
+                return Err(RuntimeError::invalid("container.workingDir", format!("{dir} is not a directory")));
+            }
+        }
+        for (i, v) in spec.volumes.iter().enumerate() {
+            if !v.host_path.is_dir() {
+                return Err(RuntimeError::invalid(
+                    format!("volumes[{i}].hostPath"),
+                    format!("{} is not a directory", v.host_path.display()),
+                ));
+            }
+        }
+        let dir = self.dir(&spec.id);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(RuntimeError::invalid("id", format!("{} is already in use", spec.id)));
+            }
+            Err(e) => return Err(RuntimeError::io(format!("creating {}", dir.display()), e)),
+        }
+        let open = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+                .map_err(|e| RuntimeError::io(format!("opening {name} of {}", spec.id), e))
+        };
+        let (stdout, stderr) = (open("stdout.log")?, open("stderr.log")?);
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&c.command[1..])
+            .args(&c.args)
+            .env("ORCH_INSTANCE_ID", &spec.id)
+            .current_dir(c.working_dir.as_deref().map_or(dir.as_path(), Path::new))
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(false);
+        for e in &c.env {
+            cmd.env(&e.name, &e.value);
+        }
+        for v in &spec.volumes {
+            let var: String = v
+                .name
+                .chars()
+                .map(|ch| if ch.is_ascii_alphanumeric() { ch.to_ascii_uppercase() } else { '_' })
+                .collect();
+            cmd.env(format!("ORCH_VOLUME_{var}"), &v.host_path);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(RuntimeError::invalid("container.command[0]", format!("cannot run {program}: {e}")));
+            }
+        };
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).ok_or_else(|| RuntimeError::Unavailable {
+            message: format!("{} exited before its pid could be read", spec.id),
+            source: None,
+        })?;
+        let started_at = self.clock.now();
+        // A process that already exited has no stat; its start time then no longer matters.
+        let data = ProcessData { pid, start_ticks: start_ticks(pid).unwrap_or(0), started_at };
+        let handle = Handle {
+            runtime: NAME.into(),
+            version: HANDLE_VERSION,
+            id: spec.id.clone(),
+            data: serde_json::to_value(&data).expect("plain data serializes"),
+        };
+        let handle_json = serde_json::to_vec_pretty(&handle).expect("plain data serializes");
+        std::fs::write(dir.join("handle.json"), handle_json).map_err(|e| RuntimeError::io("writing handle.json", e))?;
+        // The reaper: waits on the child (so it never lingers as a zombie) and records the exit.
+        let (tx, rx) = watch::channel(None);
+        self.children.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone(), rx);
+        let clock = self.clock.clone();
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => exit_from(status, clock.now()),
+                Err(_) => ExitStatus { code: None, signal: None, oom_killed: false, finished_at: clock.now() },
+            };
+            if let Ok(json) = serde_json::to_vec(&exit) {
+                let _ = std::fs::write(dir.join("exit.json"), json);
+            }
+            tx.send_replace(Some(exit));
+        });
+        Ok(handle)
+    }
+
+    async fn stop(&self, handle: &Handle, grace: Duration) -> Result<(), RuntimeError> {
+        let data = self.data(handle)?;
+        if !matches!(self.state(handle, &data), InstanceState::Running { .. }) {
+            return Ok(());
+        }
+        signal_group(data.pid, Signal::SIGTERM);
+        if tokio::time::timeout(grace, self.wait_exit(handle, &data)).await.is_ok() {
+            return Ok(());
+        }
+        signal_group(data.pid, Signal::SIGKILL);
+        tokio::time::timeout(Duration::from_secs(10), self.wait_exit(handle, &data)).await.map_err(|_| {
+            RuntimeError::Unavailable { message: format!("{} survived SIGKILL for 10 s", handle.id), source: None }
+        })??;
+        Ok(())
+    }
+
+    async fn remove(&self, handle: &Handle) -> Result<(), RuntimeError> {
+        self.stop(handle, Duration::ZERO).await?;
+        self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle.id);
+        let dir = self.dir(&handle.id);
+        std::fs::remove_dir_all(&dir).map_err(|e| RuntimeError::io(format!("removing {}", dir.display()), e))
+    }
+
+    async fn status(&self, handle: &Handle) -> Result<InstanceState, RuntimeError> {
+        let data = self.data(handle)?;
+        Ok(self.state(handle, &data))
+    }
+
+    async fn wait(&self, handle: &Handle) -> Result<ExitStatus, RuntimeError> {
+        let data = self.data(handle)?;
+        self.wait_exit(handle, &data).await
+    }
+
+    async fn list(&self) -> Result<Vec<Handle>, RuntimeError> {
+        let entries = std::fs::read_dir(&self.root)
+            .map_err(|e| RuntimeError::io(format!("reading {}", self.root.display()), e))?;
+        let mut handles = Vec::new();
+        for entry in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(entry.path().join("handle.json")) else { continue };
+            match serde_json::from_str::<Handle>(&text) {
+                Ok(h) => handles.push(h),
+                Err(e) => tracing::warn!(path = %entry.path().display(), error = %e, "skipping an unreadable handle"),
+            }
+        }
+        handles.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(handles)
+    }
+
+    async fn logs(&self, handle: &Handle, options: LogOptions) -> Result<BoxStream<'static, LogLine>, RuntimeError> {
+        let data = self.data(handle)?;
+        let dir = self.dir(&handle.id);
+        let mut lines = Vec::new();
+        let mut offsets = [0usize; 2];
+        for (i, (stream, file)) in
+            [(LogStream::Stdout, "stdout.log"), (LogStream::Stderr, "stderr.log")].into_iter().enumerate()
+        {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+            offsets[i] = complete.len();
+            let all: Vec<&str> = complete.lines().collect();
+            let skip = options.tail.map_or(0, |n| all.len().saturating_sub(n));
+            lines.extend(all[skip..].iter().map(|l| LogLine { stream, line: l.to_string() }));
+        }
+        let head = futures::stream::iter(lines);
+        if !options.follow {
+            return Ok(head.boxed());
+        }
+        // Follow: poll both files for complete new lines until the instance has exited and the
+        // files are drained.
+        let this = self.clone();
+        let handle = handle.clone();
+        let tail = futures::stream::unfold((offsets, false), move |(mut offsets, mut done)| {
+            let (this, handle, dir, data) = (this.clone(), handle.clone(), dir.clone(), data.clone());
+            async move {
+                loop {
+                    let mut batch = Vec::new();
+                    for (i, (stream, file)) in
+                        [(LogStream::Stdout, "stdout.log"), (LogStream::Stderr, "stderr.log")].into_iter().enumerate()
+                    {
+                        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                        if text.len() > offsets[i] {
+                            let fresh = &text[offsets[i]..];
+                            let complete = &fresh[..fresh.rfind('\n').map_or(0, |j| j + 1)];
+                            offsets[i] += complete.len();
+                            batch.extend(complete.lines().map(|l| LogLine { stream, line: l.to_string() }));
+                        }
+                    }
+                    if !batch.is_empty() {
+                        return Some((futures::stream::iter(batch), (offsets, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    if !matches!(this.state(&handle, &data), InstanceState::Running { .. }) {
+                        done = true; // one more pass picks up the last lines
+                        continue;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        })
+        .flatten();
+        Ok(head.chain(tail).boxed())
+    }
+
+    async fn recover(&self, handle: &Handle) -> Result<InstanceState, RuntimeError> {
+        let data = self.data(handle)?;
+        Ok(self.state(handle, &data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orch_core::kinds::Container;
+
+    fn runtime(tag: &str) -> ProcessRuntime {
+        let root = std::env::temp_dir().join(format!("orch-process-unit-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        ProcessRuntime::new(root).unwrap()
+    }
+
+    fn sh(id: &str, script: &str) -> InstanceSpec {
+        InstanceSpec {
+            id: id.into(),
+            container: Container {
+                name: "main".into(),
+                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            },
+            volumes: Vec::new(),
+            labels: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reused_pid_is_not_mistaken_for_the_instance() {
+        let rt = runtime("pid-reuse");
+        let h = rt.start(&sh("victim", "sleep 60")).await.unwrap();
+        // The same pid with another start time is another process (the pid was reused).
+        let mut forged = h.clone();
+        let mut data: ProcessData = serde_json::from_value(h.data.clone()).unwrap();
+        data.start_ticks += 1;
+        forged.data = serde_json::to_value(&data).unwrap();
+        let fresh = ProcessRuntime::new(&rt.root).unwrap();
+        assert_eq!(fresh.recover(&forged).await.unwrap(), InstanceState::Lost);
+        assert!(matches!(fresh.recover(&h).await.unwrap(), InstanceState::Running { .. }));
+        rt.stop(&h, Duration::from_secs(5)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stop_reaches_the_whole_process_group_and_leaves_no_zombie() {
+        let rt = runtime("group");
+        let h = rt.start(&sh("family", "sleep 60 & sleep 60 & echo $! > kid.pid; wait")).await.unwrap();
+        let kid_file = rt.dir("family").join("kid.pid");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let kid: i32 = loop {
+            if let Some(pid) = std::fs::read_to_string(&kid_file).ok().and_then(|s| s.trim().parse().ok()) {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "the child never wrote its pid");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let data: ProcessData = serde_json::from_value(h.data.clone()).unwrap();
+        rt.stop(&h, Duration::from_secs(5)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(start_ticks(kid).is_none(), "a grandchild survived the stop");
+        // Reaped: no zombie left behind under our pid.
+        assert!(!std::path::Path::new(&format!("/proc/{}", data.pid)).exists() || start_ticks(data.pid).is_none());
+        let exit = rt.wait(&h).await.unwrap();
+        assert_eq!(exit.signal, Some(15));
+    }
+
+    #[tokio::test]
+    async fn volumes_and_instance_id_reach_the_process() {
+        let rt = runtime("volumes");
+        let vol = rt.root.join("shared-data");
+        std::fs::create_dir_all(&vol).unwrap();
+        let mut spec = sh("vol", "echo \"$ORCH_INSTANCE_ID $ORCH_VOLUME_DATA_DIR\"");
+        spec.volumes = vec![orch_core::runtime::HostVolume { name: "data-dir".into(), host_path: vol.clone() }];
+        let h = rt.start(&spec).await.unwrap();
+        rt.wait(&h).await.unwrap();
+        let out: Vec<LogLine> = rt.logs(&h, LogOptions::default()).await.unwrap().collect().await;
+        assert_eq!(out[0].line, format!("vol {}", vol.display()));
+        let mut missing = sh("vol2", "true");
+        missing.volumes = vec![orch_core::runtime::HostVolume { name: "x".into(), host_path: "/no/such/orch".into() }];
+        assert!(
+            matches!(rt.start(&missing).await.unwrap_err(), RuntimeError::InvalidSpec { field, .. } if field == "volumes[0].hostPath")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_clear_spec_error() {
+        let rt = runtime("missing");
+        let mut spec = sh("ghost", "");
+        spec.container.command = vec!["/no/such/program".into()];
+        let e = rt.start(&spec).await.unwrap_err();
+        assert!(e.to_string().contains("container.command[0]: cannot run /no/such/program"), "{e}");
+        assert!(!rt.dir("ghost").exists(), "a failed start leaves nothing behind");
+    }
+}
