@@ -28,6 +28,7 @@
 //! |-----------|--------------|
 //! | `testkit` | [`testkit::store`]: the store conformance suite with its model check |
 
+pub mod agent;
 pub mod api;
 pub mod cache;
 pub mod controller;
@@ -45,6 +46,7 @@ pub mod store;
 pub mod testkit;
 pub mod validation;
 
+pub use agent::{Agent, AgentConfig};
 pub use api::{Api, Deleted, Event, ListParams, ObjectList};
 pub use cache::{Cache, CacheConfig, CacheEvent, ObjectRef};
 pub use controller::{Action, Context, Controller, ControllerBuilder};

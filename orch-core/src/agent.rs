@@ -1,0 +1,576 @@
+//! The node agent: registers its node, keeps a heartbeat lease, and makes the runtime run the
+//! workloads bound to its node, restarting them per their restart policy with crash-loop backoff.
+//!
+//! It reconciles against what really runs (the runtime's own list and states), not against its
+//! memory, so after an agent restart it adopts running instances instead of restarting them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::api::Api;
+use crate::cache::{Cache, CacheConfig, ObjectRef};
+use crate::controller::queue::{QueueConfig, WorkQueue};
+use crate::error::{Error, Result};
+use crate::kinds::{
+    Condition, ConditionStatus, ContainerState, ContainerStatus, Node, Phase, Resources, RestartPolicy, Taint,
+    Workload, WorkloadStatus, set_condition,
+};
+use crate::labels::Labels;
+use crate::meta::{Clock, ObjectMeta, SystemClock};
+use crate::object::{Object, Resource, Scope};
+use crate::runtime::{ExitStatus, Handle, InstanceSpec, InstanceState, Runtime};
+use crate::selector::FieldSelector;
+use crate::store::{Selection, Store};
+
+/// Namespace of node heartbeat leases.
+pub const NODE_LEASE_NAMESPACE: &str = "orch-node-lease";
+
+/// A node's heartbeat: it exists while the node's agent keeps its store lease alive.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NodeLease {
+    /// The node.
+    pub holder: String,
+}
+
+impl Resource for NodeLease {
+    const KIND: &'static str = "NodeLease";
+    const SCOPE: Scope = Scope::Namespaced;
+    type Status = ();
+}
+
+/// Settings of a node agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The node's name (a DNS-1123 subdomain).
+    pub node_name: String,
+    /// Node labels.
+    pub labels: Labels,
+    /// Node taints.
+    pub taints: Vec<Taint>,
+    /// Resources the node offers; `None` reads CPUs and memory from the host.
+    pub capacity: Option<Resources>,
+    /// Heartbeat lease time to live: how long a dead agent goes unnoticed (default 40 s).
+    pub lease_ttl: Duration,
+    /// How often the lease is renewed (default 10 s; a renewal writes nothing).
+    pub renew_interval: Duration,
+    /// How often workloads are checked against the runtime even without events (default 10 s).
+    pub resync_interval: Duration,
+    /// First crash-loop delay (default 10 s); doubles per crash up to `backoff_max`.
+    pub backoff_base: Duration,
+    /// Longest crash-loop delay (default 5 min).
+    pub backoff_max: Duration,
+    /// Running this long without a crash resets the backoff (default 10 min).
+    pub backoff_reset: Duration,
+    /// Grace period when stopping instances (when the workload does not set one; default 30 s).
+    pub stop_grace: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for node `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        AgentConfig {
+            node_name: name.into(),
+            labels: Labels::new(),
+            taints: Vec::new(),
+            capacity: None,
+            lease_ttl: Duration::from_secs(40),
+            renew_interval: Duration::from_secs(10),
+            resync_interval: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(300),
+            backoff_reset: Duration::from_secs(600),
+            stop_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One container's instance as the agent tracks it.
+#[derive(Debug, Clone)]
+struct Tracked {
+    handle: Handle,
+    attempt: u32,
+    restarts: u32,
+    started: Instant,
+    /// Consecutive crashes, for the backoff.
+    crashes: u32,
+    /// Not before this may the next attempt start.
+    not_before: Option<Instant>,
+    last_exit: Option<ExitStatus>,
+}
+
+type Instances = HashMap<(ObjectRef, String), Tracked>;
+
+/// A node agent over a store and a runtime.
+pub struct Agent {
+    config: AgentConfig,
+    store: Arc<dyn Store>,
+    runtime: Arc<dyn Runtime>,
+    clock: Arc<dyn Clock>,
+    instances: Arc<Mutex<Instances>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("node", &self.config.node_name).field("runtime", &self.runtime.name()).finish()
+    }
+}
+
+/// The id of an instance: namespace, workload, container and attempt, dot-separated (none of
+/// the first three may contain a dot except the workload name, which sits in the middle).
+fn instance_id(r: &ObjectRef, container: &str, attempt: u32) -> String {
+    format!("{}.{}.{}.{}", r.namespace, r.name, container, attempt)
+}
+
+fn parse_instance_id(id: &str) -> Option<(ObjectRef, String, u32)> {
+    let (ns, rest) = id.split_once('.')?;
+    let (rest, attempt) = rest.rsplit_once('.')?;
+    let (name, container) = rest.rsplit_once('.')?;
+    Some((ObjectRef::new(ns, name), container.to_string(), attempt.parse().ok()?))
+}
+
+fn host_capacity() -> Resources {
+    let mut r = Resources::new();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
+    r.insert(crate::kinds::resource::CPU.into(), crate::Quantity::from_units(cpus));
+    let mem_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<i64>().ok())
+    });
+    if let Some(kib) = mem_kib {
+        r.insert(crate::kinds::resource::MEMORY.into(), crate::Quantity::from_bytes(kib * 1024));
+    }
+    r.insert(crate::kinds::resource::PODS.into(), crate::Quantity::from_units(110));
+    r
+}
+
+impl Agent {
+    /// An agent for the node in `config`.
+    pub fn new(config: AgentConfig, store: Arc<dyn Store>, runtime: Arc<dyn Runtime>) -> Self {
+        Agent { config, store, runtime, clock: Arc::new(SystemClock), instances: Default::default() }
+    }
+
+    /// Uses `clock` for timestamps (a `TokioClock` in simulations and tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Registers (or updates) this node's `Node` object.
+    async fn register(&self) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.store.clone());
+        let capacity = self.config.capacity.clone().unwrap_or_else(host_capacity);
+        let now = self.clock.now();
+        loop {
+            let existing = nodes.get_opt(&self.config.node_name).await?;
+            let mut node = existing.clone().unwrap_or_else(|| {
+                let mut meta = ObjectMeta::named(&self.config.node_name);
+                meta.labels = self.config.labels.clone();
+                Object::new(meta, Node { taints: self.config.taints.clone(), ..Default::default() })
+            });
+            node.status.capacity = capacity.clone();
+            node.status.allocatable = capacity.clone();
+            set_condition(
+                &mut node.status.conditions,
+                Condition::new("Ready", ConditionStatus::True, "AgentReady"),
+                now,
+            );
+            let result = match existing {
+                None => nodes.create(&node).await.map(|_| ()),
+                Some(_) => nodes.replace_status(&node).await.map(|_| ()),
+            };
+            match result {
+                Err(e) if e.is_conflict() || matches!(e, Error::AlreadyExists(_)) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Creates the heartbeat object on a fresh store lease; returns the lease id.
+    async fn heartbeat(&self) -> Result<u64> {
+        let lease = self.store.grant_lease(self.config.lease_ttl).await?;
+        let leases: Api<NodeLease> = Api::namespaced(self.store.clone(), NODE_LEASE_NAMESPACE);
+        let mut meta = ObjectMeta::named(&self.config.node_name);
+        meta.lease = Some(lease.id);
+        let hb = Object::new(meta, NodeLease { holder: self.config.node_name.clone() });
+        loop {
+            match leases.create(&hb).await {
+                Ok(_) => return Ok(lease.id),
+                // A heartbeat of a previous run of this agent: replace it.
+                Err(Error::AlreadyExists(_)) => {
+                    let _ = leases.delete(&self.config.node_name, &Default::default()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs until `shutdown` completes. With `drain`, stops every instance before returning;
+    /// otherwise leaves them running for the next agent to adopt.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>, drain: bool) -> Result<()> {
+        self.register().await?;
+        let mut lease_id = self.heartbeat().await?;
+        let this = Arc::new(self);
+        let queue: WorkQueue<ObjectRef> = WorkQueue::new(QueueConfig::default());
+        let selection = Selection::kind(Workload::KIND)
+            .with_fields(FieldSelector::equals("spec.nodeName", this.config.node_name.clone()));
+        let cache: Cache<Workload> =
+            Cache::spawn(this.store.clone(), CacheConfig { selection, ..CacheConfig::default() });
+        let mut events = cache.subscribe();
+        cache.ready().await;
+        this.adopt(&queue).await;
+        for w in cache.list() {
+            queue.add(ObjectRef::of(&w));
+        }
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        {
+            let queue = queue.clone();
+            tasks.spawn(async move {
+                while let Some(e) = events.recv().await {
+                    queue.add(ObjectRef::of(e.object()));
+                }
+            });
+        }
+        {
+            let (queue, cache, this, every) = (queue.clone(), cache.clone(), this.clone(), this.config.resync_interval);
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    for w in cache.list() {
+                        queue.add(ObjectRef::of(&w));
+                    }
+                    // Instances whose workload is gone from this node.
+                    let tracked: Vec<ObjectRef> = this
+                        .instances
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .keys()
+                        .map(|(r, _)| r.clone())
+                        .collect();
+                    for r in tracked {
+                        queue.add(r);
+                    }
+                }
+            });
+        }
+        {
+            let (store, this) = (this.store.clone(), this.clone());
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(this.config.renew_interval) => {}
+                        _ = crate::controller::stopped(&mut stop) => return,
+                    }
+                    if store.keep_alive(lease_id).await.is_err() {
+                        // The lease lapsed (a long pause, a store outage): start a new heartbeat.
+                        match this.heartbeat().await {
+                            Ok(id) => lease_id = id,
+                            Err(e) => tracing::warn!(node = %this.config.node_name, error = %e, "heartbeat failed"),
+                        }
+                    }
+                }
+            });
+        }
+        let workers = {
+            let (queue, cache, this) = (queue.clone(), cache.clone(), this.clone());
+            tokio::spawn(async move {
+                while let Some(key) = queue.next().await {
+                    let again = this.sync(&key, cache.get(&key), &queue).await;
+                    queue.done(&key);
+                    match again {
+                        Ok(Some(after)) => queue.add_after(key, after),
+                        Ok(None) => queue.forget(&key),
+                        Err(e) => {
+                            tracing::warn!(workload = %key, error = %e, "agent sync failed");
+                            queue.add_backoff(key);
+                        }
+                    }
+                }
+            })
+        };
+        shutdown.await;
+        stop_tx.send_replace(true);
+        queue.shut_down();
+        let _ = workers.await;
+        let _ = crate::controller::stopped(&mut stop_rx).await;
+        tasks.shutdown().await;
+        if drain {
+            let all: Vec<Tracked> =
+                this.instances.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, t)| t).collect();
+            for t in all {
+                let _ = this.runtime.stop(&t.handle, this.config.stop_grace).await;
+                let _ = this.runtime.remove(&t.handle).await;
+            }
+            let _ = this.store.revoke_lease(lease_id).await;
+        }
+        Ok(())
+    }
+
+    /// Takes over what the runtime already runs (after an agent restart).
+    async fn adopt(&self, queue: &WorkQueue<ObjectRef>) {
+        let Ok(handles) = self.runtime.list().await else { return };
+        for handle in handles {
+            let Some((r, container, attempt)) = parse_instance_id(&handle.id) else { continue };
+            let state = self.runtime.recover(&handle).await;
+            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (r.clone(), container);
+            // Keep the newest attempt of each container; older ones are cleaned up.
+            if instances.get(&key).is_some_and(|t| t.attempt > attempt) {
+                continue;
+            }
+            let last_exit = match state {
+                Ok(InstanceState::Exited(e)) => Some(e),
+                _ => None,
+            };
+            instances.insert(
+                key,
+                Tracked {
+                    handle,
+                    attempt,
+                    restarts: attempt,
+                    started: Instant::now(),
+                    crashes: 0,
+                    not_before: None,
+                    last_exit,
+                },
+            );
+            queue.add(r);
+        }
+    }
+
+    fn backoff(&self, crashes: u32) -> Duration {
+        let factor = 2u32.saturating_pow(crashes.saturating_sub(1).min(16));
+        self.config.backoff_base.saturating_mul(factor).min(self.config.backoff_max)
+    }
+
+    /// Brings one workload's instances in line; returns when to look again, if on a timer.
+    async fn sync(
+        &self,
+        key: &ObjectRef,
+        desired: Option<Arc<Object<Workload>>>,
+        queue: &WorkQueue<ObjectRef>,
+    ) -> Result<Option<Duration>> {
+        let wanted = desired.filter(|w| {
+            !w.metadata.is_being_deleted() && w.spec.node_name.as_deref() == Some(self.config.node_name.as_str())
+        });
+        let Some(workload) = wanted else {
+            // Not (or no longer) ours: stop and remove its instances.
+            let gone: Vec<Tracked> = {
+                let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+                let keys: Vec<_> = instances.keys().filter(|(r, _)| r == key).cloned().collect();
+                keys.into_iter().filter_map(|k| instances.remove(&k)).collect()
+            };
+            for t in gone {
+                self.runtime.stop(&t.handle, self.config.stop_grace).await.ok();
+                self.runtime.remove(&t.handle).await.ok();
+            }
+            return Ok(None);
+        };
+        let grace = workload.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
+        let mut next_look: Option<Duration> = None;
+        let mut statuses = Vec::new();
+        for c in &workload.spec.containers {
+            let slot = (key.clone(), c.name.clone());
+            let tracked = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).cloned();
+            let state = match &tracked {
+                Some(t) => self.runtime.status(&t.handle).await.unwrap_or(InstanceState::Lost),
+                None => InstanceState::Lost,
+            };
+            let exited = match (&tracked, state) {
+                (Some(t), InstanceState::Running { started_at }) => {
+                    statuses.push(ContainerStatus {
+                        name: c.name.clone(),
+                        state: ContainerState::Running { started_at },
+                        ready: true,
+                        restart_count: t.restarts,
+                    });
+                    // A crash-free spell resets the backoff.
+                    if t.crashes > 0 && t.started.elapsed() >= self.config.backoff_reset {
+                        if let Some(t) = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot) {
+                            t.crashes = 0;
+                        }
+                    }
+                    continue;
+                }
+                (Some(_), InstanceState::Exited(e)) => Some(e),
+                (Some(t), InstanceState::Lost) => Some(t.last_exit.unwrap_or(ExitStatus {
+                    code: None,
+                    signal: None,
+                    oom_killed: false,
+                    finished_at: self.clock.now(),
+                })),
+                (None, _) => None,
+            };
+            let restart = match (exited, workload.spec.restart_policy) {
+                (None, _) => true, // never started
+                (Some(_), RestartPolicy::Always) => true,
+                (Some(e), RestartPolicy::OnFailure) => !e.success(),
+                (Some(_), RestartPolicy::Never) => false,
+            };
+            let restarts = tracked.as_ref().map_or(0, |t| t.restarts);
+            if !restart {
+                let e = exited.expect("only exited instances are not restarted");
+                statuses.push(terminated(c.name.clone(), &e, restarts));
+                continue;
+            }
+            // Crash-loop backoff before a restart.
+            if let (Some(t), Some(e)) = (&tracked, exited) {
+                let crashes = if t.last_exit == Some(e) { t.crashes } else { t.crashes + 1 };
+                let not_before = t
+                    .not_before
+                    .filter(|_| t.last_exit == Some(e))
+                    .unwrap_or_else(|| Instant::now() + self.backoff(crashes));
+                if let Some(entry) = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot) {
+                    entry.crashes = crashes;
+                    entry.not_before = Some(not_before);
+                    entry.last_exit = Some(e);
+                }
+                let now = Instant::now();
+                if now < not_before {
+                    statuses.push(ContainerStatus {
+                        name: c.name.clone(),
+                        state: ContainerState::Waiting { reason: "CrashLoopBackOff".into() },
+                        ready: false,
+                        restart_count: restarts,
+                    });
+                    let wait = not_before - now;
+                    next_look = Some(next_look.map_or(wait, |n| n.min(wait)));
+                    continue;
+                }
+                self.runtime.stop(&t.handle, grace).await.ok();
+                self.runtime.remove(&t.handle).await.ok();
+            }
+            let attempt = tracked.as_ref().map_or(0, |t| t.attempt + 1);
+            let spec = InstanceSpec {
+                id: instance_id(key, &c.name, attempt),
+                container: c.clone(),
+                volumes: Vec::new(),
+                labels: [("orch.dev/node", self.config.node_name.as_str()), ("orch.dev/workload", key.name.as_str())]
+                    .into(),
+            };
+            match self.runtime.start(&spec).await {
+                Ok(handle) => {
+                    let started_at = self.clock.now();
+                    let restarts = if tracked.is_some() { restarts + 1 } else { 0 };
+                    let t = Tracked {
+                        handle: handle.clone(),
+                        attempt,
+                        restarts,
+                        started: Instant::now(),
+                        crashes: tracked.as_ref().map_or(0, |t| t.crashes),
+                        not_before: None,
+                        last_exit: None,
+                    };
+                    self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(slot, t);
+                    // Wake this workload when the instance exits.
+                    let (runtime, queue, key) = (self.runtime.clone(), queue.clone(), key.clone());
+                    tokio::spawn(async move {
+                        let _ = runtime.wait(&handle).await;
+                        queue.add(key);
+                    });
+                    statuses.push(ContainerStatus {
+                        name: c.name.clone(),
+                        state: ContainerState::Running { started_at },
+                        ready: true,
+                        restart_count: restarts,
+                    });
+                }
+                Err(e) => {
+                    statuses.push(ContainerStatus {
+                        name: c.name.clone(),
+                        state: ContainerState::Waiting { reason: format!("StartFailed: {e}") },
+                        ready: false,
+                        restart_count: restarts,
+                    });
+                    next_look = Some(next_look.map_or(self.config.backoff_base, |n| n.min(self.config.backoff_base)));
+                }
+            }
+        }
+        self.report(&workload, statuses).await?;
+        Ok(next_look)
+    }
+
+    async fn report(&self, workload: &Object<Workload>, statuses: Vec<ContainerStatus>) -> Result<()> {
+        let now = self.clock.now();
+        let running = statuses.iter().any(|s| matches!(s.state, ContainerState::Running { .. }));
+        let all_done = statuses.iter().all(|s| matches!(s.state, ContainerState::Terminated { .. }));
+        let all_ok = statuses.iter().all(|s| matches!(s.state, ContainerState::Terminated { exit_code: 0, .. }));
+        let phase = if running {
+            Phase::Running
+        } else if all_done && all_ok {
+            Phase::Succeeded
+        } else if all_done {
+            Phase::Failed
+        } else {
+            Phase::Pending
+        };
+        let ready = statuses.iter().all(|s| s.ready);
+        let mut status = WorkloadStatus {
+            phase,
+            restart_count: statuses.iter().map(|s| s.restart_count).sum(),
+            start_time: workload.status.start_time.or(Some(now)),
+            conditions: workload.status.conditions.clone(),
+            container_statuses: statuses,
+            ..Default::default()
+        };
+        let cond = if ready { ConditionStatus::True } else { ConditionStatus::False };
+        set_condition(
+            &mut status.conditions,
+            Condition::new("Ready", cond, if ready { "Running" } else { "NotReady" }),
+            now,
+        );
+        if status == workload.status {
+            return Ok(());
+        }
+        let mut next = workload.clone();
+        next.status = status;
+        let api: Api<Workload> = Api::namespaced(self.store.clone(), &workload.metadata.namespace);
+        match api.replace_status(&next).await {
+            // A newer version is on its way through the cache; its sync reports again.
+            Err(e) if e.is_conflict() || e.is_not_found() => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+fn terminated(name: String, e: &ExitStatus, restarts: u32) -> ContainerStatus {
+    let code = e.code.unwrap_or_else(|| e.signal.map_or(-1, |s| 128 + s));
+    ContainerStatus {
+        name,
+        state: ContainerState::Terminated {
+            exit_code: code,
+            reason: if e.oom_killed {
+                "OOMKilled"
+            } else if code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            }
+            .into(),
+            finished_at: e.finished_at,
+        },
+        ready: false,
+        restart_count: restarts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_round_trip() {
+        let r = ObjectRef::new("default", "web.v2");
+        let id = instance_id(&r, "main", 7);
+        assert_eq!(id, "default.web.v2.main.7");
+        assert_eq!(parse_instance_id(&id), Some((r, "main".into(), 7)));
+        assert_eq!(parse_instance_id("nodots"), None);
+    }
+}

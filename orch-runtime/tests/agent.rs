@@ -1,0 +1,183 @@
+//! The node agent driving real processes: registration, heartbeat, restart policies, crash-loop
+//! backoff, recovery after an agent restart, and cleanup.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use orch_core::agent::{NODE_LEASE_NAMESPACE, NodeLease};
+use orch_core::kinds::{ContainerState, Node, Phase, RestartPolicy, Workload};
+use orch_core::{Agent, AgentConfig, Api, DeleteOptions, Object, ObjectMeta, Runtime, Store};
+use orch_runtime::ProcessRuntime;
+use orch_store::MemoryStore;
+use tokio::sync::oneshot;
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn root() -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("orch-agent-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst)));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn config() -> AgentConfig {
+    AgentConfig {
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(2),
+        resync_interval: Duration::from_millis(200),
+        renew_interval: Duration::from_millis(500),
+        lease_ttl: Duration::from_secs(3),
+        stop_grace: Duration::from_secs(2),
+        ..AgentConfig::new("node-1")
+    }
+}
+
+fn workload(name: &str, script: &str, policy: RestartPolicy) -> Object<Workload> {
+    let mut w = Workload::command("main", &["/bin/sh", "-c", script]);
+    w.restart_policy = policy;
+    w.node_name = Some("node-1".into());
+    Object::new(ObjectMeta::named(name), w)
+}
+
+fn start_agent(
+    store: &Arc<dyn Store>,
+    runtime: &Arc<dyn Runtime>,
+    drain: bool,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<orch_core::Result<()>>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let agent = Agent::new(config(), store.clone(), runtime.clone());
+    let handle = tokio::spawn(agent.run(
+        async move {
+            let _ = rx.await;
+        },
+        drain,
+    ));
+    (tx, handle)
+}
+
+async fn until<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn pid_of(h: &orch_core::Handle) -> i32 {
+    h.data["pid"].as_i64().unwrap() as i32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_restarts_and_reports() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let (stop, agent) = start_agent(&store, &runtime, true);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&workload("web", "sleep 60", RestartPolicy::Always)).await.unwrap();
+
+    // Registered, with a heartbeat.
+    let nodes: Api<Node> = Api::all(store.clone());
+    let node = until("node registered", async || nodes.get_opt("node-1").await.unwrap()).await;
+    assert!(node.status.capacity.contains_key("cpu"));
+    let leases: Api<NodeLease> = Api::namespaced(store.clone(), NODE_LEASE_NAMESPACE);
+    let hb = until("heartbeat", async || leases.get_opt("node-1").await.unwrap()).await;
+    assert!(hb.metadata.lease.is_some(), "the heartbeat lives on a store lease");
+
+    let running = until("web running", async || {
+        let w = api.get("web").await.unwrap();
+        (w.status.phase == Phase::Running).then_some(w)
+    })
+    .await;
+    assert_eq!(running.status.restart_count, 0);
+    // Kill it behind the agent's back: it comes back, counted as a restart.
+    let handles = runtime.list().await.unwrap();
+    assert_eq!(handles.len(), 1);
+    kill(Pid::from_raw(pid_of(&handles[0])), Signal::SIGKILL).unwrap();
+    let restarted = until("web restarted", async || {
+        let w = api.get("web").await.unwrap();
+        (w.status.phase == Phase::Running && w.status.restart_count == 1).then_some(w)
+    })
+    .await;
+    assert!(matches!(restarted.status.container_statuses[0].state, ContainerState::Running { .. }));
+
+    // Deleting the workload stops and removes its instance.
+    api.delete("web", &DeleteOptions::default()).await.unwrap();
+    until("instance removed", async || runtime.list().await.unwrap().is_empty().then_some(())).await;
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    assert!(leases.get("node-1").await.unwrap_err().is_not_found(), "a draining agent releases its heartbeat");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_policies_and_crash_loop_backoff() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let (stop, agent) = start_agent(&store, &runtime, true);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&workload("once-bad", "exit 2", RestartPolicy::Never)).await.unwrap();
+    api.create(&workload("job-ok", "exit 0", RestartPolicy::OnFailure)).await.unwrap();
+    api.create(&workload("crasher", "exit 1", RestartPolicy::Always)).await.unwrap();
+
+    let failed = until("once-bad failed", async || {
+        let w = api.get("once-bad").await.unwrap();
+        (w.status.phase == Phase::Failed).then_some(w)
+    })
+    .await;
+    assert!(matches!(failed.status.container_statuses[0].state, ContainerState::Terminated { exit_code: 2, .. }));
+    until("job-ok succeeded", async || {
+        (api.get("job-ok").await.unwrap().status.phase == Phase::Succeeded).then_some(())
+    })
+    .await;
+
+    // The crasher backs off: 200 ms, 400 ms, 800 ms, ... so four restarts take at least 1.4 s.
+    let began = Instant::now();
+    until("crash loop visible", async || {
+        let w = api.get("crasher").await.unwrap();
+        matches!(&w.status.container_statuses.first()?.state, ContainerState::Waiting { reason } if reason == "CrashLoopBackOff").then_some(())
+    })
+    .await;
+    until("four restarts", async || (api.get("crasher").await.unwrap().status.restart_count >= 4).then_some(())).await;
+    assert!(
+        began.elapsed() >= Duration::from_millis(1_400),
+        "restarts came faster than the backoff allows: {:?}",
+        began.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(api.get("once-bad").await.unwrap().status.restart_count, 0, "Never means never");
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_running_instances() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let dir = root();
+    let first: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(&dir).unwrap());
+    let (stop, agent) = start_agent(&store, &first, false);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&workload("keeper", "sleep 60", RestartPolicy::Always)).await.unwrap();
+    until("keeper running", async || (api.get("keeper").await.unwrap().status.phase == Phase::Running).then_some(()))
+        .await;
+    let before = first.list().await.unwrap();
+    // Stop the agent without draining: the process keeps running.
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+
+    let second: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(&dir).unwrap());
+    let (stop, agent) = start_agent(&store, &second, true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = second.list().await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(pid_of(&after[0]), pid_of(&before[0]), "the same process, adopted, not restarted");
+    let w = api.get("keeper").await.unwrap();
+    assert_eq!((w.status.phase, w.status.restart_count), (Phase::Running, 0));
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    assert!(second.list().await.unwrap().is_empty(), "a draining agent stops and removes its instances");
+}
