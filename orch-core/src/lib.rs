@@ -37,6 +37,7 @@ pub mod kinds;
 pub mod labels;
 pub mod manager;
 pub mod meta;
+pub mod node_lifecycle;
 pub mod object;
 pub mod quantity;
 pub mod runtime;

@@ -1,0 +1,182 @@
+//! The node lifecycle controller: notices nodes whose agents stopped heartbeating, marks them
+//! not ready and tainted, and after an eviction timeout deletes their workloads so that their
+//! owners replace them elsewhere. Evictions are rate-limited and pause when a large share of the
+//! cluster is unhealthy (a network blip must not empty a zone).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::agent::{NODE_LEASE_NAMESPACE, NodeLease};
+use crate::api::{Api, ListParams};
+use crate::cache::ObjectRef;
+use crate::controller::{Action, Context, Controller, ControllerBuilder};
+use crate::error::Error;
+use crate::kinds::{Condition, ConditionStatus, Node, Taint, TaintEffect, Workload, find_condition, set_condition};
+use crate::meta::{Clock, SystemClock};
+use crate::object::Object;
+use crate::selector::FieldSelector;
+use crate::store::DeleteOptions;
+
+/// The taint put on a node whose heartbeat lapsed.
+pub const UNREACHABLE_TAINT: &str = "node.orch.dev/unreachable";
+
+/// Settings of the node lifecycle controller.
+#[derive(Debug, Clone)]
+pub struct NodeLifecycleConfig {
+    /// How long a node stays unreachable before its workloads are evicted (default 5 min).
+    pub eviction_timeout: Duration,
+    /// Sustained evictions (whole nodes) per second (default 0.1: one node every 10 s).
+    pub evictions_per_second: f64,
+    /// Pause evictions while more than this share of nodes is not ready (default 0.55).
+    pub unhealthy_threshold: f64,
+    /// After the controller starts, wait this long before judging heartbeats, so agents get a
+    /// chance to renew (default 40 s, the default heartbeat TTL).
+    pub startup_grace: Duration,
+}
+
+impl Default for NodeLifecycleConfig {
+    fn default() -> Self {
+        NodeLifecycleConfig {
+            eviction_timeout: Duration::from_secs(300),
+            evictions_per_second: 0.1,
+            unhealthy_threshold: 0.55,
+            startup_grace: Duration::from_secs(40),
+        }
+    }
+}
+
+/// The controller (register it with [`NodeLifecycle::builder`]).
+pub struct NodeLifecycle {
+    config: NodeLifecycleConfig,
+    clock: Arc<dyn Clock>,
+    started: Instant,
+    /// Token bucket of evictions: (tokens, last refill).
+    bucket: Mutex<(f64, Instant)>,
+}
+
+impl std::fmt::Debug for NodeLifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeLifecycle").field("config", &self.config).finish()
+    }
+}
+
+impl NodeLifecycle {
+    /// The controller with `config`, using `clock` for taint timestamps.
+    pub fn new(config: NodeLifecycleConfig, clock: Arc<dyn Clock>) -> Self {
+        NodeLifecycle { config, clock, started: Instant::now(), bucket: Mutex::new((1.0, Instant::now())) }
+    }
+
+    /// The controller on the system clock, wired to its triggers.
+    pub fn builder(config: NodeLifecycleConfig) -> ControllerBuilder<NodeLifecycle> {
+        NodeLifecycle::new(config, Arc::new(SystemClock)).into_builder()
+    }
+
+    /// This controller wired to its triggers: nodes, and their heartbeat leases.
+    pub fn into_builder(self) -> ControllerBuilder<NodeLifecycle> {
+        ControllerBuilder::new("node-lifecycle", self)
+            .watches::<NodeLease>(|l: &Object<NodeLease>| vec![ObjectRef::new("", l.metadata.name.clone())])
+    }
+
+    /// Takes an eviction token, or says how long until one is due.
+    fn take_token(&self) -> Result<(), Duration> {
+        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let rate = self.config.evictions_per_second.max(1e-6);
+        b.0 = (b.0 + now.saturating_duration_since(b.1).as_secs_f64() * rate).min(1.0);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - b.0) / rate))
+        }
+    }
+}
+
+fn is_ready(node: &Object<Node>) -> bool {
+    find_condition(&node.status.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::True)
+}
+
+#[async_trait::async_trait]
+impl Controller for NodeLifecycle {
+    type Kind = Node;
+    type Error = Error;
+
+    async fn reconcile(&self, node: Arc<Object<Node>>, ctx: &Context) -> Result<Action, Error> {
+        let nodes: Api<Node> = ctx.api_all();
+        let leases = ctx.cache::<NodeLease>().expect("registered by the builder");
+        let alive = leases.get(&ObjectRef::new(NODE_LEASE_NAMESPACE, node.metadata.name.clone())).is_some();
+        let now = self.clock.now();
+        let tainted = node.spec.taints.iter().find(|t| t.key == UNREACHABLE_TAINT).cloned();
+        if alive {
+            // Back (or never gone): clear the mark.
+            if let Some(_t) = &tainted {
+                let mut n = (*node).clone();
+                n.spec.taints.retain(|t| t.key != UNREACHABLE_TAINT);
+                let n = nodes.replace(&n).await?;
+                let mut s = n.clone();
+                set_condition(&mut s.status.conditions, Condition::new("Ready", ConditionStatus::True, "HeartbeatResumed"), now);
+                nodes.replace_status(&s).await?;
+                tracing::info!(node = %node.metadata.name, "node is reachable again");
+            }
+            return Ok(Action::Done);
+        }
+        let since_start = self.started.elapsed();
+        if since_start < self.config.startup_grace {
+            return Ok(Action::RequeueAfter(self.config.startup_grace - since_start));
+        }
+        let Some(taint) = tainted else {
+            let mut n = (*node).clone();
+            n.spec.taints.push(Taint {
+                key: UNREACHABLE_TAINT.into(),
+                value: String::new(),
+                effect: TaintEffect::NoExecute,
+                time_added: Some(now),
+            });
+            let n = nodes.replace(&n).await?;
+            let mut s = n.clone();
+            let mut c = Condition::new("Ready", ConditionStatus::Unknown, "HeartbeatLapsed");
+            c.message = "the node's agent stopped renewing its heartbeat lease".into();
+            set_condition(&mut s.status.conditions, c, now);
+            nodes.replace_status(&s).await?;
+            tracing::warn!(node = %node.metadata.name, "node unreachable; evicting its workloads after the timeout");
+            return Ok(Action::RequeueAfter(self.config.eviction_timeout));
+        };
+        let unreachable_for = now.since(taint.time_added.unwrap_or(now));
+        if unreachable_for < self.config.eviction_timeout {
+            return Ok(Action::RequeueAfter(self.config.eviction_timeout - unreachable_for));
+        }
+        // Pause when much of the cluster looks down: more likely our view is broken than the nodes.
+        if let Some(all) = ctx.cache::<Node>() {
+            let total = all.len().max(1);
+            let down = all.list().iter().filter(|n| !is_ready(n)).count();
+            if down as f64 / total as f64 > self.config.unhealthy_threshold {
+                tracing::warn!(down, total, "too many nodes unhealthy; evictions paused");
+                return Ok(Action::RequeueAfter(Duration::from_secs(10)));
+            }
+        }
+        let workloads: Api<Workload> = ctx.api_all();
+        let on_node = ListParams {
+            fields: FieldSelector::equals("spec.nodeName", node.metadata.name.clone()),
+            ..Default::default()
+        };
+        let victims = workloads.list(&on_node).await?.items;
+        if victims.is_empty() {
+            return Ok(Action::Done);
+        }
+        if let Err(wait) = self.take_token() {
+            return Ok(Action::RequeueAfter(wait));
+        }
+        for w in victims {
+            let api: Api<Workload> = ctx.api(&w.metadata.namespace);
+            match api.delete(&w.metadata.name, &DeleteOptions::default()).await {
+                Ok(_) | Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            tracing::info!(node = %node.metadata.name, workload = %w.key(), "evicted");
+        }
+        Ok(Action::Done)
+    }
+}

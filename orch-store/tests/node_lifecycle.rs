@@ -1,0 +1,151 @@
+//! The node lifecycle controller on a paused clock: a lapsed heartbeat marks the node, the
+//! eviction timeout evicts its workloads, evictions are rate-limited and pause when most nodes
+//! look down, and a returning heartbeat clears the mark.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orch_core::agent::{NODE_LEASE_NAMESPACE, NodeLease};
+use orch_core::kinds::{Condition, ConditionStatus, Node, Workload, find_condition, set_condition};
+use orch_core::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig, UNREACHABLE_TAINT};
+use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Store, Timestamp, TokioClock};
+use orch_store::MemoryStore;
+
+const TTL: Duration = Duration::from_secs(40);
+
+struct Cluster {
+    store: Arc<dyn Store>,
+    nodes: Api<Node>,
+    workloads: Api<Workload>,
+}
+
+impl Cluster {
+    async fn new(nodes: &[&str]) -> Self {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let api: Api<Node> = Api::all(store.clone());
+        for name in nodes {
+            let n = api.create(&Object::new(ObjectMeta::named(*name), Node::default())).await.unwrap();
+            let mut s = n.clone();
+            set_condition(&mut s.status.conditions, Condition::new("Ready", ConditionStatus::True, "AgentReady"), Timestamp(0));
+            api.replace_status(&s).await.unwrap();
+        }
+        Cluster { workloads: Api::namespaced(store.clone(), "default"), nodes: api, store }
+    }
+
+    /// A heartbeat for `node`, renewed until the returned task is aborted.
+    async fn heartbeat(&self, node: &str) -> tokio::task::JoinHandle<()> {
+        let lease = self.store.grant_lease(TTL).await.unwrap();
+        let mut meta = ObjectMeta::named(node);
+        meta.lease = Some(lease.id);
+        Api::<NodeLease>::namespaced(self.store.clone(), NODE_LEASE_NAMESPACE)
+            .create(&Object::new(meta, NodeLease { holder: node.into() }))
+            .await
+            .unwrap();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                if store.keep_alive(lease.id).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    async fn workload_on(&self, name: &str, node: &str) {
+        let mut w = Workload::command("main", &["/bin/sleep", "1"]);
+        w.node_name = Some(node.into());
+        self.workloads.create(&Object::new(ObjectMeta::named(name), w)).await.unwrap();
+    }
+
+    async fn names(&self) -> Vec<String> {
+        self.workloads.list(&ListParams::default()).await.unwrap().items.into_iter().map(|w| w.metadata.name).collect()
+    }
+
+    async fn unreachable(&self, node: &str) -> bool {
+        let n = self.nodes.get(node).await.unwrap();
+        n.spec.taints.iter().any(|t| t.key == UNREACHABLE_TAINT)
+            && find_condition(&n.status.conditions, "Ready").is_some_and(|c| c.status == ConditionStatus::Unknown)
+    }
+
+    fn start(&self, config: NodeLifecycleConfig) -> tokio::sync::oneshot::Sender<()> {
+        let mut manager = Manager::new(self.store.clone());
+        let clock = Arc::new(TokioClock::starting_at(Timestamp(1_800_000_000_000)));
+        manager.add(NodeLifecycle::new(config, clock).into_builder());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(manager.run(async move {
+            let _ = rx.await;
+        }));
+        tx
+    }
+}
+
+fn config() -> NodeLifecycleConfig {
+    NodeLifecycleConfig { startup_grace: Duration::from_secs(5), ..Default::default() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn lapsed_heartbeat_marks_then_evicts_and_a_return_clears() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    let dying = c.heartbeat("n1").await;
+    let _n2 = c.heartbeat("n2").await;
+    let _n3 = c.heartbeat("n3").await;
+    c.workload_on("a", "n1").await;
+    c.workload_on("b", "n1").await;
+    c.workload_on("c", "n2").await;
+    let _stop = c.start(config());
+    dying.abort(); // n1's agent dies: its lease runs out after the TTL
+
+    tokio::time::sleep(TTL + Duration::from_secs(10)).await;
+    assert!(c.unreachable("n1").await, "n1 is marked once its heartbeat lapsed");
+    assert!(!c.unreachable("n2").await);
+    tokio::time::sleep(Duration::from_secs(240)).await;
+    assert_eq!(c.names().await, ["a", "b", "c"], "nothing is evicted before the timeout");
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    assert_eq!(c.names().await, ["c"], "n1's workloads are evicted after the timeout, others stay");
+
+    // The agent comes back: the mark is cleared.
+    let _back = c.heartbeat("n1").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!c.unreachable("n1").await);
+    let n1 = c.nodes.get("n1").await.unwrap();
+    assert!(n1.spec.taints.is_empty());
+    assert_eq!(find_condition(&n1.status.conditions, "Ready").unwrap().status, ConditionStatus::True);
+}
+
+#[tokio::test(start_paused = true)]
+async fn evictions_pause_when_most_nodes_look_down() {
+    let c = Cluster::new(&["n1", "n2", "n3"]).await;
+    let _n3 = c.heartbeat("n3").await;
+    c.workload_on("a", "n1").await;
+    c.workload_on("b", "n2").await;
+    let _stop = c.start(config());
+    // Two of three nodes never heartbeat: 67% down is above the 55% threshold.
+    tokio::time::sleep(Duration::from_secs(900)).await;
+    assert!(c.unreachable("n1").await && c.unreachable("n2").await);
+    assert_eq!(c.names().await, ["a", "b"], "no eviction while most of the cluster looks down");
+}
+
+#[tokio::test(start_paused = true)]
+async fn evictions_are_rate_limited() {
+    let names = ["n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"];
+    let c = Cluster::new(&names).await;
+    let mut beats = Vec::new();
+    for n in &names[3..] {
+        beats.push(c.heartbeat(n).await);
+    }
+    for (i, n) in names[..3].iter().enumerate() {
+        c.workload_on(&format!("w{i}"), n).await;
+    }
+    let _stop = c.start(NodeLifecycleConfig { evictions_per_second: 1.0 / 60.0, ..config() });
+    // All three marked at about the same time; the timeout passes for all together.
+    tokio::time::sleep(Duration::from_secs(5 + 300 + 5)).await;
+    let first = c.names().await.len();
+    assert_eq!(first, 2, "one node evicted at once");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(c.names().await.len(), 1, "the next one a minute later");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(c.names().await.is_empty());
+}
