@@ -120,8 +120,22 @@ impl<K: Resource> Api<K> {
         self
     }
 
-    fn write_options(&self, opts: &WriteOptions) -> WriteOptions {
-        WriteOptions { guard: opts.guard.clone().or_else(|| self.guard.clone()) }
+    /// The guard a write carries: the Api's fencing token, or the caller's, never one replacing
+    /// the other (that would let a fenced Api write without its leader's token).
+    fn guard_for(&self, requested: Option<&Guard>) -> Result<Option<Guard>> {
+        match (&self.guard, requested) {
+            (Some(mine), Some(theirs)) if mine != theirs => Err(Error::invalid(
+                K::KIND,
+                "guard",
+                "this Api is fenced by a leader's token; it cannot carry a second guard",
+            )),
+            (Some(mine), _) => Ok(Some(mine.clone())),
+            (None, theirs) => Ok(theirs.cloned()),
+        }
+    }
+
+    fn write_options(&self, opts: &WriteOptions) -> Result<WriteOptions> {
+        Ok(WriteOptions { guard: self.guard_for(opts.guard.as_ref())? })
     }
 
     /// The store underneath.
@@ -219,7 +233,7 @@ impl<K: Resource> Api<K> {
     pub async fn create(&self, obj: &Object<K>) -> Result<Object<K>> {
         let obj = self.place(obj)?;
         Object::from_dynamic(
-            &*self.store.create(obj.to_dynamic()?, &self.write_options(&WriteOptions::default())).await?,
+            &*self.store.create(obj.to_dynamic()?, &self.write_options(&WriteOptions::default())?).await?,
         )
     }
 
@@ -231,7 +245,7 @@ impl<K: Resource> Api<K> {
     /// [`replace`](Api::replace) with a guard.
     pub async fn replace_with(&self, obj: &Object<K>, opts: &WriteOptions) -> Result<Object<K>> {
         let obj = self.place(obj)?;
-        Object::from_dynamic(&*self.store.update(obj.to_dynamic()?, &self.write_options(opts)).await?)
+        Object::from_dynamic(&*self.store.update(obj.to_dynamic()?, &self.write_options(opts)?).await?)
     }
 
     /// Replaces the status (compare-and-swap on `metadata.resource_version`).
@@ -242,7 +256,7 @@ impl<K: Resource> Api<K> {
     /// [`replace_status`](Api::replace_status) with a guard.
     pub async fn replace_status_with(&self, obj: &Object<K>, opts: &WriteOptions) -> Result<Object<K>> {
         let obj = self.place(obj)?;
-        Object::from_dynamic(&*self.store.update_status(obj.to_dynamic()?, &self.write_options(opts)).await?)
+        Object::from_dynamic(&*self.store.update_status(obj.to_dynamic()?, &self.write_options(opts)?).await?)
     }
 
     /// Applies a JSON merge patch (RFC 7386) to `{metadata, spec}`.
@@ -263,33 +277,38 @@ impl<K: Resource> Api<K> {
             return Err(Error::invalid(K::KIND, "patch", "must be a JSON object"));
         }
         let pinned = patch.pointer("/metadata/resourceVersion").is_some();
+        let key = self.key(name)?;
         let mut last_conflict = None;
         for _ in 0..PATCH_ATTEMPTS {
-            let current = self.get(name).await?;
-            let mut doc = serde_json::to_value(&current)
+            let current = self.store.get(&key).await?;
+            // Merge onto the stored JSON, not the typed form, so fields this program's `K` does
+            // not know (written by a newer client) survive the patch.
+            let mut doc = serde_json::to_value(&*current)
                 .map_err(|source| Error::Serialization { what: K::KIND.into(), source })?;
-            if status {
-                if let Some(p) = patch.get("status") {
-                    merge_patch(&mut doc["status"], p);
-                }
-            } else {
-                for part in ["metadata", "spec"] {
-                    if let Some(p) = patch.get(part) {
-                        merge_patch(&mut doc[part], p);
-                    }
+            let parts: &[&str] = if status { &["status"] } else { &["metadata", "spec"] };
+            for part in parts {
+                if let Some(p) = patch.get(*part) {
+                    merge_patch(&mut doc[*part], p);
                 }
             }
-            let patched: Object<K> = serde_json::from_value(doc)
-                .map_err(|e| Error::invalid(K::KIND, "patch", format!("result does not decode: {e}")))?;
-            if patched.metadata.name != current.metadata.name
-                || patched.metadata.namespace != current.metadata.namespace
-            {
+            let merged: crate::object::DynamicObject = serde_json::from_value(doc)
+                .map_err(|e| Error::invalid(K::KIND, "patch", format!("result is not an object: {e}")))?;
+            if merged.key() != key {
                 return Err(Error::invalid(K::KIND, "patch.metadata", "name and namespace cannot be patched"));
             }
-            let result = if status { self.replace_status(&patched).await } else { self.replace(&patched).await };
+            // The typed form checks the result: it must decode and validate.
+            let typed = Object::<K>::from_dynamic(&merged)
+                .map_err(|e| Error::invalid(K::KIND, "patch", format!("result does not decode: {e}")))?;
+            typed.validate()?;
+            let opts = self.write_options(&WriteOptions::default())?;
+            let result = if status {
+                self.store.update_status(merged, &opts).await
+            } else {
+                self.store.update(merged, &opts).await
+            };
             match result {
                 Err(e) if e.is_conflict() && !pinned => last_conflict = Some(e),
-                other => return other,
+                other => return Object::from_dynamic(&*other?),
             }
         }
         Err(last_conflict.unwrap_or_else(|| Error::invalid(K::KIND, "patch", "gave up")))
@@ -297,10 +316,8 @@ impl<K: Resource> Api<K> {
 
     /// Deletes an object (or marks it, while finalizers remain).
     pub async fn delete(&self, name: &str, opts: &DeleteOptions) -> Result<Deleted<K>> {
-        let opts = DeleteOptions {
-            resource_version: opts.resource_version,
-            guard: opts.guard.clone().or_else(|| self.guard.clone()),
-        };
+        let opts =
+            DeleteOptions { resource_version: opts.resource_version, guard: self.guard_for(opts.guard.as_ref())? };
         Ok(match self.store.delete(&self.key(name)?, &opts).await? {
             DeleteOutcome::Deleted(o) => Deleted::Gone(Object::from_dynamic(&o)?),
             DeleteOutcome::Pending(o) => Deleted::Pending(Object::from_dynamic(&o)?),

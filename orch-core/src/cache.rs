@@ -119,7 +119,11 @@ type Index = HashMap<String, HashSet<Arc<ObjectRef>>>;
 struct State<K: Resource> {
     objects: HashMap<Arc<ObjectRef>, Arc<Object<K>>>,
     indexes: HashMap<String, Index>,
+    /// Highest revision seen.
     revision: u64,
+    /// Every event up to here has been applied: a broken watch resumes after it (a revision's
+    /// events may have been cut off halfway).
+    complete: u64,
 }
 
 struct Shared<K: Resource> {
@@ -177,7 +181,7 @@ impl<K: Resource> Cache<K> {
         let indexes = indexers.iter().map(|(n, _)| (n.clone(), Index::new())).collect();
         Cache {
             shared: Arc::new(Shared {
-                state: RwLock::new(State { objects: HashMap::new(), indexes, revision: 0 }),
+                state: RwLock::new(State { objects: HashMap::new(), indexes, revision: 0, complete: 0 }),
                 indexers,
                 ready: watch::channel(false).0,
                 subscribers: Mutex::new(Vec::new()),
@@ -301,32 +305,51 @@ impl<K: Resource> Cache<K> {
                 }
             }
             st.revision = revision;
+            st.complete = revision;
         }
         self.announce(events);
         self.shared.ready.send_replace(true);
     }
 
-    /// Applies one watch event.
+    /// Applies one watch event. Replayed events (after a resume) change nothing and are not
+    /// announced again.
     fn apply(&self, event: &WatchEvent) {
         let mut st = self.write();
+        if let Some(o) = event.object() {
+            let rev = o.metadata.resource_version;
+            // A higher revision means every event of the previous one has arrived.
+            if rev > st.revision {
+                st.complete = st.revision;
+                st.revision = rev;
+            }
+        }
         let announce = match event {
             WatchEvent::Added(o) | WatchEvent::Modified(o) => {
-                st.revision = st.revision.max(o.metadata.resource_version);
-                self.decode(o).map(|obj| {
-                    let obj = Arc::new(obj);
-                    self.put(&mut st, ObjectRef::of(&obj), obj.clone());
-                    CacheEvent::Applied(obj)
-                })
+                let r = ObjectRef::new(&o.metadata.namespace, &o.metadata.name);
+                let same =
+                    st.objects.get(&r).is_some_and(|c| c.metadata.resource_version == o.metadata.resource_version);
+                if same {
+                    None
+                } else {
+                    match self.decode(o) {
+                        Some(obj) => {
+                            let obj = Arc::new(obj);
+                            self.put(&mut st, r, obj.clone());
+                            Some(CacheEvent::Applied(obj))
+                        }
+                        // An undecodable new version must not leave the old one looking current;
+                        // a re-list would drop it too.
+                        None => self.remove(&mut st, &r).map(CacheEvent::Deleted),
+                    }
+                }
             }
             WatchEvent::Deleted(o) => {
-                st.revision = st.revision.max(o.metadata.resource_version);
                 let r = ObjectRef::new(&o.metadata.namespace, &o.metadata.name);
-                // Announce the object's final state when it decodes, else the last cached one.
-                let removed = self.remove(&mut st, &r);
-                self.decode(o).map(Arc::new).or(removed).map(CacheEvent::Deleted)
+                self.remove(&mut st, &r).map(|old| CacheEvent::Deleted(self.decode(o).map(Arc::new).unwrap_or(old)))
             }
             WatchEvent::Progress(r) => {
                 st.revision = st.revision.max(*r);
+                st.complete = st.complete.max(*r);
                 None
             }
         };
@@ -334,6 +357,11 @@ impl<K: Resource> Cache<K> {
         if let Some(e) = announce {
             self.announce(vec![e]);
         }
+    }
+
+    /// Where a resumed watch starts: after the last revision known to be complete.
+    fn resume_from(&self) -> u64 {
+        self.read().complete + 1
     }
 
     fn put(&self, st: &mut State<K>, r: ObjectRef, obj: Arc<Object<K>>) {
@@ -415,7 +443,7 @@ async fn reflect<K: Resource>(store: Arc<dyn Store>, config: CacheConfig<K>, cac
                 }
             }
         }
-        let from = cache.revision() + 1;
+        let from = cache.resume_from();
         let req = WatchRequest {
             selection: selection.clone(),
             from_revision: Some(from),

@@ -112,10 +112,13 @@ impl Manager {
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         });
+        // The election stops only after the controllers have drained, so in-flight reconciles
+        // finish under a lock that is still held.
+        let (resign_tx, resign_rx) = watch::channel(false);
         let mut election = JoinSet::new();
         match self.election.clone() {
             Some(config) => {
-                election.spawn(campaign(self.store.clone(), config, self.leadership.clone(), stop_rx.clone()));
+                election.spawn(campaign(self.store.clone(), config, self.leadership.clone(), resign_rx));
             }
             None => {
                 self.leadership.send_replace(Leadership::Leading(None));
@@ -134,6 +137,7 @@ impl Manager {
         shutdown.await;
         stop_tx.send_replace(true);
         while controllers.join_next().await.is_some() {}
+        resign_tx.send_replace(true);
         // The election releases the lock (revokes its lease) so a standby need not wait out the TTL.
         let _ = tokio::time::timeout(Duration::from_secs(5), election.join_all()).await;
         reporter.shutdown().await;

@@ -117,7 +117,11 @@ impl Controller for NodeLifecycle {
                 n.spec.taints.retain(|t| t.key != UNREACHABLE_TAINT);
                 let n = nodes.replace(&n).await?;
                 let mut s = n.clone();
-                set_condition(&mut s.status.conditions, Condition::new("Ready", ConditionStatus::True, "HeartbeatResumed"), now);
+                set_condition(
+                    &mut s.status.conditions,
+                    Condition::new("Ready", ConditionStatus::True, "HeartbeatResumed"),
+                    now,
+                );
                 nodes.replace_status(&s).await?;
                 tracing::info!(node = %node.metadata.name, "node is reachable again");
             }

@@ -741,6 +741,9 @@ impl Store for MemoryStore {
         if ttl.is_zero() {
             return Err(Error::invalid("Lease", "ttl", "must be > 0"));
         }
+        if Instant::now().checked_add(ttl).is_none() || ttl > Duration::from_secs(10 * 365 * 86_400) {
+            return Err(Error::invalid("Lease", "ttl", "must be at most ten years"));
+        }
         let (mut st, expired) = self.write_state();
         let id = st.next_lease;
         st.next_lease += 1;
@@ -853,8 +856,10 @@ impl Watcher {
         self.next_index += examined as u64;
         match last_rev {
             Some(rev) => self.cursor = rev + 1,
-            // Nothing newer: everything up to the current revision has been seen.
-            None => self.cursor = self.cursor.max(st.revision + 1),
+            // Nothing newer: everything up to the current revision has been seen. (Not when the
+            // batch ended early on entries before a future start: those are not all examined.)
+            None if self.caught_up => self.cursor = self.cursor.max(st.revision + 1),
+            None => {}
         }
         Ok(true)
     }
@@ -993,6 +998,32 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_from_a_future_revision_misses_nothing_after_it() {
+        let s = MemoryStore::new();
+        let mut w = s.watch(&WatchRequest::from(Selection::kind("Thing"), 2000)).await.unwrap();
+        for i in 0..3000 {
+            s.create(obj(&format!("o{i}")), &WriteOptions::default()).await.unwrap();
+        }
+        let mut revs = Vec::new();
+        while revs.len() < 1001 {
+            match w.next().await {
+                Some(Ok(e)) => revs.push(e.revision()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(revs.first(), Some(&2000));
+        assert_eq!(revs.last(), Some(&3000));
+        assert!(revs.windows(2).all(|p| p[1] == p[0] + 1), "a gap or a repeat");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn absurd_lease_ttls_are_refused() {
+        let s = MemoryStore::new();
+        let e = s.grant_lease(Duration::MAX).await.unwrap_err();
+        assert!(e.is_invalid() && e.to_string().contains("ttl"), "{e}");
     }
 
     #[tokio::test(start_paused = true)]

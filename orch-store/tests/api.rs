@@ -139,3 +139,32 @@ async fn typed_watch_and_delete() {
     assert_eq!(kinds, ["added", "modified", "deleted"]);
     assert!(api.get("f").await.unwrap_err().is_not_found());
 }
+
+#[tokio::test]
+async fn a_fenced_api_cannot_be_given_another_guard() {
+    use orch_core::{Guard, ObjectKey, WriteOptions};
+    let s = store();
+    let created = Api::<Echo>::namespaced(s.clone(), "default").create(&echo("f", 1)).await.unwrap();
+    let leader = Guard { key: ObjectKey::new("LeaderLock", "sys", "l"), resource_version: 1 };
+    let other = Guard { key: created.key(), resource_version: created.metadata.resource_version };
+    let fenced: Api<Echo> = Api::namespaced(s, "default").fenced(Some(leader));
+    let e = fenced.replace_with(&created, &WriteOptions { guard: Some(other.clone()) }).await.unwrap_err();
+    assert!(e.is_invalid() && e.to_string().contains("guard"), "{e}");
+    let d = orch_core::DeleteOptions { resource_version: None, guard: Some(other) };
+    assert!(fenced.delete("f", &d).await.unwrap_err().is_invalid());
+    // With only its own token it is fenced: the leader lock does not exist, so writes fail.
+    let e = fenced.replace(&created).await.unwrap_err();
+    assert!(matches!(e, orch_core::Error::PreconditionFailed { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn patch_keeps_fields_this_program_does_not_know() {
+    let s = store();
+    let raw = orch_core::DynamicObject::new("Echo", ObjectMeta::namespaced("default", "future"))
+        .with_spec(orch_core::RawJson::parse(r#"{"message":"hi","replicas":1,"addedLater":true}"#).unwrap());
+    s.create(raw, &Default::default()).await.unwrap();
+    let api: Api<Echo> = Api::namespaced(s.clone(), "default");
+    api.patch("future", &json!({"spec": {"replicas": 2}})).await.unwrap();
+    let stored = s.get(&orch_core::ObjectKey::new("Echo", "default", "future")).await.unwrap();
+    assert_eq!(stored.spec.to_value(), json!({"message": "hi", "replicas": 2, "addedLater": true}));
+}

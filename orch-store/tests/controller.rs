@@ -488,3 +488,24 @@ async fn a_leader_whose_lock_is_taken_away_steps_down_and_campaigns_again() {
     stop.send(()).unwrap();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_finalizer_stays_until_cleanup_says_done() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let api: Api<Echo> = Api::namespaced(store.clone(), "default");
+    let mut e = echo("slow-cleanup", 1);
+    e.metadata.finalizers = vec![FINALIZER.into()];
+    api.create(&e).await.unwrap();
+    api.delete("slow-cleanup", &DeleteOptions::default()).await.unwrap();
+    let marked = Arc::new(api.get("slow-cleanup").await.unwrap());
+    let not_yet = finalizer(&api, FINALIZER, marked.clone(), |_| async {
+        Ok::<_, Error>(Action::RequeueAfter(Duration::from_secs(5)))
+    })
+    .await
+    .unwrap();
+    assert_eq!(not_yet, Action::RequeueAfter(Duration::from_secs(5)));
+    assert_eq!(api.get("slow-cleanup").await.unwrap().metadata.finalizers, [FINALIZER], "kept while cleanup continues");
+    let done = finalizer(&api, FINALIZER, marked, |_| async { Ok::<_, Error>(Action::Done) }).await.unwrap();
+    assert_eq!(done, Action::Done);
+    assert!(api.get("slow-cleanup").await.unwrap_err().is_not_found());
+}

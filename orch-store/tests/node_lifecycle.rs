@@ -28,7 +28,11 @@ impl Cluster {
         for name in nodes {
             let n = api.create(&Object::new(ObjectMeta::named(*name), Node::default())).await.unwrap();
             let mut s = n.clone();
-            set_condition(&mut s.status.conditions, Condition::new("Ready", ConditionStatus::True, "AgentReady"), Timestamp(0));
+            set_condition(
+                &mut s.status.conditions,
+                Condition::new("Ready", ConditionStatus::True, "AgentReady"),
+                Timestamp(0),
+            );
             api.replace_status(&s).await.unwrap();
         }
         Cluster { workloads: Api::namespaced(store.clone(), "default"), nodes: api, store }

@@ -52,6 +52,9 @@ pub enum FinalizerError<E: std::error::Error + 'static> {
 }
 
 /// Runs `step` under finalizer `name` (a qualified name such as `example.com/cleanup`).
+///
+/// The finalizer comes off only when the cleanup step answers [`Action::Done`]; any other
+/// answer keeps it and is passed on, so cleanup can take several rounds.
 pub async fn finalizer<K, F, Fut, E>(
     api: &Api<K>,
     name: &str,
@@ -68,6 +71,10 @@ where
     match (obj.metadata.is_being_deleted(), has) {
         (true, true) => {
             let action = step(FinalizerEvent::Cleanup(obj.clone())).await.map_err(FinalizerError::Cleanup)?;
+            if action != Action::Done {
+                // Cleanup is not finished (it asked to look again): keep the finalizer.
+                return Ok(action);
+            }
             let mut next = (*obj).clone();
             next.metadata.finalizers.retain(|f| f != name);
             api.replace(&next).await.map_err(|source| FinalizerError::Remove { finalizer: name.into(), source })?;

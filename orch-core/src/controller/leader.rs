@@ -105,13 +105,26 @@ pub async fn campaign(
                     return;
                 }
             }
-            if let Err(e) = store.keep_alive(lease_id).await {
-                tracing::warn!(identity = %config.identity, error = %e, "lost leadership");
-                leadership.send_replace(Leadership::Standby);
-                break;
+            // A renewal that hangs must not keep us "leading" past the lease: give it until the
+            // next renewal is due.
+            match tokio::time::timeout(renew, store.keep_alive(lease_id)).await {
+                Ok(Ok(_)) => {}
+                outcome => {
+                    let error = outcome.map_or_else(
+                        |_| "renewal timed out".to_string(),
+                        |r| r.err().map(|e| e.to_string()).unwrap_or_default(),
+                    );
+                    tracing::warn!(identity = %config.identity, %error, "lost leadership");
+                    leadership.send_replace(Leadership::Standby);
+                    let _ = tokio::time::timeout(renew, store.revoke_lease(lease_id)).await;
+                    break;
+                }
             }
             // Someone removed or replaced the lock: our token is void, so step down.
-            match store.get(&key).await {
+            let lock = tokio::time::timeout(renew, store.get(&key)).await.unwrap_or_else(|_| {
+                Err(crate::Error::Unavailable { message: "reading the lock timed out".into(), source: None })
+            });
+            match lock {
                 Ok(lock) if lock.metadata.resource_version == revision => {}
                 other => {
                     tracing::warn!(identity = %config.identity, lock = ?other.map(|l| l.metadata.resource_version), "lock changed hands; stepping down");

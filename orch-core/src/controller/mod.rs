@@ -237,6 +237,8 @@ pub struct ControllerBuilder<C: Controller> {
     name: String,
     controller: Arc<C>,
     triggers: Vec<TriggerStarter>,
+    /// Start the caches the triggers read, so the manager waits for them too.
+    trigger_caches: Vec<fn(&CacheRegistry, &Arc<dyn Store>)>,
     resync: Option<Duration>,
     concurrency: usize,
     timeout: Duration,
@@ -251,6 +253,7 @@ impl<C: Controller> ControllerBuilder<C> {
             name: name.into(),
             controller: Arc::new(controller),
             triggers: Vec::new(),
+            trigger_caches: Vec::new(),
             resync: None,
             concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             timeout: Duration::from_secs(60),
@@ -261,6 +264,9 @@ impl<C: Controller> ControllerBuilder<C> {
     /// Reconcile the owner when an owned `Child` changes (through its controller owner
     /// reference).
     pub fn owns<Child: Resource>(mut self) -> Self {
+        self.trigger_caches.push(|caches, store| {
+            caches.get_or_start::<Child>(store);
+        });
         self.triggers.push(Box::new(|caches, store, queue| {
             let cache = caches.get_or_start::<Child>(store);
             forward(cache, queue, |child: &Object<Child>| {
@@ -289,6 +295,9 @@ impl<C: Controller> ControllerBuilder<C> {
         mut self,
         map: impl Fn(&Object<Other>) -> Vec<ObjectRef> + Send + Sync + 'static,
     ) -> Self {
+        self.trigger_caches.push(|caches, store| {
+            caches.get_or_start::<Other>(store);
+        });
         self.triggers.push(Box::new(move |caches, store, queue| {
             let cache = caches.get_or_start::<Other>(store);
             forward(cache, queue, map).boxed()
@@ -375,6 +384,9 @@ impl<C: Controller> Runnable for ControllerBuilder<C> {
 
     fn prepare(&mut self, caches: &CacheRegistry, store: &Arc<dyn Store>) {
         caches.get_or_start::<C::Kind>(store);
+        for start in &self.trigger_caches {
+            start(caches, store);
+        }
     }
 
     fn run(self: Box<Self>, parts: RunParts) -> BoxFuture<'static, ()> {
