@@ -229,6 +229,9 @@ pub trait Controller: Send + Sync + 'static {
     }
 }
 
+/// Starts one cache in a registry.
+type CacheStarter = fn(&CacheRegistry, &Arc<dyn Store>);
+
 type TriggerStarter =
     Box<dyn FnOnce(&CacheRegistry, &Arc<dyn Store>, WorkQueue<ObjectRef>) -> BoxFuture<'static, ()> + Send>;
 
@@ -238,7 +241,7 @@ pub struct ControllerBuilder<C: Controller> {
     controller: Arc<C>,
     triggers: Vec<TriggerStarter>,
     /// Start the caches the triggers read, so the manager waits for them too.
-    trigger_caches: Vec<fn(&CacheRegistry, &Arc<dyn Store>)>,
+    trigger_caches: Vec<CacheStarter>,
     resync: Option<Duration>,
     concurrency: usize,
     timeout: Duration,
