@@ -219,13 +219,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await?;
     println!("the agent restarted it:");
     show(&api, &*runtime).await?;
-    let restarted = runtime
-        .list()
-        .await?
-        .into_iter()
-        .filter(|h| h.id.starts_with("default.ticker."))
-        .next_back()
-        .ok_or("no ticker")?;
+    let restarted =
+        runtime.list().await?.into_iter().rfind(|h| h.id.starts_with("default.ticker.")).ok_or("no ticker")?;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let mut lines = Vec::new();
     let mut logs = runtime.logs(&restarted, LogOptions { tail: Some(2), follow: false }).await?;
