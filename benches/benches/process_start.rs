@@ -65,5 +65,9 @@ fn main() {
         percentile(&starts, 0.99),
         starts[starts.len() - 1]
     );
-    println!("  all {n} running after: median {:.0?}  worst {:.0?}", percentile(&all_running, 0.5), all_running[all_running.len() - 1]);
+    println!(
+        "  all {n} running after: median {:.0?}  worst {:.0?}",
+        percentile(&all_running, 0.5),
+        all_running[all_running.len() - 1]
+    );
 }
