@@ -17,8 +17,8 @@ use crate::cache::{Cache, CacheConfig, ObjectRef};
 use crate::controller::queue::{QueueConfig, WorkQueue};
 use crate::error::{Error, Result};
 use crate::kinds::{
-    Condition, ConditionStatus, ContainerState, ContainerStatus, Node, Phase, Resources, RestartPolicy, Taint,
-    Workload, WorkloadStatus, set_condition,
+    Condition, ConditionStatus, ContainerState, ContainerStatus, Node, Phase, Probe, ProbeAction, Resources,
+    RestartPolicy, Taint, Workload, WorkloadStatus, set_condition,
 };
 use crate::labels::Labels;
 use crate::meta::{Clock, ObjectMeta, SystemClock};
@@ -106,6 +106,57 @@ struct Tracked {
 
 type Instances = HashMap<(ObjectRef, String), Tracked>;
 
+/// What the probes of one instance last concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Health {
+    /// The startup probe succeeded (or there is none): the other probes may run.
+    started: bool,
+    /// Passing its readiness probe (or none).
+    ready: bool,
+    /// Failed its liveness (or startup) probe: restart it.
+    failed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeKind {
+    Startup,
+    Readiness,
+    Liveness,
+}
+
+/// Runs one probe once; true on success.
+async fn probe_once(runtime: &dyn Runtime, handle: &Handle, probe: &Probe) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = Duration::from_secs(u64::from(probe.timeout_seconds.max(1)));
+    let addr = runtime.address(handle);
+    let attempt = async {
+        match &probe.action {
+            ProbeAction::Exec { command } => runtime.exec(handle, command, timeout).await.is_ok_and(|code| code == 0),
+            ProbeAction::Tcp { port } => {
+                let Ok(port) = u16::try_from(*port) else { return false };
+                tokio::net::TcpStream::connect((addr, port)).await.is_ok()
+            }
+            ProbeAction::Http { path, port } => {
+                let Ok(port) = u16::try_from(*port) else { return false };
+                let Ok(mut conn) = tokio::net::TcpStream::connect((addr, port)).await else { return false };
+                let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: orch-agent\r\n\r\n");
+                if conn.write_all(request.as_bytes()).await.is_err() {
+                    return false;
+                }
+                let mut head = [0u8; 64];
+                let Ok(n) = conn.read(&mut head).await else { return false };
+                // "HTTP/1.x NNN ...": 2xx and 3xx are healthy.
+                let text = String::from_utf8_lossy(&head[..n]);
+                text.split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse::<u16>().ok())
+                    .is_some_and(|c| (200..400).contains(&c))
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt).await.unwrap_or(false)
+}
+
 /// A node agent over a store and a runtime.
 pub struct Agent {
     config: AgentConfig,
@@ -113,6 +164,8 @@ pub struct Agent {
     runtime: Arc<dyn Runtime>,
     clock: Arc<dyn Clock>,
     instances: Arc<Mutex<Instances>>,
+    /// Probe results by instance id.
+    health: Arc<Mutex<HashMap<String, Health>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -151,7 +204,14 @@ fn host_capacity() -> Resources {
 impl Agent {
     /// An agent for the node in `config`.
     pub fn new(config: AgentConfig, store: Arc<dyn Store>, runtime: Arc<dyn Runtime>) -> Self {
-        Agent { config, store, runtime, clock: Arc::new(SystemClock), instances: Default::default() }
+        Agent {
+            config,
+            store,
+            runtime,
+            clock: Arc::new(SystemClock),
+            instances: Default::default(),
+            health: Default::default(),
+        }
     }
 
     /// Uses `clock` for timestamps (a `TokioClock` in simulations and tests).
@@ -345,6 +405,79 @@ impl Agent {
         }
     }
 
+    /// Starts the probe loops of a running instance (if its container has probes).
+    fn watch_health(
+        self: &Arc<Self>,
+        key: &ObjectRef,
+        container: &crate::kinds::Container,
+        handle: &Handle,
+        queue: &WorkQueue<ObjectRef>,
+    ) {
+        let probes: Vec<(ProbeKind, Probe)> = [
+            (ProbeKind::Startup, &container.startup_probe),
+            (ProbeKind::Readiness, &container.readiness_probe),
+            (ProbeKind::Liveness, &container.liveness_probe),
+        ]
+        .into_iter()
+        .filter_map(|(k, p)| p.clone().map(|p| (k, p)))
+        .collect();
+        let initial = Health {
+            started: container.startup_probe.is_none(),
+            ready: container.readiness_probe.is_none(),
+            failed: false,
+        };
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).insert(handle.id.clone(), initial);
+        for (kind, probe) in probes {
+            let (this, key, handle, queue) = (self.clone(), key.clone(), handle.clone(), queue.clone());
+            let slot = (key.clone(), container.name.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(u64::from(probe.initial_delay_seconds))).await;
+                let period = Duration::from_secs(u64::from(probe.period_seconds.max(1)));
+                let (mut successes, mut failures) = (0u32, 0u32);
+                loop {
+                    let current = this
+                        .instances
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&slot)
+                        .map(|t| t.handle.id.clone());
+                    let health = this.health.lock().unwrap_or_else(|e| e.into_inner()).get(&handle.id).copied();
+                    let (Some(health), true) = (health, current.as_deref() == Some(handle.id.as_str())) else { return };
+                    if queue.is_shut_down() || health.failed || (kind == ProbeKind::Startup && health.started) {
+                        return;
+                    }
+                    if kind != ProbeKind::Startup && !health.started {
+                        tokio::time::sleep(period).await;
+                        continue;
+                    }
+                    if probe_once(&*this.runtime, &handle, &probe).await {
+                        successes += 1;
+                        failures = 0;
+                    } else {
+                        failures += 1;
+                        successes = 0;
+                    }
+                    let mut next = health;
+                    match kind {
+                        ProbeKind::Startup if successes >= 1 => next.started = true,
+                        ProbeKind::Readiness if successes >= probe.success_threshold.max(1) => next.ready = true,
+                        ProbeKind::Readiness if failures >= probe.failure_threshold.max(1) => next.ready = false,
+                        ProbeKind::Startup | ProbeKind::Liveness if failures >= probe.failure_threshold.max(1) => {
+                            next.failed = true
+                        }
+                        _ => {}
+                    }
+                    if next != health {
+                        tracing::info!(workload = %key, instance = %handle.id, probe = ?kind, ?next, "probe result changed");
+                        this.health.lock().unwrap_or_else(|e| e.into_inner()).insert(handle.id.clone(), next);
+                        queue.add(key.clone());
+                    }
+                    tokio::time::sleep(period).await;
+                }
+            });
+        }
+    }
+
     fn backoff(&self, crashes: u32) -> Duration {
         let factor = 2u32.saturating_pow(crashes.saturating_sub(1).min(16));
         self.config.backoff_base.saturating_mul(factor).min(self.config.backoff_max)
@@ -352,7 +485,7 @@ impl Agent {
 
     /// Brings one workload's instances in line; returns when to look again, if on a timer.
     async fn sync(
-        &self,
+        self: &Arc<Self>,
         key: &ObjectRef,
         desired: Option<Arc<Object<Workload>>>,
         queue: &WorkQueue<ObjectRef>,
@@ -385,10 +518,31 @@ impl Agent {
             };
             let exited = match (&tracked, state) {
                 (Some(t), InstanceState::Running { started_at }) => {
+                    let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(&t.handle.id).copied();
+                    let probed = c.startup_probe.is_some() || c.readiness_probe.is_some() || c.liveness_probe.is_some();
+                    if health.is_none() && probed {
+                        // Adopted after an agent restart: its probes start now.
+                        self.watch_health(key, c, &t.handle, queue);
+                        health = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(&t.handle.id).copied();
+                    }
+                    if health.is_some_and(|h| h.failed) {
+                        // Failed its liveness or startup probe: stop it; its exit is handled as a
+                        // crash on the next pass.
+                        tracing::warn!(workload = %key, instance = %t.handle.id, "unhealthy; restarting");
+                        self.runtime.stop(&t.handle, grace).await.ok();
+                        next_look = Some(Duration::ZERO);
+                        statuses.push(ContainerStatus {
+                            name: c.name.clone(),
+                            state: ContainerState::Waiting { reason: "Unhealthy".into() },
+                            ready: false,
+                            restart_count: t.restarts,
+                        });
+                        continue;
+                    }
                     statuses.push(ContainerStatus {
                         name: c.name.clone(),
                         state: ContainerState::Running { started_at },
-                        ready: true,
+                        ready: health.is_none_or(|h| h.ready && h.started),
                         restart_count: t.restarts,
                     });
                     // A crash-free spell resets the backoff.
@@ -446,6 +600,7 @@ impl Agent {
                 }
                 self.runtime.stop(&t.handle, grace).await.ok();
                 self.runtime.remove(&t.handle).await.ok();
+                self.health.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.handle.id);
             }
             let attempt = tracked.as_ref().map_or(0, |t| t.attempt + 1);
             let spec = InstanceSpec {
@@ -469,6 +624,7 @@ impl Agent {
                         last_exit: None,
                     };
                     self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(slot, t);
+                    self.watch_health(key, c, &handle, queue);
                     // Wake this workload when the instance exits.
                     let (runtime, queue, key) = (self.runtime.clone(), queue.clone(), key.clone());
                     tokio::spawn(async move {

@@ -240,4 +240,21 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
     /// Never restarts anything, and never mistakes a different process or container that
     /// happens to reuse an id or pid for the instance.
     async fn recover(&self, handle: &Handle) -> Result<InstanceState, RuntimeError>;
+
+    /// Runs `command` inside the instance (for exec health probes) and returns its exit code.
+    /// Backends that cannot do this keep the default, which refuses.
+    async fn exec(&self, handle: &Handle, command: &[String], timeout: Duration) -> Result<i32, RuntimeError> {
+        let _ = (command, timeout);
+        Err(RuntimeError::Unavailable {
+            message: format!("the {} runtime cannot exec into {}", self.name(), handle.id),
+            source: None,
+        })
+    }
+
+    /// The address at which the instance's ports are reached from the node (for HTTP and TCP
+    /// probes); the default is the loopback address, right for host processes.
+    fn address(&self, handle: &Handle) -> std::net::IpAddr {
+        let _ = handle;
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+    }
 }

@@ -387,6 +387,32 @@ impl Runtime for ProcessRuntime {
         let data = self.data(handle)?;
         Ok(self.state(handle, &data))
     }
+
+    /// Runs the command on the host in the instance's directory: for a host process that is
+    /// "inside" it.
+    async fn exec(&self, handle: &Handle, command: &[String], timeout: Duration) -> Result<i32, RuntimeError> {
+        self.data(handle)?;
+        let Some(program) = command.first() else {
+            return Err(RuntimeError::invalid("command", "must not be empty"));
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&command[1..])
+            .current_dir(self.dir(&handle.id))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut child =
+            cmd.spawn().map_err(|e| RuntimeError::invalid("command[0]", format!("cannot run {program}: {e}")))?;
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) => Ok(status.code().unwrap_or(-1)),
+            Ok(Err(e)) => Err(RuntimeError::io(format!("waiting for {program}"), e)),
+            Err(_) => {
+                let _ = child.kill().await;
+                Ok(-1)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

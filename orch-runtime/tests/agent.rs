@@ -181,3 +181,75 @@ async fn a_restarted_agent_adopts_running_instances() {
     agent.await.unwrap().unwrap();
     assert!(second.list().await.unwrap().is_empty(), "a draining agent stops and removes its instances");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn probe(action: orch_core::kinds::ProbeAction) -> orch_core::kinds::Probe {
+    orch_core::kinds::Probe {
+        action,
+        initial_delay_seconds: 0,
+        period_seconds: 1,
+        timeout_seconds: 1,
+        failure_threshold: 1,
+        success_threshold: 1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_http_probe_and_liveness_restarts() {
+    use orch_core::kinds::{ConditionStatus, ProbeAction, find_condition};
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let (stop, agent) = start_agent(&store, &runtime, true);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+
+    // A web server that comes up two seconds late: not ready until it answers.
+    let port = free_port();
+    let mut web = workload(
+        "web",
+        &format!("sleep 2; exec python3 -m http.server {port} --bind 127.0.0.1"),
+        RestartPolicy::Always,
+    );
+    web.spec.containers[0].readiness_probe = Some(probe(ProbeAction::Http { path: "/".into(), port: u32::from(port) }));
+    web.spec.containers[0].liveness_probe =
+        Some(orch_core::kinds::Probe { initial_delay_seconds: 5, ..probe(ProbeAction::Tcp { port: u32::from(port) }) });
+    api.create(&web).await.unwrap();
+    let early = until("web running", async || {
+        let w = api.get("web").await.unwrap();
+        (w.status.phase == Phase::Running).then_some(w)
+    })
+    .await;
+    assert!(!early.status.container_statuses[0].ready, "ready before the server answered");
+    let ready = until("web ready", async || {
+        let w = api.get("web").await.unwrap();
+        (find_condition(&w.status.conditions, "Ready")?.status == ConditionStatus::True).then_some(w)
+    })
+    .await;
+    assert!(ready.status.container_statuses[0].ready);
+
+    // A liveness probe that starts failing gets the instance restarted.
+    let mut sick = workload("sick", "touch alive; sleep 60", RestartPolicy::Always);
+    sick.spec.containers[0].liveness_probe = Some(orch_core::kinds::Probe {
+        initial_delay_seconds: 1, // give it a moment to create the file
+        ..probe(ProbeAction::Exec { command: vec!["/bin/sh".into(), "-c".into(), "test -f alive".into()] })
+    });
+    api.create(&sick).await.unwrap();
+    until("sick running", async || (api.get("sick").await.unwrap().status.phase == Phase::Running).then_some(())).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(api.get("sick").await.unwrap().status.restart_count, 0, "healthy while the file exists");
+    let instance = runtime.list().await.unwrap().into_iter().find(|h| h.id.starts_with("default.sick.")).unwrap();
+    let alive = root_of(&runtime, &instance).join("alive");
+    std::fs::remove_file(&alive).unwrap();
+    until("sick restarted", async || (api.get("sick").await.unwrap().status.restart_count >= 1).then_some(())).await;
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}
+
+/// The instance directory of a process-runtime handle (its working directory by default).
+fn root_of(runtime: &Arc<dyn Runtime>, handle: &orch_core::Handle) -> std::path::PathBuf {
+    let _ = runtime;
+    let pid = pid_of(handle);
+    std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap()
+}
