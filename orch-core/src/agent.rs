@@ -102,6 +102,13 @@ struct Tracked {
     /// Not before this may the next attempt start.
     not_before: Option<Instant>,
     last_exit: Option<ExitStatus>,
+    /// The uid tag of the workload it was started for.
+    uid_tag: String,
+    /// The container spec it was started from; `None` when adopted (taken as current then).
+    spec: Option<crate::kinds::Container>,
+    /// Stopped by the agent for failing its liveness or startup probe: its exit is a failure,
+    /// whatever its code.
+    unhealthy_kill: bool,
 }
 
 type Instances = HashMap<(ObjectRef, String), Tracked>;
@@ -176,15 +183,24 @@ impl std::fmt::Debug for Agent {
 
 /// The id of an instance: namespace, workload, container and attempt, dot-separated (none of
 /// the first three may contain a dot except the workload name, which sits in the middle).
-fn instance_id(r: &ObjectRef, container: &str, attempt: u32) -> String {
-    format!("{}.{}.{}.{}", r.namespace, r.name, container, attempt)
+/// The first characters of a workload uid that go into its instance ids, so a workload deleted
+/// and re-created under the same name never shares an instance id with its predecessor.
+fn uid_tag(uid: &str) -> String {
+    uid.chars().filter(char::is_ascii_alphanumeric).take(8).collect::<String>().to_ascii_lowercase()
 }
 
-fn parse_instance_id(id: &str) -> Option<(ObjectRef, String, u32)> {
+/// `namespace.workload.container.uidtag-attempt`: only the workload name may contain dots, and
+/// it sits in the middle.
+fn instance_id(r: &ObjectRef, container: &str, uid: &str, attempt: u32) -> String {
+    format!("{}.{}.{}.{}-{}", r.namespace, r.name, container, uid_tag(uid), attempt)
+}
+
+fn parse_instance_id(id: &str) -> Option<(ObjectRef, String, String, u32)> {
     let (ns, rest) = id.split_once('.')?;
-    let (rest, attempt) = rest.rsplit_once('.')?;
+    let (rest, last) = rest.rsplit_once('.')?;
     let (name, container) = rest.rsplit_once('.')?;
-    Some((ObjectRef::new(ns, name), container.to_string(), attempt.parse().ok()?))
+    let (tag, attempt) = last.rsplit_once('-')?;
+    Some((ObjectRef::new(ns, name), container.to_string(), tag.to_string(), attempt.parse().ok()?))
 }
 
 fn host_capacity() -> Resources {
@@ -282,7 +298,11 @@ impl Agent {
             Cache::spawn(this.store.clone(), CacheConfig { selection, ..CacheConfig::default() });
         let mut events = cache.subscribe();
         cache.ready().await;
-        this.adopt(&queue).await;
+        // Nothing may start before what already runs is known, or a second copy could start.
+        while let Err(e) = this.adopt(&queue).await {
+            tracing::warn!(node = %this.config.node_name, error = %e, "cannot list the runtime's instances; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         for w in cache.list() {
             queue.add(ObjectRef::of(&w));
         }
@@ -373,24 +393,38 @@ impl Agent {
         Ok(())
     }
 
-    /// Takes over what the runtime already runs (after an agent restart).
-    async fn adopt(&self, queue: &WorkQueue<ObjectRef>) {
-        let Ok(handles) = self.runtime.list().await else { return };
+    /// Takes over what the runtime already runs (after an agent restart): the newest attempt of
+    /// each container is adopted, older ones are stopped and removed.
+    async fn adopt(&self, queue: &WorkQueue<ObjectRef>) -> Result<()> {
+        let handles = self.runtime.list().await.map_err(|e| Error::Unavailable {
+            message: format!("listing the {} runtime's instances", self.runtime.name()),
+            source: Some(Box::new(e)),
+        })?;
+        let mut newest: HashMap<(ObjectRef, String), (String, u32, Handle)> = HashMap::new();
+        let mut superseded = Vec::new();
         for handle in handles {
-            let Some((r, container, attempt)) = parse_instance_id(&handle.id) else { continue };
-            let state = self.runtime.recover(&handle).await;
-            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-            let key = (r.clone(), container);
-            // Keep the newest attempt of each container; older ones are cleaned up.
-            if instances.get(&key).is_some_and(|t| t.attempt > attempt) {
-                continue;
+            let Some((r, container, tag, attempt)) = parse_instance_id(&handle.id) else { continue };
+            let slot = (r, container);
+            match newest.get(&slot) {
+                Some((_, a, _)) if *a >= attempt => superseded.push(handle),
+                _ => {
+                    if let Some((_, _, older)) = newest.insert(slot, (tag, attempt, handle)) {
+                        superseded.push(older);
+                    }
+                }
             }
-            let last_exit = match state {
+        }
+        for old in superseded {
+            self.runtime.stop(&old, Duration::ZERO).await.ok();
+            self.runtime.remove(&old).await.ok();
+        }
+        for ((r, container), (tag, attempt, handle)) in newest {
+            let last_exit = match self.runtime.recover(&handle).await {
                 Ok(InstanceState::Exited(e)) => Some(e),
                 _ => None,
             };
-            instances.insert(
-                key,
+            self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                (r.clone(), container),
                 Tracked {
                     handle,
                     attempt,
@@ -399,10 +433,14 @@ impl Agent {
                     crashes: 0,
                     not_before: None,
                     last_exit,
+                    uid_tag: tag,
+                    spec: None,
+                    unhealthy_kill: false,
                 },
             );
             queue.add(r);
         }
+        Ok(())
     }
 
     /// Starts the probe loops of a running instance (if its container has probes).
@@ -450,6 +488,10 @@ impl Agent {
                         tokio::time::sleep(period).await;
                         continue;
                     }
+                    // An instance that is no longer running needs no probing.
+                    if !matches!(this.runtime.status(&handle).await, Ok(InstanceState::Running { .. })) {
+                        return;
+                    }
                     if probe_once(&*this.runtime, &handle, &probe).await {
                         successes += 1;
                         failures = 0;
@@ -457,19 +499,25 @@ impl Agent {
                         failures += 1;
                         successes = 0;
                     }
-                    let mut next = health;
-                    match kind {
-                        ProbeKind::Startup if successes >= 1 => next.started = true,
-                        ProbeKind::Readiness if successes >= probe.success_threshold.max(1) => next.ready = true,
-                        ProbeKind::Readiness if failures >= probe.failure_threshold.max(1) => next.ready = false,
-                        ProbeKind::Startup | ProbeKind::Liveness if failures >= probe.failure_threshold.max(1) => {
-                            next.failed = true
+                    // Change only this probe's own field, under the lock: the other probes of
+                    // the instance update theirs concurrently.
+                    let changed = {
+                        let mut all = this.health.lock().unwrap_or_else(|e| e.into_inner());
+                        let Some(h) = all.get_mut(&handle.id) else { return };
+                        let before = *h;
+                        match kind {
+                            ProbeKind::Startup if successes >= 1 => h.started = true,
+                            ProbeKind::Readiness if successes >= probe.success_threshold.max(1) => h.ready = true,
+                            ProbeKind::Readiness if failures >= probe.failure_threshold.max(1) => h.ready = false,
+                            ProbeKind::Startup | ProbeKind::Liveness if failures >= probe.failure_threshold.max(1) => {
+                                h.failed = true
+                            }
+                            _ => {}
                         }
-                        _ => {}
-                    }
-                    if next != health {
-                        tracing::info!(workload = %key, instance = %handle.id, probe = ?kind, ?next, "probe result changed");
-                        this.health.lock().unwrap_or_else(|e| e.into_inner()).insert(handle.id.clone(), next);
+                        (*h != before).then_some(*h)
+                    };
+                    if let Some(now) = changed {
+                        tracing::info!(workload = %key, instance = %handle.id, probe = ?kind, health = ?now, "probe result changed");
                         queue.add(key.clone());
                     }
                     tokio::time::sleep(period).await;
@@ -507,17 +555,63 @@ impl Agent {
             return Ok(None);
         };
         let grace = workload.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
+        let tag = uid_tag(&workload.metadata.uid);
+        let unavailable = |what: &str, e: crate::runtime::RuntimeError| Error::Unavailable {
+            message: format!("{what} for {key}"),
+            source: Some(Box::new(e)),
+        };
+        // Instances of containers no longer in the spec go.
+        let dropped: Vec<Tracked> = {
+            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<_> = instances
+                .keys()
+                .filter(|(r, name)| r == key && !workload.spec.containers.iter().any(|c| &c.name == name))
+                .cloned()
+                .collect();
+            gone.into_iter().filter_map(|k| instances.remove(&k)).collect()
+        };
+        for t in dropped {
+            self.runtime.stop(&t.handle, grace).await.map_err(|e| unavailable("stopping a dropped container", e))?;
+            self.runtime.remove(&t.handle).await.ok();
+        }
         let mut next_look: Option<Duration> = None;
         let mut statuses = Vec::new();
         for c in &workload.spec.containers {
             let slot = (key.clone(), c.name.clone());
             let tracked = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).cloned();
             let state = match &tracked {
-                Some(t) => self.runtime.status(&t.handle).await.unwrap_or(InstanceState::Lost),
+                Some(t) => match self.runtime.status(&t.handle).await {
+                    Ok(state) => state,
+                    Err(crate::runtime::RuntimeError::NotFound(_)) => InstanceState::Lost,
+                    // Unknown is not gone: starting another copy now could run two.
+                    Err(e) => return Err(unavailable("reading an instance's state", e)),
+                },
                 None => InstanceState::Lost,
             };
+            // An instance of another spec, or of an earlier workload with this name, is replaced
+            // (that is an update, not a crash).
+            let outdated =
+                tracked.as_ref().is_some_and(|t| t.uid_tag != tag || t.spec.as_ref().is_some_and(|spec| spec != c));
+            if let Some(t) = tracked.as_ref().filter(|_| outdated) {
+                self.runtime
+                    .stop(&t.handle, grace)
+                    .await
+                    .map_err(|e| unavailable("stopping an outdated instance", e))?;
+                self.runtime.remove(&t.handle).await.ok();
+                self.health.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.handle.id);
+                self.instances.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+            }
+            // The replacement continues the attempt count, so its id is new.
+            let replaced_attempt = tracked.as_ref().filter(|_| outdated).map(|t| t.attempt + 1);
+            let tracked = tracked.filter(|_| !outdated);
             let exited = match (&tracked, state) {
                 (Some(t), InstanceState::Running { started_at }) => {
+                    if t.spec.is_none() {
+                        // Adopted: it runs the current spec from now on.
+                        if let Some(entry) = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot) {
+                            entry.spec = Some(c.clone());
+                        }
+                    }
                     let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(&t.handle.id).copied();
                     let probed = c.startup_probe.is_some() || c.readiness_probe.is_some() || c.liveness_probe.is_some();
                     if health.is_none() && probed {
@@ -526,10 +620,16 @@ impl Agent {
                         health = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(&t.handle.id).copied();
                     }
                     if health.is_some_and(|h| h.failed) {
-                        // Failed its liveness or startup probe: stop it; its exit is handled as a
-                        // crash on the next pass.
+                        // Failed its liveness or startup probe: stop it; the next pass restarts
+                        // it as a failure.
                         tracing::warn!(workload = %key, instance = %t.handle.id, "unhealthy; restarting");
-                        self.runtime.stop(&t.handle, grace).await.ok();
+                        if let Some(entry) = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot) {
+                            entry.unhealthy_kill = true;
+                        }
+                        self.runtime
+                            .stop(&t.handle, grace)
+                            .await
+                            .map_err(|e| unavailable("stopping an unhealthy instance", e))?;
                         next_look = Some(Duration::ZERO);
                         statuses.push(ContainerStatus {
                             name: c.name.clone(),
@@ -554,18 +654,27 @@ impl Agent {
                     continue;
                 }
                 (Some(_), InstanceState::Exited(e)) => Some(e),
-                (Some(t), InstanceState::Lost) => Some(t.last_exit.unwrap_or(ExitStatus {
-                    code: None,
-                    signal: None,
-                    oom_killed: false,
-                    finished_at: self.clock.now(),
-                })),
+                (Some(t), InstanceState::Lost) => {
+                    // Gone without a record: invent its exit once, so it stays the same exit on
+                    // every pass (and status does not churn).
+                    let e = t.last_exit.unwrap_or(ExitStatus {
+                        code: None,
+                        signal: None,
+                        oom_killed: false,
+                        finished_at: self.clock.now(),
+                    });
+                    if let Some(entry) = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot) {
+                        entry.last_exit.get_or_insert(e);
+                    }
+                    Some(e)
+                }
                 (None, _) => None,
             };
+            let unhealthy = tracked.as_ref().is_some_and(|t| t.unhealthy_kill);
             let restart = match (exited, workload.spec.restart_policy) {
-                (None, _) => true, // never started
+                (None, _) => true, // never started (or just replaced)
                 (Some(_), RestartPolicy::Always) => true,
-                (Some(e), RestartPolicy::OnFailure) => !e.success(),
+                (Some(e), RestartPolicy::OnFailure) => !e.success() || unhealthy,
                 (Some(_), RestartPolicy::Never) => false,
             };
             let restarts = tracked.as_ref().map_or(0, |t| t.restarts);
@@ -598,13 +707,14 @@ impl Agent {
                     next_look = Some(next_look.map_or(wait, |n| n.min(wait)));
                     continue;
                 }
-                self.runtime.stop(&t.handle, grace).await.ok();
+                // Never start the next attempt while the last one might still run.
+                self.runtime.stop(&t.handle, grace).await.map_err(|e| unavailable("stopping an exited instance", e))?;
                 self.runtime.remove(&t.handle).await.ok();
                 self.health.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.handle.id);
             }
-            let attempt = tracked.as_ref().map_or(0, |t| t.attempt + 1);
+            let attempt = tracked.as_ref().map_or(replaced_attempt.unwrap_or(0), |t| t.attempt + 1);
             let spec = InstanceSpec {
-                id: instance_id(key, &c.name, attempt),
+                id: instance_id(key, &c.name, &workload.metadata.uid, attempt),
                 container: c.clone(),
                 volumes: Vec::new(),
                 labels: [("orch.dev/node", self.config.node_name.as_str()), ("orch.dev/workload", key.name.as_str())]
@@ -622,6 +732,9 @@ impl Agent {
                         crashes: tracked.as_ref().map_or(0, |t| t.crashes),
                         not_before: None,
                         last_exit: None,
+                        uid_tag: tag.clone(),
+                        spec: Some(c.clone()),
+                        unhealthy_kill: false,
                     };
                     self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(slot, t);
                     self.watch_health(key, c, &handle, queue);
@@ -634,7 +747,8 @@ impl Agent {
                     statuses.push(ContainerStatus {
                         name: c.name.clone(),
                         state: ContainerState::Running { started_at },
-                        ready: true,
+                        // Not ready until its probes say so.
+                        ready: c.readiness_probe.is_none() && c.startup_probe.is_none(),
                         restart_count: restarts,
                     });
                 }
@@ -724,9 +838,9 @@ mod tests {
     #[test]
     fn instance_ids_round_trip() {
         let r = ObjectRef::new("default", "web.v2");
-        let id = instance_id(&r, "main", 7);
-        assert_eq!(id, "default.web.v2.main.7");
-        assert_eq!(parse_instance_id(&id), Some((r, "main".into(), 7)));
+        let id = instance_id(&r, "main", "0A1B2C3D-4e5f", 7);
+        assert_eq!(id, "default.web.v2.main.0a1b2c3d-7");
+        assert_eq!(parse_instance_id(&id), Some((r, "main".into(), "0a1b2c3d".into(), 7)));
         assert_eq!(parse_instance_id("nodots"), None);
     }
 }

@@ -34,6 +34,9 @@ pub struct NodeLifecycleConfig {
     /// After the controller starts, wait this long before judging heartbeats, so agents get a
     /// chance to renew (default 40 s, the default heartbeat TTL).
     pub startup_grace: Duration,
+    /// A heartbeat must be missing this long before the node is marked (default 10 s): an agent
+    /// that restarts replaces its heartbeat within that time.
+    pub missing_grace: Duration,
 }
 
 impl Default for NodeLifecycleConfig {
@@ -43,6 +46,7 @@ impl Default for NodeLifecycleConfig {
             evictions_per_second: 0.1,
             unhealthy_threshold: 0.55,
             startup_grace: Duration::from_secs(40),
+            missing_grace: Duration::from_secs(10),
         }
     }
 }
@@ -54,6 +58,8 @@ pub struct NodeLifecycle {
     started: Instant,
     /// Token bucket of evictions: (tokens, last refill).
     bucket: Mutex<(f64, Instant)>,
+    /// When each node's heartbeat was first seen missing.
+    missing_since: Mutex<std::collections::HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for NodeLifecycle {
@@ -65,7 +71,13 @@ impl std::fmt::Debug for NodeLifecycle {
 impl NodeLifecycle {
     /// The controller with `config`, using `clock` for taint timestamps.
     pub fn new(config: NodeLifecycleConfig, clock: Arc<dyn Clock>) -> Self {
-        NodeLifecycle { config, clock, started: Instant::now(), bucket: Mutex::new((1.0, Instant::now())) }
+        NodeLifecycle {
+            config,
+            clock,
+            started: Instant::now(),
+            bucket: Mutex::new((1.0, Instant::now())),
+            missing_since: Mutex::new(Default::default()),
+        }
     }
 
     /// The controller on the system clock, wired to its triggers.
@@ -111,6 +123,7 @@ impl Controller for NodeLifecycle {
         let now = self.clock.now();
         let tainted = node.spec.taints.iter().find(|t| t.key == UNREACHABLE_TAINT).cloned();
         if alive {
+            self.missing_since.lock().unwrap_or_else(|e| e.into_inner()).remove(&node.metadata.name);
             // Back (or never gone): clear the mark.
             if let Some(_t) = &tainted {
                 let mut n = (*node).clone();
@@ -132,6 +145,16 @@ impl Controller for NodeLifecycle {
             return Ok(Action::RequeueAfter(self.config.startup_grace - since_start));
         }
         let Some(taint) = tainted else {
+            let first_missing = *self
+                .missing_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(node.metadata.name.clone())
+                .or_insert_with(Instant::now);
+            let missing_for = first_missing.elapsed();
+            if missing_for < self.config.missing_grace {
+                return Ok(Action::RequeueAfter(self.config.missing_grace - missing_for));
+            }
             let mut n = (*node).clone();
             n.spec.taints.push(Taint {
                 key: UNREACHABLE_TAINT.into(),
@@ -166,9 +189,28 @@ impl Controller for NodeLifecycle {
             fields: FieldSelector::equals("spec.nodeName", node.metadata.name.clone()),
             ..Default::default()
         };
-        let victims = workloads.list(&on_node).await?.items;
+        // Workloads that tolerate the taint stay (for `toleration_seconds`, or for good).
+        let mut wait_for: Option<Duration> = None;
+        let victims: Vec<_> = workloads
+            .list(&on_node)
+            .await?
+            .items
+            .into_iter()
+            .filter(|w| {
+                let Some(tol) = w.spec.tolerations.iter().find(|t| t.tolerates(&taint)) else { return true };
+                match tol.toleration_seconds.map(Duration::from_secs) {
+                    None => false,
+                    Some(limit) if unreachable_for >= limit => true,
+                    Some(limit) => {
+                        let left = limit - unreachable_for;
+                        wait_for = Some(wait_for.map_or(left, |w| w.min(left)));
+                        false
+                    }
+                }
+            })
+            .collect();
         if victims.is_empty() {
-            return Ok(Action::Done);
+            return Ok(wait_for.map_or(Action::Done, Action::RequeueAfter));
         }
         if let Err(wait) = self.take_token() {
             return Ok(Action::RequeueAfter(wait));
@@ -181,6 +223,6 @@ impl Controller for NodeLifecycle {
             }
             tracing::info!(node = %node.metadata.name, workload = %w.key(), "evicted");
         }
-        Ok(Action::Done)
+        Ok(wait_for.map_or(Action::Done, Action::RequeueAfter))
     }
 }

@@ -73,7 +73,11 @@ impl ProcessRuntime {
         if !self.dir(&handle.id).is_dir() {
             return Err(RuntimeError::NotFound(handle.id.clone()));
         }
-        serde_json::from_value(handle.data.clone()).map_err(|e| bad(e.to_string()))
+        let data: ProcessData = serde_json::from_value(handle.data.clone()).map_err(|e| bad(e.to_string()))?;
+        if data.pid <= 1 {
+            return Err(bad(format!("pid {} cannot be an instance", data.pid)));
+        }
+        Ok(data)
     }
 
     fn recorded_exit(&self, id: &str) -> Option<ExitStatus> {
@@ -129,7 +133,7 @@ impl ProcessRuntime {
 
 fn check_id(id: &str) -> Result<(), RuntimeError> {
     let ok = !id.is_empty()
-        && id.len() <= 200
+        && id.len() <= 255
         && !id.starts_with('.')
         && id.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.' | b'_'));
     if ok {
@@ -137,7 +141,7 @@ fn check_id(id: &str) -> Result<(), RuntimeError> {
     } else {
         Err(RuntimeError::invalid(
             "id",
-            format!("{id:?} must be 1-200 of a-z, 0-9, '-', '.', '_', not starting with '.'"),
+            format!("{id:?} must be 1-255 of a-z, 0-9, '-', '.', '_', not starting with '.'"),
         ))
     }
 }
@@ -159,7 +163,16 @@ fn is_alive(pid: i32, ticks: u64) -> bool {
     start_ticks(pid) == Some(ticks)
 }
 
+/// True while any process of the instance's group exists. A group id cannot be reused while
+/// the group has members, so this never mistakes another group for ours.
+fn group_alive(pid: i32) -> bool {
+    pid > 1 && kill(Pid::from_raw(-pid), None).is_ok()
+}
+
 fn signal_group(pid: i32, signal: Signal) {
+    if pid <= 1 {
+        return; // never signal init's group or "every process"
+    }
     // The instance leads its own process group, so the negative pid reaches its children too.
     // ESRCH (already gone) is the expected outcome of a stop racing an exit.
     let _ = kill(Pid::from_raw(-pid), signal);
@@ -260,7 +273,13 @@ impl Runtime for ProcessRuntime {
             data: serde_json::to_value(&data).expect("plain data serializes"),
         };
         let handle_json = serde_json::to_vec_pretty(&handle).expect("plain data serializes");
-        std::fs::write(dir.join("handle.json"), handle_json).map_err(|e| RuntimeError::io("writing handle.json", e))?;
+        if let Err(e) = std::fs::write(dir.join("handle.json"), handle_json) {
+            // Without its handle on disk the instance could not be found again: undo the start.
+            signal_group(pid, Signal::SIGKILL);
+            let _ = child.wait().await;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(RuntimeError::io("writing handle.json", e));
+        }
         // The reaper: waits on the child (so it never lingers as a zombie) and records the exit.
         let (tx, rx) = watch::channel(None);
         self.children.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone(), rx);
@@ -280,18 +299,35 @@ impl Runtime for ProcessRuntime {
 
     async fn stop(&self, handle: &Handle, grace: Duration) -> Result<(), RuntimeError> {
         let data = self.data(handle)?;
-        if !matches!(self.state(handle, &data), InstanceState::Running { .. }) {
+        let leader_running = matches!(self.state(handle, &data), InstanceState::Running { .. });
+        // Children left behind by an exited leader (`sh -c 'server &'`) still count: the stop
+        // is done when the whole group is gone.
+        if !leader_running && !group_alive(data.pid) {
             return Ok(());
         }
         signal_group(data.pid, Signal::SIGTERM);
-        if tokio::time::timeout(grace, self.wait_exit(handle, &data)).await.is_ok() {
-            return Ok(());
+        let all_gone = async {
+            self.wait_exit(handle, &data).await?;
+            while group_alive(data.pid) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, RuntimeError>(())
+        };
+        if let Ok(done) = tokio::time::timeout(grace, all_gone).await {
+            return done;
         }
         signal_group(data.pid, Signal::SIGKILL);
-        tokio::time::timeout(Duration::from_secs(10), self.wait_exit(handle, &data)).await.map_err(|_| {
-            RuntimeError::Unavailable { message: format!("{} survived SIGKILL for 10 s", handle.id), source: None }
-        })??;
-        Ok(())
+        let all_gone = async {
+            self.wait_exit(handle, &data).await?;
+            while group_alive(data.pid) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, RuntimeError>(())
+        };
+        tokio::time::timeout(Duration::from_secs(10), all_gone).await.map_err(|_| RuntimeError::Unavailable {
+            message: format!("{} survived SIGKILL for 10 s", handle.id),
+            source: None,
+        })?
     }
 
     async fn remove(&self, handle: &Handle) -> Result<(), RuntimeError> {
@@ -334,7 +370,7 @@ impl Runtime for ProcessRuntime {
         for (i, (stream, file)) in
             [(LogStream::Stdout, "stdout.log"), (LogStream::Stderr, "stderr.log")].into_iter().enumerate()
         {
-            let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            let text = String::from_utf8_lossy(&std::fs::read(dir.join(file)).unwrap_or_default()).into_owned();
             let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
             offsets[i] = complete.len();
             let all: Vec<&str> = complete.lines().collect();
@@ -357,7 +393,8 @@ impl Runtime for ProcessRuntime {
                     for (i, (stream, file)) in
                         [(LogStream::Stdout, "stdout.log"), (LogStream::Stderr, "stderr.log")].into_iter().enumerate()
                     {
-                        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                        let text =
+                            String::from_utf8_lossy(&std::fs::read(dir.join(file)).unwrap_or_default()).into_owned();
                         if text.len() > offsets[i] {
                             let fresh = &text[offsets[i]..];
                             let complete = &fresh[..fresh.rfind('\n').map_or(0, |j| j + 1)];
@@ -503,5 +540,38 @@ mod tests {
         let e = rt.start(&spec).await.unwrap_err();
         assert!(e.to_string().contains("container.command[0]: cannot run /no/such/program"), "{e}");
         assert!(!rt.dir("ghost").exists(), "a failed start leaves nothing behind");
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+    use orch_core::kinds::Container;
+
+    #[tokio::test]
+    async fn stop_reaches_children_left_by_an_exited_leader() {
+        let root = std::env::temp_dir().join(format!("orch-process-orphans-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let rt = ProcessRuntime::new(&root).unwrap();
+        let spec = InstanceSpec {
+            id: "orphans".into(),
+            container: Container {
+                name: "main".into(),
+                command: vec!["/bin/sh".into(), "-c".into(), "sleep 60 & echo $! > kid.pid".into()],
+                ..Default::default()
+            },
+            volumes: Vec::new(),
+            labels: Default::default(),
+        };
+        let h = rt.start(&spec).await.unwrap();
+        assert!(rt.wait(&h).await.unwrap().success(), "the leader exits at once");
+        let kid: i32 = std::fs::read_to_string(rt.dir("orphans").join("kid.pid")).unwrap().trim().parse().unwrap();
+        assert!(start_ticks(kid).is_some(), "the background child outlives its leader");
+        rt.stop(&h, Duration::from_secs(5)).await.unwrap();
+        assert!(start_ticks(kid).is_none(), "stop must reach what the leader left behind");
+        rt.remove(&h).await.unwrap();
+        let forged = Handle { data: serde_json::json!({"pid": 1, "start_ticks": 1, "started_at": 0}), ..h };
+        std::fs::create_dir_all(rt.dir("orphans")).unwrap();
+        assert!(matches!(rt.stop(&forged, Duration::ZERO).await.unwrap_err(), RuntimeError::BadHandle { .. }));
     }
 }

@@ -253,3 +253,31 @@ fn root_of(runtime: &Arc<dyn Runtime>, handle: &orch_core::Handle) -> std::path:
     let pid = pid_of(handle);
     std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_spec_replaces_the_instance() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let (stop, agent) = start_agent(&store, &runtime, true);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&workload("app", "sleep 60", RestartPolicy::Always)).await.unwrap();
+    until("app running", async || (api.get("app").await.unwrap().status.phase == Phase::Running).then_some(())).await;
+    let before = runtime.list().await.unwrap();
+    assert_eq!(before.len(), 1);
+    api.patch(
+        "app",
+        &serde_json::json!({"spec": {"containers": [{"name": "main", "command": ["/bin/sh", "-c", "sleep 61"]}]}}),
+    )
+    .await
+    .unwrap();
+    let after = until("replaced", async || {
+        let l = runtime.list().await.unwrap();
+        (l.len() == 1 && l[0].id != before[0].id).then_some(l)
+    })
+    .await;
+    assert!(after[0].id.ends_with("-1"), "the next attempt: {}", after[0].id);
+    let w = api.get("app").await.unwrap();
+    assert_eq!(w.status.restart_count, 0, "an update is not a crash");
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}

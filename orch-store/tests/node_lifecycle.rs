@@ -99,16 +99,29 @@ async fn lapsed_heartbeat_marks_then_evicts_and_a_return_clears() {
     c.workload_on("a", "n1").await;
     c.workload_on("b", "n1").await;
     c.workload_on("c", "n2").await;
+    // This one accepts the unreachable taint: it is never evicted.
+    let mut patient = Workload::command("main", &["/bin/sleep", "1"]);
+    patient.node_name = Some("n1".into());
+    patient.tolerations = vec![orch_core::kinds::Toleration {
+        key: UNREACHABLE_TAINT.into(),
+        operator: orch_core::kinds::TolerationOperator::Exists,
+        ..Default::default()
+    }];
+    c.workloads.create(&Object::new(ObjectMeta::named("patient"), patient)).await.unwrap();
     let _stop = c.start(config());
     dying.abort(); // n1's agent dies: its lease runs out after the TTL
 
-    tokio::time::sleep(TTL + Duration::from_secs(10)).await;
+    tokio::time::sleep(TTL + Duration::from_secs(20)).await;
     assert!(c.unreachable("n1").await, "n1 is marked once its heartbeat lapsed");
     assert!(!c.unreachable("n2").await);
-    tokio::time::sleep(Duration::from_secs(240)).await;
-    assert_eq!(c.names().await, ["a", "b", "c"], "nothing is evicted before the timeout");
+    tokio::time::sleep(Duration::from_secs(230)).await;
+    assert_eq!(c.names().await, ["a", "b", "c", "patient"], "nothing is evicted before the timeout");
     tokio::time::sleep(Duration::from_secs(70)).await;
-    assert_eq!(c.names().await, ["c"], "n1's workloads are evicted after the timeout, others stay");
+    assert_eq!(
+        c.names().await,
+        ["c", "patient"],
+        "n1's workloads are evicted after the timeout, but not one that tolerates it"
+    );
 
     // The agent comes back: the mark is cleared.
     let _back = c.heartbeat("n1").await;
@@ -145,7 +158,7 @@ async fn evictions_are_rate_limited() {
     }
     let _stop = c.start(NodeLifecycleConfig { evictions_per_second: 1.0 / 60.0, ..config() });
     // All three marked at about the same time; the timeout passes for all together.
-    tokio::time::sleep(Duration::from_secs(5 + 300 + 5)).await;
+    tokio::time::sleep(Duration::from_secs(5 + 10 + 300 + 5)).await;
     let first = c.names().await.len();
     assert_eq!(first, 2, "one node evicted at once");
     tokio::time::sleep(Duration::from_secs(60)).await;
