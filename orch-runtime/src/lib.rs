@@ -6,12 +6,18 @@
 //! | backend | feature | what it runs |
 //! |---|---|---|
 //! | [`ProcessRuntime`] | `process` (default) | real OS processes, each in its own process group, with per-instance directories and log files; survives an agent restart |
+//! | [`SimulatedRuntime`] | `simulated` (default) | virtual instances on virtual nodes with declarative behaviour and fault injection, in `tokio::time` (virtual time on a paused runtime) |
 //!
-//! The Docker Engine and simulated-node backends are not built yet. Every backend passes
-//! `orch_core::testkit::runtime`.
+//! The Docker Engine backend is not built yet. The process runtime passes
+//! `orch_core::testkit::runtime`; the simulated one runs no shell, so it has tests of its own.
 
 #[cfg(feature = "process")]
 pub mod process;
 
+#[cfg(feature = "simulated")]
+pub mod simulated;
+
 #[cfg(feature = "process")]
 pub use process::ProcessRuntime;
+#[cfg(feature = "simulated")]
+pub use simulated::{Behaviour, SimCluster, SimulatedRuntime};

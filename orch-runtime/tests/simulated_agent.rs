@@ -1,0 +1,49 @@
+//! The node agent on simulated nodes, in virtual time: crash-loop backoff over an hour of
+//! cluster time, and a lost node's workloads marked lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orch_core::kinds::{EnvVar, Phase, RestartPolicy, Workload};
+use orch_core::{Agent, AgentConfig, Api, Object, ObjectMeta, Runtime, Store, Timestamp, TokioClock};
+use orch_runtime::SimCluster;
+use orch_store::MemoryStore;
+
+fn sim_workload(name: &str, node: &str, env: &[(&str, &str)]) -> Object<Workload> {
+    let mut w = Workload::command("main", &["sim"]);
+    w.containers[0].env = env.iter().map(|(k, v)| EnvVar { name: k.to_string(), value: v.to_string() }).collect();
+    w.restart_policy = RestartPolicy::Always;
+    w.node_name = Some(node.into());
+    Object::new(ObjectMeta::named(name), w)
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_hour_of_crash_looping_follows_the_backoff_schedule() {
+    let store: Arc<dyn Store> =
+        Arc::new(MemoryStore::builder().clock(Arc::new(TokioClock::starting_at(Timestamp(0)))).build());
+    let cluster = SimCluster::new();
+    let runtime: Arc<dyn Runtime> = Arc::new(cluster.node("sim-1"));
+    let agent = Agent::new(AgentConfig::new("sim-1"), store.clone(), runtime)
+        .with_clock(Arc::new(TokioClock::starting_at(Timestamp(0))));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(agent.run(
+        async move {
+            let _ = rx.await;
+        },
+        true,
+    ));
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    // Runs 5 s, fails, forever.
+    api.create(&sim_workload("crasher", "sim-1", &[("SIM_RUN", "5"), ("SIM_EXIT_CODE", "1")])).await.unwrap();
+    api.create(&sim_workload("steady", "sim-1", &[])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    // Restarts at about 15, 40, 85, 170, 335 s, then every 305 s (5 s run + 5 min cap): 15 in
+    // the hour when every delay is exact.
+    let crasher = api.get("crasher").await.unwrap();
+    assert!((13..=15).contains(&crasher.status.restart_count), "restarts: {}", crasher.status.restart_count);
+    let steady = api.get("steady").await.unwrap();
+    assert_eq!((steady.status.phase, steady.status.restart_count), (Phase::Running, 0));
+    tx.send(()).unwrap();
+    run.await.unwrap().unwrap();
+    assert_eq!(cluster.instance_count(), 0, "drained");
+}
