@@ -173,6 +173,8 @@ pub struct Agent {
     instances: Arc<Mutex<Instances>>,
     /// Probe results by instance id.
     health: Arc<Mutex<HashMap<String, Health>>>,
+    /// A workload cache shared with other agents of this process, if any.
+    shared: Option<Cache<Workload>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -227,7 +229,16 @@ impl Agent {
             clock: Arc::new(SystemClock),
             instances: Default::default(),
             health: Default::default(),
+            shared: None,
         }
+    }
+
+    /// Reads workloads from `cache`, shared with the other agents of this process, instead of
+    /// opening a watch of its own: each agent then hears only of its own node's workloads
+    /// (through the cache's node index), so a simulation of thousands of nodes costs one watch.
+    pub fn with_shared_cache(mut self, cache: Cache<Workload>) -> Self {
+        self.shared = Some(cache);
+        self
     }
 
     /// Uses `clock` for timestamps (a `TokioClock` in simulations and tests).
@@ -292,18 +303,30 @@ impl Agent {
         let mut lease_id = self.heartbeat().await?;
         let this = Arc::new(self);
         let queue: WorkQueue<ObjectRef> = WorkQueue::new(QueueConfig::default());
-        let selection = Selection::kind(Workload::KIND)
-            .with_fields(FieldSelector::equals("spec.nodeName", this.config.node_name.clone()));
-        let cache: Cache<Workload> =
-            Cache::spawn(this.store.clone(), CacheConfig { selection, ..CacheConfig::default() });
-        let mut events = cache.subscribe();
+        let node = this.config.node_name.clone();
+        let (cache, mut events) = match &this.shared {
+            Some(shared) => (shared.clone(), shared.subscribe_index(crate::cache::NODE_INDEX, &node)),
+            None => {
+                let selection =
+                    Selection::kind(Workload::KIND).with_fields(FieldSelector::equals("spec.nodeName", node.clone()));
+                let cache: Cache<Workload> =
+                    Cache::spawn(this.store.clone(), CacheConfig { selection, ..CacheConfig::default() });
+                let events = cache.subscribe();
+                (cache, events)
+            }
+        };
+        // The workloads bound here (a shared cache holds every node's).
+        let mine = {
+            let (cache, node) = (cache.clone(), node.clone());
+            move || cache.by_index(crate::cache::NODE_INDEX, &node)
+        };
         cache.ready().await;
         // Nothing may start before what already runs is known, or a second copy could start.
         while let Err(e) = this.adopt(&queue).await {
             tracing::warn!(node = %this.config.node_name, error = %e, "cannot list the runtime's instances; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        for w in cache.list() {
+        for w in mine() {
             queue.add(ObjectRef::of(&w));
         }
         let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -317,12 +340,12 @@ impl Agent {
             });
         }
         {
-            let (queue, cache, this, every) = (queue.clone(), cache.clone(), this.clone(), this.config.resync_interval);
+            let (queue, this, every, mine) = (queue.clone(), this.clone(), this.config.resync_interval, mine.clone());
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
                     tick.tick().await;
-                    for w in cache.list() {
+                    for w in mine() {
                         queue.add(ObjectRef::of(&w));
                     }
                     // Instances whose workload is gone from this node.

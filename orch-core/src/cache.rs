@@ -131,6 +131,8 @@ struct Shared<K: Resource> {
     indexers: Vec<(String, Indexer<K>)>,
     ready: watch::Sender<bool>,
     subscribers: Mutex<Vec<mpsc::UnboundedSender<CacheEvent<K>>>>,
+    /// Subscribers to the objects with one index value: index → value → senders.
+    keyed: Mutex<HashMap<String, HashMap<String, Vec<mpsc::UnboundedSender<CacheEvent<K>>>>>>,
     decode_errors: std::sync::atomic::AtomicU64,
 }
 
@@ -185,6 +187,7 @@ impl<K: Resource> Cache<K> {
                 indexers,
                 ready: watch::channel(false).0,
                 subscribers: Mutex::new(Vec::new()),
+                keyed: Mutex::new(HashMap::new()),
                 decode_errors: Default::default(),
             }),
         }
@@ -260,12 +263,58 @@ impl<K: Resource> Cache<K> {
         rx
     }
 
-    fn announce(&self, events: Vec<CacheEvent<K>>) {
+    /// Changes to the objects whose index `index` has `value`, before or after the change (a
+    /// workload moved off a node is news to that node). This is how a thousand agents share one
+    /// cache: each hears about its own node only, at the cost of one lookup per change.
+    pub fn subscribe_index(&self, index: &str, value: &str) -> mpsc::UnboundedReceiver<CacheEvent<K>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared
+            .keyed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(index.to_string())
+            .or_default()
+            .entry(value.to_string())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    /// Sends each change (with the object's previous state, if any) to its subscribers.
+    fn announce(&self, events: Vec<(CacheEvent<K>, Option<Arc<Object<K>>>)>) {
         if events.is_empty() {
             return;
         }
         let mut subs = self.shared.subscribers.lock().unwrap_or_else(|e| e.into_inner());
-        subs.retain(|tx| events.iter().all(|e| tx.send(e.clone()).is_ok()));
+        subs.retain(|tx| events.iter().all(|(e, _)| tx.send(e.clone()).is_ok()));
+        drop(subs);
+        let mut keyed = self.shared.keyed.lock().unwrap_or_else(|e| e.into_inner());
+        if keyed.is_empty() {
+            return;
+        }
+        let mut targets: Vec<String> = Vec::new();
+        for (event, old) in &events {
+            for (name, indexer) in &self.shared.indexers {
+                let Some(by_value) = keyed.get_mut(name) else { continue };
+                targets.clear();
+                for obj in std::iter::once(event.object()).chain(old.iter()) {
+                    for value in indexer(obj) {
+                        if !targets.contains(&value) {
+                            targets.push(value);
+                        }
+                    }
+                }
+                for value in &targets {
+                    if let Some(senders) = by_value.get_mut(value) {
+                        senders.retain(|tx| tx.send(event.clone()).is_ok());
+                        if senders.is_empty() {
+                            by_value.remove(value);
+                        }
+                    }
+                }
+            }
+        }
+        keyed.retain(|_, by_value| !by_value.is_empty());
     }
 
     fn decode(&self, obj: &DynamicObject) -> Option<Object<K>> {
@@ -293,15 +342,15 @@ impl<K: Resource> Cache<K> {
                     .is_some_and(|cur| cur.metadata.resource_version == obj.metadata.resource_version);
                 if !unchanged {
                     let obj = Arc::new(obj);
-                    self.put(&mut st, r.clone(), obj.clone());
-                    events.push(CacheEvent::Applied(obj));
+                    let old = self.put(&mut st, r.clone(), obj.clone());
+                    events.push((CacheEvent::Applied(obj), old));
                 }
                 seen.insert(r);
             }
             let gone: Vec<Arc<ObjectRef>> = st.objects.keys().filter(|r| !seen.contains(&***r)).cloned().collect();
             for r in gone {
                 if let Some(old) = self.remove(&mut st, &r) {
-                    events.push(CacheEvent::Deleted(old));
+                    events.push((CacheEvent::Deleted(old), None));
                 }
             }
             st.revision = revision;
@@ -334,18 +383,21 @@ impl<K: Resource> Cache<K> {
                     match self.decode(o) {
                         Some(obj) => {
                             let obj = Arc::new(obj);
-                            self.put(&mut st, r, obj.clone());
-                            Some(CacheEvent::Applied(obj))
+                            let old = self.put(&mut st, r, obj.clone());
+                            Some((CacheEvent::Applied(obj), old))
                         }
                         // An undecodable new version must not leave the old one looking current;
                         // a re-list would drop it too.
-                        None => self.remove(&mut st, &r).map(CacheEvent::Deleted),
+                        None => self.remove(&mut st, &r).map(|old| (CacheEvent::Deleted(old), None)),
                     }
                 }
             }
             WatchEvent::Deleted(o) => {
                 let r = ObjectRef::new(&o.metadata.namespace, &o.metadata.name);
-                self.remove(&mut st, &r).map(|old| CacheEvent::Deleted(self.decode(o).map(Arc::new).unwrap_or(old)))
+                self.remove(&mut st, &r).map(|old| {
+                    let last = self.decode(o).map(Arc::new).unwrap_or_else(|| old.clone());
+                    (CacheEvent::Deleted(last), Some(old))
+                })
             }
             WatchEvent::Progress(r) => {
                 st.revision = st.revision.max(*r);
@@ -364,8 +416,9 @@ impl<K: Resource> Cache<K> {
         self.read().complete + 1
     }
 
-    fn put(&self, st: &mut State<K>, r: ObjectRef, obj: Arc<Object<K>>) {
-        self.remove(st, &r);
+    /// Stores `obj`, returning what it replaced.
+    fn put(&self, st: &mut State<K>, r: ObjectRef, obj: Arc<Object<K>>) -> Option<Arc<Object<K>>> {
+        let old = self.remove(st, &r);
         let key = Arc::new(r);
         for (name, indexer) in &self.shared.indexers {
             let index = st.indexes.get_mut(name).expect("every indexer has an index");
@@ -374,6 +427,7 @@ impl<K: Resource> Cache<K> {
             }
         }
         st.objects.insert(key, obj);
+        old
     }
 
     fn remove(&self, st: &mut State<K>, r: &ObjectRef) -> Option<Arc<Object<K>>> {
