@@ -115,6 +115,9 @@ impl<K: Resource> CacheConfig<K> {
 }
 
 type Index = HashMap<String, HashSet<Arc<ObjectRef>>>;
+type Subscriber<K> = mpsc::UnboundedSender<CacheEvent<K>>;
+/// A change and the object's state before it, if it had one.
+type Change<K> = (CacheEvent<K>, Option<Arc<Object<K>>>);
 
 struct State<K: Resource> {
     objects: HashMap<Arc<ObjectRef>, Arc<Object<K>>>,
@@ -132,7 +135,7 @@ struct Shared<K: Resource> {
     ready: watch::Sender<bool>,
     subscribers: Mutex<Vec<mpsc::UnboundedSender<CacheEvent<K>>>>,
     /// Subscribers to the objects with one index value: index → value → senders.
-    keyed: Mutex<HashMap<String, HashMap<String, Vec<mpsc::UnboundedSender<CacheEvent<K>>>>>>,
+    keyed: Mutex<HashMap<String, HashMap<String, Vec<Subscriber<K>>>>>,
     decode_errors: std::sync::atomic::AtomicU64,
 }
 
@@ -281,7 +284,7 @@ impl<K: Resource> Cache<K> {
     }
 
     /// Sends each change (with the object's previous state, if any) to its subscribers.
-    fn announce(&self, events: Vec<(CacheEvent<K>, Option<Arc<Object<K>>>)>) {
+    fn announce(&self, events: Vec<Change<K>>) {
         if events.is_empty() {
             return;
         }
