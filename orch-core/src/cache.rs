@@ -116,6 +116,8 @@ impl<K: Resource> CacheConfig<K> {
 
 type Index = HashMap<String, HashSet<Arc<ObjectRef>>>;
 type Subscriber<K> = mpsc::UnboundedSender<CacheEvent<K>>;
+/// Index value → the subscribers to it.
+type KeyedSubscribers<K> = HashMap<String, Vec<Subscriber<K>>>;
 /// A change and the object's state before it, if it had one.
 type Change<K> = (CacheEvent<K>, Option<Arc<Object<K>>>);
 
@@ -135,7 +137,7 @@ struct Shared<K: Resource> {
     ready: watch::Sender<bool>,
     subscribers: Mutex<Vec<mpsc::UnboundedSender<CacheEvent<K>>>>,
     /// Subscribers to the objects with one index value: index → value → senders.
-    keyed: Mutex<HashMap<String, HashMap<String, Vec<Subscriber<K>>>>>,
+    keyed: Mutex<HashMap<String, KeyedSubscribers<K>>>,
     decode_errors: std::sync::atomic::AtomicU64,
 }
 
