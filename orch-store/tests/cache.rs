@@ -176,3 +176,38 @@ proptest! {
         });
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn index_subscribers_hear_only_their_value_including_moves() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    let cache: Cache<Workload> = Cache::spawn(store.clone(), CacheConfig::default());
+    let mut n1 = cache.subscribe_index("node", "node-1");
+    let mut n2 = cache.subscribe_index("node", "node-2");
+    cache.ready().await;
+    let mut w = workload("mover", "x");
+    w.spec.node_name = Some("node-1".into());
+    let w = api.create(&w).await.unwrap();
+    api.create(&workload("unbound", "x")).await.unwrap();
+    let mut moved = w.clone();
+    moved.spec.node_name = Some("node-2".into());
+    api.replace(&moved).await.unwrap();
+    api.delete("mover", &DeleteOptions::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let drain = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<CacheEvent<Workload>>| {
+        let mut seen = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            seen.push(match e {
+                CacheEvent::Applied(o) => format!("applied {} on {:?}", o.metadata.name, o.spec.node_name),
+                CacheEvent::Deleted(o) => format!("deleted {}", o.metadata.name),
+            });
+        }
+        seen
+    };
+    assert_eq!(
+        drain(&mut n1),
+        ["applied mover on Some(\"node-1\")", "applied mover on Some(\"node-2\")"],
+        "node-1 hears the arrival and the move away, nothing else"
+    );
+    assert_eq!(drain(&mut n2), ["applied mover on Some(\"node-2\")", "deleted mover"]);
+}
