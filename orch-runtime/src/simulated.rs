@@ -224,7 +224,8 @@ impl Runtime for SimulatedRuntime {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { resource_limits: true, images: true, recover: true, exit_code_after_recover: true }
+        // Nothing is enforced (nothing runs); images are accepted by name.
+        Capabilities { resource_limits: false, images: true, recover: true, exit_code_after_recover: true }
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Handle, RuntimeError> {
