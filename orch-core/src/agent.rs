@@ -69,6 +69,10 @@ pub struct AgentConfig {
     pub backoff_reset: Duration,
     /// Grace period when stopping instances (when the workload does not set one; default 30 s).
     pub stop_grace: Duration,
+    /// Rotate an instance's log file past this size (default 10 MiB), on each resync.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept per stream (default 3).
+    pub log_keep: usize,
 }
 
 impl AgentConfig {
@@ -86,6 +90,8 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(300),
             backoff_reset: Duration::from_secs(600),
             stop_grace: Duration::from_secs(30),
+            log_max_bytes: 10 * 1024 * 1024,
+            log_keep: 3,
         }
     }
 }
@@ -347,6 +353,21 @@ impl Agent {
                     tick.tick().await;
                     for w in mine() {
                         queue.add(ObjectRef::of(&w));
+                    }
+                    // Log rotation rides on the resync.
+                    let handles: Vec<Handle> = this
+                        .instances
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .values()
+                        .map(|t| t.handle.clone())
+                        .collect();
+                    for h in handles {
+                        if let Err(e) =
+                            this.runtime.rotate_logs(&h, this.config.log_max_bytes, this.config.log_keep).await
+                        {
+                            tracing::warn!(instance = %h.id, error = %e, "log rotation failed");
+                        }
                     }
                     // Instances whose workload is gone from this node.
                     let tracked: Vec<ObjectRef> = this

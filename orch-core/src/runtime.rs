@@ -251,6 +251,14 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Rotates the instance's log files once one is larger than `max_bytes`, keeping `keep`
+    /// older files. The agent calls it periodically; backends whose logs are not files keep the
+    /// default, which does nothing.
+    async fn rotate_logs(&self, handle: &Handle, max_bytes: u64, keep: usize) -> Result<(), RuntimeError> {
+        let _ = (handle, max_bytes, keep);
+        Ok(())
+    }
+
     /// The address at which the instance's ports are reached from the node (for HTTP and TCP
     /// probes); the default is the loopback address, right for host processes.
     fn address(&self, handle: &Handle) -> std::net::IpAddr {

@@ -395,6 +395,9 @@ impl Runtime for ProcessRuntime {
                     {
                         let text =
                             String::from_utf8_lossy(&std::fs::read(dir.join(file)).unwrap_or_default()).into_owned();
+                        if text.len() < offsets[i] {
+                            offsets[i] = 0; // rotated (truncated) under us: start over
+                        }
                         if text.len() > offsets[i] {
                             let fresh = &text[offsets[i]..];
                             let complete = &fresh[..fresh.rfind('\n').map_or(0, |j| j + 1)];
@@ -423,6 +426,33 @@ impl Runtime for ProcessRuntime {
     async fn recover(&self, handle: &Handle) -> Result<InstanceState, RuntimeError> {
         let data = self.data(handle)?;
         Ok(self.state(handle, &data))
+    }
+
+    /// Copy-then-truncate rotation: the process keeps its file open in append mode, so the
+    /// current file is copied to `.1` (older ones shift up) and truncated in place.
+    async fn rotate_logs(&self, handle: &Handle, max_bytes: u64, keep: usize) -> Result<(), RuntimeError> {
+        self.data(handle)?;
+        let dir = self.dir(&handle.id);
+        for file in ["stdout.log", "stderr.log"] {
+            let path = dir.join(file);
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if size <= max_bytes {
+                continue;
+            }
+            let io = |e| RuntimeError::io(format!("rotating {}", path.display()), e);
+            if keep == 0 {
+                std::fs::File::options().write(true).open(&path).and_then(|f| f.set_len(0)).map_err(io)?;
+                continue;
+            }
+            let numbered = |k: usize| dir.join(format!("{file}.{k}"));
+            let _ = std::fs::remove_file(numbered(keep));
+            for k in (1..keep).rev() {
+                let _ = std::fs::rename(numbered(k), numbered(k + 1));
+            }
+            std::fs::copy(&path, numbered(1)).map_err(io)?;
+            std::fs::File::options().write(true).open(&path).and_then(|f| f.set_len(0)).map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Runs the command on the host in the instance's directory: for a host process that is
@@ -573,5 +603,47 @@ mod group_tests {
         let forged = Handle { data: serde_json::json!({"pid": 1, "start_ticks": 1, "started_at": 0}), ..h };
         std::fs::create_dir_all(rt.dir("orphans")).unwrap();
         assert!(matches!(rt.stop(&forged, Duration::ZERO).await.unwrap_err(), RuntimeError::BadHandle { .. }));
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use orch_core::kinds::Container;
+
+    #[tokio::test]
+    async fn logs_rotate_by_copy_and_truncate_and_follow_survives_it() {
+        let root = std::env::temp_dir().join(format!("orch-process-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let rt = ProcessRuntime::new(&root).unwrap();
+        let script = "head -c 5000 /dev/zero | tr '\\0' 'x'; echo; sleep 0.5; echo after-rotation; sleep 0.3";
+        let spec = InstanceSpec {
+            id: "chatty".into(),
+            container: Container {
+                name: "main".into(),
+                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                ..Default::default()
+            },
+            volumes: Vec::new(),
+            labels: Default::default(),
+        };
+        let h = rt.start(&spec).await.unwrap();
+        let follow = rt.logs(&h, LogOptions { tail: None, follow: true }).await.unwrap();
+        let collector = tokio::spawn(follow.collect::<Vec<LogLine>>());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        rt.rotate_logs(&h, 1000, 2).await.unwrap();
+        let dir = rt.dir("chatty");
+        assert_eq!(std::fs::metadata(dir.join("stdout.log.1")).unwrap().len(), 5001, "the old content moved to .1");
+        assert!(std::fs::metadata(dir.join("stdout.log")).unwrap().len() < 1000, "the current file was truncated");
+        rt.rotate_logs(&h, 1000, 2).await.unwrap(); // small now: nothing to do
+        assert!(!dir.join("stdout.log.2").exists());
+        let lines: Vec<String> = collector.await.unwrap().into_iter().map(|l| l.line).collect();
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("after-rotation"),
+            "following goes on after a rotation: {:?}",
+            lines.len()
+        );
+        rt.wait(&h).await.unwrap();
     }
 }

@@ -281,3 +281,27 @@ async fn a_changed_spec_replaces_the_instance() {
     stop.send(()).unwrap();
     agent.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_rotates_logs() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let config = AgentConfig { log_max_bytes: 1_000, log_keep: 2, ..config() };
+    let agent = tokio::spawn(Agent::new(config, store.clone(), runtime.clone()).run(
+        async move {
+            let _ = rx.await;
+        },
+        true,
+    ));
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&workload("chatty", "head -c 5000 /dev/zero | tr '\\0' 'x'; echo; sleep 60", RestartPolicy::Always))
+        .await
+        .unwrap();
+    let handle = until("chatty started", async || runtime.list().await.unwrap().into_iter().next()).await;
+    let dir = std::fs::read_link(format!("/proc/{}/cwd", pid_of(&handle))).unwrap();
+    until("rotated", async || dir.join("stdout.log.1").exists().then_some(())).await;
+    assert!(std::fs::metadata(dir.join("stdout.log")).unwrap().len() <= 1_000);
+    tx.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}
