@@ -99,7 +99,8 @@ impl AgentConfig {
 /// One container's instance as the agent tracks it.
 #[derive(Debug, Clone)]
 struct Tracked {
-    handle: Handle,
+    /// Shared, so the per-pass copy of the record is cheap.
+    handle: Arc<Handle>,
     attempt: u32,
     restarts: u32,
     started: Instant,
@@ -111,7 +112,7 @@ struct Tracked {
     /// The uid tag of the workload it was started for.
     uid_tag: String,
     /// The container spec it was started from; `None` when adopted (taken as current then).
-    spec: Option<crate::kinds::Container>,
+    spec: Option<Arc<crate::kinds::Container>>,
     /// Stopped by the agent for failing its liveness or startup probe: its exit is a failure,
     /// whatever its code.
     unhealthy_kill: bool,
@@ -355,7 +356,7 @@ impl Agent {
                         queue.add(ObjectRef::of(&w));
                     }
                     // Log rotation rides on the resync.
-                    let handles: Vec<Handle> = this
+                    let handles: Vec<Arc<Handle>> = this
                         .instances
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -470,7 +471,7 @@ impl Agent {
             self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(
                 (r.clone(), container),
                 Tracked {
-                    handle,
+                    handle: Arc::new(handle),
                     attempt,
                     restarts: attempt,
                     started: Instant::now(),
@@ -635,7 +636,7 @@ impl Agent {
             // An instance of another spec, or of an earlier workload with this name, is replaced
             // (that is an update, not a crash).
             let outdated =
-                tracked.as_ref().is_some_and(|t| t.uid_tag != tag || t.spec.as_ref().is_some_and(|spec| spec != c));
+                tracked.as_ref().is_some_and(|t| t.uid_tag != tag || t.spec.as_ref().is_some_and(|spec| **spec != *c));
             if let Some(t) = tracked.as_ref().filter(|_| outdated) {
                 self.runtime
                     .stop(&t.handle, grace)
@@ -653,7 +654,7 @@ impl Agent {
                     if t.spec.is_none() {
                         // Adopted: it runs the current spec from now on.
                         if let Some(entry) = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot) {
-                            entry.spec = Some(c.clone());
+                            entry.spec = Some(Arc::new(c.clone()));
                         }
                     }
                     let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner()).get(&t.handle.id).copied();
@@ -769,7 +770,7 @@ impl Agent {
                     let started_at = self.clock.now();
                     let restarts = if tracked.is_some() { restarts + 1 } else { 0 };
                     let t = Tracked {
-                        handle: handle.clone(),
+                        handle: Arc::new(handle.clone()),
                         attempt,
                         restarts,
                         started: Instant::now(),
@@ -777,7 +778,7 @@ impl Agent {
                         not_before: None,
                         last_exit: None,
                         uid_tag: tag.clone(),
-                        spec: Some(c.clone()),
+                        spec: Some(Arc::new(c.clone())),
                         unhealthy_kill: false,
                     };
                     self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(slot, t);
