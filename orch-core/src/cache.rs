@@ -179,7 +179,7 @@ impl<K: Resource> Cache<K> {
         cache
     }
 
-    /// A cache without a reflector (fed through [`apply`](Cache::apply) in tests).
+    /// The empty cache and its indexes, before a reflector is attached.
     fn detached(config: &CacheConfig<K>) -> Self {
         let mut indexers: Vec<(String, Indexer<K>)> =
             vec![(LABEL_INDEX.into(), Arc::new(label_values::<K>)), (OWNER_INDEX.into(), Arc::new(owner_values::<K>))];

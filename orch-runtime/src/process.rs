@@ -104,6 +104,15 @@ impl ProcessRuntime {
         }
     }
 
+    /// Waits until the leader has exited and no process of its group is left.
+    async fn wait_group_gone(&self, handle: &Handle, data: &ProcessData) -> Result<(), RuntimeError> {
+        self.wait_exit(handle, data).await?;
+        while group_alive(data.pid) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
     async fn wait_exit(&self, handle: &Handle, data: &ProcessData) -> Result<ExitStatus, RuntimeError> {
         let rx = self.children.lock().unwrap_or_else(|e| e.into_inner()).get(&handle.id).cloned();
         if let Some(mut rx) = rx {
@@ -306,27 +315,12 @@ impl Runtime for ProcessRuntime {
             return Ok(());
         }
         signal_group(data.pid, Signal::SIGTERM);
-        let all_gone = async {
-            self.wait_exit(handle, &data).await?;
-            while group_alive(data.pid) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Ok::<_, RuntimeError>(())
-        };
-        if let Ok(done) = tokio::time::timeout(grace, all_gone).await {
+        if let Ok(done) = tokio::time::timeout(grace, self.wait_group_gone(handle, &data)).await {
             return done;
         }
         signal_group(data.pid, Signal::SIGKILL);
-        let all_gone = async {
-            self.wait_exit(handle, &data).await?;
-            while group_alive(data.pid) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Ok::<_, RuntimeError>(())
-        };
-        tokio::time::timeout(Duration::from_secs(10), all_gone).await.map_err(|_| RuntimeError::Unavailable {
-            message: format!("{} survived SIGKILL for 10 s", handle.id),
-            source: None,
+        tokio::time::timeout(Duration::from_secs(10), self.wait_group_gone(handle, &data)).await.map_err(|_| {
+            RuntimeError::Unavailable { message: format!("{} survived SIGKILL for 10 s", handle.id), source: None }
         })?
     }
 
@@ -571,29 +565,11 @@ mod tests {
         assert!(e.to_string().contains("container.command[0]: cannot run /no/such/program"), "{e}");
         assert!(!rt.dir("ghost").exists(), "a failed start leaves nothing behind");
     }
-}
-
-#[cfg(test)]
-mod group_tests {
-    use super::*;
-    use orch_core::kinds::Container;
 
     #[tokio::test]
     async fn stop_reaches_children_left_by_an_exited_leader() {
-        let root = std::env::temp_dir().join(format!("orch-process-orphans-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let rt = ProcessRuntime::new(&root).unwrap();
-        let spec = InstanceSpec {
-            id: "orphans".into(),
-            container: Container {
-                name: "main".into(),
-                command: vec!["/bin/sh".into(), "-c".into(), "sleep 60 & echo $! > kid.pid".into()],
-                ..Default::default()
-            },
-            volumes: Vec::new(),
-            labels: Default::default(),
-        };
-        let h = rt.start(&spec).await.unwrap();
+        let rt = runtime("orphans");
+        let h = rt.start(&sh("orphans", "sleep 60 & echo $! > kid.pid")).await.unwrap();
         assert!(rt.wait(&h).await.unwrap().success(), "the leader exits at once");
         let kid: i32 = std::fs::read_to_string(rt.dir("orphans").join("kid.pid")).unwrap().trim().parse().unwrap();
         assert!(start_ticks(kid).is_some(), "the background child outlives its leader");
@@ -604,30 +580,12 @@ mod group_tests {
         std::fs::create_dir_all(rt.dir("orphans")).unwrap();
         assert!(matches!(rt.stop(&forged, Duration::ZERO).await.unwrap_err(), RuntimeError::BadHandle { .. }));
     }
-}
-
-#[cfg(test)]
-mod rotation_tests {
-    use super::*;
-    use orch_core::kinds::Container;
 
     #[tokio::test]
     async fn logs_rotate_by_copy_and_truncate_and_follow_survives_it() {
-        let root = std::env::temp_dir().join(format!("orch-process-rotate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let rt = ProcessRuntime::new(&root).unwrap();
+        let rt = runtime("rotate");
         let script = "head -c 5000 /dev/zero | tr '\\0' 'x'; echo; sleep 0.5; echo after-rotation; sleep 0.3";
-        let spec = InstanceSpec {
-            id: "chatty".into(),
-            container: Container {
-                name: "main".into(),
-                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                ..Default::default()
-            },
-            volumes: Vec::new(),
-            labels: Default::default(),
-        };
-        let h = rt.start(&spec).await.unwrap();
+        let h = rt.start(&sh("chatty", script)).await.unwrap();
         let follow = rt.logs(&h, LogOptions { tail: None, follow: true }).await.unwrap();
         let collector = tokio::spawn(follow.collect::<Vec<LogLine>>());
         tokio::time::sleep(Duration::from_millis(250)).await;
