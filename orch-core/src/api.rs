@@ -120,6 +120,11 @@ impl<K: Resource> Api<K> {
         self
     }
 
+    /// The fencing token every write through this Api carries, if any.
+    pub fn guard(&self) -> Option<&Guard> {
+        self.guard.as_ref()
+    }
+
     /// The guard a write carries: the Api's fencing token, or the caller's, never one replacing
     /// the other (that would let a fenced Api write without its leader's token).
     fn guard_for(&self, requested: Option<&Guard>) -> Result<Option<Guard>> {

@@ -41,6 +41,7 @@ pub mod node_lifecycle;
 pub mod object;
 pub mod quantity;
 pub mod runtime;
+pub mod scheduler;
 pub mod selector;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -58,6 +59,7 @@ pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestam
 pub use object::{DynamicObject, Object, ObjectKey, RawJson, Resource, Scope};
 pub use quantity::Quantity;
 pub use runtime::{Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
+pub use scheduler::{Decision, Framework, Plugin, Profile, Scheduler, SchedulerService, SchedulingCore, Snapshot};
 pub use selector::{FieldSelector, LabelSelector, Requirement};
 pub use store::{
     DeleteOptions, DeleteOutcome, Guard, LeaseInfo, ListRequest, ListResponse, Selection, Store, WatchEvent,

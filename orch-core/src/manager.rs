@@ -75,6 +75,16 @@ impl Manager {
         self
     }
 
+    /// Adds a scheduler; like controllers, it schedules only while this replica leads, and its
+    /// binds carry the leader's fencing token.
+    pub fn add_scheduler<S: crate::scheduler::Scheduler + 'static>(
+        &mut self,
+        scheduler: crate::scheduler::SchedulerService<S>,
+    ) -> &mut Self {
+        self.controllers.push(Box::new(scheduler));
+        self
+    }
+
     /// Runs controllers only while this replica holds the lock described by `config`.
     pub fn with_leader_election(mut self, config: LeaderElectionConfig) -> Self {
         self.election = Some(config);

@@ -5,6 +5,7 @@
 //! | backend | feature | durability | use it for |
 //! |---|---|---|---|
 //! | [`MemoryStore`] | always on | none: state lives in the process | tests, simulations, single-process control planes that rebuild state on start |
+//! | [`RedbStore`] | `redb` (default) | one file on local disk; every acknowledged write survives a crash (group commit) | the default: single-machine control planes that must remember their state across restarts |
 //!
 //! Every backend passes `orch_core::testkit::store`, so code written against one runs unchanged
 //! on another.
@@ -23,5 +24,9 @@
 //! ```
 
 pub mod memory;
+#[cfg(feature = "redb")]
+pub mod redb_store;
 
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redb")]
+pub use redb_store::{RedbStore, RedbStoreBuilder};

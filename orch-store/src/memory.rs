@@ -56,6 +56,18 @@ impl MemoryStoreBuilder {
     /// Builds the store. Inside a tokio runtime, a background task expires leases on time;
     /// without one, leases expire at the next write or lease call after their deadline.
     pub fn build(self) -> MemoryStore {
+        let store = self.build_index();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let inner = &store.inner;
+            handle.spawn(expire_leases(Arc::downgrade(inner), inner.lease_changed.clone()));
+        }
+        store
+    }
+
+    /// Builds the store without its lease expiry task: an index whose writes a durable backend
+    /// decides and stamps itself, then records with [`State::record`] once they are committed.
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
+    pub(crate) fn build_index(self) -> MemoryStore {
         let (rev_tx, _) = watch::channel(0u64);
         let inner = Arc::new(Inner {
             state: RwLock::new(State {
@@ -76,9 +88,6 @@ impl MemoryStoreBuilder {
             clock: self.clock,
             history_limit: self.history_limit,
         });
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(expire_leases(Arc::downgrade(&inner), inner.lease_changed.clone()));
-        }
         MemoryStore { inner }
     }
 }
@@ -91,17 +100,17 @@ impl MemoryStoreBuilder {
 /// of slowing anyone down.
 #[derive(Clone)]
 pub struct MemoryStore {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     state: RwLock<State>,
     /// Bumped after each write so idle watchers wake up.
     rev_tx: watch::Sender<u64>,
     /// Wakes the lease task when a lease is granted or renewed.
     lease_changed: Arc<Notify>,
     clock: Arc<dyn Clock>,
-    history_limit: usize,
+    pub(crate) history_limit: usize,
 }
 
 type Names = BTreeMap<String, Arc<DynamicObject>>;
@@ -119,10 +128,10 @@ impl hashbrown::Equivalent<(String, String)> for PairRef<'_> {
     }
 }
 
-struct State {
-    revision: u64,
+pub(crate) struct State {
+    pub(crate) revision: u64,
     /// Oldest revision whose events are all still in `history`.
-    floor: u64,
+    pub(crate) floor: u64,
     /// kind → namespace → name → object: the ordered index that lists walk.
     objects: HashMap<String, Namespaces>,
     /// The same objects hashed by key: one probe per get instead of a walk down a B-tree whose
@@ -141,13 +150,13 @@ struct State {
     next_lease: LeaseId,
 }
 
-struct Change {
-    revision: u64,
+pub(crate) struct Change {
+    pub(crate) revision: u64,
     /// The new state, or for a delete the final state stamped with the deletion revision.
-    object: Arc<DynamicObject>,
+    pub(crate) object: Arc<DynamicObject>,
     /// The state before, `None` for a create.
-    prev: Option<Arc<DynamicObject>>,
-    deleted: bool,
+    pub(crate) prev: Option<Arc<DynamicObject>>,
+    pub(crate) deleted: bool,
 }
 
 struct Lease {
@@ -196,17 +205,17 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn read(&self) -> RwLockReadGuard<'_, State> {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-written: every write
         // prepares its change before touching the maps.
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, State> {
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn notify(&self, revision: u64) {
+    pub(crate) fn notify(&self, revision: u64) {
         self.rev_tx.send_modify(|r| *r = (*r).max(revision));
     }
 }
@@ -216,7 +225,7 @@ impl State {
         self.hasher.hash_one((kind, namespace, name))
     }
 
-    fn get(&self, key: &ObjectKey) -> Option<&Arc<DynamicObject>> {
+    pub(crate) fn get(&self, key: &ObjectKey) -> Option<&Arc<DynamicObject>> {
         self.get_parts(&key.kind, &key.namespace, &key.name)
     }
 
@@ -377,8 +386,35 @@ impl State {
         Some(obj)
     }
 
+    /// Stores an object as it is, without history: how a durable backend loads its state.
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
+    pub(crate) fn restore(&mut self, obj: Arc<DynamicObject>) {
+        let key = obj.key();
+        self.reindex(&key, None, Some(&obj.metadata.labels));
+        self.insert(obj);
+    }
+
+    /// Applies a change that was decided, stamped and made durable elsewhere, in revision order,
+    /// and appends it to the history (or only to the history, for entries reloaded from a log).
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
+    pub(crate) fn record(&mut self, change: Change, apply: bool) {
+        if apply {
+            let key = change.object.key();
+            let old_labels = change.prev.as_deref().map(|p| &p.metadata.labels);
+            if change.deleted {
+                self.remove(&key);
+                self.reindex(&key, old_labels, None);
+            } else {
+                self.insert(change.object.clone());
+                self.reindex(&key, old_labels, Some(&change.object.metadata.labels));
+            }
+        }
+        self.revision = self.revision.max(change.revision);
+        self.history.push_back(change);
+    }
+
     /// Drops history past the limit, whole revisions at a time.
-    fn trim(&mut self, limit: usize) {
+    pub(crate) fn trim(&mut self, limit: usize) {
         while self.history.len() > limit {
             let Some(first) = self.history.pop_front() else { break };
             self.popped += 1;
@@ -390,7 +426,7 @@ impl State {
         }
     }
 
-    fn compact(&mut self, revision: u64) {
+    pub(crate) fn compact(&mut self, revision: u64) {
         while self.history.front().is_some_and(|c| c.revision < revision) {
             self.history.pop_front();
             self.popped += 1;

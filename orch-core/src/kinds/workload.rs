@@ -45,6 +45,23 @@ pub struct Workload {
     /// How to spread matching workloads across topology domains.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// A gang this workload belongs to: the scheduler binds its members all together or none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduling_group: Option<SchedulingGroup>,
+}
+
+/// Membership of a gang: workloads (in one namespace) that share `name` are placed all or
+/// nothing once `min_members` of them can be placed together.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct SchedulingGroup {
+    /// The gang's name, shared by its members; a DNS-1123 label.
+    pub name: String,
+    /// How many members must be placeable at once before any is bound (at least 1).
+    pub min_members: u32,
+    /// How long placed members wait for the rest before all are released; default 60.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
 }
 
 /// One container (or process) of a workload.
@@ -644,6 +661,15 @@ impl Resource for Workload {
     fn validate(&self, v: &mut Validator) {
         if self.containers.is_empty() {
             v.reject("spec.containers", "must have at least one container");
+        }
+        if let Some(g) = &self.scheduling_group {
+            v.check_with(|| "spec.schedulingGroup.name".into(), validation::dns1123_label(&g.name));
+            if g.min_members == 0 {
+                v.reject("spec.schedulingGroup.minMembers", "must be >= 1");
+            }
+            if g.timeout_seconds == Some(0) {
+                v.reject("spec.schedulingGroup.timeoutSeconds", "must be >= 1");
+            }
         }
         let mut volume_names = HashSet::new();
         for (i, vol) in self.volumes.iter().enumerate() {

@@ -1,0 +1,116 @@
+//! Preemption: make room for a workload by evicting lower-priority ones.
+
+use std::cmp::Reverse;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::cache::ObjectRef;
+use crate::scheduler::framework::{Ctx, Diagnosis, Filters, Plugin, Points};
+use crate::scheduler::snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo};
+
+/// When nothing fits, finds the node where evicting lower-priority workloads makes room at the
+/// least cost, and names the victims. Never evicts a workload of equal or higher priority.
+///
+/// Per node: take out every lower-priority workload; if the workload then passes the
+/// node-local filters, put back as many as possible, highest priority first; the rest are the
+/// victims. Among nodes, the best has the lowest highest-victim priority, then the fewest
+/// victims, then the lowest sum of victim priorities. Results are cached per workload class and
+/// recomputed only for nodes that changed, so a wave of preemptors costs little per preemptor.
+#[derive(Debug, Default)]
+pub struct Preemption {
+    cache: Mutex<HashMap<u64, ClassCandidates>>,
+}
+
+type Cost = (i32, usize, i64, NodeId);
+
+#[derive(Debug)]
+struct ClassCandidates {
+    seen_seq: u64,
+    epoch: u64,
+    candidates: Vec<Option<(Cost, Vec<ObjectRef>)>>,
+}
+
+const MAX_CACHED_CLASSES: usize = 32;
+
+fn evaluate(cx: &Ctx<'_>, filters: &Filters<'_>, node: &NodeInfo) -> Option<(Cost, Vec<ObjectRef>)> {
+    let w = cx.workload;
+    let p = w.priority();
+    let mut lower: Vec<&Arc<WorkloadInfo>> = node.workloads.iter().filter(|v| v.priority() < p).collect();
+    if lower.is_empty() {
+        return None;
+    }
+    let shares = |v: &WorkloadInfo| cx.snapshot.placed(&v.key).map(|pl| pl.placement.devices.clone()).unwrap_or_default();
+    let mut n = node.clone();
+    for v in &lower {
+        n.release(v, &shares(v));
+    }
+    filters.check(cx, &n).ok()?;
+    // Put back the most important first; whoever no longer fits is a victim.
+    lower.sort_by_key(|v| (Reverse(v.priority()), v.seq));
+    let mut victims = Vec::new();
+    let (mut top, mut sum) = (i32::MIN, 0i64);
+    for v in lower {
+        let s = shares(v);
+        n.take(v, &s);
+        if filters.check(cx, &n).is_err() {
+            n.release(v, &s);
+            top = top.max(v.priority());
+            sum += v.priority() as i64;
+            victims.push(v.key.clone());
+        }
+    }
+    if victims.is_empty() {
+        // It fits without evicting anyone: a filter outside node-local ones is the blocker.
+        return None;
+    }
+    Some(((top, victims.len(), sum, node.id), victims))
+}
+
+impl Plugin for Preemption {
+    fn name(&self) -> &str {
+        "Preemption"
+    }
+    fn points(&self) -> Points {
+        Points::POST_FILTER
+    }
+    fn post_filter(&self, cx: &Ctx<'_>, filters: &Filters<'_>, diagnosis: &Diagnosis) -> Option<(Placement, Vec<ObjectRef>)> {
+        if diagnosis.rejected.is_some() || !diagnosis.reasons.iter().any(|_| true) {
+            return None;
+        }
+        let snapshot: &Snapshot = cx.snapshot;
+        let w = cx.workload;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHED_CLASSES && !cache.contains_key(&w.class) {
+            cache.clear();
+        }
+        let slots = snapshot.slots();
+        let entry = cache.entry(w.class).or_insert_with(|| ClassCandidates {
+            seen_seq: u64::MAX,
+            epoch: u64::MAX,
+            candidates: Vec::new(),
+        });
+        let dirty: Option<Vec<NodeId>> = if entry.epoch != snapshot.slots_epoch() || entry.candidates.len() != slots {
+            None
+        } else {
+            snapshot.changes_since(entry.seen_seq).map(|it| it.collect())
+        };
+        match dirty {
+            Some(mut d) => {
+                d.sort_unstable();
+                d.dedup();
+                for slot in d {
+                    entry.candidates[slot as usize] = snapshot.node(slot).and_then(|n| evaluate(cx, filters, n));
+                }
+            }
+            None => {
+                entry.candidates =
+                    (0..slots as NodeId).map(|s| snapshot.node(s).and_then(|n| evaluate(cx, filters, n))).collect();
+                entry.epoch = snapshot.slots_epoch();
+            }
+        }
+        entry.seen_seq = snapshot.change_seq();
+        let (cost, victims) = entry.candidates.iter().flatten().min_by_key(|(c, _)| *c)?;
+        let node = snapshot.node(cost.3)?;
+        Some((Placement { node: node.id, node_name: node.name.clone(), devices: Vec::new() }, victims.clone()))
+    }
+}

@@ -1,0 +1,352 @@
+//! The scheduling queue: active, backoff and unschedulable sets.
+//!
+//! Workloads wait in `active` in the scheduler's order. One that failed for a transient reason
+//! (a bind conflict) waits in `backoff` (1 s doubling to 10 s per attempt). One that fit nowhere
+//! waits in `unschedulable` until a cluster event that could change that arrives (a node added,
+//! a workload deleted…: each plugin names the events that may turn its "no" into a "yes"), not
+//! by polling; as a safety net, it is retried after five minutes anyway. If such an event
+//! arrived while the workload was being scheduled, it goes to backoff instead, so the event is
+//! not lost.
+//!
+//! Time is passed in (milliseconds on any monotonic clock) so the queue runs the same under a
+//! simulation as under a real clock.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::snapshot::WorkloadInfo;
+use crate::cache::ObjectRef;
+
+/// Cluster events that can make an unschedulable workload fit (a bit set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Events(pub u32);
+
+impl Events {
+    /// No event.
+    pub const NONE: Events = Events(0);
+    /// A node joined.
+    pub const NODE_ADDED: Events = Events(1);
+    /// A node's labels, taints, capacity or cordon changed.
+    pub const NODE_UPDATED: Events = Events(2);
+    /// A workload was placed (it may satisfy an affinity, or complete a gang).
+    pub const WORKLOAD_ADDED: Events = Events(4);
+    /// A workload left a node (resources freed, anti-affinity lifted).
+    pub const WORKLOAD_DELETED: Events = Events(8);
+    /// A workload waiting to be scheduled arrived (gangs wait for members).
+    pub const WORKLOAD_PENDING: Events = Events(16);
+    /// Every event.
+    pub const ALL: Events = Events(31);
+
+    /// Whether the two sets share an event.
+    pub fn intersects(self, other: Events) -> bool {
+        self.0 & other.0 != 0
+    }
+}
+
+impl std::ops::BitOr for Events {
+    type Output = Events;
+    fn bitor(self, rhs: Events) -> Events {
+        Events(self.0 | rhs.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Active,
+    Backoff(u64),
+    Unschedulable(u64),
+    InFlight,
+}
+
+#[derive(Debug)]
+struct Item {
+    info: Arc<WorkloadInfo>,
+    order: (i64, u64),
+    id: u64,
+    attempts: u32,
+    wake_on: Events,
+    place: Place,
+    /// Event counter when it was popped; events after it send a failure to backoff.
+    popped_at: u64,
+}
+
+/// The queue of workloads waiting for a placement.
+#[derive(Debug)]
+pub struct SchedulingQueue {
+    items: HashMap<ObjectRef, Item>,
+    ids: HashMap<u64, ObjectRef>,
+    active: BTreeSet<((i64, u64), u64)>,
+    backoff: BTreeSet<(u64, u64)>,
+    unschedulable: BTreeSet<(u64, u64)>,
+    next_id: u64,
+    events: u64,
+    /// Unschedulable workloads waiting on each event bit, so events nobody waits for cost nothing.
+    waiting_on: [usize; 5],
+    initial_backoff_ms: u64,
+    max_backoff_ms: u64,
+    flush_ms: u64,
+}
+
+impl Default for SchedulingQueue {
+    fn default() -> Self {
+        SchedulingQueue::new()
+    }
+}
+
+impl SchedulingQueue {
+    /// An empty queue: backoff 1 s doubling to 10 s, unschedulable retried after 5 min.
+    pub fn new() -> Self {
+        SchedulingQueue {
+            items: HashMap::new(),
+            ids: HashMap::new(),
+            active: BTreeSet::new(),
+            backoff: BTreeSet::new(),
+            unschedulable: BTreeSet::new(),
+            next_id: 0,
+            events: 0,
+            waiting_on: [0; 5],
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 10_000,
+            flush_ms: 300_000,
+        }
+    }
+
+    /// Changes the backoff bounds and the unschedulable safety-net interval.
+    pub fn with_timing(mut self, initial_backoff: Duration, max_backoff: Duration, flush: Duration) -> Self {
+        self.initial_backoff_ms = initial_backoff.as_millis() as u64;
+        self.max_backoff_ms = max_backoff.as_millis().max(initial_backoff.as_millis()) as u64;
+        self.flush_ms = flush.as_millis() as u64;
+        self
+    }
+
+    fn unlink(&mut self, key: &ObjectRef) -> Option<Item> {
+        let item = self.items.remove(key)?;
+        self.ids.remove(&item.id);
+        match item.place {
+            Place::Active => {
+                self.active.remove(&(item.order, item.id));
+            }
+            Place::Backoff(t) => {
+                self.backoff.remove(&(t, item.id));
+            }
+            Place::Unschedulable(t) => {
+                self.unschedulable.remove(&(t, item.id));
+                self.count_waiting(item.wake_on, false);
+            }
+            Place::InFlight => {}
+        }
+        Some(item)
+    }
+
+    fn link(&mut self, key: ObjectRef, item: Item) {
+        match item.place {
+            Place::Active => {
+                self.active.insert((item.order, item.id));
+            }
+            Place::Backoff(t) => {
+                self.backoff.insert((t, item.id));
+            }
+            Place::Unschedulable(t) => {
+                self.unschedulable.insert((t, item.id));
+                self.count_waiting(item.wake_on, true);
+            }
+            Place::InFlight => {}
+        }
+        self.ids.insert(item.id, key.clone());
+        self.items.insert(key, item);
+    }
+
+    /// Adds a workload, or replaces its info when it is queued already (an update may make it
+    /// fit, so it becomes active). One being scheduled right now just gets the new info.
+    pub fn add(&mut self, info: Arc<WorkloadInfo>, order: (i64, u64)) {
+        let key = info.key.clone();
+        match self.unlink(&key) {
+            Some(mut item) => {
+                item.info = info;
+                item.order = order;
+                if item.place != Place::InFlight {
+                    item.place = Place::Active;
+                }
+                self.link(key, item);
+            }
+            None => {
+                let id = self.next_id;
+                self.next_id += 1;
+                let item =
+                    Item { info, order, id, attempts: 0, wake_on: Events::NONE, place: Place::Active, popped_at: 0 };
+                self.link(key, item);
+            }
+        }
+    }
+
+    /// Removes a workload (deleted, or bound by someone else).
+    pub fn remove(&mut self, key: &ObjectRef) -> Option<Arc<WorkloadInfo>> {
+        self.unlink(key).map(|i| i.info)
+    }
+
+    /// Whether the workload is in the queue (any set, or being scheduled).
+    pub fn contains(&self, key: &ObjectRef) -> bool {
+        self.items.contains_key(key)
+    }
+
+    fn count_waiting(&mut self, events: Events, add: bool) {
+        for (bit, n) in self.waiting_on.iter_mut().enumerate() {
+            if events.0 & (1 << bit) != 0 {
+                if add {
+                    *n += 1;
+                } else {
+                    *n -= 1;
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self, now_ms: u64) {
+        while let Some(&(t, id)) = self.backoff.first() {
+            if t > now_ms {
+                break;
+            }
+            self.backoff.pop_first();
+            self.activate(id);
+        }
+        while let Some(&(t, id)) = self.unschedulable.first() {
+            if t + self.flush_ms > now_ms {
+                break;
+            }
+            self.unschedulable.pop_first();
+            if let Some(item) = self.ids.get(&id).and_then(|k| self.items.get(k)) {
+                let wake_on = item.wake_on;
+                self.count_waiting(wake_on, false);
+            }
+            self.activate(id);
+        }
+    }
+
+    fn activate(&mut self, id: u64) {
+        let Some(key) = self.ids.get(&id) else { return };
+        if let Some(item) = self.items.get_mut(key) {
+            item.place = Place::Active;
+            self.active.insert((item.order, item.id));
+        }
+    }
+
+    /// Takes the next workload to schedule; it stays known to the queue (in flight) until
+    /// [`done`](Self::done) or a requeue.
+    pub fn pop(&mut self, now_ms: u64) -> Option<Arc<WorkloadInfo>> {
+        self.flush(now_ms);
+        let (_, id) = self.active.pop_first()?;
+        let key = self.ids.get(&id)?;
+        let item = self.items.get_mut(key)?;
+        item.place = Place::InFlight;
+        item.popped_at = self.events;
+        Some(item.info.clone())
+    }
+
+    /// The next workload in order without taking it.
+    pub fn peek(&self) -> Option<&Arc<WorkloadInfo>> {
+        let (_, id) = self.active.first()?;
+        self.items.get(self.ids.get(id)?).map(|i| &i.info)
+    }
+
+    /// The workload was placed: forget it.
+    pub fn done(&mut self, key: &ObjectRef) {
+        self.unlink(key);
+    }
+
+    /// It fit nowhere: park it until one of `wake_on` happens (or backoff, if one already did
+    /// while it was being scheduled).
+    pub fn unschedulable(&mut self, key: &ObjectRef, wake_on: Events, now_ms: u64) {
+        let Some(mut item) = self.unlink(key) else { return };
+        item.attempts += 1;
+        item.wake_on = wake_on;
+        item.place = if item.popped_at < self.events {
+            Place::Backoff(now_ms + self.backoff_ms(item.attempts))
+        } else {
+            Place::Unschedulable(now_ms)
+        };
+        self.link(key.clone(), item);
+    }
+
+    /// A transient failure: retry after a backoff that grows with the attempts.
+    pub fn backoff(&mut self, key: &ObjectRef, now_ms: u64) {
+        let Some(mut item) = self.unlink(key) else { return };
+        item.attempts += 1;
+        item.place = Place::Backoff(now_ms + self.backoff_ms(item.attempts));
+        self.link(key.clone(), item);
+    }
+
+    fn backoff_ms(&self, attempts: u32) -> u64 {
+        let shift = attempts.saturating_sub(1).min(20);
+        (self.initial_backoff_ms << shift).min(self.max_backoff_ms)
+    }
+
+    /// A cluster event: wakes the unschedulable workloads it may help. Returns how many woke.
+    pub fn on_event(&mut self, event: Events, now_ms: u64) -> usize {
+        self.events += 1;
+        let waiting = self.waiting_on.iter().enumerate().any(|(bit, n)| *n > 0 && event.0 & (1 << bit) != 0);
+        if !waiting {
+            return 0;
+        }
+        let woken: Vec<(u64, u64)> = self
+            .unschedulable
+            .iter()
+            .filter(|(_, id)| {
+                self.ids.get(id).and_then(|k| self.items.get(k)).is_some_and(|i| i.wake_on.intersects(event))
+            })
+            .copied()
+            .collect();
+        for (t, id) in &woken {
+            self.unschedulable.remove(&(*t, *id));
+            let Some(key) = self.ids.get(id).cloned() else { continue };
+            let Some(mut item) = self.unlink_detached(&key) else { continue };
+            self.count_waiting(item.wake_on, false);
+            // Respect the backoff it earned; an event does not let it skip the line.
+            let ready = t + self.backoff_ms(item.attempts);
+            item.place = if ready > now_ms { Place::Backoff(ready) } else { Place::Active };
+            self.link(key, item);
+        }
+        woken.len()
+    }
+
+    fn unlink_detached(&mut self, key: &ObjectRef) -> Option<Item> {
+        let item = self.items.remove(key)?;
+        self.ids.remove(&item.id);
+        Some(item)
+    }
+
+    /// Workloads known to the queue (all sets, and in flight).
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Sizes of the active, backoff and unschedulable sets.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.active.len(), self.backoff.len(), self.unschedulable.len())
+    }
+
+    /// When the earliest backoff or safety-net retry is due, if any.
+    pub fn next_due(&self) -> Option<u64> {
+        let b = self.backoff.first().map(|(t, _)| *t);
+        let u = self.unschedulable.first().map(|(t, _)| t + self.flush_ms);
+        match (b, u) {
+            (Some(b), Some(u)) => Some(b.min(u)),
+            (b, u) => b.or(u),
+        }
+    }
+
+    /// Attempts so far for a workload.
+    pub fn attempts(&self, key: &ObjectRef) -> u32 {
+        self.items.get(key).map_or(0, |i| i.attempts)
+    }
+
+    /// Every queued workload.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<WorkloadInfo>> + '_ {
+        self.items.values().map(|i| &i.info)
+    }
+}

@@ -1,0 +1,393 @@
+//! [`SchedulerService`]: a scheduler running against a store, inside a
+//! [`Manager`](crate::Manager) (or on its own).
+//!
+//! It keeps a [`SchedulingCore`] fed from the shared Node and Workload caches, schedules
+//! whenever work is ready, and binds asynchronously: a decision counts in the snapshot at once
+//! (assume), while the write (a compare-and-swap on the workload's resource version, carrying
+//! the leader's fencing token) happens in the background, many in flight at a time, so store
+//! latency never limits scheduling throughput. A failed bind rolls the assumption back and
+//! requeues the workload. Workloads that fit nowhere get a `Scheduled=False` condition saying
+//! why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::core::{Outcome, OutcomeKind, SchedulingCore};
+use super::framework::{Framework, Profile};
+use super::queue::SchedulingQueue;
+use super::snapshot::Placement;
+use super::{DEFAULT_SCHEDULER, DEVICES_ANNOTATION, SCHEDULED_CONDITION, Scheduler};
+use crate::api::Api;
+use crate::cache::{Cache, CacheEvent, ObjectRef};
+use crate::controller::{CacheRegistry, Leadership, RunParts, Runnable};
+use crate::error::Error;
+use crate::kinds::{Condition, ConditionStatus, Node, Workload, find_condition, set_condition};
+use crate::meta::{Clock, SystemClock};
+use crate::object::Object;
+use crate::store::{DeleteOptions, Guard, Store};
+
+/// Settings of a [`SchedulerService`].
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Bind writes in flight at most.
+    pub bind_concurrency: usize,
+    /// Workloads scheduled between two looks at new events.
+    pub burst: usize,
+    /// First retry delay after a failed bind (doubling to `max_backoff`).
+    pub initial_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+    /// Unschedulable workloads are retried after this long even without an event.
+    pub unschedulable_flush: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            bind_concurrency: 64,
+            burst: 256,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(10),
+            unschedulable_flush: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A scheduler running against a store. Add it to a [`Manager`](crate::Manager) with
+/// [`Manager::add_scheduler`](crate::Manager::add_scheduler) (it then schedules only while the
+/// manager leads), or run it alone with [`SchedulerService::run`].
+pub struct SchedulerService<S: Scheduler + 'static = Framework> {
+    core: SchedulingCore<S>,
+    config: SchedulerConfig,
+    name: String,
+    clock: Arc<dyn Clock>,
+}
+
+impl<S: Scheduler + 'static> std::fmt::Debug for SchedulerService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerService").field("name", &self.name).field("config", &self.config).finish()
+    }
+}
+
+impl SchedulerService<Framework> {
+    /// The default scheduler with a profile.
+    pub fn new(profile: Profile) -> Self {
+        SchedulerService::with_scheduler(Framework::new(profile))
+    }
+}
+
+impl<S: Scheduler + 'static> SchedulerService<S> {
+    /// Runs a custom scheduler.
+    pub fn with_scheduler(scheduler: S) -> Self {
+        let name = scheduler.name().to_string();
+        SchedulerService {
+            core: SchedulingCore::new(scheduler),
+            config: SchedulerConfig::default(),
+            name,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Changes the settings.
+    pub fn config(mut self, config: SchedulerConfig) -> Self {
+        self.core = self.core.with_queue(SchedulingQueue::new().with_timing(
+            config.initial_backoff,
+            config.max_backoff,
+            config.unschedulable_flush,
+        ));
+        self.config = config;
+        self
+    }
+
+    /// Uses `clock` for condition timestamps.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn mine(&self, w: &Object<Workload>) -> bool {
+        match &w.spec.scheduler_name {
+            None => self.name == DEFAULT_SCHEDULER,
+            Some(n) => *n == self.name,
+        }
+    }
+
+    /// Runs on its own (no manager, no leader election) until `shutdown` resolves.
+    pub async fn run(self, store: Arc<dyn Store>, shutdown: impl std::future::Future<Output = ()> + Send) {
+        let nodes = Cache::<Node>::spawn(store.clone(), Default::default());
+        let workloads = Cache::<Workload>::spawn(store.clone(), Default::default());
+        let (_tx, leader) = watch::channel(Leadership::Leading(None));
+        let (stop_tx, stop) = watch::channel(false);
+        let run = self.serve(store, nodes, workloads, leader, stop);
+        tokio::pin!(run);
+        tokio::select! {
+            _ = &mut run => {}
+            _ = shutdown => {
+                stop_tx.send_replace(true);
+                run.await;
+            }
+        }
+    }
+
+    async fn serve(
+        mut self,
+        store: Arc<dyn Store>,
+        nodes: Cache<Node>,
+        workloads: Cache<Workload>,
+        mut leader: watch::Receiver<Leadership>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut node_events = nodes.subscribe();
+        let mut workload_events = workloads.subscribe();
+        tokio::select! {
+            _ = nodes.ready() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tokio::select! {
+            _ = workloads.ready() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for n in nodes.list() {
+            self.core.upsert_node(&n);
+        }
+        for w in workloads.list() {
+            if self.mine(&w) || w.spec.node_name.is_some() {
+                self.core.upsert_workload(w);
+            }
+        }
+        let start = tokio::time::Instant::now();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(ObjectRef, BindResult)>();
+        let permits = Arc::new(Semaphore::new(self.config.bind_concurrency.max(1)));
+        let mut binds = JoinSet::new();
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let now_ms = start.elapsed().as_millis() as u64;
+            let mut outcomes = self.core.set_time(now_ms);
+            // Take in everything that happened.
+            while let Ok(ev) = node_events.try_recv() {
+                match ev {
+                    CacheEvent::Applied(n) => self.core.upsert_node(&n),
+                    CacheEvent::Deleted(n) => drop(self.core.remove_node(&n.metadata.name)),
+                }
+            }
+            while let Ok(ev) = workload_events.try_recv() {
+                self.workload_event(ev);
+            }
+            while let Ok((key, result)) = done_rx.try_recv() {
+                self.bind_done(key, result);
+            }
+            let guard = match &*leader.borrow() {
+                Leadership::Leading(g) => Some(g.clone()),
+                Leadership::Standby => None,
+            };
+            if let Some(guard) = guard {
+                for _ in 0..self.config.burst {
+                    match self.core.schedule_next() {
+                        Some(out) => outcomes.extend(out),
+                        None => break,
+                    }
+                }
+                for o in outcomes {
+                    self.act(o, &store, &guard, &permits, &mut binds, &done_tx, &workloads);
+                }
+                while binds.try_join_next().is_some() {}
+                if self.core.queue().sizes().0 > 0 {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            }
+            let wait = self
+                .core
+                .queue()
+                .next_due()
+                .map(|t| Duration::from_millis(t.saturating_sub(now_ms)))
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(1), Duration::from_secs(1));
+            tokio::select! {
+                Some(ev) = node_events.recv() => match ev {
+                    CacheEvent::Applied(n) => self.core.upsert_node(&n),
+                    CacheEvent::Deleted(n) => drop(self.core.remove_node(&n.metadata.name)),
+                },
+                Some(ev) = workload_events.recv() => self.workload_event(ev),
+                Some((key, result)) = done_rx.recv() => self.bind_done(key, result),
+                _ = leader.changed() => {}
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // Let in-flight binds finish: they were decided under a valid lease.
+        while binds.join_next().await.is_some() {}
+    }
+
+    fn workload_event(&mut self, ev: CacheEvent<Workload>) {
+        match ev {
+            CacheEvent::Applied(w) => {
+                if self.mine(&w) || w.spec.node_name.is_some() {
+                    self.core.upsert_workload(w);
+                }
+            }
+            CacheEvent::Deleted(w) => self.core.delete_workload(&ObjectRef::of(&w)),
+        }
+    }
+
+    fn bind_done(&mut self, key: ObjectRef, result: BindResult) {
+        match result {
+            BindResult::Bound => self.core.bound(&key),
+            BindResult::Failed(latest) => {
+                metrics::counter!("orch_scheduler_bind_failures_total").increment(1);
+                self.core.bind_failed(&key, latest);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn act(
+        &mut self,
+        o: Outcome,
+        store: &Arc<dyn Store>,
+        guard: &Option<Guard>,
+        permits: &Arc<Semaphore>,
+        binds: &mut JoinSet<()>,
+        done: &mpsc::UnboundedSender<(ObjectRef, BindResult)>,
+        cache: &Cache<Workload>,
+    ) {
+        let api = Api::<Workload>::all(store.clone()).fenced(guard.clone());
+        match o.kind {
+            OutcomeKind::Bound(placement) => {
+                metrics::counter!("orch_scheduler_scheduled_total").increment(1);
+                let obj = cache.get(&o.workload.key).unwrap_or_else(|| o.workload.object.clone());
+                spawn_bind(binds, permits, done, api, obj, placement, Vec::new());
+            }
+            OutcomeKind::Preempted { placement, victims } => {
+                metrics::counter!("orch_scheduler_preemptions_total").increment(1);
+                let obj = cache.get(&o.workload.key).unwrap_or_else(|| o.workload.object.clone());
+                let victims = victims.into_iter().map(|v| v.info.object.clone()).collect();
+                spawn_bind(binds, permits, done, api, obj, placement, victims);
+            }
+            OutcomeKind::Unschedulable(diagnosis) => {
+                metrics::counter!("orch_scheduler_unschedulable_total").increment(1);
+                let message = diagnosis.message();
+                let Some(obj) = cache.get(&o.workload.key) else { return };
+                let same = find_condition(&obj.status.conditions, SCHEDULED_CONDITION)
+                    .is_some_and(|c| c.status == ConditionStatus::False && c.message == message);
+                if same {
+                    return;
+                }
+                let mut next = (*obj).clone();
+                let mut c = Condition::new(SCHEDULED_CONDITION, ConditionStatus::False, "Unschedulable");
+                c.message = message;
+                set_condition(&mut next.status.conditions, c, self.clock.now());
+                binds.spawn(async move {
+                    // A conflict means the workload changed; the next attempt reports again.
+                    let _ = api.replace_status(&next).await;
+                });
+            }
+            OutcomeKind::Refused(why) => {
+                tracing::warn!(workload = %o.workload.key, %why, "scheduler decision refused");
+            }
+            OutcomeKind::Waiting(_) | OutcomeKind::Released => {}
+        }
+    }
+}
+
+enum BindResult {
+    Bound,
+    Failed(Option<Arc<Object<Workload>>>),
+}
+
+fn spawn_bind(
+    binds: &mut JoinSet<()>,
+    permits: &Arc<Semaphore>,
+    done: &mpsc::UnboundedSender<(ObjectRef, BindResult)>,
+    api: Api<Workload>,
+    obj: Arc<Object<Workload>>,
+    placement: Placement,
+    victims: Vec<Arc<Object<Workload>>>,
+) {
+    let permits = permits.clone();
+    let done = done.clone();
+    binds.spawn(async move {
+        let Ok(_permit) = permits.acquire_owned().await else { return };
+        let key = ObjectRef::of(&obj);
+        let result = bind(&api, &obj, &placement, &victims).await;
+        let _ = done.send((key, result));
+    });
+}
+
+/// Evicts the victims, then writes `spec.nodeName` with compare-and-swap. On a conflict with a
+/// version that is still unbound and unchanged in spec, it retries once on that version.
+async fn bind(
+    api: &Api<Workload>,
+    obj: &Object<Workload>,
+    placement: &Placement,
+    victims: &[Arc<Object<Workload>>],
+) -> BindResult {
+    for v in victims {
+        let opts = DeleteOptions { resource_version: Some(v.metadata.resource_version), ..Default::default() };
+        let vapi = Api::<Workload>::namespaced(api.store().clone(), v.metadata.namespace.clone())
+            .fenced(api_guard(api));
+        match vapi.delete(&v.metadata.name, &opts).await {
+            Ok(_) | Err(Error::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::info!(victim = %v.metadata.name, error = %e, "preemption victim not evicted");
+                return BindResult::Failed(None);
+            }
+        }
+    }
+    let mut attempt = obj.clone();
+    for _ in 0..2 {
+        if attempt.spec.node_name.is_some() {
+            return BindResult::Failed(Some(Arc::new(attempt)));
+        }
+        let mut next = attempt.clone();
+        next.spec.node_name = Some(placement.node_name.to_string());
+        if !placement.devices.is_empty() {
+            let text: Vec<String> = placement.devices.iter().map(|d| format!("{}:{}", d.device, d.milli)).collect();
+            next.metadata.annotations.insert(DEVICES_ANNOTATION, text.join(","));
+        }
+        match api.replace(&next).await {
+            Ok(_) => return BindResult::Bound,
+            Err(Error::Conflict { current: Some(cur), .. }) => {
+                let Ok(cur) = Object::<Workload>::from_dynamic(&cur) else { return BindResult::Failed(None) };
+                if cur.spec != obj.spec {
+                    return BindResult::Failed(Some(Arc::new(cur)));
+                }
+                attempt = cur;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "bind failed");
+                return BindResult::Failed(None);
+            }
+        }
+    }
+    BindResult::Failed(None)
+}
+
+fn api_guard(api: &Api<Workload>) -> Option<Guard> {
+    api.guard().cloned()
+}
+
+impl<S: Scheduler + 'static> Runnable for SchedulerService<S> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn prepare(&mut self, caches: &CacheRegistry, store: &Arc<dyn Store>) {
+        caches.get_or_start::<Node>(store);
+        caches.get_or_start::<Workload>(store);
+    }
+
+    fn run(self: Box<Self>, parts: RunParts) -> BoxFuture<'static, ()> {
+        let RunParts { store, caches, leader, shutdown } = parts;
+        let nodes = caches.get_or_start::<Node>(&store);
+        let workloads = caches.get_or_start::<Workload>(&store);
+        (*self).serve(store, nodes, workloads, leader, shutdown).boxed()
+    }
+}

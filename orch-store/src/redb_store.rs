@@ -1,0 +1,1119 @@
+//! [`RedbStore`]: the embedded durable backend, one file on local disk, built on
+//! [redb](https://www.redb.org) (feature `redb`, on by default).
+//!
+//! # How it keeps the store contract
+//! - **One transaction per batch of writes.** Objects (table `orch.objects`) and the revision
+//!   log (`orch.log`, one entry per changed object, keyed by revision) are written in the same redb
+//!   transaction, with the current revision, the compaction floor and the leases (`orch.meta`,
+//!   `orch.leases`). A crash leaves the file at the last commit: never half a batch.
+//! - **Group commit.** A single writer thread takes every write queued while the previous commit
+//!   was flushing and applies them all in one transaction: one durable commit (fsync) per batch,
+//!   not per write. A write is answered only after its batch is durable, so every acknowledged
+//!   write survives a crash, and throughput grows with the number of concurrent writers.
+//! - **Reads from memory.** Current objects and the recent log live in an in-memory index (the
+//!   one [`MemoryStore`](crate::MemoryStore) uses), updated after each commit. Gets, lists at
+//!   past revisions and watches never touch the disk; watches replay from the log after a
+//!   restart, and history beyond the limit (or a [`compact`](Store::compact)) is trimmed from
+//!   the file in the next commit, after which older revisions answer `Compacted`.
+//! - **Leases** are stored with their TTL. On open every lease restarts its full TTL from the
+//!   time of opening (the downtime is not held against it), and an expiry or revocation deletes
+//!   the lease and its objects in one commit, so an expired lease never comes back.
+//! - **Failures.** A file that is not an orch store (another program's file, a damaged header)
+//!   is refused with an error naming the path and the reason, and left untouched. A failed
+//!   commit (disk full, I/O error) answers `Unavailable` with redb's error as the source and
+//!   changes nothing, in memory or on disk; redb then refuses further writes until the store is
+//!   reopened. A file that cannot be opened for writing is served read-only: reads work, writes
+//!   fail with `Unavailable`.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::io::Read;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use orch_core::store::semantics::{self, Plan};
+use orch_core::{
+    Clock, DeleteOptions, DeleteOutcome, DynamicObject, Error, Guard, LeaseId, LeaseInfo, ListRequest, ListResponse,
+    ObjectKey, Result, Store, SystemClock, Timestamp, WatchRequest, WatchStream, WriteOptions,
+};
+use redb::{DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition, TableError};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::memory::{Change, MemoryStore, MemoryStoreBuilder, State};
+
+/// Store-wide counters: `format`, `revision`, `floor` (oldest revision kept in the log) and
+/// `next_lease`.
+const META: TableDefinition<&str, u64> = TableDefinition::new("orch.meta");
+/// (kind, namespace, name) → the object as JSON.
+const OBJECTS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("orch.objects");
+/// (revision, index within the revision) → one change (see `encode_entry`).
+const LOG: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("orch.log");
+/// Lease id → its time to live in nanoseconds.
+const LEASES: TableDefinition<u64, u64> = TableDefinition::new("orch.leases");
+
+/// Version of the layout above, checked on open.
+const FORMAT: u64 = 1;
+/// The first bytes of every redb file (redb's file header), checked before redb sees the file so
+/// a foreign file is refused without being touched.
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+/// Most writes one commit takes; more wait for the next one.
+const MAX_BATCH: usize = 4096;
+
+/// Configures and opens a [`RedbStore`].
+#[derive(Debug, Clone)]
+pub struct RedbStoreBuilder {
+    history_limit: usize,
+    clock: Arc<dyn Clock>,
+    read_only: bool,
+}
+
+impl Default for RedbStoreBuilder {
+    fn default() -> Self {
+        RedbStoreBuilder { history_limit: 100_000, clock: Arc::new(SystemClock), read_only: false }
+    }
+}
+
+impl RedbStoreBuilder {
+    /// Keep at most this many events of history, in memory and in the file's log (default
+    /// 100,000). Older events are trimmed: a watch or a list that needs them gets `Compacted`.
+    pub fn history_limit(mut self, events: usize) -> Self {
+        self.history_limit = events.max(1);
+        self
+    }
+
+    /// The clock for creation and deletion timestamps (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Open the file read-only: reads work, every write fails with `Unavailable`, the file is
+    /// never modified. A file that was not closed cleanly cannot be opened this way (it needs the
+    /// recovery a writable open does).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Opens (or creates) the store file at `path` and loads it into memory. This blocks while it
+    /// reads the file (well under a second for 100,000 objects); from async code, call it at
+    /// startup or inside `spawn_blocking`.
+    ///
+    /// Fails with `Unavailable`, naming the path and the reason, when the file is not an orch
+    /// store (another program's file, a damaged header), is already open in another process, or
+    /// cannot be read; such a file is left as it was. A file that exists but cannot be opened for
+    /// writing is opened read-only (see [`RedbStore::is_read_only`]).
+    ///
+    /// Inside a tokio runtime a background task expires leases on time; without one, due leases
+    /// expire with the next write.
+    pub fn open(self, path: impl AsRef<Path>) -> Result<RedbStore> {
+        let path = path.as_ref().to_path_buf();
+        let name = path.display().to_string();
+        let refuse = |reason: String, source: Option<BoxError>| Error::Unavailable {
+            message: format!("cannot open store file {name}: {reason}; the file was left untouched"),
+            source,
+        };
+        if self.read_only {
+            let db = guarded(|| redb::Builder::new().open_read_only(&path)).map_err(|e| e.refuse(&refuse))?;
+            return self.start(name, Db::ReadOnly(db), Some(ReadOnlyReason::Asked));
+        }
+        // Look at the file before redb does: redb initializes an empty file and repairs one that
+        // was not closed cleanly, and neither must happen to a file that is not ours.
+        match std::fs::File::open(&path) {
+            Ok(mut file) => {
+                let len = file.metadata().map_err(|e| refuse("cannot read its length".into(), Some(Box::new(e))))?.len();
+                if len > 0 {
+                    let mut head = [0u8; REDB_MAGIC.len()];
+                    if file.read_exact(&mut head).is_err() || head != REDB_MAGIC {
+                        return Err(refuse("it is not a redb database (a foreign or damaged file)".into(), None));
+                    }
+                    match guarded(|| redb::Builder::new().open_read_only(&path)) {
+                        Ok(db) => {
+                            check_format(&db).map_err(|reason| refuse(reason, None))?;
+                        }
+                        // Not closed cleanly (a crash): the writable open below recovers it.
+                        Err(OpenError::Redb(DatabaseError::RepairAborted)) => {}
+                        Err(e) => return Err(e.refuse(&refuse)),
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(refuse("cannot read it".into(), Some(Box::new(e)))),
+        }
+        match guarded(|| redb::Builder::new().create(&path)) {
+            Ok(db) => self.start(name, Db::Writable(db), None),
+            Err(OpenError::Redb(e)) if is_read_only_error(&e) => {
+                tracing::warn!(path = %name, error = %e, "store file is not writable: serving it read-only");
+                let db = guarded(|| redb::Builder::new().open_read_only(&path)).map_err(|e| e.refuse(&refuse))?;
+                self.start(name, Db::ReadOnly(db), Some(ReadOnlyReason::Refused(Arc::new(e))))
+            }
+            Err(e) => Err(e.refuse(&refuse)),
+        }
+    }
+
+    /// Opens a store on any redb storage backend (an in-memory one for tests, or one of your
+    /// own); `name` stands for the file in errors. The file checks of [`open`](Self::open) that
+    /// need a path are skipped; the format check is not.
+    pub fn open_backend(self, name: &str, backend: impl redb::StorageBackend) -> Result<RedbStore> {
+        let name = name.to_string();
+        let db = guarded(|| redb::Builder::new().create_with_backend(backend)).map_err(|e| {
+            e.refuse(&|reason, source| Error::Unavailable { message: format!("cannot open store {name}: {reason}"), source })
+        })?;
+        self.start(name, Db::Writable(db), None)
+    }
+
+    fn start(self, name: String, db: Db, read_only: Option<ReadOnlyReason>) -> Result<RedbStore> {
+        let unavailable = |reason: String, source: Option<BoxError>| Error::Unavailable {
+            message: format!("cannot open store file {name}: {reason}"),
+            source,
+        };
+        if let Db::Writable(db) = &db {
+            match check_format(db) {
+                Ok(Format::Empty) => init(db).map_err(|e| unavailable("cannot initialize it".into(), Some(e)))?,
+                Ok(Format::Orch) => {}
+                Err(reason) => return Err(unavailable(format!("{reason}; the file was left untouched"), None)),
+            }
+        } else if let Db::ReadOnly(db) = &db {
+            if check_format(db).map_err(|reason| unavailable(reason, None))? == Format::Empty {
+                return Err(unavailable("it holds no orch store and is read-only".into(), None));
+            }
+        }
+        let index = MemoryStoreBuilder::default().history_limit(self.history_limit).clock(self.clock.clone()).build_index();
+        let now = Instant::now();
+        let loaded = match &db {
+            Db::Writable(db) => load(db, &index, now),
+            Db::ReadOnly(db) => load(db, &index, now),
+        }
+        .map_err(|(reason, source)| unavailable(reason, source))?;
+        let shared = Arc::new(Shared { index, leases: Mutex::new(loaded.leases), lease_changed: Arc::new(Notify::new()) });
+        let (tx, writer) = match db {
+            Db::Writable(db) => {
+                let (tx, rx) = mpsc::channel();
+                let writer = Writer {
+                    db,
+                    rx,
+                    shared: shared.clone(),
+                    name: name.clone(),
+                    floor: loaded.floor,
+                    next_lease: loaded.next_lease,
+                };
+                let thread = std::thread::Builder::new()
+                    .name("orch-redb-writer".into())
+                    .spawn(move || writer.run())
+                    .map_err(|e| unavailable("cannot start its writer thread".into(), Some(Box::new(e))))?;
+                (Some(tx), Some(thread))
+            }
+            Db::ReadOnly(_) => (None, None),
+        };
+        let handle = Arc::new(Handle { shared, tx, writer, name, read_only, clock: self.clock });
+        if handle.tx.is_some() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(expire_leases(Arc::downgrade(&handle), handle.shared.lease_changed.clone()));
+            }
+        }
+        Ok(RedbStore { inner: handle })
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+enum Db {
+    Writable(redb::Database),
+    ReadOnly(redb::ReadOnlyDatabase),
+}
+
+/// Why a store refuses writes.
+#[derive(Debug, Clone)]
+enum ReadOnlyReason {
+    Asked,
+    Refused(Arc<DatabaseError>),
+}
+
+/// An open that failed inside redb, or panicked there (redb may panic on a file damaged outside
+/// it; that must be an error, never a crash of the caller).
+enum OpenError {
+    Redb(DatabaseError),
+    Panic(String),
+}
+
+impl OpenError {
+    fn refuse(self, refuse: &dyn Fn(String, Option<BoxError>) -> Error) -> Error {
+        match self {
+            OpenError::Redb(DatabaseError::DatabaseAlreadyOpen) => {
+                refuse("it is already open (in this or another process)".into(), None)
+            }
+            OpenError::Redb(DatabaseError::RepairAborted) => {
+                refuse("it was not closed cleanly and needs the recovery a writable open does".into(), None)
+            }
+            OpenError::Redb(e @ DatabaseError::Storage(StorageError::Corrupted(_))) => {
+                refuse("it is damaged".into(), Some(Box::new(e)))
+            }
+            OpenError::Redb(e) => refuse("redb cannot open it".into(), Some(Box::new(e))),
+            OpenError::Panic(msg) => refuse(format!("it is damaged (redb failed reading it: {msg})"), None),
+        }
+    }
+}
+
+fn guarded<T>(open: impl FnOnce() -> std::result::Result<T, DatabaseError>) -> std::result::Result<T, OpenError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(open)) {
+        Ok(r) => r.map_err(OpenError::Redb),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(OpenError::Panic(msg))
+        }
+    }
+}
+
+fn is_read_only_error(e: &DatabaseError) -> bool {
+    use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
+    matches!(e, DatabaseError::Storage(StorageError::Io(io)) if matches!(io.kind(), PermissionDenied | ReadOnlyFilesystem))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Format {
+    /// A new, empty database: ours to initialize.
+    Empty,
+    /// An orch store of the current format.
+    Orch,
+}
+
+/// Tells an orch store from an empty database and from anything else, without writing.
+fn check_format(db: &impl ReadableDatabase) -> std::result::Result<Format, String> {
+    let txn = db.begin_read().map_err(|e| format!("redb cannot read it: {e}"))?;
+    match txn.open_table(META) {
+        Ok(meta) => match meta.get("format").map_err(|e| format!("redb cannot read it: {e}"))? {
+            Some(v) if v.value() == FORMAT => Ok(Format::Orch),
+            Some(v) => Err(format!("it has orch store format {}, this version reads format {FORMAT}", v.value())),
+            None => Err("it is not an orch store (no format marker)".into()),
+        },
+        Err(TableError::TableDoesNotExist(_)) => {
+            let tables = txn.list_tables().map_err(|e| format!("redb cannot read it: {e}"))?.count();
+            let multimaps = txn.list_multimap_tables().map_err(|e| format!("redb cannot read it: {e}"))?.count();
+            if tables + multimaps == 0 {
+                Ok(Format::Empty)
+            } else {
+                Err("it is a redb database of another program (no orch.meta table)".into())
+            }
+        }
+        Err(e) => Err(format!("it is not an orch store ({e})")),
+    }
+}
+
+fn init(db: &redb::Database) -> std::result::Result<(), BoxError> {
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        meta.insert("format", FORMAT)?;
+        meta.insert("revision", 0)?;
+        meta.insert("floor", 1)?;
+        meta.insert("next_lease", 1)?;
+        txn.open_table(OBJECTS)?;
+        txn.open_table(LOG)?;
+        txn.open_table(LEASES)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+struct Loaded {
+    floor: u64,
+    next_lease: LeaseId,
+    leases: Leases,
+}
+
+/// Reads the whole store into the index; leases restart their TTL at `now`.
+fn load(
+    db: &impl ReadableDatabase,
+    index: &MemoryStore,
+    now: Instant,
+) -> std::result::Result<Loaded, (String, Option<BoxError>)> {
+    let io = |e: redb::Error| ("redb cannot read it".to_string(), Some(Box::new(e) as BoxError));
+    let txn = db.begin_read().map_err(|e| io(e.into()))?;
+    let meta = txn.open_table(META).map_err(|e| io(e.into()))?;
+    let counter = |name: &str| -> std::result::Result<u64, (String, Option<BoxError>)> {
+        meta.get(name)
+            .map_err(|e| io(e.into()))?
+            .map(|v| v.value())
+            .ok_or_else(|| (format!("its orch.meta table has no {name:?} entry"), None))
+    };
+    let (revision, floor, next_lease) = (counter("revision")?, counter("floor")?, counter("next_lease")?);
+    let mut leases = Leases::default();
+    for entry in txn.open_table(LEASES).map_err(|e| io(e.into()))?.iter().map_err(|e| io(e.into()))? {
+        let (id, ttl) = entry.map_err(|e| io(e.into()))?;
+        let ttl = Duration::from_nanos(ttl.value());
+        leases.insert(id.value(), ttl, now + ttl);
+    }
+    let mut st = index.inner.write();
+    for entry in txn.open_table(OBJECTS).map_err(|e| io(e.into()))?.iter().map_err(|e| io(e.into()))? {
+        let (key, value) = entry.map_err(|e| io(e.into()))?;
+        let obj = decode_object(value.value()).map_err(|e| {
+            let (kind, ns, name) = key.value();
+            (format!("its record of {kind} {ns}/{name} is damaged"), Some(Box::new(e) as BoxError))
+        })?;
+        if let Some(lease) = obj.metadata.lease.and_then(|id| leases.live.get_mut(&id)) {
+            lease.keys.insert(obj.key());
+        }
+        st.restore(Arc::new(obj));
+    }
+    for entry in txn.open_table(LOG).map_err(|e| io(e.into()))?.range((floor, 0u32)..).map_err(|e| io(e.into()))? {
+        let (key, value) = entry.map_err(|e| io(e.into()))?;
+        let revision = key.value().0;
+        let change = decode_entry(revision, value.value())
+            .map_err(|e| (format!("its log entry at revision {revision} is damaged"), Some(e)))?;
+        st.record(change, false);
+    }
+    st.revision = revision;
+    st.floor = floor;
+    st.trim(index.inner.history_limit);
+    Ok(Loaded { floor: st.floor, next_lease, leases })
+}
+
+fn decode_object(bytes: &[u8]) -> serde_json::Result<DynamicObject> {
+    serde_json::from_slice(bytes)
+}
+
+/// A log entry: a flag byte (bit 0: deleted, bit 1: has a previous state), the length of the
+/// object's JSON as 4 little-endian bytes, the object's JSON, then the previous state's JSON.
+fn encode_entry(object: &[u8], prev: Option<&[u8]>, deleted: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + object.len() + prev.map_or(0, <[u8]>::len));
+    out.push(u8::from(deleted) | (u8::from(prev.is_some()) << 1));
+    out.extend_from_slice(&(object.len() as u32).to_le_bytes());
+    out.extend_from_slice(object);
+    out.extend_from_slice(prev.unwrap_or_default());
+    out
+}
+
+fn decode_entry(revision: u64, bytes: &[u8]) -> std::result::Result<Change, BoxError> {
+    let (&flags, rest) = bytes.split_first().ok_or("empty entry")?;
+    let (len, rest) = rest.split_first_chunk::<4>().ok_or("truncated entry")?;
+    let (object, prev) = rest.split_at_checked(u32::from_le_bytes(*len) as usize).ok_or("truncated entry")?;
+    let object = Arc::new(decode_object(object)?);
+    let prev = if flags & 2 != 0 { Some(Arc::new(decode_object(prev)?)) } else { None };
+    if object.metadata.resource_version != revision {
+        return Err(format!("the object has resource version {}", object.metadata.resource_version).into());
+    }
+    Ok(Change { revision, object, prev, deleted: flags & 1 != 0 })
+}
+
+/// A [`Store`] in one file on local disk, durable across crashes: the default backend.
+///
+/// See the [module documentation](self) for how it works. Cloning is cheap and shares the store;
+/// the file is closed when the last clone is dropped (which waits for the commit in flight).
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use orch_core::{Api, Object, ObjectMeta, Store, kinds::Node};
+/// use orch_store::RedbStore;
+///
+/// # #[tokio::main] async fn main() -> orch_core::Result<()> {
+/// let store: Arc<dyn Store> = Arc::new(RedbStore::open("/var/lib/orch/store.redb")?);
+/// let nodes: Api<Node> = Api::all(store);
+/// nodes.create(&Object::new(ObjectMeta::named("node-1"), Node::default())).await?; // on disk now
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedbStore {
+    inner: Arc<Handle>,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    /// The writer's queue; `None` when the store is read-only.
+    tx: Option<mpsc::Sender<Op>>,
+    writer: Option<JoinHandle<()>>,
+    name: String,
+    read_only: Option<ReadOnlyReason>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and close the file; waiting for
+        // it means the file can be opened again as soon as the store is dropped.
+        self.tx = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// What the writer thread and the store handles share.
+struct Shared {
+    /// Current objects and recent history, as of the last commit.
+    index: MemoryStore,
+    leases: Mutex<Leases>,
+    /// Wakes the lease expiry task when a lease is granted.
+    lease_changed: Arc<Notify>,
+}
+
+impl Shared {
+    fn leases(&self) -> MutexGuard<'_, Leases> {
+        // Every change to the lease table is prepared before it is applied: a panic elsewhere
+        // cannot leave it half-written.
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Live leases. A lease leaves this table as soon as a batch decides to revoke or expire it
+/// (and comes back only if that batch fails to commit).
+#[derive(Default)]
+struct Leases {
+    live: HashMap<LeaseId, Lease>,
+    deadlines: BTreeSet<(Instant, LeaseId)>,
+}
+
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+    /// Objects attached to the lease, as of the last commit.
+    keys: HashSet<ObjectKey>,
+}
+
+impl Leases {
+    fn insert(&mut self, id: LeaseId, ttl: Duration, deadline: Instant) {
+        self.deadlines.insert((deadline, id));
+        self.live.insert(id, Lease { ttl, deadline, keys: HashSet::new() });
+    }
+
+    fn restore(&mut self, id: LeaseId, lease: Lease) {
+        self.deadlines.insert((lease.deadline, id));
+        self.live.insert(id, lease);
+    }
+
+    fn take(&mut self, id: LeaseId) -> Option<Lease> {
+        let lease = self.live.remove(&id)?;
+        self.deadlines.remove(&(lease.deadline, id));
+        Some(lease)
+    }
+
+    fn due(&self, now: Instant) -> Vec<LeaseId> {
+        self.deadlines.range(..=(now, LeaseId::MAX)).map(|(_, id)| *id).collect()
+    }
+
+    fn info(&self, id: LeaseId, now: Instant) -> Option<LeaseInfo> {
+        let l = self.live.get(&id)?;
+        Some(LeaseInfo { id, ttl: l.ttl, remaining: l.deadline.saturating_duration_since(now) })
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// A write queued for the writer thread. `now` is the caller's time (the tokio clock, which the
+/// writer thread cannot read), used for lease deadlines.
+enum Op {
+    Create { obj: Box<DynamicObject>, guard: Option<Guard>, now: Instant, reply: Reply<Arc<DynamicObject>> },
+    Update { obj: Box<DynamicObject>, guard: Option<Guard>, status: bool, now: Instant, reply: Reply<Arc<DynamicObject>> },
+    Delete { key: ObjectKey, opts: DeleteOptions, wall: Timestamp, now: Instant, reply: Reply<DeleteOutcome> },
+    Compact { revision: u64, now: Instant, reply: Reply<()> },
+    Grant { ttl: Duration, now: Instant, reply: Reply<LeaseInfo> },
+    Revoke { id: LeaseId, now: Instant, reply: Reply<()> },
+    /// Expire due leases (a batch always does; this only makes sure a batch runs).
+    Expire { now: Instant, reply: Reply<()> },
+}
+
+impl Op {
+    fn now(&self) -> Instant {
+        match self {
+            Op::Create { now, .. }
+            | Op::Update { now, .. }
+            | Op::Delete { now, .. }
+            | Op::Compact { now, .. }
+            | Op::Grant { now, .. }
+            | Op::Revoke { now, .. }
+            | Op::Expire { now, .. } => *now,
+        }
+    }
+}
+
+/// An answer held back until its batch is durable.
+enum Answer {
+    Object(Reply<Arc<DynamicObject>>, Result<Arc<DynamicObject>>),
+    Delete(Reply<DeleteOutcome>, Result<DeleteOutcome>),
+    Unit(Reply<()>, Result<()>),
+    Lease(Reply<LeaseInfo>, Result<LeaseInfo>),
+}
+
+impl Answer {
+    fn send(self) {
+        // A caller that stopped waiting (its future was dropped) still had its write applied.
+        let _ = match self {
+            Answer::Object(tx, r) => tx.send(r).map_err(drop),
+            Answer::Delete(tx, r) => tx.send(r).map_err(drop),
+            Answer::Unit(tx, r) => tx.send(r).map_err(drop),
+            Answer::Lease(tx, r) => tx.send(r).map_err(drop),
+        };
+    }
+
+    fn fail(self, err: impl Fn() -> Error) {
+        let _ = match self {
+            Answer::Object(tx, _) => tx.send(Err(err())).map_err(drop),
+            Answer::Delete(tx, _) => tx.send(Err(err())).map_err(drop),
+            Answer::Unit(tx, _) => tx.send(Err(err())).map_err(drop),
+            Answer::Lease(tx, _) => tx.send(Err(err())).map_err(drop),
+        };
+    }
+}
+
+/// A commit failure shared by every write of the batch (redb's errors are not `Clone`).
+#[derive(Debug, Clone)]
+struct CommitFailed(Arc<dyn std::error::Error + Send + Sync>);
+
+impl fmt::Display for CommitFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for CommitFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// The writer thread: takes queued writes in batches, commits each batch in one transaction,
+/// then publishes it to the index and answers.
+struct Writer {
+    db: redb::Database,
+    rx: mpsc::Receiver<Op>,
+    shared: Arc<Shared>,
+    name: String,
+    /// The log floor recorded in the file.
+    floor: u64,
+    next_lease: LeaseId,
+}
+
+/// A batch being decided: its writes see each other through `overlay`, on top of the index.
+struct Batch<'a> {
+    st: &'a State,
+    overlay: HashMap<ObjectKey, Option<Arc<DynamicObject>>>,
+    revision: u64,
+    changes: Vec<Change>,
+    granted: HashMap<LeaseId, (Duration, Instant)>,
+    /// Leases this batch removes, with their entries to put back if the commit fails (`None`
+    /// for one granted in this same batch).
+    dropped: Vec<(LeaseId, Option<Lease>)>,
+    next_lease: LeaseId,
+    compact_to: Option<u64>,
+    answers: Vec<Answer>,
+}
+
+impl Batch<'_> {
+    fn lookup(&self, key: &ObjectKey) -> Option<Arc<DynamicObject>> {
+        match self.overlay.get(key) {
+            Some(o) => o.clone(),
+            None => self.st.get(key).cloned(),
+        }
+    }
+
+    fn check_guard(&self, guard: Option<&Guard>) -> Result<()> {
+        if let Some(g) = guard {
+            if self.lookup(&g.key).map(|o| o.metadata.resource_version) != Some(g.resource_version) {
+                return Err(Error::PreconditionFailed { key: g.key.clone(), expected: g.resource_version });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_lease(&self, leases: &Leases, lease: Option<LeaseId>) -> Result<()> {
+        match lease {
+            Some(id) if !leases.live.contains_key(&id) && !self.granted.contains_key(&id) => {
+                Err(Error::LeaseNotFound(id))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn current(&self, key: &ObjectKey, guard: Option<&Guard>, expected: Option<u64>) -> Result<Arc<DynamicObject>> {
+        self.check_guard(guard)?;
+        let cur = self.lookup(key).ok_or_else(|| Error::NotFound(key.clone()))?;
+        match expected {
+            Some(rv) if rv != cur.metadata.resource_version => {
+                Err(Error::Conflict { key: key.clone(), expected: rv, current: Some(cur) })
+            }
+            _ => Ok(cur),
+        }
+    }
+
+    fn push(&mut self, key: ObjectKey, prev: Option<Arc<DynamicObject>>, obj: DynamicObject, deleted: bool) -> Arc<DynamicObject> {
+        let obj = Arc::new(obj);
+        self.overlay.insert(key, (!deleted).then(|| obj.clone()));
+        self.changes.push(Change { revision: obj.metadata.resource_version, object: obj.clone(), prev, deleted });
+        obj
+    }
+
+    /// Stamps a planned write with the next revision.
+    fn apply(&mut self, key: ObjectKey, prev: Option<Arc<DynamicObject>>, plan: Plan) -> Option<Arc<DynamicObject>> {
+        let (mut obj, deleted) = match plan {
+            Plan::Unchanged => return None,
+            Plan::Put(o) => (o, false),
+            Plan::Remove(o) => (o, true),
+        };
+        self.revision += 1;
+        obj.metadata.resource_version = self.revision;
+        if prev.is_none() {
+            obj.metadata.create_revision = self.revision;
+        }
+        Some(self.push(key, prev, obj, deleted))
+    }
+
+    /// Deletes every object attached to a lease that is going away, all at one revision.
+    fn drop_lease(&mut self, id: LeaseId, committed: Option<&HashSet<ObjectKey>>) {
+        let in_batch = self.overlay.iter().filter(|(_, o)| o.as_ref().is_some_and(|o| o.metadata.lease == Some(id)));
+        let mut keys: Vec<ObjectKey> = committed.into_iter().flatten().cloned().chain(in_batch.map(|(k, _)| k.clone())).collect();
+        keys.sort();
+        keys.dedup();
+        let targets: Vec<_> =
+            keys.iter().filter_map(|k| self.lookup(k)).filter(|o| o.metadata.lease == Some(id)).collect();
+        if targets.is_empty() {
+            return;
+        }
+        self.revision += 1;
+        for cur in targets {
+            let mut last = (*cur).clone();
+            last.metadata.version += 1;
+            last.metadata.resource_version = self.revision;
+            self.push(cur.key(), Some(cur), last, true);
+        }
+    }
+
+    fn revoke(&mut self, leases: &mut Leases, id: LeaseId) -> bool {
+        if self.granted.remove(&id).is_some() {
+            self.dropped.push((id, None));
+            self.drop_lease(id, None);
+            return true;
+        }
+        let Some(lease) = leases.take(id) else { return false };
+        self.drop_lease(id, Some(&lease.keys));
+        self.dropped.push((id, Some(lease)));
+        true
+    }
+
+    fn decide(&mut self, leases: &mut Leases, op: Op) {
+        let answer = match op {
+            Op::Create { obj, guard, reply, .. } => {
+                let r = (|| {
+                    self.check_guard(guard.as_ref())?;
+                    let key = obj.key();
+                    if self.lookup(&key).is_some() {
+                        return Err(Error::AlreadyExists(key));
+                    }
+                    self.check_lease(leases, obj.metadata.lease)?;
+                    Ok(self.apply(key, None, Plan::Put(*obj)).expect("a put always writes"))
+                })();
+                Answer::Object(reply, r)
+            }
+            Op::Update { obj, guard, status, reply, .. } => {
+                let r = (|| {
+                    let key = obj.key();
+                    let cur = self.current(&key, guard.as_ref(), Some(obj.metadata.resource_version))?;
+                    let plan =
+                        if status { semantics::update_status(&cur, *obj)? } else { semantics::update(&cur, *obj)? };
+                    if let Plan::Put(o) = &plan {
+                        if o.metadata.lease != cur.metadata.lease {
+                            self.check_lease(leases, o.metadata.lease)?;
+                        }
+                    }
+                    Ok(self.apply(key, Some(cur.clone()), plan).unwrap_or(cur))
+                })();
+                Answer::Object(reply, r)
+            }
+            Op::Delete { key, opts, wall, reply, .. } => {
+                let r = (|| {
+                    let cur = self.current(&key, opts.guard.as_ref(), opts.resource_version)?;
+                    let plan = semantics::delete(&cur, wall);
+                    let removing = matches!(plan, Plan::Remove(_));
+                    let obj = self.apply(key, Some(cur.clone()), plan).unwrap_or(cur);
+                    Ok(if removing { DeleteOutcome::Deleted(obj) } else { DeleteOutcome::Pending(obj) })
+                })();
+                Answer::Delete(reply, r)
+            }
+            Op::Compact { revision, reply, .. } => {
+                let r = if revision > self.revision {
+                    Err(Error::FutureRevision { requested: revision, current: self.revision })
+                } else {
+                    self.compact_to = self.compact_to.max(Some(revision));
+                    Ok(())
+                };
+                Answer::Unit(reply, r)
+            }
+            Op::Grant { ttl, now, reply } => {
+                let id = self.next_lease;
+                self.next_lease += 1;
+                self.granted.insert(id, (ttl, now));
+                Answer::Lease(reply, Ok(LeaseInfo { id, ttl, remaining: ttl }))
+            }
+            Op::Revoke { id, reply, .. } => {
+                let r = if self.revoke(leases, id) { Ok(()) } else { Err(Error::LeaseNotFound(id)) };
+                Answer::Unit(reply, r)
+            }
+            Op::Expire { reply, .. } => Answer::Unit(reply, Ok(())),
+        };
+        self.answers.push(answer);
+    }
+}
+
+impl Writer {
+    fn run(mut self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut ops = vec![first];
+            while ops.len() < MAX_BATCH {
+                match self.rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.batch(ops);
+        }
+    }
+
+    fn batch(&mut self, ops: Vec<Op>) {
+        let Some(now) = ops.iter().map(Op::now).max() else { return };
+        let shared = self.shared.clone();
+        let mut leases = shared.leases();
+        let st = shared.index.inner.read();
+        let mut b = Batch {
+            st: &st,
+            overlay: HashMap::new(),
+            revision: st.revision,
+            changes: Vec::new(),
+            granted: HashMap::new(),
+            dropped: Vec::new(),
+            next_lease: self.next_lease,
+            compact_to: None,
+            answers: Vec::with_capacity(ops.len()),
+        };
+        // Due leases go first, so no write of this batch can attach to one.
+        for id in leases.due(now) {
+            b.revoke(&mut leases, id);
+        }
+        for op in ops {
+            b.decide(&mut leases, op);
+        }
+        drop(leases);
+        let trim_floor = st.floor;
+        let Batch { changes, granted, dropped, next_lease, compact_to, answers, revision, .. } = b;
+        drop(st);
+
+        let floor = trim_floor.max(compact_to.unwrap_or(0));
+        let writes = !changes.is_empty() || !granted.is_empty() || !dropped.is_empty() || floor > self.floor;
+        if writes {
+            if let Err(e) = self.commit(&changes, &granted, &dropped, next_lease, floor, revision) {
+                tracing::error!(path = %self.name, error = %e, "store commit failed");
+                let mut leases = shared.leases();
+                for (id, lease) in dropped {
+                    if let Some(lease) = lease {
+                        leases.restore(id, lease);
+                    }
+                }
+                drop(leases);
+                let failed = CommitFailed(Arc::from(e));
+                for a in answers {
+                    a.fail(|| Error::Unavailable {
+                        message: format!("store file {}: the write could not be made durable", self.name),
+                        source: Some(Box::new(failed.clone())),
+                    });
+                }
+                return;
+            }
+            self.floor = self.floor.max(floor);
+            self.next_lease = next_lease;
+        }
+
+        // Durable: publish to readers, then answer.
+        let relinks: Vec<(ObjectKey, Option<LeaseId>, Option<LeaseId>)> = changes
+            .iter()
+            .map(|c| {
+                let old = c.prev.as_ref().and_then(|p| p.metadata.lease);
+                let new = if c.deleted { None } else { c.object.metadata.lease };
+                (c.object.key(), old, new)
+            })
+            .filter(|(_, old, new)| old != new)
+            .collect();
+        if !changes.is_empty() || compact_to.is_some() {
+            let mut st = shared.index.inner.write();
+            for c in changes {
+                st.record(c, true);
+            }
+            if let Some(r) = compact_to {
+                st.compact(r);
+            }
+            st.trim(shared.index.inner.history_limit);
+            drop(st);
+            shared.index.inner.notify(revision);
+        }
+        if !granted.is_empty() || !relinks.is_empty() {
+            let mut leases = shared.leases();
+            for (id, (ttl, at)) in &granted {
+                leases.insert(*id, *ttl, *at + *ttl);
+            }
+            for (key, old, new) in relinks {
+                if let Some(l) = old.and_then(|id| leases.live.get_mut(&id)) {
+                    l.keys.remove(&key);
+                }
+                if let Some(l) = new.and_then(|id| leases.live.get_mut(&id)) {
+                    l.keys.insert(key);
+                }
+            }
+            drop(leases);
+            if !granted.is_empty() {
+                shared.lease_changed.notify_one();
+            }
+        }
+        for a in answers {
+            a.send();
+        }
+    }
+
+    /// Writes one batch in one durable transaction.
+    fn commit(
+        &self,
+        changes: &[Change],
+        granted: &HashMap<LeaseId, (Duration, Instant)>,
+        dropped: &[(LeaseId, Option<Lease>)],
+        next_lease: LeaseId,
+        floor: u64,
+        revision: u64,
+    ) -> std::result::Result<(), BoxError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut objects = txn.open_table(OBJECTS)?;
+            let mut log = txn.open_table(LOG)?;
+            let (mut last, mut seq) = (0, 0u32);
+            for c in changes {
+                (seq, last) = if c.revision == last { (seq + 1, last) } else { (0, c.revision) };
+                let o = &c.object;
+                let key = (o.kind.as_str(), o.metadata.namespace.as_str(), o.metadata.name.as_str());
+                let body = serde_json::to_vec(&**o)?;
+                if c.deleted {
+                    objects.remove(key)?;
+                } else {
+                    objects.insert(key, body.as_slice())?;
+                }
+                let prev = c.prev.as_deref().map(serde_json::to_vec).transpose()?;
+                log.insert((c.revision, seq), encode_entry(&body, prev.as_deref(), c.deleted).as_slice())?;
+            }
+            let mut meta = txn.open_table(META)?;
+            if floor > self.floor {
+                log.retain_in(..(floor, 0u32), |_, _| false)?;
+                meta.insert("floor", floor)?;
+            }
+            meta.insert("revision", revision)?;
+            meta.insert("next_lease", next_lease)?;
+            let mut table = txn.open_table(LEASES)?;
+            for (id, (ttl, _)) in granted {
+                table.insert(*id, u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))?;
+            }
+            for (id, _) in dropped {
+                table.remove(*id)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// Background task: asks the writer to expire leases when their deadline passes.
+async fn expire_leases(handle: Weak<Handle>, changed: Arc<Notify>) {
+    loop {
+        let notified = changed.notified();
+        let next = {
+            let Some(h) = handle.upgrade() else { return };
+            let next = h.shared.leases().deadlines.first().map(|(d, _)| *d);
+            next
+        };
+        match next {
+            Some(d) if d <= Instant::now() => {
+                let Some(h) = handle.upgrade() else { return };
+                let store = RedbStore { inner: h };
+                if store.expire().await.is_err() {
+                    // The disk is failing: try again later rather than spin.
+                    drop(store);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(d) => {}
+                    _ = notified => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = &self.inner;
+        f.debug_struct("RedbStore")
+            .field("path", &h.name)
+            .field("revision", &h.shared.index.inner.read().revision)
+            .field("read_only", &h.read_only.is_some())
+            .finish()
+    }
+}
+
+impl RedbStore {
+    /// Opens (or creates) a store file with default settings; see [`RedbStoreBuilder::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<RedbStore> {
+        RedbStoreBuilder::default().open(path)
+    }
+
+    /// Settings for opening a store.
+    pub fn builder() -> RedbStoreBuilder {
+        RedbStoreBuilder::default()
+    }
+
+    /// The file (or the name given to [`RedbStoreBuilder::open_backend`]).
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.inner.name)
+    }
+
+    /// True when the store refuses writes: opened with
+    /// [`read_only`](RedbStoreBuilder::read_only), or its file could not be opened for writing.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only.is_some()
+    }
+
+    /// Number of objects stored (all kinds).
+    pub fn len(&self) -> usize {
+        self.inner.shared.index.len()
+    }
+
+    /// True when no object is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read_only_error(&self) -> Error {
+        let h = &self.inner;
+        match &h.read_only {
+            Some(ReadOnlyReason::Refused(e)) => Error::Unavailable {
+                message: format!("store file {} is read-only (it could not be opened for writing)", h.name),
+                source: Some(Box::new(CommitFailed(e.clone()))),
+            },
+            _ => Error::Unavailable { message: format!("store file {} was opened read-only", h.name), source: None },
+        }
+    }
+
+    async fn submit<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
+        let Some(tx) = &self.inner.tx else { return Err(self.read_only_error()) };
+        let stopped =
+            || Error::Unavailable { message: format!("store file {}: the writer has stopped", self.inner.name), source: None };
+        let (reply, rx) = oneshot::channel();
+        tx.send(op(reply)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Expires due leases now, durably.
+    async fn expire(&self) -> Result<()> {
+        let now = Instant::now();
+        self.submit(|reply| Op::Expire { now, reply }).await
+    }
+
+    /// A lease that is live now; one past its deadline is expired (durably) first, so that no
+    /// one is told it is gone while the file could still bring it back.
+    async fn live_lease(&self, id: LeaseId, renew: bool) -> Result<LeaseInfo> {
+        let now = Instant::now();
+        {
+            let mut leases = self.inner.shared.leases();
+            let Some(l) = leases.live.get_mut(&id) else { return Err(Error::LeaseNotFound(id)) };
+            if l.deadline > now {
+                if renew {
+                    let old = l.deadline;
+                    l.deadline = now + l.ttl;
+                    let new = l.deadline;
+                    leases.deadlines.remove(&(old, id));
+                    leases.deadlines.insert((new, id));
+                }
+                return leases.info(id, now).ok_or(Error::LeaseNotFound(id));
+            }
+        }
+        if self.inner.tx.is_some() {
+            self.expire().await?;
+        }
+        Err(Error::LeaseNotFound(id))
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn get(&self, key: &ObjectKey) -> Result<Arc<DynamicObject>> {
+        self.inner.shared.index.get(key).await
+    }
+
+    async fn list(&self, req: &ListRequest) -> Result<ListResponse> {
+        self.inner.shared.index.list(req).await
+    }
+
+    async fn create(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
+        let obj = Box::new(semantics::create(obj, self.inner.clock.now())?);
+        let (guard, now) = (opts.guard.clone(), Instant::now());
+        self.submit(|reply| Op::Create { obj, guard, now, reply }).await
+    }
+
+    async fn update(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
+        semantics::validate(&obj)?;
+        let (obj, guard, now) = (Box::new(obj), opts.guard.clone(), Instant::now());
+        self.submit(|reply| Op::Update { obj, guard, status: false, now, reply }).await
+    }
+
+    async fn update_status(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
+        let (obj, guard, now) = (Box::new(obj), opts.guard.clone(), Instant::now());
+        self.submit(|reply| Op::Update { obj, guard, status: true, now, reply }).await
+    }
+
+    async fn delete(&self, key: &ObjectKey, opts: &DeleteOptions) -> Result<DeleteOutcome> {
+        let (key, opts, wall, now) = (key.clone(), opts.clone(), self.inner.clock.now(), Instant::now());
+        self.submit(|reply| Op::Delete { key, opts, wall, now, reply }).await
+    }
+
+    async fn watch(&self, req: &WatchRequest) -> Result<WatchStream> {
+        self.inner.shared.index.watch(req).await
+    }
+
+    async fn current_revision(&self) -> Result<u64> {
+        self.inner.shared.index.current_revision().await
+    }
+
+    async fn compact(&self, revision: u64) -> Result<()> {
+        let now = Instant::now();
+        self.submit(|reply| Op::Compact { revision, now, reply }).await
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseInfo> {
+        if ttl.is_zero() {
+            return Err(Error::invalid("Lease", "ttl", "must be > 0"));
+        }
+        let now = Instant::now();
+        if now.checked_add(ttl).is_none() || ttl > Duration::from_secs(10 * 365 * 86_400) {
+            return Err(Error::invalid("Lease", "ttl", "must be at most ten years"));
+        }
+        self.submit(|reply| Op::Grant { ttl, now, reply }).await
+    }
+
+    async fn keep_alive(&self, id: LeaseId) -> Result<LeaseInfo> {
+        if self.inner.tx.is_none() {
+            return Err(self.read_only_error());
+        }
+        self.live_lease(id, true).await
+    }
+
+    async fn revoke_lease(&self, id: LeaseId) -> Result<()> {
+        let now = Instant::now();
+        self.submit(|reply| Op::Revoke { id, now, reply }).await
+    }
+
+    async fn lease(&self, id: LeaseId) -> Result<LeaseInfo> {
+        self.live_lease(id, false).await
+    }
+}
