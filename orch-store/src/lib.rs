@@ -6,6 +6,7 @@
 //! |---|---|---|---|
 //! | [`MemoryStore`] | always on | none: state lives in the process | tests, simulations, single-process control planes that rebuild state on start |
 //! | [`RedbStore`] | `redb` (default) | one file on local disk; every acknowledged write survives a crash (group commit) | the default: single-machine control planes that must remember their state across restarts |
+//! | `EtcdStore` | `etcd` | etcd's (replicated, on disk) | control planes with replicas on several machines, or several clusters sharing one etcd under their own prefixes |
 //!
 //! Every backend passes `orch_core::testkit::store`, so code written against one runs unchanged
 //! on another.
@@ -23,10 +24,14 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod memory;
 #[cfg(feature = "redb")]
 pub mod redb_store;
 
+#[cfg(feature = "etcd")]
+pub use etcd::{EtcdStore, EtcdStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redb")]
 pub use redb_store::{RedbStore, RedbStoreBuilder};

@@ -1,0 +1,1080 @@
+//! [`EtcdStore`]: the etcd backend, for control planes that run on more than one machine.
+//!
+//! # How our semantics map onto etcd's
+//!
+//! | orch | etcd |
+//! |---|---|
+//! | global revision | etcd's revision (see below: shared by every prefix of one etcd) |
+//! | `resource_version` / `create_revision` | the key's `mod_revision` / `create_revision` |
+//! | create | a transaction: `create_revision(key) == 0` (plus the guard) → put |
+//! | update, status update, delete | read, apply [`semantics`], then a transaction comparing the `mod_revision` read (plus the guard) |
+//! | [`Guard`] (fencing token) | one more compare in the same transaction: `mod_revision(lock) == token` |
+//! | list at a revision, pages | ranges read at one revision; every page at the first page's revision |
+//! | label and field selectors | filtered here, on the decoded objects (etcd only knows keys) |
+//! | watch from R | an etcd watch from R with previous values, re-opened from the last delivered revision whenever the connection drops |
+//! | `Progress` | etcd progress requests, each confirmed by the next one (see [`WatchRequest::progress_interval`]) |
+//! | compaction, `Compacted` | etcd compaction; its "required revision has been compacted" answers |
+//! | leases | etcd leases (whole seconds, at least etcd's minimum TTL); one keep-alive round trip per [`Store::keep_alive`] |
+//!
+//! Objects live under `{prefix}/o/{kind}/{namespace}!{name}` as JSON (`!` sorts below every
+//! character a namespace or name may hold, so etcd's key order is namespace-then-name order).
+//! Each orch cluster gets its own prefix, so several can share one etcd.
+//!
+//! # Revisions are etcd's, and shared
+//! etcd has one revision for its whole key space. Several prefixes on one etcd therefore share
+//! it: a write in one cluster moves the revision every other cluster sees, so revisions of one
+//! cluster have gaps, `current_revision` may be ahead of that cluster's last write, and
+//! [`Store::compact`] compacts every prefix at once. Everything orch relies on still holds:
+//! revisions only go up, resource versions are compare-and-swap tokens, and a watch from R
+//! sees every event of its prefix after R exactly once.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use futures::StreamExt;
+use orch_core::store::semantics::{self, Plan};
+use orch_core::store::{decode_continue, encode_continue};
+use orch_core::{
+    Clock, DeleteOptions, DeleteOutcome, DynamicObject, Error, Guard, LeaseId, LeaseInfo, ListRequest, ListResponse,
+    ObjectKey, ObjectMeta, Result, Selection, Store, SystemClock, WatchEvent, WatchRequest, WatchStream, WriteOptions,
+};
+use tokio::time::Instant;
+
+pub mod local;
+
+pub use local::LocalEtcd;
+
+/// Longest lease TTL accepted, as for the other backends.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// Configures an [`EtcdStore`].
+#[derive(Debug, Clone)]
+pub struct EtcdStoreBuilder {
+    endpoints: Vec<String>,
+    prefix: String,
+    clock: Arc<dyn Clock>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    page_size: usize,
+}
+
+impl EtcdStoreBuilder {
+    /// Settings for a store on `endpoints` (such as `http://127.0.0.1:2379`) under `prefix`.
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>, prefix: impl Into<String>) -> Self {
+        EtcdStoreBuilder {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: prefix.into(),
+            clock: Arc::new(SystemClock),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            page_size: 500,
+        }
+    }
+
+    /// The clock for creation and deletion timestamps (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// How long to wait for a connection to an endpoint (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one call may take before it fails with `Unavailable` (default 10 s). Watches are
+    /// not limited: they reconnect on their own.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Keys read per etcd range request while listing (default 500).
+    pub fn page_size(mut self, keys: usize) -> Self {
+        self.page_size = keys;
+        self
+    }
+
+    /// Checks the settings and connects.
+    ///
+    /// Fails with `Invalid` (naming the setting) on bad settings, and with `Unavailable` when no
+    /// endpoint answers within the connect timeout.
+    pub async fn connect(self) -> Result<EtcdStore> {
+        let bad = |field: &str, reason: &str| Error::invalid("EtcdStore", field, reason);
+        if self.endpoints.is_empty() {
+            return Err(bad("endpoints", "must name at least one etcd endpoint"));
+        }
+        if let Some(i) = self.endpoints.iter().position(|e| e.trim().is_empty()) {
+            return Err(bad(&format!("endpoints[{i}]"), "must not be empty"));
+        }
+        let p = &self.prefix;
+        if p.is_empty() || p.len() > 128 {
+            return Err(bad("prefix", "must be 1-128 characters"));
+        }
+        if !p.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_./".contains(&c)) || p.ends_with('/') {
+            return Err(bad("prefix", "must be letters, digits, '-', '_', '.' and '/', not ending in '/'"));
+        }
+        if self.page_size == 0 {
+            return Err(bad("page_size", "must be >= 1"));
+        }
+        if self.connect_timeout.is_zero() || self.request_timeout.is_zero() {
+            return Err(bad("timeout", "connect and request timeouts must be > 0"));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        let connect = Client::connect(self.endpoints.clone(), Some(options));
+        let client = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(unavailable(format!("connecting to etcd at {:?}", self.endpoints), e)),
+            Err(_) => {
+                return Err(Error::Unavailable {
+                    message: format!("connecting to etcd at {:?} timed out", self.endpoints),
+                    source: None,
+                });
+            }
+        };
+        let store = EtcdStore {
+            inner: Arc::new(Inner {
+                client,
+                endpoints: self.endpoints,
+                prefix: self.prefix,
+                clock: self.clock,
+                timeout: self.request_timeout,
+                page_size: self.page_size,
+                lease_ttls: Mutex::new(HashMap::new()),
+            }),
+        };
+        // Fail now, not at the first call, when nothing answers.
+        store.current_revision().await?;
+        Ok(store)
+    }
+}
+
+/// A [`Store`] on etcd: every orch semantic maps onto etcd's own (see the
+/// [module documentation](self)), so any number of control-plane replicas on any machines can
+/// share one store.
+///
+/// Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    endpoints: Vec<String>,
+    prefix: String,
+    clock: Arc<dyn Clock>,
+    timeout: Duration,
+    page_size: usize,
+    /// Granted TTLs of the leases this store granted, so a renewal can say its TTL without a
+    /// second round trip.
+    lease_ttls: Mutex<HashMap<LeaseId, Duration>>,
+}
+
+impl fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.inner.endpoints)
+            .field("prefix", &self.inner.prefix)
+            .finish()
+    }
+}
+
+impl EtcdStore {
+    /// Connects to etcd at `endpoints` (such as `["http://127.0.0.1:2379"]`), keeping this
+    /// cluster's objects under `prefix` (such as `orch/prod`), with default settings.
+    pub async fn connect(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        prefix: impl Into<String>,
+    ) -> Result<EtcdStore> {
+        EtcdStoreBuilder::new(endpoints, prefix).connect().await
+    }
+
+    /// Settings for a store; finish with [`EtcdStoreBuilder::connect`].
+    pub fn builder(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        prefix: impl Into<String>,
+    ) -> EtcdStoreBuilder {
+        EtcdStoreBuilder::new(endpoints, prefix)
+    }
+
+    /// The key prefix this store keeps its objects under.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys and values
+
+impl Inner {
+    fn kind_prefix(&self, kind: &str) -> Vec<u8> {
+        format!("{}/o/{kind}/", self.prefix).into_bytes()
+    }
+
+    fn key(&self, key: &ObjectKey) -> Vec<u8> {
+        format!("{}/o/{}/{}!{}", self.prefix, key.kind, key.namespace, key.name).into_bytes()
+    }
+
+    /// The key range a selection covers.
+    fn selection_prefix(&self, sel: &Selection) -> Vec<u8> {
+        let mut p = self.kind_prefix(&sel.kind);
+        if let Some(ns) = &sel.namespace {
+            p.extend_from_slice(ns.as_bytes());
+            p.push(b'!');
+        }
+        p
+    }
+
+    /// A key that never holds an object: current-revision reads and compaction probes use it.
+    fn meta_key(&self) -> Vec<u8> {
+        format!("{}/m/revision", self.prefix).into_bytes()
+    }
+
+    /// Runs one etcd call under the request timeout.
+    async fn call<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> std::result::Result<T, CallError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(CallError::Etcd(what.to_string(), e)),
+            Err(_) => Err(CallError::Timeout(what.to_string())),
+        }
+    }
+}
+
+/// The first key after `prefix` and everything it starts.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// The stored form: the object without the revisions, which etcd keeps on the key itself.
+fn encode(obj: &mut DynamicObject) -> Result<Vec<u8>> {
+    let (rv, cr) = (obj.metadata.resource_version, obj.metadata.create_revision);
+    obj.metadata.resource_version = 0;
+    obj.metadata.create_revision = 0;
+    let bytes = serde_json::to_vec(&*obj)
+        .map_err(|source| Error::Serialization { what: format!("{} for etcd", obj.key()), source });
+    obj.metadata.resource_version = rv;
+    obj.metadata.create_revision = cr;
+    bytes
+}
+
+fn decode(kv: &KeyValue) -> Result<DynamicObject> {
+    let mut obj: DynamicObject = serde_json::from_slice(kv.value()).map_err(|source| Error::Serialization {
+        what: format!("etcd value at {:?}", String::from_utf8_lossy(kv.key())),
+        source,
+    })?;
+    obj.metadata.resource_version = to_u64(kv.mod_revision());
+    obj.metadata.create_revision = to_u64(kv.create_revision());
+    Ok(obj)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// What one etcd call did wrong, before it is given an orch meaning.
+#[derive(Debug)]
+enum CallError {
+    Etcd(String, etcd_client::Error),
+    Timeout(String),
+}
+
+impl CallError {
+    fn status_message(&self) -> &str {
+        match self {
+            CallError::Etcd(_, etcd_client::Error::GRpcStatus(s)) => s.message(),
+            _ => "",
+        }
+    }
+
+    fn is_lease_not_found(&self) -> bool {
+        matches!(self, CallError::Etcd(_, etcd_client::Error::LeaseKeepAliveError(_)))
+            || self.status_message().contains("lease not found")
+    }
+
+    fn is_compacted(&self) -> bool {
+        self.status_message().contains("required revision has been compacted")
+    }
+
+    fn is_future_revision(&self) -> bool {
+        self.status_message().contains("required revision is a future revision")
+    }
+
+    /// True when the request certainly never reached etcd (no connection could be made), so
+    /// sending it again cannot apply it twice.
+    fn never_sent(&self) -> bool {
+        match self {
+            CallError::Etcd(_, etcd_client::Error::GRpcStatus(s)) => {
+                // 14 is gRPC's UNAVAILABLE (etcd-client does not re-export tonic's `Code`).
+                i32::from(s.code()) == 14 && s.message().contains("connect")
+            }
+            CallError::Etcd(_, etcd_client::Error::TransportError(_)) => true,
+            _ => false,
+        }
+    }
+
+    fn into_error(self) -> Error {
+        match self {
+            CallError::Etcd(what, e) => unavailable(what, e),
+            CallError::Timeout(what) => Error::Unavailable { message: format!("{what} timed out"), source: None },
+        }
+    }
+}
+
+fn unavailable(message: impl Into<String>, e: etcd_client::Error) -> Error {
+    Error::Unavailable { message: format!("etcd: {}", message.into()), source: Some(Box::new(e)) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads and writes
+
+/// What a write found: the object and whether the guard held, read in one snapshot.
+struct Found {
+    current: Option<KeyValue>,
+    guard_ok: bool,
+}
+
+/// Retries of a call that never reached etcd, before giving up.
+const CONNECT_RETRIES: u32 = 5;
+
+impl Inner {
+    /// Sends a transaction, again if it certainly never got there (another endpoint may answer).
+    async fn txn(&self, what: &str, txn: Txn) -> std::result::Result<etcd_client::TxnResponse, CallError> {
+        let mut attempt = 0;
+        loop {
+            let mut kv = self.client.kv_client();
+            match self.call(what, kv.txn(txn.clone())).await {
+                Err(e) if e.never_sent() && attempt < CONNECT_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A range read, retried while no connection can be made (reads are safe to repeat).
+    async fn range(
+        &self,
+        what: &str,
+        key: Vec<u8>,
+        options: GetOptions,
+    ) -> std::result::Result<etcd_client::GetResponse, CallError> {
+        let mut attempt = 0;
+        loop {
+            let mut kv = self.client.kv_client();
+            match self.call(what, kv.get(key.clone(), Some(options.clone()))).await {
+                Err(e) if e.never_sent() && attempt < CONNECT_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn guard_compare(&self, guard: &Guard) -> Compare {
+        Compare::mod_revision(self.key(&guard.key), CompareOp::Equal, to_i64(guard.resource_version))
+    }
+
+    /// Reads the object and the guard's lock in one snapshot.
+    fn reads(&self, key: &[u8], guard: Option<&Guard>) -> Vec<TxnOp> {
+        let mut ops = vec![TxnOp::get(key.to_vec(), None)];
+        if let Some(g) = guard {
+            ops.push(TxnOp::get(self.key(&g.key), None));
+        }
+        ops
+    }
+
+    /// Interprets the answers of [`reads`](Self::reads).
+    fn found(responses: Vec<TxnOpResponse>, guard: Option<&Guard>) -> Found {
+        let mut gets = responses.into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(mut g) => Some(g.take_kvs().into_iter().next()),
+            _ => None,
+        });
+        let current = gets.next().flatten();
+        let guard_ok = match guard {
+            None => true,
+            Some(g) => gets.next().flatten().is_some_and(|kv| to_u64(kv.mod_revision()) == g.resource_version),
+        };
+        Found { current, guard_ok }
+    }
+
+    async fn read_for_write(&self, key: &[u8], guard: Option<&Guard>) -> Result<Found> {
+        let resp = self.txn("read before write", Txn::new().and_then(self.reads(key, guard))).await;
+        let resp = resp.map_err(CallError::into_error)?;
+        Ok(Self::found(resp.op_responses(), guard))
+    }
+
+    /// Commits a planned write if the object is still at `mod_revision` (0: absent) and the guard
+    /// holds. `Ok(Err(found))` says what was found instead.
+    async fn commit(
+        &self,
+        key: &[u8],
+        mod_revision: i64,
+        guard: Option<&Guard>,
+        op: TxnOp,
+        lease: Option<LeaseId>,
+    ) -> Result<std::result::Result<u64, Found>> {
+        let mut compares = vec![Compare::mod_revision(key.to_vec(), CompareOp::Equal, mod_revision)];
+        if let Some(g) = guard {
+            compares.push(self.guard_compare(g));
+        }
+        let txn = Txn::new().when(compares).and_then(vec![op]).or_else(self.reads(key, guard));
+        let mut resp = match self.txn("write", txn).await {
+            Ok(r) => r,
+            Err(e) if e.is_lease_not_found() => return Err(Error::LeaseNotFound(lease.unwrap_or_default())),
+            Err(e) => return Err(e.into_error()),
+        };
+        if resp.succeeded() {
+            let rev = resp.take_header().map(|h| to_u64(h.revision())).unwrap_or_default();
+            Ok(Ok(rev))
+        } else {
+            Ok(Err(Self::found(resp.op_responses(), guard)))
+        }
+    }
+
+    fn put_op(&self, key: &[u8], obj: &mut DynamicObject) -> Result<TxnOp> {
+        let value = encode(obj)?;
+        let options = PutOptions::new().with_lease(obj.metadata.lease.map_or(0, to_i64));
+        Ok(TxnOp::put(key.to_vec(), value, Some(options)))
+    }
+
+    /// Update and status update: read, plan, compare-and-swap.
+    async fn update_with(
+        &self,
+        obj: DynamicObject,
+        opts: &WriteOptions,
+        plan: fn(&DynamicObject, DynamicObject) -> Result<Plan>,
+    ) -> Result<Arc<DynamicObject>> {
+        let key = obj.key();
+        let k = self.key(&key);
+        let expected = obj.metadata.resource_version;
+        let guard = opts.guard.as_ref();
+        let found = self.read_for_write(&k, guard).await?;
+        let cur = self.check(&key, found, guard, Some(expected))?;
+        let cur_rev = to_i64(cur.metadata.resource_version);
+        let (mut next, removing) = match plan(&cur, obj)? {
+            Plan::Unchanged => return Ok(Arc::new(cur)),
+            Plan::Put(o) => (o, false),
+            Plan::Remove(o) => (o, true),
+        };
+        let op = if removing { TxnOp::delete(k.clone(), None) } else { self.put_op(&k, &mut next)? };
+        match self.commit(&k, cur_rev, guard, op, next.metadata.lease).await? {
+            Ok(rev) => {
+                next.metadata.resource_version = rev;
+                Ok(Arc::new(next))
+            }
+            Err(found) => Err(self.lost_race(&key, found, guard, expected)),
+        }
+    }
+
+    /// The object a write is aimed at, after the guard and resource-version checks.
+    fn check(
+        &self,
+        key: &ObjectKey,
+        found: Found,
+        guard: Option<&Guard>,
+        expected: Option<u64>,
+    ) -> Result<DynamicObject> {
+        if let (false, Some(g)) = (found.guard_ok, guard) {
+            return Err(Error::PreconditionFailed { key: g.key.clone(), expected: g.resource_version });
+        }
+        let cur = decode(&found.current.ok_or_else(|| Error::NotFound(key.clone()))?)?;
+        match expected {
+            Some(rv) if rv != cur.metadata.resource_version => {
+                Err(Error::Conflict { key: key.clone(), expected: rv, current: Some(Arc::new(cur)) })
+            }
+            _ => Ok(cur),
+        }
+    }
+
+    /// The error for a compare-and-swap that lost to another write.
+    fn lost_race(&self, key: &ObjectKey, found: Found, guard: Option<&Guard>, expected: u64) -> Error {
+        if let (false, Some(g)) = (found.guard_ok, guard) {
+            return Error::PreconditionFailed { key: g.key.clone(), expected: g.resource_version };
+        }
+        let current = match found.current.as_ref().map(decode) {
+            Some(Ok(o)) => Some(Arc::new(o)),
+            Some(Err(e)) => return e,
+            None => None,
+        };
+        Error::Conflict { key: key.clone(), expected, current }
+    }
+
+    async fn revision(&self) -> Result<u64> {
+        let resp = self.range("read the revision", self.meta_key(), GetOptions::new().with_count_only()).await;
+        let resp = resp.map_err(CallError::into_error)?;
+        Ok(resp.header().map(|h| to_u64(h.revision())).unwrap_or_default())
+    }
+
+    /// Maps a read at `requested` that etcd refused.
+    async fn revision_error(&self, requested: u64, e: CallError) -> Error {
+        if e.is_compacted() {
+            let compacted = self.compaction_floor(requested).await.unwrap_or(requested + 1);
+            Error::Compacted { requested, compacted }
+        } else if e.is_future_revision() {
+            let current = self.revision().await.unwrap_or_default();
+            Error::FutureRevision { requested, current }
+        } else {
+            e.into_error()
+        }
+    }
+
+    /// The oldest revision still available, learned from a watch that etcd cancels for
+    /// starting below it (a range read's error does not say).
+    async fn compaction_floor(&self, requested: u64) -> Option<u64> {
+        let mut wc = self.client.watch_client();
+        let probe = async {
+            let options = WatchOptions::new().with_start_revision(to_i64(requested));
+            let mut stream = wc.watch(self.meta_key(), Some(options)).await.ok()?;
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.compact_revision() > 0 {
+                    return Some(to_u64(resp.compact_revision()));
+                }
+                if !resp.created() {
+                    return None;
+                }
+            }
+            None
+        };
+        tokio::time::timeout(Duration::from_secs(2), probe).await.ok().flatten()
+    }
+
+    /// Reads one page of `req`: up to `limit` matching objects after `start`, at `revision`
+    /// (`None`: now). Returns the items, whether more may follow, and the revision read at.
+    async fn list_page(
+        &self,
+        sel: &Selection,
+        revision: Option<u64>,
+        start_after: Option<(String, String)>,
+        limit: Option<usize>,
+    ) -> Result<(Vec<Arc<DynamicObject>>, bool, u64)> {
+        let prefix = self.selection_prefix(sel);
+        let end = prefix_end(&prefix);
+        let mut start = match &start_after {
+            Some((ns, name)) => {
+                let mut k = self.key(&ObjectKey::new(&sel.kind, ns, name));
+                k.push(0);
+                k
+            }
+            None => prefix.clone(),
+        };
+        let filtering = !sel.labels.is_empty() || !sel.fields.is_empty();
+        let mut revision = revision;
+        let mut items = Vec::new();
+        loop {
+            // Without selectors every key is an item: read no more than the page needs (one
+            // extra to learn whether another page follows).
+            let batch = match limit {
+                Some(l) if !filtering => (l - items.len() + 1).min(self.page_size),
+                _ => self.page_size,
+            };
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(to_i64(batch as u64));
+            if let Some(r) = revision {
+                options = options.with_revision(to_i64(r));
+            }
+            let mut resp = match self.range("list", start.clone(), options).await {
+                Ok(r) => r,
+                Err(e) => return Err(self.revision_error(revision.unwrap_or_default(), e).await),
+            };
+            let at = resp.take_header().map(|h| to_u64(h.revision())).unwrap_or_default();
+            let revision = *revision.get_or_insert(at);
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            if let Some(last) = kvs.last() {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            for kv in &kvs {
+                let obj = decode(kv)?;
+                if !sel.matches(&obj) {
+                    continue;
+                }
+                if limit.is_some_and(|l| items.len() == l) {
+                    return Ok((items, true, revision));
+                }
+                items.push(Arc::new(obj));
+            }
+            if !more || kvs.is_empty() {
+                return Ok((items, false, revision));
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &ObjectKey) -> Result<Arc<DynamicObject>> {
+        let resp = self.inner.range("get", self.inner.key(key), GetOptions::new()).await;
+        let resp = resp.map_err(CallError::into_error)?;
+        let kv = resp.kvs().first().ok_or_else(|| Error::NotFound(key.clone()))?;
+        Ok(Arc::new(decode(kv)?))
+    }
+
+    async fn list(&self, req: &ListRequest) -> Result<ListResponse> {
+        req.selection.fields.validate()?;
+        let limit = match req.limit {
+            Some(0) => return Err(Error::invalid("ListRequest", "limit", "must be >= 1 when set")),
+            other => other,
+        };
+        let (revision, start_after) = match &req.continue_token {
+            Some(token) => {
+                let (rev, ns, name) = decode_continue(token)?;
+                (Some(rev), Some((ns, name)))
+            }
+            None => (req.revision, None),
+        };
+        if revision == Some(0) {
+            return Err(Error::invalid("ListRequest", "revision", "must be >= 1 when set"));
+        }
+        let (items, more, revision) = self.inner.list_page(&req.selection, revision, start_after, limit).await?;
+        let continue_token = match (more, items.last()) {
+            (true, Some(last)) => Some(encode_continue(revision, &last.metadata.namespace, &last.metadata.name)),
+            _ => None,
+        };
+        Ok(ListResponse { items, revision, continue_token })
+    }
+
+    async fn create(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
+        let mut obj = semantics::create(obj, self.inner.clock.now())?;
+        let key = obj.key();
+        let k = self.inner.key(&key);
+        let guard = opts.guard.as_ref();
+        let op = self.inner.put_op(&k, &mut obj)?;
+        match self.inner.commit(&k, 0, guard, op, obj.metadata.lease).await? {
+            Ok(rev) => {
+                obj.metadata.resource_version = rev;
+                obj.metadata.create_revision = rev;
+                Ok(Arc::new(obj))
+            }
+            Err(found) if !found.guard_ok => {
+                let g = guard.cloned().unwrap_or(Guard { key, resource_version: 0 });
+                Err(Error::PreconditionFailed { key: g.key, expected: g.resource_version })
+            }
+            Err(_) => Err(Error::AlreadyExists(key)),
+        }
+    }
+
+    async fn update(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
+        semantics::validate(&obj)?;
+        self.inner.update_with(obj, opts, semantics::update).await
+    }
+
+    async fn update_status(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
+        self.inner.update_with(obj, opts, semantics::update_status).await
+    }
+
+    async fn delete(&self, key: &ObjectKey, opts: &DeleteOptions) -> Result<DeleteOutcome> {
+        let k = self.inner.key(key);
+        let guard = opts.guard.as_ref();
+        loop {
+            let found = self.inner.read_for_write(&k, guard).await?;
+            let cur = self.inner.check(key, found, guard, opts.resource_version)?;
+            let cur_rev = to_i64(cur.metadata.resource_version);
+            let (mut next, removing) = match semantics::delete(&cur, self.inner.clock.now()) {
+                Plan::Unchanged => return Ok(DeleteOutcome::Pending(Arc::new(cur))),
+                Plan::Put(o) => (o, false),
+                Plan::Remove(o) => (o, true),
+            };
+            let op = if removing { TxnOp::delete(k.clone(), None) } else { self.inner.put_op(&k, &mut next)? };
+            match self.inner.commit(&k, cur_rev, guard, op, next.metadata.lease).await? {
+                Ok(rev) => {
+                    next.metadata.resource_version = rev;
+                    let next = Arc::new(next);
+                    return Ok(if removing { DeleteOutcome::Deleted(next) } else { DeleteOutcome::Pending(next) });
+                }
+                Err(found) => match opts.resource_version {
+                    Some(rv) => {
+                        if found.current.is_none() && found.guard_ok {
+                            return Err(Error::NotFound(key.clone()));
+                        }
+                        return Err(self.inner.lost_race(key, found, guard, rv));
+                    }
+                    // The caller asked for no particular version: decide again on what is there now.
+                    None => continue,
+                },
+            }
+        }
+    }
+
+    async fn watch(&self, req: &WatchRequest) -> Result<WatchStream> {
+        req.selection.fields.validate()?;
+        if req.progress_interval.is_some_and(|i| i.is_zero()) {
+            return Err(Error::invalid("WatchRequest", "progress_interval", "must be > 0 when set"));
+        }
+        let next = match req.from_revision {
+            Some(0) => return Err(Error::invalid("WatchRequest", "from_revision", "must be >= 1 when set")),
+            Some(r) => r,
+            None => self.inner.revision().await? + 1,
+        };
+        let mut watch = Watch {
+            inner: self.inner.clone(),
+            selection: req.selection.clone(),
+            prefix: self.inner.selection_prefix(&req.selection),
+            next,
+            stream: None,
+            buffer: VecDeque::new(),
+            progress_interval: req.progress_interval,
+            last_sent: Instant::now(),
+            progress: ProgressState::Idle,
+            failed: false,
+        };
+        // Open now, so an unreachable etcd fails the call instead of a silent retry loop.
+        watch.open().await?;
+        Ok(futures::stream::unfold(watch, |mut w| async move {
+            let item = w.next_event().await?;
+            Some((item, w))
+        })
+        .boxed())
+    }
+
+    async fn current_revision(&self) -> Result<u64> {
+        self.inner.revision().await
+    }
+
+    async fn compact(&self, revision: u64) -> Result<()> {
+        let current = self.inner.revision().await?;
+        if revision > current {
+            return Err(Error::FutureRevision { requested: revision, current });
+        }
+        let mut kv = self.inner.client.kv_client();
+        match self.inner.call("compact", kv.compact(to_i64(revision), None)).await {
+            Ok(_) => Ok(()),
+            // Already compacted at or past it: nothing to do.
+            Err(e) if e.is_compacted() => Ok(()),
+            Err(e) if e.is_future_revision() => Err(Error::FutureRevision { requested: revision, current }),
+            Err(e) => Err(e.into_error()),
+        }
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseInfo> {
+        if ttl.is_zero() {
+            return Err(Error::invalid("Lease", "ttl", "must be > 0"));
+        }
+        if ttl > MAX_LEASE_TTL {
+            return Err(Error::invalid("Lease", "ttl", "must be at most ten years"));
+        }
+        // etcd counts whole seconds: round up, so a lease never lives shorter than asked.
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let mut lc = self.inner.client.lease_client();
+        let resp =
+            self.inner.call("grant a lease", lc.grant(to_i64(secs), None)).await.map_err(CallError::into_error)?;
+        let id = to_u64(resp.id());
+        let granted = Duration::from_secs(to_u64(resp.ttl()));
+        self.inner.lease_ttls.lock().unwrap_or_else(|e| e.into_inner()).insert(id, granted);
+        Ok(LeaseInfo { id, ttl: granted, remaining: granted })
+    }
+
+    async fn keep_alive(&self, id: LeaseId) -> Result<LeaseInfo> {
+        let Ok(etcd_id) = i64::try_from(id) else { return Err(Error::LeaseNotFound(id)) };
+        // etcd renews over a stream; one renewal is one stream with one request and its answer,
+        // so nothing lingers to break when the connection does.
+        let mut lc = self.inner.client.lease_client();
+        match self.inner.call("renew a lease", lc.keep_alive(etcd_id)).await {
+            Ok(_) => {}
+            Err(e) if e.is_lease_not_found() => {
+                self.forget_lease(id);
+                return Err(Error::LeaseNotFound(id));
+            }
+            Err(e) => return Err(e.into_error()),
+        }
+        let known = self.inner.lease_ttls.lock().unwrap_or_else(|e| e.into_inner()).get(&id).copied();
+        match known {
+            Some(ttl) => Ok(LeaseInfo { id, ttl, remaining: ttl }),
+            None => self.lease(id).await,
+        }
+    }
+
+    async fn revoke_lease(&self, id: LeaseId) -> Result<()> {
+        let Ok(etcd_id) = i64::try_from(id) else { return Err(Error::LeaseNotFound(id)) };
+        let mut lc = self.inner.client.lease_client();
+        let result = self.inner.call("revoke a lease", lc.revoke(etcd_id)).await;
+        self.forget_lease(id);
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_lease_not_found() => Err(Error::LeaseNotFound(id)),
+            Err(e) => Err(e.into_error()),
+        }
+    }
+
+    async fn lease(&self, id: LeaseId) -> Result<LeaseInfo> {
+        let Ok(etcd_id) = i64::try_from(id) else { return Err(Error::LeaseNotFound(id)) };
+        let mut lc = self.inner.client.lease_client();
+        let resp = match self.inner.call("read a lease", lc.time_to_live(etcd_id, None)).await {
+            Ok(r) => r,
+            Err(e) if e.is_lease_not_found() => return Err(Error::LeaseNotFound(id)),
+            Err(e) => return Err(e.into_error()),
+        };
+        if resp.ttl() < 0 {
+            self.forget_lease(id);
+            return Err(Error::LeaseNotFound(id));
+        }
+        Ok(LeaseInfo {
+            id,
+            ttl: Duration::from_secs(to_u64(resp.granted_ttl())),
+            remaining: Duration::from_secs(to_u64(resp.ttl())),
+        })
+    }
+}
+
+impl EtcdStore {
+    fn forget_lease(&self, id: LeaseId) {
+        self.inner.lease_ttls.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watch
+
+/// Where a watch stands with progress notifications.
+///
+/// etcd before 3.5 answers a progress request out of band: the answer may overtake events it
+/// already counts. So a revision from one answer is only reported once the answer to a later
+/// request has come back, by which time etcd has sent everything the first one counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProgressState {
+    /// No request out.
+    Idle,
+    /// A request is out; `confirms` is the revision of the previous answer, if any.
+    Requested { confirms: Option<u64> },
+}
+
+/// One watch: an etcd watch on the selection's key range, re-opened from the next revision
+/// to deliver whenever the connection drops.
+struct Watch {
+    inner: Arc<Inner>,
+    selection: Selection,
+    prefix: Vec<u8>,
+    /// The next revision to deliver: everything before it has been delivered.
+    next: u64,
+    stream: Option<etcd_client::WatchStream>,
+    buffer: VecDeque<WatchEvent>,
+    progress_interval: Option<Duration>,
+    /// When the last event (or progress notification) went out.
+    last_sent: Instant,
+    progress: ProgressState,
+    failed: bool,
+}
+
+impl Watch {
+    /// Opens the etcd watch from `next`, waiting for etcd to confirm it.
+    async fn open(&mut self) -> Result<()> {
+        self.stream = None;
+        self.progress = ProgressState::Idle;
+        let options = WatchOptions::new()
+            .with_range(prefix_end(&self.prefix))
+            .with_start_revision(to_i64(self.next))
+            .with_prev_key();
+        let mut wc = self.inner.client.watch_client();
+        let mut stream = self
+            .inner
+            .call("open a watch", wc.watch(self.prefix.clone(), Some(options)))
+            .await
+            .map_err(CallError::into_error)?;
+        let first = self.inner.call("open a watch", stream.message()).await.map_err(CallError::into_error)?;
+        match first {
+            Some(resp) if resp.created() && !resp.canceled() => {
+                self.stream = Some(stream);
+                // Events may share the first message on some servers.
+                self.take(resp)
+            }
+            Some(resp) if resp.compact_revision() > 0 => {
+                Err(Error::Compacted { requested: self.next, compacted: to_u64(resp.compact_revision()) })
+            }
+            Some(resp) => Err(Error::Unavailable {
+                message: format!("etcd refused the watch: {}", resp.cancel_reason()),
+                source: None,
+            }),
+            None => Err(Error::Unavailable { message: "etcd closed the watch as it opened".into(), source: None }),
+        }
+    }
+
+    /// Turns one etcd answer into events in the buffer.
+    fn take(&mut self, resp: etcd_client::WatchResponse) -> Result<()> {
+        if resp.compact_revision() > 0 {
+            return Err(Error::Compacted { requested: self.next, compacted: to_u64(resp.compact_revision()) });
+        }
+        if resp.canceled() {
+            return Err(Error::Unavailable {
+                message: format!("etcd canceled the watch: {}", resp.cancel_reason()),
+                source: None,
+            });
+        }
+        if resp.created() {
+            return Ok(());
+        }
+        if resp.events().is_empty() {
+            // A progress answer: everything up to its revision has been sent, except what an
+            // older etcd let it overtake (see `ProgressState`).
+            let revision = resp.header().map(|h| to_u64(h.revision())).unwrap_or_default();
+            if let ProgressState::Requested { confirms } = self.progress {
+                if let Some(confirmed) = confirms {
+                    let at = confirmed.max(self.next.saturating_sub(1));
+                    self.next = self.next.max(at + 1);
+                    self.buffer.push_back(WatchEvent::Progress(at));
+                    self.progress = ProgressState::Idle;
+                } else {
+                    self.progress = ProgressState::Requested { confirms: Some(revision) };
+                }
+            }
+            return Ok(());
+        }
+        let mut last = None;
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let rev = to_u64(kv.mod_revision());
+            // After a reconnect etcd starts at `next`; anything older was delivered already.
+            if rev < self.next {
+                continue;
+            }
+            last = Some(rev);
+            let prev = ev.prev_kv().map(decode).transpose()?;
+            let event = match ev.event_type() {
+                EventType::Put => {
+                    let obj = decode(kv)?;
+                    let now = self.selection.matches(&obj);
+                    // Without the previous value (etcd may have compacted it), a later version
+                    // is taken to have matched as it does now.
+                    let before = match &prev {
+                        Some(p) => self.selection.matches(p),
+                        None => kv.version() > 1 && now,
+                    };
+                    match (before, now) {
+                        (false, true) => WatchEvent::Added(Arc::new(obj)),
+                        (true, true) => WatchEvent::Modified(Arc::new(obj)),
+                        (true, false) => WatchEvent::Deleted(Arc::new(obj)),
+                        (false, false) => continue,
+                    }
+                }
+                EventType::Delete => {
+                    let mut last_state = match prev {
+                        Some(p) if self.selection.matches(&p) => p,
+                        Some(_) => continue,
+                        None => self.bare_object(kv.key()),
+                    };
+                    last_state.metadata.version += 1;
+                    last_state.metadata.resource_version = rev;
+                    WatchEvent::Deleted(Arc::new(last_state))
+                }
+            };
+            self.buffer.push_back(event);
+        }
+        if let Some(rev) = last {
+            self.next = rev + 1;
+        }
+        Ok(())
+    }
+
+    /// The identity of a deleted object whose last state etcd no longer has.
+    fn bare_object(&self, key: &[u8]) -> DynamicObject {
+        let rest = String::from_utf8_lossy(&key[self.inner.kind_prefix(&self.selection.kind).len().min(key.len())..]);
+        let (ns, name) = rest.split_once('!').unwrap_or(("", &rest));
+        DynamicObject::new(&self.selection.kind, ObjectMeta::namespaced(ns, name))
+    }
+
+    async fn next_event(&mut self) -> Option<Result<WatchEvent>> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if let Some(e) = self.buffer.pop_front() {
+                self.last_sent = Instant::now();
+                return Some(Ok(e));
+            }
+            if self.failed {
+                return None;
+            }
+            if self.stream.is_none() {
+                match self.open().await {
+                    Ok(()) => backoff = Duration::from_millis(50),
+                    Err(e @ Error::Compacted { .. }) => {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, next = self.next, "etcd watch: reconnecting");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+                continue;
+            }
+            let message = match self.progress_interval {
+                Some(interval) => {
+                    let due = match self.progress {
+                        ProgressState::Idle => self.last_sent + interval,
+                        // An answer that never comes: ask again after another interval.
+                        ProgressState::Requested { .. } => Instant::now() + interval,
+                    };
+                    let stream = self.stream.as_mut()?;
+                    match tokio::time::timeout_at(due, stream.message()).await {
+                        Ok(m) => m,
+                        Err(_) => {
+                            if stream.request_progress().await.is_err() {
+                                self.stream = None;
+                            } else if self.progress == ProgressState::Idle {
+                                self.progress = ProgressState::Requested { confirms: None };
+                            }
+                            continue;
+                        }
+                    }
+                }
+                None => self.stream.as_mut()?.message().await,
+            };
+            let was_requested = matches!(self.progress, ProgressState::Requested { confirms: None });
+            match message {
+                Ok(Some(resp)) => {
+                    if let Err(e) = self.take(resp) {
+                        if e.is_compacted() {
+                            self.failed = true;
+                            return Some(Err(e));
+                        }
+                        tracing::debug!(error = %e, "etcd watch: re-opening");
+                        self.stream = None;
+                        continue;
+                    }
+                    // The first answer is in: ask again at once to confirm it.
+                    if was_requested && matches!(self.progress, ProgressState::Requested { confirms: Some(_) }) {
+                        if let Some(s) = self.stream.as_mut() {
+                            if s.request_progress().await.is_err() {
+                                self.stream = None;
+                            }
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    tracing::debug!(next = self.next, "etcd watch: connection lost, resuming");
+                    self.stream = None;
+                }
+            }
+        }
+    }
+}
