@@ -334,20 +334,33 @@ impl fmt::Display for Diagnosis {
 /// victims removed), with the cycle's state.
 pub struct Filters<'a> {
     fw: &'a Framework,
-    states: &'a [Option<State>],
-    active: &'a [usize],
+    local_states: &'a [Option<State>],
+    local: &'a [usize],
+    cluster_states: &'a [Option<State>],
+    cluster: &'a [usize],
 }
 
 impl Filters<'_> {
     /// Runs the node-local filters on `node` for the workload of `cx`.
     pub fn check(&self, cx: &Ctx<'_>, node: &NodeInfo) -> Result<(), Unfit> {
-        for &i in self.active {
+        for &i in self.local {
             let p = &self.fw.plugins[i];
-            if p.locality != Locality::Node {
+            if !p.points.contains(Points::FILTER) {
                 continue;
             }
-            let c = Ctx { snapshot: cx.snapshot, workload: cx.workload, state: self.states[i].as_ref() };
+            let c = Ctx { snapshot: cx.snapshot, workload: cx.workload, state: self.local_states[i].as_ref() };
             p.plugin.filter(&c, node)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the cluster-wide filters on `node`. Their state was gathered from the snapshot as it
+    /// is, so a what-if that removes workloads is judged conservatively: a conflict with a
+    /// workload that would be evicted still counts.
+    pub fn check_cluster(&self, cx: &Ctx<'_>, node: &NodeInfo) -> Result<(), Unfit> {
+        for &i in self.cluster {
+            let c = Ctx { snapshot: cx.snapshot, workload: cx.workload, state: self.cluster_states[i].as_ref() };
+            self.fw.plugins[i].plugin.filter(&c, node)?;
         }
         Ok(())
     }
@@ -795,25 +808,29 @@ impl Framework {
             }
         }
         let diagnosis = self.diagnose(snapshot, c, &extra);
-        let mut all_states: Vec<Option<State>> = (0..self.plugins.len()).map(|_| None).collect();
-        for (i, s) in c.states.iter_mut().enumerate() {
-            all_states[i] = s.take();
-        }
+        let local_states = std::mem::take(&mut c.states);
         let mut result = None;
+        // Gang members do not preempt: evicting for one member of a gang that may never
+        // complete would cost others their place for nothing.
+        let may_preempt = w.spec().scheduling_group.is_none();
         for p in &self.plugins {
-            if !p.points.contains(Points::POST_FILTER) {
+            if !may_preempt || !p.points.contains(Points::POST_FILTER) {
                 continue;
             }
-            let filters = Filters { fw: self, states: &all_states, active: &c.active };
+            let filters = Filters {
+                fw: self,
+                local_states: &local_states,
+                local: &c.active,
+                cluster_states: states,
+                cluster: cluster_filters,
+            };
             let cx = Ctx { snapshot, workload: w, state: None };
             if let Some((placement, victims)) = p.plugin.post_filter(&cx, &filters, &diagnosis) {
                 result = Some((placement, victims));
                 break;
             }
         }
-        for (i, s) in all_states.into_iter().enumerate() {
-            c.states[i] = s;
-        }
+        c.states = local_states;
         match result {
             Some((placement, victims)) => Decision::Preempt { placement, victims },
             None => Decision::Unschedulable(diagnosis),

@@ -109,8 +109,23 @@ impl Plugin for Preemption {
             }
         }
         entry.seen_seq = snapshot.change_seq();
-        let (cost, victims) = entry.candidates.iter().flatten().min_by_key(|(c, _)| *c)?;
-        let node = snapshot.node(cost.3)?;
-        Some((Placement { node: node.id, node_name: node.name.clone(), devices: Vec::new() }, victims.clone()))
+        // Best first; a candidate the cluster-wide filters (affinity, spread) refuse is skipped.
+        let mut refused: Vec<NodeId> = Vec::new();
+        for _ in 0..entry.candidates.len() {
+            let (cost, victims) =
+                entry.candidates.iter().flatten().filter(|(c, _)| !refused.contains(&c.3)).min_by_key(|(c, _)| *c)?;
+            let node = snapshot.node(cost.3)?;
+            let mut what_if = node.clone();
+            for v in victims {
+                if let Some(p) = snapshot.placed(v) {
+                    what_if.release(&p.info, &p.placement.devices);
+                }
+            }
+            if filters.check_cluster(cx, &what_if).is_ok() {
+                return Some((Placement { node: node.id, node_name: node.name.clone(), devices: Vec::new() }, victims.clone()));
+            }
+            refused.push(cost.3);
+        }
+        None
     }
 }
