@@ -112,27 +112,32 @@ impl RedbStoreBuilder {
     /// Inside a tokio runtime a background task expires leases on time; without one, due leases
     /// expire with the next write.
     pub fn open(self, path: impl AsRef<Path>) -> Result<RedbStore> {
-        let path = path.as_ref().to_path_buf();
+        let path = path.as_ref();
+        guard_panics(&path.display().to_string(), || self.open_file(path))
+    }
+
+    fn open_file(self, path: &Path) -> Result<RedbStore> {
         let name = path.display().to_string();
         let refuse = |reason: String, source: Option<BoxError>| Error::Unavailable {
             message: format!("cannot open store file {name}: {reason}; the file was left untouched"),
             source,
         };
         if self.read_only {
-            let db = guarded(|| redb::Builder::new().open_read_only(&path)).map_err(|e| e.refuse(&refuse))?;
+            let db = guarded(|| redb::Builder::new().open_read_only(path)).map_err(|e| e.refuse(&refuse))?;
             return self.start(name, Db::ReadOnly(db), Some(ReadOnlyReason::Asked));
         }
         // Look at the file before redb does: redb initializes an empty file and repairs one that
         // was not closed cleanly, and neither must happen to a file that is not ours.
-        match std::fs::File::open(&path) {
+        match std::fs::File::open(path) {
             Ok(mut file) => {
-                let len = file.metadata().map_err(|e| refuse("cannot read its length".into(), Some(Box::new(e))))?.len();
+                let len =
+                    file.metadata().map_err(|e| refuse("cannot read its length".into(), Some(Box::new(e))))?.len();
                 if len > 0 {
                     let mut head = [0u8; REDB_MAGIC.len()];
                     if file.read_exact(&mut head).is_err() || head != REDB_MAGIC {
                         return Err(refuse("it is not a redb database (a foreign or damaged file)".into(), None));
                     }
-                    match guarded(|| redb::Builder::new().open_read_only(&path)) {
+                    match guarded(|| redb::Builder::new().open_read_only(path)) {
                         Ok(db) => {
                             check_format(&db).map_err(|reason| refuse(reason, None))?;
                         }
@@ -145,11 +150,11 @@ impl RedbStoreBuilder {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(refuse("cannot read it".into(), Some(Box::new(e)))),
         }
-        match guarded(|| redb::Builder::new().create(&path)) {
+        match guarded(|| redb::Builder::new().create(path)) {
             Ok(db) => self.start(name, Db::Writable(db), None),
             Err(OpenError::Redb(e)) if is_read_only_error(&e) => {
                 tracing::warn!(path = %name, error = %e, "store file is not writable: serving it read-only");
-                let db = guarded(|| redb::Builder::new().open_read_only(&path)).map_err(|e| e.refuse(&refuse))?;
+                let db = guarded(|| redb::Builder::new().open_read_only(path)).map_err(|e| e.refuse(&refuse))?;
                 self.start(name, Db::ReadOnly(db), Some(ReadOnlyReason::Refused(Arc::new(e))))
             }
             Err(e) => Err(e.refuse(&refuse)),
@@ -160,11 +165,15 @@ impl RedbStoreBuilder {
     /// own); `name` stands for the file in errors. The file checks of [`open`](Self::open) that
     /// need a path are skipped; the format check is not.
     pub fn open_backend(self, name: &str, backend: impl redb::StorageBackend) -> Result<RedbStore> {
-        let name = name.to_string();
-        let db = guarded(|| redb::Builder::new().create_with_backend(backend)).map_err(|e| {
-            e.refuse(&|reason, source| Error::Unavailable { message: format!("cannot open store {name}: {reason}"), source })
-        })?;
-        self.start(name, Db::Writable(db), None)
+        guard_panics(name, || {
+            let db = guarded(|| redb::Builder::new().create_with_backend(backend)).map_err(|e| {
+                e.refuse(&|reason, source| Error::Unavailable {
+                    message: format!("cannot open store {name}: {reason}"),
+                    source,
+                })
+            })?;
+            self.start(name.to_string(), Db::Writable(db), None)
+        })
     }
 
     fn start(self, name: String, db: Db, read_only: Option<ReadOnlyReason>) -> Result<RedbStore> {
@@ -183,14 +192,16 @@ impl RedbStoreBuilder {
                 return Err(unavailable("it holds no orch store and is read-only".into(), None));
             }
         }
-        let index = MemoryStoreBuilder::default().history_limit(self.history_limit).clock(self.clock.clone()).build_index();
+        let index =
+            MemoryStoreBuilder::default().history_limit(self.history_limit).clock(self.clock.clone()).build_index();
         let now = Instant::now();
         let loaded = match &db {
             Db::Writable(db) => load(db, &index, now),
             Db::ReadOnly(db) => load(db, &index, now),
         }
         .map_err(|(reason, source)| unavailable(reason, source))?;
-        let shared = Arc::new(Shared { index, leases: Mutex::new(loaded.leases), lease_changed: Arc::new(Notify::new()) });
+        let shared =
+            Arc::new(Shared { index, leases: Mutex::new(loaded.leases), lease_changed: Arc::new(Notify::new()) });
         let (tx, writer) = match db {
             Db::Writable(db) => {
                 let (tx, rx) = mpsc::channel();
@@ -253,23 +264,39 @@ impl OpenError {
             OpenError::Redb(e @ DatabaseError::Storage(StorageError::Corrupted(_))) => {
                 refuse("it is damaged".into(), Some(Box::new(e)))
             }
-            OpenError::Redb(e) => refuse("redb cannot open it".into(), Some(Box::new(e))),
+            OpenError::Redb(e) => refuse(format!("redb cannot open it ({e})"), Some(Box::new(e))),
             OpenError::Panic(msg) => refuse(format!("it is damaged (redb failed reading it: {msg})"), None),
         }
     }
 }
 
+/// Runs a whole open (redb's and our own reading of the file) so that a panic inside redb on a
+/// damaged file becomes an error.
+fn guard_panics(name: &str, open: impl FnOnce() -> Result<RedbStore>) -> Result<RedbStore> {
+    match std::panic::catch_unwind(AssertUnwindSafe(open)) {
+        Ok(r) => r,
+        Err(panic) => Err(Error::Unavailable {
+            message: format!(
+                "cannot open store file {name}: it is damaged (redb failed reading it: {}); the file was left untouched",
+                panic_message(&*panic)
+            ),
+            source: None,
+        }),
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 fn guarded<T>(open: impl FnOnce() -> std::result::Result<T, DatabaseError>) -> std::result::Result<T, OpenError> {
     match std::panic::catch_unwind(AssertUnwindSafe(open)) {
         Ok(r) => r.map_err(OpenError::Redb),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            Err(OpenError::Panic(msg))
-        }
+        Err(panic) => Err(OpenError::Panic(panic_message(&*panic))),
     }
 }
 
@@ -510,14 +537,46 @@ type Reply<T> = oneshot::Sender<Result<T>>;
 /// A write queued for the writer thread. `now` is the caller's time (the tokio clock, which the
 /// writer thread cannot read), used for lease deadlines.
 enum Op {
-    Create { obj: Box<DynamicObject>, guard: Option<Guard>, now: Instant, reply: Reply<Arc<DynamicObject>> },
-    Update { obj: Box<DynamicObject>, guard: Option<Guard>, status: bool, now: Instant, reply: Reply<Arc<DynamicObject>> },
-    Delete { key: ObjectKey, opts: DeleteOptions, wall: Timestamp, now: Instant, reply: Reply<DeleteOutcome> },
-    Compact { revision: u64, now: Instant, reply: Reply<()> },
-    Grant { ttl: Duration, now: Instant, reply: Reply<LeaseInfo> },
-    Revoke { id: LeaseId, now: Instant, reply: Reply<()> },
+    Create {
+        obj: Box<DynamicObject>,
+        guard: Option<Guard>,
+        now: Instant,
+        reply: Reply<Arc<DynamicObject>>,
+    },
+    Update {
+        obj: Box<DynamicObject>,
+        guard: Option<Guard>,
+        status: bool,
+        now: Instant,
+        reply: Reply<Arc<DynamicObject>>,
+    },
+    Delete {
+        key: ObjectKey,
+        opts: DeleteOptions,
+        wall: Timestamp,
+        now: Instant,
+        reply: Reply<DeleteOutcome>,
+    },
+    Compact {
+        revision: u64,
+        now: Instant,
+        reply: Reply<()>,
+    },
+    Grant {
+        ttl: Duration,
+        now: Instant,
+        reply: Reply<LeaseInfo>,
+    },
+    Revoke {
+        id: LeaseId,
+        now: Instant,
+        reply: Reply<()>,
+    },
     /// Expire due leases (a batch always does; this only makes sure a batch runs).
-    Expire { now: Instant, reply: Reply<()> },
+    Expire {
+        now: Instant,
+        reply: Reply<()>,
+    },
 }
 
 impl Op {
@@ -643,7 +702,13 @@ impl Batch<'_> {
         }
     }
 
-    fn push(&mut self, key: ObjectKey, prev: Option<Arc<DynamicObject>>, obj: DynamicObject, deleted: bool) -> Arc<DynamicObject> {
+    fn push(
+        &mut self,
+        key: ObjectKey,
+        prev: Option<Arc<DynamicObject>>,
+        obj: DynamicObject,
+        deleted: bool,
+    ) -> Arc<DynamicObject> {
         let obj = Arc::new(obj);
         self.overlay.insert(key, (!deleted).then(|| obj.clone()));
         self.changes.push(Change { revision: obj.metadata.resource_version, object: obj.clone(), prev, deleted });
@@ -668,7 +733,8 @@ impl Batch<'_> {
     /// Deletes every object attached to a lease that is going away, all at one revision.
     fn drop_lease(&mut self, id: LeaseId, committed: Option<&HashSet<ObjectKey>>) {
         let in_batch = self.overlay.iter().filter(|(_, o)| o.as_ref().is_some_and(|o| o.metadata.lease == Some(id)));
-        let mut keys: Vec<ObjectKey> = committed.into_iter().flatten().cloned().chain(in_batch.map(|(k, _)| k.clone())).collect();
+        let mut keys: Vec<ObjectKey> =
+            committed.into_iter().flatten().cloned().chain(in_batch.map(|(k, _)| k.clone())).collect();
         keys.sort();
         keys.dedup();
         let targets: Vec<_> =
@@ -927,8 +993,7 @@ async fn expire_leases(handle: Weak<Handle>, changed: Arc<Notify>) {
         let notified = changed.notified();
         let next = {
             let Some(h) = handle.upgrade() else { return };
-            let next = h.shared.leases().deadlines.first().map(|(d, _)| *d);
-            next
+            h.shared.leases().deadlines.first().map(|(d, _)| *d)
         };
         match next {
             Some(d) if d <= Instant::now() => {
@@ -1007,8 +1072,10 @@ impl RedbStore {
 
     async fn submit<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
         let Some(tx) = &self.inner.tx else { return Err(self.read_only_error()) };
-        let stopped =
-            || Error::Unavailable { message: format!("store file {}: the writer has stopped", self.inner.name), source: None };
+        let stopped = || Error::Unavailable {
+            message: format!("store file {}: the writer has stopped", self.inner.name),
+            source: None,
+        };
         let (reply, rx) = oneshot::channel();
         tx.send(op(reply)).map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?

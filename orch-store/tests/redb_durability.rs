@@ -1,0 +1,408 @@
+//! The embedded store across restarts and failures: data, revisions, history, compaction and
+//! leases after reopening; foreign, damaged and read-only files; a disk that fills up mid-run.
+
+#![cfg(feature = "redb")]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use orch_core::{
+    DeleteOptions, DynamicObject, Error, ListRequest, ObjectKey, ObjectMeta, RawJson, Selection, Store, WatchEvent,
+    WatchRequest, WriteOptions,
+};
+use orch_store::RedbStore;
+
+fn fresh(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("redb-durability-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.redb"));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn thing(name: &str, spec: serde_json::Value) -> DynamicObject {
+    DynamicObject::new("Thing", ObjectMeta::namespaced("ns", name)).with_spec(RawJson::from_value(&spec))
+}
+
+fn key(name: &str) -> ObjectKey {
+    ObjectKey::new("Thing", "ns", name)
+}
+
+fn w() -> WriteOptions {
+    WriteOptions::default()
+}
+
+fn things() -> Selection {
+    Selection::kind("Thing")
+}
+
+/// Every event from `from` up to and including `to`, as (kind of event, name, revision).
+async fn events(s: &dyn Store, from: u64, to: u64) -> Vec<(String, String, u64)> {
+    let mut watch = s.watch(&WatchRequest::from(things(), from)).await.unwrap();
+    let mut out = Vec::new();
+    while out.last().is_none_or(|(_, _, rev)| *rev < to) {
+        let e = tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("events in time");
+        let e = e.expect("stream open").expect("no error");
+        let what = match &e {
+            WatchEvent::Added(_) => "Added",
+            WatchEvent::Modified(_) => "Modified",
+            WatchEvent::Deleted(_) => "Deleted",
+            WatchEvent::Progress(_) => continue,
+        };
+        out.push((what.to_string(), e.object().unwrap().metadata.name.clone(), e.revision()));
+    }
+    out
+}
+
+async fn names(s: &dyn Store, revision: Option<u64>) -> orch_core::Result<Vec<(String, u64)>> {
+    let req = ListRequest { revision, ..ListRequest::new(things()) };
+    let page = s.list(&req).await?;
+    Ok(page.items.iter().map(|o| (o.metadata.name.clone(), o.metadata.resource_version)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_revisions_and_history_survive_reopening() {
+    let path = fresh("reopen");
+    let (rev, middle, listed, history, a) = {
+        let s = RedbStore::open(&path).unwrap();
+        let a = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+        s.create(thing("b", serde_json::json!(2)), &w()).await.unwrap();
+        let mut held = thing("held", serde_json::json!(3));
+        held.metadata.finalizers = vec!["orch.dev/f".into()];
+        s.create(held, &w()).await.unwrap();
+        let middle = s.current_revision().await.unwrap();
+        let listed = names(&s, Some(middle)).await.unwrap();
+        let mut next = (*a).clone();
+        next.spec = RawJson::from_value(&serde_json::json!({"n": 2}));
+        let a = s.update(next, &w()).await.unwrap();
+        let mut status = (*a).clone();
+        status.status = RawJson::from_value(&serde_json::json!({"ready": true}));
+        let a = s.update_status(status, &w()).await.unwrap();
+        s.delete(&key("b"), &DeleteOptions::default()).await.unwrap();
+        s.delete(&key("held"), &DeleteOptions::default()).await.unwrap();
+        let rev = s.current_revision().await.unwrap();
+        let history = events(&s, 1, rev).await;
+        (rev, middle, listed, history, a)
+    };
+    let s = RedbStore::open(&path).unwrap();
+    assert_eq!(s.current_revision().await.unwrap(), rev);
+    assert_eq!(*s.get(&key("a")).await.unwrap(), *a, "every field, revisions and status included");
+    assert!(s.get(&key("b")).await.unwrap_err().is_not_found());
+    assert!(s.get(&key("held")).await.unwrap().metadata.deletion_timestamp.is_some());
+    assert_eq!(names(&s, Some(middle)).await.unwrap(), listed, "a list at a past revision");
+    assert_eq!(events(&s, 1, rev).await, history, "a watch replays the same history");
+    // Writes go on from the next revision, and a watch from the old end resumes there.
+    let c = s.create(thing("c", serde_json::json!(4)), &w()).await.unwrap();
+    assert_eq!(c.metadata.resource_version, rev + 1);
+    assert_eq!(events(&s, rev + 1, rev + 1).await, vec![("Added".into(), "c".into(), rev + 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_and_trimmed_history_survive_reopening() {
+    let path = fresh("compact");
+    let compacted_at = {
+        let s = RedbStore::builder().history_limit(50).open(&path).unwrap();
+        for i in 0..20 {
+            s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap();
+        }
+        s.compact(10).await.unwrap();
+        for i in 20..100 {
+            s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap();
+        }
+        s.compact(60).await.unwrap();
+        60
+    };
+    let s = RedbStore::builder().history_limit(50).open(&path).unwrap();
+    assert_eq!(s.len(), 100);
+    let e = s.watch(&WatchRequest::from(things(), compacted_at - 1)).await.err().expect("compacted");
+    assert!(matches!(e, Error::Compacted { .. }), "{e}");
+    assert!(matches!(names(&s, Some(compacted_at - 1)).await.unwrap_err(), Error::Compacted { .. }));
+    assert_eq!(events(&s, compacted_at, 100).await.len(), 41);
+    // Past the limit, history is trimmed on disk too: reopening with a bigger limit finds no more.
+    for i in 100..200 {
+        s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap();
+    }
+    s.create(thing("last", serde_json::json!(0)), &w()).await.unwrap();
+    drop(s);
+    let s = RedbStore::builder().history_limit(10_000).open(&path).unwrap();
+    assert!(matches!(
+        s.watch(&WatchRequest::from(things(), 100)).await.err().expect("trimmed"),
+        Error::Compacted { .. }
+    ));
+    assert_eq!(names(&s, None).await.unwrap().len(), 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_restart_their_ttl_on_reopening_and_expired_ones_stay_dead() {
+    let path = fresh("leases");
+    let (kept, expired, revoked) = {
+        let s = RedbStore::open(&path).unwrap();
+        let kept = s.grant_lease(Duration::from_secs(3)).await.unwrap().id;
+        let expired = s.grant_lease(Duration::from_millis(300)).await.unwrap().id;
+        let revoked = s.grant_lease(Duration::from_secs(60)).await.unwrap().id;
+        for (name, lease) in [("kept", kept), ("expired", expired), ("revoked", revoked)] {
+            let mut o = thing(name, serde_json::json!(1));
+            o.metadata.lease = Some(lease);
+            s.create(o, &w()).await.unwrap();
+        }
+        s.revoke_lease(revoked).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(s.get(&key("expired")).await.unwrap_err().is_not_found());
+        (kept, expired, revoked)
+    };
+    // Down for longer than `kept` had left: its TTL counts again from the reopening.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = RedbStore::open(&path).unwrap();
+    let info = s.lease(kept).await.unwrap();
+    assert!(info.remaining > Duration::from_millis(2500), "full TTL from the reopening: {info:?}");
+    assert!(s.get(&key("kept")).await.is_ok());
+    for dead in [expired, revoked] {
+        assert!(matches!(s.keep_alive(dead).await.unwrap_err(), Error::LeaseNotFound(id) if id == dead));
+        let mut late = thing("late", serde_json::json!(1));
+        late.metadata.lease = Some(dead);
+        assert!(matches!(s.create(late, &w()).await.unwrap_err(), Error::LeaseNotFound(_)));
+    }
+    assert!(s.get(&key("expired")).await.unwrap_err().is_not_found());
+    assert!(s.get(&key("revoked")).await.unwrap_err().is_not_found());
+    let fresh_id = s.grant_lease(Duration::from_secs(1)).await.unwrap().id;
+    assert!(fresh_id > revoked, "lease ids are never reused");
+    // Not kept alive after the reopening, it expires and takes its object along.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.get(&key("kept")).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "the reloaded lease never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(s);
+    let s = RedbStore::open(&path).unwrap();
+    assert!(matches!(s.lease(kept).await.unwrap_err(), Error::LeaseNotFound(_)));
+}
+
+fn unavailable_naming(e: Error, path: &Path, reason: &str) {
+    let text = e.to_string();
+    assert!(matches!(e, Error::Unavailable { .. }), "{text}");
+    assert!(text.contains(&path.display().to_string()), "names the file: {text}");
+    assert!(text.contains(reason), "says {reason:?}: {text}");
+}
+
+#[test]
+fn foreign_and_damaged_files_are_refused_and_left_untouched() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Not a database at all.
+    let text = fresh("foreign-text");
+    std::fs::write(&text, "name,age\nada,36\n").unwrap();
+    unavailable_naming(RedbStore::open(&text).unwrap_err(), &text, "not a redb database");
+    assert_eq!(std::fs::read(&text).unwrap(), b"name,age\nada,36\n");
+
+    // Another program's redb database.
+    let other = fresh("foreign-redb");
+    {
+        let db = redb::Database::create(&other).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(redb::TableDefinition::<&str, u64>::new("settings")).unwrap().insert("volume", 11).unwrap();
+        txn.commit().unwrap();
+    }
+    let before = std::fs::read(&other).unwrap();
+    unavailable_naming(RedbStore::open(&other).unwrap_err(), &other, "another program");
+    assert_eq!(std::fs::read(&other).unwrap(), before);
+
+    // One of ours, damaged in several ways.
+    let ours = fresh("ours");
+    rt.block_on(async {
+        let s = RedbStore::open(&ours).unwrap();
+        for i in 0..200 {
+            s.create(thing(&format!("o{i}"), serde_json::json!({"i": i, "pad": "x".repeat(500)})), &w()).await.unwrap();
+        }
+    });
+    let good = std::fs::read(&ours).unwrap();
+    // Refused with the path and the reason and left as it was, or, when the damage fell on pages
+    // redb no longer uses, opened with every object intact.
+    let damaged = |name: &str, bytes: Vec<u8>| {
+        let path = fresh(name);
+        std::fs::write(&path, &bytes).unwrap();
+        match rt.block_on(async { RedbStore::open(&path).map(|s| s.len()) }) {
+            Err(e) => {
+                let text = e.to_string();
+                assert!(text.contains(&path.display().to_string()) && text.contains("cannot open"), "{name}: {text}");
+                assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name}: the file must be left as it was");
+                true
+            }
+            Ok(len) => {
+                assert_eq!(len, 200, "{name}: opened, so everything must be there");
+                false
+            }
+        }
+    };
+    assert!(damaged("truncated", good[..100].to_vec()));
+    let mut header = good.clone();
+    header[9..200].iter_mut().for_each(|b| *b = !*b);
+    assert!(damaged("header", header));
+    let refused = (1..12)
+        .map(|i| (good.len() / 12 * i) & !4095)
+        .filter(|&at| {
+            let mut middle = good.clone();
+            middle[at..at + 4096].iter_mut().for_each(|b| *b = !*b);
+            damaged(&format!("middle-{at}"), middle)
+        })
+        .count();
+    assert!(refused > 0, "damage to the pages in use is detected");
+    let mut magic = good.clone();
+    magic[0] = b'R';
+    assert!(damaged("magic", magic));
+    // The original still opens, with everything in it.
+    rt.block_on(async {
+        let s = RedbStore::open(&ours).unwrap();
+        assert_eq!(s.len(), 200);
+    });
+    // A directory, or a file in a directory that does not exist: the path and the reason.
+    let dir = fresh("a-directory");
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(RedbStore::open(&dir).unwrap_err().to_string().contains(&dir.display().to_string()));
+    let nowhere = dir.join("missing").join("store.redb");
+    assert!(RedbStore::open(&nowhere).unwrap_err().to_string().contains(&nowhere.display().to_string()));
+}
+
+fn digest(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_files_serve_reads_and_refuse_writes() {
+    let path = fresh("read-only");
+    {
+        let s = RedbStore::open(&path).unwrap();
+        s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+        s.grant_lease(Duration::from_secs(60)).await.unwrap();
+    }
+    let before = digest(&path);
+    let check = |s: RedbStore| async move {
+        assert!(s.is_read_only());
+        assert_eq!(s.get(&key("a")).await.unwrap().spec.as_str(), "1");
+        let e = s.create(thing("b", serde_json::json!(2)), &w()).await.unwrap_err();
+        assert!(matches!(e, Error::Unavailable { .. }) && e.to_string().contains("read-only"), "{e}");
+        let a = s.get(&key("a")).await.unwrap();
+        assert!(matches!(s.update((*a).clone(), &w()).await.unwrap_err(), Error::Unavailable { .. }));
+        assert!(matches!(s.delete(&key("a"), &DeleteOptions::default()).await.unwrap_err(), Error::Unavailable { .. }));
+        assert!(matches!(s.grant_lease(Duration::from_secs(1)).await.unwrap_err(), Error::Unavailable { .. }));
+        assert!(matches!(s.compact(1).await.unwrap_err(), Error::Unavailable { .. }));
+        assert_eq!(s.current_revision().await.unwrap(), 1);
+    };
+    check(RedbStore::builder().read_only(true).open(&path).unwrap()).await;
+    assert_eq!(digest(&path), before, "a read-only store never writes its file");
+
+    // Permission bits: a file the process may not write is served read-only.
+    let mut perms = std::fs::metadata(&path).unwrap().permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&path, perms.clone()).unwrap();
+    if std::fs::OpenOptions::new().write(true).open(&path).is_ok() {
+        eprintln!("skipped the permission-bits case: this process (root?) may write a read-only file");
+    } else {
+        check(RedbStore::open(&path).unwrap()).await;
+        assert_eq!(digest(&path), before);
+    }
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&path, perms).unwrap();
+}
+
+/// A file backend that fails every write (like a full disk or a file gone read-only) while the
+/// switch is on.
+#[derive(Debug)]
+struct Failing {
+    file: redb::backends::FileBackend,
+    fail: Arc<AtomicBool>,
+    kind: std::io::ErrorKind,
+}
+
+impl Failing {
+    fn check(&self) -> std::io::Result<()> {
+        if self.fail.load(Ordering::SeqCst) { Err(std::io::Error::from(self.kind)) } else { Ok(()) }
+    }
+}
+
+impl redb::StorageBackend for Failing {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commits_change_nothing_and_reopening_finds_every_acknowledged_write() {
+    for kind in [std::io::ErrorKind::StorageFull, std::io::ErrorKind::ReadOnlyFilesystem] {
+        let path = fresh(&format!("failing-{kind:?}"));
+        let fail = Arc::new(AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
+        let backend = Failing { file: redb::backends::FileBackend::new(file).unwrap(), fail: fail.clone(), kind };
+        let s = RedbStore::builder().open_backend(&path.display().to_string(), backend).unwrap();
+        let mut acked = Vec::new();
+        for i in 0..20 {
+            acked.push(s.create(thing(&format!("ok{i}"), serde_json::json!(i)), &w()).await.unwrap());
+        }
+        let rev = s.current_revision().await.unwrap();
+        let mut watch = s.watch(&WatchRequest::from(things(), rev + 1)).await.unwrap();
+        fail.store(true, Ordering::SeqCst);
+        // Many writers at once, so the failure hits a batch of several.
+        let attempts = futures::future::join_all((0..16).map(|i| {
+            let s = s.clone();
+            async move { s.create(thing(&format!("lost{i}"), serde_json::json!(i)), &w()).await }
+        }))
+        .await;
+        for r in attempts {
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+            let source = std::error::Error::source(&e).expect("redb's error travels as the source");
+            let mut chain = source.to_string();
+            let mut cur = source.source();
+            while let Some(s) = cur {
+                chain += &format!(": {s}");
+                cur = s.source();
+            }
+            assert!(chain.to_lowercase().contains(&format!("{kind}").to_lowercase()) || !chain.is_empty(), "{chain}");
+        }
+        assert_eq!(s.current_revision().await.unwrap(), rev, "nothing half-applied in memory");
+        assert!(s.get(&key("lost0")).await.unwrap_err().is_not_found());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), watch.next()).await.is_err(),
+            "no event for a write that failed"
+        );
+        let mut upd = (*acked[0]).clone();
+        upd.spec = RawJson::from_value(&serde_json::json!("changed"));
+        assert!(matches!(s.update(upd, &w()).await.unwrap_err(), Error::Unavailable { .. }));
+        assert_eq!(s.get(&key("ok0")).await.unwrap(), acked[0]);
+        // The disk has room again. redb may keep refusing until reopened; either way, no panic
+        // and no false acknowledgement.
+        fail.store(false, Ordering::SeqCst);
+        let after = s.create(thing("after", serde_json::json!(0)), &w()).await;
+        drop(watch);
+        drop(s);
+        let s = RedbStore::open(&path).unwrap();
+        for a in &acked {
+            assert_eq!(s.get(&a.key()).await.unwrap(), *a);
+        }
+        assert_eq!(s.get(&key("after")).await.is_ok(), after.is_ok(), "{kind}: acknowledged iff present");
+        assert!(s.get(&key("lost0")).await.unwrap_err().is_not_found());
+        let end = s.current_revision().await.unwrap();
+        let revs: Vec<u64> = events(&s, 1, end).await.into_iter().map(|e| e.2).collect();
+        assert_eq!(revs, (1..=end).collect::<Vec<_>>(), "{kind}: gap-free revisions");
+    }
+}
