@@ -185,6 +185,13 @@ pub trait Plugin: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Keeps the node slots that pass [`filter`](Plugin::filter). Cluster-wide plugins whose
+    /// verdict is a lookup by slot can override it to filter thousands of nodes without
+    /// touching each node's record; the result must equal calling `filter` on each.
+    fn filter_slots(&self, cx: &Ctx<'_>, slots: &mut Vec<NodeId>) {
+        slots.retain(|s| cx.snapshot.node(*s).is_some_and(|n| self.filter(cx, n).is_ok()));
+    }
+
     /// When no node fits: a placement that fits after evicting victims, if any.
     fn post_filter(&self, cx: &Ctx<'_>, filters: &Filters<'_>, diagnosis: &Diagnosis) -> Option<(Placement, Vec<ObjectRef>)> {
         let _ = (cx, filters, diagnosis);
@@ -417,6 +424,13 @@ struct ClassCache {
     rejected: Option<(usize, Unfit)>,
     /// Per slot: why it does not fit (plugin index, reason), or `None`.
     unfit: Vec<Option<(usize, Unfit)>>,
+    /// Per slot: passes every node-local filter (dense copy of `unfit.is_none()`).
+    ok: Vec<bool>,
+    /// How many slots give each (plugin, reason): kept with `unfit`, so explaining costs
+    /// nothing per node.
+    reasons: HashMap<(usize, Cow<'static, str>), usize>,
+    /// Reused buffers of the full pick.
+    scratch: (Vec<NodeId>, Vec<i64>, Vec<i64>),
     /// Per slot: weighted sum of the node-local scores that need no normalizing.
     local_total: Vec<i64>,
     /// Per node-local normalizing plugin: raw scores per slot.
@@ -475,10 +489,31 @@ impl Framework {
         self.plugins.iter().map(|p| p.plugin.name().to_string()).collect()
     }
 
+    fn set_unfit(c: &mut ClassCache, s: usize, unfit: Option<(usize, Unfit)>) {
+        if let Some((i, u)) = c.unfit[s].take() {
+            if i != usize::MAX {
+                let key = (i, u.reason);
+                if let Some(n) = c.reasons.get_mut(&key) {
+                    *n -= 1;
+                    if *n == 0 {
+                        c.reasons.remove(&key);
+                    }
+                }
+            }
+        }
+        if let Some((i, u)) = &unfit {
+            if *i != usize::MAX {
+                *c.reasons.entry((*i, u.reason.clone())).or_default() += 1;
+            }
+        }
+        c.ok[s] = unfit.is_none();
+        c.unfit[s] = unfit;
+    }
+
     fn eval_node(&self, snapshot: &Snapshot, w: &WorkloadInfo, c: &mut ClassCache, slot: NodeId) {
         let s = slot as usize;
         let Some(node) = snapshot.node(slot) else {
-            c.unfit[s] = Some((usize::MAX, Unfit::new("node removed")));
+            Self::set_unfit(c, s, Some((usize::MAX, Unfit::new("node removed"))));
             c.tree.set(s, INFEASIBLE);
             return;
         };
@@ -489,12 +524,12 @@ impl Framework {
             }
             let cx = Ctx { snapshot, workload: w, state: c.states[i].as_ref() };
             if let Err(u) = p.plugin.filter(&cx, node) {
-                c.unfit[s] = Some((i, u));
+                Self::set_unfit(c, s, Some((i, u)));
                 c.tree.set(s, INFEASIBLE);
                 return;
             }
         }
-        c.unfit[s] = None;
+        Self::set_unfit(c, s, None);
         let mut total = 0;
         for &i in &c.active {
             let p = &self.plugins[i];
@@ -555,6 +590,9 @@ impl Framework {
             scored: vec![false; self.plugins.len()],
             rejected: None,
             unfit: vec![None; slots],
+            ok: vec![false; slots],
+            reasons: HashMap::new(),
+            scratch: (Vec::new(), Vec::new(), Vec::new()),
             local_total: vec![0; slots],
             raw: Vec::new(),
             tree: MaxTree::new(slots),
@@ -602,11 +640,8 @@ impl Framework {
     fn diagnose(&self, snapshot: &Snapshot, c: &ClassCache, extra: &[(usize, Unfit)]) -> Diagnosis {
         let mut counts: HashMap<&Cow<'static, str>, usize> = HashMap::new();
         let mut mask = Events::NONE;
-        for (plugin, u) in c.unfit.iter().flatten() {
-            if *plugin == usize::MAX {
-                continue;
-            }
-            *counts.entry(&u.reason).or_default() += 1;
+        for ((plugin, reason), n) in &c.reasons {
+            *counts.entry(reason).or_default() += n;
             mask = mask | self.plugins[*plugin].plugin.wake_on();
         }
         for (plugin, u) in extra {
@@ -671,7 +706,10 @@ impl Framework {
         let chosen = if fast {
             c.tree.best().map(|(_, slot)| slot)
         } else {
-            self.full_pick(snapshot, w, c, &mut states, &cluster_filters, &cluster_scores)
+            let mut scratch = std::mem::take(&mut c.scratch);
+            let chosen = self.full_pick(snapshot, w, c, &mut states, &cluster_filters, &cluster_scores, &mut scratch);
+            c.scratch = scratch;
+            chosen
         };
         let Some(slot) = chosen else {
             return self.no_fit(snapshot, w, c, &states, &cluster_filters);
@@ -733,39 +771,35 @@ impl Framework {
         states: &mut [Option<State>],
         filters: &[usize],
         scores: &[usize],
+        scratch: &mut (Vec<NodeId>, Vec<i64>, Vec<i64>),
     ) -> Option<NodeId> {
-        let mut feasible: Vec<NodeId> = Vec::new();
-        'nodes: for (s, unfit) in c.unfit.iter().enumerate() {
-            if unfit.is_some() {
-                continue;
-            }
-            let Some(node) = snapshot.node(s as NodeId) else { continue };
-            for &i in filters {
-                let cx = Ctx { snapshot, workload: w, state: states[i].as_ref() };
-                if self.plugins[i].plugin.filter(&cx, node).is_err() {
-                    continue 'nodes;
-                }
-            }
-            feasible.push(s as NodeId);
+        let (feasible, total, buf) = scratch;
+        feasible.clear();
+        feasible.extend(c.ok.iter().enumerate().filter(|(_, ok)| **ok).map(|(s, _)| s as NodeId));
+        for &i in filters {
+            let cx = Ctx { snapshot, workload: w, state: states[i].as_ref() };
+            self.plugins[i].plugin.filter_slots(&cx, feasible);
         }
         if feasible.is_empty() {
             return None;
         }
-        let mut total: Vec<i64> = feasible.iter().map(|&s| c.local_total[s as usize]).collect();
-        let mut buf = vec![0i64; feasible.len()];
+        total.clear();
+        total.extend(feasible.iter().map(|&s| c.local_total[s as usize]));
+        buf.clear();
+        buf.resize(feasible.len(), 0);
         for (i, raw) in &c.raw {
             for (k, &s) in feasible.iter().enumerate() {
                 buf[k] = raw[s as usize];
             }
             let cx = Ctx { snapshot, workload: w, state: c.states[*i].as_ref() };
-            self.plugins[*i].plugin.normalize(&cx, &mut buf);
-            for (t, b) in total.iter_mut().zip(&buf) {
+            self.plugins[*i].plugin.normalize(&cx, buf);
+            for (t, b) in total.iter_mut().zip(buf.iter()) {
                 *t += self.plugins[*i].weight * b;
             }
         }
         for &i in scores {
             let p = &self.plugins[i];
-            match p.plugin.pre_score(snapshot, w, &feasible) {
+            match p.plugin.pre_score(snapshot, w, feasible) {
                 Prepare::Skip => continue,
                 Prepare::Run(Some(s)) => states[i] = Some(s),
                 Prepare::Run(None) => {}
@@ -775,13 +809,15 @@ impl Framework {
                 buf[k] = snapshot.node(s).map_or(0, |n| p.plugin.score(&cx, n));
             }
             if p.points.contains(Points::NORMALIZE) {
-                p.plugin.normalize(&cx, &mut buf);
+                p.plugin.normalize(&cx, buf);
             }
-            for (t, b) in total.iter_mut().zip(&buf) {
+            for (t, b) in total.iter_mut().zip(buf.iter()) {
                 *t += p.weight * b;
             }
         }
-        feasible.iter().zip(&total).max_by_key(|(s, t)| (**t, mix(self.seed, **s))).map(|(s, _)| *s)
+        // The tie-break hash only for the nodes that share the best score.
+        let best = total.iter().copied().max()?;
+        feasible.iter().zip(total.iter()).filter(|(_, t)| **t == best).max_by_key(|(s, _)| mix(self.seed, **s)).map(|(s, _)| *s)
     }
 
     fn no_fit(

@@ -131,6 +131,26 @@ impl Plugin for WorkloadAffinity {
         }
         Ok(())
     }
+    fn filter_slots(&self, cx: &Ctx<'_>, slots: &mut Vec<u32>) {
+        let Some(st) = cx.state::<AffinityState>() else { return };
+        for t in &st.terms {
+            let at = |s: &u32| t.per_slot.get(*s as usize).copied().unwrap_or(u32::MAX);
+            match t.kind {
+                Kind::Affinity { self_match } => {
+                    let first = t.total == 0 && self_match;
+                    slots.retain(|s| {
+                        let v = at(s);
+                        v != u32::MAX && (v > 0 || first)
+                    });
+                }
+                Kind::Anti | Kind::Existing => slots.retain(|s| {
+                    let v = at(s);
+                    v == u32::MAX || v == 0
+                }),
+                Kind::Prefer(_) => {}
+            }
+        }
+    }
     fn pre_score(&self, _: &Snapshot, w: &WorkloadInfo, _: &[u32]) -> Prepare {
         let (aff, anti) = workload_affinity(w.spec());
         let any = aff.is_some_and(|a| !a.preferred.is_empty()) || anti.is_some_and(|a| !a.preferred.is_empty());

@@ -28,6 +28,40 @@ struct ClassCandidates {
     seen_seq: u64,
     epoch: u64,
     candidates: Vec<Option<(Cost, Vec<ObjectRef>)>>,
+    /// A min tree over the candidates' costs: the best node in O(1), updates in O(log n).
+    tree: Vec<Option<Cost>>,
+    size: usize,
+}
+
+impl ClassCandidates {
+    fn rebuild(&mut self) {
+        self.size = self.candidates.len().next_power_of_two().max(1);
+        self.tree = vec![None; 2 * self.size];
+        for s in 0..self.candidates.len() {
+            self.tree[self.size + s] = self.candidates[s].as_ref().map(|(c, _)| *c);
+        }
+        for i in (1..self.size).rev() {
+            self.tree[i] = Self::better(self.tree[2 * i], self.tree[2 * i + 1]);
+        }
+    }
+
+    fn better(a: Option<Cost>, b: Option<Cost>) -> Option<Cost> {
+        match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, None) => x,
+            (None, y) => y,
+        }
+    }
+
+    fn set(&mut self, slot: usize, value: Option<(Cost, Vec<ObjectRef>)>) {
+        let mut i = self.size + slot;
+        self.tree[i] = value.as_ref().map(|(c, _)| *c);
+        self.candidates[slot] = value;
+        while i > 1 {
+            i /= 2;
+            self.tree[i] = Self::better(self.tree[2 * i], self.tree[2 * i + 1]);
+        }
+    }
 }
 
 const MAX_CACHED_CLASSES: usize = 32;
@@ -88,6 +122,8 @@ impl Plugin for Preemption {
             seen_seq: u64::MAX,
             epoch: u64::MAX,
             candidates: Vec::new(),
+            tree: Vec::new(),
+            size: 0,
         });
         let dirty: Option<Vec<NodeId>> = if entry.epoch != snapshot.slots_epoch() || entry.candidates.len() != slots {
             None
@@ -99,21 +135,27 @@ impl Plugin for Preemption {
                 d.sort_unstable();
                 d.dedup();
                 for slot in d {
-                    entry.candidates[slot as usize] = snapshot.node(slot).and_then(|n| evaluate(cx, filters, n));
+                    let v = snapshot.node(slot).and_then(|n| evaluate(cx, filters, n));
+                    entry.set(slot as usize, v);
                 }
             }
             None => {
                 entry.candidates =
                     (0..slots as NodeId).map(|s| snapshot.node(s).and_then(|n| evaluate(cx, filters, n))).collect();
                 entry.epoch = snapshot.slots_epoch();
+                entry.rebuild();
             }
         }
         entry.seen_seq = snapshot.change_seq();
         // Best first; a candidate the cluster-wide filters (affinity, spread) refuse is skipped.
         let mut refused: Vec<NodeId> = Vec::new();
-        for _ in 0..entry.candidates.len() {
-            let (cost, victims) =
-                entry.candidates.iter().flatten().filter(|(c, _)| !refused.contains(&c.3)).min_by_key(|(c, _)| *c)?;
+        for attempt in 0..entry.candidates.len() {
+            let best = if attempt == 0 {
+                entry.tree.get(1).copied().flatten()
+            } else {
+                entry.candidates.iter().flatten().map(|(c, _)| *c).filter(|c| !refused.contains(&c.3)).min()
+            }?;
+            let (cost, victims) = entry.candidates[best.3 as usize].as_ref()?;
             let node = snapshot.node(cost.3)?;
             let mut what_if = node.clone();
             for v in victims {

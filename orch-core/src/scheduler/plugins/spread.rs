@@ -73,17 +73,26 @@ impl Plugin for TopologySpread {
                 continue;
             };
             let mut counts = vec![0i64; topo.len()];
-            let mut eligible = vec![false; topo.len()];
-            snapshot.with_counts(&what, |m| {
+            let eligible: Vec<bool> = if restricted {
+                let mut e = vec![false; topo.len()];
                 for node in snapshot.nodes() {
                     let d = topo.domain(node.id);
-                    if d == NO_DOMAIN {
-                        continue;
+                    if d != NO_DOMAIN && node_eligible(w, node) {
+                        e[d as usize] = true;
                     }
-                    if !restricted || node_eligible(w, node) {
-                        eligible[d as usize] = true;
+                }
+                e
+            } else {
+                topo.nodes.iter().map(|n| *n > 0).collect()
+            };
+            snapshot.with_counts(&what, |m| {
+                for (slot, n) in m.per_node.iter().enumerate() {
+                    if *n > 0 {
+                        let d = topo.domain(slot as u32);
+                        if d != NO_DOMAIN {
+                            counts[d as usize] += *n as i64;
+                        }
                     }
-                    counts[d as usize] += m.per_node.get(node.id as usize).copied().unwrap_or(0) as i64;
                 }
             });
             let min = counts.iter().zip(&eligible).filter(|(_, e)| **e).map(|(c, _)| *c).min().unwrap_or(0);
@@ -117,6 +126,16 @@ impl Plugin for TopologySpread {
             }
         }
         Ok(())
+    }
+    fn filter_slots(&self, cx: &Ctx<'_>, slots: &mut Vec<u32>) {
+        let Some(st) = cx.state::<SpreadState>() else { return };
+        for c in st.constraints.iter().filter(|c| c.hard) {
+            let limit = c.max_skew + c.min - c.self_match;
+            slots.retain(|s| {
+                let here = c.per_slot.get(*s as usize).copied().unwrap_or(-1);
+                here >= 0 && here <= limit
+            });
+        }
     }
     fn pre_score(&self, _: &Snapshot, w: &WorkloadInfo, _: &[u32]) -> Prepare {
         let soft = w.spec().topology_spread_constraints.iter().any(|c| c.when_unsatisfiable == WhenUnsatisfiable::ScheduleAnyway);
