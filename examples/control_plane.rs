@@ -1,89 +1,27 @@
-//! A one-process control plane that runs real processes: the in-memory store, a small placement
-//! controller, the node lifecycle controller, and a node agent driving the process runtime.
+//! A one-process control plane that runs real processes: the embedded durable store, the default
+//! scheduler, the node lifecycle controller, and a node agent driving the process runtime.
 //!
 //! It declares a few workloads, shows them running as real processes, kills one behind the
 //! agent's back and shows it restarted, then shuts down cleanly (the agent drains its node).
 //!
-//! `cargo run --release -p orch-examples --example control-plane`
+//! `cargo run --release -p orch-examples --example control-plane [-- --data-dir DIR]`
 //!
-//! The placement controller here is a deliberately small stand-in (most free CPU that fits);
-//! the scheduler framework is separate work.
+//! The store is one file, `store.redb`, in the data directory: `--data-dir DIR`, else
+//! `$ORCH_DATA_DIR`, else a fresh directory under the system temp dir that is removed at the end.
+//! Run it twice with the same directory and the second run finds the first one's objects.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use orch_core::kinds::{
-    Condition, ConditionStatus, ContainerState, Node, Phase, Resources, RestartPolicy, Workload, resource,
-    set_condition,
-};
+use orch_core::kinds::{ConditionStatus, ContainerState, Phase, Resources, RestartPolicy, Workload, resource};
 use orch_core::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 use orch_core::runtime::LogOptions;
 use orch_core::{
-    Action, Agent, AgentConfig, Api, Clock, Context, Controller, ControllerBuilder, Error, ListParams, Manager, Object,
-    ObjectMeta, Quantity, Runtime, Store, SystemClock,
+    Agent, AgentConfig, Api, Error, ListParams, Manager, Object, ObjectMeta, Profile, Quantity, Runtime,
+    SchedulerService, Store,
 };
 use orch_runtime::ProcessRuntime;
-use orch_store::MemoryStore;
-
-/// Binds each pending workload to the ready node with the most free CPU that fits its requests.
-struct Placement;
-
-#[async_trait::async_trait]
-impl Controller for Placement {
-    type Kind = Workload;
-    type Error = Error;
-
-    async fn reconcile(&self, w: Arc<Object<Workload>>, ctx: &Context) -> Result<Action, Error> {
-        if w.spec.node_name.is_some() || w.metadata.is_being_deleted() {
-            return Ok(Action::Done);
-        }
-        let nodes = ctx.cache::<Node>().expect("watched, so cached");
-        let workloads = ctx.cache::<Workload>().expect("the primary kind is cached");
-        let wants = w.spec.requests();
-        let free = |n: &Object<Node>| -> Resources {
-            let mut left = n.status.allocatable.clone();
-            for placed in workloads.by_index(orch_core::cache::NODE_INDEX, &n.metadata.name) {
-                for (r, q) in placed.spec.requests() {
-                    let e = left.entry(r).or_default();
-                    *e = *e - q;
-                }
-            }
-            left
-        };
-        let ready = |n: &Object<Node>| {
-            n.status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True)
-                && !n.spec.unschedulable
-        };
-        let best = nodes
-            .list()
-            .into_iter()
-            .filter(|n| ready(n))
-            .map(|n| (free(&n), n))
-            .filter(|(left, _)| wants.iter().all(|(r, q)| left.get(r).is_some_and(|l| l >= q)))
-            .max_by_key(|(left, _)| left.get(resource::CPU).copied().unwrap_or_default())
-            .map(|(_, n)| n.metadata.name.clone());
-        let api: Api<Workload> = ctx.api(&w.metadata.namespace);
-        match best {
-            Some(node) => {
-                let mut bound = (*w).clone();
-                bound.spec.node_name = Some(node.clone());
-                api.replace(&bound).await?;
-                println!("[placement] {} -> {node}", w.metadata.name);
-                Ok(Action::Done)
-            }
-            None => {
-                let mut s = (*w).clone();
-                let mut c = Condition::new("Scheduled", ConditionStatus::False, "Unschedulable");
-                c.message = format!("0/{} nodes fit", nodes.len());
-                set_condition(&mut s.status.conditions, c, SystemClock.now());
-                if s.status != w.status {
-                    api.replace_status(&s).await?;
-                }
-                Ok(Action::RequeueAfter(Duration::from_secs(2)))
-            }
-        }
-    }
-}
+use orch_store::RedbStore;
 
 fn workload(name: &str, script: &str, cpu: &str, policy: RestartPolicy) -> Object<Workload> {
     let mut w = Workload::command("main", &["/bin/sh", "-c", script]);
@@ -142,19 +80,44 @@ async fn wait_until(
     Ok(())
 }
 
+/// The data directory the user chose (`--data-dir DIR` or `ORCH_DATA_DIR`), if any.
+fn chosen_data_dir() -> Option<std::path::PathBuf> {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if let Some(dir) = a.strip_prefix("--data-dir=") {
+            return Some(dir.into());
+        }
+        if a == "--data-dir" {
+            return args.next().map(Into::into);
+        }
+    }
+    std::env::var_os("ORCH_DATA_DIR").filter(|d| !d.is_empty()).map(Into::into)
+}
+
+/// Creates a workload, or keeps the one an earlier run with the same data directory declared.
+async fn declare(api: &Api<Workload>, w: &Object<Workload>) -> Result<(), Error> {
+    match api.create(w).await {
+        Err(Error::AlreadyExists(_)) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let dir = std::env::temp_dir().join(format!("orch-control-plane-{}", std::process::id()));
+    let data_dir = chosen_data_dir().unwrap_or_else(|| dir.join("data"));
+    std::fs::create_dir_all(&data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(data_dir.join("store.redb"))?);
     let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(&dir)?);
     println!(
-        "control plane: in-memory store, placement + node-lifecycle controllers, one agent (process runtime under {})",
+        "control plane: embedded store in {}, default scheduler + node-lifecycle controller, one agent (process runtime under {})",
+        data_dir.display(),
         dir.display()
     );
 
     // The controllers.
     let mut manager = Manager::new(store.clone());
-    manager.add(ControllerBuilder::new("placement", Placement).watches::<Node>(|_| Vec::new()));
+    manager.add_scheduler(SchedulerService::new(Profile::default_profile()));
     manager.add(NodeLifecycle::builder(NodeLifecycleConfig::default()));
     let (stop_manager, manager_stopped) = tokio::sync::oneshot::channel::<()>();
     let manager = tokio::spawn(manager.run(async move {
@@ -180,16 +143,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     println!("\ndeclaring workloads");
-    api.create(&workload(
-        "ticker",
-        "while true; do echo tick $(date +%s); sleep 0.3; done",
-        "500m",
-        RestartPolicy::Always,
-    ))
-    .await?;
-    api.create(&workload("sleeper", "sleep 300", "500m", RestartPolicy::Always)).await?;
-    api.create(&workload("batch", "echo computing; sleep 0.5; echo done", "250m", RestartPolicy::OnFailure)).await?;
-    api.create(&workload("too-big", "sleep 1", "8", RestartPolicy::Always)).await?;
+    let ticker = workload("ticker", "while true; do echo tick $(date +%s); sleep 0.3; done", "500m", RestartPolicy::Always);
+    declare(&api, &ticker).await?;
+    declare(&api, &workload("sleeper", "sleep 300", "500m", RestartPolicy::Always)).await?;
+    declare(&api, &workload("batch", "echo computing; sleep 0.5; echo done", "250m", RestartPolicy::OnFailure)).await?;
+    declare(&api, &workload("too-big", "sleep 1", "8", RestartPolicy::Always)).await?;
     let mut bad = workload("bad", "true", "1", RestartPolicy::Always);
     bad.spec.containers[0].resources.requests.insert(resource::MEMORY.into(), "-1Gi".parse()?);
     if let Err(e) = api.create(&bad).await {
