@@ -179,7 +179,17 @@ impl<S: Scheduler> SchedulingCore<S> {
                     return;
                 }
                 match self.snapshot.placed(&key) {
-                    Some(p) if &*p.placement.node_name == node.as_str() => self.snapshot.confirm(&key),
+                    Some(p) if &*p.placement.node_name == node.as_str() => {
+                        if p.info.object.metadata.resource_version == object.metadata.resource_version {
+                            self.snapshot.confirm(&key);
+                        } else {
+                            // A newer version (the bound one, or new labels): refresh what the
+                            // snapshot knows, keeping the placement and its devices.
+                            let placement = p.placement.clone();
+                            let info = Arc::new(WorkloadInfo::new(object.clone(), p.info.seq));
+                            self.snapshot.place(info, placement, false);
+                        }
+                    }
                     _ => {
                         let Some(id) = self.snapshot.node_id(node) else { return };
                         self.seq += 1;

@@ -63,6 +63,8 @@ impl Default for SchedulerConfig {
 /// manager leads), or run it alone with [`SchedulerService::run`].
 pub struct SchedulerService<S: Scheduler + 'static = Framework> {
     core: SchedulingCore<S>,
+    /// Victims of preemptions whose bind is in flight: put back if it fails.
+    victims: std::collections::HashMap<ObjectRef, Vec<ObjectRef>>,
     config: SchedulerConfig,
     name: String,
     clock: Arc<dyn Clock>,
@@ -87,6 +89,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
         let name = scheduler.name().to_string();
         SchedulerService {
             core: SchedulingCore::new(scheduler),
+            victims: std::collections::HashMap::new(),
             config: SchedulerConfig::default(),
             name,
             clock: Arc::new(SystemClock),
@@ -181,7 +184,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                 self.workload_event(ev);
             }
             while let Ok((key, result)) = done_rx.try_recv() {
-                self.bind_done(key, result);
+                self.bind_done(key, result, &workloads);
             }
             let guard = match &*leader.borrow() {
                 Leadership::Leading(g) => Some(g.clone()),
@@ -216,7 +219,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                     CacheEvent::Deleted(n) => drop(self.core.remove_node(&n.metadata.name)),
                 },
                 Some(ev) = workload_events.recv() => self.workload_event(ev),
-                Some((key, result)) = done_rx.recv() => self.bind_done(key, result),
+                Some((key, result)) = done_rx.recv() => self.bind_done(key, result, &workloads),
                 _ = leader.changed() => {}
                 _ = stop.changed() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -237,12 +240,19 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
         }
     }
 
-    fn bind_done(&mut self, key: ObjectRef, result: BindResult) {
+    fn bind_done(&mut self, key: ObjectRef, result: BindResult, cache: &Cache<Workload>) {
+        let victims = self.victims.remove(&key).unwrap_or_default();
         match result {
             BindResult::Bound => self.core.bound(&key),
             BindResult::Failed(latest) => {
                 metrics::counter!("orch_scheduler_bind_failures_total").increment(1);
                 self.core.bind_failed(&key, latest);
+                // Victims that are still there count again.
+                for v in victims {
+                    if let Some(obj) = cache.get(&v) {
+                        self.core.upsert_workload(obj);
+                    }
+                }
             }
         }
     }
@@ -268,7 +278,10 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
             OutcomeKind::Preempted { placement, victims } => {
                 metrics::counter!("orch_scheduler_preemptions_total").increment(1);
                 let obj = cache.get(&o.workload.key).unwrap_or_else(|| o.workload.object.clone());
-                let victims = victims.into_iter().map(|v| v.info.object.clone()).collect();
+                self.victims.insert(o.workload.key.clone(), victims.iter().map(|v| v.info.key.clone()).collect());
+                // Delete the version the cache has now (the snapshot's may predate the bind).
+                let victims =
+                    victims.into_iter().map(|v| cache.get(&v.info.key).unwrap_or_else(|| v.info.object.clone())).collect();
                 spawn_bind(binds, permits, done, api, obj, placement, victims);
             }
             OutcomeKind::Unschedulable(diagnosis) => {

@@ -1,0 +1,200 @@
+//! The scheduler service against a store: binds through compare-and-swap, explains what does
+//! not fit, wakes on new nodes, survives bind conflicts, evicts preemption victims, and schedules
+//! only while its manager leads.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use orch_core::controller::leader::LeaderElectionConfig;
+use orch_core::kinds::{Node, ResourceRequirements, Workload, find_condition};
+use orch_core::scheduler::{SCHEDULED_CONDITION, SchedulerConfig};
+use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Profile, Quantity, SchedulerService, Store};
+use orch_store::MemoryStore;
+
+fn node(name: &str, cpu: i64) -> Object<Node> {
+    let mut n = Object::new(ObjectMeta::named(name), Node::default());
+    n.status.allocatable.insert("cpu".into(), Quantity::from_units(cpu));
+    n.status.allocatable.insert("memory".into(), "8Gi".parse().unwrap());
+    n
+}
+
+fn workload(name: &str, cpu: &str, priority: i32) -> Object<Workload> {
+    let mut w = Workload::command("main", &["sleep", "1"]);
+    let mut requests = BTreeMap::new();
+    requests.insert("cpu".to_string(), cpu.parse().unwrap());
+    w.containers[0].resources = ResourceRequirements { requests, limits: BTreeMap::new() };
+    w.priority = priority;
+    Object::new(ObjectMeta::named(name), w)
+}
+
+async fn bound_to(api: &Api<Workload>, name: &str) -> Option<String> {
+    api.get(name).await.ok().and_then(|w| w.spec.node_name)
+}
+
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn fast() -> SchedulerConfig {
+    SchedulerConfig {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        ..SchedulerConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn binds_explains_and_wakes_on_new_nodes() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let nodes: Api<Node> = Api::all(store.clone());
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    nodes.create(&node("n1", 2)).await.unwrap();
+    for i in 0..6 {
+        api.create(&workload(&format!("w{i}"), "300m", 0)).await.unwrap();
+    }
+    api.create(&workload("big", "3", 0)).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let svc = tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
+        let _ = stopped.await;
+    }));
+
+    wait_for("six bound", || async {
+        let list = api.list(&ListParams::default()).await.unwrap();
+        list.items.iter().filter(|w| w.spec.node_name.as_deref() == Some("n1")).count() == 6
+    })
+    .await;
+    wait_for("big explained", || async {
+        let w = api.get("big").await.unwrap();
+        find_condition(&w.status.conditions, SCHEDULED_CONDITION)
+            .is_some_and(|c| c.message == "0/1 nodes fit: 1 insufficient cpu" && c.reason == "Unschedulable")
+    })
+    .await;
+    assert_eq!(bound_to(&api, "big").await, None);
+
+    nodes.create(&node("n2", 4)).await.unwrap();
+    wait_for("big bound after a node joined", || async { bound_to(&api, "big").await.as_deref() == Some("n2") })
+        .await;
+    let _ = stop.send(());
+    svc.await.unwrap();
+}
+
+#[tokio::test]
+async fn bind_conflicts_are_retried_and_changes_respected() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let nodes: Api<Node> = Api::all(store.clone());
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    nodes.create(&node("n1", 8)).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let svc = tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
+        let _ = stopped.await;
+    }));
+    // Many concurrent label writes race the binds; every workload still ends up bound once.
+    let mut writers = Vec::new();
+    for i in 0..40 {
+        let created = api.create(&workload(&format!("w{i}"), "100m", 0)).await.unwrap();
+        let api = api.clone();
+        writers.push(tokio::spawn(async move {
+            let mut w = created;
+            for k in 0..3 {
+                w.metadata.labels.insert("touched", k.to_string());
+                match api.replace(&w).await {
+                    Ok(next) => w = next,
+                    Err(_) => w = api.get(&w.metadata.name).await.unwrap(),
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    wait_for("all bound", || async {
+        let list = api.list(&ListParams::default()).await.unwrap();
+        list.items.len() == 40 && list.items.iter().all(|w| w.spec.node_name.as_deref() == Some("n1"))
+    })
+    .await;
+    let _ = stop.send(());
+    svc.await.unwrap();
+}
+
+#[tokio::test]
+async fn preemption_deletes_victims_then_binds() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let nodes: Api<Node> = Api::all(store.clone());
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    nodes.create(&node("n1", 2)).await.unwrap();
+    for i in 0..2 {
+        api.create(&workload(&format!("low{i}"), "1", 1)).await.unwrap();
+    }
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let svc = tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
+        let _ = stopped.await;
+    }));
+    wait_for("lows bound", || async {
+        bound_to(&api, "low0").await.is_some() && bound_to(&api, "low1").await.is_some()
+    })
+    .await;
+    api.create(&workload("high", "1500m", 10)).await.unwrap();
+    wait_for("high bound", || async { bound_to(&api, "high").await.as_deref() == Some("n1") }).await;
+    let left = api.list(&ListParams::default()).await.unwrap().items;
+    let names: Vec<_> = left.iter().map(|w| w.metadata.name.as_str()).collect();
+    assert_eq!(names, vec!["high"], "both lows had to go to make room for 1.5 cpu");
+    let _ = stop.send(());
+    svc.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_standby_manager_does_not_schedule() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let nodes: Api<Node> = Api::all(store.clone());
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    nodes.create(&node("n1", 4)).await.unwrap();
+    let lock = || LeaderElectionConfig {
+        retry_period: Duration::from_millis(100),
+        ..LeaderElectionConfig::new("default", "scheduler", "holder")
+    };
+    // The lock is taken by someone else first.
+    let mut other = Manager::new(store.clone()).with_leader_election(LeaderElectionConfig {
+        identity: "other".into(),
+        ..lock()
+    });
+    other.add_scheduler(SchedulerService::new(Profile::new("nobody")));
+    let mut leadership = other.leadership();
+    let (stop_other, other_stopped) = tokio::sync::oneshot::channel::<()>();
+    let other = tokio::spawn(other.run(async move {
+        let _ = other_stopped.await;
+    }));
+    leadership.wait_for(|l| matches!(l, orch_core::controller::Leadership::Leading(_))).await.unwrap();
+
+    let mut mine = Manager::new(store.clone()).with_leader_election(LeaderElectionConfig {
+        identity: "mine".into(),
+        ..lock()
+    });
+    mine.add_scheduler(SchedulerService::new(Profile::default_profile()).config(fast()));
+    let (stop_mine, mine_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mine = tokio::spawn(mine.run(async move {
+        let _ = mine_stopped.await;
+    }));
+    api.create(&workload("w", "1", 0)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(bound_to(&api, "w").await, None, "a standby must not bind");
+
+    // The leader steps down; the standby takes over and binds.
+    let _ = stop_other.send(());
+    other.await.unwrap().unwrap();
+    wait_for("bound by the new leader", || async { bound_to(&api, "w").await.as_deref() == Some("n1") }).await;
+    let _ = stop_mine.send(());
+    mine.await.unwrap().unwrap();
+}
