@@ -143,7 +143,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     println!("\ndeclaring workloads");
-    let ticker = workload("ticker", "while true; do echo tick $(date +%s); sleep 0.3; done", "500m", RestartPolicy::Always);
+    let ticker =
+        workload("ticker", "while true; do echo tick $(date +%s); sleep 0.3; done", "500m", RestartPolicy::Always);
     declare(&api, &ticker).await?;
     declare(&api, &workload("sleeper", "sleep 300", "500m", RestartPolicy::Always)).await?;
     declare(&api, &workload("batch", "echo computing; sleep 0.5; echo done", "250m", RestartPolicy::OnFailure)).await?;

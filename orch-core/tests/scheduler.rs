@@ -5,16 +5,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use orch_core::kinds::{
-    Affinity, AffinityTerm, Device, NodeAffinity, NodeSelectorOperator, NodeSelectorRequirement,
-    NodeSelectorTerm, ResourceRequirements, SchedulingGroup, Taint, TaintEffect, Toleration, TolerationOperator,
+    Affinity, AffinityTerm, Device, NodeAffinity, NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm,
+    ResourceRequirements, SchedulingGroup, Taint, TaintEffect, Toleration, TolerationOperator,
     TopologySpreadConstraint, Weighted, WhenUnsatisfiable, WorkloadAffinity,
 };
+use orch_core::kinds::{Node, Workload};
 use orch_core::scheduler::core::OutcomeKind;
 use orch_core::scheduler::plugins::{ScoringStrategy, default_profile};
 use orch_core::scheduler::snapshot::GPU;
 use orch_core::scheduler::{Decision, Outcome, Placement, Snapshot, WorkloadInfo};
 use orch_core::{Framework, LabelSelector, Object, Profile, Quantity, Scheduler, SchedulingCore};
-use orch_core::kinds::{Node, Workload};
 use proptest::prelude::*;
 
 fn node(name: &str, cpu: &str, mem: &str, labels: &[(&str, &str)]) -> Object<Node> {
@@ -95,7 +95,9 @@ fn least_allocated_spreads_and_most_allocated_packs() {
     let nodes: std::collections::HashSet<_> = placed.values().collect();
     assert_eq!(nodes.len(), 3, "least-allocated spreads one per node: {placed:?}");
 
-    let mut c = SchedulingCore::new(Framework::new(default_profile(ScoringStrategy::MostAllocated).without("BalancedAllocation")));
+    let mut c = SchedulingCore::new(Framework::new(
+        default_profile(ScoringStrategy::MostAllocated).without("BalancedAllocation"),
+    ));
     for i in 0..3 {
         c.upsert_node(&node(&format!("n{i}"), "4", "8Gi", &[]));
     }
@@ -136,7 +138,12 @@ fn unschedulable_explains_and_wakes_when_a_node_joins() {
 fn tolerations_node_affinity_and_preferences() {
     let mut c = core();
     let mut tainted = node("gpu", "8", "8Gi", &[("zone", "a")]);
-    tainted.spec.taints.push(Taint { key: "dedicated".into(), value: "gpu".into(), effect: TaintEffect::NoSchedule, time_added: None });
+    tainted.spec.taints.push(Taint {
+        key: "dedicated".into(),
+        value: "gpu".into(),
+        effect: TaintEffect::NoSchedule,
+        time_added: None,
+    });
     c.upsert_node(&tainted);
     c.upsert_node(&node("plain-a", "8", "8Gi", &[("zone", "a")]));
     c.upsert_node(&node("plain-b", "8", "8Gi", &[("zone", "b")]));
@@ -197,7 +204,10 @@ fn tolerations_node_affinity_and_preferences() {
     assert_eq!(placed["prefers-a"], "plain-a");
     let msgs = unschedulable(&out);
     assert_eq!(msgs.len(), 1);
-    assert!(msgs[0].contains("taint {dedicated=gpu}") && msgs[0].contains("2 node selector does not match"), "{msgs:?}");
+    assert!(
+        msgs[0].contains("taint {dedicated=gpu}") && msgs[0].contains("2 node selector does not match"),
+        "{msgs:?}"
+    );
 }
 
 fn anti(label: (&str, &str), key: &str) -> Affinity {
@@ -494,9 +504,15 @@ fn case() -> impl Strategy<Value = Case> {
 fn build(case: &Case) -> SchedulingCore {
     let mut c = SchedulingCore::new(Framework::new(Profile::default_profile().seed(case.seed)));
     for (i, (cpu, mem, zone, tainted)) in case.nodes.iter().enumerate() {
-        let mut n = node(&format!("n{i}"), &cpu.to_string(), &format!("{mem}Gi"), &[("zone", ["a", "b", "c"][*zone as usize])]);
+        let mut n =
+            node(&format!("n{i}"), &cpu.to_string(), &format!("{mem}Gi"), &[("zone", ["a", "b", "c"][*zone as usize])]);
         if *tainted {
-            n.spec.taints.push(Taint { key: "t".into(), value: String::new(), effect: TaintEffect::NoSchedule, time_added: None });
+            n.spec.taints.push(Taint {
+                key: "t".into(),
+                value: String::new(),
+                effect: TaintEffect::NoSchedule,
+                time_added: None,
+            });
         }
         c.upsert_node(&n);
     }
@@ -518,9 +534,14 @@ fn build(case: &Case) -> SchedulingCore {
                 });
                 labels.push(("app", "spread"));
             }
-            3 => w.tolerations.push(Toleration { key: "t".into(), operator: TolerationOperator::Exists, ..Default::default() }),
+            3 => w.tolerations.push(Toleration {
+                key: "t".into(),
+                operator: TolerationOperator::Exists,
+                ..Default::default()
+            }),
             4 if *group > 0 => {
-                w.scheduling_group = Some(SchedulingGroup { name: format!("g{group}"), min_members: 3, timeout_seconds: Some(10) });
+                w.scheduling_group =
+                    Some(SchedulingGroup { name: format!("g{group}"), min_members: 3, timeout_seconds: Some(10) });
             }
             _ => {}
         }
@@ -549,7 +570,11 @@ fn check_invariants(c: &SchedulingCore, outs: &[Outcome]) -> Result<(), TestCase
     for (id, (cpu, mem)) in used {
         let n = snap.node(id).unwrap();
         prop_assert!(cpu <= n.allocatable(orch_core::scheduler::snapshot::CPU), "cpu overcommitted on {}", n.name);
-        prop_assert!(mem <= n.allocatable(orch_core::scheduler::snapshot::MEMORY), "memory overcommitted on {}", n.name);
+        prop_assert!(
+            mem <= n.allocatable(orch_core::scheduler::snapshot::MEMORY),
+            "memory overcommitted on {}",
+            n.name
+        );
         prop_assert_eq!(n.requested(orch_core::scheduler::snapshot::CPU), cpu, "snapshot accounting drifted");
     }
     // Required anti-affinity: at most one "solo" per node.

@@ -67,9 +67,10 @@ async fn binds_explains_and_wakes_on_new_nodes() {
     }
     api.create(&workload("big", "3", 0)).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let svc = tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
-        let _ = stopped.await;
-    }));
+    let svc =
+        tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
+            let _ = stopped.await;
+        }));
 
     wait_for("six bound", || async {
         let list = api.list(&ListParams::default()).await.unwrap();
@@ -85,8 +86,7 @@ async fn binds_explains_and_wakes_on_new_nodes() {
     assert_eq!(bound_to(&api, "big").await, None);
 
     nodes.create(&node("n2", 4)).await.unwrap();
-    wait_for("big bound after a node joined", || async { bound_to(&api, "big").await.as_deref() == Some("n2") })
-        .await;
+    wait_for("big bound after a node joined", || async { bound_to(&api, "big").await.as_deref() == Some("n2") }).await;
     let _ = stop.send(());
     svc.await.unwrap();
 }
@@ -98,9 +98,10 @@ async fn bind_conflicts_are_retried_and_changes_respected() {
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     nodes.create(&node("n1", 8)).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let svc = tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
-        let _ = stopped.await;
-    }));
+    let svc =
+        tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
+            let _ = stopped.await;
+        }));
     // Many concurrent label writes race the binds; every workload still ends up bound once.
     let mut writers = Vec::new();
     for i in 0..40 {
@@ -139,9 +140,10 @@ async fn preemption_deletes_victims_then_binds() {
         api.create(&workload(&format!("low{i}"), "1", 1)).await.unwrap();
     }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let svc = tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
-        let _ = stopped.await;
-    }));
+    let svc =
+        tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
+            let _ = stopped.await;
+        }));
     wait_for("lows bound", || async {
         bound_to(&api, "low0").await.is_some() && bound_to(&api, "low1").await.is_some()
     })
@@ -166,10 +168,8 @@ async fn a_standby_manager_does_not_schedule() {
         ..LeaderElectionConfig::new("default", "scheduler", "holder")
     };
     // The lock is taken by someone else first.
-    let mut other = Manager::new(store.clone()).with_leader_election(LeaderElectionConfig {
-        identity: "other".into(),
-        ..lock()
-    });
+    let mut other =
+        Manager::new(store.clone()).with_leader_election(LeaderElectionConfig { identity: "other".into(), ..lock() });
     other.add_scheduler(SchedulerService::new(Profile::new("nobody")));
     let mut leadership = other.leadership();
     let (stop_other, other_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -178,10 +178,8 @@ async fn a_standby_manager_does_not_schedule() {
     }));
     leadership.wait_for(|l| matches!(l, orch_core::controller::Leadership::Leading(_))).await.unwrap();
 
-    let mut mine = Manager::new(store.clone()).with_leader_election(LeaderElectionConfig {
-        identity: "mine".into(),
-        ..lock()
-    });
+    let mut mine =
+        Manager::new(store.clone()).with_leader_election(LeaderElectionConfig { identity: "mine".into(), ..lock() });
     mine.add_scheduler(SchedulerService::new(Profile::default_profile()).config(fast()));
     let (stop_mine, mine_stopped) = tokio::sync::oneshot::channel::<()>();
     let mine = tokio::spawn(mine.run(async move {

@@ -11,8 +11,8 @@ pub use node::{Device, Node, NodeAddress, NodeStatus, Taint, TaintEffect};
 pub use workload::{
     Affinity, AffinityTerm, Container, ContainerPort, ContainerState, ContainerStatus, EnvVar, NodeAffinity,
     NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm, Phase, Probe, ProbeAction, Protocol,
-    ResourceRequirements, RestartPolicy, SchedulingGroup, Toleration, TolerationOperator, TopologySpreadConstraint, Volume, VolumeMount,
-    VolumeSource, Weighted, WhenUnsatisfiable, Workload, WorkloadAffinity, WorkloadStatus,
+    ResourceRequirements, RestartPolicy, SchedulingGroup, Toleration, TolerationOperator, TopologySpreadConstraint,
+    Volume, VolumeMount, VolumeSource, Weighted, WhenUnsatisfiable, Workload, WorkloadAffinity, WorkloadStatus,
 };
 
 use crate::meta::Timestamp;

@@ -201,11 +201,7 @@ impl<S: Scheduler> SchedulingCore<S> {
                             .node(id)
                             .and_then(|n| n.pick_devices(info.request(super::snapshot::GPU)))
                             .unwrap_or_default();
-                        let placement = Placement {
-                            node: id,
-                            node_name: Arc::from(node.as_str()),
-                            devices,
-                        };
+                        let placement = Placement { node: id, node_name: Arc::from(node.as_str()), devices };
                         self.snapshot.place(info, placement, false);
                         self.queue.on_event(Events::WORKLOAD_ADDED, self.now_ms);
                     }
@@ -376,11 +372,7 @@ impl<S: Scheduler> SchedulingCore<S> {
                 };
                 self.commit(&w, pl.clone());
                 let deadline_ms = self.now_ms + timeout.as_millis() as u64;
-                self.held.entry(group).or_default().push(Held {
-                    info: w.clone(),
-                    placement: pl.clone(),
-                    deadline_ms,
-                });
+                self.held.entry(group).or_default().push(Held { info: w.clone(), placement: pl.clone(), deadline_ms });
                 out.push(Outcome { workload: w, kind: OutcomeKind::Waiting(pl) });
             }
             Decision::Preempt { placement, victims } => {
@@ -389,7 +381,11 @@ impl<S: Scheduler> SchedulingCore<S> {
                     match self.snapshot.placed(v) {
                         Some(p) if p.placement.node == placement.node && p.info.priority() < w.priority() => {}
                         _ => {
-                            return self.refuse(w, format!("victim {v} is not a lower-priority workload on that node"), out);
+                            return self.refuse(
+                                w,
+                                format!("victim {v} is not a lower-priority workload on that node"),
+                                out,
+                            );
                         }
                     }
                 }

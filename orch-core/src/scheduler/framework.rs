@@ -193,7 +193,12 @@ pub trait Plugin: Send + Sync + 'static {
     }
 
     /// When no node fits: a placement that fits after evicting victims, if any.
-    fn post_filter(&self, cx: &Ctx<'_>, filters: &Filters<'_>, diagnosis: &Diagnosis) -> Option<(Placement, Vec<ObjectRef>)> {
+    fn post_filter(
+        &self,
+        cx: &Ctx<'_>,
+        filters: &Filters<'_>,
+        diagnosis: &Diagnosis,
+    ) -> Option<(Placement, Vec<ObjectRef>)> {
         let _ = (cx, filters, diagnosis);
         None
     }
@@ -479,7 +484,12 @@ impl Framework {
         let plugins = profile
             .plugins
             .into_iter()
-            .map(|c| Entry { points: c.plugin.points(), locality: c.plugin.locality(), plugin: c.plugin, weight: c.weight })
+            .map(|c| Entry {
+                points: c.plugin.points(),
+                locality: c.plugin.locality(),
+                plugin: c.plugin,
+                weight: c.weight,
+            })
             .collect();
         Framework { name, plugins, seed: profile.seed, classes: HashMap::new(), uses: 0, max_classes: 64 }
     }
@@ -817,7 +827,12 @@ impl Framework {
         }
         // The tie-break hash only for the nodes that share the best score.
         let best = total.iter().copied().max()?;
-        feasible.iter().zip(total.iter()).filter(|(_, t)| **t == best).max_by_key(|(s, _)| mix(self.seed, **s)).map(|(s, _)| *s)
+        feasible
+            .iter()
+            .zip(total.iter())
+            .filter(|(_, t)| **t == best)
+            .max_by_key(|(s, _)| mix(self.seed, **s))
+            .map(|(s, _)| *s)
     }
 
     fn no_fit(

@@ -350,3 +350,150 @@ impl SchedulingQueue {
         self.items.values().map(|i| &i.info)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::kinds::Workload;
+    use crate::meta::ObjectMeta;
+    use crate::object::Object;
+
+    fn info(i: u8) -> Arc<WorkloadInfo> {
+        let obj = Object::new(ObjectMeta::namespaced("ns", format!("w{i}")), Workload::command("c", &["x"]));
+        Arc::new(WorkloadInfo::new(Arc::new(obj), i as u64))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(u8, i64),
+        Pop,
+        Done,
+        Unschedulable(u32),
+        Backoff,
+        Event(u32),
+        Remove(u8),
+        Tick(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..12, -3i64..3).prop_map(|(k, p)| Op::Add(k, p)),
+            Just(Op::Pop),
+            Just(Op::Done),
+            (1u32..32).prop_map(Op::Unschedulable),
+            Just(Op::Backoff),
+            (1u32..32).prop_map(Op::Event),
+            (0u8..12).prop_map(Op::Remove),
+            (0u64..20_000).prop_map(Op::Tick),
+        ]
+    }
+
+    proptest! {
+        /// The queue never loses or duplicates a workload: whatever is added and not removed or
+        /// done is popped exactly once per time it is made ready, in priority order, and
+        /// everything parked comes back once time passes the safety net.
+        #[test]
+        fn never_loses_or_duplicates(ops in prop::collection::vec(op(), 1..200)) {
+            let mut q = SchedulingQueue::new();
+            let mut model: BTreeMap<String, i64> = BTreeMap::new();
+            let mut in_flight: Option<ObjectRef> = None;
+            let mut now = 0u64;
+            for op in ops {
+                match op {
+                    Op::Add(k, p) => {
+                        let w = info(k);
+                        model.insert(w.key.name.clone(), p);
+                        q.add(w, (-p, k as u64));
+                    }
+                    Op::Pop => {
+                        if in_flight.is_none() {
+                            if let Some(w) = q.pop(now) {
+                                prop_assert!(model.contains_key(&w.key.name), "popped an unknown workload");
+                                in_flight = Some(w.key.clone());
+                            }
+                        }
+                    }
+                    Op::Done => {
+                        if let Some(k) = in_flight.take() {
+                            q.done(&k);
+                            model.remove(&k.name);
+                        }
+                    }
+                    Op::Unschedulable(mask) => {
+                        if let Some(k) = in_flight.take() {
+                            q.unschedulable(&k, Events(mask), now);
+                        }
+                    }
+                    Op::Backoff => {
+                        if let Some(k) = in_flight.take() {
+                            q.backoff(&k, now);
+                        }
+                    }
+                    Op::Event(mask) => {
+                        q.on_event(Events(mask), now);
+                    }
+                    Op::Remove(k) => {
+                        let key = info(k).key.clone();
+                        q.remove(&key);
+                        model.remove(&key.name);
+                        if in_flight.as_ref() == Some(&key) {
+                            in_flight = None;
+                        }
+                    }
+                    Op::Tick(ms) => now += ms,
+                }
+                prop_assert_eq!(q.len(), model.len());
+                let (a, b, u) = q.sizes();
+                prop_assert_eq!(a + b + u + in_flight.is_some() as usize, model.len());
+            }
+            // Finish the one in flight, then let every timer pass: each remaining workload pops
+            // exactly once, highest priority first.
+            if let Some(k) = in_flight.take() {
+                q.backoff(&k, now);
+            }
+            now += 1_000_000;
+            let mut popped = Vec::new();
+            while let Some(w) = q.pop(now) {
+                popped.push((w.key.name.clone(), -model[&w.key.name], w.seq));
+                q.done(&w.key);
+            }
+            let mut names: Vec<_> = popped.iter().map(|p| p.0.clone()).collect();
+            names.sort();
+            prop_assert_eq!(names, model.keys().cloned().collect::<Vec<_>>());
+            let order: Vec<_> = popped.iter().map(|p| (p.1, p.2)).collect();
+            let mut sorted = order.clone();
+            sorted.sort();
+            prop_assert_eq!(order, sorted);
+            prop_assert!(q.is_empty());
+        }
+    }
+
+    #[test]
+    fn events_wake_only_those_waiting_for_them() {
+        let mut q = SchedulingQueue::new();
+        q.add(info(1), (0, 1));
+        q.add(info(2), (0, 2));
+        let a = q.pop(0).unwrap();
+        q.unschedulable(&a.key, Events::NODE_ADDED, 0);
+        let b = q.pop(0).unwrap();
+        q.unschedulable(&b.key, Events::WORKLOAD_DELETED, 0);
+        assert_eq!(q.sizes(), (0, 0, 2));
+        assert_eq!(q.on_event(Events::WORKLOAD_ADDED, 5_000), 0);
+        assert_eq!(q.on_event(Events::NODE_ADDED, 5_000), 1);
+        assert_eq!(q.pop(5_000).unwrap().key, a.key);
+        assert!(q.pop(5_000).is_none());
+        // An event during scheduling sends the failure to backoff, not to the parked set.
+        let mut q = SchedulingQueue::new();
+        q.add(info(3), (0, 3));
+        let c = q.pop(0).unwrap();
+        q.on_event(Events::NODE_UPDATED, 0);
+        q.unschedulable(&c.key, Events::NODE_UPDATED, 0);
+        assert_eq!(q.sizes(), (0, 1, 0));
+        assert!(q.pop(999).is_none());
+        assert_eq!(q.pop(1_000).unwrap().key, c.key);
+    }
+}

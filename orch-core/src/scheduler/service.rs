@@ -280,8 +280,10 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                 let obj = cache.get(&o.workload.key).unwrap_or_else(|| o.workload.object.clone());
                 self.victims.insert(o.workload.key.clone(), victims.iter().map(|v| v.info.key.clone()).collect());
                 // Delete the version the cache has now (the snapshot's may predate the bind).
-                let victims =
-                    victims.into_iter().map(|v| cache.get(&v.info.key).unwrap_or_else(|| v.info.object.clone())).collect();
+                let victims = victims
+                    .into_iter()
+                    .map(|v| cache.get(&v.info.key).unwrap_or_else(|| v.info.object.clone()))
+                    .collect();
                 spawn_bind(binds, permits, done, api, obj, placement, victims);
             }
             OutcomeKind::Unschedulable(diagnosis) => {
@@ -344,8 +346,8 @@ async fn bind(
 ) -> BindResult {
     for v in victims {
         let opts = DeleteOptions { resource_version: Some(v.metadata.resource_version), ..Default::default() };
-        let vapi = Api::<Workload>::namespaced(api.store().clone(), v.metadata.namespace.clone())
-            .fenced(api_guard(api));
+        let vapi =
+            Api::<Workload>::namespaced(api.store().clone(), v.metadata.namespace.clone()).fenced(api_guard(api));
         match vapi.delete(&v.metadata.name, &opts).await {
             Ok(_) | Err(Error::NotFound { .. }) => {}
             Err(e) => {

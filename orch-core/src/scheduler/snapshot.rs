@@ -7,9 +7,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::cache::ObjectRef;
-use crate::kinds::{
-    AffinityTerm, Node, Protocol, Taint, TaintEffect, Workload, WorkloadAffinity, resource as res,
-};
+use crate::kinds::{AffinityTerm, Node, Protocol, Taint, TaintEffect, Workload, WorkloadAffinity, resource as res};
 use crate::labels::Labels;
 use crate::object::Object;
 use crate::quantity::Quantity;
@@ -31,8 +29,11 @@ pub const GPU: Dim = 2;
 /// One GPU share in milli-units: a whole device is 1000.
 pub const WHOLE_DEVICE: i64 = 1000;
 
-fn dims() -> &'static RwLock<(Vec<String>, HashMap<String, Dim>)> {
-    static DIMS: OnceLock<RwLock<(Vec<String>, HashMap<String, Dim>)>> = OnceLock::new();
+/// Resource names by dimension, and back.
+type DimTable = (Vec<String>, HashMap<String, Dim>);
+
+fn dims() -> &'static RwLock<DimTable> {
+    static DIMS: OnceLock<RwLock<DimTable>> = OnceLock::new();
     DIMS.get_or_init(|| {
         let names: Vec<String> = [res::CPU, res::MEMORY, res::GPU].iter().map(|s| s.to_string()).collect();
         let by = names.iter().enumerate().map(|(i, n)| (n.clone(), i as Dim)).collect();
@@ -308,12 +309,8 @@ impl NodeInfo {
             return Some(Vec::new());
         }
         if milli < WHOLE_DEVICE {
-            let best = self
-                .devices
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| d.free >= milli)
-                .min_by_key(|(i, d)| (d.free, *i))?;
+            let best =
+                self.devices.iter().enumerate().filter(|(_, d)| d.free >= milli).min_by_key(|(i, d)| (d.free, *i))?;
             return Some(vec![DeviceShare { device: best.0 as u16, milli }]);
         }
         let want = (milli / WHOLE_DEVICE) as usize;
@@ -742,8 +739,10 @@ impl Snapshot {
     /// Removes a node; the workloads placed on it are removed too and returned.
     pub fn remove_node(&mut self, name: &str) -> Vec<Placed> {
         let Some(id) = self.by_name.remove(name) else { return Vec::new() };
-        let keys: Vec<ObjectRef> =
-            self.nodes[id as usize].as_ref().map(|n| n.workloads.iter().map(|w| w.key.clone()).collect()).unwrap_or_default();
+        let keys: Vec<ObjectRef> = self.nodes[id as usize]
+            .as_ref()
+            .map(|n| n.workloads.iter().map(|w| w.key.clone()).collect())
+            .unwrap_or_default();
         let removed = keys.iter().filter_map(|k| self.forget(k)).collect();
         for t in self.topology.values_mut() {
             t.set(id, None);

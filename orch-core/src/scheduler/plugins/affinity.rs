@@ -81,7 +81,11 @@ impl Plugin for WorkloadAffinity {
                 add(&what, &t.topology_key, Kind::Affinity { self_match });
             }
             for p in &a.preferred {
-                add(&WorkloadMatch::of_term(&p.term, w.namespace()), &p.term.topology_key, Kind::Prefer(p.weight as i64));
+                add(
+                    &WorkloadMatch::of_term(&p.term, w.namespace()),
+                    &p.term.topology_key,
+                    Kind::Prefer(p.weight as i64),
+                );
             }
         }
         if let Some(a) = anti {

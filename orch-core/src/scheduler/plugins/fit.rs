@@ -101,8 +101,9 @@ impl Plugin for ResourcesFit {
     }
     fn reserve(&self, snapshot: &Snapshot, w: &WorkloadInfo, placement: &mut Placement) -> Result<(), Unfit> {
         let node = snapshot.node(placement.node).ok_or_else(|| Unfit::new("node removed"))?;
-        placement.devices =
-            node.pick_devices(w.request(GPU)).ok_or_else(|| Unfit::preemptible("no GPU device with enough free share"))?;
+        placement.devices = node
+            .pick_devices(w.request(GPU))
+            .ok_or_else(|| Unfit::preemptible("no GPU device with enough free share"))?;
         Ok(())
     }
 }

@@ -130,7 +130,8 @@ impl Plugin for NodeAffinity {
     fn pre_filter(&self, _: &Snapshot, w: &WorkloadInfo) -> Result<Prepare, Unfit> {
         let spec = w.spec();
         let na = spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref());
-        let any = !spec.node_selector.is_empty() || na.is_some_and(|a| !a.required.is_empty() || !a.preferred.is_empty());
+        let any =
+            !spec.node_selector.is_empty() || na.is_some_and(|a| !a.required.is_empty() || !a.preferred.is_empty());
         Ok(if any { Prepare::Run(None) } else { Prepare::Skip })
     }
     fn filter(&self, cx: &Ctx<'_>, node: &NodeInfo) -> Result<(), Unfit> {
@@ -146,7 +147,8 @@ impl Plugin for NodeAffinity {
         Ok(())
     }
     fn pre_score(&self, _: &Snapshot, w: &WorkloadInfo, _: &[u32]) -> Prepare {
-        let has = w.spec().affinity.as_ref().and_then(|a| a.node_affinity.as_ref()).is_some_and(|a| !a.preferred.is_empty());
+        let has =
+            w.spec().affinity.as_ref().and_then(|a| a.node_affinity.as_ref()).is_some_and(|a| !a.preferred.is_empty());
         if has { Prepare::Run(None) } else { Prepare::Skip }
     }
     fn score(&self, cx: &Ctx<'_>, node: &NodeInfo) -> i64 {

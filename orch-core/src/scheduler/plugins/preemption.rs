@@ -73,7 +73,8 @@ fn evaluate(cx: &Ctx<'_>, filters: &Filters<'_>, node: &NodeInfo) -> Option<(Cos
     if lower.is_empty() {
         return None;
     }
-    let shares = |v: &WorkloadInfo| cx.snapshot.placed(&v.key).map(|pl| pl.placement.devices.clone()).unwrap_or_default();
+    let shares =
+        |v: &WorkloadInfo| cx.snapshot.placed(&v.key).map(|pl| pl.placement.devices.clone()).unwrap_or_default();
     let mut n = node.clone();
     for v in &lower {
         n.release(v, &shares(v));
@@ -107,7 +108,12 @@ impl Plugin for Preemption {
     fn points(&self) -> Points {
         Points::POST_FILTER
     }
-    fn post_filter(&self, cx: &Ctx<'_>, filters: &Filters<'_>, diagnosis: &Diagnosis) -> Option<(Placement, Vec<ObjectRef>)> {
+    fn post_filter(
+        &self,
+        cx: &Ctx<'_>,
+        filters: &Filters<'_>,
+        diagnosis: &Diagnosis,
+    ) -> Option<(Placement, Vec<ObjectRef>)> {
         if diagnosis.rejected.is_some() || !diagnosis.reasons.iter().any(|_| true) {
             return None;
         }
@@ -164,7 +170,10 @@ impl Plugin for Preemption {
                 }
             }
             if filters.check_cluster(cx, &what_if).is_ok() {
-                return Some((Placement { node: node.id, node_name: node.name.clone(), devices: Vec::new() }, victims.clone()));
+                return Some((
+                    Placement { node: node.id, node_name: node.name.clone(), devices: Vec::new() },
+                    victims.clone(),
+                ));
             }
             refused.push(cost.3);
         }

@@ -59,7 +59,8 @@ impl Plugin for TopologySpread {
             || spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()).is_some_and(|a| !a.required.is_empty());
         let mut constraints = Vec::new();
         for c in &spec.topology_spread_constraints {
-            let what = WorkloadMatch { selector: c.label_selector.clone(), namespaces: vec![w.namespace().to_string()] };
+            let what =
+                WorkloadMatch { selector: c.label_selector.clone(), namespaces: vec![w.namespace().to_string()] };
             let self_match = what.matches(w) as i64;
             let Some(topo) = snapshot.topology(&c.topology_key) else {
                 constraints.push(Constraint {
@@ -138,7 +139,11 @@ impl Plugin for TopologySpread {
         }
     }
     fn pre_score(&self, _: &Snapshot, w: &WorkloadInfo, _: &[u32]) -> Prepare {
-        let soft = w.spec().topology_spread_constraints.iter().any(|c| c.when_unsatisfiable == WhenUnsatisfiable::ScheduleAnyway);
+        let soft = w
+            .spec()
+            .topology_spread_constraints
+            .iter()
+            .any(|c| c.when_unsatisfiable == WhenUnsatisfiable::ScheduleAnyway);
         if soft { Prepare::Run(None) } else { Prepare::Skip }
     }
     fn score(&self, cx: &Ctx<'_>, node: &NodeInfo) -> i64 {
