@@ -14,13 +14,17 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, SamplingMode, Throughput, criterion_group};
+use criterion::{Criterion, SamplingMode, Throughput};
 use orch_core::kinds::{
     Affinity, AffinityTerm, Node, NodeAffinity, NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm,
     ResourceRequirements, TopologySpreadConstraint, WhenUnsatisfiable, Workload, WorkloadAffinity,
 };
 use orch_core::scheduler::core::OutcomeKind;
-use orch_core::{Framework, LabelSelector, Object, ObjectMeta, Quantity, SchedulingCore};
+use orch_core::{
+    Api, Cache, CacheConfig, Framework, LabelSelector, Object, ObjectMeta, Profile, Quantity, SchedulerService,
+    SchedulingCore, Store,
+};
+use orch_store::MemoryStore;
 
 const NODES: usize = 5_000;
 
@@ -282,10 +286,81 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The basic case end to end: workloads created in the in-memory store, scheduled by the
+/// [`SchedulerService`] and bound by compare-and-swap writes, timed until every one is bound.
+fn through_store(nodes: usize, workloads: usize) -> Duration {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async move {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().history_limit(200_000).build());
+        let node_api: Api<Node> = Api::all(store.clone());
+        for i in 0..nodes {
+            node_api.create(&node(i, &[])).await.expect("node");
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = tokio::spawn(SchedulerService::new(Profile::default_profile()).run(store.clone(), async {
+            let _ = stopped.await;
+        }));
+        let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+        let cache: Cache<Workload> = Cache::spawn(store.clone(), CacheConfig::default());
+        cache.ready().await;
+        let bound = |cache: &Cache<Workload>| cache.list().iter().filter(|w| w.spec.node_name.is_some()).count();
+        api.create(&(*object("warm-up".into(), workload("100m", "500Mi"), &[])).clone()).await.expect("create");
+        while bound(&cache) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let start = Instant::now();
+        for i in 0..workloads {
+            api.create(&(*object(format!("m-{i}"), workload("100m", "500Mi"), &[])).clone()).await.expect("create");
+        }
+        while bound(&cache) < workloads + 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let took = start.elapsed();
+        let _ = stop.send(());
+        let _ = service.await;
+        took
+    })
+}
+
+fn bench_store(c: &mut Criterion) {
+    let mut g = c.benchmark_group("scheduler_store");
+    g.sampling_mode(SamplingMode::Flat).sample_size(10).warm_up_time(Duration::from_millis(1));
+    g.measurement_time(Duration::from_secs(1));
+    let (nodes, workloads) = (NODES, 10_000);
+    g.throughput(Throughput::Elements(workloads as u64));
+    let mut times = Vec::new();
+    g.bench_function("SchedulingBasic through the memory store", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let took = through_store(nodes, workloads);
+                times.push(took);
+                total += took;
+            }
+            total
+        })
+    });
+    g.finish();
+    if !times.is_empty() {
+        times.sort();
+        let rate = workloads as f64 / times[times.len() / 2].as_secs_f64();
+        RESULTS.lock().expect("results").push((
+            "SchedulingBasic, created in and bound through the memory store",
+            rate,
+            810.0,
+            times.len(),
+        ));
+    }
+}
+
+// criterion_group! generates an undocumented function.
+#[allow(missing_docs)]
+mod group {
+    criterion::criterion_group!(benches, super::bench, super::bench_store);
+}
 
 fn main() {
-    benches();
+    group::benches();
     Criterion::default().configure_from_args().final_summary();
     let results = RESULTS.lock().expect("results");
     if !results.is_empty() {
