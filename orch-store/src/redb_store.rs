@@ -49,15 +49,19 @@ use crate::memory::{Change, MemoryStore, MemoryStoreBuilder, State};
 /// Store-wide counters: `format`, `revision`, `floor` (oldest revision kept in the log) and
 /// `next_lease`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("orch.meta");
-/// (kind, namespace, name) → the object as JSON.
-const OBJECTS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("orch.objects");
-/// (revision, index within the revision) → one change (see `encode_entry`).
-const LOG: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("orch.log");
+/// (kind, namespace, name) → (its resource version, the object as JSON). The version lets a load
+/// reuse the log's copy of the same state instead of decoding it twice.
+const OBJECTS: TableDefinition<(&str, &str, &str), (u64, &[u8])> = TableDefinition::new("orch.objects");
+/// (revision, index within the revision) → one change: (deleted, the resource version of the
+/// previous state or 0 for a create, the new state as JSON (for a delete, the final state stamped
+/// with the deletion revision), the previous state as JSON or nothing).
+const LOG: TableDefinition<(u64, u32), LogEntry> = TableDefinition::new("orch.log");
+type LogEntry = (bool, u64, &'static [u8], &'static [u8]);
 /// Lease id → its time to live in nanoseconds.
 const LEASES: TableDefinition<u64, u64> = TableDefinition::new("orch.leases");
 
 /// Version of the layout above, checked on open.
-const FORMAT: u64 = 1;
+const FORMAT: u64 = 2;
 /// The first bytes of every redb file (redb's file header), checked before redb sees the file so
 /// a foreign file is refused without being touched.
 const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
@@ -357,7 +361,9 @@ struct Loaded {
     leases: Leases,
 }
 
-/// Reads the whole store into the index; leases restart their TTL at `now`.
+/// Reads the whole store into the index; leases restart their TTL at `now`. Every stored state
+/// is decoded once (the objects table and the log share it) and decoding runs on every core: this
+/// is what bounds the time to reopen a large store.
 fn load(
     db: &impl ReadableDatabase,
     index: &MemoryStore,
@@ -379,23 +385,68 @@ fn load(
         let ttl = Duration::from_nanos(ttl.value());
         leases.insert(id.value(), ttl, now + ttl);
     }
-    let mut st = index.inner.write();
+
+    // The log: every change from the floor on, each state decoded once.
+    let mut log = Vec::new();
+    for entry in txn.open_table(LOG).map_err(|e| io(e.into()))?.range((floor, 0u32)..).map_err(|e| io(e.into()))? {
+        let (key, value) = entry.map_err(|e| io(e.into()))?;
+        let (deleted, prev_rv, object, prev) = value.value();
+        log.push((key.value().0, deleted, prev_rv, object.to_vec(), prev.to_vec()));
+    }
+    let decoded = decode_all(log.iter().map(|e| e.3.as_slice()));
+    let mut changes: Vec<Change> = Vec::with_capacity(log.len());
+    let mut at_revision: HashMap<u64, Vec<usize>> = HashMap::with_capacity(log.len());
+    for ((revision, deleted, prev_rv, _, prev_json), object) in log.iter().zip(decoded) {
+        let damaged = |e: BoxError| (format!("its log entry at revision {revision} is damaged"), Some(e));
+        let object = Arc::new(object.map_err(|e| damaged(Box::new(e)))?);
+        if object.metadata.resource_version != *revision {
+            return Err(damaged(format!("it holds resource version {}", object.metadata.resource_version).into()));
+        }
+        // The previous state is the object of an earlier entry when the log still has it.
+        let prev = match prev_rv {
+            0 => None,
+            rv => match find(&changes, &at_revision, *rv, &object) {
+                Some(p) => Some(p),
+                None => Some(Arc::new(decode_object(prev_json).map_err(|e| damaged(Box::new(e)))?)),
+            },
+        };
+        at_revision.entry(*revision).or_default().push(changes.len());
+        changes.push(Change { revision: *revision, object, prev, deleted: *deleted });
+    }
+    drop(log);
+
+    // Current objects: the log's copy when it has the same state, decoded otherwise.
+    let mut objects = Vec::new();
+    let mut missing = Vec::new();
     for entry in txn.open_table(OBJECTS).map_err(|e| io(e.into()))?.iter().map_err(|e| io(e.into()))? {
         let (key, value) = entry.map_err(|e| io(e.into()))?;
-        let obj = decode_object(value.value()).map_err(|e| {
-            let (kind, ns, name) = key.value();
-            (format!("its record of {kind} {ns}/{name} is damaged"), Some(Box::new(e) as BoxError))
-        })?;
+        let (kind, namespace, name) = key.value();
+        let (rv, json) = value.value();
+        let logged = at_revision
+            .get(&rv)
+            .into_iter()
+            .flatten()
+            .map(|&i| &changes[i].object)
+            .find(|o| o.kind == kind && o.metadata.namespace == namespace && o.metadata.name == name);
+        match logged {
+            Some(o) => objects.push(o.clone()),
+            None => missing.push((format!("{kind} {namespace}/{name}"), json.to_vec())),
+        }
+    }
+    for ((what, _), obj) in missing.iter().zip(decode_all(missing.iter().map(|m| m.1.as_slice()))) {
+        let obj = obj.map_err(|e| (format!("its record of {what} is damaged"), Some(Box::new(e) as BoxError)))?;
+        objects.push(Arc::new(obj));
+    }
+    drop(missing);
+
+    let mut st = index.inner.write();
+    for obj in objects {
         if let Some(lease) = obj.metadata.lease.and_then(|id| leases.live.get_mut(&id)) {
             lease.keys.insert(obj.key());
         }
-        st.restore(Arc::new(obj));
+        st.restore(obj);
     }
-    for entry in txn.open_table(LOG).map_err(|e| io(e.into()))?.range((floor, 0u32)..).map_err(|e| io(e.into()))? {
-        let (key, value) = entry.map_err(|e| io(e.into()))?;
-        let revision = key.value().0;
-        let change = decode_entry(revision, value.value())
-            .map_err(|e| (format!("its log entry at revision {revision} is damaged"), Some(e)))?;
+    for change in changes {
         st.record(change, false);
     }
     st.revision = revision;
@@ -404,31 +455,44 @@ fn load(
     Ok(Loaded { floor: st.floor, next_lease, leases })
 }
 
+/// The object of the change at `revision` to the same key as `like`, if the log has it.
+fn find(
+    changes: &[Change],
+    at_revision: &HashMap<u64, Vec<usize>>,
+    revision: u64,
+    like: &DynamicObject,
+) -> Option<Arc<DynamicObject>> {
+    let same = |o: &DynamicObject| {
+        o.kind == like.kind && o.metadata.namespace == like.metadata.namespace && o.metadata.name == like.metadata.name
+    };
+    at_revision
+        .get(&revision)?
+        .iter()
+        .map(|&i| &changes[i])
+        .find(|c| !c.deleted && same(&c.object))
+        .map(|c| c.object.clone())
+}
+
 fn decode_object(bytes: &[u8]) -> serde_json::Result<DynamicObject> {
     serde_json::from_slice(bytes)
 }
 
-/// A log entry: a flag byte (bit 0: deleted, bit 1: has a previous state), the length of the
-/// object's JSON as 4 little-endian bytes, the object's JSON, then the previous state's JSON.
-fn encode_entry(object: &[u8], prev: Option<&[u8]>, deleted: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + object.len() + prev.map_or(0, <[u8]>::len));
-    out.push(u8::from(deleted) | (u8::from(prev.is_some()) << 1));
-    out.extend_from_slice(&(object.len() as u32).to_le_bytes());
-    out.extend_from_slice(object);
-    out.extend_from_slice(prev.unwrap_or_default());
-    out
-}
-
-fn decode_entry(revision: u64, bytes: &[u8]) -> std::result::Result<Change, BoxError> {
-    let (&flags, rest) = bytes.split_first().ok_or("empty entry")?;
-    let (len, rest) = rest.split_first_chunk::<4>().ok_or("truncated entry")?;
-    let (object, prev) = rest.split_at_checked(u32::from_le_bytes(*len) as usize).ok_or("truncated entry")?;
-    let object = Arc::new(decode_object(object)?);
-    let prev = if flags & 2 != 0 { Some(Arc::new(decode_object(prev)?)) } else { None };
-    if object.metadata.resource_version != revision {
-        return Err(format!("the object has resource version {}", object.metadata.resource_version).into());
+/// Decodes many objects on every available core, in order.
+fn decode_all<'a>(bodies: impl Iterator<Item = &'a [u8]>) -> Vec<serde_json::Result<DynamicObject>> {
+    let bodies: Vec<&[u8]> = bodies.collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+    if threads == 1 || bodies.len() < 2048 {
+        return bodies.into_iter().map(decode_object).collect();
     }
-    Ok(Change { revision, object, prev, deleted: flags & 1 != 0 })
+    let chunk = bodies.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = bodies
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(|b| decode_object(b)).collect::<Vec<_>>()))
+            .collect();
+        // A panic while decoding is passed on to the open, which turns it into an error.
+        parts.into_iter().flat_map(|p| p.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
 }
 
 /// A [`Store`] in one file on local disk, durable across crashes: the default backend.
@@ -962,10 +1026,14 @@ impl Writer {
                 if c.deleted {
                     objects.remove(key)?;
                 } else {
-                    objects.insert(key, body.as_slice())?;
+                    objects.insert(key, (c.revision, body.as_slice()))?;
                 }
                 let prev = c.prev.as_deref().map(serde_json::to_vec).transpose()?;
-                log.insert((c.revision, seq), encode_entry(&body, prev.as_deref(), c.deleted).as_slice())?;
+                let prev_rv = c.prev.as_ref().map_or(0, |p| p.metadata.resource_version);
+                log.insert(
+                    (c.revision, seq),
+                    (c.deleted, prev_rv, body.as_slice(), prev.as_deref().unwrap_or_default()),
+                )?;
             }
             let mut meta = txn.open_table(META)?;
             if floor > self.floor {
