@@ -17,8 +17,8 @@ use orch_core::kinds::{ConditionStatus, ContainerState, Phase, Resources, Restar
 use orch_core::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 use orch_core::runtime::LogOptions;
 use orch_core::{
-    Agent, AgentConfig, Api, Error, ListParams, Manager, Object, ObjectMeta, Profile, Quantity, Runtime,
-    SchedulerService, Store,
+    Agent, AgentConfig, Api, ListParams, Manager, Object, ObjectMeta, Profile, Quantity, Runtime, SchedulerService,
+    Store,
 };
 use orch_runtime::ProcessRuntime;
 use orch_store::RedbStore;
@@ -94,14 +94,6 @@ fn chosen_data_dir() -> Option<std::path::PathBuf> {
     std::env::var_os("ORCH_DATA_DIR").filter(|d| !d.is_empty()).map(Into::into)
 }
 
-/// Creates a workload, or keeps the one an earlier run with the same data directory declared.
-async fn declare(api: &Api<Workload>, w: &Object<Workload>) -> Result<(), Error> {
-    match api.create(w).await {
-        Err(Error::AlreadyExists(_)) => Ok(()),
-        other => other.map(drop),
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("orch-control-plane-{}", std::process::id()));
@@ -114,6 +106,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         data_dir.display(),
         dir.display()
     );
+    // A data directory used before: show that the store remembers, and leave it as it is.
+    let remembered = Api::<Workload>::namespaced(store.clone(), "default").list(&ListParams::default()).await?.items;
+    if !remembered.is_empty() {
+        println!("\nthe store remembers {} workloads from an earlier run:", remembered.len());
+        for w in &remembered {
+            let node = w.spec.node_name.as_deref().unwrap_or("-");
+            println!(
+                "  {:8} node={node:7} phase={:?} restarts={}",
+                w.metadata.name, w.status.phase, w.status.restart_count
+            );
+        }
+        println!("(run without --data-dir, or with a new one, for the whole demo)");
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(());
+    }
 
     // The controllers.
     let mut manager = Manager::new(store.clone());
@@ -145,10 +152,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("\ndeclaring workloads");
     let ticker =
         workload("ticker", "while true; do echo tick $(date +%s); sleep 0.3; done", "500m", RestartPolicy::Always);
-    declare(&api, &ticker).await?;
-    declare(&api, &workload("sleeper", "sleep 300", "500m", RestartPolicy::Always)).await?;
-    declare(&api, &workload("batch", "echo computing; sleep 0.5; echo done", "250m", RestartPolicy::OnFailure)).await?;
-    declare(&api, &workload("too-big", "sleep 1", "8", RestartPolicy::Always)).await?;
+    api.create(&ticker).await?;
+    api.create(&workload("sleeper", "sleep 300", "500m", RestartPolicy::Always)).await?;
+    api.create(&workload("batch", "echo computing; sleep 0.5; echo done", "250m", RestartPolicy::OnFailure)).await?;
+    api.create(&workload("too-big", "sleep 1", "8", RestartPolicy::Always)).await?;
     let mut bad = workload("bad", "true", "1", RestartPolicy::Always);
     bad.spec.containers[0].resources.requests.insert(resource::MEMORY.into(), "-1Gi".parse()?);
     if let Err(e) = api.create(&bad).await {
