@@ -11,7 +11,7 @@
 //!   not per write. A write is answered only after its batch is durable, so every acknowledged
 //!   write survives a crash, and throughput grows with the number of concurrent writers.
 //! - **Reads from memory.** Current objects and the recent log live in an in-memory index (the
-//!   one [`MemoryStore`](crate::MemoryStore) uses), updated after each commit. Gets, lists at
+//!   one [`MemoryStore`] uses), updated after each commit. Gets, lists at
 //!   past revisions and watches never touch the disk; watches replay from the log after a
 //!   restart, and history beyond the limit (or a [`compact`](Store::compact)) is trimmed from
 //!   the file in the next commit, after which older revisions answer `Compacted`.
