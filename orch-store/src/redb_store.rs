@@ -30,6 +30,7 @@ use std::fmt;
 use std::io::Read;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -114,7 +115,8 @@ impl RedbStoreBuilder {
     /// writing is opened read-only (see [`RedbStore::is_read_only`]).
     ///
     /// Inside a tokio runtime a background task expires leases on time; without one, due leases
-    /// expire with the next write.
+    /// expire with the next write. Use a real-time runtime: commits happen on the store's own
+    /// thread, and a paused tokio clock jumps ahead (expiring leases early) while it waits for one.
     pub fn open(self, path: impl AsRef<Path>) -> Result<RedbStore> {
         let path = path.as_ref();
         guard_panics(&path.display().to_string(), || self.open_file(path))
@@ -204,8 +206,12 @@ impl RedbStoreBuilder {
             Db::ReadOnly(db) => load(db, &index, now),
         }
         .map_err(|(reason, source)| unavailable(reason, source))?;
-        let shared =
-            Arc::new(Shared { index, leases: Mutex::new(loaded.leases), lease_changed: Arc::new(Notify::new()) });
+        let shared = Arc::new(Shared {
+            index,
+            leases: Mutex::new(loaded.leases),
+            lease_changed: Arc::new(Notify::new()),
+            commits: AtomicU64::new(0),
+        });
         let (tx, writer) = match db {
             Db::Writable(db) => {
                 let (tx, rx) = mpsc::channel();
@@ -544,6 +550,8 @@ struct Shared {
     leases: Mutex<Leases>,
     /// Wakes the lease expiry task when a lease is granted.
     lease_changed: Arc<Notify>,
+    /// Durable commits made since the store was opened.
+    commits: AtomicU64,
 }
 
 impl Shared {
@@ -956,6 +964,7 @@ impl Writer {
             }
             self.floor = self.floor.max(floor);
             self.next_lease = next_lease;
+            shared.commits.fetch_add(1, Ordering::Relaxed);
         }
 
         // Durable: publish to readers, then answer.
@@ -1120,6 +1129,12 @@ impl RedbStore {
     /// Number of objects stored (all kinds).
     pub fn len(&self) -> usize {
         self.inner.shared.index.len()
+    }
+
+    /// Durable commits (one fsync each) made since the store was opened: fewer than the writes
+    /// when concurrent writers shared commits.
+    pub fn commits(&self) -> u64 {
+        self.inner.shared.commits.load(Ordering::Relaxed)
     }
 
     /// True when no object is stored.

@@ -488,3 +488,28 @@ proptest::proptest! {
         });
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_share_commits() {
+    let s = RedbStore::open(fresh("group-commit")).unwrap();
+    s.create(thing("first", serde_json::json!(0)), &w()).await.unwrap();
+    assert_eq!(s.commits(), 1, "one write alone is one commit");
+    let writes = 64 * 20;
+    let tasks: Vec<_> = (0..64)
+        .map(|t| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for i in 0..20 {
+                    s.create(thing(&format!("t{t}-{i}"), serde_json::json!(i)), &w()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let commits = s.commits() - 1;
+    eprintln!("{writes} concurrent writes in {commits} commits");
+    assert_eq!(s.current_revision().await.unwrap(), writes + 1);
+    assert!(commits * 4 <= writes, "{writes} concurrent writes took {commits} commits: they should share them");
+}
