@@ -182,6 +182,23 @@ pub enum RuntimeError {
     },
 }
 
+/// Checks an instance id the way every backend must accept it: 1-255 of `a-z`, `0-9`, `-`, `.`,
+/// `_`, not starting with `.` (so it is safe as a file name, a container name, a label value).
+pub fn check_instance_id(id: &str) -> Result<(), RuntimeError> {
+    let ok = !id.is_empty()
+        && id.len() <= 255
+        && !id.starts_with('.')
+        && id.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RuntimeError::invalid(
+            "id",
+            format!("{id:?} must be 1-255 of a-z, 0-9, '-', '.', '_', not starting with '.'"),
+        ))
+    }
+}
+
 impl RuntimeError {
     /// An `InvalidSpec` error.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {

@@ -141,18 +141,7 @@ impl ProcessRuntime {
 }
 
 fn check_id(id: &str) -> Result<(), RuntimeError> {
-    let ok = !id.is_empty()
-        && id.len() <= 255
-        && !id.starts_with('.')
-        && id.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.' | b'_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(RuntimeError::invalid(
-            "id",
-            format!("{id:?} must be 1-255 of a-z, 0-9, '-', '.', '_', not starting with '.'"),
-        ))
-    }
+    orch_core::runtime::check_instance_id(id)
 }
 
 /// The start time (field 22 of `/proc/<pid>/stat`) of a live, non-zombie process.

@@ -28,8 +28,11 @@ const HANDLE_VERSION: u32 = 1;
 /// How a simulated instance behaves, from its container's environment:
 /// `SIM_START_DELAY` and `SIM_RUN` in seconds (`SIM_RUN` absent: runs until stopped),
 /// `SIM_EXIT_CODE` (default 0), `SIM_IGNORE_TERM=1` (only a kill stops it), `SIM_JITTER` (a
-/// fraction: delay and run time vary by up to this much, the same for the same instance id).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// fraction: delay and run time vary by up to this much, the same for the same instance id),
+/// `SIM_STDOUT` and `SIM_STDERR` (lines it prints, separated by newlines; `$NAME` and `${NAME}`
+/// expand from its environment, `$PWD` to its working directory) and `SIM_LINE_INTERVAL`
+/// (seconds between lines; line `k` of each stream comes `k` intervals after it starts running).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Behaviour {
     /// Time from start until it runs.
     pub start_delay: Duration,
@@ -39,6 +42,52 @@ pub struct Behaviour {
     pub exit_code: i32,
     /// It ignores the polite stop signal, so a stop waits out the grace period and kills it.
     pub ignores_term: bool,
+    /// Lines it prints on stdout.
+    pub stdout: Vec<String>,
+    /// Lines it prints on stderr.
+    pub stderr: Vec<String>,
+    /// Time between two lines of one stream.
+    pub line_interval: Duration,
+}
+
+/// Expands `$NAME`, `${NAME}` and `$PWD` in a declared output line.
+fn expand(line: &str, spec: &InstanceSpec) -> String {
+    let lookup = |name: &str| -> String {
+        if name == "PWD" {
+            return spec.container.working_dir.clone().unwrap_or_else(|| "/".into());
+        }
+        spec.container.env.iter().find(|e| e.name == name).map(|e| e.value.clone()).unwrap_or_default()
+    };
+    let mut out = String::new();
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let braced = chars.peek() == Some(&'{');
+        if braced {
+            chars.next();
+        }
+        let mut name = String::new();
+        while let Some(&n) = chars.peek() {
+            if n.is_ascii_alphanumeric() || n == '_' {
+                name.push(n);
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        if braced && chars.peek() == Some(&'}') {
+            chars.next();
+        }
+        if name.is_empty() {
+            out.push('$');
+        } else {
+            out.push_str(&lookup(&name));
+        }
+    }
+    out
 }
 
 impl Behaviour {
@@ -70,11 +119,17 @@ impl Behaviour {
             })?,
             None => 0,
         };
+        let lines = |name: &str| -> Vec<String> {
+            env(name).map(|v| v.split('\n').map(|l| expand(l, spec)).collect()).unwrap_or_default()
+        };
         Ok(Behaviour {
             start_delay: dur(secs("SIM_START_DELAY")?.unwrap_or(0.0)),
             run_for: secs("SIM_RUN")?.map(dur),
             exit_code,
             ignores_term: matches!(env("SIM_IGNORE_TERM"), Some("1" | "true")),
+            stdout: lines("SIM_STDOUT"),
+            stderr: lines("SIM_STDERR"),
+            line_interval: Duration::from_secs_f64(secs("SIM_LINE_INTERVAL")?.unwrap_or(0.0)),
         })
     }
 }
@@ -85,7 +140,40 @@ struct Instance {
     started: Instant,
     started_at: Timestamp,
     exit: Option<ExitStatus>,
+    /// When it exited, on the runtime's clock.
+    exited: Option<Instant>,
     changed: Arc<Notify>,
+}
+
+impl Instance {
+    /// Its output as printed so far: (when, stream, line), in order.
+    fn output(&self, now: Instant) -> Vec<(Instant, LogStream, String)> {
+        let b = &self.behaviour;
+        let until = self.exited.map_or(now, |e| e.min(now));
+        let at = |k: usize| self.started + b.start_delay + b.line_interval * k as u32;
+        let mut lines = Vec::new();
+        for k in 0..b.stdout.len().max(b.stderr.len()) {
+            for (stream, source) in [(LogStream::Stdout, &b.stdout), (LogStream::Stderr, &b.stderr)] {
+                if let Some(l) = source.get(k) {
+                    if at(k) <= until {
+                        lines.push((at(k), stream, l.clone()));
+                    }
+                }
+            }
+        }
+        lines
+    }
+
+    /// When the next line comes, if any is still to come.
+    fn next_line_at(&self, printed: usize) -> Option<Instant> {
+        let b = &self.behaviour;
+        (0..b.stdout.len().max(b.stderr.len()))
+            .flat_map(|k| {
+                let at = self.started + b.start_delay + b.line_interval * k as u32;
+                (k < b.stdout.len()).then_some(at).into_iter().chain((k < b.stderr.len()).then_some(at))
+            })
+            .nth(printed)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -187,7 +275,7 @@ impl SimulatedRuntime {
         if down {
             return Ok((InstanceState::Lost, None, inst.changed.clone()));
         }
-        let b = inst.behaviour;
+        let b = &inst.behaviour;
         let exits_at = b.run_for.map(|r| inst.started + b.start_delay + r);
         if inst.exit.is_none() && exits_at.is_some_and(|t| t <= Instant::now()) {
             let after = b.start_delay + b.run_for.unwrap_or_default();
@@ -197,12 +285,30 @@ impl SimulatedRuntime {
                 oom_killed: false,
                 finished_at: inst.started_at.plus(after),
             });
+            inst.exited = exits_at;
         }
         let state = match inst.exit {
             Some(e) => InstanceState::Exited(e),
-            None => InstanceState::Running { started_at: inst.started_at.plus(b.start_delay) },
+            None => InstanceState::Running { started_at: inst.started_at.plus(inst.behaviour.start_delay) },
         };
         Ok((state, exits_at, inst.changed.clone()))
+    }
+
+    /// Output printed so far (settling an exit first).
+    fn printed(&self, handle: &Handle) -> Result<Vec<(Instant, LogStream, String)>, RuntimeError> {
+        self.state(handle)?;
+        let st = self.cluster.lock();
+        let inst = st
+            .instances
+            .get(&self.node)
+            .and_then(|m| m.get(&handle.id))
+            .ok_or_else(|| RuntimeError::NotFound(handle.id.clone()))?;
+        Ok(inst.output(Instant::now()))
+    }
+
+    fn next_line_at(&self, handle: &Handle, printed: usize) -> Option<Instant> {
+        let st = self.cluster.lock();
+        st.instances.get(&self.node).and_then(|m| m.get(&handle.id)).and_then(|i| i.next_line_at(printed))
     }
 
     fn end(&self, id: &str, signal: i32) {
@@ -211,6 +317,7 @@ impl SimulatedRuntime {
         if let Some(inst) = st.instances.get_mut(&self.node).and_then(|m| m.get_mut(id)) {
             if inst.exit.is_none() {
                 inst.exit = Some(ExitStatus { code: None, signal: Some(signal), oom_killed: false, finished_at: now });
+                inst.exited = Some(Instant::now());
                 inst.changed.notify_waiters();
             }
         }
@@ -229,9 +336,7 @@ impl Runtime for SimulatedRuntime {
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Handle, RuntimeError> {
-        if spec.id.is_empty() {
-            return Err(RuntimeError::invalid("id", "must not be empty"));
-        }
+        orch_core::runtime::check_instance_id(&spec.id)?;
         if spec.container.command.is_empty() && spec.container.image.as_deref().is_none_or(str::is_empty) {
             return Err(RuntimeError::invalid("container.command", "an image or a command is required"));
         }
@@ -255,6 +360,7 @@ impl Runtime for SimulatedRuntime {
                 started: Instant::now(),
                 started_at: self.clock.now(),
                 exit: None,
+                exited: None,
                 changed: Arc::new(Notify::new()),
             },
         );
@@ -353,16 +459,67 @@ impl Runtime for SimulatedRuntime {
 
     async fn logs(&self, handle: &Handle, options: LogOptions) -> Result<BoxStream<'static, LogLine>, RuntimeError> {
         let (state, _, _) = self.state(handle)?;
-        let mut lines =
-            vec![LogLine { stream: LogStream::Stdout, line: format!("simulated instance {} started", handle.id) }];
-        if let InstanceState::Exited(e) = state {
-            lines.push(LogLine {
-                stream: LogStream::Stderr,
-                line: format!("exited: code {:?}, signal {:?}", e.code, e.signal),
-            });
+        let declared = {
+            let st = self.cluster.lock();
+            st.instances
+                .get(&self.node)
+                .and_then(|m| m.get(&handle.id))
+                .is_some_and(|i| !i.behaviour.stdout.is_empty() || !i.behaviour.stderr.is_empty())
+        };
+        if !declared {
+            // Nothing declared: a line for the start and one for the exit.
+            let mut lines =
+                vec![LogLine { stream: LogStream::Stdout, line: format!("simulated instance {} started", handle.id) }];
+            if let InstanceState::Exited(e) = state {
+                lines.push(LogLine {
+                    stream: LogStream::Stderr,
+                    line: format!("exited: code {:?}, signal {:?}", e.code, e.signal),
+                });
+            }
+            let skip = options.tail.map_or(0, |n| lines.len().saturating_sub(n));
+            return Ok(futures::stream::iter(lines.into_iter().skip(skip)).boxed());
         }
-        let skip = options.tail.map_or(0, |n| lines.len().saturating_sub(n));
-        Ok(futures::stream::iter(lines.into_iter().skip(skip)).boxed())
+        let printed = self.printed(handle)?;
+        // The tail counts per stream, as a file per stream would.
+        let mut first: Vec<LogLine> = Vec::new();
+        for stream in [LogStream::Stdout, LogStream::Stderr] {
+            let mine: Vec<&(Instant, LogStream, String)> = printed.iter().filter(|l| l.1 == stream).collect();
+            let skip = options.tail.map_or(0, |n| mine.len().saturating_sub(n));
+            first.extend(mine.into_iter().skip(skip).map(|l| LogLine { stream, line: l.2.clone() }));
+        }
+        if !options.follow {
+            return Ok(futures::stream::iter(first).boxed());
+        }
+        // Follow: what is printed from now on, until the instance exits (or goes away).
+        let this = self.clone();
+        let handle = handle.clone();
+        let rest = futures::stream::unfold((this, handle, printed.len()), |(this, handle, seen)| async move {
+            loop {
+                let printed = this.printed(&handle).ok()?;
+                if let Some(l) = printed.get(seen) {
+                    let line = LogLine { stream: l.1, line: l.2.clone() };
+                    return Some((line, (this, handle, seen + 1)));
+                }
+                let (state, exits_at, changed) = this.state(&handle).ok()?;
+                if !matches!(state, InstanceState::Running { .. }) {
+                    return None;
+                }
+                let notified = changed.notified();
+                // Wake for the next line or the natural exit, whichever comes first.
+                let next = match (this.next_line_at(&handle, seen), exits_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                match next {
+                    Some(t) => tokio::select! {
+                        _ = tokio::time::sleep_until(t) => {}
+                        _ = notified => {}
+                    },
+                    None => notified.await,
+                }
+            }
+        });
+        Ok(futures::stream::iter(first).chain(rest).boxed())
     }
 
     async fn recover(&self, handle: &Handle) -> Result<InstanceState, RuntimeError> {

@@ -27,6 +27,40 @@ impl Fixture {
     pub fn host_shell() -> Self {
         Fixture { shell: vec!["/bin/sh".into(), "-c".into()], image: None }
     }
+
+    /// For backends that run no programs (the simulated runtime): each case's instance is
+    /// described by the `SIM_*` environment that makes a simulated instance behave like the
+    /// case's shell snippet (exit code, run time, output, ignoring the polite signal). An empty
+    /// `shell` is what selects this.
+    pub fn simulated() -> Self {
+        Fixture { shell: Vec::new(), image: Some("sim".into()) }
+    }
+
+    /// Whether the backend runs real programs (with a real filesystem).
+    pub fn runs_programs(&self) -> bool {
+        !self.shell.is_empty()
+    }
+}
+
+/// The `SIM_*` environment equivalent to each of the suite's snippets.
+fn simulated_env(script: &str) -> Vec<(&'static str, &'static str)> {
+    match script {
+        "exit 3" => vec![("SIM_RUN", "0"), ("SIM_EXIT_CODE", "3")],
+        "exit 7" => vec![("SIM_RUN", "0"), ("SIM_EXIT_CODE", "7")],
+        "true" | "" => vec![("SIM_RUN", "0")],
+        "sleep 60" => vec![("SIM_RUN", "60")],
+        "trap '' TERM; echo ready; while true; do sleep 0.05; done" => {
+            vec![("SIM_STDOUT", "ready"), ("SIM_IGNORE_TERM", "1")]
+        }
+        "echo out1; echo err1 >&2; echo out2; echo err2 >&2" => {
+            vec![("SIM_STDOUT", "out1\nout2"), ("SIM_STDERR", "err1\nerr2"), ("SIM_RUN", "0")]
+        }
+        "for i in 1 2 3 4; do echo tick$i; sleep 0.2; done" => {
+            vec![("SIM_STDOUT", "tick1\ntick2\ntick3\ntick4"), ("SIM_LINE_INTERVAL", "0.2"), ("SIM_RUN", "0.8")]
+        }
+        "echo \"$GREETING\"; pwd" => vec![("SIM_STDOUT", "$GREETING\n$PWD"), ("SIM_RUN", "0")],
+        other => panic!("the runtime suite has no simulated form of {other:?}"),
+    }
 }
 
 /// Makes runtime handles over one shared state: calling it twice in a case is how the suite
@@ -121,11 +155,20 @@ macro_rules! __runtime_case_tests {
 // ---------------------------------------------------------------------------------------------
 
 fn spec(fx: &Fixture, id: &str, script: &str) -> InstanceSpec {
-    let mut command = fx.shell.clone();
-    command.push(script.to_string());
+    let (command, env) = if fx.runs_programs() {
+        let mut command = fx.shell.clone();
+        command.push(script.to_string());
+        (command, Vec::new())
+    } else {
+        let env = simulated_env(script)
+            .into_iter()
+            .map(|(name, value)| EnvVar { name: name.into(), value: value.into() })
+            .collect();
+        (vec!["sim".to_string()], env)
+    };
     InstanceSpec {
         id: id.to_string(),
-        container: Container { name: "main".into(), image: fx.image.clone(), command, ..Default::default() },
+        container: Container { name: "main".into(), image: fx.image.clone(), command, env, ..Default::default() },
         volumes: Vec::new(),
         labels: Default::default(),
     }
@@ -231,7 +274,7 @@ async fn logs_follow_until_exit(f: Factory, fx: Fixture) {
 async fn env_and_working_dir_are_applied(f: Factory, fx: Fixture) {
     let rt = f();
     let mut s = spec(&fx, "env", "echo \"$GREETING\"; pwd");
-    s.container.env = vec![EnvVar { name: "GREETING".into(), value: "hello there".into() }];
+    s.container.env.push(EnvVar { name: "GREETING".into(), value: "hello there".into() });
     s.container.working_dir = Some("/tmp".into());
     let h = rt.start(&s).await.unwrap();
     wait(&*rt, &h).await;
@@ -284,13 +327,15 @@ async fn bad_specs_are_refused(f: Factory, fx: Fixture) {
     nothing.container.command.clear();
     nothing.container.image = None;
     assert!(field(rt.start(&nothing).await.unwrap_err()).starts_with("container."));
-    let mut missing_dir = spec(&fx, "missing-dir", "true");
-    missing_dir.container.working_dir = Some("/no/such/dir/orch-test".into());
-    let e = rt.start(&missing_dir).await;
-    // A backend may refuse it up front or fail the instance; it must not succeed silently.
-    match e {
-        Err(e) => assert_eq!(field(e), "container.workingDir"),
-        Ok(h) => assert!(!wait(&*rt, &h).await.success()),
+    if fx.runs_programs() {
+        let mut missing_dir = spec(&fx, "missing-dir", "true");
+        missing_dir.container.working_dir = Some("/no/such/dir/orch-test".into());
+        let e = rt.start(&missing_dir).await;
+        // A backend may refuse it up front or fail the instance; it must not succeed silently.
+        match e {
+            Err(e) => assert_eq!(field(e), "container.workingDir"),
+            Ok(h) => assert!(!wait(&*rt, &h).await.success()),
+        }
     }
     rt.stop(&taken, Duration::from_secs(5)).await.unwrap();
 }
