@@ -21,6 +21,8 @@ e=$!
 echo $e >"$ORCH_ETCD_PID.tmp" && mv "$ORCH_ETCD_PID.tmp" "$ORCH_ETCD_PID"
 while kill -0 "$ORCH_ETCD_PARENT" 2>/dev/null && kill -0 $e 2>/dev/null; do sleep 0.3; done
 kill -9 $e 2>/dev/null
+# The test process died without cleaning up: remove the data for it.
+kill -0 "$ORCH_ETCD_PARENT" 2>/dev/null || rm -rf "$ORCH_ETCD_DIR"
 "#;
 
 /// One or more etcd members on loopback, removed (processes and data) on drop.
@@ -189,6 +191,7 @@ impl LocalEtcd {
             .env("ORCH_ETCD_LOG", self.dir.join(format!("{}.log", m.name)))
             .env("ORCH_ETCD_PID", &pid_file)
             .env("ORCH_ETCD_PARENT", std::process::id().to_string())
+            .env("ORCH_ETCD_DIR", &self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -12,7 +12,7 @@
 //! | list at a revision, pages | ranges read at one revision; every page at the first page's revision |
 //! | label and field selectors | filtered here, on the decoded objects (etcd only knows keys) |
 //! | watch from R | an etcd watch from R with previous values, re-opened from the last delivered revision whenever the connection drops |
-//! | `Progress` | etcd progress requests, each confirmed by the next one (see [`WatchRequest::progress_interval`]) |
+//! | `Progress` | etcd progress requests, reported once the watch has stayed quiet a moment longer (see `ProgressState` in the source) |
 //! | compaction, `Compacted` | etcd compaction; its "required revision has been compacted" answers |
 //! | leases | etcd leases (whole seconds, at least etcd's minimum TTL); one keep-alive round trip per [`Store::keep_alive`] |
 //!
@@ -858,16 +858,24 @@ impl EtcdStore {
 
 /// Where a watch stands with progress notifications.
 ///
-/// etcd before 3.5 answers a progress request out of band: the answer may overtake events it
-/// already counts. So a revision from one answer is only reported once the answer to a later
-/// request has come back, by which time etcd has sent everything the first one counted.
+/// etcd before 3.5 answers a progress request out of band, with its current revision, even
+/// while the watch is still catching up from an older revision or has events queued: the answer
+/// can overtake events it counts. So an answer's revision is only reported after the watch has
+/// then stayed quiet for [`CONFIRM_QUIET`] (catch-up batches come every 100 ms), and any event
+/// in between cancels it. The watch's own position (`next`) only ever moves with events, so even
+/// a wrong guess would never make it skip one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ProgressState {
-    /// No request out.
+    /// Nothing asked.
     Idle,
-    /// A request is out; `confirms` is the revision of the previous answer, if any.
-    Requested { confirms: Option<u64> },
+    /// A request is out since then.
+    Asked { since: Instant },
+    /// etcd answered `revision` at `at`; it is reported if nothing arrives until `at + CONFIRM_QUIET`.
+    Candidate { revision: u64, at: Instant },
 }
+
+/// How long a watch must stay quiet after a progress answer before it is reported.
+const CONFIRM_QUIET: Duration = Duration::from_millis(500);
 
 /// One watch: an etcd watch on the selection's key range, re-opened from the next revision
 /// to deliver whenever the connection drops.
@@ -937,18 +945,12 @@ impl Watch {
             // A progress answer: everything up to its revision has been sent, except what an
             // older etcd let it overtake (see `ProgressState`).
             let revision = resp.header().map(|h| to_u64(h.revision())).unwrap_or_default();
-            if let ProgressState::Requested { confirms } = self.progress {
-                if let Some(confirmed) = confirms {
-                    let at = confirmed.max(self.next.saturating_sub(1));
-                    self.next = self.next.max(at + 1);
-                    self.buffer.push_back(WatchEvent::Progress(at));
-                    self.progress = ProgressState::Idle;
-                } else {
-                    self.progress = ProgressState::Requested { confirms: Some(revision) };
-                }
+            if let ProgressState::Asked { .. } = self.progress {
+                self.progress = ProgressState::Candidate { revision, at: Instant::now() };
             }
             return Ok(());
         }
+        self.progress = ProgressState::Idle;
         let mut last = None;
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
@@ -1031,17 +1033,22 @@ impl Watch {
                 Some(interval) => {
                     let due = match self.progress {
                         ProgressState::Idle => self.last_sent + interval,
-                        // An answer that never comes: ask again after another interval.
-                        ProgressState::Requested { .. } => Instant::now() + interval,
+                        // An answer that never came: ask again.
+                        ProgressState::Asked { since } => since + interval,
+                        ProgressState::Candidate { at, .. } => at + CONFIRM_QUIET,
                     };
                     let stream = self.stream.as_mut()?;
                     match tokio::time::timeout_at(due, stream.message()).await {
                         Ok(m) => m,
                         Err(_) => {
-                            if stream.request_progress().await.is_err() {
+                            if let ProgressState::Candidate { revision, .. } = self.progress {
+                                let at = revision.max(self.next.saturating_sub(1));
+                                self.buffer.push_back(WatchEvent::Progress(at));
+                                self.progress = ProgressState::Idle;
+                            } else if stream.request_progress().await.is_err() {
                                 self.stream = None;
-                            } else if self.progress == ProgressState::Idle {
-                                self.progress = ProgressState::Requested { confirms: None };
+                            } else {
+                                self.progress = ProgressState::Asked { since: Instant::now() };
                             }
                             continue;
                         }
@@ -1049,7 +1056,6 @@ impl Watch {
                 }
                 None => self.stream.as_mut()?.message().await,
             };
-            let was_requested = matches!(self.progress, ProgressState::Requested { confirms: None });
             match message {
                 Ok(Some(resp)) => {
                     if let Err(e) = self.take(resp) {
@@ -1059,15 +1065,6 @@ impl Watch {
                         }
                         tracing::debug!(error = %e, "etcd watch: re-opening");
                         self.stream = None;
-                        continue;
-                    }
-                    // The first answer is in: ask again at once to confirm it.
-                    if was_requested && matches!(self.progress, ProgressState::Requested { confirms: Some(_) }) {
-                        if let Some(s) = self.stream.as_mut() {
-                            if s.request_progress().await.is_err() {
-                                self.stream = None;
-                            }
-                        }
                     }
                 }
                 Ok(None) | Err(_) => {
