@@ -75,11 +75,17 @@ pub struct RedbStoreBuilder {
     history_limit: usize,
     clock: Arc<dyn Clock>,
     read_only: bool,
+    cache_size: usize,
 }
 
 impl Default for RedbStoreBuilder {
     fn default() -> Self {
-        RedbStoreBuilder { history_limit: 100_000, clock: Arc::new(SystemClock), read_only: false }
+        RedbStoreBuilder {
+            history_limit: 100_000,
+            clock: Arc::new(SystemClock),
+            read_only: false,
+            cache_size: 64 << 20,
+        }
     }
 }
 
@@ -94,6 +100,14 @@ impl RedbStoreBuilder {
     /// The clock for creation and deletion timestamps (default: the system clock).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Bytes of redb's page cache (default 64 MiB). Reads are served from the store's own
+    /// in-memory index, so redb's cache only speeds up the B-tree pages writes touch; redb's own
+    /// default (1 GiB) would mostly hold a second copy of the data.
+    pub fn cache_size(mut self, bytes: usize) -> Self {
+        self.cache_size = bytes;
         self
     }
 
@@ -122,6 +136,12 @@ impl RedbStoreBuilder {
         guard_panics(&path.display().to_string(), || self.open_file(path))
     }
 
+    fn redb(&self) -> redb::Builder {
+        let mut b = redb::Builder::new();
+        b.set_cache_size(self.cache_size);
+        b
+    }
+
     fn open_file(self, path: &Path) -> Result<RedbStore> {
         let name = path.display().to_string();
         let refuse = |reason: String, source: Option<BoxError>| Error::Unavailable {
@@ -129,21 +149,23 @@ impl RedbStoreBuilder {
             source,
         };
         if self.read_only {
-            let db = guarded(|| redb::Builder::new().open_read_only(path)).map_err(|e| e.refuse(&refuse))?;
+            let db = guarded(|| self.redb().open_read_only(path)).map_err(|e| e.refuse(&refuse))?;
             return self.start(name, Db::ReadOnly(db), Some(ReadOnlyReason::Asked));
         }
         // Look at the file before redb does: redb initializes an empty file and repairs one that
         // was not closed cleanly, and neither must happen to a file that is not ours.
         match std::fs::File::open(path) {
             Ok(mut file) => {
-                let len =
-                    file.metadata().map_err(|e| refuse("cannot read its length".into(), Some(Box::new(e))))?.len();
-                if len > 0 {
+                let meta = file.metadata().map_err(|e| refuse("cannot read its length".into(), Some(Box::new(e))))?;
+                if meta.is_dir() {
+                    return Err(refuse("it is a directory; give the path of a file in it".into(), None));
+                }
+                if meta.len() > 0 {
                     let mut head = [0u8; REDB_MAGIC.len()];
                     if file.read_exact(&mut head).is_err() || head != REDB_MAGIC {
                         return Err(refuse("it is not a redb database (a foreign or damaged file)".into(), None));
                     }
-                    match guarded(|| redb::Builder::new().open_read_only(path)) {
+                    match guarded(|| self.redb().open_read_only(path)) {
                         Ok(db) => {
                             check_format(&db).map_err(|reason| refuse(reason, None))?;
                         }
@@ -156,11 +178,11 @@ impl RedbStoreBuilder {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(refuse("cannot read it".into(), Some(Box::new(e)))),
         }
-        match guarded(|| redb::Builder::new().create(path)) {
+        match guarded(|| self.redb().create(path)) {
             Ok(db) => self.start(name, Db::Writable(db), None),
             Err(OpenError::Redb(e)) if is_read_only_error(&e) => {
                 tracing::warn!(path = %name, error = %e, "store file is not writable: serving it read-only");
-                let db = guarded(|| redb::Builder::new().open_read_only(path)).map_err(|e| e.refuse(&refuse))?;
+                let db = guarded(|| self.redb().open_read_only(path)).map_err(|e| e.refuse(&refuse))?;
                 self.start(name, Db::ReadOnly(db), Some(ReadOnlyReason::Refused(Arc::new(e))))
             }
             Err(e) => Err(e.refuse(&refuse)),
@@ -172,7 +194,7 @@ impl RedbStoreBuilder {
     /// need a path are skipped; the format check is not.
     pub fn open_backend(self, name: &str, backend: impl redb::StorageBackend) -> Result<RedbStore> {
         guard_panics(name, || {
-            let db = guarded(|| redb::Builder::new().create_with_backend(backend)).map_err(|e| {
+            let db = guarded(|| self.redb().create_with_backend(backend)).map_err(|e| {
                 e.refuse(&|reason, source| Error::Unavailable {
                     message: format!("cannot open store {name}: {reason}"),
                     source,
