@@ -10,8 +10,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn fresh_file() -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("redb-conformance-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a directory for the store files");
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    // One directory, emptied once per run, so runs do not pile up store files.
+    let dir = DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("redb-conformance");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory for the store files");
+        dir
+    });
     let path = dir.join(format!("case-{}.redb", NEXT.fetch_add(1, Ordering::Relaxed)));
     let _ = std::fs::remove_file(&path);
     path

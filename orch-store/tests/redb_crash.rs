@@ -291,4 +291,5 @@ fn crash_kill_reopen_verify() {
             round_start = current + 2;
         });
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
