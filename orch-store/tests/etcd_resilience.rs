@@ -160,3 +160,49 @@ async fn a_three_member_cluster_keeps_taking_writes_with_a_member_down() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_lease_with_thousands_of_objects_reaches_the_watch_in_one_revision() {
+    if skip() {
+        return;
+    }
+    let etcd = LocalEtcd::start().unwrap();
+    etcd.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let store = EtcdStore::connect(etcd.endpoints(), "big-lease").await.unwrap();
+    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    // 6,000 objects of 1 KiB: their last states come as one watch message of about 7 MB, past
+    // the gRPC client's default 4 MiB limit.
+    let n = 6_000;
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in (w..n).step_by(16) {
+                    let mut o = DynamicObject::new("Thing", ObjectMeta::namespaced("ns", format!("o{i}")))
+                        .with_spec(RawJson::from_value(&serde_json::json!({ "pad": "x".repeat(1024) })));
+                    o.metadata.lease = Some(lease.id);
+                    store.create(o, &WriteOptions::default()).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let from = store.current_revision().await.unwrap() + 1;
+    let mut watch = store.watch(&WatchRequest::from(Selection::kind("Thing"), from)).await.unwrap();
+    store.revoke_lease(lease.id).await.unwrap();
+    let mut revisions = BTreeSet::new();
+    for _ in 0..n {
+        match tokio::time::timeout(Duration::from_secs(30), watch.next()).await {
+            Ok(Some(Ok(WatchEvent::Deleted(o)))) => {
+                assert_eq!(o.spec.to_value()["pad"].as_str().map(str::len), Some(1024), "the last state");
+                revisions.insert(o.metadata.resource_version);
+            }
+            other => panic!("expected a deletion, got {other:?}"),
+        }
+    }
+    assert_eq!(revisions.len(), 1, "one revision for the whole lease");
+    let left = store.list(&orch_core::ListRequest::new(Selection::kind("Thing"))).await.unwrap();
+    assert!(left.items.is_empty());
+}

@@ -51,6 +51,11 @@ pub mod local;
 
 pub use local::LocalEtcd;
 
+/// Largest answer accepted from etcd. The client's default (4 MiB) is smaller than one watch
+/// message can be: the deletions of a lease with thousands of objects, with their last states,
+/// arrive as one message, and a watch that cannot decode it would fail on it forever.
+const MAX_MESSAGE: usize = 1 << 30;
+
 /// Longest lease TTL accepted, as for the other backends.
 const MAX_LEASE_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
 
@@ -145,6 +150,8 @@ impl EtcdStoreBuilder {
         };
         let store = EtcdStore {
             inner: Arc::new(Inner {
+                kv: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
+                watch: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
                 client,
                 endpoints: self.endpoints,
                 prefix: self.prefix,
@@ -172,6 +179,9 @@ pub struct EtcdStore {
 
 struct Inner {
     client: Client,
+    /// Clients for reads, writes and watches that accept answers as large as etcd sends.
+    kv: etcd_client::KvClient,
+    watch: etcd_client::WatchClient,
     endpoints: Vec<String>,
     prefix: String,
     clock: Arc<dyn Clock>,
@@ -371,7 +381,7 @@ impl Inner {
     async fn txn(&self, what: &str, txn: Txn) -> std::result::Result<etcd_client::TxnResponse, CallError> {
         let mut attempt = 0;
         loop {
-            let mut kv = self.client.kv_client();
+            let mut kv = self.kv.clone();
             match self.call(what, kv.txn(txn.clone())).await {
                 Err(e) if e.never_sent() && attempt < CONNECT_RETRIES => {
                     attempt += 1;
@@ -391,7 +401,7 @@ impl Inner {
     ) -> std::result::Result<etcd_client::GetResponse, CallError> {
         let mut attempt = 0;
         loop {
-            let mut kv = self.client.kv_client();
+            let mut kv = self.kv.clone();
             match self.call(what, kv.get(key.clone(), Some(options.clone()))).await {
                 Err(e) if e.never_sent() && attempt < CONNECT_RETRIES => {
                     attempt += 1;
@@ -553,7 +563,7 @@ impl Inner {
     /// The oldest revision still available, learned from a watch that etcd cancels for
     /// starting below it (a range read's error does not say).
     async fn compaction_floor(&self, requested: u64) -> Option<u64> {
-        let mut wc = self.client.watch_client();
+        let mut wc = self.watch.clone();
         let probe = async {
             let options = WatchOptions::new().with_start_revision(to_i64(requested));
             let mut stream = wc.watch(self.meta_key(), Some(options)).await.ok()?;
@@ -767,7 +777,7 @@ impl Store for EtcdStore {
         if revision > current {
             return Err(Error::FutureRevision { requested: revision, current });
         }
-        let mut kv = self.inner.client.kv_client();
+        let mut kv = self.inner.kv.clone();
         match self.inner.call("compact", kv.compact(to_i64(revision), None)).await {
             Ok(_) => Ok(()),
             // Already compacted at or past it: nothing to do.
@@ -903,7 +913,7 @@ impl Watch {
             .with_range(prefix_end(&self.prefix))
             .with_start_revision(to_i64(self.next))
             .with_prev_key();
-        let mut wc = self.inner.client.watch_client();
+        let mut wc = self.inner.watch.clone();
         let mut stream = self
             .inner
             .call("open a watch", wc.watch(self.prefix.clone(), Some(options)))
