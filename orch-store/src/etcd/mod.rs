@@ -204,6 +204,18 @@ impl fmt::Debug for EtcdStore {
 impl EtcdStore {
     /// Connects to etcd at `endpoints` (such as `["http://127.0.0.1:2379"]`), keeping this
     /// cluster's objects under `prefix` (such as `orch/prod`), with default settings.
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use orch_core::{Api, Object, ObjectMeta, Store, kinds::Node};
+    /// use orch_store::EtcdStore;
+    ///
+    /// # async fn demo() -> orch_core::Result<()> {
+    /// let store: Arc<dyn Store> = Arc::new(EtcdStore::connect(["http://127.0.0.1:2379"], "orch/prod").await?);
+    /// let nodes: Api<Node> = Api::all(store);
+    /// nodes.create(&Object::new(ObjectMeta::named("node-1"), Node::default())).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(
         endpoints: impl IntoIterator<Item = impl Into<String>>,
         prefix: impl Into<String>,
