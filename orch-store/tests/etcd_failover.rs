@@ -225,8 +225,8 @@ async fn check_takeover(plane: &Plane, old: &str, old_token: u64, since: Instant
     assert_ne!(new, old);
     assert!(new_token > old_token, "a new fencing token");
     // The lease runs out at most one TTL after the last renewal; etcd checks expiry every
-    // 500 ms and a standby retries every 200 ms.
-    assert!(took <= LEASE_TTL + Duration::from_secs(1), "takeover took {took:?}");
+    // 500 ms and a standby retries every 200 ms (3.3 s measured; slack for a loaded machine).
+    assert!(took <= LEASE_TTL + Duration::from_secs(2), "takeover took {took:?}");
     wait_for("the new leader to stamp the duty", Duration::from_secs(10), async || {
         let duty = plane.duties.get("duty").await.ok()?;
         (duty.status.leader == new && duty.status.token == new_token).then_some(())

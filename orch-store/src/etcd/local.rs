@@ -6,7 +6,8 @@
 //! show that watches resume and that a cluster keeps accepting writes with a member down.
 //!
 //! Members never outlive the process that started them: a small shell watchdog kills its etcd
-//! when that process is gone, even after a `SIGKILL` that skips every destructor.
+//! when that process is gone, even after a `SIGKILL` that skips every destructor. Linux only
+//! (it reads `/proc` to tell whether a member is still running).
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
