@@ -1097,3 +1097,72 @@ impl Watch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(ns: &str, name: &str) -> Vec<u8> {
+        format!("p/o/Thing/{ns}!{name}").into_bytes()
+    }
+
+    proptest::proptest! {
+        /// etcd's byte order of our keys is namespace-then-name order, so a range read returns
+        /// objects in the order lists promise, and a namespace's keys are one contiguous range.
+        #[test]
+        fn key_order_is_namespace_then_name_order(
+            a in ("[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?", "[a-z0-9]([a-z0-9.-]{0,6}[a-z0-9])?"),
+            b in ("[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?", "[a-z0-9]([a-z0-9.-]{0,6}[a-z0-9])?"),
+        ) {
+            let (ka, kb) = (key_of(&a.0, &a.1), key_of(&b.0, &b.1));
+            proptest::prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+            let ns_prefix = format!("p/o/Thing/{}!", a.0).into_bytes();
+            let end = prefix_end(&ns_prefix);
+            let inside = kb.as_slice() >= ns_prefix.as_slice() && kb.as_slice() < end.as_slice();
+            proptest::prop_assert_eq!(inside, a.0 == b.0);
+        }
+    }
+
+    #[test]
+    fn prefix_end_is_the_first_key_past_the_prefix() {
+        assert_eq!(prefix_end(b"a/b"), b"a/c");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn stored_values_leave_the_revisions_to_etcd() {
+        let mut obj = DynamicObject::new("Thing", ObjectMeta::namespaced("ns", "a"));
+        obj.metadata.resource_version = 7;
+        obj.metadata.create_revision = 3;
+        let bytes = encode(&mut obj).unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(!text.contains("esourceVersion") && !text.contains("reateRevision"), "{text}");
+        assert_eq!((obj.metadata.resource_version, obj.metadata.create_revision), (7, 3), "the caller's copy is kept");
+    }
+
+    #[tokio::test]
+    async fn bad_settings_are_refused_naming_the_setting() {
+        let cases: [(EtcdStoreBuilder, &str); 5] = [
+            (EtcdStore::builder(Vec::<String>::new(), "p"), "endpoints"),
+            (EtcdStore::builder([""], "p"), "endpoints[0]"),
+            (EtcdStore::builder(["http://127.0.0.1:1"], ""), "prefix"),
+            (EtcdStore::builder(["http://127.0.0.1:1"], "a b"), "prefix"),
+            (EtcdStore::builder(["http://127.0.0.1:1"], "p").page_size(0), "page_size"),
+        ];
+        for (builder, field) in cases {
+            let e = builder.connect().await.unwrap_err();
+            assert!(e.is_invalid() && e.to_string().contains(field), "{field}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_unavailable_not_a_hang() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let builder = EtcdStore::builder([format!("http://127.0.0.1:{port}")], "p")
+            .connect_timeout(Duration::from_millis(300))
+            .request_timeout(Duration::from_millis(300));
+        let e = tokio::time::timeout(Duration::from_secs(10), builder.connect()).await.expect("gives up").unwrap_err();
+        assert!(matches!(e, Error::Unavailable { .. }), "{e}");
+    }
+}
