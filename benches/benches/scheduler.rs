@@ -233,7 +233,12 @@ fn prepare(case: &Case) -> (SchedulingCore, Vec<Arc<Object<Workload>>>) {
     for i in 0..case.init {
         core.upsert_workload((case.init_workload)(i));
     }
-    core.run_until_idle();
+    // The initial workloads' binds land (only bound workloads can be preempted).
+    for o in core.run_until_idle() {
+        if matches!(o.kind, OutcomeKind::Bound(_)) {
+            core.bound(&o.workload.key);
+        }
+    }
     let measured = (0..case.measured).map(case.measured_workload).collect();
     (core, measured)
 }

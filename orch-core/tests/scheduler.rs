@@ -53,6 +53,18 @@ fn core() -> SchedulingCore {
     SchedulingCore::new(Framework::default())
 }
 
+/// Runs until idle and confirms every placement as bound (as the service does once its write
+/// lands), so they count as running workloads, which preemption may evict.
+fn run_bound<S: Scheduler>(c: &mut SchedulingCore<S>) -> Vec<Outcome> {
+    let out = c.run_until_idle();
+    for o in &out {
+        if matches!(o.kind, OutcomeKind::Bound(_) | OutcomeKind::Preempted { .. }) {
+            c.bound(&o.workload.key);
+        }
+    }
+    out
+}
+
 /// Runs until idle, then lets backoffs (at most 10 s) pass and runs again.
 fn settle<S: Scheduler>(c: &mut SchedulingCore<S>) -> Vec<Outcome> {
     let mut out = c.run_until_idle();
@@ -330,13 +342,13 @@ fn preemption_evicts_fewest_lowest_and_never_equal_priority() {
         w.node_selector.insert("hostname", "n1");
         c.upsert_workload(obj(&format!("mid{i}"), w, &[]));
     }
-    assert_eq!(bound(&c.run_until_idle()).len(), 6);
+    assert_eq!(bound(&run_bound(&mut c)).len(), 6);
 
     // Needs 2 cpu: evicting two low ones on n0 beats evicting one mid on n1.
     let mut high = workload("w", "2", "1Gi");
     high.priority = 10;
     c.upsert_workload(obj("high", high, &[]));
-    let out = c.run_until_idle();
+    let out = run_bound(&mut c);
     let pre = out.iter().find_map(|o| match &o.kind {
         OutcomeKind::Preempted { placement, victims } => Some((placement.node_name.to_string(), victims.clone())),
         _ => None,
@@ -350,7 +362,7 @@ fn preemption_evicts_fewest_lowest_and_never_equal_priority() {
     let mut same = workload("w", "4", "1Gi");
     same.priority = 5;
     c.upsert_workload(obj("same", same, &[]));
-    let out = c.run_until_idle();
+    let out = run_bound(&mut c);
     assert!(out.iter().all(|o| !matches!(o.kind, OutcomeKind::Preempted { .. })), "{out:?}");
     assert_eq!(unschedulable(&out).len(), 1);
 }
@@ -481,6 +493,68 @@ fn decisions_that_overcommit_are_refused() {
     assert_eq!(bound(&out).len(), 1);
     assert!(out.iter().any(|o| matches!(&o.kind, OutcomeKind::Refused(why) if why.contains("insufficient cpu"))));
     assert_eq!(c.snapshot().node(0).unwrap().requested(orch_core::scheduler::snapshot::CPU), 1000);
+}
+
+#[test]
+fn a_held_gang_member_whose_node_goes_is_requeued() {
+    let mut c = core();
+    c.upsert_node(&node("m0", "1", "16Gi", &[]));
+    c.upsert_workload(obj("x", gang_member("h", 2, "1"), &[]));
+    let mut y = gang_member("h", 2, "1");
+    y.priority = -1;
+    c.upsert_workload(obj("y", y, &[]));
+    // One step: x is placed and held for its gang.
+    let out = c.schedule_next().unwrap();
+    assert!(matches!(out[0].kind, OutcomeKind::Waiting(_)), "{out:?}");
+    assert_eq!(c.held(), 1);
+    // Its node goes: x is waiting again, not lost.
+    c.remove_node("m0");
+    assert_eq!(c.held(), 0);
+    let x = orch_core::cache::ObjectRef::new("default", "x");
+    assert!(c.queue().contains(&x));
+    assert_eq!(c.snapshot().group_pending("default/h"), 2);
+    // With room for both, the gang is bound together.
+    c.upsert_node(&node("m1", "2", "16Gi", &[]));
+    let out = settle(&mut c);
+    assert_eq!(bound(&out).len(), 2, "{out:?}");
+}
+
+#[test]
+fn bound_workloads_count_once_their_node_arrives_and_keep_their_devices() {
+    let mut c = core();
+    let mut w = gpu_workload("600m");
+    w.node_name = Some("g".into());
+    let mut o = Object::new(orch_core::ObjectMeta::namespaced("default", "early"), w);
+    // Bound by an earlier leader onto the second device.
+    o.metadata.annotations.insert(orch_core::scheduler::DEVICES_ANNOTATION, "gpu1:600");
+    c.upsert_workload(Arc::new(o));
+    assert_eq!(c.snapshot().placed_count(), 0, "its node is not known yet");
+    c.upsert_node(&gpu_node("g", 2));
+    let p = c.snapshot().placed(&orch_core::cache::ObjectRef::new("default", "early")).expect("counted");
+    assert_eq!(p.placement.devices.len(), 1);
+    assert_eq!(p.placement.devices[0].device, 1, "the device its annotation names");
+    let free: Vec<i64> = c.snapshot().node(0).unwrap().devices.iter().map(|d| d.free).collect();
+    assert_eq!(free, vec![1000, 400]);
+}
+
+#[test]
+fn status_writes_do_not_wake_a_parked_workload() {
+    let mut c = core();
+    c.upsert_node(&node("n0", "1", "8Gi", &[]));
+    let w = obj("big", workload("w", "2", "1Gi"), &[]);
+    c.upsert_workload(w.clone());
+    assert_eq!(unschedulable(&c.run_until_idle()).len(), 1);
+    // The scheduler's own condition write comes back as a new version: it stays parked.
+    let mut next = (*w).clone();
+    next.metadata.resource_version = 2;
+    next.status.message = "0/1 nodes fit".into();
+    c.upsert_workload(Arc::new(next.clone()));
+    assert_eq!(c.queue().sizes(), (0, 0, 1));
+    assert!(c.run_until_idle().is_empty());
+    // A change that matters (a smaller request) makes it active again.
+    next.spec.containers[0].resources.requests.insert("cpu".into(), "500m".parse().unwrap());
+    c.upsert_workload(Arc::new(next));
+    assert_eq!(bound(&c.run_until_idle()).len(), 1);
 }
 
 // ---- property tests ----
@@ -631,12 +705,12 @@ proptest! {
     #[test]
     fn placement_invariants_hold(case in case()) {
         let mut c = build(&case);
-        let mut outs = c.run_until_idle();
+        let mut outs = run_bound(&mut c);
         // Let gang timeouts pass, then settle again.
         outs.extend(c.set_time(20_000));
-        outs.extend(c.run_until_idle());
+        outs.extend(run_bound(&mut c));
         outs.extend(c.set_time(400_000));
-        outs.extend(c.run_until_idle());
+        outs.extend(run_bound(&mut c));
         check_invariants(&c, &outs)?;
     }
 

@@ -667,8 +667,16 @@ impl Resource for Workload {
             if g.min_members == 0 {
                 v.reject("spec.schedulingGroup.minMembers", "must be >= 1");
             }
-            if g.timeout_seconds == Some(0) {
-                v.reject("spec.schedulingGroup.timeoutSeconds", "must be >= 1");
+            if let Some(t) = g.timeout_seconds.filter(|t| !(1..=86_400).contains(t)) {
+                v.reject("spec.schedulingGroup.timeoutSeconds", format!("must be between 1 and 86400 (is {t})"));
+            }
+        }
+        if let Some(gpu) = self.requests().get(resource::GPU) {
+            if *gpu > Quantity::from_units(1) && gpu.nanos() % 1_000_000_000 != 0 {
+                v.reject(
+                    "spec.containers",
+                    format!("the containers' gpu requests add up to {gpu}: a share of one GPU must be below 1, more must be whole"),
+                );
             }
         }
         let mut volume_names = HashSet::new();

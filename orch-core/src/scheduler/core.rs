@@ -60,6 +60,10 @@ pub struct SchedulingCore<S: Scheduler = Framework> {
     snapshot: Snapshot,
     queue: SchedulingQueue,
     held: HashMap<String, Vec<Held>>,
+    /// Bound workloads whose node the snapshot does not know yet, by node name.
+    orphans: HashMap<String, Vec<Arc<Object<Workload>>>>,
+    /// Failed binds in a row, per workload, so their backoff grows.
+    bind_failures: HashMap<ObjectRef, u32>,
     seq: u64,
     now_ms: u64,
     batch: usize,
@@ -84,6 +88,8 @@ impl<S: Scheduler> SchedulingCore<S> {
             snapshot: Snapshot::new(),
             queue: SchedulingQueue::new(),
             held: HashMap::new(),
+            orphans: HashMap::new(),
+            bind_failures: HashMap::new(),
             seq: 0,
             now_ms: 0,
             batch: 1,
@@ -142,6 +148,9 @@ impl<S: Scheduler> SchedulingCore<S> {
     pub fn upsert_node(&mut self, node: &Object<Node>) {
         let known = self.snapshot.node_id(&node.metadata.name).is_some();
         self.snapshot.upsert_node(node);
+        for w in self.orphans.remove(&node.metadata.name).unwrap_or_default() {
+            self.upsert_workload(w);
+        }
         let ev = if known { Events::NODE_UPDATED } else { Events::NODE_ADDED };
         self.queue.on_event(ev, self.now_ms);
     }
@@ -150,7 +159,13 @@ impl<S: Scheduler> SchedulingCore<S> {
     pub fn remove_node(&mut self, name: &str) -> Vec<Placed> {
         let gone = self.snapshot.remove_node(name);
         for p in &gone {
-            self.drop_held(&p.info.key);
+            if self.drop_held(&p.info.key) {
+                // Held for its gang: it goes back to waiting, as if never placed.
+                self.requeue(p.info.clone());
+            } else if !p.assumed {
+                // Bound there: it counts again if the node comes back.
+                self.orphans.entry(name.to_string()).or_default().push(p.info.object.clone());
+            }
         }
         if !gone.is_empty() {
             self.queue.on_event(Events::WORKLOAD_DELETED, self.now_ms);
@@ -172,6 +187,9 @@ impl<S: Scheduler> SchedulingCore<S> {
                 if let Some(info) = self.queue.remove(&key) {
                     self.snapshot.note_pending(&info, -1);
                 }
+                // Bound (by us or by another scheduler): no longer held for a gang.
+                self.drop_held(&key);
+                self.bind_failures.remove(&key);
                 if finished {
                     if self.snapshot.forget(&key).is_some() {
                         self.queue.on_event(Events::WORKLOAD_DELETED, self.now_ms);
@@ -191,15 +209,24 @@ impl<S: Scheduler> SchedulingCore<S> {
                         }
                     }
                     _ => {
-                        let Some(id) = self.snapshot.node_id(node) else { return };
+                        let Some(id) = self.snapshot.node_id(node) else {
+                            // Its node is not known yet: count it when the node arrives.
+                            let parked = self.orphans.entry(node.clone()).or_default();
+                            parked.retain(|o| ObjectRef::of(o) != key);
+                            parked.push(object);
+                            return;
+                        };
                         self.seq += 1;
                         let info = Arc::new(WorkloadInfo::new(object.clone(), self.seq));
                         // Bound by someone else (or by us before a restart): it counts as it
-                        // is, devices re-picked the same way the scheduler picks them.
+                        // is, on the devices its annotation names (or re-picked when absent).
                         let devices = self
                             .snapshot
                             .node(id)
-                            .and_then(|n| n.pick_devices(info.request(super::snapshot::GPU)))
+                            .and_then(|n| {
+                                super::parse_devices(n, &object, info.request(super::snapshot::GPU))
+                                    .or_else(|| n.pick_devices(info.request(super::snapshot::GPU)))
+                            })
                             .unwrap_or_default();
                         let placement = Placement { node: id, node_name: Arc::from(node.as_str()), devices };
                         self.snapshot.place(info, placement, false);
@@ -208,6 +235,9 @@ impl<S: Scheduler> SchedulingCore<S> {
                 }
             }
             None => {
+                for parked in self.orphans.values_mut() {
+                    parked.retain(|o| ObjectRef::of(o) != key);
+                }
                 if self.snapshot.placed(&key).is_some() {
                     // Assumed by us; the bind is in flight.
                     return;
@@ -215,11 +245,21 @@ impl<S: Scheduler> SchedulingCore<S> {
                 if self.held.values().any(|h| h.iter().any(|x| x.info.key == key)) {
                     return;
                 }
+                if let Some(queued) = self.queue.get(&key) {
+                    let info = Arc::new(WorkloadInfo::new(object, queued.seq));
+                    if info.class == queued.class {
+                        // Nothing that placement reads changed (a status write, say): keep its
+                        // place, its backoff and what it waits for.
+                        self.queue.refresh(info);
+                        return;
+                    }
+                    let order = self.scheduler.sort_key(&info);
+                    self.queue.add(info, order);
+                    return;
+                }
                 self.seq += 1;
                 let info = Arc::new(WorkloadInfo::new(object, self.seq));
-                if !self.queue.contains(&key) {
-                    self.snapshot.note_pending(&info, 1);
-                }
+                self.snapshot.note_pending(&info, 1);
                 let order = self.scheduler.sort_key(&info);
                 self.queue.add(info, order);
                 self.queue.on_event(Events::WORKLOAD_PENDING, self.now_ms);
@@ -232,21 +272,41 @@ impl<S: Scheduler> SchedulingCore<S> {
         if let Some(info) = self.queue.remove(key) {
             self.snapshot.note_pending(&info, -1);
         }
+        for parked in self.orphans.values_mut() {
+            parked.retain(|o| &ObjectRef::of(o) != key);
+        }
+        self.orphans.retain(|_, p| !p.is_empty());
+        self.bind_failures.remove(key);
         self.drop_held(key);
         if self.snapshot.forget(key).is_some() {
             self.queue.on_event(Events::WORKLOAD_DELETED, self.now_ms);
         }
     }
 
-    fn drop_held(&mut self, key: &ObjectRef) {
+    /// Stops holding a gang member; true when it was held.
+    fn drop_held(&mut self, key: &ObjectRef) -> bool {
+        let mut found = false;
         for h in self.held.values_mut() {
+            let before = h.len();
             h.retain(|x| &x.info.key != key);
+            found |= h.len() != before;
         }
         self.held.retain(|_, h| !h.is_empty());
+        found
+    }
+
+    /// Puts a workload whose placement was rolled back in line again, after a backoff.
+    fn requeue(&mut self, info: Arc<WorkloadInfo>) {
+        self.snapshot.note_pending(&info, 1);
+        let order = self.scheduler.sort_key(&info);
+        let key = info.key.clone();
+        self.queue.add(info, order);
+        self.queue.backoff(&key, self.now_ms);
     }
 
     /// The store accepted the binding.
     pub fn bound(&mut self, key: &ObjectRef) {
+        self.bind_failures.remove(key);
         self.snapshot.confirm(key);
     }
 
@@ -267,9 +327,14 @@ impl<S: Scheduler> SchedulingCore<S> {
             }
             None => p.info,
         };
+        let failures = self.bind_failures.entry(key.clone()).or_default();
+        *failures += 1;
+        let failures = *failures;
         self.snapshot.note_pending(&info, 1);
         let order = self.scheduler.sort_key(&info);
         self.queue.add(info, order);
+        // The backoff grows with the failures in a row.
+        self.queue.set_attempts(key, failures - 1);
         self.queue.backoff(key, self.now_ms);
     }
 
@@ -371,7 +436,7 @@ impl<S: Scheduler> SchedulingCore<S> {
                     Err(why) => return self.refuse(w, why, out),
                 };
                 self.commit(&w, pl.clone());
-                let deadline_ms = self.now_ms + timeout.as_millis() as u64;
+                let deadline_ms = self.now_ms.saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
                 self.held.entry(group).or_default().push(Held { info: w.clone(), placement: pl.clone(), deadline_ms });
                 out.push(Outcome { workload: w, kind: OutcomeKind::Waiting(pl) });
             }
@@ -428,13 +493,14 @@ impl<S: Scheduler> SchedulingCore<S> {
     }
 
     fn release_group(&mut self, group: &str, out: &mut Vec<Outcome>) {
-        for h in self.held.remove(group).unwrap_or_default() {
+        let held = self.held.remove(group).unwrap_or_default();
+        if held.is_empty() {
+            return;
+        }
+        for h in held {
             self.snapshot.forget(&h.info.key);
             self.scheduler.unreserve(&h.info, &h.placement);
-            self.snapshot.note_pending(&h.info, 1);
-            let order = self.scheduler.sort_key(&h.info);
-            self.queue.add(h.info.clone(), order);
-            self.queue.backoff(&h.info.key, self.now_ms);
+            self.requeue(h.info.clone());
             out.push(Outcome { workload: h.info, kind: OutcomeKind::Released });
         }
         self.queue.on_event(Events::WORKLOAD_DELETED, self.now_ms);

@@ -168,6 +168,15 @@ pub trait Plugin: Send + Sync + 'static {
         Events::ALL
     }
 
+    /// For node-local plugins that read parts of a workload beyond what
+    /// [`WorkloadInfo::class`] covers (requests, ports, priority, node selector, affinity,
+    /// tolerations, spread, gang, labels, namespace): a hash of those parts, so workloads that
+    /// differ in them never share cached results. Default: nothing more.
+    fn class_key(&self, w: &WorkloadInfo) -> u64 {
+        let _ = w;
+        0
+    }
+
     /// Queue order key (smaller first); only the first queue-sort plugin is used.
     fn sort_key(&self, w: &WorkloadInfo) -> (i64, u64) {
         (-(w.priority() as i64), w.seq)
@@ -346,6 +355,8 @@ impl fmt::Display for Diagnosis {
 /// victims removed), with the cycle's state.
 pub struct Filters<'a> {
     fw: &'a Framework,
+    class: u64,
+    snapshot_id: u64,
     local_states: &'a [Option<State>],
     local: &'a [usize],
     cluster_states: &'a [Option<State>],
@@ -353,6 +364,12 @@ pub struct Filters<'a> {
 }
 
 impl Filters<'_> {
+    /// The equivalence class results for this workload may be cached under (it includes the
+    /// snapshot's identity and every plugin's [`Plugin::class_key`]).
+    pub fn class(&self) -> (u64, u64) {
+        (self.snapshot_id, self.class)
+    }
+
     /// Runs the node-local filters on `node` for the workload of `cx`.
     pub fn check(&self, cx: &Ctx<'_>, node: &NodeInfo) -> Result<(), Unfit> {
         for &i in self.local {
@@ -418,11 +435,16 @@ impl MaxTree {
 
 /// Node-local results for one equivalence class.
 struct ClassCache {
+    /// The class key and the snapshot it was computed on.
+    key: u64,
+    snapshot: u64,
     seen_seq: u64,
     epoch: u64,
     last_used: u64,
     /// Node-local plugins that apply, with their pre-filter state.
     states: Vec<Option<State>>,
+    /// Their pre-score state, when they keep one apart.
+    score_states: Vec<Option<State>>,
     active: Vec<usize>,
     /// Per plugin: scores for this class (pre-score did not skip).
     scored: Vec<bool>,
@@ -546,25 +568,42 @@ impl Framework {
             if !c.scored[i] || p.points.contains(Points::NORMALIZE) {
                 continue;
             }
-            let cx = Ctx { snapshot, workload: w, state: c.states[i].as_ref() };
+            let state = c.score_states[i].as_ref().or(c.states[i].as_ref());
+            let cx = Ctx { snapshot, workload: w, state };
             total += p.weight * p.plugin.score(&cx, node);
         }
         c.local_total[s] = total;
         for (i, raw) in &mut c.raw {
-            let cx = Ctx { snapshot, workload: w, state: c.states[*i].as_ref() };
+            let state = c.score_states[*i].as_ref().or(c.states[*i].as_ref());
+            let cx = Ctx { snapshot, workload: w, state };
             raw[s] = self.plugins[*i].plugin.score(&cx, node);
         }
         c.tree.set(s, (total, mix(self.seed, slot), slot));
     }
 
     /// Brings the class cache of `w` up to date with the snapshot and returns it.
-    fn class(&mut self, snapshot: &Snapshot, w: &WorkloadInfo) -> ClassCache {
+    /// The class key of `w`: its own class plus what node-local plugins add.
+    fn class_key(&self, w: &WorkloadInfo) -> u64 {
+        let mut key = w.class;
+        for p in &self.plugins {
+            if p.locality == Locality::Node {
+                let k = p.plugin.class_key(w);
+                if k != 0 {
+                    key = (key ^ k).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+                }
+            }
+        }
+        key
+    }
+
+    fn class(&mut self, snapshot: &Snapshot, w: &WorkloadInfo, key: u64) -> ClassCache {
         self.uses += 1;
         let slots = snapshot.slots();
-        let mut c = match self.classes.remove(&w.class) {
-            Some(c) if c.epoch == snapshot.slots_epoch() && c.unfit.len() == slots => c,
+        let mut c = match self.classes.remove(&key) {
+            Some(c) if c.snapshot == snapshot.id() && c.epoch == snapshot.slots_epoch() && c.unfit.len() == slots => c,
             _ => self.new_class(snapshot, w),
         };
+        c.key = key;
         c.last_used = self.uses;
         if c.rejected.is_some() {
             c.seen_seq = snapshot.change_seq();
@@ -592,10 +631,13 @@ impl Framework {
     fn new_class(&self, snapshot: &Snapshot, w: &WorkloadInfo) -> ClassCache {
         let slots = snapshot.slots();
         let mut c = ClassCache {
+            key: 0,
+            snapshot: snapshot.id(),
             seen_seq: 0,
             epoch: snapshot.slots_epoch(),
             last_used: 0,
             states: (0..self.plugins.len()).map(|_| None).collect(),
+            score_states: (0..self.plugins.len()).map(|_| None).collect(),
             active: Vec::new(),
             scored: vec![false; self.plugins.len()],
             rejected: None,
@@ -622,9 +664,7 @@ impl Framework {
                     c.states[i] = state;
                     if p.points.contains(Points::SCORE) {
                         if let Prepare::Run(s) = p.plugin.pre_score(snapshot, w, &[]) {
-                            if s.is_some() {
-                                c.states[i] = s;
-                            }
+                            c.score_states[i] = s;
                             c.scored[i] = true;
                             if p.points.contains(Points::NORMALIZE) {
                                 c.raw.push((i, vec![0; slots]));
@@ -665,10 +705,11 @@ impl Framework {
 
     /// Runs the whole cycle; returns the decision and keeps the class cache.
     fn cycle(&mut self, snapshot: &Snapshot, w: &WorkloadInfo) -> Decision {
-        let mut c = self.class(snapshot, w);
+        let key = self.class_key(w);
+        let mut c = self.class(snapshot, w, key);
         let decision = self.cycle_with(snapshot, w, &mut c);
         self.evict_classes();
-        self.classes.insert(w.class, c);
+        self.classes.insert(key, c);
         decision
     }
 
@@ -801,7 +842,8 @@ impl Framework {
             for (k, &s) in feasible.iter().enumerate() {
                 buf[k] = raw[s as usize];
             }
-            let cx = Ctx { snapshot, workload: w, state: c.states[*i].as_ref() };
+            let state = c.score_states[*i].as_ref().or(c.states[*i].as_ref());
+            let cx = Ctx { snapshot, workload: w, state };
             self.plugins[*i].plugin.normalize(&cx, buf);
             for (t, b) in total.iter_mut().zip(buf.iter()) {
                 *t += self.plugins[*i].weight * b;
@@ -870,6 +912,8 @@ impl Framework {
             }
             let filters = Filters {
                 fw: self,
+                class: c.key,
+                snapshot_id: snapshot.id(),
                 local_states: &local_states,
                 local: &c.active,
                 cluster_states: states,

@@ -32,6 +32,38 @@ pub use service::{SchedulerConfig, SchedulerService};
 pub use snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo};
 
 use crate::cache::ObjectRef;
+use crate::kinds::Workload;
+use crate::object::Object;
+use snapshot::DeviceShare;
+
+/// The [`DEVICES_ANNOTATION`] text for a placement: `id:milli` per device share, by device id
+/// (indices change when a node's device list does; ids do not).
+pub fn devices_annotation(node: &NodeInfo, shares: &[DeviceShare]) -> String {
+    let parts: Vec<String> = shares
+        .iter()
+        .filter_map(|s| node.devices.get(s.device as usize).map(|d| format!("{}:{}", d.id, s.milli)))
+        .collect();
+    parts.join(",")
+}
+
+/// Reads a bound workload's device shares back from its annotation, when they name devices of
+/// `node` that still have room and add up to its `gpu` request.
+pub(crate) fn parse_devices(node: &NodeInfo, object: &Object<Workload>, gpu: i64) -> Option<Vec<DeviceShare>> {
+    let text = object.metadata.annotations.get(DEVICES_ANNOTATION)?;
+    let mut free: Vec<i64> = node.devices.iter().map(|d| d.free).collect();
+    let mut shares = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (id, milli) = part.rsplit_once(':')?;
+        let milli: i64 = milli.parse().ok()?;
+        let index = node.devices.iter().position(|d| d.id == id)?;
+        if milli <= 0 || free[index] < milli {
+            return None;
+        }
+        free[index] -= milli;
+        shares.push(DeviceShare { device: index as u16, milli });
+    }
+    (shares.iter().map(|s| s.milli).sum::<i64>() == gpu).then_some(shares)
+}
 
 /// Name of the default scheduler; workloads with no `schedulerName` go to it.
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";

@@ -180,6 +180,30 @@ impl SchedulingQueue {
         }
     }
 
+    /// The queued info of a workload.
+    pub fn get(&self, key: &ObjectRef) -> Option<&Arc<WorkloadInfo>> {
+        self.items.get(key).map(|i| &i.info)
+    }
+
+    /// Replaces a queued workload's info without moving it (its order, set and attempts stay).
+    /// Returns false when it is not queued.
+    pub fn refresh(&mut self, info: Arc<WorkloadInfo>) -> bool {
+        match self.items.get_mut(&info.key) {
+            Some(item) => {
+                item.info = info;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sets the attempt count (which the backoff grows with).
+    pub fn set_attempts(&mut self, key: &ObjectRef, attempts: u32) {
+        if let Some(item) = self.items.get_mut(key) {
+            item.attempts = attempts;
+        }
+    }
+
     /// Removes a workload (deleted, or bound by someone else).
     pub fn remove(&mut self, key: &ObjectRef) -> Option<Arc<WorkloadInfo>> {
         self.unlink(key).map(|i| i.info)

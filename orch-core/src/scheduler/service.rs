@@ -190,6 +190,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                 Leadership::Leading(g) => Some(g.clone()),
                 Leadership::Standby => None,
             };
+            let leading = guard.is_some();
             if let Some(guard) = guard {
                 for _ in 0..self.config.burst {
                     match self.core.schedule_next() {
@@ -206,13 +207,12 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                     continue;
                 }
             }
-            let wait = self
-                .core
-                .queue()
-                .next_due()
-                .map(|t| Duration::from_millis(t.saturating_sub(now_ms)))
-                .unwrap_or(Duration::from_secs(1))
-                .clamp(Duration::from_millis(1), Duration::from_secs(1));
+            // A standby does not pop, so due timers would stay due: it waits for events only.
+            let wait = match self.core.queue().next_due() {
+                Some(t) if leading => Duration::from_millis(t.saturating_sub(now_ms)),
+                _ => Duration::from_secs(1),
+            }
+            .clamp(Duration::from_millis(1), Duration::from_secs(1));
             tokio::select! {
                 Some(ev) = node_events.recv() => match ev {
                     CacheEvent::Applied(n) => self.core.upsert_node(&n),
@@ -220,8 +220,9 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                 },
                 Some(ev) = workload_events.recv() => self.workload_event(ev),
                 Some((key, result)) = done_rx.recv() => self.bind_done(key, result, &workloads),
-                _ = leader.changed() => {}
-                _ = stop.changed() => {}
+                // Whoever reported leadership or shutdown is gone: stop.
+                changed = leader.changed() => if changed.is_err() { break },
+                changed = stop.changed() => if changed.is_err() { break },
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -257,6 +258,13 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
         }
     }
 
+    fn devices_text(&self, placement: &Placement) -> Option<String> {
+        if placement.devices.is_empty() {
+            return None;
+        }
+        self.core.snapshot().node(placement.node).map(|n| super::devices_annotation(n, &placement.devices))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn act(
         &mut self,
@@ -273,7 +281,8 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
             OutcomeKind::Bound(placement) => {
                 metrics::counter!("orch_scheduler_scheduled_total").increment(1);
                 let obj = cache.get(&o.workload.key).unwrap_or_else(|| o.workload.object.clone());
-                spawn_bind(binds, permits, done, api, obj, placement, Vec::new());
+                let devices = self.devices_text(&placement);
+                spawn_bind(binds, permits, done, api, obj, placement, devices, Vec::new());
             }
             OutcomeKind::Preempted { placement, victims } => {
                 metrics::counter!("orch_scheduler_preemptions_total").increment(1);
@@ -284,7 +293,8 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                     .into_iter()
                     .map(|v| cache.get(&v.info.key).unwrap_or_else(|| v.info.object.clone()))
                     .collect();
-                spawn_bind(binds, permits, done, api, obj, placement, victims);
+                let devices = self.devices_text(&placement);
+                spawn_bind(binds, permits, done, api, obj, placement, devices, victims);
             }
             OutcomeKind::Unschedulable(diagnosis) => {
                 metrics::counter!("orch_scheduler_unschedulable_total").increment(1);
@@ -317,6 +327,7 @@ enum BindResult {
     Failed(Option<Arc<Object<Workload>>>),
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_bind(
     binds: &mut JoinSet<()>,
     permits: &Arc<Semaphore>,
@@ -324,6 +335,7 @@ fn spawn_bind(
     api: Api<Workload>,
     obj: Arc<Object<Workload>>,
     placement: Placement,
+    devices: Option<String>,
     victims: Vec<Arc<Object<Workload>>>,
 ) {
     let permits = permits.clone();
@@ -331,7 +343,7 @@ fn spawn_bind(
     binds.spawn(async move {
         let Ok(_permit) = permits.acquire_owned().await else { return };
         let key = ObjectRef::of(&obj);
-        let result = bind(&api, &obj, &placement, &victims).await;
+        let result = bind(&api, &obj, &placement, devices, &victims).await;
         let _ = done.send((key, result));
     });
 }
@@ -342,6 +354,7 @@ async fn bind(
     api: &Api<Workload>,
     obj: &Object<Workload>,
     placement: &Placement,
+    devices: Option<String>,
     victims: &[Arc<Object<Workload>>],
 ) -> BindResult {
     for v in victims {
@@ -363,9 +376,8 @@ async fn bind(
         }
         let mut next = attempt.clone();
         next.spec.node_name = Some(placement.node_name.to_string());
-        if !placement.devices.is_empty() {
-            let text: Vec<String> = placement.devices.iter().map(|d| format!("{}:{}", d.device, d.milli)).collect();
-            next.metadata.annotations.insert(DEVICES_ANNOTATION, text.join(","));
+        if let Some(text) = &devices {
+            next.metadata.annotations.insert(DEVICES_ANNOTATION, text.clone());
         }
         match api.replace(&next).await {
             Ok(_) => return BindResult::Bound,

@@ -239,7 +239,9 @@ impl NodeInfo {
     }
 
     /// Takes labels, taints and capacity from a new version of the node, keeping allocations.
-    fn refresh(&mut self, node: &Object<Node>) {
+    /// Returns true when the node's device list changed (the snapshot then hands shares out
+    /// again and updates every placement on the node).
+    fn refresh(&mut self, node: &Object<Node>) -> bool {
         self.labels = node.metadata.labels.clone();
         self.taints = node.spec.taints.clone();
         self.unschedulable = node.spec.unschedulable;
@@ -262,20 +264,10 @@ impl NodeInfo {
         let same_devices = gpus.len() == self.devices.len()
             && gpus.iter().zip(&self.devices).all(|(a, b)| a.id == b.id && a.model == b.model);
         if !same_devices {
-            // Devices changed under us (rare): hand shares out again from scratch on the new set.
             self.devices = gpus
                 .iter()
                 .map(|d| DeviceSlot { id: d.id.clone(), model: d.model.clone(), free: WHOLE_DEVICE })
                 .collect();
-            let placed: Vec<_> = self.workloads.clone();
-            for w in placed {
-                let gpu = w.request(GPU);
-                if let Some(shares) = self.pick_devices(gpu) {
-                    for s in shares {
-                        self.devices[s.device as usize].free -= s.milli;
-                    }
-                }
-            }
         }
         if !self.devices.is_empty() {
             alloc[GPU as usize] = alloc[GPU as usize].max(self.devices.len() as i64 * WHOLE_DEVICE);
@@ -284,6 +276,7 @@ impl NodeInfo {
         if self.requested.len() < self.allocatable.len() {
             self.requested.resize(self.allocatable.len(), 0);
         }
+        !same_devices
     }
 
     /// Allocatable amount of `dim`.
@@ -298,7 +291,7 @@ impl NodeInfo {
 
     /// Still free of `dim`.
     pub fn free(&self, dim: Dim) -> i64 {
-        self.allocatable(dim) - self.requested(dim)
+        self.allocatable(dim).saturating_sub(self.requested(dim))
     }
 
     /// The devices that would hold a GPU request of `milli` (best fit: the fullest device a share
@@ -338,7 +331,7 @@ impl NodeInfo {
             if self.requested.len() <= d {
                 self.requested.resize(d + 1, 0);
             }
-            self.requested[d] += m;
+            self.requested[d] = self.requested[d].saturating_add(m);
         }
         for s in shares {
             if let Some(dev) = self.devices.get_mut(s.device as usize) {
@@ -353,7 +346,7 @@ impl NodeInfo {
     pub fn release(&mut self, w: &WorkloadInfo, shares: &[DeviceShare]) {
         for &(d, m) in &w.requests {
             if let Some(r) = self.requested.get_mut(d as usize) {
-                *r -= m;
+                *r = r.saturating_sub(m);
             }
         }
         for s in shares {
@@ -512,8 +505,11 @@ const LOG_LIMIT: usize = 1 << 16;
 
 /// The cluster as the scheduler sees it. Read-only to schedulers; the scheduling core applies
 /// decisions and store events to it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Snapshot {
+    /// Unique per snapshot (a clone gets a new one), so caches keyed by change sequence numbers
+    /// never mix two snapshots.
+    id: u64,
     nodes: Vec<Option<NodeInfo>>,
     by_name: HashMap<Arc<str>, NodeId>,
     free_slots: Vec<NodeId>,
@@ -536,6 +532,7 @@ impl Clone for Snapshot {
     fn clone(&self) -> Self {
         let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         Snapshot {
+            id: next_snapshot_id(),
             nodes: self.nodes.clone(),
             by_name: self.by_name.clone(),
             free_slots: self.free_slots.clone(),
@@ -574,10 +571,41 @@ impl Clone for Snapshot {
     }
 }
 
+fn next_snapshot_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot {
+            id: next_snapshot_id(),
+            nodes: Vec::new(),
+            by_name: HashMap::new(),
+            free_slots: Vec::new(),
+            live: 0,
+            placed: HashMap::new(),
+            topology: HashMap::new(),
+            anti_terms: HashMap::new(),
+            counters: Mutex::new(HashMap::new()),
+            groups: HashMap::new(),
+            pending_groups: HashMap::new(),
+            change_seq: 0,
+            changes: VecDeque::new(),
+            slots_epoch: 0,
+        }
+    }
+}
+
 impl Snapshot {
     /// An empty cluster.
     pub fn new() -> Self {
         Snapshot::default()
+    }
+
+    /// This snapshot's identity (a clone has another).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Number of live nodes.
@@ -654,7 +682,7 @@ impl Snapshot {
     /// reaches back that far (recompute everything).
     pub fn changes_since(&self, seq: u64) -> Option<impl Iterator<Item = NodeId> + '_> {
         let first = self.change_seq - self.changes.len() as u64;
-        if seq < first {
+        if seq < first || seq > self.change_seq {
             return None;
         }
         Some(self.changes.iter().skip((seq - first) as usize).copied())
@@ -690,8 +718,9 @@ impl Snapshot {
     /// Adds a node, or refreshes it when one of that name exists. Returns its slot.
     pub fn upsert_node(&mut self, node: &Object<Node>) -> NodeId {
         if let Some(&id) = self.by_name.get(node.metadata.name.as_str()) {
-            if let Some(n) = self.nodes[id as usize].as_mut() {
-                n.refresh(node);
+            let devices_changed = self.nodes[id as usize].as_mut().is_some_and(|n| n.refresh(node));
+            if devices_changed {
+                self.repick_devices(id);
             }
             self.index_labels(id);
             self.touch(id);
@@ -720,6 +749,23 @@ impl Snapshot {
         self.index_labels(id);
         self.touch(id);
         id
+    }
+
+    /// After a node's device list changed: hands out shares again on the new set, and records
+    /// them in each placement (a workload that no longer fits any device keeps no share).
+    fn repick_devices(&mut self, id: NodeId) {
+        let Some(node) = self.nodes[id as usize].as_mut() else { return };
+        let keys: Vec<ObjectRef> = node.workloads.iter().map(|w| w.key.clone()).collect();
+        for key in keys {
+            let gpu = node.workloads.iter().find(|w| w.key == key).map_or(0, |w| w.request(GPU));
+            let shares = node.pick_devices(gpu).unwrap_or_default();
+            for s in &shares {
+                node.devices[s.device as usize].free -= s.milli;
+            }
+            if let Some(p) = self.placed.get_mut(&key) {
+                p.placement.devices = shares;
+            }
+        }
     }
 
     fn index_labels(&mut self, id: NodeId) {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::cache::ObjectRef;
 use crate::scheduler::framework::{Ctx, Diagnosis, Filters, Plugin, Points};
-use crate::scheduler::snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo};
+use crate::scheduler::snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo, WorkloadMatch};
 
 /// When nothing fits, finds the node where evicting lower-priority workloads makes room at the
 /// least cost, and names the victims. Never evicts a workload of equal or higher priority.
@@ -18,7 +18,7 @@ use crate::scheduler::snapshot::{NodeId, NodeInfo, Placement, Snapshot, Workload
 /// recomputed only for nodes that changed, so a wave of preemptors costs little per preemptor.
 #[derive(Debug, Default)]
 pub struct Preemption {
-    cache: Mutex<HashMap<u64, ClassCandidates>>,
+    cache: Mutex<HashMap<(u64, u64), ClassCandidates>>,
 }
 
 type Cost = (i32, usize, i64, NodeId);
@@ -69,7 +69,23 @@ const MAX_CACHED_CLASSES: usize = 32;
 fn evaluate(cx: &Ctx<'_>, filters: &Filters<'_>, node: &NodeInfo) -> Option<(Cost, Vec<ObjectRef>)> {
     let w = cx.workload;
     let p = w.priority();
-    let mut lower: Vec<&Arc<WorkloadInfo>> = node.workloads.iter().filter(|v| v.priority() < p).collect();
+    // Workloads the preemptor requires (its required affinity) are not evicted for it.
+    let needed: Vec<WorkloadMatch> = w
+        .spec()
+        .affinity
+        .as_ref()
+        .and_then(|a| a.workload_affinity.as_ref())
+        .map(|a| a.required.iter().map(|t| WorkloadMatch::of_term(t, w.namespace())).collect())
+        .unwrap_or_default();
+    let mut lower: Vec<&Arc<WorkloadInfo>> = node
+        .workloads
+        .iter()
+        .filter(|v| v.priority() < p)
+        // Only bound workloads are evicted: an assumed one (bind in flight, or held for its
+        // gang) is a decision of this scheduler, not yet a running workload.
+        .filter(|v| cx.snapshot.placed(&v.key).is_some_and(|pl| !pl.assumed))
+        .filter(|v| !needed.iter().any(|m| m.matches(v)))
+        .collect();
     if lower.is_empty() {
         return None;
     }
@@ -118,13 +134,13 @@ impl Plugin for Preemption {
             return None;
         }
         let snapshot: &Snapshot = cx.snapshot;
-        let w = cx.workload;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= MAX_CACHED_CLASSES && !cache.contains_key(&w.class) {
+        let class = filters.class();
+        if cache.len() >= MAX_CACHED_CLASSES && !cache.contains_key(&class) {
             cache.clear();
         }
         let slots = snapshot.slots();
-        let entry = cache.entry(w.class).or_insert_with(|| ClassCandidates {
+        let entry = cache.entry(class).or_insert_with(|| ClassCandidates {
             seen_seq: u64::MAX,
             epoch: u64::MAX,
             candidates: Vec::new(),
