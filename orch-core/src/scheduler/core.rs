@@ -55,6 +55,10 @@ struct Held {
 /// decisions: every placement is checked against the snapshot before it counts; gangs are held
 /// until complete and rolled back together; preemption victims leave the snapshot before the
 /// preemptor is placed.
+///
+/// A placement counts at once as *assumed*; call [`bound`](Self::bound) when its write lands
+/// (the [`SchedulerService`](super::SchedulerService) does). Only bound workloads are
+/// preemption victims, so a driver that never confirms gets no preemption.
 pub struct SchedulingCore<S: Scheduler = Framework> {
     scheduler: S,
     snapshot: Snapshot,

@@ -331,6 +331,12 @@ pub struct Diagnosis {
 }
 
 impl Diagnosis {
+    /// A diagnosis for a custom scheduler: nodes considered and reasons with node counts; the
+    /// workload is retried on any cluster event.
+    pub fn new(nodes: usize, reasons: Vec<(Cow<'static, str>, usize)>) -> Self {
+        Diagnosis { nodes, reasons, wake_on: Events::ALL, rejected: None }
+    }
+
     /// "0/5000 nodes fit: 4980 insufficient cpu, 20 taint {dedicated=gpu}".
     pub fn message(&self) -> String {
         if let Some(r) = &self.rejected {

@@ -83,6 +83,9 @@ pub struct SchedulingQueue {
     events: u64,
     /// Unschedulable workloads waiting on each event bit, so events nobody waits for cost nothing.
     waiting_on: [usize; 5],
+    /// The latest events with their counter, to tell whether one that matters to a failed
+    /// workload happened while it was being scheduled.
+    recent: std::collections::VecDeque<(u64, Events)>,
     initial_backoff_ms: u64,
     max_backoff_ms: u64,
     flush_ms: u64,
@@ -106,6 +109,7 @@ impl SchedulingQueue {
             next_id: 0,
             events: 0,
             waiting_on: [0; 5],
+            recent: std::collections::VecDeque::new(),
             initial_backoff_ms: 1_000,
             max_backoff_ms: 10_000,
             flush_ms: 300_000,
@@ -284,12 +288,25 @@ impl SchedulingQueue {
         let Some(mut item) = self.unlink(key) else { return };
         item.attempts += 1;
         item.wake_on = wake_on;
-        item.place = if item.popped_at < self.events {
+        item.place = if self.event_since(item.popped_at, wake_on) {
             Place::Backoff(now_ms + self.backoff_ms(item.attempts))
         } else {
             Place::Unschedulable(now_ms)
         };
         self.link(key.clone(), item);
+    }
+
+    /// Whether an event in `mask` happened after the counter was at `since` (when in doubt, yes).
+    fn event_since(&self, since: u64, mask: Events) -> bool {
+        if since >= self.events {
+            return false;
+        }
+        match self.recent.front() {
+            Some((first, _)) if *first <= since + 1 => {
+                self.recent.iter().any(|(n, e)| *n > since && e.intersects(mask))
+            }
+            _ => true,
+        }
     }
 
     /// A transient failure: retry after a backoff that grows with the attempts.
@@ -308,6 +325,10 @@ impl SchedulingQueue {
     /// A cluster event: wakes the unschedulable workloads it may help. Returns how many woke.
     pub fn on_event(&mut self, event: Events, now_ms: u64) -> usize {
         self.events += 1;
+        self.recent.push_back((self.events, event));
+        if self.recent.len() > 4096 {
+            self.recent.pop_front();
+        }
         let waiting = self.waiting_on.iter().enumerate().any(|(bit, n)| *n > 0 && event.0 & (1 << bit) != 0);
         if !waiting {
             return 0;
@@ -519,5 +540,9 @@ mod tests {
         assert_eq!(q.sizes(), (0, 1, 0));
         assert!(q.pop(999).is_none());
         assert_eq!(q.pop(1_000).unwrap().key, c.key);
+        // An unrelated event during scheduling does not: it parks.
+        q.on_event(Events::WORKLOAD_ADDED, 1_000);
+        q.unschedulable(&c.key, Events::NODE_UPDATED, 1_000);
+        assert_eq!(q.sizes(), (0, 0, 1));
     }
 }
