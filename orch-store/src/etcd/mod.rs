@@ -13,7 +13,7 @@
 //! | label and field selectors | filtered here, on the decoded objects (etcd only knows keys) |
 //! | watch from R | an etcd watch from R with previous values, re-opened from the last delivered revision whenever the connection drops |
 //! | `Progress` | etcd progress requests, reported once the watch has stayed quiet a moment longer (see `ProgressState` in the source) |
-//! | compaction, `Compacted` | etcd compaction; its "required revision has been compacted" answers |
+//! | compaction to R, `Compacted` | etcd compaction at R - 1 (etcd's at R would drop a deletion made at R) plus the prefix's own floor R; etcd's "required revision has been compacted" answers |
 //! | leases | etcd leases (whole seconds, at least etcd's minimum TTL); one keep-alive round trip per [`Store::keep_alive`] |
 //!
 //! Objects live under `{prefix}/o/{kind}/{namespace}!{name}` as JSON (`!` sorts below every
@@ -262,6 +262,31 @@ impl Inner {
     /// A key that never holds an object: current-revision reads and compaction probes use it.
     fn meta_key(&self) -> Vec<u8> {
         format!("{}/m/revision", self.prefix).into_bytes()
+    }
+
+    /// The key holding this prefix's compaction floor (see [`Store::compact`] below).
+    fn floor_key(&self) -> Vec<u8> {
+        format!("{}/m/floor", self.prefix).into_bytes()
+    }
+
+    /// The oldest revision this prefix serves lists and watches from (0: never compacted), and
+    /// the floor key's `mod_revision` for a compare-and-swap.
+    async fn floor(&self) -> Result<(u64, i64)> {
+        let resp = self.range("read the compaction floor", self.floor_key(), GetOptions::new()).await;
+        let resp = resp.map_err(CallError::into_error)?;
+        let Some(kv) = resp.kvs().first() else { return Ok((0, 0)) };
+        let floor = std::str::from_utf8(kv.value()).ok().and_then(|v| v.parse::<u64>().ok());
+        let floor = floor.ok_or_else(|| Error::Unavailable {
+            message: format!("etcd: {:?} holds {:?}, not a revision", self.prefix, String::from_utf8_lossy(kv.value())),
+            source: None,
+        })?;
+        Ok((floor, kv.mod_revision()))
+    }
+
+    /// Fails with `Compacted` when `revision` is below this prefix's compaction floor.
+    async fn check_floor(&self, revision: u64) -> Result<()> {
+        let (floor, _) = self.floor().await?;
+        if revision < floor { Err(Error::Compacted { requested: revision, compacted: floor }) } else { Ok(()) }
     }
 
     /// Runs one etcd call under the request timeout.
@@ -562,8 +587,9 @@ impl Inner {
     /// Maps a read at `requested` that etcd refused.
     async fn revision_error(&self, requested: u64, e: CallError) -> Error {
         if e.is_compacted() {
-            let compacted = self.compaction_floor(requested).await.unwrap_or(requested + 1);
-            Error::Compacted { requested, compacted }
+            let etcd_floor = self.compaction_floor(requested).await.unwrap_or(requested + 1);
+            let own_floor = self.floor().await.map_or(0, |(f, _)| f);
+            Error::Compacted { requested, compacted: etcd_floor.max(own_floor) }
         } else if e.is_future_revision() {
             let current = self.revision().await.unwrap_or_default();
             Error::FutureRevision { requested, current }
@@ -612,6 +638,9 @@ impl Inner {
             None => prefix.clone(),
         };
         let filtering = !sel.labels.is_empty() || !sel.fields.is_empty();
+        if let Some(r) = revision {
+            self.check_floor(r).await?;
+        }
         let mut revision = revision;
         let mut items = Vec::new();
         loop {
@@ -784,17 +813,36 @@ impl Store for EtcdStore {
         self.inner.revision().await
     }
 
+    /// Compacting to R keeps R's events: etcd's compaction at R would also drop a deletion made
+    /// at R (its tombstone), so etcd is compacted at R - 1 and the prefix records R as its floor
+    /// (under `{prefix}/m/floor`, a write of its own), below which lists and watches answer
+    /// `Compacted`. Compaction is etcd's, so it applies to every prefix on the etcd.
     async fn compact(&self, revision: u64) -> Result<()> {
         let current = self.inner.revision().await?;
         if revision > current {
             return Err(Error::FutureRevision { requested: revision, current });
         }
+        loop {
+            let (floor, floor_rev) = self.inner.floor().await?;
+            if revision <= floor {
+                return Ok(());
+            }
+            let set = Txn::new()
+                .when(vec![Compare::mod_revision(self.inner.floor_key(), CompareOp::Equal, floor_rev)])
+                .and_then(vec![TxnOp::put(self.inner.floor_key(), revision.to_string(), None)]);
+            let resp = self.inner.txn("record the compaction floor", set).await.map_err(CallError::into_error)?;
+            if resp.succeeded() {
+                break;
+            }
+        }
+        if revision < 2 {
+            return Ok(());
+        }
         let mut kv = self.inner.kv.clone();
-        match self.inner.call("compact", kv.compact(to_i64(revision), None)).await {
-            Ok(_) => Ok(()),
+        match self.inner.call("compact", kv.compact(to_i64(revision - 1), None)).await {
             // Already compacted at or past it: nothing to do.
+            Ok(_) => Ok(()),
             Err(e) if e.is_compacted() => Ok(()),
-            Err(e) if e.is_future_revision() => Err(Error::FutureRevision { requested: revision, current }),
             Err(e) => Err(e.into_error()),
         }
     }
@@ -921,6 +969,7 @@ impl Watch {
     async fn open(&mut self) -> Result<()> {
         self.stream = None;
         self.progress = ProgressState::Idle;
+        self.inner.check_floor(self.next).await?;
         let options = WatchOptions::new()
             .with_range(prefix_end(&self.prefix))
             .with_start_revision(to_i64(self.next))
