@@ -1,0 +1,168 @@
+//! End to end on the real engine: a control plane (memory store, default scheduler, node
+//! lifecycle controller) with a node agent on the Docker runtime. A workload is scheduled and
+//! runs as a container; killed behind the agent's back (`docker kill`), it is restarted; the
+//! agent is restarted and adopts the running container instead of starting another, and a
+//! stray container labelled for the node is removed after the orphan grace period. Skipped
+//! with a note where no engine answers (see `docker_support`).
+
+#![cfg(feature = "docker")]
+
+mod docker_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use docker_support::{Scope, skip};
+use orch_core::kinds::{ContainerState, Phase, Resources, RestartPolicy, Workload, resource};
+use orch_core::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
+use orch_core::runtime::InstanceSpec;
+use orch_core::{
+    Agent, AgentConfig, Api, Manager, Object, ObjectMeta, Profile, Quantity, Runtime, SchedulerService, Store,
+};
+use orch_runtime::DockerRuntime;
+use orch_store::MemoryStore;
+use tokio::sync::oneshot;
+
+fn agent_config(node: &str) -> AgentConfig {
+    let mut config = AgentConfig::new(node);
+    config.capacity = Some(Resources::from([
+        (resource::CPU.to_string(), Quantity::from_units(2)),
+        (resource::MEMORY.to_string(), "4Gi".parse().unwrap()),
+    ]));
+    config.backoff_base = Duration::from_millis(200);
+    config.backoff_max = Duration::from_secs(2);
+    config.resync_interval = Duration::from_millis(200);
+    config.renew_interval = Duration::from_millis(500);
+    config.lease_ttl = Duration::from_secs(5);
+    config.stop_grace = Duration::from_secs(2);
+    config
+}
+
+fn start_agent(
+    store: &Arc<dyn Store>,
+    runtime: &Arc<dyn Runtime>,
+    node: &str,
+    drain: bool,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<orch_core::Result<()>>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let agent = Agent::new(agent_config(node), store.clone(), runtime.clone());
+    let handle = tokio::spawn(agent.run(
+        async move {
+            let _ = rx.await;
+        },
+        drain,
+    ));
+    (tx, handle)
+}
+
+async fn until<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn container_of(h: &orch_core::Handle) -> String {
+    h.data["container"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_restarts_a_killed_container_and_adopts_it_after_its_own_restart() {
+    if skip("the_agent_restarts_a_killed_container_and_adopts_it_after_its_own_restart") {
+        return;
+    }
+    let scope = Scope::new("e2e");
+    let node = scope.node.clone();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+
+    // The control plane.
+    let mut manager = Manager::new(store.clone());
+    manager.add_scheduler(SchedulerService::new(Profile::default_profile()));
+    manager.add(NodeLifecycle::builder(NodeLifecycleConfig::default()));
+    let (stop_manager, manager_stopped) = oneshot::channel::<()>();
+    let manager = tokio::spawn(manager.run(async move {
+        let _ = manager_stopped.await;
+    }));
+
+    let first: Arc<dyn Runtime> = Arc::new(DockerRuntime::connect(scope.config()).await.unwrap());
+    let (stop, agent) = start_agent(&store, &first, &node, false);
+
+    // Not bound: the scheduler places it on the agent's node.
+    let mut w = Workload::command("main", &["/bin/sh", "-c", "echo up; exec sleep 600"]);
+    w.containers[0].image = Some(scope.image.clone());
+    w.containers[0].resources.requests.insert(resource::CPU.into(), "100m".parse().unwrap());
+    w.restart_policy = RestartPolicy::Always;
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&Object::new(ObjectMeta::named("web"), w)).await.unwrap();
+    let running = until("web running", async || {
+        let w = api.get("web").await.unwrap();
+        (w.status.phase == Phase::Running).then_some(w)
+    })
+    .await;
+    assert_eq!(running.spec.node_name.as_deref(), Some(node.as_str()), "scheduled onto the agent's node");
+    assert_eq!(running.status.restart_count, 0);
+    let handles = first.list().await.unwrap();
+    assert_eq!(handles.len(), 1);
+    let killed = container_of(&handles[0]);
+
+    // Killed behind the agent's back: it comes back as a new container, counted as a restart.
+    let docker = bollard::Docker::connect_with_defaults().unwrap();
+    let sigkill = bollard::query_parameters::KillContainerOptionsBuilder::default().signal("SIGKILL").build();
+    docker.kill_container(&killed, Some(sigkill)).await.unwrap();
+    let restarted = until("web restarted", async || {
+        let w = api.get("web").await.unwrap();
+        (w.status.phase == Phase::Running && w.status.restart_count == 1).then_some(w)
+    })
+    .await;
+    assert!(matches!(restarted.status.container_statuses[0].state, ContainerState::Running { .. }));
+    let handles = first.list().await.unwrap();
+    assert_eq!(handles.len(), 1, "the killed container was removed: {handles:?}");
+    let replacement = container_of(&handles[0]);
+    assert_ne!(replacement, killed);
+    let started_at = docker.inspect_container(&replacement, None).await.unwrap().state.unwrap().started_at;
+
+    // The agent stops without draining; its container keeps running. A stray container
+    // labelled for the node (no workload's) appears meanwhile.
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    let stray = InstanceSpec {
+        id: "stray".into(),
+        container: orch_core::kinds::Container {
+            name: "main".into(),
+            image: Some(scope.image.clone()),
+            command: vec!["/bin/sleep".into(), "600".into()],
+            ..Default::default()
+        },
+        volumes: Vec::new(),
+        labels: Default::default(),
+    };
+    first.start(&stray).await.unwrap();
+    drop(first);
+
+    // A new agent on a new runtime adopts the container: same id, same start, no restart.
+    let mut config = scope.config();
+    config.orphan_grace = Some(Duration::from_secs(2));
+    let second: Arc<dyn Runtime> = Arc::new(DockerRuntime::connect(config).await.unwrap());
+    let (stop, agent) = start_agent(&store, &second, &node, true);
+    let ids = until("the stray container removed", async || {
+        let ids: Vec<String> = second.list().await.unwrap().iter().map(container_of).collect();
+        (ids.len() == 1).then_some(ids)
+    })
+    .await;
+    assert_eq!(ids, std::slice::from_ref(&replacement), "the same container, adopted");
+    let now = docker.inspect_container(&replacement, None).await.unwrap().state.unwrap();
+    assert_eq!((now.status, now.started_at), (Some(bollard::models::ContainerStateStatusEnum::RUNNING), started_at));
+    let w = api.get("web").await.unwrap();
+    assert_eq!((w.status.phase, w.status.restart_count), (Phase::Running, 1));
+
+    // Draining stops and removes it.
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    assert!(second.list().await.unwrap().is_empty(), "a draining agent removes its containers");
+    stop_manager.send(()).unwrap();
+    manager.await.unwrap().unwrap();
+}
