@@ -165,7 +165,7 @@ async fn a_three_member_cluster_keeps_taking_writes_with_a_member_down() {
     let mut restarted = etcd_client::Client::connect([etcd.endpoint(leader)], None).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let prefix = "cluster/o/Thing/";
+        let prefix = "cluster#o/Thing/";
         let n = restarted.get(prefix, Some(etcd_client::GetOptions::new().with_prefix().with_count_only())).await;
         match n {
             Ok(r) if r.count() == 60 => break,
@@ -219,4 +219,24 @@ async fn revoking_a_lease_with_thousands_of_objects_reaches_the_watch_in_one_rev
     assert_eq!(revisions.len(), 1, "one revision for the whole lease");
     let left = store.list(&orch_core::ListRequest::new(Selection::kind("Thing"))).await.unwrap();
     assert!(left.items.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clusters_on_one_etcd_do_not_see_each_other_even_with_nested_prefixes() {
+    if skip() {
+        return;
+    }
+    let etcd = LocalEtcd::start().unwrap();
+    etcd.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let outer = EtcdStore::connect(etcd.endpoints(), "orch").await.unwrap();
+    // A prefix that spells out where the outer cluster keeps its `Thing`s.
+    let inner = EtcdStore::connect(etcd.endpoints(), "orch/o/Thing").await.unwrap();
+    let from = outer.current_revision().await.unwrap() + 1;
+    let mut outer_watch = outer.watch(&WatchRequest::from(Selection::kind("Thing"), from)).await.unwrap();
+    inner.create(thing("intruder", 0), &WriteOptions::default()).await.unwrap();
+    let mine = outer.create(thing("mine", 1), &WriteOptions::default()).await.unwrap();
+    let listed = outer.list(&orch_core::ListRequest::new(Selection::kind("Thing"))).await.unwrap();
+    assert_eq!(listed.items.iter().map(|o| o.metadata.name.as_str()).collect::<Vec<_>>(), ["mine"]);
+    assert!(outer.get(&thing("intruder", 0).key()).await.unwrap_err().is_not_found());
+    assert_eq!(read_changes(&mut outer_watch, 1).await, [mine.metadata.resource_version]);
 }

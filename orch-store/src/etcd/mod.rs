@@ -16,9 +16,11 @@
 //! | compaction to R, `Compacted` | etcd compaction at R - 1 (etcd's at R would drop a deletion made at R) plus the prefix's own floor R; etcd's "required revision has been compacted" answers |
 //! | leases | etcd leases (whole seconds, at least etcd's minimum TTL); one keep-alive round trip per [`Store::keep_alive`] |
 //!
-//! Objects live under `{prefix}/o/{kind}/{namespace}!{name}` as JSON (`!` sorts below every
+//! Objects live under `{prefix}#o/{kind}/{namespace}!{name}` as JSON (`!` sorts below every
 //! character a namespace or name may hold, so etcd's key order is namespace-then-name order).
-//! Each orch cluster gets its own prefix, so several can share one etcd.
+//! Each orch cluster gets its own prefix, so several can share one etcd; a prefix cannot hold
+//! `#`, so no cluster's keys fall inside another's range, even with prefixes like `orch` and
+//! `orch/o/Node`.
 //!
 //! # Revisions are etcd's, and shared
 //! etcd has one revision for its whole key space. Several prefixes on one etcd therefore share
@@ -242,11 +244,11 @@ impl EtcdStore {
 
 impl Inner {
     fn kind_prefix(&self, kind: &str) -> Vec<u8> {
-        format!("{}/o/{kind}/", self.prefix).into_bytes()
+        format!("{}#o/{kind}/", self.prefix).into_bytes()
     }
 
     fn key(&self, key: &ObjectKey) -> Vec<u8> {
-        format!("{}/o/{}/{}!{}", self.prefix, key.kind, key.namespace, key.name).into_bytes()
+        format!("{}#o/{}/{}!{}", self.prefix, key.kind, key.namespace, key.name).into_bytes()
     }
 
     /// The key range a selection covers.
@@ -261,12 +263,12 @@ impl Inner {
 
     /// A key that never holds an object: current-revision reads and compaction probes use it.
     fn meta_key(&self) -> Vec<u8> {
-        format!("{}/m/revision", self.prefix).into_bytes()
+        format!("{}#m/revision", self.prefix).into_bytes()
     }
 
     /// The key holding this prefix's compaction floor (see [`Store::compact`] below).
     fn floor_key(&self) -> Vec<u8> {
-        format!("{}/m/floor", self.prefix).into_bytes()
+        format!("{}#m/floor", self.prefix).into_bytes()
     }
 
     /// The oldest revision this prefix serves lists and watches from (0: never compacted), and
@@ -815,7 +817,7 @@ impl Store for EtcdStore {
 
     /// Compacting to R keeps R's events: etcd's compaction at R would also drop a deletion made
     /// at R (its tombstone), so etcd is compacted at R - 1 and the prefix records R as its floor
-    /// (under `{prefix}/m/floor`, a write of its own), below which lists and watches answer
+    /// (under `{prefix}#m/floor`, a write of its own), below which lists and watches answer
     /// `Compacted`. Compaction is etcd's, so it applies to every prefix on the etcd.
     async fn compact(&self, revision: u64) -> Result<()> {
         let current = self.inner.revision().await?;
@@ -1152,7 +1154,7 @@ mod tests {
     use super::*;
 
     fn key_of(ns: &str, name: &str) -> Vec<u8> {
-        format!("p/o/Thing/{ns}!{name}").into_bytes()
+        format!("p#o/Thing/{ns}!{name}").into_bytes()
     }
 
     proptest::proptest! {
@@ -1165,7 +1167,7 @@ mod tests {
         ) {
             let (ka, kb) = (key_of(&a.0, &a.1), key_of(&b.0, &b.1));
             proptest::prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
-            let ns_prefix = format!("p/o/Thing/{}!", a.0).into_bytes();
+            let ns_prefix = format!("p#o/Thing/{}!", a.0).into_bytes();
             let end = prefix_end(&ns_prefix);
             let inside = kb.as_slice() >= ns_prefix.as_slice() && kb.as_slice() < end.as_slice();
             proptest::prop_assert_eq!(inside, a.0 == b.0);
