@@ -366,7 +366,9 @@ impl CallError {
     }
 
     fn is_lease_not_found(&self) -> bool {
-        matches!(self, CallError::Etcd(_, etcd_client::Error::LeaseKeepAliveError(_)))
+        // etcd-client turns a renewal answered with TTL 0 into this error; its other
+        // keep-alive errors are a broken stream, not a missing lease.
+        matches!(self, CallError::Etcd(_, etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found"))
             || self.status_message().contains("lease not found")
     }
 
