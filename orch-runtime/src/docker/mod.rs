@@ -146,6 +146,19 @@ struct DockerData {
 
 /// Runs instances as containers on a Docker Engine. Cheap to clone; clones share the
 /// connection.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use orch_runtime::docker::{DockerConfig, DockerRuntime, PullPolicy};
+///
+/// # async fn run(store: Arc<dyn orch_core::Store>) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut config = DockerConfig::new("node-1"); // DOCKER_HOST, else the local socket
+/// config.pull = PullPolicy::Never; // the default: local images only
+/// let runtime: Arc<dyn orch_core::Runtime> = Arc::new(DockerRuntime::connect(config).await?);
+/// let agent = orch_core::Agent::new(orch_core::AgentConfig::new("node-1"), store, runtime);
+/// agent.run(std::future::pending(), true).await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct DockerRuntime {
     inner: Arc<Inner>,
