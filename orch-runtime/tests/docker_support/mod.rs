@@ -101,13 +101,15 @@ fn release_image() {
     }
 }
 
-/// Images and containers of test processes that died without cleaning up (killed, aborted).
+/// Images and containers of test (and bench) processes that died without cleaning up (killed,
+/// aborted).
 async fn remove_leftovers(rt: &DockerRuntime) {
     let docker = bollard::Docker::connect_with_defaults().expect("client");
     let dead = |pid: &str| pid.parse::<u32>().is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists());
     if let Ok(images) = docker.list_images(None::<bollard::query_parameters::ListImagesOptions>).await {
         for tag in images.iter().flat_map(|i| i.repo_tags.iter()) {
-            if let Some(pid) = tag.strip_prefix(&format!("{REPO}:")) {
+            let pid = tag.strip_prefix(&format!("{REPO}:")).or_else(|| tag.strip_prefix("orch-bench-busybox:"));
+            if let Some(pid) = pid {
                 if dead(pid) {
                     let _ = rt.remove_image(tag, true).await;
                 }
@@ -118,7 +120,8 @@ async fn remove_leftovers(rt: &DockerRuntime) {
     let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
     for c in docker.list_containers(Some(options)).await.unwrap_or_default() {
         let node = c.labels.as_ref().and_then(|l| l.get("orch.dev/node")).cloned().unwrap_or_default();
-        let pid = node.strip_prefix('t').and_then(|n| n.split('-').next()).unwrap_or("");
+        let pid = node.strip_prefix("bench-").or_else(|| node.strip_prefix('t').and_then(|n| n.split('-').next()));
+        let pid = pid.unwrap_or("");
         if dead(pid) {
             let rm = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
             let _ = docker.remove_container(c.id.as_deref().unwrap_or_default(), Some(rm)).await;
