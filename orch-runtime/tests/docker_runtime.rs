@@ -309,3 +309,27 @@ async fn unclaimed_containers_are_removed_after_the_grace_period() {
         "the adopted one is untouched"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_program_fails_clearly() {
+    if skip("a_missing_program_fails_clearly") {
+        return;
+    }
+    let scope = Scope::new("missing-program");
+    // Under the Engine's init (the default) the instance runs and fails as a shell would.
+    let rt = DockerRuntime::connect(scope.config()).await.unwrap();
+    let mut spec = sh(&scope, "ghost", "");
+    spec.container.command = vec!["/no/such/program".into()];
+    let h = rt.start(&spec).await.unwrap();
+    assert_eq!(rt.wait(&h).await.unwrap().code, Some(127));
+    // Without it the Engine refuses the start: a spec error naming the command.
+    let mut config = scope.config();
+    config.init = false;
+    let bare = DockerRuntime::connect(config).await.unwrap();
+    spec.id = "ghost-2".into();
+    let e = bare.start(&spec).await.unwrap_err();
+    assert!(matches!(&e, RuntimeError::InvalidSpec { field, .. } if field == "container.command[0]"), "{e}");
+    assert!(e.to_string().contains("/no/such/program"), "{e}");
+    let ids: Vec<String> = bare.list().await.unwrap().into_iter().map(|h| h.id).collect();
+    assert_eq!(ids, ["ghost"], "the refused start left nothing behind");
+}

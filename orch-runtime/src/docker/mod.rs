@@ -755,10 +755,22 @@ impl Runtime for DockerRuntime {
         if let Err(e) = self.docker().await?.start_container(&container, None).await {
             let message = error::answer(&e).map(|(_, m)| m.to_string()).unwrap_or_default();
             let in_use = message.contains("address already in use") || message.contains("port is already allocated");
-            let port =
-                spec.container.ports.iter().filter_map(|p| p.host_port).find(|p| message.contains(&format!(":{p}")));
+            let mut host_ports = spec.container.ports.iter().filter_map(|p| p.host_port);
+            // The one the daemon names, else (a message worded otherwise) the first.
+            let port = host_ports.clone().find(|p| message.contains(&format!(":{p}"))).or_else(|| host_ports.next());
             let e = match port {
                 Some(port) if in_use => DockerError::PortInUse { port, source: e }.into(),
+                // Without the Engine's init the runtime itself execs the command.
+                _ if message.contains("executable file not found") || message.contains("no such file or directory") => {
+                    let program = spec.container.command.first().or(spec.container.args.first());
+                    RuntimeError::invalid(
+                        "container.command[0]",
+                        format!(
+                            "cannot run {program:?} in image {:?}: {message}",
+                            spec.container.image.as_deref().unwrap_or("")
+                        ),
+                    )
+                }
                 _ => self.api_error(format!("start the container of {}", spec.id), e),
             };
             return undo(e).await;
