@@ -102,12 +102,15 @@ fn release_image() {
 }
 
 /// Images and containers of test (and bench) processes that died without cleaning up (killed,
-/// aborted).
+/// aborted): their pid is gone and they are over an hour old (a run in another pid namespace
+/// sharing the daemon is never that long).
 async fn remove_leftovers(rt: &DockerRuntime) {
     let docker = bollard::Docker::connect_with_defaults().expect("client");
     let dead = |pid: &str| pid.parse::<u32>().is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let old = |created: i64| now - created > 3600;
     if let Ok(images) = docker.list_images(None::<bollard::query_parameters::ListImagesOptions>).await {
-        for tag in images.iter().flat_map(|i| i.repo_tags.iter()) {
+        for tag in images.iter().filter(|i| old(i.created)).flat_map(|i| i.repo_tags.iter()) {
             let pid = tag.strip_prefix(&format!("{REPO}:")).or_else(|| tag.strip_prefix("orch-bench-busybox:"));
             if let Some(pid) = pid {
                 if dead(pid) {
@@ -119,6 +122,9 @@ async fn remove_leftovers(rt: &DockerRuntime) {
     let filters = HashMap::from([("label".to_string(), vec!["orch.dev/managed-by=orch".to_string()])]);
     let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
     for c in docker.list_containers(Some(options)).await.unwrap_or_default() {
+        if !old(c.created.unwrap_or(now)) {
+            continue;
+        }
         let node = c.labels.as_ref().and_then(|l| l.get("orch.dev/node")).cloned().unwrap_or_default();
         let pid = node.strip_prefix("bench-").or_else(|| node.strip_prefix('t').and_then(|n| n.split('-').next()));
         let pid = pid.unwrap_or("");
