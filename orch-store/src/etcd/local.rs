@@ -64,6 +64,20 @@ impl LocalEtcd {
         if members == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "members: must be >= 1"));
         }
+        // A free port can be taken by someone else before etcd binds it: then try new ones.
+        let mut attempt = 0;
+        loop {
+            match Self::try_start(members) {
+                Err(e) if attempt < 2 => {
+                    attempt += 1;
+                    eprintln!("etcd did not start ({e}); trying other ports");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_start(members: usize) -> io::Result<LocalEtcd> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let dir = std::env::temp_dir().join(format!(
