@@ -3,7 +3,8 @@
 //! One etcd serves the whole file; every store the suite asks for gets a fresh key prefix, so
 //! cases start empty. Cases run one at a time: several suite cases compare the global revision
 //! before and after, and etcd's revision is shared by every prefix (see `orch_store::etcd`).
-//! Without an `etcd` binary on `PATH` each case says it is skipped and returns.
+//! Without an `etcd` binary on `PATH` each case says it is skipped and returns (with
+//! `ORCH_REQUIRE_ETCD` set, as CI does, it fails instead).
 
 #![cfg(feature = "etcd")]
 
@@ -17,7 +18,7 @@ use orch_store::etcd::LocalEtcd;
 fn shared_etcd() -> Option<&'static LocalEtcd> {
     static ETCD: OnceLock<Option<LocalEtcd>> = OnceLock::new();
     ETCD.get_or_init(|| {
-        if !LocalEtcd::available() {
+        if !LocalEtcd::available_for_test() {
             return None;
         }
         let etcd = LocalEtcd::start().expect("start etcd");

@@ -53,6 +53,24 @@ impl LocalEtcd {
             .is_ok_and(|s| s.success())
     }
 
+    /// For tests: true when an `etcd` binary is installed. Otherwise the test should return: this
+    /// says it is skipped, or panics when `ORCH_REQUIRE_ETCD` is set (CI sets it, so a missing
+    /// etcd fails the run instead of skipping the tests that need it).
+    ///
+    /// # Panics
+    /// Without etcd when `ORCH_REQUIRE_ETCD` is set.
+    pub fn available_for_test() -> bool {
+        if Self::available() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("ORCH_REQUIRE_ETCD").is_none(),
+            "etcd is not installed and ORCH_REQUIRE_ETCD is set (apt-get install etcd-server)"
+        );
+        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+        false
+    }
+
     /// Starts a single-member etcd and waits until it accepts connections.
     pub fn start() -> io::Result<LocalEtcd> {
         Self::start_cluster(1)
