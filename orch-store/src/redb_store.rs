@@ -393,7 +393,7 @@ struct Loaded {
 /// is decoded once (the objects table and the log share it) and decoding runs on every core: this
 /// is what bounds the time to reopen a large store.
 fn load(
-    db: &impl ReadableDatabase,
+    db: &(impl ReadableDatabase + Sync),
     index: &MemoryStore,
     now: Instant,
 ) -> std::result::Result<Loaded, (String, Option<BoxError>)> {
@@ -415,33 +415,27 @@ fn load(
     }
 
     // The log: every change from the floor on, each state decoded once.
-    let mut log = Vec::new();
-    for entry in txn.open_table(LOG).map_err(|e| io(e.into()))?.range((floor, 0u32)..).map_err(|e| io(e.into()))? {
-        let (key, value) = entry.map_err(|e| io(e.into()))?;
-        let (deleted, prev_rv, object, prev) = value.value();
-        log.push((key.value().0, deleted, prev_rv, object.to_vec(), prev.to_vec()));
-    }
-    let decoded = decode_all(log.iter().map(|e| e.3.as_slice()));
+    let log = read_log(db, floor, revision).map_err(io)?;
     let mut changes: Vec<Change> = Vec::with_capacity(log.len());
     let mut at_revision: HashMap<u64, Vec<usize>> = HashMap::with_capacity(log.len());
-    for ((revision, deleted, prev_rv, _, prev_json), object) in log.iter().zip(decoded) {
+    for (revision, deleted, prev_rv, object, prev_json) in log {
         let damaged = |e: BoxError| (format!("its log entry at revision {revision} is damaged"), Some(e));
         let object = Arc::new(object.map_err(|e| damaged(Box::new(e)))?);
-        if object.metadata.resource_version != *revision {
+        if object.metadata.resource_version != revision {
             return Err(damaged(format!("it holds resource version {}", object.metadata.resource_version).into()));
         }
         // The previous state is the object of an earlier entry when the log still has it.
         let prev = match prev_rv {
             0 => None,
-            rv => match find(&changes, &at_revision, *rv, &object) {
+            rv => match find(&changes, &at_revision, rv, &object) {
                 Some(p) => Some(p),
-                None => Some(Arc::new(decode_object(prev_json).map_err(|e| damaged(Box::new(e)))?)),
+                None if prev_json.is_empty() => return Err(damaged("its previous state is missing".into())),
+                None => Some(Arc::new(decode_object(&prev_json).map_err(|e| damaged(Box::new(e)))?)),
             },
         };
-        at_revision.entry(*revision).or_default().push(changes.len());
-        changes.push(Change { revision: *revision, object, prev, deleted: *deleted });
+        at_revision.entry(revision).or_default().push(changes.len());
+        changes.push(Change { revision, object, prev, deleted });
     }
-    drop(log);
 
     // Current objects: the log's copy when it has the same state, decoded otherwise.
     let mut objects = Vec::new();
@@ -481,6 +475,54 @@ fn load(
     st.floor = floor;
     st.trim(index.inner.history_limit);
     Ok(Loaded { floor: st.floor, next_lease, leases })
+}
+
+/// One log entry as loaded: revision, deleted, the previous state's resource version, the
+/// decoded state, and the previous state's JSON when the loaded log will not have it.
+type LogRow = (u64, bool, u64, serde_json::Result<DynamicObject>, Vec<u8>);
+
+/// Reads and decodes the log from `floor` on, in revision order: each core takes a contiguous
+/// range of revisions in its own read transaction, so reading and decoding both run in parallel.
+fn read_log<D: ReadableDatabase + Sync>(
+    db: &D,
+    floor: u64,
+    revision: u64,
+) -> std::result::Result<Vec<LogRow>, redb::Error> {
+    let span = (revision + 1).saturating_sub(floor);
+    let parts =
+        if span < 4096 { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()).min(16) as u64 };
+    let read = |part: u64| -> std::result::Result<Vec<LogRow>, redb::Error> {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(LOG)?;
+        let start = (floor + span * part / parts, 0u32);
+        let range = if part + 1 == parts {
+            table.range(start..)?
+        } else {
+            table.range(start..(floor + span * (part + 1) / parts, 0u32))?
+        };
+        let mut out = Vec::new();
+        for entry in range {
+            let (key, value) = entry?;
+            let (deleted, prev_rv, object, prev) = value.value();
+            // A previous state still in the log is shared from there, not decoded again.
+            let prev = if prev_rv != 0 && prev_rv < floor { prev.to_vec() } else { Vec::new() };
+            out.push((key.value().0, deleted, prev_rv, decode_object(object), prev));
+        }
+        Ok(out)
+    };
+    if parts == 1 {
+        return read(0);
+    }
+    let read = &read;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = (0..parts).map(|part| scope.spawn(move || read(part))).collect();
+        let mut all = Vec::new();
+        for part in parts {
+            // A panic while reading is passed on to the open, which turns it into an error.
+            all.extend(part.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?);
+        }
+        Ok(all)
+    })
 }
 
 /// The object of the change at `revision` to the same key as `like`, if the log has it.
