@@ -298,19 +298,45 @@ async fn read_only_files_serve_reads_and_refuse_writes() {
     check(RedbStore::builder().read_only(true).open(&path).unwrap()).await;
     assert_eq!(digest(&path), before, "a read-only store never writes its file");
 
-    // Permission bits: a file the process may not write is served read-only.
+    // A file the process may not write is served read-only: made so by its permission bits, or,
+    // for root (whom those do not stop), by the immutable attribute.
     let mut perms = std::fs::metadata(&path).unwrap().permissions();
     perms.set_readonly(true);
     std::fs::set_permissions(&path, perms.clone()).unwrap();
+    let immutable = Immutable::set(&path);
     if std::fs::OpenOptions::new().write(true).open(&path).is_ok() {
-        eprintln!("skipped the permission-bits case: this process (root?) may write a read-only file");
+        eprintln!("skipped the unwritable-file case: this process may write a read-only file (root without chattr?)");
     } else {
         check(RedbStore::open(&path).unwrap()).await;
         assert_eq!(digest(&path), before);
     }
+    drop(immutable);
     #[allow(clippy::permissions_set_readonly_false)]
     perms.set_readonly(false);
     std::fs::set_permissions(&path, perms).unwrap();
+}
+
+/// The immutable attribute on a file while it lives (when `chattr` works here), so that even root
+/// cannot open it for writing.
+struct Immutable(Option<PathBuf>);
+
+impl Immutable {
+    fn set(path: &Path) -> Immutable {
+        let chattr = |flag: &str| std::process::Command::new("chattr").arg(flag).arg(path).output();
+        let writable = std::fs::OpenOptions::new().write(true).open(path).is_ok();
+        match writable.then(|| chattr("+i")) {
+            Some(Ok(out)) if out.status.success() => Immutable(Some(path.to_path_buf())),
+            _ => Immutable(None),
+        }
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::process::Command::new("chattr").arg("-i").arg(path).status();
+        }
+    }
 }
 
 /// A file backend that fails every write (like a full disk or a file gone read-only) while the
