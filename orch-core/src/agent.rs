@@ -691,10 +691,11 @@ impl Agent {
                         restart_count: t.restarts,
                     });
                     // A crash-free spell resets the backoff.
-                    if t.crashes > 0 && t.started.elapsed() >= self.config.backoff_reset {
-                        if let Some(t) = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot) {
-                            t.crashes = 0;
-                        }
+                    if t.crashes > 0
+                        && t.started.elapsed() >= self.config.backoff_reset
+                        && let Some(t) = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot)
+                    {
+                        t.crashes = 0;
                     }
                     continue;
                 }

@@ -200,10 +200,10 @@ impl Runtime for ProcessRuntime {
                 "required: the process runtime runs commands, not images",
             ));
         };
-        if let Some(dir) = &c.working_dir {
-            if !Path::new(dir).is_dir() {
-                return Err(RuntimeError::invalid("container.workingDir", format!("{dir} is not a directory")));
-            }
+        if let Some(dir) = &c.working_dir
+            && !Path::new(dir).is_dir()
+        {
+            return Err(RuntimeError::invalid("container.workingDir", format!("{dir} is not a directory")));
         }
         for (i, v) in spec.volumes.iter().enumerate() {
             if !v.host_path.is_dir() {

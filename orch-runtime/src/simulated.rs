@@ -154,10 +154,10 @@ impl Instance {
         let mut lines = Vec::new();
         for k in 0..b.stdout.len().max(b.stderr.len()) {
             for (stream, source) in [(LogStream::Stdout, &b.stdout), (LogStream::Stderr, &b.stderr)] {
-                if let Some(l) = source.get(k) {
-                    if at(k) <= until {
-                        lines.push((at(k), stream, l.clone()));
-                    }
+                if let Some(l) = source.get(k)
+                    && at(k) <= until
+                {
+                    lines.push((at(k), stream, l.clone()));
                 }
             }
         }
@@ -314,12 +314,12 @@ impl SimulatedRuntime {
     fn end(&self, id: &str, signal: i32) {
         let now = self.clock.now();
         let mut st = self.cluster.lock();
-        if let Some(inst) = st.instances.get_mut(&self.node).and_then(|m| m.get_mut(id)) {
-            if inst.exit.is_none() {
-                inst.exit = Some(ExitStatus { code: None, signal: Some(signal), oom_killed: false, finished_at: now });
-                inst.exited = Some(Instant::now());
-                inst.changed.notify_waiters();
-            }
+        if let Some(inst) = st.instances.get_mut(&self.node).and_then(|m| m.get_mut(id))
+            && inst.exit.is_none()
+        {
+            inst.exit = Some(ExitStatus { code: None, signal: Some(signal), oom_killed: false, finished_at: now });
+            inst.exited = Some(Instant::now());
+            inst.changed.notify_waiters();
         }
     }
 }

@@ -294,10 +294,10 @@ impl State {
     }
 
     fn check_guard(&self, guard: Option<&Guard>) -> Result<()> {
-        if let Some(g) = guard {
-            if self.get(&g.key).map(|o| o.metadata.resource_version) != Some(g.resource_version) {
-                return Err(Error::PreconditionFailed { key: g.key.clone(), expected: g.resource_version });
-            }
+        if let Some(g) = guard
+            && self.get(&g.key).map(|o| o.metadata.resource_version) != Some(g.resource_version)
+        {
+            return Err(Error::PreconditionFailed { key: g.key.clone(), expected: g.resource_version });
         }
         Ok(())
     }
@@ -336,12 +336,12 @@ impl State {
         if let Ok(e) = self.by_key.find_entry(hash, |o| is_key(o, key)) {
             e.remove();
         }
-        if let Some(namespaces) = self.objects.get_mut(&key.kind) {
-            if let Some(names) = namespaces.get_mut(&key.namespace) {
-                names.remove(&key.name);
-                if names.is_empty() {
-                    namespaces.remove(&key.namespace);
-                }
+        if let Some(namespaces) = self.objects.get_mut(&key.kind)
+            && let Some(names) = namespaces.get_mut(&key.namespace)
+        {
+            names.remove(&key.name);
+            if names.is_empty() {
+                namespaces.remove(&key.namespace);
             }
         }
     }
@@ -696,10 +696,10 @@ impl Store for MemoryStore {
             |st| {
                 let cur = st.current(&key, opts.guard.as_ref(), Some(obj.metadata.resource_version))?;
                 let plan = semantics::update(&cur, obj)?;
-                if let Plan::Put(o) = &plan {
-                    if o.metadata.lease != cur.metadata.lease {
-                        st.check_lease(o.metadata.lease)?;
-                    }
+                if let Plan::Put(o) = &plan
+                    && o.metadata.lease != cur.metadata.lease
+                {
+                    st.check_lease(o.metadata.lease)?;
                 }
                 Ok(st.apply(&key, Some(cur.clone()), plan).unwrap_or(cur))
             },

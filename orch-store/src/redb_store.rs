@@ -215,10 +215,10 @@ impl RedbStoreBuilder {
                 Ok(Format::Orch) => {}
                 Err(reason) => return Err(unavailable(format!("{reason}; the file was left untouched"), None)),
             }
-        } else if let Db::ReadOnly(db) = &db {
-            if check_format(db).map_err(|reason| unavailable(reason, None))? == Format::Empty {
-                return Err(unavailable("it holds no orch store and is read-only".into(), None));
-            }
+        } else if let Db::ReadOnly(db) = &db
+            && check_format(db).map_err(|reason| unavailable(reason, None))? == Format::Empty
+        {
+            return Err(unavailable("it holds no orch store and is read-only".into(), None));
         }
         let index =
             MemoryStoreBuilder::default().history_limit(self.history_limit).clock(self.clock.clone()).build_index();
@@ -254,10 +254,10 @@ impl RedbStoreBuilder {
             Db::ReadOnly(_) => (None, None),
         };
         let handle = Arc::new(Handle { shared, tx, writer, name, read_only, clock: self.clock });
-        if handle.tx.is_some() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(expire_leases(Arc::downgrade(&handle), handle.shared.lease_changed.clone()));
-            }
+        if handle.tx.is_some()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(expire_leases(Arc::downgrade(&handle), handle.shared.lease_changed.clone()));
         }
         Ok(RedbStore { inner: handle })
     }
@@ -810,10 +810,10 @@ impl Batch<'_> {
     }
 
     fn check_guard(&self, guard: Option<&Guard>) -> Result<()> {
-        if let Some(g) = guard {
-            if self.lookup(&g.key).map(|o| o.metadata.resource_version) != Some(g.resource_version) {
-                return Err(Error::PreconditionFailed { key: g.key.clone(), expected: g.resource_version });
-            }
+        if let Some(g) = guard
+            && self.lookup(&g.key).map(|o| o.metadata.resource_version) != Some(g.resource_version)
+        {
+            return Err(Error::PreconditionFailed { key: g.key.clone(), expected: g.resource_version });
         }
         Ok(())
     }
@@ -919,10 +919,10 @@ impl Batch<'_> {
                     let cur = self.current(&key, guard.as_ref(), Some(obj.metadata.resource_version))?;
                     let plan =
                         if status { semantics::update_status(&cur, *obj)? } else { semantics::update(&cur, *obj)? };
-                    if let Plan::Put(o) = &plan {
-                        if o.metadata.lease != cur.metadata.lease {
-                            self.check_lease(leases, o.metadata.lease)?;
-                        }
+                    if let Plan::Put(o) = &plan
+                        && o.metadata.lease != cur.metadata.lease
+                    {
+                        self.check_lease(leases, o.metadata.lease)?;
                     }
                     Ok(self.apply(key, Some(cur.clone()), plan).unwrap_or(cur))
                 })();

@@ -260,10 +260,10 @@ fn crash_kill_reopen_verify() {
                 // Creates are never modified: the object carries the acknowledged revision.
                 for (op, (_, rev)) in ops(round).zip(acked) {
                     assert!(*rev <= current);
-                    if let Op::Create(n) = op {
-                        if let Ok(o) = s.get(&key(&name(round, w, n))).await {
-                            assert_eq!(o.metadata.resource_version, *rev);
-                        }
+                    if let Op::Create(n) = op
+                        && let Ok(o) = s.get(&key(&name(round, w, n))).await
+                    {
+                        assert_eq!(o.metadata.resource_version, *rev);
                     }
                 }
                 if let Some(c) = got.get(&counter(w)) {

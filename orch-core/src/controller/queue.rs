@@ -245,11 +245,12 @@ impl<K: Hash + Eq + Clone + Send + 'static> WorkQueue<K> {
         let mut st = self.lock();
         st.processing.remove(key);
         self.report(&st, false);
-        if let Some(priority) = st.dirty.remove(key) {
-            if !st.shut_down && st.push(key.clone(), priority) {
-                drop(st);
-                self.inner.wake.notify_one();
-            }
+        if let Some(priority) = st.dirty.remove(key)
+            && !st.shut_down
+            && st.push(key.clone(), priority)
+        {
+            drop(st);
+            self.inner.wake.notify_one();
         }
     }
 

@@ -116,10 +116,10 @@ impl Resource for Node {
         validate_resources("status.capacity", &status.capacity, v);
         validate_resources("status.allocatable", &status.allocatable, v);
         for (name, q) in &status.allocatable {
-            if let Some(cap) = status.capacity.get(name) {
-                if q > cap {
-                    v.reject(format!("status.allocatable.{name}"), format!("must not exceed capacity ({q} > {cap})"));
-                }
+            if let Some(cap) = status.capacity.get(name)
+                && q > cap
+            {
+                v.reject(format!("status.allocatable.{name}"), format!("must not exceed capacity ({q} > {cap})"));
             }
         }
         let mut ids = std::collections::HashSet::new();

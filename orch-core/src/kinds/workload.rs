@@ -671,13 +671,14 @@ impl Resource for Workload {
                 v.reject("spec.schedulingGroup.timeoutSeconds", format!("must be between 1 and 86400 (is {t})"));
             }
         }
-        if let Some(gpu) = self.requests().get(resource::GPU) {
-            if *gpu > Quantity::from_units(1) && gpu.nanos() % 1_000_000_000 != 0 {
-                v.reject(
+        if let Some(gpu) = self.requests().get(resource::GPU)
+            && *gpu > Quantity::from_units(1)
+            && gpu.nanos() % 1_000_000_000 != 0
+        {
+            v.reject(
                     "spec.containers",
                     format!("the containers' gpu requests add up to {gpu}: a share of one GPU must be below 1, more must be whole"),
                 );
-            }
         }
         let mut volume_names = HashSet::new();
         for (i, vol) in self.volumes.iter().enumerate() {
@@ -719,30 +720,31 @@ impl Resource for Workload {
                     v.reject(format!("{f}.env[{ei}].name"), "must be non-empty, without '=' or NUL");
                 }
             }
-            if let Some(dir) = &c.working_dir {
-                if !dir.starts_with('/') {
-                    v.reject(format!("{f}.workingDir"), "must be an absolute path");
-                }
+            if let Some(dir) = &c.working_dir
+                && !dir.starts_with('/')
+            {
+                v.reject(format!("{f}.workingDir"), "must be an absolute path");
             }
             validate_resources(&format!("{f}.resources.requests"), &c.resources.requests, v);
             validate_resources(&format!("{f}.resources.limits"), &c.resources.limits, v);
             for (name, req) in &c.resources.requests {
-                if let Some(lim) = c.resources.limits.get(name) {
-                    if req > lim {
-                        v.reject(
-                            format!("{f}.resources.requests.{name}"),
-                            format!("must not exceed the limit ({req} > {lim})"),
-                        );
-                    }
-                }
-            }
-            if let Some(gpu) = c.resources.requests.get(resource::GPU) {
-                if *gpu > Quantity::from_units(1) && gpu.nanos() % 1_000_000_000 != 0 {
+                if let Some(lim) = c.resources.limits.get(name)
+                    && req > lim
+                {
                     v.reject(
-                        format!("{f}.resources.requests.gpu"),
-                        format!("a share of one GPU must be below 1; more than one must be whole (is {gpu})"),
+                        format!("{f}.resources.requests.{name}"),
+                        format!("must not exceed the limit ({req} > {lim})"),
                     );
                 }
+            }
+            if let Some(gpu) = c.resources.requests.get(resource::GPU)
+                && *gpu > Quantity::from_units(1)
+                && gpu.nanos() % 1_000_000_000 != 0
+            {
+                v.reject(
+                    format!("{f}.resources.requests.gpu"),
+                    format!("a share of one GPU must be below 1; more than one must be whole (is {gpu})"),
+                );
             }
             let mut container_ports = HashSet::new();
             for (pi, p) in c.ports.iter().enumerate() {

@@ -528,21 +528,21 @@ impl Framework {
     }
 
     fn set_unfit(c: &mut ClassCache, s: usize, unfit: Option<(usize, Unfit)>) {
-        if let Some((i, u)) = c.unfit[s].take() {
-            if i != usize::MAX {
-                let key = (i, u.reason);
-                if let Some(n) = c.reasons.get_mut(&key) {
-                    *n -= 1;
-                    if *n == 0 {
-                        c.reasons.remove(&key);
-                    }
+        if let Some((i, u)) = c.unfit[s].take()
+            && i != usize::MAX
+        {
+            let key = (i, u.reason);
+            if let Some(n) = c.reasons.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    c.reasons.remove(&key);
                 }
             }
         }
-        if let Some((i, u)) = &unfit {
-            if *i != usize::MAX {
-                *c.reasons.entry((*i, u.reason.clone())).or_default() += 1;
-            }
+        if let Some((i, u)) = &unfit
+            && *i != usize::MAX
+        {
+            *c.reasons.entry((*i, u.reason.clone())).or_default() += 1;
         }
         c.ok[s] = unfit.is_none();
         c.unfit[s] = unfit;
@@ -668,13 +668,13 @@ impl Framework {
                 Ok(Prepare::Skip) => continue,
                 Ok(Prepare::Run(state)) => {
                     c.states[i] = state;
-                    if p.points.contains(Points::SCORE) {
-                        if let Prepare::Run(s) = p.plugin.pre_score(snapshot, w, &[]) {
-                            c.score_states[i] = s;
-                            c.scored[i] = true;
-                            if p.points.contains(Points::NORMALIZE) {
-                                c.raw.push((i, vec![0; slots]));
-                            }
+                    if p.points.contains(Points::SCORE)
+                        && let Prepare::Run(s) = p.plugin.pre_score(snapshot, w, &[])
+                    {
+                        c.score_states[i] = s;
+                        c.scored[i] = true;
+                        if p.points.contains(Points::NORMALIZE) {
+                            c.raw.push((i, vec![0; slots]));
                         }
                     }
                     c.active.push(i);

@@ -455,12 +455,11 @@ mod tests {
                         q.add(w, (-p, k as u64));
                     }
                     Op::Pop => {
-                        if in_flight.is_none() {
-                            if let Some(w) = q.pop(now) {
+                        if in_flight.is_none()
+                            && let Some(w) = q.pop(now) {
                                 prop_assert!(model.contains_key(&w.key.name), "popped an unknown workload");
                                 in_flight = Some(w.key.clone());
                             }
-                        }
                     }
                     Op::Done => {
                         if let Some(k) = in_flight.take() {

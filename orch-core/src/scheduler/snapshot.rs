@@ -873,12 +873,12 @@ impl Snapshot {
                 }
             }
         }
-        if let Some(g) = p.info.group_key() {
-            if let Some(n) = self.groups.get_mut(&g) {
-                *n -= 1;
-                if *n == 0 {
-                    self.groups.remove(&g);
-                }
+        if let Some(g) = p.info.group_key()
+            && let Some(n) = self.groups.get_mut(&g)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.groups.remove(&g);
             }
         }
         self.touch(id);

@@ -64,14 +64,14 @@ fn same_caller_metadata(a: &ObjectMeta, b: &ObjectMeta) -> bool {
 /// Prepares an update of metadata and spec (the resource version has already been checked).
 pub fn update(current: &DynamicObject, new: DynamicObject) -> Result<Plan> {
     validate(&new)?;
-    if current.metadata.is_being_deleted() {
-        if let Some(added) = new.metadata.finalizers.iter().find(|f| !current.metadata.finalizers.contains(f)) {
-            return Err(Error::invalid(
-                &new.kind,
-                "metadata.finalizers",
-                format!("cannot add finalizer {added:?} to an object that is being deleted"),
-            ));
-        }
+    if current.metadata.is_being_deleted()
+        && let Some(added) = new.metadata.finalizers.iter().find(|f| !current.metadata.finalizers.contains(f))
+    {
+        return Err(Error::invalid(
+            &new.kind,
+            "metadata.finalizers",
+            format!("cannot add finalizer {added:?} to an object that is being deleted"),
+        ));
     }
     let spec_changed = current.spec != new.spec;
     if !spec_changed && same_caller_metadata(&current.metadata, &new.metadata) {

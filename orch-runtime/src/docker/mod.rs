@@ -278,10 +278,8 @@ impl DockerRuntime {
                 Ok::<_, RuntimeError>(Connected { docker, cpus: info.ncpu })
             })
             .await?;
-        if fresh {
-            if let Some(grace) = inner.config.orphan_grace {
-                tokio::spawn(sweep_orphans_forever(Arc::downgrade(&self.inner), grace));
-            }
+        if fresh && let Some(grace) = inner.config.orphan_grace {
+            tokio::spawn(sweep_orphans_forever(Arc::downgrade(&self.inner), grace));
         }
         Ok(c)
     }

@@ -36,13 +36,13 @@ pub(super) fn container_labels(
     ];
     let mut all: HashMap<String, String> = HashMap::new();
     for (key, value) in spec.labels.iter() {
-        if let Some((_, mine)) = ours.iter().find(|(k, _)| k == key) {
-            if mine != value {
-                return Err(invalid(
-                    format!("labels.{key}"),
-                    format!("{value:?} differs from {mine:?}, which this runtime sets (node {:?})", config.node),
-                ));
-            }
+        if let Some((_, mine)) = ours.iter().find(|(k, _)| k == key)
+            && mine != value
+        {
+            return Err(invalid(
+                format!("labels.{key}"),
+                format!("{value:?} differs from {mine:?}, which this runtime sets (node {:?})", config.node),
+            ));
         }
         no_nul(|| format!("labels.{key}"), value)?;
         all.insert(key.clone(), value.clone());
@@ -215,13 +215,10 @@ pub(super) fn create_body(
                 format!("{q} is below 10m, the Docker Engine's minimum"),
             ));
         }
-        if let Some(cpus) = host_cpus.filter(|n| *n > 0) {
-            if milli > cpus * 1000 {
-                return Err(invalid(
-                    "container.resources.limits.cpu",
-                    format!("{q} is more than the node's {cpus} CPUs"),
-                ));
-            }
+        if let Some(cpus) = host_cpus.filter(|n| *n > 0)
+            && milli > cpus * 1000
+        {
+            return Err(invalid("container.resources.limits.cpu", format!("{q} is more than the node's {cpus} CPUs")));
         }
         host.nano_cpus = Some(milli * 1_000_000);
     }

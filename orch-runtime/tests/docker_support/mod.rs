@@ -112,10 +112,10 @@ async fn remove_leftovers(rt: &DockerRuntime) {
     if let Ok(images) = docker.list_images(None::<bollard::query_parameters::ListImagesOptions>).await {
         for tag in images.iter().filter(|i| old(i.created)).flat_map(|i| i.repo_tags.iter()) {
             let pid = tag.strip_prefix(&format!("{REPO}:")).or_else(|| tag.strip_prefix("orch-bench-busybox:"));
-            if let Some(pid) = pid {
-                if dead(pid) {
-                    let _ = rt.remove_image(tag, true).await;
-                }
+            if let Some(pid) = pid
+                && dead(pid)
+            {
+                let _ = rt.remove_image(tag, true).await;
             }
         }
     }

@@ -139,10 +139,11 @@ impl Plugin for NodeAffinity {
         if !node.labels.contains_all(&spec.node_selector) {
             return Err(Unfit::new("node selector does not match"));
         }
-        if let Some(na) = spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref()) {
-            if !na.required.is_empty() && !na.required.iter().any(|t| t.matches(&node.labels)) {
-                return Err(Unfit::new("node affinity does not match"));
-            }
+        if let Some(na) = spec.affinity.as_ref().and_then(|a| a.node_affinity.as_ref())
+            && !na.required.is_empty()
+            && !na.required.iter().any(|t| t.matches(&node.labels))
+        {
+            return Err(Unfit::new("node affinity does not match"));
         }
         Ok(())
     }
