@@ -12,6 +12,8 @@
 //! The process and Docker runtimes pass `orch_core::testkit::runtime`; the simulated one runs no
 //! shell, so it has tests of its own.
 
+#[cfg(feature = "process")]
+pub mod cgroup;
 #[cfg(feature = "docker")]
 pub mod docker;
 #[cfg(feature = "process")]

@@ -6,8 +6,13 @@
 //! handle records the pid together with the process's start time from `/proc`, so a recovered
 //! handle never adopts an unrelated process that reused the pid.
 //!
-//! Not enforced by this backend (see [`Capabilities`]): memory and CPU limits, and mount paths
-//! (a volume's host directory is given to the process as `ORCH_VOLUME_<NAME>` instead).
+//! Memory and CPU limits (`resources.limits`) are enforced through control groups where the
+//! host allows it (see [`crate::cgroup`]; [`ProcessRuntime::limit_support`] says whether and why
+//! not, and [`Capabilities::resource_limits`] follows it); an instance killed by the OOM killer
+//! exits with `oom_killed` set. Where the host does not allow it, limits are not enforced.
+//!
+//! Not done by this backend: mount paths (a volume's host directory is given to the process as
+//! `ORCH_VOLUME_<NAME>` instead).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +31,8 @@ use orch_core::runtime::{
 use orch_core::{Clock, SystemClock, Timestamp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use crate::cgroup::{JOIN_SCRIPT, LimitSupport, Limits};
 
 const NAME: &str = "process";
 const HANDLE_VERSION: u32 = 1;
@@ -46,6 +53,8 @@ pub struct ProcessRuntime {
     clock: Arc<dyn Clock>,
     /// Exit watchers of the processes this runtime spawned (and so reaps).
     children: Arc<Mutex<HashMap<String, watch::Receiver<Option<ExitStatus>>>>>,
+    /// How limits are enforced here, if they are.
+    limits: Arc<LimitSupport>,
 }
 
 impl ProcessRuntime {
@@ -54,7 +63,21 @@ impl ProcessRuntime {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, RuntimeError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|e| RuntimeError::io(format!("creating {}", root.display()), e))?;
-        Ok(ProcessRuntime { root, clock: Arc::new(SystemClock), children: Default::default() })
+        let limits = LimitSupport::detect(&std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone()));
+        if let LimitSupport::Unsupported(reason) = &limits {
+            tracing::info!(%reason, "process runtime: memory and CPU limits are not enforced on this host");
+        }
+        Ok(ProcessRuntime {
+            root,
+            clock: Arc::new(SystemClock),
+            children: Default::default(),
+            limits: Arc::new(limits),
+        })
+    }
+
+    /// Whether this runtime enforces memory and CPU limits on this host, how, or why not.
+    pub fn limit_support(&self) -> &LimitSupport {
+        &self.limits
     }
 
     fn dir(&self, id: &str) -> PathBuf {
@@ -140,6 +163,29 @@ impl ProcessRuntime {
     }
 }
 
+/// Where `program` would be found: a path as given, or the first match on the `PATH` the process
+/// gets (the container's own `PATH` when it sets one).
+fn find_program(program: &str, c: &orch_core::kinds::Container, instance_dir: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        let p = if program.starts_with('/') {
+            PathBuf::from(program)
+        } else {
+            c.working_dir.as_deref().map_or(instance_dir, Path::new).join(program)
+        };
+        return runnable(&p).then_some(p);
+    }
+    let path = c
+        .env
+        .iter()
+        .rev()
+        .find(|e| e.name == "PATH")
+        .map(|e| e.value.clone())
+        .or_else(|| std::env::var("PATH").ok())?;
+    path.split(':').map(|d| Path::new(d).join(program)).find(|p| runnable(p))
+}
+
 fn check_id(id: &str) -> Result<(), RuntimeError> {
     orch_core::runtime::check_instance_id(id)
 }
@@ -188,7 +234,12 @@ impl Runtime for ProcessRuntime {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { resource_limits: false, images: false, recover: true, exit_code_after_recover: false }
+        Capabilities {
+            resource_limits: self.limits.enforced(),
+            images: false,
+            recover: true,
+            exit_code_after_recover: false,
+        }
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Handle, RuntimeError> {
@@ -204,6 +255,13 @@ impl Runtime for ProcessRuntime {
             && !Path::new(dir).is_dir()
         {
             return Err(RuntimeError::invalid("container.workingDir", format!("{dir} is not a directory")));
+        }
+        let limits = Limits::of(c)?;
+        let limited = self.limits.enforced() && !limits.is_empty();
+        if limited && find_program(program, c, &self.dir(&spec.id)).is_none() {
+            // Run directly, the spawn itself says this; through the group-joining shell it would be
+            // an exit code instead.
+            return Err(RuntimeError::invalid("container.command[0]", format!("cannot run {program}: not found")));
         }
         for (i, v) in spec.volumes.iter().enumerate() {
             if !v.host_path.is_dir() {
@@ -229,7 +287,22 @@ impl Runtime for ProcessRuntime {
                 .map_err(|e| RuntimeError::io(format!("opening {name} of {}", spec.id), e))
         };
         let (stdout, stderr) = (open("stdout.log")?, open("stderr.log")?);
-        let mut cmd = tokio::process::Command::new(program);
+        let mut cmd = if limited {
+            let procs = match self.limits.create(&spec.id, &limits) {
+                Ok(procs) => procs,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            };
+            // The shell joins the instance's groups, then becomes the program (same pid, same
+            // process group): the program never runs outside its limits.
+            let mut cmd = tokio::process::Command::new("/bin/sh");
+            cmd.arg("-c").arg(JOIN_SCRIPT).arg("orch-join").arg(procs.len().to_string()).args(&procs).arg(program);
+            cmd
+        } else {
+            tokio::process::Command::new(program)
+        };
         cmd.args(&c.command[1..])
             .args(&c.args)
             .env("ORCH_INSTANCE_ID", &spec.id)
@@ -254,6 +327,7 @@ impl Runtime for ProcessRuntime {
             Ok(child) => child,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                self.limits.remove(&spec.id);
                 return Err(RuntimeError::invalid("container.command[0]", format!("cannot run {program}: {e}")));
             }
         };
@@ -281,12 +355,13 @@ impl Runtime for ProcessRuntime {
         // The reaper: waits on the child (so it never lingers as a zombie) and records the exit.
         let (tx, rx) = watch::channel(None);
         self.children.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.id.clone(), rx);
-        let clock = self.clock.clone();
+        let (clock, groups, id) = (self.clock.clone(), self.limits.clone(), spec.id.clone());
         tokio::spawn(async move {
-            let exit = match child.wait().await {
+            let mut exit = match child.wait().await {
                 Ok(status) => exit_from(status, clock.now()),
                 Err(_) => ExitStatus { code: None, signal: None, oom_killed: false, finished_at: clock.now() },
             };
+            exit.oom_killed = limited && groups.oom_killed(&id);
             if let Ok(json) = serde_json::to_vec(&exit) {
                 let _ = std::fs::write(dir.join("exit.json"), json);
             }
@@ -316,6 +391,9 @@ impl Runtime for ProcessRuntime {
     async fn remove(&self, handle: &Handle) -> Result<(), RuntimeError> {
         self.stop(handle, Duration::ZERO).await?;
         self.children.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle.id);
+        let limits = self.limits.clone();
+        let id = handle.id.clone();
+        let _ = tokio::task::spawn_blocking(move || limits.remove(&id)).await;
         let dir = self.dir(&handle.id);
         std::fs::remove_dir_all(&dir).map_err(|e| RuntimeError::io(format!("removing {}", dir.display()), e))
     }
