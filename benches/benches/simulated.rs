@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orch_core::kinds::{Phase, RestartPolicy, Workload};
+use orch_core::kinds::{Phase, Resources, RestartPolicy, Workload};
 use orch_core::{
     Agent, AgentConfig, Api, Cache, CacheConfig, ListParams, Object, ObjectMeta, Runtime, Store, Timestamp, TokioClock,
 };
@@ -27,6 +27,9 @@ fn run(nodes: usize, per_node: usize, hours: u64) -> (Duration, Duration, usize)
         // One workload cache for every agent: each hears only of its own node's workloads.
         let shared: Cache<Workload> = Cache::spawn(store.clone(), CacheConfig::default());
         let mut stops = Vec::new();
+        let capacity: Resources = [("cpu", "32"), ("memory", "128Gi"), ("pods", "110")]
+            .map(|(k, v)| (k.into(), v.parse().expect("quantity")))
+            .into();
         for n in 0..nodes {
             let name = format!("sim-{n:05}");
             let mut config = AgentConfig::new(&name);
@@ -34,6 +37,8 @@ fn run(nodes: usize, per_node: usize, hours: u64) -> (Duration, Duration, usize)
             // Exits arrive as events (the runtime's wait); the periodic full check is a safety
             // net, every 5 minutes here.
             config.resync_interval = Duration::from_secs(300);
+            // Simulated machines: a capacity of their own, not this host's.
+            config.capacity = Some(capacity.clone());
             let runtime: Arc<dyn Runtime> = Arc::new(cluster.node(&name));
             let agent =
                 Agent::new(config, store.clone(), runtime).with_clock(clock.clone()).with_shared_cache(shared.clone());

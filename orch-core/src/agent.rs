@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::api::Api;
@@ -59,7 +58,11 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     /// How often the lease is renewed (default 10 s; a renewal writes nothing).
     pub renew_interval: Duration,
-    /// How often workloads are checked against the runtime even without events (default 10 s).
+    /// How often the runtime's instances are checked against what the agent last saw, even
+    /// without events (default 10 s): a difference (an exit whose event was missed, an instance
+    /// gone behind the agent's back) syncs its workload, as does a workload bound here with no
+    /// instance yet, or an instance whose workload is gone. Unchanged workloads cost one status
+    /// read each, not a sync.
     pub resync_interval: Duration,
     /// First crash-loop delay (default 10 s); doubles per crash up to `backoff_max`.
     pub backoff_base: Duration,
@@ -116,6 +119,11 @@ struct Tracked {
     /// Stopped by the agent for failing its liveness or startup probe: its exit is a failure,
     /// whatever its code.
     unhealthy_kill: bool,
+    /// The workload's generation `spec` was last found current at: while it is unchanged the
+    /// spec needs no comparing.
+    generation: u64,
+    /// The runtime's state of the instance when a sync last looked (the resync compares).
+    seen: Option<InstanceState>,
 }
 
 type Instances = HashMap<(ObjectRef, String), Tracked>;
@@ -182,6 +190,9 @@ pub struct Agent {
     health: Arc<Mutex<HashMap<String, Health>>>,
     /// A workload cache shared with other agents of this process, if any.
     shared: Option<Cache<Workload>>,
+    /// The resource version of the status this agent last wrote, per workload, until the cache
+    /// brings it back (that event needs no sync).
+    written: Mutex<HashMap<ObjectRef, u64>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -237,6 +248,7 @@ impl Agent {
             instances: Default::default(),
             health: Default::default(),
             shared: None,
+            written: Default::default(),
         }
     }
 
@@ -336,63 +348,50 @@ impl Agent {
         for w in mine() {
             queue.add(ObjectRef::of(&w));
         }
-        let (stop_tx, mut stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         {
-            let queue = queue.clone();
+            let (queue, this) = (queue.clone(), this.clone());
             tasks.spawn(async move {
                 while let Some(e) = events.recv().await {
-                    queue.add(ObjectRef::of(e.object()));
+                    let key = ObjectRef::of(e.object());
+                    // The echo of a status this agent just wrote changes nothing it acts on.
+                    let echo = {
+                        let mut written = this.written.lock().unwrap_or_else(|e| e.into_inner());
+                        let rv = e.object().metadata.resource_version;
+                        if written.get(&key) == Some(&rv) {
+                            written.remove(&key);
+                            true
+                        } else {
+                            false
+                        }
+                    };
+                    if !echo {
+                        queue.add(key);
+                    }
                 }
             });
         }
         {
             let (queue, this, every, mine) = (queue.clone(), this.clone(), this.config.resync_interval, mine.clone());
             tasks.spawn(async move {
-                let mut tick = tokio::time::interval(every);
+                let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    for w in mine() {
-                        queue.add(ObjectRef::of(&w));
-                    }
-                    // Log rotation rides on the resync.
-                    let handles: Vec<Arc<Handle>> = this
-                        .instances
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .values()
-                        .map(|t| t.handle.clone())
-                        .collect();
-                    for h in handles {
-                        if let Err(e) =
-                            this.runtime.rotate_logs(&h, this.config.log_max_bytes, this.config.log_keep).await
-                        {
-                            tracing::warn!(instance = %h.id, error = %e, "log rotation failed");
-                        }
-                    }
-                    // Instances whose workload is gone from this node.
-                    let tracked: Vec<ObjectRef> = this
-                        .instances
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .keys()
-                        .map(|(r, _)| r.clone())
-                        .collect();
-                    for r in tracked {
-                        queue.add(r);
-                    }
+                    this.resync(&queue, &mine()).await;
                 }
             });
         }
         {
+            // Aborted with the other tasks at shutdown. An interval keeps one timer entry for
+            // the whole run (cheap with thousands of simulated agents).
             let (store, this) = (this.store.clone(), this.clone());
-            let mut stop = stop_rx.clone();
             tasks.spawn(async move {
+                let every = this.config.renew_interval;
+                let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(this.config.renew_interval) => {}
-                        _ = crate::controller::stopped(&mut stop) => return,
-                    }
+                    tick.tick().await;
                     if store.keep_alive(lease_id).await.is_err() {
                         // The lease lapsed (a long pause, a store outage): start a new heartbeat.
                         match this.heartbeat().await {
@@ -421,10 +420,8 @@ impl Agent {
             })
         };
         shutdown.await;
-        stop_tx.send_replace(true);
         queue.shut_down();
         let _ = workers.await;
-        let _ = crate::controller::stopped(&mut stop_rx).await;
         tasks.shutdown().await;
         if drain {
             let all: Vec<Tracked> =
@@ -436,6 +433,38 @@ impl Agent {
             let _ = this.store.revoke_lease(lease_id).await;
         }
         Ok(())
+    }
+
+    /// Compares what runs with what the agent last saw, like kubelet's relist: queues the
+    /// workloads whose instances changed state or vanished, the workloads bound here with no
+    /// instance yet, and the instances whose workload is gone; rotates logs on the way.
+    async fn resync(&self, queue: &WorkQueue<ObjectRef>, mine: &[Arc<Object<Workload>>]) {
+        let tracked: Vec<(ObjectRef, Arc<Handle>, Option<InstanceState>)> = self
+            .instances
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((r, _), t)| (r.clone(), t.handle.clone(), t.seen))
+            .collect();
+        {
+            let running: std::collections::HashSet<&ObjectRef> = tracked.iter().map(|(r, _, _)| r).collect();
+            for w in mine {
+                let key = ObjectRef::of(w);
+                if !running.contains(&key) {
+                    queue.add(key);
+                }
+            }
+        }
+        let bound: std::collections::HashSet<ObjectRef> = mine.iter().map(|w| ObjectRef::of(w)).collect();
+        for (key, handle, seen) in tracked {
+            if let Err(e) = self.runtime.rotate_logs(&handle, self.config.log_max_bytes, self.config.log_keep).await {
+                tracing::warn!(instance = %handle.id, error = %e, "log rotation failed");
+            }
+            let now = self.runtime.status(&handle).await.ok();
+            if now.is_none() || now != seen || !bound.contains(&key) {
+                queue.add(key);
+            }
+        }
     }
 
     /// Takes over what the runtime already runs (after an agent restart): the newest attempt of
@@ -481,6 +510,8 @@ impl Agent {
                     uid_tag: tag,
                     spec: None,
                     unhealthy_kill: false,
+                    generation: 0,
+                    seen: None,
                 },
             );
             queue.add(r);
@@ -635,8 +666,18 @@ impl Agent {
             };
             // An instance of another spec, or of an earlier workload with this name, is replaced
             // (that is an update, not a crash).
-            let outdated =
-                tracked.as_ref().is_some_and(|t| t.uid_tag != tag || t.spec.as_ref().is_some_and(|spec| **spec != *c));
+            let generation = workload.metadata.generation;
+            let outdated = tracked.as_ref().is_some_and(|t| {
+                t.uid_tag != tag || (t.generation != generation && t.spec.as_ref().is_some_and(|spec| **spec != *c))
+            });
+            if !outdated
+                && tracked.as_ref().is_some_and(|t| t.generation != generation || t.seen != Some(state))
+                && let Some(entry) = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&slot)
+            {
+                // Current at this generation; and what the resync compares against.
+                entry.generation = generation;
+                entry.seen = Some(state);
+            }
             if let Some(t) = tracked.as_ref().filter(|_| outdated) {
                 self.runtime
                     .stop(&t.handle, grace)
@@ -781,6 +822,8 @@ impl Agent {
                         uid_tag: tag.clone(),
                         spec: Some(Arc::new(c.clone())),
                         unhealthy_kill: false,
+                        generation: workload.metadata.generation,
+                        seen: None,
                     };
                     self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(slot, t);
                     self.watch_health(key, c, &handle, queue);
@@ -849,9 +892,16 @@ impl Agent {
         next.status = status;
         let api: Api<Workload> = Api::namespaced(self.store.clone(), &workload.metadata.namespace);
         match api.replace_status(&next).await {
+            Ok(written) => {
+                self.written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(ObjectRef::of(&written), written.metadata.resource_version);
+                Ok(())
+            }
             // A newer version is on its way through the cache; its sync reports again.
             Err(e) if e.is_conflict() || e.is_not_found() => Ok(()),
-            other => other.map(|_| ()),
+            Err(e) => Err(e),
         }
     }
 }
