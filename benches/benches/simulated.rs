@@ -3,10 +3,14 @@
 //! paused single-threaded runtime.
 //!
 //! `cargo bench -p orch-benches --bench simulated` (nodes: `ORCH_SIM_NODES`, default "1000,10000")
+//!
+//! Criterion times 10 runs per size; the median run's split (setting up vs the hour) is printed
+//! at the end.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use criterion::{Criterion, SamplingMode};
 use orch_core::kinds::{Phase, Resources, RestartPolicy, Workload};
 use orch_core::{
     Agent, AgentConfig, Api, Cache, CacheConfig, ListParams, Object, ObjectMeta, Runtime, Store, Timestamp, TokioClock,
@@ -80,12 +84,10 @@ fn run(nodes: usize, per_node: usize, hours: u64) -> (Duration, Duration, usize)
     })
 }
 
-fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
-    let quick = std::env::args().any(|a| a == "--test");
-    let sizes: Vec<usize> = if quick {
+static RESULTS: Mutex<Vec<(usize, Vec<(Duration, Duration, usize)>)>> = Mutex::new(Vec::new());
+
+fn bench(c: &mut Criterion) {
+    let sizes: Vec<usize> = if std::env::args().any(|a| a == "--test") {
         vec![5]
     } else {
         std::env::var("ORCH_SIM_NODES")
@@ -94,11 +96,49 @@ fn main() {
             .filter_map(|s| s.trim().parse().ok())
             .collect()
     };
+    let mut g = c.benchmark_group("simulated");
+    g.sampling_mode(SamplingMode::Flat).sample_size(10).warm_up_time(Duration::from_millis(1));
+    g.measurement_time(Duration::from_secs(1));
     for nodes in sizes {
-        let (wall, setup, running) = run(nodes, 10, 1);
+        let mut runs = Vec::new();
+        g.bench_function(format!("{nodes} nodes x 10 workloads, 1 h"), |b| {
+            b.iter_custom(|iters| {
+                let mut took = Duration::ZERO;
+                for _ in 0..iters {
+                    let (wall, setup, running) = run(nodes, 10, 1);
+                    assert_eq!(running, nodes * 10, "every workload runs at the end");
+                    runs.push((wall, setup, running));
+                    took += wall;
+                }
+                took
+            })
+        });
+        RESULTS.lock().unwrap_or_else(|e| e.into_inner()).push((nodes, runs));
+    }
+    g.finish();
+}
+
+// criterion_group! generates an undocumented function.
+#[allow(missing_docs)]
+mod group {
+    criterion::criterion_group!(benches, super::bench);
+}
+
+fn main() {
+    group::benches();
+    Criterion::default().configure_from_args().final_summary();
+    for (nodes, mut runs) in RESULTS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        if runs.is_empty() {
+            continue;
+        }
+        runs.sort();
+        let (wall, setup, running) = runs[runs.len() / 2];
         println!(
-            "simulated/{nodes} nodes x 10 workloads, 1 h of cluster time: {wall:.2?} wall in all ({setup:.2?} setting up, {:.2?} for the hour), {running} workloads running at the end",
-            wall - setup
+            "simulated/{nodes} nodes x 10 workloads, 1 h of cluster time, median of {} runs: {wall:.2?} wall in all ({setup:.2?} setting up, {:.2?} for the hour), {running} workloads running at the end (fastest {:.2?}, slowest {:.2?})",
+            runs.len(),
+            wall - setup,
+            runs[0].0,
+            runs[runs.len() - 1].0
         );
     }
 }
