@@ -84,7 +84,11 @@ fn run(nodes: usize, per_node: usize, hours: u64) -> (Duration, Duration, usize)
     })
 }
 
-static RESULTS: Mutex<Vec<(usize, Vec<(Duration, Duration, usize)>)>> = Mutex::new(Vec::new());
+/// One run: wall time in all, the part spent setting up, workloads running at the end.
+type Run = (Duration, Duration, usize);
+
+/// Every run, per cluster size.
+static RESULTS: Mutex<Vec<(usize, Vec<Run>)>> = Mutex::new(Vec::new());
 
 fn bench(c: &mut Criterion) {
     let sizes: Vec<usize> = if std::env::args().any(|a| a == "--test") {
