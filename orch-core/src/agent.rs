@@ -810,6 +810,9 @@ impl Agent {
             match self.runtime.start(&spec).await {
                 Ok(handle) => {
                     let started_at = self.clock.now();
+                    // What the next resync compares against (without it, every new instance
+                    // would look changed to it once).
+                    let seen = self.runtime.status(&handle).await.ok();
                     let restarts = if tracked.is_some() { restarts + 1 } else { 0 };
                     let t = Tracked {
                         handle: Arc::new(handle.clone()),
@@ -823,7 +826,7 @@ impl Agent {
                         spec: Some(Arc::new(c.clone())),
                         unhealthy_kill: false,
                         generation: workload.metadata.generation,
-                        seen: None,
+                        seen,
                     };
                     self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(slot, t);
                     self.watch_health(key, c, &handle, queue);
