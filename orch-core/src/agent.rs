@@ -215,6 +215,11 @@ fn instance_id(r: &ObjectRef, container: &str, uid: &str, attempt: u32) -> Strin
     format!("{}.{}.{}.{}-{}", r.namespace, r.name, container, uid_tag(uid), attempt)
 }
 
+/// A workload's (namespace, name), borrowed.
+fn named(r: &ObjectRef) -> (&str, &str) {
+    (r.namespace.as_str(), r.name.as_str())
+}
+
 fn parse_instance_id(id: &str) -> Option<(ObjectRef, String, String, u32)> {
     let (ns, rest) = id.split_once('.')?;
     let (rest, last) = rest.rsplit_once('.')?;
@@ -447,21 +452,24 @@ impl Agent {
             .map(|((r, _), t)| (r.clone(), t.handle.clone(), t.seen))
             .collect();
         {
-            let running: std::collections::HashSet<&ObjectRef> = tracked.iter().map(|(r, _, _)| r).collect();
+            let running: std::collections::HashSet<(&str, &str)> = tracked.iter().map(|(r, _, _)| named(r)).collect();
             for w in mine {
-                let key = ObjectRef::of(w);
-                if !running.contains(&key) {
-                    queue.add(key);
+                if !running.contains(&(w.metadata.namespace.as_str(), w.metadata.name.as_str())) {
+                    queue.add(ObjectRef::of(w));
                 }
             }
         }
-        let bound: std::collections::HashSet<ObjectRef> = mine.iter().map(|w| ObjectRef::of(w)).collect();
+        let bound: std::collections::HashSet<(&str, &str)> =
+            mine.iter().map(|w| (w.metadata.namespace.as_str(), w.metadata.name.as_str())).collect();
+        let rotate = self.runtime.capabilities().log_files;
         for (key, handle, seen) in tracked {
-            if let Err(e) = self.runtime.rotate_logs(&handle, self.config.log_max_bytes, self.config.log_keep).await {
+            if rotate
+                && let Err(e) = self.runtime.rotate_logs(&handle, self.config.log_max_bytes, self.config.log_keep).await
+            {
                 tracing::warn!(instance = %handle.id, error = %e, "log rotation failed");
             }
             let now = self.runtime.status(&handle).await.ok();
-            if now.is_none() || now != seen || !bound.contains(&key) {
+            if now.is_none() || now != seen || !bound.contains(&named(&key)) {
                 queue.add(key);
             }
         }

@@ -107,6 +107,9 @@ pub struct Capabilities {
     pub recover: bool,
     /// The exit code of a recovered instance can still be read.
     pub exit_code_after_recover: bool,
+    /// Output goes to files the backend never trims: the agent calls
+    /// [`Runtime::rotate_logs`] on every resync.
+    pub log_files: bool,
 }
 
 /// Which output stream a log line came from.

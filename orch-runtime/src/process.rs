@@ -239,6 +239,7 @@ impl Runtime for ProcessRuntime {
             images: false,
             recover: true,
             exit_code_after_recover: false,
+            log_files: true,
         }
     }
 

@@ -332,7 +332,13 @@ impl Runtime for SimulatedRuntime {
 
     fn capabilities(&self) -> Capabilities {
         // Nothing is enforced (nothing runs); images are accepted by name.
-        Capabilities { resource_limits: false, images: true, recover: true, exit_code_after_recover: true }
+        Capabilities {
+            resource_limits: false,
+            images: true,
+            recover: true,
+            exit_code_after_recover: true,
+            log_files: false,
+        }
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Handle, RuntimeError> {

@@ -145,7 +145,9 @@ pub(crate) struct State {
     /// finding their place is a subtraction, not a search.
     popped: u64,
     leases: HashMap<LeaseId, Lease>,
-    /// Lease deadlines in order, so finding the due ones costs nothing until one is due.
+    /// Lease deadlines in order, so finding the due ones costs nothing until one is due. Each
+    /// lease is here once, at its `queued` time, which a renewal does not move: the entry is
+    /// moved to the real deadline when it comes due (so a renewal costs no reordering).
     deadlines: std::collections::BTreeSet<(Instant, LeaseId)>,
     next_lease: LeaseId,
 }
@@ -162,6 +164,8 @@ pub(crate) struct Change {
 struct Lease {
     ttl: Duration,
     deadline: Instant,
+    /// Where the lease sits in `deadlines` (at or before `deadline`).
+    queued: Instant,
     keys: HashSet<ObjectKey>,
 }
 
@@ -441,7 +445,7 @@ impl State {
     /// Deletes a lease and every object attached to it, all at one revision.
     fn drop_lease(&mut self, id: LeaseId) -> Option<u64> {
         let lease = self.leases.remove(&id)?;
-        self.deadlines.remove(&(lease.deadline, id));
+        self.deadlines.remove(&(lease.queued, id));
         if lease.keys.is_empty() {
             return None;
         }
@@ -463,7 +467,22 @@ impl State {
 
     /// Expires every lease whose deadline has passed; returns the last revision written.
     fn expire_due(&mut self, now: Instant) -> Option<u64> {
-        let due: Vec<LeaseId> = self.deadlines.range(..=(now, LeaseId::MAX)).map(|(_, id)| *id).collect();
+        let mut due = Vec::new();
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            match self.leases.get_mut(&id) {
+                // Renewed since it was queued: queue it at its real deadline.
+                Some(l) if l.deadline > now => {
+                    l.queued = l.deadline;
+                    self.deadlines.insert((l.deadline, id));
+                }
+                Some(_) => due.push(id),
+                None => {}
+            }
+        }
         let mut last = None;
         for id in due {
             last = self.drop_lease(id).or(last);
@@ -788,7 +807,7 @@ impl Store for MemoryStore {
         let id = st.next_lease;
         st.next_lease += 1;
         let now = Instant::now();
-        st.leases.insert(id, Lease { ttl, deadline: now + ttl, keys: HashSet::new() });
+        st.leases.insert(id, Lease { ttl, deadline: now + ttl, queued: now + ttl, keys: HashSet::new() });
         st.deadlines.insert((now + ttl, id));
         let info = st.lease_info(id, now);
         drop(st);
@@ -802,11 +821,8 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let info = match st.leases.get_mut(&id) {
             Some(l) => {
-                let old = l.deadline;
+                // Only later: its place in `deadlines` stays (see there).
                 l.deadline = now + l.ttl;
-                let new = l.deadline;
-                st.deadlines.remove(&(old, id));
-                st.deadlines.insert((new, id));
                 st.lease_info(id, now)
             }
             None => Err(Error::LeaseNotFound(id)),

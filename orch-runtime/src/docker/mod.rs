@@ -735,7 +735,13 @@ impl Runtime for DockerRuntime {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { resource_limits: true, images: true, recover: true, exit_code_after_recover: true }
+        Capabilities {
+            resource_limits: true,
+            images: true,
+            recover: true,
+            exit_code_after_recover: true,
+            log_files: false,
+        }
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<Handle, RuntimeError> {
