@@ -179,6 +179,77 @@ async fn probe_once(runtime: &dyn Runtime, handle: &Handle, probe: &Probe) -> bo
     tokio::time::timeout(timeout, attempt).await.unwrap_or(false)
 }
 
+/// One renewal timer for the agents of one process (a simulation of thousands of nodes): every
+/// `interval` it keeps each registered agent's heartbeat lease alive, one store renewal per
+/// agent as before, but from one task on one timer instead of one per agent. An agent whose
+/// renewal fails is told, and starts a new heartbeat as it would on its own.
+#[derive(Clone)]
+pub struct SharedRenewals {
+    agents: Arc<Mutex<RenewalTable>>,
+}
+
+#[derive(Default)]
+struct RenewalTable {
+    next: u64,
+    /// Agent number → its lease and where to say that a renewal failed.
+    leases: std::collections::BTreeMap<u64, (u64, tokio::sync::mpsc::UnboundedSender<()>)>,
+}
+
+impl std::fmt::Debug for SharedRenewals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.agents.lock().unwrap_or_else(|e| e.into_inner()).leases.len();
+        f.debug_struct("SharedRenewals").field("agents", &n).finish()
+    }
+}
+
+impl SharedRenewals {
+    /// Starts the renewal task: every `interval`, each registered lease is kept alive in `store`.
+    /// It ends when every handle is dropped.
+    pub fn spawn(store: Arc<dyn Store>, interval: Duration) -> Self {
+        let agents: Arc<Mutex<RenewalTable>> = Default::default();
+        let weak = Arc::downgrade(&agents);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut due: Vec<(u64, u64)> = Vec::new();
+            loop {
+                tick.tick().await;
+                let Some(agents) = weak.upgrade() else { return };
+                due.clear();
+                due.extend(agents.lock().unwrap_or_else(|e| e.into_inner()).leases.iter().map(|(a, (l, _))| (*a, *l)));
+                for &(agent, lease) in &due {
+                    if store.keep_alive(lease).await.is_err() {
+                        let table = agents.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some((_, failed)) = table.leases.get(&agent) {
+                            let _ = failed.send(());
+                        }
+                    }
+                }
+            }
+        });
+        SharedRenewals { agents }
+    }
+
+    fn register(&self, lease: u64, failed: tokio::sync::mpsc::UnboundedSender<()>) -> u64 {
+        let mut table = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        table.next += 1;
+        let n = table.next;
+        table.leases.insert(n, (lease, failed));
+        n
+    }
+
+    fn set_lease(&self, agent: u64, lease: u64) {
+        if let Some(entry) = self.agents.lock().unwrap_or_else(|e| e.into_inner()).leases.get_mut(&agent) {
+            entry.0 = lease;
+        }
+    }
+
+    /// Takes the agent out; returns its current lease.
+    fn unregister(&self, agent: u64) -> Option<u64> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner()).leases.remove(&agent).map(|(lease, _)| lease)
+    }
+}
+
 /// A node agent over a store and a runtime.
 pub struct Agent {
     config: AgentConfig,
@@ -190,6 +261,8 @@ pub struct Agent {
     health: Arc<Mutex<HashMap<String, Health>>>,
     /// A workload cache shared with other agents of this process, if any.
     shared: Option<Cache<Workload>>,
+    /// A renewal task shared with other agents of this process, if any.
+    renewals: Option<SharedRenewals>,
     /// The resource version of the status this agent last wrote, per workload, until the cache
     /// brings it back (that event needs no sync).
     written: Mutex<HashMap<ObjectRef, u64>>,
@@ -253,6 +326,7 @@ impl Agent {
             instances: Default::default(),
             health: Default::default(),
             shared: None,
+            renewals: None,
             written: Default::default(),
         }
     }
@@ -262,6 +336,14 @@ impl Agent {
     /// (through the cache's node index), so a simulation of thousands of nodes costs one watch.
     pub fn with_shared_cache(mut self, cache: Cache<Workload>) -> Self {
         self.shared = Some(cache);
+        self
+    }
+
+    /// Has `renewals` keep its heartbeat lease alive, on their interval (instead of
+    /// `renew_interval` on a timer of its own): with thousands of simulated agents in one
+    /// process, one timer instead of thousands.
+    pub fn with_shared_renewals(mut self, renewals: SharedRenewals) -> Self {
+        self.renewals = Some(renewals);
         self
     }
 
@@ -387,26 +469,54 @@ impl Agent {
                 }
             });
         }
-        {
-            // Aborted with the other tasks at shutdown. An interval keeps one timer entry for
-            // the whole run (cheap with thousands of simulated agents).
-            let (store, this) = (this.store.clone(), this.clone());
-            tasks.spawn(async move {
-                let every = this.config.renew_interval;
-                let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    if store.keep_alive(lease_id).await.is_err() {
+        // Renewals: on a timer of its own, or through the shared renewal task. `current` is the
+        // heartbeat's lease now (a lapsed one is replaced), for the drain to revoke.
+        let current = Arc::new(std::sync::atomic::AtomicU64::new(lease_id));
+        let shared_renewal = match this.renewals.clone() {
+            Some(renewals) => {
+                let (failed_tx, mut failed) = tokio::sync::mpsc::unbounded_channel();
+                let me = renewals.register(lease_id, failed_tx);
+                let this = this.clone();
+                let handle = renewals.clone();
+                tasks.spawn(async move {
+                    while failed.recv().await.is_some() {
                         // The lease lapsed (a long pause, a store outage): start a new heartbeat.
                         match this.heartbeat().await {
-                            Ok(id) => lease_id = id,
+                            Ok(id) => handle.set_lease(me, id),
                             Err(e) => tracing::warn!(node = %this.config.node_name, error = %e, "heartbeat failed"),
                         }
                     }
-                }
-            });
-        }
+                });
+                Some((renewals, me))
+            }
+            None => {
+                // Aborted with the other tasks at shutdown. An interval keeps one timer entry
+                // for the whole run.
+                let (store, this, current) = (this.store.clone(), this.clone(), current.clone());
+                tasks.spawn(async move {
+                    let every = this.config.renew_interval;
+                    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        if store.keep_alive(lease_id).await.is_err() {
+                            // The lease lapsed (a long pause, a store outage): start a new
+                            // heartbeat.
+                            match this.heartbeat().await {
+                                Ok(id) => {
+                                    lease_id = id;
+                                    current.store(id, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(node = %this.config.node_name, error = %e, "heartbeat failed")
+                                }
+                            }
+                        }
+                    }
+                });
+                None
+            }
+        };
         let workers = {
             let (queue, cache, this) = (queue.clone(), cache.clone(), this.clone());
             tokio::spawn(async move {
@@ -428,6 +538,10 @@ impl Agent {
         queue.shut_down();
         let _ = workers.await;
         tasks.shutdown().await;
+        let mut lease_id = current.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some((renewals, me)) = shared_renewal {
+            lease_id = renewals.unregister(me).unwrap_or(lease_id);
+        }
         if drain {
             let all: Vec<Tracked> =
                 this.instances.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, t)| t).collect();

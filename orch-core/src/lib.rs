@@ -48,7 +48,7 @@ pub mod store;
 pub mod testkit;
 pub mod validation;
 
-pub use agent::{Agent, AgentConfig};
+pub use agent::{Agent, AgentConfig, SharedRenewals};
 pub use api::{Api, Deleted, Event, ListParams, ObjectList};
 pub use cache::{Cache, CacheConfig, CacheEvent, ObjectRef};
 pub use controller::{Action, Context, Controller, ControllerBuilder};

@@ -47,3 +47,53 @@ async fn an_hour_of_crash_looping_follows_the_backoff_schedule() {
     run.await.unwrap().unwrap();
     assert_eq!(cluster.instance_count(), 0, "drained");
 }
+
+#[tokio::test(start_paused = true)]
+async fn shared_renewals_keep_every_heartbeat_alive_and_a_drain_revokes_it() {
+    use orch_core::agent::{NODE_LEASE_NAMESPACE, NodeLease};
+    use orch_core::{Cache, CacheConfig, SharedRenewals};
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(0)));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().clock(clock.clone()).build());
+    let cluster = SimCluster::new();
+    let shared: Cache<Workload> = Cache::spawn(store.clone(), CacheConfig::default());
+    let renewals = SharedRenewals::spawn(store.clone(), Duration::from_secs(10));
+    let mut stops = Vec::new();
+    for n in 0..3 {
+        let node = format!("sim-{n}");
+        let runtime: Arc<dyn Runtime> = Arc::new(cluster.node(&node));
+        let agent = Agent::new(AgentConfig::new(&node), store.clone(), runtime)
+            .with_clock(clock.clone())
+            .with_shared_cache(shared.clone())
+            .with_shared_renewals(renewals.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let drain = n == 0;
+        stops.push((
+            tx,
+            tokio::spawn(agent.run(
+                async move {
+                    let _ = rx.await;
+                },
+                drain,
+            )),
+        ));
+    }
+    // Heartbeat leases live 40 s: ten minutes later they are alive only if renewed all along.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let leases: Api<NodeLease> = Api::namespaced(store.clone(), NODE_LEASE_NAMESPACE);
+    for n in 0..3 {
+        assert!(leases.get_opt(&format!("sim-{n}")).await.unwrap().is_some(), "sim-{n}'s heartbeat lives");
+    }
+    // The draining agent revokes its heartbeat; the others keep theirs.
+    let (tx, run) = stops.remove(0);
+    tx.send(()).unwrap();
+    run.await.unwrap().unwrap();
+    assert!(leases.get_opt("sim-0").await.unwrap().is_none(), "a drained node's heartbeat is gone");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    for n in 1..3 {
+        assert!(leases.get_opt(&format!("sim-{n}")).await.unwrap().is_some(), "sim-{n}'s heartbeat still lives");
+    }
+    for (tx, run) in stops {
+        tx.send(()).unwrap();
+        run.await.unwrap().unwrap();
+    }
+}
