@@ -191,8 +191,9 @@ pub struct SharedRenewals {
 #[derive(Default)]
 struct RenewalTable {
     next: u64,
-    /// Agent number → its lease and where to say that a renewal failed.
-    leases: std::collections::BTreeMap<u64, (u64, tokio::sync::mpsc::UnboundedSender<()>)>,
+    /// Agent number → its lease and how to tell it that a renewal failed (gone with the agent:
+    /// an agent that died without unregistering is dropped, its lease left to lapse).
+    leases: std::collections::BTreeMap<u64, (u64, std::sync::Weak<tokio::sync::Notify>)>,
 }
 
 impl std::fmt::Debug for SharedRenewals {
@@ -218,23 +219,34 @@ impl SharedRenewals {
                 due.clear();
                 due.extend(agents.lock().unwrap_or_else(|e| e.into_inner()).leases.iter().map(|(a, (l, _))| (*a, *l)));
                 for &(agent, lease) in &due {
-                    if store.keep_alive(lease).await.is_err() {
-                        let table = agents.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some((_, failed)) = table.leases.get(&agent) {
-                            let _ = failed.send(());
+                    // One stuck renewal must not hold up everybody else's.
+                    let renewed = tokio::time::timeout(interval, store.keep_alive(lease)).await;
+                    if matches!(renewed, Ok(Ok(_))) {
+                        continue;
+                    }
+                    let mut table = agents.lock().unwrap_or_else(|e| e.into_inner());
+                    match table.leases.get(&agent).map(|(l, failed)| (*l, failed.upgrade())) {
+                        // Still this lease (not already replaced): the agent starts a new
+                        // heartbeat; repeated failures before it does coalesce into one.
+                        Some((current, Some(failed))) if current == lease => failed.notify_one(),
+                        Some((_, None)) => {
+                            table.leases.remove(&agent);
                         }
+                        _ => {}
                     }
                 }
+                // Agents that ended without unregistering (their task was dropped).
+                agents.lock().unwrap_or_else(|e| e.into_inner()).leases.retain(|_, (_, f)| f.strong_count() > 0);
             }
         });
         SharedRenewals { agents }
     }
 
-    fn register(&self, lease: u64, failed: tokio::sync::mpsc::UnboundedSender<()>) -> u64 {
+    fn register(&self, lease: u64, failed: &Arc<tokio::sync::Notify>) -> u64 {
         let mut table = self.agents.lock().unwrap_or_else(|e| e.into_inner());
         table.next += 1;
         let n = table.next;
-        table.leases.insert(n, (lease, failed));
+        table.leases.insert(n, (lease, Arc::downgrade(failed)));
         n
     }
 
@@ -474,12 +486,13 @@ impl Agent {
         let current = Arc::new(std::sync::atomic::AtomicU64::new(lease_id));
         let shared_renewal = match this.renewals.clone() {
             Some(renewals) => {
-                let (failed_tx, mut failed) = tokio::sync::mpsc::unbounded_channel();
-                let me = renewals.register(lease_id, failed_tx);
+                let failed = Arc::new(tokio::sync::Notify::new());
+                let me = renewals.register(lease_id, &failed);
                 let this = this.clone();
                 let handle = renewals.clone();
                 tasks.spawn(async move {
-                    while failed.recv().await.is_some() {
+                    loop {
+                        failed.notified().await;
                         // The lease lapsed (a long pause, a store outage): start a new heartbeat.
                         match this.heartbeat().await {
                             Ok(id) => handle.set_lease(me, id),
@@ -740,6 +753,7 @@ impl Agent {
             !w.metadata.is_being_deleted() && w.spec.node_name.as_deref() == Some(self.config.node_name.as_str())
         });
         let Some(workload) = wanted else {
+            self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
             // Not (or no longer) ours: stop and remove its instances.
             let gone: Vec<Tracked> = {
                 let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
@@ -894,7 +908,14 @@ impl Agent {
             }
             // Crash-loop backoff before a restart.
             if let (Some(t), Some(e)) = (&tracked, exited) {
-                let crashes = if t.last_exit == Some(e) { t.crashes } else { t.crashes + 1 };
+                let crashes = if t.last_exit == Some(e) {
+                    t.crashes
+                } else if t.started.elapsed() >= self.config.backoff_reset {
+                    // It ran a crash-free spell first: the count starts over.
+                    1
+                } else {
+                    t.crashes + 1
+                };
                 let not_before = t
                     .not_before
                     .filter(|_| t.last_exit == Some(e))
@@ -977,11 +998,17 @@ impl Agent {
                 }
             }
         }
-        self.report(&workload, statuses).await?;
+        if !self.report(&workload, statuses).await? {
+            // The status write lost a race with a newer version (possibly the echo of this
+            // agent's own last write, which is not synced): look again once the cache has it.
+            let soon = Duration::from_millis(10);
+            next_look = Some(next_look.map_or(soon, |n| n.min(soon)));
+        }
         Ok(next_look)
     }
 
-    async fn report(&self, workload: &Object<Workload>, statuses: Vec<ContainerStatus>) -> Result<()> {
+    /// Writes the status if it changed; false when the write lost a race with a newer version.
+    async fn report(&self, workload: &Object<Workload>, statuses: Vec<ContainerStatus>) -> Result<bool> {
         let now = self.clock.now();
         let running = statuses.iter().any(|s| matches!(s.state, ContainerState::Running { .. }));
         let all_done = statuses.iter().all(|s| matches!(s.state, ContainerState::Terminated { .. }));
@@ -1011,7 +1038,7 @@ impl Agent {
             now,
         );
         if status == workload.status {
-            return Ok(());
+            return Ok(true);
         }
         let mut next = workload.clone();
         next.status = status;
@@ -1022,10 +1049,14 @@ impl Agent {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(ObjectRef::of(&written), written.metadata.resource_version);
-                Ok(())
+                Ok(true)
             }
-            // A newer version is on its way through the cache; its sync reports again.
-            Err(e) if e.is_conflict() || e.is_not_found() => Ok(()),
+            Err(e) if e.is_conflict() => {
+                self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(&ObjectRef::of(workload));
+                Ok(false)
+            }
+            // Deleted meanwhile: its deletion event syncs it.
+            Err(e) if e.is_not_found() => Ok(true),
             Err(e) => Err(e),
         }
     }

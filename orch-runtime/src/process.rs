@@ -257,7 +257,9 @@ impl Runtime for ProcessRuntime {
         {
             return Err(RuntimeError::invalid("container.workingDir", format!("{dir} is not a directory")));
         }
-        let limits = Limits::of(c)?;
+        // Checked (and refused when bad) only where they are enforced: elsewhere the capability
+        // flag says they are not, and the instance runs without them.
+        let limits = if self.limits.enforced() { Limits::of(c)? } else { Limits::default() };
         let limited = self.limits.enforced() && !limits.is_empty();
         if limited && find_program(program, c, &self.dir(&spec.id)).is_none() {
             // Run directly, the spawn itself says this; through the group-joining shell it would be
@@ -332,10 +334,16 @@ impl Runtime for ProcessRuntime {
                 return Err(RuntimeError::invalid("container.command[0]", format!("cannot run {program}: {e}")));
             }
         };
-        let pid = child.id().and_then(|p| i32::try_from(p).ok()).ok_or_else(|| RuntimeError::Unavailable {
-            message: format!("{} exited before its pid could be read", spec.id),
-            source: None,
-        })?;
+        let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+            // Already reaped (tokio reads no pid after that): undo the start.
+            let _ = child.wait().await;
+            let _ = std::fs::remove_dir_all(&dir);
+            self.limits.remove(&spec.id);
+            return Err(RuntimeError::Unavailable {
+                message: format!("{} exited before its pid could be read", spec.id),
+                source: None,
+            });
+        };
         let started_at = self.clock.now();
         // A process that already exited has no stat; its start time then no longer matters.
         let data = ProcessData { pid, start_ticks: start_ticks(pid).unwrap_or(0), started_at };
@@ -351,6 +359,7 @@ impl Runtime for ProcessRuntime {
             signal_group(pid, Signal::SIGKILL);
             let _ = child.wait().await;
             let _ = std::fs::remove_dir_all(&dir);
+            self.limits.remove(&spec.id);
             return Err(RuntimeError::io("writing handle.json", e));
         }
         // The reaper: waits on the child (so it never lingers as a zombie) and records the exit.

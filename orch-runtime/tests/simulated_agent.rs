@@ -97,3 +97,29 @@ async fn shared_renewals_keep_every_heartbeat_alive_and_a_drain_revokes_it() {
         run.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_after_a_long_healthy_run_waits_only_the_first_backoff() {
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(0)));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().clock(clock.clone()).build());
+    let cluster = SimCluster::new();
+    let runtime: Arc<dyn Runtime> = Arc::new(cluster.node("sim-1"));
+    let agent = Agent::new(AgentConfig::new("sim-1"), store.clone(), runtime).with_clock(clock);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(agent.run(
+        async move {
+            let _ = rx.await;
+        },
+        true,
+    ));
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    // Runs 610 s (past the 10 min reset) and fails, forever: every crash follows a healthy
+    // spell, so every restart waits the first delay, 10 s: restarts at about 620, 1240, 1860,
+    // 2480 s. Without the reset the delays would double (10, 20, 40, 80 s: the fourth at 2590 s).
+    api.create(&sim_workload("long", "sim-1", &[("SIM_RUN", "610"), ("SIM_EXIT_CODE", "1")])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2530)).await;
+    let long = api.get("long").await.unwrap();
+    assert_eq!(long.status.restart_count, 4, "restarts by 2,530 s");
+    tx.send(()).unwrap();
+    run.await.unwrap().unwrap();
+}
