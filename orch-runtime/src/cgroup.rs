@@ -278,6 +278,21 @@ impl LimitSupport {
         }
     }
 
+    /// The processes in instance `id`'s groups (none without limits): those that left its
+    /// process group (`setsid`) are still here.
+    pub(crate) fn members(&self, id: &str) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .groups_of(id)
+            .iter()
+            .filter_map(|g| std::fs::read_to_string(g.join("cgroup.procs")).ok())
+            .flat_map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<i32>>())
+            .filter(|pid| *pid > 1)
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
     /// True when the kernel's OOM killer killed a process of instance `id`'s group.
     pub(crate) fn oom_killed(&self, id: &str) -> bool {
         let (file, dir) = match self {

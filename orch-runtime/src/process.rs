@@ -128,12 +128,23 @@ impl ProcessRuntime {
     }
 
     /// Waits until the leader has exited and no process of its group is left.
+    /// Waits until the leader has exited and no process of its group, or of its cgroups (where
+    /// limits put it in some: a process that left the group with `setsid` is still there), is
+    /// left.
     async fn wait_group_gone(&self, handle: &Handle, data: &ProcessData) -> Result<(), RuntimeError> {
         self.wait_exit(handle, data).await?;
-        while group_alive(data.pid) {
+        while group_alive(data.pid) || !self.limits.members(&handle.id).is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
+    }
+
+    /// Signals the instance's process group and every process in its cgroups.
+    fn signal_all(&self, handle: &Handle, data: &ProcessData, signal: Signal) {
+        signal_group(data.pid, signal);
+        for pid in self.limits.members(&handle.id) {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
     }
 
     async fn wait_exit(&self, handle: &Handle, data: &ProcessData) -> Result<ExitStatus, RuntimeError> {
@@ -385,14 +396,14 @@ impl Runtime for ProcessRuntime {
         let leader_running = matches!(self.state(handle, &data), InstanceState::Running { .. });
         // Children left behind by an exited leader (`sh -c 'server &'`) still count: the stop
         // is done when the whole group is gone.
-        if !leader_running && !group_alive(data.pid) {
+        if !leader_running && !group_alive(data.pid) && self.limits.members(&handle.id).is_empty() {
             return Ok(());
         }
-        signal_group(data.pid, Signal::SIGTERM);
+        self.signal_all(handle, &data, Signal::SIGTERM);
         if let Ok(done) = tokio::time::timeout(grace, self.wait_group_gone(handle, &data)).await {
             return done;
         }
-        signal_group(data.pid, Signal::SIGKILL);
+        self.signal_all(handle, &data, Signal::SIGKILL);
         tokio::time::timeout(Duration::from_secs(10), self.wait_group_gone(handle, &data)).await.map_err(|_| {
             RuntimeError::Unavailable { message: format!("{} survived SIGKILL for 10 s", handle.id), source: None }
         })?

@@ -155,3 +155,45 @@ async fn bad_limits_and_missing_programs_are_refused_before_anything_runs() {
         assert!(rt.limit_support().groups_of(id).iter().all(|g| !g.exists()), "no group left for {id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_reaches_a_process_that_left_the_process_group() {
+    let Some(rt) = runtime() else { return };
+    // A child in a session (and process group) of its own, writing its pid for the test; the
+    // leader waits. Killing the process group alone would leave the child running.
+    let h = rt
+        .start(&spec("escape", "setsid sh -c 'echo $$ > escaped.pid; exec sleep 300' & wait", &[("memory", "64Mi")]))
+        .await
+        .expect("start");
+    let _kill = KillOnDrop(pid_of(&h));
+    let groups = rt.limit_support().groups_of("escape");
+    let mut escaped = None;
+    for _ in 0..500 {
+        let members: Vec<String> = groups
+            .iter()
+            .filter_map(|g| std::fs::read_to_string(g.join("cgroup.procs")).ok())
+            .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        let sleeper = members
+            .iter()
+            .filter_map(|p| p.trim().parse::<i32>().ok())
+            .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep"));
+        if sleeper.is_some() {
+            escaped = sleeper;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let escaped = escaped.expect("the escaped sleep runs in the instance's group");
+    let _kill_escaped = KillOnDrop(escaped as u32);
+    let leader_group = pid_of(&h) as i32;
+    let its_group = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(escaped))).expect("pgid").as_raw();
+    assert_ne!(its_group, leader_group, "it left the instance's process group");
+    rt.stop(&h, Duration::from_secs(5)).await.expect("stop");
+    assert!(
+        std::fs::read_to_string(format!("/proc/{escaped}/stat")).map_or(true, |s| s.contains(") Z")),
+        "the escaped process is gone after stop"
+    );
+    rt.remove(&h).await.expect("remove");
+    assert!(groups.iter().all(|g| !g.exists()), "no group left: {groups:?}");
+}
