@@ -20,7 +20,7 @@ use crate::kinds::{
     RestartPolicy, Taint, Workload, WorkloadStatus, set_condition,
 };
 use crate::labels::Labels;
-use crate::meta::{Clock, ObjectMeta, SystemClock};
+use crate::meta::{Clock, LeaseId, ObjectMeta, SystemClock};
 use crate::object::{Object, Resource, Scope};
 use crate::runtime::{ExitStatus, Handle, InstanceSpec, InstanceState, Runtime};
 use crate::selector::FieldSelector;
@@ -179,7 +179,8 @@ async fn probe_once(runtime: &dyn Runtime, handle: &Handle, probe: &Probe) -> bo
     tokio::time::timeout(timeout, attempt).await.unwrap_or(false)
 }
 
-/// One renewal timer for the agents of one process (a simulation of thousands of nodes): every
+/// One renewal timer for the agents of one process (a simulation of thousands of nodes; an agent
+/// without one runs its own): every
 /// `interval` it keeps each registered agent's heartbeat lease alive, one store renewal per
 /// agent as before, but from one task on one timer instead of one per agent. An agent whose
 /// renewal fails is told, and starts a new heartbeat as it would on its own.
@@ -193,7 +194,7 @@ struct RenewalTable {
     next: u64,
     /// Agent number → its lease and how to tell it that a renewal failed (gone with the agent:
     /// an agent that died without unregistering is dropped, its lease left to lapse).
-    leases: std::collections::BTreeMap<u64, (u64, std::sync::Weak<tokio::sync::Notify>)>,
+    leases: std::collections::BTreeMap<u64, (LeaseId, std::sync::Weak<tokio::sync::Notify>)>,
 }
 
 impl std::fmt::Debug for SharedRenewals {
@@ -212,7 +213,7 @@ impl SharedRenewals {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut due: Vec<(u64, u64)> = Vec::new();
+            let mut due: Vec<(u64, LeaseId)> = Vec::new();
             loop {
                 tick.tick().await;
                 let Some(agents) = weak.upgrade() else { return };
@@ -242,7 +243,7 @@ impl SharedRenewals {
         SharedRenewals { agents }
     }
 
-    fn register(&self, lease: u64, failed: &Arc<tokio::sync::Notify>) -> u64 {
+    fn register(&self, lease: LeaseId, failed: &Arc<tokio::sync::Notify>) -> u64 {
         let mut table = self.agents.lock().unwrap_or_else(|e| e.into_inner());
         table.next += 1;
         let n = table.next;
@@ -250,14 +251,14 @@ impl SharedRenewals {
         n
     }
 
-    fn set_lease(&self, agent: u64, lease: u64) {
+    fn set_lease(&self, agent: u64, lease: LeaseId) {
         if let Some(entry) = self.agents.lock().unwrap_or_else(|e| e.into_inner()).leases.get_mut(&agent) {
             entry.0 = lease;
         }
     }
 
     /// Takes the agent out; returns its current lease.
-    fn unregister(&self, agent: u64) -> Option<u64> {
+    fn unregister(&self, agent: u64) -> Option<LeaseId> {
         self.agents.lock().unwrap_or_else(|e| e.into_inner()).leases.remove(&agent).map(|(lease, _)| lease)
     }
 }
@@ -418,7 +419,7 @@ impl Agent {
     /// otherwise leaves them running for the next agent to adopt.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>, drain: bool) -> Result<()> {
         self.register().await?;
-        let mut lease_id = self.heartbeat().await?;
+        let lease_id = self.heartbeat().await?;
         let this = Arc::new(self);
         let queue: WorkQueue<ObjectRef> = WorkQueue::new(QueueConfig::default());
         let node = this.config.node_name.clone();
@@ -456,13 +457,8 @@ impl Agent {
                     // The echo of a status this agent just wrote changes nothing it acts on.
                     let echo = {
                         let mut written = this.written.lock().unwrap_or_else(|e| e.into_inner());
-                        let rv = e.object().metadata.resource_version;
-                        if written.get(&key) == Some(&rv) {
-                            written.remove(&key);
-                            true
-                        } else {
-                            false
-                        }
+                        written.get(&key) == Some(&e.object().metadata.resource_version)
+                            && written.remove(&key).is_some()
                     };
                     if !echo {
                         queue.add(key);
@@ -481,55 +477,27 @@ impl Agent {
                 }
             });
         }
-        // Renewals: on a timer of its own, or through the shared renewal task. `current` is the
-        // heartbeat's lease now (a lapsed one is replaced), for the drain to revoke.
-        let current = Arc::new(std::sync::atomic::AtomicU64::new(lease_id));
-        let shared_renewal = match this.renewals.clone() {
-            Some(renewals) => {
-                let failed = Arc::new(tokio::sync::Notify::new());
-                let me = renewals.register(lease_id, &failed);
-                let this = this.clone();
-                let handle = renewals.clone();
-                tasks.spawn(async move {
-                    loop {
-                        failed.notified().await;
-                        // The lease lapsed (a long pause, a store outage): start a new heartbeat.
-                        match this.heartbeat().await {
-                            Ok(id) => handle.set_lease(me, id),
-                            Err(e) => tracing::warn!(node = %this.config.node_name, error = %e, "heartbeat failed"),
-                        }
-                    }
-                });
-                Some((renewals, me))
-            }
-            None => {
-                // Aborted with the other tasks at shutdown. An interval keeps one timer entry
-                // for the whole run.
-                let (store, this, current) = (this.store.clone(), this.clone(), current.clone());
-                tasks.spawn(async move {
-                    let every = this.config.renew_interval;
-                    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    loop {
-                        tick.tick().await;
-                        if store.keep_alive(lease_id).await.is_err() {
-                            // The lease lapsed (a long pause, a store outage): start a new
-                            // heartbeat.
-                            match this.heartbeat().await {
-                                Ok(id) => {
-                                    lease_id = id;
-                                    current.store(id, std::sync::atomic::Ordering::Relaxed);
-                                }
-                                Err(e) => {
-                                    tracing::warn!(node = %this.config.node_name, error = %e, "heartbeat failed")
-                                }
-                            }
-                        }
-                    }
-                });
-                None
-            }
+        // Renewals: through the process's shared renewal task, or through one of its own on
+        // `renew_interval` (the same mechanism for one agent). A failed renewal means the lease
+        // lapsed (a long pause, a store outage): the agent starts a new heartbeat.
+        let renewals = match this.renewals.clone() {
+            Some(shared) => shared,
+            None => SharedRenewals::spawn(this.store.clone(), this.config.renew_interval),
         };
+        let failed = Arc::new(tokio::sync::Notify::new());
+        let me = renewals.register(lease_id, &failed);
+        {
+            let (this, renewals) = (this.clone(), renewals.clone());
+            tasks.spawn(async move {
+                loop {
+                    failed.notified().await;
+                    match this.heartbeat().await {
+                        Ok(id) => renewals.set_lease(me, id),
+                        Err(e) => tracing::warn!(node = %this.config.node_name, error = %e, "heartbeat failed"),
+                    }
+                }
+            });
+        }
         let workers = {
             let (queue, cache, this) = (queue.clone(), cache.clone(), this.clone());
             tokio::spawn(async move {
@@ -551,10 +519,8 @@ impl Agent {
         queue.shut_down();
         let _ = workers.await;
         tasks.shutdown().await;
-        let mut lease_id = current.load(std::sync::atomic::Ordering::Relaxed);
-        if let Some((renewals, me)) = shared_renewal {
-            lease_id = renewals.unregister(me).unwrap_or(lease_id);
-        }
+        // The heartbeat's current lease (a lapsed one may have been replaced), for the drain.
+        let lease_id = renewals.unregister(me).unwrap_or(lease_id);
         if drain {
             let all: Vec<Tracked> =
                 this.instances.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, t)| t).collect();

@@ -17,6 +17,22 @@ fn sim_workload(name: &str, node: &str, env: &[(&str, &str)]) -> Object<Workload
     Object::new(ObjectMeta::named(name), w)
 }
 
+/// Runs `agent` until the returned sender fires (or is dropped), draining on the way out if
+/// asked; the handle gives its result.
+fn spawn_agent(
+    agent: Agent,
+    drain: bool,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<orch_core::Result<()>>) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(agent.run(
+        async move {
+            let _ = rx.await;
+        },
+        drain,
+    ));
+    (tx, run)
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_hour_of_crash_looping_follows_the_backoff_schedule() {
     let store: Arc<dyn Store> =
@@ -25,13 +41,7 @@ async fn an_hour_of_crash_looping_follows_the_backoff_schedule() {
     let runtime: Arc<dyn Runtime> = Arc::new(cluster.node("sim-1"));
     let agent = Agent::new(AgentConfig::new("sim-1"), store.clone(), runtime)
         .with_clock(Arc::new(TokioClock::starting_at(Timestamp(0))));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(agent.run(
-        async move {
-            let _ = rx.await;
-        },
-        true,
-    ));
+    let (tx, run) = spawn_agent(agent, true);
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     // Runs 5 s, fails, forever.
     api.create(&sim_workload("crasher", "sim-1", &[("SIM_RUN", "5"), ("SIM_EXIT_CODE", "1")])).await.unwrap();
@@ -65,17 +75,8 @@ async fn shared_renewals_keep_every_heartbeat_alive_and_a_drain_revokes_it() {
             .with_clock(clock.clone())
             .with_shared_cache(shared.clone())
             .with_shared_renewals(renewals.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let drain = n == 0;
-        stops.push((
-            tx,
-            tokio::spawn(agent.run(
-                async move {
-                    let _ = rx.await;
-                },
-                drain,
-            )),
-        ));
+        // The first one drains when stopped.
+        stops.push(spawn_agent(agent, n == 0));
     }
     // Heartbeat leases live 40 s: ten minutes later they are alive only if renewed all along.
     tokio::time::sleep(Duration::from_secs(600)).await;
@@ -105,13 +106,7 @@ async fn a_crash_after_a_long_healthy_run_waits_only_the_first_backoff() {
     let cluster = SimCluster::new();
     let runtime: Arc<dyn Runtime> = Arc::new(cluster.node("sim-1"));
     let agent = Agent::new(AgentConfig::new("sim-1"), store.clone(), runtime).with_clock(clock);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(agent.run(
-        async move {
-            let _ = rx.await;
-        },
-        true,
-    ));
+    let (tx, run) = spawn_agent(agent, true);
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     // Runs 610 s (past the 10 min reset) and fails, forever: every crash follows a healthy
     // spell, so every restart waits the first delay, 10 s: restarts at about 620, 1240, 1860,
