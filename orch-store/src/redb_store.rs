@@ -25,12 +25,12 @@
 //!   reopened. A file that cannot be opened for writing is served read-only: reads work, writes
 //!   fail with `Unavailable`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io::Read;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -47,22 +47,21 @@ use tokio::time::Instant;
 
 use crate::memory::{Change, MemoryStore, MemoryStoreBuilder, State};
 
-/// Store-wide counters: `format`, `revision`, `floor` (oldest revision kept in the log) and
-/// `next_lease`.
+/// Store-wide counters: `format`, `revision`, `floor` (oldest revision of the history),
+/// `checkpoint` (the objects table holds every change before it) and `next_lease`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("orch.meta");
-/// (kind, namespace, name) → (its resource version, the object as JSON). The version lets a load
-/// reuse the log's copy of the same state instead of decoding it twice.
+/// (kind, namespace, name) → (its resource version, the object as JSON): every object as of the
+/// checkpoint, that is with every change before the `checkpoint` revision applied. Later changes
+/// are in the log; the objects table catches up when the log is trimmed.
 const OBJECTS: TableDefinition<(&str, &str, &str), (u64, &[u8])> = TableDefinition::new("orch.objects");
-/// (revision, index within the revision) → one change: (deleted, the resource version of the
-/// previous state or 0 for a create, the new state as JSON (for a delete, the final state stamped
-/// with the deletion revision), the previous state as JSON or nothing).
-const LOG: TableDefinition<(u64, u32), LogEntry> = TableDefinition::new("orch.log");
-type LogEntry = (bool, u64, &'static [u8], &'static [u8]);
+/// First revision of a commit → every change of that commit, in order, as one record (see
+/// [`encode_changes`]): a commit costs one insert, however many writes it carries.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("orch.commits");
 /// Lease id → its time to live in nanoseconds.
 const LEASES: TableDefinition<u64, u64> = TableDefinition::new("orch.leases");
 
 /// Version of the layout above, checked on open.
-const FORMAT: u64 = 2;
+const FORMAT: u64 = 3;
 /// The first bytes of every redb file (redb's file header), checked before redb sees the file so
 /// a foreign file is refused without being touched.
 const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
@@ -233,6 +232,7 @@ impl RedbStoreBuilder {
             leases: Mutex::new(loaded.leases),
             lease_changed: Arc::new(Notify::new()),
             commits: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         });
         let (tx, writer) = match db {
             Db::Writable(db) => {
@@ -243,6 +243,9 @@ impl RedbStoreBuilder {
                     shared: shared.clone(),
                     name: name.clone(),
                     floor: loaded.floor,
+                    checkpoint: loaded.checkpoint,
+                    segments: loaded.segments,
+                    trim_after: (self.history_limit / 32).max(1),
                     next_lease: loaded.next_lease,
                 };
                 let thread = std::thread::Builder::new()
@@ -254,10 +257,10 @@ impl RedbStoreBuilder {
             Db::ReadOnly(_) => (None, None),
         };
         let handle = Arc::new(Handle { shared, tx, writer, name, read_only, clock: self.clock });
-        if handle.tx.is_some()
+        if let Some(tx) = &handle.tx
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            rt.spawn(expire_leases(Arc::downgrade(&handle), handle.shared.lease_changed.clone()));
+            rt.spawn(expire_leases(Arc::downgrade(&handle.shared), tx.clone()));
         }
         Ok(RedbStore { inner: handle })
     }
@@ -374,6 +377,7 @@ fn init(db: &redb::Database) -> std::result::Result<(), BoxError> {
         meta.insert("format", FORMAT)?;
         meta.insert("revision", 0)?;
         meta.insert("floor", 1)?;
+        meta.insert("checkpoint", 1)?;
         meta.insert("next_lease", 1)?;
         txn.open_table(OBJECTS)?;
         txn.open_table(LOG)?;
@@ -385,13 +389,26 @@ fn init(db: &redb::Database) -> std::result::Result<(), BoxError> {
 
 struct Loaded {
     floor: u64,
+    checkpoint: u64,
+    segments: VecDeque<Segment>,
     next_lease: LeaseId,
     leases: Leases,
 }
 
-/// Reads the whole store into the index; leases restart their TTL at `now`. Every stored state
-/// is decoded once (the objects table and the log share it) and decoding runs on every core: this
-/// is what bounds the time to reopen a large store.
+/// What the writer remembers of one commit record in the log.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    /// Its first and last revision.
+    first: u64,
+    last: u64,
+    /// How many changes it holds.
+    changes: usize,
+}
+
+/// Reads the whole store into the index; leases restart their TTL at `now`. The objects table
+/// gives the state at the checkpoint and the log replays every later change on top of it,
+/// checking that each change follows the state it replaced. Decoding runs on every core: it is
+/// what bounds the time to reopen a large store.
 fn load(
     db: &(impl ReadableDatabase + Sync),
     index: &MemoryStore,
@@ -406,7 +423,8 @@ fn load(
             .map(|v| v.value())
             .ok_or_else(|| (format!("its orch.meta table has no {name:?} entry"), None))
     };
-    let (revision, floor, next_lease) = (counter("revision")?, counter("floor")?, counter("next_lease")?);
+    let (revision, floor, checkpoint, next_lease) =
+        (counter("revision")?, counter("floor")?, counter("checkpoint")?, counter("next_lease")?);
     let mut leases = Leases::default();
     for entry in txn.open_table(LEASES).map_err(|e| io(e.into()))?.iter().map_err(|e| io(e.into()))? {
         let (id, ttl) = entry.map_err(|e| io(e.into()))?;
@@ -414,55 +432,54 @@ fn load(
         leases.insert(id.value(), ttl, now + ttl);
     }
 
-    // The log: every change from the floor on, each state decoded once.
-    let log = read_log(db, floor, revision).map_err(io)?;
-    let mut changes: Vec<Change> = Vec::with_capacity(log.len());
-    let mut at_revision: HashMap<u64, Vec<usize>> = HashMap::with_capacity(log.len());
-    for (revision, deleted, prev_rv, object, prev_json) in log {
-        let damaged = |e: BoxError| (format!("its log entry at revision {revision} is damaged"), Some(e));
-        let object = Arc::new(object.map_err(|e| damaged(Box::new(e)))?);
-        if object.metadata.resource_version != revision {
-            return Err(damaged(format!("it holds resource version {}", object.metadata.resource_version).into()));
-        }
-        // The previous state is the object of an earlier entry when the log still has it.
-        let prev = match prev_rv {
-            0 => None,
-            rv => match find(&changes, &at_revision, rv, &object) {
-                Some(p) => Some(p),
-                None if prev_json.is_empty() => return Err(damaged("its previous state is missing".into())),
-                None => Some(Arc::new(decode_object(&prev_json).map_err(|e| damaged(Box::new(e)))?)),
-            },
-        };
-        at_revision.entry(revision).or_default().push(changes.len());
-        changes.push(Change { revision, object, prev, deleted });
-    }
-
-    // Current objects: the log's copy when it has the same state, decoded otherwise.
-    let mut objects = Vec::new();
-    let mut missing = Vec::new();
+    // The state at the checkpoint.
+    let mut stored = Vec::new();
     for entry in txn.open_table(OBJECTS).map_err(|e| io(e.into()))?.iter().map_err(|e| io(e.into()))? {
         let (key, value) = entry.map_err(|e| io(e.into()))?;
         let (kind, namespace, name) = key.value();
         let (rv, json) = value.value();
-        let logged = at_revision
-            .get(&rv)
-            .into_iter()
-            .flatten()
-            .map(|&i| &changes[i].object)
-            .find(|o| o.kind == kind && o.metadata.namespace == namespace && o.metadata.name == name);
-        match logged {
-            Some(o) => objects.push(o.clone()),
-            None => missing.push((format!("{kind} {namespace}/{name}"), json.to_vec())),
+        stored.push((ObjectKey::new(kind, namespace, name), rv, json.to_vec()));
+    }
+    let mut current: HashMap<ObjectKey, Arc<DynamicObject>> = HashMap::with_capacity(stored.len());
+    for ((key, rv, _), obj) in stored.iter().zip(decode_all(stored.iter().map(|s| s.2.as_slice()))) {
+        let damaged = |e: BoxError| (format!("its record of {key} is damaged"), Some(e));
+        let obj = obj.map_err(|e| damaged(Box::new(e)))?;
+        if obj.metadata.resource_version != *rv || obj.key() != *key {
+            return Err(damaged("it does not match its key".into()));
+        }
+        current.insert(key.clone(), Arc::new(obj));
+    }
+    drop(stored);
+
+    // Every later change, in order, on top of it.
+    let (segments, log) = read_log(db, checkpoint).map_err(|(revision, e)| match revision {
+        Some(r) => (format!("its log record at revision {r} is damaged"), Some(e)),
+        None => ("redb cannot read it".to_string(), Some(e)),
+    })?;
+    let mut changes: Vec<Change> = Vec::new();
+    let mut last = checkpoint.saturating_sub(1);
+    for row in log {
+        let damaged =
+            |why: String| (format!("its log entry at revision {} is damaged", row.revision), Some(why.into()));
+        let object = Arc::new(row.object.map_err(|e| damaged(e.to_string()))?);
+        if row.revision < last || row.revision > revision {
+            return Err(damaged(format!("it is out of order (after {last}, store revision {revision})")));
+        }
+        last = row.revision;
+        if object.metadata.resource_version != row.revision || object.key() != row.key {
+            return Err(damaged("it does not match its key and revision".into()));
+        }
+        let prev = if row.deleted { current.remove(&row.key) } else { current.insert(row.key, object.clone()) };
+        if prev.as_ref().map_or(0, |p| p.metadata.resource_version) != row.prev_rv {
+            return Err(damaged("it does not follow the state before it".into()));
+        }
+        if row.revision >= floor {
+            changes.push(Change { revision: row.revision, object, prev, deleted: row.deleted });
         }
     }
-    for ((what, _), obj) in missing.iter().zip(decode_all(missing.iter().map(|m| m.1.as_slice()))) {
-        let obj = obj.map_err(|e| (format!("its record of {what} is damaged"), Some(Box::new(e) as BoxError)))?;
-        objects.push(Arc::new(obj));
-    }
-    drop(missing);
 
     let mut st = index.inner.write();
-    for obj in objects {
+    for obj in current.into_values() {
         if let Some(lease) = obj.metadata.lease.and_then(|id| leases.live.get_mut(&id)) {
             lease.keys.insert(obj.key());
         }
@@ -474,73 +491,165 @@ fn load(
     st.revision = revision;
     st.floor = floor;
     st.trim(index.inner.history_limit);
-    Ok(Loaded { floor: st.floor, next_lease, leases })
+    Ok(Loaded { floor: st.floor, checkpoint, segments, next_lease, leases })
 }
 
-/// One log entry as loaded: revision, deleted, the previous state's resource version, the
-/// decoded state, and the previous state's JSON when the loaded log will not have it.
-type LogRow = (u64, bool, u64, serde_json::Result<DynamicObject>, Vec<u8>);
+/// One change as loaded from the log.
+struct LogRow {
+    revision: u64,
+    deleted: bool,
+    /// Resource version of the state it replaced (0 for a create).
+    prev_rv: u64,
+    key: ObjectKey,
+    object: serde_json::Result<DynamicObject>,
+}
 
-/// Reads and decodes the log from `floor` on, in revision order: each core takes a contiguous
-/// range of revisions in its own read transaction, so reading and decoding both run in parallel.
+/// A log that cannot be read: the revision of the damaged record, if that is the reason.
+type LogError = (Option<u64>, BoxError);
+
+/// Reads and decodes the log from `checkpoint` on, in revision order: each core takes a
+/// contiguous range of records in its own read transaction, so reading and decoding both run in
+/// parallel.
 fn read_log<D: ReadableDatabase + Sync>(
     db: &D,
-    floor: u64,
-    revision: u64,
-) -> std::result::Result<Vec<LogRow>, redb::Error> {
-    let span = (revision + 1).saturating_sub(floor);
+    checkpoint: u64,
+) -> std::result::Result<(VecDeque<Segment>, Vec<LogRow>), LogError> {
+    let io = |e: redb::Error| (None, Box::new(e) as BoxError);
+    let (first, end) = {
+        let txn = db.begin_read().map_err(|e| io(e.into()))?;
+        let table = txn.open_table(LOG).map_err(|e| io(e.into()))?;
+        let first = table.first().map_err(|e| io(e.into()))?.map(|(k, _)| k.value());
+        let last = table.last().map_err(|e| io(e.into()))?.map(|(k, _)| k.value());
+        match (first, last) {
+            (Some(f), Some(l)) => (f, l + 1),
+            _ => return Ok((VecDeque::new(), Vec::new())),
+        }
+    };
+    if first < checkpoint {
+        return Err((Some(first), "it comes before the checkpoint".into()));
+    }
+    let span = end - first;
     let parts =
         if span < 4096 { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()).min(16) as u64 };
-    let read = |part: u64| -> std::result::Result<Vec<LogRow>, redb::Error> {
-        let txn = db.begin_read()?;
-        let table = txn.open_table(LOG)?;
-        let start = (floor + span * part / parts, 0u32);
-        let range = if part + 1 == parts {
-            table.range(start..)?
-        } else {
-            table.range(start..(floor + span * (part + 1) / parts, 0u32))?
-        };
-        let mut out = Vec::new();
-        for entry in range {
-            let (key, value) = entry?;
-            let (deleted, prev_rv, object, prev) = value.value();
-            // A previous state still in the log is shared from there, not decoded again.
-            let prev = if prev_rv != 0 && prev_rv < floor { prev.to_vec() } else { Vec::new() };
-            out.push((key.value().0, deleted, prev_rv, decode_object(object), prev));
+    let read = |part: u64| -> std::result::Result<(Vec<Segment>, Vec<LogRow>), LogError> {
+        let txn = db.begin_read().map_err(|e| io(e.into()))?;
+        let table = txn.open_table(LOG).map_err(|e| io(e.into()))?;
+        let range = (first + span * part / parts)..(first + span * (part + 1) / parts);
+        let (mut segments, mut rows) = (Vec::new(), Vec::new());
+        for entry in table.range(range).map_err(|e| io(e.into()))? {
+            let (key, value) = entry.map_err(|e| io(e.into()))?;
+            let at = key.value();
+            let records = decode_changes(value.value()).map_err(|e| (Some(at), e.into()))?;
+            match (records.first(), records.last()) {
+                (Some(f), Some(l)) if f.revision == at => {
+                    segments.push(Segment { first: at, last: l.revision, changes: records.len() })
+                }
+                _ => return Err((Some(at), "it does not start at its own revision".into())),
+            }
+            rows.extend(records.into_iter().map(|r| LogRow {
+                revision: r.revision,
+                deleted: r.deleted,
+                prev_rv: r.prev_rv,
+                key: ObjectKey::new(r.kind, r.namespace, r.name),
+                object: decode_object(r.json),
+            }));
         }
-        Ok(out)
+        Ok((segments, rows))
     };
-    if parts == 1 {
-        return read(0);
-    }
-    let read = &read;
-    std::thread::scope(|scope| {
-        let parts: Vec<_> = (0..parts).map(|part| scope.spawn(move || read(part))).collect();
-        let mut all = Vec::new();
-        for part in parts {
+    let parts: Vec<_> = if parts == 1 {
+        vec![read(0)]
+    } else {
+        let read = &read;
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = (0..parts).map(|part| scope.spawn(move || read(part))).collect();
             // A panic while reading is passed on to the open, which turns it into an error.
-            all.extend(part.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?);
-        }
-        Ok(all)
-    })
+            parts.into_iter().map(|p| p.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        })
+    };
+    let (mut segments, mut rows) = (VecDeque::new(), Vec::new());
+    for part in parts {
+        let (s, r) = part?;
+        segments.extend(s);
+        rows.extend(r);
+    }
+    Ok((segments, rows))
 }
 
-/// The object of the change at `revision` to the same key as `like`, if the log has it.
-fn find(
-    changes: &[Change],
-    at_revision: &HashMap<u64, Vec<usize>>,
+/// One change as stored in a commit record.
+#[derive(Debug, PartialEq)]
+struct Record<'a> {
     revision: u64,
-    like: &DynamicObject,
-) -> Option<Arc<DynamicObject>> {
-    let same = |o: &DynamicObject| {
-        o.kind == like.kind && o.metadata.namespace == like.metadata.namespace && o.metadata.name == like.metadata.name
-    };
-    at_revision
-        .get(&revision)?
-        .iter()
-        .map(|&i| &changes[i])
-        .find(|c| !c.deleted && same(&c.object))
-        .map(|c| c.object.clone())
+    deleted: bool,
+    prev_rv: u64,
+    kind: &'a str,
+    namespace: &'a str,
+    name: &'a str,
+    /// The new state as JSON (for a delete, the final state stamped with the deletion revision).
+    json: &'a [u8],
+}
+
+/// Encodes the changes of one commit as one record: for each change its revision (u64), deleted
+/// (u8), the resource version it replaced (u64), then kind, namespace, name and the state as
+/// JSON, each with its length (u32) first; integers little-endian.
+fn encode_changes(changes: &[Change]) -> std::result::Result<Vec<u8>, BoxError> {
+    fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    let mut out = Vec::with_capacity(changes.len() * 1280);
+    for c in changes {
+        let o = &c.object;
+        out.extend_from_slice(&c.revision.to_le_bytes());
+        out.push(u8::from(c.deleted));
+        out.extend_from_slice(&c.prev.as_ref().map_or(0, |p| p.metadata.resource_version).to_le_bytes());
+        put(&mut out, o.kind.as_bytes());
+        put(&mut out, o.metadata.namespace.as_bytes());
+        put(&mut out, o.metadata.name.as_bytes());
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        serde_json::to_writer(&mut out, &**o)?;
+        let len = u32::try_from(out.len() - at - 4).map_err(|_| format!("{} is too large to store", o.key()))?;
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// Decodes a record written by [`encode_changes`]; anything short, too long or not UTF-8 where
+/// text belongs is an error saying what.
+fn decode_changes(mut bytes: &[u8]) -> std::result::Result<Vec<Record<'_>>, String> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize, what: &str) -> std::result::Result<&'a [u8], String> {
+        if bytes.len() < n {
+            return Err(format!("it ends inside a change's {what}"));
+        }
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        Ok(head)
+    }
+    fn u64_of(bytes: &mut &[u8], what: &str) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(take(bytes, 8, what)?.try_into().map_err(|_| what.to_string())?))
+    }
+    fn sized<'a>(bytes: &mut &'a [u8], what: &str) -> std::result::Result<&'a [u8], String> {
+        let len = u32::from_le_bytes(take(bytes, 4, what)?.try_into().map_err(|_| what.to_string())?);
+        take(bytes, len as usize, what)
+    }
+    fn text<'a>(bytes: &mut &'a [u8], what: &str) -> std::result::Result<&'a str, String> {
+        std::str::from_utf8(sized(bytes, what)?).map_err(|_| format!("a change's {what} is not UTF-8"))
+    }
+    let mut records = Vec::new();
+    while !bytes.is_empty() {
+        let revision = u64_of(&mut bytes, "revision")?;
+        let deleted = match take(&mut bytes, 1, "deleted flag")?[0] {
+            0 => false,
+            1 => true,
+            other => return Err(format!("a change's deleted flag is {other}")),
+        };
+        let prev_rv = u64_of(&mut bytes, "previous version")?;
+        let (kind, namespace, name) =
+            (text(&mut bytes, "kind")?, text(&mut bytes, "namespace")?, text(&mut bytes, "name")?);
+        let json = sized(&mut bytes, "state")?;
+        records.push(Record { revision, deleted, prev_rv, kind, namespace, name, json });
+    }
+    Ok(records)
 }
 
 fn decode_object(bytes: &[u8]) -> serde_json::Result<DynamicObject> {
@@ -598,9 +707,13 @@ struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        // Closing the queue lets the writer finish what is queued and close the file; waiting for
-        // it means the file can be opened again as soon as the store is dropped.
-        self.tx = None;
+        // The writer finishes what is queued and closes the file; waiting for it means the file
+        // can be opened again as soon as the store is dropped. The lease task is told to stop.
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.lease_changed.notify_one();
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Op::Close);
+        }
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -616,6 +729,8 @@ struct Shared {
     lease_changed: Arc<Notify>,
     /// Durable commits made since the store was opened.
     commits: AtomicU64,
+    /// Set when the last handle is dropped: the lease task stops.
+    closed: AtomicBool,
 }
 
 impl Shared {
@@ -713,6 +828,10 @@ enum Op {
         now: Instant,
         reply: Reply<()>,
     },
+    /// The store is dropped: commit what came before, close the file and stop. Sent by the
+    /// handle's drop, so the file is closed when the last handle is gone even while the lease
+    /// task still holds a sender.
+    Close,
 }
 
 impl Op {
@@ -725,6 +844,7 @@ impl Op {
             | Op::Grant { now, .. }
             | Op::Revoke { now, .. }
             | Op::Expire { now, .. } => *now,
+            Op::Close => Instant::now(),
         }
     }
 }
@@ -781,8 +901,15 @@ struct Writer {
     rx: mpsc::Receiver<Op>,
     shared: Arc<Shared>,
     name: String,
-    /// The log floor recorded in the file.
+    /// The history floor recorded in the file.
     floor: u64,
+    /// The objects table holds every change before this revision; the log every later one.
+    checkpoint: u64,
+    /// The commit records in the log, oldest first.
+    segments: VecDeque<Segment>,
+    /// Records wholly below the floor are folded into the objects table once they hold this
+    /// many changes: in bulk, so a key written many times meanwhile is written there once.
+    trim_after: usize,
     next_lease: LeaseId,
 }
 
@@ -958,6 +1085,7 @@ impl Batch<'_> {
                 Answer::Unit(reply, r)
             }
             Op::Expire { reply, .. } => Answer::Unit(reply, Ok(())),
+            Op::Close => return,
         };
         self.answers.push(answer);
     }
@@ -965,12 +1093,18 @@ impl Batch<'_> {
 
 impl Writer {
     fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
-            let mut ops = vec![first];
-            while ops.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
+        let mut closing = false;
+        while !closing && let Ok(first) = self.rx.recv() {
+            let mut ops = Vec::new();
+            let mut next = Some(first);
+            while let Some(op) = next.take() {
+                if let Op::Close = op {
+                    closing = true;
+                    break;
+                }
+                ops.push(op);
+                if ops.len() < MAX_BATCH {
+                    next = self.rx.try_recv().ok();
                 }
             }
             self.batch(ops);
@@ -1008,24 +1142,30 @@ impl Writer {
         let floor = trim_floor.max(compact_to.unwrap_or(0));
         let writes = !changes.is_empty() || !granted.is_empty() || !dropped.is_empty() || floor > self.floor;
         if writes {
-            if let Err(e) = self.commit(&changes, &granted, &dropped, next_lease, floor, revision) {
-                tracing::error!(path = %self.name, error = %e, "store commit failed");
-                let mut leases = shared.leases();
-                for (id, lease) in dropped {
-                    if let Some(lease) = lease {
-                        leases.restore(id, lease);
+            let folded = match self.commit(&changes, &granted, &dropped, next_lease, floor, revision) {
+                Ok(folded) => folded,
+                Err(e) => {
+                    tracing::error!(path = %self.name, error = %e, "store commit failed");
+                    let mut leases = shared.leases();
+                    for (id, lease) in dropped {
+                        if let Some(lease) = lease {
+                            leases.restore(id, lease);
+                        }
                     }
+                    drop(leases);
+                    let failed = CommitFailed(Arc::from(e));
+                    for a in answers {
+                        a.fail(|| Error::Unavailable {
+                            message: format!("store file {}: the write could not be made durable", self.name),
+                            source: Some(Box::new(failed.clone())),
+                        });
+                    }
+                    return;
                 }
-                drop(leases);
-                let failed = CommitFailed(Arc::from(e));
-                for a in answers {
-                    a.fail(|| Error::Unavailable {
-                        message: format!("store file {}: the write could not be made durable", self.name),
-                        source: Some(Box::new(failed.clone())),
-                    });
-                }
-                return;
-            }
+            };
+            self.segments.drain(..folded.segments);
+            self.segments.extend(folded.added);
+            self.checkpoint = folded.checkpoint;
             self.floor = self.floor.max(floor);
             self.next_lease = next_lease;
             shared.commits.fetch_add(1, Ordering::Relaxed);
@@ -1076,7 +1216,9 @@ impl Writer {
         }
     }
 
-    /// Writes one batch in one durable transaction.
+    /// Writes one batch in one durable transaction: one log record for all its changes, the
+    /// counters, the leases, and, when enough of the log has fallen below the floor, the fold of
+    /// that part into the objects table. Returns what the log looks like afterwards.
     fn commit(
         &self,
         changes: &[Change],
@@ -1085,32 +1227,53 @@ impl Writer {
         next_lease: LeaseId,
         floor: u64,
         revision: u64,
-    ) -> std::result::Result<(), BoxError> {
+    ) -> std::result::Result<Folded, BoxError> {
+        // The oldest records, if they are all below the floor and hold enough changes to fold.
+        let below = self.segments.iter().take_while(|s| s.last < floor);
+        let (fold, folded_changes) = below.fold((0, 0), |(n, c), s| (n + 1, c + s.changes));
+        let fold = if folded_changes >= self.trim_after { fold } else { 0 };
+        let checkpoint = match self.segments.get(fold) {
+            _ if fold == 0 => self.checkpoint,
+            Some(next) => next.first,
+            None => changes.first().map_or(revision + 1, |c| c.revision),
+        };
+
         let txn = self.db.begin_write()?;
         {
-            let mut objects = txn.open_table(OBJECTS)?;
             let mut log = txn.open_table(LOG)?;
-            let (mut last, mut seq) = (0, 0u32);
-            for c in changes {
-                (seq, last) = if c.revision == last { (seq + 1, last) } else { (0, c.revision) };
-                let o = &c.object;
-                let key = (o.kind.as_str(), o.metadata.namespace.as_str(), o.metadata.name.as_str());
-                let body = serde_json::to_vec(&**o)?;
-                if c.deleted {
-                    objects.remove(key)?;
-                } else {
-                    objects.insert(key, (c.revision, body.as_slice()))?;
-                }
-                let prev = c.prev.as_deref().map(serde_json::to_vec).transpose()?;
-                let prev_rv = c.prev.as_ref().map_or(0, |p| p.metadata.resource_version);
-                log.insert(
-                    (c.revision, seq),
-                    (c.deleted, prev_rv, body.as_slice(), prev.as_deref().unwrap_or_default()),
-                )?;
-            }
             let mut meta = txn.open_table(META)?;
+            if fold > 0 {
+                // The state at the new checkpoint: the last change to each key in what is folded.
+                let mut latest: BTreeMap<StoredKey, Option<(u64, Vec<u8>)>> = BTreeMap::new();
+                for entry in log.range(..checkpoint)? {
+                    let (at, record) = entry?;
+                    let at = at.value();
+                    let records = decode_changes(record.value())
+                        .map_err(|e| format!("its log record at revision {at} is damaged: {e}"))?;
+                    for r in records {
+                        let key = (r.kind.to_string(), r.namespace.to_string(), r.name.to_string());
+                        latest.insert(key, (!r.deleted).then(|| (r.revision, r.json.to_vec())));
+                    }
+                }
+                let mut objects = txn.open_table(OBJECTS)?;
+                for ((kind, namespace, name), state) in &latest {
+                    let key = (kind.as_str(), namespace.as_str(), name.as_str());
+                    match state {
+                        Some((rv, json)) => {
+                            objects.insert(key, (*rv, json.as_slice()))?;
+                        }
+                        None => {
+                            objects.remove(key)?;
+                        }
+                    }
+                }
+                log.retain_in(..checkpoint, |_, _| false)?;
+                meta.insert("checkpoint", checkpoint)?;
+            }
+            if let Some(first) = changes.first() {
+                log.insert(first.revision, encode_changes(changes)?.as_slice())?;
+            }
             if floor > self.floor {
-                log.retain_in(..(floor, 0u32), |_, _| false)?;
                 meta.insert("floor", floor)?;
             }
             meta.insert("revision", revision)?;
@@ -1124,26 +1287,51 @@ impl Writer {
             }
         }
         txn.commit()?;
-        Ok(())
+        let added = match (changes.first(), changes.last()) {
+            (Some(f), Some(l)) => Some(Segment { first: f.revision, last: l.revision, changes: changes.len() }),
+            _ => None,
+        };
+        Ok(Folded { segments: fold, checkpoint, added })
     }
 }
 
-/// Background task: asks the writer to expire leases when their deadline passes.
-async fn expire_leases(handle: Weak<Handle>, changed: Arc<Notify>) {
+/// (kind, namespace, name) as the objects table keys it.
+type StoredKey = (String, String, String);
+
+/// How a commit changed the log: the oldest `segments` records were folded into the objects
+/// table up to `checkpoint`, and `added` was appended.
+struct Folded {
+    segments: usize,
+    checkpoint: u64,
+    added: Option<Segment>,
+}
+
+/// Background task: asks the writer to expire leases when their deadline passes. It holds no
+/// handle (so dropping the last handle closes the file at once), and stops when the store is
+/// closed.
+async fn expire_leases(shared: Weak<Shared>, tx: mpsc::Sender<Op>) {
+    let Some(changed) = shared.upgrade().map(|s| s.lease_changed.clone()) else { return };
     loop {
         let notified = changed.notified();
         let next = {
-            let Some(h) = handle.upgrade() else { return };
-            h.shared.leases().deadlines.first().map(|(d, _)| *d)
+            let Some(shared) = shared.upgrade() else { return };
+            if shared.closed.load(Ordering::Acquire) {
+                return;
+            }
+            shared.leases().deadlines.first().map(|(d, _)| *d)
         };
         match next {
             Some(d) if d <= Instant::now() => {
-                let Some(h) = handle.upgrade() else { return };
-                let store = RedbStore { inner: h };
-                if store.expire().await.is_err() {
+                let (reply, done) = oneshot::channel();
+                if tx.send(Op::Expire { now: Instant::now(), reply }).is_err() {
+                    return;
+                }
+                match done.await {
+                    Ok(Ok(())) => {}
                     // The disk is failing: try again later rather than spin.
-                    drop(store);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    // The writer has stopped.
+                    Err(_) => return,
                 }
             }
             Some(d) => {

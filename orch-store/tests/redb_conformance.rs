@@ -8,17 +8,12 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+mod common;
+
 fn fresh_file() -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    // One directory, emptied once per run, so runs do not pile up store files.
-    let dir = DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("redb-conformance");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a directory for the store files");
-        dir
-    });
-    let path = dir.join(format!("case-{}.redb", NEXT.fetch_add(1, Ordering::Relaxed)));
+    let path =
+        common::scratch_dir("redb-conformance").join(format!("case-{}.redb", NEXT.fetch_add(1, Ordering::Relaxed)));
     let _ = std::fs::remove_file(&path);
     path
 }

@@ -15,16 +15,10 @@ use orch_core::{
 };
 use orch_store::RedbStore;
 
+mod common;
+
 fn fresh(name: &str) -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    // One directory, emptied once per run, so runs do not pile up store files.
-    let dir = DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("redb-durability");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    });
-    let path = dir.join(format!("{name}.redb"));
+    let path = common::scratch_dir("redb-durability").join(format!("{name}.redb"));
     let _ = std::fs::remove_file(&path);
     path
 }
@@ -463,60 +457,79 @@ async fn observe(
     (rev, lists, history)
 }
 
+/// The oldest revision a list can still be served at.
+async fn first_listable(s: &dyn Store) -> u64 {
+    let rev = s.current_revision().await.unwrap();
+    for r in 1..=rev {
+        match s.list(&ListRequest { revision: Some(r), ..ListRequest::new(things()) }).await {
+            Ok(_) => return r,
+            Err(Error::Compacted { .. }) => {}
+            Err(e) => panic!("list at {r}: {e}"),
+        }
+    }
+    rev + 1
+}
+
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
-    /// Closing and reopening the store is invisible: whatever writes and compactions came
-    /// before, the reopened store answers every list at every kept revision, and every watch,
-    /// exactly as before.
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Closing and reopening the store is invisible: whatever writes, compactions and trimming
+    /// of history came before, the reopened store answers every list at every kept revision,
+    /// and every watch, exactly as before, and refuses the same older revisions. A small history
+    /// limit makes the log fold into the objects table as it goes.
     #[test]
-    fn reopening_is_invisible(ops in proptest::collection::vec((0..6usize, 0..5u8, 0..3u8), 1..40)) {
+    fn reopening_is_invisible(
+        limit in proptest::sample::select(vec![1usize, 3, 8, 100_000]),
+        ops in proptest::collection::vec((0..6usize, 0..6u8, 0..3u8), 1..60),
+    ) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async {
             let path = fresh("reopen-model");
-            let mut floor = 1;
-            let before = {
-                let s = RedbStore::open(&path).unwrap();
-                for (i, action, v) in ops {
-                    let name = format!("o{i}");
-                    let cur = s.get(&key(&name)).await.ok();
-                    match (cur, action) {
-                        (None, _) => {
-                            s.create(thing(&name, serde_json::json!(v)), &w()).await.unwrap();
-                        }
-                        (Some(_), 0) => {
-                            s.delete(&key(&name), &DeleteOptions::default()).await.unwrap();
-                        }
-                        (Some(c), 1) => {
-                            let mut next = (*c).clone();
-                            next.spec = RawJson::from_value(&serde_json::json!({ "v": v }));
-                            s.update(next, &w()).await.unwrap();
-                        }
-                        (Some(c), 2) => {
-                            let mut next = (*c).clone();
-                            next.status = RawJson::from_value(&serde_json::json!({ "seen": v }));
-                            s.update_status(next, &w()).await.unwrap();
-                        }
-                        (Some(c), 3) => {
-                            let mut next = (*c).clone();
-                            next.metadata.labels.insert("v", v.to_string());
-                            s.update(next, &w()).await.unwrap();
-                        }
-                        (Some(_), _) => {
-                            let rev = s.current_revision().await.unwrap();
-                            if rev > 2 {
-                                s.compact(rev - 2).await.unwrap();
-                                floor = rev - 2;
-                            }
+            let open = || RedbStore::builder().history_limit(limit).open(&path).unwrap();
+            let check_reopen = |s: RedbStore| async move {
+                let floor = first_listable(&s).await;
+                let before = observe(&s, floor).await;
+                drop(s);
+                let s = open();
+                assert_eq!(first_listable(&s).await, floor, "the same revisions are kept");
+                assert_eq!(observe(&s, floor).await, before);
+                s
+            };
+            let mut s = open();
+            for (i, action, v) in ops {
+                let name = format!("o{i}");
+                let cur = s.get(&key(&name)).await.ok();
+                match (cur, action) {
+                    (_, 5) => s = check_reopen(s).await,
+                    (None, _) => {
+                        s.create(thing(&name, serde_json::json!(v)), &w()).await.unwrap();
+                    }
+                    (Some(_), 0) => {
+                        s.delete(&key(&name), &DeleteOptions::default()).await.unwrap();
+                    }
+                    (Some(c), 1) => {
+                        let mut next = (*c).clone();
+                        next.spec = RawJson::from_value(&serde_json::json!({ "v": v }));
+                        s.update(next, &w()).await.unwrap();
+                    }
+                    (Some(c), 2) => {
+                        let mut next = (*c).clone();
+                        next.status = RawJson::from_value(&serde_json::json!({ "seen": v }));
+                        s.update_status(next, &w()).await.unwrap();
+                    }
+                    (Some(c), 3) => {
+                        let mut next = (*c).clone();
+                        next.metadata.labels.insert("v", v.to_string());
+                        s.update(next, &w()).await.unwrap();
+                    }
+                    (Some(_), _) => {
+                        let rev = s.current_revision().await.unwrap();
+                        if rev > 2 {
+                            s.compact(rev - 2).await.unwrap();
                         }
                     }
                 }
-                observe(&s, floor).await
-            };
-            let s = RedbStore::open(&path).unwrap();
-            assert_eq!(observe(&s, floor).await, before);
-            if floor > 1 {
-                assert!(matches!(s.list(&ListRequest { revision: Some(floor - 1), ..ListRequest::new(things()) }).await, Err(Error::Compacted { .. })));
             }
+            check_reopen(s).await;
         });
     }
 }

@@ -93,3 +93,27 @@ pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> b
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A directory for this test process's store files: `<target tmp>/<suite>/<pid>`. Every test
+/// runs in its own process under nextest, so each gets its own directory; the directories of
+/// processes that have ended are removed here, so runs do not pile up files.
+pub fn scratch_dir(suite: &str) -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let parent = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(suite);
+        for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let ended = match entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
+                Some(pid) => !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                None => true,
+            };
+            if ended {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = parent.join(std::process::id().to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory for the store files");
+        dir
+    })
+    .clone()
+}
