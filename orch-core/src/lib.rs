@@ -26,7 +26,7 @@
 //!
 //! | feature   | what it adds |
 //! |-----------|--------------|
-//! | `testkit` | [`testkit::store`]: the store conformance suite with its model check |
+//! | `testkit` | `testkit::store`: the store conformance suite with its model check |
 
 pub mod agent;
 pub mod api;

@@ -1,7 +1,7 @@
 //! The [`Runtime`] trait: how a node agent starts, stops and observes the instances (containers
 //! or processes) of the workloads bound to its node.
 //!
-//! The contract, checked for every backend by [`testkit::runtime`](crate::testkit::runtime)
+//! The contract, checked for every backend by `testkit::runtime`
 //! (feature `testkit`):
 //! - `start` returns a serializable, versioned [`Handle`]: the agent stores it, and after a
 //!   restart gives it to `recover` to find the instance again;

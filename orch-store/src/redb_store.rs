@@ -2,28 +2,37 @@
 //! [redb](https://www.redb.org) (feature `redb`, on by default).
 //!
 //! # How it keeps the store contract
-//! - **One transaction per batch of writes.** Objects (table `orch.objects`) and the revision
-//!   log (`orch.log`, one entry per changed object, keyed by revision) are written in the same redb
-//!   transaction, with the current revision, the compaction floor and the leases (`orch.meta`,
-//!   `orch.leases`). A crash leaves the file at the last commit: never half a batch.
-//! - **Group commit.** A single writer thread takes every write queued while the previous commit
-//!   was flushing and applies them all in one transaction: one durable commit (fsync) per batch,
-//!   not per write. A write is answered only after its batch is durable, so every acknowledged
-//!   write survives a crash, and throughput grows with the number of concurrent writers.
+//! - **One record per commit.** Every change of a commit goes into one log record (table
+//!   `orch.commits`, keyed by the commit's first revision), written in the same redb transaction
+//!   as the counters (`orch.meta`) and the leases (`orch.leases`). A crash leaves the file at the
+//!   last commit: never half a batch. The objects table (`orch.objects`) is a checkpoint: it holds
+//!   every object as of the `checkpoint` revision, and the log holds everything after it. When
+//!   enough of the log has fallen below the history floor, that part is folded into the objects
+//!   table (the last state of each key it touched) and removed, in the same transaction as a
+//!   commit. Each state is written once when it happens and at most once more when it is folded;
+//!   a key rewritten many times before the fold is folded once.
+//! - **Group commit, in two stages.** A writer thread decides each batch of queued writes
+//!   (preconditions, revisions, the JSON of the log record) while a commit thread makes the
+//!   previous ones durable: every batch decided during a commit's flush goes into the next
+//!   commit, so one fsync covers all of them and throughput grows with the number of concurrent
+//!   writers. A batch is decided on top of the batches still in flight, and is published to
+//!   readers and answered only once its commit is durable, in order: every acknowledged write
+//!   survives a crash, and no reader ever sees a write that could still be lost.
 //! - **Reads from memory.** Current objects and the recent log live in an in-memory index (the
 //!   one [`MemoryStore`] uses), updated after each commit. Gets, lists at
 //!   past revisions and watches never touch the disk; watches replay from the log after a
-//!   restart, and history beyond the limit (or a [`compact`](Store::compact)) is trimmed from
-//!   the file in the next commit, after which older revisions answer `Compacted`.
+//!   restart. History beyond the limit (or a [`compact`](Store::compact)) answers `Compacted`
+//!   at once, also after a restart (the floor is recorded in the next commit); the file's log
+//!   catches up at the next fold.
 //! - **Leases** are stored with their TTL. On open every lease restarts its full TTL from the
 //!   time of opening (the downtime is not held against it), and an expiry or revocation deletes
 //!   the lease and its objects in one commit, so an expired lease never comes back.
 //! - **Failures.** A file that is not an orch store (another program's file, a damaged header)
 //!   is refused with an error naming the path and the reason, and left untouched. A failed
 //!   commit (disk full, I/O error) answers `Unavailable` with redb's error as the source and
-//!   changes nothing, in memory or on disk; redb then refuses further writes until the store is
-//!   reopened. A file that cannot be opened for writing is served read-only: reads work, writes
-//!   fail with `Unavailable`.
+//!   changes nothing, in memory or on disk; so do the batches decided on top of it. redb may
+//!   then refuse further writes until the store is reopened. A file that cannot be opened for
+//!   writing is served read-only: reads work, writes fail with `Unavailable`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -237,16 +246,39 @@ impl RedbStoreBuilder {
         let (tx, writer) = match db {
             Db::Writable(db) => {
                 let (tx, rx) = mpsc::channel();
-                let writer = Writer {
+                let (to_commit, prepared) = mpsc::channel();
+                let committer = Committer {
                     db,
-                    rx,
+                    rx: prepared,
+                    tx: tx.clone(),
                     shared: shared.clone(),
-                    name: name.clone(),
                     floor: loaded.floor,
                     checkpoint: loaded.checkpoint,
                     segments: loaded.segments,
                     trim_after: (self.history_limit / 32).max(1),
                     next_lease: loaded.next_lease,
+                    failed: None,
+                };
+                let committer = std::thread::Builder::new()
+                    .name("orch-redb-commit".into())
+                    .spawn(move || committer.run())
+                    .map_err(|e| unavailable("cannot start its commit thread".into(), Some(Box::new(e))))?;
+                let revision = shared.index.inner.read().revision;
+                let writer = Writer {
+                    rx,
+                    shared: shared.clone(),
+                    name: name.clone(),
+                    next_lease: loaded.next_lease,
+                    durable_next_lease: loaded.next_lease,
+                    revision,
+                    seq: 0,
+                    epoch: 0,
+                    pending: Pending::default(),
+                    in_flight: VecDeque::new(),
+                    queued: Vec::new(),
+                    failing: false,
+                    to_commit: Some(to_commit),
+                    committer: Some(committer),
                 };
                 let thread = std::thread::Builder::new()
                     .name("orch-redb-writer".into())
@@ -423,7 +455,8 @@ fn load(
             .map(|v| v.value())
             .ok_or_else(|| (format!("its orch.meta table has no {name:?} entry"), None))
     };
-    let (revision, floor, checkpoint, next_lease) =
+    // The revision is stored only when the log cannot tell it (see `Committer::commit`).
+    let (stored_revision, floor, checkpoint, next_lease) =
         (counter("revision")?, counter("floor")?, counter("checkpoint")?, counter("next_lease")?);
     let mut leases = Leases::default();
     for entry in txn.open_table(LEASES).map_err(|e| io(e.into()))?.iter().map_err(|e| io(e.into()))? {
@@ -456,6 +489,7 @@ fn load(
         Some(r) => (format!("its log record at revision {r} is damaged"), Some(e)),
         None => ("redb cannot read it".to_string(), Some(e)),
     })?;
+    let revision = stored_revision.max(segments.back().map_or(0, |s| s.last));
     let mut changes: Vec<Change> = Vec::new();
     let mut last = checkpoint.saturating_sub(1);
     for row in log {
@@ -832,6 +866,11 @@ enum Op {
     /// handle's drop, so the file is closed when the last handle is gone even while the lease
     /// task still holds a sender.
     Close,
+    /// From the committer: the batch `seq` is durable, or failed.
+    Committed {
+        seq: u64,
+        result: std::result::Result<(), CommitFailed>,
+    },
 }
 
 impl Op {
@@ -844,7 +883,7 @@ impl Op {
             | Op::Grant { now, .. }
             | Op::Revoke { now, .. }
             | Op::Expire { now, .. } => *now,
-            Op::Close => Instant::now(),
+            Op::Close | Op::Committed { .. } => Instant::now(),
         }
     }
 }
@@ -894,34 +933,94 @@ impl std::error::Error for CommitFailed {
     }
 }
 
-/// The writer thread: takes queued writes in batches, commits each batch in one transaction,
-/// then publishes it to the index and answers.
+/// The writer: decides queued writes in batches (checks, revisions, encoding) on its own thread
+/// and hands each batch to the [`Committer`], which makes it durable on another. The two
+/// overlap: while one batch is being committed the next is decided on top of it, through
+/// [`Pending`]. A batch is published to the index and answered only once the committer reports
+/// it durable, strictly in order.
 struct Writer {
-    db: redb::Database,
+    /// Writes from the handles, and the committer's reports.
     rx: mpsc::Receiver<Op>,
     shared: Arc<Shared>,
     name: String,
-    /// The history floor recorded in the file.
-    floor: u64,
-    /// The objects table holds every change before this revision; the log every later one.
-    checkpoint: u64,
-    /// The commit records in the log, oldest first.
-    segments: VecDeque<Segment>,
-    /// Records wholly below the floor are folded into the objects table once they hold this
-    /// many changes: in bulk, so a key written many times meanwhile is written there once.
-    trim_after: usize,
+    /// The next lease id to hand out, and the one recorded by the last durable batch.
     next_lease: LeaseId,
+    durable_next_lease: LeaseId,
+    /// The last revision decided (published or not).
+    revision: u64,
+    /// Sequence number of the next batch.
+    seq: u64,
+    /// Bumped once the batches that followed a failed commit are all answered.
+    epoch: u64,
+    pending: Pending,
+    /// Batches handed to the committer and not yet reported, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Writes received and not yet decided.
+    queued: Vec<Op>,
+    /// A commit failed: no batch is decided until every batch in flight has been answered.
+    failing: bool,
+    to_commit: Option<mpsc::Sender<Prepared>>,
+    committer: Option<JoinHandle<()>>,
 }
 
-/// A batch being decided: its writes see each other through `overlay`, on top of the index.
+/// Most batches in flight: the committer takes every batch decided while it was flushing into
+/// its next commit, so this only bounds the memory of a stalled disk.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// What batches in flight have written and readers cannot see yet.
+#[derive(Default)]
+struct Pending {
+    /// The newest state of each key written in flight (`None`: deleted), with its batch.
+    objects: HashMap<ObjectKey, (u64, Option<Arc<DynamicObject>>)>,
+    /// Leases granted in flight.
+    leases: HashMap<LeaseId, PendingLease>,
+}
+
+struct PendingLease {
+    ttl: Duration,
+    granted_at: Instant,
+    /// The batch that revokes it, if one in flight does.
+    revoked_in: Option<u64>,
+    /// Its grant is durable (it stays here only because a batch in flight revokes it).
+    durable: bool,
+}
+
+/// A batch handed to the committer, kept to be published or failed when it reports.
+struct InFlight {
+    seq: u64,
+    changes: Vec<Change>,
+    granted: Vec<LeaseId>,
+    /// Leases this batch removes, with their entries to put back if the commit fails (`None`
+    /// for one granted by a batch in flight).
+    dropped: Vec<(LeaseId, Option<Lease>)>,
+    compact_to: Option<u64>,
+    revision: u64,
+    next_lease: LeaseId,
+    answers: Vec<Answer>,
+}
+
+/// A decided batch, as the committer writes it.
+struct Prepared {
+    seq: u64,
+    epoch: u64,
+    /// The log record of its changes, or why it could not be encoded.
+    record: std::result::Result<Option<(Segment, Vec<u8>)>, String>,
+    granted: Vec<(LeaseId, Duration)>,
+    dropped: Vec<LeaseId>,
+    next_lease: LeaseId,
+    floor: u64,
+    revision: u64,
+}
+
+/// A batch being decided: its writes, and those of the batches in flight, are seen through
+/// `pending`, on top of the index.
 struct Batch<'a> {
     st: &'a State,
-    overlay: HashMap<ObjectKey, Option<Arc<DynamicObject>>>,
+    pending: &'a mut Pending,
+    seq: u64,
     revision: u64,
     changes: Vec<Change>,
-    granted: HashMap<LeaseId, (Duration, Instant)>,
-    /// Leases this batch removes, with their entries to put back if the commit fails (`None`
-    /// for one granted in this same batch).
+    granted: Vec<(LeaseId, Duration)>,
     dropped: Vec<(LeaseId, Option<Lease>)>,
     next_lease: LeaseId,
     compact_to: Option<u64>,
@@ -930,8 +1029,8 @@ struct Batch<'a> {
 
 impl Batch<'_> {
     fn lookup(&self, key: &ObjectKey) -> Option<Arc<DynamicObject>> {
-        match self.overlay.get(key) {
-            Some(o) => o.clone(),
+        match self.pending.objects.get(key) {
+            Some((_, o)) => o.clone(),
             None => self.st.get(key).cloned(),
         }
     }
@@ -947,7 +1046,10 @@ impl Batch<'_> {
 
     fn check_lease(&self, leases: &Leases, lease: Option<LeaseId>) -> Result<()> {
         match lease {
-            Some(id) if !leases.live.contains_key(&id) && !self.granted.contains_key(&id) => {
+            Some(id)
+                if !leases.live.contains_key(&id)
+                    && self.pending.leases.get(&id).is_none_or(|p| p.revoked_in.is_some()) =>
+            {
                 Err(Error::LeaseNotFound(id))
             }
             _ => Ok(()),
@@ -973,7 +1075,7 @@ impl Batch<'_> {
         deleted: bool,
     ) -> Arc<DynamicObject> {
         let obj = Arc::new(obj);
-        self.overlay.insert(key, (!deleted).then(|| obj.clone()));
+        self.pending.objects.insert(key, (self.seq, (!deleted).then(|| obj.clone())));
         self.changes.push(Change { revision: obj.metadata.resource_version, object: obj.clone(), prev, deleted });
         obj
     }
@@ -995,9 +1097,10 @@ impl Batch<'_> {
 
     /// Deletes every object attached to a lease that is going away, all at one revision.
     fn drop_lease(&mut self, id: LeaseId, committed: Option<&HashSet<ObjectKey>>) {
-        let in_batch = self.overlay.iter().filter(|(_, o)| o.as_ref().is_some_and(|o| o.metadata.lease == Some(id)));
+        let in_flight =
+            self.pending.objects.iter().filter(|(_, (_, o))| o.as_ref().is_some_and(|o| o.metadata.lease == Some(id)));
         let mut keys: Vec<ObjectKey> =
-            committed.into_iter().flatten().cloned().chain(in_batch.map(|(k, _)| k.clone())).collect();
+            committed.into_iter().flatten().cloned().chain(in_flight.map(|(k, _)| k.clone())).collect();
         keys.sort();
         keys.dedup();
         let targets: Vec<_> =
@@ -1015,7 +1118,10 @@ impl Batch<'_> {
     }
 
     fn revoke(&mut self, leases: &mut Leases, id: LeaseId) -> bool {
-        if self.granted.remove(&id).is_some() {
+        if let Some(p) = self.pending.leases.get_mut(&id)
+            && p.revoked_in.is_none()
+        {
+            p.revoked_in = Some(self.seq);
             self.dropped.push((id, None));
             self.drop_lease(id, None);
             return true;
@@ -1077,7 +1183,8 @@ impl Batch<'_> {
             Op::Grant { ttl, now, reply } => {
                 let id = self.next_lease;
                 self.next_lease += 1;
-                self.granted.insert(id, (ttl, now));
+                self.pending.leases.insert(id, PendingLease { ttl, granted_at: now, revoked_in: None, durable: false });
+                self.granted.push((id, ttl));
                 Answer::Lease(reply, Ok(LeaseInfo { id, ttl, remaining: ttl }))
             }
             Op::Revoke { id, reply, .. } => {
@@ -1085,7 +1192,7 @@ impl Batch<'_> {
                 Answer::Unit(reply, r)
             }
             Op::Expire { reply, .. } => Answer::Unit(reply, Ok(())),
-            Op::Close => return,
+            Op::Close | Op::Committed { .. } => return,
         };
         self.answers.push(answer);
     }
@@ -1094,34 +1201,58 @@ impl Batch<'_> {
 impl Writer {
     fn run(mut self) {
         let mut closing = false;
-        while !closing && let Ok(first) = self.rx.recv() {
-            let mut ops = Vec::new();
-            let mut next = Some(first);
-            while let Some(op) = next.take() {
-                if let Op::Close = op {
-                    closing = true;
+        loop {
+            let ready = !self.failing && self.in_flight.len() < MAX_IN_FLIGHT && !self.queued.is_empty();
+            if !ready {
+                if closing && self.queued.is_empty() && self.in_flight.is_empty() {
                     break;
                 }
-                ops.push(op);
-                if ops.len() < MAX_BATCH {
-                    next = self.rx.try_recv().ok();
+                match self.rx.recv() {
+                    Ok(msg) => self.take(msg, &mut closing),
+                    Err(_) => break,
                 }
             }
-            self.batch(ops);
+            while self.queued.len() < MAX_BATCH
+                && let Ok(msg) = self.rx.try_recv()
+            {
+                self.take(msg, &mut closing);
+            }
+            if !self.failing && self.in_flight.len() < MAX_IN_FLIGHT && !self.queued.is_empty() {
+                let rest = self.queued.split_off(self.queued.len().min(MAX_BATCH));
+                let ops = std::mem::replace(&mut self.queued, rest);
+                self.decide(ops);
+            }
+        }
+        // Stopping the committer closes the file.
+        self.to_commit = None;
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
         }
     }
 
-    fn batch(&mut self, ops: Vec<Op>) {
+    fn take(&mut self, msg: Op, closing: &mut bool) {
+        match msg {
+            Op::Close => *closing = true,
+            Op::Committed { seq, result } => self.committed(seq, result),
+            op => self.queued.push(op),
+        }
+    }
+
+    /// Decides a batch on top of the index and the batches in flight, and hands it over.
+    fn decide(&mut self, ops: Vec<Op>) {
         let Some(now) = ops.iter().map(Op::now).max() else { return };
         let shared = self.shared.clone();
         let mut leases = shared.leases();
         let st = shared.index.inner.read();
+        let seq = self.seq;
+        self.seq += 1;
         let mut b = Batch {
             st: &st,
-            overlay: HashMap::new(),
-            revision: st.revision,
+            pending: &mut self.pending,
+            seq,
+            revision: self.revision,
             changes: Vec::new(),
-            granted: HashMap::new(),
+            granted: Vec::new(),
             dropped: Vec::new(),
             next_lease: self.next_lease,
             compact_to: None,
@@ -1135,52 +1266,112 @@ impl Writer {
             b.decide(&mut leases, op);
         }
         drop(leases);
-        let trim_floor = st.floor;
+        let floor = st.floor.max(b.compact_to.unwrap_or(0));
         let Batch { changes, granted, dropped, next_lease, compact_to, answers, revision, .. } = b;
         drop(st);
+        self.revision = revision;
+        self.next_lease = next_lease;
 
-        let floor = trim_floor.max(compact_to.unwrap_or(0));
-        let writes = !changes.is_empty() || !granted.is_empty() || !dropped.is_empty() || floor > self.floor;
-        if writes {
-            let folded = match self.commit(&changes, &granted, &dropped, next_lease, floor, revision) {
-                Ok(folded) => folded,
-                Err(e) => {
-                    tracing::error!(path = %self.name, error = %e, "store commit failed");
-                    let mut leases = shared.leases();
-                    for (id, lease) in dropped {
-                        if let Some(lease) = lease {
-                            leases.restore(id, lease);
-                        }
-                    }
-                    drop(leases);
-                    let failed = CommitFailed(Arc::from(e));
-                    for a in answers {
-                        a.fail(|| Error::Unavailable {
-                            message: format!("store file {}: the write could not be made durable", self.name),
-                            source: Some(Box::new(failed.clone())),
-                        });
-                    }
-                    return;
-                }
-            };
-            self.segments.drain(..folded.segments);
-            self.segments.extend(folded.added);
-            self.checkpoint = folded.checkpoint;
-            self.floor = self.floor.max(floor);
-            self.next_lease = next_lease;
-            shared.commits.fetch_add(1, Ordering::Relaxed);
+        let record = match (changes.first(), changes.last()) {
+            (Some(f), Some(l)) => encode_changes(&changes)
+                .map(|bytes| Some((Segment { first: f.revision, last: l.revision, changes: changes.len() }, bytes)))
+                .map_err(|e| e.to_string()),
+            _ => Ok(None),
+        };
+        let prepared = Prepared {
+            seq,
+            epoch: self.epoch,
+            record,
+            granted: granted.clone(),
+            dropped: dropped.iter().map(|(id, _)| *id).collect(),
+            next_lease,
+            floor,
+            revision,
+        };
+        let granted = granted.into_iter().map(|(id, _)| id).collect();
+        self.in_flight.push_back(InFlight {
+            seq,
+            changes,
+            granted,
+            dropped,
+            compact_to,
+            revision,
+            next_lease,
+            answers,
+        });
+        let sent = self.to_commit.as_ref().is_some_and(|tx| tx.send(prepared).is_ok());
+        if !sent {
+            let failed = CommitFailed(Arc::from(BoxError::from("the committer thread has stopped")));
+            self.committed(seq, Err(failed));
         }
+    }
 
-        // Durable: publish to readers, then answer.
-        let relinks: Vec<(ObjectKey, Option<LeaseId>, Option<LeaseId>)> = changes
-            .iter()
-            .map(|c| {
-                let old = c.prev.as_ref().and_then(|p| p.metadata.lease);
-                let new = if c.deleted { None } else { c.object.metadata.lease };
-                (c.object.key(), old, new)
-            })
-            .filter(|(_, old, new)| old != new)
-            .collect();
+    /// The committer's report on the oldest batch in flight.
+    fn committed(&mut self, seq: u64, result: std::result::Result<(), CommitFailed>) {
+        if self.in_flight.front().is_none_or(|b| b.seq != seq) {
+            return;
+        }
+        let Some(batch) = self.in_flight.pop_front() else { return };
+        match result {
+            Ok(()) => self.publish(batch),
+            Err(failed) => {
+                self.failing = true;
+                self.fail(batch, failed);
+            }
+        }
+        if self.failing && self.in_flight.is_empty() {
+            // Every batch decided on top of the failed one has failed too: start again from
+            // what is durable.
+            self.pending = Pending::default();
+            self.revision = self.shared.index.inner.read().revision;
+            self.next_lease = self.durable_next_lease;
+            self.epoch += 1;
+            self.failing = false;
+        }
+    }
+
+    fn fail(&mut self, batch: InFlight, failed: CommitFailed) {
+        tracing::error!(path = %self.name, error = %failed, "store commit failed");
+        let mut leases = self.shared.leases();
+        for (id, lease) in batch.dropped {
+            match lease {
+                Some(lease) => leases.restore(id, lease),
+                // Granted by an earlier batch that is durable: it lives on.
+                None => {
+                    if let Some(p) = self.pending.leases.remove(&id)
+                        && p.durable
+                    {
+                        leases.insert(id, p.ttl, p.granted_at + p.ttl);
+                    }
+                }
+            }
+        }
+        drop(leases);
+        for a in batch.answers {
+            a.fail(|| Error::Unavailable {
+                message: format!("store file {}: the write could not be made durable", self.name),
+                source: Some(Box::new(failed.clone())),
+            });
+        }
+    }
+
+    /// A durable batch: publish it to readers, then answer.
+    fn publish(&mut self, batch: InFlight) {
+        let InFlight { seq, changes, granted, dropped, compact_to, revision, next_lease, answers } = batch;
+        self.durable_next_lease = next_lease;
+        let mut relinks: Vec<(ObjectKey, Option<LeaseId>, Option<LeaseId>)> = Vec::new();
+        for c in &changes {
+            let key = c.object.key();
+            let old = c.prev.as_ref().and_then(|p| p.metadata.lease);
+            let new = if c.deleted { None } else { c.object.metadata.lease };
+            if self.pending.objects.get(&key).is_some_and(|(s, _)| *s == seq) {
+                self.pending.objects.remove(&key);
+            }
+            if old != new {
+                relinks.push((key, old, new));
+            }
+        }
+        let shared = &self.shared;
         if !changes.is_empty() || compact_to.is_some() {
             let mut st = shared.index.inner.write();
             for c in changes {
@@ -1193,10 +1384,22 @@ impl Writer {
             drop(st);
             shared.index.inner.notify(revision);
         }
-        if !granted.is_empty() || !relinks.is_empty() {
+        if !granted.is_empty() || !relinks.is_empty() || !dropped.is_empty() {
             let mut leases = shared.leases();
-            for (id, (ttl, at)) in &granted {
-                leases.insert(*id, *ttl, *at + *ttl);
+            for id in &granted {
+                match self.pending.leases.get_mut(id) {
+                    Some(p) if p.revoked_in.is_none() => {
+                        leases.insert(*id, p.ttl, p.granted_at + p.ttl);
+                        self.pending.leases.remove(id);
+                    }
+                    Some(p) => p.durable = true,
+                    None => {}
+                }
+            }
+            for (id, lease) in &dropped {
+                if lease.is_none() {
+                    self.pending.leases.remove(id);
+                }
             }
             for (key, old, new) in relinks {
                 if let Some(l) = old.and_then(|id| leases.live.get_mut(&id)) {
@@ -1215,19 +1418,84 @@ impl Writer {
             a.send();
         }
     }
+}
 
-    /// Writes one batch in one durable transaction: one log record for all its changes, the
+/// The committer thread: writes each decided batch in one durable transaction, in order, and
+/// reports back. It owns the database: the file closes when it stops.
+struct Committer {
+    db: redb::Database,
+    rx: mpsc::Receiver<Prepared>,
+    /// The writer's queue, for reports.
+    tx: mpsc::Sender<Op>,
+    shared: Arc<Shared>,
+    /// The history floor recorded in the file.
+    floor: u64,
+    /// The objects table holds every change before this revision; the log every later one.
+    checkpoint: u64,
+    /// The commit records in the log, oldest first.
+    segments: VecDeque<Segment>,
+    /// Records wholly below the floor are folded into the objects table once they hold this
+    /// many changes: in bulk, so a key written many times meanwhile is written there once.
+    trim_after: usize,
+    /// The next lease id recorded in the file.
+    next_lease: LeaseId,
+    /// The epoch of the last failed commit, and its error: every batch of that epoch was
+    /// decided on top of the failed one, and fails with it.
+    failed: Option<(u64, CommitFailed)>,
+}
+
+impl Committer {
+    fn run(mut self) {
+        while let Ok(first) = self.rx.recv() {
+            // Every batch decided while the last commit was flushing goes into this one.
+            let mut group = vec![first];
+            group.extend(self.rx.try_iter());
+            // Batches decided on top of a failed commit fail with it.
+            let (doomed, group): (Vec<_>, Vec<_>) =
+                group.into_iter().partition(|p| self.failed.as_ref().is_some_and(|(epoch, _)| *epoch == p.epoch));
+            for p in doomed {
+                let failed = self.failed.as_ref().map(|(_, f)| f.clone()).expect("a failure");
+                if self.tx.send(Op::Committed { seq: p.seq, result: Err(failed) }).is_err() {
+                    return;
+                }
+            }
+            if group.is_empty() {
+                continue;
+            }
+            let result = match std::panic::catch_unwind(AssertUnwindSafe(|| self.commit(&group))) {
+                Ok(r) => r,
+                Err(panic) => Err(format!("redb failed: {}", panic_message(&*panic)).into()),
+            };
+            let result = result.map_err(|e| {
+                let failed = CommitFailed(Arc::from(e));
+                let epoch = group.iter().map(|p| p.epoch).max().unwrap_or_default();
+                self.failed = Some((epoch, failed.clone()));
+                failed
+            });
+            for p in &group {
+                if self.tx.send(Op::Committed { seq: p.seq, result: result.clone() }).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes a group of batches in one durable transaction: one log record per batch, the
     /// counters, the leases, and, when enough of the log has fallen below the floor, the fold of
-    /// that part into the objects table. Returns what the log looks like afterwards.
-    fn commit(
-        &self,
-        changes: &[Change],
-        granted: &HashMap<LeaseId, (Duration, Instant)>,
-        dropped: &[(LeaseId, Option<Lease>)],
-        next_lease: LeaseId,
-        floor: u64,
-        revision: u64,
-    ) -> std::result::Result<Folded, BoxError> {
+    /// that part into the objects table. A group that changes nothing writes nothing.
+    fn commit(&mut self, group: &[Prepared]) -> std::result::Result<(), BoxError> {
+        let mut records = Vec::new();
+        for p in group {
+            if let Some(r) = p.record.as_ref().map_err(|e| BoxError::from(e.clone()))? {
+                records.push(r);
+            }
+        }
+        let Some(last) = group.last() else { return Ok(()) };
+        let floor = group.iter().map(|p| p.floor).max().unwrap_or(self.floor);
+        let leases_change = group.iter().any(|p| !p.granted.is_empty() || !p.dropped.is_empty());
+        if records.is_empty() && !leases_change && floor <= self.floor {
+            return Ok(());
+        }
         // The oldest records, if they are all below the floor and hold enough changes to fold.
         let below = self.segments.iter().take_while(|s| s.last < floor);
         let (fold, folded_changes) = below.fold((0, 0), |(n, c), s| (n + 1, c + s.changes));
@@ -1235,7 +1503,7 @@ impl Writer {
         let checkpoint = match self.segments.get(fold) {
             _ if fold == 0 => self.checkpoint,
             Some(next) => next.first,
-            None => changes.first().map_or(revision + 1, |c| c.revision),
+            None => records.first().map_or(last.revision + 1, |(s, _)| s.first),
         };
 
         let txn = self.db.begin_write()?;
@@ -1270,41 +1538,43 @@ impl Writer {
                 log.retain_in(..checkpoint, |_, _| false)?;
                 meta.insert("checkpoint", checkpoint)?;
             }
-            if let Some(first) = changes.first() {
-                log.insert(first.revision, encode_changes(changes)?.as_slice())?;
+            for (segment, bytes) in &records {
+                log.insert(segment.first, bytes.as_slice())?;
             }
             if floor > self.floor {
                 meta.insert("floor", floor)?;
             }
-            meta.insert("revision", revision)?;
-            meta.insert("next_lease", next_lease)?;
-            let mut table = txn.open_table(LEASES)?;
-            for (id, (ttl, _)) in granted {
-                table.insert(*id, u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))?;
+            // Every commit record names its revisions: the counter is needed only once the log
+            // may hold none, after a fold. Writing it every time would cost a page per commit.
+            if fold > 0 {
+                meta.insert("revision", last.revision)?;
             }
-            for (id, _) in dropped {
-                table.remove(*id)?;
+            if last.next_lease != self.next_lease {
+                meta.insert("next_lease", last.next_lease)?;
+            }
+            let mut table = txn.open_table(LEASES)?;
+            for p in group {
+                for (id, ttl) in &p.granted {
+                    table.insert(*id, u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))?;
+                }
+                for id in &p.dropped {
+                    table.remove(*id)?;
+                }
             }
         }
         txn.commit()?;
-        let added = match (changes.first(), changes.last()) {
-            (Some(f), Some(l)) => Some(Segment { first: f.revision, last: l.revision, changes: changes.len() }),
-            _ => None,
-        };
-        Ok(Folded { segments: fold, checkpoint, added })
+        self.segments.drain(..fold);
+        self.segments.extend(records.iter().map(|(s, _)| *s));
+        self.checkpoint = checkpoint;
+        self.floor = self.floor.max(floor);
+        self.next_lease = last.next_lease;
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
 /// (kind, namespace, name) as the objects table keys it.
 type StoredKey = (String, String, String);
-
-/// How a commit changed the log: the oldest `segments` records were folded into the objects
-/// table up to `checkpoint`, and `added` was appended.
-struct Folded {
-    segments: usize,
-    checkpoint: u64,
-    added: Option<Segment>,
-}
 
 /// Background task: asks the writer to expire leases when their deadline passes. It holds no
 /// handle (so dropping the last handle closes the file at once), and stops when the store is

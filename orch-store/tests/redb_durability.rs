@@ -180,6 +180,66 @@ async fn leases_restart_their_ttl_on_reopening_and_expired_ones_stay_dead() {
     assert!(matches!(s.lease(kept).await.unwrap_err(), Error::LeaseNotFound(_)));
 }
 
+/// Writes are decided while earlier batches are still being committed: a create on a lease
+/// and a revocation of that lease, racing, must never leave an object on the dead lease, in
+/// memory or in the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_racing_a_revocation_never_leave_an_object_on_the_dead_lease() {
+    let path = fresh("lease-race");
+    let s = RedbStore::open(&path).unwrap();
+    let mut leases = Vec::new();
+    const LEASES: usize = 100;
+    const PER_LEASE: usize = 4;
+    for _ in 0..LEASES {
+        leases.push(s.grant_lease(Duration::from_secs(60)).await.unwrap().id);
+    }
+    let mut work = Vec::new();
+    for (l, id) in leases.iter().copied().enumerate() {
+        for i in 0..PER_LEASE {
+            let s = s.clone();
+            work.push(tokio::spawn(async move {
+                let mut o = thing(&format!("l{l}-{i}"), serde_json::json!(i));
+                o.metadata.lease = Some(id);
+                match s.create(o, &w()).await {
+                    Ok(_) | Err(Error::LeaseNotFound(_)) => {}
+                    Err(e) => panic!("create on lease {id}: {e}"),
+                }
+            }));
+        }
+        if l % 2 == 0 {
+            let s = s.clone();
+            work.push(tokio::spawn(async move { s.revoke_lease(id).await.unwrap() }));
+        }
+    }
+    for t in work {
+        t.await.unwrap();
+    }
+    let expect: Vec<String> =
+        (0..LEASES).filter(|l| l % 2 == 1).flat_map(|l| (0..PER_LEASE).map(move |i| format!("l{l}-{i}"))).collect();
+    let listed = |names: Vec<(String, u64)>| {
+        let mut n: Vec<String> = names.into_iter().map(|(n, _)| n).collect();
+        n.sort();
+        n
+    };
+    let mut sorted = expect.clone();
+    sorted.sort();
+    let before = names(&s, None).await.unwrap();
+    assert_eq!(listed(before.clone()), sorted, "objects of revoked leases are gone, the others all there");
+    for (l, id) in leases.iter().enumerate() {
+        assert_eq!(s.lease(*id).await.is_ok(), l % 2 == 1, "lease {id}");
+    }
+    let end = s.current_revision().await.unwrap();
+    drop(s);
+    let s = RedbStore::open(&path).unwrap();
+    assert_eq!(names(&s, None).await.unwrap(), before);
+    assert_eq!(s.current_revision().await.unwrap(), end);
+    for (l, id) in leases.iter().enumerate() {
+        assert_eq!(s.lease(*id).await.is_ok(), l % 2 == 1, "lease {id} after reopening");
+    }
+    let revs: Vec<u64> = events(&s, 1, end).await.into_iter().map(|e| e.2).collect();
+    assert!(revs.windows(2).all(|p| p[0] <= p[1]), "events in revision order");
+}
+
 fn unavailable_naming(e: Error, path: &Path, reason: &str) {
     let text = e.to_string();
     assert!(matches!(e, Error::Unavailable { .. }), "{text}");

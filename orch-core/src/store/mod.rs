@@ -2,7 +2,7 @@
 //! take and return.
 //!
 //! A store is the etcd of an orch control plane. Every backend keeps the same semantics, checked
-//! by [`testkit::store`](crate::testkit::store) (feature `testkit`):
+//! by `testkit::store` (feature `testkit`):
 //!
 //! 1. One global revision that only goes up; every write gets the next one.
 //! 2. Create fails with `AlreadyExists`; update and delete compare the resource version and fail
@@ -243,7 +243,7 @@ pub struct LeaseInfo {
 /// plane.
 ///
 /// Every method is safe to call concurrently. Implementations are checked by
-/// [`testkit::store`](crate::testkit::store).
+/// `testkit::store`.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Reads one object.
