@@ -245,7 +245,11 @@ impl State {
         if old == new {
             return;
         }
-        let index = self.labels.entry(key.kind.clone()).or_default();
+        // Look the kind up before inserting it: a clone of its name per write adds up.
+        if !self.labels.contains_key(&key.kind) {
+            self.labels.insert(key.kind.clone(), LabelIndex::default());
+        }
+        let Some(index) = self.labels.get_mut(&key.kind) else { return };
         for (k, v) in old.iter().filter(|(k, v)| new.get(k) != Some(v)) {
             if let Some(set) = index.get_mut(&PairRef(k, v)) {
                 set.remove(key);
@@ -327,12 +331,17 @@ impl State {
                 e.insert(obj.clone());
             }
         }
-        self.objects
-            .entry(obj.kind.clone())
-            .or_default()
-            .entry(m.namespace.clone())
-            .or_default()
-            .insert(m.name.clone(), obj.clone());
+        // Kinds and namespaces are few and already there: look them up before cloning their names.
+        if !self.objects.contains_key(&obj.kind) {
+            self.objects.insert(obj.kind.clone(), Namespaces::new());
+        }
+        let Some(namespaces) = self.objects.get_mut(&obj.kind) else { return };
+        if !namespaces.contains_key(&m.namespace) {
+            namespaces.insert(m.namespace.clone(), Names::new());
+        }
+        if let Some(names) = namespaces.get_mut(&m.namespace) {
+            names.insert(m.name.clone(), obj.clone());
+        }
     }
 
     fn remove(&mut self, key: &ObjectKey) {
@@ -392,8 +401,7 @@ impl State {
 
     /// Stores an object as it is, without history: how a durable backend loads its state.
     #[cfg_attr(not(feature = "redb"), allow(dead_code))]
-    pub(crate) fn restore(&mut self, obj: Arc<DynamicObject>) {
-        let key = obj.key();
+    pub(crate) fn restore(&mut self, key: ObjectKey, obj: Arc<DynamicObject>) {
         self.reindex(&key, None, Some(&obj.metadata.labels));
         self.insert(obj);
     }

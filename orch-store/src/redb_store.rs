@@ -221,12 +221,22 @@ impl RedbStoreBuilder {
             match check_format(db) {
                 Ok(Format::Empty) => init(db).map_err(|e| unavailable("cannot initialize it".into(), Some(e)))?,
                 Ok(Format::Orch) => {}
+                Ok(Format::Orch2) => upgrade_from_2(db).map_err(|e| {
+                    unavailable("cannot upgrade it from format 2; it was left as it was".into(), Some(e))
+                })?,
                 Err(reason) => return Err(unavailable(format!("{reason}; the file was left untouched"), None)),
             }
-        } else if let Db::ReadOnly(db) = &db
-            && check_format(db).map_err(|reason| unavailable(reason, None))? == Format::Empty
-        {
-            return Err(unavailable("it holds no orch store and is read-only".into(), None));
+        } else if let Db::ReadOnly(db) = &db {
+            match check_format(db).map_err(|reason| unavailable(reason, None))? {
+                Format::Empty => return Err(unavailable("it holds no orch store and is read-only".into(), None)),
+                Format::Orch2 => {
+                    return Err(unavailable(
+                        format!("it has orch store format 2; open it writable once to upgrade it to format {FORMAT}"),
+                        None,
+                    ));
+                }
+                Format::Orch => {}
+            }
         }
         let index =
             MemoryStoreBuilder::default().history_limit(self.history_limit).clock(self.clock.clone()).build_index();
@@ -378,6 +388,9 @@ enum Format {
     Empty,
     /// An orch store of the current format.
     Orch,
+    /// An orch store of format 2 (objects and a log entry per change), upgraded on a writable
+    /// open.
+    Orch2,
 }
 
 /// Tells an orch store from an empty database and from anything else, without writing.
@@ -386,6 +399,7 @@ fn check_format(db: &impl ReadableDatabase) -> std::result::Result<Format, Strin
     match txn.open_table(META) {
         Ok(meta) => match meta.get("format").map_err(|e| format!("redb cannot read it: {e}"))? {
             Some(v) if v.value() == FORMAT => Ok(Format::Orch),
+            Some(v) if v.value() == 2 => Ok(Format::Orch2),
             Some(v) => Err(format!("it has orch store format {}, this version reads format {FORMAT}", v.value())),
             None => Err("it is not an orch store (no format marker)".into()),
         },
@@ -416,6 +430,26 @@ fn init(db: &redb::Database) -> std::result::Result<(), BoxError> {
         txn.open_table(LEASES)?;
     }
     txn.commit()?;
+    Ok(())
+}
+
+/// Upgrades a format-2 store in place, in one transaction: its objects table (which held every
+/// object at the current revision, as this format's checkpoint does) is kept, and its per-change
+/// log is dropped, so the revisions before the upgrade answer `Compacted` from then on.
+fn upgrade_from_2(db: &redb::Database) -> std::result::Result<(), BoxError> {
+    const OLD_LOG: TableDefinition<(u64, u32), (bool, u64, &[u8], &[u8])> = TableDefinition::new("orch.log");
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let revision = meta.get("revision")?.map(|v| v.value()).ok_or("its orch.meta table has no revision")?;
+        meta.insert("format", FORMAT)?;
+        meta.insert("checkpoint", revision + 1)?;
+        meta.insert("floor", revision + 1)?;
+        txn.open_table(LOG)?;
+    }
+    txn.delete_table(OLD_LOG)?;
+    txn.commit()?;
+    tracing::info!("upgraded an orch store from format 2 to format {FORMAT}; its history before the upgrade is gone");
     Ok(())
 }
 
@@ -474,15 +508,15 @@ fn load(
         stored.push((ObjectKey::new(kind, namespace, name), rv, json.to_vec()));
     }
     let mut current: HashMap<ObjectKey, Arc<DynamicObject>> = HashMap::with_capacity(stored.len());
-    for ((key, rv, _), obj) in stored.iter().zip(decode_all(stored.iter().map(|s| s.2.as_slice()))) {
+    let decoded = decode_all(stored.iter().map(|s| s.2.as_slice()));
+    for ((key, rv, _), obj) in stored.into_iter().zip(decoded) {
         let damaged = |e: BoxError| (format!("its record of {key} is damaged"), Some(e));
         let obj = obj.map_err(|e| damaged(Box::new(e)))?;
-        if obj.metadata.resource_version != *rv || obj.key() != *key {
+        if obj.metadata.resource_version != rv || !is_key(&obj, &key) {
             return Err(damaged("it does not match its key".into()));
         }
-        current.insert(key.clone(), Arc::new(obj));
+        current.insert(key, Arc::new(obj));
     }
-    drop(stored);
 
     // Every later change, in order, on top of it.
     let (segments, log) = read_log(db, checkpoint).map_err(|(revision, e)| match revision {
@@ -500,7 +534,7 @@ fn load(
             return Err(damaged(format!("it is out of order (after {last}, store revision {revision})")));
         }
         last = row.revision;
-        if object.metadata.resource_version != row.revision || object.key() != row.key {
+        if object.metadata.resource_version != row.revision || !is_key(&object, &row.key) {
             return Err(damaged("it does not match its key and revision".into()));
         }
         let prev = if row.deleted { current.remove(&row.key) } else { current.insert(row.key, object.clone()) };
@@ -513,11 +547,11 @@ fn load(
     }
 
     let mut st = index.inner.write();
-    for obj in current.into_values() {
+    for (key, obj) in current {
         if let Some(lease) = obj.metadata.lease.and_then(|id| leases.live.get_mut(&id)) {
-            lease.keys.insert(obj.key());
+            lease.keys.insert(key.clone());
         }
-        st.restore(obj);
+        st.restore(key, obj);
     }
     for change in changes {
         st.record(change, false);
@@ -526,6 +560,11 @@ fn load(
     st.floor = floor;
     st.trim(index.inner.history_limit);
     Ok(Loaded { floor: st.floor, checkpoint, segments, next_lease, leases })
+}
+
+/// Whether `obj` is the object `key` names (without building a key to compare).
+fn is_key(obj: &DynamicObject, key: &ObjectKey) -> bool {
+    obj.kind == key.kind && obj.metadata.namespace == key.namespace && obj.metadata.name == key.name
 }
 
 /// One change as loaded from the log.

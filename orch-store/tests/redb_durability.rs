@@ -324,6 +324,74 @@ fn foreign_and_damaged_files_are_refused_and_left_untouched() {
     assert!(RedbStore::open(&nowhere).unwrap_err().to_string().contains(&nowhere.display().to_string()));
 }
 
+/// A store file as the previous format (2) wrote it: objects, a log entry per change, counters.
+fn write_format_2(path: &Path, format: u64) -> Vec<DynamicObject> {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    let mut stored = Vec::new();
+    {
+        let mut meta = txn.open_table(redb::TableDefinition::<&str, u64>::new("orch.meta")).unwrap();
+        for (k, v) in [("format", format), ("revision", 3), ("floor", 1), ("next_lease", 8)] {
+            meta.insert(k, v).unwrap();
+        }
+        type Objects<'a> = redb::TableDefinition<'a, (&'static str, &'static str, &'static str), (u64, &'static [u8])>;
+        let mut objects = txn.open_table(Objects::new("orch.objects")).unwrap();
+        type Log<'a> = redb::TableDefinition<'a, (u64, u32), (bool, u64, &'static [u8], &'static [u8])>;
+        let mut log = txn.open_table(Log::new("orch.log")).unwrap();
+        for (rv, name) in [(2u64, "kept"), (3, "also-kept")] {
+            let mut o = thing(name, serde_json::json!(rv));
+            o.metadata.resource_version = rv;
+            o.metadata.create_revision = rv;
+            let json = serde_json::to_vec(&o).unwrap();
+            objects.insert(("Thing", "ns", name), (rv, json.as_slice())).unwrap();
+            log.insert((rv, 0), (false, 0, json.as_slice(), &[][..])).unwrap();
+            stored.push(o);
+        }
+        txn.open_table(redb::TableDefinition::<u64, u64>::new("orch.leases"))
+            .unwrap()
+            .insert(7, 60_000_000_000)
+            .unwrap();
+    }
+    txn.commit().unwrap();
+    stored
+}
+
+/// A file of the previous format opens: upgraded in place on a writable open, with every object
+/// and lease; the history before the upgrade answers `Compacted`. A read-only open and an unknown
+/// format are refused with the reason, and the file is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_2_store_is_upgraded_in_place() {
+    let path = fresh("format-2");
+    let stored = write_format_2(&path, 2);
+    let before = digest(&path);
+    let e = RedbStore::builder().read_only(true).open(&path).unwrap_err();
+    assert!(e.to_string().contains("format 2") && e.to_string().contains("upgrade"), "{e}");
+    assert_eq!(digest(&path), before);
+
+    let s = RedbStore::open(&path).unwrap();
+    for o in &stored {
+        assert_eq!(*s.get(&o.key()).await.unwrap(), *o);
+    }
+    assert_eq!(s.current_revision().await.unwrap(), 3);
+    assert!(s.lease(7).await.is_ok(), "leases are kept");
+    assert!(matches!(s.watch(&WatchRequest::from(things(), 2)).await.err().expect("gone"), Error::Compacted { .. }));
+    let created = s.create(thing("new", serde_json::json!(0)), &w()).await.unwrap();
+    assert_eq!(created.metadata.resource_version, 4);
+    assert!(s.grant_lease(Duration::from_secs(5)).await.unwrap().id >= 8, "lease ids go on from the old counter");
+    drop(s);
+    let s = RedbStore::open(&path).unwrap();
+    assert_eq!(s.len(), 3);
+    assert_eq!(events(&s, 4, 4).await, vec![("Added".into(), "new".into(), 4)]);
+    drop(s);
+
+    let future = fresh("format-99");
+    write_format_2(&future, 99);
+    let before = digest(&future);
+    let e = RedbStore::open(&future).unwrap_err();
+    assert!(e.to_string().contains("format 99"), "{e}");
+    assert_eq!(digest(&future), before);
+}
+
 fn digest(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
