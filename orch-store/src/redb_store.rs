@@ -437,7 +437,9 @@ fn init(db: &redb::Database) -> std::result::Result<(), BoxError> {
 /// object at the current revision, as this format's checkpoint does) is kept, and its per-change
 /// log is dropped, so the revisions before the upgrade answer `Compacted` from then on.
 fn upgrade_from_2(db: &redb::Database) -> std::result::Result<(), BoxError> {
-    const OLD_LOG: TableDefinition<(u64, u32), (bool, u64, &[u8], &[u8])> = TableDefinition::new("orch.log");
+    /// Format 2's log: (revision, index) → (deleted, previous version, state, previous state).
+    type OldEntry = (bool, u64, &'static [u8], &'static [u8]);
+    const OLD_LOG: TableDefinition<(u64, u32), OldEntry> = TableDefinition::new("orch.log");
     let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(META)?;
