@@ -1243,8 +1243,7 @@ impl Writer {
     fn run(mut self) {
         let mut closing = false;
         loop {
-            let ready = !self.failing && self.in_flight.len() < MAX_IN_FLIGHT && !self.queued.is_empty();
-            if !ready {
+            if !self.can_decide() {
                 if closing && self.queued.is_empty() && self.in_flight.is_empty() {
                     break;
                 }
@@ -1258,7 +1257,7 @@ impl Writer {
             {
                 self.take(msg, &mut closing);
             }
-            if !self.failing && self.in_flight.len() < MAX_IN_FLIGHT && !self.queued.is_empty() {
+            if self.can_decide() {
                 let rest = self.queued.split_off(self.queued.len().min(MAX_BATCH));
                 let ops = std::mem::replace(&mut self.queued, rest);
                 self.decide(ops);
@@ -1269,6 +1268,11 @@ impl Writer {
         if let Some(committer) = self.committer.take() {
             let _ = committer.join();
         }
+    }
+
+    /// Writes are waiting, and a batch of them may be decided now.
+    fn can_decide(&self) -> bool {
+        !self.failing && self.in_flight.len() < MAX_IN_FLIGHT && !self.queued.is_empty()
     }
 
     fn take(&mut self, msg: Op, closing: &mut bool) {
@@ -1492,12 +1496,13 @@ impl Committer {
             let mut group = vec![first];
             group.extend(self.rx.try_iter());
             // Batches decided on top of a failed commit fail with it.
-            let (doomed, group): (Vec<_>, Vec<_>) =
-                group.into_iter().partition(|p| self.failed.as_ref().is_some_and(|(epoch, _)| *epoch == p.epoch));
-            for p in doomed {
-                let failed = self.failed.as_ref().map(|(_, f)| f.clone()).expect("a failure");
-                if self.tx.send(Op::Committed { seq: p.seq, result: Err(failed) }).is_err() {
-                    return;
+            if let Some((epoch, failed)) = self.failed.clone() {
+                let (doomed, rest): (Vec<_>, Vec<_>) = group.into_iter().partition(|p| p.epoch == epoch);
+                group = rest;
+                for p in doomed {
+                    if self.tx.send(Op::Committed { seq: p.seq, result: Err(failed.clone()) }).is_err() {
+                        return;
+                    }
                 }
             }
             if group.is_empty() {
