@@ -73,10 +73,10 @@ impl MemoryStoreBuilder {
             state: RwLock::new(State {
                 revision: 0,
                 floor: 1,
-                objects: HashMap::new(),
+                objects: hashbrown::HashMap::new(),
                 by_key: HashTable::new(),
                 hasher: DefaultHashBuilder::default(),
-                labels: HashMap::new(),
+                labels: hashbrown::HashMap::new(),
                 history: VecDeque::new(),
                 popped: 0,
                 leases: HashMap::new(),
@@ -116,7 +116,45 @@ pub(crate) struct Inner {
 type Names = BTreeMap<String, Arc<DynamicObject>>;
 type Namespaces = BTreeMap<String, Names>;
 /// (label key, label value) → the objects of one kind that carry it.
-type LabelIndex = hashbrown::HashMap<(String, String), hashbrown::HashSet<Arc<ObjectKey>>>;
+type LabelIndex = hashbrown::HashMap<(String, String), KeySet>;
+
+/// The keys of the objects that carry one label, each beside its hash (the hash `by_key` uses):
+/// growing the set moves entries without hashing a key again.
+#[derive(Default)]
+struct KeySet(HashTable<(u64, Arc<ObjectKey>)>);
+
+impl KeySet {
+    fn insert(&mut self, hash: u64, key: Arc<ObjectKey>) {
+        if let hashbrown::hash_table::Entry::Vacant(e) =
+            self.0.entry(hash, |(h, k)| *h == hash && **k == *key, |(h, _)| *h)
+        {
+            e.insert((hash, key));
+        }
+    }
+
+    /// Adds a key known not to be in the set.
+    fn insert_new(&mut self, hash: u64, key: Arc<ObjectKey>) {
+        self.0.insert_unique(hash, (hash, key), |(h, _)| *h);
+    }
+
+    fn remove(&mut self, hash: u64, key: &ObjectKey) {
+        if let Ok(e) = self.0.find_entry(hash, |(h, k)| *h == hash && **k == *key) {
+            e.remove();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.0.iter().map(|(_, k)| &**k)
+    }
+}
 
 /// Looks up a `(String, String)` index key from borrowed parts without allocating.
 #[derive(Hash)]
@@ -133,13 +171,13 @@ pub(crate) struct State {
     /// Oldest revision whose events are all still in `history`.
     pub(crate) floor: u64,
     /// kind → namespace → name → object: the ordered index that lists walk.
-    objects: HashMap<String, Namespaces>,
+    objects: hashbrown::HashMap<String, Namespaces>,
     /// The same objects hashed by key: one probe per get instead of a walk down a B-tree whose
     /// every string comparison is a cache miss.
     by_key: HashTable<Arc<DynamicObject>>,
     hasher: DefaultHashBuilder,
     /// kind → label index, so an equality selector reads its matches instead of every object.
-    labels: HashMap<String, LabelIndex>,
+    labels: hashbrown::HashMap<String, LabelIndex>,
     history: VecDeque<Change>,
     /// History entries dropped from the front so far: watchers keep absolute positions, so
     /// finding their place is a subtraction, not a search.
@@ -245,6 +283,7 @@ impl State {
         if old == new {
             return;
         }
+        let hash = self.hash(&key.kind, &key.namespace, &key.name);
         // Look the kind up before inserting it: a clone of its name per write adds up.
         if !self.labels.contains_key(&key.kind) {
             self.labels.insert(key.kind.clone(), LabelIndex::default());
@@ -252,7 +291,7 @@ impl State {
         let Some(index) = self.labels.get_mut(&key.kind) else { return };
         for (k, v) in old.iter().filter(|(k, v)| new.get(k) != Some(v)) {
             if let Some(set) = index.get_mut(&PairRef(k, v)) {
-                set.remove(key);
+                set.remove(hash, key);
                 if set.is_empty() {
                     index.remove(&PairRef(k, v));
                 }
@@ -262,11 +301,11 @@ impl State {
         for (k, v) in new.iter().filter(|(k, v)| old.get(k) != Some(v)) {
             let entry = shared.get_or_insert_with(|| Arc::new(key.clone())).clone();
             match index.get_mut(&PairRef(k, v)) {
-                Some(set) => {
-                    set.insert(entry);
-                }
+                Some(set) => set.insert(hash, entry),
                 None => {
-                    index.insert((k.clone(), v.clone()), hashbrown::HashSet::from_iter([entry]));
+                    let mut set = KeySet::default();
+                    set.insert_new(hash, entry);
+                    index.insert((k.clone(), v.clone()), set);
                 }
             }
         }
@@ -276,17 +315,16 @@ impl State {
     /// equality or set requirement; `None` when no requirement can use the index.
     fn label_candidates(&self, sel: &Selection) -> Option<Vec<&ObjectKey>> {
         let index = self.labels.get(&sel.kind);
-        let sets = |r: &Requirement| -> Option<Vec<Option<&hashbrown::HashSet<Arc<ObjectKey>>>>> {
+        let sets = |r: &Requirement| -> Option<Vec<Option<&KeySet>>> {
             match r {
                 Requirement::Equals(k, v) => Some(vec![index.and_then(|i| i.get(&PairRef(k, v)))]),
                 Requirement::In(k, vs) => Some(vs.iter().map(|v| index.and_then(|i| i.get(&PairRef(k, v)))).collect()),
                 _ => None,
             }
         };
-        let size =
-            |s: &[Option<&hashbrown::HashSet<Arc<ObjectKey>>>]| s.iter().flatten().map(|s| s.len()).sum::<usize>();
+        let size = |s: &[Option<&KeySet>]| s.iter().flatten().map(|s| s.len()).sum::<usize>();
         let best = sel.labels.requirements().iter().filter_map(sets).min_by_key(|s| size(s))?;
-        Some(best.into_iter().flatten().flat_map(|s| s.iter().map(|k| &**k)).collect())
+        Some(best.into_iter().flatten().flat_map(KeySet::iter).collect())
     }
 
     /// The object a write is aimed at, after the guard and resource-version checks.
@@ -399,11 +437,63 @@ impl State {
         Some(obj)
     }
 
-    /// Stores an object as it is, without history: how a durable backend loads its state.
+    /// Stores objects as they are, without history: how a durable backend loads its state.
+    /// Into an empty index and given in key order (as a backend reads them), the maps are built
+    /// in one pass each instead of with a search per object, the hashed ones beside the ordered
+    /// ones on a second core.
     #[cfg_attr(not(feature = "redb"), allow(dead_code))]
-    pub(crate) fn restore(&mut self, key: ObjectKey, obj: Arc<DynamicObject>) {
-        self.reindex(&key, None, Some(&obj.metadata.labels));
-        self.insert(obj);
+    pub(crate) fn restore(&mut self, objects: Vec<Arc<DynamicObject>>) {
+        fn key_of(o: &DynamicObject) -> (&str, &str, &str) {
+            (&o.kind, &o.metadata.namespace, &o.metadata.name)
+        }
+        if !self.by_key.is_empty() || !objects.is_sorted_by(|a, b| key_of(a) < key_of(b)) {
+            for obj in objects {
+                self.reindex(&obj.key(), None, Some(&obj.metadata.labels));
+                self.insert(obj);
+            }
+            return;
+        }
+        let (hasher, by_key, labels) = (&self.hasher, &mut self.by_key, &mut self.labels);
+        let hashed = || {
+            let hash = |o: &Arc<DynamicObject>| hasher.hash_one(key_of(o));
+            by_key.reserve(objects.len(), hash);
+            for obj in &objects {
+                let h = hash(obj);
+                by_key.insert_unique(h, obj.clone(), hash);
+                if obj.metadata.labels.is_empty() {
+                    continue;
+                }
+                let index = labels.entry_ref(&obj.kind).or_default();
+                let key = Arc::new(obj.key());
+                for (k, v) in obj.metadata.labels.iter() {
+                    match index.get_mut(&PairRef(k, v)) {
+                        Some(set) => set.insert_new(h, key.clone()),
+                        None => {
+                            let mut set = KeySet::default();
+                            set.insert_new(h, key.clone());
+                            index.insert((k.clone(), v.clone()), set);
+                        }
+                    }
+                }
+            }
+        };
+        // Each (kind, namespace) is one run of the sorted list: one bulk-built map per run.
+        let ordered = |maps: &mut hashbrown::HashMap<String, Namespaces>| {
+            let mut rest = &objects[..];
+            while let Some(first) = rest.first() {
+                let run =
+                    rest.partition_point(|o| o.kind == first.kind && o.metadata.namespace == first.metadata.namespace);
+                let names: Names = rest[..run].iter().map(|o| (o.metadata.name.clone(), o.clone())).collect();
+                maps.entry_ref(&first.kind).or_default().insert(first.metadata.namespace.clone(), names);
+                rest = &rest[run..];
+            }
+        };
+        let maps = &mut self.objects;
+        std::thread::scope(|scope| {
+            let hashed = scope.spawn(hashed);
+            ordered(maps);
+            hashed.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        });
     }
 
     /// Applies a change that was decided, stamped and made durable elsewhere, in revision order,

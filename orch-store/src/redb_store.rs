@@ -245,7 +245,11 @@ impl RedbStoreBuilder {
             Db::Writable(db) => load(db, &index, now),
             Db::ReadOnly(db) => load(db, &index, now),
         }
-        .map_err(|(reason, source)| unavailable(reason, source))?;
+        .map_err(|(reason, source)| match source {
+            // Say what is wrong, not only where.
+            Some(why) => unavailable(format!("{reason}: {why}"), Some(why)),
+            None => unavailable(reason, None),
+        })?;
         let shared = Arc::new(Shared {
             index,
             leases: Mutex::new(loaded.leases),
@@ -501,7 +505,7 @@ fn load(
         leases.insert(id.value(), ttl, now + ttl);
     }
 
-    // The state at the checkpoint.
+    // The state at the checkpoint, in key order (as redb keeps the table).
     let mut stored = Vec::new();
     for entry in txn.open_table(OBJECTS).map_err(|e| io(e.into()))?.iter().map_err(|e| io(e.into()))? {
         let (key, value) = entry.map_err(|e| io(e.into()))?;
@@ -509,52 +513,79 @@ fn load(
         let (rv, json) = value.value();
         stored.push((ObjectKey::new(kind, namespace, name), rv, json.to_vec()));
     }
-    let mut current: HashMap<ObjectKey, Arc<DynamicObject>> = HashMap::with_capacity(stored.len());
-    let decoded = decode_all(stored.iter().map(|s| s.2.as_slice()));
-    for ((key, rv, _), obj) in stored.into_iter().zip(decoded) {
-        let damaged = |e: BoxError| (format!("its record of {key} is damaged"), Some(e));
-        let obj = obj.map_err(|e| damaged(Box::new(e)))?;
-        if obj.metadata.resource_version != rv || !is_key(&obj, &key) {
-            return Err(damaged("it does not match its key".into()));
+    let decoded = on_every_core(&stored, |(key, rv, json)| -> std::result::Result<_, BoxError> {
+        let obj = decode_object(json)?;
+        if obj.metadata.resource_version != *rv || key_of(&obj) != (&key.kind, &key.namespace, &key.name) {
+            return Err("it does not match its key".into());
         }
-        current.insert(key, Arc::new(obj));
+        Ok(Arc::new(obj))
+    });
+    let mut checkpoint_state = Vec::with_capacity(stored.len());
+    for ((key, _, _), obj) in stored.iter().zip(decoded) {
+        checkpoint_state.push(obj.map_err(|e| (format!("its record of {key} is damaged"), Some(e)))?);
+    }
+    drop(stored);
+    if !checkpoint_state.is_sorted_by(|a, b| key_of(a) < key_of(b)) {
+        checkpoint_state.sort_unstable_by(|a, b| key_of(a).cmp(&key_of(b)));
     }
 
-    // Every later change, in order, on top of it.
-    let (segments, log) = read_log(db, checkpoint).map_err(|(revision, e)| match revision {
+    // Every later change, each checked on its own as it is read.
+    let (segments, rows) = read_log(db, checkpoint).map_err(|(revision, e)| match revision {
         Some(r) => (format!("its log record at revision {r} is damaged"), Some(e)),
         None => ("redb cannot read it".to_string(), Some(e)),
     })?;
     let revision = stored_revision.max(segments.back().map_or(0, |s| s.last));
-    let mut changes: Vec<Change> = Vec::new();
+    let damaged = |revision: u64, why: String| {
+        (format!("its log entry at revision {revision} is damaged"), Some(BoxError::from(why)))
+    };
     let mut last = checkpoint.saturating_sub(1);
-    for row in log {
-        let damaged =
-            |why: String| (format!("its log entry at revision {} is damaged", row.revision), Some(why.into()));
-        let object = Arc::new(row.object.map_err(|e| damaged(e.to_string()))?);
+    for row in &rows {
         if row.revision < last || row.revision > revision {
-            return Err(damaged(format!("it is out of order (after {last}, store revision {revision})")));
+            let why = format!("it is out of order (after {last}, store revision {revision})");
+            return Err(damaged(row.revision, why));
         }
         last = row.revision;
-        if object.metadata.resource_version != row.revision || !is_key(&object, &row.key) {
-            return Err(damaged("it does not match its key and revision".into()));
-        }
-        let prev = if row.deleted { current.remove(&row.key) } else { current.insert(row.key, object.clone()) };
-        if prev.as_ref().map_or(0, |p| p.metadata.resource_version) != row.prev_rv {
-            return Err(damaged("it does not follow the state before it".into()));
-        }
-        if row.revision >= floor {
-            changes.push(Change { revision: row.revision, object, prev, deleted: row.deleted });
-        }
     }
-
-    let mut st = index.inner.write();
-    for (key, obj) in current {
+    // Then each key's changes together, in revision order, beside its state at the checkpoint
+    // (both lists are in key order): every change must follow the state before it, and the
+    // last one is the key's state now. The index is built in key order too.
+    let order = by_key(&rows);
+    let mut prevs: Vec<Option<Arc<DynamicObject>>> = vec![None; rows.len()];
+    let mut current = Vec::with_capacity(checkpoint_state.len() + rows.len());
+    let mut unchanged = checkpoint_state.into_iter().peekable();
+    let mut broken: Option<u64> = None;
+    for group in order.chunk_by(|&a, &b| key_of(&rows[a].object) == key_of(&rows[b].object)) {
+        let key = key_of(&rows[group[0]].object);
+        while let Some(obj) = unchanged.next_if(|o| key_of(o) < key) {
+            current.push(obj);
+        }
+        let mut state = unchanged.next_if(|o| key_of(o) == key);
+        for &i in group {
+            let row = &rows[i];
+            if state.as_ref().map_or(0, |p| p.metadata.resource_version) != row.prev_rv {
+                broken = Some(broken.map_or(row.revision, |b| b.min(row.revision)));
+            }
+            prevs[i] = std::mem::replace(&mut state, (!row.deleted).then(|| row.object.clone()));
+        }
+        current.extend(state);
+    }
+    current.extend(unchanged);
+    if let Some(revision) = broken {
+        return Err(damaged(revision, "it does not follow the state before it".into()));
+    }
+    let changes: Vec<Change> = rows
+        .into_iter()
+        .zip(prevs)
+        .filter(|(row, _)| row.revision >= floor)
+        .map(|(row, prev)| Change { revision: row.revision, object: row.object, prev, deleted: row.deleted })
+        .collect();
+    for obj in &current {
         if let Some(lease) = obj.metadata.lease.and_then(|id| leases.live.get_mut(&id)) {
-            lease.keys.insert(key.clone());
+            lease.keys.insert(obj.key());
         }
-        st.restore(key, obj);
     }
+    let mut st = index.inner.write();
+    st.restore(current);
     for change in changes {
         st.record(change, false);
     }
@@ -564,19 +595,39 @@ fn load(
     Ok(Loaded { floor: st.floor, checkpoint, segments, next_lease, leases })
 }
 
-/// Whether `obj` is the object `key` names (without building a key to compare).
-fn is_key(obj: &DynamicObject, key: &ObjectKey) -> bool {
-    obj.kind == key.kind && obj.metadata.namespace == key.namespace && obj.metadata.name == key.name
+/// The key of `obj` as borrowed parts, which compare in the order of [`ObjectKey`].
+fn key_of(obj: &DynamicObject) -> (&str, &str, &str) {
+    (&obj.kind, &obj.metadata.namespace, &obj.metadata.name)
 }
 
-/// One change as loaded from the log.
-struct LogRow {
+/// One change of the log, checked on its own (it decodes, and matches its key and revision),
+/// waiting to be checked against the state before it.
+struct Replayed {
     revision: u64,
     deleted: bool,
     /// Resource version of the state it replaced (0 for a create).
     prev_rv: u64,
-    key: ObjectKey,
-    object: serde_json::Result<DynamicObject>,
+    object: Arc<DynamicObject>,
+}
+
+/// Positions of `rows` in key order, each key's rows in their own order: sorted in parts on
+/// every core, then merged.
+fn by_key(rows: &[Replayed]) -> Vec<usize> {
+    let mut order: Vec<_> = rows.iter().enumerate().map(|(i, r)| (key_of(&r.object), i)).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+    if threads == 1 || order.len() < 16_384 {
+        order.sort_unstable();
+    } else {
+        let chunk = order.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            for part in order.chunks_mut(chunk) {
+                scope.spawn(move || part.sort_unstable());
+            }
+        });
+        // Sorted runs: the stable sort finds them and merges them.
+        order.sort();
+    }
+    order.into_iter().map(|(_, i)| i).collect()
 }
 
 /// A log that cannot be read: the revision of the damaged record, if that is the reason.
@@ -588,7 +639,7 @@ type LogError = (Option<u64>, BoxError);
 fn read_log<D: ReadableDatabase + Sync>(
     db: &D,
     checkpoint: u64,
-) -> std::result::Result<(VecDeque<Segment>, Vec<LogRow>), LogError> {
+) -> std::result::Result<(VecDeque<Segment>, Vec<Replayed>), LogError> {
     let io = |e: redb::Error| (None, Box::new(e) as BoxError);
     let (first, end) = {
         let txn = db.begin_read().map_err(|e| io(e.into()))?;
@@ -606,7 +657,7 @@ fn read_log<D: ReadableDatabase + Sync>(
     let span = end - first;
     let parts =
         if span < 4096 { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()).min(16) as u64 };
-    let read = |part: u64| -> std::result::Result<(Vec<Segment>, Vec<LogRow>), LogError> {
+    let read = |part: u64| -> std::result::Result<(Vec<Segment>, Vec<Replayed>), LogError> {
         let txn = db.begin_read().map_err(|e| io(e.into()))?;
         let table = txn.open_table(LOG).map_err(|e| io(e.into()))?;
         let range = (first + span * part / parts)..(first + span * (part + 1) / parts);
@@ -621,13 +672,14 @@ fn read_log<D: ReadableDatabase + Sync>(
                 }
                 _ => return Err((Some(at), "it does not start at its own revision".into())),
             }
-            rows.extend(records.into_iter().map(|r| LogRow {
-                revision: r.revision,
-                deleted: r.deleted,
-                prev_rv: r.prev_rv,
-                key: ObjectKey::new(r.kind, r.namespace, r.name),
-                object: decode_object(r.json),
-            }));
+            for r in records {
+                let object = decode_object(r.json).map_err(|e| (Some(r.revision), e.into()))?;
+                if object.metadata.resource_version != r.revision || key_of(&object) != (r.kind, r.namespace, r.name) {
+                    return Err((Some(r.revision), "it does not match its key and revision".into()));
+                }
+                let (revision, deleted, prev_rv) = (r.revision, r.deleted, r.prev_rv);
+                rows.push(Replayed { revision, deleted, prev_rv, object: Arc::new(object) });
+            }
         }
         Ok((segments, rows))
     };
@@ -731,18 +783,17 @@ fn decode_object(bytes: &[u8]) -> serde_json::Result<DynamicObject> {
     serde_json::from_slice(bytes)
 }
 
-/// Decodes many objects on every available core, in order.
-fn decode_all<'a>(bodies: impl Iterator<Item = &'a [u8]>) -> Vec<serde_json::Result<DynamicObject>> {
-    let bodies: Vec<&[u8]> = bodies.collect();
+/// `f` of every item, on every available core, in order.
+fn on_every_core<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
-    if threads == 1 || bodies.len() < 2048 {
-        return bodies.into_iter().map(decode_object).collect();
+    if threads == 1 || items.len() < 2048 {
+        return items.iter().map(f).collect();
     }
-    let chunk = bodies.len().div_ceil(threads);
+    let f = &f;
     std::thread::scope(|scope| {
-        let parts: Vec<_> = bodies
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(|b| decode_object(b)).collect::<Vec<_>>()))
+        let parts: Vec<_> = items
+            .chunks(items.len().div_ceil(threads))
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<_>>()))
             .collect();
         // A panic while decoding is passed on to the open, which turns it into an error.
         parts.into_iter().flat_map(|p| p.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()

@@ -392,6 +392,81 @@ async fn a_format_2_store_is_upgraded_in_place() {
     assert_eq!(digest(&future), before);
 }
 
+/// A log that contradicts itself (a change that does not follow the state before it, or whose
+/// key is not its object's) is refused at open, naming the revision, and the file is left as
+/// it was: the store never serves, or folds, a history it cannot trust.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_contradicts_itself_is_refused_and_left_alone() {
+    let path = fresh("contradiction");
+    {
+        let s = RedbStore::open(&path).unwrap();
+        let a = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+        let mut next = (*a).clone();
+        next.spec = RawJson::from_value(&serde_json::json!(2));
+        s.update(next, &w()).await.unwrap();
+        s.create(thing("b", serde_json::json!(3)), &w()).await.unwrap();
+    }
+    // One commit per write: the records are keyed 1, 2 and 3. A change is its revision (8
+    // bytes), deleted (1), the version it replaced (8), then kind "Thing", namespace "ns" and
+    // name, each after a 4-byte length.
+    const PREV: std::ops::Range<usize> = 9..17;
+    const NAME: usize = 17 + 4 + 5 + 4 + 2 + 4;
+    /// A name, the record to edit, the edit, and what the refusal must say.
+    type Case = (&'static str, u64, fn(&mut Vec<u8>), &'static str);
+    let cases: [Case; 3] = [
+        (
+            "update-after-nothing",
+            2,
+            |r| r[PREV].copy_from_slice(&5u64.to_le_bytes()),
+            "does not follow the state before it",
+        ),
+        (
+            "create-over-something",
+            3,
+            |r| r[PREV].copy_from_slice(&1u64.to_le_bytes()),
+            "does not follow the state before it",
+        ),
+        ("renamed", 3, |r| r[NAME] = b'c', "does not match its key and revision"),
+    ];
+    for (name, at, edit, why) in cases {
+        let copy = fresh(name);
+        std::fs::copy(&path, &copy).unwrap();
+        {
+            let db = redb::Database::open(&copy).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(redb::TableDefinition::<u64, &[u8]>::new("orch.commits")).unwrap();
+                let mut record = redb::ReadableTable::get(&log, at).unwrap().expect("the record").value().to_vec();
+                edit(&mut record);
+                log.insert(at, record.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let before = contents(&copy);
+        let e = RedbStore::open(&copy).unwrap_err().to_string();
+        assert!(e.contains(&format!("revision {at}")) && e.contains(why), "{name}: {e}");
+        assert!(contents(&copy) == before, "{name}: what the file holds is left as it was");
+    }
+    // The untouched original still opens.
+    assert_eq!(RedbStore::open(&path).unwrap().len(), 2);
+}
+
+/// Every commit record and every counter.
+type Contents = (Vec<(u64, Vec<u8>)>, Vec<(String, u64)>);
+
+/// The log and counters of a store file, read with redb itself (a writable open by redb
+/// rewrites its own header, so the bytes are not the measure).
+fn contents(path: &Path) -> Contents {
+    use redb::{ReadableDatabase, ReadableTable};
+    let db = redb::Database::open(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let log = txn.open_table(redb::TableDefinition::<u64, &[u8]>::new("orch.commits")).unwrap();
+    let meta = txn.open_table(redb::TableDefinition::<&str, u64>::new("orch.meta")).unwrap();
+    let log = log.iter().unwrap().map(|e| e.map(|(k, v)| (k.value(), v.value().to_vec())).unwrap()).collect();
+    let meta = meta.iter().unwrap().map(|e| e.map(|(k, v)| (k.value().to_string(), v.value())).unwrap()).collect();
+    (log, meta)
+}
+
 fn digest(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
@@ -570,16 +645,21 @@ async fn observe(
     let rev = s.current_revision().await.unwrap();
     let mut lists = Vec::new();
     for r in from..=rev {
-        let page = s.list(&ListRequest { revision: Some(r), ..ListRequest::new(things()) }).await.unwrap();
-        lists.push(
-            page.items
-                .iter()
-                .map(|o| {
-                    let m = &o.metadata;
-                    (m.name.clone(), m.resource_version, o.spec.to_string(), o.status.to_string())
-                })
-                .collect(),
-        );
+        // Every object, then those the label index finds for each value of label `v`.
+        let selections =
+            std::iter::once(things()).chain((0..3).map(|v| things().with_labels(format!("v={v}").parse().unwrap())));
+        for selection in selections {
+            let page = s.list(&ListRequest { revision: Some(r), ..ListRequest::new(selection) }).await.unwrap();
+            lists.push(
+                page.items
+                    .iter()
+                    .map(|o| {
+                        let m = &o.metadata;
+                        (m.name.clone(), m.resource_version, o.spec.to_string(), o.status.to_string())
+                    })
+                    .collect(),
+            );
+        }
     }
     let history = if rev >= from { events(s, from, rev).await } else { Vec::new() };
     (rev, lists, history)
@@ -629,7 +709,9 @@ proptest::proptest! {
                 match (cur, action) {
                     (_, 5) => s = check_reopen(s).await,
                     (None, _) => {
-                        s.create(thing(&name, serde_json::json!(v)), &w()).await.unwrap();
+                        let mut new = thing(&name, serde_json::json!(v));
+                        new.metadata.labels.insert("v", (v % 2).to_string());
+                        s.create(new, &w()).await.unwrap();
                     }
                     (Some(_), 0) => {
                         s.delete(&key(&name), &DeleteOptions::default()).await.unwrap();
