@@ -267,6 +267,15 @@ impl State {
         self.hasher.hash_one((kind, namespace, name))
     }
 
+    /// Every object attached to one of `leases`, with its lease.
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
+    pub(crate) fn attached_to(&self, leases: &HashSet<LeaseId>) -> Vec<(LeaseId, ObjectKey)> {
+        self.by_key
+            .iter()
+            .filter_map(|o| o.metadata.lease.filter(|id| leases.contains(id)).map(|id| (id, o.key())))
+            .collect()
+    }
+
     pub(crate) fn get(&self, key: &ObjectKey) -> Option<&Arc<DynamicObject>> {
         self.get_parts(&key.kind, &key.namespace, &key.name)
     }

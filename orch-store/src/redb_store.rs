@@ -30,9 +30,12 @@
 //! - **Failures.** A file that is not an orch store (another program's file, a damaged header)
 //!   is refused with an error naming the path and the reason, and left untouched. A failed
 //!   commit (disk full, I/O error) answers `Unavailable` with redb's error as the source and
-//!   changes nothing, in memory or on disk; so do the batches decided on top of it. redb may
-//!   then refuse further writes until the store is reopened. A file that cannot be opened for
-//!   writing is served read-only: reads work, writes fail with `Unavailable`.
+//!   changes nothing in memory; so do the batches decided on top of it. `Unavailable` means not
+//!   known to be durable: when the flush failed after the commit's pages were written, the
+//!   commit may be in the file after a reopen, whole, never in part (as with any store that
+//!   fsyncs). redb refuses further writes after a failed flush until the store is reopened. A
+//!   file that cannot be opened for writing is served read-only: reads work, writes fail with
+//!   `Unavailable`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -1474,6 +1477,18 @@ impl Writer {
 
     fn fail(&mut self, batch: InFlight, failed: CommitFailed) {
         tracing::error!(path = %self.name, error = %failed, "store commit failed");
+        // The leases this batch revoked live on. Objects attached to one by a batch published
+        // while the revocation was in flight were linked to nothing, so each lease is linked
+        // again to every object the index holds for it (the index is what is durable now: the
+        // batches after this one fail too).
+        let revived: HashSet<LeaseId> = batch
+            .dropped
+            .iter()
+            .filter(|(id, lease)| lease.is_some() || self.pending.leases.get(id).is_some_and(|p| p.durable))
+            .map(|(id, _)| *id)
+            .collect();
+        let attached =
+            if revived.is_empty() { Vec::new() } else { self.shared.index.inner.read().attached_to(&revived) };
         let mut leases = self.shared.leases();
         for (id, lease) in batch.dropped {
             match lease {
@@ -1488,10 +1503,24 @@ impl Writer {
                 }
             }
         }
+        for id in &revived {
+            if let Some(lease) = leases.live.get_mut(id) {
+                lease.keys.clear();
+            }
+        }
+        for (id, key) in attached {
+            if let Some(lease) = leases.live.get_mut(&id) {
+                lease.keys.insert(key);
+            }
+        }
         drop(leases);
         for a in batch.answers {
             a.fail(|| Error::Unavailable {
-                message: format!("store file {}: the write could not be made durable", self.name),
+                message: format!(
+                    "store file {}: the write is not known to be durable (its commit failed; if the flush failed \
+                     after writing, it may be there, whole, once the store is reopened)",
+                    self.name
+                ),
                 source: Some(Box::new(failed.clone())),
             });
         }

@@ -575,6 +575,126 @@ impl redb::StorageBackend for Failing {
     }
 }
 
+/// A backend whose flushes wait for the test: each `sync_data` takes a ticket (blocking while
+/// there is none), and fails once `fail` is set.
+#[derive(Clone, Debug, Default)]
+struct Gate {
+    tickets: Arc<std::sync::atomic::AtomicUsize>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    fail: Arc<AtomicBool>,
+}
+
+impl Gate {
+    fn open(&self, tickets: usize) {
+        self.tickets.store(tickets, Ordering::SeqCst);
+    }
+
+    /// Until a flush is waiting for a ticket.
+    async fn flushing(&self) {
+        while self.waiting.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Gated {
+    file: redb::backends::FileBackend,
+    gate: Gate,
+}
+
+impl redb::StorageBackend for Gated {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        let g = &self.gate;
+        g.calls.fetch_add(1, Ordering::SeqCst);
+        g.waiting.fetch_add(1, Ordering::SeqCst);
+        while g.tickets.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| t.checked_sub(1)).is_err() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        g.waiting.fetch_sub(1, Ordering::SeqCst);
+        if g.fail.load(Ordering::SeqCst) {
+            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
+}
+
+/// An object attached to a lease by a commit that lands while a revocation of that lease is in
+/// flight, whose flush then fails: in memory the lease lives on and the object stays; after a
+/// reopen the revocation is there whole or not at all; either way the object goes with the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_written_while_its_lease_revocation_fails_stays_attached() {
+    let path = fresh("revocation-fails");
+    let gate = Gate::default();
+    gate.open(usize::MAX / 2);
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
+    let backend = Gated { file: redb::backends::FileBackend::new(file).unwrap(), gate: gate.clone() };
+    let s = RedbStore::builder().open_backend(&path.display().to_string(), backend).unwrap();
+    let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap().id;
+    let before = gate.calls.load(Ordering::SeqCst);
+    s.create(thing("warm", serde_json::json!(0)), &w()).await.unwrap();
+    let per_commit = gate.calls.load(Ordering::SeqCst) - before;
+    assert!(per_commit >= 1);
+
+    // Commit 1 attaches `x` to the lease and waits in its flush...
+    gate.open(0);
+    let mut x = thing("x", serde_json::json!(1));
+    x.metadata.lease = Some(lease);
+    let create = tokio::spawn({
+        let s = s.clone();
+        async move { s.create(x, &w()).await }
+    });
+    gate.flushing().await;
+    // ...while the revocation is decided on top of it, for commit 2.
+    let revoke = tokio::spawn({
+        let s = s.clone();
+        async move { s.revoke_lease(lease).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.open(per_commit);
+    create.await.unwrap().unwrap();
+    gate.flushing().await;
+    gate.fail.store(true, Ordering::SeqCst);
+    gate.open(usize::MAX / 2);
+    assert!(matches!(revoke.await.unwrap().unwrap_err(), Error::Unavailable { .. }));
+    assert!(s.get(&key("x")).await.is_ok(), "the failed revocation deleted nothing");
+    assert!(s.lease(lease).await.is_ok(), "the lease lives on");
+
+    // The disk recovers. redb refuses every write after a failed flush until the file is
+    // reopened; if it takes this one, revoking the lease deletes the object attached to it.
+    gate.fail.store(false, Ordering::SeqCst);
+    if s.revoke_lease(lease).await.is_ok() {
+        assert!(s.get(&key("x")).await.unwrap_err().is_not_found(), "x went with its lease");
+    }
+    drop(s);
+    // The failed revocation's pages reached the file before its flush failed, so it may be
+    // there after reopening: whole (the lease and `x` both gone) or not at all.
+    let s = RedbStore::open(&path).unwrap();
+    let (x_there, lease_there) = (s.get(&key("x")).await.is_ok(), s.lease(lease).await.is_ok());
+    assert_eq!(x_there, lease_there, "the revocation is there whole or not at all");
+    if lease_there {
+        s.revoke_lease(lease).await.unwrap();
+    }
+    assert!(s.get(&key("x")).await.unwrap_err().is_not_found(), "x went with its lease");
+    assert!(s.get(&key("warm")).await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_commits_change_nothing_and_reopening_finds_every_acknowledged_write() {
     for kind in [std::io::ErrorKind::StorageFull, std::io::ErrorKind::ReadOnlyFilesystem] {
