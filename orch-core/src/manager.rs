@@ -85,6 +85,13 @@ impl Manager {
         self
     }
 
+    /// Adds a node provisioner: it asks for nodes when workloads fit nowhere and gives back
+    /// nodes that stay empty, only while this manager leads.
+    pub fn add_provisioner(&mut self, provisioner: crate::provisioner::Provisioner) -> &mut Self {
+        self.controllers.push(Box::new(provisioner));
+        self
+    }
+
     /// Runs controllers only while this replica holds the lock described by `config`.
     pub fn with_leader_election(mut self, config: LeaderElectionConfig) -> Self {
         self.election = Some(config);

@@ -1,0 +1,668 @@
+//! Node provisioning: when workloads fit on no node, ask a [`NodeProvider`] for new nodes shaped
+//! by [`NodePool`]s; give back the nodes of a pool that stay empty.
+//!
+//! The [`Provisioner`] runs in a [`Manager`](crate::Manager) beside the scheduler, and only while
+//! that manager leads (its writes carry the leader's fencing token). Each pass:
+//! 1. **Registration.** A node it launched whose agent has registered (`Ready`) is opened for
+//!    scheduling. One that has not registered within `launch_timeout` is terminated and deleted.
+//! 2. **Scale up.** The workloads the scheduler marked `Unschedulable` are placed, in the
+//!    scheduler's order, on a copy of the cluster that also holds the nodes still launching,
+//!    with the scheduler's own plugins (resources, devices, ports, taints, node selectors,
+//!    affinity, spread). A workload that fits nowhere gets a new node of the first pool, in the
+//!    order given, that is under its limit and on which it would fit; the workloads after it fill
+//!    the new nodes before more are asked for. Each new node is created in the store first
+//!    (cordoned, labelled with its pool, marked as launching), then launched: the store holds the
+//!    intent, so a pass after a crash or failover sees it and does not ask twice.
+//! 3. **Scale down.** A node of a pool with `empty_after` that has run no workload for that long
+//!    is cordoned, checked empty again, terminated and deleted.
+//!
+//! A [`NodeProvider`] is the one part that knows about machines: a cloud's API, a pool of
+//! spare hosts, or [`LocalNodes`], which starts each node as an [`Agent`] in this process (the
+//! simulated runtime uses it to grow a simulated cluster).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::agent::{Agent, AgentConfig};
+use crate::api::{Api, ListParams};
+use crate::cache::Cache;
+use crate::controller::{CacheRegistry, Leadership};
+use crate::controller::{RunParts, Runnable};
+use crate::error::{Error, Result};
+use crate::kinds::{Condition, ConditionStatus, Node, Phase, Resources, Taint, Workload, find_condition};
+use crate::labels::Labels;
+use crate::meta::{Clock, ObjectMeta, SystemClock, Timestamp};
+use crate::object::Object;
+use crate::runtime::Runtime;
+use crate::scheduler::snapshot::{Placement, Snapshot, WorkloadInfo};
+use crate::scheduler::{DEFAULT_SCHEDULER, Decision, Framework, Profile, SCHEDULED_CONDITION, Scheduler};
+use crate::selector::FieldSelector;
+use crate::store::{DeleteOptions, Guard, Store};
+
+/// The label naming the pool a provisioned node belongs to.
+pub const POOL_LABEL: &str = "node.orch.dev/pool";
+
+/// Present on a provisioned node from its creation until its agent registers; the node stays
+/// cordoned meanwhile. Its value is the time the node was asked for (ms since the epoch).
+pub const LAUNCHING_ANNOTATION: &str = "node.orch.dev/launching";
+
+/// A shape of node the provisioner may ask for, and how many of them at most.
+#[derive(Debug, Clone)]
+pub struct NodePool {
+    /// Names the pool (a label value; nodes are named `<pool>-<suffix>`).
+    pub name: String,
+    /// Labels of its nodes (the pool label is added).
+    pub labels: Labels,
+    /// Taints of its nodes.
+    pub taints: Vec<Taint>,
+    /// What each node offers (`cpu`, `memory`, `pods`, `gpu`…).
+    pub capacity: Resources,
+    /// Most nodes of this pool at once, launching or running.
+    pub max_nodes: usize,
+    /// Give back a node that has run no workload this long (`None`: keep it).
+    pub empty_after: Option<Duration>,
+}
+
+impl NodePool {
+    /// A pool of nodes offering `capacity`, at most `max_nodes` of them, kept when empty.
+    pub fn new(name: impl Into<String>, capacity: Resources, max_nodes: usize) -> Self {
+        NodePool {
+            name: name.into(),
+            labels: Labels::new(),
+            taints: Vec::new(),
+            capacity,
+            max_nodes,
+            empty_after: None,
+        }
+    }
+
+    /// Gives back nodes that stay empty for `after`.
+    pub fn empty_after(mut self, after: Duration) -> Self {
+        self.empty_after = Some(after);
+        self
+    }
+
+    /// Adds a label to its nodes.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key, value);
+        self
+    }
+
+    /// Adds a taint to its nodes.
+    pub fn taint(mut self, taint: Taint) -> Self {
+        self.taints.push(taint);
+        self
+    }
+
+    /// The node object of a new node of this pool, as the provisioner creates it: labelled,
+    /// tainted, cordoned and marked as launching.
+    fn new_node(&self, name: &str, now: Timestamp) -> Object<Node> {
+        let mut meta = ObjectMeta::named(name);
+        meta.labels = self.labels.clone();
+        meta.labels.insert(POOL_LABEL, self.name.clone());
+        meta.annotations.insert(LAUNCHING_ANNOTATION, now.as_millis().to_string());
+        Object::new(meta, Node { unschedulable: true, taints: self.taints.clone(), provider_id: None })
+    }
+
+    /// A node of this pool as it will be once its agent registers: what the scale-up pass
+    /// places workloads on.
+    fn registered(&self, name: &str) -> Object<Node> {
+        let mut node = self.new_node(name, Timestamp(0));
+        node.metadata.annotations.remove(LAUNCHING_ANNOTATION);
+        node.spec.unschedulable = false;
+        node.status.capacity = self.capacity.clone();
+        node.status.allocatable = self.capacity.clone();
+        node
+    }
+}
+
+/// Launches and terminates the machines behind provisioned nodes.
+///
+/// # To ensure correctness
+/// - `launch` starts a machine whose agent registers as node `name` (the node object already
+///   exists, cordoned; the agent fills in its status). It may return before the machine is up:
+///   the provisioner waits for the node to turn `Ready`, and terminates it after
+///   `launch_timeout`.
+/// - `terminate` must succeed for a machine that is already gone, or was never launched.
+#[async_trait]
+pub trait NodeProvider: Send + Sync + 'static {
+    /// Starts a machine of `pool`'s shape that registers as node `name`; returns its provider id
+    /// (recorded in the node's `spec.providerId`).
+    async fn launch(&self, name: &str, pool: &NodePool) -> Result<String>;
+
+    /// Stops the machine of node `name`.
+    async fn terminate(&self, name: &str, pool: &NodePool) -> Result<()>;
+}
+
+/// Settings of the [`Provisioner`].
+#[derive(Debug, Clone)]
+pub struct ProvisionerConfig {
+    /// Time between passes (default 2 s).
+    pub interval: Duration,
+    /// A launched node that has not registered after this long is terminated (default 10 min).
+    pub launch_timeout: Duration,
+    /// The scheduler whose unschedulable workloads it provisions for (default
+    /// `default-scheduler`).
+    pub scheduler_name: String,
+}
+
+impl Default for ProvisionerConfig {
+    fn default() -> Self {
+        ProvisionerConfig {
+            interval: Duration::from_secs(2),
+            launch_timeout: Duration::from_secs(600),
+            scheduler_name: DEFAULT_SCHEDULER.to_string(),
+        }
+    }
+}
+
+/// What one pass did, for tests and logs.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    /// Nodes asked for, by name.
+    pub launched: Vec<String>,
+    /// Launching nodes that registered and were opened for scheduling.
+    pub registered: Vec<String>,
+    /// Nodes given back (empty too long) or abandoned (did not register in time).
+    pub removed: Vec<String>,
+    /// Workloads for which no pool has a node they would fit on (or every such pool is full).
+    pub unprovisionable: usize,
+}
+
+/// Asks for nodes when workloads fit nowhere and gives back nodes that stay empty (see the
+/// [module documentation](self)). Add it to a [`Manager`](crate::Manager) with
+/// [`Manager::add_provisioner`](crate::Manager::add_provisioner).
+pub struct Provisioner {
+    pools: Vec<NodePool>,
+    provider: Arc<dyn NodeProvider>,
+    profile: Profile,
+    config: ProvisionerConfig,
+    clock: Arc<dyn Clock>,
+    /// Since when each provisioned node has been seen empty.
+    empty_since: HashMap<String, Instant>,
+}
+
+impl std::fmt::Debug for Provisioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provisioner").field("pools", &self.pools).field("config", &self.config).finish()
+    }
+}
+
+impl Provisioner {
+    /// A provisioner for `pools` (tried in this order) that launches through `provider` and
+    /// judges fit with the default plugins, scoring for bin-packing (most allocated), so the
+    /// workloads it provides for fill the fewest new nodes.
+    pub fn new(pools: Vec<NodePool>, provider: Arc<dyn NodeProvider>) -> Self {
+        use crate::scheduler::plugins::{ScoringStrategy, default_profile};
+        Provisioner {
+            pools,
+            provider,
+            profile: default_profile(ScoringStrategy::MostAllocated),
+            config: ProvisionerConfig::default(),
+            clock: Arc::new(SystemClock),
+            empty_since: HashMap::new(),
+        }
+    }
+
+    /// Judges fit with `profile` (give it the scheduler's profile, so the two agree).
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.profile = profile;
+        self
+    }
+
+    /// Replaces the settings.
+    pub fn config(mut self, config: ProvisionerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Uses `clock` for launch times.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn pool(&self, node: &Object<Node>) -> Option<&NodePool> {
+        let name = node.metadata.labels.get(POOL_LABEL)?;
+        self.pools.iter().find(|p| p.name == *name)
+    }
+
+    /// One pass over the cluster as `nodes` and `workloads` hold it; writes go through `store`
+    /// fenced by `guard`.
+    pub async fn pass(
+        &mut self,
+        store: &Arc<dyn Store>,
+        guard: Option<Guard>,
+        nodes: &[Arc<Object<Node>>],
+        workloads: &[Arc<Object<Workload>>],
+    ) -> Result<PassReport> {
+        let api: Api<Node> = Api::all(store.clone()).fenced(guard.clone());
+        let mut report = PassReport::default();
+        let now = self.clock.now();
+        let mut live: Vec<Arc<Object<Node>>> = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let Some(pool) = self.pool(node).cloned() else {
+                live.push(node.clone());
+                continue;
+            };
+            let Some(asked) = node.metadata.annotations.get(LAUNCHING_ANNOTATION) else {
+                live.push(node.clone());
+                continue;
+            };
+            let name = node.metadata.name.clone();
+            if is_ready(node) {
+                let mut open = (**node).clone();
+                open.metadata.annotations.remove(LAUNCHING_ANNOTATION);
+                open.spec.unschedulable = false;
+                match api.replace(&open).await {
+                    Ok(open) => live.push(Arc::new(open)),
+                    // Changed meanwhile: the next pass looks again.
+                    Err(e) if e.is_conflict() => live.push(node.clone()),
+                    Err(e) => return Err(e),
+                }
+                tracing::info!(node = %name, pool = %pool.name, "provisioned node registered");
+                report.registered.push(name);
+                continue;
+            }
+            let asked = Timestamp(asked.parse().unwrap_or(0));
+            if now.since(asked) >= self.config.launch_timeout {
+                tracing::warn!(node = %name, pool = %pool.name, "provisioned node did not register in time");
+                self.provider.terminate(&name, &pool).await?;
+                delete_node(&api, &name).await?;
+                report.removed.push(name);
+                continue;
+            }
+            live.push(node.clone());
+        }
+        self.scale_up(&api, &live, workloads, &mut report).await?;
+        self.scale_down(store, &api, &live, workloads, &mut report).await?;
+        Ok(report)
+    }
+
+    async fn scale_up(
+        &mut self,
+        api: &Api<Node>,
+        nodes: &[Arc<Object<Node>>],
+        workloads: &[Arc<Object<Workload>>],
+        report: &mut PassReport,
+    ) -> Result<()> {
+        let mut pending: Vec<&Arc<Object<Workload>>> = workloads.iter().filter(|w| self.waits_for_a_node(w)).collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        // Higher priority first, as the scheduler does; within a priority the largest first
+        // (first-fit decreasing packs tighter than arrival order), then first come.
+        let request = |w: &Object<Workload>, name: &str| -> i64 {
+            w.spec.containers.iter().filter_map(|c| c.resources.requests.get(name)).map(|q| q.milli_ceil()).sum()
+        };
+        pending.sort_by_key(|w| {
+            let size = (request(w, crate::kinds::resource::CPU), request(w, crate::kinds::resource::MEMORY));
+            (-(w.spec.priority as i64), std::cmp::Reverse(size), w.metadata.create_revision)
+        });
+        // The cluster as it will be: nodes still launching count as registered.
+        let mut sim = Snapshot::new();
+        let mut per_pool: HashMap<String, usize> = HashMap::new();
+        for node in nodes {
+            match self.pool(node) {
+                Some(pool) => {
+                    *per_pool.entry(pool.name.clone()).or_default() += 1;
+                    if node.metadata.annotations.contains_key(LAUNCHING_ANNOTATION) {
+                        sim.upsert_node(&pool.registered(&node.metadata.name));
+                    } else {
+                        sim.upsert_node(node);
+                    }
+                }
+                None => {
+                    sim.upsert_node(node);
+                }
+            }
+        }
+        let mut seq = 0u64;
+        for w in workloads {
+            let Some(node) = &w.spec.node_name else { continue };
+            if matches!(w.status.phase, Phase::Succeeded | Phase::Failed) {
+                continue;
+            }
+            let Some(id) = sim.node_id(node) else { continue };
+            seq += 1;
+            let info = Arc::new(WorkloadInfo::new(w.clone(), seq));
+            let devices = sim
+                .node(id)
+                .and_then(|n| n.pick_devices(info.request(crate::scheduler::snapshot::GPU)))
+                .unwrap_or_default();
+            sim.place(info, Placement { node: id, node_name: Arc::from(node.as_str()), devices }, false);
+        }
+        // First fit: among the nodes a workload fits, the earliest in a fixed order (the
+        // cluster's nodes, then those launching, oldest first, then the new ones), so a pass
+        // that sees the nodes an earlier one asked for packs the same way and asks for no more.
+        let ranks = Arc::new(Mutex::new(HashMap::new()));
+        {
+            let mut ranks = ranks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut order: Vec<&Arc<Object<Node>>> = nodes.iter().collect();
+            order.sort_by_key(|n| {
+                let launching = n.metadata.annotations.contains_key(LAUNCHING_ANNOTATION);
+                (launching, launching.then_some(n.metadata.create_revision), n.metadata.name.clone())
+            });
+            for (i, n) in order.into_iter().enumerate() {
+                ranks.insert(n.metadata.name.clone(), i as i64);
+            }
+        }
+        let mut framework = Framework::new(self.profile.clone().with(FirstFit(ranks.clone()), FIRST_FIT_WEIGHT));
+        let mut new_nodes: Vec<(String, NodePool)> = Vec::new();
+        for w in pending {
+            seq += 1;
+            let info = Arc::new(WorkloadInfo::new(w.clone(), seq));
+            if let Some(placement) = fits(&mut framework, &sim, &info) {
+                sim.place(info, placement, true);
+                continue;
+            }
+            let mut placed = false;
+            for pool in &self.pools {
+                let count = per_pool.get(&pool.name).copied().unwrap_or(0);
+                if count >= pool.max_nodes {
+                    continue;
+                }
+                let name = format!("{}-{}", pool.name, &uuid::Uuid::new_v4().simple().to_string()[..10]);
+                sim.upsert_node(&pool.registered(&name));
+                {
+                    let mut ranks = ranks.lock().unwrap_or_else(|e| e.into_inner());
+                    let next = ranks.len() as i64;
+                    ranks.insert(name.clone(), next);
+                }
+                match fits(&mut framework, &sim, &info) {
+                    Some(placement) if *placement.node_name == *name => {
+                        sim.place(info.clone(), placement, true);
+                        per_pool.insert(pool.name.clone(), count + 1);
+                        new_nodes.push((name, pool.clone()));
+                        placed = true;
+                        break;
+                    }
+                    _ => {
+                        sim.remove_node(&name);
+                        ranks.lock().unwrap_or_else(|e| e.into_inner()).remove(&name);
+                    }
+                }
+            }
+            if !placed {
+                report.unprovisionable += 1;
+            }
+        }
+        let now = self.clock.now();
+        for (name, pool) in new_nodes {
+            // The intent first: a pass after a crash or a failover sees the node and counts it.
+            api.create(&pool.new_node(&name, now)).await?;
+            match self.provider.launch(&name, &pool).await {
+                Ok(provider_id) => {
+                    if let Ok(mut node) = api.get(&name).await {
+                        node.spec.provider_id = Some(provider_id);
+                        match api.replace(&node).await {
+                            Ok(_) => {}
+                            // The agent registered meanwhile; the id is a courtesy.
+                            Err(e) if e.is_conflict() => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    tracing::info!(node = %name, pool = %pool.name, "node launched");
+                    report.launched.push(name);
+                }
+                Err(e) => {
+                    tracing::warn!(node = %name, pool = %pool.name, error = %e, "node launch failed");
+                    let _ = self.provider.terminate(&name, &pool).await;
+                    delete_node(api, &name).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn scale_down(
+        &mut self,
+        store: &Arc<dyn Store>,
+        api: &Api<Node>,
+        nodes: &[Arc<Object<Node>>],
+        workloads: &[Arc<Object<Workload>>],
+        report: &mut PassReport,
+    ) -> Result<()> {
+        let mut busy: HashMap<&str, usize> = HashMap::new();
+        for w in workloads {
+            if let Some(node) = &w.spec.node_name
+                && !matches!(w.status.phase, Phase::Succeeded | Phase::Failed)
+            {
+                *busy.entry(node.as_str()).or_default() += 1;
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for node in nodes {
+            let Some(pool) = self.pool(node).cloned() else { continue };
+            let (Some(after), name) = (pool.empty_after, node.metadata.name.clone()) else { continue };
+            if node.metadata.annotations.contains_key(LAUNCHING_ANNOTATION) {
+                continue;
+            }
+            seen.insert(name.clone());
+            if busy.contains_key(name.as_str()) {
+                self.empty_since.remove(&name);
+                continue;
+            }
+            let since = *self.empty_since.entry(name.clone()).or_insert_with(Instant::now);
+            if since.elapsed() < after {
+                continue;
+            }
+            // Cordon first, so nothing new lands, then look again at what is bound there.
+            let mut cordoned = (**node).clone();
+            cordoned.spec.unschedulable = true;
+            match api.replace(&cordoned).await {
+                Ok(_) => {}
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e),
+            }
+            let on_node =
+                ListParams { fields: FieldSelector::equals("spec.nodeName", name.clone()), ..Default::default() };
+            let bound = Api::<Workload>::all(store.clone()).list(&on_node).await?;
+            if bound.items.iter().any(|w| !matches!(w.status.phase, Phase::Succeeded | Phase::Failed)) {
+                // Something landed meanwhile: open it again.
+                if let Ok(mut n) = api.get(&name).await {
+                    n.spec.unschedulable = false;
+                    let _ = api.replace(&n).await;
+                }
+                self.empty_since.remove(&name);
+                continue;
+            }
+            tracing::info!(node = %name, pool = %pool.name, "giving back a node that stayed empty");
+            self.provider.terminate(&name, &pool).await?;
+            delete_node(api, &name).await?;
+            self.empty_since.remove(&name);
+            report.removed.push(name);
+        }
+        self.empty_since.retain(|name, _| seen.contains(name));
+        Ok(())
+    }
+
+    /// Unbound, not being deleted, for our scheduler, and marked as fitting nowhere.
+    fn waits_for_a_node(&self, w: &Object<Workload>) -> bool {
+        let ours = w.spec.scheduler_name.as_deref().unwrap_or(DEFAULT_SCHEDULER) == self.config.scheduler_name;
+        ours && w.spec.node_name.is_none()
+            && w.metadata.deletion_timestamp.is_none()
+            && find_condition(&w.status.conditions, SCHEDULED_CONDITION)
+                .is_some_and(|c| c.status == ConditionStatus::False && c.reason == "Unschedulable")
+    }
+
+    async fn serve(
+        mut self,
+        store: Arc<dyn Store>,
+        nodes: Cache<Node>,
+        workloads: Cache<Workload>,
+        leader: watch::Receiver<Leadership>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        tokio::select! {
+            _ = futures::future::join(nodes.ready(), workloads.ready()) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        loop {
+            let guard = match &*leader.borrow() {
+                Leadership::Leading(g) => Some(g.clone()),
+                Leadership::Standby => None,
+            };
+            if let Some(guard) = guard {
+                match self.pass(&store, guard, &nodes.list(), &workloads.list()).await {
+                    Ok(report) => {
+                        metrics::counter!("orch_provisioner_launched_total").increment(report.launched.len() as u64);
+                        metrics::counter!("orch_provisioner_removed_total").increment(report.removed.len() as u64);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "provisioner pass failed; trying again next pass"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.interval) => {}
+                changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+            }
+        }
+    }
+}
+
+impl Runnable for Provisioner {
+    fn name(&self) -> &str {
+        "provisioner"
+    }
+
+    fn prepare(&mut self, caches: &CacheRegistry, store: &Arc<dyn Store>) {
+        caches.get_or_start::<Node>(store);
+        caches.get_or_start::<Workload>(store);
+    }
+
+    fn run(self: Box<Self>, parts: RunParts) -> BoxFuture<'static, ()> {
+        let RunParts { store, caches, leader, shutdown } = parts;
+        let nodes = caches.get_or_start::<Node>(&store);
+        let workloads = caches.get_or_start::<Workload>(&store);
+        (*self).serve(store, nodes, workloads, leader, shutdown).boxed()
+    }
+}
+
+/// Outweighs every other score: the earliest node that fits wins.
+const FIRST_FIT_WEIGHT: i64 = 1_000;
+
+/// Scores nodes by their rank in the provisioner's order, earliest highest.
+struct FirstFit(Arc<Mutex<HashMap<String, i64>>>);
+
+impl crate::scheduler::Plugin for FirstFit {
+    fn name(&self) -> &str {
+        "ProvisionerFirstFit"
+    }
+
+    fn points(&self) -> crate::scheduler::Points {
+        crate::scheduler::Points::SCORE
+    }
+
+    fn score(&self, _cx: &crate::scheduler::Ctx<'_>, node: &crate::scheduler::NodeInfo) -> i64 {
+        let ranks = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        1_000_000 - ranks.get(&*node.name).copied().unwrap_or(999_999).min(999_999)
+    }
+}
+
+/// Where `framework` would place `info` in `sim`, if anywhere.
+fn fits(framework: &mut Framework, sim: &Snapshot, info: &WorkloadInfo) -> Option<Placement> {
+    match framework.schedule(sim, info) {
+        Decision::Place(p) | Decision::Wait { placement: p, .. } => Some(p),
+        Decision::Preempt { .. } | Decision::Unschedulable(_) => None,
+    }
+}
+
+fn is_ready(node: &Object<Node>) -> bool {
+    find_condition(&node.status.conditions, "Ready").is_some_and(|c: &Condition| c.status == ConditionStatus::True)
+}
+
+async fn delete_node(api: &Api<Node>, name: &str) -> Result<()> {
+    match api.delete(name, &DeleteOptions::default()).await {
+        Ok(_) | Err(Error::NotFound(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A [`NodeProvider`] that starts each node as an [`Agent`] in this process, on a runtime made
+/// for it: for simulated clusters (with the simulated runtime), tests, and one machine split into
+/// several nodes. Terminating a node drains its agent (its instances are stopped).
+pub struct LocalNodes {
+    store: Arc<dyn Store>,
+    runtime_for: RuntimeFor,
+    configure: Box<dyn Fn(AgentConfig) -> AgentConfig + Send + Sync>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+type RuntimeFor = Box<dyn Fn(&str) -> Arc<dyn Runtime> + Send + Sync>;
+type Running = (oneshot::Sender<()>, JoinHandle<Result<()>>);
+
+impl std::fmt::Debug for LocalNodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalNodes").field("running", &self.running().len()).finish()
+    }
+}
+
+impl LocalNodes {
+    /// Nodes whose agents use `store`, each on the runtime `runtime_for` makes for its name.
+    pub fn new(store: Arc<dyn Store>, runtime_for: impl Fn(&str) -> Arc<dyn Runtime> + Send + Sync + 'static) -> Self {
+        LocalNodes {
+            store,
+            runtime_for: Box::new(runtime_for),
+            configure: Box::new(|c| c),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adjusts each agent's settings (heartbeat, resync…) before it starts.
+    pub fn configure(mut self, f: impl Fn(AgentConfig) -> AgentConfig + Send + Sync + 'static) -> Self {
+        self.configure = Box::new(f);
+        self
+    }
+
+    /// Names of the nodes whose agents run.
+    pub fn running(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.running.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+#[async_trait]
+impl NodeProvider for LocalNodes {
+    async fn launch(&self, name: &str, pool: &NodePool) -> Result<String> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if !running.contains_key(name) {
+            let mut config = AgentConfig::new(name);
+            config.labels = pool.labels.clone();
+            config.labels.insert(POOL_LABEL, pool.name.clone());
+            config.taints = pool.taints.clone();
+            config.capacity = Some(pool.capacity.clone());
+            let agent = Agent::new((self.configure)(config), self.store.clone(), (self.runtime_for)(name));
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(agent.run(
+                async move {
+                    let _ = stopped.await;
+                },
+                true,
+            ));
+            running.insert(name.to_string(), (stop, task));
+        }
+        Ok(format!("local://{name}"))
+    }
+
+    async fn terminate(&self, name: &str, _pool: &NodePool) -> Result<()> {
+        let entry = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        if let Some((stop, task)) = entry {
+            let _ = stop.send(());
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(node = %name, error = %e, "agent stopped with an error"),
+                Err(e) => tracing::warn!(node = %name, error = %e, "agent task failed"),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! The node provisioner: workloads that fit nowhere get nodes of the pool they fit, launched as
+//! agents on the simulated runtime, and run there; nodes that stay empty go back; a node that
+//! never registers is given up; a pass never asks twice for the same need.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use orch_core::kinds::{Condition, ConditionStatus, Node, Phase, ResourceRequirements, Resources, Workload};
+use orch_core::provisioner::{LAUNCHING_ANNOTATION, POOL_LABEL, PassReport};
+use orch_core::scheduler::{SCHEDULED_CONDITION, SchedulerConfig};
+use orch_core::{
+    Api, ListParams, LocalNodes, Manager, NodePool, NodeProvider, Object, ObjectMeta, Profile, Provisioner,
+    ProvisionerConfig, Quantity, SchedulerService, Store,
+};
+use orch_runtime::SimCluster;
+use orch_store::MemoryStore;
+
+fn shape(cpu: &str, memory: &str) -> Resources {
+    let mut r = Resources::new();
+    r.insert("cpu".into(), cpu.parse().unwrap());
+    r.insert("memory".into(), memory.parse().unwrap());
+    r.insert("pods".into(), Quantity::from_units(20));
+    r
+}
+
+fn workload(name: &str, cpu: &str) -> Object<Workload> {
+    let mut w = Workload::command("main", &["sim"]);
+    let mut requests = BTreeMap::new();
+    requests.insert("cpu".to_string(), cpu.parse().unwrap());
+    w.containers[0].resources = ResourceRequirements { requests, limits: BTreeMap::new() };
+    Object::new(ObjectMeta::named(name), w)
+}
+
+/// As the scheduler leaves a workload it could not place.
+fn unschedulable(mut w: Object<Workload>) -> Object<Workload> {
+    w.status.conditions.push(Condition::new(SCHEDULED_CONDITION, ConditionStatus::False, "Unschedulable"));
+    w
+}
+
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1000 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn pool_nodes(nodes: &Api<Node>, pool: &str) -> Vec<Object<Node>> {
+    let all = nodes.list(&ListParams::default()).await.unwrap().items;
+    all.into_iter().filter(|n| n.metadata.labels.get(POOL_LABEL).map(String::as_str) == Some(pool)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_that_fit_nowhere_get_nodes_of_their_pool_and_empty_nodes_go_back() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let cluster = SimCluster::new();
+    let sim = cluster.clone();
+    let provider = Arc::new(LocalNodes::new(store.clone(), move |name| Arc::new(sim.node(name))));
+    let pools = vec![
+        NodePool::new("small", shape("2", "4Gi"), 3).empty_after(Duration::from_millis(300)),
+        NodePool::new("big", shape("8", "16Gi"), 2).empty_after(Duration::from_millis(300)),
+    ];
+    let fast = ProvisionerConfig { interval: Duration::from_millis(50), ..Default::default() };
+    let scheduler = SchedulerConfig {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        ..SchedulerConfig::default()
+    };
+    let mut manager = Manager::new(store.clone());
+    manager.add_scheduler(SchedulerService::new(Profile::default_profile()).config(scheduler));
+    manager.add_provisioner(Provisioner::new(pools, provider.clone()).config(fast));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(manager.run(async {
+        let _ = stopped.await;
+    }));
+
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    let nodes: Api<Node> = Api::all(store.clone());
+    for i in 0..5 {
+        api.create(&workload(&format!("w{i}"), "1")).await.unwrap();
+    }
+    api.create(&workload("six", "6")).await.unwrap();
+    api.create(&workload("huge", "100")).await.unwrap();
+    wait_for("every workload that fits some pool running", || async {
+        let list = api.list(&ListParams::default()).await.unwrap().items;
+        list.iter().filter(|w| w.metadata.name != "huge").all(|w| w.status.phase == Phase::Running)
+    })
+    .await;
+    // The plan is three 2-CPU nodes for the five 1-CPU workloads and a big node for the one of
+    // six CPUs (which only the big pool fits). The scheduler places on its own terms and may
+    // put small workloads on the big node first; the provisioner then asks again, within the
+    // pools' limits.
+    let small = pool_nodes(&nodes, "small").await;
+    let big = pool_nodes(&nodes, "big").await;
+    assert!((1..=3).contains(&small.len()) && (1..=2).contains(&big.len()), "nodes: {:?}", provider.running());
+    for n in small.iter().chain(&big) {
+        assert!(!n.spec.unschedulable && !n.metadata.annotations.contains_key(LAUNCHING_ANNOTATION), "{n:?}");
+        assert_eq!(n.spec.provider_id.as_deref(), Some(format!("local://{}", n.metadata.name).as_str()));
+    }
+    let six = api.get("six").await.unwrap();
+    assert!(big.iter().any(|n| six.spec.node_name.as_deref() == Some(n.metadata.name.as_str())));
+    // Nothing fits 100 CPUs: it waits, and no node was asked for it.
+    let huge = api.get("huge").await.unwrap();
+    assert!(huge.spec.node_name.is_none());
+    let before = provider.running();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = provider.running();
+    assert!(after.iter().all(|n| before.contains(n)), "no node for what fits no pool: {before:?} then {after:?}");
+
+    // Empty nodes go back once they have stayed empty.
+    for w in api.list(&ListParams::default()).await.unwrap().items {
+        api.delete(&w.metadata.name, &Default::default()).await.unwrap();
+    }
+    wait_for("every provisioned node given back", || async {
+        nodes.list(&ListParams::default()).await.unwrap().items.is_empty() && provider.running().is_empty()
+    })
+    .await;
+    assert_eq!(cluster.instance_count(), 0, "drained");
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
+
+/// A provider that records what it is asked and launches nothing.
+#[derive(Default)]
+struct Recorder {
+    launched: Mutex<Vec<String>>,
+    terminated: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl NodeProvider for Recorder {
+    async fn launch(&self, name: &str, _pool: &NodePool) -> orch_core::Result<String> {
+        self.launched.lock().unwrap().push(name.to_string());
+        Ok(format!("rec://{name}"))
+    }
+    async fn terminate(&self, name: &str, _pool: &NodePool) -> orch_core::Result<()> {
+        self.terminated.lock().unwrap().push(name.to_string());
+        Ok(())
+    }
+}
+
+/// One pass on the store as it is.
+async fn pass(p: &mut Provisioner, store: &Arc<dyn Store>) -> PassReport {
+    let nodes: Api<Node> = Api::all(store.clone());
+    let workloads: Api<Workload> = Api::all(store.clone());
+    let nodes: Vec<_> = nodes.list(&ListParams::default()).await.unwrap().items.into_iter().map(Arc::new).collect();
+    let workloads: Vec<_> =
+        workloads.list(&ListParams::default()).await.unwrap().items.into_iter().map(Arc::new).collect();
+    p.pass(store, None, &nodes, &workloads).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_node_that_never_registers_is_given_up_and_asked_for_again() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let recorder = Arc::new(Recorder::default());
+    let config = ProvisionerConfig { launch_timeout: Duration::from_millis(200), ..Default::default() };
+    let mut p = Provisioner::new(vec![NodePool::new("small", shape("2", "4Gi"), 5)], recorder.clone()).config(config);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&unschedulable(workload("w", "1"))).await.unwrap();
+    let first = pass(&mut p, &store).await;
+    assert_eq!(first.launched.len(), 1);
+    let nodes: Api<Node> = Api::all(store.clone());
+    let node = nodes.get(&first.launched[0]).await.unwrap();
+    assert!(node.spec.unschedulable && node.metadata.annotations.contains_key(LAUNCHING_ANNOTATION));
+    assert_eq!(node.spec.provider_id.as_deref(), Some(format!("rec://{}", first.launched[0]).as_str()));
+    // Before the timeout, the launching node counts: nothing more is asked for.
+    assert_eq!(pass(&mut p, &store).await, PassReport::default());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let later = pass(&mut p, &store).await;
+    assert_eq!(later.removed, first.launched, "given up");
+    assert_eq!(*recorder.terminated.lock().unwrap(), first.launched);
+    assert!(nodes.get(&first.launched[0]).await.unwrap_err().is_not_found());
+    assert_eq!(later.launched.len(), 1, "the workload still waits: another node is asked for");
+    assert_ne!(later.launched, first.launched);
+
+    // Its agent registers: the node is opened for scheduling and nothing more is asked for.
+    let mut node = nodes.get(&later.launched[0]).await.unwrap();
+    node.status.allocatable = shape("2", "4Gi");
+    node.status.conditions.push(Condition::new("Ready", ConditionStatus::True, "AgentReady"));
+    nodes.replace_status(&node).await.unwrap();
+    let opened = pass(&mut p, &store).await;
+    assert_eq!((opened.registered, opened.launched.len()), (later.launched.clone(), 0));
+    let node = nodes.get(&later.launched[0]).await.unwrap();
+    assert!(!node.spec.unschedulable && !node.metadata.annotations.contains_key(LAUNCHING_ANNOTATION));
+}
+
+#[tokio::test]
+async fn nodes_are_asked_for_only_for_workloads_their_pool_admits() {
+    use orch_core::kinds::{Taint, TaintEffect, Toleration, TolerationOperator};
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let recorder = Arc::new(Recorder::default());
+    let gpu_only =
+        Taint { key: "dedicated".into(), value: "gpu".into(), effect: TaintEffect::NoSchedule, time_added: None };
+    let pools = vec![
+        NodePool::new("tainted", shape("4", "8Gi"), 5).taint(gpu_only.clone()),
+        NodePool::new("zoned", shape("4", "8Gi"), 5).label("zone", "b"),
+    ];
+    let mut p = Provisioner::new(pools, recorder.clone());
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    // Tolerates the taint: the first pool takes it.
+    let mut tolerant = workload("tolerant", "1");
+    tolerant.spec.tolerations.push(Toleration {
+        key: "dedicated".into(),
+        operator: TolerationOperator::Equal,
+        value: "gpu".into(),
+        effect: Some(TaintEffect::NoSchedule),
+        toleration_seconds: None,
+    });
+    api.create(&unschedulable(tolerant)).await.unwrap();
+    // Asks for zone b: only the second pool's nodes carry it.
+    let mut zoned = workload("zoned", "1");
+    zoned.spec.node_selector.insert("zone", "b");
+    api.create(&unschedulable(zoned)).await.unwrap();
+    // Asks for zone c: no pool makes such nodes.
+    let mut nowhere = workload("nowhere", "1");
+    nowhere.spec.node_selector.insert("zone", "c");
+    api.create(&unschedulable(nowhere)).await.unwrap();
+    let report = pass(&mut p, &store).await;
+    let pools: Vec<&str> = report.launched.iter().map(|n| n.split('-').next().unwrap()).collect();
+    assert_eq!(pools, ["tainted", "zoned"], "{report:?}");
+    assert_eq!(report.unprovisionable, 1);
+}
+
+mod packing {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Whatever the requests and pools: no pool goes past its limit, a node is asked for
+        /// only with a workload to put on it, every workload some pool fits is provided for
+        /// when the limits cannot get in the way, the nodes asked for hold what they were asked
+        /// for, and a second pass while they launch asks for nothing more.
+        #[test]
+        fn a_pass_asks_for_enough_nodes_and_no_more(
+            requests in proptest::collection::vec(1u32..=8, 1..24),
+            pools in proptest::collection::vec((2u32..=8, 1usize..=30), 1..3),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+                let recorder = Arc::new(Recorder::default());
+                let node_pools: Vec<NodePool> = pools
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (cpu, max))| NodePool::new(format!("p{i}"), shape(&cpu.to_string(), "64Gi"), *max))
+                    .collect();
+                let mut p = Provisioner::new(node_pools.clone(), recorder.clone());
+                let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+                // Requests in half CPUs.
+                for (i, r) in requests.iter().enumerate() {
+                    api.create(&unschedulable(workload(&format!("w{i}"), &format!("{}m", r * 500)))).await.unwrap();
+                }
+                let report = pass(&mut p, &store).await;
+                let nodes = Api::<Node>::all(store.clone()).list(&ListParams::default()).await.unwrap().items;
+                assert!(report.launched.len() <= requests.len(), "a node per workload at most");
+                let mut capacity = 0u32;
+                for (i, (cpu, max)) in pools.iter().enumerate() {
+                    let n = nodes.iter().filter(|n| n.metadata.labels.get(POOL_LABEL) == Some(&format!("p{i}"))).count();
+                    assert!(n <= *max, "pool p{i}: {n} nodes, limit {max}");
+                    capacity += n as u32 * cpu * 2;
+                }
+                let biggest = pools.iter().map(|(cpu, _)| cpu * 2).max().unwrap();
+                let fits_some_pool: Vec<u32> = requests.iter().copied().filter(|r| *r <= biggest).collect();
+                assert!(report.unprovisionable >= requests.len() - fits_some_pool.len(), "{report:?}");
+                // When any pool alone could give every workload a node of its own, every
+                // workload some pool fits is provided for, and the new nodes hold them all.
+                if pools.iter().all(|(_, max)| *max >= requests.len()) {
+                    assert_eq!(report.unprovisionable, requests.len() - fits_some_pool.len(), "{report:?}");
+                    assert!(capacity >= fits_some_pool.iter().sum::<u32>(), "capacity {capacity} for {fits_some_pool:?}");
+                }
+                let again = pass(&mut p, &store).await;
+                assert!(again.launched.is_empty(), "asked twice: {again:?}");
+            });
+        }
+    }
+}
