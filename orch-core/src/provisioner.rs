@@ -3,8 +3,10 @@
 //!
 //! The [`Provisioner`] runs in a [`Manager`](crate::Manager) beside the scheduler, and only while
 //! that manager leads (its writes carry the leader's fencing token). Each pass:
-//! 1. **Registration.** A node it launched whose agent has registered (`Ready`) is opened for
-//!    scheduling. One that has not registered within `launch_timeout` is terminated and deleted.
+//! 1. **Registration.** A node it launched whose agent has registered (`Ready`) first gets the
+//!    waiting workloads the plan puts there, bound by the provisioner itself, and is then opened
+//!    for scheduling: the scheduler cannot hand a node asked for a big workload to small ones
+//!    first. One that has not registered within `launch_timeout` is terminated and deleted.
 //! 2. **Scale up.** The workloads the scheduler marked `Unschedulable` are placed, in the
 //!    scheduler's order, on a copy of the cluster that also holds the nodes still launching,
 //!    with the scheduler's own plugins (resources, devices, ports, taints, node selectors,
@@ -43,7 +45,9 @@ use crate::meta::{Clock, ObjectMeta, SystemClock, Timestamp};
 use crate::object::Object;
 use crate::runtime::Runtime;
 use crate::scheduler::snapshot::{Placement, Snapshot, WorkloadInfo};
-use crate::scheduler::{DEFAULT_SCHEDULER, Decision, Framework, Profile, SCHEDULED_CONDITION, Scheduler};
+use crate::scheduler::{
+    DEFAULT_SCHEDULER, Decision, Framework, Profile, SCHEDULED_CONDITION, Scheduler, devices_annotation,
+};
 use crate::selector::FieldSelector;
 use crate::store::{DeleteOptions, Guard, Store};
 
@@ -248,6 +252,7 @@ impl Provisioner {
         let mut report = PassReport::default();
         let now = self.clock.now();
         let mut live: Vec<Arc<Object<Node>>> = Vec::with_capacity(nodes.len());
+        let mut arrived: Vec<Arc<Object<Node>>> = Vec::new();
         for node in nodes {
             let Some(pool) = self.pool(node).cloned() else {
                 live.push(node.clone());
@@ -259,17 +264,9 @@ impl Provisioner {
             };
             let name = node.metadata.name.clone();
             if is_ready(node) {
-                let mut open = (**node).clone();
-                open.metadata.annotations.remove(LAUNCHING_ANNOTATION);
-                open.spec.unschedulable = false;
-                match api.replace(&open).await {
-                    Ok(open) => live.push(Arc::new(open)),
-                    // Changed meanwhile: the next pass looks again.
-                    Err(e) if e.is_conflict() => live.push(node.clone()),
-                    Err(e) => return Err(e),
-                }
-                tracing::info!(node = %name, pool = %pool.name, "provisioned node registered");
-                report.registered.push(name);
+                // Opened below, once what was asked for it is bound there.
+                arrived.push(node.clone());
+                live.push(node.clone());
                 continue;
             }
             let asked = Timestamp(asked.parse().unwrap_or(0));
@@ -282,21 +279,53 @@ impl Provisioner {
             }
             live.push(node.clone());
         }
-        self.scale_up(&api, &live, workloads, &mut report).await?;
+        let planned = self.scale_up(&api, &live, &arrived, workloads, &mut report).await?;
+        // The workloads a node was asked for are bound there before anything else may land on
+        // it, so the scheduler cannot give a node planned for a big workload to small ones.
+        for (w, node_name, devices) in planned {
+            let workloads =
+                Api::<Workload>::namespaced(store.clone(), w.metadata.namespace.clone()).fenced(guard.clone());
+            let mut next = (*w).clone();
+            next.spec.node_name = Some(node_name);
+            if let Some(text) = devices {
+                next.metadata.annotations.insert(crate::scheduler::DEVICES_ANNOTATION, text);
+            }
+            match workloads.replace(&next).await {
+                Ok(_) => {}
+                // Bound or changed meanwhile: the scheduler has it.
+                Err(e) if e.is_conflict() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for node in arrived {
+            let mut open = (*node).clone();
+            open.metadata.annotations.remove(LAUNCHING_ANNOTATION);
+            open.spec.unschedulable = false;
+            match api.replace(&open).await {
+                Ok(_) => report.registered.push(open.metadata.name.clone()),
+                // Changed meanwhile: the next pass looks again.
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e),
+            }
+            tracing::info!(node = %open.metadata.name, "provisioned node registered");
+        }
         self.scale_down(store, &api, &live, workloads, &mut report).await?;
         Ok(report)
     }
 
+    /// Asks for the nodes the waiting workloads need; returns the workloads placed on `arrived`
+    /// nodes (registered, not yet opened), with the node and the device shares to bind them with.
     async fn scale_up(
         &mut self,
         api: &Api<Node>,
         nodes: &[Arc<Object<Node>>],
+        arrived: &[Arc<Object<Node>>],
         workloads: &[Arc<Object<Workload>>],
         report: &mut PassReport,
-    ) -> Result<()> {
+    ) -> Result<Vec<Planned>> {
         let mut pending: Vec<&Arc<Object<Workload>>> = workloads.iter().filter(|w| self.waits_for_a_node(w)).collect();
         if pending.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // Higher priority first, as the scheduler does; within a priority the largest first
         // (first-fit decreasing packs tighter than arrival order), then first come.
@@ -314,7 +343,12 @@ impl Provisioner {
             match self.pool(node) {
                 Some(pool) => {
                     *per_pool.entry(pool.name.clone()).or_default() += 1;
-                    if node.metadata.annotations.contains_key(LAUNCHING_ANNOTATION) {
+                    if arrived.iter().any(|a| a.metadata.name == node.metadata.name) {
+                        // Registered: as its agent reports it, open.
+                        let mut open = (**node).clone();
+                        open.spec.unschedulable = false;
+                        sim.upsert_node(&open);
+                    } else if node.metadata.annotations.contains_key(LAUNCHING_ANNOTATION) {
                         sim.upsert_node(&pool.registered(&node.metadata.name));
                     } else {
                         sim.upsert_node(node);
@@ -357,10 +391,17 @@ impl Provisioner {
         }
         let mut framework = Framework::new(self.profile.clone().with(FirstFit(ranks.clone()), FIRST_FIT_WEIGHT));
         let mut new_nodes: Vec<(String, NodePool)> = Vec::new();
+        let mut planned = Vec::new();
         for w in pending {
             seq += 1;
             let info = Arc::new(WorkloadInfo::new(w.clone(), seq));
             if let Some(placement) = fits(&mut framework, &sim, &info) {
+                if arrived.iter().any(|a| *a.metadata.name == *placement.node_name) {
+                    let devices = (!placement.devices.is_empty())
+                        .then(|| sim.node(placement.node).map(|n| devices_annotation(n, &placement.devices)))
+                        .flatten();
+                    planned.push((w.clone(), placement.node_name.to_string(), devices));
+                }
                 sim.place(info, placement, true);
                 continue;
             }
@@ -420,7 +461,7 @@ impl Provisioner {
                 }
             }
         }
-        Ok(())
+        Ok(planned)
     }
 
     async fn scale_down(
@@ -545,6 +586,10 @@ impl Runnable for Provisioner {
         (*self).serve(store, nodes, workloads, leader, shutdown).boxed()
     }
 }
+
+/// A waiting workload to bind to a node that has just registered: the workload, the node, and
+/// its device shares as annotation text.
+type Planned = (Arc<Object<Workload>>, String, Option<String>);
 
 /// Outweighs every other score: the earliest node that fits wins.
 const FIRST_FIT_WEIGHT: i64 = 1_000;
