@@ -188,6 +188,12 @@ impl CacheRegistry {
             .clone()
     }
 
+    /// The caches of nodes and workloads, started on first use: what the scheduler and the
+    /// provisioner watch.
+    pub(crate) fn cluster(&self, store: &Arc<dyn Store>) -> (Cache<crate::kinds::Node>, Cache<crate::kinds::Workload>) {
+        (self.get_or_start(store), self.get_or_start(store))
+    }
+
     /// Futures that finish when each registered cache has its first list.
     pub(crate) fn ready_futures(&self) -> Vec<BoxFuture<'static, ()>> {
         self.lock().values().map(|r| (r.ready)()).collect()

@@ -407,14 +407,12 @@ impl<S: Scheduler + 'static> Runnable for SchedulerService<S> {
     }
 
     fn prepare(&mut self, caches: &CacheRegistry, store: &Arc<dyn Store>) {
-        caches.get_or_start::<Node>(store);
-        caches.get_or_start::<Workload>(store);
+        caches.cluster(store);
     }
 
     fn run(self: Box<Self>, parts: RunParts) -> BoxFuture<'static, ()> {
         let RunParts { store, caches, leader, shutdown } = parts;
-        let nodes = caches.get_or_start::<Node>(&store);
-        let workloads = caches.get_or_start::<Workload>(&store);
+        let (nodes, workloads) = caches.cluster(&store);
         (*self).serve(store, nodes, workloads, leader, shutdown).boxed()
     }
 }
