@@ -58,6 +58,10 @@ pub const POOL_LABEL: &str = "node.orch.dev/pool";
 /// cordoned meanwhile. Its value is the time the node was asked for (ms since the epoch).
 pub const LAUNCHING_ANNOTATION: &str = "node.orch.dev/launching";
 
+/// Present on a provisioned node the provisioner has cordoned to give it back; a pass that
+/// finds a workload there after all opens it again.
+pub const SCALING_DOWN_ANNOTATION: &str = "node.orch.dev/scaling-down";
+
 /// A shape of node the provisioner may ask for, and how many of them at most.
 #[derive(Debug, Clone)]
 pub struct NodePool {
@@ -490,6 +494,18 @@ impl Provisioner {
             seen.insert(name.clone());
             if busy.contains_key(name.as_str()) {
                 self.empty_since.remove(&name);
+                // Cordoned by a scale-down that found a workload there: open it again (until
+                // that write lands, every pass tries).
+                if node.metadata.annotations.contains_key(SCALING_DOWN_ANNOTATION) {
+                    let mut open = (**node).clone();
+                    open.metadata.annotations.remove(SCALING_DOWN_ANNOTATION);
+                    open.spec.unschedulable = false;
+                    match api.replace(&open).await {
+                        Ok(_) => {}
+                        Err(e) if e.is_conflict() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 continue;
             }
             let since = *self.empty_since.entry(name.clone()).or_insert_with(Instant::now);
@@ -499,6 +515,7 @@ impl Provisioner {
             // Cordon first, so nothing new lands, then look again at what is bound there.
             let mut cordoned = (**node).clone();
             cordoned.spec.unschedulable = true;
+            cordoned.metadata.annotations.insert(SCALING_DOWN_ANNOTATION, "true");
             match api.replace(&cordoned).await {
                 Ok(_) => {}
                 Err(e) if e.is_conflict() => continue,
@@ -508,11 +525,7 @@ impl Provisioner {
                 ListParams { fields: FieldSelector::equals("spec.nodeName", name.clone()), ..Default::default() };
             let bound = Api::<Workload>::all(store.clone()).list(&on_node).await?;
             if bound.items.iter().any(|w| !matches!(w.status.phase, Phase::Succeeded | Phase::Failed)) {
-                // Something landed meanwhile: open it again.
-                if let Ok(mut n) = api.get(&name).await {
-                    n.spec.unschedulable = false;
-                    let _ = api.replace(&n).await;
-                }
+                // Something landed meanwhile: the next pass sees it busy and opens it again.
                 self.empty_since.remove(&name);
                 continue;
             }

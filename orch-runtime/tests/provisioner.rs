@@ -194,6 +194,36 @@ async fn a_node_that_never_registers_is_given_up_and_asked_for_again() {
 }
 
 #[tokio::test]
+async fn a_node_found_busy_while_being_given_back_is_opened_again() {
+    use orch_core::provisioner::SCALING_DOWN_ANNOTATION;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let recorder = Arc::new(Recorder::default());
+    let pool = NodePool::new("small", shape("2", "4Gi"), 5).empty_after(Duration::ZERO);
+    let mut p = Provisioner::new(vec![pool], recorder.clone());
+    let nodes: Api<Node> = Api::all(store.clone());
+    // A node of the pool that a scale-down cordoned, on which a workload landed after all.
+    let mut node = Object::new(ObjectMeta::named("small-a").with_label(POOL_LABEL, "small"), Node::default());
+    node.spec.unschedulable = true;
+    node.metadata.annotations.insert(SCALING_DOWN_ANNOTATION, "true");
+    nodes.create(&node).await.unwrap();
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    let mut w = workload("w", "1");
+    w.spec.node_name = Some("small-a".into());
+    api.create(&w).await.unwrap();
+    // An empty one of the same pool.
+    nodes
+        .create(&Object::new(ObjectMeta::named("small-b").with_label(POOL_LABEL, "small"), Node::default()))
+        .await
+        .unwrap();
+    let report = pass(&mut p, &store).await;
+    let a = nodes.get("small-a").await.unwrap();
+    assert!(!a.spec.unschedulable && !a.metadata.annotations.contains_key(SCALING_DOWN_ANNOTATION), "{a:?}");
+    assert_eq!(report.removed, ["small-b"], "the empty one goes back");
+    assert_eq!(*recorder.terminated.lock().unwrap(), ["small-b"]);
+    assert!(nodes.get("small-b").await.unwrap_err().is_not_found());
+}
+
+#[tokio::test]
 async fn nodes_are_asked_for_only_for_workloads_their_pool_admits() {
     use orch_core::kinds::{Taint, TaintEffect, Toleration, TolerationOperator};
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
