@@ -157,6 +157,9 @@ pub struct ProvisionerConfig {
     pub interval: Duration,
     /// A launched node that has not registered after this long is terminated (default 10 min).
     pub launch_timeout: Duration,
+    /// After a failed launch, the pool is passed over this long, doubling with each failure in
+    /// a row up to 32 times (default 10 s); a launch that succeeds resets it.
+    pub launch_backoff: Duration,
     /// The scheduler whose unschedulable workloads it provisions for (default
     /// `default-scheduler`).
     pub scheduler_name: String,
@@ -167,6 +170,7 @@ impl Default for ProvisionerConfig {
         ProvisionerConfig {
             interval: Duration::from_secs(2),
             launch_timeout: Duration::from_secs(600),
+            launch_backoff: Duration::from_secs(10),
             scheduler_name: DEFAULT_SCHEDULER.to_string(),
         }
     }
@@ -181,6 +185,8 @@ pub struct PassReport {
     pub registered: Vec<String>,
     /// Nodes given back (empty too long) or abandoned (did not register in time).
     pub removed: Vec<String>,
+    /// Nodes whose launch failed (their node objects are deleted again).
+    pub failed: Vec<String>,
     /// Workloads for which no pool has a node they would fit on (or every such pool is full).
     pub unprovisionable: usize,
 }
@@ -196,6 +202,8 @@ pub struct Provisioner {
     clock: Arc<dyn Clock>,
     /// Since when each provisioned node has been seen empty.
     empty_since: HashMap<String, Instant>,
+    /// Pools whose last launch failed: passed over until the instant, with the failures in a row.
+    backoff: HashMap<String, (Instant, u32)>,
 }
 
 impl std::fmt::Debug for Provisioner {
@@ -217,6 +225,7 @@ impl Provisioner {
             config: ProvisionerConfig::default(),
             clock: Arc::new(SystemClock),
             empty_since: HashMap::new(),
+            backoff: HashMap::new(),
         }
     }
 
@@ -412,7 +421,8 @@ impl Provisioner {
             let mut placed = false;
             for pool in &self.pools {
                 let count = per_pool.get(&pool.name).copied().unwrap_or(0);
-                if count >= pool.max_nodes {
+                let backing_off = self.backoff.get(&pool.name).is_some_and(|(until, _)| Instant::now() < *until);
+                if count >= pool.max_nodes || backing_off {
                     continue;
                 }
                 let name = format!("{}-{}", pool.name, &uuid::Uuid::new_v4().simple().to_string()[..10]);
@@ -442,6 +452,10 @@ impl Provisioner {
         }
         let now = self.clock.now();
         for (name, pool) in new_nodes {
+            if self.backoff.get(&pool.name).is_some_and(|(until, _)| Instant::now() < *until) {
+                // A launch of this pool just failed: the rest waits for a later pass.
+                continue;
+            }
             // The intent first: a pass after a crash or a failover sees the node and counts it.
             api.create(&pool.new_node(&name, now)).await?;
             match self.provider.launch(&name, &pool).await {
@@ -456,10 +470,15 @@ impl Provisioner {
                         }
                     }
                     tracing::info!(node = %name, pool = %pool.name, "node launched");
+                    self.backoff.remove(&pool.name);
                     report.launched.push(name);
                 }
                 Err(e) => {
-                    tracing::warn!(node = %name, pool = %pool.name, error = %e, "node launch failed");
+                    let failures = self.backoff.get(&pool.name).map_or(0, |(_, n)| *n) + 1;
+                    let wait = self.config.launch_backoff * 2u32.pow(failures.min(6) - 1);
+                    tracing::warn!(node = %name, pool = %pool.name, error = %e, ?wait, "node launch failed; pool passed over meanwhile");
+                    self.backoff.insert(pool.name.clone(), (Instant::now() + wait, failures));
+                    report.failed.push(name.clone());
                     let _ = self.provider.terminate(&name, &pool).await;
                     delete_node(api, &name).await?;
                 }

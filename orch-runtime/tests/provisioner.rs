@@ -193,6 +193,54 @@ async fn a_node_that_never_registers_is_given_up_and_asked_for_again() {
     assert_eq!(api.get("w").await.unwrap().spec.node_name, Some(later.launched[0].clone()));
 }
 
+/// Fails launches while its switch is on.
+#[derive(Default)]
+struct Flaky {
+    failing: std::sync::atomic::AtomicBool,
+    attempts: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl NodeProvider for Flaky {
+    async fn launch(&self, name: &str, _pool: &NodePool) -> orch_core::Result<String> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.attempts.fetch_add(1, SeqCst);
+        if self.failing.load(SeqCst) {
+            return Err(orch_core::Error::Unavailable { message: "no capacity in the zone".into(), source: None });
+        }
+        Ok(format!("flaky://{name}"))
+    }
+    async fn terminate(&self, _name: &str, _pool: &NodePool) -> orch_core::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_pool_whose_launch_fails_is_passed_over_for_a_while() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let flaky = Arc::new(Flaky::default());
+    flaky.failing.store(true, SeqCst);
+    let config = ProvisionerConfig { launch_backoff: Duration::from_millis(300), ..Default::default() };
+    let mut p = Provisioner::new(vec![NodePool::new("small", shape("2", "4Gi"), 5)], flaky.clone()).config(config);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&unschedulable(workload("w", "1"))).await.unwrap();
+    let first = pass(&mut p, &store).await;
+    assert_eq!((first.failed.len(), first.launched.len()), (1, 0));
+    let nodes: Api<Node> = Api::all(store.clone());
+    assert!(nodes.list(&ListParams::default()).await.unwrap().items.is_empty(), "the failed node is deleted again");
+    // Right after: the pool is passed over, nothing is tried.
+    let second = pass(&mut p, &store).await;
+    assert_eq!((second.failed.len(), second.launched.len(), second.unprovisionable), (0, 0, 1));
+    assert_eq!(flaky.attempts.load(SeqCst), 1);
+    // The backoff over and the zone back: the launch goes through.
+    flaky.failing.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let third = pass(&mut p, &store).await;
+    assert_eq!((third.failed.len(), third.launched.len()), (0, 1));
+    assert_eq!(flaky.attempts.load(SeqCst), 2);
+}
+
 #[tokio::test]
 async fn a_node_found_busy_while_being_given_back_is_opened_again() {
     use orch_core::provisioner::SCALING_DOWN_ANNOTATION;
