@@ -22,8 +22,9 @@
 //!   one [`MemoryStore`] uses), updated after each commit. Gets, lists at
 //!   past revisions and watches never touch the disk; watches replay from the log after a
 //!   restart. History beyond the limit (or a [`compact`](Store::compact)) answers `Compacted`
-//!   at once, also after a restart (the floor is recorded in the next commit); the file's log
-//!   catches up at the next fold.
+//!   at once, also after a restart (the floor is recorded in the next commit). A `compact`
+//!   folds the log below it into the objects table in its own commit; history trimmed by the
+//!   limit leaves the file at the next fold.
 //! - **Leases** are stored with their TTL. On open every lease restarts its full TTL from the
 //!   time of opening (the downtime is not held against it), and an expiry or revocation deletes
 //!   the lease and its objects in one commit, so an expired lease never comes back.
@@ -1150,6 +1151,8 @@ struct Prepared {
     dropped: Vec<LeaseId>,
     next_lease: LeaseId,
     floor: u64,
+    /// It compacts explicitly: the log below the new floor leaves the file in this commit.
+    compacts: bool,
     revision: u64,
 }
 
@@ -1431,6 +1434,7 @@ impl Writer {
             dropped: dropped.iter().map(|(id, _)| *id).collect(),
             next_lease,
             floor,
+            compacts: compact_to.is_some(),
             revision,
         };
         let granted = granted.into_iter().map(|(id, _)| id).collect();
@@ -1671,7 +1675,10 @@ impl Committer {
         // The oldest records, if they are all below the floor and hold enough changes to fold.
         let below = self.segments.iter().take_while(|s| s.last < floor);
         let (fold, folded_changes) = below.fold((0, 0), |(n, c), s| (n + 1, c + s.changes));
-        let fold = if folded_changes >= self.trim_after { fold } else { 0 };
+        // An explicit compaction folds whatever it put below the floor at once; trimming waits
+        // until enough has gathered to be worth a fold.
+        let compacts = group.iter().any(|p| p.compacts);
+        let fold = if folded_changes >= self.trim_after || compacts { fold } else { 0 };
         let checkpoint = match self.segments.get(fold) {
             _ if fold == 0 => self.checkpoint,
             Some(next) => next.first,

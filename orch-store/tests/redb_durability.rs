@@ -135,6 +135,28 @@ async fn compaction_and_trimmed_history_survive_reopening() {
     assert_eq!(names(&s, None).await.unwrap().len(), 201);
 }
 
+/// An explicit compaction takes the history below it out of the file in its own commit, not at
+/// some later fold; what it keeps replays as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_compaction_leaves_the_file_at_once() {
+    let path = fresh("compact-file");
+    {
+        let s = RedbStore::open(&path).unwrap();
+        for i in 0..20 {
+            s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap();
+        }
+        s.compact(15).await.unwrap();
+    }
+    let (log, meta) = contents(&path);
+    let first = log.first().map(|(at, _)| *at);
+    assert_eq!(first, Some(15), "the records below the compaction are folded away");
+    assert!(meta.contains(&("checkpoint".to_string(), 15)), "{meta:?}");
+    let s = RedbStore::open(&path).unwrap();
+    assert_eq!(s.len(), 20);
+    assert!(matches!(s.watch(&WatchRequest::from(things(), 14)).await.err().expect("gone"), Error::Compacted { .. }));
+    assert_eq!(events(&s, 15, 20).await.len(), 6);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_restart_their_ttl_on_reopening_and_expired_ones_stay_dead() {
     let path = fresh("leases");
