@@ -247,6 +247,11 @@ impl Provisioner {
         self
     }
 
+    /// A launch of `pool` failed lately: it is passed over until its backoff is over.
+    fn backing_off(&self, pool: &str) -> bool {
+        self.backoff.get(pool).is_some_and(|(until, _)| Instant::now() < *until)
+    }
+
     fn pool(&self, node: &Object<Node>) -> Option<&NodePool> {
         let name = node.metadata.labels.get(POOL_LABEL)?;
         self.pools.iter().find(|p| p.name == *name)
@@ -311,9 +316,7 @@ impl Provisioner {
             }
         }
         for node in arrived {
-            let mut open = (*node).clone();
-            open.metadata.annotations.remove(LAUNCHING_ANNOTATION);
-            open.spec.unschedulable = false;
+            let open = opened(&node, LAUNCHING_ANNOTATION);
             match api.replace(&open).await {
                 Ok(_) => report.registered.push(open.metadata.name.clone()),
                 // Changed meanwhile: the next pass looks again.
@@ -358,9 +361,7 @@ impl Provisioner {
                     *per_pool.entry(pool.name.clone()).or_default() += 1;
                     if arrived.iter().any(|a| a.metadata.name == node.metadata.name) {
                         // Registered: as its agent reports it, open.
-                        let mut open = (**node).clone();
-                        open.spec.unschedulable = false;
-                        sim.upsert_node(&open);
+                        sim.upsert_node(&opened(node, LAUNCHING_ANNOTATION));
                     } else if node.metadata.annotations.contains_key(LAUNCHING_ANNOTATION) {
                         sim.upsert_node(&pool.registered(&node.metadata.name));
                     } else {
@@ -381,9 +382,11 @@ impl Provisioner {
             let Some(id) = sim.node_id(node) else { continue };
             seq += 1;
             let info = Arc::new(WorkloadInfo::new(w.clone(), seq));
+            // On the devices its annotation names, as the scheduler counts it.
+            let gpu = info.request(crate::scheduler::snapshot::GPU);
             let devices = sim
                 .node(id)
-                .and_then(|n| n.pick_devices(info.request(crate::scheduler::snapshot::GPU)))
+                .and_then(|n| crate::scheduler::parse_devices(n, w, gpu).or_else(|| n.pick_devices(gpu)))
                 .unwrap_or_default();
             sim.place(info, Placement { node: id, node_name: Arc::from(node.as_str()), devices }, false);
         }
@@ -421,8 +424,7 @@ impl Provisioner {
             let mut placed = false;
             for pool in &self.pools {
                 let count = per_pool.get(&pool.name).copied().unwrap_or(0);
-                let backing_off = self.backoff.get(&pool.name).is_some_and(|(until, _)| Instant::now() < *until);
-                if count >= pool.max_nodes || backing_off {
+                if count >= pool.max_nodes || self.backing_off(&pool.name) {
                     continue;
                 }
                 let name = format!("{}-{}", pool.name, &uuid::Uuid::new_v4().simple().to_string()[..10]);
@@ -452,7 +454,7 @@ impl Provisioner {
         }
         let now = self.clock.now();
         for (name, pool) in new_nodes {
-            if self.backoff.get(&pool.name).is_some_and(|(until, _)| Instant::now() < *until) {
+            if self.backing_off(&pool.name) {
                 // A launch of this pool just failed: the rest waits for a later pass.
                 continue;
             }
@@ -516,10 +518,7 @@ impl Provisioner {
                 // Cordoned by a scale-down that found a workload there: open it again (until
                 // that write lands, every pass tries).
                 if node.metadata.annotations.contains_key(SCALING_DOWN_ANNOTATION) {
-                    let mut open = (**node).clone();
-                    open.metadata.annotations.remove(SCALING_DOWN_ANNOTATION);
-                    open.spec.unschedulable = false;
-                    match api.replace(&open).await {
+                    match api.replace(&opened(node, SCALING_DOWN_ANNOTATION)).await {
                         Ok(_) => {}
                         Err(e) if e.is_conflict() => {}
                         Err(e) => return Err(e),
@@ -648,6 +647,14 @@ fn fits(framework: &mut Framework, sim: &Snapshot, info: &WorkloadInfo) -> Optio
         Decision::Place(p) | Decision::Wait { placement: p, .. } => Some(p),
         Decision::Preempt { .. } | Decision::Unschedulable(_) => None,
     }
+}
+
+/// `node` open for scheduling, without the provisioner's `mark` that kept it cordoned.
+fn opened(node: &Object<Node>, mark: &str) -> Object<Node> {
+    let mut open = node.clone();
+    open.metadata.annotations.remove(mark);
+    open.spec.unschedulable = false;
+    open
 }
 
 fn is_ready(node: &Object<Node>) -> bool {

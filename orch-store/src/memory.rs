@@ -166,6 +166,25 @@ impl hashbrown::Equivalent<(String, String)> for PairRef<'_> {
     }
 }
 
+/// Runs `add` on the set of the label `(k, v)` in `index`, making the set (and cloning the
+/// label's strings) only when the label is new.
+fn with_label_set(index: &mut LabelIndex, k: &str, v: &str, add: impl FnOnce(&mut KeySet)) {
+    match index.get_mut(&PairRef(k, v)) {
+        Some(set) => add(set),
+        None => {
+            let mut set = KeySet::default();
+            add(&mut set);
+            index.insert((k.to_string(), v.to_string()), set);
+        }
+    }
+}
+
+/// The key of `obj` as borrowed parts, which compare in the order of [`ObjectKey`] and hash as
+/// `by_key` hashes.
+pub(crate) fn key_of(obj: &DynamicObject) -> (&str, &str, &str) {
+    (&obj.kind, &obj.metadata.namespace, &obj.metadata.name)
+}
+
 pub(crate) struct State {
     pub(crate) revision: u64,
     /// Oldest revision whose events are all still in `history`.
@@ -293,11 +312,8 @@ impl State {
             return;
         }
         let hash = self.hash(&key.kind, &key.namespace, &key.name);
-        // Look the kind up before inserting it: a clone of its name per write adds up.
-        if !self.labels.contains_key(&key.kind) {
-            self.labels.insert(key.kind.clone(), LabelIndex::default());
-        }
-        let Some(index) = self.labels.get_mut(&key.kind) else { return };
+        // The kind's name is cloned only the first time it is seen.
+        let index = self.labels.entry_ref(&key.kind).or_default();
         for (k, v) in old.iter().filter(|(k, v)| new.get(k) != Some(v)) {
             if let Some(set) = index.get_mut(&PairRef(k, v)) {
                 set.remove(hash, key);
@@ -309,14 +325,7 @@ impl State {
         let mut shared: Option<Arc<ObjectKey>> = None;
         for (k, v) in new.iter().filter(|(k, v)| old.get(k) != Some(v)) {
             let entry = shared.get_or_insert_with(|| Arc::new(key.clone())).clone();
-            match index.get_mut(&PairRef(k, v)) {
-                Some(set) => set.insert(hash, entry),
-                None => {
-                    let mut set = KeySet::default();
-                    set.insert_new(hash, entry);
-                    index.insert((k.clone(), v.clone()), set);
-                }
-            }
+            with_label_set(index, k, v, |set| set.insert(hash, entry));
         }
     }
 
@@ -379,10 +388,7 @@ impl State {
             }
         }
         // Kinds and namespaces are few and already there: look them up before cloning their names.
-        if !self.objects.contains_key(&obj.kind) {
-            self.objects.insert(obj.kind.clone(), Namespaces::new());
-        }
-        let Some(namespaces) = self.objects.get_mut(&obj.kind) else { return };
+        let namespaces = self.objects.entry_ref(&obj.kind).or_default();
         if !namespaces.contains_key(&m.namespace) {
             namespaces.insert(m.namespace.clone(), Names::new());
         }
@@ -452,9 +458,6 @@ impl State {
     /// ones on a second core.
     #[cfg_attr(not(feature = "redb"), allow(dead_code))]
     pub(crate) fn restore(&mut self, objects: Vec<Arc<DynamicObject>>) {
-        fn key_of(o: &DynamicObject) -> (&str, &str, &str) {
-            (&o.kind, &o.metadata.namespace, &o.metadata.name)
-        }
         if !self.by_key.is_empty() || !objects.is_sorted_by(|a, b| key_of(a) < key_of(b)) {
             for obj in objects {
                 self.reindex(&obj.key(), None, Some(&obj.metadata.labels));
@@ -475,14 +478,7 @@ impl State {
                 let index = labels.entry_ref(&obj.kind).or_default();
                 let key = Arc::new(obj.key());
                 for (k, v) in obj.metadata.labels.iter() {
-                    match index.get_mut(&PairRef(k, v)) {
-                        Some(set) => set.insert_new(h, key.clone()),
-                        None => {
-                            let mut set = KeySet::default();
-                            set.insert_new(h, key.clone());
-                            index.insert((k.clone(), v.clone()), set);
-                        }
-                    }
+                    with_label_set(index, k, v, |set| set.insert_new(h, key.clone()));
                 }
             }
         };

@@ -58,7 +58,7 @@ use redb::{DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDe
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::memory::{Change, MemoryStore, MemoryStoreBuilder, State};
+use crate::memory::{Change, MemoryStore, MemoryStoreBuilder, State, key_of};
 
 /// Store-wide counters: `format`, `revision`, `floor` (oldest revision of the history),
 /// `checkpoint` (the objects table holds every change before it) and `next_lease`.
@@ -599,11 +599,6 @@ fn load(
     Ok(Loaded { floor: st.floor, checkpoint, segments, next_lease, leases })
 }
 
-/// The key of `obj` as borrowed parts, which compare in the order of [`ObjectKey`].
-fn key_of(obj: &DynamicObject) -> (&str, &str, &str) {
-    (&obj.kind, &obj.metadata.namespace, &obj.metadata.name)
-}
-
 /// One change of the log, checked on its own (it decodes, and matches its key and revision),
 /// waiting to be checked against the state before it.
 struct Replayed {
@@ -664,7 +659,7 @@ fn by_key(rows: &[Replayed]) -> Vec<usize> {
             .then_with(|| rows[a.2].object.metadata.name.cmp(&rows[b.2].object.metadata.name))
             .then(a.2.cmp(&b.2))
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+    let threads = cores();
     if threads == 1 || order.len() < 16_384 {
         order.sort_unstable_by(compare);
     } else {
@@ -705,8 +700,7 @@ fn read_log<D: ReadableDatabase + Sync>(
         return Err((Some(first), "it comes before the checkpoint".into()));
     }
     let span = end - first;
-    let parts =
-        if span < 4096 { 1 } else { std::thread::available_parallelism().map_or(1, |n| n.get()).min(16) as u64 };
+    let parts = if span < 4096 { 1 } else { cores() as u64 };
     let read = |part: u64| -> std::result::Result<(Vec<Segment>, Vec<Replayed>), LogError> {
         let txn = db.begin_read().map_err(|e| io(e.into()))?;
         let table = txn.open_table(LOG).map_err(|e| io(e.into()))?;
@@ -833,9 +827,14 @@ fn decode_object(bytes: &[u8]) -> serde_json::Result<DynamicObject> {
     serde_json::from_slice(bytes)
 }
 
+/// How many threads a reopen spreads its work over: every core, up to 16.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(16)
+}
+
 /// `f` of every item, on every available core, in order.
 fn on_every_core<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+    let threads = cores();
     if threads == 1 || items.len() < 2048 {
         return items.iter().map(f).collect();
     }
