@@ -12,13 +12,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use orch_controllers::Provisioner;
+use orch_controllers::ProvisionerConfig;
 use orch_core::kinds::{Node, Phase, ResourceRequirements, Resources, Workload};
-use orch_core::scheduler::SchedulerConfig;
-use orch_core::{
-    Api, ListParams, LocalNodes, Manager, NodePool, Object, ObjectMeta, Profile, Provisioner, ProvisionerConfig,
-    Quantity, SchedulerService, Store,
-};
+use orch_core::provider::NodePool;
+use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Quantity, Store};
+use orch_runtime::LocalNodes;
 use orch_runtime::SimCluster;
+use orch_scheduler::Profile;
+use orch_scheduler::SchedulerConfig;
+use orch_scheduler::SchedulerService;
 use orch_store::MemoryStore;
 
 #[tokio::main]
@@ -39,9 +42,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_backoff: Duration::from_millis(200),
         ..SchedulerConfig::default()
     };
-    manager.add_scheduler(SchedulerService::new(Profile::default_profile()).config(quick));
+    manager.add(SchedulerService::new(Profile::default_profile()).config(quick));
     let every = ProvisionerConfig { interval: Duration::from_millis(200), ..Default::default() };
-    manager.add_provisioner(Provisioner::new(vec![general], nodes.clone()).config(every));
+    manager.add(Provisioner::new(vec![general], nodes.clone()).config(every));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let control_plane = tokio::spawn(manager.run(async {
         let _ = stopped.await;

@@ -13,14 +13,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use orch_controllers::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 use orch_core::kinds::{ConditionStatus, ContainerState, Phase, Resources, RestartPolicy, Workload, resource};
-use orch_core::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 use orch_core::runtime::LogOptions;
-use orch_core::{
-    Agent, AgentConfig, Api, ListParams, Manager, Object, ObjectMeta, Profile, Quantity, Runtime, SchedulerService,
-    Store,
-};
+use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Quantity, Runtime, Store};
+use orch_runtime::Agent;
+use orch_runtime::AgentConfig;
 use orch_runtime::ProcessRuntime;
+use orch_scheduler::Profile;
+use orch_scheduler::SchedulerService;
 use orch_store::RedbStore;
 
 fn workload(name: &str, script: &str, cpu: &str, policy: RestartPolicy) -> Object<Workload> {
@@ -124,7 +125,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The controllers.
     let mut manager = Manager::new(store.clone());
-    manager.add_scheduler(SchedulerService::new(Profile::default_profile()));
+    manager.add(SchedulerService::new(Profile::default_profile()));
     manager.add(NodeLifecycle::builder(NodeLifecycleConfig::default()));
     let (stop_manager, manager_stopped) = tokio::sync::oneshot::channel::<()>();
     let manager = tokio::spawn(manager.run(async move {

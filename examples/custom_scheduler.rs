@@ -19,10 +19,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use orch_core::kinds::{Node, ResourceRequirements, Workload};
-use orch_core::scheduler::core::OutcomeKind;
-use orch_core::scheduler::snapshot::{CPU, Dim, MEMORY};
-use orch_core::scheduler::{Diagnosis, Events, NodeId, Placement, WorkloadInfo};
-use orch_core::{Decision, Object, ObjectMeta, Scheduler, SchedulingCore, Snapshot};
+use orch_core::{Object, ObjectMeta};
+use orch_scheduler::Decision;
+use orch_scheduler::Scheduler;
+use orch_scheduler::SchedulingCore;
+use orch_scheduler::Snapshot;
+use orch_scheduler::core::OutcomeKind;
+use orch_scheduler::snapshot::{CPU, Dim, MEMORY};
+use orch_scheduler::{Diagnosis, Events, NodeId, Placement, WorkloadInfo};
 
 /// First-fit decreasing: biggest (cpu, then memory) first, each on the first node with room.
 struct FirstFitDecreasing {
@@ -36,7 +40,7 @@ type Taken = HashMap<NodeId, HashMap<Dim, i64>>;
 
 impl FirstFitDecreasing {
     fn first_fit(&self, snapshot: &Snapshot, w: &WorkloadInfo, taken: &mut Taken) -> Decision {
-        let fits = |node: &orch_core::scheduler::NodeInfo, taken: &Taken| {
+        let fits = |node: &orch_scheduler::NodeInfo, taken: &Taken| {
             let mine = taken.get(&node.id);
             w.requests.iter().all(|&(d, m)| node.free(d) - mine.and_then(|t| t.get(&d)).copied().unwrap_or(0) >= m)
         };

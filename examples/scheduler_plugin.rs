@@ -14,12 +14,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use orch_core::kinds::{Node, ResourceRequirements, Workload};
-use orch_core::scheduler::core::OutcomeKind;
-use orch_core::scheduler::framework::MAX_SCORE;
-use orch_core::scheduler::plugins::{ScoringStrategy, default_profile};
-use orch_core::scheduler::snapshot::CPU;
-use orch_core::scheduler::{Ctx, NodeInfo, Plugin, Points};
-use orch_core::{Framework, Object, ObjectMeta, SchedulingCore};
+use orch_core::{Object, ObjectMeta};
+use orch_scheduler::Framework;
+use orch_scheduler::SchedulingCore;
+use orch_scheduler::core::OutcomeKind;
+use orch_scheduler::framework::MAX_SCORE;
+use orch_scheduler::plugins::{ScoringStrategy, default_profile};
+use orch_scheduler::snapshot::CPU;
+use orch_scheduler::{Ctx, NodeInfo, Plugin, Points};
 
 /// Prefers nodes of the cheap pool.
 ///

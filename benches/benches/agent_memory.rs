@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orch_core::kinds::{Phase, Workload};
-use orch_core::{Agent, AgentConfig, Api, ListParams, Object, ObjectMeta, Runtime, Store};
+use orch_core::{Api, ListParams, Object, ObjectMeta, Runtime, Store};
+use orch_runtime::Agent;
+use orch_runtime::AgentConfig;
 use orch_runtime::SimCluster;
 use orch_store::MemoryStore;
 

@@ -48,11 +48,12 @@ use orch_core::kinds::{
     Affinity, Device, Node, NodeAffinity, NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm,
     ResourceRequirements, Workload,
 };
-use orch_core::scheduler::core::OutcomeKind;
-use orch_core::scheduler::plugins::{ScoringStrategy, default_profile};
-use orch_core::scheduler::snapshot::GPU;
-use orch_core::scheduler::{Outcome, SchedulingCore};
-use orch_core::{Framework, Object, ObjectMeta, ObjectRef, Quantity};
+use orch_core::{Object, ObjectMeta, ObjectRef, Quantity};
+use orch_scheduler::Framework;
+use orch_scheduler::core::OutcomeKind;
+use orch_scheduler::plugins::{ScoringStrategy, default_profile};
+use orch_scheduler::snapshot::GPU;
+use orch_scheduler::{Outcome, SchedulingCore};
 
 /// Node label carrying the GPU model.
 const GPU_MODEL_LABEL: &str = "orch.dev/gpu-model";

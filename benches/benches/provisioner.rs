@@ -12,9 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode};
+use orch_controllers::Provisioner;
 use orch_core::kinds::{Condition, ConditionStatus, Node, ResourceRequirements, Resources, Workload};
-use orch_core::scheduler::SCHEDULED_CONDITION;
-use orch_core::{NodePool, NodeProvider, Object, ObjectMeta, Provisioner, Quantity, Store};
+use orch_core::provider::NodePool;
+use orch_core::provider::NodeProvider;
+use orch_core::{Object, ObjectMeta, Quantity, Store};
+use orch_scheduler::SCHEDULED_CONDITION;
 use orch_store::MemoryStore;
 
 const NODES: usize = 1_000;

@@ -19,11 +19,12 @@ use orch_core::kinds::{
     Affinity, AffinityTerm, Node, NodeAffinity, NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm,
     ResourceRequirements, TopologySpreadConstraint, WhenUnsatisfiable, Workload, WorkloadAffinity,
 };
-use orch_core::scheduler::core::OutcomeKind;
-use orch_core::{
-    Api, Cache, CacheConfig, Framework, LabelSelector, Object, ObjectMeta, Profile, Quantity, SchedulerService,
-    SchedulingCore, Store,
-};
+use orch_core::{Api, Cache, CacheConfig, LabelSelector, Object, ObjectMeta, Quantity, Store};
+use orch_scheduler::Framework;
+use orch_scheduler::Profile;
+use orch_scheduler::SchedulerService;
+use orch_scheduler::SchedulingCore;
+use orch_scheduler::core::OutcomeKind;
 use orch_store::MemoryStore;
 
 const NODES: usize = 5_000;

@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode};
-use orch_core::agent::{NODE_LEASE_NAMESPACE, NodeLease};
+use orch_core::kinds::{NODE_LEASE_NAMESPACE, NodeLease};
 use orch_core::kinds::{Phase, Resources, RestartPolicy, Workload};
-use orch_core::{
-    Agent, AgentConfig, Api, Cache, CacheConfig, ListParams, Object, ObjectMeta, Runtime, SharedRenewals, Store,
-    Timestamp, TokioClock,
-};
+use orch_core::{Api, Cache, CacheConfig, ListParams, Object, ObjectMeta, Runtime, Store, Timestamp, TokioClock};
+use orch_runtime::Agent;
+use orch_runtime::AgentConfig;
+use orch_runtime::SharedRenewals;
 use orch_runtime::SimCluster;
 use orch_store::MemoryStore;
 

@@ -14,7 +14,10 @@ use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use futures::StreamExt;
+use std::any::{Any, TypeId};
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::{Error, Result};
@@ -568,5 +571,84 @@ async fn reflect<K: Resource>(store: Arc<dyn Store>, config: CacheConfig<K>, cac
                 }
             }
         }
+    }
+}
+
+/// One cache per kind, shared by everything in a manager (controllers, the scheduler, your own
+/// components): a kind is listed and watched once per process, however many read it.
+#[derive(Clone, Default)]
+pub struct CacheRegistry {
+    caches: Arc<Mutex<HashMap<TypeId, Registered>>>,
+}
+
+struct Registered {
+    cache: Box<dyn Any + Send + Sync>,
+    ready: Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
+    objects: Box<dyn Fn() -> usize + Send + Sync>,
+    kind: &'static str,
+}
+
+impl Registered {
+    fn new<K: Resource>(cache: Cache<K>) -> Self {
+        let (c1, c2) = (cache.clone(), cache.clone());
+        Registered {
+            cache: Box::new(cache),
+            ready: Box::new(move || {
+                let c = c1.clone();
+                async move { c.ready().await }.boxed()
+            }),
+            objects: Box::new(move || c2.len()),
+            kind: K::KIND,
+        }
+    }
+}
+
+impl CacheRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TypeId, Registered>> {
+        self.caches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cache of `K`, if one is registered.
+    pub fn get<K: Resource>(&self) -> Option<Cache<K>> {
+        self.lock().get(&TypeId::of::<K>()).and_then(|r| r.cache.downcast_ref::<Cache<K>>()).cloned()
+    }
+
+    /// The cache of `K`, started on first use.
+    pub fn get_or_start<K: Resource>(&self, store: &Arc<dyn Store>) -> Cache<K> {
+        self.lock()
+            .entry(TypeId::of::<K>())
+            .or_insert_with(|| Registered::new(Cache::<K>::spawn(store.clone(), CacheConfig::default())))
+            .cache
+            .downcast_ref::<Cache<K>>()
+            .expect("registered under its own type id")
+            .clone()
+    }
+
+    /// Registers a cache built with a custom config (the first registration of a kind wins).
+    pub fn insert<K: Resource>(&self, cache: Cache<K>) -> Cache<K> {
+        self.lock()
+            .entry(TypeId::of::<K>())
+            .or_insert_with(|| Registered::new(cache))
+            .cache
+            .downcast_ref::<Cache<K>>()
+            .expect("registered under its own type id")
+            .clone()
+    }
+
+    /// Futures that finish when each registered cache has its first list.
+    pub fn ready_futures(&self) -> Vec<BoxFuture<'static, ()>> {
+        self.lock().values().map(|r| (r.ready)()).collect()
+    }
+
+    /// Objects per cached kind, for metrics.
+    pub fn sizes(&self) -> Vec<(&'static str, usize)> {
+        self.lock().values().map(|r| (r.kind, (r.objects)())).collect()
+    }
+}
+
+impl std::fmt::Debug for CacheRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kinds: Vec<&'static str> = self.lock().values().map(|r| r.kind).collect();
+        f.debug_struct("CacheRegistry").field("kinds", &kinds).finish()
     }
 }

@@ -28,7 +28,6 @@
 //! |-----------|--------------|
 //! | `testkit` | `testkit::store`: the store conformance suite with its model check |
 
-pub mod agent;
 pub mod api;
 pub mod cache;
 pub mod controller;
@@ -37,31 +36,28 @@ pub mod kinds;
 pub mod labels;
 pub mod manager;
 pub mod meta;
-pub mod node_lifecycle;
 pub mod object;
-pub mod provisioner;
+pub mod provider;
 pub mod quantity;
+pub mod runnable;
 pub mod runtime;
-pub mod scheduler;
 pub mod selector;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod validation;
 
-pub use agent::{Agent, AgentConfig, SharedRenewals};
 pub use api::{Api, Deleted, Event, ListParams, ObjectList};
-pub use cache::{Cache, CacheConfig, CacheEvent, ObjectRef};
+pub use cache::{Cache, CacheConfig, CacheEvent, CacheRegistry, ObjectRef};
 pub use controller::{Action, Context, Controller, ControllerBuilder};
 pub use error::{Error, Result};
 pub use labels::Labels;
 pub use manager::Manager;
 pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestamp, TokioClock};
 pub use object::{DynamicObject, Object, ObjectKey, RawJson, Resource, Scope};
-pub use provisioner::{LocalNodes, NodePool, NodeProvider, Provisioner, ProvisionerConfig};
 pub use quantity::Quantity;
+pub use runnable::{Leadership, RunParts, Runnable};
 pub use runtime::{Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
-pub use scheduler::{Decision, Framework, Plugin, Profile, Scheduler, SchedulerService, SchedulingCore, Snapshot};
 pub use selector::{FieldSelector, LabelSelector, Requirement};
 pub use store::{
     DeleteOptions, DeleteOutcome, Guard, LeaseInfo, ListRequest, ListResponse, Selection, Store, WatchEvent,

@@ -7,11 +7,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cache::{Cache, CacheConfig};
+use crate::cache::{Cache, CacheConfig, CacheRegistry};
 use crate::controller::leader::{LeaderElectionConfig, campaign};
-use crate::controller::{CacheRegistry, Controller, ControllerBuilder, Leadership, RunParts, Runnable};
 use crate::error::Result;
 use crate::object::Resource;
+use crate::runnable::{Leadership, RunParts, Runnable};
 use crate::store::Store;
 
 /// Runs controllers: starts the caches they need, reports readiness once every cache has its
@@ -69,26 +69,11 @@ impl Manager {
         self.caches.insert(Cache::spawn(self.store.clone(), config))
     }
 
-    /// Adds a controller.
-    pub fn add<C: Controller>(&mut self, controller: ControllerBuilder<C>) -> &mut Self {
-        self.controllers.push(Box::new(controller));
-        self
-    }
-
-    /// Adds a scheduler; like controllers, it schedules only while this replica leads, and its
-    /// binds carry the leader's fencing token.
-    pub fn add_scheduler<S: crate::scheduler::Scheduler + 'static>(
-        &mut self,
-        scheduler: crate::scheduler::SchedulerService<S>,
-    ) -> &mut Self {
-        self.controllers.push(Box::new(scheduler));
-        self
-    }
-
-    /// Adds a node provisioner: it asks for nodes when workloads fit nowhere and gives back
-    /// nodes that stay empty, only while this manager leads.
-    pub fn add_provisioner(&mut self, provisioner: crate::provisioner::Provisioner) -> &mut Self {
-        self.controllers.push(Box::new(provisioner));
+    /// Adds a component: a controller (a [`ControllerBuilder`](crate::ControllerBuilder)), the
+    /// scheduler service, the node provisioner, or anything else that implements [`Runnable`].
+    /// Each runs only while this replica leads, and its writes carry the leader's fencing token.
+    pub fn add(&mut self, component: impl Runnable) -> &mut Self {
+        self.controllers.push(Box::new(component));
         self
     }
 

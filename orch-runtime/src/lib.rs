@@ -1,30 +1,59 @@
 //! # orch-runtime
 //!
-//! [`Runtime`](orch_core::Runtime) backends for orch: they run the containers and processes of
-//! the workloads a node agent is given.
+//! Everything that runs on a node: the [`Agent`] that turns the workloads bound to its node into
+//! running instances, and the [`Runtime`](orch_core::Runtime) backends it drives.
 //!
-//! | backend | feature | what it runs |
+//! | part | feature | what it does |
 //! |---|---|---|
-//! | [`ProcessRuntime`] | `process` (default) | real OS processes, each in its own process group, with per-instance directories and log files; survives an agent restart |
+//! | [`Agent`] | always | registers its node, keeps a heartbeat lease, runs the workloads bound to the node with restart policies, crash-loop backoff, probes and log rotation; adopts what runs after its own restart |
+//! | [`LocalNodes`] | always | a [`NodeProvider`](orch_core::provider::NodeProvider) that runs each node as an agent in this process (simulated clusters, tests) |
+//! | [`ProcessRuntime`] | `process` (default) | real OS processes, each in its own process group, with per-instance directories and log files, limits through cgroups; survives an agent restart |
 //! | [`SimulatedRuntime`] | `simulated` (default) | virtual instances on virtual nodes with declarative behaviour and fault injection, in `tokio::time` (virtual time on a paused runtime) |
 //! | `DockerRuntime` | `docker` | containers on a Docker Engine over its API (bollard), labelled per node and instance; survives an agent restart |
 //!
-//! The process and Docker runtimes pass `orch_core::testkit::runtime`; the simulated one runs no
-//! shell, so it has tests of its own.
+//! The process, simulated and Docker runtimes pass `orch_core::testkit::runtime`.
+//!
+//! ```no_run
+//! # #[cfg(feature = "process")]
+//! # async fn run(store: std::sync::Arc<dyn orch_core::Store>) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use orch_runtime::{Agent, AgentConfig, ProcessRuntime};
+//!
+//! let runtime = Arc::new(ProcessRuntime::new("/var/lib/orch/node-1")?);
+//! let agent = Agent::new(AgentConfig::new("node-1"), store, runtime);
+//! // Runs until ctrl-c, then stops its instances (drain = true).
+//! agent.run(async { let _ = tokio::signal::ctrl_c().await; }, true).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The scheduler lives in `orch-scheduler`, the control plane's controllers in
+//! `orch-controllers`, the stores in `orch-store`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod agent;
 #[cfg(feature = "process")]
+#[cfg_attr(docsrs, doc(cfg(feature = "process")))]
 pub mod cgroup;
 #[cfg(feature = "docker")]
+#[cfg_attr(docsrs, doc(cfg(feature = "docker")))]
 pub mod docker;
+pub mod local_nodes;
 #[cfg(feature = "process")]
+#[cfg_attr(docsrs, doc(cfg(feature = "process")))]
 pub mod process;
-
 #[cfg(feature = "simulated")]
+#[cfg_attr(docsrs, doc(cfg(feature = "simulated")))]
 pub mod simulated;
 
+pub use agent::{Agent, AgentConfig, SharedRenewals};
 #[cfg(feature = "docker")]
+#[cfg_attr(docsrs, doc(cfg(feature = "docker")))]
 pub use docker::{DockerConfig, DockerError, DockerRuntime};
+pub use local_nodes::LocalNodes;
 #[cfg(feature = "process")]
+#[cfg_attr(docsrs, doc(cfg(feature = "process")))]
 pub use process::ProcessRuntime;
 #[cfg(feature = "simulated")]
+#[cfg_attr(docsrs, doc(cfg(feature = "simulated")))]
 pub use simulated::{Behaviour, SimCluster, SimulatedRuntime};

@@ -7,11 +7,17 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use orch_core::agent::{NODE_LEASE_NAMESPACE, NodeLease};
 use orch_core::kinds::{ContainerState, Node, Phase, RestartPolicy, Workload};
-use orch_core::{Agent, AgentConfig, Api, DeleteOptions, Object, ObjectMeta, Runtime, Store};
+use orch_core::kinds::{NODE_LEASE_NAMESPACE, NodeLease};
+use orch_core::testkit::wait_until;
+use orch_core::{Api, DeleteOptions, Object, ObjectMeta, Runtime, Store};
+use orch_runtime::Agent;
+use orch_runtime::AgentConfig;
 use orch_runtime::ProcessRuntime;
 use orch_store::MemoryStore;
+
+/// How long a test waits for what it expects (real processes on a loaded machine).
+const LIMIT: Duration = Duration::from_secs(20);
 use tokio::sync::oneshot;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -58,17 +64,6 @@ fn start_agent(
     (tx, handle)
 }
 
-async fn until<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn pid_of(h: &orch_core::Handle) -> i32 {
     h.data["pid"].as_i64().unwrap() as i32
 }
@@ -83,13 +78,13 @@ async fn runs_restarts_and_reports() {
 
     // Registered, with a heartbeat.
     let nodes: Api<Node> = Api::all(store.clone());
-    let node = until("node registered", async || nodes.get_opt("node-1").await.unwrap()).await;
+    let node = wait_until("node registered", LIMIT, async || nodes.get_opt("node-1").await.unwrap()).await;
     assert!(node.status.capacity.contains_key("cpu"));
     let leases: Api<NodeLease> = Api::namespaced(store.clone(), NODE_LEASE_NAMESPACE);
-    let hb = until("heartbeat", async || leases.get_opt("node-1").await.unwrap()).await;
+    let hb = wait_until("heartbeat", LIMIT, async || leases.get_opt("node-1").await.unwrap()).await;
     assert!(hb.metadata.lease.is_some(), "the heartbeat lives on a store lease");
 
-    let running = until("web running", async || {
+    let running = wait_until("web running", LIMIT, async || {
         let w = api.get("web").await.unwrap();
         (w.status.phase == Phase::Running).then_some(w)
     })
@@ -99,7 +94,7 @@ async fn runs_restarts_and_reports() {
     let handles = runtime.list().await.unwrap();
     assert_eq!(handles.len(), 1);
     kill(Pid::from_raw(pid_of(&handles[0])), Signal::SIGKILL).unwrap();
-    let restarted = until("web restarted", async || {
+    let restarted = wait_until("web restarted", LIMIT, async || {
         let w = api.get("web").await.unwrap();
         (w.status.phase == Phase::Running && w.status.restart_count == 1).then_some(w)
     })
@@ -108,7 +103,7 @@ async fn runs_restarts_and_reports() {
 
     // Deleting the workload stops and removes its instance.
     api.delete("web", &DeleteOptions::default()).await.unwrap();
-    until("instance removed", async || runtime.list().await.unwrap().is_empty().then_some(())).await;
+    wait_until("instance removed", LIMIT, async || runtime.list().await.unwrap().is_empty().then_some(())).await;
     stop.send(()).unwrap();
     agent.await.unwrap().unwrap();
     assert!(leases.get("node-1").await.unwrap_err().is_not_found(), "a draining agent releases its heartbeat");
@@ -124,25 +119,28 @@ async fn restart_policies_and_crash_loop_backoff() {
     api.create(&workload("job-ok", "exit 0", RestartPolicy::OnFailure)).await.unwrap();
     api.create(&workload("crasher", "exit 1", RestartPolicy::Always)).await.unwrap();
 
-    let failed = until("once-bad failed", async || {
+    let failed = wait_until("once-bad failed", LIMIT, async || {
         let w = api.get("once-bad").await.unwrap();
         (w.status.phase == Phase::Failed).then_some(w)
     })
     .await;
     assert!(matches!(failed.status.container_statuses[0].state, ContainerState::Terminated { exit_code: 2, .. }));
-    until("job-ok succeeded", async || {
+    wait_until("job-ok succeeded", LIMIT, async || {
         (api.get("job-ok").await.unwrap().status.phase == Phase::Succeeded).then_some(())
     })
     .await;
 
     // The crasher backs off: 200 ms, 400 ms, 800 ms, ... so four restarts take at least 1.4 s.
     let began = Instant::now();
-    until("crash loop visible", async || {
+    wait_until("crash loop visible", LIMIT, async || {
         let w = api.get("crasher").await.unwrap();
         matches!(&w.status.container_statuses.first()?.state, ContainerState::Waiting { reason } if reason == "CrashLoopBackOff").then_some(())
     })
     .await;
-    until("four restarts", async || (api.get("crasher").await.unwrap().status.restart_count >= 4).then_some(())).await;
+    wait_until("four restarts", LIMIT, async || {
+        (api.get("crasher").await.unwrap().status.restart_count >= 4).then_some(())
+    })
+    .await;
     assert!(
         began.elapsed() >= Duration::from_millis(1_400),
         "restarts came faster than the backoff allows: {:?}",
@@ -162,8 +160,10 @@ async fn a_restarted_agent_adopts_running_instances() {
     let (stop, agent) = start_agent(&store, &first, false);
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     api.create(&workload("keeper", "sleep 60", RestartPolicy::Always)).await.unwrap();
-    until("keeper running", async || (api.get("keeper").await.unwrap().status.phase == Phase::Running).then_some(()))
-        .await;
+    wait_until("keeper running", LIMIT, async || {
+        (api.get("keeper").await.unwrap().status.phase == Phase::Running).then_some(())
+    })
+    .await;
     let before = first.list().await.unwrap();
     // Stop the agent without draining: the process keeps running.
     stop.send(()).unwrap();
@@ -216,13 +216,13 @@ async fn readiness_waits_for_the_http_probe_and_liveness_restarts() {
     web.spec.containers[0].liveness_probe =
         Some(orch_core::kinds::Probe { initial_delay_seconds: 5, ..probe(ProbeAction::Tcp { port: u32::from(port) }) });
     api.create(&web).await.unwrap();
-    let early = until("web running", async || {
+    let early = wait_until("web running", LIMIT, async || {
         let w = api.get("web").await.unwrap();
         (w.status.phase == Phase::Running).then_some(w)
     })
     .await;
     assert!(!early.status.container_statuses[0].ready, "ready before the server answered");
-    let ready = until("web ready", async || {
+    let ready = wait_until("web ready", LIMIT, async || {
         let w = api.get("web").await.unwrap();
         (find_condition(&w.status.conditions, "Ready")?.status == ConditionStatus::True).then_some(w)
     })
@@ -236,13 +236,19 @@ async fn readiness_waits_for_the_http_probe_and_liveness_restarts() {
         ..probe(ProbeAction::Exec { command: vec!["/bin/sh".into(), "-c".into(), "test -f alive".into()] })
     });
     api.create(&sick).await.unwrap();
-    until("sick running", async || (api.get("sick").await.unwrap().status.phase == Phase::Running).then_some(())).await;
+    wait_until("sick running", LIMIT, async || {
+        (api.get("sick").await.unwrap().status.phase == Phase::Running).then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(api.get("sick").await.unwrap().status.restart_count, 0, "healthy while the file exists");
     let instance = runtime.list().await.unwrap().into_iter().find(|h| h.id.starts_with("default.sick.")).unwrap();
     let alive = root_of(&runtime, &instance).join("alive");
     std::fs::remove_file(&alive).unwrap();
-    until("sick restarted", async || (api.get("sick").await.unwrap().status.restart_count >= 1).then_some(())).await;
+    wait_until("sick restarted", LIMIT, async || {
+        (api.get("sick").await.unwrap().status.restart_count >= 1).then_some(())
+    })
+    .await;
     stop.send(()).unwrap();
     agent.await.unwrap().unwrap();
 }
@@ -261,7 +267,10 @@ async fn a_changed_spec_replaces_the_instance() {
     let (stop, agent) = start_agent(&store, &runtime, true);
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     api.create(&workload("app", "sleep 60", RestartPolicy::Always)).await.unwrap();
-    until("app running", async || (api.get("app").await.unwrap().status.phase == Phase::Running).then_some(())).await;
+    wait_until("app running", LIMIT, async || {
+        (api.get("app").await.unwrap().status.phase == Phase::Running).then_some(())
+    })
+    .await;
     let before = runtime.list().await.unwrap();
     assert_eq!(before.len(), 1);
     api.patch(
@@ -270,7 +279,7 @@ async fn a_changed_spec_replaces_the_instance() {
     )
     .await
     .unwrap();
-    let after = until("replaced", async || {
+    let after = wait_until("replaced", LIMIT, async || {
         let l = runtime.list().await.unwrap();
         (l.len() == 1 && l[0].id != before[0].id).then_some(l)
     })
@@ -298,9 +307,9 @@ async fn the_agent_rotates_logs() {
     api.create(&workload("chatty", "head -c 5000 /dev/zero | tr '\\0' 'x'; echo; sleep 60", RestartPolicy::Always))
         .await
         .unwrap();
-    let handle = until("chatty started", async || runtime.list().await.unwrap().into_iter().next()).await;
+    let handle = wait_until("chatty started", LIMIT, async || runtime.list().await.unwrap().into_iter().next()).await;
     let dir = std::fs::read_link(format!("/proc/{}/cwd", pid_of(&handle))).unwrap();
-    until("rotated", async || dir.join("stdout.log.1").exists().then_some(())).await;
+    wait_until("rotated", LIMIT, async || dir.join("stdout.log.1").exists().then_some(())).await;
     assert!(std::fs::metadata(dir.join("stdout.log")).unwrap().len() <= 1_000);
     tx.send(()).unwrap();
     agent.await.unwrap().unwrap();

@@ -13,13 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use docker_support::{Scope, skip};
+use orch_controllers::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 use orch_core::kinds::{ContainerState, Phase, Resources, RestartPolicy, Workload, resource};
-use orch_core::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 use orch_core::runtime::InstanceSpec;
-use orch_core::{
-    Agent, AgentConfig, Api, Manager, Object, ObjectMeta, Profile, Quantity, Runtime, SchedulerService, Store,
-};
+use orch_core::{Api, Manager, Object, ObjectMeta, Quantity, Runtime, Store};
+use orch_runtime::Agent;
+use orch_runtime::AgentConfig;
 use orch_runtime::DockerRuntime;
+use orch_scheduler::Profile;
+use orch_scheduler::SchedulerService;
 use orch_store::MemoryStore;
 use tokio::sync::oneshot;
 
@@ -81,7 +83,7 @@ async fn the_agent_restarts_a_killed_container_and_adopts_it_after_its_own_resta
 
     // The control plane.
     let mut manager = Manager::new(store.clone());
-    manager.add_scheduler(SchedulerService::new(Profile::default_profile()));
+    manager.add(SchedulerService::new(Profile::default_profile()));
     manager.add(NodeLifecycle::builder(NodeLifecycleConfig::default()));
     let (stop_manager, manager_stopped) = oneshot::channel::<()>();
     let manager = tokio::spawn(manager.run(async move {

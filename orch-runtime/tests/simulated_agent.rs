@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orch_core::kinds::{EnvVar, Phase, RestartPolicy, Workload};
-use orch_core::{Agent, AgentConfig, Api, Object, ObjectMeta, Runtime, Store, Timestamp, TokioClock};
+use orch_core::{Api, Object, ObjectMeta, Runtime, Store, Timestamp, TokioClock};
+use orch_runtime::Agent;
+use orch_runtime::AgentConfig;
 use orch_runtime::SimCluster;
 use orch_store::MemoryStore;
 
@@ -60,8 +62,9 @@ async fn an_hour_of_crash_looping_follows_the_backoff_schedule() {
 
 #[tokio::test(start_paused = true)]
 async fn shared_renewals_keep_every_heartbeat_alive_and_a_drain_revokes_it() {
-    use orch_core::agent::{NODE_LEASE_NAMESPACE, NodeLease};
-    use orch_core::{Cache, CacheConfig, SharedRenewals};
+    use orch_core::kinds::{NODE_LEASE_NAMESPACE, NodeLease};
+    use orch_core::{Cache, CacheConfig};
+    use orch_runtime::SharedRenewals;
     let clock = Arc::new(TokioClock::starting_at(Timestamp(0)));
     let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().clock(clock.clone()).build());
     let cluster = SimCluster::new();

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orch_core::controller::leader::{LOCK_KIND, LeaderElectionConfig};
+use orch_core::testkit::wait_until;
 use orch_core::{
     Action, Api, Context, Controller, ControllerBuilder, DeleteOptions, Error, Guard, Manager, Object, ObjectKey,
     ObjectMeta, Resource, Scope, Store, WriteOptions,
@@ -159,17 +160,6 @@ async fn lock_holder(store: &EtcdStore) -> Option<(String, u64)> {
     Some((holder, lock.metadata.resource_version))
 }
 
-async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Everything one test needs: etcd, a store for checking, the replicas and their log.
 struct Plane {
     _etcd: LocalEtcd,
@@ -203,7 +193,7 @@ async fn start_plane(test: &str) -> Option<(Plane, String, u64)> {
     let log = std::env::temp_dir().join(format!("orch-failover-{}-{test}.log", std::process::id()));
     let replicas = ["a", "b", "c"].iter().map(|id| spawn_replica(test, id, &etcd, &prefix, &log)).collect();
     let plane = Plane { _etcd: etcd, store, duties, replicas, log };
-    let (leader, token) = wait_for("a leader to stamp the duty", Duration::from_secs(30), async || {
+    let (leader, token) = wait_until("a leader to stamp the duty", Duration::from_secs(30), async || {
         let (holder, token) = lock_holder(&plane.store).await?;
         let duty = plane.duties.get("duty").await.ok()?;
         (duty.status.leader == holder && duty.status.token == token).then_some((holder, token))
@@ -216,7 +206,7 @@ async fn start_plane(test: &str) -> Option<(Plane, String, u64)> {
 /// the lease TTL plus one retry, stamps the duty with a new token, and the old token opens
 /// nothing any more.
 async fn check_takeover(plane: &Plane, old: &str, old_token: u64, since: Instant) -> (String, u64) {
-    let (new, new_token) = wait_for("a standby to take the lock", LEASE_TTL * 4, async || {
+    let (new, new_token) = wait_until("a standby to take the lock", LEASE_TTL * 4, async || {
         lock_holder(&plane.store).await.filter(|(_, token)| *token != old_token)
     })
     .await;
@@ -227,7 +217,7 @@ async fn check_takeover(plane: &Plane, old: &str, old_token: u64, since: Instant
     // The lease runs out at most one TTL after the last renewal; etcd checks expiry every
     // 500 ms and a standby retries every 200 ms (3.3 s measured; slack for a loaded machine).
     assert!(took <= LEASE_TTL + Duration::from_secs(2), "takeover took {took:?}");
-    wait_for("the new leader to stamp the duty", Duration::from_secs(10), async || {
+    wait_until("the new leader to stamp the duty", Duration::from_secs(10), async || {
         let duty = plane.duties.get("duty").await.ok()?;
         (duty.status.leader == new && duty.status.token == new_token).then_some(())
     })
@@ -311,7 +301,7 @@ async fn a_frozen_leader_that_wakes_up_deposed_cannot_write() {
     // it notices the lost lease and steps down. The duty keeps the new leader's stamp throughout.
     let fenced = format!("FENCED {leader} {token}");
     let stepped_down = format!("LEADERSHIP {leader} Standby");
-    wait_for("the old leader to step down", Duration::from_secs(15), async || {
+    wait_until("the old leader to step down", Duration::from_secs(15), async || {
         log_lines(&plane).contains(&stepped_down).then_some(())
     })
     .await;

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Leadership;
 use crate::meta::ObjectMeta;
 use crate::object::{DynamicObject, ObjectKey, RawJson};
+use crate::runnable::Leadership;
 use crate::store::{Guard, Store, WriteOptions};
 
 /// The kind of lock objects.
@@ -90,7 +90,7 @@ pub async fn campaign(
         let Some((lease_id, revision)) = won else {
             tokio::select! {
                 _ = tokio::time::sleep(config.retry_period) => continue,
-                _ = super::stopped(&mut shutdown) => return,
+                _ = crate::runnable::stopped(&mut shutdown) => return,
             }
         };
         tracing::info!(identity = %config.identity, lock = %key, fencing_token = revision, "became leader");
@@ -99,7 +99,7 @@ pub async fn campaign(
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(renew) => {}
-                _ = super::stopped(&mut shutdown) => {
+                _ = crate::runnable::stopped(&mut shutdown) => {
                     leadership.send_replace(Leadership::Standby);
                     let _ = store.revoke_lease(lease_id).await;
                     return;

@@ -32,22 +32,22 @@ pub mod finalizer;
 pub mod leader;
 pub mod queue;
 
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
+use std::any::Any;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::api::Api;
-use crate::cache::{Cache, CacheConfig, ObjectRef};
+use crate::cache::{Cache, CacheRegistry, ObjectRef};
 use crate::object::{Object, Resource, Scope};
+use crate::runnable::{Leadership, RunParts, Runnable, stopped};
 use crate::store::{Guard, Store};
 use queue::{QueueConfig, WorkQueue};
 
@@ -127,92 +127,6 @@ impl Context {
     pub fn guard(&self) -> Option<&Guard> {
         self.guard.as_ref()
     }
-}
-
-/// One cache per kind, shared by everything in a manager.
-#[derive(Clone, Default)]
-pub(crate) struct CacheRegistry {
-    caches: Arc<Mutex<HashMap<TypeId, Registered>>>,
-}
-
-struct Registered {
-    cache: Box<dyn Any + Send + Sync>,
-    ready: Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
-    objects: Box<dyn Fn() -> usize + Send + Sync>,
-    kind: &'static str,
-}
-
-impl Registered {
-    fn new<K: Resource>(cache: Cache<K>) -> Self {
-        let (c1, c2) = (cache.clone(), cache.clone());
-        Registered {
-            cache: Box::new(cache),
-            ready: Box::new(move || {
-                let c = c1.clone();
-                async move { c.ready().await }.boxed()
-            }),
-            objects: Box::new(move || c2.len()),
-            kind: K::KIND,
-        }
-    }
-}
-
-impl CacheRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TypeId, Registered>> {
-        self.caches.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn get<K: Resource>(&self) -> Option<Cache<K>> {
-        self.lock().get(&TypeId::of::<K>()).and_then(|r| r.cache.downcast_ref::<Cache<K>>()).cloned()
-    }
-
-    /// The cache of `K`, started on first use.
-    pub(crate) fn get_or_start<K: Resource>(&self, store: &Arc<dyn Store>) -> Cache<K> {
-        self.lock()
-            .entry(TypeId::of::<K>())
-            .or_insert_with(|| Registered::new(Cache::<K>::spawn(store.clone(), CacheConfig::default())))
-            .cache
-            .downcast_ref::<Cache<K>>()
-            .expect("registered under its own type id")
-            .clone()
-    }
-
-    /// Registers a cache built with a custom config (the first registration of a kind wins).
-    pub(crate) fn insert<K: Resource>(&self, cache: Cache<K>) -> Cache<K> {
-        self.lock()
-            .entry(TypeId::of::<K>())
-            .or_insert_with(|| Registered::new(cache))
-            .cache
-            .downcast_ref::<Cache<K>>()
-            .expect("registered under its own type id")
-            .clone()
-    }
-
-    /// The caches of nodes and workloads, started on first use: what the scheduler and the
-    /// provisioner watch.
-    pub(crate) fn cluster(&self, store: &Arc<dyn Store>) -> (Cache<crate::kinds::Node>, Cache<crate::kinds::Workload>) {
-        (self.get_or_start(store), self.get_or_start(store))
-    }
-
-    /// Futures that finish when each registered cache has its first list.
-    pub(crate) fn ready_futures(&self) -> Vec<BoxFuture<'static, ()>> {
-        self.lock().values().map(|r| (r.ready)()).collect()
-    }
-
-    /// Objects per cached kind, for metrics.
-    pub(crate) fn sizes(&self) -> Vec<(&'static str, usize)> {
-        self.lock().values().map(|r| (r.kind, (r.objects)())).collect()
-    }
-}
-
-/// Whether this process may act.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Leadership {
-    /// Another replica leads: keep caches warm, reconcile nothing.
-    Standby,
-    /// This replica leads; writes carry the fencing token when there is one (there is none
-    /// without leader election).
-    Leading(Option<Guard>),
 }
 
 /// A reconciler for one kind.
@@ -370,22 +284,6 @@ async fn recv_until_shutdown<T>(rx: &mut mpsc::UnboundedReceiver<T>, queue: &Wor
     }
 }
 
-/// The parts of a manager a controller runs with.
-pub(crate) struct RunParts {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) caches: CacheRegistry,
-    pub(crate) leader: watch::Receiver<Leadership>,
-    pub(crate) shutdown: watch::Receiver<bool>,
-}
-
-/// A controller with its types erased, so a manager can hold many.
-pub(crate) trait Runnable: Send {
-    fn name(&self) -> &str;
-    /// Registers the caches it needs (so the manager can wait for them).
-    fn prepare(&mut self, caches: &CacheRegistry, store: &Arc<dyn Store>);
-    fn run(self: Box<Self>, parts: RunParts) -> BoxFuture<'static, ()>;
-}
-
 impl<C: Controller> Runnable for ControllerBuilder<C> {
     fn name(&self) -> &str {
         &self.name
@@ -530,11 +428,6 @@ async fn run_controller<C: Controller>(b: ControllerBuilder<C>, parts: RunParts)
     queue.shut_down();
     while in_flight.join_next().await.is_some() {}
     feeders.shutdown().await;
-}
-
-/// Finishes once `shutdown` turns true (or its sender is gone).
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {

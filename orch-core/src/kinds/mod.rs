@@ -1,4 +1,5 @@
-//! The built-in kinds: [`Node`] and [`Workload`], and the types they share.
+//! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], and [`Workload`], and the types they
+//! share.
 
 mod node;
 mod workload;
@@ -7,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use node::{Device, Node, NodeAddress, NodeStatus, Taint, TaintEffect};
+pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, Taint, TaintEffect};
 pub use workload::{
     Affinity, AffinityTerm, Container, ContainerPort, ContainerState, ContainerStatus, EnvVar, NodeAffinity,
     NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm, Phase, Probe, ProbeAction, Protocol,

@@ -141,6 +141,25 @@ impl Resource for Node {
     }
 }
 
+/// Namespace of node heartbeat leases.
+pub const NODE_LEASE_NAMESPACE: &str = "orch-node-lease";
+
+/// A node's heartbeat: it exists while the node's agent keeps its store lease alive (the
+/// object is bound to that lease), so the node lifecycle controller sees a silent node as one
+/// whose `NodeLease` is gone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NodeLease {
+    /// The node.
+    pub holder: String,
+}
+
+impl Resource for NodeLease {
+    const KIND: &'static str = "NodeLease";
+    const SCOPE: Scope = Scope::Namespaced;
+    type Status = ();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

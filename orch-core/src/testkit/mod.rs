@@ -12,3 +12,6 @@
 
 pub mod runtime;
 pub mod store;
+mod wait;
+
+pub use wait::{FlakyStore, Outcome, eventually, wait_until};

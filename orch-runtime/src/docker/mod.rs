@@ -155,7 +155,7 @@ struct DockerData {
 /// let mut config = DockerConfig::new("node-1"); // DOCKER_HOST, else the local socket
 /// config.pull = PullPolicy::Never; // the default: local images only
 /// let runtime: Arc<dyn orch_core::Runtime> = Arc::new(DockerRuntime::connect(config).await?);
-/// let agent = orch_core::Agent::new(orch_core::AgentConfig::new("node-1"), store, runtime);
+/// let agent = orch_runtime::Agent::new(orch_runtime::AgentConfig::new("node-1"), store, runtime);
 /// agent.run(std::future::pending(), true).await?;
 /// # Ok(()) }
 /// ```

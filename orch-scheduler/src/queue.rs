@@ -15,8 +15,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::snapshot::WorkloadInfo;
-use crate::cache::ObjectRef;
+use crate::snapshot::WorkloadInfo;
+use orch_core::cache::ObjectRef;
 
 /// Cluster events that can make an unschedulable workload fit (a bit set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
@@ -403,9 +403,9 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::kinds::Workload;
-    use crate::meta::ObjectMeta;
-    use crate::object::Object;
+    use orch_core::kinds::Workload;
+    use orch_core::meta::ObjectMeta;
+    use orch_core::object::Object;
 
     fn info(i: u8) -> Arc<WorkloadInfo> {
         let obj = Object::new(ObjectMeta::namespaced("ns", format!("w{i}")), Workload::command("c", &["x"]));

@@ -8,16 +8,18 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::agent::{NODE_LEASE_NAMESPACE, NodeLease};
-use crate::api::{Api, ListParams};
-use crate::cache::ObjectRef;
-use crate::controller::{Action, Context, Controller, ControllerBuilder};
-use crate::error::Error;
-use crate::kinds::{Condition, ConditionStatus, Node, Taint, TaintEffect, Workload, find_condition, set_condition};
-use crate::meta::{Clock, SystemClock};
-use crate::object::Object;
-use crate::selector::FieldSelector;
-use crate::store::DeleteOptions;
+use orch_core::api::{Api, ListParams};
+use orch_core::cache::ObjectRef;
+use orch_core::controller::{Action, Context, Controller, ControllerBuilder};
+use orch_core::error::Error;
+use orch_core::kinds::{
+    Condition, ConditionStatus, NODE_LEASE_NAMESPACE, Node, NodeLease, Taint, TaintEffect, Workload, find_condition,
+    set_condition,
+};
+use orch_core::meta::{Clock, SystemClock};
+use orch_core::object::Object;
+use orch_core::selector::FieldSelector;
+use orch_core::store::DeleteOptions;
 
 /// The taint put on a node whose heartbeat lapsed.
 pub const UNREACHABLE_TAINT: &str = "node.orch.dev/unreachable";

@@ -10,11 +10,15 @@ use orch_core::kinds::{
     TopologySpreadConstraint, Weighted, WhenUnsatisfiable, WorkloadAffinity,
 };
 use orch_core::kinds::{Node, Workload};
-use orch_core::scheduler::core::OutcomeKind;
-use orch_core::scheduler::plugins::{ScoringStrategy, default_profile};
-use orch_core::scheduler::snapshot::GPU;
-use orch_core::scheduler::{Decision, Outcome, Placement, Snapshot, WorkloadInfo};
-use orch_core::{Framework, LabelSelector, Object, Profile, Quantity, Scheduler, SchedulingCore};
+use orch_core::{LabelSelector, Object, Quantity};
+use orch_scheduler::Framework;
+use orch_scheduler::Profile;
+use orch_scheduler::Scheduler;
+use orch_scheduler::SchedulingCore;
+use orch_scheduler::core::OutcomeKind;
+use orch_scheduler::plugins::{ScoringStrategy, default_profile};
+use orch_scheduler::snapshot::GPU;
+use orch_scheduler::{Decision, Outcome, Placement, Snapshot, WorkloadInfo};
 use proptest::prelude::*;
 
 fn node(name: &str, cpu: &str, mem: &str, labels: &[(&str, &str)]) -> Object<Node> {
@@ -492,7 +496,7 @@ fn decisions_that_overcommit_are_refused() {
     let out = c.run_until_idle();
     assert_eq!(bound(&out).len(), 1);
     assert!(out.iter().any(|o| matches!(&o.kind, OutcomeKind::Refused(why) if why.contains("insufficient cpu"))));
-    assert_eq!(c.snapshot().node(0).unwrap().requested(orch_core::scheduler::snapshot::CPU), 1000);
+    assert_eq!(c.snapshot().node(0).unwrap().requested(orch_scheduler::snapshot::CPU), 1000);
 }
 
 #[test]
@@ -526,7 +530,7 @@ fn bound_workloads_count_once_their_node_arrives_and_keep_their_devices() {
     w.node_name = Some("g".into());
     let mut o = Object::new(orch_core::ObjectMeta::namespaced("default", "early"), w);
     // Bound by an earlier leader onto the second device.
-    o.metadata.annotations.insert(orch_core::scheduler::DEVICES_ANNOTATION, "gpu1:600");
+    o.metadata.annotations.insert(orch_scheduler::DEVICES_ANNOTATION, "gpu1:600");
     c.upsert_workload(Arc::new(o));
     assert_eq!(c.snapshot().placed_count(), 0, "its node is not known yet");
     c.upsert_node(&gpu_node("g", 2));
@@ -631,8 +635,8 @@ fn check_invariants(c: &SchedulingCore, outs: &[Outcome]) -> Result<(), TestCase
     let mut solo_nodes = HashMap::new();
     for p in snap.placed_workloads() {
         let e = used.entry(p.placement.node).or_default();
-        e.0 += p.info.request(orch_core::scheduler::snapshot::CPU);
-        e.1 += p.info.request(orch_core::scheduler::snapshot::MEMORY);
+        e.0 += p.info.request(orch_scheduler::snapshot::CPU);
+        e.1 += p.info.request(orch_scheduler::snapshot::MEMORY);
         let node = snap.node(p.placement.node).unwrap();
         // Taints respected.
         let tolerates = p.info.spec().tolerations.iter().any(|t| t.key == "t");
@@ -643,13 +647,9 @@ fn check_invariants(c: &SchedulingCore, outs: &[Outcome]) -> Result<(), TestCase
     }
     for (id, (cpu, mem)) in used {
         let n = snap.node(id).unwrap();
-        prop_assert!(cpu <= n.allocatable(orch_core::scheduler::snapshot::CPU), "cpu overcommitted on {}", n.name);
-        prop_assert!(
-            mem <= n.allocatable(orch_core::scheduler::snapshot::MEMORY),
-            "memory overcommitted on {}",
-            n.name
-        );
-        prop_assert_eq!(n.requested(orch_core::scheduler::snapshot::CPU), cpu, "snapshot accounting drifted");
+        prop_assert!(cpu <= n.allocatable(orch_scheduler::snapshot::CPU), "cpu overcommitted on {}", n.name);
+        prop_assert!(mem <= n.allocatable(orch_scheduler::snapshot::MEMORY), "memory overcommitted on {}", n.name);
+        prop_assert_eq!(n.requested(orch_scheduler::snapshot::CPU), cpu, "snapshot accounting drifted");
     }
     // Required anti-affinity: at most one "solo" per node.
     prop_assert!(solo_nodes.values().all(|n| *n <= 1), "anti-affinity broken: {:?}", solo_nodes);

@@ -1,9 +1,9 @@
 //! Topology spread: keep matching workloads evenly spread over the domains of a node label.
 
-use crate::kinds::WhenUnsatisfiable;
-use crate::scheduler::framework::{Ctx, MAX_SCORE, Plugin, Points, Prepare, Unfit};
-use crate::scheduler::queue::Events;
-use crate::scheduler::snapshot::{NO_DOMAIN, NodeInfo, Snapshot, WorkloadInfo, WorkloadMatch};
+use crate::framework::{Ctx, MAX_SCORE, Plugin, Points, Prepare, Unfit};
+use crate::queue::Events;
+use crate::snapshot::{NO_DOMAIN, NodeInfo, Snapshot, WorkloadInfo, WorkloadMatch};
+use orch_core::kinds::WhenUnsatisfiable;
 
 /// Topology spread constraints. A hard constraint (`DoNotSchedule`) filters out nodes where
 /// placing the workload would make its domain exceed the emptiest eligible domain by more than
@@ -44,8 +44,8 @@ impl Plugin for TopologySpread {
     fn points(&self) -> Points {
         Points::FILTER | Points::SCORE | Points::NORMALIZE
     }
-    fn locality(&self) -> crate::scheduler::framework::Locality {
-        crate::scheduler::framework::Locality::Cluster
+    fn locality(&self) -> crate::framework::Locality {
+        crate::framework::Locality::Cluster
     }
     fn wake_on(&self) -> Events {
         Events::NODE_ADDED | Events::NODE_UPDATED | Events::WORKLOAD_ADDED | Events::WORKLOAD_DELETED

@@ -53,13 +53,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::framework::{Configured, Plugin};
-use crate::error::{Error, Result};
-use crate::validation::Validator;
+use orch_core::error::{Error, Result};
+use orch_core::validation::Validator;
 
 /// A profile as configuration (JSON, YAML, TOML…): plugins by name, in order, with weights.
 ///
 /// ```
-/// use orch_core::scheduler::plugins::{ProfileConfig, Registry};
+/// use orch_scheduler::plugins::{ProfileConfig, Registry};
 /// let config: ProfileConfig = serde_json::from_str(r#"{
 ///     "name": "packing",
 ///     "plugins": [

@@ -1,7 +1,7 @@
 //! Node provisioning: when workloads fit on no node, ask a [`NodeProvider`] for new nodes shaped
 //! by [`NodePool`]s; give back the nodes of a pool that stay empty.
 //!
-//! The [`Provisioner`] runs in a [`Manager`](crate::Manager) beside the scheduler, and only while
+//! The [`Provisioner`] runs in a [`Manager`](orch_core::Manager) beside the scheduler, and only while
 //! that manager leads (its writes carry the leader's fencing token). Each pass:
 //! 1. **Registration.** A node it launched whose agent has registered (`Ready`) first gets the
 //!    waiting workloads the plan puts there, bound by the provisioner itself, and is then opened
@@ -19,40 +19,33 @@
 //!    is cordoned, checked empty again, terminated and deleted.
 //!
 //! A [`NodeProvider`] is the one part that knows about machines: a cloud's API, a pool of
-//! spare hosts, or [`LocalNodes`], which starts each node as an [`Agent`] in this process (the
+//! spare hosts, or `orch_runtime::LocalNodes`, which starts each node as an agent in this process (the
 //! simulated runtime uses it to grow a simulated cluster).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::agent::{Agent, AgentConfig};
-use crate::api::{Api, ListParams};
-use crate::cache::Cache;
-use crate::controller::{CacheRegistry, Leadership};
-use crate::controller::{RunParts, Runnable};
-use crate::error::{Error, Result};
-use crate::kinds::{Condition, ConditionStatus, Node, Phase, Resources, Taint, Workload, find_condition};
-use crate::labels::Labels;
-use crate::meta::{Clock, ObjectMeta, SystemClock, Timestamp};
-use crate::object::Object;
-use crate::runtime::Runtime;
-use crate::scheduler::snapshot::{Placement, Snapshot, WorkloadInfo};
-use crate::scheduler::{
+use orch_core::api::{Api, ListParams};
+use orch_core::cache::Cache;
+use orch_core::cache::CacheRegistry;
+use orch_core::error::{Error, Result};
+use orch_core::kinds::{Condition, ConditionStatus, Node, Phase, Workload, find_condition};
+use orch_core::meta::{Clock, ObjectMeta, SystemClock, Timestamp};
+use orch_core::object::Object;
+use orch_core::provider::{NodePool, NodeProvider, POOL_LABEL};
+use orch_core::runnable::{Leadership, RunParts, Runnable};
+use orch_core::selector::FieldSelector;
+use orch_core::store::{DeleteOptions, Guard, Store};
+use orch_scheduler::snapshot::{Placement, Snapshot, WorkloadInfo};
+use orch_scheduler::{
     DEFAULT_SCHEDULER, Decision, Framework, Profile, SCHEDULED_CONDITION, Scheduler, devices_annotation,
 };
-use crate::selector::FieldSelector;
-use crate::store::{DeleteOptions, Guard, Store};
-
-/// The label naming the pool a provisioned node belongs to.
-pub const POOL_LABEL: &str = "node.orch.dev/pool";
 
 /// Present on a provisioned node from its creation until its agent registers; the node stays
 /// cordoned meanwhile. Its value is the time the node was asked for (ms since the epoch).
@@ -62,92 +55,25 @@ pub const LAUNCHING_ANNOTATION: &str = "node.orch.dev/launching";
 /// finds a workload there after all opens it again.
 pub const SCALING_DOWN_ANNOTATION: &str = "node.orch.dev/scaling-down";
 
-/// A shape of node the provisioner may ask for, and how many of them at most.
-#[derive(Debug, Clone)]
-pub struct NodePool {
-    /// Names the pool (a label value; nodes are named `<pool>-<suffix>`).
-    pub name: String,
-    /// Labels of its nodes (the pool label is added).
-    pub labels: Labels,
-    /// Taints of its nodes.
-    pub taints: Vec<Taint>,
-    /// What each node offers (`cpu`, `memory`, `pods`, `gpu`…).
-    pub capacity: Resources,
-    /// Most nodes of this pool at once, launching or running.
-    pub max_nodes: usize,
-    /// Give back a node that has run no workload this long (`None`: keep it).
-    pub empty_after: Option<Duration>,
+/// The node object of a new node of this pool, as the provisioner creates it: labelled,
+/// tainted, cordoned and marked as launching.
+fn new_node(pool: &NodePool, name: &str, now: Timestamp) -> Object<Node> {
+    let mut meta = ObjectMeta::named(name);
+    meta.labels = pool.labels.clone();
+    meta.labels.insert(POOL_LABEL, pool.name.clone());
+    meta.annotations.insert(LAUNCHING_ANNOTATION, now.as_millis().to_string());
+    Object::new(meta, Node { unschedulable: true, taints: pool.taints.clone(), provider_id: None })
 }
 
-impl NodePool {
-    /// A pool of nodes offering `capacity`, at most `max_nodes` of them, kept when empty.
-    pub fn new(name: impl Into<String>, capacity: Resources, max_nodes: usize) -> Self {
-        NodePool {
-            name: name.into(),
-            labels: Labels::new(),
-            taints: Vec::new(),
-            capacity,
-            max_nodes,
-            empty_after: None,
-        }
-    }
-
-    /// Gives back nodes that stay empty for `after`.
-    pub fn empty_after(mut self, after: Duration) -> Self {
-        self.empty_after = Some(after);
-        self
-    }
-
-    /// Adds a label to its nodes.
-    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.labels.insert(key, value);
-        self
-    }
-
-    /// Adds a taint to its nodes.
-    pub fn taint(mut self, taint: Taint) -> Self {
-        self.taints.push(taint);
-        self
-    }
-
-    /// The node object of a new node of this pool, as the provisioner creates it: labelled,
-    /// tainted, cordoned and marked as launching.
-    fn new_node(&self, name: &str, now: Timestamp) -> Object<Node> {
-        let mut meta = ObjectMeta::named(name);
-        meta.labels = self.labels.clone();
-        meta.labels.insert(POOL_LABEL, self.name.clone());
-        meta.annotations.insert(LAUNCHING_ANNOTATION, now.as_millis().to_string());
-        Object::new(meta, Node { unschedulable: true, taints: self.taints.clone(), provider_id: None })
-    }
-
-    /// A node of this pool as it will be once its agent registers: what the scale-up pass
-    /// places workloads on.
-    fn registered(&self, name: &str) -> Object<Node> {
-        let mut node = self.new_node(name, Timestamp(0));
-        node.metadata.annotations.remove(LAUNCHING_ANNOTATION);
-        node.spec.unschedulable = false;
-        node.status.capacity = self.capacity.clone();
-        node.status.allocatable = self.capacity.clone();
-        node
-    }
-}
-
-/// Launches and terminates the machines behind provisioned nodes.
-///
-/// # To ensure correctness
-/// - `launch` starts a machine whose agent registers as node `name` (the node object already
-///   exists, cordoned; the agent fills in its status). It may return before the machine is up:
-///   the provisioner waits for the node to turn `Ready`, and terminates it after
-///   `launch_timeout`.
-/// - `terminate` must succeed for a machine that is already gone, or was never launched.
-#[async_trait]
-pub trait NodeProvider: Send + Sync + 'static {
-    /// Starts a machine of `pool`'s shape that registers as node `name`; returns its provider id
-    /// (recorded in the node's `spec.providerId`).
-    async fn launch(&self, name: &str, pool: &NodePool) -> Result<String>;
-
-    /// Stops the machine of node `name`.
-    async fn terminate(&self, name: &str, pool: &NodePool) -> Result<()>;
+/// A node of this pool as it will be once its agent registers: what the scale-up pass
+/// places workloads on.
+fn registered(pool: &NodePool, name: &str) -> Object<Node> {
+    let mut node = new_node(pool, name, Timestamp(0));
+    node.metadata.annotations.remove(LAUNCHING_ANNOTATION);
+    node.spec.unschedulable = false;
+    node.status.capacity = pool.capacity.clone();
+    node.status.allocatable = pool.capacity.clone();
+    node
 }
 
 /// Settings of the [`Provisioner`].
@@ -192,8 +118,8 @@ pub struct PassReport {
 }
 
 /// Asks for nodes when workloads fit nowhere and gives back nodes that stay empty (see the
-/// [module documentation](self)). Add it to a [`Manager`](crate::Manager) with
-/// [`Manager::add_provisioner`](crate::Manager::add_provisioner).
+/// [module documentation](self)). Add it to a [`Manager`](orch_core::Manager) with
+/// [`Manager::add`](orch_core::Manager::add).
 pub struct Provisioner {
     pools: Vec<NodePool>,
     provider: Arc<dyn NodeProvider>,
@@ -217,7 +143,7 @@ impl Provisioner {
     /// judges fit with the default plugins, scoring for bin-packing (most allocated), so the
     /// workloads it provides for fill the fewest new nodes.
     pub fn new(pools: Vec<NodePool>, provider: Arc<dyn NodeProvider>) -> Self {
-        use crate::scheduler::plugins::{ScoringStrategy, default_profile};
+        use orch_scheduler::plugins::{ScoringStrategy, default_profile};
         Provisioner {
             pools,
             provider,
@@ -306,7 +232,7 @@ impl Provisioner {
             let mut next = (*w).clone();
             next.spec.node_name = Some(node_name);
             if let Some(text) = devices {
-                next.metadata.annotations.insert(crate::scheduler::DEVICES_ANNOTATION, text);
+                next.metadata.annotations.insert(orch_scheduler::DEVICES_ANNOTATION, text);
             }
             match workloads.replace(&next).await {
                 Ok(_) => {}
@@ -349,7 +275,7 @@ impl Provisioner {
             w.spec.containers.iter().filter_map(|c| c.resources.requests.get(name)).map(|q| q.milli_ceil()).sum()
         };
         pending.sort_by_key(|w| {
-            let size = (request(w, crate::kinds::resource::CPU), request(w, crate::kinds::resource::MEMORY));
+            let size = (request(w, orch_core::kinds::resource::CPU), request(w, orch_core::kinds::resource::MEMORY));
             (-(w.spec.priority as i64), std::cmp::Reverse(size), w.metadata.create_revision)
         });
         // The cluster as it will be: nodes still launching count as registered.
@@ -363,7 +289,7 @@ impl Provisioner {
                         // Registered: as its agent reports it, open.
                         sim.upsert_node(&opened(node, LAUNCHING_ANNOTATION));
                     } else if node.metadata.annotations.contains_key(LAUNCHING_ANNOTATION) {
-                        sim.upsert_node(&pool.registered(&node.metadata.name));
+                        sim.upsert_node(&registered(pool, &node.metadata.name));
                     } else {
                         sim.upsert_node(node);
                     }
@@ -383,10 +309,10 @@ impl Provisioner {
             seq += 1;
             let info = Arc::new(WorkloadInfo::new(w.clone(), seq));
             // On the devices its annotation names, as the scheduler counts it.
-            let gpu = info.request(crate::scheduler::snapshot::GPU);
+            let gpu = info.request(orch_scheduler::snapshot::GPU);
             let devices = sim
                 .node(id)
-                .and_then(|n| crate::scheduler::parse_devices(n, w, gpu).or_else(|| n.pick_devices(gpu)))
+                .and_then(|n| orch_scheduler::parse_devices(n, w, gpu).or_else(|| n.pick_devices(gpu)))
                 .unwrap_or_default();
             sim.place(info, Placement { node: id, node_name: Arc::from(node.as_str()), devices }, false);
         }
@@ -428,7 +354,7 @@ impl Provisioner {
                     continue;
                 }
                 let name = format!("{}-{}", pool.name, &uuid::Uuid::new_v4().simple().to_string()[..10]);
-                sim.upsert_node(&pool.registered(&name));
+                sim.upsert_node(&registered(pool, &name));
                 {
                     let mut ranks = ranks.lock().unwrap_or_else(|e| e.into_inner());
                     let next = ranks.len() as i64;
@@ -459,7 +385,7 @@ impl Provisioner {
                 continue;
             }
             // The intent first: a pass after a crash or a failover sees the node and counts it.
-            api.create(&pool.new_node(&name, now)).await?;
+            api.create(&new_node(&pool, &name, now)).await?;
             match self.provider.launch(&name, &pool).await {
                 Ok(provider_id) => {
                     if let Ok(mut node) = api.get(&name).await {
@@ -606,12 +532,13 @@ impl Runnable for Provisioner {
     }
 
     fn prepare(&mut self, caches: &CacheRegistry, store: &Arc<dyn Store>) {
-        caches.cluster(store);
+        caches.get_or_start::<Node>(store);
+        caches.get_or_start::<Workload>(store);
     }
 
     fn run(self: Box<Self>, parts: RunParts) -> BoxFuture<'static, ()> {
-        let RunParts { store, caches, leader, shutdown } = parts;
-        let (nodes, workloads) = caches.cluster(&store);
+        let RunParts { store, caches, leader, shutdown, .. } = parts;
+        let (nodes, workloads) = (caches.get_or_start::<Node>(&store), caches.get_or_start::<Workload>(&store));
         (*self).serve(store, nodes, workloads, leader, shutdown).boxed()
     }
 }
@@ -626,16 +553,16 @@ const FIRST_FIT_WEIGHT: i64 = 1_000;
 /// Scores nodes by their rank in the provisioner's order, earliest highest.
 struct FirstFit(Arc<Mutex<HashMap<String, i64>>>);
 
-impl crate::scheduler::Plugin for FirstFit {
+impl orch_scheduler::Plugin for FirstFit {
     fn name(&self) -> &str {
         "ProvisionerFirstFit"
     }
 
-    fn points(&self) -> crate::scheduler::Points {
-        crate::scheduler::Points::SCORE
+    fn points(&self) -> orch_scheduler::Points {
+        orch_scheduler::Points::SCORE
     }
 
-    fn score(&self, _cx: &crate::scheduler::Ctx<'_>, node: &crate::scheduler::NodeInfo) -> i64 {
+    fn score(&self, _cx: &orch_scheduler::Ctx<'_>, node: &orch_scheduler::NodeInfo) -> i64 {
         let ranks = self.0.lock().unwrap_or_else(|e| e.into_inner());
         1_000_000 - ranks.get(&*node.name).copied().unwrap_or(999_999).min(999_999)
     }
@@ -665,86 +592,5 @@ async fn delete_node(api: &Api<Node>, name: &str) -> Result<()> {
     match api.delete(name, &DeleteOptions::default()).await {
         Ok(_) | Err(Error::NotFound(_)) => Ok(()),
         Err(e) => Err(e),
-    }
-}
-
-/// A [`NodeProvider`] that starts each node as an [`Agent`] in this process, on a runtime made
-/// for it: for simulated clusters (with the simulated runtime), tests, and one machine split into
-/// several nodes. Terminating a node drains its agent (its instances are stopped).
-pub struct LocalNodes {
-    store: Arc<dyn Store>,
-    runtime_for: RuntimeFor,
-    configure: Box<dyn Fn(AgentConfig) -> AgentConfig + Send + Sync>,
-    running: Mutex<HashMap<String, Running>>,
-}
-
-type RuntimeFor = Box<dyn Fn(&str) -> Arc<dyn Runtime> + Send + Sync>;
-type Running = (oneshot::Sender<()>, JoinHandle<Result<()>>);
-
-impl std::fmt::Debug for LocalNodes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalNodes").field("running", &self.running().len()).finish()
-    }
-}
-
-impl LocalNodes {
-    /// Nodes whose agents use `store`, each on the runtime `runtime_for` makes for its name.
-    pub fn new(store: Arc<dyn Store>, runtime_for: impl Fn(&str) -> Arc<dyn Runtime> + Send + Sync + 'static) -> Self {
-        LocalNodes {
-            store,
-            runtime_for: Box::new(runtime_for),
-            configure: Box::new(|c| c),
-            running: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Adjusts each agent's settings (heartbeat, resync…) before it starts.
-    pub fn configure(mut self, f: impl Fn(AgentConfig) -> AgentConfig + Send + Sync + 'static) -> Self {
-        self.configure = Box::new(f);
-        self
-    }
-
-    /// Names of the nodes whose agents run.
-    pub fn running(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.running.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
-        names.sort();
-        names
-    }
-}
-
-#[async_trait]
-impl NodeProvider for LocalNodes {
-    async fn launch(&self, name: &str, pool: &NodePool) -> Result<String> {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if !running.contains_key(name) {
-            let mut config = AgentConfig::new(name);
-            config.labels = pool.labels.clone();
-            config.labels.insert(POOL_LABEL, pool.name.clone());
-            config.taints = pool.taints.clone();
-            config.capacity = Some(pool.capacity.clone());
-            let agent = Agent::new((self.configure)(config), self.store.clone(), (self.runtime_for)(name));
-            let (stop, stopped) = oneshot::channel::<()>();
-            let task = tokio::spawn(agent.run(
-                async move {
-                    let _ = stopped.await;
-                },
-                true,
-            ));
-            running.insert(name.to_string(), (stop, task));
-        }
-        Ok(format!("local://{name}"))
-    }
-
-    async fn terminate(&self, name: &str, _pool: &NodePool) -> Result<()> {
-        let entry = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
-        if let Some((stop, task)) = entry {
-            let _ = stop.send(());
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(node = %name, error = %e, "agent stopped with an error"),
-                Err(e) => tracing::warn!(node = %name, error = %e, "agent task failed"),
-            }
-        }
-        Ok(())
     }
 }

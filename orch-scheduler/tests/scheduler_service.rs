@@ -2,16 +2,17 @@
 //! not fit, wakes on new nodes, survives bind conflicts, evicts preemption victims, and schedules
 //! only while its manager leads.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::kinds::{Node, ResourceRequirements, Workload, find_condition};
-use orch_core::scheduler::{SCHEDULED_CONDITION, SchedulerConfig};
-use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Profile, Quantity, SchedulerService, Store};
+use orch_core::testkit::wait_until;
+use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Quantity, Store};
+use orch_scheduler::Profile;
+use orch_scheduler::SchedulerService;
+use orch_scheduler::{SCHEDULED_CONDITION, SchedulerConfig};
 use orch_store::MemoryStore;
 
 fn node(name: &str, cpu: i64) -> Object<Node> {
@@ -32,20 +33,6 @@ fn workload(name: &str, cpu: &str, priority: i32) -> Object<Workload> {
 
 async fn bound_to(api: &Api<Workload>, name: &str) -> Option<String> {
     api.get(name).await.ok().and_then(|w| w.spec.node_name)
-}
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..500 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn fast() -> SchedulerConfig {
@@ -72,12 +59,12 @@ async fn binds_explains_and_wakes_on_new_nodes() {
             let _ = stopped.await;
         }));
 
-    wait_for("six bound", || async {
+    wait_until("six bound", Duration::from_secs(10), || async {
         let list = api.list(&ListParams::default()).await.unwrap();
         list.items.iter().filter(|w| w.spec.node_name.as_deref() == Some("n1")).count() == 6
     })
     .await;
-    wait_for("big explained", || async {
+    wait_until("big explained", Duration::from_secs(10), || async {
         let w = api.get("big").await.unwrap();
         find_condition(&w.status.conditions, SCHEDULED_CONDITION)
             .is_some_and(|c| c.message == "0/1 nodes fit: 1 insufficient cpu" && c.reason == "Unschedulable")
@@ -86,7 +73,10 @@ async fn binds_explains_and_wakes_on_new_nodes() {
     assert_eq!(bound_to(&api, "big").await, None);
 
     nodes.create(&node("n2", 4)).await.unwrap();
-    wait_for("big bound after a node joined", || async { bound_to(&api, "big").await.as_deref() == Some("n2") }).await;
+    wait_until("big bound after a node joined", Duration::from_secs(10), || async {
+        bound_to(&api, "big").await.as_deref() == Some("n2")
+    })
+    .await;
     let _ = stop.send(());
     svc.await.unwrap();
 }
@@ -121,7 +111,7 @@ async fn bind_conflicts_are_retried_and_changes_respected() {
     for w in writers {
         w.await.unwrap();
     }
-    wait_for("all bound", || async {
+    wait_until("all bound", Duration::from_secs(10), || async {
         let list = api.list(&ListParams::default()).await.unwrap();
         list.items.len() == 40 && list.items.iter().all(|w| w.spec.node_name.as_deref() == Some("n1"))
     })
@@ -144,12 +134,15 @@ async fn preemption_deletes_victims_then_binds() {
         tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
             let _ = stopped.await;
         }));
-    wait_for("lows bound", || async {
+    wait_until("lows bound", Duration::from_secs(10), || async {
         bound_to(&api, "low0").await.is_some() && bound_to(&api, "low1").await.is_some()
     })
     .await;
     api.create(&workload("high", "1500m", 10)).await.unwrap();
-    wait_for("high bound", || async { bound_to(&api, "high").await.as_deref() == Some("n1") }).await;
+    wait_until("high bound", Duration::from_secs(10), || async {
+        bound_to(&api, "high").await.as_deref() == Some("n1")
+    })
+    .await;
     let left = api.list(&ListParams::default()).await.unwrap().items;
     let names: Vec<_> = left.iter().map(|w| w.metadata.name.as_str()).collect();
     assert_eq!(names, vec!["high"], "both lows had to go to make room for 1.5 cpu");
@@ -170,17 +163,17 @@ async fn a_standby_manager_does_not_schedule() {
     // The lock is taken by someone else first.
     let mut other =
         Manager::new(store.clone()).with_leader_election(LeaderElectionConfig { identity: "other".into(), ..lock() });
-    other.add_scheduler(SchedulerService::new(Profile::new("nobody")));
+    other.add(SchedulerService::new(Profile::new("nobody")));
     let mut leadership = other.leadership();
     let (stop_other, other_stopped) = tokio::sync::oneshot::channel::<()>();
     let other = tokio::spawn(other.run(async move {
         let _ = other_stopped.await;
     }));
-    leadership.wait_for(|l| matches!(l, orch_core::controller::Leadership::Leading(_))).await.unwrap();
+    leadership.wait_for(|l| matches!(l, orch_core::Leadership::Leading(_))).await.unwrap();
 
     let mut mine =
         Manager::new(store.clone()).with_leader_election(LeaderElectionConfig { identity: "mine".into(), ..lock() });
-    mine.add_scheduler(SchedulerService::new(Profile::default_profile()).config(fast()));
+    mine.add(SchedulerService::new(Profile::default_profile()).config(fast()));
     let (stop_mine, mine_stopped) = tokio::sync::oneshot::channel::<()>();
     let mine = tokio::spawn(mine.run(async move {
         let _ = mine_stopped.await;
@@ -192,7 +185,10 @@ async fn a_standby_manager_does_not_schedule() {
     // The leader steps down; the standby takes over and binds.
     let _ = stop_other.send(());
     other.await.unwrap().unwrap();
-    wait_for("bound by the new leader", || async { bound_to(&api, "w").await.as_deref() == Some("n1") }).await;
+    wait_until("bound by the new leader", Duration::from_secs(10), || async {
+        bound_to(&api, "w").await.as_deref() == Some("n1")
+    })
+    .await;
     let _ = stop_mine.send(());
     mine.await.unwrap().unwrap();
 }

@@ -2,14 +2,12 @@
 //! eviction timeout evicts its workloads, evictions are rate-limited and pause when most nodes
 //! look down, and a returning heartbeat clears the mark.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use orch_core::agent::{NODE_LEASE_NAMESPACE, NodeLease};
+use orch_controllers::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig, UNREACHABLE_TAINT};
 use orch_core::kinds::{Condition, ConditionStatus, Node, Workload, find_condition, set_condition};
-use orch_core::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig, UNREACHABLE_TAINT};
+use orch_core::kinds::{NODE_LEASE_NAMESPACE, NodeLease};
 use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Store, Timestamp, TokioClock};
 use orch_store::MemoryStore;
 

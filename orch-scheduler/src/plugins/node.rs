@@ -1,9 +1,9 @@
 //! Node-level plugins: queue order, node name, cordon, taints, node affinity.
 
-use crate::kinds::TaintEffect;
-use crate::scheduler::framework::{Ctx, MAX_SCORE, Plugin, Points, Prepare, Unfit};
-use crate::scheduler::queue::Events;
-use crate::scheduler::snapshot::{NodeInfo, Snapshot, WorkloadInfo, taint_blocks_scheduling};
+use crate::framework::{Ctx, MAX_SCORE, Plugin, Points, Prepare, Unfit};
+use crate::queue::Events;
+use crate::snapshot::{NodeInfo, Snapshot, WorkloadInfo, taint_blocks_scheduling};
+use orch_core::kinds::TaintEffect;
 
 /// Queue order: higher priority first, then first come.
 #[derive(Debug, Clone, Copy, Default)]

@@ -4,9 +4,9 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::cache::ObjectRef;
-use crate::scheduler::framework::{Ctx, Diagnosis, Filters, Plugin, Points};
-use crate::scheduler::snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo, WorkloadMatch};
+use crate::framework::{Ctx, Diagnosis, Filters, Plugin, Points};
+use crate::snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo, WorkloadMatch};
+use orch_core::cache::ObjectRef;
 
 /// When nothing fits, finds the node where evicting lower-priority workloads makes room at the
 /// least cost, and names the victims. Never evicts a workload of equal or higher priority.

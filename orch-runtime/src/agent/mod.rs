@@ -8,40 +8,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::api::Api;
-use crate::cache::{Cache, CacheConfig, ObjectRef};
-use crate::controller::queue::{QueueConfig, WorkQueue};
-use crate::error::{Error, Result};
-use crate::kinds::{
-    Condition, ConditionStatus, ContainerState, ContainerStatus, Node, Phase, Probe, ProbeAction, Resources,
-    RestartPolicy, Taint, Workload, WorkloadStatus, set_condition,
+use orch_core::api::Api;
+use orch_core::cache::{Cache, CacheConfig, ObjectRef};
+use orch_core::controller::queue::{QueueConfig, WorkQueue};
+use orch_core::error::{Error, Result};
+use orch_core::kinds::{
+    Condition, ConditionStatus, ContainerState, ContainerStatus, NODE_LEASE_NAMESPACE, Node, NodeLease, Phase, Probe,
+    ProbeAction, Resources, RestartPolicy, Taint, Workload, WorkloadStatus, set_condition,
 };
-use crate::labels::Labels;
-use crate::meta::{Clock, LeaseId, ObjectMeta, SystemClock};
-use crate::object::{Object, Resource, Scope};
-use crate::runtime::{ExitStatus, Handle, InstanceSpec, InstanceState, Runtime};
-use crate::selector::FieldSelector;
-use crate::store::{Selection, Store};
-
-/// Namespace of node heartbeat leases.
-pub const NODE_LEASE_NAMESPACE: &str = "orch-node-lease";
-
-/// A node's heartbeat: it exists while the node's agent keeps its store lease alive.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct NodeLease {
-    /// The node.
-    pub holder: String,
-}
-
-impl Resource for NodeLease {
-    const KIND: &'static str = "NodeLease";
-    const SCOPE: Scope = Scope::Namespaced;
-    type Status = ();
-}
+use orch_core::labels::Labels;
+use orch_core::meta::{Clock, LeaseId, ObjectMeta, SystemClock};
+use orch_core::object::{Object, Resource};
+use orch_core::runtime::{ExitStatus, Handle, InstanceSpec, InstanceState, Runtime};
+use orch_core::selector::FieldSelector;
+use orch_core::store::{Selection, Store};
 
 /// Settings of a node agent.
 #[derive(Debug, Clone)]
@@ -115,7 +97,7 @@ struct Tracked {
     /// The uid tag of the workload it was started for.
     uid_tag: String,
     /// The container spec it was started from; `None` when adopted (taken as current then).
-    spec: Option<Arc<crate::kinds::Container>>,
+    spec: Option<Arc<orch_core::kinds::Container>>,
     /// Stopped by the agent for failing its liveness or startup probe: its exit is a failure,
     /// whatever its code.
     unhealthy_kill: bool,
@@ -317,14 +299,14 @@ fn parse_instance_id(id: &str) -> Option<(ObjectRef, String, String, u32)> {
 fn host_capacity() -> Resources {
     let mut r = Resources::new();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
-    r.insert(crate::kinds::resource::CPU.into(), crate::Quantity::from_units(cpus));
+    r.insert(orch_core::kinds::resource::CPU.into(), orch_core::Quantity::from_units(cpus));
     let mem_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<i64>().ok())
     });
     if let Some(kib) = mem_kib {
-        r.insert(crate::kinds::resource::MEMORY.into(), crate::Quantity::from_bytes(kib * 1024));
+        r.insert(orch_core::kinds::resource::MEMORY.into(), orch_core::Quantity::from_bytes(kib * 1024));
     }
-    r.insert(crate::kinds::resource::PODS.into(), crate::Quantity::from_units(110));
+    r.insert(orch_core::kinds::resource::PODS.into(), orch_core::Quantity::from_units(110));
     r
 }
 
@@ -424,7 +406,7 @@ impl Agent {
         let queue: WorkQueue<ObjectRef> = WorkQueue::new(QueueConfig::default());
         let node = this.config.node_name.clone();
         let (cache, mut events) = match &this.shared {
-            Some(shared) => (shared.clone(), shared.subscribe_index(crate::cache::NODE_INDEX, &node)),
+            Some(shared) => (shared.clone(), shared.subscribe_index(orch_core::cache::NODE_INDEX, &node)),
             None => {
                 let selection =
                     Selection::kind(Workload::KIND).with_fields(FieldSelector::equals("spec.nodeName", node.clone()));
@@ -437,7 +419,7 @@ impl Agent {
         // The workloads bound here (a shared cache holds every node's).
         let mine = {
             let (cache, node) = (cache.clone(), node.clone());
-            move || cache.by_index(crate::cache::NODE_INDEX, &node)
+            move || cache.by_index(orch_core::cache::NODE_INDEX, &node)
         };
         cache.ready().await;
         // Nothing may start before what already runs is known, or a second copy could start.
@@ -624,7 +606,7 @@ impl Agent {
     fn watch_health(
         self: &Arc<Self>,
         key: &ObjectRef,
-        container: &crate::kinds::Container,
+        container: &orch_core::kinds::Container,
         handle: &Handle,
         queue: &WorkQueue<ObjectRef>,
     ) {
@@ -734,7 +716,7 @@ impl Agent {
         };
         let grace = workload.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
         let tag = uid_tag(&workload.metadata.uid);
-        let unavailable = |what: &str, e: crate::runtime::RuntimeError| Error::Unavailable {
+        let unavailable = |what: &str, e: orch_core::runtime::RuntimeError| Error::Unavailable {
             message: format!("{what} for {key}"),
             source: Some(Box::new(e)),
         };
@@ -760,7 +742,7 @@ impl Agent {
             let state = match &tracked {
                 Some(t) => match self.runtime.status(&t.handle).await {
                     Ok(state) => state,
-                    Err(crate::runtime::RuntimeError::NotFound(_)) => InstanceState::Lost,
+                    Err(orch_core::runtime::RuntimeError::NotFound(_)) => InstanceState::Lost,
                     // Unknown is not gone: starting another copy now could run two.
                     Err(e) => return Err(unavailable("reading an instance's state", e)),
                 },

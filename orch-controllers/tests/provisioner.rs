@@ -6,14 +6,20 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use orch_controllers::Provisioner;
+use orch_controllers::ProvisionerConfig;
+use orch_controllers::provisioner::{LAUNCHING_ANNOTATION, PassReport};
 use orch_core::kinds::{Condition, ConditionStatus, Node, Phase, ResourceRequirements, Resources, Workload};
-use orch_core::provisioner::{LAUNCHING_ANNOTATION, POOL_LABEL, PassReport};
-use orch_core::scheduler::{SCHEDULED_CONDITION, SchedulerConfig};
-use orch_core::{
-    Api, ListParams, LocalNodes, Manager, NodePool, NodeProvider, Object, ObjectMeta, Profile, Provisioner,
-    ProvisionerConfig, Quantity, SchedulerService, Store,
-};
+use orch_core::provider::NodePool;
+use orch_core::provider::NodeProvider;
+use orch_core::provider::POOL_LABEL;
+use orch_core::testkit::wait_until;
+use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Quantity, Store};
+use orch_runtime::LocalNodes;
 use orch_runtime::SimCluster;
+use orch_scheduler::Profile;
+use orch_scheduler::SchedulerService;
+use orch_scheduler::{SCHEDULED_CONDITION, SchedulerConfig};
 use orch_store::MemoryStore;
 
 fn shape(cpu: &str, memory: &str) -> Resources {
@@ -38,20 +44,6 @@ fn unschedulable(mut w: Object<Workload>) -> Object<Workload> {
     w
 }
 
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..1000 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 async fn pool_nodes(nodes: &Api<Node>, pool: &str) -> Vec<Object<Node>> {
     let all = nodes.list(&ListParams::default()).await.unwrap().items;
     all.into_iter().filter(|n| n.metadata.labels.get(POOL_LABEL).map(String::as_str) == Some(pool)).collect()
@@ -74,8 +66,8 @@ async fn workloads_that_fit_nowhere_get_nodes_of_their_pool_and_empty_nodes_go_b
         ..SchedulerConfig::default()
     };
     let mut manager = Manager::new(store.clone());
-    manager.add_scheduler(SchedulerService::new(Profile::default_profile()).config(scheduler));
-    manager.add_provisioner(Provisioner::new(pools, provider.clone()).config(fast));
+    manager.add(SchedulerService::new(Profile::default_profile()).config(scheduler));
+    manager.add(Provisioner::new(pools, provider.clone()).config(fast));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(manager.run(async {
         let _ = stopped.await;
@@ -88,7 +80,7 @@ async fn workloads_that_fit_nowhere_get_nodes_of_their_pool_and_empty_nodes_go_b
     }
     api.create(&workload("six", "6")).await.unwrap();
     api.create(&workload("huge", "100")).await.unwrap();
-    wait_for("every workload that fits some pool running", || async {
+    wait_until("every workload that fits some pool running", Duration::from_secs(20), || async {
         let list = api.list(&ListParams::default()).await.unwrap().items;
         list.iter().filter(|w| w.metadata.name != "huge").all(|w| w.status.phase == Phase::Running)
     })
@@ -117,7 +109,7 @@ async fn workloads_that_fit_nowhere_get_nodes_of_their_pool_and_empty_nodes_go_b
     for w in api.list(&ListParams::default()).await.unwrap().items {
         api.delete(&w.metadata.name, &Default::default()).await.unwrap();
     }
-    wait_for("every provisioned node given back", || async {
+    wait_until("every provisioned node given back", Duration::from_secs(20), || async {
         nodes.list(&ListParams::default()).await.unwrap().items.is_empty() && provider.running().is_empty()
     })
     .await;
@@ -243,7 +235,7 @@ async fn a_pool_whose_launch_fails_is_passed_over_for_a_while() {
 
 #[tokio::test]
 async fn a_node_found_busy_while_being_given_back_is_opened_again() {
-    use orch_core::provisioner::SCALING_DOWN_ANNOTATION;
+    use orch_controllers::provisioner::SCALING_DOWN_ANNOTATION;
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let recorder = Arc::new(Recorder::default());
     let pool = NodePool::new("small", shape("2", "4Gi"), 5).empty_after(Duration::ZERO);

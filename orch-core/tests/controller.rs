@@ -2,18 +2,17 @@
 //! triggers, finalizers, backoff, requeue, panics, timeouts, concurrency, shutdown, leader
 //! hand-over.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::eventually;
+use orch_core::Leadership;
+use orch_core::controller::ReconcileError;
 use orch_core::controller::finalizer::{FinalizerEvent, finalizer};
 use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::controller::queue::QueueConfig;
-use orch_core::controller::{Leadership, ReconcileError};
+use orch_core::testkit::eventually;
 use orch_core::{
     Action, Api, Context, Controller, ControllerBuilder, DeleteOptions, Error, Guard, ListParams, Manager, Object,
     ObjectMeta, ObjectRef, Resource, Scope, Store, Validator, WriteOptions,

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use crate::scheduler::framework::{Locality, Permit, Plugin, Points, Prepare, Unfit};
-use crate::scheduler::queue::Events;
-use crate::scheduler::snapshot::{Placement, Snapshot, WorkloadInfo};
+use crate::framework::{Locality, Permit, Plugin, Points, Prepare, Unfit};
+use crate::queue::Events;
+use crate::snapshot::{Placement, Snapshot, WorkloadInfo};
 
-/// All-or-nothing placement of a [`SchedulingGroup`](crate::kinds::SchedulingGroup).
+/// All-or-nothing placement of a [`SchedulingGroup`](orch_core::kinds::SchedulingGroup).
 ///
 /// Pre-filter turns a member away while fewer than `minMembers` of its gang exist (pending or
 /// placed), so a gang that cannot complete holds no resources. Permit holds each placed member

@@ -1,14 +1,12 @@
 //! Caches (reflectors) against a real store: contents, indexes, events, and recovery from
 //! broken watches and compaction.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{FlakyStore, eventually};
 use orch_core::kinds::Workload;
+use orch_core::testkit::{FlakyStore, eventually};
 use orch_core::{
     Api, Cache, CacheConfig, CacheEvent, DeleteOptions, ListParams, Object, ObjectMeta, ObjectRef, OwnerReference,
     Store,

@@ -6,12 +6,12 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use crate::cache::ObjectRef;
-use crate::kinds::{AffinityTerm, Node, Protocol, Taint, TaintEffect, Workload, WorkloadAffinity, resource as res};
-use crate::labels::Labels;
-use crate::object::Object;
-use crate::quantity::Quantity;
-use crate::selector::LabelSelector;
+use orch_core::cache::ObjectRef;
+use orch_core::kinds::{AffinityTerm, Node, Protocol, Taint, TaintEffect, Workload, WorkloadAffinity, resource as res};
+use orch_core::labels::Labels;
+use orch_core::object::Object;
+use orch_core::quantity::Quantity;
+use orch_core::selector::LabelSelector;
 
 /// Index of a node slot in a [`Snapshot`]. Slots of removed nodes are reused.
 pub type NodeId = u32;

@@ -2,9 +2,9 @@
 
 use std::borrow::Cow;
 
-use crate::scheduler::framework::{Ctx, MAX_SCORE, Plugin, Points, Unfit};
-use crate::scheduler::queue::Events;
-use crate::scheduler::snapshot::{CPU, Dim, GPU, MEMORY, NodeInfo, Placement, Snapshot, WorkloadInfo, resource_name};
+use crate::framework::{Ctx, MAX_SCORE, Plugin, Points, Unfit};
+use crate::queue::Events;
+use crate::snapshot::{CPU, Dim, GPU, MEMORY, NodeInfo, Placement, Snapshot, WorkloadInfo, resource_name};
 
 /// How [`ResourcesFit`] scores a node that fits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,7 +33,7 @@ impl ResourcesFit {
 
     /// Scores these resources with these weights (`gpu` included, for instance).
     pub fn with_weights(strategy: ScoringStrategy, weights: &[(&str, i64)]) -> Self {
-        let weights = weights.iter().map(|(n, w)| (crate::scheduler::snapshot::resource_dim(n), *w)).collect();
+        let weights = weights.iter().map(|(n, w)| (crate::snapshot::resource_dim(n), *w)).collect();
         ResourcesFit { strategy, weights }
     }
 }

@@ -1,8 +1,8 @@
 //! Workload affinity and anti-affinity across topology domains.
 
-use crate::scheduler::framework::{Ctx, Locality, MAX_SCORE, Plugin, Points, Prepare, Unfit};
-use crate::scheduler::queue::Events;
-use crate::scheduler::snapshot::{NO_DOMAIN, NodeInfo, Snapshot, WorkloadInfo, WorkloadMatch, workload_affinity};
+use crate::framework::{Ctx, Locality, MAX_SCORE, Plugin, Points, Prepare, Unfit};
+use crate::queue::Events;
+use crate::snapshot::{NO_DOMAIN, NodeInfo, Snapshot, WorkloadInfo, WorkloadMatch, workload_affinity};
 
 /// Workload affinity and anti-affinity.
 ///

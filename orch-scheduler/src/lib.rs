@@ -1,7 +1,7 @@
 //! Placement: the [`Scheduler`] trait, the plugin [`Framework`] that implements it with the
 //! default plugins, the scheduling [`queue`], a synchronous [`SchedulingCore`] (queue, snapshot,
 //! waiting gangs) that benches and simulations drive directly, and the [`SchedulerService`]
-//! that runs it against a store inside a [`Manager`](crate::Manager).
+//! that runs it against a store inside an [`orch_core::Manager`].
 //!
 //! Two ways to plug research in:
 //! - a [`Plugin`] at one or more extension points (filter, score, permit…) in a
@@ -31,9 +31,9 @@ pub use queue::{Events, SchedulingQueue};
 pub use service::{SchedulerConfig, SchedulerService};
 pub use snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo};
 
-use crate::cache::ObjectRef;
-use crate::kinds::Workload;
-use crate::object::Object;
+use orch_core::cache::ObjectRef;
+use orch_core::kinds::Workload;
+use orch_core::object::Object;
 use snapshot::DeviceShare;
 
 /// The [`DEVICES_ANNOTATION`] text for a placement: `id:milli` per device share, by device id
@@ -48,7 +48,7 @@ pub fn devices_annotation(node: &NodeInfo, shares: &[DeviceShare]) -> String {
 
 /// Reads a bound workload's device shares back from its annotation, when they name devices of
 /// `node` that still have room and add up to its `gpu` request.
-pub(crate) fn parse_devices(node: &NodeInfo, object: &Object<Workload>, gpu: i64) -> Option<Vec<DeviceShare>> {
+pub fn parse_devices(node: &NodeInfo, object: &Object<Workload>, gpu: i64) -> Option<Vec<DeviceShare>> {
     let text = object.metadata.annotations.get(DEVICES_ANNOTATION)?;
     let mut free: Vec<i64> = node.devices.iter().map(|d| d.free).collect();
     let mut shares = Vec::new();

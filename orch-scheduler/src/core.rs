@@ -1,17 +1,17 @@
 //! [`SchedulingCore`]: the queue, the snapshot and a [`Scheduler`], wired together without any
-//! I/O. The [`SchedulerService`](super::SchedulerService) feeds it store events and binds what
+//! I/O. The [`SchedulerService`](crate::SchedulerService) feeds it store events and binds what
 //! it decides; benchmarks, property tests and trace replays drive it directly.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::framework::{Diagnosis, Framework};
-use super::queue::{Events, SchedulingQueue};
-use super::snapshot::{Placed, Placement, Snapshot, WorkloadInfo};
-use super::{Decision, Scheduler};
-use crate::cache::ObjectRef;
-use crate::kinds::{Node, Phase, Workload};
-use crate::object::Object;
+use crate::framework::{Diagnosis, Framework};
+use crate::queue::{Events, SchedulingQueue};
+use crate::snapshot::{Placed, Placement, Snapshot, WorkloadInfo};
+use crate::{Decision, Scheduler};
+use orch_core::cache::ObjectRef;
+use orch_core::kinds::{Node, Phase, Workload};
+use orch_core::object::Object;
 
 /// What happened to one workload in a scheduling step.
 #[derive(Debug, Clone)]
@@ -57,7 +57,7 @@ struct Held {
 /// preemptor is placed.
 ///
 /// A placement counts at once as *assumed*; call [`bound`](Self::bound) when its write lands
-/// (the [`SchedulerService`](super::SchedulerService) does). Only bound workloads are
+/// (the [`SchedulerService`](crate::SchedulerService) does). Only bound workloads are
 /// preemption victims, so a driver that never confirms gets no preemption.
 pub struct SchedulingCore<S: Scheduler = Framework> {
     scheduler: S,
@@ -228,8 +228,8 @@ impl<S: Scheduler> SchedulingCore<S> {
                             .snapshot
                             .node(id)
                             .and_then(|n| {
-                                super::parse_devices(n, &object, info.request(super::snapshot::GPU))
-                                    .or_else(|| n.pick_devices(info.request(super::snapshot::GPU)))
+                                crate::parse_devices(n, &object, info.request(crate::snapshot::GPU))
+                                    .or_else(|| n.pick_devices(info.request(crate::snapshot::GPU)))
                             })
                             .unwrap_or_default();
                         let placement = Placement { node: id, node_name: Arc::from(node.as_str()), devices };
@@ -410,7 +410,7 @@ impl<S: Scheduler> SchedulingCore<S> {
                 *f -= s.milli;
                 total += s.milli;
             }
-            if total != w.request(super::snapshot::GPU) {
+            if total != w.request(crate::snapshot::GPU) {
                 return Err("device shares do not add up to the gpu request".into());
             }
             placement.devices.clone()

@@ -11,7 +11,7 @@
 //! only for nodes that changed. Cluster-wide plugins (topology spread, workload affinity) run in
 //! every cycle; their pre-filter gathers what they need in one pass.
 //!
-//! [`SchedulerService`]: super::SchedulerService
+//! [`SchedulerService`]: crate::SchedulerService
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -20,10 +20,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo};
-use super::{DEFAULT_SCHEDULER, Decision, Scheduler};
-use crate::cache::ObjectRef;
-use crate::scheduler::queue::Events;
+use crate::queue::Events;
+use crate::snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo};
+use crate::{DEFAULT_SCHEDULER, Decision, Scheduler};
+use orch_core::cache::ObjectRef;
 
 /// Highest score a plugin should give (scores are weighted and summed).
 pub const MAX_SCORE: i64 = 100;
@@ -285,7 +285,7 @@ impl Profile {
 
     /// The default profile: every default plugin, least-allocated scoring.
     pub fn default_profile() -> Self {
-        super::plugins::default_profile(super::plugins::ScoringStrategy::LeastAllocated)
+        crate::plugins::default_profile(crate::plugins::ScoringStrategy::LeastAllocated)
     }
 
     /// Adds a plugin with a score weight.

@@ -17,19 +17,20 @@ use futures::future::BoxFuture;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::core::{Outcome, OutcomeKind, SchedulingCore};
-use super::framework::{Framework, Profile};
-use super::queue::SchedulingQueue;
-use super::snapshot::Placement;
-use super::{DEFAULT_SCHEDULER, DEVICES_ANNOTATION, SCHEDULED_CONDITION, Scheduler};
-use crate::api::Api;
-use crate::cache::{Cache, CacheEvent, ObjectRef};
-use crate::controller::{CacheRegistry, Leadership, RunParts, Runnable};
-use crate::error::Error;
-use crate::kinds::{Condition, ConditionStatus, Node, Workload, find_condition, set_condition};
-use crate::meta::{Clock, SystemClock};
-use crate::object::Object;
-use crate::store::{DeleteOptions, Guard, Store};
+use crate::core::{Outcome, OutcomeKind, SchedulingCore};
+use crate::framework::{Framework, Profile};
+use crate::queue::SchedulingQueue;
+use crate::snapshot::Placement;
+use crate::{DEFAULT_SCHEDULER, DEVICES_ANNOTATION, SCHEDULED_CONDITION, Scheduler};
+use orch_core::api::Api;
+use orch_core::cache::CacheRegistry;
+use orch_core::cache::{Cache, CacheEvent, ObjectRef};
+use orch_core::error::Error;
+use orch_core::kinds::{Condition, ConditionStatus, Node, Workload, find_condition, set_condition};
+use orch_core::meta::{Clock, SystemClock};
+use orch_core::object::Object;
+use orch_core::runnable::{Leadership, RunParts, Runnable};
+use orch_core::store::{DeleteOptions, Guard, Store};
 
 /// Settings of a [`SchedulerService`].
 #[derive(Debug, Clone)]
@@ -262,7 +263,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
         if placement.devices.is_empty() {
             return None;
         }
-        self.core.snapshot().node(placement.node).map(|n| super::devices_annotation(n, &placement.devices))
+        self.core.snapshot().node(placement.node).map(|n| crate::devices_annotation(n, &placement.devices))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -407,12 +408,13 @@ impl<S: Scheduler + 'static> Runnable for SchedulerService<S> {
     }
 
     fn prepare(&mut self, caches: &CacheRegistry, store: &Arc<dyn Store>) {
-        caches.cluster(store);
+        caches.get_or_start::<Node>(store);
+        caches.get_or_start::<Workload>(store);
     }
 
     fn run(self: Box<Self>, parts: RunParts) -> BoxFuture<'static, ()> {
-        let RunParts { store, caches, leader, shutdown } = parts;
-        let (nodes, workloads) = caches.cluster(&store);
+        let RunParts { store, caches, leader, shutdown, .. } = parts;
+        let (nodes, workloads) = (caches.get_or_start::<Node>(&store), caches.get_or_start::<Workload>(&store));
         (*self).serve(store, nodes, workloads, leader, shutdown).boxed()
     }
 }

@@ -1,0 +1,32 @@
+//! # orch-controllers
+//!
+//! The control plane's own controllers, built on `orch-core`'s reconcile loop and
+//! [`Manager`](orch_core::Manager) like any controller an application writes:
+//!
+//! - [`node_lifecycle`]: notices nodes whose agents stopped heartbeating, marks them not ready
+//!   and tainted, and after a timeout evicts their workloads, rate-limited;
+//! - [`provisioner`]: asks a [`NodeProvider`](orch_core::provider::NodeProvider) for new nodes
+//!   when workloads fit nowhere (packing them with the scheduler's own plugins), and gives back
+//!   nodes that stay empty.
+//!
+//! Each goes into a manager through [`Manager::add`](orch_core::Manager::add):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use orch_controllers::NodeLifecycle;
+//! use orch_core::{Manager, Store};
+//!
+//! # async fn run(store: Arc<dyn Store>) -> orch_core::Result<()> {
+//! let mut manager = Manager::new(store);
+//! manager.add(NodeLifecycle::builder(Default::default()));
+//! manager.run(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+//!
+//! The scheduler lives in `orch-scheduler`, the node agent in `orch-runtime`.
+
+pub mod node_lifecycle;
+pub mod provisioner;
+
+pub use node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
+pub use provisioner::{PassReport, Provisioner, ProvisionerConfig};
