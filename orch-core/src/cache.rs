@@ -51,8 +51,7 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// Computes the index values of an object (for example its node name).
-pub type Indexer<K> = Arc<dyn Fn(&Object<K>) -> Vec<String> + Send + Sync>;
+pub use crate::object::Indexer;
 
 /// Name of the built-in index of labels; values are `key=value`.
 pub const LABEL_INDEX: &str = "label";
@@ -341,7 +340,11 @@ impl<K: Resource> Cache<K> {
         }) {
             Some(p) => {
                 let status = if obj.status.is_null() { Ok(K::Status::default()) } else { obj.status.decode() };
-                status.map(|status| Object { metadata: obj.metadata.clone(), spec: p.spec.clone(), status })
+                status.map_err(Error::from).map(|status| Object {
+                    metadata: obj.metadata.clone(),
+                    spec: p.spec.clone(),
+                    status,
+                })
             }
             None => Object::<K>::from_dynamic(obj),
         };

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::object::{DynamicObject, ObjectKey};
+use crate::dynamic::{DynamicObject, ObjectKey};
+use crate::json::JsonError;
 use crate::validation::ValidationError;
 
 /// Result alias for store and API calls.
@@ -97,6 +98,12 @@ pub enum Error {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+}
+
+impl From<JsonError> for Error {
+    fn from(e: JsonError) -> Self {
+        Error::Serialization { what: e.what, source: e.source }
+    }
 }
 
 impl Error {

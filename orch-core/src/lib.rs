@@ -31,7 +31,9 @@
 pub mod api;
 pub mod cache;
 pub mod controller;
+mod dynamic;
 pub mod error;
+mod json;
 pub mod kinds;
 pub mod labels;
 pub mod manager;
@@ -54,7 +56,7 @@ pub use error::{Error, Result};
 pub use labels::Labels;
 pub use manager::Manager;
 pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestamp, TokioClock};
-pub use object::{DynamicObject, Object, ObjectKey, RawJson, Resource, Scope};
+pub use object::{DynamicObject, JsonError, Object, ObjectKey, RawJson, Resource, Scope};
 pub use quantity::Quantity;
 pub use runnable::{Leadership, RunParts, Runnable};
 pub use runtime::{Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};

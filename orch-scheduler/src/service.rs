@@ -1,5 +1,5 @@
 //! [`SchedulerService`]: a scheduler running against a store, inside a
-//! [`Manager`](crate::Manager) (or on its own).
+//! [`Manager`](orch_core::Manager) (or on its own).
 //!
 //! It keeps a [`SchedulingCore`] fed from the shared Node and Workload caches, schedules
 //! whenever work is ready, and binds asynchronously: a decision counts in the snapshot at once
@@ -59,8 +59,8 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// A scheduler running against a store. Add it to a [`Manager`](crate::Manager) with
-/// [`Manager::add_scheduler`](crate::Manager::add_scheduler) (it then schedules only while the
+/// A scheduler running against a store. Add it to a [`Manager`](orch_core::Manager) with
+/// [`Manager::add`](orch_core::Manager::add) (it then schedules only while the
 /// manager leads), or run it alone with [`SchedulerService::run`].
 pub struct SchedulerService<S: Scheduler + 'static = Framework> {
     core: SchedulingCore<S>,

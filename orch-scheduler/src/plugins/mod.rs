@@ -31,6 +31,19 @@ pub use spread::TopologySpread;
 use super::DEFAULT_SCHEDULER;
 use super::framework::Profile;
 
+impl Profile {
+    /// The default profile: every default plugin, least-allocated scoring.
+    pub fn default_profile() -> Self {
+        default_profile(ScoringStrategy::LeastAllocated)
+    }
+}
+
+impl Default for crate::Framework {
+    fn default() -> Self {
+        crate::Framework::new(Profile::default_profile())
+    }
+}
+
 /// Every default plugin with kube-scheduler's default weights, scoring with `strategy`.
 pub fn default_profile(strategy: ScoringStrategy) -> Profile {
     Profile::new(DEFAULT_SCHEDULER)
