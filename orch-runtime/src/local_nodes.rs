@@ -10,7 +10,7 @@ use orch_core::{Runtime, Store};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::agent::{Agent, AgentConfig};
+use crate::agent::{Agent, AgentConfig, AgentError};
 
 /// A [`NodeProvider`] that starts each node as an [`Agent`] in this process, on a runtime made
 /// for it: for simulated clusters (with the simulated runtime), tests, and one machine split into
@@ -23,7 +23,7 @@ pub struct LocalNodes {
 }
 
 type RuntimeFor = Box<dyn Fn(&str) -> Arc<dyn Runtime> + Send + Sync>;
-type Running = (oneshot::Sender<()>, JoinHandle<Result<()>>);
+type Running = (oneshot::Sender<()>, JoinHandle<Result<(), AgentError>>);
 
 impl std::fmt::Debug for LocalNodes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -52,7 +52,7 @@ fn start_agent(
     store: &Arc<dyn Store>,
     runtime: &Arc<dyn Runtime>,
     drain: bool,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<orch_core::Result<()>>) {
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), orch_runtime::AgentError>>) {
     let (tx, rx) = oneshot::channel::<()>();
     let agent = Agent::new(config(), store.clone(), runtime.clone());
     let handle = tokio::spawn(agent.run(

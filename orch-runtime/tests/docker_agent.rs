@@ -45,7 +45,7 @@ fn start_agent(
     runtime: &Arc<dyn Runtime>,
     node: &str,
     drain: bool,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<orch_core::Result<()>>) {
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), orch_runtime::AgentError>>) {
     let (tx, rx) = oneshot::channel::<()>();
     let agent = Agent::new(agent_config(node), store.clone(), runtime.clone());
     let handle = tokio::spawn(agent.run(

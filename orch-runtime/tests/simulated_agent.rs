@@ -24,7 +24,7 @@ fn sim_workload(name: &str, node: &str, env: &[(&str, &str)]) -> Object<Workload
 fn spawn_agent(
     agent: Agent,
     drain: bool,
-) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<orch_core::Result<()>>) {
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), orch_runtime::AgentError>>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(agent.run(
         async move {

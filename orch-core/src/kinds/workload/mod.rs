@@ -1,4 +1,4 @@
-//! The [`Workload`] kind: what runs ([`container`] types), where it may run ([`scheduling`]
+//! The [`Workload`] kind: what runs (containers and volumes), where it may run (scheduling
 //! constraints), its status, and the validation of its spec.
 
 use serde::{Deserialize, Serialize};
@@ -9,8 +9,8 @@ use crate::meta::Timestamp;
 use crate::object::{Resource, Scope};
 use crate::validation::Validator;
 
-pub mod container;
-pub mod scheduling;
+mod container;
+mod scheduling;
 mod validate;
 
 pub use container::*;

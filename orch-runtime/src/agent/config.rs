@@ -1,0 +1,62 @@
+//! [`AgentConfig`]: what a node agent is told about its node and how it paces itself.
+
+use std::time::Duration;
+
+use orch_core::Labels;
+use orch_core::kinds::{Resources, Taint};
+
+/// Settings of a node agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The node's name (a DNS-1123 subdomain).
+    pub node_name: String,
+    /// Node labels.
+    pub labels: Labels,
+    /// Node taints.
+    pub taints: Vec<Taint>,
+    /// Resources the node offers; `None` reads CPUs and memory from the host.
+    pub capacity: Option<Resources>,
+    /// Heartbeat lease time to live: how long a dead agent goes unnoticed (default 40 s).
+    pub lease_ttl: Duration,
+    /// How often the lease is renewed (default 10 s; a renewal writes nothing).
+    pub renew_interval: Duration,
+    /// How often the runtime's instances are checked against what the agent last saw, even
+    /// without events (default 10 s): a difference (an exit whose event was missed, an instance
+    /// gone behind the agent's back) syncs its workload, as does a workload bound here with no
+    /// instance yet, or an instance whose workload is gone. Unchanged workloads cost one status
+    /// read each, not a sync.
+    pub resync_interval: Duration,
+    /// First crash-loop delay (default 10 s); doubles per crash up to `backoff_max`.
+    pub backoff_base: Duration,
+    /// Longest crash-loop delay (default 5 min).
+    pub backoff_max: Duration,
+    /// Running this long without a crash resets the backoff (default 10 min).
+    pub backoff_reset: Duration,
+    /// Grace period when stopping instances (when the workload does not set one; default 30 s).
+    pub stop_grace: Duration,
+    /// Rotate an instance's log file past this size (default 10 MiB), on each resync.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept per stream (default 3).
+    pub log_keep: usize,
+}
+
+impl AgentConfig {
+    /// Defaults for node `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        AgentConfig {
+            node_name: name.into(),
+            labels: Labels::new(),
+            taints: Vec::new(),
+            capacity: None,
+            lease_ttl: Duration::from_secs(40),
+            renew_interval: Duration::from_secs(10),
+            resync_interval: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(300),
+            backoff_reset: Duration::from_secs(600),
+            stop_grace: Duration::from_secs(30),
+            log_max_bytes: 10 * 1024 * 1024,
+            log_keep: 3,
+        }
+    }
+}

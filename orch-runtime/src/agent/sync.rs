@@ -1,0 +1,722 @@
+//! Bringing one workload's instances in line with its spec, in two steps (as kubelet's
+//! `computePodActions` and `SyncPod`):
+//!
+//! - [`plan_container`] is pure: from a container's spec, the agent's record of its instance,
+//!   the state the runtime reports and what its probes concluded, it computes the [`Step`]s to
+//!   take and the status to report. Every rule of restart policies, crash-loop backoff,
+//!   replacement of outdated instances and probe failures lives there, testable without a
+//!   runtime or a clock.
+//! - [`Agent::sync`] observes (reads each instance's state), plans, and applies the steps in
+//!   order through the runtime, then writes the workload's status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orch_core::controller::queue::WorkQueue;
+use orch_core::kinds::{Condition, ConditionStatus, Container};
+use orch_core::kinds::{
+    ContainerState, ContainerStatus, Phase, RestartPolicy, Workload, WorkloadStatus, set_condition,
+};
+use orch_core::runtime::{ExitStatus, Handle, InstanceSpec, InstanceState, RuntimeError};
+use orch_core::{Api, Object, ObjectRef, Timestamp};
+use tokio::time::Instant;
+
+use super::probes::Health;
+use super::{Agent, AgentError, instance_id, uid_tag};
+
+/// One container's instance as the agent tracks it.
+#[derive(Debug, Clone)]
+pub(super) struct Tracked {
+    /// Shared, so the per-pass copy of the record is cheap.
+    pub(super) handle: Arc<Handle>,
+    pub(super) attempt: u32,
+    pub(super) restarts: u32,
+    pub(super) started: Instant,
+    /// Consecutive crashes, for the backoff.
+    pub(super) crashes: u32,
+    /// Not before this may the next attempt start.
+    pub(super) not_before: Option<Instant>,
+    pub(super) last_exit: Option<ExitStatus>,
+    /// The uid tag of the workload it was started for.
+    pub(super) uid_tag: String,
+    /// The container spec it was started from; `None` when adopted (taken as current then).
+    pub(super) spec: Option<Arc<Container>>,
+    /// Stopped by the agent for failing its liveness or startup probe: its exit is a failure,
+    /// whatever its code.
+    pub(super) unhealthy_kill: bool,
+    /// The workload's generation `spec` was last found current at: while it is unchanged the
+    /// spec needs no comparing.
+    pub(super) generation: u64,
+    /// The runtime's state of the instance when a sync last looked (the resync compares).
+    pub(super) seen: Option<InstanceState>,
+}
+
+/// The backoff settings a plan needs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Backoff {
+    /// First crash-loop delay; doubles per crash.
+    pub(super) base: Duration,
+    /// Longest delay.
+    pub(super) max: Duration,
+    /// A crash-free spell this long resets the count.
+    pub(super) reset: Duration,
+}
+
+impl Backoff {
+    /// The delay before the next attempt after `crashes` crashes in a row.
+    pub(super) fn delay(&self, crashes: u32) -> Duration {
+        let factor = 2u32.saturating_pow(crashes.saturating_sub(1).min(16));
+        self.base.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// What a plan reads about one container.
+#[derive(Debug)]
+pub(super) struct Observed<'a> {
+    /// The container as the workload specifies it now.
+    pub(super) container: &'a Container,
+    /// The workload's generation, uid tag and restart policy.
+    pub(super) generation: u64,
+    pub(super) uid_tag: &'a str,
+    pub(super) restart_policy: RestartPolicy,
+    /// The agent's record of the container's current instance, if it has one.
+    pub(super) tracked: Option<Tracked>,
+    /// The runtime's state of that instance (`Lost` when there is none).
+    pub(super) state: InstanceState,
+    /// What its probes concluded, if their loops run.
+    pub(super) health: Option<Health>,
+    /// Now, on the agent's timer clock and on its wall clock.
+    pub(super) now: Instant,
+    pub(super) wall_now: Timestamp,
+    pub(super) backoff: Backoff,
+}
+
+/// One thing to do for a container, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Step {
+    /// Write this record for the container (the resync and the next sync read it).
+    Record(Box<Tracked>),
+    /// Stop the instance (polite, then kill after the grace period); with `remove`, also
+    /// remove it and forget its probe results. A failed stop ends the sync with an error, so
+    /// nothing after it runs: a second copy never starts beside one that may still run.
+    Stop { handle: Arc<Handle>, why: &'static str, remove: bool },
+    /// Forget the container's record (its instance was replaced).
+    Forget,
+    /// Start the probe loops of the (adopted) running instance.
+    StartProbes { handle: Arc<Handle> },
+    /// Start a new instance: attempt number, restart count and crash count to record.
+    Start { attempt: u32, restarts: u32, crashes: u32 },
+}
+
+impl PartialEq for Tracked {
+    fn eq(&self, other: &Self) -> bool {
+        self.handle.id == other.handle.id
+            && self.attempt == other.attempt
+            && self.restarts == other.restarts
+            && self.started == other.started
+            && self.crashes == other.crashes
+            && self.not_before == other.not_before
+            && self.last_exit == other.last_exit
+            && self.uid_tag == other.uid_tag
+            && self.spec == other.spec
+            && self.unhealthy_kill == other.unhealthy_kill
+            && self.generation == other.generation
+            && self.seen == other.seen
+    }
+}
+
+/// What to do for one container, and what to report.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Plan {
+    /// In order.
+    pub(super) steps: Vec<Step>,
+    /// The container's status; `None` when a [`Step::Start`] decides it (running, or why the
+    /// start failed).
+    pub(super) status: Option<ContainerStatus>,
+    /// Look again after this long, even without an event.
+    pub(super) look_after: Option<Duration>,
+}
+
+/// Decides what one container needs (pure: no runtime, no clock, no store).
+pub(super) fn plan_container(o: Observed<'_>) -> Plan {
+    let c = o.container;
+    let mut steps = Vec::new();
+    let mut record = o.tracked;
+    let mut dirty = false;
+    // An instance of another spec, or of an earlier workload with this name, is replaced (that
+    // is an update, not a crash).
+    let outdated = record.as_ref().is_some_and(|t| {
+        t.uid_tag != o.uid_tag || (t.generation != o.generation && t.spec.as_ref().is_some_and(|spec| **spec != *c))
+    });
+    let mut replaced_attempt = None;
+    if let Some(t) = record.as_ref().filter(|_| outdated) {
+        steps.push(Step::Stop { handle: t.handle.clone(), why: "stopping an outdated instance", remove: true });
+        steps.push(Step::Forget);
+        // The replacement continues the attempt count, so its id is new.
+        replaced_attempt = Some(t.attempt + 1);
+        record = None;
+    } else if let Some(t) = record.as_mut()
+        && (t.generation != o.generation || t.seen != Some(o.state))
+    {
+        // Current at this generation; and what the resync compares against.
+        t.generation = o.generation;
+        t.seen = Some(o.state);
+        dirty = true;
+    }
+    let flush = |steps: &mut Vec<Step>, record: &Option<Tracked>, dirty: &mut bool| {
+        if std::mem::take(dirty)
+            && let Some(t) = record
+        {
+            steps.push(Step::Record(Box::new(t.clone())));
+        }
+    };
+    let exited = match (record.as_mut(), o.state) {
+        (Some(t), InstanceState::Running { started_at }) => {
+            if t.spec.is_none() {
+                // Adopted: it runs the current spec from now on.
+                t.spec = Some(Arc::new(c.clone()));
+                dirty = true;
+            }
+            let probed = c.startup_probe.is_some() || c.readiness_probe.is_some() || c.liveness_probe.is_some();
+            let mut health = o.health;
+            if health.is_none() && probed {
+                // Adopted after an agent restart: its probes start now.
+                steps.push(Step::StartProbes { handle: t.handle.clone() });
+                health = Some(Health::initial(c));
+            }
+            if health.is_some_and(|h| h.failed) {
+                // Failed its liveness or startup probe: stop it; the next pass restarts it as a
+                // failure.
+                t.unhealthy_kill = true;
+                let (handle, restarts) = (t.handle.clone(), t.restarts);
+                dirty = true;
+                flush(&mut steps, &record, &mut dirty);
+                steps.push(Step::Stop { handle, why: "stopping an unhealthy instance", remove: false });
+                let status = waiting(c, "Unhealthy", restarts);
+                return Plan { steps, status: Some(status), look_after: Some(Duration::ZERO) };
+            }
+            let status = ContainerStatus {
+                name: c.name.clone(),
+                state: ContainerState::Running { started_at },
+                ready: health.is_none_or(|h| h.ready && h.started),
+                restart_count: t.restarts,
+            };
+            // A crash-free spell resets the backoff.
+            if t.crashes > 0 && o.now.saturating_duration_since(t.started) >= o.backoff.reset {
+                t.crashes = 0;
+                dirty = true;
+            }
+            flush(&mut steps, &record, &mut dirty);
+            return Plan { steps, status: Some(status), look_after: None };
+        }
+        (Some(_), InstanceState::Exited(e)) => Some(e),
+        (Some(t), InstanceState::Lost) => {
+            // Gone without a record: invent its exit once, so it stays the same exit on every
+            // pass (and status does not churn).
+            let e = t.last_exit.unwrap_or(ExitStatus {
+                code: None,
+                signal: None,
+                oom_killed: false,
+                finished_at: o.wall_now,
+            });
+            if t.last_exit.is_none() {
+                t.last_exit = Some(e);
+                dirty = true;
+            }
+            Some(e)
+        }
+        (None, _) => None,
+    };
+    let unhealthy = record.as_ref().is_some_and(|t| t.unhealthy_kill);
+    let restart = match (exited, o.restart_policy) {
+        (None, _) => true, // never started (or just replaced)
+        (Some(_), RestartPolicy::Always) => true,
+        (Some(e), RestartPolicy::OnFailure) => !e.success() || unhealthy,
+        (Some(_), RestartPolicy::Never) => false,
+    };
+    let restarts = record.as_ref().map_or(0, |t| t.restarts);
+    let exited_and_kept = match exited {
+        Some(e) if !restart => Some(e),
+        _ => None,
+    };
+    if let Some(e) = exited_and_kept {
+        flush(&mut steps, &record, &mut dirty);
+        return Plan { steps, status: Some(terminated(c.name.clone(), &e, restarts)), look_after: None };
+    }
+    // Crash-loop backoff before a restart.
+    if let (Some(t), Some(e)) = (record.as_mut(), exited) {
+        let crashes = if t.last_exit == Some(e) {
+            t.crashes
+        } else if o.now.saturating_duration_since(t.started) >= o.backoff.reset {
+            // It ran a crash-free spell first: the count starts over.
+            1
+        } else {
+            t.crashes + 1
+        };
+        let not_before =
+            t.not_before.filter(|_| t.last_exit == Some(e)).unwrap_or_else(|| o.now + o.backoff.delay(crashes));
+        t.crashes = crashes;
+        t.not_before = Some(not_before);
+        t.last_exit = Some(e);
+        let handle = t.handle.clone();
+        dirty = true;
+        flush(&mut steps, &record, &mut dirty);
+        if o.now < not_before {
+            let status = waiting(c, "CrashLoopBackOff", restarts);
+            return Plan { steps, status: Some(status), look_after: Some(not_before - o.now) };
+        }
+        // Never start the next attempt while the last one might still run.
+        steps.push(Step::Stop { handle, why: "stopping an exited instance", remove: true });
+    }
+    flush(&mut steps, &record, &mut dirty);
+    let (attempt, restarts, crashes) = match &record {
+        Some(t) => (t.attempt + 1, restarts + 1, t.crashes),
+        None => (replaced_attempt.unwrap_or(0), 0, 0),
+    };
+    steps.push(Step::Start { attempt, restarts, crashes });
+    Plan { steps, status: None, look_after: None }
+}
+
+fn waiting(c: &Container, reason: &str, restarts: u32) -> ContainerStatus {
+    ContainerStatus {
+        name: c.name.clone(),
+        state: ContainerState::Waiting { reason: reason.into() },
+        ready: false,
+        restart_count: restarts,
+    }
+}
+
+/// The status of a container whose instance exited and stays so.
+pub(super) fn terminated(name: String, e: &ExitStatus, restarts: u32) -> ContainerStatus {
+    let code = e.code.unwrap_or_else(|| e.signal.map_or(-1, |s| 128 + s));
+    ContainerStatus {
+        name,
+        state: ContainerState::Terminated {
+            exit_code: code,
+            reason: if e.oom_killed {
+                "OOMKilled"
+            } else if code == 0 {
+                "Completed"
+            } else {
+                "Error"
+            }
+            .into(),
+            finished_at: e.finished_at,
+        },
+        ready: false,
+        restart_count: restarts,
+    }
+}
+
+impl Agent {
+    fn backoff(&self) -> Backoff {
+        Backoff { base: self.config.backoff_base, max: self.config.backoff_max, reset: self.config.backoff_reset }
+    }
+
+    fn runtime_error(&self, what: String) -> impl FnOnce(RuntimeError) -> AgentError + '_ {
+        move |source| AgentError::Runtime { runtime: self.runtime.name().to_string(), what, source }
+    }
+
+    /// Brings one workload's instances in line; returns when to look again, if on a timer.
+    pub(super) async fn sync(
+        self: &Arc<Self>,
+        key: &ObjectRef,
+        desired: Option<Arc<Object<Workload>>>,
+        queue: &WorkQueue<ObjectRef>,
+    ) -> Result<Option<Duration>, AgentError> {
+        let wanted = desired.filter(|w| {
+            !w.metadata.is_being_deleted() && w.spec.node_name.as_deref() == Some(self.config.node_name.as_str())
+        });
+        let Some(workload) = wanted else {
+            self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+            // Not (or no longer) ours: stop and remove its instances.
+            let gone: Vec<Tracked> = {
+                let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+                let keys: Vec<_> = instances.keys().filter(|(r, _)| r == key).cloned().collect();
+                keys.into_iter().filter_map(|k| instances.remove(&k)).collect()
+            };
+            for t in gone {
+                self.runtime.stop(&t.handle, self.config.stop_grace).await.ok();
+                self.runtime.remove(&t.handle).await.ok();
+            }
+            return Ok(None);
+        };
+        let grace = workload.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
+        let tag = uid_tag(&workload.metadata.uid);
+        // Instances of containers no longer in the spec go.
+        let dropped: Vec<Tracked> = {
+            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<_> = instances
+                .keys()
+                .filter(|(r, name)| r == key && !workload.spec.containers.iter().any(|c| &c.name == name))
+                .cloned()
+                .collect();
+            gone.into_iter().filter_map(|k| instances.remove(&k)).collect()
+        };
+        for t in dropped {
+            self.runtime
+                .stop(&t.handle, grace)
+                .await
+                .map_err(self.runtime_error(format!("stopping a dropped container for {key}")))?;
+            self.runtime.remove(&t.handle).await.ok();
+        }
+        let mut next_look: Option<Duration> = None;
+        let mut statuses = Vec::new();
+        for c in &workload.spec.containers {
+            let slot = (key.clone(), c.name.clone());
+            let tracked = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).cloned();
+            let state = match &tracked {
+                Some(t) => match self.runtime.status(&t.handle).await {
+                    Ok(state) => state,
+                    Err(RuntimeError::NotFound(_)) => InstanceState::Lost,
+                    // Unknown is not gone: starting another copy now could run two.
+                    Err(e) => return Err(self.runtime_error(format!("reading an instance's state for {key}"))(e)),
+                },
+                None => InstanceState::Lost,
+            };
+            let health = tracked
+                .as_ref()
+                .and_then(|t| self.health.lock().unwrap_or_else(|e| e.into_inner()).get(&t.handle.id).copied());
+            let plan = plan_container(Observed {
+                container: c,
+                generation: workload.metadata.generation,
+                uid_tag: &tag,
+                restart_policy: workload.spec.restart_policy,
+                tracked,
+                state,
+                health,
+                now: Instant::now(),
+                wall_now: self.clock.now(),
+                backoff: self.backoff(),
+            });
+            if let Some(after) = plan.look_after {
+                next_look = Some(next_look.map_or(after, |n| n.min(after)));
+            }
+            if let Some(status) = plan.status {
+                statuses.push(status);
+            }
+            for step in plan.steps {
+                match step {
+                    Step::Record(t) => {
+                        self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert(slot.clone(), *t);
+                    }
+                    Step::Forget => {
+                        self.instances.lock().unwrap_or_else(|e| e.into_inner()).remove(&slot);
+                    }
+                    Step::Stop { handle, why, remove } => {
+                        self.runtime
+                            .stop(&handle, grace)
+                            .await
+                            .map_err(self.runtime_error(format!("{why} for {key}")))?;
+                        if remove {
+                            self.runtime.remove(&handle).await.ok();
+                            self.health.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle.id);
+                        }
+                    }
+                    Step::StartProbes { handle } => self.watch_health(key, c, &handle, queue),
+                    Step::Start { attempt, restarts, crashes } => {
+                        let (status, look) =
+                            self.start(key, c, &workload, &tag, (attempt, restarts, crashes), queue).await;
+                        statuses.push(status);
+                        if let Some(after) = look {
+                            next_look = Some(next_look.map_or(after, |n| n.min(after)));
+                        }
+                    }
+                }
+            }
+        }
+        if !self.report(&workload, statuses).await? {
+            // The status write lost a race with a newer version (possibly the echo of this
+            // agent's own last write, which is not synced): look again once the cache has it.
+            let soon = Duration::from_millis(10);
+            next_look = Some(next_look.map_or(soon, |n| n.min(soon)));
+        }
+        Ok(next_look)
+    }
+
+    /// Starts a new instance of `c`; returns its status, and when to look again if it failed.
+    async fn start(
+        self: &Arc<Self>,
+        key: &ObjectRef,
+        c: &Container,
+        workload: &Object<Workload>,
+        tag: &str,
+        (attempt, restarts, crashes): (u32, u32, u32),
+        queue: &WorkQueue<ObjectRef>,
+    ) -> (ContainerStatus, Option<Duration>) {
+        let spec = InstanceSpec {
+            id: instance_id(key, &c.name, &workload.metadata.uid, attempt),
+            container: c.clone(),
+            volumes: Vec::new(),
+            labels: [("orch.dev/node", self.config.node_name.as_str()), ("orch.dev/workload", key.name.as_str())]
+                .into(),
+        };
+        match self.runtime.start(&spec).await {
+            Ok(handle) => {
+                let started_at = self.clock.now();
+                // What the next resync compares against (without it, every new instance would
+                // look changed to it once).
+                let seen = self.runtime.status(&handle).await.ok();
+                let t = Tracked {
+                    handle: Arc::new(handle.clone()),
+                    attempt,
+                    restarts,
+                    started: Instant::now(),
+                    crashes,
+                    not_before: None,
+                    last_exit: None,
+                    uid_tag: tag.to_string(),
+                    spec: Some(Arc::new(c.clone())),
+                    unhealthy_kill: false,
+                    generation: workload.metadata.generation,
+                    seen,
+                };
+                self.instances.lock().unwrap_or_else(|e| e.into_inner()).insert((key.clone(), c.name.clone()), t);
+                self.watch_health(key, c, &handle, queue);
+                // Wake this workload when the instance exits.
+                let (runtime, queue, key) = (self.runtime.clone(), queue.clone(), key.clone());
+                tokio::spawn(async move {
+                    let _ = runtime.wait(&handle).await;
+                    queue.add(key);
+                });
+                let status = ContainerStatus {
+                    name: c.name.clone(),
+                    state: ContainerState::Running { started_at },
+                    // Not ready until its probes say so.
+                    ready: c.readiness_probe.is_none() && c.startup_probe.is_none(),
+                    restart_count: restarts,
+                };
+                (status, None)
+            }
+            Err(e) => (waiting(c, &format!("StartFailed: {e}"), restarts), Some(self.config.backoff_base)),
+        }
+    }
+
+    /// Writes the status if it changed; false when the write lost a race with a newer version.
+    async fn report(&self, workload: &Object<Workload>, statuses: Vec<ContainerStatus>) -> Result<bool, AgentError> {
+        let now = self.clock.now();
+        let running = statuses.iter().any(|s| matches!(s.state, ContainerState::Running { .. }));
+        let all_done = statuses.iter().all(|s| matches!(s.state, ContainerState::Terminated { .. }));
+        let all_ok = statuses.iter().all(|s| matches!(s.state, ContainerState::Terminated { exit_code: 0, .. }));
+        let phase = if running {
+            Phase::Running
+        } else if all_done && all_ok {
+            Phase::Succeeded
+        } else if all_done {
+            Phase::Failed
+        } else {
+            Phase::Pending
+        };
+        let ready = statuses.iter().all(|s| s.ready);
+        let mut status = WorkloadStatus {
+            phase,
+            restart_count: statuses.iter().map(|s| s.restart_count).sum(),
+            start_time: workload.status.start_time.or(Some(now)),
+            conditions: workload.status.conditions.clone(),
+            container_statuses: statuses,
+            ..Default::default()
+        };
+        let cond = if ready { ConditionStatus::True } else { ConditionStatus::False };
+        set_condition(
+            &mut status.conditions,
+            Condition::new("Ready", cond, if ready { "Running" } else { "NotReady" }),
+            now,
+        );
+        if status == workload.status {
+            return Ok(true);
+        }
+        let mut next = workload.clone();
+        next.status = status;
+        let api: Api<Workload> = Api::namespaced(self.store.clone(), &workload.metadata.namespace);
+        match api.replace_status(&next).await {
+            Ok(written) => {
+                self.written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(ObjectRef::of(&written), written.metadata.resource_version);
+                Ok(true)
+            }
+            Err(e) if e.is_conflict() => {
+                self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(&ObjectRef::of(workload));
+                Ok(false)
+            }
+            // Deleted meanwhile: its deletion event syncs it.
+            Err(e) if e.is_not_found() => Ok(true),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orch_core::kinds::Probe;
+
+    const BACKOFF: Backoff =
+        Backoff { base: Duration::from_secs(10), max: Duration::from_secs(300), reset: Duration::from_secs(600) };
+
+    fn container(args: &[&str]) -> Container {
+        Container { name: "main".into(), command: args.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    }
+
+    fn record(c: &Container, attempt: u32, started: Instant) -> Tracked {
+        Tracked {
+            handle: Arc::new(Handle {
+                runtime: "test".into(),
+                version: 1,
+                id: format!("default.web.main.tag-{attempt}"),
+                data: serde_json::Value::Null,
+            }),
+            attempt,
+            restarts: attempt,
+            started,
+            crashes: 0,
+            not_before: None,
+            last_exit: None,
+            uid_tag: "tag".into(),
+            spec: Some(Arc::new(c.clone())),
+            unhealthy_kill: false,
+            generation: 1,
+            seen: None,
+        }
+    }
+
+    fn tcp_probe() -> Probe {
+        serde_json::from_value(serde_json::json!({"action": {"tcp": {"port": 80}}})).unwrap()
+    }
+
+    fn exit(code: i32) -> ExitStatus {
+        ExitStatus { code: Some(code), signal: None, oom_killed: false, finished_at: Timestamp(5) }
+    }
+
+    fn observe(c: &Container, tracked: Option<Tracked>, state: InstanceState, now: Instant) -> Observed<'_> {
+        Observed {
+            container: c,
+            generation: 1,
+            uid_tag: "tag",
+            restart_policy: RestartPolicy::Always,
+            tracked,
+            state,
+            health: None,
+            now,
+            wall_now: Timestamp(9),
+            backoff: BACKOFF,
+        }
+    }
+
+    #[test]
+    fn a_container_with_no_instance_is_started_as_attempt_zero() {
+        let c = container(&["sleep", "60"]);
+        let plan = plan_container(observe(&c, None, InstanceState::Lost, Instant::now()));
+        assert_eq!(plan.steps, vec![Step::Start { attempt: 0, restarts: 0, crashes: 0 }]);
+        assert_eq!(plan.status, None, "the start decides the status");
+    }
+
+    #[test]
+    fn a_running_instance_is_kept_and_reported_ready_and_seen() {
+        let (c, now) = (container(&["sleep", "60"]), Instant::now());
+        let running = InstanceState::Running { started_at: Timestamp(1) };
+        let plan = plan_container(observe(&c, Some(record(&c, 0, now)), running, now));
+        let Some(Step::Record(t)) = plan.steps.first() else { panic!("expected a record update: {:?}", plan.steps) };
+        assert_eq!(t.seen, Some(running), "the resync compares against what this sync saw");
+        assert_eq!(plan.steps.len(), 1);
+        let status = plan.status.unwrap();
+        assert!(status.ready);
+        assert_eq!(status.state, ContainerState::Running { started_at: Timestamp(1) });
+    }
+
+    #[test]
+    fn a_crash_waits_out_the_backoff_then_stops_the_old_attempt_before_starting_the_next() {
+        let (c, now) = (container(&["false"]), Instant::now());
+        let first = plan_container(observe(&c, Some(record(&c, 0, now)), InstanceState::Exited(exit(1)), now));
+        let Some(Step::Record(after)) = first.steps.last() else { panic!("{:?}", first.steps) };
+        assert_eq!((after.crashes, after.not_before), (1, Some(now + Duration::from_secs(10))));
+        assert_eq!(first.look_after, Some(Duration::from_secs(10)));
+        assert!(
+            matches!(first.status.unwrap().state, ContainerState::Waiting { ref reason } if reason == "CrashLoopBackOff")
+        );
+        assert!(!first.steps.iter().any(|s| matches!(s, Step::Start { .. } | Step::Stop { .. })));
+
+        let later = now + Duration::from_secs(10);
+        let second = plan_container(observe(&c, Some((**after).clone()), InstanceState::Exited(exit(1)), later));
+        let kinds: Vec<_> = second.steps.iter().filter(|s| !matches!(s, Step::Record(_))).collect();
+        assert!(matches!(kinds[0], Step::Stop { why: "stopping an exited instance", remove: true, .. }), "{kinds:?}");
+        assert_eq!(kinds[1], &Step::Start { attempt: 1, restarts: 1, crashes: 1 });
+    }
+
+    #[test]
+    fn the_backoff_doubles_per_crash_up_to_its_cap() {
+        assert_eq!(BACKOFF.delay(1), Duration::from_secs(10));
+        assert_eq!(BACKOFF.delay(2), Duration::from_secs(20));
+        assert_eq!(BACKOFF.delay(5), Duration::from_secs(160));
+        assert_eq!(BACKOFF.delay(6), Duration::from_secs(300));
+        assert_eq!(BACKOFF.delay(60), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn an_exit_under_restart_policy_never_stays_terminated_and_starts_nothing() {
+        let (c, now) = (container(&["true"]), Instant::now());
+        let mut o = observe(&c, Some(record(&c, 0, now)), InstanceState::Exited(exit(0)), now);
+        o.restart_policy = RestartPolicy::Never;
+        let plan = plan_container(o);
+        assert!(!plan.steps.iter().any(|s| matches!(s, Step::Start { .. } | Step::Stop { .. })));
+        assert!(
+            matches!(plan.status.unwrap().state, ContainerState::Terminated { exit_code: 0, ref reason, .. } if reason == "Completed")
+        );
+    }
+
+    #[test]
+    fn a_changed_spec_replaces_the_instance_continuing_the_attempt_count() {
+        let (old, now) = (container(&["sleep", "60"]), Instant::now());
+        let new = container(&["sleep", "61"]);
+        let running = InstanceState::Running { started_at: Timestamp(1) };
+        let mut o = observe(&new, Some(record(&old, 3, now)), running, now);
+        o.generation = 2;
+        let plan = plan_container(o);
+        assert!(matches!(plan.steps[0], Step::Stop { why: "stopping an outdated instance", remove: true, .. }));
+        assert_eq!(plan.steps[1], Step::Forget);
+        assert_eq!(plan.steps[2], Step::Start { attempt: 4, restarts: 0, crashes: 0 }, "an update is not a crash");
+    }
+
+    #[test]
+    fn a_failed_liveness_probe_stops_the_instance_and_looks_again_at_once() {
+        let now = Instant::now();
+        let mut c = container(&["sleep", "60"]);
+        c.liveness_probe = Some(tcp_probe());
+        let running = InstanceState::Running { started_at: Timestamp(1) };
+        let mut o = observe(&c, Some(record(&c, 0, now)), running, now);
+        o.health = Some(Health { started: true, ready: true, failed: true });
+        let plan = plan_container(o);
+        let Some(Step::Record(t)) = plan.steps.first() else { panic!("{:?}", plan.steps) };
+        assert!(t.unhealthy_kill, "its exit counts as a failure");
+        assert!(matches!(plan.steps[1], Step::Stop { why: "stopping an unhealthy instance", remove: false, .. }));
+        assert_eq!(plan.look_after, Some(Duration::ZERO));
+        assert!(matches!(plan.status.unwrap().state, ContainerState::Waiting { ref reason } if reason == "Unhealthy"));
+    }
+
+    #[test]
+    fn an_adopted_instance_with_probes_starts_them_and_is_not_ready_until_they_pass() {
+        let now = Instant::now();
+        let mut c = container(&["sleep", "60"]);
+        c.readiness_probe = Some(tcp_probe());
+        let mut adopted = record(&c, 2, now);
+        adopted.spec = None;
+        let running = InstanceState::Running { started_at: Timestamp(1) };
+        let plan = plan_container(observe(&c, Some(adopted), running, now));
+        assert!(plan.steps.iter().any(|s| matches!(s, Step::StartProbes { .. })));
+        let Some(Step::Record(t)) = plan.steps.iter().find(|s| matches!(s, Step::Record(_))) else { panic!() };
+        assert!(t.spec.is_some(), "adopted: it runs the current spec from now on");
+        assert!(!plan.status.unwrap().ready);
+    }
+
+    #[test]
+    fn a_lost_instance_gets_one_invented_exit() {
+        let (c, now) = (container(&["sleep", "60"]), Instant::now());
+        let mut o = observe(&c, Some(record(&c, 0, now)), InstanceState::Lost, now);
+        o.restart_policy = RestartPolicy::Never;
+        let plan = plan_container(o);
+        let Some(Step::Record(t)) = plan.steps.iter().find(|s| matches!(s, Step::Record(_))) else { panic!() };
+        assert_eq!(t.last_exit.map(|e| e.finished_at), Some(Timestamp(9)), "invented once, at the wall clock");
+        assert!(matches!(plan.status.unwrap().state, ContainerState::Terminated { exit_code: -1, .. }));
+    }
+}
