@@ -23,15 +23,16 @@
 //! assert_eq!(nodes.list(&Default::default()).await?.items.len(), 1);
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod memory;
 #[cfg(feature = "redb")]
-pub mod redb_store;
+pub mod redb;
 
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdStore, EtcdStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redb")]
-pub use redb_store::{RedbStore, RedbStoreBuilder};
+pub use redb::{RedbStore, RedbStoreBuilder};

@@ -1,4 +1,5 @@
-//! [`LocalEtcd`]: throwaway etcd servers on loopback, for tests, benchmarks and examples.
+//! [`LocalEtcd`]: throwaway etcd servers on loopback, for tests, benchmarks and examples (feature
+//! `local-etcd`, so that a program using the etcd store does not carry a test fixture).
 //!
 //! Each member runs the `etcd` binary found on `PATH` (Debian: `apt-get install etcd-server`)
 //! with its own data directory under the system temp directory and free ports on 127.0.0.1.

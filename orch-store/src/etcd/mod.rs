@@ -62,8 +62,12 @@ use orch_core::{
 };
 use tokio::time::Instant;
 
+#[cfg(feature = "local-etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "local-etcd")))]
 pub mod local;
 
+#[cfg(feature = "local-etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "local-etcd")))]
 pub use local::LocalEtcd;
 
 /// Largest answer accepted from etcd. The client's default (4 MiB) is smaller than one watch
