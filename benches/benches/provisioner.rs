@@ -28,10 +28,10 @@ struct Nothing;
 
 #[async_trait::async_trait]
 impl NodeProvider for Nothing {
-    async fn launch(&self, name: &str, _pool: &NodePool) -> orch_core::Result<String> {
+    async fn launch(&self, name: &str, _pool: &NodePool) -> Result<String, orch_core::provider::ProviderError> {
         Ok(format!("none://{name}"))
     }
-    async fn terminate(&self, _name: &str, _pool: &NodePool) -> orch_core::Result<()> {
+    async fn terminate(&self, _name: &str, _pool: &NodePool) -> Result<(), orch_core::provider::ProviderError> {
         Ok(())
     }
 }

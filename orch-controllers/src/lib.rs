@@ -25,8 +25,10 @@
 //!
 //! The scheduler lives in `orch-scheduler`, the node agent in `orch-runtime`.
 
+mod error;
 pub mod node_lifecycle;
 pub mod provisioner;
 
+pub use error::ProvisionerError;
 pub use node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 pub use provisioner::{PassReport, Provisioner, ProvisionerConfig};

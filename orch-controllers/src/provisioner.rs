@@ -35,6 +35,8 @@ use orch_core::api::{Api, ListParams};
 use orch_core::cache::Cache;
 use orch_core::cache::CacheRegistry;
 use orch_core::error::{Error, Result};
+
+use crate::error::ProvisionerError;
 use orch_core::kinds::{Condition, ConditionStatus, Node, Phase, Workload, find_condition};
 use orch_core::meta::{Clock, ObjectMeta, SystemClock, Timestamp};
 use orch_core::object::Object;
@@ -191,7 +193,7 @@ impl Provisioner {
         guard: Option<Guard>,
         nodes: &[Arc<Object<Node>>],
         workloads: &[Arc<Object<Workload>>],
-    ) -> Result<PassReport> {
+    ) -> Result<PassReport, ProvisionerError> {
         let api: Api<Node> = Api::all(store.clone()).fenced(guard.clone());
         let mut report = PassReport::default();
         let now = self.clock.now();
@@ -216,7 +218,10 @@ impl Provisioner {
             let asked = Timestamp(asked.parse().unwrap_or(0));
             if now.since(asked) >= self.config.launch_timeout {
                 tracing::warn!(node = %name, pool = %pool.name, "provisioned node did not register in time");
-                self.provider.terminate(&name, &pool).await?;
+                self.provider
+                    .terminate(&name, &pool)
+                    .await
+                    .map_err(|source| ProvisionerError::Terminate { node: name.clone(), source })?;
                 delete_node(&api, &name).await?;
                 report.removed.push(name);
                 continue;
@@ -238,7 +243,7 @@ impl Provisioner {
                 Ok(_) => {}
                 // Bound or changed meanwhile: the scheduler has it.
                 Err(e) if e.is_conflict() => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         for node in arrived {
@@ -247,7 +252,7 @@ impl Provisioner {
                 Ok(_) => report.registered.push(open.metadata.name.clone()),
                 // Changed meanwhile: the next pass looks again.
                 Err(e) if e.is_conflict() => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
             tracing::info!(node = %open.metadata.name, "provisioned node registered");
         }
@@ -264,7 +269,7 @@ impl Provisioner {
         arrived: &[Arc<Object<Node>>],
         workloads: &[Arc<Object<Workload>>],
         report: &mut PassReport,
-    ) -> Result<Vec<Planned>> {
+    ) -> Result<Vec<Planned>, ProvisionerError> {
         let mut pending: Vec<&Arc<Object<Workload>>> = workloads.iter().filter(|w| self.waits_for_a_node(w)).collect();
         if pending.is_empty() {
             return Ok(Vec::new());
@@ -394,7 +399,7 @@ impl Provisioner {
                             Ok(_) => {}
                             // The agent registered meanwhile; the id is a courtesy.
                             Err(e) if e.is_conflict() => {}
-                            Err(e) => return Err(e),
+                            Err(e) => return Err(e.into()),
                         }
                     }
                     tracing::info!(node = %name, pool = %pool.name, "node launched");
@@ -422,7 +427,7 @@ impl Provisioner {
         nodes: &[Arc<Object<Node>>],
         workloads: &[Arc<Object<Workload>>],
         report: &mut PassReport,
-    ) -> Result<()> {
+    ) -> Result<(), ProvisionerError> {
         let mut busy: HashMap<&str, usize> = HashMap::new();
         for w in workloads {
             if let Some(node) = &w.spec.node_name
@@ -447,7 +452,7 @@ impl Provisioner {
                     match api.replace(&opened(node, SCALING_DOWN_ANNOTATION)).await {
                         Ok(_) => {}
                         Err(e) if e.is_conflict() => {}
-                        Err(e) => return Err(e),
+                        Err(e) => return Err(e.into()),
                     }
                 }
                 continue;
@@ -463,7 +468,7 @@ impl Provisioner {
             match api.replace(&cordoned).await {
                 Ok(_) => {}
                 Err(e) if e.is_conflict() => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
             let on_node =
                 ListParams { fields: FieldSelector::equals("spec.nodeName", name.clone()), ..Default::default() };
@@ -474,7 +479,10 @@ impl Provisioner {
                 continue;
             }
             tracing::info!(node = %name, pool = %pool.name, "giving back a node that stayed empty");
-            self.provider.terminate(&name, &pool).await?;
+            self.provider
+                .terminate(&name, &pool)
+                .await
+                .map_err(|source| ProvisionerError::Terminate { node: name.clone(), source })?;
             delete_node(api, &name).await?;
             self.empty_since.remove(&name);
             report.removed.push(name);

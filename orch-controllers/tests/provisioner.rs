@@ -127,11 +127,11 @@ struct Recorder {
 
 #[async_trait::async_trait]
 impl NodeProvider for Recorder {
-    async fn launch(&self, name: &str, _pool: &NodePool) -> orch_core::Result<String> {
+    async fn launch(&self, name: &str, _pool: &NodePool) -> Result<String, orch_core::provider::ProviderError> {
         self.launched.lock().unwrap().push(name.to_string());
         Ok(format!("rec://{name}"))
     }
-    async fn terminate(&self, name: &str, _pool: &NodePool) -> orch_core::Result<()> {
+    async fn terminate(&self, name: &str, _pool: &NodePool) -> Result<(), orch_core::provider::ProviderError> {
         self.terminated.lock().unwrap().push(name.to_string());
         Ok(())
     }
@@ -194,15 +194,15 @@ struct Flaky {
 
 #[async_trait::async_trait]
 impl NodeProvider for Flaky {
-    async fn launch(&self, name: &str, _pool: &NodePool) -> orch_core::Result<String> {
+    async fn launch(&self, name: &str, _pool: &NodePool) -> Result<String, orch_core::provider::ProviderError> {
         use std::sync::atomic::Ordering::SeqCst;
         self.attempts.fetch_add(1, SeqCst);
         if self.failing.load(SeqCst) {
-            return Err(orch_core::Error::Unavailable { message: "no capacity in the zone".into(), source: None });
+            return Err(orch_core::provider::ProviderError::new("no capacity in the zone"));
         }
         Ok(format!("flaky://{name}"))
     }
-    async fn terminate(&self, _name: &str, _pool: &NodePool) -> orch_core::Result<()> {
+    async fn terminate(&self, _name: &str, _pool: &NodePool) -> Result<(), orch_core::provider::ProviderError> {
         Ok(())
     }
 }

@@ -28,6 +28,8 @@
 //! |-----------|--------------|
 //! | `testkit` | `testkit::store`: the store conformance suite with its model check |
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod api;
 pub mod cache;
 pub mod controller;
@@ -46,6 +48,7 @@ pub mod runtime;
 pub mod selector;
 pub mod store;
 #[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 pub mod validation;
 

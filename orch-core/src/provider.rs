@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::Result;
 use crate::kinds::{Resources, Taint};
 use crate::labels::Labels;
 
@@ -63,6 +62,30 @@ impl NodePool {
     }
 }
 
+/// Why a provider could not launch or terminate a machine (a cloud API's refusal, a quota, a
+/// lost connection); the provider's own error travels as the source.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    /// What failed, in the provider's words.
+    pub message: String,
+    /// The provider's own error.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ProviderError {
+    /// An error with a message and no source.
+    pub fn new(message: impl Into<String>) -> Self {
+        ProviderError { message: message.into(), source: None }
+    }
+
+    /// An error caused by `source`.
+    pub fn with_source(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ProviderError { message: message.into(), source: Some(Box::new(source)) }
+    }
+}
+
 /// Launches and terminates the machines behind provisioned nodes.
 ///
 /// # To ensure correctness
@@ -75,8 +98,8 @@ impl NodePool {
 pub trait NodeProvider: Send + Sync + 'static {
     /// Starts a machine of `pool`'s shape that registers as node `name`; returns its provider id
     /// (recorded in the node's `spec.providerId`).
-    async fn launch(&self, name: &str, pool: &NodePool) -> Result<String>;
+    async fn launch(&self, name: &str, pool: &NodePool) -> Result<String, ProviderError>;
 
     /// Stops the machine of node `name`.
-    async fn terminate(&self, name: &str, pool: &NodePool) -> Result<()>;
+    async fn terminate(&self, name: &str, pool: &NodePool) -> Result<(), ProviderError>;
 }

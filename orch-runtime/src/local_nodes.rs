@@ -4,8 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use orch_core::Result;
-use orch_core::provider::{NodePool, NodeProvider, POOL_LABEL};
+use orch_core::provider::{NodePool, NodeProvider, POOL_LABEL, ProviderError};
 use orch_core::{Runtime, Store};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -58,7 +57,7 @@ impl LocalNodes {
 
 #[async_trait]
 impl NodeProvider for LocalNodes {
-    async fn launch(&self, name: &str, pool: &NodePool) -> Result<String> {
+    async fn launch(&self, name: &str, pool: &NodePool) -> Result<String, ProviderError> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         if !running.contains_key(name) {
             let mut config = AgentConfig::new(name);
@@ -79,7 +78,7 @@ impl NodeProvider for LocalNodes {
         Ok(format!("local://{name}"))
     }
 
-    async fn terminate(&self, name: &str, _pool: &NodePool) -> Result<()> {
+    async fn terminate(&self, name: &str, _pool: &NodePool) -> Result<(), ProviderError> {
         let entry = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
         if let Some((stop, task)) = entry {
             let _ = stop.send(());

@@ -16,6 +16,7 @@
 //! feasible node is considered for every workload.
 
 pub mod core;
+mod error;
 pub mod framework;
 pub mod plugins;
 pub mod queue;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::core::{Outcome, OutcomeKind, SchedulingCore};
+pub use error::SchedulerError;
 pub use framework::{Ctx, Diagnosis, Framework, Permit, Plugin, Points, Profile, State, Unfit};
 pub use queue::{Events, SchedulingQueue};
 pub use service::{SchedulerConfig, SchedulerService};

@@ -9,7 +9,8 @@
 //! | `EtcdStore` | `etcd` | etcd's (replicated, on disk) | control planes with replicas on several machines, or several clusters sharing one etcd under their own prefixes |
 //!
 //! Every backend passes `orch_core::testkit::store`, so code written against one runs unchanged
-//! on another.
+//! on another. The `local-etcd` feature adds `etcd::LocalEtcd`, which starts a throwaway etcd on
+//! loopback for tests and benches.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -26,13 +27,17 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 pub mod etcd;
 pub mod memory;
 #[cfg(feature = "redb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redb")))]
 pub mod redb;
 
 #[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 pub use etcd::{EtcdStore, EtcdStoreBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redb")))]
 pub use redb::{RedbStore, RedbStoreBuilder};

@@ -66,7 +66,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::framework::{Configured, Plugin};
-use orch_core::error::{Error, Result};
+use crate::error::SchedulerError;
 use orch_core::validation::Validator;
 
 /// A profile as configuration (JSON, YAML, TOML…): plugins by name, in order, with weights.
@@ -219,7 +219,7 @@ impl Registry {
     }
 
     /// Builds a profile; every problem is reported with the field it is about.
-    pub fn profile(&self, config: &ProfileConfig) -> Result<Profile> {
+    pub fn profile(&self, config: &ProfileConfig) -> Result<Profile, SchedulerError> {
         let mut v = Validator::new();
         let mut plugins = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -247,7 +247,7 @@ impl Registry {
                 },
             }
         }
-        v.finish().map_err(|source| Error::Invalid { kind: "ProfileConfig".into(), source })?;
+        v.finish().map_err(SchedulerError::InvalidProfile)?;
         let name = if config.name.is_empty() { DEFAULT_SCHEDULER.to_string() } else { config.name.clone() };
         Ok(Profile { name, plugins, seed: config.seed })
     }
