@@ -1,11 +1,24 @@
 //! # orch-core
 //!
-//! The core of orch, a toolkit for building container orchestrators: the object model, the
-//! [`Store`] trait every state backend implements, typed access through [`Api`], and the
-//! conformance kits every backend must pass.
+//! The contracts of orch, a toolkit for building container orchestrators, and the machinery every
+//! part of it shares. Every backend and every application depends on this crate, and it depends
+//! on nothing else of orch:
 //!
-//! An application picks a store backend (for example `orch_store::MemoryStore`), wraps it in
-//! `Arc<dyn Store>`, and works with typed kinds through [`Api`]:
+//! - the object model: [`Object<K>`](Object) and [`ObjectMeta`], the [`Resource`] trait for your
+//!   own kinds, the built-in [`kinds`] (`Node`, `NodeLease`, `Workload`), selectors, quantities and
+//!   [`validation`] that names every bad field;
+//! - the backend traits: [`Store`] (with its rules in [`store`] and typed access through
+//!   [`Api`]), [`Runtime`], and [`provider::NodeProvider`];
+//! - the reconcile machinery: shared indexed [`Cache`]s, the work queue, the [`Controller`] trait
+//!   and its loop, the [`Manager`] that runs any [`Runnable`] under one leadership, and leader
+//!   election with fencing;
+//! - behind the `testkit` feature, the conformance suites every backend must pass and helpers
+//!   for tests that wait.
+//!
+//! The parts built on it live in their own crates: `orch-store` (memory, embedded, etcd
+//! stores), `orch-runtime` (the node agent and the process, simulated and Docker runtimes),
+//! `orch-scheduler` (the `Scheduler` trait, plugin framework and scheduler service) and
+//! `orch-controllers` (node lifecycle, node provisioner). The `orch` crate re-exports them all.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -20,14 +33,9 @@
 //! }
 //! ```
 //!
-//! Define your own kinds by implementing [`Resource`] on a spec type; they get the same typed,
-//! validated access and the same store semantics as the built-in [`kinds::Node`] and
-//! [`kinds::Workload`].
-//!
 //! | feature   | what it adds |
 //! |-----------|--------------|
-//! | `testkit` | `testkit::store`: the store conformance suite with its model check |
-
+//! | `testkit` | [`store_conformance!`] and [`runtime_conformance!`]: the suites every backend must pass; `testkit::wait_until`, `testkit::eventually`, `testkit::FlakyStore` |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod api;

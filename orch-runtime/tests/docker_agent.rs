@@ -10,12 +10,13 @@
 mod docker_support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use docker_support::{Scope, skip};
 use orch_controllers::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 use orch_core::kinds::{ContainerState, Phase, Resources, RestartPolicy, Workload, resource};
 use orch_core::runtime::InstanceSpec;
+use orch_core::testkit::wait_until;
 use orch_core::{Api, Manager, Object, ObjectMeta, Quantity, Runtime, Store};
 use orch_runtime::Agent;
 use orch_runtime::AgentConfig;
@@ -24,6 +25,9 @@ use orch_scheduler::Profile;
 use orch_scheduler::SchedulerService;
 use orch_store::MemoryStore;
 use tokio::sync::oneshot;
+
+/// How long a test waits for what it expects (containers on a loaded machine).
+const LIMIT: Duration = Duration::from_secs(30);
 
 fn agent_config(node: &str) -> AgentConfig {
     let mut config = AgentConfig::new(node);
@@ -55,17 +59,6 @@ fn start_agent(
         drain,
     ));
     (tx, handle)
-}
-
-async fn until<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn container_of(h: &orch_core::Handle) -> String {
@@ -100,7 +93,7 @@ async fn the_agent_restarts_a_killed_container_and_adopts_it_after_its_own_resta
     w.restart_policy = RestartPolicy::Always;
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     api.create(&Object::new(ObjectMeta::named("web"), w)).await.unwrap();
-    let running = until("web running", async || {
+    let running = wait_until("web running", LIMIT, async || {
         let w = api.get("web").await.unwrap();
         (w.status.phase == Phase::Running).then_some(w)
     })
@@ -115,7 +108,7 @@ async fn the_agent_restarts_a_killed_container_and_adopts_it_after_its_own_resta
     let docker = bollard::Docker::connect_with_defaults().unwrap();
     let sigkill = bollard::query_parameters::KillContainerOptionsBuilder::default().signal("SIGKILL").build();
     docker.kill_container(&killed, Some(sigkill)).await.unwrap();
-    let restarted = until("web restarted", async || {
+    let restarted = wait_until("web restarted", LIMIT, async || {
         let w = api.get("web").await.unwrap();
         (w.status.phase == Phase::Running && w.status.restart_count == 1).then_some(w)
     })
@@ -150,7 +143,7 @@ async fn the_agent_restarts_a_killed_container_and_adopts_it_after_its_own_resta
     config.orphan_grace = Some(Duration::from_secs(2));
     let second: Arc<dyn Runtime> = Arc::new(DockerRuntime::connect(config).await.unwrap());
     let (stop, agent) = start_agent(&store, &second, &node, true);
-    let ids = until("the stray container removed", async || {
+    let ids = wait_until("the stray container removed", LIMIT, async || {
         let ids: Vec<String> = second.list().await.unwrap().iter().map(container_of).collect();
         (ids.len() == 1).then_some(ids)
     })

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use orch_core::kinds::Container;
 use orch_core::runtime::{InstanceSpec, InstanceState, Runtime};
+use orch_core::testkit::{eventually, wait_until};
 use orch_runtime::ProcessRuntime;
 use orch_runtime::cgroup::LimitSupport;
 
@@ -120,13 +121,7 @@ async fn the_program_itself_runs_inside_its_group() {
     let _kill = KillOnDrop(pid);
     let groups = rt.limit_support().groups_of("inside");
     let runs_sleep = || std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep");
-    for _ in 0..500 {
-        if runs_sleep() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(runs_sleep(), "the program started");
+    eventually(Duration::from_secs(5), "the program started", runs_sleep).await;
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its groups");
     for g in &groups {
         let suffix =
@@ -167,24 +162,18 @@ async fn stop_reaches_a_process_that_left_the_process_group() {
         .expect("start");
     let _kill = KillOnDrop(pid_of(&h));
     let groups = rt.limit_support().groups_of("escape");
-    let mut escaped = None;
-    for _ in 0..500 {
+    let escaped = wait_until("the escaped sleep runs in the instance's group", Duration::from_secs(5), async || {
         let members: Vec<String> = groups
             .iter()
             .filter_map(|g| std::fs::read_to_string(g.join("cgroup.procs")).ok())
             .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
             .collect();
-        let sleeper = members
+        members
             .iter()
             .filter_map(|p| p.trim().parse::<i32>().ok())
-            .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep"));
-        if sleeper.is_some() {
-            escaped = sleeper;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let escaped = escaped.expect("the escaped sleep runs in the instance's group");
+            .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep"))
+    })
+    .await;
     let _kill_escaped = KillOnDrop(escaped as u32);
     let leader_group = pid_of(&h) as i32;
     let its_group = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(escaped))).expect("pgid").as_raw();
