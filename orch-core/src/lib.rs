@@ -35,7 +35,7 @@
 //!
 //! | feature   | what it adds |
 //! |-----------|--------------|
-//! | `testkit` | [`store_conformance!`] and [`runtime_conformance!`]: the suites every backend must pass; `testkit::wait_until`, `testkit::eventually`, `testkit::FlakyStore` |
+//! | `testkit` | `store_conformance!` and `runtime_conformance!`: the suites every backend must pass; `testkit::wait_until`, `testkit::eventually`, `testkit::FlakyStore` |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod api;
