@@ -1,5 +1,5 @@
 //! Replacing the whole scheduler: first-fit-decreasing bin packing as an
-//! [`orch_core::Scheduler`].
+//! [`orch_scheduler::Scheduler`].
 //!
 //! The policy sees each batch of pending workloads and a read-only [`Snapshot`] of the cluster,
 //! takes the biggest workloads first and puts each on the first node (in node order) with room,

@@ -18,6 +18,7 @@ use orch_core::kinds::{
 };
 use orch_core::meta::{Clock, SystemClock};
 use orch_core::object::Object;
+use orch_core::rate::RateLimiter;
 use orch_core::selector::FieldSelector;
 use orch_core::store::DeleteOptions;
 
@@ -58,8 +59,8 @@ pub struct NodeLifecycle {
     config: NodeLifecycleConfig,
     clock: Arc<dyn Clock>,
     started: Instant,
-    /// Token bucket of evictions: (tokens, last refill).
-    bucket: Mutex<(f64, Instant)>,
+    /// Evictions: `evictions_per_second`, one node at a time.
+    limiter: RateLimiter,
     /// When each node's heartbeat was first seen missing.
     missing_since: Mutex<std::collections::HashMap<String, Instant>>,
 }
@@ -74,11 +75,11 @@ impl NodeLifecycle {
     /// The controller with `config`, using `clock` for taint timestamps.
     pub fn new(config: NodeLifecycleConfig, clock: Arc<dyn Clock>) -> Self {
         NodeLifecycle {
-            config,
             clock,
             started: Instant::now(),
-            bucket: Mutex::new((1.0, Instant::now())),
+            limiter: RateLimiter::clamped(config.evictions_per_second, 1),
             missing_since: Mutex::new(Default::default()),
+            config,
         }
     }
 
@@ -95,17 +96,7 @@ impl NodeLifecycle {
 
     /// Takes an eviction token, or says how long until one is due.
     fn take_token(&self) -> Result<(), Duration> {
-        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let rate = self.config.evictions_per_second.max(1e-6);
-        b.0 = (b.0 + now.saturating_duration_since(b.1).as_secs_f64() * rate).min(1.0);
-        b.1 = now;
-        if b.0 >= 1.0 {
-            b.0 -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - b.0) / rate))
-        }
+        self.limiter.check().map_err(|next| next.saturating_duration_since(Instant::now()))
     }
 }
 

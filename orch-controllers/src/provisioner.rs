@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use orch_core::api::{Api, ListParams};
+use orch_core::backoff::Backoff;
 use orch_core::cache::Cache;
 use orch_core::cache::CacheRegistry;
 use orch_core::error::{Error, Result};
@@ -408,7 +409,8 @@ impl Provisioner {
                 }
                 Err(e) => {
                     let failures = self.backoff.get(&pool.name).map_or(0, |(_, n)| *n) + 1;
-                    let wait = self.config.launch_backoff * 2u32.pow(failures.min(6) - 1);
+                    let wait =
+                        Backoff::new(self.config.launch_backoff, self.config.launch_backoff * 32).delay(failures);
                     tracing::warn!(node = %name, pool = %pool.name, error = %e, ?wait, "node launch failed; pool passed over meanwhile");
                     self.backoff.insert(pool.name.clone(), (Instant::now() + wait, failures));
                     report.failed.push(name.clone());

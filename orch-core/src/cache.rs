@@ -20,6 +20,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 
+use crate::backoff::{Attempts, Backoff};
 use crate::error::{Error, Result};
 use crate::object::{DynamicObject, Object, Resource};
 use crate::store::{ListRequest, Selection, Store, WatchEvent, WatchRequest};
@@ -86,7 +87,7 @@ pub struct CacheConfig<K: Resource> {
     pub indexers: Vec<(String, Indexer<K>)>,
     /// Page size of the initial and recovery lists.
     pub page_size: usize,
-    /// First retry delay after a store error; doubles up to `max_backoff`.
+    /// First retry delay after a store error; doubles up to `max_backoff`, with full jitter.
     pub min_backoff: Duration,
     /// Longest retry delay.
     pub max_backoff: Duration,
@@ -501,12 +502,8 @@ async fn list_all<K: Resource>(
 async fn reflect<K: Resource>(store: Arc<dyn Store>, config: CacheConfig<K>, cache: Cache<K>) {
     let mut selection = config.selection.clone();
     selection.kind = K::KIND.to_string();
-    let mut backoff = config.min_backoff;
-    let next_backoff = |b: &mut Duration| {
-        let wait = *b;
-        *b = (*b * 2).min(config.max_backoff);
-        wait
-    };
+    // Every cache of a process reconnects after the same store outage: jitter spreads them.
+    let mut retries = Attempts::new(Backoff::new(config.min_backoff, config.max_backoff).full_jitter());
     let mut need_list = true;
     loop {
         // Stop once nobody but this task holds the cache.
@@ -518,11 +515,11 @@ async fn reflect<K: Resource>(store: Arc<dyn Store>, config: CacheConfig<K>, cac
                 Ok((items, revision)) => {
                     cache.replace(items, revision);
                     need_list = false;
-                    backoff = config.min_backoff;
+                    retries.succeed();
                 }
                 Err(e) => {
                     tracing::warn!(kind = K::KIND, error = %e, "list failed; retrying");
-                    tokio::time::sleep(next_backoff(&mut backoff)).await;
+                    tokio::time::sleep(retries.fail()).await;
                     continue;
                 }
             }
@@ -541,7 +538,7 @@ async fn reflect<K: Resource>(store: Arc<dyn Store>, config: CacheConfig<K>, cac
             }
             Err(e) => {
                 tracing::warn!(kind = K::KIND, error = %e, "watch failed; retrying");
-                tokio::time::sleep(next_backoff(&mut backoff)).await;
+                tokio::time::sleep(retries.fail()).await;
                 continue;
             }
         };
@@ -557,7 +554,7 @@ async fn reflect<K: Resource>(store: Arc<dyn Store>, config: CacheConfig<K>, cac
             match next {
                 Some(Ok(event)) => {
                     cache.apply(&event);
-                    backoff = config.min_backoff;
+                    retries.succeed();
                 }
                 Some(Err(Error::Compacted { .. })) => {
                     need_list = true;
@@ -565,11 +562,11 @@ async fn reflect<K: Resource>(store: Arc<dyn Store>, config: CacheConfig<K>, cac
                 }
                 Some(Err(e)) => {
                     tracing::warn!(kind = K::KIND, error = %e, "watch broke; resuming");
-                    tokio::time::sleep(next_backoff(&mut backoff)).await;
+                    tokio::time::sleep(retries.fail()).await;
                     break;
                 }
                 None => {
-                    tokio::time::sleep(next_backoff(&mut backoff)).await;
+                    tokio::time::sleep(retries.fail()).await;
                     break;
                 }
             }

@@ -39,6 +39,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod api;
+pub mod backoff;
 pub mod cache;
 pub mod controller;
 mod dynamic;
@@ -51,6 +52,7 @@ pub mod meta;
 pub mod object;
 pub mod provider;
 pub mod quantity;
+pub mod rate;
 pub mod runnable;
 pub mod runtime;
 pub mod selector;

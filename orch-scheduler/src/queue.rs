@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::snapshot::WorkloadInfo;
+use orch_core::backoff::Backoff;
 use orch_core::cache::ObjectRef;
 
 /// Cluster events that can make an unschedulable workload fit (a bit set).
@@ -86,8 +87,9 @@ pub struct SchedulingQueue {
     /// The latest events with their counter, to tell whether one that matters to a failed
     /// workload happened while it was being scheduled.
     recent: std::collections::VecDeque<(u64, Events)>,
-    initial_backoff_ms: u64,
-    max_backoff_ms: u64,
+    /// Backoff of a workload after a transient failure (exact: the queue's schedule is what
+    /// kube-scheduler users expect).
+    retry: Backoff,
     flush_ms: u64,
 }
 
@@ -110,16 +112,14 @@ impl SchedulingQueue {
             events: 0,
             waiting_on: [0; 5],
             recent: std::collections::VecDeque::new(),
-            initial_backoff_ms: 1_000,
-            max_backoff_ms: 10_000,
+            retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(10)),
             flush_ms: 300_000,
         }
     }
 
     /// Changes the backoff bounds and the unschedulable safety-net interval.
     pub fn with_timing(mut self, initial_backoff: Duration, max_backoff: Duration, flush: Duration) -> Self {
-        self.initial_backoff_ms = initial_backoff.as_millis() as u64;
-        self.max_backoff_ms = max_backoff.as_millis().max(initial_backoff.as_millis()) as u64;
+        self.retry = Backoff::new(initial_backoff, max_backoff.max(initial_backoff));
         self.flush_ms = flush.as_millis() as u64;
         self
     }
@@ -318,8 +318,7 @@ impl SchedulingQueue {
     }
 
     fn backoff_ms(&self, attempts: u32) -> u64 {
-        let shift = attempts.saturating_sub(1).min(20);
-        (self.initial_backoff_ms << shift).min(self.max_backoff_ms)
+        u64::try_from(self.retry.delay(attempts).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// A cluster event: wakes the unschedulable workloads it may help. Returns how many woke.

@@ -7,7 +7,7 @@
 //! - a delayed add never comes out before its time; of several delays for one key the earliest
 //!   wins, and delays past `max_delay` are clamped;
 //! - per-key exponential backoff that [`forget`](WorkQueue::forget) resets;
-//! - optional global rate limit (token bucket);
+//! - optional global rate limit ([`RateLimiter`]);
 //! - priorities with aging: a waiting key gains one level per `aging` interval, so low-priority
 //!   work is never starved by a steady stream of high-priority work;
 //! - adds never block and nothing is bounded that could deadlock a producer.
@@ -19,6 +19,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+
+use crate::backoff::Backoff;
+use crate::rate::RateLimiter;
 use tokio::time::Instant;
 
 /// Settings of a [`WorkQueue`].
@@ -30,6 +33,9 @@ pub struct QueueConfig {
     pub max_backoff: Duration,
     /// Longest delay any add may ask for (default 1 h): a far-future requeue is clamped to it.
     pub max_delay: Duration,
+    /// Draw each backoff uniformly below its exponential delay (full jitter), so keys that
+    /// failed together do not come back together (default off: the delays are exact).
+    pub jitter: bool,
     /// Global rate limit: at most `per_second` keys handed out per second, with bursts of
     /// `burst`. `None` (the default) for no limit.
     pub rate_limit: Option<RateLimit>,
@@ -37,7 +43,7 @@ pub struct QueueConfig {
     pub aging: Duration,
 }
 
-/// A token-bucket rate limit.
+/// A global rate limit (GCRA, through [`RateLimiter`]).
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimit {
     /// Sustained keys per second.
@@ -52,6 +58,7 @@ impl Default for QueueConfig {
             base_backoff: Duration::from_millis(5),
             max_backoff: Duration::from_secs(300),
             max_delay: Duration::from_secs(3600),
+            jitter: false,
             rate_limit: None,
             aging: Duration::from_secs(1),
         }
@@ -95,8 +102,7 @@ struct State<K> {
     due: HashMap<K, Instant>,
     seq: u64,
     failures: HashMap<K, u32>,
-    tokens: f64,
-    refilled: Instant,
+    limiter: Option<RateLimiter>,
     shut_down: bool,
 }
 
@@ -120,7 +126,7 @@ impl<K: Hash + Eq + Clone + Send + 'static> Default for WorkQueue<K> {
 impl<K: Hash + Eq + Clone + Send + 'static> WorkQueue<K> {
     /// An empty queue.
     pub fn new(config: QueueConfig) -> Self {
-        let burst = config.rate_limit.map_or(0.0, |r| f64::from(r.burst.max(1)));
+        let limiter = config.rate_limit.map(|r| RateLimiter::clamped(r.per_second, r.burst));
         WorkQueue {
             inner: Arc::new(Inner {
                 state: Mutex::new(State {
@@ -132,8 +138,7 @@ impl<K: Hash + Eq + Clone + Send + 'static> WorkQueue<K> {
                     due: HashMap::new(),
                     seq: 0,
                     failures: HashMap::new(),
-                    tokens: burst,
-                    refilled: Instant::now(),
+                    limiter,
                     shut_down: false,
                 }),
                 wake: Notify::new(),
@@ -354,8 +359,8 @@ impl<K> Ord for Delayed<K> {
 }
 
 fn backoff(config: &QueueConfig, failures: u32) -> Duration {
-    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(31));
-    config.base_backoff.saturating_mul(factor).min(config.max_backoff)
+    let backoff = Backoff::new(config.base_backoff, config.max_backoff);
+    if config.jitter { backoff.full_jitter() } else { backoff }.delay(failures)
 }
 
 impl<K: Hash + Eq + Clone> State<K> {
@@ -396,16 +401,10 @@ impl<K: Hash + Eq + Clone> State<K> {
         if self.queued.is_empty() {
             return Err(next_delayed);
         }
-        if let Some(limit) = config.rate_limit {
-            let burst = f64::from(limit.burst.max(1));
-            let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-            self.tokens = (self.tokens + elapsed * limit.per_second).min(burst);
-            self.refilled = now;
-            if self.tokens < 1.0 {
-                let wait = Duration::from_secs_f64((1.0 - self.tokens) / limit.per_second.max(1e-9));
-                return Err(Some(now + wait));
-            }
-            self.tokens -= 1.0;
+        if let Some(limiter) = &self.limiter
+            && let Err(next) = limiter.check()
+        {
+            return Err(Some(next));
         }
         // Highest aged priority wins; ties go to the higher base priority.
         let aging = config.aging.as_secs_f64().max(1e-9);

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use orch_core::backoff::Backoff;
 use orch_core::controller::queue::WorkQueue;
 use orch_core::kinds::{Condition, ConditionStatus, Container};
 use orch_core::kinds::{
@@ -51,23 +52,13 @@ pub(super) struct Tracked {
     pub(super) seen: Option<InstanceState>,
 }
 
-/// The backoff settings a plan needs.
+/// The crash-loop settings a plan needs.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Backoff {
-    /// First crash-loop delay; doubles per crash.
-    pub(super) base: Duration,
-    /// Longest delay.
-    pub(super) max: Duration,
+pub(super) struct CrashLoop {
+    /// Delay before the next attempt by crashes in a row (exact, as kubelet's: users read it).
+    pub(super) backoff: Backoff,
     /// A crash-free spell this long resets the count.
     pub(super) reset: Duration,
-}
-
-impl Backoff {
-    /// The delay before the next attempt after `crashes` crashes in a row.
-    pub(super) fn delay(&self, crashes: u32) -> Duration {
-        let factor = 2u32.saturating_pow(crashes.saturating_sub(1).min(16));
-        self.base.saturating_mul(factor).min(self.max)
-    }
 }
 
 /// What a plan reads about one container.
@@ -88,7 +79,7 @@ pub(super) struct Observed<'a> {
     /// Now, on the agent's timer clock and on its wall clock.
     pub(super) now: Instant,
     pub(super) wall_now: Timestamp,
-    pub(super) backoff: Backoff,
+    pub(super) crash_loop: CrashLoop,
 }
 
 /// One thing to do for a container, in order.
@@ -202,7 +193,7 @@ pub(super) fn plan_container(o: Observed<'_>) -> Plan {
                 restart_count: t.restarts,
             };
             // A crash-free spell resets the backoff.
-            if t.crashes > 0 && o.now.saturating_duration_since(t.started) >= o.backoff.reset {
+            if t.crashes > 0 && o.now.saturating_duration_since(t.started) >= o.crash_loop.reset {
                 t.crashes = 0;
                 dirty = true;
             }
@@ -247,14 +238,16 @@ pub(super) fn plan_container(o: Observed<'_>) -> Plan {
     if let (Some(t), Some(e)) = (record.as_mut(), exited) {
         let crashes = if t.last_exit == Some(e) {
             t.crashes
-        } else if o.now.saturating_duration_since(t.started) >= o.backoff.reset {
+        } else if o.now.saturating_duration_since(t.started) >= o.crash_loop.reset {
             // It ran a crash-free spell first: the count starts over.
             1
         } else {
             t.crashes + 1
         };
-        let not_before =
-            t.not_before.filter(|_| t.last_exit == Some(e)).unwrap_or_else(|| o.now + o.backoff.delay(crashes));
+        let not_before = t
+            .not_before
+            .filter(|_| t.last_exit == Some(e))
+            .unwrap_or_else(|| o.now + o.crash_loop.backoff.delay(crashes));
         t.crashes = crashes;
         t.not_before = Some(not_before);
         t.last_exit = Some(e);
@@ -309,8 +302,11 @@ pub(super) fn terminated(name: String, e: &ExitStatus, restarts: u32) -> Contain
 }
 
 impl Agent {
-    fn backoff(&self) -> Backoff {
-        Backoff { base: self.config.backoff_base, max: self.config.backoff_max, reset: self.config.backoff_reset }
+    fn crash_loop(&self) -> CrashLoop {
+        CrashLoop {
+            backoff: Backoff::new(self.config.backoff_base, self.config.backoff_max),
+            reset: self.config.backoff_reset,
+        }
     }
 
     fn runtime_error(&self, what: String) -> impl FnOnce(RuntimeError) -> AgentError + '_ {
@@ -387,7 +383,7 @@ impl Agent {
                 health,
                 now: Instant::now(),
                 wall_now: self.clock.now(),
-                backoff: self.backoff(),
+                crash_loop: self.crash_loop(),
             });
             if let Some(after) = plan.look_after {
                 next_look = Some(next_look.map_or(after, |n| n.min(after)));
@@ -552,8 +548,10 @@ mod tests {
     use super::*;
     use orch_core::kinds::Probe;
 
-    const BACKOFF: Backoff =
-        Backoff { base: Duration::from_secs(10), max: Duration::from_secs(300), reset: Duration::from_secs(600) };
+    const CRASH_LOOP: CrashLoop = CrashLoop {
+        backoff: Backoff::new(Duration::from_secs(10), Duration::from_secs(300)),
+        reset: Duration::from_secs(600),
+    };
 
     fn container(args: &[&str]) -> Container {
         Container { name: "main".into(), command: args.iter().map(|s| s.to_string()).collect(), ..Default::default() }
@@ -600,7 +598,7 @@ mod tests {
             health: None,
             now,
             wall_now: Timestamp(9),
-            backoff: BACKOFF,
+            crash_loop: CRASH_LOOP,
         }
     }
 
@@ -646,11 +644,11 @@ mod tests {
 
     #[test]
     fn the_backoff_doubles_per_crash_up_to_its_cap() {
-        assert_eq!(BACKOFF.delay(1), Duration::from_secs(10));
-        assert_eq!(BACKOFF.delay(2), Duration::from_secs(20));
-        assert_eq!(BACKOFF.delay(5), Duration::from_secs(160));
-        assert_eq!(BACKOFF.delay(6), Duration::from_secs(300));
-        assert_eq!(BACKOFF.delay(60), Duration::from_secs(300));
+        assert_eq!(CRASH_LOOP.backoff.delay(1), Duration::from_secs(10));
+        assert_eq!(CRASH_LOOP.backoff.delay(2), Duration::from_secs(20));
+        assert_eq!(CRASH_LOOP.backoff.delay(5), Duration::from_secs(160));
+        assert_eq!(CRASH_LOOP.backoff.delay(6), Duration::from_secs(300));
+        assert_eq!(CRASH_LOOP.backoff.delay(60), Duration::from_secs(300));
     }
 
     #[test]

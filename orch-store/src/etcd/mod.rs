@@ -43,6 +43,7 @@
 //! - Replaying history is as fast as etcd catches a watcher up: at most 1,000 revisions per
 //!   100 ms, each event with a read of its previous value (about 5,000 events/s measured).
 
+use orch_core::backoff::{Attempts, Backoff};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -1097,7 +1098,8 @@ impl Watch {
     }
 
     async fn next_event(&mut self) -> Option<Result<WatchEvent>> {
-        let mut backoff = Duration::from_millis(50);
+        // Every watch of a process reconnects after the same etcd restart: jitter spreads them.
+        let mut retries = Attempts::new(Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).full_jitter());
         loop {
             if let Some(e) = self.buffer.pop_front() {
                 self.last_sent = Instant::now();
@@ -1108,15 +1110,14 @@ impl Watch {
             }
             if self.stream.is_none() {
                 match self.open().await {
-                    Ok(()) => backoff = Duration::from_millis(50),
+                    Ok(()) => retries.succeed(),
                     Err(e @ Error::Compacted { .. }) => {
                         self.failed = true;
                         return Some(Err(e));
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, next = self.next, "etcd watch: reconnecting");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        tokio::time::sleep(retries.fail()).await;
                     }
                 }
                 continue;
