@@ -108,7 +108,8 @@ impl RateLimiter {
     /// A limiter that never refuses its settings: a rate that is not a positive number (zero,
     /// negative, NaN) lets one permit through per 31 years, an infinite one a billion per second.
     pub fn clamped(per_second: f64, burst: u32) -> Self {
-        RateLimiter::build(per_second.max(1e-9).min(1e9), burst)
+        let rate = if per_second.is_nan() { 1e-9 } else { per_second.clamp(1e-9, 1e9) };
+        RateLimiter::build(rate, burst)
     }
 
     /// `per_second` must be positive and finite.
