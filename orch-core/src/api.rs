@@ -264,38 +264,34 @@ impl<K: Resource> Api<K> {
         Object::from_dynamic(&*self.store.update_status(obj.to_dynamic()?, &self.write_options(opts)?).await?)
     }
 
-    /// Applies a JSON merge patch (RFC 7386) to `{metadata, spec}`.
+    /// Patches `{metadata, spec}`: a JSON merge patch (RFC 7386: a `serde_json::Value`) or a
+    /// JSON patch (RFC 6902: a [`json_patch::Patch`]), see [`Patch`].
     ///
-    /// Without `metadata.resourceVersion` in the patch it re-reads and retries when another
+    /// Without a new `metadata.resourceVersion` in the patch it re-reads and retries when another
     /// writer got in first; with it, a moved object fails with `Conflict`.
-    pub async fn patch(&self, name: &str, patch: &Value) -> Result<Object<K>> {
-        self.patch_part(name, patch, false).await
+    pub async fn patch(&self, name: &str, patch: impl Into<Patch>) -> Result<Object<K>> {
+        self.patch_part(name, &patch.into(), false).await
     }
 
-    /// Applies a JSON merge patch to `{status}` (keys other than `status` are ignored).
-    pub async fn patch_status(&self, name: &str, patch: &Value) -> Result<Object<K>> {
-        self.patch_part(name, patch, true).await
+    /// Patches `{status}` (a merge patch's keys other than `status` are ignored; a JSON patch
+    /// may only change paths under `/status`).
+    pub async fn patch_status(&self, name: &str, patch: impl Into<Patch>) -> Result<Object<K>> {
+        self.patch_part(name, &patch.into(), true).await
     }
 
-    async fn patch_part(&self, name: &str, patch: &Value, status: bool) -> Result<Object<K>> {
-        if !patch.is_object() {
-            return Err(Error::invalid(K::KIND, "patch", "must be a JSON object"));
-        }
-        let pinned = patch.pointer("/metadata/resourceVersion").is_some();
+    async fn patch_part(&self, name: &str, patch: &Patch, status: bool) -> Result<Object<K>> {
+        let parts: &[&str] = if status { &["status"] } else { &["metadata", "spec"] };
+        patch.check(K::KIND, parts)?;
+        let pinned = patch.pins_resource_version();
         let key = self.key(name)?;
         let mut last_conflict = None;
         for _ in 0..PATCH_ATTEMPTS {
             let current = self.store.get(&key).await?;
-            // Merge onto the stored JSON, not the typed form, so fields this program's `K` does
-            // not know (written by a newer client) survive the patch.
+            // Patch the stored JSON, not the typed form, so fields this program's `K` does not
+            // know (written by a newer client) survive the patch.
             let mut doc = serde_json::to_value(&*current)
                 .map_err(|source| Error::Serialization { what: K::KIND.into(), source })?;
-            let parts: &[&str] = if status { &["status"] } else { &["metadata", "spec"] };
-            for part in parts {
-                if let Some(p) = patch.get(*part) {
-                    merge_patch(&mut doc[*part], p);
-                }
-            }
+            patch.apply(&mut doc, parts, K::KIND)?;
             let merged: crate::object::DynamicObject = serde_json::from_value(doc)
                 .map_err(|e| Error::invalid(K::KIND, "patch", format!("result is not an object: {e}")))?;
             if merged.key() != key {
@@ -352,26 +348,111 @@ impl<K: Resource> Api<K> {
     }
 }
 
+/// A change to an object, as [`Api::patch`] and [`Api::patch_status`] take it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Patch {
+    /// A JSON merge patch (RFC 7386) of `{metadata, spec}` or `{status}`: objects merge key by
+    /// key, `null` removes a key, anything else (arrays too) replaces.
+    Merge(Value),
+    /// A JSON patch (RFC 6902): `add`, `remove`, `replace`, `move`, `copy` and `test`
+    /// operations on paths of the whole object (`/spec/replicas`, `/metadata/labels/app`),
+    /// applied in order, all or none. Paths outside the parts a call may write are refused
+    /// (a `test` may read any path).
+    Json(json_patch::Patch),
+}
+
+impl From<Value> for Patch {
+    fn from(v: Value) -> Self {
+        Patch::Merge(v)
+    }
+}
+
+impl From<&Value> for Patch {
+    fn from(v: &Value) -> Self {
+        Patch::Merge(v.clone())
+    }
+}
+
+impl From<json_patch::Patch> for Patch {
+    fn from(p: json_patch::Patch) -> Self {
+        Patch::Json(p)
+    }
+}
+
+impl Patch {
+    /// Each operation of a JSON patch as `(op, path, from)`.
+    fn operations(ops: &json_patch::Patch) -> Vec<(String, String, Option<String>)> {
+        ops.0
+            .iter()
+            .map(|op| {
+                let v = serde_json::to_value(op).unwrap_or(Value::Null);
+                let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+                (text("op").unwrap_or_default(), text("path").unwrap_or_default(), text("from"))
+            })
+            .collect()
+    }
+
+    /// Refuses a patch that is not an object (merge) or writes outside `parts` (JSON).
+    fn check(&self, kind: &str, parts: &[&str]) -> Result<()> {
+        match self {
+            Patch::Merge(v) if !v.is_object() => Err(Error::invalid(kind, "patch", "must be a JSON object")),
+            Patch::Merge(_) => Ok(()),
+            Patch::Json(ops) => {
+                let under =
+                    |path: &str| parts.iter().any(|p| path == format!("/{p}") || path.starts_with(&format!("/{p}/")));
+                for (i, (op, path, from)) in Patch::operations(ops).into_iter().enumerate() {
+                    if op != "test" && !under(&path) {
+                        return Err(Error::invalid(
+                            kind,
+                            format!("patch[{i}].path"),
+                            format!("{op} of {path:?}: this call may only change {}", parts.join(" and ")),
+                        ));
+                    }
+                    if let Some(from) = from.filter(|f| op == "move" && !under(f)) {
+                        return Err(Error::invalid(
+                            kind,
+                            format!("patch[{i}].from"),
+                            format!("move from {from:?}: this call may only change {}", parts.join(" and ")),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the patch sets the resource version the write must find (then a moved object
+    /// fails with `Conflict` instead of being re-read).
+    fn pins_resource_version(&self) -> bool {
+        match self {
+            Patch::Merge(v) => v.pointer("/metadata/resourceVersion").is_some(),
+            Patch::Json(ops) => {
+                Patch::operations(ops).iter().any(|(op, path, _)| op != "test" && path == "/metadata/resourceVersion")
+            }
+        }
+    }
+
+    /// Applies the patch to the stored object's JSON.
+    fn apply(&self, doc: &mut Value, parts: &[&str], kind: &str) -> Result<()> {
+        match self {
+            Patch::Merge(patch) => {
+                for part in parts {
+                    if let Some(p) = patch.get(*part) {
+                        json_patch::merge(&mut doc[*part], p);
+                    }
+                }
+                Ok(())
+            }
+            Patch::Json(ops) => json_patch::patch(doc, ops)
+                .map_err(|e| Error::invalid(kind, format!("patch[{}]", e.operation), format!("{}", e.kind))),
+        }
+    }
+}
+
 /// Applies a JSON merge patch (RFC 7386) to `target`: objects merge key by key, `null` removes a
 /// key, anything else replaces.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(p) => {
-            if !target.is_object() {
-                *target = Value::Object(serde_json::Map::new());
-            }
-            if let Value::Object(t) = target {
-                for (k, v) in p {
-                    if v.is_null() {
-                        t.remove(k);
-                    } else {
-                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-                    }
-                }
-            }
-        }
-        other => *target = other.clone(),
-    }
+    json_patch::merge(target, patch)
 }
 
 #[cfg(test)]

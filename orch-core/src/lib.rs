@@ -62,7 +62,7 @@ pub mod store;
 pub mod testkit;
 pub mod validation;
 
-pub use api::{Api, Deleted, Event, ListParams, ObjectList};
+pub use api::{Api, Deleted, Event, ListParams, ObjectList, Patch};
 pub use cache::{Cache, CacheConfig, CacheEvent, CacheRegistry, ObjectRef};
 pub use controller::{Action, Context, Controller, ControllerBuilder};
 pub use error::{Error, Result};

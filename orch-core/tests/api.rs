@@ -168,3 +168,49 @@ async fn patch_keeps_fields_this_program_does_not_know() {
     let stored = s.get(&orch_core::ObjectKey::new("Echo", "default", "future")).await.unwrap();
     assert_eq!(stored.spec.to_value(), json!({"message": "hi", "replicas": 2, "addedLater": true}));
 }
+
+fn json_patch(ops: serde_json::Value) -> json_patch::Patch {
+    serde_json::from_value(ops).expect("a JSON patch")
+}
+
+#[tokio::test]
+async fn json_patch_changes_paths_of_the_object_and_refuses_what_the_call_may_not_write() {
+    let api: Api<Echo> = Api::namespaced(store(), "default");
+    api.create(&echo("j", 1)).await.unwrap();
+    let patched = api
+        .patch(
+            "j",
+            json_patch(json!([
+                {"op": "test", "path": "/spec/message", "value": "hi"},
+                {"op": "replace", "path": "/spec/replicas", "value": 3},
+                {"op": "add", "path": "/metadata/labels", "value": {"tier": "web"}},
+            ])),
+        )
+        .await
+        .unwrap();
+    assert_eq!((patched.spec.replicas, patched.metadata.labels["tier"].as_str()), (3, "web"));
+    // A spec patch may not write the status; the refusal names the operation.
+    let e = api.patch("j", json_patch(json!([{"op": "replace", "path": "/status/ready", "value": 9}]))).await;
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("patch[0].path") && e.contains("/status/ready"), "{e}");
+    // A failed test leaves the object as it was, naming the operation.
+    let e = api
+        .patch(
+            "j",
+            json_patch(json!([
+                {"op": "replace", "path": "/spec/replicas", "value": 7},
+                {"op": "test", "path": "/spec/message", "value": "bye"},
+            ])),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("patch[1]"), "{e}");
+    assert_eq!(api.get("j").await.unwrap().spec.replicas, 3, "all operations or none");
+    // The status through its own call.
+    let st = api.patch_status("j", json_patch(json!([{"op": "add", "path": "/status/ready", "value": 2}]))).await;
+    assert_eq!(st.unwrap().status.ready, 2);
+    // Pinned to an old resource version: a conflict, not a retry.
+    let stale = json_patch(json!([{"op": "replace", "path": "/metadata/resourceVersion", "value": 1}]));
+    assert!(api.patch("j", stale).await.unwrap_err().is_conflict());
+}
