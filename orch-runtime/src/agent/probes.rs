@@ -39,7 +39,6 @@ enum ProbeKind {
 
 /// Runs one probe once; true on success.
 async fn probe_once(runtime: &dyn Runtime, handle: &Handle, probe: &Probe) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let timeout = Duration::from_secs(u64::from(probe.timeout_seconds.max(1)));
     let addr = runtime.address(handle);
     let attempt = async {
@@ -51,23 +50,37 @@ async fn probe_once(runtime: &dyn Runtime, handle: &Handle, probe: &Probe) -> bo
             }
             ProbeAction::Http { path, port } => {
                 let Ok(port) = u16::try_from(*port) else { return false };
-                let Ok(mut conn) = tokio::net::TcpStream::connect((addr, port)).await else { return false };
-                let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: orch-agent\r\n\r\n");
-                if conn.write_all(request.as_bytes()).await.is_err() {
-                    return false;
-                }
-                let mut head = [0u8; 64];
-                let Ok(n) = conn.read(&mut head).await else { return false };
-                // "HTTP/1.x NNN ...": 2xx and 3xx are healthy.
-                let text = String::from_utf8_lossy(&head[..n]);
-                text.split_whitespace()
-                    .nth(1)
-                    .and_then(|c| c.parse::<u16>().ok())
-                    .is_some_and(|c| (200..400).contains(&c))
+                http_get(addr, port, path).await.is_some_and(|status| (200..400).contains(&status))
             }
         }
     };
     tokio::time::timeout(timeout, attempt).await.unwrap_or(false)
+}
+
+/// The status code of `GET path` on `addr:port` (HTTP/1.1 through hyper), or `None` when no
+/// answer came (refused, reset, not HTTP).
+async fn http_get(addr: std::net::IpAddr, port: u16, path: &str) -> Option<u16> {
+    use http_body_util::Empty;
+    use hyper::Request;
+    use hyper::header::{CONNECTION, HOST, USER_AGENT};
+
+    let stream = tokio::net::TcpStream::connect((addr, port)).await.ok()?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
+    let request = Request::get(path)
+        .header(HOST, format!("{addr}:{port}"))
+        .header(USER_AGENT, "orch-agent")
+        .header(CONNECTION, "close")
+        .body(Empty::<bytes::Bytes>::new())
+        .ok()?;
+    // The connection is driven only until the answer's head is in; dropping it closes it. It may
+    // also end first (the server closed after answering): the answer is still there then.
+    let mut response = std::pin::pin!(sender.send_request(request));
+    tokio::select! {
+        biased;
+        answer = &mut response => answer.ok().map(|r| r.status().as_u16()),
+        _ = connection => response.await.ok().map(|r| r.status().as_u16()),
+    }
 }
 
 impl Agent {
@@ -148,5 +161,58 @@ impl Agent {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A server on loopback that answers every connection with `answer` (after reading the
+    /// request head), or says nothing with `None`.
+    async fn serve(answer: Option<&'static [u8]>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = [0u8; 1024];
+                    let n = conn.read(&mut head).await.unwrap_or(0);
+                    assert!(String::from_utf8_lossy(&head[..n]).starts_with("GET /healthz HTTP/1.1\r\n"));
+                    match answer {
+                        Some(bytes) => {
+                            let _ = conn.write_all(bytes).await;
+                        }
+                        None => tokio::time::sleep(Duration::from_secs(3600)).await,
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[tokio::test]
+    async fn http_get_reads_the_status_code() {
+        let ok = serve(Some(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")).await;
+        assert_eq!(http_get(LOCAL, ok, "/healthz").await, Some(204));
+        let failing = serve(Some(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")).await;
+        assert_eq!(http_get(LOCAL, failing, "/healthz").await, Some(503));
+    }
+
+    #[tokio::test]
+    async fn http_get_gives_nothing_for_an_answer_that_is_not_http() {
+        let garbage = serve(Some(b"SSH-2.0-OpenSSH_9.2\r\n")).await;
+        assert_eq!(http_get(LOCAL, garbage, "/healthz").await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_server_fails_the_probe_within_its_timeout() {
+        let silent = serve(None).await;
+        let within = tokio::time::timeout(Duration::from_secs(2), http_get(LOCAL, silent, "/healthz")).await;
+        assert!(within.is_err(), "no answer: the probe's own timeout ends it");
     }
 }
