@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use orch_core::api::{Api, ListParams};
 use orch_core::cache::ObjectRef;
-use orch_core::controller::{Action, Context, Controller, ControllerBuilder};
+use orch_core::controller::{Action, Context, Controller, ControllerBuilder, predicate};
 use orch_core::error::Error;
 use orch_core::kinds::{
     Condition, ConditionStatus, NODE_LEASE_NAMESPACE, Node, NodeLease, Taint, TaintEffect, Workload, find_condition,
@@ -88,9 +88,11 @@ impl NodeLifecycle {
         NodeLifecycle::new(config, Arc::new(SystemClock)).into_builder()
     }
 
-    /// This controller wired to its triggers: nodes, and their heartbeat leases.
+    /// This controller wired to its triggers: nodes (their spec: a status write, its own
+    /// included, changes nothing it decides on), and their heartbeat leases.
     pub fn into_builder(self) -> ControllerBuilder<NodeLifecycle> {
         ControllerBuilder::new("node-lifecycle", self)
+            .predicate(predicate::generation_changed())
             .watches::<NodeLease>(|l: &Object<NodeLease>| vec![ObjectRef::new("", l.metadata.name.clone())])
     }
 

@@ -1,7 +1,7 @@
 //! Metadata every object carries: identity, labels, revisions, ownership and deletion state.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -162,8 +162,12 @@ pub struct OwnerReference {
 }
 
 /// A wall-clock instant, in milliseconds since the Unix epoch (UTC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+///
+/// Its serialized form is an RFC 3339 string in UTC with milliseconds
+/// (`"2026-11-25T17:57:45.123Z"`), as Kubernetes clients expect; reading also accepts any RFC
+/// 3339 offset (converted to UTC, below a millisecond truncated) and the integer form
+/// (milliseconds) that earlier stores wrote. Calendar work goes through `jiff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
@@ -181,26 +185,64 @@ impl Timestamp {
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_millis(self.0.saturating_sub(earlier.0).max(0) as u64)
     }
+
+    /// The same instant as a `jiff` timestamp (clamped to jiff's range, years -9999 to 9999).
+    pub fn to_jiff(self) -> jiff::Timestamp {
+        jiff::Timestamp::from_millisecond(self.0).unwrap_or(if self.0 < 0 {
+            jiff::Timestamp::MIN
+        } else {
+            jiff::Timestamp::MAX
+        })
+    }
+
+    /// Parses RFC 3339 text (any offset; `Z` for UTC).
+    pub fn parse_rfc3339(text: &str) -> Result<Timestamp, jiff::Error> {
+        text.parse::<jiff::Timestamp>().map(Timestamp::from)
+    }
 }
+
+impl From<jiff::Timestamp> for Timestamp {
+    fn from(t: jiff::Timestamp) -> Self {
+        Timestamp(t.as_millisecond())
+    }
+}
+
+/// Prints RFC 3339 in UTC with exactly three fractional digits.
+const RFC3339_MILLIS: jiff::fmt::temporal::DateTimePrinter =
+    jiff::fmt::temporal::DateTimePrinter::new().precision(Some(3));
 
 impl fmt::Display for Timestamp {
     /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-25T17:57:45.123Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let millis = self.0.rem_euclid(1000);
-        let secs = self.0.div_euclid(1000);
-        let days = secs.div_euclid(86_400);
-        let tod = secs.rem_euclid(86_400);
-        // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        write!(f, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", tod / 3600, (tod / 60) % 60, tod % 60)
+        f.write_str(&RFC3339_MILLIS.timestamp_to_string(&self.to_jiff()))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp such as \"2026-11-25T17:57:45.123Z\" (or milliseconds since 1970)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Timestamp, E> {
+                Timestamp::parse_rfc3339(v).map_err(|e| E::custom(format!("{v:?} is not an RFC 3339 timestamp: {e}")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Timestamp, E> {
+                Ok(Timestamp(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Timestamp, E> {
+                i64::try_from(v).map(Timestamp).map_err(|_| E::custom(format!("{v} ms is past the year 292 million")))
+            }
+        }
+        d.deserialize_any(Visit)
     }
 }
 
@@ -216,8 +258,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        Timestamp(d.as_millis() as i64)
+        Timestamp::from(jiff::Timestamp::now())
     }
 }
 
@@ -272,6 +313,21 @@ mod tests {
         let mut v = Validator::new();
         ObjectMeta::namespaced("default", "node-1").validate(false, &mut v);
         assert!(v.finish().unwrap_err().has_field("metadata.namespace"));
+    }
+
+    #[test]
+    fn timestamps_serialize_as_rfc3339_and_read_every_form() {
+        let t = Timestamp(1_795_629_465_123);
+        assert_eq!(serde_json::to_string(&t).unwrap(), "\"2026-11-25T17:57:45.123Z\"");
+        let back: Timestamp = serde_json::from_str("\"2026-11-25T17:57:45.123Z\"").unwrap();
+        assert_eq!(back, t);
+        let stored: Timestamp = serde_json::from_str("1795629465123").unwrap();
+        assert_eq!(stored, t, "the integer form earlier stores wrote still reads");
+        let offset: Timestamp = serde_json::from_str("\"2026-11-25T18:57:45.123456+01:00\"").unwrap();
+        assert_eq!(offset, t, "any offset, in UTC; below a millisecond truncated");
+        let e = serde_json::from_str::<Timestamp>("\"yesterday\"").unwrap_err().to_string();
+        assert!(e.contains("\"yesterday\" is not an RFC 3339 timestamp"), "{e}");
+        assert!(serde_json::from_str::<Timestamp>("true").is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -30,6 +30,7 @@
 
 pub mod finalizer;
 pub mod leader;
+pub mod predicate;
 pub mod queue;
 
 use std::any::Any;
@@ -45,10 +46,11 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::api::Api;
-use crate::cache::{Cache, CacheRegistry, ObjectRef};
+use crate::cache::{Cache, CacheEvent, CacheRegistry, ObjectRef};
 use crate::object::{Object, Resource, Scope};
 use crate::runnable::{Leadership, RunParts, Runnable, stopped};
 use crate::store::{Guard, Store};
+use predicate::Predicate;
 use queue::{QueueConfig, WorkQueue};
 
 /// What to do with a key after reconciling it.
@@ -166,6 +168,7 @@ pub struct ControllerBuilder<C: Controller> {
     concurrency: usize,
     timeout: Duration,
     queue: QueueConfig,
+    predicate: Option<Predicate<C::Kind>>,
 }
 
 impl<C: Controller> ControllerBuilder<C> {
@@ -181,7 +184,16 @@ impl<C: Controller> ControllerBuilder<C> {
             concurrency: std::thread::available_parallelism().map_or(2, |n| n.get()),
             timeout: Duration::from_secs(60),
             queue: QueueConfig::default(),
+            predicate: None,
         }
+    }
+
+    /// Reconcile an object of the controller's own kind only for the changes `predicate`
+    /// passes (deletions always pass; triggers from owned and watched kinds and resyncs are not
+    /// filtered). See [`predicate`] for the rules in the box.
+    pub fn predicate(mut self, predicate: Predicate<C::Kind>) -> Self {
+        self.predicate = Some(predicate);
+        self
     }
 
     /// Reconcile the owner when an owned `Child` changes (through its controller owner
@@ -273,6 +285,36 @@ async fn forward<K: Resource>(
     }
 }
 
+/// Enqueues the objects of `cache` whose changes `predicate` passes (and every deletion),
+/// remembering the last state of each it saw.
+async fn forward_filtered<K: Resource>(cache: Cache<K>, queue: WorkQueue<ObjectRef>, predicate: Predicate<K>) {
+    let mut events = cache.subscribe();
+    cache.ready().await;
+    let mut seen: std::collections::HashMap<ObjectRef, Arc<Object<K>>> = std::collections::HashMap::new();
+    for obj in cache.list() {
+        let key = ObjectRef::of(&obj);
+        if predicate(None, &obj) {
+            queue.add(key.clone());
+        }
+        seen.insert(key, obj);
+    }
+    while let Some(event) = recv_until_shutdown(&mut events, &queue).await {
+        let key = ObjectRef::of(event.object());
+        match event {
+            CacheEvent::Applied(new) => {
+                let old = seen.insert(key.clone(), new.clone());
+                if predicate(old.as_deref(), &new) {
+                    queue.add(key);
+                }
+            }
+            CacheEvent::Deleted(_) => {
+                seen.remove(&key);
+                queue.add(key);
+            }
+        }
+    }
+}
+
 async fn recv_until_shutdown<T>(rx: &mut mpsc::UnboundedReceiver<T>, queue: &WorkQueue<ObjectRef>) -> Option<T> {
     loop {
         tokio::select! {
@@ -307,7 +349,10 @@ async fn run_controller<C: Controller>(b: ControllerBuilder<C>, parts: RunParts)
     let queue: WorkQueue<ObjectRef> = WorkQueue::with_metrics(b.queue.clone(), &b.name);
     let cache = caches.get_or_start::<C::Kind>(&store);
     let mut feeders = JoinSet::new();
-    feeders.spawn(forward(cache.clone(), queue.clone(), |o: &Object<C::Kind>| vec![ObjectRef::of(o)]));
+    match b.predicate {
+        None => feeders.spawn(forward(cache.clone(), queue.clone(), |o: &Object<C::Kind>| vec![ObjectRef::of(o)])),
+        Some(p) => feeders.spawn(forward_filtered(cache.clone(), queue.clone(), p)),
+    };
     for start in b.triggers {
         feeders.spawn(start(&caches, &store, queue.clone()));
     }
