@@ -12,6 +12,8 @@
 //! 5. Compacted history answers `Compacted`.
 //! 6. Leases expire and delete the objects attached to them.
 //! 7. A delete of an object with finalizers only marks it; it goes when the last one is removed.
+//! 8. A list or watch with an invalid selector fails with `Invalid` naming it
+//!    ([`semantics::check_selection`]), never answers "nothing matches".
 
 pub mod semantics;
 
@@ -258,7 +260,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// # To ensure correctness
     /// The page reflects exactly the state at `revision`. Every later page of the same list
     /// (through `continue_token`) is read at that same revision, or fails with `Compacted` when
-    /// it is no longer available. A malformed token fails with `Invalid`.
+    /// it is no longer available. A malformed token fails with `Invalid`, and so does an invalid
+    /// label or field selector (checked with [`semantics::check_selection`], the same on every
+    /// backend), never an empty page.
     async fn list(&self, req: &ListRequest) -> Result<ListResponse>;
 
     /// Creates an object.
@@ -303,7 +307,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Delivers every event from `from_revision` on, in revision order, exactly once, and the
     /// events of one revision back to back. A `Progress(r)` comes only after every event up to
     /// `r`. Fails with `Compacted` (at once, or later in the stream if the watcher falls too far
-    /// behind) rather than skip an event. A slow watcher never stalls writers.
+    /// behind) rather than skip an event. A slow watcher never stalls writers. An invalid
+    /// selector fails the call with `Invalid`, as for [`list`](Store::list).
     async fn watch(&self, req: &WatchRequest) -> Result<WatchStream>;
 
     /// The current revision: that of the last write.

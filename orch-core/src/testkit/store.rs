@@ -17,7 +17,7 @@ use proptest::test_runner::{Config, TestRunner};
 
 use crate::{
     DeleteOptions, DeleteOutcome, DynamicObject, Error, FieldSelector, Guard, LabelSelector, ListRequest, ObjectKey,
-    ObjectMeta, RawJson, Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
+    ObjectMeta, RawJson, Requirement, Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
 };
 
 /// Makes a fresh, empty store for one case.
@@ -53,6 +53,7 @@ macro_rules! __store_cases {
             finalizers_hold_deletion,
             keys_are_isolated_by_kind_and_namespace,
             list_filters_by_selectors,
+            list_and_watch_refuse_invalid_selectors,
             list_pages_are_pinned_to_first_revision,
             list_at_compacted_revision_fails,
             watch_delivers_history_in_order,
@@ -452,6 +453,33 @@ async fn list_filters_by_selectors(f: Factory) {
         .with_labels(LabelSelector::parse("app=web").unwrap())
         .with_fields(FieldSelector::parse("spec.nodeName=n2").unwrap());
     assert_eq!(names(&s.list(&ListRequest::new(both)).await.unwrap().items), ["b"]);
+}
+
+/// Selectors built in code skip the checks of the text and serde forms; a store must refuse an
+/// invalid one, naming it, rather than answer that nothing matches.
+async fn list_and_watch_refuse_invalid_selectors(f: Factory) {
+    let s = f().await;
+    let mut o = thing("a", serde_json::json!({"nodeName": "n1"}));
+    o.metadata.labels.insert("app", "web");
+    s.create(o, &w()).await.unwrap();
+    let cases = [
+        (
+            things().with_labels(LabelSelector::everything().and(Requirement::In("app".into(), BTreeSet::new()))),
+            "selection.labels[0].values",
+        ),
+        (things().with_labels(LabelSelector::from_labels([("bad key", "web")])), "selection.labels[0].key"),
+        (things().with_labels(LabelSelector::from_labels([("app", "not ok!")])), "selection.labels[0].values"),
+        (things().with_fields(FieldSelector::equals("spec.node/Name", "n1")), "selector[0].path"),
+        (things().with_fields(FieldSelector::equals("spec.nodeName", "n 1")), "selector[0].value"),
+    ];
+    for (selection, field) in cases {
+        let e = s.list(&ListRequest::new(selection.clone())).await.expect_err(field);
+        assert!(e.is_invalid() && e.to_string().contains(field), "list should name {field}: {e}");
+        match s.watch(&WatchRequest::from(selection, 1)).await {
+            Err(e) => assert!(e.is_invalid() && e.to_string().contains(field), "watch should name {field}: {e}"),
+            Ok(_) => panic!("a watch with an invalid selector ({field}) was accepted"),
+        }
+    }
 }
 
 async fn list_pages_are_pinned_to_first_revision(f: Factory) {

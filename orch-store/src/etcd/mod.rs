@@ -714,7 +714,7 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListResponse> {
-        req.selection.fields.validate()?;
+        semantics::check_selection(&req.selection)?;
         let limit = match req.limit {
             Some(0) => return Err(Error::invalid("ListRequest", "limit", "must be >= 1 when set")),
             other => other,
@@ -800,7 +800,7 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, req: &WatchRequest) -> Result<WatchStream> {
-        req.selection.fields.validate()?;
+        semantics::check_selection(&req.selection)?;
         if req.progress_interval.is_some_and(|i| i.is_zero()) {
             return Err(Error::invalid("WatchRequest", "progress_interval", "must be > 0 when set"));
         }
