@@ -347,8 +347,11 @@ fn encode(obj: &mut DynamicObject) -> Result<Vec<u8>> {
     let (rv, cr) = (obj.metadata.resource_version, obj.metadata.create_revision);
     obj.metadata.resource_version = 0;
     obj.metadata.create_revision = 0;
-    let bytes = serde_json::to_vec(&*obj)
-        .map_err(|source| Error::Serialization { what: format!("{} for etcd", obj.key()), source });
+    let bytes = serde_json::to_vec(&*obj).map_err(|source| Error::Serialization {
+        what: format!("{} for etcd", obj.key()),
+        path: String::new(),
+        source,
+    });
     obj.metadata.resource_version = rv;
     obj.metadata.create_revision = cr;
     bytes
@@ -357,6 +360,7 @@ fn encode(obj: &mut DynamicObject) -> Result<Vec<u8>> {
 fn decode(kv: &KeyValue) -> Result<DynamicObject> {
     let mut obj: DynamicObject = serde_json::from_slice(kv.value()).map_err(|source| Error::Serialization {
         what: format!("etcd value at {:?}", String::from_utf8_lossy(kv.key())),
+        path: String::new(),
         source,
     })?;
     obj.metadata.resource_version = to_u64(kv.mod_revision());
