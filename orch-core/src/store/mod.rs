@@ -209,7 +209,8 @@ pub enum WatchEvent {
 }
 
 impl WatchEvent {
-    /// The revision of this event.
+    /// The revision of this event: the object's `resource_version` (for `Deleted`, the
+    /// deletion's revision), or the revision a `Progress` vouches for.
     pub fn revision(&self) -> u64 {
         match self {
             WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => o.metadata.resource_version,
@@ -217,12 +218,19 @@ impl WatchEvent {
         }
     }
 
-    /// The object, except for progress events.
+    /// The object the event is about, for every variant that has one: the new state for
+    /// `Added` and `Modified`, the last state for `Deleted`; `None` for `Progress`. It is the
+    /// store's shared `Arc` (it derefs to [`DynamicObject`]), so keeping it costs no copy.
     pub fn object(&self) -> Option<&Arc<DynamicObject>> {
         match self {
             WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => Some(o),
             WatchEvent::Progress(_) => None,
         }
+    }
+
+    /// The key of the object the event is about (`Deleted` included); `None` for `Progress`.
+    pub fn key(&self) -> Option<ObjectKey> {
+        self.object().map(|o| o.key())
     }
 }
 
@@ -337,4 +345,29 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Reads a lease's time to live.
     async fn lease(&self, id: LeaseId) -> Result<LeaseInfo>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ObjectMeta;
+
+    #[test]
+    fn watch_events_give_their_object_and_key() {
+        let mut obj = DynamicObject::new("Thing", ObjectMeta::namespaced("ns", "a"));
+        obj.metadata.resource_version = 7;
+        let obj = Arc::new(obj);
+        let key = ObjectKey::new("Thing", "ns", "a");
+        for event in
+            [WatchEvent::Added(obj.clone()), WatchEvent::Modified(obj.clone()), WatchEvent::Deleted(obj.clone())]
+        {
+            assert!(Arc::ptr_eq(event.object().unwrap(), &obj), "{event:?}");
+            assert_eq!(event.key(), Some(key.clone()));
+            assert_eq!(event.revision(), 7);
+        }
+        let progress = WatchEvent::Progress(9);
+        assert!(progress.object().is_none());
+        assert_eq!(progress.key(), None);
+        assert_eq!(progress.revision(), 9);
+    }
 }
