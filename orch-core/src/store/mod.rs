@@ -234,8 +234,10 @@ impl WatchEvent {
     }
 }
 
-/// The stream a watch returns. It ends after yielding an error (for example `Compacted` when the
-/// watcher fell so far behind that the events it needed were dropped: re-list, then watch again).
+/// The stream a watch returns. It never ends silently: it ends after yielding an error, such as
+/// `Compacted` when the watcher fell so far behind that the events it needed were dropped
+/// (re-list, then watch again), or `Unavailable` ("store closed") once its store is dropped or
+/// closed.
 pub type WatchStream = BoxStream<'static, Result<WatchEvent>>;
 
 /// A granted lease.
@@ -316,7 +318,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// events of one revision back to back. A `Progress(r)` comes only after every event up to
     /// `r`. Fails with `Compacted` (at once, or later in the stream if the watcher falls too far
     /// behind) rather than skip an event. A slow watcher never stalls writers. An invalid
-    /// selector fails the call with `Invalid`, as for [`list`](Store::list).
+    /// selector fails the call with `Invalid`, as for [`list`](Store::list). The stream ends
+    /// only after an error item: once the store is dropped (its last handle) or closed, it
+    /// ends with `Unavailable` ("store closed"), after the events it had already received.
     async fn watch(&self, req: &WatchRequest) -> Result<WatchStream>;
 
     /// The current revision: that of the last write.

@@ -62,6 +62,7 @@ macro_rules! __store_cases {
             watch_sees_concurrent_writes_once_in_order,
             watch_from_compacted_revision_fails,
             watch_sends_progress,
+            watch_ends_with_an_error_when_the_store_is_dropped,
             slow_watcher_does_not_stall_writers,
             compaction_rejects_future_revision,
             concurrent_cas_has_one_winner_per_round,
@@ -717,6 +718,36 @@ async fn watch_sends_progress(f: Factory) {
     // A progress revision is a safe place to resume: nothing is skipped after it.
     let t = s.create(thing("t", serde_json::json!(1)), &w()).await.unwrap();
     assert_eq!(describe(&next_change(&mut watch).await), ("Added", "t".into(), t.metadata.resource_version));
+}
+
+/// A watch never ends silently: when its store goes away (the case holds the only handle the
+/// builder made), it delivers what it had, then ends with `Unavailable`.
+async fn watch_ends_with_an_error_when_the_store_is_dropped(f: Factory) {
+    let s = f().await;
+    let c = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    let from = c.metadata.resource_version;
+    let mut watch = s.watch(&WatchRequest::from(things(), from)).await.unwrap();
+    let mut quiet = s
+        .watch(&WatchRequest {
+            progress_interval: Some(Duration::from_secs(1)),
+            ..WatchRequest::from(things(), from + 1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(describe(&next_change(&mut watch).await), ("Added", "a".into(), from));
+    drop(s);
+    for stream in [&mut watch, &mut quiet] {
+        loop {
+            match tokio::time::timeout(PATIENCE, stream.next()).await {
+                Ok(Some(Ok(WatchEvent::Progress(_)))) => continue,
+                Ok(Some(Err(Error::Unavailable { .. }))) => break,
+                Ok(other) => panic!("expected Unavailable once the store is dropped, got {other:?}"),
+                Err(_) => panic!("the watch did not end within {PATIENCE:?} of its store being dropped"),
+            }
+        }
+        let end = tokio::time::timeout(PATIENCE, stream.next()).await.expect("the stream ends");
+        assert!(end.is_none(), "the stream ends after its error: {end:?}");
+    }
 }
 
 async fn slow_watcher_does_not_stall_writers(f: Factory) {
