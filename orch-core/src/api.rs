@@ -7,6 +7,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde_json::Value;
 
+use crate::backoff::{Attempts, Backoff};
 use crate::error::{Error, Result};
 use crate::object::{Object, ObjectKey, Resource, Scope};
 use crate::selector::{FieldSelector, LabelSelector};
@@ -16,6 +17,11 @@ use crate::store::{
 
 /// How many times a patch re-reads and retries after losing a compare-and-swap race.
 const PATCH_ATTEMPTS: usize = 16;
+
+/// Attempts of [`Api::retry_on_conflict`], and the wait before the first retry (doubled before
+/// each next one): a few quick tries, as client-go's `RetryOnConflict` makes.
+const CONFLICT_ATTEMPTS: u32 = 5;
+const CONFLICT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Typed access to the objects of kind `K`, in one namespace or across all of them.
 ///
@@ -219,19 +225,52 @@ impl<K: Resource> Api<K> {
     }
 
     /// Lists objects (one page when `limit` is set).
+    ///
+    /// Fails when any listed object does not decode as `K`, with an error naming that object
+    /// (kind, namespace, name) and the field at fault; [`list_lenient`](Api::list_lenient) returns
+    /// the others instead.
     pub async fn list(&self, params: &ListParams) -> Result<ObjectList<K>> {
+        let page = self.list_raw(params).await?;
+        Ok(ObjectList {
+            items: page.items.iter().map(|o| Object::from_dynamic(o)).collect::<Result<_>>()?,
+            revision: page.revision,
+            continue_token: page.continue_token,
+        })
+    }
+
+    /// Lists objects like [`list`](Api::list), but an object that does not decode as `K` (written
+    /// by another program, or by an older version of this one) does not fail the whole list: the
+    /// objects that decode are returned, and beside them each one that does not, with its error.
+    ///
+    /// ```no_run
+    /// # async fn demo(api: orch_core::Api<orch_core::kinds::Workload>) -> orch_core::Result<()> {
+    /// let (list, bad) = api.list_lenient(&Default::default()).await?;
+    /// for (key, error) in &bad {
+    ///     eprintln!("skipping {key}: {error}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn list_lenient(&self, params: &ListParams) -> Result<(ObjectList<K>, Vec<(ObjectKey, Error)>)> {
+        let page = self.list_raw(params).await?;
+        let mut items = Vec::with_capacity(page.items.len());
+        let mut failed = Vec::new();
+        for o in &page.items {
+            match Object::from_dynamic(o) {
+                Ok(obj) => items.push(obj),
+                Err(e) => failed.push((o.key(), e)),
+            }
+        }
+        Ok((ObjectList { items, revision: page.revision, continue_token: page.continue_token }, failed))
+    }
+
+    async fn list_raw(&self, params: &ListParams) -> Result<crate::store::ListResponse> {
         let req = ListRequest {
             selection: self.selection(params),
             limit: params.limit,
             continue_token: params.continue_token.clone(),
             revision: None,
         };
-        let page = self.store.list(&req).await?;
-        Ok(ObjectList {
-            items: page.items.iter().map(|o| Object::from_dynamic(o)).collect::<Result<_>>()?,
-            revision: page.revision,
-            continue_token: page.continue_token,
-        })
+        self.store.list(&req).await
     }
 
     /// Creates an object after validating it.
@@ -264,6 +303,41 @@ impl<K: Resource> Api<K> {
         Object::from_dynamic(&*self.store.update_status(obj.to_dynamic()?, &self.write_options(opts)?).await?)
     }
 
+    /// Reads the object, lets `mutate` change it, and replaces it; when another writer got in
+    /// between (`Conflict`), reads it again and retries, waiting a little longer each time, as
+    /// client-go's `RetryOnConflict` does. `mutate` runs on the fresh object at every attempt, so
+    /// it must derive its change from what it is given. After a few attempts the last
+    /// `Conflict` is returned; any other error (including one from `mutate`) at once.
+    ///
+    /// Only metadata and spec are written (as [`replace`](Api::replace)); a status change made
+    /// by `mutate` is not kept.
+    ///
+    /// ```no_run
+    /// # async fn demo(api: orch_core::Api<orch_core::kinds::Node>) -> orch_core::Result<()> {
+    /// api.retry_on_conflict("node-1", |node| {
+    ///     node.metadata.labels.insert("zone", "eu-1");
+    ///     Ok(())
+    /// })
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn retry_on_conflict<F>(&self, name: &str, mut mutate: F) -> Result<Object<K>>
+    where
+        F: FnMut(&mut Object<K>) -> Result<()>,
+    {
+        let mut retries = Attempts::new(Backoff::new(CONFLICT_BACKOFF, CONFLICT_BACKOFF * 8).full_jitter());
+        loop {
+            let mut obj = self.get(name).await?;
+            mutate(&mut obj)?;
+            match self.replace(&obj).await {
+                Err(e) if e.is_conflict() && retries.failures() + 1 < CONFLICT_ATTEMPTS => {
+                    tokio::time::sleep(retries.fail()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Patches `{metadata, spec}`: a JSON merge patch (RFC 7386: a `serde_json::Value`) or a
     /// JSON patch (RFC 6902: a [`json_patch::Patch`]), see [`Patch`].
     ///
@@ -289,8 +363,11 @@ impl<K: Resource> Api<K> {
             let current = self.store.get(&key).await?;
             // Patch the stored JSON, not the typed form, so fields this program's `K` does not
             // know (written by a newer client) survive the patch.
-            let mut doc = serde_json::to_value(&*current)
-                .map_err(|source| Error::Serialization { what: K::KIND.into(), source })?;
+            let mut doc = serde_json::to_value(&*current).map_err(|source| Error::Serialization {
+                what: key.to_string(),
+                path: String::new(),
+                source,
+            })?;
             patch.apply(&mut doc, parts, K::KIND)?;
             let merged: crate::object::DynamicObject = serde_json::from_value(doc)
                 .map_err(|e| Error::invalid(K::KIND, "patch", format!("result is not an object: {e}")))?;

@@ -340,7 +340,11 @@ impl<K: Resource> Cache<K> {
                 && obj.kind == K::KIND
         }) {
             Some(p) => {
-                let status = if obj.status.is_null() { Ok(K::Status::default()) } else { obj.status.decode() };
+                let status = if obj.status.is_null() {
+                    Ok(K::Status::default())
+                } else {
+                    obj.status.decode().map_err(|e| e.within(obj.key(), "status"))
+                };
                 status.map_err(Error::from).map(|status| Object {
                     metadata: obj.metadata.clone(),
                     spec: p.spec.clone(),

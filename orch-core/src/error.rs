@@ -80,10 +80,14 @@ pub enum Error {
     LeaseNotFound(u64),
 
     /// An object could not be encoded or decoded as its typed form.
-    #[error("cannot decode {what}: {source}")]
+    #[error("cannot decode {what}: {}{source}", crate::json::field_prefix(.path))]
     Serialization {
-        /// What was being encoded or decoded.
+        /// What was being encoded or decoded: for an object of the store, its kind, namespace
+        /// and name (`Workload default/web`).
         what: String,
+        /// The field that failed, such as `spec.containers[0].resources.requests.cpu`; empty
+        /// when unknown or when the document as a whole is at fault.
+        path: String,
         /// The serde error.
         #[source]
         source: serde_json::Error,
@@ -102,7 +106,7 @@ pub enum Error {
 
 impl From<JsonError> for Error {
     fn from(e: JsonError) -> Self {
-        Error::Serialization { what: e.what, source: e.source }
+        Error::Serialization { what: e.what, path: e.path, source: e.source }
     }
 }
 

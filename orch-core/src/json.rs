@@ -8,14 +8,56 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A document that could not be encoded or decoded; it becomes
 /// [`Error::Serialization`](crate::Error::Serialization) through `?`.
+///
+/// A decode error names the field that did not decode (`spec.containers[0].cpu: invalid
+/// quantity ...`), as well as serde's message and position.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot decode {what}: {source}")]
+#[error("cannot decode {what}: {}{source}", field_prefix(.path))]
 pub struct JsonError {
     /// What was being encoded or decoded.
     pub what: String,
+    /// The path of the field that failed, such as `spec.containers[0].resources.requests.cpu`;
+    /// empty when the document itself is at fault (not JSON, not an object) or when encoding.
+    pub path: String,
     /// The serde error.
     #[source]
     pub source: serde_json::Error,
+}
+
+/// `path: `, or nothing for an empty path: how errors put the field before the reason.
+pub(crate) fn field_prefix(path: &str) -> String {
+    if path.is_empty() { String::new() } else { format!("{path}: ") }
+}
+
+impl JsonError {
+    /// Names the document this error is about: `what` becomes `object` (such as `Workload
+    /// default/web`) and the path is put under `part` (such as `spec`), so the error reads as
+    /// `cannot decode Workload default/web: spec.containers[0].name: ...`.
+    pub fn within(mut self, object: impl fmt::Display, part: &str) -> Self {
+        self.what = object.to_string();
+        self.path = match self.path.as_str() {
+            "" => part.to_string(),
+            p if p.starts_with('[') => format!("{part}{p}"),
+            p => format!("{part}.{p}"),
+        };
+        self
+    }
+}
+
+/// The error of a failed decode of `text` as `T`, with the path of the field at fault.
+///
+/// Decoding is hot (every cache decodes every object), so the happy path decodes without
+/// tracking; only a failure pays for a second decode that records where it went wrong.
+#[cold]
+fn decode_error<T: DeserializeOwned>(text: &str, source: serde_json::Error) -> JsonError {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let path = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Err(e) => e.path().to_string(),
+        Ok(_) => String::new(),
+    };
+    // The path of the document itself prints as ".".
+    let path = if path == "." { String::new() } else { path };
+    JsonError { what: std::any::type_name::<T>().into(), path, source }
 }
 
 /// A JSON document kept as canonical text (compact, object keys sorted) and shared by reference.
@@ -242,15 +284,20 @@ impl RawJson {
 
     /// Encodes any serializable value.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, JsonError> {
-        serde_json::to_value(value)
-            .map(|v| Self::from_value(&v))
-            .map_err(|source| JsonError { what: std::any::type_name::<T>().into(), source })
+        serde_json::to_value(value).map(|v| Self::from_value(&v)).map_err(|source| JsonError {
+            what: std::any::type_name::<T>().into(),
+            path: String::new(),
+            source,
+        })
     }
 
     /// Parses JSON text, refusing anything that is not valid JSON.
     pub fn parse(text: &str) -> Result<Self, JsonError> {
-        let v: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| JsonError { what: "raw JSON".into(), source })?;
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|source| JsonError {
+            what: "raw JSON".into(),
+            path: String::new(),
+            source,
+        })?;
         Ok(Self::from_value(&v))
     }
 
@@ -262,9 +309,10 @@ impl RawJson {
         RawJson(Arc::from(String::from_utf8_lossy(&out)))
     }
 
-    /// Decodes into a typed value.
+    /// Decodes into a typed value. An error names the path of the field at fault
+    /// ([`JsonError::path`]).
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, JsonError> {
-        serde_json::from_str(&self.0).map_err(|source| JsonError { what: std::any::type_name::<T>().into(), source })
+        serde_json::from_str(&self.0).map_err(|source| decode_error::<T>(&self.0, source))
     }
 
     /// Decodes into a JSON value.
@@ -461,6 +509,33 @@ mod tests {
             Value::Array(items) => items.iter().any(has_escaped_key),
             _ => false,
         }
+    }
+
+    #[test]
+    fn decode_errors_name_the_field_path() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Limits {
+            cpu: crate::Quantity,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Spec {
+            items: Vec<Limits>,
+        }
+        let doc = RawJson::parse(r#"{"items":[{"cpu":"1"},{"cpu":"1x"}]}"#).unwrap();
+        let e = doc.decode::<Spec>().unwrap_err();
+        assert_eq!(e.path, "items[1].cpu");
+        let e = e.within("Thing ns/a", "spec");
+        assert_eq!(e.path, "spec.items[1].cpu");
+        let text = e.to_string();
+        assert!(text.starts_with("cannot decode Thing ns/a: spec.items[1].cpu: invalid quantity \"1x\""), "{text}");
+        // The document itself at fault: no path beyond the part.
+        let e = RawJson::parse("true").unwrap().decode::<Spec>().unwrap_err();
+        assert_eq!(e.path, "");
+        assert_eq!(e.within("Thing ns/a", "spec").path, "spec");
+        let e = RawJson::parse(r#"[1,"x"]"#).unwrap().decode::<Vec<u32>>().unwrap_err().within("T a", "status");
+        assert_eq!(e.path, "status[1]");
     }
 
     #[test]

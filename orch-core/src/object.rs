@@ -119,12 +119,21 @@ impl<K: Resource> Object<K> {
     }
 
     /// Converts from the store's form, refusing an object of another kind.
+    ///
+    /// A spec or status that does not decode fails with `Serialization` naming the object
+    /// (kind, namespace, name) and the field: `cannot decode Workload default/web:
+    /// spec.containers[0].resources.requests.cpu: invalid quantity ...`.
     pub fn from_dynamic(obj: &DynamicObject) -> Result<Self> {
         if obj.kind != K::KIND {
             return Err(Error::invalid(K::KIND, "kind", format!("expected {}, found {}", K::KIND, obj.kind)));
         }
-        let status = if obj.status.is_null() { K::Status::default() } else { obj.status.decode()? };
-        Ok(Object { metadata: obj.metadata.clone(), spec: obj.spec.decode()?, status })
+        let spec = obj.spec.decode().map_err(|e| e.within(obj.key(), "spec"))?;
+        let status = if obj.status.is_null() {
+            K::Status::default()
+        } else {
+            obj.status.decode().map_err(|e| e.within(obj.key(), "status"))?
+        };
+        Ok(Object { metadata: obj.metadata.clone(), spec, status })
     }
 
     /// An owner reference pointing at this object, marked as its controller.

@@ -24,8 +24,15 @@ pub enum Format {
 
 /// An exact amount of a resource, stored as an integer number of nano-units.
 ///
-/// Parsing never rounds: a value finer than one nano-unit, or larger than `i64::MAX` units, is
-/// refused. Printing picks the largest suffix of the parsed family that represents the value
+/// The text form is an optional sign, decimal digits with at most one decimal point (any
+/// number of digits, leading and trailing zeros included), then an optional suffix: a decimal
+/// one (`n u m k M G T P E`), a binary one (`Ki Mi Gi Ti Pi Ei`) or an exponent (`e3`, `E-6`).
+/// Surrounding whitespace is ignored.
+///
+/// Parsing is exact and never rounds: a value that is not a whole number of nano-units
+/// (`0.1n`) is refused as "finer than one nano-unit", one beyond `i64::MAX` units as "too
+/// large", and everything between is accepted however it is written (`0.1` followed by forty
+/// zeros is `100m`). Printing picks the largest suffix of the parsed family that represents the value
 /// exactly, so `parse(print(q)) == q` always holds (`1.5Gi` prints as `1536Mi`).
 ///
 /// Equality and ordering compare amounts only: `1Ki == 1024`.
@@ -132,7 +139,7 @@ impl Quantity {
             return Err(err("more than one decimal point"));
         }
         // value = digits * 10^(exp10 - frac_len) * 1024^exp2
-        let (exp10, exp2, format): (i32, u32, Format) = match suffix {
+        let (exp10, exp2, format): (i64, u32, Format) = match suffix {
             "" => (0, 0, Format::DecimalSi),
             "n" => (-9, 0, Format::DecimalSi),
             "u" => (-6, 0, Format::DecimalSi),
@@ -150,44 +157,98 @@ impl Quantity {
             "Pi" => (0, 5, Format::BinarySi),
             "Ei" => (0, 6, Format::BinarySi),
             other if other.starts_with(['e', 'E']) => {
-                let e: i32 = other[1..].parse().map_err(|_| err("bad exponent"))?;
-                if !(-30..=30).contains(&e) {
-                    return Err(err("exponent out of range"));
-                }
-                (e, 0, Format::DecimalExponent)
+                (parse_exponent(&other[1..]).ok_or_else(|| err("bad exponent"))?, 0, Format::DecimalExponent)
             }
             _ => return Err(err("unknown suffix")),
         };
-        let mut digits: i128 = 0;
-        for c in int_part.bytes().chain(frac_part.bytes()) {
-            digits = digits
-                .checked_mul(10)
-                .and_then(|d| d.checked_add(i128::from(c - b'0')))
-                .ok_or_else(|| err("too large"))?;
-        }
-        // Scale to nanos: digits * 10^(exp10 - frac_len + 9) * 1024^exp2.
-        let mut nanos = digits;
-        for _ in 0..exp2 {
-            nanos = nanos.checked_mul(1024).ok_or_else(|| err("too large"))?;
-        }
-        let shift = exp10 - frac_part.len() as i32 + 9;
-        if shift >= 0 {
-            for _ in 0..shift {
-                nanos = nanos.checked_mul(10).ok_or_else(|| err("too large"))?;
-            }
-        } else {
-            for _ in 0..(-shift) {
-                if nanos % 10 != 0 {
-                    return Err(err("finer than one nano-unit"));
-                }
-                nanos /= 10;
-            }
-        }
-        if nanos > MAX_UNITS * NANO {
-            return Err(err("too large"));
-        }
+        let nanos = scale_to_nanos(int_part, frac_part, exp10, exp2).map_err(err)?;
         Ok(Quantity { nanos: if negative { -nanos } else { nanos }, format })
     }
+}
+
+/// The exponent of `1e3`-style text: an optional sign and at least one digit. Its magnitude
+/// saturates far beyond any exponent a value that fits can need (with a non-zero mantissa the
+/// value is then too large or too fine whatever the exact exponent was; with a zero one, zero).
+fn parse_exponent(text: &str) -> Option<i64> {
+    let (negative, digits) = match text.as_bytes().first()? {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let magnitude = digits.bytes().fold(0i64, |e, b| (e * 10 + i64::from(b - b'0')).min(1 << 40));
+    Some(if negative { -magnitude } else { magnitude })
+}
+
+/// Converts `int_part.frac_part * 10^exp10 * 1024^exp2` (ASCII digits) to nano-units exactly.
+///
+/// Works on the significant digits only: leading zeros change nothing and trailing zeros only
+/// move the exponent, so any number of either is accepted, and the refusals are exact: "too
+/// large" only for a value beyond `i64::MAX` units, "finer than one nano-unit" only for one that
+/// is not a whole number of nano-units.
+fn scale_to_nanos(int_part: &str, frac_part: &str, exp10: i64, exp2: u32) -> Result<i128, &'static str> {
+    const TOO_LARGE: &str = "too large";
+    const TOO_FINE: &str = "finer than one nano-unit";
+    let limit = MAX_UNITS * NANO;
+    let digits = || int_part.bytes().chain(frac_part.bytes());
+    let total = int_part.len() + frac_part.len();
+    let leading = digits().take_while(|&b| b == b'0').count();
+    if leading == total {
+        return Ok(0);
+    }
+    let trailing = digits().rev().take_while(|&b| b == b'0').count();
+    let significant = || digits().skip(leading).take(total - leading - trailing);
+    let len = i64::try_from(total - leading - trailing).unwrap_or(i64::MAX);
+    let frac_len = i64::try_from(frac_part.len()).unwrap_or(i64::MAX);
+    let trailing = i64::try_from(trailing).unwrap_or(i64::MAX);
+    // nanos = significant * 10^shift * 1024^exp2
+    let shift = exp10.saturating_sub(frac_len).saturating_add(trailing).saturating_add(9);
+    if shift >= 0 {
+        // The value is at least 10^(len - 1 + shift); the limit is below 10^28.
+        if len.saturating_sub(1).saturating_add(shift) >= 28 {
+            return Err(TOO_LARGE);
+        }
+        let mut nanos = significant().fold(0i128, |n, b| n * 10 + i128::from(b - b'0'));
+        nanos = nanos.checked_mul(10i128.pow(shift as u32)).ok_or(TOO_LARGE)?;
+        nanos = nanos.checked_mul(1i128 << (10 * exp2)).ok_or(TOO_LARGE)?;
+        return if nanos > limit { Err(TOO_LARGE) } else { Ok(nanos) };
+    }
+    // nanos = significant * 2^(10 exp2) / 10^k = significant / 5^k * 2^(10 exp2 - k). The last
+    // significant digit is not 0, so `significant` is not divisible by both 2 and 5: a whole
+    // result needs k <= 10 exp2 (at most 60), and then the result is at least
+    // significant / 10^60, so more than 88 significant digits cannot fit.
+    let k = shift.unsigned_abs();
+    if k > u64::from(10 * exp2) {
+        return Err(TOO_FINE);
+    }
+    if len > 88 {
+        return Err(TOO_LARGE);
+    }
+    let mut buf = [0u8; 88];
+    let buf = &mut buf[..len as usize];
+    for (slot, b) in buf.iter_mut().zip(significant()) {
+        *slot = b - b'0';
+    }
+    for _ in 0..k {
+        let mut rem = 0u8;
+        for d in buf.iter_mut() {
+            let cur = rem * 10 + *d;
+            *d = cur / 5;
+            rem = cur % 5;
+        }
+        if rem != 0 {
+            return Err(TOO_FINE);
+        }
+    }
+    let quotient = &buf[buf.iter().take_while(|&&d| d == 0).count()..];
+    if quotient.len() > 28 {
+        return Err(TOO_LARGE);
+    }
+    let mut nanos = quotient.iter().fold(0i128, |n, &d| n * 10 + i128::from(d));
+    nanos = nanos.checked_mul(1i128 << (u64::from(10 * exp2) - k)).ok_or(TOO_LARGE)?;
+    if nanos > limit { Err(TOO_LARGE) } else { Ok(nanos) }
 }
 
 impl PartialEq for Quantity {
@@ -336,6 +397,57 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Suffix, power of two and power of ten it stands for (`e` is an exponent, chosen apart).
+    const SUFFIXES: [(&str, u32, i32); 17] = [
+        ("", 0, 0),
+        ("n", 0, -9),
+        ("u", 0, -6),
+        ("m", 0, -3),
+        ("k", 0, 3),
+        ("M", 0, 6),
+        ("G", 0, 9),
+        ("T", 0, 12),
+        ("P", 0, 15),
+        ("E", 0, 18),
+        ("Ki", 10, 0),
+        ("Mi", 20, 0),
+        ("Gi", 30, 0),
+        ("Ti", 40, 0),
+        ("Pi", 50, 0),
+        ("Ei", 60, 0),
+        ("e", 0, 0),
+    ];
+
+    /// `n / (2^pow2 * 10^pow10)` as exact decimal digits (integer part, fraction part), by long
+    /// division: every such fraction ends.
+    fn exact_decimal(n: u128, pow2: u32, pow10: i32) -> (String, String) {
+        let d = 1u128 << pow2;
+        let mut int = (n / d).to_string();
+        let mut frac = String::new();
+        let mut r = n % d;
+        while r != 0 {
+            r *= 10;
+            frac.push(char::from(b'0' + (r / d) as u8));
+            r %= d;
+        }
+        // Move the decimal point `pow10` places left (right when negative).
+        if pow10 >= 0 {
+            let k = pow10 as usize;
+            if int.len() <= k {
+                int = format!("{}{int}", "0".repeat(k + 1 - int.len()));
+            }
+            let (i, f) = int.split_at(int.len() - k);
+            (i.to_string(), format!("{f}{frac}"))
+        } else {
+            let k = pow10.unsigned_abs() as usize;
+            if frac.len() < k {
+                frac.push_str(&"0".repeat(k - frac.len()));
+            }
+            let (f1, f2) = frac.split_at(k);
+            (format!("{int}{f1}"), f2.to_string())
+        }
+    }
+
     fn q(s: &str) -> Quantity {
         Quantity::parse(s).unwrap()
     }
@@ -377,13 +489,35 @@ mod tests {
             ("5Xi", "unknown suffix"),
             ("0.1n", "finer than one nano-unit"),
             ("99999999999999999999", "too large"),
-            ("1e99", "exponent out of range"),
+            ("9223372036854775808", "too large"),
+            ("1e99", "too large"),
+            ("1e-99", "finer than one nano-unit"),
+            ("0.5e-9", "finer than one nano-unit"),
+            ("1e", "bad exponent"),
+            ("1e+", "bad exponent"),
             ("1ex", "bad exponent"),
             ("m", "missing digits"),
         ] {
             let e = Quantity::parse(input).unwrap_err();
             assert_eq!(e.reason, reason, "input {input:?}");
         }
+    }
+
+    #[test]
+    fn any_number_of_digits_is_read_exactly() {
+        let tenth = format!("0.1{}", "0".repeat(39));
+        assert_eq!(q(&tenth), q("100m"));
+        assert_eq!(q(&format!("{}1", "0".repeat(60))), q("1"));
+        assert_eq!(q(&format!("{}.{}Ki", "0".repeat(50), "0".repeat(50))), Quantity::ZERO);
+        assert_eq!(q(&format!("1{}e-40", "0".repeat(40))), q("1"));
+        assert_eq!(q("0.000000001"), q("1n"));
+        assert_eq!(q("9223372036854775807"), Quantity::from_units(i64::MAX));
+        assert_eq!(q("-9223372036854775807"), Quantity::from_units(-i64::MAX));
+        assert_eq!(q("0e99999999999999999999"), Quantity::ZERO);
+        // 2^-60 Ei is one unit: 60 fraction digits, all significant.
+        assert_eq!(q("0.000000000000000000867361737988403547205962240695953369140625Ei"), q("1"));
+        assert_eq!(q("0.0009765625Ki"), q("1"));
+        assert_eq!(Quantity::parse("0.00097656251Ki").unwrap_err().reason, "finer than one nano-unit");
     }
 
     #[test]
@@ -402,6 +536,33 @@ mod tests {
             let original = Quantity { nanos, format };
             let back = Quantity::parse(&original.to_string()).unwrap();
             prop_assert_eq!(back, original);
+        }
+
+        /// Any decimal text of a value that fits, whatever its digit count, leading and trailing
+        /// zeros, sign and suffix, parses to exactly that value.
+        #[test]
+        fn every_spelling_of_a_value_parses_exactly(
+            nanos in prop_oneof![
+                -(MAX_UNITS * NANO)..=(MAX_UNITS * NANO),
+                -1_000_000_000_000i128..1_000_000_000_000,
+                Just(MAX_UNITS * NANO),
+                Just(-MAX_UNITS * NANO),
+            ],
+            suffix in 0..SUFFIXES.len(),
+            exponent in -45i32..45,
+            leading in 0..40usize,
+            trailing in 0..40usize,
+            plus in any::<bool>(),
+        ) {
+            let (name, pow2, pow10) = SUFFIXES[suffix];
+            let (name, pow10) = if name == "e" { (format!("e{exponent}"), exponent) } else { (name.to_string(), pow10) };
+            // The text's number is nanos / (2^pow2 * 10^(pow10 + 9)).
+            let (int, frac) = exact_decimal(nanos.unsigned_abs(), pow2, pow10 + 9);
+            let frac = format!("{frac}{}", "0".repeat(trailing));
+            let sign = if nanos < 0 { "-" } else if plus { "+" } else { "" };
+            let text = format!("{sign}{}{int}.{frac}{name}", "0".repeat(leading));
+            let parsed = Quantity::parse(&text);
+            prop_assert_eq!(parsed.as_ref().map(Quantity::nanos), Ok(nanos), "{}", text);
         }
 
         #[test]

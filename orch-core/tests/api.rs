@@ -1,11 +1,15 @@
 //! Typed access through `Api<K>` on the in-memory store: validation, patching, scopes, watches.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use orch_core::kinds::{Node, Workload};
 use orch_core::{
-    Api, DeleteOptions, Deleted, Event, ListParams, Object, ObjectMeta, Resource, Scope, Store, Validator,
+    Api, DeleteOptions, DeleteOutcome, Deleted, DynamicObject, Error, Event, LeaseId, LeaseInfo, ListParams,
+    ListRequest, ListResponse, Object, ObjectKey, ObjectMeta, RawJson, Resource, Scope, Store, Validator, WatchRequest,
+    WatchStream, WriteOptions,
 };
 use orch_store::MemoryStore;
 use serde::{Deserialize, Serialize};
@@ -213,4 +217,139 @@ async fn json_patch_changes_paths_of_the_object_and_refuses_what_the_call_may_no
     // Pinned to an old resource version: a conflict, not a retry.
     let stale = json_patch(json!([{"op": "replace", "path": "/metadata/resourceVersion", "value": 1}]));
     assert!(api.patch("j", stale).await.unwrap_err().is_conflict());
+}
+
+/// A spec that does not decode as a `Workload`: its cpu request is not a quantity.
+fn malformed_workload(name: &str) -> DynamicObject {
+    let mut spec = serde_json::to_value(Workload::command("main", &["/bin/true"])).unwrap();
+    spec["containers"][0]["resources"] = json!({"requests": {"cpu": "lots"}});
+    DynamicObject::new(Workload::KIND, ObjectMeta::namespaced("default", name)).with_spec(RawJson::from_value(&spec))
+}
+
+#[tokio::test]
+async fn an_object_that_does_not_decode_is_named_and_lenient_lists_skip_it() {
+    let store = store();
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    for name in ["a", "z"] {
+        api.create(&Object::new(ObjectMeta::named(name), Workload::command("main", &["/bin/true"]))).await.unwrap();
+    }
+    store.create(malformed_workload("broken"), &WriteOptions::default()).await.unwrap();
+
+    let e = api.list(&ListParams::default()).await.unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("Workload default/broken"), "names kind, namespace and name: {text}");
+    assert!(text.contains("spec.containers[0].resources.requests.cpu: invalid quantity \"lots\""), "{text}");
+    match &e {
+        Error::Serialization { what, path, .. } => {
+            assert_eq!(what, "Workload default/broken");
+            assert_eq!(path, "spec.containers[0].resources.requests.cpu");
+        }
+        other => panic!("expected Serialization, got {other}"),
+    }
+    let get = api.get("broken").await.unwrap_err().to_string();
+    assert!(get.contains("Workload default/broken: spec.containers[0].resources.requests.cpu"), "{get}");
+
+    let (list, bad) = api.list_lenient(&ListParams::default()).await.unwrap();
+    let names: Vec<_> = list.items.iter().map(|o| o.metadata.name.as_str()).collect();
+    assert_eq!(names, ["a", "z"]);
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].0, ObjectKey::new(Workload::KIND, "default", "broken"));
+    assert!(bad[0].1.to_string().contains("spec.containers[0].resources.requests.cpu"), "{}", bad[0].1);
+}
+
+/// A store where another writer changes the object just before each of the first `races`
+/// updates, so that update loses the compare-and-swap.
+#[derive(Debug)]
+struct RacingStore {
+    inner: MemoryStore,
+    races: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for RacingStore {
+    async fn get(&self, key: &ObjectKey) -> orch_core::Result<Arc<DynamicObject>> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, req: &ListRequest) -> orch_core::Result<ListResponse> {
+        self.inner.list(req).await
+    }
+    async fn create(&self, obj: DynamicObject, opts: &WriteOptions) -> orch_core::Result<Arc<DynamicObject>> {
+        self.inner.create(obj, opts).await
+    }
+    async fn update(&self, obj: DynamicObject, opts: &WriteOptions) -> orch_core::Result<Arc<DynamicObject>> {
+        if self.races.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            let mut theirs = (*self.inner.get(&obj.key()).await?).clone();
+            let count = theirs.metadata.labels.get("racer").map_or(0, |n| n.parse::<u32>().unwrap());
+            theirs.metadata.labels.insert("racer", (count + 1).to_string());
+            self.inner.update(theirs, &WriteOptions::default()).await?;
+        }
+        self.inner.update(obj, opts).await
+    }
+    async fn update_status(&self, obj: DynamicObject, opts: &WriteOptions) -> orch_core::Result<Arc<DynamicObject>> {
+        self.inner.update_status(obj, opts).await
+    }
+    async fn delete(&self, key: &ObjectKey, opts: &DeleteOptions) -> orch_core::Result<DeleteOutcome> {
+        self.inner.delete(key, opts).await
+    }
+    async fn watch(&self, req: &WatchRequest) -> orch_core::Result<WatchStream> {
+        self.inner.watch(req).await
+    }
+    async fn current_revision(&self) -> orch_core::Result<u64> {
+        self.inner.current_revision().await
+    }
+    async fn compact(&self, revision: u64) -> orch_core::Result<()> {
+        self.inner.compact(revision).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> orch_core::Result<LeaseInfo> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, id: LeaseId) -> orch_core::Result<LeaseInfo> {
+        self.inner.keep_alive(id).await
+    }
+    async fn revoke_lease(&self, id: LeaseId) -> orch_core::Result<()> {
+        self.inner.revoke_lease(id).await
+    }
+    async fn lease(&self, id: LeaseId) -> orch_core::Result<LeaseInfo> {
+        self.inner.lease(id).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_on_conflict_rereads_until_its_change_lands_beside_the_racing_one() {
+    let store = Arc::new(RacingStore { inner: MemoryStore::new(), races: AtomicUsize::new(0) });
+    let api: Api<Echo> = Api::namespaced(store.clone(), "ns");
+    api.create(&echo("e", 1)).await.unwrap();
+    store.races.store(2, Ordering::SeqCst);
+    let mut attempts = 0;
+    let done = api
+        .retry_on_conflict("e", |obj| {
+            attempts += 1;
+            obj.spec.replicas += 1;
+            obj.metadata.labels.insert("mine", "yes");
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(attempts, 3, "two lost races, then success");
+    assert_eq!(done.spec.replicas, 2, "the change applies once, to the fresh object");
+    assert_eq!(done.metadata.labels.get("racer").map(String::as_str), Some("2"), "the racing writes are kept");
+    assert_eq!(done.metadata.labels.get("mine").map(String::as_str), Some("yes"));
+    assert_eq!(api.get("e").await.unwrap(), done);
+
+    // A writer that always wins: a few attempts, then the conflict.
+    store.races.store(usize::MAX, Ordering::SeqCst);
+    let mut attempts = 0;
+    let e = api
+        .retry_on_conflict("e", |_| {
+            attempts += 1;
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    assert_eq!(attempts, 5);
+    // The closure's own error stops at once.
+    let e = api.retry_on_conflict("e", |_| Err(Error::invalid("Echo", "spec", "no"))).await.unwrap_err();
+    assert!(e.is_invalid(), "{e}");
+    assert!(api.retry_on_conflict("missing", |_| Ok(())).await.unwrap_err().is_not_found());
 }

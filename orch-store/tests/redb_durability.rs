@@ -911,3 +911,67 @@ async fn concurrent_writers_share_commits() {
     assert_eq!(s.current_revision().await.unwrap(), writes + 1);
     assert!(commits * 4 <= writes, "{writes} concurrent writes took {commits} commits: they should share them");
 }
+
+/// `close` commits what was queued, releases the file at once (so the path opens again while a
+/// clone of the closed handle still exists), and from then on every clone refuses calls and its
+/// watches end with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_releases_the_file_while_clones_remain() {
+    let path = fresh("close");
+    let s = RedbStore::open(&path).unwrap();
+    let clone = s.clone();
+    let first = s.create(thing("first", serde_json::json!(0)), &w()).await.unwrap();
+    let mut watch = s.watch(&WatchRequest::from(things(), first.metadata.resource_version)).await.unwrap();
+    // Writes racing the close: each is either acknowledged (and then durable) or refused.
+    let racing: Vec<_> = (0..50)
+        .map(|i| {
+            let c = clone.clone();
+            tokio::spawn(async move { c.create(thing(&format!("r{i}"), serde_json::json!(i)), &w()).await })
+        })
+        .collect();
+    s.close().await;
+    assert!(clone.is_closed());
+    let mut acknowledged = Vec::new();
+    for (i, r) in racing.into_iter().enumerate() {
+        match r.await.unwrap() {
+            Ok(o) => acknowledged.push(o),
+            Err(Error::Unavailable { message, .. }) => assert!(message.contains("closed"), "r{i}: {message}"),
+            Err(e) => panic!("r{i}: {e}"),
+        }
+    }
+    for store in [&s, &clone] {
+        match store.create(thing("late", serde_json::json!(1)), &w()).await.unwrap_err() {
+            Error::Unavailable { message, .. } => assert!(message.contains("is closed"), "{message}"),
+            e => panic!("expected Unavailable, got {e}"),
+        }
+        assert!(matches!(store.get(&key("first")).await, Err(Error::Unavailable { .. })));
+        assert!(matches!(store.grant_lease(Duration::from_secs(5)).await, Err(Error::Unavailable { .. })));
+    }
+    // The watch delivers what was committed before the close, then ends with an error.
+    let mut seen = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("the watch ends") {
+            Some(Ok(WatchEvent::Added(_))) => seen += 1,
+            Some(Err(Error::Unavailable { message, .. })) => {
+                assert_eq!(message, "store closed");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, 1 + acknowledged.len(), "every committed create, then the end");
+    assert!(watch.next().await.is_none());
+    s.close().await; // a second close does nothing
+
+    // `clone` still exists: the file is free all the same.
+    let again = RedbStore::open(&path).expect("reopen right after close");
+    assert_eq!(again.get(&key("first")).await.unwrap(), first);
+    for o in &acknowledged {
+        assert_eq!(again.get(&o.key()).await.unwrap(), *o, "acknowledged writes are durable");
+    }
+    assert_eq!(again.len(), 1 + acknowledged.len(), "refused writes left nothing");
+    again.create(thing("after", serde_json::json!(2)), &w()).await.unwrap();
+    drop(clone);
+    drop(s);
+    assert!(again.get(&key("after")).await.is_ok(), "dropping the closed handles leaves the new one alone");
+}

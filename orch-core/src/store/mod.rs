@@ -12,6 +12,8 @@
 //! 5. Compacted history answers `Compacted`.
 //! 6. Leases expire and delete the objects attached to them.
 //! 7. A delete of an object with finalizers only marks it; it goes when the last one is removed.
+//! 8. A list or watch with an invalid selector fails with `Invalid` naming it
+//!    ([`semantics::check_selection`]), never answers "nothing matches".
 
 pub mod semantics;
 
@@ -207,7 +209,8 @@ pub enum WatchEvent {
 }
 
 impl WatchEvent {
-    /// The revision of this event.
+    /// The revision of this event: the object's `resource_version` (for `Deleted`, the
+    /// deletion's revision), or the revision a `Progress` vouches for.
     pub fn revision(&self) -> u64 {
         match self {
             WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => o.metadata.resource_version,
@@ -215,17 +218,26 @@ impl WatchEvent {
         }
     }
 
-    /// The object, except for progress events.
+    /// The object the event is about, for every variant that has one: the new state for
+    /// `Added` and `Modified`, the last state for `Deleted`; `None` for `Progress`. It is the
+    /// store's shared `Arc` (it derefs to [`DynamicObject`]), so keeping it costs no copy.
     pub fn object(&self) -> Option<&Arc<DynamicObject>> {
         match self {
             WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => Some(o),
             WatchEvent::Progress(_) => None,
         }
     }
+
+    /// The key of the object the event is about (`Deleted` included); `None` for `Progress`.
+    pub fn key(&self) -> Option<ObjectKey> {
+        self.object().map(|o| o.key())
+    }
 }
 
-/// The stream a watch returns. It ends after yielding an error (for example `Compacted` when the
-/// watcher fell so far behind that the events it needed were dropped: re-list, then watch again).
+/// The stream a watch returns. It never ends silently: it ends after yielding an error, such as
+/// `Compacted` when the watcher fell so far behind that the events it needed were dropped
+/// (re-list, then watch again), or `Unavailable` ("store closed") once its store is dropped or
+/// closed.
 pub type WatchStream = BoxStream<'static, Result<WatchEvent>>;
 
 /// A granted lease.
@@ -258,7 +270,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// # To ensure correctness
     /// The page reflects exactly the state at `revision`. Every later page of the same list
     /// (through `continue_token`) is read at that same revision, or fails with `Compacted` when
-    /// it is no longer available. A malformed token fails with `Invalid`.
+    /// it is no longer available. A malformed token fails with `Invalid`, and so does an invalid
+    /// label or field selector (checked with [`semantics::check_selection`], the same on every
+    /// backend), never an empty page.
     async fn list(&self, req: &ListRequest) -> Result<ListResponse>;
 
     /// Creates an object.
@@ -303,7 +317,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Delivers every event from `from_revision` on, in revision order, exactly once, and the
     /// events of one revision back to back. A `Progress(r)` comes only after every event up to
     /// `r`. Fails with `Compacted` (at once, or later in the stream if the watcher falls too far
-    /// behind) rather than skip an event. A slow watcher never stalls writers.
+    /// behind) rather than skip an event. A slow watcher never stalls writers. An invalid
+    /// selector fails the call with `Invalid`, as for [`list`](Store::list). The stream ends
+    /// only after an error item: once the store is dropped (its last handle) or closed, it
+    /// ends with `Unavailable` ("store closed"), after the events it had already received.
     async fn watch(&self, req: &WatchRequest) -> Result<WatchStream>;
 
     /// The current revision: that of the last write.
@@ -332,4 +349,29 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Reads a lease's time to live.
     async fn lease(&self, id: LeaseId) -> Result<LeaseInfo>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ObjectMeta;
+
+    #[test]
+    fn watch_events_give_their_object_and_key() {
+        let mut obj = DynamicObject::new("Thing", ObjectMeta::namespaced("ns", "a"));
+        obj.metadata.resource_version = 7;
+        let obj = Arc::new(obj);
+        let key = ObjectKey::new("Thing", "ns", "a");
+        for event in
+            [WatchEvent::Added(obj.clone()), WatchEvent::Modified(obj.clone()), WatchEvent::Deleted(obj.clone())]
+        {
+            assert!(Arc::ptr_eq(event.object().unwrap(), &obj), "{event:?}");
+            assert_eq!(event.key(), Some(key.clone()));
+            assert_eq!(event.revision(), 7);
+        }
+        let progress = WatchEvent::Progress(9);
+        assert!(progress.object().is_none());
+        assert_eq!(progress.key(), None);
+        assert_eq!(progress.revision(), 9);
+    }
 }

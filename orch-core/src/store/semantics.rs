@@ -1,6 +1,7 @@
 //! The write rules every backend applies, written once.
 //!
-//! A backend looks up the current object, checks resource versions and guards under its own
+//! A backend checks the selectors of every list and watch with [`check_selection`]. For a
+//! write, it looks up the current object, checks resource versions and guards under its own
 //! atomicity (a lock, a transaction), asks these functions what the write means, then stamps the
 //! revision and applies the resulting [`Plan`]. Keeping the rules here means the in-memory,
 //! embedded and etcd stores cannot drift apart on generation bumps, finalizers or status
@@ -9,6 +10,7 @@
 use crate::error::{Error, Result};
 use crate::meta::{ObjectMeta, Timestamp};
 use crate::object::DynamicObject;
+use crate::store::Selection;
 use crate::validation::Validator;
 
 /// What a write turns into.
@@ -32,6 +34,19 @@ pub fn validate(obj: &DynamicObject) -> Result<()> {
     v.check(kind_ok, || "kind".into(), "must be 1-63 letters and digits, starting with a letter");
     obj.metadata.validate(!obj.metadata.namespace.is_empty(), &mut v);
     v.finish().map_err(|source| Error::Invalid { kind: obj.kind.clone(), source })
+}
+
+/// Checks the selectors of a list or watch before a backend reads anything: a selector built in
+/// code (a struct literal, [`LabelSelector::from_labels`](crate::LabelSelector::from_labels),
+/// [`and`](crate::LabelSelector::and)) skips the checks of the text and serde forms, and one that
+/// cannot be satisfied as written (`in` with no values, a key that is not a label key) would
+/// otherwise answer an empty list, as if nothing matched.
+///
+/// Fails with `Invalid` naming the requirement (`selection.labels[0].values`,
+/// `selector[0].path`) and why. Every backend calls this first in `list` and `watch`.
+pub fn check_selection(sel: &Selection) -> Result<()> {
+    sel.labels.validate("selection.labels")?;
+    sel.fields.validate()
 }
 
 /// A fresh unique id for a new object.

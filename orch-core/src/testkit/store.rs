@@ -17,7 +17,7 @@ use proptest::test_runner::{Config, TestRunner};
 
 use crate::{
     DeleteOptions, DeleteOutcome, DynamicObject, Error, FieldSelector, Guard, LabelSelector, ListRequest, ObjectKey,
-    ObjectMeta, RawJson, Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
+    ObjectMeta, RawJson, Requirement, Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
 };
 
 /// Makes a fresh, empty store for one case.
@@ -53,6 +53,7 @@ macro_rules! __store_cases {
             finalizers_hold_deletion,
             keys_are_isolated_by_kind_and_namespace,
             list_filters_by_selectors,
+            list_and_watch_refuse_invalid_selectors,
             list_pages_are_pinned_to_first_revision,
             list_at_compacted_revision_fails,
             watch_delivers_history_in_order,
@@ -61,6 +62,7 @@ macro_rules! __store_cases {
             watch_sees_concurrent_writes_once_in_order,
             watch_from_compacted_revision_fails,
             watch_sends_progress,
+            watch_ends_with_an_error_when_the_store_is_dropped,
             slow_watcher_does_not_stall_writers,
             compaction_rejects_future_revision,
             concurrent_cas_has_one_winner_per_round,
@@ -454,6 +456,33 @@ async fn list_filters_by_selectors(f: Factory) {
     assert_eq!(names(&s.list(&ListRequest::new(both)).await.unwrap().items), ["b"]);
 }
 
+/// Selectors built in code skip the checks of the text and serde forms; a store must refuse an
+/// invalid one, naming it, rather than answer that nothing matches.
+async fn list_and_watch_refuse_invalid_selectors(f: Factory) {
+    let s = f().await;
+    let mut o = thing("a", serde_json::json!({"nodeName": "n1"}));
+    o.metadata.labels.insert("app", "web");
+    s.create(o, &w()).await.unwrap();
+    let cases = [
+        (
+            things().with_labels(LabelSelector::everything().and(Requirement::In("app".into(), BTreeSet::new()))),
+            "selection.labels[0].values",
+        ),
+        (things().with_labels(LabelSelector::from_labels([("bad key", "web")])), "selection.labels[0].key"),
+        (things().with_labels(LabelSelector::from_labels([("app", "not ok!")])), "selection.labels[0].values"),
+        (things().with_fields(FieldSelector::equals("spec.node/Name", "n1")), "selector[0].path"),
+        (things().with_fields(FieldSelector::equals("spec.nodeName", "n 1")), "selector[0].value"),
+    ];
+    for (selection, field) in cases {
+        let e = s.list(&ListRequest::new(selection.clone())).await.expect_err(field);
+        assert!(e.is_invalid() && e.to_string().contains(field), "list should name {field}: {e}");
+        match s.watch(&WatchRequest::from(selection, 1)).await {
+            Err(e) => assert!(e.is_invalid() && e.to_string().contains(field), "watch should name {field}: {e}"),
+            Ok(_) => panic!("a watch with an invalid selector ({field}) was accepted"),
+        }
+    }
+}
+
 async fn list_pages_are_pinned_to_first_revision(f: Factory) {
     let s = f().await;
     for i in 0..10 {
@@ -689,6 +718,36 @@ async fn watch_sends_progress(f: Factory) {
     // A progress revision is a safe place to resume: nothing is skipped after it.
     let t = s.create(thing("t", serde_json::json!(1)), &w()).await.unwrap();
     assert_eq!(describe(&next_change(&mut watch).await), ("Added", "t".into(), t.metadata.resource_version));
+}
+
+/// A watch never ends silently: when its store goes away (the case holds the only handle the
+/// builder made), it delivers what it had, then ends with `Unavailable`.
+async fn watch_ends_with_an_error_when_the_store_is_dropped(f: Factory) {
+    let s = f().await;
+    let c = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    let from = c.metadata.resource_version;
+    let mut watch = s.watch(&WatchRequest::from(things(), from)).await.unwrap();
+    let mut quiet = s
+        .watch(&WatchRequest {
+            progress_interval: Some(Duration::from_secs(1)),
+            ..WatchRequest::from(things(), from + 1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(describe(&next_change(&mut watch).await), ("Added", "a".into(), from));
+    drop(s);
+    for stream in [&mut watch, &mut quiet] {
+        loop {
+            match tokio::time::timeout(PATIENCE, stream.next()).await {
+                Ok(Some(Ok(WatchEvent::Progress(_)))) => continue,
+                Ok(Some(Err(Error::Unavailable { .. }))) => break,
+                Ok(other) => panic!("expected Unavailable once the store is dropped, got {other:?}"),
+                Err(_) => panic!("the watch did not end within {PATIENCE:?} of its store being dropped"),
+            }
+        }
+        let end = tokio::time::timeout(PATIENCE, stream.next()).await.expect("the stream ends");
+        assert!(end.is_none(), "the stream ends after its error: {end:?}");
+    }
 }
 
 async fn slow_watcher_does_not_stall_writers(f: Factory) {

@@ -46,7 +46,7 @@
 use orch_core::backoff::{Attempts, Backoff};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -179,6 +179,7 @@ impl EtcdStoreBuilder {
                 timeout: self.request_timeout,
                 page_size: self.page_size,
                 lease_ttls: Mutex::new(HashMap::new()),
+                dropped: tokio::sync::watch::channel(()).0,
             }),
         };
         // Fail now, not at the first call, when nothing answers.
@@ -210,6 +211,9 @@ struct Inner {
     /// Granted TTLs of the leases this store granted, so a renewal can say its TTL without a
     /// second round trip.
     lease_ttls: Mutex<HashMap<LeaseId, Duration>>,
+    /// Never sent on: dropped with the store, which tells its watches (they hold only a weak
+    /// reference) to end.
+    dropped: tokio::sync::watch::Sender<()>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -348,8 +352,11 @@ fn encode(obj: &mut DynamicObject) -> Result<Vec<u8>> {
     let (rv, cr) = (obj.metadata.resource_version, obj.metadata.create_revision);
     obj.metadata.resource_version = 0;
     obj.metadata.create_revision = 0;
-    let bytes = serde_json::to_vec(&*obj)
-        .map_err(|source| Error::Serialization { what: format!("{} for etcd", obj.key()), source });
+    let bytes = serde_json::to_vec(&*obj).map_err(|source| Error::Serialization {
+        what: format!("{} for etcd", obj.key()),
+        path: String::new(),
+        source,
+    });
     obj.metadata.resource_version = rv;
     obj.metadata.create_revision = cr;
     bytes
@@ -358,6 +365,7 @@ fn encode(obj: &mut DynamicObject) -> Result<Vec<u8>> {
 fn decode(kv: &KeyValue) -> Result<DynamicObject> {
     let mut obj: DynamicObject = serde_json::from_slice(kv.value()).map_err(|source| Error::Serialization {
         what: format!("etcd value at {:?}", String::from_utf8_lossy(kv.key())),
+        path: String::new(),
         source,
     })?;
     obj.metadata.resource_version = to_u64(kv.mod_revision());
@@ -715,7 +723,7 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListResponse> {
-        req.selection.fields.validate()?;
+        semantics::check_selection(&req.selection)?;
         let limit = match req.limit {
             Some(0) => return Err(Error::invalid("ListRequest", "limit", "must be >= 1 when set")),
             other => other,
@@ -801,7 +809,7 @@ impl Store for EtcdStore {
     }
 
     async fn watch(&self, req: &WatchRequest) -> Result<WatchStream> {
-        req.selection.fields.validate()?;
+        semantics::check_selection(&req.selection)?;
         if req.progress_interval.is_some_and(|i| i.is_zero()) {
             return Err(Error::invalid("WatchRequest", "progress_interval", "must be > 0 when set"));
         }
@@ -811,7 +819,9 @@ impl Store for EtcdStore {
             None => self.inner.revision().await? + 1,
         };
         let mut watch = Watch {
-            inner: self.inner.clone(),
+            inner: Arc::downgrade(&self.inner),
+            dropped: self.inner.dropped.subscribe(),
+            kind_prefix: self.inner.kind_prefix(&req.selection.kind),
             selection: req.selection.clone(),
             prefix: self.inner.selection_prefix(&req.selection),
             next,
@@ -948,6 +958,11 @@ impl EtcdStore {
 // ---------------------------------------------------------------------------------------------
 // Watch
 
+/// The error a watch ends with once its store is dropped.
+fn store_closed() -> Error {
+    Error::Unavailable { message: "store closed".into(), source: None }
+}
+
 /// Where a watch stands with progress notifications.
 ///
 /// etcd before 3.5 answers a progress request out of band, with its current revision, even
@@ -970,9 +985,13 @@ enum ProgressState {
 const CONFIRM_QUIET: Duration = Duration::from_millis(500);
 
 /// One watch: an etcd watch on the selection's key range, re-opened from the next revision
-/// to deliver whenever the connection drops.
+/// to deliver whenever the connection drops. It does not keep its store alive: once the store
+/// is dropped it ends with `Unavailable` ("store closed"), like the other backends' watches.
 struct Watch {
-    inner: Arc<Inner>,
+    inner: Weak<Inner>,
+    /// Fails once the store is dropped.
+    dropped: tokio::sync::watch::Receiver<()>,
+    kind_prefix: Vec<u8>,
     selection: Selection,
     prefix: Vec<u8>,
     /// The next revision to deliver: everything before it has been delivered.
@@ -991,18 +1010,18 @@ impl Watch {
     async fn open(&mut self) -> Result<()> {
         self.stream = None;
         self.progress = ProgressState::Idle;
-        self.inner.check_floor(self.next).await?;
+        let Some(inner) = self.inner.upgrade() else { return Err(store_closed()) };
+        inner.check_floor(self.next).await?;
         let options = WatchOptions::new()
             .with_range(prefix_end(&self.prefix))
             .with_start_revision(to_i64(self.next))
             .with_prev_key();
-        let mut wc = self.inner.watch.clone();
-        let mut stream = self
-            .inner
+        let mut wc = inner.watch.clone();
+        let mut stream = inner
             .call("open a watch", wc.watch(self.prefix.clone(), Some(options)))
             .await
             .map_err(CallError::into_error)?;
-        let first = self.inner.call("open a watch", stream.message()).await.map_err(CallError::into_error)?;
+        let first = inner.call("open a watch", stream.message()).await.map_err(CallError::into_error)?;
         match first {
             Some(resp) if resp.created() && !resp.canceled() => {
                 self.stream = Some(stream);
@@ -1092,12 +1111,36 @@ impl Watch {
 
     /// The identity of a deleted object whose last state etcd no longer has.
     fn bare_object(&self, key: &[u8]) -> DynamicObject {
-        let rest = String::from_utf8_lossy(&key[self.inner.kind_prefix(&self.selection.kind).len().min(key.len())..]);
+        let rest = String::from_utf8_lossy(&key[self.kind_prefix.len().min(key.len())..]);
         let (ns, name) = rest.split_once('!').unwrap_or(("", &rest));
         DynamicObject::new(&self.selection.kind, ObjectMeta::namespaced(ns, name))
     }
 
+    /// The next item of the stream, which never ends silently: it ends after `Compacted`, or
+    /// after `Unavailable` ("store closed") once the store is dropped. A lost connection is
+    /// not an end: the watch re-opens from the next revision to deliver.
     async fn next_event(&mut self) -> Option<Result<WatchEvent>> {
+        let mut dropped = self.dropped.clone();
+        tokio::select! {
+            biased;
+            item = self.next_item() => item,
+            _ = dropped.changed() => {
+                // Events already received still go out first.
+                match self.buffer.pop_front() {
+                    Some(e) => Some(Ok(e)),
+                    None => self.end(store_closed()),
+                }
+            }
+        }
+    }
+
+    fn end(&mut self, e: Error) -> Option<Result<WatchEvent>> {
+        self.failed = true;
+        self.buffer.clear();
+        Some(Err(e))
+    }
+
+    async fn next_item(&mut self) -> Option<Result<WatchEvent>> {
         // Every watch of a process reconnects after the same etcd restart: jitter spreads them.
         let mut retries = Attempts::new(Backoff::new(Duration::from_millis(50), Duration::from_secs(2)).full_jitter());
         loop {
@@ -1111,10 +1154,8 @@ impl Watch {
             if self.stream.is_none() {
                 match self.open().await {
                     Ok(()) => retries.succeed(),
-                    Err(e @ Error::Compacted { .. }) => {
-                        self.failed = true;
-                        return Some(Err(e));
-                    }
+                    Err(e @ Error::Compacted { .. }) => return self.end(e),
+                    Err(_) if self.inner.strong_count() == 0 => return self.end(store_closed()),
                     Err(e) => {
                         tracing::debug!(error = %e, next = self.next, "etcd watch: reconnecting");
                         tokio::time::sleep(retries.fail()).await;
@@ -1153,8 +1194,7 @@ impl Watch {
                 Ok(Some(resp)) => {
                     if let Err(e) = self.take(resp) {
                         if e.is_compacted() {
-                            self.failed = true;
-                            return Some(Err(e));
+                            return self.end(e);
                         }
                         tracing::debug!(error = %e, "etcd watch: re-opening");
                         self.stream = None;

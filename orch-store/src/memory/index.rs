@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ pub(crate) struct Inner {
     pub(super) lease_changed: Arc<Notify>,
     pub(super) clock: Arc<dyn Clock>,
     pub(crate) history_limit: usize,
+    /// Set when the store that owns this index is closed: its watches end.
+    closed: AtomicBool,
 }
 
 type Names = BTreeMap<String, Arc<DynamicObject>>;
@@ -161,7 +164,20 @@ impl Inner {
             lease_changed: Arc::new(Notify::new()),
             clock,
             history_limit,
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// Ends every watch of this index (after the events it already holds): for a store that is
+    /// closed while handles to it remain.
+    #[cfg_attr(not(feature = "redb"), allow(dead_code))]
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.rev_tx.send_modify(|_| {});
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {

@@ -311,7 +311,7 @@ impl Store for MemoryStore {
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListResponse> {
-        req.selection.fields.validate()?;
+        semantics::check_selection(&req.selection)?;
         let st = self.inner.read();
         let (revision, start_after) = match &req.continue_token {
             Some(token) => {
@@ -400,7 +400,7 @@ impl Store for MemoryStore {
     }
 
     async fn watch(&self, req: &WatchRequest) -> Result<WatchStream> {
-        req.selection.fields.validate()?;
+        semantics::check_selection(&req.selection)?;
         let mut rx = self.inner.rev_tx.subscribe();
         rx.borrow_and_update();
         let (cursor, next_index) = {

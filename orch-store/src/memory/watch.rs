@@ -32,10 +32,17 @@ pub(super) struct Watcher {
     pub(super) failed: bool,
 }
 
+/// The error a watch ends with when its store is dropped or closed.
+pub(crate) fn store_closed() -> Error {
+    Error::Unavailable { message: "store closed".into(), source: None }
+}
+
 impl Watcher {
-    /// Moves events from the history into the buffer; false when the store is gone.
+    /// Moves events from the history into the buffer; false when the store is gone, or closed
+    /// and every event it had was read.
     fn fill(&mut self) -> Result<bool> {
         let Some(inner) = self.inner.upgrade() else { return Ok(false) };
+        let closed = inner.is_closed();
         self.rx.borrow_and_update();
         let st = inner.read();
         if self.next_index < st.popped {
@@ -78,9 +85,18 @@ impl Watcher {
             None if self.caught_up => self.cursor = self.cursor.max(st.revision + 1),
             None => {}
         }
-        Ok(true)
+        Ok(!(closed && self.caught_up && self.buffer.is_empty()))
     }
 
+    /// Ends the stream with the error that says why.
+    fn end(&mut self, e: Error) -> Option<Result<WatchEvent>> {
+        self.failed = true;
+        Some(Err(e))
+    }
+
+    /// The next item of the stream. The stream never ends silently: it ends after an error,
+    /// `Compacted` or, once its store is dropped or closed (and every event before was
+    /// delivered), `Unavailable` ("store closed").
     pub(super) async fn next_event(&mut self) -> Option<Result<WatchEvent>> {
         if self.failed {
             return None;
@@ -92,19 +108,21 @@ impl Watcher {
             }
             // `fill` marks the notification as seen before it reads the history, so once it has
             // caught up nothing new can arrive without `changed` firing: wait before reading
-            // again. This halves the work per event when a thousand watchers wake together.
-            if self.caught_up {
+            // again. This halves the work per event when a thousand watchers wake together. A
+            // closed store sends no more notifications: read what is left and end.
+            if self.caught_up && !self.inner.upgrade().is_none_or(|i| i.is_closed()) {
                 match self.progress_interval {
                     Some(interval) => {
                         match tokio::time::timeout_at(self.last_sent + interval, self.rx.changed()).await {
                             Ok(Ok(())) => {}
-                            Ok(Err(_)) => return None,
+                            Ok(Err(_)) => return self.end(store_closed()),
                             Err(_) => {
                                 // Quiet for a whole interval: catch up, and if there is still
                                 // nothing for this watcher, say how far it has got.
-                                if let Err(e) = self.fill() {
-                                    self.failed = true;
-                                    return Some(Err(e));
+                                match self.fill() {
+                                    Ok(true) => {}
+                                    Ok(false) => return self.end(store_closed()),
+                                    Err(e) => return self.end(e),
                                 }
                                 if self.buffer.is_empty() {
                                     self.last_sent = Instant::now();
@@ -116,18 +134,17 @@ impl Watcher {
                     }
                     None => {
                         if self.rx.changed().await.is_err() {
-                            return None;
+                            return self.end(store_closed());
                         }
                     }
                 }
             }
             match self.fill() {
                 Ok(true) => {}
-                Ok(false) => return None,
-                Err(e) => {
-                    self.failed = true;
-                    return Some(Err(e));
-                }
+                // Events read by this last fill go out first; the next call ends the stream.
+                Ok(false) if !self.buffer.is_empty() => {}
+                Ok(false) => return self.end(store_closed()),
+                Err(e) => return self.end(e),
             }
         }
     }
@@ -135,6 +152,8 @@ impl Watcher {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use futures::StreamExt;
     use orch_core::{Error, ListRequest, Selection, Store, WatchEvent, WatchRequest, WriteOptions};
 
@@ -185,10 +204,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn dropping_the_store_ends_watches() {
+    async fn dropping_the_store_ends_watches_with_an_error() {
         let s = MemoryStore::new();
         let mut w = s.watch(&WatchRequest::from(Selection::kind("Thing"), 1)).await.unwrap();
+        let quiet = WatchRequest { progress_interval: Some(Duration::from_secs(1)), ..Default::default() };
+        let mut idle = s.watch(&quiet).await.unwrap();
+        s.create(obj("a"), &WriteOptions::default()).await.unwrap();
+        assert!(matches!(w.next().await, Some(Ok(WatchEvent::Added(_)))));
         drop(s);
-        assert!(w.next().await.is_none());
+        for w in [&mut w, &mut idle] {
+            match w.next().await {
+                Some(Err(Error::Unavailable { message, .. })) => assert_eq!(message, "store closed"),
+                other => panic!("expected the store-closed error, got {other:?}"),
+            }
+            assert!(w.next().await.is_none(), "then the stream ends");
+        }
     }
 }

@@ -336,7 +336,8 @@ fn guard_panics(name: &str, open: impl FnOnce() -> Result<RedbStore>) -> Result<
 /// A [`Store`] in one file on local disk, durable across crashes: the default backend.
 ///
 /// See the [module documentation](self) for how it works. Cloning is cheap and shares the store;
-/// the file is closed when the last clone is dropped (which waits for the commit in flight).
+/// the file is closed when the last clone is dropped (which waits for the commit in flight), or
+/// at once by [`close`](RedbStore::close), whatever clones remain.
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -371,7 +372,7 @@ impl Drop for Handle {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.lease_changed.notify_one();
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Op::Close);
+            let _ = tx.send(Op::Close { done: None });
         }
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -467,6 +468,53 @@ impl RedbStore {
         self.len() == 0
     }
 
+    /// Closes the store for every clone of this handle: commits the writes already queued
+    /// (their callers get their answers as usual), closes the file and releases its lock, so the
+    /// same path can be opened again at once, here or by another process, while clones of this
+    /// handle still exist.
+    ///
+    /// Afterwards every call on any clone fails with `Unavailable` ("store file … is closed"),
+    /// writes and reads alike (the file may have moved on under another opener), and open
+    /// watches end with `Unavailable` ("store closed") once they have delivered the events
+    /// committed before the close. Closing a closed store does nothing. Dropping the last
+    /// handle closes the store too; `close` is for when you cannot be sure it is the last.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> orch_core::Result<()> {
+    /// use orch_store::RedbStore;
+    /// let store = RedbStore::open("/var/lib/orch/store.redb")?;
+    /// let in_use_elsewhere = store.clone();
+    /// store.close().await;
+    /// let reopened = RedbStore::open("/var/lib/orch/store.redb")?; // the file is free
+    /// # drop((in_use_elsewhere, reopened)); Ok(()) }
+    /// ```
+    pub async fn close(&self) {
+        let h = &self.inner;
+        h.shared.closed.store(true, Ordering::Release);
+        h.shared.lease_changed.notify_one();
+        if let Some(tx) = &h.tx {
+            let (done, closed) = oneshot::channel();
+            if tx.send(Op::Close { done: Some(done) }).is_ok() {
+                // Without an answer, the writer stopped anyway, and closed the file as it did.
+                let _ = closed.await;
+            }
+        }
+        h.shared.index.inner.close();
+    }
+
+    /// True once [`close`](RedbStore::close) was called (on this handle or a clone).
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.closed.load(Ordering::Acquire)
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.is_closed() { Err(self.closed_error()) } else { Ok(()) }
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Unavailable { message: format!("store file {} is closed", self.inner.name), source: None }
+    }
+
     fn read_only_error(&self) -> Error {
         let h = &self.inner;
         match &h.read_only {
@@ -479,10 +527,16 @@ impl RedbStore {
     }
 
     async fn submit<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
+        self.check_open()?;
         let Some(tx) = &self.inner.tx else { return Err(self.read_only_error()) };
-        let stopped = || Error::Unavailable {
-            message: format!("store file {}: the writer has stopped", self.inner.name),
-            source: None,
+        let stopped = || {
+            if self.is_closed() {
+                return self.closed_error();
+            }
+            Error::Unavailable {
+                message: format!("store file {}: the writer has stopped", self.inner.name),
+                source: None,
+            }
         };
         let (reply, rx) = oneshot::channel();
         tx.send(op(reply)).map_err(|_| stopped())?;
@@ -523,10 +577,12 @@ impl RedbStore {
 #[async_trait]
 impl Store for RedbStore {
     async fn get(&self, key: &ObjectKey) -> Result<Arc<DynamicObject>> {
+        self.check_open()?;
         self.inner.shared.index.get(key).await
     }
 
     async fn list(&self, req: &ListRequest) -> Result<ListResponse> {
+        self.check_open()?;
         self.inner.shared.index.list(req).await
     }
 
@@ -553,10 +609,12 @@ impl Store for RedbStore {
     }
 
     async fn watch(&self, req: &WatchRequest) -> Result<WatchStream> {
+        self.check_open()?;
         self.inner.shared.index.watch(req).await
     }
 
     async fn current_revision(&self) -> Result<u64> {
+        self.check_open()?;
         self.inner.shared.index.current_revision().await
     }
 
@@ -577,6 +635,7 @@ impl Store for RedbStore {
     }
 
     async fn keep_alive(&self, id: LeaseId) -> Result<LeaseInfo> {
+        self.check_open()?;
         if self.inner.tx.is_none() {
             return Err(self.read_only_error());
         }
@@ -589,6 +648,7 @@ impl Store for RedbStore {
     }
 
     async fn lease(&self, id: LeaseId) -> Result<LeaseInfo> {
+        self.check_open()?;
         self.live_lease(id, false).await
     }
 }

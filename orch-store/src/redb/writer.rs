@@ -33,7 +33,8 @@ pub(super) struct Shared {
     pub(super) lease_changed: Arc<Notify>,
     /// Durable commits made since the store was opened.
     pub(super) commits: AtomicU64,
-    /// Set when the last handle is dropped: the lease task stops.
+    /// Set when the store is closed or its last handle is dropped: every call is refused, and
+    /// the lease task stops.
     pub(super) closed: AtomicBool,
 }
 
@@ -90,10 +91,13 @@ pub(super) enum Op {
         now: Instant,
         reply: Reply<()>,
     },
-    /// The store is dropped: commit what came before, close the file and stop. Sent by the
+    /// The store is closed or dropped: commit what came before, close the file and stop, then
+    /// say so on `done`. Sent by [`RedbStore::close`](super::RedbStore::close) and by the
     /// handle's drop, so the file is closed when the last handle is gone even while the lease
     /// task still holds a sender.
-    Close,
+    Close {
+        done: Option<oneshot::Sender<()>>,
+    },
     /// From the committer: the batch `seq` is durable, or failed.
     Committed {
         seq: u64,
@@ -111,7 +115,7 @@ impl Op {
             | Op::Grant { now, .. }
             | Op::Revoke { now, .. }
             | Op::Expire { now, .. } => *now,
-            Op::Close | Op::Committed { .. } => Instant::now(),
+            Op::Close { .. } | Op::Committed { .. } => Instant::now(),
         }
     }
 }
@@ -422,7 +426,7 @@ impl Batch<'_> {
                 Answer::Unit(reply, r)
             }
             Op::Expire { reply, .. } => Answer::Unit(reply, Ok(())),
-            Op::Close | Op::Committed { .. } => return,
+            Op::Close { .. } | Op::Committed { .. } => return,
         };
         self.answers.push(answer);
     }
@@ -430,10 +434,10 @@ impl Batch<'_> {
 
 impl Writer {
     pub(super) fn run(mut self) {
-        let mut closing = false;
+        let mut closing = Vec::new();
         loop {
             if !self.can_decide() {
-                if closing && self.queued.is_empty() && self.in_flight.is_empty() {
+                if !closing.is_empty() && self.queued.is_empty() && self.in_flight.is_empty() {
                     break;
                 }
                 match self.rx.recv() {
@@ -457,6 +461,9 @@ impl Writer {
         if let Some(committer) = self.committer.take() {
             let _ = committer.join();
         }
+        for done in closing.into_iter().flatten() {
+            let _ = done.send(());
+        }
     }
 
     /// Writes are waiting, and a batch of them may be decided now.
@@ -464,9 +471,11 @@ impl Writer {
         !self.failing && self.in_flight.len() < MAX_IN_FLIGHT && !self.queued.is_empty()
     }
 
-    fn take(&mut self, msg: Op, closing: &mut bool) {
+    /// Queues a write, or records a report or a request to close (with whom to tell when the
+    /// file is closed).
+    fn take(&mut self, msg: Op, closing: &mut Vec<Option<oneshot::Sender<()>>>) {
         match msg {
-            Op::Close => *closing = true,
+            Op::Close { done } => closing.push(done),
             Op::Committed { seq, result } => self.committed(seq, result),
             op => self.queued.push(op),
         }
