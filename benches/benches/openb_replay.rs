@@ -12,7 +12,9 @@
 //! `cargo bench -p orch-benches --bench openb_replay`
 //!
 //! - The trace is read from `$ORCH_OPENB_DIR`, by default `../shared/data/openb` next to the
-//!   workspace; when it is not there the bench says so and exits successfully.
+//!   workspace. When neither `ORCH_OPENB_DIR` nor `ORCH_OPENB_PODS` is set and the default
+//!   folder is not there, the bench says it skipped; a trace that was asked for and is missing
+//!   is an error naming the file, and the bench exits with status 1.
 //! - `ORCH_OPENB_PODS` picks another task list of the trace (e.g. `openb_pod_list_gpuspec33.csv`);
 //!   the default is `openb_pod_list_default.csv`.
 //! - `-- --test` runs the replay once per profile, as the full run does (it takes well under a
@@ -348,25 +350,27 @@ fn peak_demand_milli(tasks: &[TaskRow]) -> i64 {
     peak
 }
 
-fn trace_dir() -> PathBuf {
-    match std::env::var_os("ORCH_OPENB_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/openb"),
-    }
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let quick = std::env::args().any(|a| a == "--test");
-    let dir = trace_dir();
-    let pods = std::env::var("ORCH_OPENB_PODS").unwrap_or_else(|_| "openb_pod_list_default.csv".into());
-    let (node_path, pod_path) = (dir.join("openb_node_list_all_node.csv"), dir.join(&pods));
-    if !node_path.is_file() || !pod_path.is_file() {
-        println!("openb trace not found at {}; skipped", dir.display());
-        return;
-    }
+    let default_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/openb");
+    let asked_dir = std::env::var_os("ORCH_OPENB_DIR").map(PathBuf::from);
+    let asked_pods = std::env::var("ORCH_OPENB_PODS").ok();
+    let (node_path, pod_path) = match orch_benches::locate_openb(asked_dir, asked_pods, &default_dir) {
+        Ok(orch_benches::Trace::Found { nodes, pods }) => (nodes, pods),
+        Ok(orch_benches::Trace::Absent(dir)) => {
+            println!("openb trace not found at {} (set ORCH_OPENB_DIR to its folder); skipped", dir.display());
+            return;
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let dir = node_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let pods = pod_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let (nodes, mut tasks) = match (read_nodes(&node_path), read_tasks(&pod_path)) {
         (Ok(n), Ok(t)) => (n, t),
         (Err(e), _) | (_, Err(e)) => {

@@ -70,6 +70,44 @@ impl Indexes {
     }
 }
 
+/// The files of the openb trace a bench reads: where they are, or why the bench cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trace {
+    /// Both files are there.
+    Found {
+        /// The node list.
+        nodes: std::path::PathBuf,
+        /// The task list.
+        pods: std::path::PathBuf,
+    },
+    /// Nothing was asked for and the default folder is not there: skip, saying so.
+    Absent(std::path::PathBuf),
+}
+
+/// Locates the openb trace: the folder `dir` (from `$ORCH_OPENB_DIR`, else `default_dir`) and
+/// the task list `pods` (from `$ORCH_OPENB_PODS`, else the default list). A trace that was asked
+/// for (either variable set) and is missing is an error naming the file looked for; with neither
+/// set, a missing default folder means "skip".
+pub fn locate_openb(
+    dir: Option<std::path::PathBuf>,
+    pods: Option<String>,
+    default_dir: &std::path::Path,
+) -> Result<Trace, String> {
+    let asked = dir.is_some() || pods.is_some();
+    let dir = dir.unwrap_or_else(|| default_dir.to_path_buf());
+    if !asked && !dir.is_dir() {
+        return Ok(Trace::Absent(dir));
+    }
+    let nodes = dir.join("openb_node_list_all_node.csv");
+    let pods = dir.join(pods.unwrap_or_else(|| "openb_pod_list_default.csv".into()));
+    for file in [&nodes, &pods] {
+        if !file.is_file() {
+            return Err(format!("openb trace: {} not found", file.display()));
+        }
+    }
+    Ok(Trace::Found { nodes, pods })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,5 +116,29 @@ mod tests {
     fn spec_has_requested_size() {
         let s = spec_of_size(1024, 3);
         assert!((1020..=1030).contains(&s.len()), "{}", s.len());
+    }
+
+    #[test]
+    fn a_trace_asked_for_must_be_there_and_one_not_asked_for_is_skipped() {
+        let root = std::env::temp_dir().join(format!("orch-openb-locate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let absent = root.join("absent");
+        assert_eq!(locate_openb(None, None, &absent), Ok(Trace::Absent(absent.clone())));
+        let e = locate_openb(Some(absent.clone()), None, &absent).unwrap_err();
+        assert!(e.contains("absent/openb_node_list_all_node.csv not found"), "{e}");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("openb_node_list_all_node.csv"), "").unwrap();
+        std::fs::write(root.join("openb_pod_list_default.csv"), "").unwrap();
+        // A misspelt task list names the file it looked for, even in the default folder.
+        let e = locate_openb(None, Some("openb_pod_list_gpushare2O.csv".into()), &root).unwrap_err();
+        assert!(e.contains("openb_pod_list_gpushare2O.csv not found"), "{e}");
+        assert_eq!(
+            locate_openb(None, None, &root),
+            Ok(Trace::Found {
+                nodes: root.join("openb_node_list_all_node.csv"),
+                pods: root.join("openb_pod_list_default.csv")
+            })
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

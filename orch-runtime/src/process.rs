@@ -11,8 +11,9 @@
 //! not, and [`Capabilities::resource_limits`] follows it); an instance killed by the OOM killer
 //! exits with `oom_killed` set. Where the host does not allow it, limits are not enforced.
 //!
-//! Not done by this backend: mount paths (a volume's host directory is given to the process as
-//! `ORCH_VOLUME_<NAME>` instead).
+//! Refused by this backend, with the field and the reason: images, volume mounts (a volume's
+//! host directory is given to the process as `ORCH_VOLUME_<NAME>` instead), and limits on a host
+//! where they cannot be enforced.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -263,13 +264,36 @@ impl Runtime for ProcessRuntime {
                 "required: the process runtime runs commands, not images",
             ));
         };
+        // What this backend cannot honour is refused, never ignored.
+        if let Some(image) = &c.image {
+            return Err(RuntimeError::invalid(
+                "container.image",
+                format!(
+                    "{image}: the process runtime runs commands, not images (run it on a node with a container runtime)"
+                ),
+            ));
+        }
+        if let Some(i) = (!c.volume_mounts.is_empty()).then_some(0) {
+            return Err(RuntimeError::invalid(
+                format!("container.volumeMounts[{i}]"),
+                "the process runtime cannot mount volumes at paths: it gives each of the workload's volumes to \
+                 the program as ORCH_VOLUME_<NAME> (drop the mounts, or run it on a node with a container runtime)",
+            ));
+        }
+        if let LimitSupport::Unsupported(reason) = &*self.limits
+            && !c.resources.limits.is_empty()
+        {
+            return Err(RuntimeError::invalid(
+                "container.resources.limits",
+                format!("this node cannot enforce limits ({reason})"),
+            ));
+        }
         if let Some(dir) = &c.working_dir
             && !Path::new(dir).is_dir()
         {
             return Err(RuntimeError::invalid("container.workingDir", format!("{dir} is not a directory")));
         }
-        // Checked (and refused when bad) only where they are enforced: elsewhere the capability
-        // flag says they are not, and the instance runs without them.
+        // Limits reach this point only where they are enforced (refused above elsewhere).
         let limits = if self.limits.enforced() { Limits::of(c)? } else { Limits::default() };
         let limited = self.limits.enforced() && !limits.is_empty();
         if limited && find_program(program, c, &self.dir(&spec.id)).is_none() {
@@ -586,6 +610,32 @@ mod tests {
             volumes: Vec::new(),
             labels: Default::default(),
         }
+    }
+
+    #[tokio::test]
+    async fn what_it_cannot_honour_is_refused_naming_the_field() {
+        let mut rt = runtime("refused");
+        let mut image = sh("image", "true");
+        image.container.image = Some("busybox".into());
+        let field = |e: RuntimeError| match e {
+            RuntimeError::InvalidSpec { field, .. } => field,
+            other => panic!("expected InvalidSpec, got {other}"),
+        };
+        assert_eq!(field(rt.start(&image).await.unwrap_err()), "container.image");
+        let mut mounted = sh("mounted", "true");
+        mounted.container.volume_mounts =
+            vec![orch_core::kinds::VolumeMount { name: "data".into(), mount_path: "/data".into(), read_only: false }];
+        let e = rt.start(&mounted).await.unwrap_err();
+        assert!(e.to_string().contains("ORCH_VOLUME_<NAME>"), "{e}");
+        assert_eq!(field(e), "container.volumeMounts[0]");
+        // A host where limits cannot be enforced refuses them instead of running without them.
+        rt.limits = Arc::new(LimitSupport::Unsupported("no cgroup file system".into()));
+        let mut limited = sh("limited", "true");
+        limited.container.resources.limits.insert("memory".into(), "64Mi".parse().unwrap());
+        let e = rt.start(&limited).await.unwrap_err();
+        assert!(e.to_string().contains("no cgroup file system"), "{e}");
+        assert_eq!(field(e), "container.resources.limits");
+        assert!(rt.list().await.unwrap().is_empty(), "nothing was started");
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use orch_core::kinds::{ContainerState, Node, Phase, RestartPolicy, Workload};
+use orch_core::kinds::{ContainerState, Node, Phase, RestartPolicy, Volume, VolumeSource, Workload};
 use orch_core::kinds::{NODE_LEASE_NAMESPACE, NodeLease};
 use orch_core::testkit::wait_until;
 use orch_core::{Api, DeleteOptions, Object, ObjectMeta, Runtime, Store};
@@ -37,6 +37,7 @@ fn config() -> AgentConfig {
         renew_interval: Duration::from_millis(500),
         lease_ttl: Duration::from_secs(3),
         stop_grace: Duration::from_secs(2),
+        data_root: root(),
         ..AgentConfig::new("node-1")
     }
 }
@@ -312,5 +313,73 @@ async fn the_agent_rotates_logs() {
     wait_until("rotated", LIMIT, async || dir.join("stdout.log.1").exists().then_some(())).await;
     assert!(std::fs::metadata(dir.join("stdout.log")).unwrap().len() <= 1_000);
     tx.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_reach_the_program_and_an_empty_dir_goes_with_its_workload() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let (host, data_root) = (root(), root());
+    std::fs::create_dir_all(&host).unwrap();
+    let agent = Agent::new(AgentConfig { data_root: data_root.clone(), ..config() }, store.clone(), runtime.clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let agent = tokio::spawn(agent.run(
+        async move {
+            let _ = stopped.await;
+        },
+        true,
+    ));
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    let mut w = workload(
+        "writer",
+        "echo kept > $ORCH_VOLUME_HOST/out && echo scratch > $ORCH_VOLUME_SCRATCH/tmp && sleep 60",
+        RestartPolicy::Always,
+    );
+    w.spec.volumes = vec![
+        Volume { name: "host".into(), source: VolumeSource::HostPath { path: host.to_string_lossy().into() } },
+        Volume { name: "scratch".into(), source: VolumeSource::EmptyDir { size_limit: None } },
+    ];
+    api.create(&w).await.unwrap();
+    let out = host.join("out");
+    wait_until("the program wrote into its hostPath volume", LIMIT, async || out.is_file()).await;
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "kept");
+    // The emptyDir lives under the agent's data root, by namespace, workload and incarnation.
+    let workload_dir = data_root.join("volumes").join("default").join("writer");
+    let scratch = wait_until("the emptyDir holds the program's file", LIMIT, async || {
+        let incarnation = std::fs::read_dir(&workload_dir).ok()?.flatten().next()?.path();
+        let file = incarnation.join("scratch").join("tmp");
+        file.is_file().then_some(file)
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&scratch).unwrap().trim(), "scratch");
+    api.delete("writer", &DeleteOptions::default()).await.unwrap();
+    wait_until("the emptyDir removed with its workload", LIMIT, async || !workload_dir.exists()).await;
+    assert!(out.is_file(), "a hostPath volume is the node's: it stays");
+    let _ = stop.send(());
+    agent.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_whose_volume_cannot_be_provided_waits_with_the_reason_and_never_runs() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let (stop, agent) = start_agent(&store, &runtime, true);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    let mut w = workload("db", "sleep 60", RestartPolicy::Always);
+    w.spec.volumes = vec![Volume { name: "data".into(), source: VolumeSource::Claim { claim_name: "db-data".into() } }];
+    api.create(&w).await.unwrap();
+    let reason = wait_until("the reason in the status", LIMIT, async || {
+        let w = api.get("db").await.ok()?;
+        match &w.status.container_statuses.first()?.state {
+            ContainerState::Waiting { reason } => Some(reason.clone()),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(reason.starts_with("VolumeUnavailable: spec.volumes[0] (\"data\"): claim \"db-data\""), "{reason}");
+    assert_eq!(api.get("db").await.unwrap().status.phase, Phase::Pending);
+    assert!(runtime.list().await.unwrap().is_empty(), "it never runs without its data");
+    let _ = stop.send(());
     agent.await.unwrap().unwrap();
 }

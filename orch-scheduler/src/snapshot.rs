@@ -306,6 +306,11 @@ impl NodeInfo {
                 self.devices.iter().enumerate().filter(|(_, d)| d.free >= milli).min_by_key(|(i, d)| (d.free, *i))?;
             return Some(vec![DeviceShare { device: best.0 as u16, milli }]);
         }
+        // Above one GPU only whole GPUs: 1.5 GPUs is neither a share of one device nor whole
+        // devices (admission refuses it), so there is no placement to give.
+        if milli % WHOLE_DEVICE != 0 {
+            return None;
+        }
         let want = (milli / WHOLE_DEVICE) as usize;
         let whole: Vec<_> = self
             .devices

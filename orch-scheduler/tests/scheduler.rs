@@ -461,6 +461,36 @@ fn gpu_shares_are_packed_per_device_and_whole_gpus_stay_whole() {
 }
 
 #[test]
+fn whole_gpus_take_whole_devices_and_a_fraction_above_one_is_never_placed() {
+    // Two whole GPUs: two wholly free devices, counted as 2000m requested and 2000m taken.
+    let mut c = core();
+    c.upsert_node(&gpu_node("g", 4));
+    c.upsert_workload(obj("share", gpu_workload("300m"), &[]));
+    c.upsert_workload(obj("two", gpu_workload("2"), &[]));
+    let out = c.run_until_idle();
+    assert_eq!(bound(&out).len(), 2, "{out:?}");
+    let node = c.snapshot().node(0).unwrap();
+    let free: Vec<i64> = node.devices.iter().map(|d| d.free).collect();
+    assert_eq!(free, vec![700, 0, 0, 1000], "the share on one device, the two GPUs whole");
+    assert_eq!(node.requested(GPU), 2300);
+    assert_eq!(
+        node.requested(GPU),
+        node.devices.iter().map(|d| 1000 - d.free).sum::<i64>(),
+        "requests and devices agree"
+    );
+    // 1.5 GPUs (which admission refuses) is not placed, even with room, and says why.
+    let mut c = core();
+    c.upsert_node(&gpu_node("g", 4));
+    c.upsert_workload(obj("odd", gpu_workload("1500m"), &[]));
+    let out = c.run_until_idle();
+    assert_eq!(
+        unschedulable(&out),
+        vec!["0/1 nodes fit: 1 gpu request neither a share of one GPU nor whole GPUs".to_string()]
+    );
+    assert_eq!(c.snapshot().node(0).unwrap().requested(GPU), 0);
+}
+
+#[test]
 fn cordoned_nodes_take_nothing_new() {
     let mut c = core();
     let mut n = node("n0", "4", "8Gi", &[]);

@@ -1,5 +1,6 @@
 //! [`AgentConfig`]: what a node agent is told about its node and how it paces itself.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use orch_core::Labels;
@@ -38,13 +39,18 @@ pub struct AgentConfig {
     pub log_max_bytes: u64,
     /// Rotated log files kept per stream (default 3).
     pub log_keep: usize,
+    /// Where the agent keeps what it makes on the node: the `emptyDir` volumes of its workloads
+    /// live under `<data_root>/volumes/` (default: `orch-agent/<node>` in the system's temp
+    /// directory).
+    pub data_root: PathBuf,
 }
 
 impl AgentConfig {
     /// Defaults for node `name`.
     pub fn new(name: impl Into<String>) -> Self {
+        let name = name.into();
         AgentConfig {
-            node_name: name.into(),
+            node_name: name.clone(),
             labels: Labels::new(),
             taints: Vec::new(),
             capacity: None,
@@ -57,6 +63,7 @@ impl AgentConfig {
             stop_grace: Duration::from_secs(30),
             log_max_bytes: 10 * 1024 * 1024,
             log_keep: 3,
+            data_root: std::env::temp_dir().join("orch-agent").join(&name),
         }
     }
 }

@@ -9,6 +9,7 @@ mod error;
 mod heartbeat;
 mod probes;
 mod sync;
+mod volumes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -18,11 +18,12 @@ use orch_core::kinds::{Condition, ConditionStatus, Container};
 use orch_core::kinds::{
     ContainerState, ContainerStatus, Phase, RestartPolicy, Workload, WorkloadStatus, set_condition,
 };
-use orch_core::runtime::{ExitStatus, Handle, InstanceSpec, InstanceState, RuntimeError};
+use orch_core::runtime::{ExitStatus, Handle, HostVolume, InstanceSpec, InstanceState, RuntimeError};
 use orch_core::{Api, Object, ObjectRef, Timestamp};
 use tokio::time::Instant;
 
 use super::probes::Health;
+use super::volumes;
 use super::{Agent, AgentError, instance_id, uid_tag};
 
 /// One container's instance as the agent tracks it.
@@ -335,6 +336,7 @@ impl Agent {
                 self.runtime.stop(&t.handle, self.config.stop_grace).await.ok();
                 self.runtime.remove(&t.handle).await.ok();
             }
+            volumes::remove(&self.config.data_root, key);
             return Ok(None);
         };
         let grace = workload.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
@@ -358,6 +360,8 @@ impl Agent {
         }
         let mut next_look: Option<Duration> = None;
         let mut statuses = Vec::new();
+        // Resolved at the first start this pass needs.
+        let mut host_volumes: Option<Result<Vec<HostVolume>, String>> = None;
         for c in &workload.spec.containers {
             let slot = (key.clone(), c.name.clone());
             let tracked = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).cloned();
@@ -411,8 +415,21 @@ impl Agent {
                     }
                     Step::StartProbes { handle } => self.watch_health(key, c, &handle, queue),
                     Step::Start { attempt, restarts, crashes } => {
+                        let resolved = host_volumes.get_or_insert_with(|| {
+                            volumes::resolve(&self.config.data_root, key, &tag, &workload.spec.volumes)
+                        });
+                        let volumes = match resolved {
+                            Ok(v) => v.clone(),
+                            Err(reason) => {
+                                // Never run without its data: wait, saying why.
+                                statuses.push(waiting(c, &format!("VolumeUnavailable: {reason}"), restarts));
+                                let after = self.config.backoff_base;
+                                next_look = Some(next_look.map_or(after, |n| n.min(after)));
+                                continue;
+                            }
+                        };
                         let (status, look) =
-                            self.start(key, c, &workload, &tag, (attempt, restarts, crashes), queue).await;
+                            self.start(key, c, &workload, &tag, (attempt, restarts, crashes), volumes, queue).await;
                         statuses.push(status);
                         if let Some(after) = look {
                             next_look = Some(next_look.map_or(after, |n| n.min(after)));
@@ -438,12 +455,13 @@ impl Agent {
         workload: &Object<Workload>,
         tag: &str,
         (attempt, restarts, crashes): (u32, u32, u32),
+        volumes: Vec<HostVolume>,
         queue: &WorkQueue<ObjectRef>,
     ) -> (ContainerStatus, Option<Duration>) {
         let spec = InstanceSpec {
             id: instance_id(key, &c.name, &workload.metadata.uid, attempt),
             container: c.clone(),
-            volumes: Vec::new(),
+            volumes,
             labels: [("orch.dev/node", self.config.node_name.as_str()), ("orch.dev/workload", key.name.as_str())]
                 .into(),
         };

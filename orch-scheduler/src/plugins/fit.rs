@@ -4,7 +4,9 @@ use std::borrow::Cow;
 
 use crate::framework::{Ctx, MAX_SCORE, Plugin, Points, Unfit};
 use crate::queue::Events;
-use crate::snapshot::{CPU, Dim, GPU, MEMORY, NodeInfo, Placement, Snapshot, WorkloadInfo, resource_name};
+use crate::snapshot::{
+    CPU, Dim, GPU, MEMORY, NodeInfo, Placement, Snapshot, WHOLE_DEVICE, WorkloadInfo, resource_name,
+};
 
 /// How [`ResourcesFit`] scores a node that fits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -58,6 +60,10 @@ pub(crate) fn fits(w: &WorkloadInfo, node: &NodeInfo) -> Result<(), Unfit> {
         }
     }
     let gpu = w.request(GPU);
+    if gpu > WHOLE_DEVICE && gpu % WHOLE_DEVICE != 0 {
+        // Admission refuses this; a workload that reached the store another way is not placed.
+        return Err(Unfit::new("gpu request neither a share of one GPU nor whole GPUs"));
+    }
     if gpu > 0 && !node.devices.is_empty() && node.pick_devices(gpu).is_none() {
         return Err(Unfit::preemptible("no GPU device with enough free share"));
     }
