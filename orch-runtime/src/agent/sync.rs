@@ -53,6 +53,16 @@ pub(super) struct Tracked {
     pub(super) seen: Option<InstanceState>,
 }
 
+/// What a new instance starts with: its attempt number, the restart and crash counts to record,
+/// and the workload's volumes on this node.
+#[derive(Debug)]
+struct NewInstance {
+    attempt: u32,
+    restarts: u32,
+    crashes: u32,
+    volumes: Vec<HostVolume>,
+}
+
 /// The crash-loop settings a plan needs.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct CrashLoop {
@@ -428,8 +438,8 @@ impl Agent {
                                 continue;
                             }
                         };
-                        let (status, look) =
-                            self.start(key, c, &workload, &tag, (attempt, restarts, crashes), volumes, queue).await;
+                        let new = NewInstance { attempt, restarts, crashes, volumes };
+                        let (status, look) = self.start(key, c, &workload, &tag, new, queue).await;
                         statuses.push(status);
                         if let Some(after) = look {
                             next_look = Some(next_look.map_or(after, |n| n.min(after)));
@@ -454,10 +464,10 @@ impl Agent {
         c: &Container,
         workload: &Object<Workload>,
         tag: &str,
-        (attempt, restarts, crashes): (u32, u32, u32),
-        volumes: Vec<HostVolume>,
+        new: NewInstance,
         queue: &WorkQueue<ObjectRef>,
     ) -> (ContainerStatus, Option<Duration>) {
+        let NewInstance { attempt, restarts, crashes, volumes } = new;
         let spec = InstanceSpec {
             id: instance_id(key, &c.name, &workload.metadata.uid, attempt),
             container: c.clone(),
