@@ -30,12 +30,13 @@ use orch_core::kinds::{Condition, ConditionStatus, Node, Workload, find_conditio
 use orch_core::meta::{Clock, SystemClock};
 use orch_core::object::Object;
 use orch_core::runnable::{Leadership, RunParts, Runnable};
-use orch_core::store::{DeleteOptions, Guard, Store};
+use orch_core::store::{DeleteOptions, Guard, Store, WriteOptions};
 
 /// Settings of a [`SchedulerService`].
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
-    /// Bind writes in flight at most.
+    /// Bind writes in flight at most. The binds one pass decides go to the store together, as
+    /// one [`Store::update_many`](orch_core::Store::update_many).
     pub bind_concurrency: usize,
     /// Workloads scheduled between two looks at new events.
     pub burst: usize,
@@ -66,6 +67,8 @@ pub struct SchedulerService<S: Scheduler + 'static = Framework> {
     core: SchedulingCore<S>,
     /// Victims of preemptions whose bind is in flight: put back if it fails.
     victims: std::collections::HashMap<ObjectRef, Vec<ObjectRef>>,
+    /// Binds decided in this pass, written together at its end.
+    pending: Vec<PendingBind>,
     config: SchedulerConfig,
     name: String,
     clock: Arc<dyn Clock>,
@@ -91,6 +94,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
         SchedulerService {
             core: SchedulingCore::new(scheduler),
             victims: std::collections::HashMap::new(),
+            pending: Vec::new(),
             config: SchedulerConfig::default(),
             name,
             clock: Arc::new(SystemClock),
@@ -202,6 +206,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                 for o in outcomes {
                     self.act(o, &store, &guard, &permits, &mut binds, &done_tx, &workloads);
                 }
+                self.flush_binds(&store, &guard, &permits, &mut binds, &done_tx);
                 while binds.try_join_next().is_some() {}
                 if self.core.queue().sizes().0 > 0 {
                     tokio::task::yield_now().await;
@@ -259,6 +264,30 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
         }
     }
 
+    /// Writes the binds of this pass as one batch of compare-and-swap updates (bounded by
+    /// `bind_concurrency` binds in flight); a bind that conflicts is retried on its own.
+    fn flush_binds(
+        &mut self,
+        store: &Arc<dyn Store>,
+        guard: &Option<Guard>,
+        permits: &Arc<Semaphore>,
+        binds: &mut JoinSet<()>,
+        done: &mpsc::UnboundedSender<(ObjectRef, BindResult)>,
+    ) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.pending);
+        let (store, guard, permits, done) = (store.clone(), guard.clone(), permits.clone(), done.clone());
+        let limit = self.config.bind_concurrency.max(1);
+        binds.spawn(async move {
+            for chunk in batch.chunks(limit) {
+                let Ok(_permits) = permits.clone().acquire_many_owned(chunk.len() as u32).await else { return };
+                bind_many(&store, &guard, chunk, &done).await;
+            }
+        });
+    }
+
     fn devices_text(&self, placement: &Placement) -> Option<String> {
         if placement.devices.is_empty() {
             return None;
@@ -283,7 +312,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                 metrics::counter!("orch_scheduler_scheduled_total").increment(1);
                 let obj = cache.get(&o.workload.key).unwrap_or_else(|| o.workload.object.clone());
                 let devices = self.devices_text(&placement);
-                spawn_bind(binds, permits, done, api, obj, placement, devices, Vec::new());
+                self.pending.push(PendingBind { obj, placement, devices });
             }
             OutcomeKind::Preempted { placement, victims } => {
                 metrics::counter!("orch_scheduler_preemptions_total").increment(1);
@@ -326,6 +355,70 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
 enum BindResult {
     Bound,
     Failed(Option<Arc<Object<Workload>>>),
+}
+
+/// A bind decided in this pass, not yet written.
+struct PendingBind {
+    obj: Arc<Object<Workload>>,
+    placement: Placement,
+    devices: Option<String>,
+}
+
+/// The bound form of a workload: its node (and its devices) set.
+fn bound_form(obj: &Object<Workload>, placement: &Placement, devices: &Option<String>) -> Object<Workload> {
+    let mut next = obj.clone();
+    next.spec.node_name = Some(placement.node_name.to_string());
+    if let Some(text) = devices {
+        next.metadata.annotations.insert(DEVICES_ANNOTATION, text.clone());
+    }
+    next
+}
+
+/// Binds `chunk` in one store call. Only `spec.nodeName` (and the devices annotation) change, on
+/// objects the store already validated, so the typed validation of a full write is skipped. A
+/// conflict goes through [`bind`], which retries on the current version when it is still unbound
+/// and unchanged in spec.
+async fn bind_many(
+    store: &Arc<dyn Store>,
+    guard: &Option<Guard>,
+    chunk: &[PendingBind],
+    done: &mpsc::UnboundedSender<(ObjectRef, BindResult)>,
+) {
+    let mut objs = Vec::with_capacity(chunk.len());
+    let mut sent = Vec::with_capacity(chunk.len());
+    for b in chunk {
+        if b.obj.spec.node_name.is_some() {
+            let _ = done.send((ObjectRef::of(&*b.obj), BindResult::Failed(Some(b.obj.clone()))));
+            continue;
+        }
+        match bound_form(&b.obj, &b.placement, &b.devices).to_dynamic() {
+            Ok(d) => {
+                objs.push(d);
+                sent.push(b);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "bind failed");
+                let _ = done.send((ObjectRef::of(&*b.obj), BindResult::Failed(None)));
+            }
+        }
+    }
+    let opts = WriteOptions { guard: guard.clone() };
+    let results = store.update_many(objs, &opts).await;
+    for (b, result) in sent.into_iter().zip(results) {
+        let key = ObjectRef::of(&*b.obj);
+        let outcome = match result {
+            Ok(_) => BindResult::Bound,
+            Err(Error::Conflict { .. }) => {
+                let api = Api::<Workload>::all(store.clone()).fenced(guard.clone());
+                bind(&api, &b.obj, &b.placement, b.devices.clone(), &[]).await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "bind failed");
+                BindResult::Failed(None)
+            }
+        };
+        let _ = done.send((key, outcome));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -375,11 +468,7 @@ async fn bind(
         if attempt.spec.node_name.is_some() {
             return BindResult::Failed(Some(Arc::new(attempt)));
         }
-        let mut next = attempt.clone();
-        next.spec.node_name = Some(placement.node_name.to_string());
-        if let Some(text) = &devices {
-            next.metadata.annotations.insert(DEVICES_ANNOTATION, text.clone());
-        }
+        let next = bound_form(&attempt, placement, &devices);
         match api.replace(&next).await {
             Ok(_) => return BindResult::Bound,
             Err(Error::Conflict { current: Some(cur), .. }) => {

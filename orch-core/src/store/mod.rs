@@ -296,6 +296,20 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// deletes it (one `Deleted` event); finalizers cannot be added to such an object.
     async fn update(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>>;
 
+    /// Several [`update`](Store::update)s in one call, each with its own precondition (its
+    /// object's resource version): what a scheduler binding many workloads at once needs. The
+    /// default runs them concurrently; a backend that can apply many writes under one lock or in
+    /// one commit overrides it.
+    ///
+    /// # To ensure correctness
+    /// Each update succeeds or fails on its own, exactly as `update` would (a conflict on one
+    /// never stops the others), and the answer has one result per object, in order. Every
+    /// successful update gets its own revision and its own event, as if written one by one, and
+    /// a guard in `opts` fences every one of them.
+    async fn update_many(&self, objs: Vec<DynamicObject>, opts: &WriteOptions) -> Vec<Result<Arc<DynamicObject>>> {
+        futures::future::join_all(objs.into_iter().map(|o| self.update(o, opts))).await
+    }
+
     /// Replaces the status only, compare-and-swap on `obj.metadata.resource_version`; stored
     /// metadata and spec are kept, whatever `obj` says.
     ///

@@ -46,6 +46,7 @@ macro_rules! __store_cases {
             create_existing_fails,
             revisions_only_go_up,
             update_is_compare_and_swap,
+            update_many_checks_each_precondition_on_its_own,
             update_without_change_writes_nothing,
             update_missing_fails,
             status_and_spec_are_separate,
@@ -291,6 +292,67 @@ async fn update_is_compare_and_swap(f: Factory) {
     assert_eq!(l.metadata.generation, 2);
     assert_eq!(l.metadata.version, 3);
     assert!(l.metadata.resource_version > u.metadata.resource_version);
+}
+
+async fn update_many_checks_each_precondition_on_its_own(f: Factory) {
+    let s = f().await;
+    let mut created = Vec::new();
+    for name in ["m0", "m1", "m2", "m3"] {
+        created.push(s.create(thing(name, serde_json::json!({"v": 0})), &w()).await.unwrap());
+    }
+    let from = s.current_revision().await.unwrap() + 1;
+    let mut watch = s
+        .watch(&WatchRequest { selection: things(), from_revision: Some(from), progress_interval: None })
+        .await
+        .unwrap();
+    // m1 moves on behind the caller's back: its update must conflict, the others land.
+    let mut moved = (*created[1]).clone();
+    moved.spec = RawJson::from_value(&serde_json::json!({"v": 9}));
+    let moved = s.update(moved, &w()).await.unwrap();
+    let updates: Vec<DynamicObject> = created
+        .iter()
+        .map(|c| {
+            let mut next = (**c).clone();
+            next.spec = RawJson::from_value(&serde_json::json!({"v": 1}));
+            next
+        })
+        .collect();
+    let results = s.update_many(updates, &w()).await;
+    assert_eq!(results.len(), 4, "one result per object, in order");
+    match &results[1] {
+        Err(Error::Conflict { current: Some(cur), .. }) => assert_eq!(**cur, *moved),
+        other => panic!("m1: expected Conflict with the current object, got {other:?}"),
+    }
+    let mut revisions = Vec::new();
+    for (i, r) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
+        let o = r.as_ref().unwrap_or_else(|e| panic!("m{i}: {e}"));
+        assert_eq!(o.metadata.name, format!("m{i}"));
+        assert_eq!(o.spec.to_value(), serde_json::json!({"v": 1}));
+        revisions.push(o.metadata.resource_version);
+    }
+    let unique: std::collections::BTreeSet<u64> = revisions.iter().copied().collect();
+    assert_eq!(unique.len(), 3, "each update has its own revision: {revisions:?}");
+    assert_eq!(s.get(&key("m1")).await.unwrap().spec.to_value(), serde_json::json!({"v": 9}), "no stale overwrite");
+    // Four events after `from`: m1's own update, then the three of the batch, each with its body.
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        match next_event(&mut watch).await {
+            WatchEvent::Modified(o) => {
+                seen.push((o.metadata.name.clone(), o.spec.to_value(), o.metadata.resource_version))
+            }
+            e => panic!("expected Modified, got {e:?}"),
+        }
+    }
+    assert_eq!(seen[0], ("m1".to_string(), serde_json::json!({"v": 9}), moved.metadata.resource_version));
+    let mut batch: Vec<(String, u64)> = seen[1..].iter().map(|(n, _, r)| (n.clone(), *r)).collect();
+    batch.sort_by_key(|(_, r)| *r);
+    let mut expected: Vec<(String, u64)> = [0usize, 2, 3]
+        .iter()
+        .map(|&i| (format!("m{i}"), results[i].as_ref().unwrap().metadata.resource_version))
+        .collect();
+    expected.sort_by_key(|(_, r)| *r);
+    assert_eq!(batch, expected, "every successful update is one event with its revision");
+    assert!(seen[1..].iter().all(|(_, v, _)| *v == serde_json::json!({"v": 1})));
 }
 
 async fn update_without_change_writes_nothing(f: Factory) {

@@ -373,6 +373,37 @@ impl Store for MemoryStore {
         )
     }
 
+    async fn update_many(&self, objs: Vec<DynamicObject>, opts: &WriteOptions) -> Vec<Result<Arc<DynamicObject>>> {
+        // Checked before the lock, applied under one lock, watchers woken once.
+        let checked: Vec<Result<DynamicObject>> =
+            objs.into_iter().map(|o| semantics::validate(&o).map(|()| o)).collect();
+        let (mut st, expired) = self.write_state();
+        let mut last = None;
+        let results: Vec<Result<Arc<DynamicObject>>> = checked
+            .into_iter()
+            .map(|obj| {
+                let obj = obj?;
+                let key = obj.key();
+                let cur = st.current(&key, opts.guard.as_ref(), Some(obj.metadata.resource_version))?;
+                let plan = semantics::update(&cur, obj)?;
+                if let Plan::Put(o) = &plan
+                    && o.metadata.lease != cur.metadata.lease
+                {
+                    st.check_lease(o.metadata.lease)?;
+                }
+                let written = st.apply(&key, Some(cur.clone()), plan).unwrap_or(cur);
+                last = last.max(Some(written.metadata.resource_version));
+                Ok(written)
+            })
+            .collect();
+        st.trim(self.inner.history_limit);
+        drop(st);
+        if let Some(rev) = last.or(expired) {
+            self.inner.notify(rev);
+        }
+        results
+    }
+
     async fn update_status(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>> {
         let key = obj.key();
         self.write(
