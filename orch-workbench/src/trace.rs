@@ -478,7 +478,7 @@ mod tests {
         for (body, want) in [
             ("a,1000,10,1,500\nb,1x0,10,0,0\n", ":3:3: cpu_milli: \"1x0\" is not an integer"),
             ("a,1000,10,2,500\n", ":2:13: gpu_milli: is the share of each GPU"),
-            ("a,1000,-4,0,0\n", ":2:10: memory_mib: must be >= 0 (is -4)"),
+            ("a,1000,-4,0,0\n", ":2:8: memory_mib: must be >= 0 (is -4)"),
             ("a,1000,10,0,0,7\n", ":2:15: row: has 6 fields, the header has 5"),
             ("a,1000,10,0\n", ":2:12: row: has 4 fields, the header has 5"),
             ("a,1,1,0,0\na,2,2,0,0\n", ":3:1: name: \"a\" is also on line 2"),
