@@ -25,8 +25,8 @@
 //!     .map(|(p, seed)| Experiment::new(trace.clone(), p, seed))
 //!     .collect();
 //! let runs = report::run_all(&experiments, 2, &|_, _, _| {});
-//! print!("{}", report::table_markdown(&report::summarize(&runs)));
-//! report::write_all("results".as_ref(), &runs, false)?;
+//! print!("{}", report::table_markdown(&report::summarize(&runs), true));
+//! report::write_all("results".as_ref(), &runs, false, true)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!

@@ -24,6 +24,9 @@ pub enum Policy {
     BestFit,
     /// [`Fgd`].
     Fgd,
+    /// Ours: [`Fgd`] first, [`BestFit`] among the nodes FGD scores equal (a profile of the two
+    /// plugins, FGD weighted 101 and BestFit 1, so BestFit only ever breaks FGD's ties).
+    FgdBestFit,
 }
 
 impl Policy {
@@ -32,7 +35,15 @@ impl Policy {
         [Policy::Random, Policy::DotProd, Policy::GpuClustering, Policy::GpuPacking, Policy::BestFit, Policy::Fgd];
 
     /// Every policy the workbench knows.
-    pub const ALL: [Policy; 6] = Policy::PAPER;
+    pub const ALL: [Policy; 7] = [
+        Policy::Random,
+        Policy::DotProd,
+        Policy::GpuClustering,
+        Policy::GpuPacking,
+        Policy::BestFit,
+        Policy::Fgd,
+        Policy::FgdBestFit,
+    ];
 
     /// The name tables and files use (`Random`, `DotProd`, `GpuClustering`, `GpuPacking`,
     /// `BestFit`, `FGD`).
@@ -44,6 +55,7 @@ impl Policy {
             Policy::GpuPacking => "GpuPacking",
             Policy::BestFit => "BestFit",
             Policy::Fgd => "FGD",
+            Policy::FgdBestFit => "FGD-BestFit",
         }
     }
 
@@ -57,6 +69,7 @@ impl Policy {
             Policy::GpuPacking => (8.20, 7.94),
             Policy::BestFit => (7.09, 6.89),
             Policy::Fgd => (4.77, 4.60),
+            _ => return None,
         })
     }
 
@@ -71,6 +84,11 @@ impl Policy {
             Policy::GpuPacking => gpu_profile(name, GpuPacking),
             Policy::BestFit => gpu_profile(name, BestFit::new(scale)),
             Policy::Fgd => gpu_profile(name, Fgd::new(target.clone())),
+            // BestFit's normalised score is 0..=100: weighted 1 against FGD's 101 it can only
+            // decide between nodes FGD scores equal.
+            Policy::FgdBestFit => {
+                gpu_profile(name, Fgd::new(target.clone())).weight("FGD", 101).with(BestFit::new(scale), 1)
+            }
         };
         // The tie-break's own stream, apart from the arrival order's and the draws'.
         profile.seed(seed ^ 0x7469_6562_7265_616b)
@@ -88,8 +106,8 @@ impl FromStr for Policy {
 
     /// A policy by name, any case (`fgd`, `BestFit`, `dotprod`…).
     fn from_str(s: &str) -> Result<Self, String> {
-        let want = s.trim().to_ascii_lowercase().replace(['-', '_'], "");
-        Policy::ALL.into_iter().find(|p| p.name().to_ascii_lowercase() == want).ok_or_else(|| {
+        let plain = |s: &str| s.trim().to_ascii_lowercase().replace(['-', '_'], "");
+        Policy::ALL.into_iter().find(|p| plain(p.name()) == plain(s)).ok_or_else(|| {
             let names: Vec<&str> = Policy::ALL.iter().map(|p| p.name()).collect();
             format!("unknown policy {s:?} (known: {})", names.join(", "))
         })

@@ -137,14 +137,14 @@ pub fn summary_csv(summaries: &[Summary]) -> String {
 }
 
 /// The table of unallocated GPU % at 100% and 130% arrived (median over seeds), beside the
-/// paper's figures, as markdown.
-pub fn table_markdown(summaries: &[Summary]) -> String {
+/// paper's figures when `paper` (they are for the default openb trace at 1.3 x), as markdown.
+pub fn table_markdown(summaries: &[Summary], paper: bool) -> String {
     let mut s = String::from(
         "| policy | seeds | unallocated GPU % at 100% arrived | paper | diff | at 130% arrived | paper | diff |\n|---|---|---|---|---|---|---|---|\n",
     );
     for sum in summaries {
         let ours = |x| sum.at(x, UNALLOCATED).map(|b| b.median);
-        let paper = sum.policy.paper_unallocated();
+        let paper = sum.policy.paper_unallocated().filter(|_| paper);
         let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         let diff = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) => format!("{:+.2}", a - b),
@@ -167,11 +167,11 @@ pub fn table_markdown(summaries: &[Summary]) -> String {
 }
 
 /// The table as CSV (`policy,seeds,unallocated_100,paper_100,unallocated_130,paper_130`).
-pub fn table_csv(summaries: &[Summary]) -> String {
+pub fn table_csv(summaries: &[Summary], paper: bool) -> String {
     let mut s = String::from("policy,seeds,unallocated_100,paper_100,unallocated_130,paper_130\n");
     for sum in summaries {
         let ours = |x| sum.at(x, UNALLOCATED).map_or(String::new(), |b| format!("{:.4}", b.median));
-        let paper = sum.policy.paper_unallocated();
+        let paper = sum.policy.paper_unallocated().filter(|_| paper);
         let p = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.2}"));
         let _ = writeln!(
             s,
@@ -189,9 +189,10 @@ pub fn table_csv(summaries: &[Summary]) -> String {
 
 /// Writes everything into `dir`: `runs/<policy>-seed<seed>.csv` (each run's curve),
 /// `steps/<policy>-seed<seed>.csv` (every step, when `steps`), `curves.csv` (medians and middle
-/// halves), `table.csv` and `table.md`; and, with the `plots` feature, `unallocated.{png,svg}`
-/// and `fragmented.{png,svg}`. Returns the files written.
-pub fn write_all(dir: &Path, runs: &[Run], steps: bool) -> Result<Vec<PathBuf>, ReportError> {
+/// halves), `table.csv` and `table.md` (with the paper's figures when `paper`); and, with the
+/// `plots` feature, `unallocated.{png,svg}` and `fragmented.{png,svg}`. Returns the files
+/// written.
+pub fn write_all(dir: &Path, runs: &[Run], steps: bool, paper: bool) -> Result<Vec<PathBuf>, ReportError> {
     let mut written = Vec::new();
     for r in runs {
         let stem = format!("{}-seed{}", r.policy, r.seed);
@@ -207,8 +208,8 @@ pub fn write_all(dir: &Path, runs: &[Run], steps: bool) -> Result<Vec<PathBuf>, 
     let summaries = summarize(runs);
     for (name, text) in [
         ("curves.csv", summary_csv(&summaries)),
-        ("table.csv", table_csv(&summaries)),
-        ("table.md", table_markdown(&summaries)),
+        ("table.csv", table_csv(&summaries, paper)),
+        ("table.md", table_markdown(&summaries, paper)),
     ] {
         let p = dir.join(name);
         write_text(&p, &text)?;

@@ -20,12 +20,20 @@ use super::{GpuAsk, TargetWorkload};
 #[derive(Debug, Clone)]
 pub struct Fgd {
     target: Arc<TargetWorkload>,
+    resolution: i64,
 }
 
 impl Fgd {
     /// Scores against `target`, the workload the cluster expects.
     pub fn new(target: TargetWorkload) -> Self {
-        Fgd { target: Arc::new(target) }
+        Fgd { target: Arc::new(target), resolution: 1 }
+    }
+
+    /// Scores in steps of `1 / resolution` (scores then go up to `100 * resolution`): fewer
+    /// ties than the paper's whole numbers.
+    pub fn with_resolution(mut self, resolution: i64) -> Self {
+        self.resolution = resolution.max(1);
+        self
     }
 
     /// The workload it scores against.
@@ -49,7 +57,8 @@ impl Fgd {
         let model = node_model(node);
         let cpu = node.free(CPU);
         let before = self.target.frag(cpu, free, model);
-        let score = |after: f64| (sigmoid((before - after) / 1000.0) * MAX_SCORE as f64) as i64;
+        let scale = (MAX_SCORE * self.resolution) as f64;
+        let score = |after: f64| (sigmoid((before - after) / 1000.0) * scale) as i64;
         if ask.is_share() {
             let mut best: Option<(i64, u16)> = None;
             for i in 0..free.len() {
