@@ -197,3 +197,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_parse_as_lists_and_inclusive_ranges() {
+        assert_eq!(parse_seeds("42-45,7").unwrap().0, vec![42, 43, 44, 45, 7]);
+        assert_eq!(parse_seeds("3").unwrap().0, vec![3]);
+        assert!(parse_seeds("5-2").unwrap_err().contains("from low to high"));
+        assert!(parse_seeds("x").unwrap_err().contains("\"x\" is not a seed"));
+        assert!(parse_seeds("").unwrap_err().contains("no seed"));
+    }
+}

@@ -183,8 +183,11 @@ pub(crate) mod testing {
         Arc::new(WorkloadInfo::new(Arc::new(Object::new(ObjectMeta::namespaced("default", name), w)), 0))
     }
 
-    /// A cluster of `nodes` where `placed` already run: (workload, node index, device shares).
-    pub(crate) fn cluster(nodes: &[Object<Node>], placed: &[(Arc<WorkloadInfo>, usize, Vec<(u16, i64)>)]) -> Snapshot {
+    /// A workload already running: the workload, its node's index, its (device, milli) shares.
+    pub(crate) type Running = (Arc<WorkloadInfo>, usize, Vec<(u16, i64)>);
+
+    /// A cluster of `nodes` where `placed` already run.
+    pub(crate) fn cluster(nodes: &[Object<Node>], placed: &[Running]) -> Snapshot {
         let mut s = Snapshot::new();
         let ids: Vec<_> = nodes.iter().map(|n| s.upsert_node(n)).collect();
         for (w, i, shares) in placed {
