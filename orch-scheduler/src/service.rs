@@ -160,7 +160,11 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
             _ = workloads.ready() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        for n in nodes.list() {
+        // By name: node slots (and so the tie-break between equal scores) do not depend on the
+        // cache's hash order, and a restarted scheduler sees the nodes as a replay does.
+        let mut listed = nodes.list();
+        listed.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        for n in listed {
             self.core.upsert_node(&n);
         }
         for w in workloads.list() {

@@ -137,6 +137,15 @@ impl Framework {
         Framework { name, plugins, seed: profile.seed, classes: HashMap::new(), uses: 0, max_classes: 64 }
     }
 
+    /// Keeps the node-local results of up to `n` equivalence classes (default 64; the least
+    /// recently used goes first). A class evicted and met again is evaluated on every node anew,
+    /// so a workload mix with more distinct classes than this (a trace replay with hundreds of
+    /// task shapes) runs faster with more; each class costs a few bytes per node slot.
+    pub fn with_class_capacity(mut self, n: usize) -> Self {
+        self.max_classes = n.max(1);
+        self
+    }
+
     /// Names of the plugins, in order.
     pub fn plugin_names(&self) -> Vec<String> {
         self.plugins.iter().map(|p| p.plugin.name().to_string()).collect()
@@ -390,6 +399,9 @@ impl Framework {
             return Decision::Unschedulable(self.diagnose(snapshot, c, &[]));
         };
         let mut placement = Placement { node: slot, node_name: node.name.clone(), devices: Vec::new() };
+        if let Some(devices) = self.choose_devices(snapshot, w, c, &states, node) {
+            placement.devices = devices;
+        }
         self.finish(snapshot, w, placement.clone()).unwrap_or_else(|u| {
             placement.devices.clear();
             Decision::Unschedulable(Diagnosis {
@@ -399,6 +411,28 @@ impl Framework {
                 rejected: None,
             })
         })
+    }
+
+    /// The device choice of the first plugin with [`Points::DEVICES`] that applies to `w`.
+    fn choose_devices(
+        &self,
+        snapshot: &Snapshot,
+        w: &WorkloadInfo,
+        c: &ClassCache,
+        cluster_states: &[Option<State>],
+        node: &crate::snapshot::NodeInfo,
+    ) -> Option<Vec<crate::snapshot::DeviceShare>> {
+        let (i, p) = self.plugins.iter().enumerate().find(|(_, p)| p.points.contains(Points::DEVICES))?;
+        let state = match p.locality {
+            Locality::Node => {
+                if !c.active.contains(&i) {
+                    return None;
+                }
+                c.score_states[i].as_ref().or(c.states[i].as_ref())
+            }
+            Locality::Cluster => cluster_states[i].as_ref(),
+        };
+        p.plugin.devices(&Ctx { snapshot, workload: w, state }, node)
     }
 
     /// Reserve and permit for a chosen placement.

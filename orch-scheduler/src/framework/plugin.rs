@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::queue::Events;
-use crate::snapshot::{NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo};
+use crate::snapshot::{DeviceShare, NodeId, NodeInfo, Placement, Snapshot, WorkloadInfo};
 use orch_core::cache::ObjectRef;
 
 /// Highest score a plugin should give (scores are weighted and summed).
@@ -59,6 +59,10 @@ impl Points {
     pub const RESERVE: Points = Points(32);
     /// Permit (allow, wait, reject).
     pub const PERMIT: Points = Points(64);
+    /// Chooses which devices (GPUs, and how much of each) the workload gets on the chosen node,
+    /// before reserve. The first plugin of a profile with this point decides; without one, the
+    /// tightest fit ([`NodeInfo::pick_devices`]) does.
+    pub const DEVICES: Points = Points(128);
 
     /// Whether every point of `other` is in `self`.
     pub fn contains(self, other: Points) -> bool {
@@ -215,6 +219,21 @@ pub trait Plugin: Send + Sync + 'static {
     /// Rescales scores (aligned with the feasible nodes) into 0..=[`MAX_SCORE`].
     fn normalize(&self, cx: &Ctx<'_>, scores: &mut [i64]) {
         let _ = (cx, scores);
+    }
+
+    /// The device shares the workload gets on `node`, the node the cycle chose (only called on
+    /// plugins that declare [`Points::DEVICES`], with the state of their pre-score, or of their
+    /// pre-filter when pre-score kept none). `None` leaves the choice to the tightest fit.
+    ///
+    /// # To ensure correctness
+    /// - The shares must fit the node as it is (each device has the room, the shares add up to the
+    ///   workload's `gpu` request); a choice that does not is replaced by the tightest fit, so a
+    ///   policy can never overcommit a device.
+    /// - The answer must depend only on the workload, the node and the plugin's state, so the
+    ///   scheduler service and a replay of the same decisions hand out the same devices.
+    fn devices(&self, cx: &Ctx<'_>, node: &NodeInfo) -> Option<Vec<DeviceShare>> {
+        let _ = (cx, node);
+        None
     }
 
     /// Adjusts or vetoes the chosen placement (e.g. picks devices).

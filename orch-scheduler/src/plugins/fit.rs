@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use crate::framework::{Ctx, MAX_SCORE, Plugin, Points, Unfit};
 use crate::queue::Events;
 use crate::snapshot::{
-    CPU, Dim, GPU, MEMORY, NodeInfo, Placement, Snapshot, WHOLE_DEVICE, WorkloadInfo, resource_name,
+    CPU, DeviceShare, Dim, GPU, MEMORY, NodeInfo, Placement, Snapshot, WHOLE_DEVICE, WorkloadInfo, resource_name,
 };
 
 /// How [`ResourcesFit`] scores a node that fits.
@@ -107,11 +107,29 @@ impl Plugin for ResourcesFit {
     }
     fn reserve(&self, snapshot: &Snapshot, w: &WorkloadInfo, placement: &mut Placement) -> Result<(), Unfit> {
         let node = snapshot.node(placement.node).ok_or_else(|| Unfit::new("node removed"))?;
+        if !placement.devices.is_empty() && shares_fit(node, &placement.devices, w.request(GPU)) {
+            // A device policy chose them (Points::DEVICES).
+            return Ok(());
+        }
         placement.devices = node
             .pick_devices(w.request(GPU))
             .ok_or_else(|| Unfit::preemptible("no GPU device with enough free share"))?;
         Ok(())
     }
+}
+
+/// Whether `shares` name devices of `node` that have the room, adding up to `gpu`.
+fn shares_fit(node: &NodeInfo, shares: &[DeviceShare], gpu: i64) -> bool {
+    let mut free: Vec<i64> = node.devices.iter().map(|d| d.free).collect();
+    let mut total = 0;
+    for s in shares {
+        match free.get_mut(s.device as usize) {
+            Some(f) if s.milli > 0 && *f >= s.milli => *f -= s.milli,
+            _ => return false,
+        }
+        total += s.milli;
+    }
+    total == gpu
 }
 
 /// Prefers nodes where cpu and memory stay evenly used (one minus the spread of the used

@@ -13,10 +13,15 @@
 //! | [`WorkloadAffinity`] | filter, score | workload affinity and anti-affinity by topology key, required and preferred, both directions |
 //! | [`Gang`] | pre-filter, permit | all-or-nothing placement of a scheduling group, with a timeout |
 //! | [`Preemption`] | post-filter | evicts the fewest, lowest-priority workloads that make room |
+//!
+//! GPU placement policies from the literature (random, dot product, GPU clustering, GPU packing,
+//! best fit, FGD) and the fragmentation measure are in [`gpu`]; they are not in the default
+//! profile.
 
 mod affinity;
 mod fit;
 mod gang;
+pub mod gpu;
 mod node;
 mod preemption;
 mod spread;
@@ -149,6 +154,80 @@ struct FitArgs {
     resources: Option<std::collections::BTreeMap<String, i64>>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ScaleArgs {
+    #[serde(default)]
+    max_node_cpu_milli: Option<i64>,
+    #[serde(default)]
+    max_node_gpu_milli: Option<i64>,
+}
+
+fn scale_args(args: &serde_json::Value) -> Result<gpu::NodeScale, String> {
+    if args.is_null() {
+        return Ok(gpu::NodeScale::default());
+    }
+    let a: ScaleArgs = serde_json::from_value(args.clone()).map_err(|e| e.to_string())?;
+    let d = gpu::NodeScale::default();
+    let scale = gpu::NodeScale {
+        cpu_milli: a.max_node_cpu_milli.unwrap_or(d.cpu_milli),
+        gpu_milli: a.max_node_gpu_milli.unwrap_or(d.gpu_milli),
+    };
+    if scale.cpu_milli <= 0 {
+        return Err(format!("maxNodeCpuMilli: must be > 0 (is {})", scale.cpu_milli));
+    }
+    if scale.gpu_milli <= 0 {
+        return Err(format!("maxNodeGpuMilli: must be > 0 (is {})", scale.gpu_milli));
+    }
+    Ok(scale)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ShapeArgs {
+    cpu_milli: i64,
+    #[serde(default)]
+    gpu_milli: i64,
+    #[serde(default)]
+    gpus: u32,
+    #[serde(default)]
+    models: Vec<String>,
+    weight: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FgdArgs {
+    shapes: Vec<ShapeArgs>,
+}
+
+fn fgd_args(args: &serde_json::Value) -> Result<gpu::TargetWorkload, String> {
+    let a: FgdArgs = serde_json::from_value(args.clone()).map_err(|e| e.to_string())?;
+    if a.shapes.is_empty() {
+        return Err("shapes: must list the expected task shapes".into());
+    }
+    let mut shapes = Vec::new();
+    for (i, s) in a.shapes.into_iter().enumerate() {
+        if !(s.weight > 0.0 && s.weight.is_finite()) {
+            return Err(format!("shapes[{i}].weight: must be > 0 (is {})", s.weight));
+        }
+        if !(0..=1000).contains(&s.gpu_milli)
+            || (s.gpus > 1 && s.gpu_milli != 1000)
+            || ((s.gpus == 0) != (s.gpu_milli == 0))
+        {
+            return Err(format!(
+                "shapes[{i}]: gpuMilli is the share of each of `gpus` devices: 1..=1000 with gpus 1, 1000 with more, 0 with none (is {} x {})",
+                s.gpu_milli, s.gpus
+            ));
+        }
+        shapes.push((
+            gpu::Shape { cpu_milli: s.cpu_milli, gpu_milli: s.gpu_milli, gpus: s.gpus, models: s.models },
+            s.weight,
+        ));
+    }
+    Ok(gpu::TargetWorkload::new(shapes))
+}
+
 impl Default for Registry {
     fn default() -> Self {
         let mut r = Registry { factories: HashMap::new() };
@@ -201,6 +280,33 @@ impl Default for Registry {
                 };
                 Ok(Arc::new(plugin) as Arc<dyn Plugin>)
             }),
+        );
+        r.register(
+            "RandomFit",
+            Arc::new(|args: &serde_json::Value| match args.get("seed") {
+                None => Ok(Arc::new(gpu::RandomFit::new(0)) as Arc<dyn Plugin>),
+                Some(v) => match v.as_u64() {
+                    Some(seed) => Ok(Arc::new(gpu::RandomFit::new(seed)) as Arc<dyn Plugin>),
+                    None => Err(format!("seed: must be a non-negative integer (is {v})")),
+                },
+            }),
+        );
+        r.register(
+            "DotProduct",
+            Arc::new(|a: &serde_json::Value| Ok(Arc::new(gpu::DotProduct::new(scale_args(a)?)) as Arc<dyn Plugin>)),
+        );
+        r.register(
+            "GpuClustering",
+            Arc::new(|a: &serde_json::Value| Ok(Arc::new(gpu::GpuClustering::new(scale_args(a)?)) as Arc<dyn Plugin>)),
+        );
+        r.register("GpuPacking", no_args(gpu::GpuPacking));
+        r.register(
+            "BestFit",
+            Arc::new(|a: &serde_json::Value| Ok(Arc::new(gpu::BestFit::new(scale_args(a)?)) as Arc<dyn Plugin>)),
+        );
+        r.register(
+            "FGD",
+            Arc::new(|a: &serde_json::Value| Ok(Arc::new(gpu::Fgd::new(fgd_args(a)?)) as Arc<dyn Plugin>)),
         );
         r
     }
@@ -275,6 +381,40 @@ mod tests {
             "plugins[2].name: unknown plugin \"Nope\"",
             "plugins[3].args: strategy: must be LeastAllocated or MostAllocated",
             "plugins[4].weight: must be >= 0 (is -2)",
+        ] {
+            assert!(err.contains(part), "{part} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn gpu_policies_build_from_config_and_bad_arguments_are_named() {
+        let config: ProfileConfig = serde_json::from_value(serde_json::json!({
+            "plugins": [
+                {"name": "RandomFit", "args": {"seed": 3}},
+                {"name": "DotProduct", "args": {"maxNodeCpuMilli": 96000}},
+                {"name": "GpuClustering"},
+                {"name": "GpuPacking"},
+                {"name": "BestFit"},
+                {"name": "FGD", "args": {"shapes": [{"cpuMilli": 4000, "gpuMilli": 500, "gpus": 1, "weight": 3},
+                                                    {"cpuMilli": 8000, "weight": 1}]}}
+            ]
+        }))
+        .unwrap();
+        let p = Registry::default().profile(&config).unwrap();
+        assert_eq!(p.plugins.len(), 6);
+        let bad: ProfileConfig = serde_json::from_value(serde_json::json!({
+            "plugins": [
+                {"name": "RandomFit", "args": {"seed": -1}},
+                {"name": "BestFit", "args": {"maxNodeGpuMilli": 0}},
+                {"name": "FGD", "args": {"shapes": [{"cpuMilli": 1, "gpuMilli": 500, "gpus": 2, "weight": 1}]}}
+            ]
+        }))
+        .unwrap();
+        let err = Registry::default().profile(&bad).unwrap_err().to_string();
+        for part in [
+            "plugins[0].args: seed: must be a non-negative integer",
+            "plugins[1].args: maxNodeGpuMilli: must be > 0",
+            "plugins[2].args: shapes[0]: gpuMilli is the share",
         ] {
             assert!(err.contains(part), "{part} missing from {err}");
         }
