@@ -33,6 +33,11 @@ use orch_core::{Api, CacheEvent, LabelSelector, Manager, Object, ObjectMeta, Qua
 use orch_scheduler::{Profile, SchedulerService};
 use orch_store::{MemoryStore, RedbStore};
 
+// The allocator a production binary of orch uses (`orch` itself); glibc's malloc contends across
+// threads on these many small allocations.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The namespace of the measured workloads (the only ones counted).
 const MEASURED_NS: &str = "measured";
 /// Concurrent creators of the measured workloads (kube's test: 30 client goroutines).
