@@ -8,18 +8,17 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use orch_core::api::{Api, ListParams};
-use orch_core::cache::ObjectRef;
+use orch_core::api::Api;
+use orch_core::cache::{NODE_INDEX, ObjectRef};
 use orch_core::controller::{Action, Context, Controller, ControllerBuilder, predicate};
 use orch_core::error::Error;
 use orch_core::kinds::{
-    Condition, ConditionStatus, NODE_LEASE_NAMESPACE, Node, NodeLease, Taint, TaintEffect, Workload, find_condition,
-    set_condition,
+    Condition, ConditionStatus, NODE_LEASE_NAMESPACE, Node, NodeLease, Phase, Taint, TaintEffect, Workload,
+    find_condition, set_condition,
 };
-use orch_core::meta::{Clock, SystemClock};
+use orch_core::meta::{Clock, SystemClock, Timestamp};
 use orch_core::object::Object;
 use orch_core::rate::RateLimiter;
-use orch_core::selector::FieldSelector;
 use orch_core::store::DeleteOptions;
 
 /// The taint put on a node whose heartbeat lapsed.
@@ -93,6 +92,7 @@ impl NodeLifecycle {
     pub fn into_builder(self) -> ControllerBuilder<NodeLifecycle> {
         ControllerBuilder::new("node-lifecycle", self)
             .predicate(predicate::generation_changed())
+            .reads::<Workload>()
             .watches::<NodeLease>(|l: &Object<NodeLease>| vec![ObjectRef::new("", l.metadata.name.clone())])
     }
 
@@ -100,6 +100,28 @@ impl NodeLifecycle {
     fn take_token(&self) -> Result<(), Duration> {
         self.limiter.check().map_err(|next| next.saturating_duration_since(Instant::now()))
     }
+}
+
+/// Marks the workloads on an unreachable node `Unknown`, with the reason: nothing reports on them
+/// until the node comes back (its agent then writes their status again) or they are evicted.
+async fn mark_unknown(ctx: &Context, node: &str, now: Timestamp) -> Result<(), Error> {
+    let Some(cache) = ctx.cache::<Workload>() else { return Ok(()) };
+    for w in cache.by_index(NODE_INDEX, node) {
+        if matches!(w.status.phase, Phase::Succeeded | Phase::Failed | Phase::Unknown) {
+            continue;
+        }
+        let mut next = (*w).clone();
+        next.status.phase = Phase::Unknown;
+        let mut c = Condition::new("Ready", ConditionStatus::Unknown, "NodeUnreachable");
+        c.message = format!("node {node} stopped reporting; its agent's heartbeat lapsed");
+        set_condition(&mut next.status.conditions, c, now);
+        match ctx.api::<Workload>(&w.metadata.namespace).replace_status(&next).await {
+            // Changed or gone meanwhile: whoever changed it knows better.
+            Ok(_) | Err(Error::NotFound(_)) | Err(Error::Conflict { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn is_ready(node: &Object<Node>) -> bool {
@@ -164,6 +186,7 @@ impl Controller for NodeLifecycle {
             set_condition(&mut s.status.conditions, c, now);
             nodes.replace_status(&s).await?;
             tracing::warn!(node = %node.metadata.name, "node unreachable; evicting its workloads after the timeout");
+            mark_unknown(ctx, &node.metadata.name, now).await?;
             return Ok(Action::RequeueAfter(self.config.eviction_timeout));
         };
         let unreachable_for = now.since(taint.time_added.unwrap_or(now));
@@ -179,18 +202,15 @@ impl Controller for NodeLifecycle {
                 return Ok(Action::RequeueAfter(Duration::from_secs(10)));
             }
         }
-        let workloads: Api<Workload> = ctx.api_all();
-        let on_node = ListParams {
-            fields: FieldSelector::equals("spec.nodeName", node.metadata.name.clone()),
-            ..Default::default()
-        };
+        // The node's workloads from the shared cache's node index: the cost follows the node's
+        // workloads, not every workload of the cluster.
+        let on_node =
+            ctx.cache::<Workload>().expect("registered by the builder").by_index(NODE_INDEX, &node.metadata.name);
         // Workloads that tolerate the taint stay (for `toleration_seconds`, or for good).
         let mut wait_for: Option<Duration> = None;
-        let victims: Vec<_> = workloads
-            .list(&on_node)
-            .await?
-            .items
+        let victims: Vec<_> = on_node
             .into_iter()
+            .filter(|w| !w.metadata.is_being_deleted())
             .filter(|w| {
                 let Some(tol) = w.spec.tolerations.iter().find(|t| t.tolerates(&taint)) else { return true };
                 match tol.toleration_seconds.map(Duration::from_secs) {
@@ -216,6 +236,7 @@ impl Controller for NodeLifecycle {
                 Ok(_) | Err(Error::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
+            metrics::counter!("orch_node_evictions_total").increment(1);
             tracing::info!(node = %node.metadata.name, workload = %w.key(), "evicted");
         }
         Ok(wait_for.map_or(Action::Done, Action::RequeueAfter))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orch_controllers::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig, UNREACHABLE_TAINT};
-use orch_core::kinds::{Condition, ConditionStatus, Node, Workload, find_condition, set_condition};
+use orch_core::kinds::{Condition, ConditionStatus, Node, Phase, Workload, find_condition, set_condition};
 use orch_core::kinds::{NODE_LEASE_NAMESPACE, NodeLease};
 use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Store, Timestamp, TokioClock};
 use orch_store::MemoryStore;
@@ -112,6 +112,15 @@ async fn lapsed_heartbeat_marks_then_evicts_and_a_return_clears() {
     tokio::time::sleep(TTL + Duration::from_secs(20)).await;
     assert!(c.unreachable("n1").await, "n1 is marked once its heartbeat lapsed");
     assert!(!c.unreachable("n2").await);
+    // Its workloads are marked Unknown with the reason; the live node's are untouched.
+    for name in ["a", "b", "patient"] {
+        let w = c.workloads.get(name).await.unwrap();
+        assert_eq!(w.status.phase, Phase::Unknown, "{name}");
+        let ready = find_condition(&w.status.conditions, "Ready").unwrap();
+        assert_eq!((ready.status, ready.reason.as_str()), (ConditionStatus::Unknown, "NodeUnreachable"), "{name}");
+        assert!(ready.message.contains("node n1 stopped reporting"), "{}", ready.message);
+    }
+    assert_ne!(c.workloads.get("c").await.unwrap().status.phase, Phase::Unknown, "n2 is alive");
     tokio::time::sleep(Duration::from_secs(230)).await;
     assert_eq!(c.names().await, ["a", "b", "c", "patient"], "nothing is evicted before the timeout");
     tokio::time::sleep(Duration::from_secs(70)).await;

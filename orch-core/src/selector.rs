@@ -619,33 +619,98 @@ impl FieldSelector {
 
     /// True when the object satisfies every requirement.
     pub fn matches(&self, obj: &DynamicObject) -> bool {
-        if self.requirements.is_empty() {
-            return true;
-        }
-        let mut spec = None;
-        let mut status = None;
-        self.requirements.iter().all(|r| {
-            let actual = match r.path.as_str() {
-                "metadata.name" => obj.metadata.name.clone(),
-                "metadata.namespace" => obj.metadata.namespace.clone(),
-                path => {
-                    let (doc, rest) = if let Some(rest) = path.strip_prefix("spec.") {
-                        (spec.get_or_insert_with(|| obj.spec.to_value()), rest)
-                    } else if let Some(rest) = path.strip_prefix("status.") {
-                        (status.get_or_insert_with(|| obj.status.to_value()), rest)
-                    } else {
-                        return false;
-                    };
-                    let pointer = format!("/{}", rest.replace('.', "/"));
-                    match doc.pointer(&pointer) {
-                        None | Some(serde_json::Value::Null) => String::new(),
-                        Some(serde_json::Value::String(s)) => s.clone(),
-                        Some(other) => other.to_string(),
-                    }
-                }
+        self.requirements.iter().all(|r| (field_value(obj, &r.path) == r.value) != r.negated)
+    }
+
+    /// The value an equality requirement (`path=value`, not `!=`) asks `path` to have, if there
+    /// is one: what a store's field index can answer directly.
+    pub fn equality_on(&self, path: &str) -> Option<&str> {
+        self.requirements.iter().find(|r| !r.negated && r.path == path).map(|r| r.value.as_str())
+    }
+}
+
+/// The value a field selector compares for `path` in `obj`, as text: `metadata.name` and
+/// `metadata.namespace`, or a dotted path into `spec` or `status` (a string as it is; a number
+/// or boolean as JSON; a missing or `null` field as empty). Only the path is read: the rest of
+/// the document is skipped without being built.
+pub fn field_value(obj: &DynamicObject, path: &str) -> String {
+    match path {
+        "metadata.name" => obj.metadata.name.clone(),
+        "metadata.namespace" => obj.metadata.namespace.clone(),
+        path => {
+            let (doc, rest) = if let Some(rest) = path.strip_prefix("spec.") {
+                (&obj.spec, rest)
+            } else if let Some(rest) = path.strip_prefix("status.") {
+                (&obj.status, rest)
+            } else {
+                return String::new();
             };
-            (actual == r.value) != r.negated
-        })
+            let segments: Vec<&str> = rest.split('.').collect();
+            let mut de = serde_json::Deserializer::from_str(doc.as_str());
+            match serde::de::DeserializeSeed::deserialize(Pick(&segments), &mut de) {
+                Ok(None | Some(serde_json::Value::Null)) | Err(_) => String::new(),
+                Ok(Some(serde_json::Value::String(s))) => s,
+                Ok(Some(other)) => other.to_string(),
+            }
+        }
+    }
+}
+
+/// Reads the value at a path of object keys, skipping everything else.
+struct Pick<'p>(&'p [&'p str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Pick<'_> {
+    type Value = Option<serde_json::Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        if self.0.is_empty() {
+            return serde::Deserialize::deserialize(d).map(Some);
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Pick<'_> {
+    type Value = Option<serde_json::Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == self.0[0] && found.is_none() {
+                found = map.next_value_seed(Pick(&self.0[1..]))?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    // A path through anything but an object leads nowhere.
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
@@ -677,6 +742,45 @@ impl fmt::Display for FieldSelector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_values_read_only_their_path_and_agree_with_a_full_parse() {
+        let spec = serde_json::json!({
+            "nodeName": "n1", "replicas": 3, "paused": false, "gone": null, "list": [1, {"a": 2}],
+            "nested": {"deep": {"x": "y", "n": 1.5}}, "esc\\aped": "k"
+        });
+        let obj = DynamicObject::new("Thing", ObjectMeta::namespaced("ns", "t"))
+            .with_spec(crate::json::RawJson::from_value(&spec));
+        let full = |path: &str| -> String {
+            let rest = path.strip_prefix("spec.").unwrap();
+            match spec.pointer(&format!("/{}", rest.replace('.', "/"))) {
+                None | Some(serde_json::Value::Null) => String::new(),
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+            }
+        };
+        for path in [
+            "spec.nodeName",
+            "spec.replicas",
+            "spec.paused",
+            "spec.gone",
+            "spec.list",
+            "spec.list.a",
+            "spec.nested.deep.x",
+            "spec.nested.deep.n",
+            "spec.nested",
+            "spec.missing",
+            "spec.nodeName.deeper",
+        ] {
+            assert_eq!(field_value(&obj, path), full(path), "{path}");
+        }
+        assert_eq!(field_value(&obj, "metadata.namespace"), "ns");
+        assert_eq!(field_value(&obj, "status.phase"), "", "a null status has no fields");
+        let sel: FieldSelector = "spec.nodeName=n1,spec.replicas!=4".parse().unwrap();
+        assert!(sel.matches(&obj));
+        assert_eq!(sel.equality_on("spec.nodeName"), Some("n1"));
+        assert_eq!(sel.equality_on("spec.replicas"), None, "a != term is no equality");
+    }
     use crate::meta::ObjectMeta;
     use crate::object::RawJson;
     use proptest::prelude::*;

@@ -240,6 +240,15 @@ impl<C: Controller> ControllerBuilder<C> {
         self
     }
 
+    /// Start the shared cache of `K` for the reconciler to read (through [`Context::cache`]),
+    /// without reconciling on its changes; the manager's readiness waits for it too.
+    pub fn reads<K: Resource>(mut self) -> Self {
+        self.trigger_caches.push(|caches, store| {
+            caches.get_or_start::<K>(store);
+        });
+        self
+    }
+
     /// Reconcile every object again at this interval, changed or not.
     pub fn resync(mut self, every: Duration) -> Self {
         self.resync = Some(every);

@@ -28,11 +28,16 @@ use watch::Watcher;
 pub struct MemoryStoreBuilder {
     history_limit: usize,
     clock: Arc<dyn Clock>,
+    indexed_fields: Vec<(String, String)>,
 }
 
 impl Default for MemoryStoreBuilder {
     fn default() -> Self {
-        MemoryStoreBuilder { history_limit: 100_000, clock: Arc::new(SystemClock) }
+        MemoryStoreBuilder {
+            history_limit: 100_000,
+            clock: Arc::new(SystemClock),
+            indexed_fields: index::DEFAULT_FIELD_INDEXES.iter().map(|(k, p)| (k.to_string(), p.to_string())).collect(),
+        }
     }
 }
 
@@ -51,6 +56,14 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Also index objects of `kind` by the field at `path` (`spec.x.y`, `status.x`), so a list
+    /// or watch with an equality field selector on it (`path=value`) reads its matches instead of
+    /// every object of the kind. A workload's `spec.nodeName` is indexed by default.
+    pub fn index_field(mut self, kind: impl Into<String>, path: impl Into<String>) -> Self {
+        self.indexed_fields.push((kind.into(), path.into()));
+        self
+    }
+
     /// Builds the store. Inside a tokio runtime, a background task expires leases on time;
     /// without one, leases expire at the next write or lease call after their deadline.
     pub fn build(self) -> MemoryStore {
@@ -66,7 +79,7 @@ impl MemoryStoreBuilder {
     /// decides and stamps itself, then records with [`State::record`] once they are committed.
     #[cfg_attr(not(feature = "redb"), allow(dead_code))]
     pub(crate) fn build_index(self) -> MemoryStore {
-        let inner = Arc::new(Inner::new(self.clock, self.history_limit));
+        let inner = Arc::new(Inner::new(self.clock, self.history_limit, &self.indexed_fields));
         MemoryStore { inner }
     }
 }

@@ -78,6 +78,8 @@ pub struct RedbStoreBuilder {
     clock: Arc<dyn Clock>,
     read_only: bool,
     cache_size: usize,
+    /// Fields indexed beyond the defaults (see [`MemoryStoreBuilder::index_field`]).
+    extra_indexed_fields: Vec<(String, String)>,
 }
 
 impl Default for RedbStoreBuilder {
@@ -87,11 +89,20 @@ impl Default for RedbStoreBuilder {
             clock: Arc::new(SystemClock),
             read_only: false,
             cache_size: 64 << 20,
+            extra_indexed_fields: Vec::new(),
         }
     }
 }
 
 impl RedbStoreBuilder {
+    /// Also index objects of `kind` by the field at `path` in memory, so a list or watch with an
+    /// equality field selector on it reads its matches instead of every object of the kind. A
+    /// workload's `spec.nodeName` is indexed by default.
+    pub fn index_field(mut self, kind: impl Into<String>, path: impl Into<String>) -> Self {
+        self.extra_indexed_fields.push((kind.into(), path.into()));
+        self
+    }
+
     /// Keep at most this many events of history, in memory and in the file's log (default
     /// 100,000). Older events are trimmed: a watch or a list that needs them gets `Compacted`.
     pub fn history_limit(mut self, events: usize) -> Self {
@@ -232,8 +243,13 @@ impl RedbStoreBuilder {
                 Format::Orch => {}
             }
         }
-        let index =
-            MemoryStoreBuilder::default().history_limit(self.history_limit).clock(self.clock.clone()).build_index();
+        let index = self
+            .extra_indexed_fields
+            .iter()
+            .fold(MemoryStoreBuilder::default(), |b, (kind, path)| b.index_field(kind.clone(), path.clone()))
+            .history_limit(self.history_limit)
+            .clock(self.clock.clone())
+            .build_index();
         let now = Instant::now();
         let loaded = match &db {
             Db::Writable(db) => load(db, &index, now),
