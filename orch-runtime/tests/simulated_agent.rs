@@ -121,3 +121,65 @@ async fn a_crash_after_a_long_healthy_run_waits_only_the_first_backoff() {
     tx.send(()).unwrap();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_aborted_agent_leaves_nothing_running_behind() {
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(0)));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().clock(clock.clone()).build());
+    let cluster = SimCluster::new();
+    let runtime: Arc<dyn Runtime> = Arc::new(cluster.node("sim-1"));
+    let agent = Agent::new(AgentConfig::new("sim-1"), store.clone(), runtime.clone()).with_clock(clock);
+    let (_tx, run) = spawn_agent(agent, false);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    // Exits after 30 s: an agent still at work would see the exit and write the status.
+    let mut job = sim_workload("job", "sim-1", &[("SIM_RUN", "30")]);
+    job.spec.restart_policy = RestartPolicy::Never;
+    // A probe loop holds the agent itself: it must end with the agent too.
+    job.spec.containers[0].liveness_probe = Some(
+        serde_json::from_value(serde_json::json!({"action": {"exec": {"command": ["true"]}}, "periodSeconds": 1}))
+            .unwrap(),
+    );
+    api.create(&job).await.unwrap();
+    let running = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let w = api.get("job").await.unwrap();
+        if w.status.phase == Phase::Running {
+            break w;
+        }
+    };
+    run.abort();
+    let _ = run.await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(Arc::strong_count(&runtime), 1, "no task of the agent holds its runtime any more");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let after = api.get("job").await.unwrap();
+    assert_eq!(
+        (after.status.phase, after.metadata.resource_version),
+        (Phase::Running, running.metadata.resource_version),
+        "no task of the aborted agent wrote anything"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_renewals_let_an_aborted_agents_lease_lapse_without_one_more_renewal() {
+    use orch_core::kinds::{NODE_LEASE_NAMESPACE, NodeLease};
+    use orch_runtime::SharedRenewals;
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(0)));
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().clock(clock.clone()).build());
+    let renewals = SharedRenewals::spawn(store.clone(), Duration::from_secs(10));
+    let cluster = SimCluster::new();
+    let runtime: Arc<dyn Runtime> = Arc::new(cluster.node("sim-1"));
+    let config = AgentConfig { lease_ttl: Duration::from_secs(40), ..AgentConfig::new("sim-1") };
+    let agent = Agent::new(config, store.clone(), runtime).with_clock(clock).with_shared_renewals(renewals.clone());
+    let (_tx, run) = spawn_agent(agent, false);
+    // Renewed at 10 s; the agent dies at 15 s, before the renewal due at 20 s.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    run.abort();
+    let _ = run.await;
+    let leases: Api<NodeLease> = Api::namespaced(store.clone(), NODE_LEASE_NAMESPACE);
+    assert!(leases.get_opt("sim-1").await.unwrap().is_some());
+    // The last renewal was at 10 s, so the lease ends at 50 s (one more renewal at 20 s would
+    // have kept it until 60 s).
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert!(leases.get_opt("sim-1").await.unwrap().is_none(), "gone 40 s after its last renewal");
+}

@@ -50,7 +50,13 @@ impl SharedRenewals {
                 tick.tick().await;
                 let Some(agents) = weak.upgrade() else { return };
                 due.clear();
-                due.extend(agents.lock().unwrap_or_else(|e| e.into_inner()).leases.iter().map(|(a, (l, _))| (*a, *l)));
+                {
+                    let mut table = agents.lock().unwrap_or_else(|e| e.into_inner());
+                    // Agents that ended without unregistering (their task was dropped or aborted)
+                    // are dropped before anything is renewed: their leases lapse.
+                    table.leases.retain(|_, (_, f)| f.strong_count() > 0);
+                    due.extend(table.leases.iter().map(|(a, (l, _))| (*a, *l)));
+                }
                 for &(agent, lease) in &due {
                     // One stuck renewal must not hold up everybody else's.
                     let renewed = tokio::time::timeout(interval, store.keep_alive(lease)).await;
@@ -68,8 +74,6 @@ impl SharedRenewals {
                         _ => {}
                     }
                 }
-                // Agents that ended without unregistering (their task was dropped).
-                agents.lock().unwrap_or_else(|e| e.into_inner()).leases.retain(|_, (_, f)| f.strong_count() > 0);
             }
         });
         SharedRenewals { agents }

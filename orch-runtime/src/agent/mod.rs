@@ -50,6 +50,18 @@ pub struct Agent {
     /// The resource version of the status this agent last wrote, per workload, until the cache
     /// brings it back (that event needs no sync).
     written: Mutex<HashMap<ObjectRef, u64>>,
+    /// Every task the agent starts while it runs (exit waiters, probe loops): all end with it,
+    /// whether it stops or the task running it is aborted.
+    spawned: Arc<Mutex<tokio::task::JoinSet<()>>>,
+}
+
+/// Aborts the agent's tasks when dropped: when [`Agent::run`] returns or is dropped mid-way.
+struct AbortOnDrop(Arc<Mutex<tokio::task::JoinSet<()>>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).abort_all();
+    }
 }
 
 impl std::fmt::Debug for Agent {
@@ -98,6 +110,7 @@ impl Agent {
             shared: None,
             renewals: None,
             written: Default::default(),
+            spawned: Default::default(),
         }
     }
 
@@ -117,6 +130,14 @@ impl Agent {
         self
     }
 
+    /// Starts `task` as one of the agent's own tasks (it ends with the agent).
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut set = self.spawned.lock().unwrap_or_else(|e| e.into_inner());
+        // Finished tasks leave the set here, so it holds only what runs.
+        while set.try_join_next().is_some() {}
+        set.spawn(task);
+    }
+
     /// Uses `clock` for timestamps (a `TokioClock` in simulations and tests).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -128,6 +149,7 @@ impl Agent {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>, drain: bool) -> Result<(), AgentError> {
         self.register().await?;
         let lease_id = self.heartbeat().await?;
+        let _owned = AbortOnDrop(self.spawned.clone());
         let this = Arc::new(self);
         let queue: WorkQueue<ObjectRef> = WorkQueue::new(QueueConfig::default());
         let node = this.config.node_name.clone();
@@ -206,9 +228,10 @@ impl Agent {
                 }
             });
         }
-        let workers = {
+        let mut workers = tokio::task::JoinSet::new();
+        {
             let (queue, cache, this) = (queue.clone(), cache.clone(), this.clone());
-            tokio::spawn(async move {
+            workers.spawn(async move {
                 while let Some(key) = queue.next().await {
                     let again = this.sync(&key, cache.get(&key), &queue).await;
                     queue.done(&key);
@@ -221,11 +244,11 @@ impl Agent {
                         }
                     }
                 }
-            })
-        };
+            });
+        }
         shutdown.await;
         queue.shut_down();
-        let _ = workers.await;
+        while workers.join_next().await.is_some() {}
         tasks.shutdown().await;
         // The heartbeat's current lease (a lapsed one may have been replaced), for the drain.
         let lease_id = renewals.unregister(me).unwrap_or(lease_id);

@@ -105,7 +105,7 @@ impl Agent {
         for (kind, probe) in probes {
             let (this, key, handle, queue) = (self.clone(), key.clone(), handle.clone(), queue.clone());
             let slot = (key.clone(), container.name.clone());
-            tokio::spawn(async move {
+            self.spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(probe.initial_delay_seconds))).await;
                 let period = Duration::from_secs(u64::from(probe.period_seconds.max(1)));
                 let (mut successes, mut failures) = (0u32, 0u32);

@@ -499,7 +499,7 @@ impl Agent {
                 self.watch_health(key, c, &handle, queue);
                 // Wake this workload when the instance exits.
                 let (runtime, queue, key) = (self.runtime.clone(), queue.clone(), key.clone());
-                tokio::spawn(async move {
+                self.spawn(async move {
                     let _ = runtime.wait(&handle).await;
                     queue.add(key);
                 });
