@@ -16,7 +16,7 @@ use orch_core::kinds::{
     Condition, ConditionStatus, NODE_LEASE_NAMESPACE, Node, NodeLease, Phase, Taint, TaintEffect, Workload,
     find_condition, set_condition,
 };
-use orch_core::meta::{Clock, SystemClock, Timestamp};
+use orch_core::meta::{Clock, Timestamp};
 use orch_core::object::Object;
 use orch_core::rate::RateLimiter;
 use orch_core::store::DeleteOptions;
@@ -56,7 +56,8 @@ impl Default for NodeLifecycleConfig {
 /// The controller (register it with [`NodeLifecycle::builder`]).
 pub struct NodeLifecycle {
     config: NodeLifecycleConfig,
-    clock: Arc<dyn Clock>,
+    /// Set by `new`; otherwise the manager's.
+    clock: Option<Arc<dyn Clock>>,
     started: Instant,
     /// Evictions: `evictions_per_second`, one node at a time.
     limiter: RateLimiter,
@@ -71,10 +72,17 @@ impl std::fmt::Debug for NodeLifecycle {
 }
 
 impl NodeLifecycle {
-    /// The controller with `config`, using `clock` for taint timestamps.
+    /// The controller with `config`, using `clock` for taint timestamps instead of the manager's.
     pub fn new(config: NodeLifecycleConfig, clock: Arc<dyn Clock>) -> Self {
+        let mut this = NodeLifecycle::on_managers_clock(config);
+        this.clock = Some(clock);
+        this
+    }
+
+    /// The controller with `config`, on its manager's clock.
+    fn on_managers_clock(config: NodeLifecycleConfig) -> Self {
         NodeLifecycle {
-            clock,
+            clock: None,
             started: Instant::now(),
             limiter: RateLimiter::clamped(config.evictions_per_second, 1),
             missing_since: Mutex::new(Default::default()),
@@ -82,9 +90,9 @@ impl NodeLifecycle {
         }
     }
 
-    /// The controller on the system clock, wired to its triggers.
+    /// The controller on its manager's clock, wired to its triggers.
     pub fn builder(config: NodeLifecycleConfig) -> ControllerBuilder<NodeLifecycle> {
-        NodeLifecycle::new(config, Arc::new(SystemClock)).into_builder()
+        NodeLifecycle::on_managers_clock(config).into_builder()
     }
 
     /// This controller wired to its triggers: nodes (their spec: a status write, its own
@@ -137,7 +145,7 @@ impl Controller for NodeLifecycle {
         let nodes: Api<Node> = ctx.api_all();
         let leases = ctx.cache::<NodeLease>().expect("registered by the builder");
         let alive = leases.get(&ObjectRef::new(NODE_LEASE_NAMESPACE, node.metadata.name.clone())).is_some();
-        let now = self.clock.now();
+        let now = self.clock.as_ref().unwrap_or(ctx.clock()).now();
         let tainted = node.spec.taints.iter().find(|t| t.key == UNREACHABLE_TAINT).cloned();
         if alive {
             self.missing_since.lock().unwrap_or_else(|e| e.into_inner()).remove(&node.metadata.name);

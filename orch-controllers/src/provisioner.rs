@@ -39,7 +39,7 @@ use orch_core::error::{Error, Result};
 
 use crate::error::ProvisionerError;
 use orch_core::kinds::{Condition, ConditionStatus, Node, Phase, Workload, find_condition};
-use orch_core::meta::{Clock, ObjectMeta, SystemClock, Timestamp};
+use orch_core::meta::{Clock, ObjectMeta, Timestamp, TokioClock};
 use orch_core::object::Object;
 use orch_core::provider::{NodePool, NodeProvider, POOL_LABEL};
 use orch_core::runnable::{Leadership, RunParts, Runnable};
@@ -129,6 +129,8 @@ pub struct Provisioner {
     profile: Profile,
     config: ProvisionerConfig,
     clock: Arc<dyn Clock>,
+    /// `with_clock` was called: the manager's clock does not replace it.
+    clock_set: bool,
     /// Since when each provisioned node has been seen empty.
     empty_since: HashMap<String, Instant>,
     /// Pools whose last launch failed: passed over until the instant, with the failures in a row.
@@ -152,7 +154,8 @@ impl Provisioner {
             provider,
             profile: default_profile(ScoringStrategy::MostAllocated),
             config: ProvisionerConfig::default(),
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(TokioClock::from_system_time()),
+            clock_set: false,
             empty_since: HashMap::new(),
             backoff: HashMap::new(),
         }
@@ -170,9 +173,10 @@ impl Provisioner {
         self
     }
 
-    /// Uses `clock` for launch times.
+    /// Uses `clock` for launch times (default: the manager's clock).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self.clock_set = true;
         self
     }
 
@@ -547,9 +551,13 @@ impl Runnable for Provisioner {
     }
 
     fn run(self: Box<Self>, parts: RunParts) -> BoxFuture<'static, ()> {
-        let RunParts { store, caches, leader, shutdown, .. } = parts;
+        let RunParts { store, caches, leader, shutdown, clock, .. } = parts;
         let (nodes, workloads) = (caches.get_or_start::<Node>(&store), caches.get_or_start::<Workload>(&store));
-        (*self).serve(store, nodes, workloads, leader, shutdown).boxed()
+        let mut this = *self;
+        if !this.clock_set {
+            this.clock = clock;
+        }
+        this.serve(store, nodes, workloads, leader, shutdown).boxed()
     }
 }
 

@@ -173,3 +173,24 @@ async fn evictions_are_rate_limited() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(c.names().await.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_builder_a_user_finds_first_runs_in_virtual_time() {
+    let c = Cluster::new(&["n1", "n2"]).await;
+    let dying = c.heartbeat("n1").await;
+    let _n2 = c.heartbeat("n2").await;
+    c.workload_on("a", "n1").await;
+    c.workload_on("b", "n2").await;
+    // No clock given anywhere: the manager's default follows the paused runtime.
+    let mut manager = Manager::new(c.store.clone());
+    manager.add(NodeLifecycle::builder(config()));
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(manager.run(async move {
+        let _ = stopped.await;
+    }));
+    dying.abort();
+    // Lease TTL, then the default 5-minute eviction timeout, in virtual time.
+    tokio::time::sleep(TTL + Duration::from_secs(20) + Duration::from_secs(330)).await;
+    assert!(c.unreachable("n1").await);
+    assert_eq!(c.names().await, ["b"], "a's node stopped reporting: a is evicted; b's node is alive");
+}

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use crate::cache::{Cache, CacheConfig, CacheRegistry};
 use crate::controller::leader::{LeaderElectionConfig, campaign};
 use crate::error::Result;
+use crate::meta::{Clock, TokioClock};
 use crate::object::Resource;
 use crate::runnable::{Leadership, RunParts, Runnable};
 use crate::store::Store;
@@ -24,6 +25,7 @@ pub struct Manager {
     election: Option<LeaderElectionConfig>,
     ready: watch::Sender<bool>,
     leadership: watch::Sender<Leadership>,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -45,7 +47,21 @@ impl Manager {
             election: None,
             ready: watch::channel(false).0,
             leadership: watch::channel(Leadership::Standby).0,
+            clock: Arc::new(TokioClock::from_system_time()),
         }
+    }
+
+    /// The clock every component of this manager uses for the timestamps it writes (default:
+    /// the system's time, advancing with `tokio::time`, so on a paused runtime the whole control
+    /// plane runs in virtual time).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The manager's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The store.
@@ -133,6 +149,7 @@ impl Manager {
                 caches: self.caches.clone(),
                 leader: self.leadership.subscribe(),
                 shutdown: stop_rx.clone(),
+                clock: self.clock.clone(),
             };
             controllers.spawn(c.run(parts));
         }

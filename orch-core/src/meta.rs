@@ -275,6 +275,13 @@ impl TokioClock {
     pub fn starting_at(base: Timestamp) -> Self {
         TokioClock { base, start: tokio::time::Instant::now() }
     }
+
+    /// A clock reading the system's time now and advancing with `tokio::time`: real time on a
+    /// normal runtime, virtual time on a paused one. What a [`Manager`](crate::Manager) and the
+    /// components it runs use unless they are given another.
+    pub fn from_system_time() -> Self {
+        TokioClock::starting_at(SystemClock.now())
+    }
 }
 
 impl Clock for TokioClock {

@@ -8,6 +8,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use crate::cache::CacheRegistry;
+use crate::meta::Clock;
 use crate::store::{Guard, Store};
 
 /// Whether this process may act.
@@ -33,6 +34,9 @@ pub struct RunParts {
     pub leader: watch::Receiver<Leadership>,
     /// Turns true when the manager shuts down: finish what is in flight, then return.
     pub shutdown: watch::Receiver<bool>,
+    /// The manager's clock, for every timestamp a component writes: one clock for the whole
+    /// control plane, so that on a paused runtime all of it runs in virtual time.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// A component a [`Manager`](crate::Manager) runs (controller-runtime's `Runnable`).

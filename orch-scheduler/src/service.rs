@@ -27,7 +27,7 @@ use orch_core::cache::CacheRegistry;
 use orch_core::cache::{Cache, CacheEvent, ObjectRef};
 use orch_core::error::Error;
 use orch_core::kinds::{Condition, ConditionStatus, Node, Workload, find_condition, set_condition};
-use orch_core::meta::{Clock, SystemClock};
+use orch_core::meta::{Clock, TokioClock};
 use orch_core::object::Object;
 use orch_core::runnable::{Leadership, RunParts, Runnable};
 use orch_core::store::{DeleteOptions, Guard, Store, WriteOptions};
@@ -71,7 +71,8 @@ pub struct SchedulerService<S: Scheduler + 'static = Framework> {
     pending: Vec<PendingBind>,
     config: SchedulerConfig,
     name: String,
-    clock: Arc<dyn Clock>,
+    /// Set by `clock`; otherwise the manager's (or, run alone, the system's time on tokio's).
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl<S: Scheduler + 'static> std::fmt::Debug for SchedulerService<S> {
@@ -97,7 +98,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
             pending: Vec::new(),
             config: SchedulerConfig::default(),
             name,
-            clock: Arc::new(SystemClock),
+            clock: None,
         }
     }
 
@@ -112,9 +113,9 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
         self
     }
 
-    /// Uses `clock` for condition timestamps.
+    /// Uses `clock` for condition timestamps (default: the manager's clock).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
+        self.clock = Some(clock);
         self
     }
 
@@ -126,7 +127,8 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
     }
 
     /// Runs on its own (no manager, no leader election) until `shutdown` resolves.
-    pub async fn run(self, store: Arc<dyn Store>, shutdown: impl std::future::Future<Output = ()> + Send) {
+    pub async fn run(mut self, store: Arc<dyn Store>, shutdown: impl std::future::Future<Output = ()> + Send) {
+        self.clock.get_or_insert_with(|| Arc::new(TokioClock::from_system_time()));
         let nodes = Cache::<Node>::spawn(store.clone(), Default::default());
         let workloads = Cache::<Workload>::spawn(store.clone(), Default::default());
         let (_tx, leader) = watch::channel(Leadership::Leading(None));
@@ -342,7 +344,8 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                 let mut next = (*obj).clone();
                 let mut c = Condition::new(SCHEDULED_CONDITION, ConditionStatus::False, "Unschedulable");
                 c.message = message;
-                set_condition(&mut next.status.conditions, c, self.clock.now());
+                let now = self.clock.as_ref().map_or_else(|| TokioClock::from_system_time().now(), |c| c.now());
+                set_condition(&mut next.status.conditions, c, now);
                 binds.spawn(async move {
                     // A conflict means the workload changed; the next attempt reports again.
                     let _ = api.replace_status(&next).await;
@@ -506,8 +509,10 @@ impl<S: Scheduler + 'static> Runnable for SchedulerService<S> {
     }
 
     fn run(self: Box<Self>, parts: RunParts) -> BoxFuture<'static, ()> {
-        let RunParts { store, caches, leader, shutdown, .. } = parts;
+        let RunParts { store, caches, leader, shutdown, clock, .. } = parts;
+        let mut this = *self;
+        this.clock.get_or_insert(clock);
         let (nodes, workloads) = (caches.get_or_start::<Node>(&store), caches.get_or_start::<Workload>(&store));
-        (*self).serve(store, nodes, workloads, leader, shutdown).boxed()
+        this.serve(store, nodes, workloads, leader, shutdown).boxed()
     }
 }

@@ -47,6 +47,7 @@ use tracing::Instrument;
 
 use crate::api::Api;
 use crate::cache::{Cache, CacheEvent, CacheRegistry, ObjectRef};
+use crate::meta::{Clock, TokioClock};
 use crate::object::{Object, Resource, Scope};
 use crate::runnable::{Leadership, RunParts, Runnable, stopped};
 use crate::store::{Guard, Store};
@@ -86,6 +87,7 @@ pub struct Context {
     store: Arc<dyn Store>,
     caches: CacheRegistry,
     guard: Option<Guard>,
+    clock: Arc<dyn Clock>,
 }
 
 impl fmt::Debug for Context {
@@ -97,7 +99,17 @@ impl fmt::Debug for Context {
 impl Context {
     /// A context for tests and one-off calls: no caches, no leadership.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Context { store, caches: CacheRegistry::default(), guard: None }
+        Context {
+            store,
+            caches: CacheRegistry::default(),
+            guard: None,
+            clock: Arc::new(TokioClock::from_system_time()),
+        }
+    }
+
+    /// The manager's clock: use it for every timestamp a reconcile writes.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The store.
@@ -353,7 +365,7 @@ impl<C: Controller> Runnable for ControllerBuilder<C> {
 }
 
 async fn run_controller<C: Controller>(b: ControllerBuilder<C>, parts: RunParts) {
-    let RunParts { store, caches, mut leader, mut shutdown } = parts;
+    let RunParts { store, caches, mut leader, mut shutdown, clock, .. } = parts;
     let name: Arc<str> = Arc::from(b.name.as_str());
     let queue: WorkQueue<ObjectRef> = WorkQueue::with_metrics(b.queue.clone(), &b.name);
     let cache = caches.get_or_start::<C::Kind>(&store);
@@ -423,7 +435,7 @@ async fn run_controller<C: Controller>(b: ControllerBuilder<C>, parts: RunParts)
             queue.done(&key);
             continue;
         };
-        let ctx = Context { store: store.clone(), caches: caches.clone(), guard };
+        let ctx = Context { store: store.clone(), caches: caches.clone(), guard, clock: clock.clone() };
         let (controller, queue, name, timeout) = (b.controller.clone(), queue.clone(), name.clone(), b.timeout);
         let span =
             tracing::info_span!("reconcile", controller = %name, object = %key, generation = obj.metadata.generation);

@@ -18,7 +18,7 @@ use std::time::Duration;
 use orch_core::cache::{Cache, CacheConfig, ObjectRef};
 use orch_core::controller::queue::{QueueConfig, WorkQueue};
 use orch_core::kinds::Workload;
-use orch_core::meta::{Clock, SystemClock};
+use orch_core::meta::{Clock, TokioClock};
 use orch_core::object::{Object, Resource};
 use orch_core::runtime::{Handle, InstanceState, Runtime};
 use orch_core::selector::FieldSelector;
@@ -104,7 +104,7 @@ impl Agent {
             config,
             store,
             runtime,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(TokioClock::from_system_time()),
             instances: Default::default(),
             health: Default::default(),
             shared: None,
@@ -138,7 +138,8 @@ impl Agent {
         set.spawn(task);
     }
 
-    /// Uses `clock` for timestamps (a `TokioClock` in simulations and tests).
+    /// Uses `clock` for timestamps (default: the system's time, advancing with `tokio::time`, so
+    /// on a paused runtime the agent runs in virtual time).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
