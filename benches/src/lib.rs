@@ -1,6 +1,8 @@
 //! Shared fixtures for orch's benchmarks: object shapes and pre-filled stores, so each bench
 //! measures the same thing the README reports.
 
+pub mod scale;
+
 use std::sync::Arc;
 
 use orch_core::{DynamicObject, ObjectMeta, RawJson, Store, WriteOptions};

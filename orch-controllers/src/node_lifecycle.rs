@@ -21,6 +21,9 @@ use orch_core::object::Object;
 use orch_core::rate::RateLimiter;
 use orch_core::store::DeleteOptions;
 
+/// The condition an evicted workload carries in its last state: why it was deleted.
+pub const DISRUPTION_CONDITION: &str = "DisruptionTarget";
+
 /// The taint put on a node whose heartbeat lapsed.
 pub const UNREACHABLE_TAINT: &str = "node.orch.dev/unreachable";
 
@@ -240,6 +243,21 @@ impl Controller for NodeLifecycle {
         }
         for w in victims {
             let api: Api<Workload> = ctx.api(&w.metadata.namespace);
+            // Why it goes, on the workload itself, before it goes: watchers see it in the
+            // deletion's last state.
+            let mut marked = (*w).clone();
+            let mut c = Condition::new(DISRUPTION_CONDITION, ConditionStatus::True, "NodeUnreachableEviction");
+            c.message = format!(
+                "evicted: node {} stopped reporting {}s ago (eviction timeout {}s)",
+                node.metadata.name,
+                unreachable_for.as_secs(),
+                self.config.eviction_timeout.as_secs()
+            );
+            set_condition(&mut marked.status.conditions, c, now);
+            match api.replace_status(&marked).await {
+                Ok(_) | Err(Error::NotFound(_)) | Err(Error::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
             match api.delete(&w.metadata.name, &DeleteOptions::default()).await {
                 Ok(_) | Err(Error::NotFound(_)) => {}
                 Err(e) => return Err(e),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use orch_controllers::node_lifecycle::{NodeLifecycle, NodeLifecycleConfig, UNREACHABLE_TAINT};
+use orch_controllers::node_lifecycle::{DISRUPTION_CONDITION, NodeLifecycle, NodeLifecycleConfig, UNREACHABLE_TAINT};
 use orch_core::kinds::{Condition, ConditionStatus, Node, Phase, Workload, find_condition, set_condition};
 use orch_core::kinds::{NODE_LEASE_NAMESPACE, NodeLease};
 use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Store, Timestamp, TokioClock};
@@ -106,6 +106,7 @@ async fn lapsed_heartbeat_marks_then_evicts_and_a_return_clears() {
         ..Default::default()
     }];
     c.workloads.create(&Object::new(ObjectMeta::named("patient"), patient)).await.unwrap();
+    let mut events = c.workloads.watch(&ListParams::default(), None).await.unwrap();
     let _stop = c.start(config());
     dying.abort(); // n1's agent dies: its lease runs out after the TTL
 
@@ -129,6 +130,17 @@ async fn lapsed_heartbeat_marks_then_evicts_and_a_return_clears() {
         ["c", "patient"],
         "n1's workloads are evicted after the timeout, but not one that tolerates it"
     );
+    // Each evicted workload's last state says why it went.
+    let mut evicted = Vec::new();
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(1), futures::StreamExt::next(&mut events)).await {
+        if let orch_core::Event::Deleted(w) = e.unwrap() {
+            let why = find_condition(&w.status.conditions, DISRUPTION_CONDITION).expect("a disruption condition");
+            assert_eq!((why.status, why.reason.as_str()), (ConditionStatus::True, "NodeUnreachableEviction"));
+            assert!(why.message.contains("node n1 stopped reporting"), "{}", why.message);
+            evicted.push(w.metadata.name.clone());
+        }
+    }
+    assert_eq!(evicted, ["a", "b"]);
 
     // The agent comes back: the mark is cleared.
     let _back = c.heartbeat("n1").await;

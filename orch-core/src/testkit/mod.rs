@@ -14,4 +14,4 @@ pub mod runtime;
 pub mod store;
 mod wait;
 
-pub use wait::{FlakyStore, Outcome, eventually, wait_until};
+pub use wait::{FlakyStore, Outcome, eventually, wait_for_phase, wait_until};

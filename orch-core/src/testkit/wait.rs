@@ -64,6 +64,52 @@ pub async fn wait_until<O: Outcome>(what: &str, limit: Duration, mut probe: impl
     }
 }
 
+/// Waits until `count` workloads that `params` selects through `api` are in `phase` (and no
+/// other workload it selects is elsewhere), and returns them; panics saying how many are in which
+/// phase when `limit` (on `tokio::time`) passes first.
+///
+/// ```no_run
+/// # async fn demo(api: orch_core::Api<orch_core::kinds::Workload>) {
+/// use std::time::Duration;
+/// use orch_core::kinds::Phase;
+/// let params = orch_core::ListParams { labels: "app=web".parse().unwrap(), ..Default::default() };
+/// let running = orch_core::testkit::wait_for_phase(&api, &params, Phase::Running, 3, Duration::from_secs(30)).await;
+/// assert_eq!(running.len(), 3);
+/// # }
+/// ```
+pub async fn wait_for_phase(
+    api: &crate::Api<crate::kinds::Workload>,
+    params: &crate::ListParams,
+    phase: crate::kinds::Phase,
+    count: usize,
+    limit: Duration,
+) -> Vec<crate::Object<crate::kinds::Workload>> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let listed = api.list(params).await.map(|l| l.items);
+        if let Ok(items) = &listed
+            && items.len() == count
+            && items.iter().all(|w| w.status.phase == phase)
+        {
+            return listed.unwrap_or_default();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let seen = match listed {
+                Ok(items) => {
+                    let mut by_phase = std::collections::BTreeMap::<String, usize>::new();
+                    for w in &items {
+                        *by_phase.entry(format!("{:?}", w.status.phase)).or_default() += 1;
+                    }
+                    format!("{} workloads: {by_phase:?}", items.len())
+                }
+                Err(e) => format!("the list failed: {e}"),
+            };
+            panic!("timed out after {limit:?} waiting for {count} workloads {phase:?}; {seen}");
+        }
+        tokio::time::sleep(POLL * 10).await;
+    }
+}
+
 /// Polls `cond` until it holds; panics naming `what` when `limit` (on `tokio::time`) passes
 /// first.
 pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
