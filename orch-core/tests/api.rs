@@ -353,3 +353,21 @@ async fn retry_on_conflict_rereads_until_its_change_lands_beside_the_racing_one(
     assert!(e.is_invalid(), "{e}");
     assert!(api.retry_on_conflict("missing", |_| Ok(())).await.unwrap_err().is_not_found());
 }
+
+#[tokio::test]
+async fn write_status_writes_only_the_status_compare_and_swap() {
+    let api: Api<Echo> = Api::namespaced(store(), "default");
+    let created = api.create(&echo("s", 2)).await.unwrap();
+    let meta = api.write_status(&created.metadata, &EchoStatus { ready: 2 }).await.unwrap();
+    assert!(meta.resource_version > created.metadata.resource_version);
+    let stored = api.get("s").await.unwrap();
+    assert_eq!((stored.status.ready, stored.spec.replicas), (2, 2), "the status written, the spec as it was");
+    assert_eq!(stored.metadata.resource_version, meta.resource_version);
+    // The same (now stale) version again: a conflict, nothing written.
+    assert!(api.write_status(&created.metadata, &EchoStatus { ready: 9 }).await.unwrap_err().is_conflict());
+    assert_eq!(api.get("s").await.unwrap().status.ready, 2);
+    let mut elsewhere = meta.clone();
+    elsewhere.namespace = "other".into();
+    let e = api.write_status(&elsewhere, &EchoStatus { ready: 1 }).await.unwrap_err();
+    assert!(e.to_string().contains("metadata.namespace"), "{e}");
+}

@@ -549,15 +549,14 @@ impl Agent {
         if status == workload.status {
             return Ok(true);
         }
-        let mut next = workload.clone();
-        next.status = status;
         let api: Api<Workload> = Api::namespaced(self.store.clone(), &workload.metadata.namespace);
-        match api.replace_status(&next).await {
+        // Only the status goes out (and only the new resource version comes back).
+        match api.write_status(&workload.metadata, &status).await {
             Ok(written) => {
                 self.written
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(ObjectRef::of(&written), written.metadata.resource_version);
+                    .insert(ObjectRef::of(workload), written.resource_version);
                 Ok(true)
             }
             Err(e) if e.is_conflict() => {
