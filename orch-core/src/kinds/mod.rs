@@ -1,6 +1,7 @@
-//! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], and [`Workload`], and the types they
-//! share.
+//! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], [`Workload`], [`Event`], and the
+//! types they share.
 
+mod event;
 mod node;
 mod workload;
 
@@ -8,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use event::is_camel_case;
+pub use event::{EVENT_MESSAGE_LIMIT, Event, EventType, ObjectReference};
 pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, Taint, TaintEffect};
 pub use workload::{
     Affinity, AffinityTerm, Container, ContainerPort, ContainerState, ContainerStatus, EnvVar, NodeAffinity,
