@@ -25,10 +25,15 @@
 //!
 //! The scheduler lives in `orch-scheduler`, the node agent in `orch-runtime`.
 
+pub mod deployment;
 mod error;
 pub mod node_lifecycle;
 pub mod provisioner;
+pub mod replicaset;
+mod workloads;
 
+pub use deployment::DeploymentController;
 pub use error::ProvisionerError;
 pub use node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 pub use provisioner::{PassReport, Provisioner, ProvisionerConfig};
+pub use replicaset::ReplicaSetController;

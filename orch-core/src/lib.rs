@@ -12,6 +12,8 @@
 //! - the reconcile machinery: shared indexed [`Cache`]s, the work queue, the [`Controller`] trait
 //!   and its loop, the [`Manager`] that runs any [`Runnable`] under one leadership, and leader
 //!   election with fencing;
+//! - [`events`]: the [`Recorder`](events::Recorder) every component uses to tell people why
+//!   something happened (deduplicated, rate-limited, expiring `Event`s);
 //! - behind the `testkit` feature, the conformance suites every backend must pass and helpers
 //!   for tests that wait.
 //!
@@ -44,6 +46,8 @@ pub mod cache;
 pub mod controller;
 mod dynamic;
 pub mod error;
+pub mod events;
+pub mod hash;
 mod json;
 pub mod kinds;
 pub mod labels;

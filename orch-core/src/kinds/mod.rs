@@ -1,6 +1,8 @@
-//! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], and [`Workload`], and the types they
-//! share.
+//! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], [`Workload`], [`Event`], [`Deployment`] with
+//! its revisions ([`ReplicaSet`]), and the types they share.
 
+mod deployment;
+mod event;
 mod node;
 mod workload;
 
@@ -8,6 +10,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use deployment::{
+    Deployment, DeploymentStatus, IntOrPercent, RESTARTED_AT_ANNOTATION, REVISION_ANNOTATION, ReplicaSet,
+    ReplicaSetStatus, RollbackPolicy, RollingUpdate, Strategy, TEMPLATE_HASH_LABEL, TemplateMeta, WorkloadTemplate,
+    deployment_condition,
+};
+pub(crate) use event::is_camel_case;
+pub use event::{EVENT_MESSAGE_LIMIT, Event, EventType, ObjectReference};
 pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, Taint, TaintEffect};
 pub use workload::{
     Affinity, AffinityTerm, Container, ContainerPort, ContainerState, ContainerStatus, EnvVar, NodeAffinity,
