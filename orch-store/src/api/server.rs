@@ -230,6 +230,13 @@ impl ApiServer {
                 }),
             )
             .fallback(handle)
+            .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
+                status_response(Status::failure(
+                    405,
+                    "MethodNotAllowed",
+                    format!("{method} is not supported on {}: it is read with GET", uri.path()),
+                ))
+            })
             .with_state(self.shared.clone())
     }
 

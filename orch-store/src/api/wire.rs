@@ -511,18 +511,19 @@ impl Status {
                 "Expired",
                 StatusDetails { requested: Some(*requested), revision: Some(*compacted), ..Default::default() },
             ),
+            // Kubernetes waits for a revision ahead of it and answers 504 when it does not come;
+            // orch's stores refuse it at once, so it is the caller's input at fault.
             Error::FutureRevision { requested, current } => (
-                504,
-                "Timeout",
+                400,
+                "BadRequest",
                 StatusDetails {
                     requested: Some(*requested),
                     revision: Some(*current),
                     causes: vec![StatusCause {
                         reason: "ResourceVersionTooLarge".into(),
                         message: "Too large resource version".into(),
-                        field: String::new(),
+                        field: "resourceVersion".into(),
                     }],
-                    retry_after_seconds: Some(1),
                     ..Default::default()
                 },
             ),
