@@ -13,13 +13,15 @@ use orch_core::cache::{NODE_INDEX, ObjectRef};
 use orch_core::controller::{Action, Context, Controller, ControllerBuilder, predicate};
 use orch_core::error::Error;
 use orch_core::kinds::{
-    Condition, ConditionStatus, NODE_LEASE_NAMESPACE, Node, NodeLease, Phase, Taint, TaintEffect, Workload,
-    find_condition, set_condition,
+    Condition, ConditionStatus, EventType, NODE_LEASE_NAMESPACE, Node, NodeLease, ObjectReference, Phase, Taint,
+    TaintEffect, Workload, find_condition, set_condition,
 };
 use orch_core::meta::{Clock, Timestamp};
 use orch_core::object::Object;
 use orch_core::rate::RateLimiter;
 use orch_core::store::DeleteOptions;
+
+use crate::workloads::LazyRecorder;
 
 /// The condition an evicted workload carries in its last state: why it was deleted.
 pub const DISRUPTION_CONDITION: &str = "DisruptionTarget";
@@ -66,6 +68,8 @@ pub struct NodeLifecycle {
     limiter: RateLimiter,
     /// When each node's heartbeat was first seen missing.
     missing_since: Mutex<std::collections::HashMap<String, Instant>>,
+    /// Events: a node marked not ready or ready again, each eviction.
+    recorder: LazyRecorder,
 }
 
 impl std::fmt::Debug for NodeLifecycle {
@@ -89,6 +93,7 @@ impl NodeLifecycle {
             started: Instant::now(),
             limiter: RateLimiter::clamped(config.evictions_per_second, 1),
             missing_since: Mutex::new(Default::default()),
+            recorder: LazyRecorder::new("node-lifecycle-controller"),
             config,
         }
     }
@@ -165,6 +170,12 @@ impl Controller for NodeLifecycle {
                 );
                 nodes.replace_status(&s).await?;
                 tracing::info!(node = %node.metadata.name, "node is reachable again");
+                self.recorder.get(ctx).record(
+                    &ObjectReference::of(&*node),
+                    EventType::Normal,
+                    "NodeReady",
+                    "the node's agent renews its heartbeat again; the unreachable taint is removed",
+                );
             }
             return Ok(Action::Done);
         }
@@ -197,6 +208,15 @@ impl Controller for NodeLifecycle {
             set_condition(&mut s.status.conditions, c, now);
             nodes.replace_status(&s).await?;
             tracing::warn!(node = %node.metadata.name, "node unreachable; evicting its workloads after the timeout");
+            self.recorder.get(ctx).record(
+                &ObjectReference::of(&*node),
+                EventType::Warning,
+                "NodeNotReady",
+                format!(
+                    "the node's agent stopped renewing its heartbeat lease; its workloads are evicted after {}s",
+                    self.config.eviction_timeout.as_secs()
+                ),
+            );
             mark_unknown(ctx, &node.metadata.name, now).await?;
             return Ok(Action::RequeueAfter(self.config.eviction_timeout));
         };
@@ -253,6 +273,7 @@ impl Controller for NodeLifecycle {
                 unreachable_for.as_secs(),
                 self.config.eviction_timeout.as_secs()
             );
+            let message = c.message.clone();
             set_condition(&mut marked.status.conditions, c, now);
             match api.replace_status(&marked).await {
                 Ok(_) | Err(Error::NotFound(_)) | Err(Error::Conflict { .. }) => {}
@@ -264,6 +285,7 @@ impl Controller for NodeLifecycle {
             }
             metrics::counter!("orch_node_evictions_total").increment(1);
             tracing::info!(node = %node.metadata.name, workload = %w.key(), "evicted");
+            self.recorder.get(ctx).record(&ObjectReference::of(&*w), EventType::Warning, "Evicted", message);
         }
         Ok(wait_for.map_or(Action::Done, Action::RequeueAfter))
     }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orch_controllers::node_lifecycle::{DISRUPTION_CONDITION, NodeLifecycle, NodeLifecycleConfig, UNREACHABLE_TAINT};
-use orch_core::kinds::{Condition, ConditionStatus, Node, Phase, Workload, find_condition, set_condition};
+use orch_core::kinds::{
+    Condition, ConditionStatus, Event, EventType, Node, Phase, Workload, find_condition, set_condition,
+};
 use orch_core::kinds::{NODE_LEASE_NAMESPACE, NodeLease};
 use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Store, Timestamp, TokioClock};
 use orch_store::MemoryStore;
@@ -149,6 +151,37 @@ async fn lapsed_heartbeat_marks_then_evicts_and_a_return_clears() {
     let n1 = c.nodes.get("n1").await.unwrap();
     assert!(n1.spec.taints.is_empty());
     assert_eq!(find_condition(&n1.status.conditions, "Ready").unwrap().status, ConditionStatus::True);
+
+    // Each step was recorded as an event about its object: the node marked and back, each
+    // eviction with its reason.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let recorded: Vec<(String, String, EventType, String)> = Api::<Event>::namespaced(c.store.clone(), "default")
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| {
+            (
+                e.spec.involved_object.kind.clone(),
+                e.spec.involved_object.name.clone(),
+                e.spec.type_,
+                e.spec.reason.clone(),
+            )
+        })
+        .collect();
+    for (kind, name, type_, reason) in [
+        ("Node", "n1", EventType::Warning, "NodeNotReady"),
+        ("Node", "n1", EventType::Normal, "NodeReady"),
+        ("Workload", "a", EventType::Warning, "Evicted"),
+        ("Workload", "b", EventType::Warning, "Evicted"),
+    ] {
+        assert!(
+            recorded.iter().any(|r| (r.0.as_str(), r.1.as_str(), r.2, r.3.as_str()) == (kind, name, type_, reason)),
+            "an event {reason} about {kind} {name}: {recorded:?}"
+        );
+    }
+    assert!(!recorded.iter().any(|r| r.1 == "c" || r.1 == "patient"), "nothing about what stayed: {recorded:?}");
 }
 
 #[tokio::test(start_paused = true)]
