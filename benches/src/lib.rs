@@ -1,7 +1,6 @@
 //! Shared fixtures for orch's benchmarks: object shapes and pre-filled stores, so each bench
 //! measures the same thing the README reports.
 
-pub mod paced;
 pub mod scale;
 
 use std::sync::Arc;

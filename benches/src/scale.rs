@@ -98,7 +98,7 @@ async fn run_on(scale: &Scale) -> Report {
     let store: Arc<dyn Store> = match &scale.backend {
         Backend::Memory => Arc::new(MemoryStore::builder().clock(clock.clone()).history_limit(100_000).build()),
         // Virtual time stands still while the embedded store's threads commit (see `Paced`).
-        Backend::Embedded(path) => Arc::new(crate::paced::Paced::new(Arc::new(
+        Backend::Embedded(path) => Arc::new(orch_core::testkit::Paced::new(Arc::new(
             RedbStore::builder().clock(clock.clone()).history_limit(100_000).open(path).expect("open store"),
         ))),
     };

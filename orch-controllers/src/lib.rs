@@ -27,6 +27,8 @@
 
 pub mod deployment;
 mod error;
+pub mod gc;
+pub mod job;
 pub mod node_lifecycle;
 pub mod provisioner;
 pub mod replicaset;
@@ -34,6 +36,8 @@ mod workloads;
 
 pub use deployment::DeploymentController;
 pub use error::ProvisionerError;
+pub use gc::GarbageCollector;
+pub use job::JobController;
 pub use node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 pub use provisioner::{PassReport, Provisioner, ProvisionerConfig};
 pub use replicaset::ReplicaSetController;

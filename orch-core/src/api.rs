@@ -417,8 +417,11 @@ impl<K: Resource> Api<K> {
 
     /// Deletes an object (or marks it, while finalizers remain).
     pub async fn delete(&self, name: &str, opts: &DeleteOptions) -> Result<Deleted<K>> {
-        let opts =
-            DeleteOptions { resource_version: opts.resource_version, guard: self.guard_for(opts.guard.as_ref())? };
+        let opts = DeleteOptions {
+            resource_version: opts.resource_version,
+            guard: self.guard_for(opts.guard.as_ref())?,
+            propagation: opts.propagation,
+        };
         Ok(match self.store.delete(&self.key(name)?, &opts).await? {
             DeleteOutcome::Deleted(o) => Deleted::Gone(Object::from_dynamic(&o)?),
             DeleteOutcome::Pending(o) => Deleted::Pending(Object::from_dynamic(&o)?),

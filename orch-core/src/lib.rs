@@ -79,7 +79,7 @@ pub use runnable::{Leadership, RunParts, Runnable};
 pub use runtime::{Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
 pub use selector::{FieldSelector, LabelSelector, Requirement};
 pub use store::{
-    DeleteOptions, DeleteOutcome, Guard, LeaseInfo, ListRequest, ListResponse, Selection, Store, WatchEvent,
-    WatchRequest, WatchStream, WriteOptions,
+    DeleteOptions, DeleteOutcome, Guard, LeaseInfo, ListRequest, ListResponse, Propagation, Selection, Store,
+    WatchEvent, WatchRequest, WatchStream, WriteOptions,
 };
 pub use validation::{FieldError, ValidationError, Validator};

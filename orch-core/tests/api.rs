@@ -154,7 +154,7 @@ async fn a_fenced_api_cannot_be_given_another_guard() {
     let fenced: Api<Echo> = Api::namespaced(s, "default").fenced(Some(leader));
     let e = fenced.replace_with(&created, &WriteOptions { guard: Some(other.clone()) }).await.unwrap_err();
     assert!(e.is_invalid() && e.to_string().contains("guard"), "{e}");
-    let d = orch_core::DeleteOptions { resource_version: None, guard: Some(other) };
+    let d = orch_core::DeleteOptions { guard: Some(other), ..Default::default() };
     assert!(fenced.delete("f", &d).await.unwrap_err().is_invalid());
     // With only its own token it is fenced: the leader lock does not exist, so writes fail.
     let e = fenced.replace(&created).await.unwrap_err();

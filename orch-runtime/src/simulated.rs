@@ -533,8 +533,17 @@ impl Runtime for SimulatedRuntime {
     }
 
     async fn exec(&self, handle: &Handle, _command: &[String], _timeout: Duration) -> Result<i32, RuntimeError> {
-        // A simulated instance is healthy while it runs.
-        Ok(if matches!(self.state(handle)?.0, InstanceState::Running { .. }) { 0 } else { 1 })
+        // A simulated instance is healthy while it runs, once its start delay is over (a probe
+        // of a slow starter fails until then, as a real one would).
+        let running = matches!(self.state(handle)?.0, InstanceState::Running { .. });
+        let started = self
+            .cluster
+            .lock()
+            .instances
+            .get(&self.node)
+            .and_then(|m| m.get(&handle.id))
+            .is_some_and(|i| Instant::now() >= i.started + i.behaviour.start_delay);
+        Ok(if running && started { 0 } else { 1 })
     }
 }
 
@@ -569,6 +578,18 @@ mod tests {
         assert_eq!(began.elapsed(), Duration::from_secs(12));
         assert_eq!(e.code, Some(3));
         assert!(rt.wait(&h).await.is_ok(), "wait after exit returns at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_fails_until_the_start_delay_is_over() {
+        let rt = SimCluster::new().node("n1");
+        let h = rt.start(&spec("slow", &[("SIM_START_DELAY", "5")])).await.unwrap();
+        let check = |rt: SimulatedRuntime, h: Handle| async move {
+            rt.exec(&h, &["check".into()], Duration::from_secs(1)).await.unwrap()
+        };
+        assert_eq!(check(rt.clone(), h.clone()).await, 1, "still starting");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(check(rt.clone(), h.clone()).await, 0, "running");
     }
 
     #[tokio::test(start_paused = true)]

@@ -289,7 +289,7 @@ async fn check_takeover(plane: &Plane, old: &str, old_token: u64, since: Instant
         .await
         .unwrap_err();
     assert!(matches!(e, Error::PreconditionFailed { .. }), "{e}");
-    let del = DeleteOptions { resource_version: None, guard: Some(old_guard) };
+    let del = DeleteOptions { guard: Some(old_guard), ..Default::default() };
     let e = plane.duties.delete("duty", &del).await.unwrap_err();
     assert!(matches!(e, Error::PreconditionFailed { .. }), "{e}");
     assert_eq!(plane.store.current_revision().await.unwrap(), rev, "fenced writes change nothing");

@@ -39,7 +39,8 @@ pub fn store(backend: Backend, name: &str, clock: Arc<TokioClock>) -> Arc<dyn St
             std::fs::create_dir_all(&dir).unwrap();
             let path: PathBuf = dir.join(format!("{name}.redb"));
             let _ = std::fs::remove_file(&path);
-            Arc::new(RedbStore::builder().clock(clock).open(&path).unwrap())
+            // Virtual time stands still while the disk commits (see `testkit::Paced`).
+            Arc::new(orch_core::testkit::Paced::new(Arc::new(RedbStore::builder().clock(clock).open(&path).unwrap())))
         }
     }
 }
@@ -173,8 +174,11 @@ pub struct Extremes {
     pub max_total: usize,
     pub min_ready: usize,
     pub events: usize,
-    /// Workloads per template hash seen at the same time, as (hash, hash) pairs (for recreate).
+    /// Events at which workloads of more than one template existed (for recreate).
     pub overlaps: usize,
+    /// Workloads, and ready ones, after the last event.
+    pub total: usize,
+    pub ready: usize,
 }
 
 /// Watches every workload of the namespace from `from` and keeps the extremes; stop it by
@@ -182,6 +186,19 @@ pub struct Extremes {
 pub struct Watcher {
     pub seen: Arc<std::sync::Mutex<Extremes>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    /// The extremes since the last call (or the start), then starts over from the current state.
+    pub fn take(&self) -> Extremes {
+        let mut s = self.seen.lock().unwrap();
+        let out = s.clone();
+        s.max_total = s.total;
+        s.min_ready = s.ready;
+        s.events = 0;
+        s.overlaps = 0;
+        out
+    }
 }
 
 impl Drop for Watcher {
@@ -203,9 +220,12 @@ pub async fn watch_workloads(store: Arc<dyn Store>) -> Watcher {
             )
         })
         .collect();
+    let ready = state.values().filter(|s| s.1).count();
     let seen = Arc::new(std::sync::Mutex::new(Extremes {
         max_total: state.len(),
-        min_ready: state.values().filter(|s| s.1).count(),
+        min_ready: ready,
+        total: state.len(),
+        ready,
         ..Default::default()
     }));
     let mut stream = api.watch(&ListParams::default(), Some(listed.revision + 1)).await.unwrap();
@@ -224,8 +244,10 @@ pub async fn watch_workloads(store: Arc<dyn Store>) -> Watcher {
             }
             let mut s = out.lock().unwrap();
             s.events += 1;
-            s.max_total = s.max_total.max(state.len());
-            s.min_ready = s.min_ready.min(state.values().filter(|v| v.1).count());
+            s.total = state.len();
+            s.ready = state.values().filter(|v| v.1).count();
+            s.max_total = s.max_total.max(s.total);
+            s.min_ready = s.min_ready.min(s.ready);
             let hashes: std::collections::HashSet<&String> = state.values().map(|v| &v.0).collect();
             if hashes.len() > 1 {
                 s.overlaps += 1;

@@ -53,6 +53,37 @@ pub struct DeleteOptions {
     pub resource_version: Option<u64>,
     /// Refuse the delete with `PreconditionFailed` unless the guard holds.
     pub guard: Option<Guard>,
+    /// What becomes of the objects it owns (through their owner references).
+    pub propagation: Propagation,
+}
+
+impl DeleteOptions {
+    /// A delete with this propagation (builder style).
+    pub fn propagation(mut self, propagation: Propagation) -> Self {
+        self.propagation = propagation;
+        self
+    }
+}
+
+/// The finalizer a foreground delete puts on its object: a garbage collector deletes the
+/// object's dependents, then removes it.
+pub const FOREGROUND_FINALIZER: &str = "orch.dev/foreground-deletion";
+/// The finalizer an orphaning delete puts on its object: a garbage collector removes the owner
+/// reference from each dependent, then removes it.
+pub const ORPHAN_FINALIZER: &str = "orch.dev/orphan";
+
+/// What a delete does to the objects the deleted one owns. A store carries it out by marking the
+/// object; a garbage collector (`orch_controllers::GarbageCollector`) does the rest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Propagation {
+    /// The object goes at once (as its finalizers allow); its dependents are deleted after it.
+    #[default]
+    Background,
+    /// The object is marked with [`FOREGROUND_FINALIZER`] and stays until its dependents that
+    /// block owner deletion are gone.
+    Foreground,
+    /// The object is marked with [`ORPHAN_FINALIZER`]; its dependents stay, released from it.
+    Orphan,
 }
 
 /// What a delete did.
@@ -322,7 +353,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// # To ensure correctness
     /// Fails with `NotFound`, or `Conflict` when `opts.resource_version` is set and differs.
     /// With finalizers, only sets `deletion_timestamp` (one `Modified` event; a repeated delete
-    /// changes nothing); without, removes the object (one `Deleted` event).
+    /// changes nothing); without, removes the object (one `Deleted` event). A `Foreground` or
+    /// `Orphan` propagation first adds its finalizer ([`FOREGROUND_FINALIZER`],
+    /// [`ORPHAN_FINALIZER`]), so the object is marked, not removed, in the same write (as
+    /// [`semantics::delete`] plans it); on an object already marked it changes nothing.
     async fn delete(&self, key: &ObjectKey, opts: &DeleteOptions) -> Result<DeleteOutcome>;
 
     /// Streams changes to the selected objects.

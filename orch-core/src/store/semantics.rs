@@ -10,7 +10,7 @@
 use crate::error::{Error, Result};
 use crate::meta::{ObjectMeta, Timestamp};
 use crate::object::DynamicObject;
-use crate::store::Selection;
+use crate::store::{FOREGROUND_FINALIZER, ORPHAN_FINALIZER, Propagation, Selection};
 use crate::validation::Validator;
 
 /// What a write turns into.
@@ -128,14 +128,26 @@ pub fn update_status(current: &DynamicObject, new: DynamicObject) -> Result<Plan
     Ok(Plan::Put(out))
 }
 
-/// Prepares a delete: removal, or a deletion mark while finalizers remain.
-pub fn delete(current: &DynamicObject, now: Timestamp) -> Plan {
+/// Prepares a delete: removal, or a deletion mark while finalizers remain. A foreground or
+/// orphaning `propagation` adds its finalizer first (unless the object is already marked).
+pub fn delete(current: &DynamicObject, now: Timestamp, propagation: Propagation) -> Plan {
     let mut out = current.clone();
     out.metadata.version += 1;
-    if current.metadata.finalizers.is_empty() {
+    let finalizer = match propagation {
+        Propagation::Background => None,
+        Propagation::Foreground => Some(FOREGROUND_FINALIZER),
+        Propagation::Orphan => Some(ORPHAN_FINALIZER),
+    };
+    if current.metadata.is_being_deleted() {
+        return if current.metadata.finalizers.is_empty() { Plan::Remove(out) } else { Plan::Unchanged };
+    }
+    if let Some(f) = finalizer
+        && !out.metadata.finalizers.iter().any(|x| x == f)
+    {
+        out.metadata.finalizers.push(f.to_string());
+    }
+    if out.metadata.finalizers.is_empty() {
         Plan::Remove(out)
-    } else if current.metadata.is_being_deleted() {
-        Plan::Unchanged
     } else {
         out.metadata.deletion_timestamp = Some(now);
         Plan::Put(out)
@@ -181,9 +193,9 @@ mod tests {
         let mut o = obj("{}");
         o.metadata.finalizers = vec!["orch.dev/f".into()];
         let cur = create(o, Timestamp(5)).unwrap();
-        let Plan::Put(marked) = delete(&cur, Timestamp(9)) else { panic!() };
+        let Plan::Put(marked) = delete(&cur, Timestamp(9), Propagation::Background) else { panic!() };
         assert_eq!(marked.metadata.deletion_timestamp, Some(Timestamp(9)));
-        assert_eq!(delete(&marked, Timestamp(10)), Plan::Unchanged);
+        assert_eq!(delete(&marked, Timestamp(10), Propagation::Orphan), Plan::Unchanged);
         let mut more = marked.clone();
         more.metadata.finalizers.push("orch.dev/g".into());
         assert!(update(&marked, more).unwrap_err().is_invalid());

@@ -10,8 +10,10 @@
 //! which expands to one `#[test]` per case (so each shows up by name in the test report), each
 //! on a fresh store from the given expression, evaluated inside the case's tokio runtime.
 
+mod paced;
 pub mod runtime;
 pub mod store;
 mod wait;
 
+pub use paced::Paced;
 pub use wait::{FlakyStore, Outcome, eventually, wait_for_phase, wait_until};

@@ -51,6 +51,7 @@ macro_rules! __store_cases {
             status_and_spec_are_separate,
             delete_removes_and_checks_version,
             finalizers_hold_deletion,
+            delete_propagation_marks_with_its_finalizer,
             keys_are_isolated_by_kind_and_namespace,
             list_filters_by_selectors,
             list_and_watch_refuse_invalid_selectors,
@@ -410,10 +411,10 @@ async fn delete_removes_and_checks_version(f: Factory) {
     let s = f().await;
     let c = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
     let mut watch = s.watch(&WatchRequest::from(things(), c.metadata.resource_version + 1)).await.unwrap();
-    let stale = DeleteOptions { resource_version: Some(c.metadata.resource_version + 1000), guard: None };
+    let stale = DeleteOptions { resource_version: Some(c.metadata.resource_version + 1000), ..Default::default() };
     assert!(s.delete(&key("a"), &stale).await.unwrap_err().is_conflict());
     assert!(s.get(&key("a")).await.is_ok(), "a refused delete leaves the object");
-    let exact = DeleteOptions { resource_version: Some(c.metadata.resource_version), guard: None };
+    let exact = DeleteOptions { resource_version: Some(c.metadata.resource_version), ..Default::default() };
     let DeleteOutcome::Deleted(last) = s.delete(&key("a"), &exact).await.unwrap() else { panic!("expected Deleted") };
     assert!(last.metadata.resource_version > c.metadata.resource_version, "the deletion has its own revision");
     assert!(s.get(&key("a")).await.unwrap_err().is_not_found());
@@ -459,6 +460,40 @@ async fn finalizers_hold_deletion(f: Factory) {
     let last = s.update(none, &w()).await.unwrap();
     assert!(s.get(&key("a")).await.unwrap_err().is_not_found());
     assert_event(&next_change(&mut watch).await, "Deleted", &last);
+}
+
+async fn delete_propagation_marks_with_its_finalizer(f: Factory) {
+    use crate::store::{FOREGROUND_FINALIZER, ORPHAN_FINALIZER, Propagation};
+    let s = f().await;
+    for (name, propagation, finalizer) in
+        [("fg", Propagation::Foreground, FOREGROUND_FINALIZER), ("or", Propagation::Orphan, ORPHAN_FINALIZER)]
+    {
+        let mut o = thing(name, serde_json::json!(1));
+        o.metadata.finalizers = vec!["orch.dev/mine".into()];
+        let c = s.create(o, &w()).await.unwrap();
+        let opts = DeleteOptions::default().propagation(propagation);
+        let DeleteOutcome::Pending(marked) = s.delete(&key(name), &opts).await.unwrap() else {
+            panic!("a {propagation:?} delete marks the object")
+        };
+        assert_eq!(marked.metadata.finalizers, vec!["orch.dev/mine".to_string(), finalizer.to_string()]);
+        assert!(marked.metadata.deletion_timestamp.is_some());
+        assert_eq!(marked.metadata.resource_version, c.metadata.resource_version + 1, "one write");
+        let stored = s.get(&key(name)).await.unwrap();
+        assert_eq!(stored.metadata.finalizers, marked.metadata.finalizers);
+        // Again, with another propagation: nothing changes.
+        let DeleteOutcome::Pending(again) = s.delete(&key(name), &DeleteOptions::default()).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(again.metadata.resource_version, marked.metadata.resource_version);
+    }
+    // Without finalizers of its own, a foreground delete still only marks.
+    s.create(thing("bare", serde_json::json!(1)), &w()).await.unwrap();
+    let opts = DeleteOptions::default().propagation(Propagation::Foreground);
+    let DeleteOutcome::Pending(marked) = s.delete(&key("bare"), &opts).await.unwrap() else { panic!() };
+    assert_eq!(marked.metadata.finalizers, vec![FOREGROUND_FINALIZER.to_string()]);
+    // A background delete removes at once.
+    s.create(thing("bg", serde_json::json!(1)), &w()).await.unwrap();
+    assert!(matches!(s.delete(&key("bg"), &DeleteOptions::default()).await.unwrap(), DeleteOutcome::Deleted(_)));
 }
 
 async fn keys_are_isolated_by_kind_and_namespace(f: Factory) {
@@ -1063,7 +1098,7 @@ async fn guard_fences_writes(f: Factory) {
     upd.spec = RawJson::from_value(&serde_json::json!(2));
     assert!(matches!(s.update(upd.clone(), &fenced).await.unwrap_err(), Error::PreconditionFailed { .. }));
     assert!(matches!(s.update_status(upd, &fenced).await.unwrap_err(), Error::PreconditionFailed { .. }));
-    let del = DeleteOptions { resource_version: None, guard: Some(guard) };
+    let del = DeleteOptions { guard: Some(guard), ..Default::default() };
     assert!(matches!(s.delete(&key("work"), &del).await.unwrap_err(), Error::PreconditionFailed { .. }));
     assert_eq!(s.current_revision().await.unwrap(), rev, "fenced writes change nothing");
     assert!(s.get(&key("work2")).await.unwrap_err().is_not_found());
@@ -1337,8 +1372,9 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                     (Some(_), None) => Some(1),
                     (None, _) => None,
                 };
-                let got =
-                    store.delete(&key(&model_name(*name)), &DeleteOptions { resource_version: rv, guard: None }).await;
+                let got = store
+                    .delete(&key(&model_name(*name)), &DeleteOptions { resource_version: rv, ..Default::default() })
+                    .await;
                 let outcome = match &got {
                     Ok(DeleteOutcome::Deleted(o)) => Outcome::Gone(o.metadata.resource_version),
                     Ok(DeleteOutcome::Pending(o)) => Outcome::Pending(o.metadata.resource_version),

@@ -782,7 +782,7 @@ impl Store for EtcdStore {
             let found = self.inner.read_for_write(&k, guard).await?;
             let cur = self.inner.check(key, found, guard, opts.resource_version)?;
             let cur_rev = to_i64(cur.metadata.resource_version);
-            let (mut next, removing) = match semantics::delete(&cur, self.inner.clock.now()) {
+            let (mut next, removing) = match semantics::delete(&cur, self.inner.clock.now(), opts.propagation) {
                 Plan::Unchanged => return Ok(DeleteOutcome::Pending(Arc::new(cur))),
                 Plan::Put(o) => (o, false),
                 Plan::Remove(o) => (o, true),

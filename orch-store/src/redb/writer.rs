@@ -398,7 +398,7 @@ impl Batch<'_> {
             Op::Delete { key, opts, wall, reply, .. } => {
                 let r = (|| {
                     let cur = self.current(&key, opts.guard.as_ref(), opts.resource_version)?;
-                    let plan = semantics::delete(&cur, wall);
+                    let plan = semantics::delete(&cur, wall, opts.propagation);
                     let removing = matches!(plan, Plan::Remove(_));
                     let obj = self.apply(key, Some(cur.clone()), plan).unwrap_or(cur);
                     Ok(if removing { DeleteOutcome::Deleted(obj) } else { DeleteOutcome::Pending(obj) })
