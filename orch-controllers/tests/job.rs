@@ -44,9 +44,10 @@ async fn finished(api: &Api<Job>, name: &str) -> Object<Job> {
 }
 
 /// The most workloads seen running at once (not finished), and every workload seen.
-fn watch_active(
-    store: Arc<dyn orch_core::Store>,
-) -> (Arc<Mutex<(usize, Vec<Object<Workload>>)>>, tokio::task::JoinHandle<()>) {
+type Seen = Arc<Mutex<(usize, Vec<Object<Workload>>)>>;
+
+/// Watches the workloads: see [`Seen`].
+fn watch_active(store: Arc<dyn orch_core::Store>) -> (Seen, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new((0usize, Vec::new())));
     let out = seen.clone();
     let task = tokio::spawn(async move {

@@ -14,8 +14,8 @@ use hyper_util::rt::TokioExecutor;
 use orch_core::store::LeaseInfo;
 use orch_core::store::semantics::check_selection;
 use orch_core::{
-    DeleteOptions, DeleteOutcome, DynamicObject, Error, Guard, LeaseId, ListRequest, ListResponse, ObjectKey, Result,
-    Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
+    DeleteOptions, DeleteOutcome, DynamicObject, Error, Guard, LeaseId, ListRequest, ListResponse, ObjectKey,
+    Propagation, Result, Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
 };
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -316,11 +316,19 @@ impl Store for RemoteStore {
         let mut q = Vec::new();
         guard_query(&mut q, &opts.guard);
         let path = with_query(wire::object_path(key), &q);
-        let body = opts.resource_version.map(|rv| {
-            let text = serde_json::json!({
-                "kind": "DeleteOptions", "apiVersion": "v1",
-                "preconditions": {"resourceVersion": rv.to_string()},
-            });
+        let propagation = match opts.propagation {
+            Propagation::Background => None,
+            Propagation::Foreground => Some("Foreground"),
+            Propagation::Orphan => Some("Orphan"),
+        };
+        let body = (opts.resource_version.is_some() || propagation.is_some()).then(|| {
+            let mut text = serde_json::json!({"kind": "DeleteOptions", "apiVersion": "v1"});
+            if let Some(rv) = opts.resource_version {
+                text["preconditions"] = serde_json::json!({"resourceVersion": rv.to_string()});
+            }
+            if let Some(p) = propagation {
+                text["propagationPolicy"] = serde_json::json!(p);
+            }
             (Bytes::from(text.to_string()), "application/json")
         });
         let (code, body) = self.inner.call(Method::DELETE, &path, body).await?;

@@ -21,7 +21,7 @@ use futures::{Stream, StreamExt};
 use orch_core::rate::RateLimiter;
 use orch_core::{
     DeleteOptions, DeleteOutcome, DynamicObject, Error, FieldSelector, Guard, LabelSelector, ListRequest, ObjectKey,
-    Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
+    Propagation, Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -813,15 +813,18 @@ async fn dispatch(
             let b: DeleteBody =
                 if body.is_empty() { DeleteBody::default() } else { read_json(&body, "delete options")? };
             let dry_run = q.dry_run || b.dry_run.as_ref().is_some_and(|d| d.iter().any(|x| x == "All"));
-            if let Some(p) = &b.propagation_policy
-                && !["Background", "Foreground", "Orphan"].contains(&p.as_str())
-            {
-                return Err(Status::invalid_field(
-                    &key.kind,
-                    "propagationPolicy",
-                    format!("must be Background, Foreground or Orphan, not {p:?}"),
-                ));
-            }
+            let propagation = match b.propagation_policy.as_deref() {
+                None | Some("Background") => Propagation::Background,
+                Some("Foreground") => Propagation::Foreground,
+                Some("Orphan") => Propagation::Orphan,
+                Some(p) => {
+                    return Err(Status::invalid_field(
+                        &key.kind,
+                        "propagationPolicy",
+                        format!("must be Background, Foreground or Orphan, not {p:?}"),
+                    ));
+                }
+            };
             let pre = b.preconditions.unwrap_or_default();
             let rv = match pre.resource_version.as_deref() {
                 None | Some("") => None,
@@ -851,7 +854,7 @@ async fn dispatch(
                 }
                 return Ok(object_response(StatusCode::OK, &cur));
             }
-            let opts = DeleteOptions { resource_version: rv, guard: q.guard.clone() };
+            let opts = DeleteOptions { resource_version: rv, guard: q.guard.clone(), propagation };
             match store.delete(&key, &opts).await.map_err(err)? {
                 DeleteOutcome::Deleted(o) => Ok(object_response(StatusCode::OK, &o)),
                 DeleteOutcome::Pending(o) => Ok(object_response(StatusCode::ACCEPTED, &o)),
