@@ -100,6 +100,43 @@ impl Kinds {
         self.lookup(segment).map_or_else(|| segment.to_string(), |k| k.kind.clone())
     }
 
+    /// `GET /openapi/v3/apis/orch.dev/v1`: an OpenAPI 3 document with every kind's paths and
+    /// the `fieldValidation` parameter (which tells kubectl the server validates writes), and an
+    /// open schema per kind (orch publishes none: the server checks every write itself).
+    pub fn openapi_group(&self) -> Value {
+        let mut paths = serde_json::Map::new();
+        let mut schemas = serde_json::Map::new();
+        let field_validation = json!({"name": "fieldValidation", "in": "query", "schema": {"type": "string"}});
+        for k in &self.kinds {
+            let base = if k.namespaced {
+                format!("/apis/{API_VERSION}/namespaces/{{namespace}}/{}", k.plural)
+            } else {
+                format!("/apis/{API_VERSION}/{}", k.plural)
+            };
+            let op = json!({
+                "parameters": [field_validation],
+                "responses": {"200": {"description": "OK"}},
+                "x-kubernetes-group-version-kind": {"group": GROUP, "version": VERSION, "kind": k.kind},
+            });
+            paths.insert(base.clone(), json!({"post": op}));
+            paths.insert(format!("{base}/{{name}}"), json!({"put": op, "patch": op}));
+            schemas.insert(
+                format!("dev.orch.v1.{}", k.kind),
+                json!({
+                    "type": "object",
+                    "x-kubernetes-preserve-unknown-fields": true,
+                    "x-kubernetes-group-version-kind": [{"group": GROUP, "version": VERSION, "kind": k.kind}],
+                }),
+            );
+        }
+        json!({
+            "openapi": "3.0.0",
+            "info": {"title": "orch", "version": VERSION},
+            "paths": paths,
+            "components": {"schemas": schemas},
+        })
+    }
+
     /// `GET /apis/orch.dev/v1`: an `APIResourceList`.
     pub fn resource_list(&self) -> Value {
         let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
@@ -125,6 +162,11 @@ impl Kinds {
     }
 }
 
+/// `GET /openapi/v3`: where the group's OpenAPI document is.
+pub fn openapi_root() -> Value {
+    json!({"paths": {"apis/orch.dev/v1": {"serverRelativeURL": "/openapi/v3/apis/orch.dev/v1"}}})
+}
+
 /// `GET /apis`: an `APIGroupList` with orch's group.
 pub fn group_list() -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group()]})
@@ -136,9 +178,10 @@ pub fn group() -> Value {
     json!({"kind": "APIGroup", "apiVersion": "v1", "name": GROUP, "versions": [version], "preferredVersion": version})
 }
 
-/// `GET /api`: the core group's versions (orch serves no core kinds, but clients ask).
+/// `GET /api`: the core group's versions. orch serves no kinds of the core group, so it names
+/// none (a listed `v1` with no resources makes `kubectl api-resources` fail).
 pub fn core_versions() -> Value {
-    json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]})
+    json!({"kind": "APIVersions", "versions": [], "serverAddressByClientCIDRs": []})
 }
 
 /// `GET /api/v1`: an empty resource list.

@@ -229,6 +229,32 @@ impl ApiServer {
                     )
                 }),
             )
+            // kubectl reads the OpenAPI v3 documents before `apply`, to learn that the server
+            // validates writes itself (the `fieldValidation` parameter). orch's kinds publish no
+            // schema: the server checks every write and answers 422 naming each field.
+            // Older kubectl (1.20, Debian's) reads the v2 document as protobuf instead: an empty
+            // message is a valid, empty document, and kinds it does not describe go unchecked on
+            // its side.
+            .route(
+                "/openapi/v2",
+                get(|headers: HeaderMap| async move {
+                    let proto = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf";
+                    let wants_proto =
+                        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains(proto));
+                    if wants_proto {
+                        ([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], Vec::<u8>::new()).into_response()
+                    } else {
+                        json_response(
+                            StatusCode::OK,
+                            &json!({"swagger": "2.0", "info": {"title": "orch", "version": "v1"}, "paths": {}}),
+                        )
+                    }
+                }),
+            )
+            .route("/openapi/v3", get(|| async { json_response(StatusCode::OK, &kinds::openapi_root()) }))
+            .route("/openapi/v3/apis/orch.dev/v1", get(|State(s): State<Arc<Shared>>| async move {
+                json_response(StatusCode::OK, &s.kinds.openapi_group())
+            }))
             .fallback(handle)
             .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
                 status_response(Status::failure(
@@ -259,6 +285,13 @@ impl ApiServer {
                 closing.send_replace(true);
             })
             .await
+    }
+
+    /// Ends every open watch (their clients resume elsewhere or after a restart), as a stop
+    /// does: a graceful shutdown of a server mounted through [`router`](ApiServer::router)
+    /// calls this first, or open watches hold it forever.
+    pub fn close(&self) {
+        self.shared.closing.send_replace(true);
     }
 
     /// Binds `addr` and serves in a task of its own until [`RunningServer::shutdown`].
@@ -745,7 +778,7 @@ async fn dispatch(
             }
             let key = obj.key();
             s.check_size(&obj)?;
-            s.admit(Operation::Create, &key, user, q.dry_run, &mut obj).map_err(err)?;
+            s.admit(Operation::Create, &key, user, q.dry_run, &mut obj).map_err(named(&key))?;
             if q.dry_run {
                 return match store.get(&key).await {
                     Ok(_) => Err(err(Error::AlreadyExists(key))),
@@ -753,7 +786,7 @@ async fn dispatch(
                     Err(e) => Err(err(e)),
                 };
             }
-            let created = store.create(obj, &wopts).await.map_err(err)?;
+            let created = store.create(obj, &wopts).await.map_err(named(&key))?;
             Ok(object_response(StatusCode::CREATED, &created))
         }
         (Method::PUT, Target::Object { key, status }) => {
@@ -913,7 +946,7 @@ async fn write(
         };
         let cur = current.expect("checked above");
         obj.metadata.resource_version = expected.unwrap_or(cur.metadata.resource_version);
-        s.admit(op, &key, user, q.dry_run, &mut obj).map_err(err)?;
+        s.admit(op, &key, user, q.dry_run, &mut obj).map_err(named(&key))?;
         if q.dry_run {
             if obj.metadata.resource_version != cur.metadata.resource_version {
                 return Err(err(Error::Conflict { key, expected: obj.metadata.resource_version, current: Some(cur) }));
@@ -939,10 +972,23 @@ async fn replace(
     q: &Query,
 ) -> Answer {
     let op = if status { Operation::UpdateStatus } else { Operation::Update };
-    s.admit(op, &key, user, false, &mut obj).map_err(|e| Status::from_error(&e))?;
+    s.admit(op, &key, user, false, &mut obj).map_err(named(&key))?;
     let wopts = WriteOptions { guard: q.guard.clone() };
     let result = if status { s.store.update_status(obj, &wopts).await } else { s.store.update(obj, &wopts).await };
-    result.map(|o| object_response(StatusCode::OK, &o)).map_err(|e| Status::from_error(&e))
+    result.map(|o| object_response(StatusCode::OK, &o)).map_err(named(&key))
+}
+
+/// The `Status` of an error about the object `key`: an `Invalid` names the object too, as
+/// kubectl shows it (`The Workload "web" is invalid`).
+fn named(key: &ObjectKey) -> impl Fn(Error) -> Status + '_ {
+    move |e| {
+        let mut s = Status::from_error(&e);
+        if s.details.name.is_empty() {
+            s.details.name = key.name.clone();
+            s.details.namespace = key.namespace.clone();
+        }
+        s
+    }
 }
 
 fn clone_error(e: &Error) -> Error {
