@@ -28,6 +28,7 @@
 pub mod deployment;
 mod error;
 pub mod gc;
+pub mod job;
 pub mod node_lifecycle;
 pub mod provisioner;
 pub mod replicaset;
@@ -36,6 +37,7 @@ mod workloads;
 pub use deployment::DeploymentController;
 pub use error::ProvisionerError;
 pub use gc::GarbageCollector;
+pub use job::JobController;
 pub use node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 pub use provisioner::{PassReport, Provisioner, ProvisionerConfig};
 pub use replicaset::ReplicaSetController;

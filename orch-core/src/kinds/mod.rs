@@ -1,8 +1,9 @@
 //! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], [`Workload`], [`Event`], [`Deployment`] with
-//! its revisions ([`ReplicaSet`]), and the types they share.
+//! its revisions ([`ReplicaSet`]), [`Job`], and the types they share.
 
 mod deployment;
 mod event;
+mod job;
 mod node;
 mod workload;
 
@@ -17,6 +18,7 @@ pub use deployment::{
 };
 pub(crate) use event::is_camel_case;
 pub use event::{EVENT_MESSAGE_LIMIT, Event, EventType, ObjectReference};
+pub use job::{COMPLETION_INDEX_ANNOTATION, CompletionMode, Job, JobStatus, format_indexes, job_condition};
 pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, Taint, TaintEffect};
 pub use workload::{
     Affinity, AffinityTerm, Container, ContainerPort, ContainerState, ContainerStatus, EnvVar, NodeAffinity,
