@@ -32,6 +32,7 @@ pub mod job;
 pub mod node_lifecycle;
 pub mod provisioner;
 pub mod replicaset;
+pub mod workflow;
 mod workloads;
 
 pub use deployment::DeploymentController;
@@ -41,3 +42,4 @@ pub use job::JobController;
 pub use node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 pub use provisioner::{PassReport, Provisioner, ProvisionerConfig};
 pub use replicaset::ReplicaSetController;
+pub use workflow::WorkflowController;
