@@ -25,6 +25,7 @@
 //!
 //! The scheduler lives in `orch-scheduler`, the node agent in `orch-runtime`.
 
+pub mod daemonset;
 pub mod deployment;
 mod error;
 pub mod gc;
@@ -35,6 +36,7 @@ pub mod replicaset;
 pub mod workflow;
 mod workloads;
 
+pub use daemonset::DaemonSetController;
 pub use deployment::DeploymentController;
 pub use error::ProvisionerError;
 pub use gc::GarbageCollector;

@@ -1,7 +1,8 @@
 //! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], [`Workload`], [`Event`], [`Deployment`] with
-//! its revisions ([`ReplicaSet`]), [`Job`], [`Workflow`], and the types they
-//! share.
+//! its revisions ([`ReplicaSet`]), [`Job`], [`Workflow`], [`DaemonSet`], and
+//! the types they share.
 
+mod daemonset;
 mod deployment;
 mod event;
 mod job;
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use daemonset::{DaemonRollingUpdate, DaemonSet, DaemonSetStatus, DaemonSetUpdate};
 pub use deployment::{
     Deployment, DeploymentStatus, IntOrPercent, RESTARTED_AT_ANNOTATION, REVISION_ANNOTATION, ReplicaSet,
     ReplicaSetStatus, RollbackPolicy, RollingUpdate, Strategy, TEMPLATE_HASH_LABEL, TemplateMeta, WorkloadTemplate,
