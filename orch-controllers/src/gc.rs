@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use orch_core::cache::{CacheEvent, CacheRegistry};
 use orch_core::controller::queue::{QueueConfig, WorkQueue};
 use orch_core::error::Error;
-use orch_core::kinds::{Deployment, Job, ReplicaSet, Workload};
+use orch_core::kinds::{DaemonSet, Deployment, Job, ReplicaSet, Workflow, Workload};
 use orch_core::meta::{ObjectMeta, OwnerReference};
 use orch_core::object::{ObjectKey, Resource};
 use orch_core::runnable::{Leadership, RunParts, Runnable, stopped};
@@ -62,10 +62,16 @@ impl GarbageCollector {
         GarbageCollector { kinds: Vec::new(), concurrency: 64 }
     }
 
-    /// A collector of the built-in kinds that own or are owned: deployments, replica sets, jobs
-    /// and workloads.
+    /// A collector of the built-in kinds that own or are owned: deployments, replica sets, daemon
+    /// sets, jobs, workflows and workloads.
     pub fn builtin() -> Self {
-        GarbageCollector::new().kind::<Deployment>().kind::<ReplicaSet>().kind::<Job>().kind::<Workload>()
+        GarbageCollector::new()
+            .kind::<Deployment>()
+            .kind::<ReplicaSet>()
+            .kind::<DaemonSet>()
+            .kind::<Job>()
+            .kind::<Workflow>()
+            .kind::<Workload>()
     }
 
     /// Also collects objects of kind `K` (and finds their dependents among the other kinds).

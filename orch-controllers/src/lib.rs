@@ -25,6 +25,7 @@
 //!
 //! The scheduler lives in `orch-scheduler`, the node agent in `orch-runtime`.
 
+pub mod daemonset;
 pub mod deployment;
 mod error;
 pub mod gc;
@@ -32,8 +33,10 @@ pub mod job;
 pub mod node_lifecycle;
 pub mod provisioner;
 pub mod replicaset;
+pub mod workflow;
 mod workloads;
 
+pub use daemonset::DaemonSetController;
 pub use deployment::DeploymentController;
 pub use error::ProvisionerError;
 pub use gc::GarbageCollector;
@@ -41,3 +44,4 @@ pub use job::JobController;
 pub use node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 pub use provisioner::{PassReport, Provisioner, ProvisionerConfig};
 pub use replicaset::ReplicaSetController;
+pub use workflow::WorkflowController;

@@ -313,7 +313,7 @@ pub struct DeploymentStatus {
     pub last_progress_time: Option<Timestamp>,
 }
 
-fn validate_template_for(
+pub(super) fn validate_template_for(
     field: &str,
     selector: &LabelSelector,
     template: &WorkloadTemplate,

@@ -1,16 +1,20 @@
 //! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], [`Workload`], [`Event`], [`Deployment`] with
-//! its revisions ([`ReplicaSet`]), [`Job`], and the types they share.
+//! its revisions ([`ReplicaSet`]), [`Job`], [`Workflow`], [`DaemonSet`], and
+//! the types they share.
 
+mod daemonset;
 mod deployment;
 mod event;
 mod job;
 mod node;
+mod workflow;
 mod workload;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use daemonset::{DaemonRollingUpdate, DaemonSet, DaemonSetStatus, DaemonSetUpdate};
 pub use deployment::{
     Deployment, DeploymentStatus, IntOrPercent, RESTARTED_AT_ANNOTATION, REVISION_ANNOTATION, ReplicaSet,
     ReplicaSetStatus, RollbackPolicy, RollingUpdate, Strategy, TEMPLATE_HASH_LABEL, TemplateMeta, WorkloadTemplate,
@@ -20,6 +24,7 @@ pub(crate) use event::is_camel_case;
 pub use event::{EVENT_MESSAGE_LIMIT, Event, EventType, ObjectReference};
 pub use job::{COMPLETION_INDEX_ANNOTATION, CompletionMode, Job, JobStatus, format_indexes, job_condition};
 pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, Taint, TaintEffect};
+pub use workflow::{FailurePolicy, STEP_ANNOTATION, StepPhase, StepStatus, Workflow, WorkflowStatus, WorkflowStep};
 pub use workload::{
     Affinity, AffinityTerm, Container, ContainerPort, ContainerState, ContainerStatus, EnvVar, NodeAffinity,
     NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm, Phase, Probe, ProbeAction, Protocol,
