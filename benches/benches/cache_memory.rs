@@ -3,12 +3,14 @@
 //! `cargo bench -p orch-benches --bench cache_memory`
 //!
 //! Decoding 100,000 objects into a plain vector gives the objects' own cost; a cache of the same
-//! objects (with its label, owner and kind indexes) costs that plus its overhead.
+//! objects (with its label, owner and node indexes) costs that plus its overhead. Every index has
+//! entries: each workload has two labels, is bound to one of 500 nodes and is owned (as a
+//! controller) by one of 1,000 owners, 100 workloads each, as a replica set owns its replicas.
 
 use std::sync::Arc;
 
 use orch_core::kinds::Workload;
-use orch_core::{Api, Cache, CacheConfig, ListParams, Object, ObjectMeta, Store};
+use orch_core::{Api, Cache, CacheConfig, ListParams, Object, ObjectMeta, OwnerReference, Store};
 use orch_store::MemoryStore;
 
 #[global_allocator]
@@ -26,9 +28,17 @@ fn main() {
         for i in 0..n {
             let mut w = Workload::command("main", &["/bin/sleep", "3600"]);
             w.node_name = Some(format!("node-{}", i % 500));
-            let meta = ObjectMeta::named(format!("web-{i:06}"))
+            let mut meta = ObjectMeta::named(format!("web-{i:06}"))
                 .with_label("app", "web")
                 .with_label("shard", format!("s{}", i % 16));
+            let owner = i % 1_000;
+            meta.owner_references.push(OwnerReference {
+                kind: "ReplicaSet".into(),
+                name: format!("web-{owner:04}"),
+                uid: format!("00000000-0000-4000-8000-{owner:012}"),
+                controller: true,
+                block_owner_deletion: true,
+            });
             api.create(&Object::new(meta, w)).await.expect("create");
         }
     });
@@ -52,6 +62,8 @@ fn main() {
     });
     let cached = dhat::HeapStats::get().curr_bytes - before;
     assert_eq!(cache.len(), n);
+    // The owner index is in use: every owner finds its workloads through it.
+    assert_eq!(cache.owned_by("00000000-0000-4000-8000-000000000007").len(), n / 1_000);
     let own = (objects - vector) as f64 / n as f64;
     println!("cache_memory/workloads objects={n}");
     println!("  decoded object itself:        {own:.0} B/object");

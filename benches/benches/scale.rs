@@ -9,7 +9,8 @@
 //! itself checks that nothing on a live node was touched.
 //!
 //! `cargo bench -p orch-benches --bench scale` (sizes: `ORCH_SCALE_NODES`, default 5000). With
-//! `--test` (CI) it runs 100 nodes once.
+//! `--test` (CI) it runs once, at 100 nodes unless `ORCH_SCALE_NODES` says otherwise: one run at
+//! full size is `ORCH_SCALE_NODES=5000 cargo bench -p orch-benches --bench scale -- --test`.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -24,8 +25,8 @@ static REPORTS: Mutex<Vec<(String, Report)>> = Mutex::new(Vec::new());
 
 fn bench(c: &mut Criterion) {
     let quick = std::env::args().any(|a| a == "--test");
-    let nodes: usize =
-        if quick { 100 } else { std::env::var("ORCH_SCALE_NODES").ok().and_then(|v| v.parse().ok()).unwrap_or(5_000) };
+    let asked: Option<usize> = std::env::var("ORCH_SCALE_NODES").ok().and_then(|v| v.parse().ok());
+    let nodes = asked.unwrap_or(if quick { 100 } else { 5_000 });
     let dir = std::env::temp_dir().join(format!("orch-scale-{}", std::process::id()));
     let mut g = c.benchmark_group("scale");
     g.sampling_mode(SamplingMode::Flat).sample_size(10).warm_up_time(Duration::from_millis(1));

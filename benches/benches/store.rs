@@ -90,12 +90,15 @@ fn watch_fanout(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let mut g = c.benchmark_group("memory_store_watch_fanout");
     for watchers in [1usize, 100, 1000] {
-        let store = Arc::new(MemoryStore::new());
+        // The same store as the point operations: 100,000 objects of 1 KiB; each timed write
+        // creates one more of 1 KiB.
+        let store = rt.block_on(filled_memory_store(OBJECTS, SIZE));
         let remaining = Arc::new(AtomicUsize::new(0));
         let all_seen = Arc::new(Notify::new());
         rt.block_on(async {
+            let from = store.current_revision().await.expect("revision") + 1;
             for _ in 0..watchers {
-                let mut w = store.watch(&WatchRequest::from(Selection::kind(KIND), 1)).await.expect("watch");
+                let mut w = store.watch(&WatchRequest::from(Selection::kind(KIND), from)).await.expect("watch");
                 let remaining = remaining.clone();
                 let all_seen = all_seen.clone();
                 tokio::spawn(async move {
@@ -119,8 +122,8 @@ fn watch_fanout(c: &mut Criterion) {
                         remaining.store(watchers, Ordering::Release);
                         let seen = all_seen.notified();
                         let start = Instant::now();
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        store.create(object(i, 256), &WriteOptions::default()).await.expect("create");
+                        let i = OBJECTS + next.fetch_add(1, Ordering::Relaxed);
+                        store.create(object(i, SIZE), &WriteOptions::default()).await.expect("create");
                         seen.await;
                         total += start.elapsed();
                     }

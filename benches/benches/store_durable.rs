@@ -1,5 +1,6 @@
 //! Durable store figures: writes of 1 KiB objects with 1, 16 and 64 concurrent writers, watch
-//! throughput, and the time to reopen the embedded store holding 100,000 objects.
+//! throughput, and the time to reopen the embedded store holding 100,000 objects (its file in
+//! the page cache, its file's pages dropped first, and after a crash).
 //!
 //! `cargo bench -p orch-benches --bench store_durable` (`-- --test` for a quick smoke run)
 //!
@@ -169,6 +170,17 @@ fn reopen(path: &Path, objects: usize) -> Duration {
     took
 }
 
+/// Drops the file's pages from the kernel's page cache (`dd iflag=nocache count=0` asks for
+/// exactly that, for the whole file), so the next open reads it from the disk.
+fn drop_page_cache(path: &Path) {
+    let status = std::process::Command::new("dd")
+        .arg(format!("if={}", path.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .status()
+        .expect("run dd");
+    assert!(status.success(), "dd could not drop the page cache of {}", path.display());
+}
+
 /// The argument that makes this program the writer that "crashes" for [`reopen_after_crash`].
 const CRASH_WRITER: &str = "--crash-writer";
 
@@ -281,7 +293,9 @@ fn bench_writes(c: &mut Criterion, rt: &tokio::runtime::Runtime, backends: &[Bac
     g.finish();
 }
 
-/// Reopening the embedded store: cleanly closed, and after a crash.
+/// Reopening the embedded store: cleanly closed with its file in the page cache (as right after
+/// it was written), the same with the file's pages dropped first (as after a reboot), and after a
+/// crash.
 fn bench_reopen(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let sizes = sizes();
     let dir = scratch();
@@ -298,6 +312,20 @@ fn bench_reopen(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             for _ in 0..iters {
                 let t = reopen(&path, sizes.reopen_objects);
                 record(&clean, "embedded (redb)", t.as_secs_f64());
+                took += t;
+            }
+            took
+        })
+    });
+    let cold =
+        format!("reopen with {} objects, the file's pages dropped from the page cache", sizes.reopen_objects + 64);
+    g.bench_function("reopen cold/embedded (redb)", |bench| {
+        bench.iter_custom(|iters| {
+            let mut took = Duration::ZERO;
+            for _ in 0..iters {
+                drop_page_cache(&path);
+                let t = reopen(&path, sizes.reopen_objects);
+                record(&cold, "embedded (redb)", t.as_secs_f64());
                 took += t;
             }
             took

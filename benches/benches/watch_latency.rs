@@ -4,17 +4,21 @@
 //!
 //! Criterion (the `store` bench) reports the mean of the same measurement; this one reports the
 //! p50 and p99 over 2,000 writes for 1, 100 and 1,000 watchers, on a 2-worker tokio runtime,
-//! with the writer and the watchers all tasks on that runtime.
+//! with the writer and the watchers all tasks on that runtime. The store holds 100,000 objects
+//! of 1 KiB (two labels each) before the watches start; each write creates one more of 1 KiB.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use orch_benches::{KIND, object};
+use orch_benches::{KIND, filled_memory_store, object};
 use orch_core::{Selection, Store, WatchRequest, WriteOptions};
-use orch_store::MemoryStore;
 use tokio::sync::Notify;
+
+/// Objects in the store before the watches start, and the size of every object's spec.
+const OBJECTS: usize = 100_000;
+const SIZE: usize = 1024;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -26,14 +30,16 @@ fn main() {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     // `cargo bench -- --test` (as CI runs it) only checks that the measurement works.
-    let writes = if std::env::args().any(|a| a == "--test") { 20 } else { 2_000 };
+    let test = std::env::args().any(|a| a == "--test");
+    let (writes, objects) = if test { (20, 1_000) } else { (2_000, OBJECTS) };
     for watchers in [1usize, 100, 1000] {
         let samples = rt.block_on(async {
-            let store = Arc::new(MemoryStore::new());
+            let store = filled_memory_store(objects, SIZE).await;
+            let from = store.current_revision().await.expect("revision") + 1;
             let remaining = Arc::new(AtomicUsize::new(0));
             let all_seen = Arc::new(Notify::new());
             for _ in 0..watchers {
-                let mut w = store.watch(&WatchRequest::from(Selection::kind(KIND), 1)).await.expect("watch");
+                let mut w = store.watch(&WatchRequest::from(Selection::kind(KIND), from)).await.expect("watch");
                 let (remaining, all_seen) = (remaining.clone(), all_seen.clone());
                 tokio::spawn(async move {
                     while let Some(Ok(_)) = w.next().await {
@@ -50,7 +56,7 @@ fn main() {
                     remaining.store(watchers, Ordering::Release);
                     let seen = all_seen.notified();
                     let start = Instant::now();
-                    store.create(object(i, 256), &WriteOptions::default()).await.expect("create");
+                    store.create(object(objects + i, SIZE), &WriteOptions::default()).await.expect("create");
                     seen.await;
                     if i >= 100 {
                         samples.push(start.elapsed()); // the first 100 warm up
@@ -64,7 +70,7 @@ fn main() {
         let mut sorted = samples;
         sorted.sort();
         println!(
-            "watch_latency/{watchers:>4} watchers: p50 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}  ({writes} writes)",
+            "watch_latency/{watchers:>4} watchers: p50 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}  ({writes} writes of 1 KiB, {objects} objects stored)",
             percentile(&sorted, 0.50),
             percentile(&sorted, 0.99),
             sorted[sorted.len() - 1]

@@ -46,6 +46,7 @@ async fn finished(api: &Api<Job>, name: &str) -> Object<Job> {
 /// The most workloads seen running at once (not finished), and every workload seen.
 type Seen = Arc<Mutex<(usize, Vec<Object<Workload>>)>>;
 
+/// Watches the workloads: see [`Seen`].
 fn watch_active(store: Arc<dyn orch_core::Store>) -> (Seen, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new((0usize, Vec::new())));
     let out = seen.clone();

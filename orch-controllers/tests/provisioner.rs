@@ -49,7 +49,9 @@ async fn pool_nodes(nodes: &Api<Node>, pool: &str) -> Vec<Object<Node>> {
     all.into_iter().filter(|n| n.metadata.labels.get(POOL_LABEL).map(String::as_str) == Some(pool)).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// On the paused clock: the passes, the launches and the emptiness timers all run in virtual
+/// time, so the "no node for what fits no pool" window is the same six passes on any machine.
+#[tokio::test(start_paused = true)]
 async fn workloads_that_fit_nowhere_get_nodes_of_their_pool_and_empty_nodes_go_back() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let cluster = SimCluster::new();
@@ -101,6 +103,7 @@ async fn workloads_that_fit_nowhere_get_nodes_of_their_pool_and_empty_nodes_go_b
     let huge = api.get("huge").await.unwrap();
     assert!(huge.spec.node_name.is_none());
     let before = provider.running();
+    // Six provisioner passes (virtual time).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = provider.running();
     assert!(after.iter().all(|n| before.contains(n)), "no node for what fits no pool: {before:?} then {after:?}");
@@ -147,7 +150,7 @@ async fn pass(p: &mut Provisioner, store: &Arc<dyn Store>) -> PassReport {
     p.pass(store, None, &nodes, &workloads).await.unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_node_that_never_registers_is_given_up_and_asked_for_again() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let recorder = Arc::new(Recorder::default());
@@ -163,7 +166,10 @@ async fn a_node_that_never_registers_is_given_up_and_asked_for_again() {
     assert_eq!(node.spec.provider_id.as_deref(), Some(format!("rec://{}", first.launched[0]).as_str()));
     // Before the timeout, the launching node counts: nothing more is asked for.
     assert_eq!(pass(&mut p, &store).await, PassReport::default());
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Just before the timeout (virtual time): still waited for.
+    tokio::time::sleep(Duration::from_millis(199)).await;
+    assert_eq!(pass(&mut p, &store).await, PassReport::default());
+    tokio::time::sleep(Duration::from_millis(1)).await;
     let later = pass(&mut p, &store).await;
     assert_eq!(later.removed, first.launched, "given up");
     assert_eq!(*recorder.terminated.lock().unwrap(), first.launched);
@@ -207,7 +213,7 @@ impl NodeProvider for Flaky {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_pool_whose_launch_fails_is_passed_over_for_a_while() {
     use std::sync::atomic::Ordering::SeqCst;
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -225,9 +231,14 @@ async fn a_pool_whose_launch_fails_is_passed_over_for_a_while() {
     let second = pass(&mut p, &store).await;
     assert_eq!((second.failed.len(), second.launched.len(), second.unprovisionable), (0, 0, 1));
     assert_eq!(flaky.attempts.load(SeqCst), 1);
-    // The backoff over and the zone back: the launch goes through.
+    // The zone back but the backoff not over (virtual time): still passed over.
     flaky.failing.store(false, SeqCst);
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(299)).await;
+    let waiting = pass(&mut p, &store).await;
+    assert_eq!((waiting.launched.len(), waiting.unprovisionable), (0, 1));
+    assert_eq!(flaky.attempts.load(SeqCst), 1);
+    // The backoff over: the launch goes through.
+    tokio::time::sleep(Duration::from_millis(1)).await;
     let third = pass(&mut p, &store).await;
     assert_eq!((third.failed.len(), third.launched.len()), (0, 1));
     assert_eq!(flaky.attempts.load(SeqCst), 2);
@@ -302,54 +313,144 @@ async fn nodes_are_asked_for_only_for_workloads_their_pool_admits() {
 
 mod packing {
     use super::*;
+    use orch_core::kinds::{Taint, TaintEffect, Toleration, TolerationOperator};
     use proptest::prelude::*;
 
+    /// A pool: CPUs, GiB of memory, node limit, whether its nodes carry the taint
+    /// `dedicated=batch:NoSchedule`, and the zone label they carry, if any.
+    type PoolCase = (u32, u32, usize, bool, Option<u8>);
+    /// A workload: half CPUs, GiB of memory, whether it tolerates the taint, and the zone it
+    /// asks for, if any.
+    type WorkloadCase = (u32, u32, bool, Option<u8>);
+
+    fn taint() -> Taint {
+        Taint { key: "dedicated".into(), value: "batch".into(), effect: TaintEffect::NoSchedule, time_added: None }
+    }
+
+    fn zone(z: u8) -> String {
+        format!("z{z}")
+    }
+
+    fn admits(pool: &PoolCase, w: &WorkloadCase) -> bool {
+        let (cpu, mem, _, tainted, pool_zone) = *pool;
+        let (half_cpus, gib, tolerates, wants) = *w;
+        half_cpus <= cpu * 2 && gib <= mem && (!tainted || tolerates) && wants.is_none_or(|z| pool_zone == Some(z))
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(32))]
-        /// Whatever the requests and pools: no pool goes past its limit, a node is asked for
-        /// only with a workload to put on it, every workload some pool fits is provided for
-        /// when the limits cannot get in the way, the nodes asked for hold what they were asked
-        /// for, and a second pass while they launch asks for nothing more.
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Whatever the requests and pools (two resources, taints, zone labels): no pool goes
+        /// past its limit, every node carries its pool's labels and taint, and once the nodes
+        /// asked for register, the workloads the provisioner binds to each fit there, all
+        /// resources counted, its taint tolerated and its zone the one asked for; no new node
+        /// stays empty; every workload some pool admits is provided for when the limits cannot
+        /// get in the way; and a second pass while they launch asks for nothing more.
         #[test]
-        fn a_pass_asks_for_enough_nodes_and_no_more(
-            requests in proptest::collection::vec(1u32..=8, 1..24),
-            pools in proptest::collection::vec((2u32..=8, 1usize..=30), 1..3),
+        fn a_pass_packs_each_new_node_within_its_shape(
+            requests in proptest::collection::vec((1u32..=8, 1u32..=8, any::<bool>(), proptest::option::of(0u8..2)), 1..24),
+            pools in proptest::collection::vec((2u32..=8, 2u32..=16, 1usize..=30, any::<bool>(), proptest::option::of(0u8..2)), 1..4),
         ) {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
             rt.block_on(async {
                 let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
                 let recorder = Arc::new(Recorder::default());
                 let node_pools: Vec<NodePool> = pools
                     .iter()
                     .enumerate()
-                    .map(|(i, (cpu, max))| NodePool::new(format!("p{i}"), shape(&cpu.to_string(), "64Gi"), *max))
+                    .map(|(i, &(cpu, mem, max, tainted, z))| {
+                        let mut pool = NodePool::new(format!("p{i}"), shape(&cpu.to_string(), &format!("{mem}Gi")), max);
+                        if tainted {
+                            pool = pool.taint(taint());
+                        }
+                        if let Some(z) = z {
+                            pool = pool.label("zone", zone(z));
+                        }
+                        pool
+                    })
                     .collect();
-                let mut p = Provisioner::new(node_pools.clone(), recorder.clone());
+                let mut p = Provisioner::new(node_pools, recorder.clone());
                 let api: Api<Workload> = Api::namespaced(store.clone(), "default");
-                // Requests in half CPUs.
-                for (i, r) in requests.iter().enumerate() {
-                    api.create(&unschedulable(workload(&format!("w{i}"), &format!("{}m", r * 500)))).await.unwrap();
+                for (i, &(half_cpus, gib, tolerates, wants)) in requests.iter().enumerate() {
+                    let mut w = workload(&format!("w{i}"), &format!("{}m", half_cpus * 500));
+                    w.spec.containers[0].resources.requests.insert("memory".into(), format!("{gib}Gi").parse().unwrap());
+                    if tolerates {
+                        w.spec.tolerations.push(Toleration {
+                            key: "dedicated".into(),
+                            operator: TolerationOperator::Equal,
+                            value: "batch".into(),
+                            effect: Some(TaintEffect::NoSchedule),
+                            toleration_seconds: None,
+                        });
+                    }
+                    if let Some(z) = wants {
+                        w.spec.node_selector.insert("zone", zone(z));
+                    }
+                    api.create(&unschedulable(w)).await.unwrap();
                 }
                 let report = pass(&mut p, &store).await;
-                let nodes = Api::<Node>::all(store.clone()).list(&ListParams::default()).await.unwrap().items;
-                assert!(report.launched.len() <= requests.len(), "a node per workload at most");
-                let mut capacity = 0u32;
-                for (i, (cpu, max)) in pools.iter().enumerate() {
-                    let n = nodes.iter().filter(|n| n.metadata.labels.get(POOL_LABEL) == Some(&format!("p{i}"))).count();
-                    assert!(n <= *max, "pool p{i}: {n} nodes, limit {max}");
-                    capacity += n as u32 * cpu * 2;
+                let nodes_api = Api::<Node>::all(store.clone());
+                let nodes = nodes_api.list(&ListParams::default()).await.unwrap().items;
+                assert_eq!(report.launched.len(), nodes.len());
+                let pool_of = |n: &Object<Node>| -> usize {
+                    n.metadata.labels.get(POOL_LABEL).unwrap()[1..].parse().unwrap()
+                };
+                for (i, pool) in pools.iter().enumerate() {
+                    let n = nodes.iter().filter(|n| pool_of(n) == i).count();
+                    assert!(n <= pool.2, "pool p{i}: {n} nodes, limit {}", pool.2);
                 }
-                let biggest = pools.iter().map(|(cpu, _)| cpu * 2).max().unwrap();
-                let fits_some_pool: Vec<u32> = requests.iter().copied().filter(|r| *r <= biggest).collect();
-                assert!(report.unprovisionable >= requests.len() - fits_some_pool.len(), "{report:?}");
-                // When any pool alone could give every workload a node of its own, every
-                // workload some pool fits is provided for, and the new nodes hold them all.
-                if pools.iter().all(|(_, max)| *max >= requests.len()) {
-                    assert_eq!(report.unprovisionable, requests.len() - fits_some_pool.len(), "{report:?}");
-                    assert!(capacity >= fits_some_pool.iter().sum::<u32>(), "capacity {capacity} for {fits_some_pool:?}");
+                for n in &nodes {
+                    let (_, _, _, tainted, z) = pools[pool_of(n)];
+                    assert_eq!(n.spec.taints, if tainted { vec![taint()] } else { vec![] }, "{}", n.metadata.name);
+                    assert_eq!(n.metadata.labels.get("zone"), z.map(zone).as_ref(), "{}", n.metadata.name);
                 }
                 let again = pass(&mut p, &store).await;
                 assert!(again.launched.is_empty(), "asked twice: {again:?}");
+
+                // The nodes register with their pool's shape: the provisioner binds there what
+                // it asked them for, then opens them.
+                for n in &nodes {
+                    let (cpu, mem, ..) = pools[pool_of(n)];
+                    let mut node = nodes_api.get(&n.metadata.name).await.unwrap();
+                    node.status.allocatable = shape(&cpu.to_string(), &format!("{mem}Gi"));
+                    node.status.conditions.push(Condition::new("Ready", ConditionStatus::True, "AgentReady"));
+                    nodes_api.replace_status(&node).await.unwrap();
+                }
+                let opened = pass(&mut p, &store).await;
+                assert!(opened.launched.is_empty(), "asked for more once they registered: {opened:?}");
+                let bound = api.list(&ListParams::default()).await.unwrap().items;
+                for n in &nodes {
+                    let i = pool_of(n);
+                    let (cpu, mem, ..) = pools[i];
+                    let here: Vec<usize> = bound
+                        .iter()
+                        .filter(|w| w.spec.node_name.as_deref() == Some(n.metadata.name.as_str()))
+                        .map(|w| w.metadata.name[1..].parse().unwrap())
+                        .collect();
+                    assert!(!here.is_empty(), "{} (pool p{i}) was asked for with nothing to put on it", n.metadata.name);
+                    let half_cpus: u32 = here.iter().map(|&w| requests[w].0).sum();
+                    let gib: u32 = here.iter().map(|&w| requests[w].1).sum();
+                    assert!(half_cpus <= cpu * 2 && gib <= mem && here.len() <= 20,
+                        "{} (pool p{i}: {cpu} CPU, {mem} GiB) holds {here:?}: {} CPU, {gib} GiB", n.metadata.name, f64::from(half_cpus) / 2.0);
+                    for &w in &here {
+                        assert!(admits(&pools[i], &requests[w]), "w{w} {:?} bound to {} of pool p{i} {:?}", requests[w], n.metadata.name, pools[i]);
+                    }
+                }
+                let admitted: Vec<usize> =
+                    (0..requests.len()).filter(|&w| pools.iter().any(|p| admits(p, &requests[w]))).collect();
+                assert!(report.unprovisionable >= requests.len() - admitted.len(), "{report:?}");
+                for w in &bound {
+                    let i: usize = w.metadata.name[1..].parse().unwrap();
+                    assert!(w.spec.node_name.is_none() || admitted.contains(&i), "w{i} fits no pool yet was bound");
+                }
+                // When no pool's limit can get in the way, every workload some pool admits has
+                // its node.
+                if pools.iter().all(|p| p.2 >= requests.len()) {
+                    assert_eq!(report.unprovisionable, requests.len() - admitted.len(), "{report:?}");
+                    for &i in &admitted {
+                        let w = bound.iter().find(|w| w.metadata.name == format!("w{i}")).unwrap();
+                        assert!(w.spec.node_name.is_some(), "w{i} {:?} was not provided for", requests[i]);
+                    }
+                }
             });
         }
     }

@@ -722,13 +722,20 @@ mod tests {
     #[tokio::test]
     async fn logs_rotate_by_copy_and_truncate_and_follow_survives_it() {
         let rt = runtime("rotate");
-        let script = "head -c 5000 /dev/zero | tr '\\0' 'x'; echo; sleep 0.5; echo after-rotation; sleep 0.3";
+        // The program writes its second line only once the test has rotated (it waits for the
+        // file `rotated`), so no timing decides which file a line lands in.
+        let script = "head -c 5000 /dev/zero | tr '\\0' 'x'; echo; \
+                      while [ ! -e rotated ]; do sleep 0.02; done; echo after-rotation; sleep 0.3";
         let h = rt.start(&sh("chatty", script)).await.unwrap();
         let follow = rt.logs(&h, LogOptions { tail: None, follow: true }).await.unwrap();
         let collector = tokio::spawn(follow.collect::<Vec<LogLine>>());
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        rt.rotate_logs(&h, 1000, 2).await.unwrap();
         let dir = rt.dir("chatty");
+        orch_core::testkit::wait_until("the first line written", Duration::from_secs(30), async || {
+            std::fs::metadata(dir.join("stdout.log")).is_ok_and(|m| m.len() == 5001)
+        })
+        .await;
+        rt.rotate_logs(&h, 1000, 2).await.unwrap();
+        std::fs::write(dir.join("rotated"), b"").unwrap();
         assert_eq!(std::fs::metadata(dir.join("stdout.log.1")).unwrap().len(), 5001, "the old content moved to .1");
         assert!(std::fs::metadata(dir.join("stdout.log")).unwrap().len() < 1000, "the current file was truncated");
         rt.rotate_logs(&h, 1000, 2).await.unwrap(); // small now: nothing to do

@@ -16,6 +16,10 @@ use orch_core::kinds::{Container, ContainerPort, VolumeMount};
 use orch_core::runtime::{HostVolume, InstanceSpec, InstanceState, LogOptions, Runtime, RuntimeError};
 use orch_runtime::{DockerConfig, DockerError, DockerRuntime};
 
+/// Longest a test waits for what the engine must do (a port answering, a file appearing, orphans
+/// going): long enough that a loaded machine never reaches it, so only a wrong behaviour does.
+const PATIENCE: Duration = Duration::from_secs(60);
+
 fn sh(scope: &Scope, id: &str, script: &str) -> InstanceSpec {
     InstanceSpec {
         id: id.into(),
@@ -142,7 +146,7 @@ async fn host_ports_are_published_and_a_taken_one_is_a_typed_error() {
         s.read_to_string(&mut body).ok()?;
         body.contains("hello").then_some(())
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + PATIENCE;
     while get(([127, 0, 0, 1], port).into()).is_none() {
         assert!(Instant::now() < deadline, "the published port never answered");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -266,7 +270,7 @@ async fn exec_runs_inside_the_container() {
     let rt = DockerRuntime::connect(scope.config()).await.unwrap();
     let h = rt.start(&sh(&scope, "probed", "touch /tmp/alive; sleep 60")).await.unwrap();
     let cmd = |s: &str| vec!["/bin/sh".to_string(), "-c".to_string(), s.to_string()];
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + PATIENCE;
     while rt.exec(&h, &cmd("test -f /tmp/alive"), Duration::from_secs(5)).await.unwrap() != 0 {
         assert!(Instant::now() < deadline, "the file never appeared");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -294,7 +298,7 @@ async fn unclaimed_containers_are_removed_after_the_grace_period() {
     let after = DockerRuntime::connect(config).await.unwrap();
     assert!(matches!(after.recover(&kept).await.unwrap(), InstanceState::Running { .. }));
     assert_eq!(after.remove_orphans().await.unwrap(), Vec::<String>::new(), "not before the grace period");
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + PATIENCE;
     loop {
         let ids: Vec<String> = after.list().await.unwrap().into_iter().map(|h| h.id).collect();
         if ids == ["kept"] {

@@ -1,15 +1,18 @@
 //! The scheduler service against a store: binds through compare-and-swap, explains what does
-//! not fit, wakes on new nodes, survives bind conflicts, evicts preemption victims, and schedules
-//! only while its manager leads.
+//! not fit, wakes on new nodes, survives bind conflicts without undoing the writes it lost to,
+//! evicts preemption victims, and schedules only while its manager leads.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::kinds::{Node, ResourceRequirements, Workload, find_condition};
 use orch_core::testkit::wait_until;
-use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Quantity, Store};
+use orch_core::{
+    Api, DeleteOptions, DeleteOutcome, DynamicObject, LeaseId, LeaseInfo, ListParams, ListRequest, ListResponse,
+    Manager, Object, ObjectKey, ObjectMeta, Quantity, Store, WatchRequest, WatchStream, WriteOptions,
+};
 use orch_scheduler::Profile;
 use orch_scheduler::SchedulerService;
 use orch_scheduler::{SCHEDULED_CONDITION, SchedulerConfig};
@@ -92,9 +95,85 @@ async fn binds_explains_and_wakes_on_new_nodes() {
     svc.await.unwrap();
 }
 
-#[tokio::test]
+/// A store where another writer adds a label to a workload just before the scheduler's first
+/// batched bind of it (`raced-batch`) and just before its first single bind (`raced-single`),
+/// so both bind paths lose their compare-and-swap at least once, every run.
+#[derive(Debug, Default)]
+struct RacingStore {
+    inner: MemoryStore,
+    raced: Mutex<HashSet<(String, &'static str)>>,
+}
+
+impl RacingStore {
+    async fn race(&self, obj: &DynamicObject, label: &'static str) {
+        if obj.kind != "Workload" || !self.raced.lock().unwrap().insert((obj.metadata.name.clone(), label)) {
+            return;
+        }
+        let mut theirs = (*self.inner.get(&obj.key()).await.unwrap()).clone();
+        theirs.metadata.labels.insert(label, "yes");
+        self.inner.update(theirs, &WriteOptions::default()).await.unwrap();
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for RacingStore {
+    async fn get(&self, key: &ObjectKey) -> orch_core::Result<Arc<DynamicObject>> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, req: &ListRequest) -> orch_core::Result<ListResponse> {
+        self.inner.list(req).await
+    }
+    async fn create(&self, obj: DynamicObject, opts: &WriteOptions) -> orch_core::Result<Arc<DynamicObject>> {
+        self.inner.create(obj, opts).await
+    }
+    async fn update(&self, obj: DynamicObject, opts: &WriteOptions) -> orch_core::Result<Arc<DynamicObject>> {
+        if obj.spec.to_value().get("nodeName").is_some_and(|n| !n.is_null()) {
+            self.race(&obj, "raced-single").await;
+        }
+        self.inner.update(obj, opts).await
+    }
+    async fn update_many(
+        &self,
+        objs: Vec<DynamicObject>,
+        opts: &WriteOptions,
+    ) -> Vec<orch_core::Result<Arc<DynamicObject>>> {
+        for obj in &objs {
+            self.race(obj, "raced-batch").await;
+        }
+        self.inner.update_many(objs, opts).await
+    }
+    async fn update_status(&self, obj: DynamicObject, opts: &WriteOptions) -> orch_core::Result<Arc<DynamicObject>> {
+        self.inner.update_status(obj, opts).await
+    }
+    async fn delete(&self, key: &ObjectKey, opts: &DeleteOptions) -> orch_core::Result<DeleteOutcome> {
+        self.inner.delete(key, opts).await
+    }
+    async fn watch(&self, req: &WatchRequest) -> orch_core::Result<WatchStream> {
+        self.inner.watch(req).await
+    }
+    async fn current_revision(&self) -> orch_core::Result<u64> {
+        self.inner.current_revision().await
+    }
+    async fn compact(&self, revision: u64) -> orch_core::Result<()> {
+        self.inner.compact(revision).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> orch_core::Result<LeaseInfo> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, id: LeaseId) -> orch_core::Result<LeaseInfo> {
+        self.inner.keep_alive(id).await
+    }
+    async fn revoke_lease(&self, id: LeaseId) -> orch_core::Result<()> {
+        self.inner.revoke_lease(id).await
+    }
+    async fn lease(&self, id: LeaseId) -> orch_core::Result<LeaseInfo> {
+        self.inner.lease(id).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bind_conflicts_are_retried_and_changes_respected() {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = Arc::new(RacingStore::default());
     let nodes: Api<Node> = Api::all(store.clone());
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     nodes.create(&node("n1", 8)).await.unwrap();
@@ -103,7 +182,8 @@ async fn bind_conflicts_are_retried_and_changes_respected() {
         tokio::spawn(SchedulerService::new(Profile::default_profile()).config(fast()).run(store.clone(), async {
             let _ = stopped.await;
         }));
-    // Many concurrent label writes race the binds; every workload still ends up bound once.
+    // Many concurrent label writes race the binds. Each label write is retried until it lands,
+    // so every one of them is acknowledged; a bind must never undo one (a lost update).
     let mut writers = Vec::new();
     for i in 0..40 {
         let created = api.create(&workload(&format!("w{i}"), "100m", 0)).await.unwrap();
@@ -111,10 +191,17 @@ async fn bind_conflicts_are_retried_and_changes_respected() {
         writers.push(tokio::spawn(async move {
             let mut w = created;
             for k in 0..3 {
-                w.metadata.labels.insert("touched", k.to_string());
-                match api.replace(&w).await {
-                    Ok(next) => w = next,
-                    Err(_) => w = api.get(&w.metadata.name).await.unwrap(),
+                loop {
+                    w.metadata.labels.insert(format!("touch{k}"), "yes");
+                    tokio::task::yield_now().await;
+                    match api.replace(&w).await {
+                        Ok(next) => {
+                            w = next;
+                            break;
+                        }
+                        Err(e) if e.is_conflict() => w = api.get(&w.metadata.name).await.unwrap(),
+                        Err(e) => panic!("label write on {}: {e}", w.metadata.name),
+                    }
                 }
             }
         }));
@@ -122,11 +209,23 @@ async fn bind_conflicts_are_retried_and_changes_respected() {
     for w in writers {
         w.await.unwrap();
     }
+    // Every workload ends up bound once, and every acknowledged label write survived the binds.
     wait_until("all bound", Duration::from_secs(10), || async {
         let list = api.list(&ListParams::default()).await.unwrap();
         list.items.len() == 40 && list.items.iter().all(|w| w.spec.node_name.as_deref() == Some("n1"))
     })
     .await;
+    for w in api.list(&ListParams::default()).await.unwrap().items {
+        for label in ["touch0", "touch1", "touch2", "raced-batch", "raced-single"] {
+            assert_eq!(
+                w.metadata.labels.get(label).map(String::as_str),
+                Some("yes"),
+                "{}: the label write {label} was lost to a bind: {:?}",
+                w.metadata.name,
+                w.metadata.labels
+            );
+        }
+    }
     let _ = stop.send(());
     svc.await.unwrap();
 }
@@ -161,7 +260,9 @@ async fn preemption_deletes_victims_then_binds() {
     svc.await.unwrap();
 }
 
-#[tokio::test]
+/// On the paused clock: the standby gets the same five retry periods to misbehave however
+/// loaded the machine is.
+#[tokio::test(start_paused = true)]
 async fn a_standby_manager_does_not_schedule() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let nodes: Api<Node> = Api::all(store.clone());
@@ -190,6 +291,7 @@ async fn a_standby_manager_does_not_schedule() {
         let _ = mine_stopped.await;
     }));
     api.create(&workload("w", "1", 0)).await.unwrap();
+    // Five of the standby's retry periods, in virtual time.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(bound_to(&api, "w").await, None, "a standby must not bind");
 

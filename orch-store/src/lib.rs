@@ -26,6 +26,9 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(any(feature = "server", feature = "remote"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "server", feature = "remote"))))]
+pub mod api;
 #[cfg(feature = "etcd")]
 #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 pub mod etcd;
@@ -34,6 +37,12 @@ pub mod memory;
 #[cfg_attr(docsrs, doc(cfg(feature = "redb")))]
 pub mod redb;
 
+#[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
+pub use api::ApiServer;
+#[cfg(feature = "remote")]
+#[cfg_attr(docsrs, doc(cfg(feature = "remote")))]
+pub use api::RemoteStore;
 #[cfg(feature = "etcd")]
 #[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
 pub use etcd::{EtcdStore, EtcdStoreBuilder};

@@ -518,42 +518,74 @@ async fn read_only_files_serve_reads_and_refuse_writes() {
     assert_eq!(digest(&path), before, "a read-only store never writes its file");
 
     // A file the process may not write is served read-only: made so by its permission bits, or,
-    // for root (whom those do not stop), by the immutable attribute.
+    // for root (whom those do not stop), by the immutable attribute or a read-only bind mount of
+    // the file onto itself. `ORCH_UNWRITABLE=bind-mount` picks the mount (to test that path).
     let mut perms = std::fs::metadata(&path).unwrap().permissions();
     perms.set_readonly(true);
     std::fs::set_permissions(&path, perms.clone()).unwrap();
-    let immutable = Immutable::set(&path);
+    let unwritable = Unwritable::make(&path);
     if std::fs::OpenOptions::new().write(true).open(&path).is_ok() {
-        eprintln!("skipped the unwritable-file case: this process may write a read-only file (root without chattr?)");
+        assert!(
+            std::env::var("ORCH_REQUIRE_UNWRITABLE").as_deref() != Ok("1"),
+            "ORCH_REQUIRE_UNWRITABLE=1 but this process can write a read-only file (root without chattr or mount)"
+        );
+        eprintln!(
+            "SKIPPED the unwritable-file case: this process may write a read-only file (root without chattr or mount)"
+        );
     } else {
+        eprintln!("unwritable file by {unwritable:?}");
         check(RedbStore::open(&path).unwrap()).await;
         assert_eq!(digest(&path), before);
     }
-    drop(immutable);
+    drop(unwritable);
     #[allow(clippy::permissions_set_readonly_false)]
     perms.set_readonly(false);
     std::fs::set_permissions(&path, perms).unwrap();
 }
 
-/// The immutable attribute on a file while it lives (when `chattr` works here), so that even root
-/// cannot open it for writing.
-struct Immutable(Option<PathBuf>);
+/// What keeps a file unwritable even for root while it lives, when its permission bits do not:
+/// the immutable attribute (`chattr +i`) or a read-only bind mount of the file onto itself.
+#[derive(Debug)]
+enum Unwritable {
+    /// The permission bits suffice (not root), or nothing else worked.
+    Bits,
+    Immutable(PathBuf),
+    BindMount(PathBuf),
+}
 
-impl Immutable {
-    fn set(path: &Path) -> Immutable {
-        let chattr = |flag: &str| std::process::Command::new("chattr").arg(flag).arg(path).output();
-        let writable = std::fs::OpenOptions::new().write(true).open(path).is_ok();
-        match writable.then(|| chattr("+i")) {
-            Some(Ok(out)) if out.status.success() => Immutable(Some(path.to_path_buf())),
-            _ => Immutable(None),
+impl Unwritable {
+    fn make(path: &Path) -> Unwritable {
+        let run = |cmd: &str, args: &[&str]| {
+            std::process::Command::new(cmd).args(args).arg(path).output().is_ok_and(|o| o.status.success())
+        };
+        if std::fs::OpenOptions::new().write(true).open(path).is_err() {
+            return Unwritable::Bits;
         }
+        let mount_only = std::env::var("ORCH_UNWRITABLE").as_deref() == Ok("bind-mount");
+        if !mount_only && run("chattr", &["+i"]) {
+            return Unwritable::Immutable(path.to_path_buf());
+        }
+        let p = path.to_str().expect("a UTF-8 path");
+        if run("mount", &["--bind", p]) {
+            if run("mount", &["-o", "remount,bind,ro"]) {
+                return Unwritable::BindMount(path.to_path_buf());
+            }
+            run("umount", &[]);
+        }
+        Unwritable::Bits
     }
 }
 
-impl Drop for Immutable {
+impl Drop for Unwritable {
     fn drop(&mut self) {
-        if let Some(path) = &self.0 {
-            let _ = std::process::Command::new("chattr").arg("-i").arg(path).status();
+        match self {
+            Unwritable::Bits => {}
+            Unwritable::Immutable(path) => {
+                let _ = std::process::Command::new("chattr").arg("-i").arg(path).status();
+            }
+            Unwritable::BindMount(path) => {
+                let _ = std::process::Command::new("umount").arg(path).status();
+            }
         }
     }
 }

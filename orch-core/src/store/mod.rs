@@ -324,7 +324,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// resource version differs, and never overwrites a newer object. `generation` grows only
     /// when the spec changes. A write that changes nothing is not a write: it returns the stored
     /// object and bumps no revision. Removing the last finalizer of an object marked for deletion
-    /// deletes it (one `Deleted` event); finalizers cannot be added to such an object.
+    /// deletes it (one `Deleted` event): the event and the returned object show it as it was last
+    /// stored, at the deletion's revision, as every deletion does. Finalizers cannot be added to
+    /// such an object.
     async fn update(&self, obj: DynamicObject, opts: &WriteOptions) -> Result<Arc<DynamicObject>>;
 
     /// Several [`update`](Store::update)s in one call, each with its own precondition (its

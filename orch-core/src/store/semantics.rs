@@ -102,7 +102,16 @@ pub fn update(current: &DynamicObject, new: DynamicObject) -> Result<Plan> {
     m.create_revision = cm.create_revision;
     m.generation = cm.generation + u64::from(spec_changed);
     m.version = cm.version + 1;
-    if m.deletion_timestamp.is_some() && m.finalizers.is_empty() { Ok(Plan::Remove(out)) } else { Ok(Plan::Put(out)) }
+    if m.deletion_timestamp.is_some() && m.finalizers.is_empty() {
+        // Removing the last finalizer deletes the object as it was last stored, like every other
+        // deletion: the body of its `Deleted` event is that state at the deletion's revision
+        // (etcd, for one, can only report the value it deletes).
+        let mut last = current.clone();
+        last.metadata.version += 1;
+        Ok(Plan::Remove(last))
+    } else {
+        Ok(Plan::Put(out))
+    }
 }
 
 /// Prepares a status update (the resource version has already been checked).

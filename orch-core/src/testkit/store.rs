@@ -12,8 +12,7 @@ use std::time::Duration;
 use futures::future::{BoxFuture, LocalBoxFuture};
 use futures::{FutureExt, StreamExt};
 use proptest::prelude::*;
-use proptest::strategy::ValueTree;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
 
 use crate::{
     DeleteOptions, DeleteOutcome, DynamicObject, Error, FieldSelector, Guard, LabelSelector, ListRequest, ObjectKey,
@@ -66,6 +65,7 @@ macro_rules! __store_cases {
             watch_sends_progress,
             watch_ends_with_an_error_when_the_store_is_dropped,
             slow_watcher_does_not_stall_writers,
+            watcher_that_falls_behind_is_told_and_recovers,
             compaction_rejects_future_revision,
             concurrent_cas_has_one_winner_per_round,
             lease_expiry_deletes_attached_objects,
@@ -197,6 +197,15 @@ fn describe(e: &WatchEvent) -> (&'static str, String, u64) {
         WatchEvent::Deleted(o) => ("Deleted", o.metadata.name.clone(), o.metadata.resource_version),
         WatchEvent::Progress(r) => ("Progress", String::new(), *r),
     }
+}
+
+/// Asserts that `got` is a `kind` event whose body is exactly `want`: the object, its
+/// revision and every other field.
+#[track_caller]
+fn assert_event(got: &WatchEvent, kind: &str, want: &DynamicObject) {
+    let Some(body) = got.object() else { panic!("expected {kind} of {}, got {got:?}", want.metadata.name) };
+    assert_eq!(describe(got).0, kind, "event type for {}: {got:?}", want.metadata.name);
+    assert_eq!(**body, *want, "{kind} event body of {}", want.metadata.name);
 }
 
 async fn eventually_gone(store: &dyn Store, k: &ObjectKey) {
@@ -334,26 +343,14 @@ async fn update_many_checks_each_precondition_on_its_own(f: Factory) {
     let unique: std::collections::BTreeSet<u64> = revisions.iter().copied().collect();
     assert_eq!(unique.len(), 3, "each update has its own revision: {revisions:?}");
     assert_eq!(s.get(&key("m1")).await.unwrap().spec.to_value(), serde_json::json!({"v": 9}), "no stale overwrite");
-    // Four events after `from`: m1's own update, then the three of the batch, each with its body.
-    let mut seen = Vec::new();
-    for _ in 0..4 {
-        match next_event(&mut watch).await {
-            WatchEvent::Modified(o) => {
-                seen.push((o.metadata.name.clone(), o.spec.to_value(), o.metadata.resource_version))
-            }
-            e => panic!("expected Modified, got {e:?}"),
-        }
+    // Four events after `from`: m1's own update, then the three of the batch in revision order,
+    // each with the body the batch returned.
+    assert_event(&next_event(&mut watch).await, "Modified", &moved);
+    let mut batch: Vec<&Arc<DynamicObject>> = [0usize, 2, 3].iter().map(|&i| results[i].as_ref().unwrap()).collect();
+    batch.sort_by_key(|o| o.metadata.resource_version);
+    for want in batch {
+        assert_event(&next_event(&mut watch).await, "Modified", want);
     }
-    assert_eq!(seen[0], ("m1".to_string(), serde_json::json!({"v": 9}), moved.metadata.resource_version));
-    let mut batch: Vec<(String, u64)> = seen[1..].iter().map(|(n, _, r)| (n.clone(), *r)).collect();
-    batch.sort_by_key(|(_, r)| *r);
-    let mut expected: Vec<(String, u64)> = [0usize, 2, 3]
-        .iter()
-        .map(|&i| (format!("m{i}"), results[i].as_ref().unwrap().metadata.resource_version))
-        .collect();
-    expected.sort_by_key(|(_, r)| *r);
-    assert_eq!(batch, expected, "every successful update is one event with its revision");
-    assert!(seen[1..].iter().all(|(_, v, _)| *v == serde_json::json!({"v": 1})));
 }
 
 async fn update_without_change_writes_nothing(f: Factory) {
@@ -371,7 +368,7 @@ async fn update_without_change_writes_nothing(f: Factory) {
     let mut real = (*c).clone();
     real.spec = RawJson::from_value(&serde_json::json!(0));
     let r = s.update(real, &w()).await.unwrap();
-    assert_eq!(describe(&next_change(&mut watch).await), ("Modified", "a".into(), r.metadata.resource_version));
+    assert_event(&next_change(&mut watch).await, "Modified", &r);
 }
 
 async fn update_missing_fails(f: Factory) {
@@ -422,7 +419,7 @@ async fn delete_removes_and_checks_version(f: Factory) {
     assert!(last.metadata.resource_version > c.metadata.resource_version, "the deletion has its own revision");
     assert!(s.get(&key("a")).await.unwrap_err().is_not_found());
     assert!(s.delete(&key("a"), &DeleteOptions::default()).await.unwrap_err().is_not_found());
-    assert_eq!(describe(&next_change(&mut watch).await), ("Deleted", "a".into(), last.metadata.resource_version));
+    assert_event(&next_change(&mut watch).await, "Deleted", &last);
     // The name can be used again, by a new object with a new uid.
     let again = s.create(thing("a", serde_json::json!(2)), &w()).await.unwrap();
     assert_ne!(again.metadata.uid, c.metadata.uid);
@@ -440,8 +437,7 @@ async fn finalizers_hold_deletion(f: Factory) {
     };
     assert!(marked.metadata.deletion_timestamp.is_some());
     assert!(marked.metadata.resource_version > c.metadata.resource_version);
-    let ev = next_change(&mut watch).await;
-    assert_eq!(describe(&ev), ("Modified", "a".into(), marked.metadata.resource_version));
+    assert_event(&next_change(&mut watch).await, "Modified", &marked);
 
     // Deleting again changes nothing.
     let DeleteOutcome::Pending(again) = s.delete(&key("a"), &DeleteOptions::default()).await.unwrap() else { panic!() };
@@ -458,12 +454,12 @@ async fn finalizers_hold_deletion(f: Factory) {
     one.metadata.finalizers = vec!["orch.dev/backup".into()];
     let kept = s.update(one, &w()).await.unwrap();
     assert!(s.get(&key("a")).await.unwrap().metadata.deletion_timestamp.is_some());
-    assert_eq!(describe(&next_change(&mut watch).await), ("Modified", "a".into(), kept.metadata.resource_version));
+    assert_event(&next_change(&mut watch).await, "Modified", &kept);
     let mut none = (*kept).clone();
     none.metadata.finalizers.clear();
     let last = s.update(none, &w()).await.unwrap();
     assert!(s.get(&key("a")).await.unwrap_err().is_not_found());
-    assert_eq!(describe(&next_change(&mut watch).await), ("Deleted", "a".into(), last.metadata.resource_version));
+    assert_event(&next_change(&mut watch).await, "Deleted", &last);
 }
 
 async fn delete_propagation_marks_with_its_finalizer(f: Factory) {
@@ -643,54 +639,39 @@ async fn watch_delivers_history_in_order(f: Factory) {
     let a2 = s.update(m, &w()).await.unwrap();
     let b = s.create(thing("b", serde_json::json!(1)), &w()).await.unwrap();
     let DeleteOutcome::Deleted(a3) = s.delete(&key("a"), &DeleteOptions::default()).await.unwrap() else { panic!() };
-    let expected = vec![
-        ("Added", "a".to_string(), a.metadata.resource_version),
-        ("Modified", "a".into(), a2.metadata.resource_version),
-        ("Added", "b".into(), b.metadata.resource_version),
-        ("Deleted", "a".into(), a3.metadata.resource_version),
-    ];
+    let expected = [("Added", &a), ("Modified", &a2), ("Added", &b), ("Deleted", &a3)];
     let mut watch = s.watch(&WatchRequest::from(things(), a.metadata.resource_version)).await.unwrap();
-    let mut got = Vec::new();
-    for _ in 0..4 {
-        got.push(describe(&next_change(&mut watch).await));
+    for (kind, want) in expected {
+        assert_event(&next_change(&mut watch).await, kind, want);
     }
-    assert_eq!(got, expected);
     // From a later revision (inclusive) it starts there.
     let mut watch = s.watch(&WatchRequest::from(things(), b.metadata.resource_version)).await.unwrap();
-    assert_eq!(describe(&next_change(&mut watch).await), expected[2]);
+    assert_event(&next_change(&mut watch).await, "Added", &b);
     // Live events follow the history.
     let c = s.create(thing("c", serde_json::json!(1)), &w()).await.unwrap();
-    assert_eq!(describe(&next_change(&mut watch).await), expected[3]);
-    assert_eq!(describe(&next_change(&mut watch).await), ("Added", "c".into(), c.metadata.resource_version));
-    let WatchEvent::Added(obj) = WatchEvent::Added(c.clone()) else { unreachable!() };
-    assert_eq!(obj.spec.to_value(), serde_json::json!(1));
+    assert_event(&next_change(&mut watch).await, "Deleted", &a3);
+    assert_event(&next_change(&mut watch).await, "Added", &c);
 }
 
 async fn watch_resumes_without_gap_or_duplicate(f: Factory) {
     let s = f().await;
     let start = s.current_revision().await.unwrap() + 1;
-    let mut revs = Vec::new();
+    let mut written = Vec::new();
     for i in 0..10 {
-        revs.push(
-            s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap().metadata.resource_version,
-        );
+        written.push(s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap());
     }
     let mut watch = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
-    let mut got = Vec::new();
-    for _ in 0..4 {
-        got.push(next_change(&mut watch).await.revision());
+    for want in &written[..4] {
+        assert_event(&next_change(&mut watch).await, "Added", want);
     }
     drop(watch);
     for i in 10..13 {
-        revs.push(
-            s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap().metadata.resource_version,
-        );
+        written.push(s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap());
     }
-    let mut watch = s.watch(&WatchRequest::from(things(), got[3] + 1)).await.unwrap();
-    while got.len() < revs.len() {
-        got.push(next_change(&mut watch).await.revision());
+    let mut watch = s.watch(&WatchRequest::from(things(), written[3].metadata.resource_version + 1)).await.unwrap();
+    for want in &written[4..] {
+        assert_event(&next_change(&mut watch).await, "Added", want);
     }
-    assert_eq!(got, revs);
 }
 
 async fn watch_reports_selector_transitions(f: Factory) {
@@ -711,24 +692,11 @@ async fn watch_reports_selector_transitions(f: Factory) {
     let mut relabeled = (*out).clone();
     relabeled.metadata.labels.insert("app", "web");
     let back = s.update(relabeled, &w()).await.unwrap();
-    let got: Vec<_> = [
-        next_change(&mut watch).await,
-        next_change(&mut watch).await,
-        next_change(&mut watch).await,
-        next_change(&mut watch).await,
-    ]
-    .iter()
-    .map(describe)
-    .collect();
-    assert_eq!(
-        got,
-        vec![
-            ("Added", "a".into(), in_.metadata.resource_version),
-            ("Modified", "a".into(), still.metadata.resource_version),
-            ("Deleted", "a".into(), out.metadata.resource_version),
-            ("Added", "a".into(), back.metadata.resource_version),
-        ]
-    );
+    // Each event carries the state the write made: the one that left the selection is
+    // `Deleted` with the object as it left (no label, the revision of that write).
+    for (kind, want) in [("Added", &in_), ("Modified", &still), ("Deleted", &out), ("Added", &back)] {
+        assert_event(&next_change(&mut watch).await, kind, want);
+    }
 }
 
 async fn watch_sees_concurrent_writes_once_in_order(f: Factory) {
@@ -741,48 +709,47 @@ async fn watch_sees_concurrent_writes_once_in_order(f: Factory) {
     for t in 0..writers {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            let mut revs = Vec::new();
+            let mut written = Vec::new();
             for i in 0..per {
                 let name = format!("w{t}-{}", i % 5);
-                let rev = match s.get(&key(&name)).await {
+                let ack = match s.get(&key(&name)).await {
                     Ok(cur) => {
                         let mut next = (*cur).clone();
                         next.spec = RawJson::from_value(&serde_json::json!(i));
-                        s.update(next, &WriteOptions::default()).await.unwrap().metadata.resource_version
+                        ("Modified", s.update(next, &WriteOptions::default()).await.unwrap())
                     }
                     Err(_) => {
-                        s.create(thing(&name, serde_json::json!(i)), &WriteOptions::default())
-                            .await
-                            .unwrap()
-                            .metadata
-                            .resource_version
+                        ("Added", s.create(thing(&name, serde_json::json!(i)), &WriteOptions::default()).await.unwrap())
                     }
                 };
-                revs.push(rev);
+                written.push(ack);
                 tokio::task::yield_now().await;
             }
-            revs
+            written
         }));
     }
-    let mut acknowledged = BTreeSet::new();
+    // Every acknowledged write, by revision: the watch must show each once, in revision order,
+    // with the body the write returned.
+    let mut acknowledged = BTreeMap::new();
     for t in tasks {
-        acknowledged.extend(t.await.unwrap());
+        for (kind, o) in t.await.unwrap() {
+            assert!(acknowledged.insert(o.metadata.resource_version, (kind, o)).is_none(), "two writes, one revision");
+        }
     }
-    let mut got = Vec::new();
-    while got.len() < acknowledged.len() {
-        got.push(next_change(&mut watch).await.revision());
+    for (kind, want) in acknowledged.values() {
+        assert_event(&next_change(&mut watch).await, kind, want);
     }
-    assert!(got.windows(2).all(|p| p[0] < p[1]), "events out of order or duplicated: {got:?}");
-    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), acknowledged, "every acknowledged write seen once");
 }
 
 async fn watch_from_compacted_revision_fails(f: Factory) {
     let s = f().await;
     let a = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    let mut last = a.clone();
     for i in 0..3 {
-        s.create(thing(&format!("b{i}"), serde_json::json!(i)), &w()).await.unwrap();
+        last = s.create(thing(&format!("b{i}"), serde_json::json!(i)), &w()).await.unwrap();
     }
     let now = s.current_revision().await.unwrap();
+    assert_eq!(now, last.metadata.resource_version);
     s.compact(now).await.unwrap();
     s.compact(a.metadata.resource_version).await.unwrap(); // compacting backwards is a no-op
     match s.watch(&WatchRequest::from(things(), a.metadata.resource_version)).await {
@@ -794,7 +761,7 @@ async fn watch_from_compacted_revision_fails(f: Factory) {
     }
     // From the compaction point on, the watch works.
     let mut ok = s.watch(&WatchRequest::from(things(), now)).await.unwrap();
-    assert_eq!(next_change(&mut ok).await.revision(), now);
+    assert_event(&next_change(&mut ok).await, "Added", &last);
 }
 
 async fn watch_sends_progress(f: Factory) {
@@ -814,7 +781,7 @@ async fn watch_sends_progress(f: Factory) {
     }
     // A progress revision is a safe place to resume: nothing is skipped after it.
     let t = s.create(thing("t", serde_json::json!(1)), &w()).await.unwrap();
-    assert_eq!(describe(&next_change(&mut watch).await), ("Added", "t".into(), t.metadata.resource_version));
+    assert_event(&next_change(&mut watch).await, "Added", &t);
 }
 
 /// A watch never ends silently: when its store goes away (the case holds the only handle the
@@ -831,7 +798,7 @@ async fn watch_ends_with_an_error_when_the_store_is_dropped(f: Factory) {
         })
         .await
         .unwrap();
-    assert_eq!(describe(&next_change(&mut watch).await), ("Added", "a".into(), from));
+    assert_event(&next_change(&mut watch).await, "Added", &c);
     drop(s);
     for stream in [&mut watch, &mut quiet] {
         loop {
@@ -850,20 +817,137 @@ async fn watch_ends_with_an_error_when_the_store_is_dropped(f: Factory) {
 async fn slow_watcher_does_not_stall_writers(f: Factory) {
     let s = f().await;
     let start = s.current_revision().await.unwrap() + 1;
-    // This watcher never reads.
-    let _idle = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
+    // This watcher reads nothing until every write is done.
+    let mut idle = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
     let mut fast = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
     let n = 2_000;
     let writes = async {
+        let mut written = Vec::new();
         for i in 0..n {
-            s.create(thing(&format!("o{i}"), serde_json::json!(i)), &w()).await.unwrap();
+            written.push(s.create(thing(&format!("o{i:04}"), serde_json::json!(i)), &w()).await.unwrap());
         }
+        written
     };
-    tokio::time::timeout(PATIENCE, writes).await.expect("writes must not wait for an idle watcher");
-    let mut count = 0;
-    while count < n {
-        next_change(&mut fast).await;
-        count += 1;
+    let written = tokio::time::timeout(PATIENCE, writes).await.expect("writes must not wait for an idle watcher");
+    for want in &written {
+        assert_event(&next_change(&mut fast).await, "Added", want);
+    }
+    // The idle watcher then reads everything, in order, or (had the store's own bound on history
+    // left it behind) a gap-free start followed by `Compacted`.
+    // The idle watcher then reads every event, in order: 2,000 events are well within every
+    // store's history.
+    let expected: Vec<_> = written.iter().map(|o| ("Added", o.clone())).collect();
+    assert_eq!(read_until_told(&mut idle, &expected).await, None, "an idle watcher within the history misses nothing");
+}
+
+/// Reads `stream` while it matches `expected` (type and body, in order). Returns `None` when it
+/// delivered all of them, or `Some(count)` when it ended with `Compacted` after `count` of them:
+/// a watcher that fell behind is told, never silently skipped past an event.
+async fn read_until_told(stream: &mut WatchStream, expected: &[(&str, Arc<DynamicObject>)]) -> Option<usize> {
+    let mut seen = 0;
+    while seen < expected.len() {
+        match tokio::time::timeout(PATIENCE, stream.next()).await {
+            Ok(Some(Ok(WatchEvent::Progress(_)))) => {}
+            Ok(Some(Ok(e))) => {
+                let (kind, want) = &expected[seen];
+                assert_event(&e, kind, want);
+                seen += 1;
+            }
+            Ok(Some(Err(e))) => {
+                assert!(e.is_compacted(), "a watcher that fell behind is told with Compacted, got {e}");
+                let end = tokio::time::timeout(PATIENCE, stream.next()).await.expect("the stream ends");
+                assert!(end.is_none(), "the stream ends after Compacted: {end:?}");
+                return Some(seen);
+            }
+            Ok(None) => panic!("the watch ended silently after {seen} of {} events", expected.len()),
+            Err(_) => panic!("neither event {seen} nor Compacted within {PATIENCE:?}"),
+        }
+    }
+    None
+}
+
+/// The suite's objects as a typed resource, for a cache.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+struct Thing(serde_json::Value);
+
+impl crate::Resource for Thing {
+    const KIND: &'static str = KIND;
+    const SCOPE: crate::Scope = crate::Scope::Namespaced;
+    type Status = serde_json::Value;
+}
+
+/// A watcher that falls behind: the history it has not read is compacted away while it sleeps.
+/// It is told (`Compacted`, after a gap-free start) unless the store had already handed it
+/// every event; listing again and watching from the list's revision then misses nothing, and a
+/// cache that fell behind the same way recovers by itself, without resurrecting what was
+/// deleted in the gap.
+async fn watcher_that_falls_behind_is_told_and_recovers(f: Factory) {
+    let s = f().await;
+    let start = s.current_revision().await.unwrap() + 1;
+    let mut slow = s.watch(&WatchRequest::from(things(), start)).await.unwrap();
+    let cache = crate::cache::Cache::<Thing>::spawn(s.clone(), crate::cache::CacheConfig::default());
+    tokio::time::timeout(PATIENCE, cache.ready()).await.expect("the cache lists within the patience");
+    let n = 300;
+    let mut written: Vec<(&str, Arc<DynamicObject>)> = Vec::new();
+    for i in 0..n {
+        written.push(("Added", s.create(thing(&format!("o{i:04}"), serde_json::json!(i)), &w()).await.unwrap()));
+    }
+    for i in (0..n).step_by(10) {
+        let DeleteOutcome::Deleted(last) =
+            s.delete(&key(&format!("o{i:04}")), &DeleteOptions::default()).await.unwrap()
+        else {
+            panic!("o{i:04} has no finalizers")
+        };
+        written.push(("Deleted", last));
+    }
+    let now = s.current_revision().await.unwrap();
+    s.compact(now).await.unwrap();
+
+    let told = read_until_told(&mut slow, &written).await;
+    eprintln!(
+        "slow watcher: {}",
+        match told {
+            Some(seen) => format!("told Compacted after {seen} of {} events", written.len()),
+            None => "had every event before the compaction".into(),
+        }
+    );
+
+    // Recovery: the list is exactly what survived, and a watch from its revision on misses
+    // nothing after it.
+    let alive: Vec<Arc<DynamicObject>> = written
+        .iter()
+        .filter(|(kind, o)| {
+            *kind == "Added" && !written.iter().any(|(k, d)| *k == "Deleted" && d.metadata.name == o.metadata.name)
+        })
+        .map(|(_, o)| o.clone())
+        .collect();
+    let page = s.list(&ListRequest::new(things())).await.unwrap();
+    assert_eq!(page.items, alive, "the relist holds every survivor as written");
+    let mut again = s.watch(&WatchRequest::from(things(), page.revision + 1)).await.unwrap();
+    let late = s.create(thing("late", serde_json::json!("late")), &w()).await.unwrap();
+    assert_event(&next_change(&mut again).await, "Added", &late);
+
+    // The cache reaches the same state: every survivor at its revision, nothing deleted.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let cached = cache.list();
+        let matches = cached.len() == alive.len() + 1
+            && alive.iter().chain([&late]).all(|o| {
+                cache.get(&crate::cache::ObjectRef::new(NS, &o.metadata.name)).is_some_and(|c| {
+                    c.metadata.resource_version == o.metadata.resource_version && c.spec.0 == o.spec.to_value()
+                })
+            });
+        if matches {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cache did not recover within {PATIENCE:?}: {} objects, expected {}",
+            cached.len(),
+            alive.len() + 1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -932,23 +1016,36 @@ async fn lease_expiry_deletes_attached_objects(f: Factory) {
     let s = f().await;
     let lease = s.grant_lease(Duration::from_secs(2)).await.unwrap();
     assert_eq!(lease.ttl, Duration::from_secs(2));
-    let mut revs = Vec::new();
+    let mut created = Vec::new();
     for name in ["l1", "l2"] {
-        let mut o = thing(name, serde_json::json!(1));
+        let mut o = thing(name, serde_json::json!({"name": name}));
         o.metadata.lease = Some(lease.id);
         o.metadata.finalizers = vec!["orch.dev/ignored-by-leases".into()];
-        revs.push(s.create(o, &w()).await.unwrap().metadata.resource_version);
+        created.push(s.create(o, &w()).await.unwrap());
     }
     let keep = s.create(thing("keep", serde_json::json!(1)), &w()).await.unwrap();
     let mut watch = s.watch(&WatchRequest::from(things(), keep.metadata.resource_version + 1)).await.unwrap();
     eventually_gone(&*s, &key("l1")).await;
     eventually_gone(&*s, &key("l2")).await;
     assert!(s.get(&key("keep")).await.is_ok());
-    let a = describe(&next_change(&mut watch).await);
-    let b = describe(&next_change(&mut watch).await);
-    assert_eq!((a.0, b.0), ("Deleted", "Deleted"));
-    assert_eq!(a.2, b.2, "keys of one lease go in one revision");
-    assert_eq!([a.1, b.1].into_iter().collect::<HashSet<_>>(), HashSet::from(["l1".to_string(), "l2".to_string()]));
+    let a = next_change(&mut watch).await;
+    let b = next_change(&mut watch).await;
+    assert_eq!((describe(&a).0, describe(&b).0), ("Deleted", "Deleted"));
+    assert_eq!(a.revision(), b.revision(), "keys of one lease go in one revision");
+    assert!(a.revision() > keep.metadata.resource_version);
+    let names: HashSet<String> = [&a, &b].iter().map(|e| describe(e).1).collect();
+    assert_eq!(names, HashSet::from(["l1".to_string(), "l2".to_string()]));
+    // Each body is the object's last state, at the deletion's revision.
+    for e in [&a, &b] {
+        let body = e.object().unwrap();
+        let was = created.iter().find(|c| c.metadata.name == body.metadata.name).unwrap();
+        assert_eq!(
+            (&body.metadata.uid, body.metadata.lease, &body.metadata.finalizers, body.spec.to_value()),
+            (&was.metadata.uid, Some(lease.id), &was.metadata.finalizers, was.spec.to_value()),
+            "the last state of {}",
+            was.metadata.name
+        );
+    }
     // An expired lease never comes back.
     assert!(matches!(s.keep_alive(lease.id).await.unwrap_err(), Error::LeaseNotFound(id) if id == lease.id));
     let mut late = thing("late", serde_json::json!(1));
@@ -1082,8 +1179,8 @@ struct ModelObj {
 #[derive(Default)]
 struct Model {
     objects: BTreeMap<u8, ModelObj>,
-    /// (event type, name, revision) in order.
-    events: Vec<(&'static str, String, u64)>,
+    /// (event type, name, the body: the object's new state, or its last for `Deleted`) in order.
+    events: Vec<(&'static str, String, ModelObj)>,
     last_rev: u64,
     /// Revisions written so far, to pick compaction points from.
     written: Vec<u64>,
@@ -1163,7 +1260,7 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                             deleting: false,
                         },
                     );
-                    m.events.push(("Added", model_name(*name), rev));
+                    m.events.push(("Added", model_name(*name), m.objects[name].clone()));
                 }
             }
             Op::Update { name, stale, label, spec, finalizers } => {
@@ -1204,7 +1301,9 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                 }
                 let rev = m.advance(rev).map_err(ctx)?;
                 let o = got.unwrap();
-                let generation = cur.generation + u64::from(cur.spec != *spec);
+                // Removing the last finalizer deletes the object as it was last stored.
+                let removing = cur.deleting && *finalizers == 0;
+                let generation = if removing { cur.generation } else { cur.generation + u64::from(cur.spec != *spec) };
                 if o.metadata.generation != generation || o.metadata.version != cur.version + 1 {
                     return Err(ctx(format!(
                         "expected generation {generation} version {}, got {} {}",
@@ -1213,9 +1312,9 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                         o.metadata.version
                     )));
                 }
-                if cur.deleting && *finalizers == 0 {
+                if removing {
                     m.objects.remove(name);
-                    m.events.push(("Deleted", model_name(*name), rev));
+                    m.events.push(("Deleted", model_name(*name), ModelObj { rv: rev, ..cur }));
                 } else {
                     m.objects.insert(
                         *name,
@@ -1229,7 +1328,7 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                             ..cur
                         },
                     );
-                    m.events.push(("Modified", model_name(*name), rev));
+                    m.events.push(("Modified", model_name(*name), m.objects[name].clone()));
                 }
             }
             Op::UpdateStatus { name, stale, status } => {
@@ -1263,7 +1362,7 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                 }
                 let rev = m.advance(rev).map_err(ctx)?;
                 m.objects.insert(*name, ModelObj { rv: rev, version: cur.version + 1, status: Some(*status), ..cur });
-                m.events.push(("Modified", model_name(*name), rev));
+                m.events.push(("Modified", model_name(*name), m.objects[name].clone()));
             }
             Op::Delete { name, stale } => {
                 let cur = m.objects.get(name).cloned();
@@ -1299,7 +1398,7 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                     };
                     let rev = m.advance(rev).map_err(ctx)?;
                     m.objects.remove(name);
-                    m.events.push(("Deleted", model_name(*name), rev));
+                    m.events.push(("Deleted", model_name(*name), ModelObj { rv: rev, ..cur }));
                 } else if cur.deleting {
                     if outcome != Outcome::Pending(cur.rv) {
                         return Err(ctx(format!("a repeated delete must change nothing, got {outcome:?}")));
@@ -1310,7 +1409,7 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
                     };
                     let rev = m.advance(rev).map_err(ctx)?;
                     m.objects.insert(*name, ModelObj { rv: rev, version: cur.version + 1, deleting: true, ..cur });
-                    m.events.push(("Modified", model_name(*name), rev));
+                    m.events.push(("Modified", model_name(*name), m.objects[name].clone()));
                 }
             }
             Op::Get { name } => {
@@ -1356,32 +1455,31 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
     // Every object's full state matches.
     for (name, o) in &m.objects {
         let got = store.get(&key(&model_name(*name))).await.map_err(|e| format!("final get m{name}: {e}"))?;
-        let mm = &got.metadata;
-        let status = if got.status.is_null() { None } else { got.status.to_value()["s"].as_u64().map(|s| s as u8) };
-        let actual = ModelObj {
-            rv: mm.resource_version,
-            generation: mm.generation,
-            version: mm.version,
-            label: mm.labels.get("l").and_then(|l| l.parse().ok()).unwrap_or(255),
-            spec: got.spec.to_value()["v"].as_u64().unwrap_or(255) as u8,
-            status,
-            finalizers: mm.finalizers.len() as u8,
-            deleting: mm.deletion_timestamp.is_some(),
-        };
+        let actual = model_view(&got);
         if actual != *o {
             return Err(format!("final state of m{name}: expected {o:?}, got {actual:?}"));
         }
     }
-    // The event stream from the oldest revision still available equals the model's.
+    // The event stream from the oldest revision still available equals the model's, bodies
+    // included. A `Deleted` body is the last state at the deletion's revision; its version and
+    // deletion mark are the backend's own.
     let from = start.max(m.floor);
-    let expected: Vec<_> = m.events.iter().filter(|e| e.2 >= from).cloned().collect();
+    let expected: Vec<_> = m.events.iter().filter(|e| e.2.rv >= from).cloned().collect();
     let mut watch =
         store.watch(&WatchRequest::from(things(), from)).await.map_err(|e| format!("watch from {from}: {e}"))?;
     let mut got = Vec::new();
     while got.len() < expected.len() {
         match tokio::time::timeout(PATIENCE, watch.next()).await {
             Ok(Some(Ok(WatchEvent::Progress(_)))) => {}
-            Ok(Some(Ok(e))) => got.push(describe(&e)),
+            Ok(Some(Ok(e))) => {
+                let (kind, name, _) = describe(&e);
+                let mut body = model_view(e.object().expect("not a progress event"));
+                if kind == "Deleted" {
+                    let want = &expected[got.len()].2;
+                    (body.version, body.deleting) = (want.version, want.deleting);
+                }
+                got.push((kind, name, body));
+            }
             other => return Err(format!("watch from {from} stopped after {got:?}: {other:?}")),
         }
     }
@@ -1391,34 +1489,55 @@ async fn run_model(store: Arc<dyn Store>, ops: &[Op]) -> Result<(), String> {
     Ok(())
 }
 
+/// An object as the model sees it.
+fn model_view(got: &DynamicObject) -> ModelObj {
+    let mm = &got.metadata;
+    let status = if got.status.is_null() { None } else { got.status.to_value()["s"].as_u64().map(|s| s as u8) };
+    ModelObj {
+        rv: mm.resource_version,
+        generation: mm.generation,
+        version: mm.version,
+        label: mm.labels.get("l").and_then(|l| l.parse().ok()).unwrap_or(255),
+        spec: got.spec.to_value()["v"].as_u64().unwrap_or(255) as u8,
+        status,
+        finalizers: mm.finalizers.len() as u8,
+        deleting: mm.deletion_timestamp.is_some(),
+    }
+}
+
+/// Random operation sequences against the store and the model, through proptest: 256 cases
+/// (`ORCH_MODEL_CASES` to change), a failing sequence shrunk to a minimal one and its seed kept in
+/// `proptest-regressions/store_model.txt` under the running test's package, rerun first next
+/// time. Each sequence runs on a fresh store in a fresh runtime of the case's own flavour.
 async fn model_check(f: Factory) {
-    let cases = std::env::var("ORCH_MODEL_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(64);
-    let mut runner = TestRunner::new(Config { cases, ..Config::default() });
-    let strategy = proptest::collection::vec(op_strategy(), 1..40);
-    for _ in 0..cases {
-        let mut tree = strategy.new_tree(&mut runner).expect("generate operations");
-        let Err(first) = run_model(f().await, &tree.current()).await else { continue };
-        // Shrink to a minimal failing sequence.
-        let mut best = (tree.current(), first);
-        let mut budget = 256;
-        if tree.simplify() {
-            while budget > 0 {
-                budget -= 1;
-                match run_model(f().await, &tree.current()).await {
-                    Err(msg) => {
-                        best = (tree.current(), msg);
-                        if !tree.simplify() {
-                            break;
-                        }
+    let cases = std::env::var("ORCH_MODEL_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256);
+    let paused = tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread;
+    let config = Config {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct("proptest-regressions/store_model.txt"))),
+        ..Config::default()
+    };
+    // proptest drives the cases synchronously, so it runs on a thread of its own, away from this
+    // runtime; each case blocks on a runtime of its own.
+    let outcome = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut runner = TestRunner::new(config);
+                runner.run(&proptest::collection::vec(op_strategy(), 1..40), |ops| {
+                    let rt = if paused {
+                        tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build()
+                    } else {
+                        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
                     }
-                    Ok(()) => {
-                        if !tree.complicate() {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        panic!("store disagrees with the model: {}\nminimal operations: {:#?}", best.1, best.0);
+                    .expect("a tokio runtime for the case");
+                    let f = f.clone();
+                    rt.block_on(async move { run_model(f().await, &ops).await }).map_err(TestCaseError::fail)
+                })
+            })
+            .join()
+            .expect("the model check's thread")
+    });
+    if let Err(e) = outcome {
+        panic!("store disagrees with the model: {e}");
     }
 }

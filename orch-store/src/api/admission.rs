@@ -1,0 +1,86 @@
+//! Admission: what a write must pass before it reaches the store, after authentication.
+//!
+//! The server runs its [`Admission`] hooks in order on every create, update, status update and
+//! patch (on the object as it will be written) and on deletes. The first hook that refuses ends
+//! the request with its error (an `Invalid` naming the fields answers `422`).
+//! [`BuiltinValidation`] checks orch's own kinds with the same validation the typed
+//! [`Api`](orch_core::Api) applies; the store itself checks every object's metadata.
+
+use orch_core::kinds::{Node, NodeLease, Workload};
+use orch_core::{DynamicObject, Error, Object, ObjectKey, Resource};
+
+/// What a request does to an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// A create.
+    Create,
+    /// An update of metadata and spec (a replace or a patch).
+    Update,
+    /// An update of the status.
+    UpdateStatus,
+    /// A delete.
+    Delete,
+}
+
+/// Who is asking: the name and groups authentication found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserInfo {
+    /// The user's name (`system:anonymous` for an unauthenticated client).
+    pub name: String,
+    /// The groups the user is in.
+    pub groups: Vec<String>,
+}
+
+impl UserInfo {
+    /// The user of a client that presented no credential.
+    pub fn anonymous() -> Self {
+        UserInfo { name: "system:anonymous".into(), groups: vec!["system:unauthenticated".into()] }
+    }
+}
+
+/// One request as an admission hook sees it.
+#[derive(Debug)]
+pub struct AdmissionRequest<'a> {
+    /// What the request does.
+    pub operation: Operation,
+    /// The object it is about.
+    pub key: &'a ObjectKey,
+    /// Who asks.
+    pub user: &'a UserInfo,
+    /// True for a dry run: nothing will be written.
+    pub dry_run: bool,
+}
+
+/// A rule every write must pass: an application's own admission policy.
+///
+/// # To ensure correctness
+/// A hook decides from the request and the object alone, quickly (it runs inside the request),
+/// and answers `Invalid` naming each field it refuses, so the client sees a `422` with causes.
+/// It may change the object (defaulting) on create and update; changes on delete are ignored.
+pub trait Admission: Send + Sync + 'static {
+    /// Admits the object (possibly changed) or refuses it.
+    fn admit(&self, req: &AdmissionRequest<'_>, obj: &mut DynamicObject) -> Result<(), Error>;
+}
+
+/// Checks orch's built-in kinds (`Workload`, `Node`, `NodeLease`) as the typed `Api` does:
+/// every bad field named, the spec and status decoded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuiltinValidation;
+
+fn check<K: Resource>(obj: &DynamicObject) -> Result<(), Error> {
+    Object::<K>::from_dynamic(obj)?.validate()
+}
+
+impl Admission for BuiltinValidation {
+    fn admit(&self, req: &AdmissionRequest<'_>, obj: &mut DynamicObject) -> Result<(), Error> {
+        if req.operation == Operation::Delete {
+            return Ok(());
+        }
+        match obj.kind.as_str() {
+            Workload::KIND => check::<Workload>(obj),
+            Node::KIND => check::<Node>(obj),
+            NodeLease::KIND => check::<NodeLease>(obj),
+            _ => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! The control plane over the network: an API server that serves any [`Store`](orch_core::Store)
+//! in the Kubernetes API's conventions (feature `server`), and [`RemoteStore`], the `Store` that
+//! speaks to it (feature `remote`).
+//!
+//! | piece | feature | what it is |
+//! |---|---|---|
+//! | [`wire`] | `server` or `remote` | the JSON shapes both sides share: objects, lists, watch lines, `Status` errors, paths |
+//! | `ApiServer` | `server` | axum over hyper (HTTP/1.1 and HTTP/2): CRUD, status, merge and JSON patch, watch, leases, discovery, limits |
+//! | `RemoteStore` | `remote` | a `Store` over HTTP/2: passes the store conformance suite; watches resume after a lost connection |
+
+pub mod wire;
+
+#[cfg(feature = "server")]
+pub mod admission;
+#[cfg(feature = "server")]
+pub mod kinds;
+#[cfg(feature = "remote")]
+mod remote;
+#[cfg(feature = "server")]
+mod server;
+
+#[cfg(feature = "server")]
+pub use admission::{Admission, AdmissionRequest, BuiltinValidation, Operation, UserInfo};
+#[cfg(feature = "server")]
+pub use kinds::{KindInfo, Kinds};
+#[cfg(feature = "remote")]
+pub use remote::{RemoteStore, RemoteStoreBuilder};
+#[cfg(feature = "server")]
+pub use server::{ApiServer, ApiServerBuilder, Limits, RunningServer};

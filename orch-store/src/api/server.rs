@@ -1,0 +1,1244 @@
+//! The API server: any [`Store`] over HTTP/1.1 and HTTP/2, in the Kubernetes API's conventions.
+
+// `Status` is the error of every handler here: built once for a failed request and sent, never
+// on a path that repeats, so its size (a few strings and the details) costs nothing worth boxing.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::{Stream, StreamExt};
+use orch_core::rate::RateLimiter;
+use orch_core::{
+    DeleteOptions, DeleteOutcome, DynamicObject, Error, FieldSelector, Guard, LabelSelector, ListRequest, ObjectKey,
+    Propagation, Selection, Store, WatchEvent, WatchRequest, WatchStream, WriteOptions,
+};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use super::admission::{Admission, AdmissionRequest, BuiltinValidation, Operation, UserInfo};
+use super::kinds::{self, Kinds};
+use super::wire::{self, ListMeta, ListOut, Status, WireObject, decode_segment};
+
+/// What protects the server from its clients. A client is told apart by its address.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body read; a larger one is answered `413`.
+    pub max_body_bytes: usize,
+    /// Largest object (its wire form) written; a larger one is answered `413` naming its size.
+    pub max_object_bytes: usize,
+    /// Longest label or field selector accepted (`400` beyond).
+    pub max_selector_bytes: usize,
+    /// Requests one client may have in flight at once (watches not counted); more are answered
+    /// `429` at once, so one busy client cannot take every worker (a simple form of Kubernetes'
+    /// priority and fairness).
+    pub max_in_flight_per_client: usize,
+    /// Requests per second one client may start, with bursts of `rate_burst`; `None` for no
+    /// limit. Over it, `429` with `Retry-After`.
+    pub requests_per_second: Option<f64>,
+    /// Burst size of the per-client rate.
+    pub rate_burst: u32,
+    /// Watches one client may hold at once (`429` beyond).
+    pub max_watches_per_client: usize,
+    /// Longest a request other than a watch may take (`504` beyond).
+    pub request_timeout: Duration,
+    /// Longest a watch may last before the server ends it (a client resumes from its last
+    /// revision); `None` for no limit. A client's `timeoutSeconds` may ask for less.
+    pub max_watch_duration: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 3 * 1024 * 1024,
+            max_object_bytes: 1536 * 1024,
+            max_selector_bytes: 8 * 1024,
+            max_in_flight_per_client: 512,
+            requests_per_second: None,
+            rate_burst: 100,
+            max_watches_per_client: 20_000,
+            request_timeout: Duration::from_secs(60),
+            max_watch_duration: None,
+        }
+    }
+}
+
+/// Builds an [`ApiServer`].
+pub struct ApiServerBuilder {
+    store: Arc<dyn Store>,
+    kinds: Kinds,
+    limits: Limits,
+    admission: Vec<Arc<dyn Admission>>,
+    default_bookmark_interval: Duration,
+}
+
+impl ApiServerBuilder {
+    /// The kinds named in discovery (default: orch's built-in kinds).
+    pub fn kinds(mut self, kinds: Kinds) -> Self {
+        self.kinds = kinds;
+        self
+    }
+
+    /// The limits (default: [`Limits::default`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Adds an admission hook, run after the built-in validation.
+    pub fn admission(mut self, hook: impl Admission) -> Self {
+        self.admission.push(Arc::new(hook));
+        self
+    }
+
+    /// How often a watch that asked for bookmarks (`allowWatchBookmarks`) without saying how
+    /// often gets one (default 10 s).
+    pub fn bookmark_interval(mut self, every: Duration) -> Self {
+        self.default_bookmark_interval = every;
+        self
+    }
+
+    /// The server.
+    pub fn build(self) -> ApiServer {
+        let (closing, _) = watch::channel(false);
+        ApiServer {
+            shared: Arc::new(Shared {
+                store: self.store,
+                kinds: self.kinds,
+                limits: self.limits,
+                admission: self.admission,
+                clients: Mutex::new(HashMap::new()),
+                default_bookmark_interval: self.default_bookmark_interval,
+                closing,
+            }),
+        }
+    }
+}
+
+/// An API server over a [`Store`]: serve it with [`ApiServer::serve`], or mount
+/// [`ApiServer::router`] into an axum application of your own.
+///
+/// Paths follow Kubernetes: `/apis/orch.dev/v1/namespaces/{ns}/{resource}[/{name}[/status]]` for
+/// namespaced kinds and `/apis/orch.dev/v1/{resource}[/{name}[/status]]` for cluster-scoped ones
+/// (and for lists and watches across all namespaces), with discovery at `/api`, `/apis` and
+/// `/apis/orch.dev/v1`. orch's own calls (revision, compaction, leases, batched updates) live
+/// under `/orch/v1`.
+#[derive(Clone)]
+pub struct ApiServer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer").field("store", &self.shared.store).field("limits", &self.shared.limits).finish()
+    }
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    kinds: Kinds,
+    limits: Limits,
+    admission: Vec<Arc<dyn Admission>>,
+    clients: Mutex<HashMap<String, Arc<ClientState>>>,
+    default_bookmark_interval: Duration,
+    /// Turns true when the server stops: open watches end (their clients resume elsewhere).
+    closing: watch::Sender<bool>,
+}
+
+/// What the server keeps per client.
+struct ClientState {
+    in_flight: Arc<Semaphore>,
+    watches: AtomicUsize,
+    rate: Option<RateLimiter>,
+}
+
+/// A running server: its address, and how to stop it.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// The base URL (`http://127.0.0.1:port`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, ends open watches, waits for requests in flight, and returns.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        self.stop.send_replace(true);
+        self.task.await.map_err(std::io::Error::other)?
+    }
+
+    /// Stops at once, dropping open connections (as a crash would, for tests).
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+impl ApiServer {
+    /// A server over `store` with the default kinds, limits and admission.
+    pub fn builder(store: Arc<dyn Store>) -> ApiServerBuilder {
+        ApiServerBuilder {
+            store,
+            kinds: Kinds::default(),
+            limits: Limits::default(),
+            admission: vec![Arc::new(BuiltinValidation)],
+            default_bookmark_interval: Duration::from_secs(10),
+        }
+    }
+
+    /// A server over `store` with every default.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        ApiServer::builder(store).build()
+    }
+
+    /// The routes, for mounting in an application of your own (it needs
+    /// `into_make_service_with_connect_info::<SocketAddr>` to tell clients apart).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/api", get(|| async { json_response(StatusCode::OK, &kinds::core_versions()) }))
+            .route("/api/v1", get(|| async { json_response(StatusCode::OK, &kinds::core_resources()) }))
+            .route("/apis", get(|| async { json_response(StatusCode::OK, &kinds::group_list()) }))
+            .route("/apis/orch.dev", get(|| async { json_response(StatusCode::OK, &kinds::group()) }))
+            .route(
+                "/apis/orch.dev/v1",
+                get(|State(s): State<Arc<Shared>>| async move { json_response(StatusCode::OK, &s.kinds.resource_list()) }),
+            )
+            .route(
+                "/version",
+                get(|| async {
+                    json_response(
+                        StatusCode::OK,
+                        &json!({"major": "1", "minor": "33", "gitVersion": format!("v1.33.0-orch-{}", env!("CARGO_PKG_VERSION")), "platform": "orch"}),
+                    )
+                }),
+            )
+            // kubectl reads the OpenAPI v3 documents before `apply`, to learn that the server
+            // validates writes itself (the `fieldValidation` parameter). orch's kinds publish no
+            // schema: the server checks every write and answers 422 naming each field.
+            // Older kubectl (1.20, Debian's) reads the v2 document as protobuf instead: an empty
+            // message is a valid, empty document, and kinds it does not describe go unchecked on
+            // its side.
+            .route(
+                "/openapi/v2",
+                get(|headers: HeaderMap| async move {
+                    let proto = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf";
+                    let wants_proto =
+                        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains(proto));
+                    if wants_proto {
+                        ([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], Vec::<u8>::new()).into_response()
+                    } else {
+                        json_response(
+                            StatusCode::OK,
+                            &json!({"swagger": "2.0", "info": {"title": "orch", "version": "v1"}, "paths": {}}),
+                        )
+                    }
+                }),
+            )
+            .route("/openapi/v3", get(|| async { json_response(StatusCode::OK, &kinds::openapi_root()) }))
+            .route("/openapi/v3/apis/orch.dev/v1", get(|State(s): State<Arc<Shared>>| async move {
+                json_response(StatusCode::OK, &s.kinds.openapi_group())
+            }))
+            .fallback(handle)
+            .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
+                status_response(Status::failure(
+                    405,
+                    "MethodNotAllowed",
+                    format!("{method} is not supported on {}: it is read with GET", uri.path()),
+                ))
+            })
+            .with_state(self.shared.clone())
+    }
+
+    /// Serves on `listener` (HTTP/1.1, and HTTP/2 with prior knowledge) until `shutdown`
+    /// resolves, then ends open watches and waits for requests in flight.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = self.router().into_make_service_with_connect_info::<SocketAddr>();
+        let closing = self.shared.closing.clone();
+        // Small responses go out at once (Nagle's delay would add tens of milliseconds).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                closing.send_replace(true);
+            })
+            .await
+    }
+
+    /// Ends every open watch (their clients resume elsewhere or after a restart), as a stop
+    /// does: a graceful shutdown of a server mounted through [`router`](ApiServer::router)
+    /// calls this first, or open watches hold it forever.
+    pub fn close(&self) {
+        self.shared.closing.send_replace(true);
+    }
+
+    /// Binds `addr` and serves in a task of its own until [`RunningServer::shutdown`].
+    pub async fn spawn(&self, addr: SocketAddr) -> std::io::Result<RunningServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, mut stopped) = watch::channel(false);
+        let server = self.clone();
+        let task = tokio::spawn(async move {
+            server
+                .serve(listener, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        Ok(RunningServer { addr, stop, task })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+
+fn json_response(code: StatusCode, body: &impl serde::Serialize) -> Response {
+    let bytes = serde_json::to_vec(body).expect("responses serialize");
+    (code, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], bytes).into_response()
+}
+
+fn text_json_response(code: StatusCode, body: String) -> Response {
+    (code, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}
+
+fn status_response(s: Status) -> Response {
+    let code = StatusCode::from_u16(s.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let retry = s.details.retry_after_seconds;
+    let mut r = json_response(code, &s);
+    if let Some(secs) = retry {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
+}
+
+type Answer = Result<Response, Status>;
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// What a path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// A collection (`namespace` `None`: every namespace, or a cluster-scoped kind).
+    Collection { kind: String, namespace: Option<String> },
+    /// One object, or its status.
+    Object { key: ObjectKey, status: bool },
+    /// `/orch/v1/revision`.
+    Revision,
+    /// `/orch/v1/compact`.
+    Compact,
+    /// `/orch/v1/leases`.
+    Leases,
+    /// `/orch/v1/leases/{id}`.
+    Lease(u64),
+    /// `/orch/v1/batch/update`.
+    BatchUpdate,
+}
+
+fn not_found(path: &str) -> Status {
+    Status::failure(404, "NotFound", format!("the server has no resource at {path}"))
+}
+
+fn parse_target(kinds: &Kinds, path: &str) -> Result<Target, Status> {
+    if let Some(rest) = path.strip_prefix(wire::ORCH_PREFIX) {
+        return match rest {
+            "/revision" => Ok(Target::Revision),
+            "/compact" => Ok(Target::Compact),
+            "/leases" => Ok(Target::Leases),
+            "/batch/update" => Ok(Target::BatchUpdate),
+            _ => match rest.strip_prefix("/leases/") {
+                Some(id) => id
+                    .parse()
+                    .map(Target::Lease)
+                    .map_err(|_| Status::bad_request(format!("lease id must be a number, not {id:?}"))),
+                None => Err(not_found(path)),
+            },
+        };
+    }
+    let Some(rest) = path.strip_prefix(wire::GROUP_PREFIX).and_then(|r| r.strip_prefix('/')) else {
+        return Err(not_found(path));
+    };
+    let mut segs = Vec::new();
+    for s in rest.split('/') {
+        segs.push(decode_segment(s).ok_or_else(|| Status::bad_request(format!("path segment {s:?} is not UTF-8")))?);
+    }
+    let (namespace, segs) = match segs.as_slice() {
+        [ns_word, ns, rest @ ..] if ns_word == "namespaces" && !rest.is_empty() => (Some(ns.clone()), rest.to_vec()),
+        _ => (None, segs),
+    };
+    let (resource, name, status) = match segs.as_slice() {
+        [r] => (r.clone(), None, false),
+        [r, n] => (r.clone(), Some(n.clone()), false),
+        [r, n, sub] if sub == "status" => (r.clone(), Some(n.clone()), true),
+        _ => return Err(not_found(path)),
+    };
+    if resource.is_empty() {
+        return Err(not_found(path));
+    }
+    if let Some(info) = kinds.lookup(&resource) {
+        let ns_given = namespace.is_some();
+        if !info.namespaced && ns_given {
+            return Err(not_found(path));
+        }
+        if info.namespaced && name.is_some() && !ns_given {
+            return Err(Status::failure(
+                404,
+                "NotFound",
+                format!("{} is namespaced: name it under /namespaces/{{namespace}}/", info.kind),
+            ));
+        }
+    }
+    let kind = kinds.resolve(&resource);
+    Ok(match name {
+        None => Target::Collection { kind, namespace },
+        Some(name) => Target::Object { key: ObjectKey::new(kind, namespace.unwrap_or_default(), name), status },
+    })
+}
+
+/// The query parameters the server reads; others are ignored, as Kubernetes does.
+#[derive(Debug, Default)]
+struct Query {
+    label_selector: Option<String>,
+    field_selector: Option<String>,
+    limit: Option<usize>,
+    continue_token: Option<String>,
+    resource_version: Option<String>,
+    resource_version_match: Option<String>,
+    watch: bool,
+    allow_bookmarks: bool,
+    progress_interval: Option<Duration>,
+    timeout: Option<Duration>,
+    dry_run: bool,
+    guard: Option<Guard>,
+}
+
+fn bool_param(name: &str, v: &str) -> Result<bool, Status> {
+    match v {
+        "true" | "1" | "" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(Status::bad_request(format!("query parameter {name}: must be true or false, not {v:?}"))),
+    }
+}
+
+fn number_param(name: &str, v: &str) -> Result<u64, Status> {
+    v.parse().map_err(|_| Status::bad_request(format!("query parameter {name}: must be a whole number, not {v:?}")))
+}
+
+/// Reads `Kind/namespace/name@resourceVersion` (the namespace may be empty).
+fn parse_guard(v: &str) -> Result<Guard, Status> {
+    let bad =
+        || Status::bad_request(format!("query parameter guard: expected kind/namespace/name@revision, not {v:?}"));
+    let (path, rv) = v.rsplit_once('@').ok_or_else(bad)?;
+    let mut parts = path.splitn(3, '/');
+    let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    Ok(Guard { key: ObjectKey::new(kind, ns, name), resource_version: rv.parse().map_err(|_| bad())? })
+}
+
+fn parse_query(raw: Option<&str>, limits: &Limits) -> Result<Query, Status> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| Status::bad_request(format!("query string: {e}")))?;
+    let mut q = Query::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "labelSelector" | "fieldSelector" => {
+                if v.len() > limits.max_selector_bytes {
+                    return Err(Status::bad_request(format!(
+                        "query parameter {k}: {} bytes, more than the limit of {}",
+                        v.len(),
+                        limits.max_selector_bytes
+                    )));
+                }
+                if k == "labelSelector" { q.label_selector = Some(v) } else { q.field_selector = Some(v) }
+            }
+            "limit" => {
+                let n = number_param(&k, &v)?;
+                // Kubernetes reads 0 as "no limit".
+                q.limit = (n > 0).then_some(n as usize);
+            }
+            "orchLimit" => q.limit = Some(number_param(&k, &v)? as usize),
+            "continue" => q.continue_token = (!v.is_empty()).then_some(v),
+            "resourceVersion" => q.resource_version = Some(v),
+            "resourceVersionMatch" => q.resource_version_match = Some(v),
+            "watch" => q.watch = bool_param(&k, &v)?,
+            "allowWatchBookmarks" => q.allow_bookmarks = bool_param(&k, &v)?,
+            "progressIntervalMs" => q.progress_interval = Some(Duration::from_millis(number_param(&k, &v)?.max(1))),
+            "timeoutSeconds" => q.timeout = Some(Duration::from_secs(number_param(&k, &v)?)),
+            "timeout" => {}
+            "dryRun" => q.dry_run = v == "All" || bool_param(&k, &v).unwrap_or(false),
+            "guard" => q.guard = Some(parse_guard(&v)?),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+fn selection(kind: &str, namespace: Option<&str>, q: &Query) -> Result<Selection, Status> {
+    let mut sel = Selection::kind(kind);
+    sel.namespace = namespace.map(str::to_string);
+    if let Some(text) = &q.label_selector {
+        sel.labels = LabelSelector::parse(text).map_err(|e| Status::from_error(&e))?;
+    }
+    if let Some(text) = &q.field_selector {
+        sel.fields = FieldSelector::parse(text).map_err(|e| Status::from_error(&e))?;
+    }
+    Ok(sel)
+}
+
+fn revision_param(q: &Query) -> Result<Option<u64>, Status> {
+    match q.resource_version.as_deref() {
+        None | Some("") => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            Status::bad_request(format!("query parameter resourceVersion: must be a revision, not {v:?}"))
+        }),
+    }
+}
+
+impl Shared {
+    fn client(&self, id: &str) -> Arc<ClientState> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .entry(id.to_string())
+            .or_insert_with(|| {
+                Arc::new(ClientState {
+                    in_flight: Arc::new(Semaphore::new(self.limits.max_in_flight_per_client)),
+                    watches: AtomicUsize::new(0),
+                    rate: self.limits.requests_per_second.map(|r| RateLimiter::clamped(r, self.limits.rate_burst)),
+                })
+            })
+            .clone()
+    }
+
+    fn admit(
+        &self,
+        op: Operation,
+        key: &ObjectKey,
+        user: &UserInfo,
+        dry_run: bool,
+        obj: &mut DynamicObject,
+    ) -> Result<(), Error> {
+        let req = AdmissionRequest { operation: op, key, user, dry_run };
+        for hook in &self.admission {
+            hook.admit(&req, obj).map_err(|e| match e {
+                // A spec that does not decode is the client's input at fault, not the server.
+                Error::Serialization { path, source, .. } => Error::invalid(
+                    key.kind.clone(),
+                    if path.is_empty() { "spec".to_string() } else { path },
+                    source.to_string(),
+                ),
+                e => e,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn check_size(&self, obj: &DynamicObject) -> Result<(), Status> {
+        let size = obj.spec.len()
+            + obj.status.len()
+            + obj.metadata.annotations.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if size > self.limits.max_object_bytes {
+            let mut s = Status::failure(
+                413,
+                "RequestEntityTooLarge",
+                format!(
+                    "{}: object is {size} bytes (spec, status and annotations), more than the limit of {}",
+                    obj.key(),
+                    self.limits.max_object_bytes
+                ),
+            );
+            s.details.kind = obj.kind.clone();
+            s.details.name = obj.metadata.name.clone();
+            return Err(s);
+        }
+        Ok(())
+    }
+}
+
+/// Every request that is not discovery comes here.
+async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let client_id = peer.unwrap_or_else(|| "local".into());
+    let user = UserInfo::anonymous();
+    let client = s.client(&client_id);
+    if let Some(rate) = &client.rate
+        && let Err(at) = rate.check()
+    {
+        let wait = at.saturating_duration_since(tokio::time::Instant::now());
+        let mut st = Status::failure(
+            429,
+            "TooManyRequests",
+            format!(
+                "client {client_id}: more than {} requests per second",
+                s.limits.requests_per_second.unwrap_or(0.0)
+            ),
+        );
+        st.details.retry_after_seconds = Some(wait.as_secs().max(1));
+        return status_response(st);
+    }
+    let (parts, body) = req.into_parts();
+    let target = match parse_target(&s.kinds, parts.uri.path()) {
+        Ok(t) => t,
+        Err(st) => return status_response(st),
+    };
+    let query = match parse_query(parts.uri.query(), &s.limits) {
+        Ok(q) => q,
+        Err(st) => return status_response(st),
+    };
+    let is_watch = parts.method == Method::GET && query.watch && matches!(target, Target::Collection { .. });
+    if is_watch {
+        return match watch_collection(&s, &client, target, &query).await {
+            Ok(r) => r,
+            Err(st) => status_response(st),
+        };
+    }
+    let Ok(_permit): Result<OwnedSemaphorePermit, _> = client.in_flight.clone().try_acquire_owned() else {
+        let mut st = Status::failure(
+            429,
+            "TooManyRequests",
+            format!("client {client_id}: more than {} requests in flight", s.limits.max_in_flight_per_client),
+        );
+        st.details.retry_after_seconds = Some(1);
+        return status_response(st);
+    };
+    let limit = s.limits.max_body_bytes;
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return status_response(Status::failure(
+                413,
+                "RequestEntityTooLarge",
+                format!("request body is larger than the limit of {limit} bytes"),
+            ));
+        }
+    };
+    let work = dispatch(&s, &user, parts.method, &parts.headers, target, query, body);
+    match tokio::time::timeout(s.limits.request_timeout, work).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(st)) => status_response(st),
+        Err(_) => {
+            let mut st =
+                Status::failure(504, "Timeout", format!("the request took longer than {:?}", s.limits.request_timeout));
+            st.details.retry_after_seconds = Some(1);
+            status_response(st)
+        }
+    }
+}
+
+fn object_response(code: StatusCode, obj: &DynamicObject) -> Response {
+    text_json_response(code, wire::object_json(obj))
+}
+
+fn decode_body(body: &[u8], kind: &str) -> Result<DynamicObject, Status> {
+    decode_body_versioned(body, kind).map(|(o, _)| o)
+}
+
+fn decode_body_versioned(body: &[u8], kind: &str) -> Result<(DynamicObject, Option<u64>), Status> {
+    if body.is_empty() {
+        return Err(Status::bad_request("request body is empty: expected an object"));
+    }
+    wire::decode_object_versioned(body, Some(kind)).map_err(|e| {
+        let mut s = Status::bad_request(format!("request body: {e}"));
+        s.details.kind = kind.to_string();
+        if !e.field.is_empty() {
+            s.details.causes = vec![wire::StatusCause {
+                reason: "FieldValueInvalid".into(),
+                message: e.reason.clone(),
+                field: e.field,
+            }];
+        }
+        s
+    })
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").split(';').next().unwrap_or("").trim()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct DeleteBody {
+    preconditions: Option<Preconditions>,
+    propagation_policy: Option<String>,
+    dry_run: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct Preconditions {
+    resource_version: Option<String>,
+    uid: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaseBody {
+    ttl_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CompactBody {
+    revision: u64,
+}
+
+fn lease_json(l: &orch_core::store::LeaseInfo) -> serde_json::Value {
+    json!({"id": l.id, "ttlMs": l.ttl.as_millis() as u64, "remainingMs": l.remaining.as_millis() as u64})
+}
+
+fn read_json<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T, Status> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        Status::bad_request(format!(
+            "{what}: {}{}",
+            if path == "." { String::new() } else { format!("{path}: ") },
+            e.into_inner()
+        ))
+    })
+}
+
+async fn dispatch(
+    s: &Shared,
+    user: &UserInfo,
+    method: Method,
+    headers: &HeaderMap,
+    target: Target,
+    q: Query,
+    body: Bytes,
+) -> Answer {
+    let store = &s.store;
+    let wopts = WriteOptions { guard: q.guard.clone() };
+    let err = |e: Error| Status::from_error(&e);
+    match (method, target) {
+        (Method::GET, Target::Revision) => {
+            let rev = store.current_revision().await.map_err(err)?;
+            Ok(json_response(StatusCode::OK, &json!({"revision": rev})))
+        }
+        (Method::POST, Target::Compact) => {
+            let b: CompactBody = read_json(&body, "compaction")?;
+            store.compact(b.revision).await.map_err(err)?;
+            Ok(json_response(StatusCode::OK, &json!({"revision": b.revision})))
+        }
+        (Method::POST, Target::Leases) => {
+            let b: LeaseBody = read_json(&body, "lease")?;
+            let l = store.grant_lease(Duration::from_millis(b.ttl_ms)).await.map_err(err)?;
+            Ok(json_response(StatusCode::CREATED, &lease_json(&l)))
+        }
+        (Method::GET, Target::Lease(id)) => {
+            Ok(json_response(StatusCode::OK, &lease_json(&store.lease(id).await.map_err(err)?)))
+        }
+        (Method::PUT, Target::Lease(id)) => {
+            Ok(json_response(StatusCode::OK, &lease_json(&store.keep_alive(id).await.map_err(err)?)))
+        }
+        (Method::DELETE, Target::Lease(id)) => {
+            store.revoke_lease(id).await.map_err(err)?;
+            Ok(json_response(StatusCode::OK, &json!({"id": id})))
+        }
+        (Method::POST, Target::BatchUpdate) => batch_update(s, user, &body, &wopts).await,
+        (Method::GET, Target::Collection { kind, namespace }) => list(s, &kind, namespace.as_deref(), &q).await,
+        (Method::GET, Target::Object { key, .. }) => {
+            let obj = store.get(&key).await.map_err(err)?;
+            Ok(object_response(StatusCode::OK, &obj))
+        }
+        (Method::POST, Target::Collection { kind, namespace }) => {
+            let mut obj = decode_body(&body, &kind)?;
+            if let Some(ns) = &namespace {
+                if obj.metadata.namespace.is_empty() {
+                    obj.metadata.namespace = ns.clone();
+                } else if obj.metadata.namespace != *ns {
+                    return Err(Status::invalid_field(
+                        &kind,
+                        "metadata.namespace",
+                        format!("is {:?} but the path names namespace {ns:?}", obj.metadata.namespace),
+                    ));
+                }
+            }
+            let key = obj.key();
+            s.check_size(&obj)?;
+            s.admit(Operation::Create, &key, user, q.dry_run, &mut obj).map_err(named(&key))?;
+            if q.dry_run {
+                return match store.get(&key).await {
+                    Ok(_) => Err(err(Error::AlreadyExists(key))),
+                    Err(e) if e.is_not_found() => Ok(object_response(StatusCode::CREATED, &obj)),
+                    Err(e) => Err(err(e)),
+                };
+            }
+            let created = store.create(obj, &wopts).await.map_err(named(&key))?;
+            Ok(object_response(StatusCode::CREATED, &created))
+        }
+        (Method::PUT, Target::Object { key, status }) => {
+            let (obj, expected) = decode_body_versioned(&body, &key.kind)?;
+            check_same_key(&obj, &key)?;
+            s.check_size(&obj)?;
+            if !q.dry_run && expected.is_some() {
+                // A plain replace needs no read: the store checks the version.
+                return replace(s, user, key, status, obj, &q).await;
+            }
+            write(s, user, key, status, expected, &q, move |_| Ok(obj.clone())).await
+        }
+        (Method::PATCH, Target::Object { key, status }) => {
+            let kind = content_type(headers).to_string();
+            let patch: serde_json::Value = read_json(&body, "patch")?;
+            let patch_kind = match kind.as_str() {
+                "application/merge-patch+json" => PatchKind::Merge,
+                "application/json-patch+json" => PatchKind::Json(
+                    serde_json::from_value(patch.clone())
+                        .map_err(|e| Status::bad_request(format!("JSON patch: {e}")))?,
+                ),
+                other => {
+                    return Err(Status::failure(
+                        415,
+                        "UnsupportedMediaType",
+                        format!(
+                            "patch type {other:?} is not supported: use application/merge-patch+json or application/json-patch+json"
+                        ),
+                    ));
+                }
+            };
+            // A patch naming a resource version is compare-and-swap on it; without, the
+            // server applies it to the current object, retrying on a conflict.
+            let pinned = patch.pointer("/metadata/resourceVersion").and_then(|v| match v {
+                serde_json::Value::String(t) => t.parse().ok(),
+                serde_json::Value::Number(n) => n.as_u64(),
+                _ => None,
+            });
+            let key2 = key.clone();
+            write(s, user, key, status, pinned, &q, move |current| {
+                let mut doc: serde_json::Value =
+                    serde_json::from_str(&wire::object_json(current)).expect("object JSON reads back");
+                match &patch_kind {
+                    PatchKind::Merge => json_patch::merge(&mut doc, &patch),
+                    PatchKind::Json(p) => json_patch::patch(&mut doc, p)
+                        .map_err(|e| Status::invalid_field(&key2.kind, "patch", e.to_string()))?,
+                }
+                let text = serde_json::to_vec(&doc).expect("values serialize");
+                let obj = decode_body(&text, &key2.kind)?;
+                check_same_key(&obj, &key2)?;
+                s.check_size(&obj)?;
+                Ok(obj)
+            })
+            .await
+        }
+        (Method::DELETE, Target::Object { key, status: false }) => {
+            let b: DeleteBody =
+                if body.is_empty() { DeleteBody::default() } else { read_json(&body, "delete options")? };
+            let dry_run = q.dry_run || b.dry_run.as_ref().is_some_and(|d| d.iter().any(|x| x == "All"));
+            let propagation = match b.propagation_policy.as_deref() {
+                None | Some("Background") => Propagation::Background,
+                Some("Foreground") => Propagation::Foreground,
+                Some("Orphan") => Propagation::Orphan,
+                Some(p) => {
+                    return Err(Status::invalid_field(
+                        &key.kind,
+                        "propagationPolicy",
+                        format!("must be Background, Foreground or Orphan, not {p:?}"),
+                    ));
+                }
+            };
+            let pre = b.preconditions.unwrap_or_default();
+            let rv = match pre.resource_version.as_deref() {
+                None | Some("") => None,
+                Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                    Status::invalid_field(
+                        &key.kind,
+                        "preconditions.resourceVersion",
+                        format!("must be a revision, not {v:?}"),
+                    )
+                })?),
+            };
+            if let Some(uid) = &pre.uid {
+                let cur = store.get(&key).await.map_err(err)?;
+                if cur.metadata.uid != *uid {
+                    return Err(err(Error::Conflict { key, expected: rv.unwrap_or(0), current: Some(cur) }));
+                }
+            }
+            let mut probe =
+                DynamicObject::new(key.kind.clone(), orch_core::ObjectMeta::namespaced(&key.namespace, &key.name));
+            s.admit(Operation::Delete, &key, user, dry_run, &mut probe).map_err(err)?;
+            if dry_run {
+                let cur = store.get(&key).await.map_err(err)?;
+                if let Some(rv) = rv
+                    && rv != cur.metadata.resource_version
+                {
+                    return Err(err(Error::Conflict { key, expected: rv, current: Some(cur) }));
+                }
+                return Ok(object_response(StatusCode::OK, &cur));
+            }
+            let opts = DeleteOptions { resource_version: rv, guard: q.guard.clone(), propagation };
+            match store.delete(&key, &opts).await.map_err(err)? {
+                DeleteOutcome::Deleted(o) => Ok(object_response(StatusCode::OK, &o)),
+                DeleteOutcome::Pending(o) => Ok(object_response(StatusCode::ACCEPTED, &o)),
+            }
+        }
+        (m, t) => Err(Status::failure(405, "MethodNotAllowed", format!("{m} is not supported on {t:?}"))),
+    }
+}
+
+enum PatchKind {
+    Merge,
+    Json(json_patch::Patch),
+}
+
+fn check_same_key(obj: &DynamicObject, key: &ObjectKey) -> Result<(), Status> {
+    if obj.metadata.name != key.name {
+        return Err(Status::invalid_field(
+            &key.kind,
+            "metadata.name",
+            format!("is {:?} but the path names {:?}", obj.metadata.name, key.name),
+        ));
+    }
+    if obj.metadata.namespace != key.namespace {
+        return Err(Status::invalid_field(
+            &key.kind,
+            "metadata.namespace",
+            format!("is {:?} but the path names {:?}", obj.metadata.namespace, key.namespace),
+        ));
+    }
+    Ok(())
+}
+
+/// An update, status update or patch: `make` builds the object to write from the current one
+/// (a replace ignores it). `expected` is the resource version the write is conditioned on;
+/// `None` means "the current one" (a write without a version, retried on conflict).
+async fn write(
+    s: &Shared,
+    user: &UserInfo,
+    key: ObjectKey,
+    status: bool,
+    expected: Option<u64>,
+    q: &Query,
+    mut make: impl FnMut(&DynamicObject) -> Result<DynamicObject, Status>,
+) -> Answer {
+    let store = &s.store;
+    let err = |e: Error| Status::from_error(&e);
+    let op = if status { Operation::UpdateStatus } else { Operation::Update };
+    let wopts = WriteOptions { guard: q.guard.clone() };
+    for _ in 0..16 {
+        // A replace does not need the current object unless it is a dry run.
+        let current = store.get(&key).await;
+        let mut obj = match &current {
+            Ok(cur) => make(cur)?,
+            Err(e) if e.is_not_found() => return Err(err(Error::NotFound(key))),
+            Err(e) => return Err(err(clone_error(e))),
+        };
+        let cur = current.expect("checked above");
+        obj.metadata.resource_version = expected.unwrap_or(cur.metadata.resource_version);
+        s.admit(op, &key, user, q.dry_run, &mut obj).map_err(named(&key))?;
+        if q.dry_run {
+            if obj.metadata.resource_version != cur.metadata.resource_version {
+                return Err(err(Error::Conflict { key, expected: obj.metadata.resource_version, current: Some(cur) }));
+            }
+            return Ok(object_response(StatusCode::OK, &obj));
+        }
+        let result = if status { store.update_status(obj, &wopts).await } else { store.update(obj, &wopts).await };
+        match result {
+            Ok(o) => return Ok(object_response(StatusCode::OK, &o)),
+            Err(e) if e.is_conflict() && expected.is_none() => continue,
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(Status::failure(409, "Conflict", format!("{key}: the object kept changing; patch gave up after 16 tries")))
+}
+
+async fn replace(
+    s: &Shared,
+    user: &UserInfo,
+    key: ObjectKey,
+    status: bool,
+    mut obj: DynamicObject,
+    q: &Query,
+) -> Answer {
+    let op = if status { Operation::UpdateStatus } else { Operation::Update };
+    s.admit(op, &key, user, false, &mut obj).map_err(named(&key))?;
+    let wopts = WriteOptions { guard: q.guard.clone() };
+    let result = if status { s.store.update_status(obj, &wopts).await } else { s.store.update(obj, &wopts).await };
+    result.map(|o| object_response(StatusCode::OK, &o)).map_err(named(&key))
+}
+
+/// The `Status` of an error about the object `key`: an `Invalid` names the object too, as
+/// kubectl shows it (`The Workload "web" is invalid`).
+fn named(key: &ObjectKey) -> impl Fn(Error) -> Status + '_ {
+    move |e| {
+        let mut s = Status::from_error(&e);
+        if s.details.name.is_empty() {
+            s.details.name = key.name.clone();
+            s.details.namespace = key.namespace.clone();
+        }
+        s
+    }
+}
+
+fn clone_error(e: &Error) -> Error {
+    Status::from_error(e).into_error()
+}
+
+async fn batch_update(s: &Shared, user: &UserInfo, body: &[u8], opts: &WriteOptions) -> Answer {
+    #[derive(Deserialize)]
+    struct Batch {
+        items: Vec<Box<serde_json::value::RawValue>>,
+    }
+    let batch: Batch = read_json(body, "batch")?;
+    let mut objs = Vec::with_capacity(batch.items.len());
+    for (i, raw) in batch.items.iter().enumerate() {
+        let mut obj = wire::decode_object(raw.get().as_bytes(), None)
+            .map_err(|e| Status::bad_request(format!("items[{i}]: {e}")))?;
+        s.check_size(&obj)?;
+        let key = obj.key();
+        s.admit(Operation::Update, &key, user, false, &mut obj).map_err(|e| Status::from_error(&e))?;
+        objs.push(obj);
+    }
+    let results = s.store.update_many(objs, opts).await;
+    let mut out = String::from("{\"results\":[");
+    for (i, r) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match r {
+            Ok(o) => {
+                out.push_str("{\"object\":");
+                out.push_str(&wire::object_json(o));
+                out.push('}');
+            }
+            Err(e) => {
+                out.push_str("{\"status\":");
+                out.push_str(&serde_json::to_string(&Status::from_error(e)).expect("status serializes"));
+                out.push('}');
+            }
+        }
+    }
+    out.push_str("]}");
+    Ok(text_json_response(StatusCode::OK, out))
+}
+
+async fn list(s: &Shared, kind: &str, namespace: Option<&str>, q: &Query) -> Answer {
+    let sel = selection(kind, namespace, q)?;
+    let exact = q.resource_version_match.as_deref() == Some("Exact");
+    let revision = if exact { revision_param(q)? } else { None };
+    if !exact {
+        // `NotOlderThan` (the default) and "any": the current state is never older.
+        revision_param(q)?;
+    }
+    let req = ListRequest { selection: sel, limit: q.limit, continue_token: q.continue_token.clone(), revision };
+    let page = s.store.list(&req).await.map_err(|e| Status::from_error(&e))?;
+    let out = ListOut {
+        api_version: wire::API_VERSION,
+        kind: format!("{kind}List"),
+        metadata: ListMeta { resource_version: page.revision.to_string(), continue_token: page.continue_token },
+        items: page.items.iter().map(|o| WireObject(o)).collect(),
+    };
+    Ok(json_response(StatusCode::OK, &out))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watches
+
+/// Counts a client's watch while it is open.
+struct WatchSlot(Arc<ClientState>);
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.0.watches.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn watch_collection(s: &Arc<Shared>, client: &Arc<ClientState>, target: Target, q: &Query) -> Answer {
+    let Target::Collection { kind, namespace } = target else { unreachable!("only collections are watched") };
+    let open = client.watches.fetch_add(1, Ordering::Relaxed);
+    let slot = WatchSlot(client.clone());
+    if open >= s.limits.max_watches_per_client {
+        let mut st = Status::failure(
+            429,
+            "TooManyRequests",
+            format!("this client holds {open} watches, the limit is {}", s.limits.max_watches_per_client),
+        );
+        st.details.retry_after_seconds = Some(1);
+        return Err(st);
+    }
+    let sel = selection(&kind, namespace.as_deref(), q)?;
+    let bookmarks = q.allow_bookmarks || q.progress_interval.is_some();
+    let progress_interval = q.progress_interval.or_else(|| q.allow_bookmarks.then_some(s.default_bookmark_interval));
+    let err = |e: Error| Status::from_error(&e);
+    // Kubernetes' meaning: a watch from resourceVersion N sends what comes after N; without one
+    // it first sends the current objects as ADDED. (Kubernetes reads "0" as "from any point",
+    // with the current objects first; orch reads it as "after revision 0": the whole history.)
+    let (initial, from) = match revision_param(q)? {
+        Some(n) => (Vec::new(), n + 1),
+        None => {
+            let page = s.store.list(&ListRequest::new(sel.clone())).await.map_err(err)?;
+            (page.items, page.revision + 1)
+        }
+    };
+    let req = WatchRequest { selection: sel, from_revision: Some(from), progress_interval };
+    let stream = s.store.watch(&req).await.map_err(err)?;
+    let mut lines: Vec<Bytes> = initial.iter().map(|o| event_line("ADDED", o)).collect();
+    lines.reverse();
+    let deadline = match (q.timeout, s.limits.max_watch_duration) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let state = WatchState {
+        initial: lines,
+        stream,
+        kind,
+        bookmarks,
+        closing: s.closing.subscribe(),
+        deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
+        done: false,
+        _slot: slot,
+    };
+    let body = Body::from_stream(watch_body(state));
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+struct WatchState {
+    initial: Vec<Bytes>,
+    stream: WatchStream,
+    kind: String,
+    bookmarks: bool,
+    closing: watch::Receiver<bool>,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    done: bool,
+    _slot: WatchSlot,
+}
+
+fn event_line(kind: &str, obj: &DynamicObject) -> Bytes {
+    let mut out = Vec::with_capacity(64 + obj.spec.len() + obj.status.len());
+    out.extend_from_slice(b"{\"type\":\"");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\",\"object\":");
+    serde_json::to_writer(&mut out, &WireObject(obj)).expect("objects serialize");
+    out.extend_from_slice(b"}\n");
+    Bytes::from(out)
+}
+
+fn watch_body(state: WatchState) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
+    futures::stream::unfold(state, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if let Some(line) = st.initial.pop() {
+            return Some((Ok(line), st));
+        }
+        loop {
+            let closing = async {
+                let _ = st.closing.wait_for(|c| *c).await;
+            };
+            let deadline = async {
+                match st.deadline.as_mut() {
+                    Some(d) => d.await,
+                    None => futures::future::pending().await,
+                }
+            };
+            let next = tokio::select! {
+                biased;
+                e = st.stream.next() => e,
+                _ = closing => return None,
+                _ = deadline => return None,
+            };
+            let line = match next {
+                Some(Ok(WatchEvent::Added(o))) => event_line("ADDED", &o),
+                Some(Ok(WatchEvent::Modified(o))) => event_line("MODIFIED", &o),
+                Some(Ok(WatchEvent::Deleted(o))) => event_line("DELETED", &o),
+                Some(Ok(WatchEvent::Progress(r))) => {
+                    if !st.bookmarks {
+                        continue;
+                    }
+                    let mut text = wire::bookmark_json(&st.kind, r);
+                    text.push('\n');
+                    Bytes::from(text)
+                }
+                Some(Err(e)) => {
+                    st.done = true;
+                    let status = Status::from_error(&e);
+                    let text = format!(
+                        "{{\"type\":\"ERROR\",\"object\":{}}}\n",
+                        serde_json::to_string(&status).expect("status serializes")
+                    );
+                    Bytes::from(text)
+                }
+                None => return None,
+            };
+            return Some((Ok(line), st));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_collections_objects_and_status() {
+        let kinds = Kinds::default();
+        assert_eq!(
+            parse_target(&kinds, "/apis/orch.dev/v1/namespaces/team-a/workloads").unwrap(),
+            Target::Collection { kind: "Workload".into(), namespace: Some("team-a".into()) }
+        );
+        assert_eq!(
+            parse_target(&kinds, "/apis/orch.dev/v1/namespaces/team-a/wl/web/status").unwrap(),
+            Target::Object { key: ObjectKey::new("Workload", "team-a", "web"), status: true }
+        );
+        assert_eq!(
+            parse_target(&kinds, "/apis/orch.dev/v1/nodes/n1").unwrap(),
+            Target::Object { key: ObjectKey::new("Node", "", "n1"), status: false }
+        );
+        assert_eq!(
+            parse_target(&kinds, "/apis/orch.dev/v1/namespaces/x/Thing%20y").unwrap(),
+            Target::Collection { kind: "Thing y".into(), namespace: Some("x".into()) }
+        );
+        assert_eq!(parse_target(&kinds, "/apis/orch.dev/v1/namespaces/x/nodes").unwrap_err().code, 404);
+        assert_eq!(parse_target(&kinds, "/apis/orch.dev/v1/workloads/web").unwrap_err().code, 404);
+        assert_eq!(parse_target(&kinds, "/apis/orch.dev/v1/a/b/c/d").unwrap_err().code, 404);
+        assert_eq!(parse_target(&kinds, "/orch/v1/leases/12").unwrap(), Target::Lease(12));
+        assert_eq!(parse_target(&kinds, "/orch/v1/leases/x").unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn query_parameters_are_checked_by_name() {
+        let limits = Limits::default();
+        let e = parse_query(Some("limit=ten"), &limits).unwrap_err();
+        assert!(e.message.contains("limit"), "{}", e.message);
+        let e = parse_query(Some("watch=maybe"), &limits).unwrap_err();
+        assert!(e.message.contains("watch"), "{}", e.message);
+        let e = parse_query(Some("guard=nonsense"), &limits).unwrap_err();
+        assert!(e.message.contains("guard"), "{}", e.message);
+        let big = format!("labelSelector={}", "a".repeat(limits.max_selector_bytes + 1));
+        let e = parse_query(Some(&big), &limits).unwrap_err();
+        assert!(e.message.contains("labelSelector"), "{}", e.message);
+        let q = parse_query(Some("guard=Lock%2Fns%2Fl%407&limit=0&dryRun=All"), &limits).unwrap();
+        assert_eq!(q.guard, Some(Guard { key: ObjectKey::new("Lock", "ns", "l"), resource_version: 7 }));
+        assert_eq!(q.limit, None);
+        assert!(q.dry_run);
+    }
+}

@@ -1,0 +1,102 @@
+//! `orch agent`: a node, speaking to a control plane through `RemoteStore`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use orch_core::{Labels, Runtime, Store};
+use orch_runtime::{Agent, AgentConfig};
+use orch_store::api::RemoteStore;
+
+use super::{BoxError, host_name, metrics, on_signal, ops_routes, serve_ops, stopped};
+
+/// Which runtime runs the node's workloads.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RuntimeKind {
+    /// Plain processes on this machine.
+    Process,
+    /// Containers of the local Docker Engine (needs orch built with `docker`).
+    Docker,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct AgentArgs {
+    /// The control plane's API (`http://host:7440`).
+    #[arg(long)]
+    server: String,
+    /// The token this node presents to the control plane.
+    #[arg(long, env = "ORCH_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Which runtime runs the workloads.
+    #[arg(long, value_enum, default_value = "process")]
+    runtime: RuntimeKind,
+    /// The node's name (default: this machine's host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Node labels, `key=value`, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Where the agent keeps its workloads' files.
+    #[arg(long, default_value = "orch-agent")]
+    data_dir: PathBuf,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long)]
+    ops_listen: Option<SocketAddr>,
+    /// Stop every workload of the node when the agent stops (otherwise the next agent adopts
+    /// them).
+    #[arg(long)]
+    drain: bool,
+}
+
+fn runtime(args: &AgentArgs, node: &str) -> Result<Arc<dyn Runtime>, BoxError> {
+    match args.runtime {
+        RuntimeKind::Process => Ok(Arc::new(
+            orch_runtime::ProcessRuntime::new(args.data_dir.join("instances"))
+                .map_err(|e| format!("process runtime under {}: {e}", args.data_dir.display()))?,
+        )),
+        #[cfg(feature = "docker")]
+        RuntimeKind::Docker => Ok(Arc::new(
+            orch_runtime::DockerRuntime::new(orch_runtime::DockerConfig::new(node))
+                .map_err(|e| format!("docker runtime: {e}"))?,
+        )),
+        #[cfg(not(feature = "docker"))]
+        RuntimeKind::Docker => {
+            let _ = node;
+            Err("--runtime docker needs orch built with the `docker` feature".into())
+        }
+    }
+}
+
+pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
+    let prometheus = metrics()?;
+    let stop = on_signal();
+    let node = args.name.clone().unwrap_or_else(host_name);
+    let mut remote = RemoteStore::builder(args.server.clone());
+    if let Some(t) = &args.join_token {
+        remote = remote.bearer_token(t.clone());
+    }
+    let store: Arc<dyn Store> = Arc::new(remote.build()?);
+    store.current_revision().await.map_err(|e| format!("cannot reach the control plane at {}: {e}", args.server))?;
+
+    let mut config = AgentConfig::new(node.clone());
+    let mut labels = Labels::new();
+    for l in &args.labels {
+        let (k, v) = l.split_once('=').ok_or_else(|| format!("--labels: {l:?} is not key=value"))?;
+        labels.insert(k, v);
+    }
+    config.labels = labels;
+    config.data_root = args.data_dir.join("data");
+    let runtime = runtime(&args, &node)?;
+
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
+    let ops_task =
+        args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops_routes(prometheus, ready), stop.clone())));
+    tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
+    ready_tx.send_replace(true);
+    Agent::new(config, store, runtime).run(stopped(stop.clone()), args.drain).await?;
+    if let Some(t) = ops_task {
+        t.await??;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

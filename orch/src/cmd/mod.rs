@@ -1,0 +1,117 @@
+//! Subcommands and what they share: logging, metrics, health endpoints, signals.
+
+mod agent;
+mod server;
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
+
+/// orch: a container orchestrator's control plane and node agent.
+#[derive(Debug, Parser)]
+#[command(name = "orch", version, about)]
+pub(crate) struct Cli {
+    /// Log filter (`info`, `orch_store=debug,info`…); `RUST_LOG` overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub(crate) log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs a control plane: the API server, the scheduler and the node lifecycle controller.
+    Server(server::ServerArgs),
+    /// Runs a node agent against a control plane.
+    Agent(agent::AgentArgs),
+}
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub(crate) fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
+    match cli.command {
+        Command::Server(args) => server::run(args).await,
+        Command::Agent(args) => agent::run(args).await,
+    }
+}
+
+/// Installs the Prometheus recorder behind the `metrics` facade every crate of orch writes to.
+pub(crate) fn metrics() -> Result<PrometheusHandle, BoxError> {
+    Ok(PrometheusBuilder::new().install_recorder()?)
+}
+
+/// `/metrics` (Prometheus text), `/healthz` (the process answers) and `/readyz` (`ready` says
+/// whether it is ready: caches synced, store reached).
+pub(crate) fn ops_routes(metrics: PrometheusHandle, ready: watch::Receiver<bool>) -> Router {
+    Router::new()
+        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = *ready.borrow();
+                async move {
+                    if ready { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+                }
+            }),
+        )
+}
+
+/// Serves `app` on `addr` until `stop` turns true.
+pub(crate) async fn serve_ops(addr: SocketAddr, app: Router, mut stop: watch::Receiver<bool>) -> Result<(), BoxError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+/// Turns true on SIGTERM or SIGINT (Ctrl-C).
+pub(crate) fn on_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => futures::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+        }
+        tx.send_replace(true);
+    });
+    rx
+}
+
+/// Resolves once `stop` is true.
+pub(crate) async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// This machine's name, for node and replica identities.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "orch".into())
+}

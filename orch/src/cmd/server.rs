@@ -1,0 +1,126 @@
+//! `orch server`: the API server over the embedded store (or etcd), with the scheduler and the
+//! node lifecycle controller in a manager that elects a leader among replicas.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use orch_controllers::NodeLifecycle;
+use orch_core::controller::leader::LeaderElectionConfig;
+use orch_core::{Manager, Store};
+use orch_scheduler::{Profile, SchedulerService};
+use orch_store::api::{ApiServer, Limits};
+
+use super::{BoxError, host_name, metrics, on_signal, ops_routes, serve_ops, stopped};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ServerArgs {
+    /// Address the API listens on (HTTP/1.1 and HTTP/2).
+    #[arg(long, default_value = "127.0.0.1:7440")]
+    listen: SocketAddr,
+    /// Address of /metrics, /healthz and /readyz (also served on the API address).
+    #[arg(long)]
+    ops_listen: Option<SocketAddr>,
+    /// Directory of the embedded store (`store.redb`); ignored with `--etcd`.
+    #[arg(long, default_value = "orch-data")]
+    data_dir: PathBuf,
+    /// etcd endpoints, comma-separated: the state lives there, and replicas elect a leader.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix in etcd (several clusters can share one etcd).
+    #[arg(long, default_value = "orch")]
+    etcd_prefix: String,
+    /// This replica's name in the leader election.
+    #[arg(long)]
+    name: Option<String>,
+    /// Requests per second each client may make (no limit when unset).
+    #[arg(long)]
+    client_rate: Option<f64>,
+    /// Requests each client may have in flight.
+    #[arg(long, default_value_t = 512)]
+    client_in_flight: usize,
+    /// Watches each client may hold.
+    #[arg(long, default_value_t = 20_000)]
+    client_watches: usize,
+}
+
+async fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>, BoxError> {
+    if !args.etcd.is_empty() {
+        #[cfg(feature = "etcd")]
+        {
+            let store = orch_store::EtcdStore::connect(args.etcd.clone(), args.etcd_prefix.clone())
+                .await
+                .map_err(|e| format!("cannot reach etcd at {}: {e}", args.etcd.join(",")))?;
+            tracing::info!(endpoints = %args.etcd.join(","), prefix = %args.etcd_prefix, "store: etcd");
+            return Ok(Arc::new(store));
+        }
+        #[cfg(not(feature = "etcd"))]
+        return Err("--etcd needs orch built with the `etcd` feature".into());
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("cannot create the data directory {}: {e}", args.data_dir.display()))?;
+    let path = args.data_dir.join("store.redb");
+    let store = orch_store::RedbStore::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), "store: embedded");
+    Ok(Arc::new(store))
+}
+
+pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
+    let prometheus = metrics()?;
+    let stop = on_signal();
+    let store = open_store(&args).await?;
+
+    let identity = args.name.clone().unwrap_or_else(host_name);
+    let mut manager = Manager::new(store.clone());
+    if !args.etcd.is_empty() {
+        manager =
+            manager.with_leader_election(LeaderElectionConfig::new("orch-system", "control-plane", identity.clone()));
+    }
+    manager.add(SchedulerService::new(Profile::default_profile()));
+    manager.add(NodeLifecycle::builder(Default::default()));
+    let ready = manager.readiness();
+
+    let limits = Limits {
+        requests_per_second: args.client_rate,
+        max_in_flight_per_client: args.client_in_flight,
+        max_watches_per_client: args.client_watches,
+        ..Limits::default()
+    };
+    let api = ApiServer::builder(store.clone()).limits(limits).build();
+    let ops = ops_routes(prometheus, ready.clone());
+    let app = api.router().merge(ops.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    // Small answers go out at once (Nagle's delay would add tens of milliseconds).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tracing::info!(addr = %args.listen, replica = %identity, "API server listening");
+    let ops_task = args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops, stop.clone())));
+
+    let stop_for_api = stop.clone();
+    let plane = tokio::spawn(manager.run(stopped(stop.clone())));
+    let closer = api.clone();
+    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+        stopped(stop_for_api).await;
+        // Open watches end now; calls in flight finish.
+        closer.close();
+    });
+    // A call that hangs past the grace period does not hold the stop.
+    let result = tokio::select! {
+        r = serving => r.map_err(BoxError::from),
+        _ = async { stopped(stop.clone()).await; tokio::time::sleep(Duration::from_secs(10)).await } => Ok(()),
+    };
+    match plane.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("control plane: {e}").into()),
+        Err(e) => return Err(format!("control plane task: {e}").into()),
+    }
+    if let Some(t) = ops_task {
+        t.await??;
+    }
+    tracing::info!("stopped");
+    result
+}
