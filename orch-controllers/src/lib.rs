@@ -7,7 +7,12 @@
 //!   and tainted, and after a timeout evicts their workloads, rate-limited;
 //! - [`provisioner`]: asks a [`NodeProvider`](orch_core::provider::NodeProvider) for new nodes
 //!   when workloads fit nowhere (packing them with the scheduler's own plugins), and gives back
-//!   nodes that stay empty.
+//!   nodes that stay empty;
+//! - the workload controllers: [`deployment`] (rolling update, recreate, proportional scaling,
+//!   rollback by hand and by itself) with [`replicaset`], [`daemonset`], [`job`] and
+//!   [`workflow`];
+//! - [`gc`]: the garbage collector, following owner references (background, foreground and
+//!   orphan deletes).
 //!
 //! Each goes into a manager through [`Manager::add`](orch_core::Manager::add):
 //!

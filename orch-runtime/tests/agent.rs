@@ -147,6 +147,20 @@ async fn restart_policies_and_crash_loop_backoff() {
         "restarts came faster than the backoff allows: {:?}",
         began.elapsed()
     );
+    // Each backoff is told by an event of the workload.
+    let events: Api<orch_core::kinds::Event> = Api::namespaced(store.clone(), "default");
+    let backoff = wait_until("BackOff events", LIMIT, async || {
+        let list = events.list(&orch_core::ListParams::default()).await.unwrap().items;
+        let mine: Vec<_> = list
+            .into_iter()
+            .filter(|e| e.spec.reason == "BackOff" && e.spec.involved_object.name == "crasher")
+            .collect();
+        (mine.len() >= 2).then_some(mine)
+    })
+    .await;
+    assert!(
+        backoff.iter().all(|e| e.spec.source == "agent/node-1" && e.spec.message.contains("container main exited"))
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(api.get("once-bad").await.unwrap().status.restart_count, 0, "Never means never");
     stop.send(()).unwrap();

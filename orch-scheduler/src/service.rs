@@ -73,6 +73,8 @@ pub struct SchedulerService<S: Scheduler + 'static = Framework> {
     name: String,
     /// Set by `clock`; otherwise the manager's (or, run alone, the system's time on tokio's).
     clock: Option<Arc<dyn Clock>>,
+    /// Tells people why a workload waits (`FailedScheduling` events); made when it starts.
+    recorder: Option<orch_core::events::Recorder>,
 }
 
 impl<S: Scheduler + 'static> std::fmt::Debug for SchedulerService<S> {
@@ -99,6 +101,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
             config: SchedulerConfig::default(),
             name,
             clock: None,
+            recorder: None,
         }
     }
 
@@ -152,6 +155,9 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
         mut leader: watch::Receiver<Leadership>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let clock = self.clock.clone().unwrap_or_else(|| Arc::new(TokioClock::from_system_time()));
+        self.recorder =
+            Some(orch_core::events::Recorder::with_clock(store.clone(), "scheduler", Default::default(), clock));
         let mut node_events = nodes.subscribe();
         let mut workload_events = workloads.subscribe();
         tokio::select! {
@@ -342,6 +348,14 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                     return;
                 }
                 let mut next = (*obj).clone();
+                if let Some(r) = &self.recorder {
+                    r.record(
+                        &orch_core::kinds::ObjectReference::of(&*obj),
+                        orch_core::kinds::EventType::Warning,
+                        "FailedScheduling",
+                        message.clone(),
+                    );
+                }
                 let mut c = Condition::new(SCHEDULED_CONDITION, ConditionStatus::False, "Unschedulable");
                 c.message = message;
                 let now = self.clock.as_ref().map_or_else(|| TokioClock::from_system_time().now(), |c| c.now());

@@ -74,6 +74,17 @@ async fn binds_explains_and_wakes_on_new_nodes() {
     })
     .await;
     assert_eq!(bound_to(&api, "big").await, None);
+    // And an event of the workload says so.
+    let events: Api<orch_core::kinds::Event> = Api::namespaced(store.clone(), "default");
+    wait_until("a FailedScheduling event", Duration::from_secs(10), || async {
+        events.list(&ListParams::default()).await.unwrap().items.iter().any(|e| {
+            e.spec.reason == "FailedScheduling"
+                && e.spec.involved_object.name == "big"
+                && e.spec.message == "0/1 nodes fit: 1 insufficient cpu"
+                && e.spec.source == "scheduler"
+        })
+    })
+    .await;
 
     nodes.create(&node("n2", 4)).await.unwrap();
     wait_until("big bound after a node joined", Duration::from_secs(10), || async {

@@ -53,6 +53,9 @@ pub struct Agent {
     /// Every task the agent starts while it runs (exit waiters, probe loops): all end with it,
     /// whether it stops or the task running it is aborted.
     spawned: Arc<Mutex<tokio::task::JoinSet<()>>>,
+    /// Tells people when a container crash-loops (`BackOff` events); made on first use, on the
+    /// agent's clock.
+    recorder: std::sync::OnceLock<orch_core::events::Recorder>,
 }
 
 /// Aborts the agent's tasks when dropped: when [`Agent::run`] returns or is dropped mid-way.
@@ -111,6 +114,7 @@ impl Agent {
             renewals: None,
             written: Default::default(),
             spawned: Default::default(),
+            recorder: std::sync::OnceLock::new(),
         }
     }
 

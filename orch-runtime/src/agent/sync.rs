@@ -549,6 +549,34 @@ impl Agent {
         if status == workload.status {
             return Ok(true);
         }
+        // A container newly waiting out a crash-loop backoff: say so once per crash.
+        for c in &status.container_statuses {
+            let backing_off = matches!(&c.state, ContainerState::Waiting { reason } if reason == "CrashLoopBackOff");
+            let before = workload.status.container_statuses.iter().find(|p| p.name == c.name);
+            let was = before.is_some_and(|p| {
+                matches!(&p.state, ContainerState::Waiting { reason } if reason == "CrashLoopBackOff")
+                    && p.restart_count == c.restart_count
+            });
+            if backing_off && !was {
+                let recorder = self.recorder.get_or_init(|| {
+                    orch_core::events::Recorder::with_clock(
+                        self.store.clone(),
+                        format!("agent/{}", self.config.node_name),
+                        Default::default(),
+                        self.clock.clone(),
+                    )
+                });
+                recorder.record(
+                    &orch_core::kinds::ObjectReference::of(workload),
+                    orch_core::kinds::EventType::Warning,
+                    "BackOff",
+                    format!(
+                        "container {} exited; restarting it after a backoff ({} restarts)",
+                        c.name, c.restart_count
+                    ),
+                );
+            }
+        }
         let api: Api<Workload> = Api::namespaced(self.store.clone(), &workload.metadata.namespace);
         // Only the status goes out (and only the new resource version comes back).
         match api.write_status(&workload.metadata, &status).await {
