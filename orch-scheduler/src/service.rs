@@ -36,7 +36,7 @@ use orch_core::store::{DeleteOptions, Guard, Store, WriteOptions};
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     /// Bind writes in flight at most. The binds one pass decides go to the store together, as
-    /// one [`Store::update_many`](orch_core::Store::update_many).
+    /// one [`orch_core::Store::update_many`].
     pub bind_concurrency: usize,
     /// Workloads scheduled between two looks at new events.
     pub burst: usize,
