@@ -71,15 +71,31 @@ fn check<K: Resource>(obj: &DynamicObject) -> Result<(), Error> {
     Object::<K>::from_dynamic(obj)?.validate()
 }
 
+/// A status write keeps the stored spec, so it may carry none (the agent's status-only writes
+/// send only metadata and status): only the status is checked.
+fn check_status<K: Resource>(obj: &DynamicObject) -> Result<(), Error> {
+    if obj.status.is_null() {
+        return Ok(());
+    }
+    let status: K::Status = obj.status.decode().map_err(|e| e.within(obj.key(), "status"))?;
+    let mut v = orch_core::Validator::new();
+    K::validate_status(&status, &mut v);
+    v.finish().map_err(|source| Error::Invalid { kind: K::KIND.into(), source })
+}
+
 impl Admission for BuiltinValidation {
     fn admit(&self, req: &AdmissionRequest<'_>, obj: &mut DynamicObject) -> Result<(), Error> {
         if req.operation == Operation::Delete {
             return Ok(());
         }
-        match obj.kind.as_str() {
-            Workload::KIND => check::<Workload>(obj),
-            Node::KIND => check::<Node>(obj),
-            NodeLease::KIND => check::<NodeLease>(obj),
+        let status_only = req.operation == Operation::UpdateStatus;
+        match (obj.kind.as_str(), status_only) {
+            (Workload::KIND, false) => check::<Workload>(obj),
+            (Workload::KIND, true) => check_status::<Workload>(obj),
+            (Node::KIND, false) => check::<Node>(obj),
+            (Node::KIND, true) => check_status::<Node>(obj),
+            (NodeLease::KIND, false) => check::<NodeLease>(obj),
+            (NodeLease::KIND, true) => check_status::<NodeLease>(obj),
             _ => Ok(()),
         }
     }

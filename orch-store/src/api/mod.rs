@@ -13,6 +13,8 @@ pub mod wire;
 #[cfg(feature = "server")]
 pub mod admission;
 #[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
 pub mod kinds;
 #[cfg(feature = "remote")]
 mod remote;
@@ -21,6 +23,8 @@ mod server;
 
 #[cfg(feature = "server")]
 pub use admission::{Admission, AdmissionRequest, BuiltinValidation, Operation, UserInfo};
+#[cfg(feature = "server")]
+pub use auth::{AuditLog, Authorizer, Rule, Tokens};
 #[cfg(feature = "server")]
 pub use kinds::{KindInfo, Kinds};
 #[cfg(feature = "remote")]

@@ -76,7 +76,18 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
         remote = remote.bearer_token(t.clone());
     }
     let store: Arc<dyn Store> = Arc::new(remote.build()?);
-    store.current_revision().await.map_err(|e| format!("cannot reach the control plane at {}: {e}", args.server))?;
+    // The control plane may be starting too: wait for it a while, then give up saying why.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match store.current_revision().await {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < deadline && !*stop.borrow() => {
+                tracing::warn!(server = %args.server, error = %e, "control plane not reachable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(format!("cannot reach the control plane at {}: {e}", args.server).into()),
+        }
+    }
 
     let mut config = AgentConfig::new(node.clone());
     let mut labels = Labels::new();

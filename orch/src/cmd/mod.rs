@@ -2,6 +2,7 @@
 
 mod agent;
 mod server;
+mod token;
 
 use std::net::SocketAddr;
 
@@ -29,6 +30,9 @@ enum Command {
     Server(server::ServerArgs),
     /// Runs a node agent against a control plane.
     Agent(agent::AgentArgs),
+    /// Manages the bearer tokens of a server's users and nodes.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -44,6 +48,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
     match cli.command {
         Command::Server(args) => server::run(args).await,
         Command::Agent(args) => agent::run(args).await,
+        Command::Token(cmd) => token::run(cmd),
     }
 }
 

@@ -10,7 +10,8 @@ use orch_controllers::NodeLifecycle;
 use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::{Manager, Store};
 use orch_scheduler::{Profile, SchedulerService};
-use orch_store::api::{ApiServer, Limits};
+use orch_store::api::auth::{ADMINS, READERS};
+use orch_store::api::{ApiServer, AuditLog, Authorizer, Limits, Rule, Tokens};
 
 use super::{BoxError, host_name, metrics, on_signal, ops_routes, serve_ops, stopped};
 
@@ -87,7 +88,27 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
         max_watches_per_client: args.client_watches,
         ..Limits::default()
     };
-    let api = ApiServer::builder(store.clone()).limits(limits).build();
+    let mut api = ApiServer::builder(store.clone()).limits(limits);
+    let tokens_file = args.data_dir.join("tokens");
+    if tokens_file.exists() {
+        let tokens = Tokens::load(&tokens_file)?;
+        // Agents (group system:nodes) may work on nodes, their leases and workloads; every other
+        // user gets what the built-in roles give its groups; anonymous clients nothing.
+        let rules = Authorizer::with_builtin_roles().rule(Rule {
+            subjects: vec!["group:system:nodes".into()],
+            kinds: vec!["Node".into(), "NodeLease".into(), "Workload".into(), "Lease".into(), "Revision".into()],
+            ..Rule::default()
+        });
+        let audit_path = args.data_dir.join("audit.log");
+        let audit = AuditLog::file(&audit_path).map_err(|e| format!("cannot open {}: {e}", audit_path.display()))?;
+        tracing::info!(tokens = %tokens_file.display(), audit = %audit_path.display(), admins = ADMINS, readers = READERS, "authentication and authorization on");
+        api = api.authentication(tokens).authorization(rules).audit(audit);
+    } else {
+        tracing::warn!(
+            "no tokens file in the data directory: every client may do everything (create one with `orch token create`)"
+        );
+    }
+    let api = api.build();
     let ops = ops_routes(prometheus, ready.clone());
     let app = api.router().merge(ops.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let listener = tokio::net::TcpListener::bind(args.listen)
