@@ -109,9 +109,18 @@ impl RacingStore {
         if obj.kind != "Workload" || !self.raced.lock().unwrap().insert((obj.metadata.name.clone(), label)) {
             return;
         }
-        let mut theirs = (*self.inner.get(&obj.key()).await.unwrap()).clone();
-        theirs.metadata.labels.insert(label, "yes");
-        self.inner.update(theirs, &WriteOptions::default()).await.unwrap();
+        // The test's own writers touch the same workloads: retry as any writer would.
+        loop {
+            let mut theirs = (*self.inner.get(&obj.key()).await.unwrap()).clone();
+            theirs.metadata.labels.insert(label, "yes");
+            match self.inner.update(theirs, &WriteOptions::default()).await {
+                Err(orch_core::Error::Conflict { .. }) => continue,
+                other => {
+                    other.unwrap();
+                    return;
+                }
+            }
+        }
     }
 }
 
