@@ -149,6 +149,7 @@ impl ApiServerBuilder {
                 tokens: self.tokens,
                 authorizer: self.authorizer,
                 audit: self.audit,
+                lines: Arc::default(),
             }),
         }
     }
@@ -185,6 +186,7 @@ struct Shared {
     tokens: Option<Tokens>,
     authorizer: Option<Authorizer>,
     audit: Option<AuditLog>,
+    lines: Arc<LineCache>,
 }
 
 /// What the server keeps per client.
@@ -1205,6 +1207,7 @@ async fn watch_collection(s: &Arc<Shared>, client: &Arc<ClientState>, target: Ta
         (a, b) => a.or(b),
     };
     let state = WatchState {
+        lines: s.lines.clone(),
         initial: lines,
         stream,
         kind,
@@ -1227,6 +1230,7 @@ async fn watch_collection(s: &Arc<Shared>, client: &Arc<ClientState>, target: Ta
 }
 
 struct WatchState {
+    lines: Arc<LineCache>,
     initial: Vec<Bytes>,
     stream: WatchStream,
     kind: String,
@@ -1235,6 +1239,58 @@ struct WatchState {
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     done: bool,
     _slot: WatchSlot,
+}
+
+/// The watch lines of recent events, shared by every watch of the server: an event many watches
+/// see is encoded once. An object's state at a revision never changes, so (revision, type, key)
+/// names a line for good; the oldest lines are dropped past a few thousand.
+#[derive(Default)]
+struct LineCache {
+    inner: Mutex<LineCacheInner>,
+}
+
+/// A revision and an event type.
+type LineId = (u64, &'static str);
+
+#[derive(Default)]
+struct LineCacheInner {
+    lines: HashMap<LineId, Vec<(Arc<DynamicObject>, Bytes)>>,
+    order: std::collections::VecDeque<LineId>,
+}
+
+const LINE_CACHE_REVISIONS: usize = 4096;
+
+impl LineCache {
+    fn line(&self, kind: &'static str, obj: &Arc<DynamicObject>) -> Bytes {
+        let id = (obj.metadata.resource_version, kind);
+        let same = |o: &Arc<DynamicObject>| {
+            Arc::ptr_eq(o, obj)
+                || (o.metadata.name == obj.metadata.name
+                    && o.metadata.namespace == obj.metadata.namespace
+                    && o.kind == obj.kind)
+        };
+        {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(hit) = inner.lines.get(&id).and_then(|v| v.iter().find(|(o, _)| same(o))) {
+                return hit.1.clone();
+            }
+        }
+        let line = event_line(kind, obj);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = inner.lines.entry(id).or_default();
+        if !entry.iter().any(|(o, _)| same(o)) {
+            entry.push((obj.clone(), line.clone()));
+        }
+        if entry.len() == 1 {
+            inner.order.push_back(id);
+            if inner.order.len() > LINE_CACHE_REVISIONS
+                && let Some(old) = inner.order.pop_front()
+            {
+                inner.lines.remove(&old);
+            }
+        }
+        line
+    }
 }
 
 fn event_line(kind: &str, obj: &DynamicObject) -> Bytes {
@@ -1272,9 +1328,9 @@ fn watch_body(state: WatchState) -> impl Stream<Item = Result<Bytes, Infallible>
                 _ = deadline => return None,
             };
             let line = match next {
-                Some(Ok(WatchEvent::Added(o))) => event_line("ADDED", &o),
-                Some(Ok(WatchEvent::Modified(o))) => event_line("MODIFIED", &o),
-                Some(Ok(WatchEvent::Deleted(o))) => event_line("DELETED", &o),
+                Some(Ok(WatchEvent::Added(o))) => st.lines.line("ADDED", &o),
+                Some(Ok(WatchEvent::Modified(o))) => st.lines.line("MODIFIED", &o),
+                Some(Ok(WatchEvent::Deleted(o))) => st.lines.line("DELETED", &o),
                 Some(Ok(WatchEvent::Progress(r))) => {
                     if !st.bookmarks {
                         continue;
@@ -1327,6 +1383,21 @@ mod tests {
         assert_eq!(parse_target(&kinds, "/apis/orch.dev/v1/a/b/c/d").unwrap_err().code, 404);
         assert_eq!(parse_target(&kinds, "/orch/v1/leases/12").unwrap(), Target::Lease(12));
         assert_eq!(parse_target(&kinds, "/orch/v1/leases/x").unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn an_event_is_encoded_once_for_every_watch() {
+        let cache = LineCache::default();
+        let mut o = DynamicObject::new("Thing", orch_core::ObjectMeta::namespaced("ns", "a"));
+        o.metadata.resource_version = 7;
+        let a = Arc::new(o.clone());
+        let first = cache.line("ADDED", &a);
+        let again = cache.line("ADDED", &Arc::new(o.clone()));
+        assert_eq!(first.as_ptr(), again.as_ptr(), "the same event shares its bytes");
+        assert_ne!(cache.line("MODIFIED", &a), first, "another type is another line");
+        o.metadata.name = "b".into();
+        let other = cache.line("ADDED", &Arc::new(o));
+        assert!(std::str::from_utf8(&other).unwrap().contains("\"name\":\"b\""), "another object at the same revision");
     }
 
     #[test]
