@@ -316,3 +316,40 @@ fn remote_watch_resumes_after_a_server_restart() {
         server.shutdown().await.unwrap();
     });
 }
+
+#[tokio::test]
+async fn workload_controller_kinds_are_served_checked_and_deleted_as_asked() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let app = router(store.clone());
+    let (_, list) = get(&app, "/apis/orch.dev/v1").await;
+    let resources = list["resources"].as_array().unwrap();
+    for (name, short) in
+        [("deployments", "deploy"), ("replicasets", "rs"), ("daemonsets", "ds"), ("workflows", "wf"), ("events", "ev")]
+    {
+        let r = resources.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name} listed"));
+        assert_eq!(r["shortNames"], json!([short]), "{name}");
+    }
+    assert!(resources.iter().any(|r| r["name"] == "jobs"));
+    // A deployment whose spec does not decode is refused, naming the field.
+    let deployments = "/apis/orch.dev/v1/namespaces/team-a/deployments";
+    let bad = json!({
+        "apiVersion": "orch.dev/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "team-a"},
+        "spec": {"replicas": "three"},
+    });
+    let (code, st) = call(&app, Method::POST, deployments, Some(bad), "application/json").await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("replicas"), "{st}");
+    // An orphaning delete reaches the store: the object is marked for the garbage collector.
+    let (code, _) = call(&app, Method::POST, WORKLOADS, Some(workload("owner")), "application/json").await;
+    assert_eq!(code, StatusCode::CREATED);
+    let opts = json!({"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Orphan"});
+    let (code, marked) =
+        call(&app, Method::DELETE, &format!("{WORKLOADS}/owner"), Some(opts), "application/json").await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{marked}");
+    assert_eq!(marked["metadata"]["finalizers"], json!([orch_core::store::ORPHAN_FINALIZER]), "{marked}");
+    let bad_policy = json!({"propagationPolicy": "Sideways"});
+    let (code, st) =
+        call(&app, Method::DELETE, &format!("{WORKLOADS}/owner"), Some(bad_policy), "application/json").await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{st}");
+}

@@ -1,5 +1,6 @@
 //! The `orch` command: `orch server` runs a control plane (the API server over the embedded
-//! store or etcd, the scheduler and the node lifecycle controller), `orch agent` runs a node
+//! store or etcd, the scheduler, the node lifecycle controller, the workload controllers and the
+//! garbage collector), `orch agent` runs a node
 //! against it.
 
 mod cmd;

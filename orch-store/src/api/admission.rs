@@ -6,7 +6,7 @@
 //! [`BuiltinValidation`] checks orch's own kinds with the same validation the typed
 //! [`Api`](orch_core::Api) applies; the store itself checks every object's metadata.
 
-use orch_core::kinds::{Node, NodeLease, Workload};
+use orch_core::kinds::{DaemonSet, Deployment, Event, Job, Node, NodeLease, ReplicaSet, Workflow, Workload};
 use orch_core::{DynamicObject, Error, Object, ObjectKey, Resource};
 
 /// What a request does to an object.
@@ -62,7 +62,8 @@ pub trait Admission: Send + Sync + 'static {
     fn admit(&self, req: &AdmissionRequest<'_>, obj: &mut DynamicObject) -> Result<(), Error>;
 }
 
-/// Checks orch's built-in kinds (`Workload`, `Node`, `NodeLease`) as the typed `Api` does:
+/// Checks orch's built-in kinds (`Workload`, `Node`, `NodeLease`, `Deployment`, `ReplicaSet`,
+/// `DaemonSet`, `Job`, `Workflow`, `Event`) as the typed `Api` does:
 /// every bad field named, the spec and status decoded.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BuiltinValidation;
@@ -96,6 +97,18 @@ impl Admission for BuiltinValidation {
             (Node::KIND, true) => check_status::<Node>(obj),
             (NodeLease::KIND, false) => check::<NodeLease>(obj),
             (NodeLease::KIND, true) => check_status::<NodeLease>(obj),
+            (Deployment::KIND, false) => check::<Deployment>(obj),
+            (Deployment::KIND, true) => check_status::<Deployment>(obj),
+            (ReplicaSet::KIND, false) => check::<ReplicaSet>(obj),
+            (ReplicaSet::KIND, true) => check_status::<ReplicaSet>(obj),
+            (DaemonSet::KIND, false) => check::<DaemonSet>(obj),
+            (DaemonSet::KIND, true) => check_status::<DaemonSet>(obj),
+            (Job::KIND, false) => check::<Job>(obj),
+            (Job::KIND, true) => check_status::<Job>(obj),
+            (Workflow::KIND, false) => check::<Workflow>(obj),
+            (Workflow::KIND, true) => check_status::<Workflow>(obj),
+            (Event::KIND, false) => check::<Event>(obj),
+            (Event::KIND, true) => check_status::<Event>(obj),
             _ => Ok(()),
         }
     }

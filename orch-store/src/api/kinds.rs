@@ -1,6 +1,6 @@
 //! The kinds an API server names in discovery: plural, singular and short names, and scope.
 
-use orch_core::kinds::{Node, NodeLease, Workload};
+use orch_core::kinds::{DaemonSet, Deployment, Event, Job, Node, NodeLease, ReplicaSet, Workflow, Workload};
 use orch_core::{Resource, Scope};
 use serde_json::{Value, json};
 
@@ -56,13 +56,21 @@ pub struct Kinds {
 }
 
 impl Default for Kinds {
-    /// orch's built-in kinds: `Node` (cluster-scoped, `no`), `Workload` (`wl`), `NodeLease`.
+    /// orch's built-in kinds: `Node` (cluster-scoped, `no`), `Workload` (`wl`), `NodeLease`,
+    /// `Deployment` (`deploy`), `ReplicaSet` (`rs`), `DaemonSet` (`ds`), `Job`, `Workflow` (`wf`)
+    /// and `Event` (`ev`).
     fn default() -> Self {
         Kinds {
             kinds: vec![
                 KindInfo::of::<Node>().short_names(&["no"]),
                 KindInfo::of::<Workload>().short_names(&["wl"]),
                 KindInfo::of::<NodeLease>(),
+                KindInfo::of::<Deployment>().short_names(&["deploy"]),
+                KindInfo::of::<ReplicaSet>().short_names(&["rs"]),
+                KindInfo::of::<DaemonSet>().short_names(&["ds"]),
+                KindInfo::of::<Job>(),
+                KindInfo::of::<Workflow>().short_names(&["wf"]),
+                KindInfo::of::<Event>().short_names(&["ev"]),
             ],
         }
     }

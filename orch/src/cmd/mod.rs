@@ -26,7 +26,8 @@ pub(crate) struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Runs a control plane: the API server, the scheduler and the node lifecycle controller.
+    /// Runs a control plane: the API server, the scheduler, the node lifecycle controller, the
+    /// workload controllers and the garbage collector.
     Server(server::ServerArgs),
     /// Runs a node agent against a control plane.
     Agent(agent::AgentArgs),

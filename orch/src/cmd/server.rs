@@ -1,12 +1,16 @@
-//! `orch server`: the API server over the embedded store (or etcd), with the scheduler and the
-//! node lifecycle controller in a manager that elects a leader among replicas.
+//! `orch server`: the API server over the embedded store (or etcd), with the scheduler, the node
+//! lifecycle controller, the workload controllers and the garbage collector in a manager that
+//! elects a leader among replicas.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use orch_controllers::NodeLifecycle;
+use orch_controllers::{
+    DaemonSetController, DeploymentController, GarbageCollector, JobController, NodeLifecycle, ReplicaSetController,
+    WorkflowController,
+};
 use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::{Manager, Store};
 use orch_scheduler::{Profile, SchedulerService};
@@ -80,6 +84,13 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     }
     manager.add(SchedulerService::new(Profile::default_profile()));
     manager.add(NodeLifecycle::builder(Default::default()));
+    // The workload controllers and the garbage collector of owner references.
+    manager.add(DeploymentController::builder());
+    manager.add(ReplicaSetController::builder());
+    manager.add(DaemonSetController::builder());
+    manager.add(JobController::builder());
+    manager.add(WorkflowController::builder());
+    manager.add(GarbageCollector::builtin());
     let ready = manager.readiness();
 
     let limits = Limits {
