@@ -8,31 +8,12 @@
 
 #![cfg(feature = "etcd")]
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 
+use common::etcd::{one_at_a_time, shared_etcd};
 use orch_store::EtcdStore;
-use orch_store::etcd::LocalEtcd;
-
-/// The file's etcd, started on first use; `None` when etcd is not installed.
-fn shared_etcd() -> Option<&'static LocalEtcd> {
-    static ETCD: OnceLock<Option<LocalEtcd>> = OnceLock::new();
-    ETCD.get_or_init(|| {
-        if !LocalEtcd::available_for_test() {
-            return None;
-        }
-        let etcd = LocalEtcd::start().expect("start etcd");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        rt.block_on(etcd.wait_ready(std::time::Duration::from_secs(20))).expect("etcd ready");
-        Some(etcd)
-    })
-    .as_ref()
-}
-
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 async fn fresh_store(endpoints: Vec<String>, case: &'static str) -> EtcdStore {
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -5,31 +5,14 @@
 
 #![cfg(feature = "etcd")]
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use common::etcd::{one_at_a_time, shared_etcd};
 use orch_store::EtcdStore;
 use orch_store::api::{ApiServer, RemoteStore};
-use orch_store::etcd::LocalEtcd;
-
-fn shared_etcd() -> Option<&'static LocalEtcd> {
-    static ETCD: OnceLock<Option<LocalEtcd>> = OnceLock::new();
-    ETCD.get_or_init(|| {
-        if !LocalEtcd::available_for_test() {
-            return None;
-        }
-        let etcd = LocalEtcd::start().expect("start etcd");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        rt.block_on(etcd.wait_ready(std::time::Duration::from_secs(20))).expect("etcd ready");
-        Some(etcd)
-    })
-    .as_ref()
-}
-
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 async fn fresh_remote(endpoints: Vec<String>, case: &'static str) -> RemoteStore {
     static NEXT: AtomicU64 = AtomicU64::new(0);

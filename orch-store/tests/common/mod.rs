@@ -2,6 +2,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
+
 /// A directory for this test process's store files: `<target tmp>/<suite>/<pid>`. Every test
 /// runs in its own process under nextest, so each gets its own directory; the directories of
 /// processes that have ended are removed here, so runs do not pile up files.
