@@ -1,12 +1,13 @@
 //! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], [`Workload`], [`Event`], [`Deployment`] with
-//! its revisions ([`ReplicaSet`]), [`Job`], [`Workflow`], [`DaemonSet`], and
-//! the types they share.
+//! its revisions ([`ReplicaSet`]), [`Job`], [`Workflow`], [`DaemonSet`], [`Service`] with its
+//! [`EndpointSlice`]s, and the types they share.
 
 mod daemonset;
 mod deployment;
 mod event;
 mod job;
 mod node;
+mod service;
 mod workflow;
 mod workload;
 
@@ -24,6 +25,10 @@ pub(crate) use event::is_camel_case;
 pub use event::{EVENT_MESSAGE_LIMIT, Event, EventType, ObjectReference};
 pub use job::{COMPLETION_INDEX_ANNOTATION, CompletionMode, Job, JobStatus, format_indexes, job_condition};
 pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, Taint, TaintEffect};
+pub use service::{
+    DEFAULT_ENDPOINTS_PER_SLICE, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, PortTarget,
+    SERVICE_NAME_LABEL, Service, ServicePort, ServiceStatus, ServiceType,
+};
 pub use workflow::{FailurePolicy, STEP_ANNOTATION, StepPhase, StepStatus, Workflow, WorkflowStatus, WorkflowStep};
 pub use workload::{
     Affinity, AffinityTerm, Container, ContainerPort, ContainerState, ContainerStatus, EnvVar, NodeAffinity,

@@ -6,7 +6,9 @@
 //! [`BuiltinValidation`] checks orch's own kinds with the same validation the typed
 //! [`Api`](orch_core::Api) applies; the store itself checks every object's metadata.
 
-use orch_core::kinds::{DaemonSet, Deployment, Event, Job, Node, NodeLease, ReplicaSet, Workflow, Workload};
+use orch_core::kinds::{
+    DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, ReplicaSet, Service, Workflow, Workload,
+};
 use orch_core::{DynamicObject, Error, Object, ObjectKey, Resource};
 
 /// What a request does to an object.
@@ -63,7 +65,7 @@ pub trait Admission: Send + Sync + 'static {
 }
 
 /// Checks orch's built-in kinds (`Workload`, `Node`, `NodeLease`, `Deployment`, `ReplicaSet`,
-/// `DaemonSet`, `Job`, `Workflow`, `Event`) as the typed `Api` does:
+/// `DaemonSet`, `Job`, `Workflow`, `Event`, `Service`, `EndpointSlice`) as the typed `Api` does:
 /// every bad field named, the spec and status decoded.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BuiltinValidation;
@@ -109,6 +111,10 @@ impl Admission for BuiltinValidation {
             (Workflow::KIND, true) => check_status::<Workflow>(obj),
             (Event::KIND, false) => check::<Event>(obj),
             (Event::KIND, true) => check_status::<Event>(obj),
+            (Service::KIND, false) => check::<Service>(obj),
+            (Service::KIND, true) => check_status::<Service>(obj),
+            (EndpointSlice::KIND, false) => check::<EndpointSlice>(obj),
+            (EndpointSlice::KIND, true) => check_status::<EndpointSlice>(obj),
             _ => Ok(()),
         }
     }

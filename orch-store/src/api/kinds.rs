@@ -1,6 +1,8 @@
 //! The kinds an API server names in discovery: plural, singular and short names, and scope.
 
-use orch_core::kinds::{DaemonSet, Deployment, Event, Job, Node, NodeLease, ReplicaSet, Workflow, Workload};
+use orch_core::kinds::{
+    DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, ReplicaSet, Service, Workflow, Workload,
+};
 use orch_core::{Resource, Scope};
 use serde_json::{Value, json};
 
@@ -58,7 +60,7 @@ pub struct Kinds {
 impl Default for Kinds {
     /// orch's built-in kinds: `Node` (cluster-scoped, `no`), `Workload` (`wl`), `NodeLease`,
     /// `Deployment` (`deploy`), `ReplicaSet` (`rs`), `DaemonSet` (`ds`), `Job`, `Workflow` (`wf`)
-    /// and `Event` (`ev`).
+    /// `Event` (`ev`), `Service` (`svc`) and `EndpointSlice`.
     fn default() -> Self {
         Kinds {
             kinds: vec![
@@ -71,6 +73,8 @@ impl Default for Kinds {
                 KindInfo::of::<Job>(),
                 KindInfo::of::<Workflow>().short_names(&["wf"]),
                 KindInfo::of::<Event>().short_names(&["ev"]),
+                KindInfo::of::<Service>().short_names(&["svc"]),
+                KindInfo::of::<EndpointSlice>(),
             ],
         }
     }
