@@ -32,7 +32,7 @@ pub use service::{
 pub use workflow::{FailurePolicy, STEP_ANNOTATION, StepPhase, StepStatus, Workflow, WorkflowStatus, WorkflowStep};
 pub use workload::{
     Affinity, AffinityTerm, Container, ContainerPort, ContainerState, ContainerStatus, EnvVar, NodeAffinity,
-    NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm, Phase, Probe, ProbeAction, Protocol,
+    NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm, Phase, PortStatus, Probe, ProbeAction, Protocol,
     ResourceRequirements, RestartPolicy, SchedulingGroup, Toleration, TolerationOperator, TopologySpreadConstraint,
     Volume, VolumeMount, VolumeSource, Weighted, WhenUnsatisfiable, Workload, WorkloadAffinity, WorkloadStatus,
 };

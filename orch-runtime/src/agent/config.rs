@@ -1,10 +1,15 @@
 //! [`AgentConfig`]: what a node agent is told about its node and how it paces itself.
 
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use orch_core::Labels;
 use orch_core::kinds::{Resources, Taint};
+
+/// The host ports an agent allocates from unless told otherwise.
+pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
 
 /// Settings of a node agent.
 #[derive(Debug, Clone)]
@@ -43,6 +48,13 @@ pub struct AgentConfig {
     /// live under `<data_root>/volumes/` (default: `orch-agent/<node>` in the system's temp
     /// directory).
     pub data_root: PathBuf,
+    /// The address other nodes reach this node's workloads at (reported in the node's status
+    /// and in each workload's; default 127.0.0.1, right for a cluster on one machine).
+    pub address: IpAddr,
+    /// Where host ports come from for container ports that do not fix a `hostPort` (default
+    /// 20000-29999). The agent never gives one port to two workloads, skips ports something
+    /// else on the node holds, and frees a workload's ports when it is gone.
+    pub port_range: RangeInclusive<u16>,
 }
 
 impl AgentConfig {
@@ -64,6 +76,8 @@ impl AgentConfig {
             log_max_bytes: 10 * 1024 * 1024,
             log_keep: 3,
             data_root: std::env::temp_dir().join("orch-agent").join(&name),
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port_range: DEFAULT_PORT_RANGE,
         }
     }
 }

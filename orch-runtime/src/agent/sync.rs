@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use orch_core::backoff::Backoff;
 use orch_core::controller::queue::WorkQueue;
-use orch_core::kinds::{Condition, ConditionStatus, Container};
+use orch_core::kinds::{Condition, ConditionStatus, Container, PortStatus};
 use orch_core::kinds::{
     ContainerState, ContainerStatus, Phase, RestartPolicy, Workload, WorkloadStatus, set_condition,
 };
@@ -22,6 +22,7 @@ use orch_core::runtime::{ExitStatus, Handle, HostVolume, InstanceSpec, InstanceS
 use orch_core::{Api, Object, ObjectRef, Timestamp};
 use tokio::time::Instant;
 
+use super::ports;
 use super::probes::Health;
 use super::volumes;
 use super::{Agent, AgentError, instance_id, uid_tag};
@@ -56,11 +57,13 @@ pub(super) struct Tracked {
 /// What a new instance starts with: its attempt number, the restart and crash counts to record,
 /// and the workload's volumes on this node.
 #[derive(Debug)]
-struct NewInstance {
+struct NewInstance<'a> {
     attempt: u32,
     restarts: u32,
     crashes: u32,
     volumes: Vec<HostVolume>,
+    /// The workload's host ports.
+    ports: &'a [PortStatus],
 }
 
 /// The crash-loop settings a plan needs.
@@ -347,6 +350,7 @@ impl Agent {
                 self.runtime.remove(&t.handle).await.ok();
             }
             volumes::remove(&self.config.data_root, key);
+            self.ports.release(key);
             return Ok(None);
         };
         let grace = workload.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
@@ -370,6 +374,13 @@ impl Agent {
         }
         let mut next_look: Option<Duration> = None;
         let mut statuses = Vec::new();
+        // The workload's host ports (held from its first start until it is gone); a start needs
+        // them, a running instance keeps what it has.
+        let ports = self.ports.assign(key, &tag, &workload.spec);
+        let held = match &ports {
+            Ok(p) => p.clone(),
+            Err(_) => self.ports.held(key),
+        };
         // Resolved at the first start this pass needs.
         let mut host_volumes: Option<Result<Vec<HostVolume>, String>> = None;
         for c in &workload.spec.containers {
@@ -438,7 +449,14 @@ impl Agent {
                                 continue;
                             }
                         };
-                        let new = NewInstance { attempt, restarts, crashes, volumes };
+                        if let Err(reason) = &ports {
+                            // Never start without the ports it is reached at: wait, saying why.
+                            statuses.push(waiting(c, &format!("PortsUnavailable: {reason}"), restarts));
+                            let after = self.config.backoff_base;
+                            next_look = Some(next_look.map_or(after, |n| n.min(after)));
+                            continue;
+                        }
+                        let new = NewInstance { attempt, restarts, crashes, volumes, ports: &held };
                         let (status, look) = self.start(key, c, &workload, &tag, new, queue).await;
                         statuses.push(status);
                         if let Some(after) = look {
@@ -448,7 +466,7 @@ impl Agent {
                 }
             }
         }
-        if !self.report(&workload, statuses).await? {
+        if !self.report(&workload, statuses, held).await? {
             // The status write lost a race with a newer version (possibly the echo of this
             // agent's own last write, which is not synced): look again once the cache has it.
             let soon = Duration::from_millis(10);
@@ -464,13 +482,28 @@ impl Agent {
         c: &Container,
         workload: &Object<Workload>,
         tag: &str,
-        new: NewInstance,
+        new: NewInstance<'_>,
         queue: &WorkQueue<ObjectRef>,
     ) -> (ContainerStatus, Option<Duration>) {
-        let NewInstance { attempt, restarts, crashes, volumes } = new;
+        let NewInstance { attempt, restarts, crashes, volumes, ports } = new;
+        // The runtime sees each port's host port (a publishing runtime maps it) and the program
+        // learns its ports from its environment; its own settings come last and win.
+        let mut container = c.clone();
+        for p in &mut container.ports {
+            if let Some(held) = ports
+                .iter()
+                .find(|h| h.container == c.name && h.container_port == p.container_port && h.protocol == p.protocol)
+            {
+                p.host_port = Some(held.host_port);
+            }
+        }
+        let published = self.runtime.capabilities().published_ports;
+        let mut env = ports::env(&c.name, ports, self.config.address, published);
+        env.append(&mut container.env);
+        container.env = env;
         let spec = InstanceSpec {
             id: instance_id(key, &c.name, &workload.metadata.uid, attempt),
-            container: c.clone(),
+            container,
             volumes,
             labels: [("orch.dev/node", self.config.node_name.as_str()), ("orch.dev/workload", key.name.as_str())]
                 .into(),
@@ -517,7 +550,12 @@ impl Agent {
     }
 
     /// Writes the status if it changed; false when the write lost a race with a newer version.
-    async fn report(&self, workload: &Object<Workload>, statuses: Vec<ContainerStatus>) -> Result<bool, AgentError> {
+    async fn report(
+        &self,
+        workload: &Object<Workload>,
+        statuses: Vec<ContainerStatus>,
+        ports: Vec<PortStatus>,
+    ) -> Result<bool, AgentError> {
         let now = self.clock.now();
         let running = statuses.iter().any(|s| matches!(s.state, ContainerState::Running { .. }));
         let all_done = statuses.iter().all(|s| matches!(s.state, ContainerState::Terminated { .. }));
@@ -538,6 +576,8 @@ impl Agent {
             start_time: workload.status.start_time.or(Some(now)),
             conditions: workload.status.conditions.clone(),
             container_statuses: statuses,
+            address: self.config.address.to_string(),
+            ports,
             ..Default::default()
         };
         let cond = if ready { ConditionStatus::True } else { ConditionStatus::False };

@@ -146,6 +146,31 @@ pub struct WorkloadStatus {
     /// A sentence for people.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The address of its node that its ports are reached at (the node's `--address`), set by
+    /// the node agent once it runs.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    /// Where each of its containers' ports is reached at `address`: the host port the node
+    /// agent allocated (or the one the spec fixed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortStatus>,
+}
+
+/// One container port of a running workload and the host port it is reached at.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PortStatus {
+    /// The container that declares it.
+    pub container: String,
+    /// The port's name, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port in the spec (`containerPort`).
+    pub container_port: u32,
+    /// The port on the node's address that reaches it.
+    pub host_port: u32,
+    /// TCP or UDP.
+    pub protocol: Protocol,
 }
 
 impl Workload {
@@ -185,6 +210,16 @@ impl Resource for Workload {
 
     fn validate_status(status: &WorkloadStatus, v: &mut Validator) {
         validate_conditions("status.conditions", &status.conditions, v);
+        if !status.address.is_empty() && status.address.parse::<std::net::IpAddr>().is_err() {
+            v.reject("status.address", format!("{:?} is not an IP address", status.address));
+        }
+        for (i, p) in status.ports.iter().enumerate() {
+            for (field, port) in [("containerPort", p.container_port), ("hostPort", p.host_port)] {
+                if !(1..=65535).contains(&port) {
+                    v.reject(format!("status.ports[{i}].{field}"), format!("must be 1-65535 (is {port})"));
+                }
+            }
+        }
     }
 
     fn indexers() -> Vec<(String, crate::cache::Indexer<Self>)> {
