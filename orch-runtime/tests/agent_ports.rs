@@ -154,3 +154,62 @@ async fn processes_get_their_ports_uniquely_and_the_ports_come_back() {
         runtime.remove(&h).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_workload_is_terminating_in_its_endpoints_before_it_is_signalled() {
+    use orch_controllers::{EndpointsController, GarbageCollector};
+    use orch_core::kinds::{EndpointSlice, PRE_STOP_FINALIZER, PortTarget, Service, ServicePort};
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let mut manager = orch_core::Manager::new(store.clone());
+    manager.add(EndpointsController::builder(Default::default()));
+    manager.add(GarbageCollector::builtin());
+    let (stop_manager, stopped) = oneshot::channel::<()>();
+    let manager = tokio::spawn(manager.run(async move {
+        let _ = stopped.await;
+    }));
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root("rt")).unwrap());
+    let (stop, agent) = start(config(&root("data"), free_range(4)), &store, &runtime);
+
+    let delay = Duration::from_secs(3);
+    let mut w = server("web-0");
+    w.metadata.labels.insert("app", "web");
+    w.spec.pre_stop_delay_seconds = Some(delay.as_secs());
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&w).await.unwrap();
+    let services: Api<Service> = Api::namespaced(store.clone(), "default");
+    let svc = Service {
+        selector: [("app".to_string(), "web".to_string())].into(),
+        ports: vec![ServicePort { port: 80, target_port: Some(PortTarget::Name("http".into())), ..Default::default() }],
+        ..Default::default()
+    };
+    services.create(&Object::new(ObjectMeta::named("web"), svc)).await.unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(store.clone(), "default");
+    let endpoint = async || {
+        let all = slices.list(&Default::default()).await.unwrap().items;
+        all.into_iter().flat_map(|s| s.spec.endpoints).next()
+    };
+    let port = serving_port(&api, "web-0").await;
+    let ready = wait_until("a ready endpoint", LIMIT, async || endpoint().await.filter(|e| e.conditions.ready)).await;
+    assert_eq!(ready.ports[0].port, port);
+    assert!(api.get("web-0").await.unwrap().metadata.finalizers.iter().any(|f| f == PRE_STOP_FINALIZER));
+
+    let deleted_at = std::time::Instant::now();
+    api.delete("web-0", &DeleteOptions::default()).await.unwrap();
+    let e =
+        wait_until("terminating in its slice", LIMIT, async || endpoint().await.filter(|e| e.conditions.terminating))
+            .await;
+    assert!(!e.conditions.ready && e.conditions.serving, "out of rotation, still serving: {:?}", e.conditions);
+    // Not signalled yet: it still answers, and still exists.
+    assert_eq!(http_get(port).await.as_deref(), Some(port.to_string().as_str()), "stopped before the delay");
+    assert!(api.get_opt("web-0").await.unwrap().is_some());
+    // Then it is stopped, and the workload and its endpoint go.
+    wait_until("web-0 gone", LIMIT, async || api.get_opt("web-0").await.unwrap().is_none().then_some(())).await;
+    assert!(deleted_at.elapsed() >= delay, "stopped after {:?}, before the {delay:?} delay", deleted_at.elapsed());
+    assert!(runtime.list().await.unwrap().is_empty(), "its instance is removed");
+    assert!(http_get(port).await.is_none(), "nothing listens any more");
+    wait_until("endpoint gone", LIMIT, async || endpoint().await.is_none().then_some(())).await;
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    stop_manager.send(()).unwrap();
+    manager.await.unwrap().unwrap();
+}

@@ -38,6 +38,10 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Running this long without a crash resets the backoff (default 10 min).
     pub backoff_reset: Duration,
+    /// How long a deleted workload with ports keeps running, terminating in its services'
+    /// endpoints, before it is signalled, when its spec does not say (`preStopDelaySeconds`;
+    /// default 2 s). Workloads without ports are stopped at once unless their spec asks.
+    pub pre_stop_delay: Duration,
     /// Grace period when stopping instances (when the workload does not set one; default 30 s).
     pub stop_grace: Duration,
     /// Rotate an instance's log file past this size (default 10 MiB), on each resync.
@@ -73,6 +77,7 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(300),
             backoff_reset: Duration::from_secs(600),
             stop_grace: Duration::from_secs(30),
+            pre_stop_delay: Duration::from_secs(2),
             log_max_bytes: 10 * 1024 * 1024,
             log_keep: 3,
             data_root: std::env::temp_dir().join("orch-agent").join(&name),

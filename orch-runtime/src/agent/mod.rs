@@ -44,6 +44,8 @@ pub struct Agent {
     instances: Arc<Mutex<Instances>>,
     /// The node's host ports and which workload holds each.
     ports: ports::Ports,
+    /// When the agent first saw each workload it is waiting out the pre-stop delay of.
+    terminating: Mutex<HashMap<ObjectRef, Instant>>,
     /// Probe results by instance id.
     health: Arc<Mutex<HashMap<String, Health>>>,
     /// A workload cache shared with other agents of this process, if any.
@@ -113,6 +115,7 @@ impl Agent {
             runtime,
             clock: Arc::new(TokioClock::from_system_time()),
             instances: Default::default(),
+            terminating: Default::default(),
             health: Default::default(),
             shared: None,
             renewals: None,

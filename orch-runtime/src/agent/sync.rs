@@ -16,7 +16,7 @@ use orch_core::backoff::Backoff;
 use orch_core::controller::queue::WorkQueue;
 use orch_core::kinds::{Condition, ConditionStatus, Container, PortStatus};
 use orch_core::kinds::{
-    ContainerState, ContainerStatus, Phase, RestartPolicy, Workload, WorkloadStatus, set_condition,
+    ContainerState, ContainerStatus, PRE_STOP_FINALIZER, Phase, RestartPolicy, Workload, WorkloadStatus, set_condition,
 };
 use orch_core::runtime::{ExitStatus, Handle, HostVolume, InstanceSpec, InstanceState, RuntimeError};
 use orch_core::{Api, Object, ObjectRef, Timestamp};
@@ -334,25 +334,67 @@ impl Agent {
         desired: Option<Arc<Object<Workload>>>,
         queue: &WorkQueue<ObjectRef>,
     ) -> Result<Option<Duration>, AgentError> {
-        let wanted = desired.filter(|w| {
-            !w.metadata.is_being_deleted() && w.spec.node_name.as_deref() == Some(self.config.node_name.as_str())
-        });
-        let Some(workload) = wanted else {
-            self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
-            // Not (or no longer) ours: stop and remove its instances.
-            let gone: Vec<Tracked> = {
-                let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-                let keys: Vec<_> = instances.keys().filter(|(r, _)| r == key).cloned().collect();
-                keys.into_iter().filter_map(|k| instances.remove(&k)).collect()
-            };
-            for t in gone {
-                self.runtime.stop(&t.handle, self.config.stop_grace).await.ok();
-                self.runtime.remove(&t.handle).await.ok();
+        let mine = |w: &Object<Workload>| w.spec.node_name.as_deref() == Some(self.config.node_name.as_str());
+        // Deleted while it holds this agent's pre-stop finalizer: it keeps running (terminating
+        // in its endpoints) for the delay, then stops, then the finalizer goes.
+        if let Some(w) = desired.as_ref().filter(|w| {
+            w.metadata.is_being_deleted() && mine(w) && w.metadata.finalizers.iter().any(|f| f == PRE_STOP_FINALIZER)
+        }) {
+            let since = *self
+                .terminating
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key.clone())
+                .or_insert_with(Instant::now);
+            let left = self.pre_stop_delay(&w.spec).saturating_sub(since.elapsed());
+            if !left.is_zero() {
+                return Ok(Some(left));
             }
-            volumes::remove(&self.config.data_root, key);
-            self.ports.release(key);
+            let grace = w.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
+            self.tear_down(key, grace).await;
+            let api: Api<Workload> = Api::namespaced(self.store.clone(), &key.namespace);
+            let dropped = api
+                .retry_on_conflict(&key.name, |o| {
+                    o.metadata.finalizers.retain(|f| f != PRE_STOP_FINALIZER);
+                    Ok(())
+                })
+                .await;
+            match dropped {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.terminating.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+            return Ok(None);
+        }
+        let wanted = desired.filter(|w| !w.metadata.is_being_deleted() && mine(w));
+        let Some(workload) = wanted else {
+            // Not (or no longer) ours: stop and remove its instances.
+            self.tear_down(key, self.config.stop_grace).await;
+            self.terminating.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
             return Ok(None);
         };
+        if !self.pre_stop_delay(&workload.spec).is_zero()
+            && !workload.metadata.finalizers.iter().any(|f| f == PRE_STOP_FINALIZER)
+        {
+            // Before anything runs: a delete then waits for this agent to stop it.
+            let api: Api<Workload> = Api::namespaced(self.store.clone(), &key.namespace);
+            let added = api
+                .retry_on_conflict(&key.name, |o| {
+                    if !o.metadata.is_being_deleted() && !o.metadata.finalizers.iter().any(|f| f == PRE_STOP_FINALIZER)
+                    {
+                        o.metadata.finalizers.push(PRE_STOP_FINALIZER.to_string());
+                    }
+                    Ok(())
+                })
+                .await;
+            match added {
+                // Its event brings the workload back, with the finalizer.
+                Ok(_) => return Ok(None),
+                Err(e) if e.is_not_found() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
         let grace = workload.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
         let tag = uid_tag(&workload.metadata.uid);
         // Instances of containers no longer in the spec go.
@@ -473,6 +515,31 @@ impl Agent {
             next_look = Some(next_look.map_or(soon, |n| n.min(soon)));
         }
         Ok(next_look)
+    }
+
+    /// How long a deleted `spec` runs on, terminating, before it is stopped.
+    fn pre_stop_delay(&self, spec: &Workload) -> Duration {
+        match spec.pre_stop_delay_seconds {
+            Some(s) => Duration::from_secs(s),
+            None if spec.containers.iter().any(|c| !c.ports.is_empty()) => self.config.pre_stop_delay,
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Stops and removes every instance of `key`, and frees its volumes and ports.
+    async fn tear_down(&self, key: &ObjectRef, grace: Duration) {
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        let gone: Vec<Tracked> = {
+            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<_> = instances.keys().filter(|(r, _)| r == key).cloned().collect();
+            keys.into_iter().filter_map(|k| instances.remove(&k)).collect()
+        };
+        for t in gone {
+            self.runtime.stop(&t.handle, grace).await.ok();
+            self.runtime.remove(&t.handle).await.ok();
+        }
+        volumes::remove(&self.config.data_root, key);
+        self.ports.release(key);
     }
 
     /// Starts a new instance of `c`; returns its status, and when to look again if it failed.

@@ -48,6 +48,12 @@ pub struct Workload {
     /// How long a stop waits between the polite signal and the kill.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub termination_grace_period_seconds: Option<u64>,
+    /// How long a deleted workload keeps running, marked terminating in its services'
+    /// endpoints, before it is signalled: the time proxies and resolvers need to stop sending
+    /// it new traffic (0-3600). Unset: the node agent's default for workloads with ports (none
+    /// for workloads without).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pre_stop_delay_seconds: Option<u64>,
     /// How to spread matching workloads across topology domains.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
@@ -55,6 +61,10 @@ pub struct Workload {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scheduling_group: Option<SchedulingGroup>,
 }
+
+/// The finalizer a node agent puts on a workload it runs with a pre-stop delay: a deleted
+/// workload then stays (terminating) until the agent has waited out the delay and stopped it.
+pub const PRE_STOP_FINALIZER: &str = "orch.dev/pre-stop";
 
 /// What the node agent does when a container exits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -274,6 +284,7 @@ mod tests {
         }];
         w.topology_spread_constraints =
             vec![TopologySpreadConstraint { max_skew: 0, topology_key: "zone".into(), ..Default::default() }];
+        w.pre_stop_delay_seconds = Some(3601);
         let e = Object::new(ObjectMeta::namespaced("default", "w"), w).validate().unwrap_err();
         let crate::Error::Invalid { source, .. } = &e else { panic!("{e}") };
         for field in [
@@ -288,6 +299,7 @@ mod tests {
             "spec.containers[0].volumeMounts[0].mountPath",
             "spec.tolerations[0].value",
             "spec.topologySpreadConstraints[0].maxSkew",
+            "spec.preStopDelaySeconds",
         ] {
             assert!(source.has_field(field), "missing {field} in {e}");
         }
