@@ -46,6 +46,18 @@ pub(crate) struct AgentArgs {
     /// them).
     #[arg(long)]
     drain: bool,
+    /// The address other nodes reach this node's workloads at (reported in the node's status and
+    /// in its services' endpoints; the programs find it in `ORCH_ADDRESS`).
+    #[arg(long, default_value = "127.0.0.1")]
+    address: std::net::IpAddr,
+    /// The host ports given to container ports that do not fix one, `first-last` (programs
+    /// find theirs in `PORT_<NAME>`).
+    #[arg(long, default_value = "20000-29999", value_parser = super::parse_port_range)]
+    port_range: std::ops::RangeInclusive<u16>,
+    /// Seconds a deleted workload with ports keeps running, terminating in its services'
+    /// endpoints, before it is stopped (when its spec does not say).
+    #[arg(long, default_value_t = 2)]
+    pre_stop_delay: u64,
 }
 
 fn runtime(args: &AgentArgs, node: &str) -> Result<Arc<dyn Runtime>, BoxError> {
@@ -97,6 +109,9 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     }
     config.labels = labels;
     config.data_root = args.data_dir.join("data");
+    config.address = args.address;
+    config.port_range = args.port_range.clone();
+    config.pre_stop_delay = std::time::Duration::from_secs(args.pre_stop_delay);
     let runtime = runtime(&args, &node)?;
 
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
