@@ -260,8 +260,17 @@ impl Controller for EndpointsController {
                 now,
             );
         } else {
-            let all = workloads.list();
-            let selected = slices::select(&svc.spec, all.iter().filter(|w| &w.metadata.namespace == ns).map(|w| &**w));
+            // The candidates: the workloads carrying the selector's rarest label (the cache's
+            // label index), not every workload of the cluster.
+            let candidates = svc
+                .spec
+                .selector
+                .iter()
+                .map(|(k, v)| workloads.by_index(orch_core::cache::LABEL_INDEX, &format!("{k}={v}")))
+                .min_by_key(Vec::len)
+                .unwrap_or_default();
+            let selected =
+                slices::select(&svc.spec, candidates.iter().filter(|w| &w.metadata.namespace == ns).map(|w| &**w));
             let mut existing: Vec<Arc<Object<EndpointSlice>>> = slices
                 .owned_by(&svc.metadata.uid)
                 .into_iter()
