@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use orch_core::kinds::{ContainerPort, ContainerState, Node, Phase, Workload};
+use orch_core::kinds::{ConditionStatus, ContainerPort, ContainerState, Node, Phase, Workload};
 use orch_core::testkit::wait_until;
 use orch_core::{Api, DeleteOptions, Object, ObjectMeta, Runtime, Store};
 use orch_runtime::{Agent, AgentConfig, ProcessRuntime};
@@ -58,6 +58,11 @@ fn server(name: &str) -> Object<Workload> {
         r#"d=$(mktemp -d); echo "$PORT_HTTP" > "$d/index.html"; exec /bin/busybox httpd -f -p "$PORT_HTTP" -h "$d""#;
     let mut w = Workload::command("main", &["/bin/sh", "-c", script]);
     w.containers[0].ports = vec![ContainerPort { name: Some("http".into()), container_port: 80, ..Default::default() }];
+    // Probes name the container port; the agent probes the host port the program listens on.
+    w.containers[0].readiness_probe = Some(
+        serde_json::from_value(serde_json::json!({"action": {"http": {"path": "/", "port": 80}}, "periodSeconds": 1}))
+            .unwrap(),
+    );
     w.node_name = Some("node-1".into());
     Object::new(ObjectMeta::named(name), w)
 }
@@ -90,7 +95,8 @@ async fn http_get(port: u32) -> Option<String> {
 async fn serving_port(api: &Api<Workload>, name: &str) -> u32 {
     wait_until(&format!("{name} serving on its port"), LIMIT, async || {
         let w = api.get(name).await.unwrap();
-        if w.status.phase != Phase::Running {
+        let ready = w.status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True);
+        if w.status.phase != Phase::Running || !ready {
             return None;
         }
         assert_eq!(w.status.address, "127.0.0.1", "the node's address");

@@ -151,6 +151,10 @@ async fn endpoints_are_the_nodes_addresses_and_host_ports() {
             container_port: 80,
             ..Default::default()
         }];
+        // Ready once the agent's probe reaches it at the node's address and its host port.
+        w.containers[0].readiness_probe = Some(
+            serde_json::from_value(serde_json::json!({"action": {"tcp": {"port": 80}}, "periodSeconds": 1})).unwrap(),
+        );
         w.node_name = Some(node.into());
         workloads
             .create(&Object::new(ObjectMeta::named(format!("web-{i}")).with_label("app", "web"), w))
