@@ -135,7 +135,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
                 kinds: vec!["Node".into(), "NodeLease".into(), "Workload".into(), "Lease".into(), "Revision".into()],
                 ..Rule::default()
             })
-            // What a node proxy or resolver beside the agent reads.
+            // Their node proxies and DNS servers read services and where they are served.
             .rule(Rule {
                 subjects: vec!["group:system:nodes".into()],
                 verbs: vec!["get".into(), "list".into(), "watch".into()],
