@@ -79,10 +79,10 @@ impl Allocations {
     /// Records what a service's status says it holds (at start-up); what another holds already
     /// is not taken over.
     pub(super) fn adopt(&mut self, holder: &Holder, address: Option<&str>, node_ports: &BTreeMap<String, u32>) {
-        if let Some(a) = address.and_then(|a| a.parse::<Ipv4Addr>().ok()) {
-            if !self.addresses.contains_key(&a) {
-                self.claim_address(a, holder);
-            }
+        if let Some(a) = address.and_then(|a| a.parse::<Ipv4Addr>().ok())
+            && !self.addresses.contains_key(&a)
+        {
+            self.claim_address(a, holder);
         }
         for p in node_ports.values().filter_map(|p| u16::try_from(*p).ok()) {
             if !self.node_ports.contains_key(&p) {
