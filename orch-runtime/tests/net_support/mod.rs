@@ -107,3 +107,89 @@ pub fn endpoint_with(
         ..Default::default()
     }
 }
+
+/// A TCP server on loopback that greets each connection with `<id>\n` and answers each line
+/// with `<id>:<line>\n`; counts the connections it accepted.
+pub struct EchoServer {
+    pub id: String,
+    pub addr: std::net::SocketAddr,
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EchoServer {
+    pub async fn start(id: &str) -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (count, name) = (accepted.clone(), id.to_string());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    if w.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let mut lines = BufReader::new(r).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if w.write_all(format!("{name}:{line}\n").as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        EchoServer { id: id.to_string(), addr, accepted, task }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A client connection to an [`EchoServer`] (through the proxy or not).
+pub struct EchoClient {
+    pub server: String,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl EchoClient {
+    /// Connects and reads the greeting: which server took the connection. `None` when the
+    /// connection was closed before any greeting (no endpoint).
+    pub async fn connect(addr: std::net::SocketAddr) -> Option<Self> {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let s = tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr)).await.unwrap().ok()?;
+        let (r, write) = s.into_split();
+        let mut lines = BufReader::new(r).lines();
+        let server = tokio::time::timeout(LIMIT, lines.next_line()).await.expect("greeting or close").ok()??;
+        Some(EchoClient { server, lines, write })
+    }
+
+    /// Sends a line and reads the answer; `None` once the connection is closed.
+    pub async fn ask(&mut self, line: &str) -> Option<String> {
+        use tokio::io::AsyncWriteExt;
+        self.write.write_all(format!("{line}\n").as_bytes()).await.ok()?;
+        tokio::time::timeout(LIMIT, self.lines.next_line()).await.expect("answer or close").ok()?
+    }
+
+    /// Waits until the other side closes the connection.
+    pub async fn closed(&mut self) {
+        loop {
+            match tokio::time::timeout(LIMIT, self.lines.next_line()).await.expect("closed in time") {
+                Ok(Some(_)) => continue,
+                _ => return,
+            }
+        }
+    }
+}
