@@ -48,6 +48,8 @@ pub(crate) struct ServerArgs {
     /// Watches each client may hold.
     #[arg(long, default_value_t = 20_000)]
     client_watches: usize,
+    #[command(flatten)]
+    dns: super::net::DnsArgs,
 }
 
 async fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>, BoxError> {
@@ -105,11 +107,19 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
         let tokens = Tokens::load(&tokens_file)?;
         // Agents (group system:nodes) may work on nodes, their leases and workloads; every other
         // user gets what the built-in roles give its groups; anonymous clients nothing.
-        let rules = Authorizer::with_builtin_roles().rule(Rule {
-            subjects: vec!["group:system:nodes".into()],
-            kinds: vec!["Node".into(), "NodeLease".into(), "Workload".into(), "Lease".into(), "Revision".into()],
-            ..Rule::default()
-        });
+        let rules = Authorizer::with_builtin_roles()
+            .rule(Rule {
+                subjects: vec!["group:system:nodes".into()],
+                kinds: vec!["Node".into(), "NodeLease".into(), "Workload".into(), "Lease".into(), "Revision".into()],
+                ..Rule::default()
+            })
+            // Their node proxies and DNS servers read services and where they are served.
+            .rule(Rule {
+                subjects: vec!["group:system:nodes".into()],
+                verbs: vec!["get".into(), "list".into(), "watch".into()],
+                kinds: vec!["Service".into(), "EndpointSlice".into()],
+                ..Rule::default()
+            });
         let audit_path = args.data_dir.join("audit.log");
         let audit = AuditLog::file(&audit_path).map_err(|e| format!("cannot open {}: {e}", audit_path.display()))?;
         tracing::info!(tokens = %tokens_file.display(), audit = %audit_path.display(), admins = ADMINS, readers = READERS, "authentication and authorization on");
@@ -132,6 +142,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     tracing::info!(addr = %args.listen, replica = %identity, "API server listening");
     let ops_task = args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops, stop.clone())));
 
+    let net = super::net::start(None, &args.dns, store.clone(), stop.clone()).await?;
     let stop_for_api = stop.clone();
     let plane = tokio::spawn(manager.run(stopped(stop.clone())));
     let closer = api.clone();
@@ -153,6 +164,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     if let Some(t) = ops_task {
         t.await??;
     }
+    net.wait().await?;
     tracing::info!("stopped");
     result
 }
