@@ -1,6 +1,7 @@
 //! Subcommands and what they share: logging, metrics, health endpoints, signals.
 
 mod agent;
+mod net;
 mod server;
 mod token;
 
