@@ -117,6 +117,9 @@ pub struct Manifest {
     pub file: String,
     /// The line its document starts on.
     pub line: u64,
+    /// What the document itself says, before defaults are filled in: `metadata.labels`,
+    /// `metadata.annotations` and `spec` as written (what a three-way apply merges).
+    pub written: serde_json::Value,
 }
 
 /// What decoding one document needs to know.
@@ -152,17 +155,20 @@ impl Doc<'_> {
 }
 
 type DecodeFn = fn(&Doc<'_>) -> Result<DynamicObject, Vec<ManifestError>>;
+type CanonicalFn = fn(&serde_json::Value) -> Result<serde_json::Value, String>;
 
 #[derive(Clone, Copy)]
 struct KindEntry {
     scope: Scope,
-    decode: DecodeFn,
+    canonical: Option<CanonicalFn>,
+    /// `None`: known by name only (see [`Manifests::register_untyped`]).
+    decode: Option<DecodeFn>,
 }
 
 /// Reads manifests of the kinds it knows.
 #[derive(Clone)]
 pub struct Manifests {
-    kinds: BTreeMap<&'static str, KindEntry>,
+    kinds: BTreeMap<String, KindEntry>,
     namespace: Option<String>,
 }
 
@@ -170,6 +176,11 @@ impl fmt::Debug for Manifests {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Manifests").field("kinds", &self.kinds.keys()).field("namespace", &self.namespace).finish()
     }
+}
+
+fn canonical_spec<K: Resource>(spec: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let typed: K = serde_json::from_value(spec.clone()).map_err(|e| e.to_string())?;
+    serde_json::to_value(&typed).map_err(|e| e.to_string())
 }
 
 fn decode_kind<K: Resource>(doc: &Doc<'_>) -> Result<DynamicObject, Vec<ManifestError>> {
@@ -237,7 +248,18 @@ impl Manifests {
     /// Adds a kind (an application's own, for instance); its spec and status are decoded as
     /// `K` and `K::Status` and checked by `K::validate`.
     pub fn register<K: Resource>(&mut self) -> &mut Self {
-        self.kinds.insert(K::KIND, KindEntry { scope: K::SCOPE, decode: decode_kind::<K> });
+        self.kinds.insert(
+            K::KIND.to_string(),
+            KindEntry { scope: K::SCOPE, decode: Some(decode_kind::<K>), canonical: Some(canonical_spec::<K>) },
+        );
+        self
+    }
+
+    /// Adds a kind known only by its name and scope (one a server serves that this program
+    /// has no type for): its metadata is checked here, its spec and status are taken as any
+    /// JSON and left to the server to check. A kind already registered is kept as it is.
+    pub fn register_untyped(&mut self, kind: &str, scope: Scope) -> &mut Self {
+        self.kinds.entry(kind.to_string()).or_insert(KindEntry { scope, decode: None, canonical: None });
         self
     }
 
@@ -248,8 +270,17 @@ impl Manifests {
     }
 
     /// The kinds it knows, by name.
-    pub fn kinds(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.kinds.keys().copied()
+    pub fn kinds(&self) -> impl Iterator<Item = &str> + '_ {
+        self.kinds.keys().map(String::as_str)
+    }
+
+    /// A spec of `kind` with every default filled in, as the server would store it (`spec`
+    /// itself for a kind known only by name); an error when it is not a spec of that kind.
+    pub fn canonical_spec(&self, kind: &str, spec: &serde_json::Value) -> Result<serde_json::Value, String> {
+        match self.kinds.get(kind).and_then(|k| k.canonical) {
+            Some(f) => f(spec),
+            None => Ok(spec.clone()),
+        }
     }
 
     /// Whether a known kind is namespaced (`None` for an unknown kind).
@@ -299,7 +330,10 @@ impl Manifests {
         for root in &docs {
             let doc = Doc { file, root, namespace: self.namespace.as_deref() };
             match self.decode_doc(&doc) {
-                Ok(object) => out.push(Manifest { object, file: file.to_string(), line: root.pos.line }),
+                Ok(object) => {
+                    let written = written(root);
+                    out.push(Manifest { object, file: file.to_string(), line: root.pos.line, written })
+                }
                 Err(e) => errors.extend(e),
             }
         }
@@ -345,16 +379,19 @@ impl Manifests {
         let kind = text("kind").map_err(|e| vec![e])?;
         let Some(entry) = self.kinds.get(kind) else {
             let pos = doc.root.get("kind").map_or(doc.root.pos, |n| n.pos);
-            let message = match suggest(kind, self.kinds.keys().copied()) {
+            let message = match suggest(kind, self.kinds.keys().map(String::as_str)) {
                 Some(s) => format!("unknown kind {kind:?}; did you mean {s:?}?"),
                 None => format!(
                     "unknown kind {kind:?}; the kinds are {}",
-                    self.kinds.keys().copied().collect::<Vec<_>>().join(", ")
+                    self.kinds.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
                 ),
             };
             return Err(vec![doc.error(pos, "kind", message)]);
         };
-        (entry.decode)(doc)
+        match entry.decode {
+            Some(decode) => decode(doc),
+            None => decode_untyped(doc, entry.scope == Scope::Namespaced),
+        }
     }
 
     /// Reads a file, or every `.yaml`, `.yml` and `.json` file of a directory (sorted by name,
@@ -417,6 +454,70 @@ impl Manifests {
 }
 
 use std::io::Read as _;
+
+/// `metadata.labels`, `metadata.annotations` and `spec` as a document writes them.
+fn written(root: &tree::Node) -> serde_json::Value {
+    let part = |node: Option<&tree::Node>, path: &str| -> serde_json::Value {
+        node.and_then(|n| decode::<serde_json::Value>(n, path).ok()).unwrap_or(serde_json::Value::Null)
+    };
+    let meta = root.get("metadata");
+    let mut out = serde_json::json!({
+        "metadata": {
+            "labels": part(meta.and_then(|m| m.get("labels")), "metadata.labels"),
+            "annotations": part(meta.and_then(|m| m.get("annotations")), "metadata.annotations"),
+        },
+        "spec": part(root.get("spec"), "spec"),
+    });
+    for key in ["labels", "annotations"] {
+        if out["metadata"][key].is_null() {
+            out["metadata"][key] = serde_json::json!({});
+        }
+    }
+    if out["spec"].is_null() {
+        out["spec"] = serde_json::json!({});
+    }
+    out
+}
+
+/// The name in `known` closest to `unknown`, when one is close enough to be a likely typo (for
+/// "did you mean" hints).
+pub fn suggest_name<'a>(unknown: &str, known: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    suggest(unknown, known)
+}
+
+/// Decodes a kind the reader knows only by name (an application's kind that a server
+/// serves): metadata strictly, spec and status as any JSON, left for the server to check.
+fn decode_untyped(doc: &Doc<'_>, namespaced: bool) -> Result<DynamicObject, Vec<ManifestError>> {
+    let kind = match doc.root.get("kind").map(|n| &n.value) {
+        Some(Value::Str(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let mut metadata: ObjectMeta = match doc.root.get("metadata") {
+        Some(m) => decode(m, "metadata").map_err(|e| vec![doc.de_error(e)])?,
+        None => return Err(vec![doc.error(doc.root.pos, "metadata", "missing: every object needs metadata.name")]),
+    };
+    if namespaced
+        && metadata.namespace.is_empty()
+        && let Some(ns) = doc.namespace
+    {
+        metadata.namespace = ns.to_string();
+    }
+    let mut v = orch_core::Validator::new();
+    metadata.validate(namespaced, &mut v);
+    if let Err(e) = v.finish() {
+        return Err(e.errors.into_iter().map(|e| doc.error(doc.root.locate(&e.field), e.field, e.reason)).collect());
+    }
+    let part = |key: &str| -> Result<RawJson, Vec<ManifestError>> {
+        match doc.root.get(key) {
+            None => Ok(RawJson::null()),
+            Some(n) => {
+                let v: serde_json::Value = decode(n, key).map_err(|e| vec![doc.de_error(e)])?;
+                Ok(RawJson::from_value(&v))
+            }
+        }
+    };
+    Ok(DynamicObject { kind, metadata, spec: part("spec")?, status: part("status")? })
+}
 
 /// An object in its manifest form (`apiVersion`, `kind`, `metadata`, `spec`, `status`; a null
 /// spec or status left out), as JSON.
