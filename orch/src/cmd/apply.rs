@@ -140,7 +140,8 @@ enum Outcome {
 
 async fn apply_one(client: &Client, m: &Manifest, dry: DryRun) -> Result<Outcome, BoxError> {
     let key = m.object.key();
-    for _attempt in 0..5 {
+    // Controllers write the status often: a conflict means "read again and merge again".
+    for _attempt in 0..10 {
         let live = match client.store.get(&key).await {
             Ok(o) => Some(o),
             Err(e) if e.is_not_found() => None,
@@ -172,8 +173,11 @@ async fn apply_one(client: &Client, m: &Manifest, dry: DryRun) -> Result<Outcome
                     DryRun::Client => return Ok(Outcome::Configured),
                     DryRun::Server => {
                         let path = format!("{}?dryRun=All", wire::object_path(&key));
-                        client.remote.raw("PUT", &path, Some(wire::object_json(&obj).into_bytes())).await?;
-                        return Ok(Outcome::Configured);
+                        match client.remote.raw("PUT", &path, Some(wire::object_json(&obj).into_bytes())).await {
+                            Ok(_) => return Ok(Outcome::Configured),
+                            Err(e) if e.is_conflict() => continue,
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                     DryRun::None => match client.store.update(obj, &WriteOptions::default()).await {
                         Ok(_) => return Ok(Outcome::Configured),
@@ -184,7 +188,7 @@ async fn apply_one(client: &Client, m: &Manifest, dry: DryRun) -> Result<Outcome
             }
         }
     }
-    Err(format!("{}: it kept changing under the apply (5 conflicts); try again", display_name(&m.object)).into())
+    Err(format!("{}: it kept changing under the apply (10 conflicts); try again", display_name(&m.object)).into())
 }
 
 fn dry_suffix(dry: DryRun) -> &'static str {

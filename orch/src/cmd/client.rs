@@ -19,8 +19,9 @@ pub(crate) struct ConnArgs {
     /// The context of the config file to use (default: its current context).
     #[arg(long, global = true, env = "ORCH_CONTEXT")]
     pub(crate) context: Option<String>,
-    /// The API server (`http://host:7440`), overriding the context's.
-    #[arg(long, global = true, env = "ORCH_SERVER")]
+    /// The API server (`http://host:7440`), overriding the context's (give it before the
+    /// command: `orch --server URL get nodes`).
+    #[arg(long, env = "ORCH_SERVER")]
     pub(crate) server: Option<String>,
     /// The bearer token, overriding the context's.
     #[arg(long, global = true, env = "ORCH_TOKEN", hide_env_values = true)]

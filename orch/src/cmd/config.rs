@@ -2,11 +2,12 @@
 //! `~/.config/orch/config.yaml`).
 
 use super::BoxError;
-use super::client::{Config, Context, check_server, config_path, table};
+use super::client::{Config, ConnArgs, Context, check_server, config_path, table};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum ConfigCommand {
     /// Adds a context or changes one (only the fields given).
+    /// (`--token` and `--namespace` set the context's token and namespace.)
     #[command(after_help = "Examples:
   orch config set-context local --server http://127.0.0.1:7440 --namespace default
   orch config set-context prod --server http://10.0.0.5:7440 --token \"$(cat prod.token)\"")]
@@ -16,12 +17,6 @@ pub(crate) enum ConfigCommand {
         /// The API server (`http://host:7440`).
         #[arg(long = "server")]
         server_url: Option<String>,
-        /// The bearer token (from `orch token create`).
-        #[arg(long = "token")]
-        token_value: Option<String>,
-        /// The namespace commands use by default.
-        #[arg(long = "namespace")]
-        ns: Option<String>,
     },
     /// Makes a context the one used when none is named.
     #[command(after_help = "Example:\n  orch config use-context prod")]
@@ -46,10 +41,12 @@ pub(crate) enum ConfigCommand {
     View,
 }
 
-pub(crate) fn run(cmd: ConfigCommand) -> Result<(), BoxError> {
+pub(crate) fn run(conn: &ConnArgs, cmd: ConfigCommand) -> Result<(), BoxError> {
     let mut config = Config::load()?;
     match cmd {
-        ConfigCommand::SetContext { name, server_url, token_value, ns } => {
+        ConfigCommand::SetContext { name, server_url } => {
+            let server_url = server_url.or_else(|| conn.server.clone());
+            let (token_value, ns) = (conn.token.clone(), conn.namespace.clone());
             if name.is_empty() || name.contains(char::is_whitespace) {
                 return Err(format!("context name {name:?} must be one word").into());
             }

@@ -141,7 +141,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
         Command::Uncordon(args) => nodes::cordon(conn, args, false).await,
         Command::Drain(args) => nodes::drain(conn, args).await,
         Command::Top(cmd) => nodes::top(conn, cmd).await,
-        Command::Config(cmd) => config::run(cmd),
+        Command::Config(cmd) => config::run(conn, cmd),
         Command::Completion { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "orch", &mut std::io::stdout());

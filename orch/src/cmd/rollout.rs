@@ -295,18 +295,23 @@ pub(crate) async fn run(conn: &ConnArgs, cmd: RolloutCommand) -> Result<(), BoxE
         RolloutCommand::Undo { target, to_revision } => {
             let name = deployment_name(&client, &target)?;
             let before = api.get(&name).await?;
+            // The revision the rollback goes to, as numbered before it (the controller numbers
+            // it anew once it is current again).
+            let current = orch_controllers::deployment::revision_name(&name, &before.spec.template);
+            let history = orch_controllers::deployment::history(client.store.clone(), &ns, &name).await?;
+            let current_number = history.iter().find(|(_, rs)| rs.metadata.name == current).map(|(n, _)| *n);
+            let target_number = to_revision.or_else(|| {
+                history
+                    .iter()
+                    .rev()
+                    .find(|(n, rs)| rs.metadata.name != current && current_number.is_none_or(|c| *n < c))
+                    .map(|(n, _)| *n)
+            });
             let d = orch_controllers::deployment::rollback(client.store.clone(), &ns, &name, to_revision).await?;
             if d.metadata.generation == before.metadata.generation {
                 println!("deployment/{name} unchanged: that revision is already current");
             } else {
-                let rev = orch_controllers::deployment::history(client.store.clone(), &ns, &name)
-                    .await?
-                    .into_iter()
-                    .find(|(_, rs)| {
-                        rs.metadata.name == orch_controllers::deployment::revision_name(&name, &d.spec.template)
-                    })
-                    .map(|(n, _)| n);
-                match rev {
+                match target_number {
                     Some(n) => println!("deployment/{name} rolled back to revision {n}"),
                     None => println!("deployment/{name} rolled back"),
                 }
