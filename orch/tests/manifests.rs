@@ -162,3 +162,50 @@ proptest! {
         prop_assert_eq!(got_d, d, "{}", text);
     }
 }
+
+/// An application's own kind, as an operator would define it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Echo {
+    message: String,
+    #[serde(default)]
+    replicas: u32,
+}
+
+impl orch::core::Resource for Echo {
+    const KIND: &'static str = "Echo";
+    const SCOPE: orch::core::Scope = orch::core::Scope::Namespaced;
+    type Status = ();
+    fn validate(&self, v: &mut orch::core::Validator) {
+        v.check(self.replicas <= 10, || "spec.replicas".into(), "must be at most 10");
+    }
+}
+
+#[test]
+fn an_applications_kinds_read_strictly_once_registered() {
+    let mut m = Manifests::builtin();
+    let text = "apiVersion: orch.dev/v1\nkind: Echo\nmetadata: {name: hi, namespace: ns}\nspec:\n  message: hello\n  replicas: 11\n";
+    let e = m.read_str("echo.yaml", text).unwrap_err().to_string();
+    assert!(e.starts_with("echo.yaml:2:7: kind: unknown kind \"Echo\"; the kinds are DaemonSet, Deployment,"), "{e}");
+    m.register::<Echo>();
+    let e = m.read_str("echo.yaml", text).unwrap_err().to_string();
+    assert_eq!(e, "echo.yaml:6:13: spec.replicas: must be at most 10", "the kind's own validation, located");
+    let e = m.read_str("echo.yaml", &text.replace("message", "mesage")).unwrap_err().to_string();
+    assert_eq!(e, "echo.yaml:5:3: unknown field `mesage` in spec; did you mean `message`?");
+    let ok = m.read_str("echo.yaml", &text.replace("11", "2")).unwrap();
+    assert_eq!(ok[0].object.spec.to_value(), serde_json::json!({"message": "hello", "replicas": 2}));
+}
+
+#[test]
+fn a_kind_known_by_name_only_keeps_its_spec_as_written() {
+    let mut m = Manifests::builtin();
+    m.register_untyped("Thing", orch::core::Scope::Namespaced);
+    let m = m.namespace("team");
+    let text = "apiVersion: orch.dev/v1\nkind: Thing\nmetadata: {name: t}\nspec: {size: 3, tags: [a]}\n";
+    let got = m.read_str("thing.yaml", text).unwrap();
+    assert_eq!(got[0].object.metadata.namespace, "team");
+    assert_eq!(got[0].object.spec.to_value(), serde_json::json!({"size": 3, "tags": ["a"]}));
+    // Its metadata is still checked, and located.
+    let e = m.read_str("thing.yaml", &text.replace("name: t", "name: T_1")).unwrap_err().to_string();
+    assert!(e.starts_with("thing.yaml:3:18: metadata.name: \"T_1\""), "{e}");
+}

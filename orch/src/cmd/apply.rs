@@ -342,3 +342,26 @@ pub(crate) async fn diff(conn: &ConnArgs, args: DiffArgs) -> Result<(), BoxError
     }
     if changed { Err(Box::new(super::Exit(1))) } else { Ok(()) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_three_way_merge_removes_what_the_files_dropped_and_keeps_what_nobody_wrote() {
+        let live = json!({"replicas": 5, "paused": true, "template": {"a": 1, "b": 2}, "old": 1});
+        let last = json!({"replicas": 3, "template": {"a": 1, "b": 2}, "old": 1});
+        let new = json!({"replicas": 3, "template": {"a": 9}});
+        let got = merge3(&live, Some(&last), &new);
+        assert_eq!(got, json!({"replicas": 3, "paused": true, "template": {"a": 9}}));
+        // Without a record of the last apply, nothing is removed.
+        assert_eq!(merge3(&live, None, &json!({"replicas": 1}))["old"], 1);
+    }
+
+    #[test]
+    fn a_line_diff_shows_removals_before_additions() {
+        let d = line_diff("a\nb\nc\n", "a\nx\nc\nd\n");
+        assert_eq!(d, ["  a", "- b", "+ x", "  c", "+ d"]);
+    }
+}
