@@ -328,6 +328,32 @@ fn every_command_against_a_real_cluster() {
     insta::assert_snapshot!("rollout_undo_missing_revision", e);
     orch.ok(&["rollout", "status", "deploy/web"]);
 
+    // On a terminal (a pseudo-terminal from `script`), rollout status draws a progress bar
+    // instead of printing lines.
+    if Command::new("script").arg("--version").output().is_ok() {
+        orch.ok(&["rollout", "restart", "deploy/web"]);
+        let line = format!("{} rollout status deploy/web --timeout 60s", env!("CARGO_BIN_EXE_orch"));
+        let out = Command::new("script")
+            .args(["-qefc", &line, "/dev/null"])
+            .env("ORCH_CONFIG", &orch.config)
+            .env("TERM", "xterm")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let tty = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{tty}");
+        assert!(tty.contains("successfully rolled out"), "{tty}");
+        assert!(tty.contains("[") && tty.contains("/3"), "a bar with its count: {tty:?}");
+        assert!(
+            !tty.contains(
+                "Waiting for deployment \"web\" rollout to finish: 0 out of 3 new replicas have been updated...\r\n"
+            ),
+            "no plain lines on a terminal: {tty:?}"
+        );
+    } else {
+        eprintln!("skipped the terminal check: `script` (util-linux) is not installed");
+    }
+
     // Pause, restart (held while paused), resume.
     assert_eq!(orch.ok(&["rollout", "pause", "deploy/web"]), "deployment/web paused\n");
     let e = orch.fails(&["rollout", "status", "deploy/web"], 1);
@@ -336,7 +362,7 @@ fn every_command_against_a_real_cluster() {
     assert_eq!(orch.ok(&["rollout", "resume", "deploy/web"]), "deployment/web resumed\n");
     orch.ok(&["rollout", "status", "deploy/web"]);
     let history = orch.ok(&["rollout", "history", "deploy/web"]);
-    assert!(history.lines().any(|l| l.starts_with("5*")), "the restart made revision 5:\n{history}");
+    assert!(history.lines().any(|l| l.starts_with("6*")), "the restarts made revisions 5 and 6:\n{history}");
 
     // A rollout that cannot progress: rollout status fails (for CI), and describe says why
     // the new workload is pending.
