@@ -391,6 +391,12 @@ fn every_command_against_a_real_cluster() {
     let described = orch.ok(&["describe", "wl", &pending]);
     assert!(described.contains("Pending:") && described.contains("not scheduled"), "{described}");
 
+    // A workload that keeps failing shows why in its STATUS column.
+    assert_eq!(orch.ok(&["apply", "-f", &f("crash.yaml")]), "workload/crash created\n");
+    let crash = orch.until(&["get", "wl", "crash"], "the crash loop shows", |o| o.contains("CrashLoopBackOff"));
+    insta::assert_snapshot!("get_crash_looping_workload", normalise(&crash));
+    assert_eq!(orch.ok(&["delete", "-f", &f("crash.yaml")]), "workload/crash deleted\n");
+
     // Nodes: cordon, top, drain, uncordon.
     assert_eq!(orch.ok(&["cordon", "node-2"]), "node/node-2 cordoned\n");
     assert!(orch.ok(&["get", "nodes"]).contains("Ready,SchedulingDisabled"));

@@ -158,6 +158,14 @@ pub(crate) fn row(obj: &DynamicObject, wide: bool) -> Vec<String> {
             let phase =
                 if obj.metadata.deletion_timestamp.is_some() { "Terminating".to_string() } else { s(&status["phase"]) };
             let phase = if phase.is_empty() { "Pending".into() } else { phase };
+            // A container waiting (crash loop, image pull...) says why, as kubectl shows it.
+            let waiting = status["containerStatuses"].as_array().and_then(|a| {
+                a.iter().find_map(|c| c["state"]["waiting"]["reason"].as_str().filter(|r| !r.is_empty()))
+            });
+            let phase = match waiting {
+                Some(r) if obj.metadata.deletion_timestamp.is_none() => r.split(':').next().unwrap_or(r).to_string(),
+                _ => phase,
+            };
             vec![name, format!("{ready}/{total}"), phase, n(&status["restartCount"]).to_string(), created]
         }
         "Node" => {
