@@ -58,6 +58,10 @@ pub(crate) struct AgentArgs {
     /// endpoints, before it is stopped (when its spec does not say).
     #[arg(long, default_value_t = 2)]
     pre_stop_delay: u64,
+    #[command(flatten)]
+    proxy: super::net::ProxyArgs,
+    #[command(flatten)]
+    dns: super::net::DnsArgs,
 }
 
 fn runtime(args: &AgentArgs, node: &str) -> Result<Arc<dyn Runtime>, BoxError> {
@@ -118,8 +122,10 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     let ops_task =
         args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops_routes(prometheus, ready), stop.clone())));
     tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
+    let net = super::net::start(Some(&args.proxy), &args.dns, store.clone(), stop.clone()).await?;
     ready_tx.send_replace(true);
     Agent::new(config, store, runtime).run(stopped(stop.clone()), args.drain).await?;
+    net.wait().await?;
     if let Some(t) = ops_task {
         t.await??;
     }

@@ -58,6 +58,8 @@ pub(crate) struct ServerArgs {
     /// The most endpoints one endpoint slice holds.
     #[arg(long, default_value_t = orch_core::kinds::DEFAULT_ENDPOINTS_PER_SLICE, value_parser = parse_per_slice)]
     endpoints_per_slice: usize,
+    #[command(flatten)]
+    dns: super::net::DnsArgs,
 }
 
 fn parse_per_slice(s: &str) -> Result<usize, String> {
@@ -164,6 +166,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     tracing::info!(addr = %args.listen, replica = %identity, "API server listening");
     let ops_task = args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops, stop.clone())));
 
+    let net = super::net::start(None, &args.dns, store.clone(), stop.clone()).await?;
     let stop_for_api = stop.clone();
     let plane = tokio::spawn(manager.run(stopped(stop.clone())));
     let closer = api.clone();
@@ -185,6 +188,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     if let Some(t) = ops_task {
         t.await??;
     }
+    net.wait().await?;
     tracing::info!("stopped");
     result
 }
