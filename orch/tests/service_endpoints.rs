@@ -1,8 +1,10 @@
 //! Services across real processes: `orch server` with its endpoints controller (cluster address
-//! range and slice size from its flags) and two `orch agent` nodes on one machine with their own
-//! addresses (127.0.0.2, 127.0.0.3) and port ranges. A service's endpoints are the workloads'
-//! node addresses and host ports, and a real HTTP request to each answers there; a node's token
-//! may read services and slices but not write them.
+//! range and slice size from its flags) and its DNS server, and two `orch agent` nodes on one
+//! machine with their own addresses (127.0.0.2, 127.0.0.3), port ranges and node proxies. A
+//! service's endpoints are the workloads' node addresses and host ports, and a real HTTP request
+//! to each answers there; each node's proxy reaches the other node's workload through a node
+//! port; the service's name resolves to its cluster address, where both nodes' workloads answer;
+//! a node's token may read services and slices but not write them.
 
 #![cfg(feature = "cli")]
 
@@ -72,6 +74,23 @@ async fn get(address: &str, port: u32) -> Option<String> {
     Some(body.rsplit("\r\n\r\n").next()?.trim().to_string())
 }
 
+/// The A record of `name` from the DNS server at `server`.
+async fn ask_dns(server: std::net::SocketAddr, name: &str) -> Option<std::net::Ipv4Addr> {
+    use hickory_resolver::proto::op::{Message, Query};
+    use hickory_resolver::proto::rr::{Name, RData, RecordType};
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    let mut query = Message::query();
+    query.add_query(Query::query(Name::from_ascii(name).ok()?, RecordType::A));
+    sock.send_to(&query.to_vec().ok()?, server).await.ok()?;
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf)).await.ok()?.ok()?;
+    let answer = Message::from_vec(&buf[..n]).ok()?;
+    answer.answers.iter().find_map(|r| match &r.data {
+        RData::A(a) => Some(a.0),
+        _ => None,
+    })
+}
+
 async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -84,7 +103,7 @@ async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoints_are_the_nodes_addresses_and_host_ports() {
+async fn two_nodes_on_one_machine_reach_each_others_services() {
     let dir = std::env::temp_dir().join(format!("orch-services-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let data = dir.join("server");
@@ -92,6 +111,8 @@ async fn endpoints_are_the_nodes_addresses_and_host_ports() {
     let node_tokens: Vec<String> = ["node-1", "node-2"].iter().map(|n| token(&data, n, "system:nodes")).collect();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
+    let dns_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dns: std::net::SocketAddr = format!("127.0.0.1:{dns_port}").parse().unwrap();
     let _server = orch(
         &[
             "server",
@@ -103,6 +124,8 @@ async fn endpoints_are_the_nodes_addresses_and_host_ports() {
             "127.66.0.0/24",
             "--endpoints-per-slice",
             "1",
+            "--dns-listen",
+            &dns.to_string(),
         ],
         &dir.join("server.log"),
     );
@@ -125,6 +148,9 @@ async fn endpoints_are_the_nodes_addresses_and_host_ports() {
                 "--port-range",
                 &free_range(address, 4),
                 "--drain",
+                // Each node's proxy serves node ports on its own address only.
+                "--node-port-addresses",
+                address,
             ],
             &dir.join(format!("{node}.log")),
         ));
@@ -157,7 +183,10 @@ async fn endpoints_are_the_nodes_addresses_and_host_ports() {
         );
         w.node_name = Some(node.into());
         workloads
-            .create(&Object::new(ObjectMeta::named(format!("web-{i}")).with_label("app", "web"), w))
+            .create(&Object::new(
+                ObjectMeta::named(format!("web-{i}")).with_label("app", "web").with_label("node", node),
+                w,
+            ))
             .await
             .unwrap();
     }
@@ -195,6 +224,44 @@ async fn endpoints_are_the_nodes_addresses_and_host_ports() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("403"), "{e}");
+    // Each node's proxy reaches the other node's workload: a node-port service per node,
+    // asked at the other node's address.
+    for (node, other) in [("node-1", "127.0.0.3"), ("node-2", "127.0.0.2")] {
+        let svc = Service {
+            selector: [("app".to_string(), "web".to_string()), ("node".to_string(), node.to_string())].into(),
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: Some(PortTarget::Name("http".into())),
+                ..Default::default()
+            }],
+            type_: orch::core::kinds::ServiceType::NodePort,
+            ..Default::default()
+        };
+        services.create(&Object::new(ObjectMeta::named(format!("on-{node}")), svc)).await.unwrap();
+        let node_port = eventually("a node port", async || {
+            services.get(&format!("on-{node}")).await.ok()?.status.node_ports.get("").copied()
+        })
+        .await;
+        let serving = if node == "node-1" { "127.0.0.2" } else { "127.0.0.3" };
+        let got = eventually(&format!("{other}:{node_port} reaches {node}"), async || {
+            get(other, node_port).await.filter(|page| page == serving)
+        })
+        .await;
+        assert_eq!(got, serving);
+    }
+
+    // By name: the server's DNS gives the cluster address, and a proxy carries connections to
+    // it to both nodes' workloads.
+    let name = "web.default.svc.cluster.local.";
+    let resolved = eventually("DNS answers the service's name", async || ask_dns(dns, name).await).await;
+    assert_eq!(resolved, cluster, "the name resolves to the cluster address");
+    let mut answered = std::collections::BTreeSet::new();
+    eventually("both nodes answer at the cluster address", async || {
+        answered.insert(get(&cluster.to_string(), 80).await?);
+        (answered.len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(answered.into_iter().collect::<Vec<_>>(), ["127.0.0.2", "127.0.0.3"]);
     drop(agents);
     let _ = std::fs::remove_dir_all(&dir);
 }
