@@ -346,7 +346,10 @@ impl Agent {
                 .unwrap_or_else(|e| e.into_inner())
                 .entry(key.clone())
                 .or_insert_with(Instant::now);
-            let left = self.pre_stop_delay(&w.spec).saturating_sub(since.elapsed());
+            // Nothing of it runs (it never started here): no one to wait for.
+            let running = self.instances.lock().unwrap_or_else(|e| e.into_inner()).keys().any(|(r, _)| r == key);
+            let delay = if running { self.pre_stop_delay(&w.spec) } else { Duration::ZERO };
+            let left = delay.saturating_sub(since.elapsed());
             if !left.is_zero() {
                 return Ok(Some(left));
             }
