@@ -3,12 +3,17 @@
 //!
 //! `cargo bench -p orch-benches --bench proxy` (`-- --test` for a quick smoke run)
 //!
-//! Everything runs in this one process on a 2-worker tokio runtime: the echo server, the proxy
-//! and the clients share this machine's two cores, so the proxy's copies compete with the
-//! client and the server for CPU (as they would on a busy node).
+//! Everything runs in this one process, in two setups measured one after the other, each with
+//! its direct figures beside its proxied ones:
+//! - shared: the echo server, the proxy and the clients on one 2-worker tokio runtime, so the
+//!   proxy's copies compete with the clients and the server for this machine's two cores (a busy
+//!   node);
+//! - own core: the proxy alone on a current-thread runtime in its own thread, the server and the
+//!   clients on a current-thread runtime in the main thread (a node with a core to spare).
 //!
 //! - Bulk: one connection sends 256 MiB (8 MiB with `--test`) in 64 KiB writes to a server that
-//!   reads to the end and answers one byte; MiB/s from the first write to that byte.
+//!   reads to the end and answers one byte; MiB/s from the first write to that byte, median of 5
+//!   (criterion also times it in the shared setup).
 //! - Small requests: 16 connections each do round trips of a 64-byte request and a 64-byte
 //!   answer; requests per second over all of them.
 //! - Latency: one connection, 64-byte round trips one at a time (20,000; 500 with `--test`);
@@ -72,8 +77,8 @@ async fn server() -> SocketAddr {
     addr
 }
 
-/// A proxy serving one service at `127.64.250.1:8080` with the server as its only endpoint.
-async fn proxy(to: SocketAddr) -> SocketAddr {
+/// A proxy serving one service at `127.64.250.<n>:8080` with the server as its only endpoint.
+async fn proxy(to: SocketAddr, n: u8) -> SocketAddr {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let services: Api<Service> = Api::namespaced(store.clone(), "bench");
     let slices: Api<EndpointSlice> = Api::namespaced(store.clone(), "bench");
@@ -84,7 +89,7 @@ async fn proxy(to: SocketAddr) -> SocketAddr {
         ))
         .await
         .expect("service");
-    svc.status.cluster_address = Some("127.64.250.1".into());
+    svc.status.cluster_address = Some(format!("127.64.250.{n}"));
     services.replace_status(&svc).await.expect("status");
     let endpoint = Endpoint {
         addresses: vec![to.ip().to_string()],
@@ -103,7 +108,7 @@ async fn proxy(to: SocketAddr) -> SocketAddr {
     let proxy = NodeProxy::new(ProxyConfig::default(), resolver);
     let mut status = proxy.status();
     tokio::spawn(proxy.run(std::future::pending()));
-    let front = Frontend { addr: "127.64.250.1:8080".parse().expect("addr"), protocol: Default::default() };
+    let front = Frontend { addr: SocketAddr::from(([127, 64, 250, n], 8080)), protocol: Default::default() };
     while status.endpoints(front).unwrap_or_default().is_empty() {
         status.changed().await;
     }
@@ -114,6 +119,13 @@ async fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).await.expect("connect");
     s.set_nodelay(true).expect("nodelay");
     s
+}
+
+/// The time of one bulk upload of `bytes`.
+async fn timed_bulk(addr: SocketAddr, bytes: usize) -> Duration {
+    let start = Instant::now();
+    bulk(addr, bytes).await;
+    start.elapsed()
 }
 
 /// MiB/s of one bulk upload of `bytes`.
@@ -201,71 +213,98 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// The figures of one setup: (bulk MiB/s, small requests/s, round trips, connect + round trips),
+/// direct then proxied.
+type Figures = ((f64, f64), (f64, f64), (Vec<Duration>, Vec<Duration>), (Vec<Duration>, Vec<Duration>));
+
+fn measure(rt: &tokio::runtime::Runtime, direct: SocketAddr, proxied: SocketAddr) -> Figures {
+    let bytes = if quick() { 8 << 20 } else { 256 << 20 };
+    let runs = if quick() { 1 } else { 5 };
+    let each = if quick() { 200 } else { 5_000 };
+    let (n, nc) = if quick() { (500, 100) } else { (20_000, 2_000) };
+    rt.block_on(async {
+        let med = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (mut bd, mut bp) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            bd.push(bulk(direct, bytes).await);
+            bp.push(bulk(proxied, bytes).await);
+        }
+        let small = (small_requests(direct, each).await, small_requests(proxied, each).await);
+        let lat = (latencies(direct, n).await, latencies(proxied, n).await);
+        let con = (connect_latencies(direct, nc).await, connect_latencies(proxied, nc).await);
+        ((med(bd), med(bp)), small, lat, con)
+    })
+}
+
+fn print(setup: &str, f: &Figures) {
+    let ((bd, bp), (sd, sp), (ld, lp), (cd, cp)) = f;
+    println!("| {setup} | bulk upload, MiB/s (median) | {bd:.0} | {bp:.0} | {:.0}% (target >= 80%) |", bp / bd * 100.0);
+    println!(
+        "| {setup} | 64-byte requests/s, {CONNECTIONS} connections | {sd:.0} | {sp:.0} | {:.0}% (target >= 80%) |",
+        sp / sd * 100.0
+    );
+    println!(
+        "| {setup} | 64-byte round trip on an open connection, µs: p50 / p99 | {:.0} / {:.0} | {:.0} / {:.0} | {:+.0} µs p99 (target <= +100) |",
+        us(pct(ld, 0.5)),
+        us(pct(ld, 0.99)),
+        us(pct(lp, 0.5)),
+        us(pct(lp, 0.99)),
+        us(pct(lp, 0.99)) - us(pct(ld, 0.99)),
+    );
+    println!(
+        "| {setup} | connect + 64-byte round trip + close, µs: p50 / p99 | {:.0} / {:.0} | {:.0} / {:.0} | {:+.0} µs p99 |",
+        us(pct(cd, 0.5)),
+        us(pct(cd, 0.99)),
+        us(pct(cp, 0.5)),
+        us(pct(cp, 0.99)),
+        us(pct(cp, 0.99)) - us(pct(cd, 0.99)),
+    );
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
+    // Setup 1: server, clients and proxy share one 2-worker runtime (both cores).
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let (direct, proxied) = rt.block_on(async {
         let direct = server().await;
-        (direct, proxy(direct).await)
+        (direct, proxy(direct, 1).await)
     });
     let bytes = if quick() { 8 << 20 } else { 256 << 20 };
-    let mut bulk_pairs = Vec::new();
     let mut g = c.benchmark_group("proxy");
     g.sampling_mode(SamplingMode::Flat).sample_size(10).warm_up_time(Duration::from_millis(1));
     g.measurement_time(Duration::from_secs(1));
     g.throughput(Throughput::Bytes(bytes as u64));
-    g.bench_function("bulk upload, proxied (direct measured beside it)", |b| {
-        b.iter_custom(|iters| {
-            let mut took = Duration::ZERO;
-            for _ in 0..iters {
-                let (d, p) = rt.block_on(async { (bulk(direct, bytes).await, bulk(proxied, bytes).await) });
-                bulk_pairs.push((d, p));
-                took += Duration::from_secs_f64(bytes as f64 / (1024.0 * 1024.0) / p);
-            }
-            took
-        })
+    g.bench_function("bulk upload, direct", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| rt.block_on(timed_bulk(direct, bytes))).sum())
+    });
+    g.bench_function("bulk upload, proxied", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| rt.block_on(timed_bulk(proxied, bytes))).sum())
     });
     g.finish();
+    let shared = measure(&rt, direct, proxied);
 
-    let each = if quick() { 200 } else { 5_000 };
-    let (n, nc) = if quick() { (500, 100) } else { (20_000, 2_000) };
-    let (small_d, small_p, lat_d, lat_p, con_d, con_p) = rt.block_on(async {
-        let small_d = small_requests(direct, each).await;
-        let small_p = small_requests(proxied, each).await;
-        let lat_d = latencies(direct, n).await;
-        let lat_p = latencies(proxied, n).await;
-        let con_d = connect_latencies(direct, nc).await;
-        let con_p = connect_latencies(proxied, nc).await;
-        (small_d, small_p, lat_d, lat_p, con_d, con_p)
+    // Setup 2: the proxy on a core of its own (its own thread and current-thread runtime, as a
+    // node proxy on a node with cores to spare); server and clients on the other.
+    let rt1 = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let direct1 = rt1.block_on(server());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let own = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        own.block_on(async move {
+            tx.send(proxy(direct1, 2).await).expect("send");
+            std::future::pending::<()>().await
+        })
     });
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (bd, bp) = (med(bulk_pairs.iter().map(|p| p.0).collect()), med(bulk_pairs.iter().map(|p| p.1).collect()));
+    let proxied1 = rx.recv().expect("proxy address");
+    let own = measure(&rt1, direct1, proxied1);
+
     println!();
-    println!("| figure | direct | through the proxy | proxy vs direct |");
-    println!("|---|---|---|---|");
-    println!("| bulk upload, MiB/s (median) | {bd:.0} | {bp:.0} | {:.0}% (target >= 80%) |", bp / bd * 100.0);
-    println!(
-        "| 64-byte requests/s, {CONNECTIONS} connections | {small_d:.0} | {small_p:.0} | {:.0}% (target >= 80%) |",
-        small_p / small_d * 100.0
-    );
-    println!(
-        "| 64-byte round trip on an open connection, µs: p50 / p99 | {:.0} / {:.0} | {:.0} / {:.0} | +{:.0} µs p99 (target <= 100) |",
-        us(pct(&lat_d, 0.5)),
-        us(pct(&lat_d, 0.99)),
-        us(pct(&lat_p, 0.5)),
-        us(pct(&lat_p, 0.99)),
-        us(pct(&lat_p, 0.99)) - us(pct(&lat_d, 0.99)),
-    );
-    println!(
-        "| connect + 64-byte round trip + close, µs: p50 / p99 | {:.0} / {:.0} | {:.0} / {:.0} | +{:.0} µs p99 |",
-        us(pct(&con_d, 0.5)),
-        us(pct(&con_d, 0.99)),
-        us(pct(&con_p, 0.5)),
-        us(pct(&con_p, 0.99)),
-        us(pct(&con_p, 0.99)) - us(pct(&con_d, 0.99)),
-    );
+    println!("| setup | figure | direct | through the proxy | proxy vs direct |");
+    println!("|---|---|---|---|---|");
+    print("proxy, server and clients share 2 cores", &shared);
+    print("proxy on its own core", &own);
     c.final_summary();
 }
