@@ -68,3 +68,7 @@ pub use orch_scheduler as scheduler;
 #[cfg(feature = "controllers")]
 #[cfg_attr(docsrs, doc(cfg(feature = "controllers")))]
 pub use orch_controllers as controllers;
+
+#[cfg(feature = "manifest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "manifest")))]
+pub mod manifest;

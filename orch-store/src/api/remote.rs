@@ -172,6 +172,18 @@ impl RemoteStore {
     pub fn server(&self) -> &str {
         &self.inner.base
     }
+
+    /// Sends one request to any path of the server (with its query, e.g.
+    /// `/apis/orch.dev/v1/namespaces/ns/deployments?dryRun=All`) and answers the body of a
+    /// success; a failure is the [`Error`] its `Status` describes, as for every other call. For
+    /// what the `Store` trait does not say: discovery, dry runs.
+    pub async fn raw(&self, method: &str, path_and_query: &str, json_body: Option<Vec<u8>>) -> Result<Bytes> {
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| Error::invalid("RemoteStore", "method", format!("{method:?} is not an HTTP method")))?;
+        let body = json_body.map(|b| (Bytes::from(b), "application/json"));
+        let (_, bytes) = self.inner.call(method, path_and_query, body).await?;
+        Ok(bytes)
+    }
 }
 
 impl Inner {

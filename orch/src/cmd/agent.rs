@@ -46,6 +46,18 @@ pub(crate) struct AgentArgs {
     /// them).
     #[arg(long)]
     drain: bool,
+    /// The address other nodes reach this node's workloads at (reported in the node's status and
+    /// in its services' endpoints; the programs find it in `ORCH_ADDRESS`).
+    #[arg(long, default_value = "127.0.0.1")]
+    address: std::net::IpAddr,
+    /// The host ports given to container ports that do not fix one, `first-last` (programs
+    /// find theirs in `PORT_<NAME>`).
+    #[arg(long, default_value = "20000-29999", value_parser = super::parse_port_range)]
+    port_range: std::ops::RangeInclusive<u16>,
+    /// Seconds a deleted workload with ports keeps running, terminating in its services'
+    /// endpoints, before it is stopped (when its spec does not say).
+    #[arg(long, default_value_t = 2)]
+    pre_stop_delay: u64,
     #[command(flatten)]
     proxy: super::net::ProxyArgs,
     #[command(flatten)]
@@ -101,13 +113,16 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     }
     config.labels = labels;
     config.data_root = args.data_dir.join("data");
+    config.address = args.address;
+    config.port_range = args.port_range.clone();
+    config.pre_stop_delay = std::time::Duration::from_secs(args.pre_stop_delay);
     let runtime = runtime(&args, &node)?;
 
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let ops_task =
         args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops_routes(prometheus, ready), stop.clone())));
     tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
-    let net = super::net::start(Some(&args.proxy), &args.dns, store.clone(), stop.clone()).await?;
+    let net = super::net::start(Some((&args.proxy, args.address)), &args.dns, store.clone(), stop.clone()).await?;
     ready_tx.send_replace(true);
     Agent::new(config, store, runtime).run(stopped(stop.clone()), args.drain).await?;
     net.wait().await?;

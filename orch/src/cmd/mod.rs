@@ -1,7 +1,15 @@
 //! Subcommands and what they share: logging, metrics, health endpoints, signals.
 
 mod agent;
+mod apply;
+mod client;
+mod config;
+mod delete;
+mod describe;
+mod get;
 mod net;
+mod nodes;
+mod rollout;
 mod server;
 mod token;
 
@@ -14,15 +22,48 @@ use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
-/// orch: a container orchestrator's control plane and node agent.
+/// orch: a container orchestrator's control plane, node agent and command line.
 #[derive(Debug, Parser)]
-#[command(name = "orch", version, about)]
+#[command(
+    name = "orch",
+    version,
+    about,
+    after_help = "Examples:
+  orch server --data-dir /var/lib/orch           # a control plane
+  orch agent --server http://10.0.0.1:7440       # a node
+  orch apply -f examples/manifests/web.yaml
+  orch get deployments
+  orch rollout status deployment/web"
+)]
 pub(crate) struct Cli {
     /// Log filter (`info`, `orch_store=debug,info`…); `RUST_LOG` overrides it.
     #[arg(long, global = true, default_value = "info")]
     pub(crate) log: String,
+    #[command(flatten)]
+    conn: client::ConnArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Ends the command with this exit code and no further message (what it had to say is
+/// printed already).
+#[derive(Debug)]
+pub(crate) struct Exit(pub(crate) u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+impl Cli {
+    /// Whether the command serves (server, agent) rather than talks to a server: only those
+    /// log to standard error by default.
+    pub(crate) fn is_daemon(&self) -> bool {
+        matches!(self.command, Command::Server(_) | Command::Agent(_))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,6 +76,44 @@ enum Command {
     /// Manages the bearer tokens of a server's users and nodes.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Creates or updates the objects that files describe.
+    Apply(apply::ApplyArgs),
+    /// Shows what `apply` would change.
+    Diff(apply::DiffArgs),
+    /// Lists objects as tables, YAML, JSON or names; `-w` follows changes.
+    Get(get::GetArgs),
+    /// Shows one object in detail: spec, status, conditions, events, why it is pending.
+    Describe(describe::DescribeArgs),
+    /// Deletes objects.
+    Delete(delete::DeleteArgs),
+    /// Follows, lists, undoes, pauses, resumes and restarts deployments' rollouts.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
+    /// Sets the replicas of a deployment (or anything with `spec.replicas`).
+    Scale(rollout::ScaleArgs),
+    /// Marks a node unschedulable: nothing new is placed on it.
+    Cordon(nodes::NodeArgs),
+    /// Marks a node schedulable again.
+    Uncordon(nodes::NodeArgs),
+    /// Cordons a node and evicts its workloads (but those of daemon sets), waiting until they
+    /// are gone.
+    Drain(nodes::DrainArgs),
+    /// Shows nodes' requested resources against what they can allocate (requests, not
+    /// measured use: orch has no metrics pipeline).
+    #[command(subcommand)]
+    Top(nodes::TopCommand),
+    /// Manages the contexts of the config file.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Prints a shell completion script.
+    #[command(after_help = "Examples:
+  orch completion bash > /etc/bash_completion.d/orch
+  orch completion zsh > \"${fpath[1]}/_orch\"
+  orch completion fish > ~/.config/fish/completions/orch.fish")]
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -47,10 +126,28 @@ pub(crate) fn init_logging(filter: &str) {
 }
 
 pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
+    let conn = &cli.conn;
     match cli.command {
         Command::Server(args) => server::run(args).await,
         Command::Agent(args) => agent::run(args).await,
         Command::Token(cmd) => token::run(cmd),
+        Command::Apply(args) => apply::apply(conn, args).await,
+        Command::Diff(args) => apply::diff(conn, args).await,
+        Command::Get(args) => get::run(conn, args).await,
+        Command::Describe(args) => describe::run(conn, args).await,
+        Command::Delete(args) => delete::run(conn, args).await,
+        Command::Rollout(cmd) => rollout::run(conn, cmd).await,
+        Command::Scale(args) => rollout::scale(conn, args).await,
+        Command::Cordon(args) => nodes::cordon(conn, args, true).await,
+        Command::Uncordon(args) => nodes::cordon(conn, args, false).await,
+        Command::Drain(args) => nodes::drain(conn, args).await,
+        Command::Top(cmd) => nodes::top(conn, cmd).await,
+        Command::Config(cmd) => config::run(conn, cmd),
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "orch", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }
 
@@ -121,4 +218,29 @@ pub(crate) fn host_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "orch".into())
+}
+
+/// Reads a port range written `first-last` (as the `--port-range` flags take it).
+pub(crate) fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected first-last, e.g. 20000-29999"))?;
+    let port = |p: &str| {
+        p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("{s:?}: {p:?} is not a port (1-65535)"))
+    };
+    let (a, b) = (port(a)?, port(b)?);
+    if a > b {
+        return Err(format!("{s:?}: the first port is above the last"));
+    }
+    Ok(a..=b)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn port_ranges_parse_or_say_why_not() {
+        assert_eq!(super::parse_port_range("20000-29999"), Ok(20000..=29999));
+        assert!(super::parse_port_range("20000").unwrap_err().contains("first-last"));
+        assert!(super::parse_port_range("0-10").unwrap_err().contains("not a port"));
+        assert!(super::parse_port_range("10-70000").unwrap_err().contains("not a port"));
+        assert!(super::parse_port_range("30-20").unwrap_err().contains("above the last"));
+    }
 }

@@ -1,6 +1,6 @@
 //! `orch server`: the API server over the embedded store (or etcd), with the scheduler, the node
-//! lifecycle controller, the workload controllers and the garbage collector in a manager that
-//! elects a leader among replicas.
+//! lifecycle controller, the workload controllers, the endpoints controller and the garbage
+//! collector in a manager that elects a leader among replicas.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orch_controllers::{
-    DaemonSetController, DeploymentController, GarbageCollector, JobController, NodeLifecycle, ReplicaSetController,
-    WorkflowController,
+    DaemonSetController, DeploymentController, EndpointsConfig, EndpointsController, GarbageCollector, JobController,
+    NodeLifecycle, ReplicaSetController, WorkflowController,
 };
 use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::{Manager, Store};
@@ -48,8 +48,26 @@ pub(crate) struct ServerArgs {
     /// Watches each client may hold.
     #[arg(long, default_value_t = 20_000)]
     client_watches: usize,
+    /// The block services' cluster addresses come from (IPv4 CIDR). The default lies in
+    /// 127/8, which every Linux node answers on without setup.
+    #[arg(long, default_value = orch_controllers::endpoints::DEFAULT_CLUSTER_RANGE, value_parser = parse_cidr)]
+    cluster_address_range: orch_controllers::endpoints::AddressRange,
+    /// The range node ports come from, `first-last`.
+    #[arg(long, default_value = "30000-32767", value_parser = super::parse_port_range)]
+    node_port_range: std::ops::RangeInclusive<u16>,
+    /// The most endpoints one endpoint slice holds.
+    #[arg(long, default_value_t = orch_core::kinds::DEFAULT_ENDPOINTS_PER_SLICE, value_parser = parse_per_slice)]
+    endpoints_per_slice: usize,
     #[command(flatten)]
     dns: super::net::DnsArgs,
+}
+
+fn parse_per_slice(s: &str) -> Result<usize, String> {
+    s.parse::<usize>().ok().filter(|n| (1..=10_000).contains(n)).ok_or_else(|| format!("{s:?}: must be 1-10000"))
+}
+
+fn parse_cidr(s: &str) -> Result<orch_controllers::endpoints::AddressRange, String> {
+    orch_controllers::endpoints::AddressRange::parse(s)
 }
 
 async fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>, BoxError> {
@@ -93,6 +111,12 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     manager.add(JobController::builder());
     manager.add(WorkflowController::builder());
     manager.add(GarbageCollector::builtin());
+    // Services: their endpoints, cluster addresses and node ports.
+    manager.add(EndpointsController::builder(EndpointsConfig {
+        endpoints_per_slice: args.endpoints_per_slice,
+        cluster_range: args.cluster_address_range,
+        node_port_range: args.node_port_range.clone(),
+    }));
     let ready = manager.readiness();
 
     let limits = Limits {

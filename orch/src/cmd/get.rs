@@ -1,0 +1,360 @@
+//! `orch get`: tables per kind (the columns people look for), `-o yaml|json|name|wide`,
+//! selectors, all namespaces, and `-w` to watch.
+
+use futures::StreamExt;
+use orch::manifest::{to_value, to_yaml};
+use orch_core::{
+    DynamicObject, FieldSelector, LabelSelector, ListRequest, ObjectKey, Selection, WatchEvent, WatchRequest,
+};
+use serde_json::Value;
+
+use super::BoxError;
+use super::client::{Client, ConnArgs, age, split_targets, table};
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Output {
+    /// A table with the usual columns.
+    Table,
+    /// A table with more columns.
+    Wide,
+    /// YAML manifests (`---` between objects).
+    Yaml,
+    /// JSON: an object, or a list of them.
+    Json,
+    /// `kind/name`, one a line.
+    Name,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  orch get deployments                  # or deploy, deployment, Deployment
+  orch get deploy web -o yaml
+  orch get workloads -l app=web -o wide
+  orch get wl --field-selector spec.nodeName=node-1 -A
+  orch get nodes
+  orch get deploy -w                    # print changes as they happen (Ctrl-C to stop)")]
+pub(crate) struct GetArgs {
+    /// A kind, then names (or `kind/name`).
+    #[arg(required = true)]
+    targets: Vec<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+    /// Only objects whose labels match (`app=web,tier!=db`).
+    #[arg(short = 'l', long)]
+    selector: Option<String>,
+    /// Only objects whose fields match (`spec.nodeName=node-1,status.phase=Running`).
+    #[arg(long)]
+    field_selector: Option<String>,
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    /// After listing, print every change until interrupted.
+    #[arg(short = 'w', long)]
+    watch: bool,
+    /// Leave the header out of tables.
+    #[arg(long)]
+    no_headers: bool,
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
+    status["conditions"].as_array()?.iter().find(|c| c["type"] == type_)
+}
+
+/// Column names and the cells of one object, per kind.
+pub(crate) fn columns(kind: &str, wide: bool) -> Vec<&'static str> {
+    let mut c: Vec<&'static str> = match kind {
+        "Deployment" => vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+        "ReplicaSet" => vec!["NAME", "DESIRED", "CURRENT", "READY", "AGE"],
+        "DaemonSet" => vec!["NAME", "DESIRED", "CURRENT", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+        "Workload" => vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
+        "Node" => vec!["NAME", "STATUS", "AGE"],
+        "Job" => vec!["NAME", "STATUS", "COMPLETIONS", "AGE"],
+        "Workflow" => vec!["NAME", "STATUS", "AGE"],
+        "Service" => vec!["NAME", "TYPE", "CLUSTER-ADDRESS", "PORT(S)", "ENDPOINTS", "AGE"],
+        "EndpointSlice" => vec!["NAME", "SERVICE", "ENDPOINTS", "AGE"],
+        "Event" => vec!["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+        _ => vec!["NAME", "AGE"],
+    };
+    if wide {
+        match kind {
+            "Deployment" | "ReplicaSet" | "DaemonSet" => c.extend(["CONTAINERS", "COMMAND", "SELECTOR"]),
+            "Workload" => c.extend(["NODE", "REASON"]),
+            "Node" => c.extend(["CPU", "MEMORY", "VERSION"]),
+            _ => {}
+        }
+    }
+    c
+}
+
+fn containers(spec: &Value) -> (String, String) {
+    let list = spec["template"]["spec"]["containers"].as_array().cloned().unwrap_or_default();
+    let names = list.iter().map(|c| s(&c["name"])).collect::<Vec<_>>().join(",");
+    let cmds = list
+        .iter()
+        .map(|c| {
+            c["image"].as_str().map(str::to_string).unwrap_or_else(|| {
+                c["command"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+            })
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    (names, cmds)
+}
+
+fn selector_text(spec: &Value) -> String {
+    spec["selector"]["matchLabels"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect::<Vec<_>>().join(","))
+        .unwrap_or_default()
+}
+
+pub(crate) fn row(obj: &DynamicObject, wide: bool) -> Vec<String> {
+    let spec = obj.spec.to_value();
+    let status = obj.status.to_value();
+    let name = obj.metadata.name.clone();
+    let created = age(obj.metadata.creation_timestamp);
+    let mut r = match obj.kind.as_str() {
+        "Deployment" => vec![
+            name,
+            format!("{}/{}", n(&status["readyReplicas"]), n(&spec["replicas"])),
+            n(&status["updatedReplicas"]).to_string(),
+            n(&status["availableReplicas"]).to_string(),
+            created,
+        ],
+        "ReplicaSet" => vec![
+            name,
+            n(&spec["replicas"]).to_string(),
+            n(&status["replicas"]).to_string(),
+            n(&status["readyReplicas"]).to_string(),
+            created,
+        ],
+        "DaemonSet" => vec![
+            name,
+            n(&status["desiredNumberScheduled"]).to_string(),
+            n(&status["currentNumberScheduled"]).to_string(),
+            n(&status["numberReady"]).to_string(),
+            n(&status["updatedNumberScheduled"]).to_string(),
+            n(&status["numberAvailable"]).to_string(),
+            created,
+        ],
+        "Workload" => {
+            let total = spec["containers"].as_array().map_or(0, Vec::len);
+            let ready =
+                status["containerStatuses"].as_array().map_or(0, |a| a.iter().filter(|c| c["ready"] == true).count());
+            let phase =
+                if obj.metadata.deletion_timestamp.is_some() { "Terminating".to_string() } else { s(&status["phase"]) };
+            let phase = if phase.is_empty() { "Pending".into() } else { phase };
+            // A container waiting (crash loop, image pull...) says why, as kubectl shows it.
+            let waiting = status["containerStatuses"].as_array().and_then(|a| {
+                a.iter().find_map(|c| c["state"]["waiting"]["reason"].as_str().filter(|r| !r.is_empty()))
+            });
+            let phase = match waiting {
+                Some(r) if obj.metadata.deletion_timestamp.is_none() => r.split(':').next().unwrap_or(r).to_string(),
+                _ => phase,
+            };
+            vec![name, format!("{ready}/{total}"), phase, n(&status["restartCount"]).to_string(), created]
+        }
+        "Node" => {
+            let ready = condition(&status, "Ready").map(|c| c["status"] == "True").unwrap_or(false);
+            let mut st = if ready { "Ready".to_string() } else { "NotReady".to_string() };
+            if spec["unschedulable"] == true {
+                st.push_str(",SchedulingDisabled");
+            }
+            vec![name, st, created]
+        }
+        "Job" => {
+            let st = ["Complete", "Failed"]
+                .iter()
+                .find(|t| condition(&status, t).is_some_and(|c| c["status"] == "True"))
+                .map_or(if n(&status["active"]) > 0 { "Running" } else { "Pending" }, |t| t);
+            vec![
+                name,
+                st.to_string(),
+                format!("{}/{}", n(&status["succeeded"]), spec["completions"].as_u64().unwrap_or(1)),
+                created,
+            ]
+        }
+        "Workflow" => {
+            let phase = s(&status["phase"]);
+            vec![name, if phase.is_empty() { "Pending".into() } else { phase }, created]
+        }
+        "Service" => {
+            let ports = spec["ports"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            let proto = p["protocol"].as_str().unwrap_or("TCP");
+                            match p["nodePort"].as_u64() {
+                                Some(np) => format!("{}:{np}/{proto}", n(&p["port"])),
+                                None => format!("{}/{proto}", n(&p["port"])),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            let addr = status["clusterAddress"].as_str().unwrap_or(if spec["headless"] == true {
+                "None"
+            } else {
+                "<pending>"
+            });
+            let ty = spec["type"].as_str().unwrap_or("ClusterInternal").to_string();
+            vec![name, ty, addr.to_string(), ports, n(&status["readyEndpoints"]).to_string(), created]
+        }
+        "EndpointSlice" => {
+            let svc = obj.metadata.labels.get(orch_core::kinds::SERVICE_NAME_LABEL).cloned().unwrap_or_default();
+            let eps = spec["endpoints"].as_array().map_or(0, Vec::len);
+            vec![name, svc, eps.to_string(), created]
+        }
+        "Event" => {
+            let io = &spec["involvedObject"];
+            let last = spec["lastTimestamp"].as_str().and_then(|t| orch_core::Timestamp::parse_rfc3339(t).ok());
+            vec![
+                age(last.or(obj.metadata.creation_timestamp)),
+                s(&spec["type"]),
+                s(&spec["reason"]),
+                format!("{}/{}", s(&io["kind"]).to_ascii_lowercase(), s(&io["name"])),
+                s(&spec["message"]),
+            ]
+        }
+        _ => vec![name, created],
+    };
+    if wide {
+        match obj.kind.as_str() {
+            "Deployment" | "ReplicaSet" | "DaemonSet" => {
+                let (names, cmds) = containers(&spec);
+                r.extend([names, cmds, selector_text(&spec)]);
+            }
+            "Workload" => r.extend([spec["nodeName"].as_str().unwrap_or("<none>").to_string(), s(&status["reason"])]),
+            "Node" => r.extend([
+                s(&status["allocatable"]["cpu"]),
+                s(&status["allocatable"]["memory"]),
+                obj.metadata.labels.get("orch.dev/version").cloned().unwrap_or_default(),
+            ]),
+            _ => {}
+        }
+    }
+    r
+}
+
+fn rows_text(objs: &[DynamicObject], kind: &str, wide: bool, all_ns: bool, header: bool) -> String {
+    let mut cols = columns(kind, wide);
+    let mut rows: Vec<Vec<String>> = objs.iter().map(|o| row(o, wide)).collect();
+    if all_ns {
+        cols.insert(0, "NAMESPACE");
+        for (r, o) in rows.iter_mut().zip(objs) {
+            r.insert(0, o.metadata.namespace.clone());
+        }
+    }
+    table(&cols, &rows, header)
+}
+
+pub(crate) async fn run(conn: &ConnArgs, args: GetArgs) -> Result<(), BoxError> {
+    let client = Client::connect(conn).await?;
+    let (word, names) = split_targets(&args.targets)?;
+    let kind = client.kind(&word)?.clone();
+    let ns = if kind.namespaced && !args.all_namespaces { Some(client.namespace.clone()) } else { None };
+    let labels: LabelSelector = match &args.selector {
+        Some(t) => LabelSelector::parse(t).map_err(|e| format!("-l {t:?}: {e}"))?,
+        None => LabelSelector::default(),
+    };
+    let fields: FieldSelector = match &args.field_selector {
+        Some(t) => FieldSelector::parse(t).map_err(|e| format!("--field-selector {t:?}: {e}"))?,
+        None => FieldSelector::default(),
+    };
+    let mut sel = Selection::kind(&kind.kind).with_labels(labels).with_fields(fields);
+    if let Some(ns) = &ns {
+        sel = sel.in_namespace(ns.clone());
+    }
+    let (objs, revision) = if names.is_empty() {
+        let list = client.store.list(&ListRequest::new(sel.clone())).await?;
+        let mut items: Vec<DynamicObject> = list.items.iter().map(|o| (**o).clone()).collect();
+        items.sort_by(|a, b| (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name)));
+        (items, list.revision)
+    } else {
+        let mut items = Vec::new();
+        for name in &names {
+            let key = ObjectKey::new(&kind.kind, ns.clone().unwrap_or_default(), name);
+            items.push((*client.store.get(&key).await?).clone());
+        }
+        (items, client.store.current_revision().await?)
+    };
+    let wide = args.output == Output::Wide;
+    let all_ns = args.all_namespaces && kind.namespaced;
+    match args.output {
+        Output::Table | Output::Wide => {
+            if objs.is_empty() && !args.watch {
+                match &ns {
+                    Some(ns) => eprintln!("No {} found in namespace {ns}.", kind.name),
+                    None => eprintln!("No {} found.", kind.name),
+                }
+            } else {
+                print!("{}", rows_text(&objs, &kind.kind, wide, all_ns, !args.no_headers));
+            }
+        }
+        Output::Yaml => {
+            if !objs.is_empty() {
+                print!("{}", to_yaml(&objs));
+            }
+        }
+        Output::Json => {
+            let v = if names.len() == 1 {
+                to_value(&objs[0])
+            } else {
+                serde_json::json!({"apiVersion": "orch.dev/v1", "kind": format!("{}List", kind.kind), "items": objs.iter().map(to_value).collect::<Vec<_>>()})
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Name => {
+            for o in &objs {
+                println!("{}/{}", o.kind.to_ascii_lowercase(), o.metadata.name);
+            }
+        }
+    }
+    if !args.watch {
+        return Ok(());
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let mut stream = client.store.watch(&WatchRequest::from(sel, revision + 1)).await?;
+    while let Some(ev) = stream.next().await {
+        let ev = ev?;
+        let (obj, deleted) = match &ev {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) => (o, false),
+            WatchEvent::Deleted(o) => (o, true),
+            _ => continue,
+        };
+        if !names.is_empty() && !names.contains(&obj.metadata.name) {
+            continue;
+        }
+        match args.output {
+            Output::Table | Output::Wide => {
+                let mut text = rows_text(std::slice::from_ref(obj), &kind.kind, wide, all_ns, false);
+                if deleted {
+                    text = text.trim_end().to_string() + "   (deleted)\n";
+                }
+                print!("{text}");
+            }
+            Output::Yaml => print!("---\n{}", to_yaml(std::slice::from_ref(obj))),
+            Output::Json => println!("{}", serde_json::to_string(&to_value(obj))?),
+            Output::Name => println!("{}/{}", obj.kind.to_ascii_lowercase(), obj.metadata.name),
+        }
+        let _ = std::io::stdout().flush();
+    }
+    Ok(())
+}
