@@ -122,7 +122,7 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     let ops_task =
         args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops_routes(prometheus, ready), stop.clone())));
     tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
-    let net = super::net::start(Some(&args.proxy), &args.dns, store.clone(), stop.clone()).await?;
+    let net = super::net::start(Some((&args.proxy, args.address)), &args.dns, store.clone(), stop.clone()).await?;
     ready_tx.send_replace(true);
     Agent::new(config, store, runtime).run(stopped(stop.clone()), args.drain).await?;
     net.wait().await?;
