@@ -212,12 +212,24 @@ fn start_cluster(orch: &Cli, dir: &Path) -> (Cluster, String, String) {
     for (node, t) in ["node-1", "node-2"].iter().zip(&nodes) {
         let node_dir = dir.join(node);
         procs.push(Proc(
-            orch.cmd(&["agent", "--server", &url, "--join-token", t, "--name", node, "--drain", "--data-dir"])
-                .arg(&node_dir)
-                .stdout(Stdio::null())
-                .stderr(log(&format!("{node}.log")))
-                .spawn()
-                .unwrap(),
+            orch.cmd(&[
+                "agent",
+                "--server",
+                &url,
+                "--join-token",
+                t,
+                "--name",
+                node,
+                "--drain",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(&node_dir)
+            .stdout(Stdio::null())
+            .stderr(log(&format!("{node}.log")))
+            .spawn()
+            .unwrap(),
         ));
     }
     (Cluster { _procs: procs, dir: dir.to_path_buf() }, url, admin)
@@ -397,6 +409,37 @@ fn every_command_against_a_real_cluster() {
     insta::assert_snapshot!("get_crash_looping_workload", normalise(&crash));
     assert_eq!(orch.ok(&["delete", "-f", &f("crash.yaml")]), "workload/crash deleted\n");
 
+    // Logs, through the server from the node's agent: the current instance, the previous one
+    // (kept by the agent when a changed spec replaced it), followed, and refused to a stranger.
+    orch.ok(&["apply", "-f", &f("talk.yaml")]);
+    let logs = orch.until(&["logs", "talk"], "the workload talks", |o| o.contains("hello"));
+    assert_eq!(logs, "talk v1 says hello\nto stderr\n");
+    assert_eq!(orch.ok(&["logs", "workload/talk", "--tail", "0"]), "", "the last 0 lines of each stream");
+    let e = orch.fails(&["logs", "talk", "--previous"], 1);
+    assert_eq!(
+        e,
+        "orch: container main of workload default/talk has no previous instance on node ".to_string()
+            + e.trim_end().rsplit(' ').next().unwrap()
+            + "\n"
+    );
+    let v2 = std::fs::read_to_string(f("talk.yaml")).unwrap().replace("talk v1", "talk v2");
+    let talk_v2 = dir.join("talk-v2.yaml");
+    std::fs::write(&talk_v2, v2).unwrap();
+    orch.ok(&["apply", "-f", talk_v2.to_str().unwrap()]);
+    orch.until(&["logs", "talk"], "the new instance talks", |o| o.contains("talk v2"));
+    assert_eq!(orch.ok(&["logs", "talk", "--previous"]), "talk v1 says hello\nto stderr\n");
+    let mut follow = orch.cmd(&["logs", "talk", "-f"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(follow.stdout.take().unwrap()), &mut first).unwrap();
+    assert_eq!(first, "talk v2 says hello\n");
+    assert!(follow.try_wait().unwrap().is_none(), "-f keeps following a running instance");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let e = orch.fails(&["--token", "orch-forged", "logs", "talk"], 1);
+    assert!(e.contains("401"), "{e}");
+    insta::assert_snapshot!("error_logs_no_container", orch.fails(&["logs", "talk", "-c", "other"], 1));
+    orch.ok(&["delete", "wl", "talk"]);
+
     // Nodes: cordon, top, drain, uncordon.
     assert_eq!(orch.ok(&["cordon", "node-2"]), "node/node-2 cordoned\n");
     assert!(orch.ok(&["get", "nodes"]).contains("Ready,SchedulingDisabled"));
@@ -487,6 +530,7 @@ fn every_command_has_help_with_an_example_and_completions_exist() {
         &["get"],
         &["describe"],
         &["delete"],
+        &["logs"],
         &["rollout", "status"],
         &["rollout", "history"],
         &["rollout", "undo"],

@@ -7,6 +7,7 @@ mod config;
 mod delete;
 mod describe;
 mod get;
+mod logs;
 mod nodes;
 mod rollout;
 mod server;
@@ -85,6 +86,8 @@ enum Command {
     Describe(describe::DescribeArgs),
     /// Deletes objects.
     Delete(delete::DeleteArgs),
+    /// Prints a workload's output (its node's agent reads it; the server relays it).
+    Logs(logs::LogsArgs),
     /// Follows, lists, undoes, pauses, resumes and restarts deployments' rollouts.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
@@ -135,6 +138,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
         Command::Get(args) => get::run(conn, args).await,
         Command::Describe(args) => describe::run(conn, args).await,
         Command::Delete(args) => delete::run(conn, args).await,
+        Command::Logs(args) => logs::run(conn, args).await,
         Command::Rollout(cmd) => rollout::run(conn, cmd).await,
         Command::Scale(args) => rollout::scale(conn, args).await,
         Command::Cordon(args) => nodes::cordon(conn, args, true).await,

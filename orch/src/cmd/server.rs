@@ -121,7 +121,9 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     }
     let api = api.build();
     let ops = ops_routes(prometheus, ready.clone());
-    let app = api.router().merge(ops.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    // `orch logs` goes through the server to the workload's agent.
+    let logs = super::logs::relay_routes(args.listen, store.clone());
+    let app = api.router().merge(ops.clone()).merge(logs).into_make_service_with_connect_info::<SocketAddr>();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

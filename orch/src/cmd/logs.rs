@@ -1,0 +1,373 @@
+//! `orch logs`: a workload's output, read by its node's agent and relayed by the API server.
+//!
+//! The path is the Kubernetes one, `GET /apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log`
+//! (`container`, `follow`, `previous`, `tailLines`). The server checks the caller exactly as for
+//! reading the workload (it reads it through its own API with the caller's token, so
+//! authentication, authorization and the audit log apply), finds the workload's node, and
+//! relays the request to the address that node's agent published (the `orch.dev/agent-api`
+//! annotation, set by `orch agent --listen`). The agent checks the caller's token the same way
+//! (a read of the workload through the API) before it answers, so it serves only callers who
+//! may read the workload, whether the server relays them or not.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use orch_core::kinds::{Node, Workload};
+use orch_core::runtime::LogOptions;
+use orch_core::{Api, Error, Runtime, Store};
+use orch_store::api::RemoteStore;
+use orch_store::api::wire::{Status, encode_query, encode_segment};
+use serde::Deserialize;
+
+use super::BoxError;
+use super::client::{Client as ApiClient, ConnArgs, split_targets};
+
+/// The node annotation holding the address of its agent's API.
+pub(crate) const AGENT_API_ANNOTATION: &str = "orch.dev/agent-api";
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  orch logs web-6d5f8c-x2k4q
+  orch logs wl/web-6d5f8c-x2k4q -c sidecar --tail 20
+  orch logs web-6d5f8c-x2k4q -f              # follow until it exits (Ctrl-C to stop)
+  orch logs web-6d5f8c-x2k4q --previous      # the instance before the last restart")]
+pub(crate) struct LogsArgs {
+    /// The workload (`NAME` or `workload/NAME`).
+    #[arg(required = true)]
+    target: Vec<String>,
+    /// The container (needed when the workload has several).
+    #[arg(short = 'c', long)]
+    container: Option<String>,
+    /// Keep printing new lines until the container exits.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// The output of the container's previous instance (before its last restart or
+    /// replacement), as its agent kept it (the last 10,000 lines).
+    #[arg(long, conflicts_with = "follow")]
+    previous: bool,
+    /// Only the last N lines of each stream (standard output, standard error).
+    #[arg(long)]
+    tail: Option<usize>,
+}
+
+/// The query both hops take.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct LogQuery {
+    container: Option<String>,
+    #[serde(default)]
+    follow: bool,
+    #[serde(default)]
+    previous: bool,
+    tail_lines: Option<usize>,
+}
+
+impl LogQuery {
+    fn to_query(&self) -> String {
+        let mut q = Vec::new();
+        if let Some(c) = &self.container {
+            q.push(format!("container={}", encode_query(c)));
+        }
+        if self.follow {
+            q.push("follow=true".into());
+        }
+        if self.previous {
+            q.push("previous=true".into());
+        }
+        if let Some(n) = self.tail_lines {
+            q.push(format!("tailLines={n}"));
+        }
+        if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) }
+    }
+}
+
+fn failure(code: u16, reason: &str, message: impl Into<String>) -> Response {
+    let s = Status::failure(code, reason, message);
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&s).unwrap_or_default())
+        .into_response()
+}
+
+/// An API error as the answer it deserves.
+fn error_response(e: &Error) -> Response {
+    let s = Status::from_error(e);
+    // A refused credential travels as `Unavailable` with the server's own message.
+    let text = e.to_string();
+    let code = if e.is_not_found() {
+        404
+    } else if text.contains("401") {
+        401
+    } else if text.contains("403") {
+        403
+    } else {
+        s.code
+    };
+    failure(code, &s.reason, text)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string)
+}
+
+/// Reads the workload through the API as the caller: the caller's right to read it.
+async fn read_as_caller(
+    api_url: &str,
+    token: Option<String>,
+    ns: &str,
+    name: &str,
+) -> Result<orch_core::Object<Workload>, Error> {
+    let mut b = RemoteStore::builder(api_url.to_string());
+    if let Some(t) = token {
+        b = b.bearer_token(t);
+    }
+    let store: Arc<dyn Store> = Arc::new(b.build()?);
+    Api::<Workload>::namespaced(store, ns).get(name).await
+}
+
+fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// Relays a response body as it arrives.
+fn stream_body(body: hyper::body::Incoming) -> Body {
+    Body::from_stream(body.into_data_stream())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server's relay
+
+#[derive(Clone)]
+struct Relay {
+    /// This server's own API, to read as the caller.
+    self_url: String,
+    store: Arc<dyn Store>,
+}
+
+/// The relay route, merged into the API server's router (it is more specific than the API's
+/// own catch-all, so it wins for this one path).
+pub(crate) fn relay_routes(listen: SocketAddr, store: Arc<dyn Store>) -> Router {
+    let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+    let relay = Relay { self_url: format!("http://{host}:{}", listen.port()), store };
+    Router::new().route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log", get(relay_logs)).with_state(relay)
+}
+
+async fn relay_logs(
+    State(relay): State<Relay>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let token = bearer(&headers);
+    let w = match read_as_caller(&relay.self_url, token.clone(), &ns, &name).await {
+        Ok(w) => w,
+        Err(e) => return error_response(&e),
+    };
+    let Some(node) = w.spec.node_name.clone() else {
+        return failure(400, "BadRequest", format!("workload {ns}/{name} is not placed on a node yet: it has no logs"));
+    };
+    let nodes: Api<Node> = Api::all(relay.store.clone());
+    let addr = match nodes.get(&node).await {
+        Ok(n) => n.metadata.annotations.get(AGENT_API_ANNOTATION).cloned(),
+        Err(e) => return error_response(&e),
+    };
+    let Some(addr) = addr else {
+        return failure(
+            503,
+            "ServiceUnavailable",
+            format!(
+                "node {node} serves no logs: its agent publishes no API (start it with `orch agent --listen ADDR`)"
+            ),
+        );
+    };
+    let uri = format!("{addr}/logs/{}/{}{}", encode_segment(&ns), encode_segment(&name), q.to_query());
+    let mut req = hyper::Request::get(&uri);
+    if let Some(t) = &token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let Ok(req) = req.body(Empty::new()) else {
+        return failure(500, "InternalError", format!("bad agent address {addr:?} on node {node}"));
+    };
+    match http_client().request(req).await {
+        Ok(resp) => {
+            let status = resp.status();
+            let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+            let mut out = Response::new(stream_body(resp.into_body()));
+            *out.status_mut() = status;
+            if let Some(ct) = ct {
+                out.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            out
+        }
+        Err(e) => failure(502, "BadGateway", format!("cannot reach the agent of node {node} at {addr}: {e}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent's side
+
+#[derive(Clone)]
+struct NodeApi {
+    node: String,
+    api_url: String,
+    runtime: Arc<dyn Runtime>,
+    data_root: std::path::PathBuf,
+}
+
+/// The agent's API: `GET /logs/{ns}/{name}`.
+pub(crate) fn agent_routes(
+    node: String,
+    api_url: String,
+    runtime: Arc<dyn Runtime>,
+    data_root: std::path::PathBuf,
+) -> Router {
+    Router::new().route("/logs/{ns}/{name}", get(agent_logs)).with_state(NodeApi { node, api_url, runtime, data_root })
+}
+
+async fn agent_logs(
+    State(api): State<NodeApi>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let w = match read_as_caller(&api.api_url, bearer(&headers), &ns, &name).await {
+        Ok(w) => w,
+        Err(e) => return error_response(&e),
+    };
+    if w.spec.node_name.as_deref() != Some(api.node.as_str()) {
+        return failure(404, "NotFound", format!("workload {ns}/{name} does not run on node {}", api.node));
+    }
+    let names: Vec<&str> = w.spec.containers.iter().map(|c| c.name.as_str()).collect();
+    let container = match (&q.container, names.as_slice()) {
+        (Some(c), _) if names.contains(&c.as_str()) => c.clone(),
+        (Some(c), _) => {
+            return failure(
+                400,
+                "BadRequest",
+                format!("workload {ns}/{name} has no container {c:?} (it has {})", names.join(", ")),
+            );
+        }
+        (None, [only]) => only.to_string(),
+        (None, _) => {
+            return failure(
+                400,
+                "BadRequest",
+                format!("workload {ns}/{name} has several containers: choose one of {} with -c", names.join(", ")),
+            );
+        }
+    };
+    if q.previous {
+        let path = orch_runtime::previous_logs_path(&api.data_root, &ns, &name, &container);
+        return match tokio::fs::read_to_string(&path).await {
+            Ok(text) => {
+                let lines: Vec<&str> = text.lines().collect();
+                let skip = q.tail_lines.map_or(0, |n| lines.len().saturating_sub(n));
+                let body: String = lines[skip..].iter().map(|l| format!("{l}\n")).collect();
+                ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+            }
+            Err(_) => failure(
+                404,
+                "NotFound",
+                format!("container {container} of workload {ns}/{name} has no previous instance on node {}", api.node),
+            ),
+        };
+    }
+    let instances = match orch_runtime::instances_of(api.runtime.as_ref(), &ns, &name).await {
+        Ok(i) => i,
+        Err(e) => return failure(500, "InternalError", format!("the runtime cannot list its instances: {e}")),
+    };
+    let Some((_, _, handle)) = instances.into_iter().rev().find(|(c, _, _)| *c == container) else {
+        return failure(404, "NotFound", format!("container {container} of workload {ns}/{name} has not started yet"));
+    };
+    let options = LogOptions { tail: q.tail_lines, follow: q.follow };
+    match api.runtime.logs(&handle, options).await {
+        Ok(stream) => {
+            let body = stream.map(|l| Ok::<_, std::convert::Infallible>(Bytes::from(format!("{}\n", l.line))));
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(body)).into_response()
+        }
+        Err(e) => failure(500, "InternalError", format!("the runtime cannot read the logs: {e}")),
+    }
+}
+
+/// Publishes the agent's API address on its node once the node is registered.
+pub(crate) async fn publish_address(store: Arc<dyn Store>, node: String, url: String) {
+    let nodes: Api<Node> = Api::all(store);
+    for _ in 0..600 {
+        match nodes
+            .retry_on_conflict(&node, |n| {
+                n.metadata.annotations.insert(AGENT_API_ANNOTATION, url.clone());
+                Ok(())
+            })
+            .await
+        {
+            Ok(_) => return,
+            Err(e) if e.is_not_found() => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot publish the agent's API address; orch logs will not reach this node");
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command
+
+pub(crate) async fn run(conn: &ConnArgs, args: LogsArgs) -> Result<(), BoxError> {
+    let client = ApiClient::connect(conn).await?;
+    let (word, names) = if args.target.len() == 1 && !args.target[0].contains('/') {
+        ("workload".to_string(), args.target.clone())
+    } else {
+        split_targets(&args.target)?
+    };
+    if client.kind(&word)?.kind != "Workload" {
+        return Err("logs are of workloads: `orch logs NAME` or `orch logs workload/NAME`".into());
+    }
+    let [name] = names.as_slice() else { return Err("name one workload".into()) };
+    let q = LogQuery { container: args.container, follow: args.follow, previous: args.previous, tail_lines: args.tail };
+    let uri = format!(
+        "{}/apis/orch.dev/v1/namespaces/{}/workloads/{}/log{}",
+        client.remote.server(),
+        encode_segment(&client.namespace),
+        encode_segment(name),
+        q.to_query()
+    );
+    let mut req = hyper::Request::get(&uri);
+    if let Some(t) = &client.token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let resp = http_client().request(req.body(Empty::new())?).await.map_err(|e| format!("cannot reach {uri}: {e}"))?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let bytes = body.collect().await?.to_bytes();
+        let message = serde_json::from_slice::<Status>(&bytes)
+            .map(|s| s.message)
+            .unwrap_or_else(|_| format!("the server answered {status}: {}", String::from_utf8_lossy(&bytes)));
+        return Err(message.into());
+    }
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            out.write_all(&data)?;
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
