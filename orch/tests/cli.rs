@@ -438,6 +438,26 @@ fn every_command_against_a_real_cluster() {
     let e = orch.fails(&["--token", "orch-forged", "logs", "talk"], 1);
     assert!(e.contains("401"), "{e}");
     insta::assert_snapshot!("error_logs_no_container", orch.fails(&["logs", "talk", "-c", "other"], 1));
+    // An agent answers only on a ticket from the server, never to a caller straight.
+    let node = orch.ok(&["get", "wl", "talk", "-o", "json"]);
+    let node: serde_json::Value = serde_json::from_str(&node).unwrap();
+    let node = node["spec"]["nodeName"].as_str().unwrap().to_string();
+    let node: serde_json::Value = serde_json::from_str(&orch.ok(&["get", "node", &node, "-o", "json"])).unwrap();
+    let agent =
+        node["metadata"]["annotations"]["orch.dev/agent-api"].as_str().expect("the agent's address").to_string();
+    let ask_agent = |header: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(agent.trim_start_matches("http://")).unwrap();
+        let req = format!("GET /logs/default/talk HTTP/1.1\r\nHost: x\r\n{header}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let answer = ask_agent(&format!("Authorization: Bearer {admin}"));
+    assert!(answer.starts_with("HTTP/1.1 401") && !answer.contains("hello"), "{answer}");
+    let answer = ask_agent("x-orch-log-ticket: 0123456789abcdef");
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("no such log ticket"), "{answer}");
     orch.ok(&["delete", "wl", "talk"]);
 
     // Nodes: cordon, top, drain, uncordon.

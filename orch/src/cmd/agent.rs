@@ -116,8 +116,13 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
                 .map_err(|e| format!("--listen: cannot listen on {addr}: {e}"))?;
             let bound = listener.local_addr()?;
             let url = args.advertise.clone().unwrap_or_else(|| format!("http://{bound}"));
-            let app =
-                super::logs::agent_routes(node.clone(), args.server.clone(), runtime.clone(), config.data_root.clone());
+            let app = super::logs::agent_routes(
+                node.clone(),
+                args.server.clone(),
+                store.clone(),
+                runtime.clone(),
+                config.data_root.clone(),
+            )?;
             tokio::spawn(super::logs::publish_address(store.clone(), node.clone(), url.clone()));
             tracing::info!(%url, "serving the node's API (logs)");
             let stop = stop.clone();

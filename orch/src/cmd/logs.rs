@@ -5,9 +5,13 @@
 //! reading the workload (it reads it through its own API with the caller's token, so
 //! authentication, authorization and the audit log apply), finds the workload's node, and
 //! relays the request to the address that node's agent published (the `orch.dev/agent-api`
-//! annotation, set by `orch agent --listen`). The agent checks the caller's token the same way
-//! (a read of the workload through the API) before it answers, so it serves only callers who
-//! may read the workload, whether the server relays them or not.
+//! annotation, set by `orch agent --listen`).
+//!
+//! The caller's token never reaches a node: the server hands the agent a ticket instead, a
+//! random single-use value good for 30 seconds and for this one workload on this one node. The
+//! agent redeems it with the server (`POST /orch/v1/log-tickets/{ticket}`) before it answers,
+//! so it serves only what the server has authorized, and a node that published a false address
+//! learns nothing it could use elsewhere.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -152,19 +156,60 @@ fn stream_body(body: hyper::body::Incoming) -> Body {
 // ---------------------------------------------------------------------------------------------
 // The server's relay
 
+/// What a ticket grants: one read of one workload's logs on one node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Grant {
+    namespace: String,
+    name: String,
+    node: String,
+}
+
+/// How long a ticket may wait to be redeemed.
+const TICKET_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The header that carries a ticket from the server to an agent.
+const TICKET_HEADER: &str = "x-orch-log-ticket";
+
+type Tickets = Arc<std::sync::Mutex<std::collections::HashMap<String, (Grant, tokio::time::Instant)>>>;
+
 #[derive(Clone)]
 struct Relay {
     /// This server's own API, to read as the caller.
     self_url: String,
     store: Arc<dyn Store>,
+    tickets: Tickets,
+}
+
+/// A fresh unguessable ticket (244 random bits).
+fn new_ticket() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 /// The relay route, merged into the API server's router (it is more specific than the API's
 /// own catch-all, so it wins for this one path).
 pub(crate) fn relay_routes(listen: SocketAddr, store: Arc<dyn Store>) -> Router {
     let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
-    let relay = Relay { self_url: format!("http://{host}:{}", listen.port()), store };
-    Router::new().route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log", get(relay_logs)).with_state(relay)
+    let relay = Relay { self_url: format!("http://{host}:{}", listen.port()), store, tickets: Tickets::default() };
+    Router::new()
+        .route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log", get(relay_logs))
+        .route("/orch/v1/log-tickets/{ticket}", axum::routing::post(redeem))
+        .with_state(relay)
+}
+
+/// An agent redeems a ticket: answered once, with what it grants.
+async fn redeem(State(relay): State<Relay>, Path(ticket): Path<String>) -> Response {
+    let now = tokio::time::Instant::now();
+    let grant = {
+        let mut tickets = relay.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        tickets.retain(|_, (_, expires)| *expires > now);
+        tickets.remove(&ticket)
+    };
+    match grant {
+        Some((g, _)) => ([(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&g).unwrap_or_default())
+            .into_response(),
+        None => failure(403, "Forbidden", "no such log ticket (each is good once, for 30 seconds)"),
+    }
 }
 
 async fn relay_logs(
@@ -196,11 +241,14 @@ async fn relay_logs(
         );
     };
     let uri = format!("{addr}/logs/{}/{}{}", encode_segment(&ns), encode_segment(&name), q.to_query());
-    let mut req = hyper::Request::get(&uri);
-    if let Some(t) = &token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let Ok(req) = req.body(Empty::new()) else {
+    let ticket = new_ticket();
+    let grant = Grant { namespace: ns.clone(), name: name.clone(), node: node.clone() };
+    relay
+        .tickets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(ticket.clone(), (grant, tokio::time::Instant::now() + TICKET_TTL));
+    let Ok(req) = hyper::Request::get(&uri).header(TICKET_HEADER, ticket).body(Empty::new()) else {
         return failure(500, "InternalError", format!("bad agent address {addr:?} on node {node}"));
     };
     match http_client().request(req).await {
@@ -224,19 +272,25 @@ async fn relay_logs(
 #[derive(Clone)]
 struct NodeApi {
     node: String,
-    api_url: String,
+    /// The API server, reached with no credential: a ticket is its own.
+    server: RemoteStore,
+    /// The store as the agent reaches it (with the node's token).
+    store: Arc<dyn Store>,
     runtime: Arc<dyn Runtime>,
     data_root: std::path::PathBuf,
 }
 
-/// The agent's API: `GET /logs/{ns}/{name}`.
+/// The agent's API: `GET /logs/{ns}/{name}`, answered only on a ticket from the server.
 pub(crate) fn agent_routes(
     node: String,
     api_url: String,
+    store: Arc<dyn Store>,
     runtime: Arc<dyn Runtime>,
     data_root: std::path::PathBuf,
-) -> Router {
-    Router::new().route("/logs/{ns}/{name}", get(agent_logs)).with_state(NodeApi { node, api_url, runtime, data_root })
+) -> Result<Router, BoxError> {
+    let server = RemoteStore::builder(api_url).build()?;
+    let state = NodeApi { node, server, store, runtime, data_root };
+    Ok(Router::new().route("/logs/{ns}/{name}", get(agent_logs)).with_state(state))
 }
 
 async fn agent_logs(
@@ -245,7 +299,24 @@ async fn agent_logs(
     Query(q): Query<LogQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let w = match read_as_caller(&api.api_url, bearer(&headers), &ns, &name).await {
+    // Only what the server granted: redeem the ticket with it.
+    let Some(ticket) = headers.get(TICKET_HEADER).and_then(|v| v.to_str().ok()) else {
+        return failure(
+            401,
+            "Unauthorized",
+            "ask the API server: `orch logs` (this node serves logs only on its tickets)",
+        );
+    };
+    let granted = match api.server.raw("POST", &format!("/orch/v1/log-tickets/{}", encode_segment(ticket)), None).await
+    {
+        Ok(body) => serde_json::from_slice::<Grant>(&body).ok(),
+        Err(e) => return failure(403, "Forbidden", format!("the API server did not vouch for this request: {e}")),
+    };
+    let wanted = Grant { namespace: ns.clone(), name: name.clone(), node: api.node.clone() };
+    if granted.as_ref() != Some(&wanted) {
+        return failure(403, "Forbidden", format!("the ticket is not for workload {ns}/{name} on node {}", api.node));
+    }
+    let w = match Api::<Workload>::namespaced(api.store.clone(), &ns).get(&name).await {
         Ok(w) => w,
         Err(e) => return error_response(&e),
     };
