@@ -577,6 +577,14 @@ fn every_command_has_help_with_an_example_and_completions_exist() {
         assert!(help.contains("Example"), "orch {c:?} --help has no example:\n{help}");
     }
     assert!(orch.ok(&["top", "nodes", "--help"]).contains("no metrics pipeline"));
+    // A reader that goes away early (`| head`) ends the command quietly, with success.
+    let mut child = orch.cmd(&["completion", "bash"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first = [0u8; 10];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     for shell in ["bash", "zsh", "fish"] {
         let script = orch.ok(&["completion", shell]);
         assert!(script.contains("rollout") && script.len() > 1000, "{shell}");

@@ -436,8 +436,12 @@ pub(crate) async fn run(conn: &ConnArgs, args: LogsArgs) -> Result<(), BoxError>
     let mut out = std::io::stdout().lock();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
-            out.write_all(&data)?;
-            out.flush()?;
+            match out.write_all(&data).and_then(|()| out.flush()) {
+                Ok(()) => {}
+                // The reader has gone (`orch logs -f w | head`): done.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(())

@@ -1,4 +1,16 @@
-//! Subcommands and what they share: logging, metrics, health endpoints, signals.
+//! Subcommands and what they share: logging, metrics, health endpoints, signals, output.
+
+/// Prints to standard output; when the reader has gone (`orch get ... | head -1`), the command
+/// ends quietly with success instead of failing on a broken pipe.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cmd::write_out(format_args!($($t)*)) };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    () => { $crate::cmd::write_out(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::cmd::write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
 
 mod agent;
 mod apply;
@@ -120,6 +132,19 @@ enum Command {
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Writes to standard output, ending the process quietly once nobody reads it.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("orch: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 pub(crate) fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
@@ -148,7 +173,9 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
         Command::Config(cmd) => config::run(conn, cmd),
         Command::Completion { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "orch", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "orch", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
             Ok(())
         }
     }
