@@ -460,6 +460,16 @@ fn every_command_against_a_real_cluster() {
     assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("no such log ticket"), "{answer}");
     orch.ok(&["delete", "wl", "talk"]);
 
+    // A daemon set: one workload a node, which a drain leaves in place.
+    assert_eq!(orch.ok(&["apply", "-f", &f("agents.yaml")]), "daemonset/agents created\n");
+    orch.until(&["get", "wl", "-l", "app=agents"], "a daemon workload on each node", |o| {
+        o.matches("Running").count() == 2
+    });
+    insta::assert_snapshot!(
+        "get_daemonsets",
+        normalise(&orch.until(&["get", "ds"], "the daemon set counts them", |o| o.contains(" 2 ")))
+    );
+
     // Nodes: cordon, top, drain, uncordon.
     assert_eq!(orch.ok(&["cordon", "node-2"]), "node/node-2 cordoned\n");
     assert!(orch.ok(&["get", "nodes"]).contains("Ready,SchedulingDisabled"));
@@ -467,7 +477,10 @@ fn every_command_against_a_real_cluster() {
     assert!(top.starts_with("NAME     CPU(REQUESTS)") && top.lines().count() == 3, "{top}");
     let drained = orch.ok(&["drain", "node-2", "--timeout", "60"]);
     assert!(drained.ends_with("node/node-2 drained\n"), "{drained}");
-    assert_eq!(orch.ok(&["get", "wl", "--field-selector", "spec.nodeName=node-2", "-o", "name"]), "");
+    let left = orch.ok(&["get", "wl", "--field-selector", "spec.nodeName=node-2", "-o", "name"]);
+    assert_eq!(left.lines().count(), 1, "only the daemon set's workload stays: {left}");
+    assert!(left.starts_with("workload/agents-"), "{left}");
+    assert_eq!(orch.ok(&["delete", "ds", "agents"]), "daemonset/agents deleted\n");
     assert_eq!(orch.ok(&["uncordon", "node-2"]), "node/node-2 uncordoned\n");
     assert_eq!(orch.ok(&["uncordon", "node-2"]), "node/node-2 already uncordoned\n");
 
