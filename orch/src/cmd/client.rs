@@ -16,7 +16,8 @@ use super::BoxError;
 /// Connection flags, accepted by every command.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub(crate) struct ConnArgs {
-    /// The context of the config file to use (default: its current context).
+    /// The context of the config file to use (default: its current context). The config file
+    /// is `$ORCH_CONFIG`, by default `~/.config/orch/config.yaml` (see `orch config`).
     #[arg(long, global = true, env = "ORCH_CONTEXT")]
     pub(crate) context: Option<String>,
     /// The API server (`http://host:7440`), overriding the context's (give it before the
