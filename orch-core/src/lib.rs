@@ -76,7 +76,7 @@ pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestam
 pub use object::{DynamicObject, JsonError, Object, ObjectKey, RawJson, Resource, Scope};
 pub use quantity::Quantity;
 pub use runnable::{Leadership, RunParts, Runnable};
-pub use runtime::{Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
+pub use runtime::{ExecOutput, Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
 pub use selector::{FieldSelector, LabelSelector, Requirement};
 pub use store::{
     DeleteOptions, DeleteOutcome, Guard, LeaseInfo, ListRequest, ListResponse, Propagation, Selection, Store,

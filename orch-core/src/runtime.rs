@@ -121,6 +121,23 @@ pub enum LogStream {
     Stderr,
 }
 
+/// What a command run in an instance ([`Runtime::exec_output`]) printed, and how it ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecOutput {
+    /// Its exit code (-1 when it was killed at the timeout).
+    pub exit_code: i32,
+    /// What it wrote on standard output (at most [`EXEC_OUTPUT_LIMIT`] bytes).
+    pub stdout: Vec<u8>,
+    /// What it wrote on standard error (at most [`EXEC_OUTPUT_LIMIT`] bytes).
+    pub stderr: Vec<u8>,
+    /// True when it was killed at the timeout.
+    pub timed_out: bool,
+}
+
+/// The most of each stream [`Runtime::exec_output`] keeps (4 MiB); the rest is dropped.
+pub const EXEC_OUTPUT_LIMIT: usize = 4 << 20;
+
 /// One line of output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {
@@ -267,6 +284,27 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
         let _ = (command, timeout);
         Err(RuntimeError::Unavailable {
             message: format!("the {} runtime cannot exec into {}", self.name(), handle.id),
+            source: None,
+        })
+    }
+
+    /// Runs `command` inside the instance, as [`exec`](Self::exec) does, and answers what it
+    /// printed on standard output and standard error (no input; at most
+    /// [`EXEC_OUTPUT_LIMIT`] bytes of each) with its exit code: what `orch exec` shows. Backends
+    /// that cannot capture an exec's output keep the default, which refuses.
+    ///
+    /// # To ensure correctness
+    /// The command is killed when `timeout` passes (then `timed_out` is true); it never outlives
+    /// the call.
+    async fn exec_output(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let _ = (command, timeout);
+        Err(RuntimeError::Unavailable {
+            message: format!("the {} runtime cannot run a command in {} and return its output", self.name(), handle.id),
             source: None,
         })
     }

@@ -195,9 +195,10 @@ impl Drop for Cluster {
     }
 }
 
-fn start_cluster(orch: &Cli, dir: &Path) -> (Cluster, String, String) {
+fn start_cluster(orch: &Cli, dir: &Path) -> (Cluster, String, String, String) {
     let data = dir.join("server");
     let admin = token(orch, &data, "alice", "system:admins");
+    let reader = token(orch, &data, "bob", "system:readers");
     let nodes: Vec<String> = ["node-1", "node-2"].iter().map(|n| token(orch, &data, n, "system:nodes")).collect();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
@@ -232,7 +233,7 @@ fn start_cluster(orch: &Cli, dir: &Path) -> (Cluster, String, String) {
             .unwrap(),
         ));
     }
-    (Cluster { _procs: procs, dir: dir.to_path_buf() }, url, admin)
+    (Cluster { _procs: procs, dir: dir.to_path_buf() }, url, admin, reader)
 }
 
 #[test]
@@ -241,7 +242,7 @@ fn every_command_against_a_real_cluster() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let orch = Cli { config: dir.join("config.yaml") };
-    let (_cluster, url, admin) = start_cluster(&orch, &dir);
+    let (_cluster, url, admin, reader_token) = start_cluster(&orch, &dir);
     let f = |name: &str| files().join(name).to_str().unwrap().to_string();
 
     // A context with the admin's token; the CLI finds the server through it.
@@ -458,6 +459,20 @@ fn every_command_against_a_real_cluster() {
     assert!(answer.starts_with("HTTP/1.1 401") && !answer.contains("hello"), "{answer}");
     let answer = ask_agent("x-orch-log-ticket: 0123456789abcdef");
     assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("no such log ticket"), "{answer}");
+    // Exec: the output and the exit code of a command run in the container (in its
+    // directory: it sees the files the instance wrote); a reader may read logs but not exec.
+    let out = orch.run(&["exec", "talk", "--", "sh", "-c", "echo in-$PPID-dir; ls; echo warn >&2; exit 7"]);
+    assert_eq!(out.code, 7, "the command's exit code: {}{}", out.stdout, out.stderr);
+    assert!(out.stdout.starts_with("in-") && out.stdout.contains("stdout.log"), "{}", out.stdout);
+    assert_eq!(out.stderr, "warn\n");
+    assert_eq!(orch.ok(&["exec", "workload/talk", "-c", "main", "--", "echo", "hi"]), "hi\n");
+    let e = orch.fails(&["exec", "talk", "--timeout", "1", "--", "sleep", "30"], 1);
+    assert_eq!(e, "orch: the command did not finish within 1s: it was killed\n");
+    assert!(orch.ok(&["--token", &reader_token, "logs", "talk"]).contains("talk v2"), "a reader reads logs");
+    let e = orch.fails(&["--token", &reader_token, "exec", "talk", "--", "true"], 1);
+    assert!(e.contains("needs the right to update it") && e.contains("403"), "{e}");
+    let e = orch.fails(&["exec", "talk", "--", "/no/such/program"], 1);
+    assert!(e.contains("cannot run \"/no/such/program\" in main"), "{e}");
     orch.ok(&["delete", "wl", "talk"]);
 
     // A daemon set: one workload a node, which a drain leaves in place.
@@ -564,6 +579,7 @@ fn every_command_has_help_with_an_example_and_completions_exist() {
         &["describe"],
         &["delete"],
         &["logs"],
+        &["exec"],
         &["rollout", "status"],
         &["rollout", "history"],
         &["rollout", "undo"],

@@ -97,7 +97,15 @@ impl LogQuery {
     }
 }
 
-fn failure(code: u16, reason: &str, message: impl Into<String>) -> Response {
+/// A refusal, ready to be answered (boxed: a response is large).
+pub(crate) type Refused = Box<Response>;
+
+/// [`failure`], boxed for a `Result`.
+pub(crate) fn refuse(code: u16, reason: &str, message: impl Into<String>) -> Refused {
+    Box::new(failure(code, reason, message))
+}
+
+pub(crate) fn failure(code: u16, reason: &str, message: impl Into<String>) -> Response {
     let s = Status::failure(code, reason, message);
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, [(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&s).unwrap_or_default())
@@ -105,7 +113,7 @@ fn failure(code: u16, reason: &str, message: impl Into<String>) -> Response {
 }
 
 /// An API error as the answer it deserves.
-fn error_response(e: &Error) -> Response {
+pub(crate) fn error_response(e: &Error) -> Response {
     let s = Status::from_error(e);
     // A refused credential travels as `Unavailable` with the server's own message.
     let text = e.to_string();
@@ -121,7 +129,7 @@ fn error_response(e: &Error) -> Response {
     failure(code, &s.reason, text)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -130,7 +138,7 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Reads the workload through the API as the caller: the caller's right to read it.
-async fn read_as_caller(
+pub(crate) async fn read_as_caller(
     api_url: &str,
     token: Option<String>,
     ns: &str,
@@ -144,7 +152,7 @@ async fn read_as_caller(
     Api::<Workload>::namespaced(store, ns).get(name).await
 }
 
-fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
+pub(crate) fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
@@ -156,29 +164,64 @@ fn stream_body(body: hyper::body::Incoming) -> Body {
 // ---------------------------------------------------------------------------------------------
 // The server's relay
 
-/// What a ticket grants: one read of one workload's logs on one node.
+/// What a ticket grants: one read of one workload's logs on one node (`action` `logs`), or
+/// one run of one command in it (`exec`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Grant {
-    namespace: String,
-    name: String,
-    node: String,
+pub(crate) struct Grant {
+    pub(crate) action: String,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) node: String,
+    #[serde(default)]
+    pub(crate) command: Vec<String>,
 }
 
 /// How long a ticket may wait to be redeemed.
 const TICKET_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The header that carries a ticket from the server to an agent.
-const TICKET_HEADER: &str = "x-orch-log-ticket";
+pub(crate) const TICKET_HEADER: &str = "x-orch-log-ticket";
 
 type Tickets = Arc<std::sync::Mutex<std::collections::HashMap<String, (Grant, tokio::time::Instant)>>>;
 
 #[derive(Clone)]
-struct Relay {
+pub(crate) struct Relay {
     /// This server's own API, to read as the caller.
-    self_url: String,
-    store: Arc<dyn Store>,
+    pub(crate) self_url: String,
+    pub(crate) store: Arc<dyn Store>,
     tickets: Tickets,
+}
+
+impl Relay {
+    /// A ticket for `grant`, good once for 30 seconds.
+    pub(crate) fn issue(&self, grant: Grant) -> String {
+        let ticket = new_ticket();
+        let expires = tokio::time::Instant::now() + TICKET_TTL;
+        self.tickets.lock().unwrap_or_else(|e| e.into_inner()).insert(ticket.clone(), (grant, expires));
+        ticket
+    }
+
+    /// The agent API address of the node a workload runs on, or the answer saying why there
+    /// is none.
+    pub(crate) async fn agent_of(&self, w: &orch_core::Object<Workload>) -> Result<(String, String), Refused> {
+        let (ns, name) = (&w.metadata.namespace, &w.metadata.name);
+        let Some(node) = w.spec.node_name.clone() else {
+            return Err(refuse(400, "BadRequest", format!("workload {ns}/{name} is not placed on a node yet")));
+        };
+        let nodes: Api<Node> = Api::all(self.store.clone());
+        match nodes.get(&node).await {
+            Ok(n) => match n.metadata.annotations.get(AGENT_API_ANNOTATION) {
+                Some(addr) => Ok((node, addr.clone())),
+                None => Err(refuse(
+                    503,
+                    "ServiceUnavailable",
+                    format!("node {node} serves no API: start its agent with `orch agent --listen ADDR`"),
+                )),
+            },
+            Err(e) => Err(Box::new(error_response(&e))),
+        }
+    }
 }
 
 /// A fresh unguessable ticket (244 random bits).
@@ -194,6 +237,7 @@ pub(crate) fn relay_routes(listen: SocketAddr, store: Arc<dyn Store>) -> Router 
     Router::new()
         .route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log", get(relay_logs))
         .route("/orch/v1/log-tickets/{ticket}", axum::routing::post(redeem))
+        .route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/exec", axum::routing::post(super::exec::relay_exec))
         .with_state(relay)
 }
 
@@ -223,31 +267,19 @@ async fn relay_logs(
         Ok(w) => w,
         Err(e) => return error_response(&e),
     };
-    let Some(node) = w.spec.node_name.clone() else {
-        return failure(400, "BadRequest", format!("workload {ns}/{name} is not placed on a node yet: it has no logs"));
-    };
-    let nodes: Api<Node> = Api::all(relay.store.clone());
-    let addr = match nodes.get(&node).await {
-        Ok(n) => n.metadata.annotations.get(AGENT_API_ANNOTATION).cloned(),
-        Err(e) => return error_response(&e),
-    };
-    let Some(addr) = addr else {
-        return failure(
-            503,
-            "ServiceUnavailable",
-            format!(
-                "node {node} serves no logs: its agent publishes no API (start it with `orch agent --listen ADDR`)"
-            ),
-        );
+    let (node, addr) = match relay.agent_of(&w).await {
+        Ok(found) => found,
+        Err(answer) => return *answer,
     };
     let uri = format!("{addr}/logs/{}/{}{}", encode_segment(&ns), encode_segment(&name), q.to_query());
-    let ticket = new_ticket();
-    let grant = Grant { namespace: ns.clone(), name: name.clone(), node: node.clone() };
-    relay
-        .tickets
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(ticket.clone(), (grant, tokio::time::Instant::now() + TICKET_TTL));
+    let grant = Grant {
+        action: "logs".into(),
+        namespace: ns.clone(),
+        name: name.clone(),
+        node: node.clone(),
+        command: Vec::new(),
+    };
+    let ticket = relay.issue(grant);
     let Ok(req) = hyper::Request::get(&uri).header(TICKET_HEADER, ticket).body(Empty::new()) else {
         return failure(500, "InternalError", format!("bad agent address {addr:?} on node {node}"));
     };
@@ -270,14 +302,44 @@ async fn relay_logs(
 // The agent's side
 
 #[derive(Clone)]
-struct NodeApi {
-    node: String,
+pub(crate) struct NodeApi {
+    pub(crate) node: String,
     /// The API server, reached with no credential: a ticket is its own.
     server: RemoteStore,
     /// The store as the agent reaches it (with the node's token).
-    store: Arc<dyn Store>,
-    runtime: Arc<dyn Runtime>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) runtime: Arc<dyn Runtime>,
     data_root: std::path::PathBuf,
+}
+
+impl NodeApi {
+    /// Redeems the request's ticket with the server: only what the server granted, exactly.
+    pub(crate) async fn redeem(&self, headers: &HeaderMap, wanted: &Grant) -> Result<(), Refused> {
+        let Some(ticket) = headers.get(TICKET_HEADER).and_then(|v| v.to_str().ok()) else {
+            return Err(refuse(401, "Unauthorized", "ask the API server (this node answers only on its tickets)"));
+        };
+        let granted = match self
+            .server
+            .raw("POST", &format!("/orch/v1/log-tickets/{}", encode_segment(ticket)), None)
+            .await
+        {
+            Ok(body) => serde_json::from_slice::<Grant>(&body).ok(),
+            Err(e) => {
+                return Err(refuse(403, "Forbidden", format!("the API server did not vouch for this request: {e}")));
+            }
+        };
+        if granted.as_ref() != Some(wanted) {
+            return Err(refuse(
+                403,
+                "Forbidden",
+                format!(
+                    "the ticket is not for this {} of workload {}/{} on node {}",
+                    wanted.action, wanted.namespace, wanted.name, self.node
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The agent's API: `GET /logs/{ns}/{name}`, answered only on a ticket from the server.
@@ -290,7 +352,10 @@ pub(crate) fn agent_routes(
 ) -> Result<Router, BoxError> {
     let server = RemoteStore::builder(api_url).build()?;
     let state = NodeApi { node, server, store, runtime, data_root };
-    Ok(Router::new().route("/logs/{ns}/{name}", get(agent_logs)).with_state(state))
+    Ok(Router::new()
+        .route("/logs/{ns}/{name}", get(agent_logs))
+        .route("/exec/{ns}/{name}", axum::routing::post(super::exec::agent_exec))
+        .with_state(state))
 }
 
 async fn agent_logs(
@@ -299,22 +364,15 @@ async fn agent_logs(
     Query(q): Query<LogQuery>,
     headers: HeaderMap,
 ) -> Response {
-    // Only what the server granted: redeem the ticket with it.
-    let Some(ticket) = headers.get(TICKET_HEADER).and_then(|v| v.to_str().ok()) else {
-        return failure(
-            401,
-            "Unauthorized",
-            "ask the API server: `orch logs` (this node serves logs only on its tickets)",
-        );
+    let wanted = Grant {
+        action: "logs".into(),
+        namespace: ns.clone(),
+        name: name.clone(),
+        node: api.node.clone(),
+        command: Vec::new(),
     };
-    let granted = match api.server.raw("POST", &format!("/orch/v1/log-tickets/{}", encode_segment(ticket)), None).await
-    {
-        Ok(body) => serde_json::from_slice::<Grant>(&body).ok(),
-        Err(e) => return failure(403, "Forbidden", format!("the API server did not vouch for this request: {e}")),
-    };
-    let wanted = Grant { namespace: ns.clone(), name: name.clone(), node: api.node.clone() };
-    if granted.as_ref() != Some(&wanted) {
-        return failure(403, "Forbidden", format!("the ticket is not for workload {ns}/{name} on node {}", api.node));
+    if let Err(answer) = api.redeem(&headers, &wanted).await {
+        return *answer;
     }
     let w = match Api::<Workload>::namespaced(api.store.clone(), &ns).get(&name).await {
         Ok(w) => w,
@@ -323,24 +381,9 @@ async fn agent_logs(
     if w.spec.node_name.as_deref() != Some(api.node.as_str()) {
         return failure(404, "NotFound", format!("workload {ns}/{name} does not run on node {}", api.node));
     }
-    let names: Vec<&str> = w.spec.containers.iter().map(|c| c.name.as_str()).collect();
-    let container = match (&q.container, names.as_slice()) {
-        (Some(c), _) if names.contains(&c.as_str()) => c.clone(),
-        (Some(c), _) => {
-            return failure(
-                400,
-                "BadRequest",
-                format!("workload {ns}/{name} has no container {c:?} (it has {})", names.join(", ")),
-            );
-        }
-        (None, [only]) => only.to_string(),
-        (None, _) => {
-            return failure(
-                400,
-                "BadRequest",
-                format!("workload {ns}/{name} has several containers: choose one of {} with -c", names.join(", ")),
-            );
-        }
+    let container = match pick_container(&w, q.container.as_deref()) {
+        Ok(c) => c,
+        Err(answer) => return *answer,
     };
     if q.previous {
         let path = orch_runtime::previous_logs_path(&api.data_root, &ns, &name, &container);
@@ -372,6 +415,26 @@ async fn agent_logs(
             ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(body)).into_response()
         }
         Err(e) => failure(500, "InternalError", format!("the runtime cannot read the logs: {e}")),
+    }
+}
+
+/// The container a request names, or the workload's only one.
+pub(crate) fn pick_container(w: &orch_core::Object<Workload>, wanted: Option<&str>) -> Result<String, Refused> {
+    let (ns, name) = (&w.metadata.namespace, &w.metadata.name);
+    let names: Vec<&str> = w.spec.containers.iter().map(|c| c.name.as_str()).collect();
+    match (wanted, names.as_slice()) {
+        (Some(c), _) if names.contains(&c) => Ok(c.to_string()),
+        (Some(c), _) => Err(refuse(
+            400,
+            "BadRequest",
+            format!("workload {ns}/{name} has no container {c:?} (it has {})", names.join(", ")),
+        )),
+        (None, [only]) => Ok(only.to_string()),
+        (None, _) => Err(refuse(
+            400,
+            "BadRequest",
+            format!("workload {ns}/{name} has several containers: choose one of {} with -c", names.join(", ")),
+        )),
     }
 }
 

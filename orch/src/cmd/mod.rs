@@ -18,6 +18,7 @@ mod client;
 mod config;
 mod delete;
 mod describe;
+mod exec;
 mod get;
 mod logs;
 mod nodes;
@@ -100,6 +101,8 @@ enum Command {
     Delete(delete::DeleteArgs),
     /// Prints a workload's output (its node's agent reads it; the server relays it).
     Logs(logs::LogsArgs),
+    /// Runs a command in a workload's container and prints its output (not interactive).
+    Exec(exec::ExecArgs),
     /// Follows, lists, undoes, pauses, resumes and restarts deployments' rollouts.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
@@ -164,6 +167,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
         Command::Describe(args) => describe::run(conn, args).await,
         Command::Delete(args) => delete::run(conn, args).await,
         Command::Logs(args) => logs::run(conn, args).await,
+        Command::Exec(args) => exec::run(conn, args).await,
         Command::Rollout(cmd) => rollout::run(conn, cmd).await,
         Command::Scale(args) => rollout::scale(conn, args).await,
         Command::Cordon(args) => nodes::cordon(conn, args, true).await,
