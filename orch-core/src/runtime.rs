@@ -294,8 +294,9 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
     /// that cannot capture an exec's output keep the default, which refuses.
     ///
     /// # To ensure correctness
-    /// The command is killed when `timeout` passes (then `timed_out` is true); it never outlives
-    /// the call.
+    /// The call returns once `timeout` passes (then `timed_out` is true), and a backend that can
+    /// kill the command does (the process runtime kills its whole process group; the Docker
+    /// Engine has no call that stops an exec, so there it goes on in the container).
     async fn exec_output(
         &self,
         handle: &Handle,
