@@ -73,7 +73,7 @@ pub use error::{Error, Result};
 pub use labels::Labels;
 pub use manager::Manager;
 pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestamp, TokioClock};
-pub use object::{DynamicObject, JsonError, Object, ObjectKey, RawJson, Resource, Scope};
+pub use object::{API_VERSION, DynamicObject, JsonError, Object, ObjectKey, RawJson, Resource, Scope};
 pub use quantity::Quantity;
 pub use runnable::{Leadership, RunParts, Runnable};
 pub use runtime::{ExecOutput, Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
