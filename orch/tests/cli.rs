@@ -573,6 +573,9 @@ fn every_command_has_help_with_an_example_and_completions_exist() {
     let orch = Cli { config: std::env::temp_dir().join("orch-cli-none.yaml") };
     let commands: &[&[&str]] = &[
         &[],
+        &["server"],
+        &["agent"],
+        &["token", "create"],
         &["apply"],
         &["diff"],
         &["get"],

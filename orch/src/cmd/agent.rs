@@ -20,6 +20,9 @@ enum RuntimeKind {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  orch agent --server http://10.0.0.1:7440 --join-token \"$NODE_TOKEN\" --listen 0.0.0.0:7441
+  orch agent --server http://127.0.0.1:7440 --name node-2 --labels zone=b --runtime docker")]
 pub(crate) struct AgentArgs {
     /// The control plane's API (`http://host:7440`).
     #[arg(long)]
