@@ -219,3 +219,31 @@ async fn a_deleted_workload_is_terminating_in_its_endpoints_before_it_is_signall
     stop_manager.send(()).unwrap();
     manager.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_workload_that_never_ran_does_not_wait_out_its_pre_stop_delay() {
+    use orch_core::kinds::PRE_STOP_FINALIZER;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root("rt")).unwrap());
+    let (stop, agent) = start(config(&root("data"), free_range(2)), &store, &runtime);
+    // Its program does not exist: it never starts, but it holds a port and the finalizer.
+    let mut w = server("broken");
+    w.spec.containers[0].command = vec!["/nonexistent/server".into()];
+    w.spec.pre_stop_delay_seconds = Some(3600);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&w).await.unwrap();
+    wait_until("start failed, finalizer on", LIMIT, async || {
+        let w = api.get("broken").await.unwrap();
+        let failed = matches!(&w.status.container_statuses.first()?.state,
+            ContainerState::Waiting { reason } if reason.starts_with("StartFailed"));
+        (failed && w.metadata.finalizers.iter().any(|f| f == PRE_STOP_FINALIZER)).then_some(())
+    })
+    .await;
+    api.delete("broken", &DeleteOptions::default()).await.unwrap();
+    wait_until("gone without the hour's delay", LIMIT, async || {
+        api.get_opt("broken").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    stop.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}
