@@ -106,9 +106,16 @@ async fn the_server_answers_dns_and_the_agent_proxies_a_service() {
     let services: Api<Service> = Api::namespaced(store.clone(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(store.clone(), "default");
     let spec = Service { ports: vec![ServicePort::tcp(8080)], ..Default::default() };
-    let mut svc = services.create(&Object::new(ObjectMeta::namespaced("default", "hello"), spec)).await.unwrap();
-    svc.status.cluster_address = Some("127.64.200.1".into());
-    services.replace_status(&svc).await.unwrap();
+    services.create(&Object::new(ObjectMeta::namespaced("default", "hello"), spec)).await.unwrap();
+    // The server's endpoints controller gives the service its cluster address; the service has
+    // no selector, so its slices are the application's (this test's) to write.
+    let address = loop {
+        if let Some(a) = services.get("hello").await.unwrap().status.cluster_address {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "the endpoints controller allocates a cluster address");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let endpoint = Endpoint {
         addresses: vec!["127.0.0.1".into()],
         ports: vec![EndpointPort { port: u32::from(backend_port), ..Default::default() }],
@@ -125,7 +132,7 @@ async fn the_server_answers_dns_and_the_agent_proxies_a_service() {
     loop {
         if let Some(m) = ask_dns(dns, "hello.default.svc.cluster.local.").await
             && m.metadata.response_code == ResponseCode::NoError
-            && m.answers.iter().any(|r| matches!(&r.data, RData::A(a) if a.0.to_string() == "127.64.200.1"))
+            && m.answers.iter().any(|r| matches!(&r.data, RData::A(a) if a.0.to_string() == address))
         {
             break;
         }
@@ -138,7 +145,8 @@ async fn the_server_answers_dns_and_the_agent_proxies_a_service() {
     // The agent's proxy carries a connection to the cluster address to the endpoint.
     loop {
         if let Ok(Ok(mut s)) =
-            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect("127.64.200.1:8080")).await
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(format!("{address}:8080")))
+                .await
         {
             let mut got = String::new();
             let _ = tokio::time::timeout(Duration::from_secs(1), s.read_to_string(&mut got)).await;
@@ -146,7 +154,7 @@ async fn the_server_answers_dns_and_the_agent_proxies_a_service() {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "the agent's proxy serves 127.64.200.1:8080");
+        assert!(Instant::now() < deadline, "the agent's proxy serves {address}:8080");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
