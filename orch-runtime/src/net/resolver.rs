@@ -456,6 +456,9 @@ fn same_view(a: &Object<Service>, b: &Object<Service>) -> bool {
     a.spec == b.spec && seen(&a.status) == seen(&b.status)
 }
 
+/// What makes two listed endpoints the same one: first address, workload, ports.
+type EndpointKey = (IpAddr, String, Vec<(String, u16)>);
+
 fn port16(p: u32) -> Option<u16> {
     u16::try_from(p).ok().filter(|p| *p != 0)
 }
@@ -479,34 +482,37 @@ fn build(svc: &Object<Service>, slices: Option<&BTreeMap<String, Arc<Object<Endp
         })
         .collect();
     let mut endpoints: Vec<ResolvedEndpoint> = Vec::new();
-    // An address listed twice (a workload moving between slices) counts once, ready if either is.
-    let mut seen: HashMap<(IpAddr, String), usize> = HashMap::new();
+    // The same endpoint listed twice (a workload moving between slices) counts once, ready if
+    // either copy is.
+    let mut seen: HashMap<EndpointKey, usize> = HashMap::new();
     for slice in slices.into_iter().flat_map(|m| m.values()) {
         for e in &slice.spec.endpoints {
             let addresses: Vec<IpAddr> = e.addresses.iter().filter_map(|a| a.parse().ok()).collect();
             let Some(first) = addresses.first().copied() else { continue };
+            let ports: Vec<ResolvedEndpointPort> = e
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    Some(ResolvedEndpointPort { name: p.name.clone(), port: port16(p.port)?, protocol: p.protocol })
+                })
+                .collect();
+            let key = (first, e.workload.clone(), ports.iter().map(|p| (p.name.clone(), p.port)).collect());
             let resolved = ResolvedEndpoint {
                 addresses,
-                ports: e
-                    .ports
-                    .iter()
-                    .filter_map(|p| {
-                        Some(ResolvedEndpointPort { name: p.name.clone(), port: port16(p.port)?, protocol: p.protocol })
-                    })
-                    .collect(),
+                ports,
                 hostname: e.hostname.clone(),
                 node_name: e.node_name.clone(),
                 workload: e.workload.clone(),
                 conditions: e.conditions,
             };
-            match seen.get(&(first, e.workload.clone())) {
+            match seen.get(&key) {
                 Some(&i) => {
                     if e.conditions.ready && !endpoints[i].conditions.ready {
                         endpoints[i] = resolved;
                     }
                 }
                 None => {
-                    seen.insert((first, e.workload.clone()), endpoints.len());
+                    seen.insert(key, endpoints.len());
                     endpoints.push(resolved);
                 }
             }
