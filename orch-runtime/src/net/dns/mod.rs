@@ -127,22 +127,7 @@ impl DnsServer {
     pub async fn bind(config: DnsConfig, resolver: Resolver) -> Result<Self, DnsError> {
         let zone = Zone::new(&config.cluster_domain, config.ttl)
             .map_err(|reason| DnsError::Config { field: "cluster_domain", reason })?;
-        let udp = tokio::net::UdpSocket::bind(config.listen).await.map_err(|source| DnsError::Bind {
-            addr: config.listen,
-            protocol: "udp",
-            source,
-        })?;
-        let local_addr =
-            udp.local_addr().map_err(|source| DnsError::Bind { addr: config.listen, protocol: "udp", source })?;
-        let tcp = if config.tcp {
-            Some(tokio::net::TcpListener::bind(local_addr).await.map_err(|source| DnsError::Bind {
-                addr: local_addr,
-                protocol: "tcp",
-                source,
-            })?)
-        } else {
-            None
-        };
+        let (udp, local_addr, tcp) = bind_both(config.listen, config.tcp).await?;
         let handler = Handler {
             resolver,
             zone,
@@ -171,6 +156,32 @@ impl DnsServer {
         }
         token.cancel();
         self.server.shutdown_gracefully().await.map_err(|e| DnsError::Serve(Box::new(e)))
+    }
+}
+
+/// UDP and (with `tcp`) TCP at the same address. With port 0, the port UDP got may be taken
+/// for TCP: then both are tried again on another.
+async fn bind_both(
+    listen: SocketAddr,
+    tcp: bool,
+) -> Result<(tokio::net::UdpSocket, SocketAddr, Option<tokio::net::TcpListener>), DnsError> {
+    let mut attempts = if listen.port() == 0 { 20 } else { 1 };
+    loop {
+        attempts -= 1;
+        let udp = tokio::net::UdpSocket::bind(listen).await.map_err(|source| DnsError::Bind {
+            addr: listen,
+            protocol: "udp",
+            source,
+        })?;
+        let local = udp.local_addr().map_err(|source| DnsError::Bind { addr: listen, protocol: "udp", source })?;
+        if !tcp {
+            return Ok((udp, local, None));
+        }
+        match tokio::net::TcpListener::bind(local).await {
+            Ok(t) => return Ok((udp, local, Some(t))),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts > 0 => continue,
+            Err(source) => return Err(DnsError::Bind { addr: local, protocol: "tcp", source }),
+        }
     }
 }
 
