@@ -8,8 +8,8 @@
 //! | `_<port>._<tcp\|udp>.<service>.<namespace>.svc.<domain>` | | the port: the service name and port, or each ready endpoint and its port (headless) |
 //!
 //! Other names in the domain get NXDOMAIN (with the zone's SOA, so resolvers cache the miss for
-//! the TTL only). Names outside it go to the configured upstreams over UDP, or get REFUSED when
-//! there are none. A packet that does not parse gets FORMERR (one shorter than a DNS header gets
+//! the TTL only). Names outside it go to the configured upstreams over UDP (and over TCP when
+//! the UDP answer was truncated), or get REFUSED when there are none. A packet that does not parse gets FORMERR (one shorter than a DNS header gets
 //! nothing: it has no id to answer to); the server goes on.
 //!
 //! ```no_run
