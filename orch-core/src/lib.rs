@@ -73,10 +73,10 @@ pub use error::{Error, Result};
 pub use labels::Labels;
 pub use manager::Manager;
 pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestamp, TokioClock};
-pub use object::{DynamicObject, JsonError, Object, ObjectKey, RawJson, Resource, Scope};
+pub use object::{API_VERSION, DynamicObject, JsonError, Object, ObjectKey, RawJson, Resource, Scope};
 pub use quantity::Quantity;
 pub use runnable::{Leadership, RunParts, Runnable};
-pub use runtime::{Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
+pub use runtime::{ExecOutput, Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
 pub use selector::{FieldSelector, LabelSelector, Requirement};
 pub use store::{
     DeleteOptions, DeleteOutcome, Guard, LeaseInfo, ListRequest, ListResponse, Propagation, Selection, Store,

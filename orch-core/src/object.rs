@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use crate::dynamic::{DynamicObject, ObjectKey};
+pub use crate::dynamic::{API_VERSION, DynamicObject, ObjectKey};
 use crate::error::{Error, Result};
 pub use crate::json::{JsonError, RawJson};
 use crate::meta::ObjectMeta;
@@ -75,17 +75,64 @@ pub trait Resource: Serialize + DeserializeOwned + Clone + fmt::Debug + PartialE
 }
 
 /// A typed object: metadata, the spec `K` and its status.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(bound = "")]
+///
+/// Its serialized form is the API's: `apiVersion` ([`API_VERSION`]), `kind` (`K::KIND`),
+/// `metadata`, `spec`, `status`. Reading refuses another version or kind, and accepts neither
+/// (the form without them).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Object<K: Resource> {
     /// Identity, labels, revisions and deletion state.
-    #[serde(default)]
     pub metadata: ObjectMeta,
     /// Desired state.
     pub spec: K,
     /// Observed state.
-    #[serde(default)]
     pub status: K::Status,
+}
+
+impl<K: Resource> Serialize for Object<K> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase", bound = "")]
+        struct Out<'a, K: Resource> {
+            api_version: &'static str,
+            kind: &'static str,
+            metadata: &'a ObjectMeta,
+            spec: &'a K,
+            status: &'a K::Status,
+        }
+        Out::<K> {
+            api_version: API_VERSION,
+            kind: K::KIND,
+            metadata: &self.metadata,
+            spec: &self.spec,
+            status: &self.status,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de, K: Resource> Deserialize<'de> for Object<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase", bound = "")]
+        struct In<K: Resource> {
+            #[serde(default)]
+            api_version: Option<String>,
+            #[serde(default)]
+            kind: Option<String>,
+            #[serde(default)]
+            metadata: ObjectMeta,
+            spec: K,
+            #[serde(default)]
+            status: K::Status,
+        }
+        let i = In::<K>::deserialize(d)?;
+        crate::dynamic::check_api_version::<D::Error>(i.api_version.as_deref())?;
+        if let Some(kind) = i.kind.filter(|k| k != K::KIND) {
+            return Err(serde::de::Error::custom(format!("kind {kind:?} is not {:?}", K::KIND)));
+        }
+        Ok(Object { metadata: i.metadata, spec: i.spec, status: i.status })
+    }
 }
 
 impl<K: Resource> Object<K> {
@@ -145,5 +192,32 @@ impl<K: Resource> Object<K> {
             controller: true,
             block_owner_deletion: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::Workload;
+
+    #[test]
+    fn a_typed_object_serializes_with_its_api_version_and_kind_and_checks_them_on_read() {
+        let w = Object::new(ObjectMeta::namespaced("ns", "web"), Workload::command("main", &["sleep", "1"]));
+        let v = serde_json::to_value(&w).unwrap();
+        assert_eq!((v["apiVersion"].as_str(), v["kind"].as_str()), (Some(API_VERSION), Some("Workload")));
+        let back: Object<Workload> = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(back, w);
+        let mut other = v.clone();
+        other["apiVersion"] = "apps/v1".into();
+        let e = serde_json::from_value::<Object<Workload>>(other).unwrap_err().to_string();
+        assert!(e.contains("the versions that exist: orch.dev/v1"), "{e}");
+        let mut other = v.clone();
+        other["kind"] = "Node".into();
+        assert!(
+            serde_json::from_value::<Object<Workload>>(other).unwrap_err().to_string().contains("is not \"Workload\"")
+        );
+        let mut bare = v;
+        bare.as_object_mut().unwrap().retain(|k, _| k != "apiVersion" && k != "kind");
+        assert_eq!(serde_json::from_value::<Object<Workload>>(bare).unwrap(), w, "the form without them reads too");
     }
 }

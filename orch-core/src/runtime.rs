@@ -126,6 +126,23 @@ pub enum LogStream {
     Stderr,
 }
 
+/// What a command run in an instance ([`Runtime::exec_output`]) printed, and how it ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecOutput {
+    /// Its exit code (-1 when it was killed at the timeout).
+    pub exit_code: i32,
+    /// What it wrote on standard output (at most [`EXEC_OUTPUT_LIMIT`] bytes).
+    pub stdout: Vec<u8>,
+    /// What it wrote on standard error (at most [`EXEC_OUTPUT_LIMIT`] bytes).
+    pub stderr: Vec<u8>,
+    /// True when it was killed at the timeout.
+    pub timed_out: bool,
+}
+
+/// The most of each stream [`Runtime::exec_output`] keeps (4 MiB); the rest is dropped.
+pub const EXEC_OUTPUT_LIMIT: usize = 4 << 20;
+
 /// One line of output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {
@@ -272,6 +289,28 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
         let _ = (command, timeout);
         Err(RuntimeError::Unavailable {
             message: format!("the {} runtime cannot exec into {}", self.name(), handle.id),
+            source: None,
+        })
+    }
+
+    /// Runs `command` inside the instance, as [`exec`](Self::exec) does, and answers what it
+    /// printed on standard output and standard error (no input; at most
+    /// [`EXEC_OUTPUT_LIMIT`] bytes of each) with its exit code: what `orch exec` shows. Backends
+    /// that cannot capture an exec's output keep the default, which refuses.
+    ///
+    /// # To ensure correctness
+    /// The call returns once `timeout` passes (then `timed_out` is true), and a backend that can
+    /// kill the command does (the process runtime kills its whole process group; the Docker
+    /// Engine has no call that stops an exec, so there it goes on in the container).
+    async fn exec_output(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<ExecOutput, RuntimeError> {
+        let _ = (command, timeout);
+        Err(RuntimeError::Unavailable {
+            message: format!("the {} runtime cannot run a command in {} and return its output", self.name(), handle.id),
             source: None,
         })
     }

@@ -48,7 +48,7 @@ pub mod process;
 #[cfg_attr(docsrs, doc(cfg(feature = "simulated")))]
 pub mod simulated;
 
-pub use agent::{Agent, AgentConfig, AgentError, SharedRenewals};
+pub use agent::{Agent, AgentConfig, AgentError, SharedRenewals, instances_of, previous_logs_path};
 #[cfg(feature = "docker")]
 #[cfg_attr(docsrs, doc(cfg(feature = "docker")))]
 pub use docker::{DockerConfig, DockerError, DockerRuntime};

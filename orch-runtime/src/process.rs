@@ -564,6 +564,71 @@ impl Runtime for ProcessRuntime {
 
     /// Runs the command on the host in the instance's directory: for a host process that is
     /// "inside" it.
+    async fn exec_output(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<orch_core::ExecOutput, RuntimeError> {
+        use tokio::io::AsyncReadExt;
+        self.data(handle)?;
+        let Some(program) = command.first() else {
+            return Err(RuntimeError::invalid("command", "must not be empty"));
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&command[1..])
+            .current_dir(self.dir(&handle.id))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            // Its own group, so a timeout kills whatever it started too.
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child =
+            cmd.spawn().map_err(|e| RuntimeError::invalid("command[0]", format!("cannot run {program}: {e}")))?;
+        let group = child.id().and_then(|id| i32::try_from(id).ok());
+        let limit = orch_core::runtime::EXEC_OUTPUT_LIMIT as u64;
+        let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(RuntimeError::invalid("command", "its output could not be captured"));
+        };
+        let run = async {
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            // Read at most the limit of each; what is beyond goes to a sink so the command
+            // never blocks on a full pipe.
+            let drain = |r: tokio::process::ChildStdout| async move {
+                let mut r = r;
+                let mut buf = Vec::new();
+                (&mut r).take(limit).read_to_end(&mut buf).await.ok();
+                tokio::io::copy(&mut r, &mut tokio::io::sink()).await.ok();
+                buf
+            };
+            let drain_err = |r: tokio::process::ChildStderr| async move {
+                let mut r = r;
+                let mut buf = Vec::new();
+                (&mut r).take(limit).read_to_end(&mut buf).await.ok();
+                tokio::io::copy(&mut r, &mut tokio::io::sink()).await.ok();
+                buf
+            };
+            let (o, e, status) = tokio::join!(drain(out), drain_err(err), child.wait());
+            stdout.extend(o);
+            stderr.extend(e);
+            (stdout, stderr, status)
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok((stdout, stderr, Ok(status))) => {
+                Ok(orch_core::ExecOutput { exit_code: status.code().unwrap_or(-1), stdout, stderr, timed_out: false })
+            }
+            Ok((_, _, Err(e))) => Err(RuntimeError::io(format!("waiting for {program}"), e)),
+            Err(_) => {
+                if let Some(g) = group {
+                    let _ = kill(Pid::from_raw(-g), Signal::SIGKILL);
+                }
+                let _ = child.wait().await;
+                Ok(orch_core::ExecOutput { exit_code: -1, timed_out: true, ..Default::default() })
+            }
+        }
+    }
+
     async fn exec(&self, handle: &Handle, command: &[String], timeout: Duration) -> Result<i32, RuntimeError> {
         self.data(handle)?;
         let Some(program) = command.first() else {
@@ -749,5 +814,31 @@ mod tests {
             lines.len()
         );
         rt.wait(&h).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn exec_output_returns_what_the_command_printed_and_a_timeout_kills_its_group() {
+        let rt = runtime("exec-output");
+        let h = rt.start(&sh("svc", "echo ready > state; exec sleep 30")).await.unwrap();
+        let cmd = |s: &str| vec!["/bin/sh".to_string(), "-c".to_string(), s.to_string()];
+        orch_core::testkit::wait_until("the instance wrote its state", Duration::from_secs(30), async || {
+            rt.dir("svc").join("state").exists()
+        })
+        .await;
+        // It runs in the instance's directory: it reads the file the instance wrote.
+        let out = rt.exec_output(&h, &cmd("cat state; echo oops >&2; exit 3"), Duration::from_secs(30)).await.unwrap();
+        assert_eq!((out.exit_code, out.stdout.as_slice(), out.stderr.as_slice()), (3, &b"ready\n"[..], &b"oops\n"[..]));
+        assert!(!out.timed_out);
+        // A timeout kills the command and what it started (the sleep writes its pid first).
+        let out =
+            rt.exec_output(&h, &cmd("sleep 60 & echo $! > child; wait"), Duration::from_millis(500)).await.unwrap();
+        assert!(out.timed_out && out.exit_code == -1, "{out:?}");
+        let pid: i32 = std::fs::read_to_string(rt.dir("svc").join("child")).unwrap().trim().parse().unwrap();
+        orch_core::testkit::wait_until("the command's child is gone", Duration::from_secs(10), async || {
+            kill(Pid::from_raw(pid), None).is_err()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+        })
+        .await;
+        rt.remove(&h).await.unwrap();
     }
 }

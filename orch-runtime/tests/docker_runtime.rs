@@ -277,6 +277,14 @@ async fn exec_runs_inside_the_container() {
     }
     assert_eq!(rt.exec(&h, &cmd("exit 4"), Duration::from_secs(5)).await.unwrap(), 4);
     assert_eq!(rt.exec(&h, &cmd("sleep 30"), Duration::from_millis(300)).await.unwrap(), -1, "timed out");
+    // With its output: both streams and the exit code.
+    let out = rt
+        .exec_output(&h, &cmd("cat /tmp/alive; echo out; echo err >&2; exit 5"), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!((out.exit_code, out.stdout.as_slice(), out.stderr.as_slice()), (5, &b"out\n"[..], &b"err\n"[..]));
+    let out = rt.exec_output(&h, &cmd("sleep 30"), Duration::from_millis(300)).await.unwrap();
+    assert!(out.timed_out && out.exit_code == -1, "{out:?}");
     rt.stop(&h, Duration::from_secs(5)).await.unwrap();
 }
 

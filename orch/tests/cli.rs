@@ -195,9 +195,10 @@ impl Drop for Cluster {
     }
 }
 
-fn start_cluster(orch: &Cli, dir: &Path) -> (Cluster, String, String) {
+fn start_cluster(orch: &Cli, dir: &Path) -> (Cluster, String, String, String) {
     let data = dir.join("server");
     let admin = token(orch, &data, "alice", "system:admins");
+    let reader = token(orch, &data, "bob", "system:readers");
     let nodes: Vec<String> = ["node-1", "node-2"].iter().map(|n| token(orch, &data, n, "system:nodes")).collect();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
@@ -212,15 +213,27 @@ fn start_cluster(orch: &Cli, dir: &Path) -> (Cluster, String, String) {
     for (node, t) in ["node-1", "node-2"].iter().zip(&nodes) {
         let node_dir = dir.join(node);
         procs.push(Proc(
-            orch.cmd(&["agent", "--server", &url, "--join-token", t, "--name", node, "--drain", "--data-dir"])
-                .arg(&node_dir)
-                .stdout(Stdio::null())
-                .stderr(log(&format!("{node}.log")))
-                .spawn()
-                .unwrap(),
+            orch.cmd(&[
+                "agent",
+                "--server",
+                &url,
+                "--join-token",
+                t,
+                "--name",
+                node,
+                "--drain",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(&node_dir)
+            .stdout(Stdio::null())
+            .stderr(log(&format!("{node}.log")))
+            .spawn()
+            .unwrap(),
         ));
     }
-    (Cluster { _procs: procs, dir: dir.to_path_buf() }, url, admin)
+    (Cluster { _procs: procs, dir: dir.to_path_buf() }, url, admin, reader)
 }
 
 #[test]
@@ -229,7 +242,7 @@ fn every_command_against_a_real_cluster() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let orch = Cli { config: dir.join("config.yaml") };
-    let (_cluster, url, admin) = start_cluster(&orch, &dir);
+    let (_cluster, url, admin, reader_token) = start_cluster(&orch, &dir);
     let f = |name: &str| files().join(name).to_str().unwrap().to_string();
 
     // A context with the admin's token; the CLI finds the server through it.
@@ -397,6 +410,81 @@ fn every_command_against_a_real_cluster() {
     insta::assert_snapshot!("get_crash_looping_workload", normalise(&crash));
     assert_eq!(orch.ok(&["delete", "-f", &f("crash.yaml")]), "workload/crash deleted\n");
 
+    // Logs, through the server from the node's agent: the current instance, the previous one
+    // (kept by the agent when a changed spec replaced it), followed, and refused to a stranger.
+    orch.ok(&["apply", "-f", &f("talk.yaml")]);
+    let logs = orch.until(&["logs", "talk"], "the workload talks", |o| o.contains("hello"));
+    assert_eq!(logs, "talk v1 says hello\nto stderr\n");
+    assert_eq!(orch.ok(&["logs", "workload/talk", "--tail", "0"]), "", "the last 0 lines of each stream");
+    let e = orch.fails(&["logs", "talk", "--previous"], 1);
+    assert_eq!(
+        e,
+        "orch: container main of workload default/talk has no previous instance on node ".to_string()
+            + e.trim_end().rsplit(' ').next().unwrap()
+            + "\n"
+    );
+    let v2 = std::fs::read_to_string(f("talk.yaml")).unwrap().replace("talk v1", "talk v2");
+    let talk_v2 = dir.join("talk-v2.yaml");
+    std::fs::write(&talk_v2, v2).unwrap();
+    orch.ok(&["apply", "-f", talk_v2.to_str().unwrap()]);
+    orch.until(&["logs", "talk"], "the new instance talks", |o| o.contains("talk v2"));
+    assert_eq!(orch.ok(&["logs", "talk", "--previous"]), "talk v1 says hello\nto stderr\n");
+    let mut follow = orch.cmd(&["logs", "talk", "-f"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(follow.stdout.take().unwrap()), &mut first).unwrap();
+    assert_eq!(first, "talk v2 says hello\n");
+    assert!(follow.try_wait().unwrap().is_none(), "-f keeps following a running instance");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let e = orch.fails(&["--token", "orch-forged", "logs", "talk"], 1);
+    assert!(e.contains("401"), "{e}");
+    insta::assert_snapshot!("error_logs_no_container", orch.fails(&["logs", "talk", "-c", "other"], 1));
+    // An agent answers only on a ticket from the server, never to a caller straight.
+    let node = orch.ok(&["get", "wl", "talk", "-o", "json"]);
+    let node: serde_json::Value = serde_json::from_str(&node).unwrap();
+    let node = node["spec"]["nodeName"].as_str().unwrap().to_string();
+    let node: serde_json::Value = serde_json::from_str(&orch.ok(&["get", "node", &node, "-o", "json"])).unwrap();
+    let agent =
+        node["metadata"]["annotations"]["orch.dev/agent-api"].as_str().expect("the agent's address").to_string();
+    let ask_agent = |header: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(agent.trim_start_matches("http://")).unwrap();
+        let req = format!("GET /logs/default/talk HTTP/1.1\r\nHost: x\r\n{header}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let answer = ask_agent(&format!("Authorization: Bearer {admin}"));
+    assert!(answer.starts_with("HTTP/1.1 401") && !answer.contains("hello"), "{answer}");
+    let answer = ask_agent("x-orch-log-ticket: 0123456789abcdef");
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("no such log ticket"), "{answer}");
+    // Exec: the output and the exit code of a command run in the container (in its
+    // directory: it sees the files the instance wrote); a reader may read logs but not exec.
+    let out = orch.run(&["exec", "talk", "--", "sh", "-c", "echo in-$PPID-dir; ls; echo warn >&2; exit 7"]);
+    assert_eq!(out.code, 7, "the command's exit code: {}{}", out.stdout, out.stderr);
+    assert!(out.stdout.starts_with("in-") && out.stdout.contains("stdout.log"), "{}", out.stdout);
+    assert_eq!(out.stderr, "warn\n");
+    assert_eq!(orch.ok(&["exec", "workload/talk", "-c", "main", "--", "echo", "hi"]), "hi\n");
+    let e = orch.fails(&["exec", "talk", "--timeout", "1", "--", "sleep", "30"], 1);
+    assert_eq!(e, "orch: the command did not finish within 1s: it was killed\n");
+    assert!(orch.ok(&["--token", &reader_token, "logs", "talk"]).contains("talk v2"), "a reader reads logs");
+    let e = orch.fails(&["--token", &reader_token, "exec", "talk", "--", "true"], 1);
+    assert!(e.contains("needs the right to update it") && e.contains("403"), "{e}");
+    let e = orch.fails(&["exec", "talk", "--", "/no/such/program"], 1);
+    assert!(e.contains("cannot run \"/no/such/program\" in main"), "{e}");
+    orch.ok(&["delete", "wl", "talk"]);
+
+    // A daemon set: one workload a node, which a drain leaves in place.
+    assert_eq!(orch.ok(&["apply", "-f", &f("agents.yaml")]), "daemonset/agents created\n");
+    orch.until(&["get", "wl", "-l", "app=agents"], "a daemon workload on each node", |o| {
+        o.matches("Running").count() == 2
+    });
+    insta::assert_snapshot!(
+        "get_daemonsets",
+        normalise(&orch.until(&["get", "ds"], "the daemon set counts them", |o| o.contains(" 2 ")))
+    );
+
     // Nodes: cordon, top, drain, uncordon.
     assert_eq!(orch.ok(&["cordon", "node-2"]), "node/node-2 cordoned\n");
     assert!(orch.ok(&["get", "nodes"]).contains("Ready,SchedulingDisabled"));
@@ -404,7 +492,10 @@ fn every_command_against_a_real_cluster() {
     assert!(top.starts_with("NAME     CPU(REQUESTS)") && top.lines().count() == 3, "{top}");
     let drained = orch.ok(&["drain", "node-2", "--timeout", "60"]);
     assert!(drained.ends_with("node/node-2 drained\n"), "{drained}");
-    assert_eq!(orch.ok(&["get", "wl", "--field-selector", "spec.nodeName=node-2", "-o", "name"]), "");
+    let left = orch.ok(&["get", "wl", "--field-selector", "spec.nodeName=node-2", "-o", "name"]);
+    assert_eq!(left.lines().count(), 1, "only the daemon set's workload stays: {left}");
+    assert!(left.starts_with("workload/agents-"), "{left}");
+    assert_eq!(orch.ok(&["delete", "ds", "agents"]), "daemonset/agents deleted\n");
     assert_eq!(orch.ok(&["uncordon", "node-2"]), "node/node-2 uncordoned\n");
     assert_eq!(orch.ok(&["uncordon", "node-2"]), "node/node-2 already uncordoned\n");
 
@@ -482,11 +573,16 @@ fn every_command_has_help_with_an_example_and_completions_exist() {
     let orch = Cli { config: std::env::temp_dir().join("orch-cli-none.yaml") };
     let commands: &[&[&str]] = &[
         &[],
+        &["server"],
+        &["agent"],
+        &["token", "create"],
         &["apply"],
         &["diff"],
         &["get"],
         &["describe"],
         &["delete"],
+        &["logs"],
+        &["exec"],
         &["rollout", "status"],
         &["rollout", "history"],
         &["rollout", "undo"],
@@ -513,6 +609,14 @@ fn every_command_has_help_with_an_example_and_completions_exist() {
         assert!(help.contains("Example"), "orch {c:?} --help has no example:\n{help}");
     }
     assert!(orch.ok(&["top", "nodes", "--help"]).contains("no metrics pipeline"));
+    // A reader that goes away early (`| head`) ends the command quietly, with success.
+    let mut child = orch.cmd(&["completion", "bash"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first = [0u8; 10];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     for shell in ["bash", "zsh", "fish"] {
         let script = orch.ok(&["completion", shell]);
         assert!(script.contains("rollout") && script.len() > 1000, "{shell}");

@@ -105,6 +105,41 @@ fn parse_instance_id(id: &str) -> Option<(ObjectRef, String, String, u32)> {
     Some((ObjectRef::new(ns, name), container.to_string(), tag.to_string(), attempt.parse().ok()?))
 }
 
+/// The instances `runtime` runs (or ran and still keeps) for the workload `namespace/name`:
+/// `(container, attempt, handle)`, by container, newest attempt last. What a node's log server
+/// reads from.
+pub async fn instances_of(
+    runtime: &dyn Runtime,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<(String, u32, Handle)>, orch_core::runtime::RuntimeError> {
+    let mut out: Vec<(String, u32, Handle)> = runtime
+        .list()
+        .await?
+        .into_iter()
+        .filter_map(|h| {
+            let (r, container, _, attempt) = parse_instance_id(&h.id)?;
+            (r.namespace == namespace && r.name == name).then_some((container, attempt, h))
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    Ok(out)
+}
+
+/// Where the agent keeps the last lines of a container's previous (exited, removed) instance,
+/// under its data root: what `orch logs --previous` shows.
+pub fn previous_logs_path(
+    data_root: &std::path::Path,
+    namespace: &str,
+    name: &str,
+    container: &str,
+) -> std::path::PathBuf {
+    data_root.join("previous-logs").join(namespace).join(name).join(format!("{container}.log"))
+}
+
+/// How many lines of an exited instance are kept for `--previous`.
+const PREVIOUS_LOG_LINES: usize = 10_000;
+
 impl Agent {
     /// An agent for the node in `config`.
     pub fn new(config: AgentConfig, store: Arc<dyn Store>, runtime: Arc<dyn Runtime>) -> Self {

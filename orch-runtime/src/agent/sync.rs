@@ -316,6 +316,28 @@ pub(super) fn terminated(name: String, e: &ExitStatus, restarts: u32) -> Contain
 }
 
 impl Agent {
+    /// Keeps the last lines of an instance about to be removed (an exited attempt, or one a
+    /// changed spec replaces), for `orch logs --previous`.
+    async fn keep_previous_logs(&self, key: &ObjectRef, container: &str, handle: &Handle) {
+        use futures::StreamExt;
+        let options = orch_core::runtime::LogOptions { tail: Some(super::PREVIOUS_LOG_LINES), follow: false };
+        let Ok(stream) = self.runtime.logs(handle, options).await else { return };
+        let text: String = stream.map(|l| format!("{}\n", l.line)).collect::<Vec<_>>().await.concat();
+        let path = super::previous_logs_path(&self.config.data_root, &key.namespace, &key.name, container);
+        if let Some(dir) = path.parent() {
+            let _ = tokio::fs::create_dir_all(dir).await;
+        }
+        if let Err(e) = tokio::fs::write(&path, text).await {
+            tracing::warn!(path = %path.display(), error = %e, "cannot keep the previous instance's logs");
+        }
+    }
+
+    /// Removes the kept logs of a workload that is gone.
+    fn forget_previous_logs(&self, key: &ObjectRef) {
+        let dir = self.config.data_root.join("previous-logs").join(&key.namespace).join(&key.name);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     fn crash_loop(&self) -> CrashLoop {
         CrashLoop {
             backoff: Backoff::new(self.config.backoff_base, self.config.backoff_max),
@@ -472,6 +494,7 @@ impl Agent {
                             .await
                             .map_err(self.runtime_error(format!("{why} for {key}")))?;
                         if remove {
+                            self.keep_previous_logs(key, &c.name, &handle).await;
                             self.runtime.remove(&handle).await.ok();
                             self.health.lock().unwrap_or_else(|e| e.into_inner()).remove(&handle.id);
                         }
@@ -540,6 +563,7 @@ impl Agent {
         }
         volumes::remove(&self.config.data_root, key);
         self.ports.release(key);
+        self.forget_previous_logs(key);
     }
 
     /// Starts a new instance of `c`; returns its status, and when to look again if it failed.

@@ -952,6 +952,65 @@ impl Runtime for DockerRuntime {
         Ok(done.exit_code.map_or(-1, |c| c as i32))
     }
 
+    async fn exec_output(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<orch_core::ExecOutput, RuntimeError> {
+        let (container, _) = self.find(handle).await?;
+        if command.first().is_none_or(String::is_empty) {
+            return Err(RuntimeError::invalid("command", "must not be empty"));
+        }
+        let docker = self.docker().await?;
+        let config = ExecConfig {
+            cmd: Some(command.to_vec()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            ..Default::default()
+        };
+        let exec = docker
+            .create_exec(&container, config)
+            .await
+            .map_err(|e| self.api_error(format!("exec in {}", handle.id), e))?;
+        let limit = orch_core::runtime::EXEC_OUTPUT_LIMIT;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let run = async {
+            match docker.start_exec(&exec.id, None).await {
+                Ok(bollard::exec::StartExecResults::Attached { mut output, .. }) => {
+                    while let Some(frame) = output.next().await {
+                        let (buf, bytes) = match frame {
+                            Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                                (&mut stdout, message)
+                            }
+                            Ok(LogOutput::StdErr { message }) => (&mut stderr, message),
+                            Ok(LogOutput::StdIn { .. }) => continue,
+                            Err(e) => return Err(self.api_error(format!("exec in {}", handle.id), e)),
+                        };
+                        let room = limit.saturating_sub(buf.len());
+                        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    }
+                    Ok(())
+                }
+                Ok(bollard::exec::StartExecResults::Detached) => Ok(()),
+                Err(e) => Err(self.api_error(format!("exec in {}", handle.id), e)),
+            }
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(result) => result?,
+            // The Engine has no call that stops an exec: it goes on in the container.
+            Err(_) => return Ok(orch_core::ExecOutput { exit_code: -1, timed_out: true, ..Default::default() }),
+        }
+        let done =
+            docker.inspect_exec(&exec.id).await.map_err(|e| self.api_error(format!("exec in {}", handle.id), e))?;
+        Ok(orch_core::ExecOutput {
+            exit_code: done.exit_code.map_or(-1, |c| c as i32),
+            stdout,
+            stderr,
+            timed_out: false,
+        })
+    }
+
     /// The container's address on its network (recorded when it was started or last looked
     /// at); the loopback address when it has none (host networking).
     fn address(&self, handle: &Handle) -> IpAddr {

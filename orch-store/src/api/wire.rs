@@ -21,8 +21,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub const GROUP: &str = "orch.dev";
 /// The version of that group.
 pub const VERSION: &str = "v1";
-/// `apiVersion` of every orch object on the wire.
-pub const API_VERSION: &str = "orch.dev/v1";
+/// `apiVersion` of every orch object on the wire (the one every serialized object carries).
+pub const API_VERSION: &str = orch_core::API_VERSION;
 /// Prefix of the group's paths.
 pub const GROUP_PREFIX: &str = "/apis/orch.dev/v1";
 /// Prefix of orch's own calls that have no Kubernetes equivalent (revision, compaction, leases,

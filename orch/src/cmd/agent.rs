@@ -20,6 +20,9 @@ enum RuntimeKind {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  orch agent --server http://10.0.0.1:7440 --join-token \"$NODE_TOKEN\" --listen 0.0.0.0:7441
+  orch agent --server http://127.0.0.1:7440 --name node-2 --labels zone=b --runtime docker")]
 pub(crate) struct AgentArgs {
     /// The control plane's API (`http://host:7440`).
     #[arg(long)]
@@ -42,6 +45,13 @@ pub(crate) struct AgentArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long)]
     ops_listen: Option<SocketAddr>,
+    /// Address of the node's API (workloads' logs, for `orch logs`); none when unset. The
+    /// agent publishes it on its node for the server to reach.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// The address the server reaches the node's API at (default: the `--listen` address).
+    #[arg(long, requires = "listen")]
+    advertise: Option<String>,
     /// Stop every workload of the node when the agent stops (otherwise the next agent adopts
     /// them).
     #[arg(long)]
@@ -121,6 +131,27 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let ops_task =
         args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops_routes(prometheus, ready), stop.clone())));
+    let api_task = match args.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--listen: cannot listen on {addr}: {e}"))?;
+            let bound = listener.local_addr()?;
+            let url = args.advertise.clone().unwrap_or_else(|| format!("http://{bound}"));
+            let app = super::logs::agent_routes(
+                node.clone(),
+                args.server.clone(),
+                store.clone(),
+                runtime.clone(),
+                config.data_root.clone(),
+            )?;
+            tokio::spawn(super::logs::publish_address(store.clone(), node.clone(), url.clone()));
+            tracing::info!(%url, "serving the node's API (logs)");
+            let stop = stop.clone();
+            Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await }))
+        }
+        None => None,
+    };
     tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
     let net = super::net::start(Some((&args.proxy, args.address)), &args.dns, store.clone(), stop.clone()).await?;
     ready_tx.send_replace(true);
@@ -128,6 +159,10 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     net.wait().await?;
     if let Some(t) = ops_task {
         t.await??;
+    }
+    if let Some(t) = api_task {
+        // Followed logs end when their instances stop; do not wait for slow readers.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -213,7 +213,7 @@ pub(crate) async fn apply(conn: &ConnArgs, args: ApplyArgs) -> Result<(), BoxErr
                     Outcome::Configured => "configured",
                     Outcome::Unchanged => "unchanged",
                 };
-                println!("{} {word}{}", display_name(&m.object), dry_suffix(args.dry_run));
+                outln!("{} {word}{}", display_name(&m.object), dry_suffix(args.dry_run));
             }
             Err(e) => {
                 failed += 1;
@@ -264,7 +264,7 @@ async fn prune(client: &Client, selector: &str, applied: &BTreeSet<ObjectKey>, d
                     let path = format!("{}?dryRun=All", wire::object_path(&obj.key()));
                     client.remote.raw("DELETE", &path, None).await?;
                 }
-                println!("{} pruned{}", display_name(&obj), dry_suffix(dry));
+                outln!("{} pruned{}", display_name(&obj), dry_suffix(dry));
             }
         }
     }
@@ -335,9 +335,9 @@ pub(crate) async fn diff(conn: &ConnArgs, args: DiffArgs) -> Result<(), BoxError
         }
         changed = true;
         let what = if live.is_some() { "changed" } else { "new" };
-        println!("--- {} ({what})", display_name(&m.object));
+        outln!("--- {} ({what})", display_name(&m.object));
         for line in line_diff(&old, &new) {
-            println!("{line}");
+            outln!("{line}");
         }
     }
     if changed { Err(Box::new(super::Exit(1))) } else { Ok(()) }

@@ -16,7 +16,8 @@ use super::BoxError;
 /// Connection flags, accepted by every command.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub(crate) struct ConnArgs {
-    /// The context of the config file to use (default: its current context).
+    /// The context of the config file to use (default: its current context). The config file
+    /// is `$ORCH_CONFIG`, by default `~/.config/orch/config.yaml` (see `orch config`).
     #[arg(long, global = true, env = "ORCH_CONTEXT")]
     pub(crate) context: Option<String>,
     /// The API server (`http://host:7440`), overriding the context's (give it before the
@@ -121,6 +122,8 @@ pub(crate) struct Client {
     pub(crate) remote: RemoteStore,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) namespace: String,
+    /// The bearer token in use, if any.
+    pub(crate) token: Option<String>,
     kinds: Vec<KindName>,
 }
 
@@ -166,8 +169,8 @@ impl Client {
             .or_else(|| context.and_then(|c| c.namespace.clone()))
             .unwrap_or_else(|| "default".into());
         let mut b = RemoteStore::builder(server.clone()).reconnect_for(std::time::Duration::from_secs(5));
-        if let Some(t) = token {
-            b = b.bearer_token(t);
+        if let Some(t) = &token {
+            b = b.bearer_token(t.clone());
         }
         let remote = b.build()?;
         #[derive(Deserialize)]
@@ -180,7 +183,7 @@ impl Client {
             .map_err(|e| format!("cannot reach the API server at {server}: {e}"))?;
         let list: List = serde_json::from_slice(&body)?;
         let kinds = list.resources.into_iter().filter(|k| !k.name.contains('/')).collect();
-        Ok(Client { store: Arc::new(remote.clone()), remote, namespace, kinds })
+        Ok(Client { store: Arc::new(remote.clone()), remote, namespace, token, kinds })
     }
 
     /// The kind a user's word names: plural, singular, short name or kind (any case).

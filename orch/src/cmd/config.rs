@@ -77,7 +77,7 @@ pub(crate) fn run(conn: &ConnArgs, cmd: ConfigCommand) -> Result<(), BoxError> {
                 config.current_context = Some(name.clone());
             }
             config.save()?;
-            println!(
+            outln!(
                 "context {name:?} {} in {}",
                 if existing.is_some() { "changed" } else { "added" },
                 config_path().display()
@@ -89,7 +89,7 @@ pub(crate) fn run(conn: &ConnArgs, cmd: ConfigCommand) -> Result<(), BoxError> {
             }
             config.current_context = Some(name.clone());
             config.save()?;
-            println!("switched to context {name:?}");
+            outln!("switched to context {name:?}");
         }
         ConfigCommand::GetContexts => {
             let rows: Vec<Vec<String>> = config
@@ -106,10 +106,10 @@ pub(crate) fn run(conn: &ConnArgs, cmd: ConfigCommand) -> Result<(), BoxError> {
                     ]
                 })
                 .collect();
-            print!("{}", table(&["CURRENT", "NAME", "SERVER", "NAMESPACE", "AUTH"], &rows, true));
+            out!("{}", table(&["CURRENT", "NAME", "SERVER", "NAMESPACE", "AUTH"], &rows, true));
         }
         ConfigCommand::CurrentContext => match &config.current_context {
-            Some(c) => println!("{c}"),
+            Some(c) => outln!("{c}"),
             None => return Err(format!("no current context in {}", config_path().display()).into()),
         },
         ConfigCommand::DeleteContext { name } => {
@@ -122,7 +122,7 @@ pub(crate) fn run(conn: &ConnArgs, cmd: ConfigCommand) -> Result<(), BoxError> {
                 config.current_context = None;
             }
             config.save()?;
-            println!("context {name:?} deleted");
+            outln!("context {name:?} deleted");
         }
         ConfigCommand::View => {
             for c in &mut config.contexts {
@@ -130,7 +130,7 @@ pub(crate) fn run(conn: &ConnArgs, cmd: ConfigCommand) -> Result<(), BoxError> {
                     c.token = Some("REDACTED".into());
                 }
             }
-            print!("{}", serde_saphyr::to_string(&config).map_err(|e| e.to_string())?);
+            out!("{}", serde_saphyr::to_string(&config).map_err(|e| e.to_string())?);
         }
     }
     Ok(())

@@ -78,9 +78,9 @@ pub(crate) async fn run(conn: &ConnArgs, args: DeleteArgs) -> Result<(), BoxErro
     for key in keys {
         let label = format!("{}/{}", key.kind.to_ascii_lowercase(), key.name);
         match client.store.delete(&key, &DeleteOptions::default().propagation(propagation)).await {
-            Ok(DeleteOutcome::Deleted(o)) => println!("{} deleted", display_name(&o)),
+            Ok(DeleteOutcome::Deleted(o)) => outln!("{} deleted", display_name(&o)),
             Ok(DeleteOutcome::Pending(o)) => {
-                println!("{} deleting (waiting for finalizers: {})", display_name(&o), o.metadata.finalizers.join(", "))
+                outln!("{} deleting (waiting for finalizers: {})", display_name(&o), o.metadata.finalizers.join(", "))
             }
             Err(e) if e.is_not_found() && args.ignore_not_found => {}
             Err(e) if e.is_not_found() => {

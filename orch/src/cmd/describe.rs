@@ -209,9 +209,9 @@ pub(crate) async fn run(conn: &ConnArgs, args: DescribeArgs) -> Result<(), BoxEr
     };
     for (i, o) in objs.iter().enumerate() {
         if i > 0 {
-            println!();
+            outln!();
         }
-        print!("{}", describe_one(&client, o).await?);
+        out!("{}", describe_one(&client, o).await?);
     }
     Ok(())
 }

@@ -304,12 +304,12 @@ pub(crate) async fn run(conn: &ConnArgs, args: GetArgs) -> Result<(), BoxError> 
                     None => eprintln!("No {} found.", kind.name),
                 }
             } else {
-                print!("{}", rows_text(&objs, &kind.kind, wide, all_ns, !args.no_headers));
+                out!("{}", rows_text(&objs, &kind.kind, wide, all_ns, !args.no_headers));
             }
         }
         Output::Yaml => {
             if !objs.is_empty() {
-                print!("{}", to_yaml(&objs));
+                out!("{}", to_yaml(&objs));
             }
         }
         Output::Json => {
@@ -318,11 +318,11 @@ pub(crate) async fn run(conn: &ConnArgs, args: GetArgs) -> Result<(), BoxError> 
             } else {
                 serde_json::json!({"apiVersion": "orch.dev/v1", "kind": format!("{}List", kind.kind), "items": objs.iter().map(to_value).collect::<Vec<_>>()})
             };
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Name => {
             for o in &objs {
-                println!("{}/{}", o.kind.to_ascii_lowercase(), o.metadata.name);
+                outln!("{}/{}", o.kind.to_ascii_lowercase(), o.metadata.name);
             }
         }
     }
@@ -348,11 +348,11 @@ pub(crate) async fn run(conn: &ConnArgs, args: GetArgs) -> Result<(), BoxError> 
                 if deleted {
                     text = text.trim_end().to_string() + "   (deleted)\n";
                 }
-                print!("{text}");
+                out!("{text}");
             }
-            Output::Yaml => print!("---\n{}", to_yaml(std::slice::from_ref(obj))),
-            Output::Json => println!("{}", serde_json::to_string(&to_value(obj))?),
-            Output::Name => println!("{}/{}", obj.kind.to_ascii_lowercase(), obj.metadata.name),
+            Output::Yaml => out!("---\n{}", to_yaml(std::slice::from_ref(obj))),
+            Output::Json => outln!("{}", serde_json::to_string(&to_value(obj))?),
+            Output::Name => outln!("{}/{}", obj.kind.to_ascii_lowercase(), obj.metadata.name),
         }
         let _ = std::io::stdout().flush();
     }

@@ -1,4 +1,16 @@
-//! Subcommands and what they share: logging, metrics, health endpoints, signals.
+//! Subcommands and what they share: logging, metrics, health endpoints, signals, output.
+
+/// Prints to standard output; when the reader has gone (`orch get ... | head -1`), the command
+/// ends quietly with success instead of failing on a broken pipe.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cmd::write_out(format_args!($($t)*)) };
+}
+
+/// [`out!`] with a newline.
+macro_rules! outln {
+    () => { $crate::cmd::write_out(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::cmd::write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
 
 mod agent;
 mod apply;
@@ -6,7 +18,9 @@ mod client;
 mod config;
 mod delete;
 mod describe;
+mod exec;
 mod get;
+mod logs;
 mod net;
 mod nodes;
 mod rollout;
@@ -86,6 +100,10 @@ enum Command {
     Describe(describe::DescribeArgs),
     /// Deletes objects.
     Delete(delete::DeleteArgs),
+    /// Prints a workload's output (its node's agent reads it; the server relays it).
+    Logs(logs::LogsArgs),
+    /// Runs a command in a workload's container and prints its output (not interactive).
+    Exec(exec::ExecArgs),
     /// Follows, lists, undoes, pauses, resumes and restarts deployments' rollouts.
     #[command(subcommand)]
     Rollout(rollout::RolloutCommand),
@@ -118,6 +136,19 @@ enum Command {
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Writes to standard output, ending the process quietly once nobody reads it.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("orch: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 pub(crate) fn init_logging(filter: &str) {
     // hickory-server logs every DNS query at `info`: quiet unless asked for by name.
     let filter = if filter.contains("hickory") { filter.to_string() } else { format!("{filter},hickory_server=warn") };
@@ -138,6 +169,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
         Command::Get(args) => get::run(conn, args).await,
         Command::Describe(args) => describe::run(conn, args).await,
         Command::Delete(args) => delete::run(conn, args).await,
+        Command::Logs(args) => logs::run(conn, args).await,
+        Command::Exec(args) => exec::run(conn, args).await,
         Command::Rollout(cmd) => rollout::run(conn, cmd).await,
         Command::Scale(args) => rollout::scale(conn, args).await,
         Command::Cordon(args) => nodes::cordon(conn, args, true).await,
@@ -147,7 +180,9 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
         Command::Config(cmd) => config::run(conn, cmd),
         Command::Completion { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "orch", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "orch", &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
             Ok(())
         }
     }

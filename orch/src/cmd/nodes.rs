@@ -58,9 +58,9 @@ pub(crate) async fn cordon(conn: &ConnArgs, args: NodeArgs, value: bool) -> Resu
     let changed = set_unschedulable(&client, &args.node, value).await?;
     let word = if value { "cordoned" } else { "uncordoned" };
     if changed {
-        println!("node/{} {word}", args.node);
+        outln!("node/{} {word}", args.node);
     } else {
-        println!("node/{} already {word}", args.node);
+        outln!("node/{} already {word}", args.node);
     }
     Ok(())
 }
@@ -96,11 +96,11 @@ pub(crate) async fn drain(conn: &ConnArgs, args: DrainArgs) -> Result<(), BoxErr
         .into());
     }
     if set_unschedulable(&client, &args.node, true).await? {
-        println!("node/{} cordoned", args.node);
+        outln!("node/{} cordoned", args.node);
     }
     for w in &targets {
         match client.store.delete(&w.key(), &DeleteOptions::default()).await {
-            Ok(_) => println!("evicting workload/{} ({})", w.metadata.name, w.metadata.namespace),
+            Ok(_) => outln!("evicting workload/{} ({})", w.metadata.name, w.metadata.namespace),
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
@@ -131,7 +131,7 @@ pub(crate) async fn drain(conn: &ConnArgs, args: DrainArgs) -> Result<(), BoxErr
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    println!("node/{} drained", args.node);
+    outln!("node/{} drained", args.node);
     Ok(())
 }
 
@@ -177,7 +177,7 @@ pub(crate) async fn top(conn: &ConnArgs, _cmd: TopCommand) -> Result<(), BoxErro
             pct(&mem, alloc.get("memory")),
         ]);
     }
-    print!(
+    out!(
         "{}",
         table(
             &[

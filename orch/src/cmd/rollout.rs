@@ -200,7 +200,7 @@ async fn status(client: &Client, name: &str, timeout: Option<Duration>) -> Resul
                 if let Some(b) = &bar {
                     b.finish_and_clear();
                 }
-                println!("{msg}");
+                outln!("{msg}");
                 return Ok(());
             }
             Progress::Failed(msg) => {
@@ -215,7 +215,7 @@ async fn status(client: &Client, name: &str, timeout: Option<Duration>) -> Resul
                     b.set_position(done);
                     b.set_message(msg);
                 } else if msg != last_line {
-                    println!("{msg}");
+                    outln!("{msg}");
                     last_line = msg;
                 }
             }
@@ -288,8 +288,8 @@ pub(crate) async fn run(conn: &ConnArgs, cmd: RolloutCommand) -> Result<(), BoxE
                     vec![format!("{n}{mark}"), rs.metadata.name.clone(), rs.spec.replicas.to_string(), cmds, failed]
                 })
                 .collect();
-            println!("deployment/{name}");
-            print!("{}", table(&["REVISION", "NAME", "REPLICAS", "CONTAINERS", "NOTE"], &rows, true));
+            outln!("deployment/{name}");
+            out!("{}", table(&["REVISION", "NAME", "REPLICAS", "CONTAINERS", "NOTE"], &rows, true));
             Ok(())
         }
         RolloutCommand::Undo { target, to_revision } => {
@@ -309,11 +309,11 @@ pub(crate) async fn run(conn: &ConnArgs, cmd: RolloutCommand) -> Result<(), BoxE
             });
             let d = orch_controllers::deployment::rollback(client.store.clone(), &ns, &name, to_revision).await?;
             if d.metadata.generation == before.metadata.generation {
-                println!("deployment/{name} unchanged: that revision is already current");
+                outln!("deployment/{name} unchanged: that revision is already current");
             } else {
                 match target_number {
-                    Some(n) => println!("deployment/{name} rolled back to revision {n}"),
-                    None => println!("deployment/{name} rolled back"),
+                    Some(n) => outln!("deployment/{name} rolled back to revision {n}"),
+                    None => outln!("deployment/{name} rolled back"),
                 }
             }
             Ok(())
@@ -324,7 +324,7 @@ pub(crate) async fn run(conn: &ConnArgs, cmd: RolloutCommand) -> Result<(), BoxE
             let name = deployment_name(&client, &target)?;
             let now = orch_core::Clock::now(&orch_core::SystemClock);
             orch_controllers::deployment::restart(client.store.clone(), &ns, &name, now).await?;
-            println!("deployment/{name} restarted");
+            outln!("deployment/{name} restarted");
             Ok(())
         }
     }
@@ -335,7 +335,7 @@ async fn set_paused(client: &Client, api: &Api<Deployment>, target: &[String], p
     let d = api.get(&name).await?;
     let word = if paused { "paused" } else { "resumed" };
     if d.spec.paused == paused {
-        println!("deployment/{name} already {word}");
+        outln!("deployment/{name} already {word}");
         return Ok(());
     }
     api.retry_on_conflict(&name, |d| {
@@ -343,7 +343,7 @@ async fn set_paused(client: &Client, api: &Api<Deployment>, target: &[String], p
         Ok(())
     })
     .await?;
-    println!("deployment/{name} {word}");
+    outln!("deployment/{name} {word}");
     Ok(())
 }
 
@@ -368,7 +368,7 @@ pub(crate) async fn scale(conn: &ConnArgs, args: ScaleArgs) -> Result<(), BoxErr
                 Err(e) => return Err(e.into()),
             }
         }
-        println!("{}/{name} scaled to {}", kind.kind.to_ascii_lowercase(), args.replicas);
+        outln!("{}/{name} scaled to {}", kind.kind.to_ascii_lowercase(), args.replicas);
     }
     Ok(())
 }

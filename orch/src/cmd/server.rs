@@ -20,6 +20,9 @@ use orch_store::api::{ApiServer, AuditLog, Authorizer, Limits, Rule, Tokens};
 use super::{BoxError, host_name, metrics, on_signal, ops_routes, serve_ops, stopped};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  orch server --data-dir /var/lib/orch --listen 0.0.0.0:7440
+  orch server --etcd http://10.0.0.1:2379,http://10.0.0.2:2379 --name cp-1    # replicated")]
 pub(crate) struct ServerArgs {
     /// Address the API listens on (HTTP/1.1 and HTTP/2).
     #[arg(long, default_value = "127.0.0.1:7440")]
@@ -155,7 +158,9 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     }
     let api = api.build();
     let ops = ops_routes(prometheus, ready.clone());
-    let app = api.router().merge(ops.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    // `orch logs` goes through the server to the workload's agent.
+    let logs = super::logs::relay_routes(args.listen, store.clone());
+    let app = api.router().merge(ops.clone()).merge(logs).into_make_service_with_connect_info::<SocketAddr>();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -11,6 +11,9 @@ use super::BoxError;
 pub(crate) enum TokenCommand {
     /// Creates a token, adds its hash to `<data-dir>/tokens` and prints the token (only once:
     /// it is not kept). The server reads the file when it starts.
+    #[command(after_help = "Examples:
+  orch token create --data-dir /var/lib/orch --user alice --group system:admins
+  orch token create --data-dir /var/lib/orch --user node-1 --group system:nodes")]
     Create {
         /// The server's data directory.
         #[arg(long, default_value = "orch-data")]

@@ -54,8 +54,8 @@ use de::{DeError, decode, suggest};
 use tree::{Pos, Value};
 
 /// The `apiVersion` of every orch kind: orch serves one group (`orch.dev`) at one version
-/// (`v1`), in manifests and on the API alike.
-pub const API_VERSION: &str = "orch.dev/v1";
+/// (`v1`), in manifests, on the API and in stored objects alike.
+pub use orch_core::API_VERSION;
 
 /// The largest file [`Manifests`] reads (8 MiB): a manifest larger than that is a mistake.
 pub const MAX_FILE_BYTES: usize = 8 << 20;

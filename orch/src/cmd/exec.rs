@@ -1,0 +1,258 @@
+//! `orch exec`: runs a command in a workload's container and shows what it printed, with its
+//! exit code. Not interactive: no input and no terminal, only the output (at most 4 MiB of
+//! each stream) once the command ends.
+//!
+//! The way is that of `orch logs` (see there): the API server checks the caller, hands the
+//! node's agent a single-use ticket for this command in this workload, and the agent redeems it
+//! before it runs anything. Running a command needs more than reading the workload: the
+//! server checks that the caller may update it (a dry-run update as the caller).
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use orch_core::Api;
+use orch_core::kinds::Workload;
+use orch_store::api::RemoteStore;
+use orch_store::api::wire::{self, Status, encode_segment};
+use serde::{Deserialize, Serialize};
+
+use super::client::{Client as ApiClient, ConnArgs, split_targets};
+use super::logs::{
+    Grant, NodeApi, Refused, Relay, TICKET_HEADER, bearer, error_response, failure, pick_container, read_as_caller,
+    refuse,
+};
+use super::{BoxError, Exit};
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  orch exec web-6d5f8c-x2k4q -- cat /etc/hostname
+  orch exec wl/web-6d5f8c-x2k4q -c main --timeout 10 -- sh -c 'ls; env'
+The command's exit code is orch's; it gets no input and no terminal.")]
+pub(crate) struct ExecArgs {
+    /// The workload (`NAME` or `workload/NAME`).
+    target: String,
+    /// The container (needed when the workload has several).
+    #[arg(short = 'c', long)]
+    container: Option<String>,
+    /// Kill the command after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// What `orch exec` sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ExecRequest {
+    #[serde(default)]
+    container: Option<String>,
+    command: Vec<String>,
+    timeout_seconds: u64,
+}
+
+/// What it gets back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ExecAnswer {
+    exit_code: i32,
+    stdout: String,
+    stderr: String,
+    timed_out: bool,
+}
+
+/// The longest a command may run (an hour).
+const MAX_TIMEOUT_SECONDS: u64 = 3600;
+
+fn parse_request(body: &[u8]) -> Result<ExecRequest, Refused> {
+    let req: ExecRequest = serde_json::from_slice(body)
+        .map_err(|e| refuse(400, "BadRequest", format!("the exec request does not read: {e}")))?;
+    if req.command.is_empty() || req.command[0].is_empty() {
+        return Err(refuse(422, "Invalid", "command: must not be empty"));
+    }
+    if req.timeout_seconds == 0 || req.timeout_seconds > MAX_TIMEOUT_SECONDS {
+        return Err(refuse(422, "Invalid", format!("timeoutSeconds: must be 1-{MAX_TIMEOUT_SECONDS}")));
+    }
+    Ok(req)
+}
+
+/// The server's side: check, ticket, relay.
+pub(crate) async fn relay_exec(
+    State(relay): State<Relay>,
+    Path((ns, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match parse_request(&body) {
+        Ok(r) => r,
+        Err(answer) => return *answer,
+    };
+    let token = bearer(&headers);
+    let w = match read_as_caller(&relay.self_url, token.clone(), &ns, &name).await {
+        Ok(w) => w,
+        Err(e) => return error_response(&e),
+    };
+    // May the caller change this workload? A dry-run update as the caller says, through the
+    // server's own authorization (and its audit log).
+    let mut as_caller = RemoteStore::builder(relay.self_url.clone());
+    if let Some(t) = &token {
+        as_caller = as_caller.bearer_token(t.clone());
+    }
+    let dynamic = match w.to_dynamic() {
+        Ok(d) => d,
+        Err(e) => return error_response(&e),
+    };
+    let path = format!("{}?dryRun=All", wire::object_path(&dynamic.key()));
+    match as_caller.build() {
+        Ok(store) => {
+            if let Err(e) = store.raw("PUT", &path, Some(wire::object_json(&dynamic).into_bytes())).await
+                && !e.is_conflict()
+            {
+                let text = e.to_string();
+                if text.contains("403") {
+                    return failure(
+                        403,
+                        "Forbidden",
+                        format!("running a command in workload {ns}/{name} needs the right to update it: {text}"),
+                    );
+                }
+                return error_response(&e);
+            }
+        }
+        Err(e) => return error_response(&e),
+    }
+    let (node, addr) = match relay.agent_of(&w).await {
+        Ok(found) => found,
+        Err(answer) => return *answer,
+    };
+    let grant = Grant {
+        action: "exec".into(),
+        namespace: ns.clone(),
+        name: name.clone(),
+        node: node.clone(),
+        command: req.command,
+    };
+    let ticket = relay.issue(grant);
+    let uri = format!("{addr}/exec/{}/{}", encode_segment(&ns), encode_segment(&name));
+    let Ok(forward) = hyper::Request::post(&uri)
+        .header(TICKET_HEADER, ticket)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+    else {
+        return failure(500, "InternalError", format!("bad agent address {addr:?} on node {node}"));
+    };
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    match client.request(forward).await {
+        Ok(resp) => {
+            let status = resp.status();
+            let mut out = Response::new(Body::from_stream(resp.into_body().into_data_stream()));
+            *out.status_mut() = status;
+            out.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            out
+        }
+        Err(e) => failure(502, "BadGateway", format!("cannot reach the agent of node {node} at {addr}: {e}")),
+    }
+}
+
+/// The agent's side: redeem, then run in the container's newest instance.
+pub(crate) async fn agent_exec(
+    State(api): State<NodeApi>,
+    Path((ns, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let req = match parse_request(&body) {
+        Ok(r) => r,
+        Err(answer) => return *answer,
+    };
+    let wanted = Grant {
+        action: "exec".into(),
+        namespace: ns.clone(),
+        name: name.clone(),
+        node: api.node.clone(),
+        command: req.command.clone(),
+    };
+    if let Err(answer) = api.redeem(&headers, &wanted).await {
+        return *answer;
+    }
+    let w = match Api::<Workload>::namespaced(api.store.clone(), &ns).get(&name).await {
+        Ok(w) => w,
+        Err(e) => return error_response(&e),
+    };
+    if w.spec.node_name.as_deref() != Some(api.node.as_str()) {
+        return failure(404, "NotFound", format!("workload {ns}/{name} does not run on node {}", api.node));
+    }
+    let container = match pick_container(&w, req.container.as_deref()) {
+        Ok(c) => c,
+        Err(answer) => return *answer,
+    };
+    let instances = match orch_runtime::instances_of(api.runtime.as_ref(), &ns, &name).await {
+        Ok(i) => i,
+        Err(e) => return failure(500, "InternalError", format!("the runtime cannot list its instances: {e}")),
+    };
+    let Some((_, _, handle)) = instances.into_iter().rev().find(|(c, _, _)| *c == container) else {
+        return failure(409, "Conflict", format!("container {container} of workload {ns}/{name} is not running"));
+    };
+    let timeout = std::time::Duration::from_secs(req.timeout_seconds);
+    match api.runtime.exec_output(&handle, &req.command, timeout).await {
+        Ok(out) => {
+            let answer = ExecAnswer {
+                exit_code: out.exit_code,
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                timed_out: out.timed_out,
+            };
+            ([(header::CONTENT_TYPE, "application/json")], serde_json::to_string(&answer).unwrap_or_default())
+                .into_response()
+        }
+        Err(e) => failure(422, "Invalid", format!("cannot run {:?} in {container}: {e}", req.command[0])),
+    }
+}
+
+pub(crate) async fn run(conn: &ConnArgs, args: ExecArgs) -> Result<(), BoxError> {
+    let client = ApiClient::connect(conn).await?;
+    let target = vec![args.target.clone()];
+    let (word, names) =
+        if args.target.contains('/') { split_targets(&target)? } else { ("workload".to_string(), target.clone()) };
+    if client.kind(&word)?.kind != "Workload" {
+        return Err("exec runs in workloads: `orch exec NAME -- CMD` or `orch exec workload/NAME -- CMD`".into());
+    }
+    let [name] = names.as_slice() else { return Err("name one workload".into()) };
+    let req = ExecRequest { container: args.container, command: args.command, timeout_seconds: args.timeout };
+    let uri = format!(
+        "{}/apis/orch.dev/v1/namespaces/{}/workloads/{}/exec",
+        client.remote.server(),
+        encode_segment(&client.namespace),
+        encode_segment(name)
+    );
+    let mut http = hyper::Request::post(&uri).header(header::CONTENT_TYPE, "application/json");
+    if let Some(t) = &client.token {
+        http = http.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let http = http.body(Full::new(Bytes::from(serde_json::to_vec(&req)?)))?;
+    let http_client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = http_client.request(http).await.map_err(|e| format!("cannot reach {uri}: {e}"))?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        let message = serde_json::from_slice::<Status>(&bytes)
+            .map(|s| s.message)
+            .unwrap_or_else(|_| format!("the server answered {status}: {}", String::from_utf8_lossy(&bytes)));
+        return Err(message.into());
+    }
+    let answer: ExecAnswer = serde_json::from_slice(&bytes)?;
+    out!("{}", answer.stdout);
+    eprint!("{}", answer.stderr);
+    if answer.timed_out {
+        return Err(format!("the command did not finish within {}s: it was killed", req.timeout_seconds).into());
+    }
+    match answer.exit_code {
+        0 => Ok(()),
+        code => Err(Box::new(Exit(u8::try_from(code).unwrap_or(1)))),
+    }
+}
