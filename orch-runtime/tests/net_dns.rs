@@ -287,3 +287,40 @@ async fn a_bad_cluster_domain_is_refused_naming_the_setting() {
     let err = DnsServer::bind(config, c.resolver.clone()).await.unwrap_err();
     assert!(err.to_string().starts_with("cluster_domain:"), "{err}");
 }
+
+/// One raw query over TCP; the parsed answer.
+async fn raw_tcp(server: SocketAddr, packet: &[u8]) -> Message {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(server).await.unwrap();
+    let mut framed = (packet.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(packet);
+    s.write_all(&framed).await.unwrap();
+    let mut len = [0u8; 2];
+    timeout(LIMIT, s.read_exact(&mut len)).await.expect("the server answers").unwrap();
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut buf).await.unwrap();
+    Message::from_vec(&buf).expect("a well-formed answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_answer_too_big_for_udp_comes_whole_over_tcp() {
+    // The upstream: a headless service with 60 ready endpoints (about 1 KiB of A records, more
+    // than a UDP answer without EDNS may carry).
+    let upstream_cluster = Cluster::new().await;
+    upstream_cluster.service("big", headless(&[("", 80)]), None).await;
+    let eps = (1..=60).map(|i| endpoint(&format!("10.9.0.{i}"), &[("", 80)], true)).collect();
+    upstream_cluster.slice("big", "big-a", eps).await;
+    let mut watch = upstream_cluster.resolver.watch("big");
+    timeout(LIMIT, watch.wait_for(|s| s.as_ref().is_some_and(|s| s.endpoints.len() == 60))).await.unwrap().unwrap();
+    let upstream = start_dns(&upstream_cluster, |cfg| cfg.cluster_domain = "example.test".into()).await;
+
+    let c = Cluster::new().await;
+    let fwd = start_dns(&c, |cfg| cfg.upstreams = vec![upstream.addr]).await;
+    let q = query(11, "big.default.svc.example.test.", RecordType::A);
+    let over_udp = raw(fwd.addr, &q).await;
+    assert!(over_udp.metadata.truncation, "a UDP answer says it is cut short");
+    let over_tcp = raw_tcp(fwd.addr, &q).await;
+    assert_eq!(over_tcp.metadata.response_code, ResponseCode::NoError);
+    assert!(!over_tcp.metadata.truncation);
+    assert_eq!(over_tcp.answers.len(), 60, "every record, over TCP");
+}

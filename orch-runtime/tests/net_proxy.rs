@@ -289,3 +289,55 @@ async fn udp_datagrams_reach_the_endpoints_and_come_back() {
         t.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_endpoint_that_refuses_is_skipped_after_its_first_refusal() {
+    let c = Cluster::new().await;
+    let live = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let live_addr = live.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = live.recv_from(&mut buf).await {
+            let _ = live.send_to(&buf[..n], from).await;
+        }
+    });
+    // A port nobody listens on: the kernel answers datagrams with "port unreachable".
+    let dead_port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let proxy = start(&c, config());
+    let spec = orch_core::kinds::Service {
+        ports: vec![ServicePort { port: 8054, protocol: Protocol::UDP, ..Default::default() }],
+        ..Default::default()
+    };
+    c.service("udpdead", spec, Some("127.64.8.1")).await;
+    let ready = EndpointConditions { ready: true, serving: true, terminating: false };
+    let mut dead = endpoint_with("127.0.0.1", &[("", dead_port)], Protocol::UDP, ready);
+    dead.workload = "dead".into();
+    let mut up = endpoint_with("127.0.0.1", &[("", live_addr.port())], Protocol::UDP, ready);
+    up.workload = "live".into();
+    c.slice("udpdead", "udpdead-1", vec![dead, up]).await;
+    let front = Frontend { addr: "127.64.8.1:8054".parse().unwrap(), protocol: Protocol::UDP };
+    serving(&proxy.status, front, &[SocketAddr::from(([127, 0, 0, 1], dead_port)), live_addr]).await;
+
+    // Clients one after the other, each sending again when no answer comes (as DNS clients do).
+    // Only a client whose session went to the dead endpoint before its first refusal needs a
+    // second datagram: after that refusal the proxy sends new sessions elsewhere.
+    let mut datagrams = 0;
+    for i in 0..8 {
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(front.addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut answered = false;
+        for _ in 0..5 {
+            datagrams += 1;
+            client.send(format!("c{i}").as_bytes()).await.unwrap();
+            if let Ok(Ok(n)) = timeout(Duration::from_millis(300), client.recv(&mut buf)).await {
+                assert_eq!(&buf[..n], format!("c{i}").as_bytes());
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "client {i} got no answer");
+    }
+    assert!(datagrams <= 9, "the refusing endpoint kept getting sessions: {datagrams} datagrams for 8 answers");
+    server.abort();
+}

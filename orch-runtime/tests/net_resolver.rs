@@ -129,3 +129,27 @@ async fn slices_that_arrive_before_their_service_are_merged_when_it_comes() {
         .unwrap();
     assert_eq!(s.addresses(""), ["127.0.0.5:5000".parse::<SocketAddr>().unwrap()]);
 }
+
+#[tokio::test]
+async fn endpoints_on_one_address_differ_by_port_and_a_copy_in_two_slices_counts_once() {
+    let c = Cluster::new().await;
+    c.service("multi", service_spec(&[("", 80)]), Some("127.64.0.12")).await;
+    // Two processes on one host, no workload names (an application's own slices).
+    let mut a = endpoint("127.0.0.1", &[("", 7001)], true);
+    let mut b = endpoint("127.0.0.1", &[("", 7002)], true);
+    a.workload.clear();
+    b.workload.clear();
+    // The same endpoint in a second slice, not ready there: it counts once, as ready.
+    let mut copy = a.clone();
+    copy.conditions.ready = false;
+    c.slice("multi", "multi-b", vec![copy]).await;
+    c.slice("multi", "multi-a", vec![a, b]).await;
+    let mut watch = c.resolver.watch("multi");
+    let s = timeout(LIMIT, watch.wait_for(|s| s.as_ref().is_some_and(|s| s.endpoints.len() == 2)))
+        .await
+        .expect("both endpoints, once each")
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(addrs(&s, ""), ["127.0.0.1:7001".parse().unwrap(), "127.0.0.1:7002".parse().unwrap()]);
+}

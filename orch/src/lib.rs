@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | [`core`] | `orch-core` | always | object model, `Store` / `Runtime` / `Controller` traits, typed `Api`, caches, the reconcile loop, `Manager`, leader election |
 //! | `store` | `orch-store` | `store` (default), `etcd` | state backends: in-memory, embedded durable (redb, the default), etcd |
-//! | `runtime` | `orch-runtime` | `runtime` (default), `docker` | the node: process, simulated and Docker runtimes, the node agent, `LocalNodes` |
+//! | `runtime` | `orch-runtime` | `runtime` (default), `docker`, `dns` | the node: process, simulated and Docker runtimes, the node agent, `LocalNodes`; service traffic (`runtime::net`: the resolver, the node proxy, and with `dns` the cluster DNS server) |
 //! | `scheduler` | `orch-scheduler` | `scheduler` (default) | placement: the `Scheduler` trait, plugin framework, default plugins, queue, scheduler service |
 //! | `controllers` | `orch-controllers` | `controllers` (default) | control-plane controllers: node lifecycle, node provisioner |
 //!

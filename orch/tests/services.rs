@@ -71,7 +71,7 @@ async fn the_server_answers_dns_and_the_agent_proxies_a_service() {
     let (api_port, dns_port) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{api_port}");
     let dns: SocketAddr = format!("127.0.0.1:{dns_port}").parse().unwrap();
-    let _server = orch(
+    let server = orch(
         &[
             "server",
             "--listen",
@@ -83,7 +83,7 @@ async fn the_server_answers_dns_and_the_agent_proxies_a_service() {
         ],
         &dir.join("server.log"),
     );
-    let _agent = orch(
+    let agent = orch(
         &["agent", "--server", &url, "--name", "node-1", "--data-dir", dir.join("node-1").to_str().unwrap()],
         &dir.join("node-1.log"),
     );
@@ -157,5 +157,8 @@ async fn the_server_answers_dns_and_the_agent_proxies_a_service() {
         assert!(Instant::now() < deadline, "the agent's proxy serves {address}:8080");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Stopped before their directories go.
+    drop(agent);
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -456,6 +456,9 @@ fn same_view(a: &Object<Service>, b: &Object<Service>) -> bool {
     a.spec == b.spec && seen(&a.status) == seen(&b.status)
 }
 
+/// What makes two listed endpoints the same one: first address, workload, ports.
+type EndpointKey = (IpAddr, String, Vec<(String, u16)>);
+
 fn port16(p: u32) -> Option<u16> {
     u16::try_from(p).ok().filter(|p| *p != 0)
 }
@@ -479,34 +482,37 @@ fn build(svc: &Object<Service>, slices: Option<&BTreeMap<String, Arc<Object<Endp
         })
         .collect();
     let mut endpoints: Vec<ResolvedEndpoint> = Vec::new();
-    // An address listed twice (a workload moving between slices) counts once, ready if either is.
-    let mut seen: HashMap<(IpAddr, String), usize> = HashMap::new();
+    // The same endpoint listed twice (a workload moving between slices) counts once, ready if
+    // either copy is.
+    let mut seen: HashMap<EndpointKey, usize> = HashMap::new();
     for slice in slices.into_iter().flat_map(|m| m.values()) {
         for e in &slice.spec.endpoints {
             let addresses: Vec<IpAddr> = e.addresses.iter().filter_map(|a| a.parse().ok()).collect();
             let Some(first) = addresses.first().copied() else { continue };
+            let ports: Vec<ResolvedEndpointPort> = e
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    Some(ResolvedEndpointPort { name: p.name.clone(), port: port16(p.port)?, protocol: p.protocol })
+                })
+                .collect();
+            let key = (first, e.workload.clone(), ports.iter().map(|p| (p.name.clone(), p.port)).collect());
             let resolved = ResolvedEndpoint {
                 addresses,
-                ports: e
-                    .ports
-                    .iter()
-                    .filter_map(|p| {
-                        Some(ResolvedEndpointPort { name: p.name.clone(), port: port16(p.port)?, protocol: p.protocol })
-                    })
-                    .collect(),
+                ports,
                 hostname: e.hostname.clone(),
                 node_name: e.node_name.clone(),
                 workload: e.workload.clone(),
                 conditions: e.conditions,
             };
-            match seen.get(&(first, e.workload.clone())) {
+            match seen.get(&key) {
                 Some(&i) => {
                     if e.conditions.ready && !endpoints[i].conditions.ready {
                         endpoints[i] = resolved;
                     }
                 }
                 None => {
-                    seen.insert((first, e.workload.clone()), endpoints.len());
+                    seen.insert(key, endpoints.len());
                     endpoints.push(resolved);
                 }
             }
@@ -531,6 +537,78 @@ fn build(svc: &Object<Service>, slices: Option<&BTreeMap<String, Arc<Object<Endp
 #[cfg(test)]
 mod tests {
     use super::*;
+    use orch_core::ObjectMeta;
+    use orch_core::kinds::{Endpoint, EndpointPort, ServicePort};
+    use proptest::prelude::*;
+
+    fn service(i: usize) -> Arc<Object<Service>> {
+        let mut o = Object::new(
+            ObjectMeta::namespaced("ns", format!("s{i}")),
+            Service { ports: vec![ServicePort::tcp(80)], ..Default::default() },
+        );
+        o.status.cluster_address = Some(format!("127.64.0.{}", i + 1));
+        Arc::new(o)
+    }
+
+    fn slice(name: &str, service: usize, endpoints: &[(u8, bool)]) -> Arc<Object<EndpointSlice>> {
+        let endpoints = endpoints
+            .iter()
+            .map(|(a, ready)| Endpoint {
+                addresses: vec![format!("10.0.0.{a}")],
+                ports: vec![EndpointPort { port: 8080, ..Default::default() }],
+                conditions: EndpointConditions { ready: *ready, serving: *ready, terminating: false },
+                ..Default::default()
+            })
+            .collect();
+        Arc::new(Object::new(
+            ObjectMeta::namespaced("ns", name),
+            EndpointSlice { service: format!("s{service}"), endpoints },
+        ))
+    }
+
+    proptest! {
+        /// Slices written, rewritten, moved between services and deleted, one at a time: each
+        /// service's view is what merging its current slices from scratch gives.
+        #[test]
+        fn incremental_views_equal_a_rebuild(
+            ops in proptest::collection::vec(
+                (0usize..3, 0usize..4, proptest::option::of(proptest::collection::vec((0u8..5, any::<bool>()), 0..4))),
+                1..40,
+            )
+        ) {
+            let mut f = Follower::default();
+            let services: Vec<Arc<Object<Service>>> = (0..3).map(service).collect();
+            for s in &services {
+                f.on_service(CacheEvent::Applied(s.clone()));
+            }
+            let mut live: BTreeMap<String, Arc<Object<EndpointSlice>>> = BTreeMap::new();
+            for (svc, n, eps) in ops {
+                let name = format!("slice-{n}");
+                match eps {
+                    Some(eps) => {
+                        let obj = slice(&name, svc, &eps);
+                        live.insert(name, obj.clone());
+                        f.on_slice(CacheEvent::Applied(obj));
+                    }
+                    None => {
+                        if let Some(old) = live.remove(&name) {
+                            f.on_slice(CacheEvent::Deleted(old));
+                        }
+                    }
+                }
+            }
+            for (i, s) in services.iter().enumerate() {
+                let mine: BTreeMap<String, Arc<Object<EndpointSlice>>> = live
+                    .iter()
+                    .filter(|(_, o)| o.spec.service == format!("s{i}"))
+                    .map(|(k, o)| (k.clone(), o.clone()))
+                    .collect();
+                let expect = build(s, Some(&mine));
+                let got = f.shared.services.read().unwrap().get(&ObjectRef::new("ns", format!("s{i}"))).cloned();
+                prop_assert_eq!(got.as_deref(), Some(&expect));
+            }
+        }
+    }
 
     #[test]
     fn names_read_service_then_namespace() {

@@ -150,8 +150,10 @@ pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
 }
 
 pub(crate) fn init_logging(filter: &str) {
+    // hickory-server logs every DNS query at `info`: quiet unless asked for by name.
+    let filter = if filter.contains("hickory") { filter.to_string() } else { format!("{filter},hickory_server=warn") };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

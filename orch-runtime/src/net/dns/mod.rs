@@ -8,8 +8,8 @@
 //! | `_<port>._<tcp\|udp>.<service>.<namespace>.svc.<domain>` | | the port: the service name and port, or each ready endpoint and its port (headless) |
 //!
 //! Other names in the domain get NXDOMAIN (with the zone's SOA, so resolvers cache the miss for
-//! the TTL only). Names outside it go to the configured upstreams over UDP, or get REFUSED when
-//! there are none. A packet that does not parse gets FORMERR (one shorter than a DNS header gets
+//! the TTL only). Names outside it go to the configured upstreams over UDP (and over TCP when
+//! the UDP answer was truncated), or get REFUSED when there are none. A packet that does not parse gets FORMERR (one shorter than a DNS header gets
 //! nothing: it has no id to answer to); the server goes on.
 //!
 //! ```no_run
@@ -127,22 +127,7 @@ impl DnsServer {
     pub async fn bind(config: DnsConfig, resolver: Resolver) -> Result<Self, DnsError> {
         let zone = Zone::new(&config.cluster_domain, config.ttl)
             .map_err(|reason| DnsError::Config { field: "cluster_domain", reason })?;
-        let udp = tokio::net::UdpSocket::bind(config.listen).await.map_err(|source| DnsError::Bind {
-            addr: config.listen,
-            protocol: "udp",
-            source,
-        })?;
-        let local_addr =
-            udp.local_addr().map_err(|source| DnsError::Bind { addr: config.listen, protocol: "udp", source })?;
-        let tcp = if config.tcp {
-            Some(tokio::net::TcpListener::bind(local_addr).await.map_err(|source| DnsError::Bind {
-                addr: local_addr,
-                protocol: "tcp",
-                source,
-            })?)
-        } else {
-            None
-        };
+        let (udp, local_addr, tcp) = bind_both(config.listen, config.tcp).await?;
         let handler = Handler {
             resolver,
             zone,
@@ -171,6 +156,32 @@ impl DnsServer {
         }
         token.cancel();
         self.server.shutdown_gracefully().await.map_err(|e| DnsError::Serve(Box::new(e)))
+    }
+}
+
+/// UDP and (with `tcp`) TCP at the same address. With port 0, the port UDP got may be taken
+/// for TCP: then both are tried again on another.
+async fn bind_both(
+    listen: SocketAddr,
+    tcp: bool,
+) -> Result<(tokio::net::UdpSocket, SocketAddr, Option<tokio::net::TcpListener>), DnsError> {
+    let mut attempts = if listen.port() == 0 { 20 } else { 1 };
+    loop {
+        attempts -= 1;
+        let udp = tokio::net::UdpSocket::bind(listen).await.map_err(|source| DnsError::Bind {
+            addr: listen,
+            protocol: "udp",
+            source,
+        })?;
+        let local = udp.local_addr().map_err(|source| DnsError::Bind { addr: listen, protocol: "udp", source })?;
+        if !tcp {
+            return Ok((udp, local, None));
+        }
+        match tokio::net::TcpListener::bind(local).await {
+            Ok(t) => return Ok((udp, local, Some(t))),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts > 0 => continue,
+            Err(source) => return Err(DnsError::Bind { addr: local, protocol: "tcp", source }),
+        }
     }
 }
 

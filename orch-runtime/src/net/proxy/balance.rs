@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// One endpoint behind a proxied port.
 #[derive(Debug)]
@@ -18,11 +19,25 @@ pub(crate) struct Backend {
     /// True once it left the pool: it takes no new connections, and the open ones get the grace
     /// period to finish. Back to false if it returns before they are cut.
     draining: watch::Sender<bool>,
+    /// When it last refused a connection (or a UDP datagram): it is tried last for a while.
+    refused: Mutex<Option<Instant>>,
 }
+
+/// How long an endpoint that refused is tried only when no other is left.
+const REFUSED_FOR: Duration = Duration::from_secs(5);
 
 impl Backend {
     fn new(addr: SocketAddr) -> Self {
-        Backend { addr, open: AtomicUsize::new(0), draining: watch::channel(false).0 }
+        Backend { addr, open: AtomicUsize::new(0), draining: watch::channel(false).0, refused: Mutex::new(None) }
+    }
+
+    /// Notes that it refused: new connections try the others first for a while.
+    pub(crate) fn mark_refused(&self) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    fn refused_lately(&self, now: Instant) -> bool {
+        self.refused.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| now.duration_since(t) < REFUSED_FOR)
     }
 
     /// Connections open to it now.
@@ -119,36 +134,27 @@ impl Pool {
     }
 }
 
-/// Power of two choices: two distinct backends at random (leaving out `tried`), the one with
-/// fewer open connections. `None` when none is left.
+/// Power of two choices: two distinct backends at random (leaving out `tried`, and those that
+/// refused lately unless only they are left), the one with fewer open connections. `None` when
+/// none is left.
 pub(crate) fn pick(backends: &[Arc<Backend>], tried: &[SocketAddr]) -> Option<Arc<Backend>> {
-    let n = backends.len();
-    if tried.is_empty() {
-        return match n {
-            0 => None,
-            1 => Some(backends[0].clone()),
-            _ => {
-                let i = fastrand::usize(..n);
-                let mut j = fastrand::usize(..n - 1);
-                if j >= i {
-                    j += 1;
-                }
-                let (a, b) = (&backends[i], &backends[j]);
-                Some(if b.open() < a.open() { b.clone() } else { a.clone() })
-            }
-        };
-    }
-    let left: Vec<&Arc<Backend>> = backends.iter().filter(|b| !tried.contains(&b.addr)).collect();
-    match left.len() {
+    let now = Instant::now();
+    let untried: Vec<&Arc<Backend>> = backends.iter().filter(|b| !tried.contains(&b.addr)).collect();
+    let fresh: Vec<&Arc<Backend>> = untried.iter().copied().filter(|b| !b.refused_lately(now)).collect();
+    two_choices(if fresh.is_empty() { &untried } else { &fresh })
+}
+
+fn two_choices(from: &[&Arc<Backend>]) -> Option<Arc<Backend>> {
+    match from.len() {
         0 => None,
-        1 => Some(left[0].clone()),
+        1 => Some(from[0].clone()),
         m => {
             let i = fastrand::usize(..m);
             let mut j = fastrand::usize(..m - 1);
             if j >= i {
                 j += 1;
             }
-            let (a, b) = (left[i], left[j]);
+            let (a, b) = (from[i], from[j]);
             Some(if b.open() < a.open() { b.clone() } else { a.clone() })
         }
     }
@@ -212,6 +218,18 @@ mod tests {
         tokio::time::sleep(grace * 3).await;
         assert!(!waiter.is_finished(), "a backend that came back is not cut");
         waiter.abort();
+    }
+
+    #[test]
+    fn an_endpoint_that_refused_is_tried_only_when_no_other_is_left() {
+        let pool = Pool::default();
+        pool.set(&[addr(1), addr(2)]);
+        let snap = pool.snapshot();
+        snap[0].mark_refused();
+        for _ in 0..50 {
+            assert_eq!(pick(&snap, &[]).unwrap().addr, addr(2));
+        }
+        assert_eq!(pick(&snap, &[addr(2)]).unwrap().addr, addr(1), "the last one left is still tried");
     }
 
     proptest! {

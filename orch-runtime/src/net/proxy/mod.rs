@@ -5,8 +5,9 @@
 //! at each service port (TCP or UDP), and for node-port services also on the node's addresses at
 //! the node port. Listeners follow services as they come and go. Each new connection goes to the
 //! less loaded of two random ready endpoints (power of two choices on open connections); a
-//! refused connect is retried on another endpoint; with no ready endpoint the connection is
-//! closed at once. An endpoint that stops being ready or starts terminating gets no new
+//! refused connect is retried on another endpoint, and an endpoint that refused is tried only when
+//! no other is left for a few seconds (UDP too: a datagram answered with "port unreachable"); with
+//! no ready endpoint the connection is closed at once. An endpoint that stops being ready or starts terminating gets no new
 //! connection from the moment its slice change reaches the proxy; its open connections get the
 //! grace period to finish, then are closed.
 //!

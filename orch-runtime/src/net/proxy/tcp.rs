@@ -43,6 +43,9 @@ async fn connection(mut client: TcpStream, peer: SocketAddr, pool: Arc<Pool>, co
         match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(s)) => break (s, backend, guard),
             Ok(Err(e)) => {
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    backend.mark_refused();
+                }
                 tracing::debug!(endpoint = %backend.addr, error = %e, "connect failed; trying another endpoint")
             }
             Err(_) => tracing::debug!(endpoint = %backend.addr, "connect timed out; trying another endpoint"),

@@ -77,6 +77,9 @@ pub(super) async fn serve(socket: UdpSocket, pool: Arc<Pool>, config: Arc<ProxyC
                 Err(e) => {
                     // Refused (an ICMP port unreachable from an earlier datagram): another endpoint.
                     tracing::debug!(endpoint = %session.backend.addr, error = %e, "UDP send failed; trying another endpoint");
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        session.backend.mark_refused();
+                    }
                     tried.push(session.backend.addr);
                     sessions.remove(&client);
                     metrics::counter!("orch_proxy_connect_retries_total", "protocol" => "udp").increment(1);
@@ -110,8 +113,16 @@ async fn open(
                         Ok(Ok(n)) => {
                             let _ = socket.send_to(&buf[..n], client).await;
                         }
-                        // Refused, or idle for too long: the session ends.
-                        Ok(Err(_)) | Err(_) => return,
+                        Ok(Err(e)) => {
+                            // Refused (an ICMP port unreachable): the session ends, and the next
+                            // datagram of this client goes to another endpoint.
+                            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                                backend.mark_refused();
+                            }
+                            return;
+                        }
+                        // Idle for too long.
+                        Err(_) => return,
                     },
                     _ = backend.drained(config.grace) => return,
                 }
