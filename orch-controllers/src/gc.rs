@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use orch_core::cache::{CacheEvent, CacheRegistry};
 use orch_core::controller::queue::{QueueConfig, WorkQueue};
 use orch_core::error::Error;
-use orch_core::kinds::{DaemonSet, Deployment, Job, ReplicaSet, Workflow, Workload};
+use orch_core::kinds::{DaemonSet, Deployment, EndpointSlice, Job, ReplicaSet, Service, Workflow, Workload};
 use orch_core::meta::{ObjectMeta, OwnerReference};
 use orch_core::object::{ObjectKey, Resource};
 use orch_core::runnable::{Leadership, RunParts, Runnable, stopped};
@@ -63,7 +63,7 @@ impl GarbageCollector {
     }
 
     /// A collector of the built-in kinds that own or are owned: deployments, replica sets, daemon
-    /// sets, jobs, workflows and workloads.
+    /// sets, jobs, workflows, workloads, services and endpoint slices.
     pub fn builtin() -> Self {
         GarbageCollector::new()
             .kind::<Deployment>()
@@ -72,6 +72,8 @@ impl GarbageCollector {
             .kind::<Job>()
             .kind::<Workflow>()
             .kind::<Workload>()
+            .kind::<Service>()
+            .kind::<EndpointSlice>()
     }
 
     /// Also collects objects of kind `K` (and finds their dependents among the other kinds).

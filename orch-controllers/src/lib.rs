@@ -11,6 +11,8 @@
 //! - the workload controllers: [`deployment`] (rolling update, recreate, proportional scaling,
 //!   rollback by hand and by itself) with [`replicaset`], [`daemonset`], [`job`] and
 //!   [`workflow`];
+//! - [`endpoints`]: keeps each service's endpoints in bounded slices and gives services their
+//!   cluster addresses and node ports;
 //! - [`gc`]: the garbage collector, following owner references (background, foreground and
 //!   orphan deletes).
 //!
@@ -32,6 +34,7 @@
 
 pub mod daemonset;
 pub mod deployment;
+pub mod endpoints;
 mod error;
 pub mod gc;
 pub mod job;
@@ -43,6 +46,7 @@ mod workloads;
 
 pub use daemonset::DaemonSetController;
 pub use deployment::DeploymentController;
+pub use endpoints::{EndpointsConfig, EndpointsController};
 pub use error::ProvisionerError;
 pub use gc::GarbageCollector;
 pub use job::JobController;

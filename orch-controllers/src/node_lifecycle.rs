@@ -13,8 +13,8 @@ use orch_core::cache::{NODE_INDEX, ObjectRef};
 use orch_core::controller::{Action, Context, Controller, ControllerBuilder, predicate};
 use orch_core::error::Error;
 use orch_core::kinds::{
-    Condition, ConditionStatus, EventType, NODE_LEASE_NAMESPACE, Node, NodeLease, ObjectReference, Phase, Taint,
-    TaintEffect, Workload, find_condition, set_condition,
+    Condition, ConditionStatus, EventType, NODE_LEASE_NAMESPACE, Node, NodeLease, ObjectReference, PRE_STOP_FINALIZER,
+    Phase, Taint, TaintEffect, Workload, find_condition, set_condition,
 };
 use orch_core::meta::{Clock, Timestamp};
 use orch_core::object::Object;
@@ -282,6 +282,19 @@ impl Controller for NodeLifecycle {
             match api.delete(&w.metadata.name, &DeleteOptions::default()).await {
                 Ok(_) | Err(Error::NotFound(_)) => {}
                 Err(e) => return Err(e),
+            }
+            if w.metadata.finalizers.iter().any(|f| f == PRE_STOP_FINALIZER) {
+                // Its agent, which would wait out the pre-stop delay and remove this, is gone.
+                let dropped = api
+                    .retry_on_conflict(&w.metadata.name, |o| {
+                        o.metadata.finalizers.retain(|f| f != PRE_STOP_FINALIZER);
+                        Ok(())
+                    })
+                    .await;
+                match dropped {
+                    Ok(_) | Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
             metrics::counter!("orch_node_evictions_total").increment(1);
             tracing::info!(node = %node.metadata.name, workload = %w.key(), "evicted");

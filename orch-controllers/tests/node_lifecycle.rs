@@ -98,6 +98,14 @@ async fn lapsed_heartbeat_marks_then_evicts_and_a_return_clears() {
     let _n3 = c.heartbeat("n3").await;
     c.workload_on("a", "n1").await;
     c.workload_on("b", "n1").await;
+    // b's agent put its pre-stop finalizer on it; with the agent gone, eviction removes it.
+    c.workloads
+        .retry_on_conflict("b", |w| {
+            w.metadata.finalizers.push(orch_core::kinds::PRE_STOP_FINALIZER.into());
+            Ok(())
+        })
+        .await
+        .unwrap();
     c.workload_on("c", "n2").await;
     // This one accepts the unreachable taint: it is never evicted.
     let mut patient = Workload::command("main", &["/bin/sleep", "1"]);

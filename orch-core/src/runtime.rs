@@ -110,6 +110,11 @@ pub struct Capabilities {
     /// Output goes to files the backend never trims: the agent calls
     /// [`Runtime::rotate_logs`] on every resync.
     pub log_files: bool,
+    /// Instances have a network of their own and the backend publishes each container port's
+    /// `hostPort` on the node (the program listens on its container port). Without it, instances
+    /// share the node's network and the program listens on the host port itself.
+    #[serde(default)]
+    pub published_ports: bool,
 }
 
 /// Which output stream a log line came from.

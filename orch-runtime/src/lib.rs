@@ -6,6 +6,7 @@
 //! | part | feature | what it does |
 //! |---|---|---|
 //! | [`Agent`] | always | registers its node, keeps a heartbeat lease, runs the workloads bound to the node with restart policies, crash-loop backoff, probes and log rotation; adopts what runs after its own restart |
+//! | [`net`] | always (`dns` for the DNS server) | service traffic on a node: the in-process [`Resolver`](net::Resolver), the [`NodeProxy`](net::NodeProxy) (TCP and UDP, power of two choices over ready endpoints), the cluster DNS server on hickory-server |
 //! | [`LocalNodes`] | always | a [`NodeProvider`](orch_core::provider::NodeProvider) that runs each node as an agent in this process (simulated clusters, tests) |
 //! | [`ProcessRuntime`] | `process` (default) | real OS processes, each in its own process group, with per-instance directories and log files, limits through cgroups; survives an agent restart |
 //! | [`SimulatedRuntime`] | `simulated` (default) | virtual instances on virtual nodes with declarative behaviour and fault injection, in `tokio::time` (virtual time on a paused runtime) |
@@ -39,6 +40,7 @@ pub mod cgroup;
 #[cfg_attr(docsrs, doc(cfg(feature = "docker")))]
 pub mod docker;
 pub mod local_nodes;
+pub mod net;
 #[cfg(feature = "process")]
 #[cfg_attr(docsrs, doc(cfg(feature = "process")))]
 pub mod process;

@@ -252,6 +252,7 @@ impl Runtime for ProcessRuntime {
             recover: true,
             exit_code_after_recover: false,
             log_files: true,
+            published_ports: false,
         }
     }
 

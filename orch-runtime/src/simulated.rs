@@ -338,6 +338,7 @@ impl Runtime for SimulatedRuntime {
             recover: true,
             exit_code_after_recover: true,
             log_files: false,
+            published_ports: false,
         }
     }
 

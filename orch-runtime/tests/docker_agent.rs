@@ -161,3 +161,63 @@ async fn the_agent_restarts_a_killed_container_and_adopts_it_after_its_own_resta
     stop_manager.send(()).unwrap();
     manager.await.unwrap().unwrap();
 }
+
+/// A range of `n` host ports nothing on this machine listens on now.
+fn free_range(n: u16) -> std::ops::RangeInclusive<u16> {
+    loop {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let Some(last) = first.checked_add(n - 1) else { continue };
+        if (first..=last).all(|p| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok()) {
+            return first..=last;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_publishes_each_container_port_on_its_allocated_host_port() {
+    if skip("the_agent_publishes_each_container_port_on_its_allocated_host_port") {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scope = Scope::new("ports");
+    let node = scope.node.clone();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::connect(scope.config()).await.unwrap());
+    let range = free_range(4);
+    let mut config = agent_config(&node);
+    config.port_range = range.clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    let agent = tokio::spawn(Agent::new(config, store.clone(), runtime.clone()).run(
+        async move {
+            let _ = rx.await;
+        },
+        true,
+    ));
+    // Inside its container the server listens on its container port, told as PORT_HTTP; its
+    // page says that and the host port it was told.
+    let script =
+        r#"mkdir -p /www; echo "$PORT_HTTP $HOST_PORT_HTTP" > /www/index.html; exec httpd -f -p "$PORT_HTTP" -h /www"#;
+    let mut w = Workload::command("main", &["/bin/sh", "-c", script]);
+    w.containers[0].image = Some(scope.image.clone());
+    w.containers[0].ports =
+        vec![orch_core::kinds::ContainerPort { name: Some("http".into()), container_port: 8080, ..Default::default() }];
+    w.node_name = Some(node.clone());
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&Object::new(ObjectMeta::named("web"), w)).await.unwrap();
+    let (port, page) = wait_until("web answering on its host port", LIMIT, async || {
+        let w = api.get("web").await.unwrap();
+        let p = w.status.ports.first()?.clone();
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", p.host_port as u16)).await.ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        let page = body.rsplit("\r\n\r\n").next()?.trim().to_string();
+        (!page.is_empty()).then_some((p, page))
+    })
+    .await;
+    assert!(range.contains(&(port.host_port as u16)), "{port:?} from the agent's range");
+    assert_eq!(port.container_port, 8080);
+    assert_eq!(page, format!("8080 {}", port.host_port), "published host port -> container port");
+    tx.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+}

@@ -32,9 +32,10 @@ pub use service::{
 pub use workflow::{FailurePolicy, STEP_ANNOTATION, StepPhase, StepStatus, Workflow, WorkflowStatus, WorkflowStep};
 pub use workload::{
     Affinity, AffinityTerm, Container, ContainerPort, ContainerState, ContainerStatus, EnvVar, NodeAffinity,
-    NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm, Phase, Probe, ProbeAction, Protocol,
-    ResourceRequirements, RestartPolicy, SchedulingGroup, Toleration, TolerationOperator, TopologySpreadConstraint,
-    Volume, VolumeMount, VolumeSource, Weighted, WhenUnsatisfiable, Workload, WorkloadAffinity, WorkloadStatus,
+    NodeSelectorOperator, NodeSelectorRequirement, NodeSelectorTerm, PRE_STOP_FINALIZER, Phase, PortStatus, Probe,
+    ProbeAction, Protocol, ResourceRequirements, RestartPolicy, SchedulingGroup, Toleration, TolerationOperator,
+    TopologySpreadConstraint, Volume, VolumeMount, VolumeSource, Weighted, WhenUnsatisfiable, Workload,
+    WorkloadAffinity, WorkloadStatus,
 };
 
 use crate::meta::Timestamp;

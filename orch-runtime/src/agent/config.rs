@@ -1,10 +1,15 @@
 //! [`AgentConfig`]: what a node agent is told about its node and how it paces itself.
 
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use orch_core::Labels;
 use orch_core::kinds::{Resources, Taint};
+
+/// The host ports an agent allocates from unless told otherwise.
+pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
 
 /// Settings of a node agent.
 #[derive(Debug, Clone)]
@@ -33,6 +38,10 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Running this long without a crash resets the backoff (default 10 min).
     pub backoff_reset: Duration,
+    /// How long a deleted workload with ports keeps running, terminating in its services'
+    /// endpoints, before it is signalled, when its spec does not say (`preStopDelaySeconds`;
+    /// default 2 s). Workloads without ports are stopped at once unless their spec asks.
+    pub pre_stop_delay: Duration,
     /// Grace period when stopping instances (when the workload does not set one; default 30 s).
     pub stop_grace: Duration,
     /// Rotate an instance's log file past this size (default 10 MiB), on each resync.
@@ -43,6 +52,13 @@ pub struct AgentConfig {
     /// live under `<data_root>/volumes/` (default: `orch-agent/<node>` in the system's temp
     /// directory).
     pub data_root: PathBuf,
+    /// The address other nodes reach this node's workloads at (reported in the node's status
+    /// and in each workload's; default 127.0.0.1, right for a cluster on one machine).
+    pub address: IpAddr,
+    /// Where host ports come from for container ports that do not fix a `hostPort` (default
+    /// 20000-29999). The agent never gives one port to two workloads, skips ports something
+    /// else on the node holds, and frees a workload's ports when it is gone.
+    pub port_range: RangeInclusive<u16>,
 }
 
 impl AgentConfig {
@@ -61,9 +77,12 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(300),
             backoff_reset: Duration::from_secs(600),
             stop_grace: Duration::from_secs(30),
+            pre_stop_delay: Duration::from_secs(2),
             log_max_bytes: 10 * 1024 * 1024,
             log_keep: 3,
             data_root: std::env::temp_dir().join("orch-agent").join(&name),
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port_range: DEFAULT_PORT_RANGE,
         }
     }
 }

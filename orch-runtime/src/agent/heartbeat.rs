@@ -114,6 +114,10 @@ impl Agent {
             });
             node.status.capacity = capacity.clone();
             node.status.allocatable = capacity.clone();
+            node.status.addresses = vec![orch_core::kinds::NodeAddress {
+                type_: "InternalIP".into(),
+                address: self.config.address.to_string(),
+            }];
             set_condition(
                 &mut node.status.conditions,
                 Condition::new("Ready", ConditionStatus::True, "AgentReady"),

@@ -7,6 +7,7 @@
 mod config;
 mod error;
 mod heartbeat;
+mod ports;
 mod probes;
 mod sync;
 mod volumes;
@@ -25,7 +26,7 @@ use orch_core::selector::FieldSelector;
 use orch_core::store::{Selection, Store};
 use tokio::time::Instant;
 
-pub use config::AgentConfig;
+pub use config::{AgentConfig, DEFAULT_PORT_RANGE};
 pub use error::AgentError;
 pub use heartbeat::SharedRenewals;
 use probes::Health;
@@ -41,6 +42,10 @@ pub struct Agent {
     runtime: Arc<dyn Runtime>,
     clock: Arc<dyn Clock>,
     instances: Arc<Mutex<Instances>>,
+    /// The node's host ports and which workload holds each.
+    ports: ports::Ports,
+    /// When the agent first saw each workload it is waiting out the pre-stop delay of.
+    terminating: Mutex<HashMap<ObjectRef, Instant>>,
     /// Probe results by instance id.
     health: Arc<Mutex<HashMap<String, Health>>>,
     /// A workload cache shared with other agents of this process, if any.
@@ -139,11 +144,13 @@ impl Agent {
     /// An agent for the node in `config`.
     pub fn new(config: AgentConfig, store: Arc<dyn Store>, runtime: Arc<dyn Runtime>) -> Self {
         Agent {
+            ports: ports::Ports::new(config.port_range.clone(), config.address, &config.data_root),
             config,
             store,
             runtime,
             clock: Arc::new(TokioClock::from_system_time()),
             instances: Default::default(),
+            terminating: Default::default(),
             health: Default::default(),
             shared: None,
             renewals: None,
@@ -210,6 +217,15 @@ impl Agent {
             move || cache.by_index(orch_core::cache::NODE_INDEX, &node)
         };
         cache.ready().await;
+        // The ports held before a restart, from the agent's files and then from the statuses of
+        // the workloads bound here; every holder is synced (its workload may be gone).
+        for key in this.ports.load() {
+            queue.add(key);
+        }
+        let address = this.config.address.to_string();
+        for w in mine().iter().filter(|w| w.status.address == address) {
+            this.ports.adopt_status(&ObjectRef::of(w), &uid_tag(&w.metadata.uid), &w.status.ports);
+        }
         // Nothing may start before what already runs is known, or a second copy could start.
         while let Err(e) = this.adopt(&queue).await {
             tracing::warn!(node = %this.config.node_name, error = %e, "cannot list the runtime's instances; retrying");

@@ -37,19 +37,35 @@ enum ProbeKind {
     Liveness,
 }
 
+/// Where a probe's port is reached: the address, and the host port of each container port of
+/// the container that has one (on runtimes sharing the node's network, the program listens on
+/// its host port, so a probe of `containerPort` goes there).
+#[derive(Debug, Clone)]
+struct Target {
+    address: std::net::IpAddr,
+    host_ports: Vec<(u32, u32)>,
+}
+
+impl Target {
+    fn port(&self, port: u32) -> Option<u16> {
+        let mapped = self.host_ports.iter().find(|(c, _)| *c == port).map_or(port, |(_, h)| *h);
+        u16::try_from(mapped).ok()
+    }
+}
+
 /// Runs one probe once; true on success.
-async fn probe_once(runtime: &dyn Runtime, handle: &Handle, probe: &Probe) -> bool {
+async fn probe_once(runtime: &dyn Runtime, handle: &Handle, probe: &Probe, target: &Target) -> bool {
     let timeout = Duration::from_secs(u64::from(probe.timeout_seconds.max(1)));
-    let addr = runtime.address(handle);
+    let addr = target.address;
     let attempt = async {
         match &probe.action {
             ProbeAction::Exec { command } => runtime.exec(handle, command, timeout).await.is_ok_and(|code| code == 0),
             ProbeAction::Tcp { port } => {
-                let Ok(port) = u16::try_from(*port) else { return false };
+                let Some(port) = target.port(*port) else { return false };
                 tokio::net::TcpStream::connect((addr, port)).await.is_ok()
             }
             ProbeAction::Http { path, port } => {
-                let Ok(port) = u16::try_from(*port) else { return false };
+                let Some(port) = target.port(*port) else { return false };
                 http_get(addr, port, path).await.is_some_and(|status| (200..400).contains(&status))
             }
         }
@@ -100,10 +116,23 @@ impl Agent {
         .into_iter()
         .filter_map(|(k, p)| p.clone().map(|p| (k, p)))
         .collect();
+        let target = if self.runtime.capabilities().published_ports {
+            Target { address: self.runtime.address(handle), host_ports: Vec::new() }
+        } else {
+            let host_ports = self
+                .ports
+                .held(key)
+                .into_iter()
+                .filter(|p| p.container == container.name)
+                .map(|p| (p.container_port, p.host_port))
+                .collect();
+            Target { address: self.config.address, host_ports }
+        };
         let initial = Health::initial(container);
         self.health.lock().unwrap_or_else(|e| e.into_inner()).insert(handle.id.clone(), initial);
         for (kind, probe) in probes {
-            let (this, key, handle, queue) = (self.clone(), key.clone(), handle.clone(), queue.clone());
+            let (this, key, handle, queue, target) =
+                (self.clone(), key.clone(), handle.clone(), queue.clone(), target.clone());
             let slot = (key.clone(), container.name.clone());
             self.spawn(async move {
                 tokio::time::sleep(Duration::from_secs(u64::from(probe.initial_delay_seconds))).await;
@@ -129,7 +158,7 @@ impl Agent {
                     if !matches!(this.runtime.status(&handle).await, Ok(InstanceState::Running { .. })) {
                         return;
                     }
-                    if probe_once(&*this.runtime, &handle, &probe).await {
+                    if probe_once(&*this.runtime, &handle, &probe, &target).await {
                         successes += 1;
                         failures = 0;
                     } else {

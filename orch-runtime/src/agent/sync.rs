@@ -14,14 +14,15 @@ use std::time::Duration;
 
 use orch_core::backoff::Backoff;
 use orch_core::controller::queue::WorkQueue;
-use orch_core::kinds::{Condition, ConditionStatus, Container};
+use orch_core::kinds::{Condition, ConditionStatus, Container, PortStatus};
 use orch_core::kinds::{
-    ContainerState, ContainerStatus, Phase, RestartPolicy, Workload, WorkloadStatus, set_condition,
+    ContainerState, ContainerStatus, PRE_STOP_FINALIZER, Phase, RestartPolicy, Workload, WorkloadStatus, set_condition,
 };
 use orch_core::runtime::{ExitStatus, Handle, HostVolume, InstanceSpec, InstanceState, RuntimeError};
 use orch_core::{Api, Object, ObjectRef, Timestamp};
 use tokio::time::Instant;
 
+use super::ports;
 use super::probes::Health;
 use super::volumes;
 use super::{Agent, AgentError, instance_id, uid_tag};
@@ -56,11 +57,13 @@ pub(super) struct Tracked {
 /// What a new instance starts with: its attempt number, the restart and crash counts to record,
 /// and the workload's volumes on this node.
 #[derive(Debug)]
-struct NewInstance {
+struct NewInstance<'a> {
     attempt: u32,
     restarts: u32,
     crashes: u32,
     volumes: Vec<HostVolume>,
+    /// The workload's host ports.
+    ports: &'a [PortStatus],
 }
 
 /// The crash-loop settings a plan needs.
@@ -353,25 +356,67 @@ impl Agent {
         desired: Option<Arc<Object<Workload>>>,
         queue: &WorkQueue<ObjectRef>,
     ) -> Result<Option<Duration>, AgentError> {
-        let wanted = desired.filter(|w| {
-            !w.metadata.is_being_deleted() && w.spec.node_name.as_deref() == Some(self.config.node_name.as_str())
-        });
-        let Some(workload) = wanted else {
-            self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
-            // Not (or no longer) ours: stop and remove its instances.
-            let gone: Vec<Tracked> = {
-                let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-                let keys: Vec<_> = instances.keys().filter(|(r, _)| r == key).cloned().collect();
-                keys.into_iter().filter_map(|k| instances.remove(&k)).collect()
-            };
-            for t in gone {
-                self.runtime.stop(&t.handle, self.config.stop_grace).await.ok();
-                self.runtime.remove(&t.handle).await.ok();
+        let mine = |w: &Object<Workload>| w.spec.node_name.as_deref() == Some(self.config.node_name.as_str());
+        // Deleted while it holds this agent's pre-stop finalizer: it keeps running (terminating
+        // in its endpoints) for the delay, then stops, then the finalizer goes.
+        if let Some(w) = desired.as_ref().filter(|w| {
+            w.metadata.is_being_deleted() && mine(w) && w.metadata.finalizers.iter().any(|f| f == PRE_STOP_FINALIZER)
+        }) {
+            let since = *self
+                .terminating
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key.clone())
+                .or_insert_with(Instant::now);
+            let left = self.pre_stop_delay(&w.spec).saturating_sub(since.elapsed());
+            if !left.is_zero() {
+                return Ok(Some(left));
             }
-            volumes::remove(&self.config.data_root, key);
-            self.forget_previous_logs(key);
+            let grace = w.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
+            self.tear_down(key, grace).await;
+            let api: Api<Workload> = Api::namespaced(self.store.clone(), &key.namespace);
+            let dropped = api
+                .retry_on_conflict(&key.name, |o| {
+                    o.metadata.finalizers.retain(|f| f != PRE_STOP_FINALIZER);
+                    Ok(())
+                })
+                .await;
+            match dropped {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.terminating.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+            return Ok(None);
+        }
+        let wanted = desired.filter(|w| !w.metadata.is_being_deleted() && mine(w));
+        let Some(workload) = wanted else {
+            // Not (or no longer) ours: stop and remove its instances.
+            self.tear_down(key, self.config.stop_grace).await;
+            self.terminating.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
             return Ok(None);
         };
+        if !self.pre_stop_delay(&workload.spec).is_zero()
+            && !workload.metadata.finalizers.iter().any(|f| f == PRE_STOP_FINALIZER)
+        {
+            // Before anything runs: a delete then waits for this agent to stop it.
+            let api: Api<Workload> = Api::namespaced(self.store.clone(), &key.namespace);
+            let added = api
+                .retry_on_conflict(&key.name, |o| {
+                    if !o.metadata.is_being_deleted() && !o.metadata.finalizers.iter().any(|f| f == PRE_STOP_FINALIZER)
+                    {
+                        o.metadata.finalizers.push(PRE_STOP_FINALIZER.to_string());
+                    }
+                    Ok(())
+                })
+                .await;
+            match added {
+                // Its event brings the workload back, with the finalizer.
+                Ok(_) => return Ok(None),
+                Err(e) if e.is_not_found() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
         let grace = workload.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
         let tag = uid_tag(&workload.metadata.uid);
         // Instances of containers no longer in the spec go.
@@ -393,6 +438,13 @@ impl Agent {
         }
         let mut next_look: Option<Duration> = None;
         let mut statuses = Vec::new();
+        // The workload's host ports (held from its first start until it is gone); a start needs
+        // them, a running instance keeps what it has.
+        let ports = self.ports.assign(key, &tag, &workload.spec);
+        let held = match &ports {
+            Ok(p) => p.clone(),
+            Err(_) => self.ports.held(key),
+        };
         // Resolved at the first start this pass needs.
         let mut host_volumes: Option<Result<Vec<HostVolume>, String>> = None;
         for c in &workload.spec.containers {
@@ -462,7 +514,14 @@ impl Agent {
                                 continue;
                             }
                         };
-                        let new = NewInstance { attempt, restarts, crashes, volumes };
+                        if let Err(reason) = &ports {
+                            // Never start without the ports it is reached at: wait, saying why.
+                            statuses.push(waiting(c, &format!("PortsUnavailable: {reason}"), restarts));
+                            let after = self.config.backoff_base;
+                            next_look = Some(next_look.map_or(after, |n| n.min(after)));
+                            continue;
+                        }
+                        let new = NewInstance { attempt, restarts, crashes, volumes, ports: &held };
                         let (status, look) = self.start(key, c, &workload, &tag, new, queue).await;
                         statuses.push(status);
                         if let Some(after) = look {
@@ -472,13 +531,39 @@ impl Agent {
                 }
             }
         }
-        if !self.report(&workload, statuses).await? {
+        if !self.report(&workload, statuses, held).await? {
             // The status write lost a race with a newer version (possibly the echo of this
             // agent's own last write, which is not synced): look again once the cache has it.
             let soon = Duration::from_millis(10);
             next_look = Some(next_look.map_or(soon, |n| n.min(soon)));
         }
         Ok(next_look)
+    }
+
+    /// How long a deleted `spec` runs on, terminating, before it is stopped.
+    fn pre_stop_delay(&self, spec: &Workload) -> Duration {
+        match spec.pre_stop_delay_seconds {
+            Some(s) => Duration::from_secs(s),
+            None if spec.containers.iter().any(|c| !c.ports.is_empty()) => self.config.pre_stop_delay,
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Stops and removes every instance of `key`, and frees its volumes and ports.
+    async fn tear_down(&self, key: &ObjectRef, grace: Duration) {
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        let gone: Vec<Tracked> = {
+            let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<_> = instances.keys().filter(|(r, _)| r == key).cloned().collect();
+            keys.into_iter().filter_map(|k| instances.remove(&k)).collect()
+        };
+        for t in gone {
+            self.runtime.stop(&t.handle, grace).await.ok();
+            self.runtime.remove(&t.handle).await.ok();
+        }
+        volumes::remove(&self.config.data_root, key);
+        self.forget_previous_logs(key);
+        self.ports.release(key);
     }
 
     /// Starts a new instance of `c`; returns its status, and when to look again if it failed.
@@ -488,13 +573,28 @@ impl Agent {
         c: &Container,
         workload: &Object<Workload>,
         tag: &str,
-        new: NewInstance,
+        new: NewInstance<'_>,
         queue: &WorkQueue<ObjectRef>,
     ) -> (ContainerStatus, Option<Duration>) {
-        let NewInstance { attempt, restarts, crashes, volumes } = new;
+        let NewInstance { attempt, restarts, crashes, volumes, ports } = new;
+        // The runtime sees each port's host port (a publishing runtime maps it) and the program
+        // learns its ports from its environment; its own settings come last and win.
+        let mut container = c.clone();
+        for p in &mut container.ports {
+            if let Some(held) = ports
+                .iter()
+                .find(|h| h.container == c.name && h.container_port == p.container_port && h.protocol == p.protocol)
+            {
+                p.host_port = Some(held.host_port);
+            }
+        }
+        let published = self.runtime.capabilities().published_ports;
+        let mut env = ports::env(&c.name, ports, self.config.address, published);
+        env.append(&mut container.env);
+        container.env = env;
         let spec = InstanceSpec {
             id: instance_id(key, &c.name, &workload.metadata.uid, attempt),
-            container: c.clone(),
+            container,
             volumes,
             labels: [("orch.dev/node", self.config.node_name.as_str()), ("orch.dev/workload", key.name.as_str())]
                 .into(),
@@ -541,7 +641,12 @@ impl Agent {
     }
 
     /// Writes the status if it changed; false when the write lost a race with a newer version.
-    async fn report(&self, workload: &Object<Workload>, statuses: Vec<ContainerStatus>) -> Result<bool, AgentError> {
+    async fn report(
+        &self,
+        workload: &Object<Workload>,
+        statuses: Vec<ContainerStatus>,
+        ports: Vec<PortStatus>,
+    ) -> Result<bool, AgentError> {
         let now = self.clock.now();
         let running = statuses.iter().any(|s| matches!(s.state, ContainerState::Running { .. }));
         let all_done = statuses.iter().all(|s| matches!(s.state, ContainerState::Terminated { .. }));
@@ -562,6 +667,8 @@ impl Agent {
             start_time: workload.status.start_time.or(Some(now)),
             conditions: workload.status.conditions.clone(),
             container_statuses: statuses,
+            address: self.config.address.to_string(),
+            ports,
             ..Default::default()
         };
         let cond = if ready { ConditionStatus::True } else { ConditionStatus::False };

@@ -741,6 +741,7 @@ impl Runtime for DockerRuntime {
             recover: true,
             exit_code_after_recover: true,
             log_files: false,
+            published_ports: true,
         }
     }
 

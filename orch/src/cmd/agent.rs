@@ -49,13 +49,30 @@ pub(crate) struct AgentArgs {
     /// agent publishes it on its node for the server to reach.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// The address the server reaches the node's API at (default: the `--listen` address).
+    /// The URL the server reaches the node's API at (default: the `--listen` address, or the
+    /// node's `--address` with its port when listening on every interface).
     #[arg(long, requires = "listen")]
     advertise: Option<String>,
     /// Stop every workload of the node when the agent stops (otherwise the next agent adopts
     /// them).
     #[arg(long)]
     drain: bool,
+    /// The address other nodes reach this node's workloads at (reported in the node's status and
+    /// in its services' endpoints; the programs find it in `ORCH_ADDRESS`).
+    #[arg(long, default_value = "127.0.0.1")]
+    address: std::net::IpAddr,
+    /// The host ports given to container ports that do not fix one, `first-last` (programs
+    /// find theirs in `PORT_<NAME>`).
+    #[arg(long, default_value = "20000-29999", value_parser = super::parse_port_range)]
+    port_range: std::ops::RangeInclusive<u16>,
+    /// Seconds a deleted workload with ports keeps running, terminating in its services'
+    /// endpoints, before it is stopped (when its spec does not say).
+    #[arg(long, default_value_t = 2)]
+    pre_stop_delay: u64,
+    #[command(flatten)]
+    proxy: super::net::ProxyArgs,
+    #[command(flatten)]
+    dns: super::net::DnsArgs,
 }
 
 fn runtime(args: &AgentArgs, node: &str) -> Result<Arc<dyn Runtime>, BoxError> {
@@ -107,6 +124,9 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     }
     config.labels = labels;
     config.data_root = args.data_dir.join("data");
+    config.address = args.address;
+    config.port_range = args.port_range.clone();
+    config.pre_stop_delay = std::time::Duration::from_secs(args.pre_stop_delay);
     let runtime = runtime(&args, &node)?;
 
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
@@ -118,7 +138,11 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
                 .await
                 .map_err(|e| format!("--listen: cannot listen on {addr}: {e}"))?;
             let bound = listener.local_addr()?;
-            let url = args.advertise.clone().unwrap_or_else(|| format!("http://{bound}"));
+            // Listening on every interface: the server reaches it at the node's `--address`.
+            let url = args.advertise.clone().unwrap_or_else(|| {
+                let ip = if bound.ip().is_unspecified() { args.address } else { bound.ip() };
+                format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
+            });
             let app = super::logs::agent_routes(
                 node.clone(),
                 args.server.clone(),
@@ -134,8 +158,10 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
         None => None,
     };
     tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
+    let net = super::net::start(Some(&args.proxy), &args.dns, store.clone(), stop.clone()).await?;
     ready_tx.send_replace(true);
     Agent::new(config, store, runtime).run(stopped(stop.clone()), args.drain).await?;
+    net.wait().await?;
     if let Some(t) = ops_task {
         t.await??;
     }

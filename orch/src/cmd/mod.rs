@@ -21,6 +21,7 @@ mod describe;
 mod exec;
 mod get;
 mod logs;
+mod net;
 mod nodes;
 mod rollout;
 mod server;
@@ -252,4 +253,29 @@ pub(crate) fn host_name() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "orch".into())
+}
+
+/// Reads a port range written `first-last` (as the `--port-range` flags take it).
+pub(crate) fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected first-last, e.g. 20000-29999"))?;
+    let port = |p: &str| {
+        p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("{s:?}: {p:?} is not a port (1-65535)"))
+    };
+    let (a, b) = (port(a)?, port(b)?);
+    if a > b {
+        return Err(format!("{s:?}: the first port is above the last"));
+    }
+    Ok(a..=b)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn port_ranges_parse_or_say_why_not() {
+        assert_eq!(super::parse_port_range("20000-29999"), Ok(20000..=29999));
+        assert!(super::parse_port_range("20000").unwrap_err().contains("first-last"));
+        assert!(super::parse_port_range("0-10").unwrap_err().contains("not a port"));
+        assert!(super::parse_port_range("10-70000").unwrap_err().contains("not a port"));
+        assert!(super::parse_port_range("30-20").unwrap_err().contains("above the last"));
+    }
 }

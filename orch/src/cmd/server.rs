@@ -1,6 +1,6 @@
 //! `orch server`: the API server over the embedded store (or etcd), with the scheduler, the node
-//! lifecycle controller, the workload controllers and the garbage collector in a manager that
-//! elects a leader among replicas.
+//! lifecycle controller, the workload controllers, the endpoints controller and the garbage
+//! collector in a manager that elects a leader among replicas.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orch_controllers::{
-    DaemonSetController, DeploymentController, GarbageCollector, JobController, NodeLifecycle, ReplicaSetController,
-    WorkflowController,
+    DaemonSetController, DeploymentController, EndpointsConfig, EndpointsController, GarbageCollector, JobController,
+    NodeLifecycle, ReplicaSetController, WorkflowController,
 };
 use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::{Manager, Store};
@@ -51,6 +51,26 @@ pub(crate) struct ServerArgs {
     /// Watches each client may hold.
     #[arg(long, default_value_t = 20_000)]
     client_watches: usize,
+    /// The block services' cluster addresses come from (IPv4 CIDR). The default lies in
+    /// 127/8, which every Linux node answers on without setup.
+    #[arg(long, default_value = orch_controllers::endpoints::DEFAULT_CLUSTER_RANGE, value_parser = parse_cidr)]
+    cluster_address_range: orch_controllers::endpoints::AddressRange,
+    /// The range node ports come from, `first-last`.
+    #[arg(long, default_value = "30000-32767", value_parser = super::parse_port_range)]
+    node_port_range: std::ops::RangeInclusive<u16>,
+    /// The most endpoints one endpoint slice holds.
+    #[arg(long, default_value_t = orch_core::kinds::DEFAULT_ENDPOINTS_PER_SLICE, value_parser = parse_per_slice)]
+    endpoints_per_slice: usize,
+    #[command(flatten)]
+    dns: super::net::DnsArgs,
+}
+
+fn parse_per_slice(s: &str) -> Result<usize, String> {
+    s.parse::<usize>().ok().filter(|n| (1..=10_000).contains(n)).ok_or_else(|| format!("{s:?}: must be 1-10000"))
+}
+
+fn parse_cidr(s: &str) -> Result<orch_controllers::endpoints::AddressRange, String> {
+    orch_controllers::endpoints::AddressRange::parse(s)
 }
 
 async fn open_store(args: &ServerArgs) -> Result<Arc<dyn Store>, BoxError> {
@@ -94,6 +114,12 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     manager.add(JobController::builder());
     manager.add(WorkflowController::builder());
     manager.add(GarbageCollector::builtin());
+    // Services: their endpoints, cluster addresses and node ports.
+    manager.add(EndpointsController::builder(EndpointsConfig {
+        endpoints_per_slice: args.endpoints_per_slice,
+        cluster_range: args.cluster_address_range,
+        node_port_range: args.node_port_range.clone(),
+    }));
     let ready = manager.readiness();
 
     let limits = Limits {
@@ -108,11 +134,19 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
         let tokens = Tokens::load(&tokens_file)?;
         // Agents (group system:nodes) may work on nodes, their leases and workloads; every other
         // user gets what the built-in roles give its groups; anonymous clients nothing.
-        let rules = Authorizer::with_builtin_roles().rule(Rule {
-            subjects: vec!["group:system:nodes".into()],
-            kinds: vec!["Node".into(), "NodeLease".into(), "Workload".into(), "Lease".into(), "Revision".into()],
-            ..Rule::default()
-        });
+        let rules = Authorizer::with_builtin_roles()
+            .rule(Rule {
+                subjects: vec!["group:system:nodes".into()],
+                kinds: vec!["Node".into(), "NodeLease".into(), "Workload".into(), "Lease".into(), "Revision".into()],
+                ..Rule::default()
+            })
+            // Their node proxies and DNS servers read services and where they are served.
+            .rule(Rule {
+                subjects: vec!["group:system:nodes".into()],
+                verbs: vec!["get".into(), "list".into(), "watch".into()],
+                kinds: vec!["Service".into(), "EndpointSlice".into()],
+                ..Rule::default()
+            });
         let audit_path = args.data_dir.join("audit.log");
         let audit = AuditLog::file(&audit_path).map_err(|e| format!("cannot open {}: {e}", audit_path.display()))?;
         tracing::info!(tokens = %tokens_file.display(), audit = %audit_path.display(), admins = ADMINS, readers = READERS, "authentication and authorization on");
@@ -137,6 +171,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     tracing::info!(addr = %args.listen, replica = %identity, "API server listening");
     let ops_task = args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops, stop.clone())));
 
+    let net = super::net::start(None, &args.dns, store.clone(), stop.clone()).await?;
     let stop_for_api = stop.clone();
     let plane = tokio::spawn(manager.run(stopped(stop.clone())));
     let closer = api.clone();
@@ -158,6 +193,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     if let Some(t) = ops_task {
         t.await??;
     }
+    net.wait().await?;
     tracing::info!("stopped");
     result
 }

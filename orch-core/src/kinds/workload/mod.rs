@@ -48,6 +48,12 @@ pub struct Workload {
     /// How long a stop waits between the polite signal and the kill.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub termination_grace_period_seconds: Option<u64>,
+    /// How long a deleted workload keeps running, marked terminating in its services'
+    /// endpoints, before it is signalled: the time proxies and resolvers need to stop sending
+    /// it new traffic (0-3600). Unset: the node agent's default for workloads with ports (none
+    /// for workloads without).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pre_stop_delay_seconds: Option<u64>,
     /// How to spread matching workloads across topology domains.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
@@ -55,6 +61,10 @@ pub struct Workload {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scheduling_group: Option<SchedulingGroup>,
 }
+
+/// The finalizer a node agent puts on a workload it runs with a pre-stop delay: a deleted
+/// workload then stays (terminating) until the agent has waited out the delay and stopped it.
+pub const PRE_STOP_FINALIZER: &str = "orch.dev/pre-stop";
 
 /// What the node agent does when a container exits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -146,6 +156,31 @@ pub struct WorkloadStatus {
     /// A sentence for people.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The address of its node that its ports are reached at (the node's `--address`), set by
+    /// the node agent once it runs.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    /// Where each of its containers' ports is reached at `address`: the host port the node
+    /// agent allocated (or the one the spec fixed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortStatus>,
+}
+
+/// One container port of a running workload and the host port it is reached at.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PortStatus {
+    /// The container that declares it.
+    pub container: String,
+    /// The port's name, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port in the spec (`containerPort`).
+    pub container_port: u32,
+    /// The port on the node's address that reaches it.
+    pub host_port: u32,
+    /// TCP or UDP.
+    pub protocol: Protocol,
 }
 
 impl Workload {
@@ -185,6 +220,16 @@ impl Resource for Workload {
 
     fn validate_status(status: &WorkloadStatus, v: &mut Validator) {
         validate_conditions("status.conditions", &status.conditions, v);
+        if !status.address.is_empty() && status.address.parse::<std::net::IpAddr>().is_err() {
+            v.reject("status.address", format!("{:?} is not an IP address", status.address));
+        }
+        for (i, p) in status.ports.iter().enumerate() {
+            for (field, port) in [("containerPort", p.container_port), ("hostPort", p.host_port)] {
+                if !(1..=65535).contains(&port) {
+                    v.reject(format!("status.ports[{i}].{field}"), format!("must be 1-65535 (is {port})"));
+                }
+            }
+        }
     }
 
     fn indexers() -> Vec<(String, crate::cache::Indexer<Self>)> {
@@ -239,6 +284,7 @@ mod tests {
         }];
         w.topology_spread_constraints =
             vec![TopologySpreadConstraint { max_skew: 0, topology_key: "zone".into(), ..Default::default() }];
+        w.pre_stop_delay_seconds = Some(3601);
         let e = Object::new(ObjectMeta::namespaced("default", "w"), w).validate().unwrap_err();
         let crate::Error::Invalid { source, .. } = &e else { panic!("{e}") };
         for field in [
@@ -253,6 +299,7 @@ mod tests {
             "spec.containers[0].volumeMounts[0].mountPath",
             "spec.tolerations[0].value",
             "spec.topologySpreadConstraints[0].maxSkew",
+            "spec.preStopDelaySeconds",
         ] {
             assert!(source.has_field(field), "missing {field} in {e}");
         }

@@ -223,6 +223,9 @@ pub(super) fn validate_spec(w: &Workload, v: &mut Validator) {
             }
         }
     }
+    if let Some(d) = w.pre_stop_delay_seconds.filter(|d| *d > 3600) {
+        v.reject("spec.preStopDelaySeconds", format!("must be between 0 and 3600 (is {d})"));
+    }
     if let Some(node) = &w.node_name {
         v.check_with(|| "spec.nodeName".into(), validation::dns1123_subdomain(node));
     }

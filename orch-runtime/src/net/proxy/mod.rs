@@ -1,0 +1,337 @@
+//! The node proxy: serves every service's cluster address (and node ports) on this node, in user
+//! space, balancing new connections over the ready endpoints.
+//!
+//! For each service that is not headless and has a cluster address, it listens on that address
+//! at each service port (TCP or UDP), and for node-port services also on the node's addresses at
+//! the node port. Listeners follow services as they come and go. Each new connection goes to the
+//! less loaded of two random ready endpoints (power of two choices on open connections); a
+//! refused connect is retried on another endpoint; with no ready endpoint the connection is
+//! closed at once. An endpoint that stops being ready or starts terminating gets no new
+//! connection from the moment its slice change reaches the proxy; its open connections get the
+//! grace period to finish, then are closed.
+//!
+//! A port that cannot be bound (taken by another program, or an address this machine does not
+//! have) is logged, counted in `orch_proxy_bind_failures_total`, listed by
+//! [`ProxyStatus::failed`], and tried again every [`ProxyConfig::rebind_interval`]; the proxy
+//! keeps serving everything else.
+
+mod balance;
+mod tcp;
+mod udp;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use orch_core::ObjectRef;
+use orch_core::kinds::{Protocol, ServiceType};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use self::balance::Pool;
+use super::resolver::{ResolvedService, Resolver, ServiceChange};
+
+/// How the node proxy behaves.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Where node ports listen (default: every address of the node, `0.0.0.0`).
+    pub node_addresses: Vec<IpAddr>,
+    /// How long open connections to an endpoint that left may go on (default 30 s).
+    pub grace: Duration,
+    /// How long a connect to an endpoint may take before another is tried (default 2 s).
+    pub connect_timeout: Duration,
+    /// Endpoints tried for one connection, refused ones included (default 3).
+    pub connect_attempts: usize,
+    /// A UDP session without a reply for this long ends (default 30 s).
+    pub udp_idle_timeout: Duration,
+    /// How often ports that could not be bound are tried again (default 5 s).
+    pub rebind_interval: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            node_addresses: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            grace: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(2),
+            connect_attempts: 3,
+            udp_idle_timeout: Duration::from_secs(30),
+            rebind_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One address the proxy listens on: where and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Frontend {
+    /// The address and port.
+    pub addr: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+}
+
+/// A port the proxy should serve but could not bind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindFailure {
+    /// Where.
+    pub frontend: Frontend,
+    /// For which service.
+    pub service: ObjectRef,
+    /// Why (the bind error, or the service that holds it).
+    pub reason: String,
+}
+
+struct Listener {
+    service: ObjectRef,
+    pool: Arc<Pool>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.pool.close();
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    listeners: HashMap<Frontend, Listener>,
+    by_service: HashMap<ObjectRef, Vec<Frontend>>,
+    failed: HashMap<Frontend, BindFailure>,
+}
+
+/// A read handle on what a running [`NodeProxy`] serves: for tests, status pages and benches.
+#[derive(Clone)]
+pub struct ProxyStatus {
+    table: Arc<Mutex<Table>>,
+    applied: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for ProxyStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyStatus").field("applied", &*self.applied.borrow()).finish()
+    }
+}
+
+impl ProxyStatus {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where it listens now.
+    pub fn listening(&self) -> Vec<Frontend> {
+        let mut v: Vec<Frontend> = self.lock().listeners.keys().copied().collect();
+        v.sort_by_key(|f| (f.addr, f.protocol == Protocol::UDP));
+        v
+    }
+
+    /// Ports it should serve but could not bind, with the reasons.
+    pub fn failed(&self) -> Vec<BindFailure> {
+        self.lock().failed.values().cloned().collect()
+    }
+
+    /// The endpoints taking new connections at `frontend` (`None` when it does not listen there).
+    pub fn endpoints(&self, frontend: Frontend) -> Option<Vec<SocketAddr>> {
+        let t = self.lock();
+        let l = t.listeners.get(&frontend)?;
+        Some(l.pool.snapshot().iter().map(|b| b.addr).collect())
+    }
+
+    /// How many service changes it has applied (ready with the initial set at 1 or more); wait
+    /// on [`changed`](Self::changed) to follow it.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until the proxy applied another change (or stopped: then `false`).
+    pub async fn changed(&mut self) -> bool {
+        self.applied.changed().await.is_ok()
+    }
+}
+
+/// The node proxy. Build it with the services to serve, then [`run`](NodeProxy::run) it.
+///
+/// ```no_run
+/// # async fn demo(store: std::sync::Arc<dyn orch_core::Store>) {
+/// use orch_runtime::net::{NodeProxy, ProxyConfig, Resolver};
+///
+/// let resolver = Resolver::from_store(store);
+/// let proxy = NodeProxy::new(ProxyConfig::default(), resolver);
+/// let status = proxy.status();
+/// // Serves until ctrl-c.
+/// proxy.run(async { let _ = tokio::signal::ctrl_c().await; }).await;
+/// println!("stopped; could not bind: {:?}", status.failed());
+/// # }
+/// ```
+pub struct NodeProxy {
+    config: Arc<ProxyConfig>,
+    resolver: Resolver,
+    table: Arc<Mutex<Table>>,
+    applied: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for NodeProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeProxy").field("config", &self.config).finish()
+    }
+}
+
+/// What one service wants served: each frontend with the port name and its endpoints.
+fn wanted(svc: &ResolvedService, config: &ProxyConfig) -> Vec<(Frontend, Vec<SocketAddr>)> {
+    let mut out = Vec::new();
+    if svc.headless {
+        return out;
+    }
+    let Some(cluster) = svc.cluster_address else { return out };
+    for p in &svc.ports {
+        let endpoints: Vec<SocketAddr> = svc
+            .ready_endpoints()
+            .filter_map(|e| {
+                let ep = e.ports.iter().find(|ep| ep.name == p.name)?;
+                Some(SocketAddr::new(*e.addresses.first()?, ep.port))
+            })
+            .collect();
+        out.push((Frontend { addr: SocketAddr::new(cluster, p.port), protocol: p.protocol }, endpoints.clone()));
+        if svc.service_type == ServiceType::NodePort
+            && let Some(np) = p.node_port
+        {
+            for a in &config.node_addresses {
+                out.push((Frontend { addr: SocketAddr::new(*a, np), protocol: p.protocol }, endpoints.clone()));
+            }
+        }
+    }
+    out
+}
+
+impl NodeProxy {
+    /// A proxy for the services `resolver` knows.
+    pub fn new(config: ProxyConfig, resolver: Resolver) -> Self {
+        NodeProxy {
+            config: Arc::new(config),
+            resolver,
+            table: Arc::new(Mutex::new(Table::default())),
+            applied: watch::channel(0).0,
+        }
+    }
+
+    /// A handle on what it serves (valid before, during and after [`run`](Self::run)).
+    pub fn status(&self) -> ProxyStatus {
+        ProxyStatus { table: self.table.clone(), applied: self.applied.subscribe() }
+    }
+
+    /// Serves until `stop` resolves; then closes every listener and gives open connections the
+    /// grace period.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        tokio::select! {
+            _ = self.resolver.ready() => {}
+            _ = &mut stop => return,
+        }
+        let (initial, mut changes) = self.resolver.subscribe();
+        for svc in initial {
+            self.apply(&svc.key(), Some(&svc)).await;
+        }
+        self.applied.send_modify(|n| *n += 1);
+        let mut rebind = tokio::time::interval(self.config.rebind_interval);
+        rebind.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rebind.reset();
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                change = changes.recv() => {
+                    let Some(ServiceChange { service, current }) = change else { break };
+                    self.apply(&service, current.as_deref()).await;
+                    // Take whatever else is queued before announcing: a burst is applied at once.
+                    while let Ok(ServiceChange { service, current }) = changes.try_recv() {
+                        self.apply(&service, current.as_deref()).await;
+                    }
+                    self.applied.send_modify(|n| *n += 1);
+                }
+                _ = rebind.tick() => {
+                    let services: Vec<ObjectRef> = {
+                        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut v: Vec<ObjectRef> = t.failed.values().map(|f| f.service.clone()).collect();
+                        v.dedup();
+                        v
+                    };
+                    for s in services {
+                        let current = self.resolver.get(&s);
+                        self.apply(&s, current.as_deref()).await;
+                    }
+                }
+            }
+        }
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        t.listeners.clear();
+        t.by_service.clear();
+    }
+
+    /// Brings one service's listeners in line with its current state.
+    async fn apply(&self, service: &ObjectRef, current: Option<&ResolvedService>) {
+        let want = current.map(|s| wanted(s, &self.config)).unwrap_or_default();
+        let mut to_bind: Vec<(Frontend, Vec<SocketAddr>)> = Vec::new();
+        {
+            let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            let t = &mut *t;
+            let had = t.by_service.remove(service).unwrap_or_default();
+            for f in &had {
+                if !want.iter().any(|(w, _)| w == f) && t.listeners.get(f).is_some_and(|l| &l.service == service) {
+                    t.listeners.remove(f);
+                }
+            }
+            t.failed.retain(|f, b| &b.service != service || want.iter().any(|(w, _)| w == f));
+            let mut mine = Vec::with_capacity(want.len());
+            for (f, endpoints) in want {
+                match t.listeners.get(&f) {
+                    Some(l) if &l.service == service => {
+                        l.pool.set(&endpoints);
+                        mine.push(f);
+                    }
+                    Some(l) => {
+                        let reason = format!("already served for service {}", l.service);
+                        tracing::warn!(service = %service, addr = %f.addr, protocol = ?f.protocol, %reason, "proxy cannot serve a port");
+                        metrics::counter!("orch_proxy_bind_failures_total").increment(1);
+                        t.failed.insert(f, BindFailure { frontend: f, service: service.clone(), reason });
+                    }
+                    None => to_bind.push((f, endpoints)),
+                }
+            }
+            t.by_service.insert(service.clone(), mine);
+        }
+        for (f, endpoints) in to_bind {
+            let pool = Arc::new(Pool::default());
+            pool.set(&endpoints);
+            let bound = match f.protocol {
+                Protocol::TCP => tokio::net::TcpListener::bind(f.addr)
+                    .await
+                    .map(|l| tokio::spawn(tcp::serve(l, pool.clone(), self.config.clone()))),
+                Protocol::UDP => tokio::net::UdpSocket::bind(f.addr)
+                    .await
+                    .map(|s| tokio::spawn(udp::serve(s, pool.clone(), self.config.clone()))),
+            };
+            let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            match bound {
+                Ok(task) => {
+                    t.failed.remove(&f);
+                    t.listeners.insert(f, Listener { service: service.clone(), pool, task });
+                    t.by_service.entry(service.clone()).or_default().push(f);
+                    tracing::debug!(service = %service, addr = %f.addr, protocol = ?f.protocol, "proxy listening");
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    if t.failed.get(&f).is_none_or(|b| b.reason != reason) {
+                        tracing::warn!(service = %service, addr = %f.addr, protocol = ?f.protocol, error = %e, "proxy cannot bind a service port");
+                    }
+                    metrics::counter!("orch_proxy_bind_failures_total").increment(1);
+                    t.failed.insert(f, BindFailure { frontend: f, service: service.clone(), reason });
+                }
+            }
+        }
+        let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        metrics::gauge!("orch_proxy_listeners").set(t.listeners.len() as f64);
+        metrics::gauge!("orch_proxy_bind_failed_ports").set(t.failed.len() as f64);
+    }
+}

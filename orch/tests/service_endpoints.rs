@@ -1,0 +1,200 @@
+//! Services across real processes: `orch server` with its endpoints controller (cluster address
+//! range and slice size from its flags) and two `orch agent` nodes on one machine with their own
+//! addresses (127.0.0.2, 127.0.0.3) and port ranges. A service's endpoints are the workloads'
+//! node addresses and host ports, and a real HTTP request to each answers there; a node's token
+//! may read services and slices but not write them.
+
+#![cfg(feature = "cli")]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orch::core::kinds::{EndpointSlice, Node, PortTarget, Service, ServicePort, Workload};
+use orch::core::{Api, ListParams, Object, ObjectMeta, Store};
+use orch::store::api::RemoteStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn orch(args: &[&str], log: &Path) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_orch"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("start orch"),
+    )
+}
+
+fn token(data: &Path, user: &str, group: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_orch"))
+        .args(["token", "create", "--data-dir", data.to_str().unwrap(), "--user", user, "--group", group])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A free range of `n` ports on `address`.
+fn free_range(address: &str, n: u16) -> String {
+    loop {
+        let first = std::net::TcpListener::bind((address, 0)).unwrap().local_addr().unwrap().port();
+        let Some(last) = first.checked_add(n - 1) else { continue };
+        if (first..=last).all(|p| std::net::TcpListener::bind((address, p)).is_ok()) {
+            return format!("{first}-{last}");
+        }
+    }
+}
+
+async fn get(address: &str, port: u32) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect((address, port as u16)).await.ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    Some(body.rsplit("\r\n\r\n").next()?.trim().to_string())
+}
+
+async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_are_the_nodes_addresses_and_host_ports() {
+    let dir = std::env::temp_dir().join(format!("orch-services-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("server");
+    let admin = token(&data, "alice", "system:admins");
+    let node_tokens: Vec<String> = ["node-1", "node-2"].iter().map(|n| token(&data, n, "system:nodes")).collect();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _server = orch(
+        &[
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--cluster-address-range",
+            "127.66.0.0/24",
+            "--endpoints-per-slice",
+            "1",
+        ],
+        &dir.join("server.log"),
+    );
+    let mut agents = Vec::new();
+    for ((node, address), t) in [("node-1", "127.0.0.2"), ("node-2", "127.0.0.3")].into_iter().zip(&node_tokens) {
+        let node_dir = dir.join(node);
+        agents.push(orch(
+            &[
+                "agent",
+                "--server",
+                &url,
+                "--join-token",
+                t,
+                "--name",
+                node,
+                "--data-dir",
+                node_dir.to_str().unwrap(),
+                "--address",
+                address,
+                "--port-range",
+                &free_range(address, 4),
+                "--drain",
+            ],
+            &dir.join(format!("{node}.log")),
+        ));
+    }
+    let store: Arc<dyn Store> = Arc::new(RemoteStore::builder(url.clone()).bearer_token(admin).build().unwrap());
+    let nodes: Api<Node> = Api::all(store.clone());
+    let addresses = eventually("both nodes register", async || {
+        let list = nodes.list(&ListParams::default()).await.ok()?;
+        let mut a: Vec<String> =
+            list.items.iter().filter_map(|n| n.status.addresses.first().map(|a| a.address.clone())).collect();
+        a.sort();
+        (a.len() == 2).then_some(a)
+    })
+    .await;
+    assert_eq!(addresses, ["127.0.0.2", "127.0.0.3"], "each node reports its --address");
+
+    // A busybox HTTP server per node, on the address and port it is given.
+    let workloads: Api<Workload> = Api::namespaced(store.clone(), "default");
+    let script = r#"d=$(mktemp -d); echo "$ORCH_ADDRESS" > "$d/index.html"; exec /bin/busybox httpd -f -p "$ORCH_ADDRESS:$PORT_HTTP" -h "$d""#;
+    for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
+        let mut w = Workload::command("main", &["/bin/sh", "-c", script]);
+        w.containers[0].ports = vec![orch::core::kinds::ContainerPort {
+            name: Some("http".into()),
+            container_port: 80,
+            ..Default::default()
+        }];
+        // Ready once the agent's probe reaches it at the node's address and its host port.
+        w.containers[0].readiness_probe = Some(
+            serde_json::from_value(serde_json::json!({"action": {"tcp": {"port": 80}}, "periodSeconds": 1})).unwrap(),
+        );
+        w.node_name = Some(node.into());
+        workloads
+            .create(&Object::new(ObjectMeta::named(format!("web-{i}")).with_label("app", "web"), w))
+            .await
+            .unwrap();
+    }
+    let services: Api<Service> = Api::namespaced(store.clone(), "default");
+    let svc = Service {
+        selector: [("app".to_string(), "web".to_string())].into(),
+        ports: vec![ServicePort { port: 80, target_port: Some(PortTarget::Name("http".into())), ..Default::default() }],
+        ..Default::default()
+    };
+    services.create(&Object::new(ObjectMeta::named("web"), svc)).await.unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(store.clone(), "default");
+    let found = eventually("two ready endpoints, one per slice", async || {
+        let list = slices.list(&ListParams::default()).await.ok()?.items;
+        let ready: Vec<_> = list.iter().flat_map(|s| &s.spec.endpoints).filter(|e| e.conditions.ready).collect();
+        (list.len() == 2 && ready.len() == 2).then(|| {
+            ready.iter().map(|e| (e.addresses[0].clone(), e.ports[0].port, e.node_name.clone())).collect::<Vec<_>>()
+        })
+    })
+    .await;
+    for (address, port, node) in &found {
+        assert_eq!(address, if node == "node-1" { "127.0.0.2" } else { "127.0.0.3" });
+        assert_eq!(get(address, *port).await.as_deref(), Some(address.as_str()), "the endpoint answers there");
+    }
+    let svc = services.get("web").await.unwrap();
+    let cluster: std::net::Ipv4Addr = svc.status.cluster_address.as_deref().unwrap().parse().unwrap();
+    assert_eq!(cluster.octets()[..3], [127, 66, 0], "from --cluster-address-range");
+
+    // A node reads services and slices (its proxy needs them) and writes neither.
+    let node_store: Arc<dyn Store> =
+        Arc::new(RemoteStore::builder(url).bearer_token(node_tokens[0].clone()).build().unwrap());
+    let as_node: Api<EndpointSlice> = Api::namespaced(node_store.clone(), "default");
+    assert_eq!(as_node.list(&ListParams::default()).await.unwrap().items.len(), 2);
+    let e = Api::<Service>::namespaced(node_store, "default")
+        .create(&Object::new(ObjectMeta::named("sneaky"), Service { headless: true, ..Default::default() }))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("403"), "{e}");
+    drop(agents);
+    let _ = std::fs::remove_dir_all(&dir);
+}
