@@ -292,15 +292,17 @@ async fn problems_are_conditions_and_allocations_survive_a_restart() {
     assert_eq!((c.status, c.reason.as_str()), (ConditionStatus::False, "PortNotFound"));
     assert!(c.message.contains("web-0 has no port admin"), "{}", c.message);
     assert!(plane.endpoints("missing").await.0.is_empty(), "a workload without the port is left out");
-    let c = wait_until("NodePortConflict", LIMIT, async || plane.condition("np-b", "PortsAllocated").await).await;
-    assert_eq!((c.status, c.reason.as_str()), (ConditionStatus::False, "NodePortConflict"));
-    assert!(c.message.contains("30080") && c.message.contains("default/np-a"), "{}", c.message);
-    let a = wait_until("np-a", LIMIT, async || {
-        let s = plane.services().get("np-a").await.unwrap();
-        (!s.status.node_ports.is_empty()).then_some(s)
+    // Whichever of np-a and np-b is reconciled first holds 30080; the other says who does.
+    let (a, b) = wait_until("both node-port services reconciled", LIMIT, async || {
+        Some((plane.condition("np-a", "PortsAllocated").await?, plane.condition("np-b", "PortsAllocated").await?))
     })
     .await;
-    assert_eq!(a.status.node_ports.get(""), Some(&30080), "keyed by port name, \"\" for a single unnamed port");
+    let (holder, loser, c) = if a.status == ConditionStatus::True { ("np-a", "np-b", b) } else { ("np-b", "np-a", a) };
+    assert_eq!((c.status, c.reason.as_str()), (ConditionStatus::False, "NodePortConflict"), "{loser}");
+    assert!(c.message.contains("30080") && c.message.contains(&format!("default/{holder}")), "{}", c.message);
+    let held = plane.services().get(holder).await.unwrap();
+    assert_eq!(held.status.node_ports.get(""), Some(&30080), "keyed by port name, \"\" for a single unnamed port");
+    assert!(plane.services().get(loser).await.unwrap().status.node_ports.is_empty());
     let c_port = wait_until("np-c", LIMIT, async || {
         let s = plane.services().get("np-c").await.unwrap();
         s.status.node_ports.get("").copied()

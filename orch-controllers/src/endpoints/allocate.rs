@@ -59,6 +59,9 @@ pub(super) struct Allocations {
     pub(super) loaded: bool,
     addresses: HashMap<Ipv4Addr, Holder>,
     node_ports: HashMap<u16, Holder>,
+    /// What each holder was given (entries may since have gone to another holder: the maps
+    /// above decide), so a release looks at its own entries only.
+    given: HashMap<(String, String), (Vec<Ipv4Addr>, Vec<u16>)>,
     address_cursor: u32,
     port_cursor: u16,
 }
@@ -76,11 +79,15 @@ impl Allocations {
     /// Records what a service's status says it holds (at start-up); what another holds already
     /// is not taken over.
     pub(super) fn adopt(&mut self, holder: &Holder, address: Option<&str>, node_ports: &BTreeMap<String, u32>) {
-        if let Some(a) = address.and_then(|a| a.parse::<Ipv4Addr>().ok()) {
-            self.addresses.entry(a).or_insert_with(|| holder.clone());
+        if let Some(a) = address.and_then(|a| a.parse::<Ipv4Addr>().ok())
+            && !self.addresses.contains_key(&a)
+        {
+            self.claim_address(a, holder);
         }
         for p in node_ports.values().filter_map(|p| u16::try_from(*p).ok()) {
-            self.node_ports.entry(p).or_insert_with(|| holder.clone());
+            if !self.node_ports.contains_key(&p) {
+                self.claim_port(p, holder);
+            }
         }
     }
 
@@ -104,7 +111,7 @@ impl Allocations {
                     })
                 }
                 _ => {
-                    self.addresses.insert(a, holder.clone());
+                    self.claim_address(a, holder);
                     return Ok((a, None));
                 }
             }
@@ -117,7 +124,7 @@ impl Allocations {
                 Some(h) => h != holder && !alive(h),
             };
             if free {
-                self.addresses.insert(a, holder.clone());
+                self.claim_address(a, holder);
                 return Ok((a, conflict));
             }
         }
@@ -130,8 +137,51 @@ impl Allocations {
     /// Gives up everything `holder` holds (the service became headless, or is no node-port
     /// service any more) except what `keep` names.
     pub(super) fn release_except(&mut self, holder: &Holder, keep_address: Option<Ipv4Addr>, keep_ports: &[u16]) {
-        self.addresses.retain(|a, h| h != holder || Some(*a) == keep_address);
-        self.node_ports.retain(|p, h| h != holder || keep_ports.contains(p));
+        let key = (holder.namespace.clone(), holder.name.clone());
+        let Some((addresses, ports)) = self.given.get_mut(&key) else { return };
+        let (addresses, ports) = (std::mem::take(addresses), std::mem::take(ports));
+        let mut kept = (Vec::new(), Vec::new());
+        for a in addresses {
+            if self.addresses.get(&a) != Some(holder) {
+                continue; // someone else's now
+            }
+            if Some(a) == keep_address {
+                kept.0.push(a);
+            } else {
+                self.addresses.remove(&a);
+            }
+        }
+        for p in ports {
+            if self.node_ports.get(&p) != Some(holder) {
+                continue;
+            }
+            if keep_ports.contains(&p) {
+                kept.1.push(p);
+            } else {
+                self.node_ports.remove(&p);
+            }
+        }
+        if kept.0.is_empty() && kept.1.is_empty() {
+            self.given.remove(&key);
+        } else {
+            self.given.insert(key, kept);
+        }
+    }
+
+    fn claim_address(&mut self, a: Ipv4Addr, holder: &Holder) {
+        self.addresses.insert(a, holder.clone());
+        let given = self.given.entry((holder.namespace.clone(), holder.name.clone())).or_default();
+        if !given.0.contains(&a) {
+            given.0.push(a);
+        }
+    }
+
+    fn claim_port(&mut self, p: u16, holder: &Holder) {
+        self.node_ports.insert(p, holder.clone());
+        let given = self.given.entry((holder.namespace.clone(), holder.name.clone())).or_default();
+        if !given.1.contains(&p) {
+            given.1.push(p);
+        }
     }
 
     /// The node port for one service port: `fixed` if the spec asks for it (a conflict when
@@ -148,7 +198,7 @@ impl Allocations {
             match this.node_ports.get(&p) {
                 Some(h) if h != holder && alive(h) => Err(h.clone()),
                 _ => {
-                    this.node_ports.insert(p, holder.clone());
+                    this.claim_port(p, holder);
                     Ok(p)
                 }
             }
@@ -178,7 +228,7 @@ impl Allocations {
             };
             if free {
                 self.port_cursor = p;
-                self.node_ports.insert(candidate, holder.clone());
+                self.claim_port(candidate, holder);
                 return Ok(candidate);
             }
         }

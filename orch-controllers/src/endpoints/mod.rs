@@ -80,8 +80,11 @@ impl Default for EndpointsConfig {
 /// and those whose slices hold it (it may have stopped matching).
 #[derive(Debug, Default)]
 struct Index {
-    /// Namespace → service name → selector.
-    selectors: HashMap<String, HashMap<String, BTreeMap<String, String>>>,
+    /// Service → its selector.
+    selectors: HashMap<ObjectRef, BTreeMap<String, String>>,
+    /// Namespace → `key=value` → the services whose selector has that pair (a workload's labels
+    /// find their candidate services without a look at every service).
+    by_pair: HashMap<String, HashMap<String, HashSet<String>>>,
     /// Workload → services whose slices hold it.
     members: HashMap<ObjectRef, HashSet<String>>,
     /// Service → the workloads its slices hold.
@@ -92,12 +95,16 @@ impl Index {
     fn services_for(&self, w: &Object<Workload>) -> Vec<ObjectRef> {
         let ns = &w.metadata.namespace;
         let mut out: HashSet<&str> = HashSet::new();
-        if let Some(services) = self.selectors.get(ns) {
-            for (name, selector) in services {
-                if !selector.is_empty()
-                    && selector.iter().all(|(k, v)| w.metadata.labels.get(k).is_some_and(|have| have == v))
-                {
-                    out.insert(name);
+        if let Some(pairs) = self.by_pair.get(ns) {
+            for (k, v) in w.metadata.labels.iter() {
+                let Some(candidates) = pairs.get(&format!("{k}={v}")) else { continue };
+                for name in candidates {
+                    let selector = self.selectors.get(&ObjectRef::new(ns.clone(), name.clone()));
+                    if selector.is_some_and(|sel| {
+                        sel.iter().all(|(k, v)| w.metadata.labels.get(k).is_some_and(|have| have == v))
+                    }) {
+                        out.insert(name);
+                    }
                 }
             }
         }
@@ -108,7 +115,19 @@ impl Index {
     }
 
     fn update(&mut self, service: &ObjectRef, selector: &BTreeMap<String, String>, workloads: HashSet<String>) {
-        self.selectors.entry(service.namespace.clone()).or_default().insert(service.name.clone(), selector.clone());
+        if self.selectors.get(service) != Some(selector) {
+            let pairs = self.by_pair.entry(service.namespace.clone()).or_default();
+            if let Some(old) = self.selectors.insert(service.clone(), selector.clone()) {
+                for (k, v) in old {
+                    if let Some(set) = pairs.get_mut(&format!("{k}={v}")) {
+                        set.remove(&service.name);
+                    }
+                }
+            }
+            for (k, v) in selector {
+                pairs.entry(format!("{k}={v}")).or_default().insert(service.name.clone());
+            }
+        }
         let before = self.held.remove(service).unwrap_or_default();
         for gone in before.difference(&workloads) {
             let key = ObjectRef::new(service.namespace.clone(), gone.clone());

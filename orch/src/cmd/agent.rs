@@ -158,7 +158,7 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
         None => None,
     };
     tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
-    let net = super::net::start(Some(&args.proxy), &args.dns, store.clone(), stop.clone()).await?;
+    let net = super::net::start(Some((&args.proxy, args.address)), &args.dns, store.clone(), stop.clone()).await?;
     ready_tx.send_replace(true);
     Agent::new(config, store, runtime).run(stopped(stop.clone()), args.drain).await?;
     net.wait().await?;

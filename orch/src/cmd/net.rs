@@ -38,7 +38,8 @@ pub(crate) struct ProxyArgs {
     /// on this node).
     #[arg(long)]
     no_proxy: bool,
-    /// Addresses node ports listen on, comma-separated (default: every address of the node).
+    /// Addresses node ports listen on, comma-separated (default: the node's `--address`;
+    /// `0.0.0.0` for every address of the machine).
     #[arg(long, value_delimiter = ',')]
     node_port_addresses: Vec<IpAddr>,
     /// Seconds open connections to an endpoint that left may go on.
@@ -53,31 +54,30 @@ fn upstream(s: &str) -> Result<SocketAddr, String> {
 }
 
 impl ProxyArgs {
-    fn config(&self) -> Option<ProxyConfig> {
+    fn config(&self, node_address: IpAddr) -> Option<ProxyConfig> {
         if self.no_proxy {
             return None;
         }
-        let mut config = ProxyConfig { grace: Duration::from_secs(self.proxy_grace), ..Default::default() };
-        if !self.node_port_addresses.is_empty() {
-            config.node_addresses = self.node_port_addresses.clone();
-        }
-        Some(config)
+        let node_addresses =
+            if self.node_port_addresses.is_empty() { vec![node_address] } else { self.node_port_addresses.clone() };
+        Some(ProxyConfig { grace: Duration::from_secs(self.proxy_grace), node_addresses, ..Default::default() })
     }
 }
 
 /// The running parts; [`Net::wait`] after the stop.
 pub(crate) struct Net(Vec<JoinHandle<Result<(), BoxError>>>);
 
-/// Starts what the flags ask for (the proxy when `proxy` is given, DNS with `--dns-listen`).
+/// Starts what the flags ask for (the proxy when `proxy` is given, with the node's address,
+/// DNS with `--dns-listen`).
 /// A DNS address that cannot be bound is an error now; a service port the proxy cannot bind is
 /// reported by the proxy and is not.
 pub(crate) async fn start(
-    proxy: Option<&ProxyArgs>,
+    proxy: Option<(&ProxyArgs, IpAddr)>,
     dns: &DnsArgs,
     store: Arc<dyn Store>,
     stop: watch::Receiver<bool>,
 ) -> Result<Net, BoxError> {
-    let proxy = proxy.and_then(ProxyArgs::config);
+    let proxy = proxy.and_then(|(args, node)| args.config(node));
     if proxy.is_none() && dns.dns_listen.is_none() {
         return Ok(Net(Vec::new()));
     }
