@@ -289,6 +289,21 @@ fn every_command_against_a_real_cluster() {
     assert_eq!((json["apiVersion"].as_str(), json["kind"].as_str()), (Some("orch.dev/v1"), Some("Deployment")));
     assert_eq!(orch.ok(&["get", "deploy", "-o", "name"]), "deployment/web\n");
 
+    // A service: its table shows the cluster address the endpoints controller gives it.
+    assert_eq!(orch.ok(&["apply", "-f", &f("web-svc.yaml")]), "service/web created\n");
+    let svc = orch.until(&["get", "svc"], "a cluster address", |o| o.contains("127.64."));
+    let header: Vec<&str> = svc.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "TYPE", "CLUSTER-ADDRESS", "PORT(S)", "ENDPOINTS", "AGE"]);
+    assert!(
+        svc.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>()[..4]
+            .join(" ")
+            .starts_with("web ClusterInternal 127.64."),
+        "{svc}"
+    );
+    let described = orch.ok(&["describe", "svc", "web"]);
+    assert!(described.lines().any(|l| l.contains("clusterAddress:") && l.contains("127.64.")), "{described}");
+    assert_eq!(orch.ok(&["delete", "svc", "web"]), "service/web deleted\n");
+
     // describe: identity, conditions, revisions, events.
     let described = orch.ok(&["describe", "deploy", "web"]);
     for part in ["Name:         web", "Conditions:", "Available", "Revisions:", "Events:"] {
