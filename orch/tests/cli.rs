@@ -378,6 +378,21 @@ fn every_command_against_a_real_cluster() {
             ),
             "no plain lines on a terminal: {tty:?}"
         );
+        // Colours on a terminal, unless NO_COLOR is set.
+        let describe = |no_colour: bool| {
+            let line = format!("{} describe deploy web", env!("CARGO_BIN_EXE_orch"));
+            let mut c = Command::new("script");
+            c.args(["-qefc", &line, "/dev/null"]).env("ORCH_CONFIG", &orch.config).stdin(Stdio::null());
+            if no_colour {
+                c.env("NO_COLOR", "1");
+            } else {
+                c.env_remove("NO_COLOR");
+            }
+            String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned()
+        };
+        assert!(describe(false).contains("\x1b[1mName:"), "bold headings on a terminal");
+        let plain = describe(true);
+        assert!(plain.contains("Name:") && !plain.contains('\x1b'), "NO_COLOR: {plain:?}");
     } else {
         eprintln!("skipped the terminal check: `script` (util-linux) is not installed");
     }
