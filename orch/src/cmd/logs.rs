@@ -197,8 +197,11 @@ impl Relay {
     /// A ticket for `grant`, good once for 30 seconds.
     pub(crate) fn issue(&self, grant: Grant) -> String {
         let ticket = new_ticket();
-        let expires = tokio::time::Instant::now() + TICKET_TTL;
-        self.tickets.lock().unwrap_or_else(|e| e.into_inner()).insert(ticket.clone(), (grant, expires));
+        let now = tokio::time::Instant::now();
+        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        // Tickets never redeemed (an agent out of reach) go once they expire.
+        tickets.retain(|_, (_, expires)| *expires > now);
+        tickets.insert(ticket.clone(), (grant, now + TICKET_TTL));
         ticket
     }
 
