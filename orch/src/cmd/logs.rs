@@ -512,3 +512,34 @@ pub(crate) async fn run(conn: &ConnArgs, args: LogsArgs) -> Result<(), BoxError>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay() -> Relay {
+        let store: Arc<dyn Store> = Arc::new(orch_store::MemoryStore::new());
+        Relay { self_url: "http://127.0.0.1:1".into(), store, tickets: Tickets::default() }
+    }
+
+    fn grant() -> Grant {
+        Grant { action: "logs".into(), namespace: "ns".into(), name: "w".into(), node: "n".into(), command: Vec::new() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ticket_is_good_once_and_only_within_its_time() {
+        let relay = relay();
+        let t = relay.issue(grant());
+        assert_eq!(t.len(), 64, "two random v4 uuids");
+        let first = redeem(State(relay.clone()), Path(t.clone())).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        let body = first.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(serde_json::from_slice::<Grant>(&body).unwrap(), grant());
+        assert_eq!(redeem(State(relay.clone()), Path(t)).await.status(), StatusCode::FORBIDDEN, "used once");
+
+        let late = relay.issue(grant());
+        tokio::time::advance(TICKET_TTL + std::time::Duration::from_secs(1)).await;
+        assert_eq!(redeem(State(relay.clone()), Path(late)).await.status(), StatusCode::FORBIDDEN, "expired");
+        assert!(relay.tickets.lock().unwrap().is_empty(), "expired tickets are dropped");
+    }
+}
