@@ -564,7 +564,6 @@ impl Agent {
         volumes::remove(&self.config.data_root, key);
         self.forget_previous_logs(key);
         self.ports.release(key);
-        self.forget_previous_logs(key);
     }
 
     /// Starts a new instance of `c`; returns its status, and when to look again if it failed.
