@@ -289,6 +289,21 @@ fn every_command_against_a_real_cluster() {
     assert_eq!((json["apiVersion"].as_str(), json["kind"].as_str()), (Some("orch.dev/v1"), Some("Deployment")));
     assert_eq!(orch.ok(&["get", "deploy", "-o", "name"]), "deployment/web\n");
 
+    // A service: its table shows the cluster address the endpoints controller gives it.
+    assert_eq!(orch.ok(&["apply", "-f", &f("web-svc.yaml")]), "service/web created\n");
+    let svc = orch.until(&["get", "svc"], "a cluster address", |o| o.contains("127.64."));
+    let header: Vec<&str> = svc.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "TYPE", "CLUSTER-ADDRESS", "PORT(S)", "ENDPOINTS", "AGE"]);
+    assert!(
+        svc.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>()[..4]
+            .join(" ")
+            .starts_with("web ClusterInternal 127.64."),
+        "{svc}"
+    );
+    let described = orch.ok(&["describe", "svc", "web"]);
+    assert!(described.lines().any(|l| l.contains("clusterAddress:") && l.contains("127.64.")), "{described}");
+    assert_eq!(orch.ok(&["delete", "svc", "web"]), "service/web deleted\n");
+
     // describe: identity, conditions, revisions, events.
     let described = orch.ok(&["describe", "deploy", "web"]);
     for part in ["Name:         web", "Conditions:", "Available", "Revisions:", "Events:"] {
@@ -363,6 +378,21 @@ fn every_command_against_a_real_cluster() {
             ),
             "no plain lines on a terminal: {tty:?}"
         );
+        // Colours on a terminal, unless NO_COLOR is set.
+        let describe = |no_colour: bool| {
+            let line = format!("{} describe deploy web", env!("CARGO_BIN_EXE_orch"));
+            let mut c = Command::new("script");
+            c.args(["-qefc", &line, "/dev/null"]).env("ORCH_CONFIG", &orch.config).stdin(Stdio::null());
+            if no_colour {
+                c.env("NO_COLOR", "1");
+            } else {
+                c.env_remove("NO_COLOR");
+            }
+            String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned()
+        };
+        assert!(describe(false).contains("\x1b[1mName:"), "bold headings on a terminal");
+        let plain = describe(true);
+        assert!(plain.contains("Name:") && !plain.contains('\x1b'), "NO_COLOR: {plain:?}");
     } else {
         eprintln!("skipped the terminal check: `script` (util-linux) is not installed");
     }
@@ -482,7 +512,9 @@ fn every_command_against_a_real_cluster() {
     });
     insta::assert_snapshot!(
         "get_daemonsets",
-        normalise(&orch.until(&["get", "ds"], "the daemon set counts them", |o| o.contains(" 2 ")))
+        normalise(&orch.until(&["get", "ds"], "the daemon set counts them", |o| {
+            o.lines().nth(1).is_some_and(|l| l.split_whitespace().skip(1).take(5).all(|n| n == "2"))
+        }))
     );
 
     // Nodes: cordon, top, drain, uncordon.

@@ -565,8 +565,8 @@ impl Agent {
             self.runtime.remove(&t.handle).await.ok();
         }
         volumes::remove(&self.config.data_root, key);
-        self.ports.release(key);
         self.forget_previous_logs(key);
+        self.ports.release(key);
     }
 
     /// Starts a new instance of `c`; returns its status, and when to look again if it failed.

@@ -49,7 +49,8 @@ pub(crate) struct AgentArgs {
     /// agent publishes it on its node for the server to reach.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// The address the server reaches the node's API at (default: the `--listen` address).
+    /// The URL the server reaches the node's API at (default: the `--listen` address, or the
+    /// node's `--address` with its port when listening on every interface).
     #[arg(long, requires = "listen")]
     advertise: Option<String>,
     /// Stop every workload of the node when the agent stops (otherwise the next agent adopts
@@ -137,7 +138,11 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
                 .await
                 .map_err(|e| format!("--listen: cannot listen on {addr}: {e}"))?;
             let bound = listener.local_addr()?;
-            let url = args.advertise.clone().unwrap_or_else(|| format!("http://{bound}"));
+            // Listening on every interface: the server reaches it at the node's `--address`.
+            let url = args.advertise.clone().unwrap_or_else(|| {
+                let ip = if bound.ip().is_unspecified() { args.address } else { bound.ip() };
+                format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
+            });
             let app = super::logs::agent_routes(
                 node.clone(),
                 args.server.clone(),

@@ -197,8 +197,11 @@ impl Relay {
     /// A ticket for `grant`, good once for 30 seconds.
     pub(crate) fn issue(&self, grant: Grant) -> String {
         let ticket = new_ticket();
-        let expires = tokio::time::Instant::now() + TICKET_TTL;
-        self.tickets.lock().unwrap_or_else(|e| e.into_inner()).insert(ticket.clone(), (grant, expires));
+        let now = tokio::time::Instant::now();
+        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        // Tickets never redeemed (an agent out of reach) go once they expire.
+        tickets.retain(|_, (_, expires)| *expires > now);
+        tickets.insert(ticket.clone(), (grant, now + TICKET_TTL));
         ticket
     }
 
@@ -508,4 +511,35 @@ pub(crate) async fn run(conn: &ConnArgs, args: LogsArgs) -> Result<(), BoxError>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay() -> Relay {
+        let store: Arc<dyn Store> = Arc::new(orch_store::MemoryStore::new());
+        Relay { self_url: "http://127.0.0.1:1".into(), store, tickets: Tickets::default() }
+    }
+
+    fn grant() -> Grant {
+        Grant { action: "logs".into(), namespace: "ns".into(), name: "w".into(), node: "n".into(), command: Vec::new() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ticket_is_good_once_and_only_within_its_time() {
+        let relay = relay();
+        let t = relay.issue(grant());
+        assert_eq!(t.len(), 64, "two random v4 uuids");
+        let first = redeem(State(relay.clone()), Path(t.clone())).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        let body = first.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(serde_json::from_slice::<Grant>(&body).unwrap(), grant());
+        assert_eq!(redeem(State(relay.clone()), Path(t)).await.status(), StatusCode::FORBIDDEN, "used once");
+
+        let late = relay.issue(grant());
+        tokio::time::advance(TICKET_TTL + std::time::Duration::from_secs(1)).await;
+        assert_eq!(redeem(State(relay.clone()), Path(late)).await.status(), StatusCode::FORBIDDEN, "expired");
+        assert!(relay.tickets.lock().unwrap().is_empty(), "expired tickets are dropped");
+    }
 }

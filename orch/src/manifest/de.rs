@@ -4,14 +4,22 @@
 //!
 //! Structs tell a deserializer their field names (`deserialize_struct`), which is how unknown
 //! fields are found without a schema. Two serde shapes buffer their input and so are not seen
-//! field by field: internally tagged enums (`#[serde(tag = "type")]`) and untagged ones; unknown
-//! fields inside those are ignored, as serde itself ignores them.
+//! field by field: internally tagged enums (`#[serde(tag = "type")]`) and untagged ones. Their
+//! mappings are noted while decoding, and checked afterwards against the decoded value written
+//! back out: a key that is not there was not read, so it is unknown.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::rc::Rc;
 
 use serde::de::{self, DeserializeSeed, IntoDeserializer, Visitor};
 
-use super::tree::{Key, Node, Pos, Value, join_key};
+use super::tree::{Key, Node, Pos, Segment, Value, join_key, segments};
+
+/// Mappings a type read without naming its fields (`deserialize_any`: internally tagged and
+/// untagged enums buffer their input that way), checked against the decoded value afterwards.
+/// Each is its path and its keys with where they are written.
+type AnyMaps = Rc<RefCell<Vec<(String, Vec<(String, Pos)>)>>>;
 
 /// A decoding error: what went wrong, at which field and where.
 #[derive(Debug)]
@@ -77,11 +85,30 @@ pub(crate) fn unknown_field(name: &str, within: &str, known: &[&str], pos: Pos, 
 pub(crate) struct NodeDe<'a> {
     pub(crate) node: &'a Node,
     pub(crate) path: String,
+    any: AnyMaps,
 }
 
 impl<'a> NodeDe<'a> {
-    pub(crate) fn new(node: &'a Node, path: impl Into<String>) -> Self {
-        NodeDe { node, path: path.into() }
+    fn visit_any<V: Visitor<'a>>(self, visitor: V, record: bool) -> Result<V::Value, DeError> {
+        let path = self.path.clone();
+        let any = self.any.clone();
+        let r = match &self.node.value {
+            Value::Null => visitor.visit_unit(),
+            Value::Bool(b) => visitor.visit_bool(*b),
+            Value::I64(n) => visitor.visit_i64(*n),
+            Value::U64(n) => visitor.visit_u64(*n),
+            Value::F64(n) => visitor.visit_f64(*n),
+            Value::Str(s) => visitor.visit_borrowed_str(s),
+            Value::Seq(items) => visitor.visit_seq(SeqDe { items: items.iter().enumerate(), path, any }),
+            Value::Map(entries) => {
+                if record {
+                    let keys = entries.iter().map(|(k, _)| (k.name.clone(), k.pos)).collect();
+                    any.borrow_mut().push((path.clone(), keys));
+                }
+                visitor.visit_map(MapDe { entries: entries.iter(), value: None, key_path: String::new(), path, any })
+            }
+        };
+        self.wrap(r)
     }
 
     fn wrap<T>(&self, r: Result<T, DeError>) -> Result<T, DeError> {
@@ -94,6 +121,7 @@ struct MapDe<'a> {
     value: Option<&'a Node>,
     key_path: String,
     path: String,
+    any: AnyMaps,
 }
 
 impl<'de> de::MapAccess<'de> for MapDe<'de> {
@@ -111,13 +139,14 @@ impl<'de> de::MapAccess<'de> for MapDe<'de> {
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DeError> {
         let node = self.value.take().ok_or_else(|| de::Error::custom("a value without a key"))?;
-        seed.deserialize(NodeDe { node, path: std::mem::take(&mut self.key_path) })
+        seed.deserialize(NodeDe { node, path: std::mem::take(&mut self.key_path), any: self.any.clone() })
     }
 }
 
 struct SeqDe<'a> {
     items: std::iter::Enumerate<std::slice::Iter<'a, Node>>,
     path: String,
+    any: AnyMaps,
 }
 
 impl<'de> de::SeqAccess<'de> for SeqDe<'de> {
@@ -125,7 +154,9 @@ impl<'de> de::SeqAccess<'de> for SeqDe<'de> {
     fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, DeError> {
         match self.items.next() {
             None => Ok(None),
-            Some((i, node)) => seed.deserialize(NodeDe { node, path: format!("{}[{i}]", self.path) }).map(Some),
+            Some((i, node)) => {
+                seed.deserialize(NodeDe { node, path: format!("{}[{i}]", self.path), any: self.any.clone() }).map(Some)
+            }
         }
     }
 }
@@ -134,6 +165,7 @@ struct EnumDe<'a> {
     variant: &'a Key,
     value: &'a Node,
     path: String,
+    any: AnyMaps,
 }
 
 impl<'de> de::EnumAccess<'de> for EnumDe<'de> {
@@ -142,7 +174,7 @@ impl<'de> de::EnumAccess<'de> for EnumDe<'de> {
     fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, NodeDe<'de>), DeError> {
         let key: de::value::StrDeserializer<'_, DeError> = self.variant.name.as_str().into_deserializer();
         let v = seed.deserialize(key).map_err(|e| e.at(&self.path, self.variant.pos))?;
-        Ok((v, NodeDe { node: self.value, path: join_key(&self.path, &self.variant.name) }))
+        Ok((v, NodeDe { node: self.value, path: join_key(&self.path, &self.variant.name), any: self.any.clone() }))
     }
 }
 
@@ -199,20 +231,7 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
     type Error = DeError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-        let path = self.path.clone();
-        let r = match &self.node.value {
-            Value::Null => visitor.visit_unit(),
-            Value::Bool(b) => visitor.visit_bool(*b),
-            Value::I64(n) => visitor.visit_i64(*n),
-            Value::U64(n) => visitor.visit_u64(*n),
-            Value::F64(n) => visitor.visit_f64(*n),
-            Value::Str(s) => visitor.visit_borrowed_str(s),
-            Value::Seq(items) => visitor.visit_seq(SeqDe { items: items.iter().enumerate(), path }),
-            Value::Map(entries) => {
-                visitor.visit_map(MapDe { entries: entries.iter(), value: None, key_path: String::new(), path })
-            }
-        };
-        self.wrap(r)
+        self.visit_any(visitor, true)
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
@@ -233,10 +252,14 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
         match &self.node.value {
             // `containers:` with nothing after it reads as an empty list, as in Kubernetes.
             Value::Null => {
-                let r = visitor.visit_seq(SeqDe { items: [].iter().enumerate(), path: self.path.clone() });
+                let r = visitor.visit_seq(SeqDe {
+                    items: [].iter().enumerate(),
+                    path: self.path.clone(),
+                    any: self.any.clone(),
+                });
                 self.wrap(r)
             }
-            _ => self.deserialize_any(visitor),
+            _ => self.visit_any(visitor, false),
         }
     }
 
@@ -248,10 +271,11 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
                     value: None,
                     key_path: String::new(),
                     path: self.path.clone(),
+                    any: self.any.clone(),
                 });
                 self.wrap(r)
             }
-            _ => self.deserialize_any(visitor),
+            _ => self.visit_any(visitor, false),
         }
     }
 
@@ -281,7 +305,7 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
             Value::Str(s) => visitor.visit_enum(UnitEnum(s)),
             Value::Map(entries) if entries.len() == 1 => {
                 let (variant, value) = &entries[0];
-                visitor.visit_enum(EnumDe { variant, value, path: self.path.clone() })
+                visitor.visit_enum(EnumDe { variant, value, path: self.path.clone(), any: self.any.clone() })
             }
             _ => Err(<DeError as de::Error>::custom(format!(
                 "expected a variant name or a mapping of one variant to its value, found {}",
@@ -292,7 +316,7 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
     }
 
     fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-        self.deserialize_any(visitor)
+        self.visit_any(visitor, false)
     }
 
     serde::forward_to_deserialize_any! {
@@ -301,7 +325,35 @@ impl<'de> de::Deserializer<'de> for NodeDe<'de> {
     }
 }
 
-/// Decodes the node at `path` strictly.
-pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(node: &'a Node, path: &str) -> Result<T, DeError> {
-    T::deserialize(NodeDe::new(node, path))
+/// Decodes the node at `path` strictly (see the module docs).
+pub(crate) fn decode<'a, T: serde::Deserialize<'a> + serde::Serialize>(
+    node: &'a Node,
+    path: &str,
+) -> Result<T, DeError> {
+    let any = AnyMaps::default();
+    let value = T::deserialize(NodeDe { node, path: path.to_string(), any: any.clone() })?;
+    let noted = any.take();
+    if noted.is_empty() {
+        return Ok(value);
+    }
+    // What was read, written back out: a noted mapping's key that is not there was not read.
+    let Ok(out) = serde_json::to_value(&value) else { return Ok(value) };
+    for (at, entries) in noted {
+        let relative = at.strip_prefix(path).unwrap_or(&at);
+        let mut here = Some(&out);
+        for seg in segments(relative) {
+            here = match seg {
+                Segment::Key(k) => here.and_then(|v| v.get(&k)),
+                Segment::Index(i) => here.and_then(|v| v.get(i)),
+            };
+        }
+        let Some(serde_json::Value::Object(read)) = here else { continue };
+        let known: Vec<&str> = read.keys().map(String::as_str).collect();
+        for (k, pos) in entries {
+            if !read.contains_key(&k) {
+                return Err(unknown_field(&k, &at, &known, pos, join_key(&at, &k)));
+            }
+        }
+    }
+    Ok(value)
 }

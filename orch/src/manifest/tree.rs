@@ -95,14 +95,15 @@ impl Node {
     }
 }
 
+/// One step of a field path.
 #[derive(Debug, PartialEq)]
-enum Segment {
+pub(crate) enum Segment {
     Key(String),
     Index(usize),
 }
 
 /// Splits a field path into keys and indexes: `a.b[0]["x.y"]`.
-fn segments(path: &str) -> Vec<Segment> {
+pub(crate) fn segments(path: &str) -> Vec<Segment> {
     let mut out = Vec::new();
     let mut chars = path.chars().peekable();
     let mut cur = String::new();
