@@ -113,7 +113,7 @@ async fn two_nodes_on_one_machine_reach_each_others_services() {
     let url = format!("http://127.0.0.1:{port}");
     let dns_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dns: std::net::SocketAddr = format!("127.0.0.1:{dns_port}").parse().unwrap();
-    let _server = orch(
+    let server = orch(
         &[
             "server",
             "--listen",
@@ -262,6 +262,8 @@ async fn two_nodes_on_one_machine_reach_each_others_services() {
     })
     .await;
     assert_eq!(answered.into_iter().collect::<Vec<_>>(), ["127.0.0.2", "127.0.0.3"]);
+    // Stop the processes before their directories go, so none is left unable to stop.
     drop(agents);
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
