@@ -353,3 +353,58 @@ async fn workload_controller_kinds_are_served_checked_and_deleted_as_asked() {
         call(&app, Method::DELETE, &format!("{WORKLOADS}/owner"), Some(bad_policy), "application/json").await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{st}");
 }
+
+#[tokio::test]
+async fn volume_kinds_are_discoverable_by_short_name_and_checked() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let app = router(store.clone());
+    let (_, list) = get(&app, "/apis/orch.dev/v1").await;
+    let resources = list["resources"].as_array().unwrap();
+    let claims = resources.iter().find(|r| r["name"] == "volumeclaims").expect("volumeclaims listed");
+    assert_eq!((claims["shortNames"].clone(), claims["namespaced"].clone()), (json!(["vc", "pvc"]), json!(true)));
+    let volumes = resources.iter().find(|r| r["name"] == "persistentvolumes").expect("persistentvolumes listed");
+    assert_eq!((volumes["shortNames"].clone(), volumes["namespaced"].clone()), (json!(["pv", "vol"]), json!(false)));
+
+    // A bad claim, posted under its short name, is refused naming each field.
+    let bad = json!({
+        "apiVersion": "orch.dev/v1", "kind": "VolumeClaim",
+        "metadata": {"name": "data", "namespace": "team-a"},
+        "spec": {"size": "0", "volumeClass": ""},
+    });
+    let (code, st) =
+        call(&app, Method::POST, "/apis/orch.dev/v1/namespaces/team-a/pvc", Some(bad), "application/json").await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{st}");
+    let fields: Vec<&str> =
+        st["details"]["causes"].as_array().unwrap().iter().map(|c| c["field"].as_str().unwrap()).collect();
+    assert!(fields.contains(&"spec.size") && fields.contains(&"spec.volumeClass"), "{fields:?}");
+    let good = json!({
+        "apiVersion": "orch.dev/v1", "kind": "VolumeClaim",
+        "metadata": {"name": "data", "namespace": "team-a"},
+        "spec": {"size": "1Gi", "volumeClass": "local", "accessMode": "ReadWriteOnce"},
+    });
+    let (code, st) =
+        call(&app, Method::POST, "/apis/orch.dev/v1/namespaces/team-a/vc", Some(good), "application/json").await;
+    assert_eq!(code, StatusCode::CREATED, "{st}");
+
+    // A node-local volume offering many-node writes is refused; a status naming no volume for
+    // a bound claim too.
+    let bad_volume = json!({
+        "apiVersion": "orch.dev/v1", "kind": "PersistentVolume",
+        "metadata": {"name": "pv-1"},
+        "spec": {"capacity": "1Gi", "volumeClass": "local", "nodeName": "n1", "accessModes": ["ReadWriteMany"]},
+    });
+    let (code, st) = call(&app, Method::POST, "/apis/orch.dev/v1/vol", Some(bad_volume), "application/json").await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("spec.accessModes[0]"), "{st}");
+    let bound = json!({"status": {"phase": "Bound"}});
+    let (code, st) = call(
+        &app,
+        Method::PATCH,
+        "/apis/orch.dev/v1/namespaces/team-a/volumeclaims/data/status",
+        Some(bound),
+        "application/merge-patch+json",
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("status.volumeName"), "{st}");
+}

@@ -1,6 +1,7 @@
 //! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], [`Workload`], [`Event`], [`Deployment`] with
 //! its revisions ([`ReplicaSet`]), [`Job`], [`Workflow`], [`DaemonSet`], [`Service`] with its
-//! [`EndpointSlice`]s, and the types they share.
+//! [`EndpointSlice`]s, [`VolumeClaim`] with the [`PersistentVolume`] that serves it, and the types they
+//! share.
 
 mod daemonset;
 mod deployment;
@@ -8,6 +9,7 @@ mod event;
 mod job;
 mod node;
 mod service;
+mod volume;
 mod workflow;
 mod workload;
 
@@ -28,6 +30,10 @@ pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeS
 pub use service::{
     DEFAULT_ENDPOINTS_PER_SLICE, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, PortTarget,
     SERVICE_NAME_LABEL, Service, ServicePort, ServiceStatus, ServiceType,
+};
+pub use volume::{
+    AccessMode, ClaimPhase, ClaimReference, PersistentVolume, PersistentVolumeStatus, ReclaimPolicy, VolumeClaim,
+    VolumeClaimStatus, VolumePhase,
 };
 pub use workflow::{FailurePolicy, STEP_ANNOTATION, StepPhase, StepStatus, Workflow, WorkflowStatus, WorkflowStep};
 pub use workload::{

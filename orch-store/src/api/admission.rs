@@ -7,7 +7,8 @@
 //! [`Api`](orch_core::Api) applies; the store itself checks every object's metadata.
 
 use orch_core::kinds::{
-    DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, ReplicaSet, Service, Workflow, Workload,
+    DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, PersistentVolume, ReplicaSet, Service,
+    VolumeClaim, Workflow, Workload,
 };
 use orch_core::{DynamicObject, Error, Object, ObjectKey, Resource};
 
@@ -65,7 +66,7 @@ pub trait Admission: Send + Sync + 'static {
 }
 
 /// Checks orch's built-in kinds (`Workload`, `Node`, `NodeLease`, `Deployment`, `ReplicaSet`,
-/// `DaemonSet`, `Job`, `Workflow`, `Event`, `Service`, `EndpointSlice`) as the typed `Api` does:
+/// `DaemonSet`, `Job`, `Workflow`, `Event`, `Service`, `EndpointSlice`, `VolumeClaim`, `PersistentVolume`) as the typed `Api` does:
 /// every bad field named, the spec and status decoded.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BuiltinValidation;
@@ -115,6 +116,10 @@ impl Admission for BuiltinValidation {
             (Service::KIND, true) => check_status::<Service>(obj),
             (EndpointSlice::KIND, false) => check::<EndpointSlice>(obj),
             (EndpointSlice::KIND, true) => check_status::<EndpointSlice>(obj),
+            (VolumeClaim::KIND, false) => check::<VolumeClaim>(obj),
+            (VolumeClaim::KIND, true) => check_status::<VolumeClaim>(obj),
+            (PersistentVolume::KIND, false) => check::<PersistentVolume>(obj),
+            (PersistentVolume::KIND, true) => check_status::<PersistentVolume>(obj),
             _ => Ok(()),
         }
     }

@@ -1,7 +1,8 @@
 //! The kinds an API server names in discovery: plural, singular and short names, and scope.
 
 use orch_core::kinds::{
-    DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, ReplicaSet, Service, Workflow, Workload,
+    DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, PersistentVolume, ReplicaSet, Service,
+    VolumeClaim, Workflow, Workload,
 };
 use orch_core::{Resource, Scope};
 use serde_json::{Value, json};
@@ -60,7 +61,8 @@ pub struct Kinds {
 impl Default for Kinds {
     /// orch's built-in kinds: `Node` (cluster-scoped, `no`), `Workload` (`wl`), `NodeLease`,
     /// `Deployment` (`deploy`), `ReplicaSet` (`rs`), `DaemonSet` (`ds`), `Job`, `Workflow` (`wf`)
-    /// `Event` (`ev`), `Service` (`svc`) and `EndpointSlice`.
+    /// `Event` (`ev`), `Service` (`svc`), `EndpointSlice`, `VolumeClaim` (`vc`, `pvc`) and
+    /// `PersistentVolume` (cluster-scoped, `pv`, `vol`).
     fn default() -> Self {
         Kinds {
             kinds: vec![
@@ -75,6 +77,8 @@ impl Default for Kinds {
                 KindInfo::of::<Event>().short_names(&["ev"]),
                 KindInfo::of::<Service>().short_names(&["svc"]),
                 KindInfo::of::<EndpointSlice>(),
+                KindInfo::of::<VolumeClaim>().short_names(&["vc", "pvc"]),
+                KindInfo::of::<PersistentVolume>().short_names(&["pv", "vol"]),
             ],
         }
     }

@@ -46,7 +46,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use orch_core::kinds::{
-    DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, ReplicaSet, Service, Workflow, Workload,
+    DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, PersistentVolume, ReplicaSet, Service,
+    VolumeClaim, Workflow, Workload,
 };
 use orch_core::{DynamicObject, Error, Object, ObjectMeta, RawJson, Resource, Scope};
 
@@ -228,7 +229,7 @@ impl Manifests {
     }
 
     /// Every built-in kind: Node, NodeLease, Workload, Deployment, ReplicaSet, DaemonSet, Job,
-    /// Workflow, Event, Service, EndpointSlice.
+    /// Workflow, Event, Service, EndpointSlice, VolumeClaim, PersistentVolume.
     pub fn builtin() -> Self {
         let mut m = Manifests::empty();
         m.register::<Node>()
@@ -241,7 +242,9 @@ impl Manifests {
             .register::<Workflow>()
             .register::<Event>()
             .register::<Service>()
-            .register::<EndpointSlice>();
+            .register::<EndpointSlice>()
+            .register::<VolumeClaim>()
+            .register::<PersistentVolume>();
         m
     }
 
