@@ -8,7 +8,7 @@
 //!   own kinds, the built-in [`kinds`] (`Node`, `NodeLease`, `Workload`), selectors, quantities and
 //!   [`validation`] that names every bad field;
 //! - the backend traits: [`Store`] (with its rules in [`store`] and typed access through
-//!   [`Api`]), [`Runtime`], and [`provider::NodeProvider`];
+//!   [`Api`]), [`Runtime`], [`provider::NodeProvider`] and [`VolumeProvider`];
 //! - the reconcile machinery: shared indexed [`Cache`]s, the work queue, the [`Controller`] trait
 //!   and its loop, the [`Manager`] that runs any [`Runnable`] under one leadership, and leader
 //!   election with fencing;
@@ -37,7 +37,7 @@
 //!
 //! | feature   | what it adds |
 //! |-----------|--------------|
-//! | `testkit` | `store_conformance!` and `runtime_conformance!`: the suites every backend must pass; `testkit::wait_until`, `testkit::eventually`, `testkit::FlakyStore` |
+//! | `testkit` | `store_conformance!`, `runtime_conformance!` and `testkit::volume::suite`: the suites every backend must pass; `testkit::wait_until`, `testkit::eventually`, `testkit::FlakyStore` |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod api;
@@ -60,6 +60,7 @@ pub mod rate;
 pub mod runnable;
 pub mod runtime;
 pub mod selector;
+pub mod storage;
 pub mod store;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
@@ -78,6 +79,7 @@ pub use quantity::Quantity;
 pub use runnable::{Leadership, RunParts, Runnable};
 pub use runtime::{ExecOutput, Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
 pub use selector::{FieldSelector, LabelSelector, Requirement};
+pub use storage::{VolumeError, VolumeProvider};
 pub use store::{
     DeleteOptions, DeleteOutcome, Guard, LeaseInfo, ListRequest, ListResponse, Propagation, Selection, Store,
     WatchEvent, WatchRequest, WatchStream, WriteOptions,

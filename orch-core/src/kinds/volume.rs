@@ -1,6 +1,6 @@
 //! Storage that outlives workloads: a [`VolumeClaim`] is a namespaced request for storage (how
 //! much, how it is shared, of which class); a [`PersistentVolume`] is the cluster-scoped volume a
-//! volume provider provided for it, bound to at most one claim.
+//! [`VolumeProvider`](crate::storage::VolumeProvider) provided for it, bound to at most one claim.
 //!
 //! The Rust type of the provided volume is `PersistentVolume` because [`Volume`](super::Volume)
 //! already names a workload's volume entry.

@@ -13,6 +13,7 @@
 mod paced;
 pub mod runtime;
 pub mod store;
+pub mod volume;
 mod wait;
 
 pub use paced::Paced;

@@ -1,0 +1,120 @@
+//! `LocalVolumes` on a real directory: the volume provider suite, capacity accounting, and what a
+//! restarted agent finds.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use orch_core::testkit::volume::{request, suite};
+use orch_core::{Quantity, VolumeError, VolumeProvider};
+use orch_runtime::LocalVolumes;
+
+/// A fresh, empty directory for one provider (removed by the test that made it, when it passes).
+fn fresh_root(test: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let root = std::env::temp_dir().join(format!("orch-local-volumes-{test}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    root
+}
+
+fn q(s: &str) -> Quantity {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn local_volumes_pass_the_volume_provider_suite() {
+    let roots = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let made = roots.clone();
+    suite(
+        move || {
+            let root = fresh_root("suite");
+            made.lock().unwrap().push(root.clone());
+            async move { Arc::new(LocalVolumes::open(root, "n1", q("1Gi")).await.unwrap()) as Arc<dyn VolumeProvider> }
+        },
+        "n1",
+    )
+    .await;
+    for root in roots.lock().unwrap().iter() {
+        let _ = std::fs::remove_dir_all(root);
+    }
+}
+
+#[tokio::test]
+async fn capacity_is_accounted_and_a_volume_that_does_not_fit_is_refused_with_what_is_left() {
+    let root = fresh_root("capacity");
+    let p = LocalVolumes::open(&root, "n1", q("10Gi")).await.unwrap();
+    assert!(!p.capabilities().enforces_size, "sizes are accounted, not enforced");
+    p.create(&request("a", "6Gi", "n1")).await.unwrap();
+    assert_eq!(p.available().await, q("4Gi"));
+    let err = p.create(&request("b", "5Gi", "n1")).await.unwrap_err();
+    match &err {
+        VolumeError::InsufficientCapacity { volume, requested, available, .. } => {
+            assert_eq!((volume.as_str(), *requested, *available), ("b", q("5Gi"), q("4Gi")));
+        }
+        other => panic!("expected InsufficientCapacity, got {other}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        "volume \"b\" needs 5Gi but node \"n1\" (local capacity 10Gi) has only 4Gi left",
+        "the error says what is left"
+    );
+    assert!(!root.join("b").exists(), "a refused volume leaves nothing behind");
+    // A repeated create of an existing volume takes no more room; exactly what is left fits.
+    p.create(&request("a", "6Gi", "n1")).await.unwrap();
+    p.create(&request("c", "4Gi", "n1")).await.unwrap();
+    assert_eq!(p.available().await, Quantity::ZERO);
+    // Deleting gives the room back.
+    p.delete("a").await.unwrap();
+    assert_eq!(p.available().await, q("6Gi"));
+    p.create(&request("b", "5Gi", "n1")).await.unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn another_node_is_refused_naming_where_the_volume_lives() {
+    let root = fresh_root("node");
+    let p = LocalVolumes::open(&root, "n1", q("1Gi")).await.unwrap();
+    let err = p.create(&request("a", "1Mi", "n2")).await.unwrap_err();
+    assert!(matches!(err, VolumeError::Refused { .. }), "{err}");
+    p.create(&request("a", "1Mi", "n1")).await.unwrap();
+    let err = p.publish("a", "n2", "c1").await.unwrap_err();
+    assert_eq!(err.to_string(), "volume \"a\": it lives on node \"n1\", not \"n2\"");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn a_reopened_provider_finds_its_volumes_their_sizes_data_and_consumers() {
+    let root = fresh_root("reopen");
+    let p = LocalVolumes::open(&root, "n1", q("10Gi")).await.unwrap();
+    p.create(&request("db", "3Gi", "n1")).await.unwrap();
+    let path = p.publish("db", "n1", "db-0").await.unwrap().path;
+    std::fs::write(path.join("counter"), "7").unwrap();
+    drop(p);
+    // A delete interrupted by a crash leaves a renamed directory: it is finished on open.
+    std::fs::create_dir_all(root.join(".deleting-old-0000000000000001").join("data")).unwrap();
+    // A create interrupted before its record counts for nothing.
+    std::fs::create_dir_all(root.join("half").join("data")).unwrap();
+
+    let p = LocalVolumes::open(&root, "n1", q("10Gi")).await.unwrap();
+    assert_eq!(p.available().await, q("7Gi"), "the volume's size is still accounted");
+    assert!(!root.join(".deleting-old-0000000000000001").exists());
+    match p.delete("db").await {
+        Err(VolumeError::InUse { consumers, .. }) => assert_eq!(consumers, ["db-0"]),
+        other => panic!("the consumer must survive the restart: {other:?}"),
+    }
+    let again = p.publish("db", "n1", "db-0").await.unwrap().path;
+    assert_eq!(std::fs::read_to_string(again.join("counter")).unwrap(), "7");
+    assert!(matches!(p.publish("half", "n1", "c").await, Err(VolumeError::NotFound { .. })));
+    p.create(&request("half", "1Gi", "n1")).await.unwrap();
+    assert_eq!(p.available().await, q("6Gi"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn a_bad_node_capacity_is_refused() {
+    let root = fresh_root("bad-capacity");
+    let err = LocalVolumes::open(&root, "n1", q("-1")).await.unwrap_err();
+    assert!(matches!(&err, VolumeError::Invalid { field, .. } if field == "capacity"), "{err}");
+    let _ = std::fs::remove_dir_all(&root);
+}
