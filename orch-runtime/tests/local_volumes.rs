@@ -118,3 +118,65 @@ async fn a_bad_node_capacity_is_refused() {
     assert!(matches!(&err, VolumeError::Invalid { field, .. } if field == "capacity"), "{err}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create { volume: usize, mib: i64 },
+    Delete { volume: usize },
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => (0..4usize, 1..8i64).prop_map(|(volume, mib)| Op::Create { volume, mib }),
+        1 => (0..4usize).prop_map(|volume| Op::Delete { volume }),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
+
+    /// Whatever the sequence of creates and deletes, the volumes never hold more than the node's
+    /// capacity, a create succeeds exactly when it fits (or repeats an existing volume), and a
+    /// reopened provider accounts the same.
+    #[test]
+    fn capacity_is_never_overcommitted(ops in proptest::collection::vec(op(), 1..16)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            const MIB: i64 = 1 << 20;
+            let root = fresh_root("prop");
+            let p = LocalVolumes::open(&root, "n1", Quantity::from_bytes(16 * MIB)).await.unwrap();
+            let mut model = std::collections::BTreeMap::<usize, i64>::new();
+            for op in ops {
+                match op {
+                    Op::Create { volume, mib } => {
+                        let req = request(&format!("v{volume}"), &format!("{mib}Mi"), "n1");
+                        let got = p.create(&req).await;
+                        let used: i64 = model.values().sum();
+                        match model.get(&volume) {
+                            Some(&have) if have == mib => assert!(got.is_ok(), "a repeated create: {got:?}"),
+                            Some(_) => assert!(matches!(got, Err(VolumeError::Refused { .. })), "{got:?}"),
+                            None if used + mib <= 16 => {
+                                got.unwrap();
+                                model.insert(volume, mib);
+                            }
+                            None => assert!(matches!(got, Err(VolumeError::InsufficientCapacity { .. })), "{got:?}"),
+                        }
+                    }
+                    Op::Delete { volume } => {
+                        p.delete(&format!("v{volume}")).await.unwrap();
+                        model.remove(&volume);
+                    }
+                }
+                let used: i64 = model.values().sum();
+                assert!(used <= 16);
+                assert_eq!(p.available().await, Quantity::from_bytes((16 - used) * MIB));
+            }
+            drop(p);
+            let reopened = LocalVolumes::open(&root, "n1", Quantity::from_bytes(16 * MIB)).await.unwrap();
+            let used: i64 = model.values().sum();
+            assert_eq!(reopened.available().await, Quantity::from_bytes((16 - used) * MIB));
+            let _ = std::fs::remove_dir_all(&root);
+        });
+    }
+}
