@@ -180,3 +180,36 @@ proptest::proptest! {
         });
     }
 }
+
+mod readme {
+    use std::path::{Path, PathBuf};
+
+    use orch_core::storage::CreateVolume;
+    use orch_core::{VolumeError, VolumeProvider, kinds::AccessMode};
+    use orch_runtime::LocalVolumes;
+
+    async fn provide(root: &Path) -> Result<PathBuf, VolumeError> {
+        let volumes = LocalVolumes::open(root, "node-1", "100Gi".parse().unwrap()).await?;
+        let req = CreateVolume {
+            name: "db-data".into(),
+            capacity: "10Gi".parse().unwrap(),
+            access_mode: AccessMode::ReadWriteOnce,
+            node: Some("node-1".into()),
+        };
+        volumes.create(&req).await?;
+        volumes.create(&req).await?; // again: the same volume, data and all
+        let huge = CreateVolume { name: "huge".into(), capacity: "200Gi".parse().unwrap(), ..req };
+        let refused = volumes.create(&huge).await.unwrap_err();
+        assert!(refused.to_string().ends_with("has only 90Gi left"));
+        Ok(volumes.publish("db-data", "node-1", "db-0").await?.path)
+    }
+
+    #[tokio::test]
+    async fn the_readme_snippet_runs() {
+        let root = super::fresh_root("readme");
+        let path = provide(&root).await.unwrap();
+        assert_eq!(path, root.join("db-data").join("data"));
+        assert!(path.is_dir());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
