@@ -168,7 +168,7 @@ pub trait VolumeProvider: Send + Sync + 'static {
     /// Withdraws the volume `name` from `consumer` on `node`; its data stays.
     ///
     /// # To ensure correctness
-    /// - Idempotent: a consumer that has no publication, or a volume that no longer exists,
+    /// - Idempotent: a consumer that has no publication on `node`, or a volume that no longer exists,
     ///   succeeds (so cleanup after a crash never stalls).
     /// - Once the last consumer is unpublished, `delete` no longer answers `InUse`.
     async fn unpublish(&self, name: &str, node: &str, consumer: &str) -> Result<(), VolumeError>;

@@ -271,7 +271,10 @@ impl VolumeProvider for LocalVolumes {
         check_name(name)?;
         let mut volumes = self.volumes.lock().await;
         let Some(record) = volumes.get(name) else { return Ok(()) };
-        self.check_node(name, node)?;
+        // Nothing of this node's volumes is ever published on another node: nothing to withdraw.
+        if node != self.node {
+            return Ok(());
+        }
         if record.consumers.contains(consumer) {
             let mut next = record.clone();
             next.consumers.remove(consumer);

@@ -71,6 +71,29 @@ async fn capacity_is_accounted_and_a_volume_that_does_not_fit_is_refused_with_wh
     let _ = std::fs::remove_dir_all(&root);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_never_overcommit() {
+    let root = fresh_root("concurrent");
+    let p = Arc::new(LocalVolumes::open(&root, "n1", q("10Gi")).await.unwrap());
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let p = p.clone();
+            tokio::spawn(async move { p.create(&request(&format!("v{i}"), "1Gi", "n1")).await })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => created += 1,
+            Err(VolumeError::InsufficientCapacity { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(created, 10, "exactly as many 1Gi volumes as fit in 10Gi");
+    assert_eq!(p.available().await, Quantity::ZERO);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 #[tokio::test]
 async fn another_node_is_refused_naming_where_the_volume_lives() {
     let root = fresh_root("node");
@@ -80,6 +103,10 @@ async fn another_node_is_refused_naming_where_the_volume_lives() {
     p.create(&request("a", "1Mi", "n1")).await.unwrap();
     let err = p.publish("a", "n2", "c1").await.unwrap_err();
     assert_eq!(err.to_string(), "volume \"a\": it lives on node \"n1\", not \"n2\"");
+    // Unpublishing on another node withdraws nothing: the publication on n1 stays.
+    p.publish("a", "n1", "c1").await.unwrap();
+    p.unpublish("a", "n2", "c1").await.unwrap();
+    assert!(matches!(p.delete("a").await, Err(VolumeError::InUse { .. })));
     let _ = std::fs::remove_dir_all(&root);
 }
 
