@@ -352,3 +352,46 @@ async fn problems_are_conditions_and_allocations_survive_a_restart() {
     }
     plane.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_selector_made_empty_takes_the_controllers_slices_and_leaves_the_applications() {
+    let mut plane = Plane::new();
+    plane.start(EndpointsConfig::default());
+    plane.workload("web-0", "web", 20000, true).await;
+    let svc = plane
+        .services()
+        .create(&Object::new(ObjectMeta::named("web"), web_service("web", PortTarget::Number(8080))))
+        .await
+        .unwrap();
+    wait_until("one endpoint", LIMIT, async || (plane.endpoints("web").await.0.len() == 1).then_some(())).await;
+    // The application's own slice for the service: a plain (non-controller) owner reference.
+    let mut meta = ObjectMeta::named("web-by-app").with_label(SERVICE_NAME_LABEL, "web");
+    let mut owner = svc.controller_ref();
+    owner.controller = false;
+    meta.owner_references = vec![owner];
+    let app_slice = EndpointSlice { service: "web".into(), endpoints: vec![] };
+    plane.slices().create(&Object::new(meta, app_slice)).await.unwrap();
+
+    let mut svc = plane.services().get("web").await.unwrap();
+    svc.spec.selector.clear();
+    plane.services().replace(&svc).await.unwrap();
+    let left = wait_until("the controller's slices gone", LIMIT, async || {
+        let all = plane.slices().list(&ListParams::default()).await.unwrap().items;
+        (all.len() == 1).then_some(all)
+    })
+    .await;
+    assert_eq!(left[0].metadata.name, "web-by-app", "the application's slice stays");
+    let c = wait_until("NoSelector", LIMIT, async || {
+        plane.condition("web", "EndpointsReady").await.filter(|c| c.reason == "NoSelector")
+    })
+    .await;
+    assert_eq!(c.status, ConditionStatus::Unknown);
+
+    // The index forgot web-0: its changes no longer bring slices back.
+    plane.set_ready("web-0", false).await;
+    plane.set_ready("web-0", true).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let all = plane.slices().list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(all.len(), 1, "no slice written for a selector-less service: {all:?}");
+    plane.stop().await;
+}
