@@ -14,7 +14,9 @@
 //! - Problems are conditions on the service, never failures: `EndpointsReady` is false with
 //!   `NoMatchingWorkloads` when the selector matches nothing and `PortNotFound` when a matching
 //!   workload lacks a target port (it is left out); `PortsAllocated` is false with
-//!   `NodePortConflict`, `ClusterAddressConflict` or an exhausted range.
+//!   `NodePortConflict`, `NodePortOutOfRange` (a fixed `nodePort` outside
+//!   [`EndpointsConfig::node_port_range`]), `NodePortRangeEmpty` (a range whose start is after
+//!   its end), `ClusterAddressConflict` or an exhausted range.
 //! - Cluster addresses (from [`EndpointsConfig::cluster_range`], default `127.64.0.0/16`; a
 //!   headless service has none) and node ports (for `NodePort` services, from
 //!   [`EndpointsConfig::node_port_range`], default 30000-32767, or as `ports[].nodePort`
@@ -65,7 +67,8 @@ pub struct EndpointsConfig {
     pub endpoints_per_slice: usize,
     /// Cluster addresses are given from this block.
     pub cluster_range: AddressRange,
-    /// Node ports are given from this range.
+    /// Node ports are given from this range; a fixed `nodePort` outside it is refused, and a
+    /// range whose start is after its end gives none (`NodePortRangeEmpty`).
     pub node_port_range: RangeInclusive<u16>,
 }
 
