@@ -271,12 +271,14 @@ impl Ports {
     }
 }
 
-/// The variable name part for a port: its name upper-cased with `-` as `_`, or its container
-/// port number when it has no name.
+/// The variable name part for a port: its name upper-cased with `-` as `_`, or, when it has no
+/// name, its container port number, followed by `_UDP` for a UDP port (TCP 53 is `53`, UDP 53 is
+/// `53_UDP`: a port number may be listed once per protocol).
 fn env_key(p: &PortStatus) -> String {
-    match &p.name {
-        Some(n) => n.to_ascii_uppercase().replace('-', "_"),
-        None => p.container_port.to_string(),
+    match (&p.name, p.protocol) {
+        (Some(n), _) => n.to_ascii_uppercase().replace('-', "_"),
+        (None, Protocol::TCP) => p.container_port.to_string(),
+        (None, Protocol::UDP) => format!("{}_UDP", p.container_port),
     }
 }
 
@@ -285,7 +287,8 @@ fn env_key(p: &PortStatus) -> String {
 /// instance shares the node's network, the container port when the runtime publishes the host
 /// port to it), `HOST_PORT_<NAME>` where others reach it on `ORCH_ADDRESS`; `PORT` is the
 /// listening port of the container's own first port. An unnamed port is named by its container
-/// port number (`PORT_8080`).
+/// port number (`PORT_8080`), with `_UDP` after it for a UDP port (`PORT_53_UDP`), so TCP and UDP
+/// ports of one number get distinct variables.
 pub(super) fn env(container: &str, ports: &[PortStatus], address: IpAddr, published: bool) -> Vec<EnvVar> {
     let var = |name: String, value: String| EnvVar { name, value };
     let listen = |p: &PortStatus| if published { p.container_port } else { p.host_port };
@@ -408,5 +411,26 @@ mod tests {
         let published = env("main", &ports, NOWHERE, true);
         assert_eq!(get(&published, "PORT_80").as_deref(), Some("80"), "listens on its container port");
         assert_eq!(get(&published, "HOST_PORT_80").as_deref(), Some("20000"));
+    }
+
+    #[test]
+    fn unnamed_tcp_and_udp_ports_of_one_number_get_distinct_variables() {
+        let port = |protocol, host_port| PortStatus {
+            container: "dns".into(),
+            name: None,
+            container_port: 53,
+            host_port,
+            protocol,
+        };
+        let env = env("dns", &[port(Protocol::TCP, 20000), port(Protocol::UDP, 20001)], NOWHERE, false);
+        let get = |k: &str| env.iter().filter(|e| e.name == k).map(|e| e.value.as_str()).collect::<Vec<_>>();
+        assert_eq!(get("PORT_53"), vec!["20000"], "the TCP port");
+        assert_eq!(get("PORT_53_UDP"), vec!["20001"]);
+        assert_eq!(get("HOST_PORT_53_UDP"), vec!["20001"]);
+        let mut names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
+        let all = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all, "no variable twice: {names:?}");
     }
 }
