@@ -87,6 +87,14 @@ impl Ports {
                     continue;
                 }
             };
+            if let Some(bad) = held.ports.iter().find(|p| !u16::try_from(p.host_port).is_ok_and(|p| p != 0)) {
+                tracing::warn!(
+                    path = %entry.path().display(),
+                    host_port = bad.host_port,
+                    "skipping a port allocation whose host port is not a port (1-65535)"
+                );
+                continue;
+            }
             let key = ObjectRef::new(&held.namespace, &held.name);
             for p in &held.ports {
                 if let Ok(port) = u16::try_from(p.host_port) {
@@ -127,13 +135,18 @@ impl Ports {
     /// The host ports of `workload` (uid tag `uid_tag`): the ones it holds, and new ones for
     /// ports it did not have; ports it no longer declares are freed. Written to disk before it
     /// returns. Fails, naming the port, when the range is used up or a fixed host port is held by
-    /// another workload on this node.
+    /// another workload on this node, and when the range is empty (start after end) and a port
+    /// needs one from it.
     pub(super) fn assign(
         &self,
         key: &ObjectRef,
         uid_tag: &str,
         workload: &Workload,
     ) -> Result<Vec<PortStatus>, String> {
+        let (lo, hi) = (*self.range.start(), *self.range.end());
+        if lo > hi && workload.containers.iter().any(|c| c.ports.iter().any(|p| p.host_port.is_none())) {
+            return Err(format!("the agent's port range {lo}-{hi} is empty (its start is after its end)"));
+        }
         let mut state = self.lock();
         let previous = match state.held.get(key) {
             Some(h) if h.uid_tag == uid_tag => h.ports.clone(),
@@ -151,7 +164,12 @@ impl Ports {
                     host_port: 0,
                     protocol: p.protocol,
                 };
-                let before = previous.iter().find(|q| same_port(q, &status)).map(|q| q.host_port);
+                // A held port that is not a port (a damaged record) is not kept: a new one is given.
+                let before = previous
+                    .iter()
+                    .find(|q| same_port(q, &status))
+                    .and_then(|q| u16::try_from(q.host_port).ok())
+                    .filter(|p| *p != 0);
                 let field = format!("spec.containers[{ci}].ports[{pi}]");
                 let port = match (p.host_port, before) {
                     (Some(fixed), _) => {
@@ -168,7 +186,7 @@ impl Ports {
                             _ => fixed,
                         }
                     }
-                    (None, Some(held)) => held as u16,
+                    (None, Some(held)) => held,
                     (None, None) => match self.free_port(&mut state, &taken, p.protocol) {
                         Some(port) => port,
                         None => {
@@ -245,6 +263,9 @@ impl Ports {
     /// address (something outside the agent may listen there).
     fn free_port(&self, state: &mut State, taken: &[u16], protocol: Protocol) -> Option<u16> {
         let (lo, hi) = (*self.range.start(), *self.range.end());
+        if lo > hi {
+            return None;
+        }
         let size = u32::from(hi - lo) + 1;
         let mut candidate = state.cursor.clamp(lo, hi);
         for _ in 0..size {
@@ -432,5 +453,37 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all, "no variable twice: {names:?}");
+    }
+
+    #[test]
+    fn an_empty_range_and_a_damaged_record_are_refused_without_a_panic() {
+        let root = dir("damaged");
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = Ports::new(102..=100, NOWHERE, &root);
+        let a = ObjectRef::new("default", "a");
+        let err = empty.assign(&a, "ua", &workload(&[(None, 80, None)])).unwrap_err();
+        assert!(err.contains("port range 102-100 is empty"), "{err}");
+        assert_eq!(empty.assign(&a, "ua", &workload(&[(None, 80, Some(9090))])).unwrap()[0].host_port, 9090);
+
+        // A record on disk whose host port does not fit in 16 bits is skipped, not wrapped.
+        let ports = Ports::new(100..=102, NOWHERE, &root);
+        let bad = Held {
+            namespace: "default".into(),
+            name: "b".into(),
+            uid_tag: "ub".into(),
+            ports: vec![PortStatus {
+                container: "main".into(),
+                container_port: 80,
+                host_port: 65536 + 101,
+                ..Default::default()
+            }],
+        };
+        ports.persist(&bad);
+        let again = Ports::new(100..=102, NOWHERE, &root);
+        assert!(again.load().iter().all(|k| k.name != "b"), "the damaged record is not loaded");
+        let b = ObjectRef::new("default", "b");
+        let got = again.assign(&b, "ub", &workload(&[(None, 80, None)])).unwrap();
+        assert_eq!(got[0].host_port, 100, "a new port from the range, not 65637 wrapped to 101: {got:?}");
+        let _ = std::fs::remove_dir_all(root);
     }
 }
