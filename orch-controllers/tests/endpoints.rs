@@ -246,8 +246,8 @@ async fn endpoints_follow_workloads_in_bounded_slices_and_only_changed_slices_ar
 async fn problems_are_conditions_and_allocations_survive_a_restart() {
     let mut plane = Plane::new();
     let config = EndpointsConfig {
-        cluster_range: AddressRange::parse("127.65.0.0/29").unwrap(),
-        node_port_range: 31000..=31001,
+        cluster_range: AddressRange::parse("127.65.0.0/28").unwrap(),
+        node_port_range: 31000..=31002,
         ..Default::default()
     };
     plane.start(config.clone());
@@ -279,9 +279,11 @@ async fn problems_are_conditions_and_allocations_survive_a_restart() {
         }],
         ..web_service("web", PortTarget::Number(8080))
     };
-    plane.services().create(&Object::new(ObjectMeta::named("np-a"), node_port(Some(30080)))).await.unwrap();
-    plane.services().create(&Object::new(ObjectMeta::named("np-b"), node_port(Some(30080)))).await.unwrap();
+    plane.services().create(&Object::new(ObjectMeta::named("np-a"), node_port(Some(31002)))).await.unwrap();
+    plane.services().create(&Object::new(ObjectMeta::named("np-b"), node_port(Some(31002)))).await.unwrap();
     plane.services().create(&Object::new(ObjectMeta::named("np-c"), node_port(None))).await.unwrap();
+    // A fixed node port outside the controller's range is refused, naming the range.
+    plane.services().create(&Object::new(ObjectMeta::named("np-out"), node_port(Some(30080)))).await.unwrap();
     let headless = Service { headless: true, ..web_service("web", PortTarget::Number(8080)) };
     plane.services().create(&Object::new(ObjectMeta::named("headless"), headless)).await.unwrap();
 
@@ -292,23 +294,27 @@ async fn problems_are_conditions_and_allocations_survive_a_restart() {
     assert_eq!((c.status, c.reason.as_str()), (ConditionStatus::False, "PortNotFound"));
     assert!(c.message.contains("web-0 has no port admin"), "{}", c.message);
     assert!(plane.endpoints("missing").await.0.is_empty(), "a workload without the port is left out");
-    // Whichever of np-a and np-b is reconciled first holds 30080; the other says who does.
+    let c = wait_until("np-out refused", LIMIT, async || plane.condition("np-out", "PortsAllocated").await).await;
+    assert_eq!((c.status, c.reason.as_str()), (ConditionStatus::False, "NodePortOutOfRange"));
+    assert!(c.message.contains("30080") && c.message.contains("31000-31002"), "{}", c.message);
+    assert!(plane.services().get("np-out").await.unwrap().status.node_ports.is_empty());
+    // Whichever of np-a and np-b is reconciled first holds 31002; the other says who does.
     let (a, b) = wait_until("both node-port services reconciled", LIMIT, async || {
         Some((plane.condition("np-a", "PortsAllocated").await?, plane.condition("np-b", "PortsAllocated").await?))
     })
     .await;
     let (holder, loser, c) = if a.status == ConditionStatus::True { ("np-a", "np-b", b) } else { ("np-b", "np-a", a) };
     assert_eq!((c.status, c.reason.as_str()), (ConditionStatus::False, "NodePortConflict"), "{loser}");
-    assert!(c.message.contains("30080") && c.message.contains(&format!("default/{holder}")), "{}", c.message);
+    assert!(c.message.contains("31002") && c.message.contains(&format!("default/{holder}")), "{}", c.message);
     let held = plane.services().get(holder).await.unwrap();
-    assert_eq!(held.status.node_ports.get(""), Some(&30080), "keyed by port name, \"\" for a single unnamed port");
+    assert_eq!(held.status.node_ports.get(""), Some(&31002), "keyed by port name, \"\" for a single unnamed port");
     assert!(plane.services().get(loser).await.unwrap().status.node_ports.is_empty());
     let c_port = wait_until("np-c", LIMIT, async || {
         let s = plane.services().get("np-c").await.unwrap();
         s.status.node_ports.get("").copied()
     })
     .await;
-    assert!((31000..=31001).contains(&c_port));
+    assert!((31000..=31001).contains(&c_port), "31002 is np-a's or np-b's");
     // Endpoints of a node-port service work as any: np-a has web-0.
     wait_until("np-a endpoints", LIMIT, async || (plane.endpoints("np-a").await.0.len() == 1).then_some(())).await;
     let h = wait_until("headless reconciled", LIMIT, async || {
@@ -332,7 +338,7 @@ async fn problems_are_conditions_and_allocations_survive_a_restart() {
     let mut addresses: Vec<_> = before.iter().filter_map(|(_, a, _)| a.clone()).collect();
     addresses.sort();
     addresses.dedup();
-    assert_eq!(addresses.len(), 5, "unique cluster addresses: {before:?}");
+    assert_eq!(addresses.len(), 6, "unique cluster addresses: {before:?}");
     plane.stop().await;
     plane.start(config);
     plane.services().create(&Object::new(ObjectMeta::named("late"), node_port(None))).await.unwrap();
@@ -341,7 +347,7 @@ async fn problems_are_conditions_and_allocations_survive_a_restart() {
         s.status.conditions.iter().any(|c| c.type_ == "PortsAllocated").then_some(s)
     })
     .await;
-    // The range of node ports (2) is taken by np-c and... np-a fixed 30080 outside it: one left.
+    // The range of node ports (3) holds np-c's and the fixed 31002: one left.
     let late_port = late.status.node_ports.get("").copied();
     assert!(late_port.is_some_and(|p| p != c_port), "no node port twice: {late_port:?} vs {c_port}");
     assert!(!addresses.contains(late.status.cluster_address.as_ref().unwrap()), "no address twice");
@@ -350,5 +356,48 @@ async fn problems_are_conditions_and_allocations_survive_a_restart() {
         let s = plane.services().get(&name).await.unwrap();
         assert_eq!((s.status.cluster_address, s.status.node_ports), (address, ports), "{name} kept its allocation");
     }
+    plane.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_selector_made_empty_takes_the_controllers_slices_and_leaves_the_applications() {
+    let mut plane = Plane::new();
+    plane.start(EndpointsConfig::default());
+    plane.workload("web-0", "web", 20000, true).await;
+    let svc = plane
+        .services()
+        .create(&Object::new(ObjectMeta::named("web"), web_service("web", PortTarget::Number(8080))))
+        .await
+        .unwrap();
+    wait_until("one endpoint", LIMIT, async || (plane.endpoints("web").await.0.len() == 1).then_some(())).await;
+    // The application's own slice for the service: a plain (non-controller) owner reference.
+    let mut meta = ObjectMeta::named("web-by-app").with_label(SERVICE_NAME_LABEL, "web");
+    let mut owner = svc.controller_ref();
+    owner.controller = false;
+    meta.owner_references = vec![owner];
+    let app_slice = EndpointSlice { service: "web".into(), endpoints: vec![] };
+    plane.slices().create(&Object::new(meta, app_slice)).await.unwrap();
+
+    let mut svc = plane.services().get("web").await.unwrap();
+    svc.spec.selector.clear();
+    plane.services().replace(&svc).await.unwrap();
+    let left = wait_until("the controller's slices gone", LIMIT, async || {
+        let all = plane.slices().list(&ListParams::default()).await.unwrap().items;
+        (all.len() == 1).then_some(all)
+    })
+    .await;
+    assert_eq!(left[0].metadata.name, "web-by-app", "the application's slice stays");
+    let c = wait_until("NoSelector", LIMIT, async || {
+        plane.condition("web", "EndpointsReady").await.filter(|c| c.reason == "NoSelector")
+    })
+    .await;
+    assert_eq!(c.status, ConditionStatus::Unknown);
+
+    // The index forgot web-0: its changes no longer bring slices back.
+    plane.set_ready("web-0", false).await;
+    plane.set_ready("web-0", true).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let all = plane.slices().list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(all.len(), 1, "no slice written for a selector-less service: {all:?}");
     plane.stop().await;
 }

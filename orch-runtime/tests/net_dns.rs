@@ -324,3 +324,36 @@ async fn a_forwarded_answer_too_big_for_udp_comes_whole_over_tcp() {
     assert!(!over_tcp.metadata.truncation);
     assert_eq!(over_tcp.answers.len(), 60, "every record, over TCP");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_udp_answer_larger_than_4096_bytes_comes_back_whole() {
+    // The upstream: a headless service with 400 ready endpoints (about 6.4 KiB of A records).
+    let upstream_cluster = Cluster::new().await;
+    upstream_cluster.service("huge", headless(&[("", 80)]), None).await;
+    let eps = (0..400).map(|i| endpoint(&format!("10.9.{}.{}", i / 200, 1 + i % 200), &[("", 80)], true)).collect();
+    upstream_cluster.slice("huge", "huge-a", eps).await;
+    let mut watch = upstream_cluster.resolver.watch("huge");
+    timeout(LIMIT, watch.wait_for(|s| s.as_ref().is_some_and(|s| s.endpoints.len() == 400))).await.unwrap().unwrap();
+    let upstream = start_dns(&upstream_cluster, |cfg| cfg.cluster_domain = "example.test".into()).await;
+
+    let c = Cluster::new().await;
+    let fwd = start_dns(&c, |cfg| cfg.upstreams = vec![upstream.addr]).await;
+    // A client that takes UDP answers of up to 16 KiB (EDNS), passed on to the upstream.
+    let mut m = Message::query();
+    m.metadata.id = 12;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii("huge.default.svc.example.test.").unwrap(), RecordType::A));
+    let mut edns = hickory_resolver::proto::op::Edns::new();
+    edns.set_max_payload(16384);
+    m.set_edns(edns);
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(fwd.addr).await.unwrap();
+    sock.send(&m.to_vec().unwrap()).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let n = timeout(LIMIT, sock.recv(&mut buf)).await.expect("the server answers").unwrap();
+    assert!(n > 4096, "one datagram larger than 4096 bytes: {n}");
+    let answer = Message::from_vec(&buf[..n]).expect("a well-formed answer");
+    assert_eq!(answer.metadata.response_code, ResponseCode::NoError, "not SERVFAIL");
+    assert!(!answer.metadata.truncation);
+    assert_eq!(answer.answers.len(), 400, "every record, over UDP");
+}

@@ -341,3 +341,40 @@ async fn a_udp_endpoint_that_refuses_is_skipped_after_its_first_refusal() {
     assert!(datagrams <= 9, "the refusing endpoint kept getting sessions: {datagrams} datagrams for 8 answers");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_proxy_waits_for_open_connections_up_to_the_grace_period() {
+    let c = Cluster::new().await;
+    let server = EchoServer::start("s").await;
+    c.service("stop", service_spec(&[("", 8080)]), Some("127.64.9.1")).await;
+    c.slice("stop", "stop-1", vec![endpoint("127.0.0.1", &[("", server.addr.port())], true)]).await;
+    let front = tcp("127.64.9.1:8080");
+    let run = |grace: Duration| {
+        let proxy = NodeProxy::new(ProxyConfig { grace, ..config() }, c.resolver.clone());
+        let status = proxy.status();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(proxy.run(async move {
+            let _ = stopped.await;
+        }));
+        (status, stop, task)
+    };
+
+    // A long grace period: the proxy returns as soon as the last connection is closed.
+    let (status, stop, mut task) = run(Duration::from_secs(60));
+    serving(&status, front, &[server.addr]).await;
+    let mut open = EchoClient::connect(front.addr).await.unwrap();
+    stop.send(()).unwrap();
+    not_listening(&status, front).await;
+    assert_eq!(open.ask("still there").await.as_deref(), Some("s:still there"), "the open connection goes on");
+    assert!(timeout(Duration::from_millis(300), &mut task).await.is_err(), "run waits for the open connection");
+    drop(open);
+    timeout(LIMIT, task).await.expect("run returns once the connection is closed").unwrap();
+
+    // A short one: a connection that stays open is closed when it is over, and run returns.
+    let (status, stop, task) = run(Duration::from_millis(500));
+    serving(&status, front, &[server.addr]).await;
+    let mut open = EchoClient::connect(front.addr).await.unwrap();
+    stop.send(()).unwrap();
+    timeout(LIMIT, task).await.expect("run returns after the grace period").unwrap();
+    open.closed().await;
+}

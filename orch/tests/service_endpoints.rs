@@ -4,7 +4,9 @@
 //! service's endpoints are the workloads' node addresses and host ports, and a real HTTP request
 //! to each answers there; each node's proxy reaches the other node's workload through a node
 //! port; the service's name resolves to its cluster address, where both nodes' workloads answer;
-//! a node's token may read services and slices but not write them.
+//! a node's token may read services and slices but not write them; a workload whose readiness
+//! probe starts failing gets no new connection from the proxy, and a deleted workload's name
+//! leaves DNS.
 
 #![cfg(feature = "cli")]
 
@@ -13,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hickory_resolver::proto::op::ResponseCode;
 use orch::core::kinds::{EndpointSlice, Node, PortTarget, Service, ServicePort, Workload};
 use orch::core::{Api, ListParams, Object, ObjectMeta, Store};
 use orch::store::api::RemoteStore;
@@ -89,6 +92,33 @@ async fn ask_dns(server: std::net::SocketAddr, name: &str) -> Option<std::net::I
         RData::A(a) => Some(a.0),
         _ => None,
     })
+}
+
+/// The response code and A records for `name` from the DNS server at `server`.
+async fn dns_answer(server: std::net::SocketAddr, name: &str) -> Option<(ResponseCode, Vec<std::net::Ipv4Addr>)> {
+    use hickory_resolver::proto::op::{Message, Query};
+    use hickory_resolver::proto::rr::{Name, RData, RecordType};
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    let mut query = Message::query();
+    query.add_query(Query::query(Name::from_ascii(name).ok()?, RecordType::A));
+    sock.send_to(&query.to_vec().ok()?, server).await.ok()?;
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf)).await.ok()?.ok()?;
+    let answer = Message::from_vec(&buf[..n]).ok()?;
+    let a = answer
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
+    Some((answer.metadata.response_code, a))
+}
+
+/// The host port of `node`'s endpoint among `found`.
+fn found_port(found: &[(String, u32, String)], node: &str) -> u32 {
+    found.iter().find(|(_, _, n)| n == node).map(|(_, p, _)| *p).expect("an endpoint on the node")
 }
 
 async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
@@ -169,17 +199,29 @@ async fn two_nodes_on_one_machine_reach_each_others_services() {
 
     // A busybox HTTP server per node, on the address and port it is given.
     let workloads: Api<Workload> = Api::namespaced(store.clone(), "default");
-    let script = r#"d=$(mktemp -d); echo "$ORCH_ADDRESS" > "$d/index.html"; exec /bin/busybox httpd -f -p "$ORCH_ADDRESS:$PORT_HTTP" -h "$d""#;
+    // Each serves `ready` (its readiness probe's path) from a directory the test can reach.
     for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
-        let mut w = Workload::command("main", &["/bin/sh", "-c", script]);
+        let www = dir.join(format!("www-{node}"));
+        std::fs::create_dir_all(&www).unwrap();
+        std::fs::write(www.join("ready"), "yes").unwrap();
+        let script = format!(
+            r#"d={}; echo "$ORCH_ADDRESS" > "$d/index.html"; exec /bin/busybox httpd -f -p "$ORCH_ADDRESS:$PORT_HTTP" -h "$d""#,
+            www.display()
+        );
+        let mut w = Workload::command("main", &["/bin/sh", "-c", &script]);
         w.containers[0].ports = vec![orch::core::kinds::ContainerPort {
             name: Some("http".into()),
             container_port: 80,
             ..Default::default()
         }];
-        // Ready once the agent's probe reaches it at the node's address and its host port.
+        // Ready while the agent's probe gets `/ready` at the node's address and its host port.
         w.containers[0].readiness_probe = Some(
-            serde_json::from_value(serde_json::json!({"action": {"tcp": {"port": 80}}, "periodSeconds": 1})).unwrap(),
+            serde_json::from_value(serde_json::json!({
+                "action": {"http": {"path": "/ready", "port": 80}},
+                "periodSeconds": 1,
+                "failureThreshold": 1
+            }))
+            .unwrap(),
         );
         w.node_name = Some(node.into());
         workloads
@@ -262,6 +304,54 @@ async fn two_nodes_on_one_machine_reach_each_others_services() {
     })
     .await;
     assert_eq!(answered.into_iter().collect::<Vec<_>>(), ["127.0.0.2", "127.0.0.3"]);
+
+    // Each workload has a name under a headless service.
+    let peers = Service {
+        selector: [("app".to_string(), "web".to_string())].into(),
+        ports: vec![ServicePort { port: 80, target_port: Some(PortTarget::Name("http".into())), ..Default::default() }],
+        headless: true,
+        ..Default::default()
+    };
+    services.create(&Object::new(ObjectMeta::named("peers"), peers)).await.unwrap();
+    for (name, address) in [("web-0", "127.0.0.2"), ("web-1", "127.0.0.3")] {
+        let named = eventually(&format!("{name}'s name"), async || {
+            let (code, a) = dns_answer(dns, &format!("{name}.peers.default.svc.cluster.local.")).await?;
+            (code == ResponseCode::NoError && !a.is_empty()).then_some(a)
+        })
+        .await;
+        assert_eq!(named, [address.parse::<std::net::Ipv4Addr>().unwrap()]);
+    }
+
+    // web-0's readiness probe starts failing (its program runs on): its endpoint turns unready and
+    // the proxy sends it no new connection.
+    std::fs::remove_file(dir.join("www-node-1").join("ready")).unwrap();
+    eventually("web-0 unready in its slice", async || {
+        let list = slices.list(&ListParams::default()).await.ok()?.items;
+        let mut web = list.iter().filter(|s| s.spec.service == "web").flat_map(|s| &s.spec.endpoints);
+        web.any(|e| e.workload == "web-0" && !e.conditions.ready).then_some(())
+    })
+    .await;
+    eventually("the proxy leaves web-0 out", async || {
+        for _ in 0..20 {
+            if get(&cluster.to_string(), 80).await.as_deref() != Some("127.0.0.3") {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    for _ in 0..40 {
+        assert_eq!(get(&cluster.to_string(), 80).await.as_deref(), Some("127.0.0.3"), "no new connection to web-0");
+    }
+    assert_eq!(get("127.0.0.2", found_port(&found, "node-1")).await.as_deref(), Some("127.0.0.2"), "web-0 still runs");
+
+    // web-1 is deleted: its name goes.
+    workloads.delete("web-1", &orch::core::DeleteOptions::default()).await.unwrap();
+    eventually("web-1's name gone", async || {
+        let (code, _) = dns_answer(dns, "web-1.peers.default.svc.cluster.local.").await?;
+        (code == ResponseCode::NXDomain).then_some(())
+    })
+    .await;
     // Stop the processes before their directories go, so none is left unable to stop.
     drop(agents);
     drop(server);

@@ -185,7 +185,9 @@ impl Allocations {
     }
 
     /// The node port for one service port: `fixed` if the spec asks for it (a conflict when
-    /// another live service holds it), else the one it `had`, else a new one from `range`.
+    /// another live service holds it, refused when outside `range`), else the one it `had`
+    /// (when still in `range`), else a new one from `range`. An empty `range` (start after
+    /// end) gives nothing: a `NodePortRangeEmpty` conflict, never a panic.
     pub(super) fn node_port(
         &mut self,
         holder: &Holder,
@@ -203,7 +205,20 @@ impl Allocations {
                 }
             }
         };
+        let (lo, hi) = (*range.start(), *range.end());
+        if lo > hi {
+            return Err(Conflict {
+                reason: "NodePortRangeEmpty",
+                message: format!("the controller's node-port range {lo}-{hi} is empty"),
+            });
+        }
         if let Some(f) = fixed {
+            if !(u32::from(lo)..=u32::from(hi)).contains(&f) {
+                return Err(Conflict {
+                    reason: "NodePortOutOfRange",
+                    message: format!("nodePort {f} is outside the controller's node-port range {lo}-{hi}"),
+                });
+            }
             let p = u16::try_from(f)
                 .map_err(|_| Conflict { reason: "NodePortConflict", message: format!("{f} is not a port") })?;
             return take(self, p).map_err(|h| Conflict {
@@ -211,12 +226,11 @@ impl Allocations {
                 message: format!("node port {p} is held by service {}/{}", h.namespace, h.name),
             });
         }
-        if let Some(p) = had.and_then(|p| u16::try_from(p).ok())
+        if let Some(p) = had.and_then(|p| u16::try_from(p).ok()).filter(|p| range.contains(p))
             && let Ok(p) = take(self, p)
         {
             return Ok(p);
         }
-        let (lo, hi) = (*range.start(), *range.end());
         let size = u32::from(hi - lo) + 1;
         let mut p = self.port_cursor.clamp(lo, hi);
         for _ in 0..size {
@@ -277,13 +291,29 @@ mod tests {
         let mut a = Allocations::default();
         let (x, y) = (holder("x"), holder("y"));
         let alive = |_: &Holder| true;
-        assert_eq!(a.node_port(&x, Some(30080), None, &(30000..=30001), &alive).unwrap(), 30080);
-        let clash = a.node_port(&y, Some(30080), None, &(30000..=30001), &alive).unwrap_err();
+        assert_eq!(a.node_port(&x, Some(30002), None, &(30000..=30002), &alive).unwrap(), 30002);
+        let clash = a.node_port(&y, Some(30002), None, &(30000..=30002), &alive).unwrap_err();
         assert_eq!(clash.reason, "NodePortConflict");
         assert!(clash.message.contains("default/x"));
-        assert_eq!(a.node_port(&y, None, None, &(30000..=30001), &alive).unwrap(), 30000);
-        assert_eq!(a.node_port(&y, None, Some(30000), &(30000..=30001), &alive).unwrap(), 30000, "kept");
-        assert_eq!(a.node_port(&x, None, None, &(30000..=30001), &alive).unwrap(), 30001);
-        assert_eq!(a.node_port(&x, None, None, &(30000..=30001), &alive).unwrap_err().reason, "NodePortsExhausted");
+        assert_eq!(a.node_port(&y, None, None, &(30000..=30002), &alive).unwrap(), 30000);
+        assert_eq!(a.node_port(&y, None, Some(30000), &(30000..=30002), &alive).unwrap(), 30000, "kept");
+        assert_eq!(a.node_port(&x, None, None, &(30000..=30002), &alive).unwrap(), 30001);
+        assert_eq!(a.node_port(&x, None, None, &(30000..=30002), &alive).unwrap_err().reason, "NodePortsExhausted");
+    }
+
+    #[test]
+    fn node_ports_outside_the_range_or_from_an_empty_range_are_refused() {
+        let mut a = Allocations::default();
+        let x = holder("x");
+        let alive = |_: &Holder| true;
+        let out = a.node_port(&x, Some(30080), None, &(31000..=31001), &alive).unwrap_err();
+        assert_eq!(out.reason, "NodePortOutOfRange");
+        assert!(out.message.contains("30080") && out.message.contains("31000-31001"), "{}", out.message);
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = 31001..=31000;
+        let e = a.node_port(&x, None, None, &empty, &alive).unwrap_err();
+        assert_eq!(e.reason, "NodePortRangeEmpty");
+        assert!(e.message.contains("31001-31000"), "{}", e.message);
+        assert_eq!(a.node_port(&x, None, Some(30080), &(31000..=31001), &alive).unwrap(), 31000, "had is out of range");
     }
 }

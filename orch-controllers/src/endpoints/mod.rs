@@ -14,14 +14,19 @@
 //! - Problems are conditions on the service, never failures: `EndpointsReady` is false with
 //!   `NoMatchingWorkloads` when the selector matches nothing and `PortNotFound` when a matching
 //!   workload lacks a target port (it is left out); `PortsAllocated` is false with
-//!   `NodePortConflict`, `ClusterAddressConflict` or an exhausted range.
+//!   `NodePortConflict`, `NodePortOutOfRange` (a fixed `nodePort` outside
+//!   [`EndpointsConfig::node_port_range`]), `NodePortRangeEmpty` (a range whose start is after
+//!   its end), `ClusterAddressConflict` or an exhausted range.
 //! - Cluster addresses (from [`EndpointsConfig::cluster_range`], default `127.64.0.0/16`; a
 //!   headless service has none) and node ports (for `NodePort` services, from
 //!   [`EndpointsConfig::node_port_range`], default 30000-32767, or as `ports[].nodePort`
 //!   fixes them) are unique in the cluster and stay with their service across restarts of the
 //!   controller (read back from the services' statuses).
 //! - A service with an empty selector gets its address and ports but no slices from this
-//!   controller: its application keeps them.
+//!   controller: its application keeps them. When a selector becomes empty, the slices this
+//!   controller wrote for the service (those whose controller owner reference is the service)
+//!   are deleted; an application's slices (no controller owner reference to the service; a
+//!   plain owner reference is fine) are left alone.
 
 mod allocate;
 pub mod slices;
@@ -62,7 +67,8 @@ pub struct EndpointsConfig {
     pub endpoints_per_slice: usize,
     /// Cluster addresses are given from this block.
     pub cluster_range: AddressRange,
-    /// Node ports are given from this range.
+    /// Node ports are given from this range; a fixed `nodePort` outside it is refused, and a
+    /// range whose start is after its end gives none (`NodePortRangeEmpty`).
     pub node_port_range: RangeInclusive<u16>,
 }
 
@@ -269,7 +275,29 @@ impl Controller for EndpointsController {
 
         let ns = &svc.metadata.namespace;
         let mut workloads_held = HashSet::new();
+        // This controller's slices: those whose controller owner is the service (an
+        // application's slices of a selector-less service must not name it as controller).
+        let mut existing: Vec<Arc<Object<EndpointSlice>>> = slices
+            .owned_by(&svc.metadata.uid)
+            .into_iter()
+            .filter(|s| s.metadata.controller_owner().is_some_and(|o| o.uid == svc.metadata.uid))
+            .collect();
+        existing.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         if svc.spec.selector.is_empty() {
+            // The selector went away: the slices this controller wrote for it go too (stale
+            // endpoints must leave the proxies and DNS); the application's slices stay.
+            let plan = slices::SlicePlan {
+                delete: existing.iter().map(|s| s.metadata.name.clone()).collect(),
+                ..Default::default()
+            };
+            let written = self.apply(&svc, &existing, plan, ctx).await;
+            if written.is_err() {
+                // A workload leaving must still find this service until its slices are gone.
+                workloads_held
+                    .extend(existing.iter().flat_map(|s| s.spec.endpoints.iter().map(|e| e.workload.clone())));
+            }
+            self.index.lock().unwrap_or_else(|e| e.into_inner()).update(&key, &svc.spec.selector, workloads_held);
+            written?;
             set_condition(
                 &mut status.conditions,
                 Condition {
@@ -290,12 +318,6 @@ impl Controller for EndpointsController {
                 .unwrap_or_default();
             let selected =
                 slices::select(&svc.spec, candidates.iter().filter(|w| &w.metadata.namespace == ns).map(|w| &**w));
-            let mut existing: Vec<Arc<Object<EndpointSlice>>> = slices
-                .owned_by(&svc.metadata.uid)
-                .into_iter()
-                .filter(|s| s.metadata.controller_owner().is_some_and(|o| o.uid == svc.metadata.uid))
-                .collect();
-            existing.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
             let current: Vec<(String, Vec<_>)> =
                 existing.iter().map(|s| (s.metadata.name.clone(), s.spec.endpoints.clone())).collect();
             let plan = slices::plan(&current, selected.endpoints.clone(), self.config.endpoints_per_slice);

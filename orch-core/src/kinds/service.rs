@@ -53,8 +53,9 @@ pub struct ServicePort {
     pub target_port: Option<PortTarget>,
     /// TCP or UDP.
     pub protocol: Protocol,
-    /// For `NodePort` services: the port on every node (allocated when unset). Refused on other
-    /// types.
+    /// For `NodePort` services: the port on every node (allocated when unset; when set, it must
+    /// lie in the endpoints controller's node-port range, or `PortsAllocated` is false with
+    /// `NodePortOutOfRange`). Refused on other types.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_port: Option<u32>,
 }

@@ -58,6 +58,8 @@ pub struct AgentConfig {
     /// Where host ports come from for container ports that do not fix a `hostPort` (default
     /// 20000-29999). The agent never gives one port to two workloads, skips ports something
     /// else on the node holds, and frees a workload's ports when it is gone.
+    /// An empty range (start after end) gives no port: a workload needing one is not started
+    /// and waits with `PortsUnavailable`, naming the range.
     pub port_range: RangeInclusive<u16>,
 }
 

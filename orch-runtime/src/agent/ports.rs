@@ -87,6 +87,14 @@ impl Ports {
                     continue;
                 }
             };
+            if let Some(bad) = held.ports.iter().find(|p| !u16::try_from(p.host_port).is_ok_and(|p| p != 0)) {
+                tracing::warn!(
+                    path = %entry.path().display(),
+                    host_port = bad.host_port,
+                    "skipping a port allocation whose host port is not a port (1-65535)"
+                );
+                continue;
+            }
             let key = ObjectRef::new(&held.namespace, &held.name);
             for p in &held.ports {
                 if let Ok(port) = u16::try_from(p.host_port) {
@@ -127,13 +135,18 @@ impl Ports {
     /// The host ports of `workload` (uid tag `uid_tag`): the ones it holds, and new ones for
     /// ports it did not have; ports it no longer declares are freed. Written to disk before it
     /// returns. Fails, naming the port, when the range is used up or a fixed host port is held by
-    /// another workload on this node.
+    /// another workload on this node, and when the range is empty (start after end) and a port
+    /// needs one from it.
     pub(super) fn assign(
         &self,
         key: &ObjectRef,
         uid_tag: &str,
         workload: &Workload,
     ) -> Result<Vec<PortStatus>, String> {
+        let (lo, hi) = (*self.range.start(), *self.range.end());
+        if lo > hi && workload.containers.iter().any(|c| c.ports.iter().any(|p| p.host_port.is_none())) {
+            return Err(format!("the agent's port range {lo}-{hi} is empty (its start is after its end)"));
+        }
         let mut state = self.lock();
         let previous = match state.held.get(key) {
             Some(h) if h.uid_tag == uid_tag => h.ports.clone(),
@@ -151,7 +164,12 @@ impl Ports {
                     host_port: 0,
                     protocol: p.protocol,
                 };
-                let before = previous.iter().find(|q| same_port(q, &status)).map(|q| q.host_port);
+                // A held port that is not a port (a damaged record) is not kept: a new one is given.
+                let before = previous
+                    .iter()
+                    .find(|q| same_port(q, &status))
+                    .and_then(|q| u16::try_from(q.host_port).ok())
+                    .filter(|p| *p != 0);
                 let field = format!("spec.containers[{ci}].ports[{pi}]");
                 let port = match (p.host_port, before) {
                     (Some(fixed), _) => {
@@ -168,7 +186,7 @@ impl Ports {
                             _ => fixed,
                         }
                     }
-                    (None, Some(held)) => held as u16,
+                    (None, Some(held)) => held,
                     (None, None) => match self.free_port(&mut state, &taken, p.protocol) {
                         Some(port) => port,
                         None => {
@@ -245,6 +263,9 @@ impl Ports {
     /// address (something outside the agent may listen there).
     fn free_port(&self, state: &mut State, taken: &[u16], protocol: Protocol) -> Option<u16> {
         let (lo, hi) = (*self.range.start(), *self.range.end());
+        if lo > hi {
+            return None;
+        }
         let size = u32::from(hi - lo) + 1;
         let mut candidate = state.cursor.clamp(lo, hi);
         for _ in 0..size {
@@ -271,12 +292,14 @@ impl Ports {
     }
 }
 
-/// The variable name part for a port: its name upper-cased with `-` as `_`, or its container
-/// port number when it has no name.
+/// The variable name part for a port: its name upper-cased with `-` as `_`, or, when it has no
+/// name, its container port number, followed by `_UDP` for a UDP port (TCP 53 is `53`, UDP 53 is
+/// `53_UDP`: a port number may be listed once per protocol).
 fn env_key(p: &PortStatus) -> String {
-    match &p.name {
-        Some(n) => n.to_ascii_uppercase().replace('-', "_"),
-        None => p.container_port.to_string(),
+    match (&p.name, p.protocol) {
+        (Some(n), _) => n.to_ascii_uppercase().replace('-', "_"),
+        (None, Protocol::TCP) => p.container_port.to_string(),
+        (None, Protocol::UDP) => format!("{}_UDP", p.container_port),
     }
 }
 
@@ -285,7 +308,8 @@ fn env_key(p: &PortStatus) -> String {
 /// instance shares the node's network, the container port when the runtime publishes the host
 /// port to it), `HOST_PORT_<NAME>` where others reach it on `ORCH_ADDRESS`; `PORT` is the
 /// listening port of the container's own first port. An unnamed port is named by its container
-/// port number (`PORT_8080`).
+/// port number (`PORT_8080`), with `_UDP` after it for a UDP port (`PORT_53_UDP`), so TCP and UDP
+/// ports of one number get distinct variables.
 pub(super) fn env(container: &str, ports: &[PortStatus], address: IpAddr, published: bool) -> Vec<EnvVar> {
     let var = |name: String, value: String| EnvVar { name, value };
     let listen = |p: &PortStatus| if published { p.container_port } else { p.host_port };
@@ -408,5 +432,58 @@ mod tests {
         let published = env("main", &ports, NOWHERE, true);
         assert_eq!(get(&published, "PORT_80").as_deref(), Some("80"), "listens on its container port");
         assert_eq!(get(&published, "HOST_PORT_80").as_deref(), Some("20000"));
+    }
+
+    #[test]
+    fn unnamed_tcp_and_udp_ports_of_one_number_get_distinct_variables() {
+        let port = |protocol, host_port| PortStatus {
+            container: "dns".into(),
+            name: None,
+            container_port: 53,
+            host_port,
+            protocol,
+        };
+        let env = env("dns", &[port(Protocol::TCP, 20000), port(Protocol::UDP, 20001)], NOWHERE, false);
+        let get = |k: &str| env.iter().filter(|e| e.name == k).map(|e| e.value.as_str()).collect::<Vec<_>>();
+        assert_eq!(get("PORT_53"), vec!["20000"], "the TCP port");
+        assert_eq!(get("PORT_53_UDP"), vec!["20001"]);
+        assert_eq!(get("HOST_PORT_53_UDP"), vec!["20001"]);
+        let mut names: Vec<_> = env.iter().map(|e| e.name.as_str()).collect();
+        let all = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all, "no variable twice: {names:?}");
+    }
+
+    #[test]
+    fn an_empty_range_and_a_damaged_record_are_refused_without_a_panic() {
+        let root = dir("damaged");
+        #[allow(clippy::reversed_empty_ranges)]
+        let empty = Ports::new(102..=100, NOWHERE, &root);
+        let a = ObjectRef::new("default", "a");
+        let err = empty.assign(&a, "ua", &workload(&[(None, 80, None)])).unwrap_err();
+        assert!(err.contains("port range 102-100 is empty"), "{err}");
+        assert_eq!(empty.assign(&a, "ua", &workload(&[(None, 80, Some(9090))])).unwrap()[0].host_port, 9090);
+
+        // A record on disk whose host port does not fit in 16 bits is skipped, not wrapped.
+        let ports = Ports::new(100..=102, NOWHERE, &root);
+        let bad = Held {
+            namespace: "default".into(),
+            name: "b".into(),
+            uid_tag: "ub".into(),
+            ports: vec![PortStatus {
+                container: "main".into(),
+                container_port: 80,
+                host_port: 65536 + 101,
+                ..Default::default()
+            }],
+        };
+        ports.persist(&bad);
+        let again = Ports::new(100..=102, NOWHERE, &root);
+        assert!(again.load().iter().all(|k| k.name != "b"), "the damaged record is not loaded");
+        let b = ObjectRef::new("default", "b");
+        let got = again.assign(&b, "ub", &workload(&[(None, 80, None)])).unwrap();
+        assert_eq!(got[0].host_port, 100, "a new port from the range, not 65637 wrapped to 101: {got:?}");
+        let _ = std::fs::remove_dir_all(root);
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use orch_core::ObjectRef;
 use orch_core::controller::queue::WorkQueue;
-use orch_core::kinds::{Container, Probe, ProbeAction};
+use orch_core::kinds::{Container, PortStatus, Probe, ProbeAction, Protocol};
 use orch_core::runtime::{Handle, InstanceState, Runtime};
 
 use super::Agent;
@@ -47,6 +47,15 @@ struct Target {
 }
 
 impl Target {
+    /// The host ports a probe of `container` may reach: its TCP ports only (probes speak TCP; a
+    /// UDP port of the same number has a host port of its own).
+    fn tcp_host_ports(held: Vec<PortStatus>, container: &str) -> Vec<(u32, u32)> {
+        held.into_iter()
+            .filter(|p| p.container == container && p.protocol == Protocol::TCP)
+            .map(|p| (p.container_port, p.host_port))
+            .collect()
+    }
+
     fn port(&self, port: u32) -> Option<u16> {
         let mapped = self.host_ports.iter().find(|(c, _)| *c == port).map_or(port, |(_, h)| *h);
         u16::try_from(mapped).ok()
@@ -119,13 +128,7 @@ impl Agent {
         let target = if self.runtime.capabilities().published_ports {
             Target { address: self.runtime.address(handle), host_ports: Vec::new() }
         } else {
-            let host_ports = self
-                .ports
-                .held(key)
-                .into_iter()
-                .filter(|p| p.container == container.name)
-                .map(|p| (p.container_port, p.host_port))
-                .collect();
+            let host_ports = Target::tcp_host_ports(self.ports.held(key), &container.name);
             Target { address: self.config.address, host_ports }
         };
         let initial = Health::initial(container);
@@ -243,5 +246,23 @@ mod tests {
         let silent = serve(None).await;
         let within = tokio::time::timeout(Duration::from_secs(2), http_get(LOCAL, silent, "/healthz")).await;
         assert!(within.is_err(), "no answer: the probe's own timeout ends it");
+    }
+
+    #[test]
+    fn a_probe_reaches_the_tcp_port_when_udp_has_the_same_number() {
+        let port = |container: &str, protocol, host_port| PortStatus {
+            container: container.into(),
+            name: None,
+            container_port: 53,
+            host_port,
+            protocol,
+        };
+        for held in [
+            vec![port("dns", Protocol::UDP, 20001), port("dns", Protocol::TCP, 20002), port("other", Protocol::TCP, 9)],
+            vec![port("dns", Protocol::TCP, 20002), port("dns", Protocol::UDP, 20001)],
+        ] {
+            let target = Target { address: LOCAL, host_ports: Target::tcp_host_ports(held, "dns") };
+            assert_eq!(target.port(53), Some(20002));
+        }
     }
 }

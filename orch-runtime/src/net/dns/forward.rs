@@ -41,13 +41,17 @@ impl Forwarder {
     }
 }
 
+/// The largest UDP datagram: an upstream may answer up to the EDNS size the client advertised
+/// (passed on unchanged), which can be far above 4096.
+const UDP_BUFFER: usize = 65535;
+
 async fn ask_one(upstream: SocketAddr, query: &[u8], id: u16) -> std::io::Result<Message> {
     let local: SocketAddr =
         if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let socket = tokio::net::UdpSocket::bind(local).await?;
     socket.connect(upstream).await?;
     socket.send(query).await?;
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; UDP_BUFFER];
     loop {
         let n = socket.recv(&mut buf).await?;
         // Anything but the answer to this query (a late reply, a spoof) is skipped.

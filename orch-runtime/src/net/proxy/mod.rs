@@ -9,7 +9,7 @@
 //! no other is left for a few seconds (UDP too: a datagram answered with "port unreachable"); with
 //! no ready endpoint the connection is closed at once. An endpoint that stops being ready or starts terminating gets no new
 //! connection from the moment its slice change reaches the proxy; its open connections get the
-//! grace period to finish, then are closed.
+//! grace period to finish, then are closed; so do open TCP connections when the proxy stops.
 //!
 //! A port that cannot be bound (taken by another program, or an address this machine does not
 //! have) is logged, counted in `orch_proxy_bind_failures_total`, listed by
@@ -88,6 +88,15 @@ struct Listener {
     service: ObjectRef,
     pool: Arc<Pool>,
     task: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Stops accepting and waits until the socket is closed (an aborted task drops its future,
+    /// and with it the socket, only when the runtime next looks at it).
+    async fn close(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
 }
 
 impl Drop for Listener {
@@ -172,6 +181,7 @@ pub struct NodeProxy {
     resolver: Resolver,
     table: Arc<Mutex<Table>>,
     applied: watch::Sender<u64>,
+    open: tcp::OpenConnections,
 }
 
 impl std::fmt::Debug for NodeProxy {
@@ -215,6 +225,7 @@ impl NodeProxy {
             resolver,
             table: Arc::new(Mutex::new(Table::default())),
             applied: watch::channel(0).0,
+            open: Arc::new(watch::channel(0).0),
         }
     }
 
@@ -223,8 +234,9 @@ impl NodeProxy {
         ProxyStatus { table: self.table.clone(), applied: self.applied.subscribe() }
     }
 
-    /// Serves until `stop` resolves; then closes every listener and gives open connections the
-    /// grace period.
+    /// Serves until `stop` resolves; then closes every listener and gives open TCP connections
+    /// the grace period: it returns once they have all finished, or when the grace period is
+    /// over (they are closed then).
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
         tokio::select! {
@@ -265,22 +277,36 @@ impl NodeProxy {
                 }
             }
         }
-        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        t.listeners.clear();
-        t.by_service.clear();
+        let closed: Vec<Listener> = {
+            let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            t.by_service.clear();
+            t.listeners.drain().map(|(_, l)| l).collect()
+        };
+        for l in closed {
+            l.close().await;
+        }
+        self.applied.send_modify(|n| *n += 1);
+        // Closing the listeners drained their endpoints: each open connection ends by itself, at
+        // the latest when the grace period is over.
+        let mut open = self.open.subscribe();
+        let _ = tokio::time::timeout(self.config.grace, open.wait_for(|n| *n == 0)).await;
     }
 
     /// Brings one service's listeners in line with its current state.
     async fn apply(&self, service: &ObjectRef, current: Option<&ResolvedService>) {
         let want = current.map(|s| wanted(s, &self.config)).unwrap_or_default();
         let mut to_bind: Vec<(Frontend, Vec<SocketAddr>)> = Vec::new();
+        let mut closed: Vec<Listener> = Vec::new();
         {
             let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
             let t = &mut *t;
             let had = t.by_service.remove(service).unwrap_or_default();
             for f in &had {
-                if !want.iter().any(|(w, _)| w == f) && t.listeners.get(f).is_some_and(|l| &l.service == service) {
-                    t.listeners.remove(f);
+                if !want.iter().any(|(w, _)| w == f)
+                    && t.listeners.get(f).is_some_and(|l| &l.service == service)
+                    && let Some(l) = t.listeners.remove(f)
+                {
+                    closed.push(l);
                 }
             }
             t.failed.retain(|f, b| &b.service != service || want.iter().any(|(w, _)| w == f));
@@ -302,13 +328,16 @@ impl NodeProxy {
             }
             t.by_service.insert(service.clone(), mine);
         }
+        for l in closed {
+            l.close().await;
+        }
         for (f, endpoints) in to_bind {
             let pool = Arc::new(Pool::default());
             pool.set(&endpoints);
             let bound = match f.protocol {
                 Protocol::TCP => tokio::net::TcpListener::bind(f.addr)
                     .await
-                    .map(|l| tokio::spawn(tcp::serve(l, pool.clone(), self.config.clone()))),
+                    .map(|l| tokio::spawn(tcp::serve(l, pool.clone(), self.config.clone(), self.open.clone()))),
                 Protocol::UDP => tokio::net::UdpSocket::bind(f.addr)
                     .await
                     .map(|s| tokio::spawn(udp::serve(s, pool.clone(), self.config.clone()))),

@@ -12,7 +12,27 @@ use super::balance::{Pool, pick};
 /// Buffer per direction of a proxied connection.
 const COPY_BUFFER: usize = 64 * 1024;
 
-pub(super) async fn serve(listener: TcpListener, pool: Arc<Pool>, config: Arc<ProxyConfig>) {
+/// How many proxied TCP connections are open on the whole proxy (its [`run`](super::NodeProxy::run)
+/// waits for them when it stops).
+pub(super) type OpenConnections = Arc<tokio::sync::watch::Sender<usize>>;
+
+/// Counts one connection in [`OpenConnections`] while alive.
+struct Counted(OpenConnections);
+
+impl Counted {
+    fn new(open: OpenConnections) -> Self {
+        open.send_modify(|n| *n += 1);
+        Counted(open)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+pub(super) async fn serve(listener: TcpListener, pool: Arc<Pool>, config: Arc<ProxyConfig>, open: OpenConnections) {
     loop {
         let (client, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -23,7 +43,11 @@ pub(super) async fn serve(listener: TcpListener, pool: Arc<Pool>, config: Arc<Pr
                 continue;
             }
         };
-        tokio::spawn(connection(client, peer, pool.clone(), config.clone()));
+        let (counted, pool, config) = (Counted::new(open.clone()), pool.clone(), config.clone());
+        tokio::spawn(async move {
+            connection(client, peer, pool, config).await;
+            drop(counted);
+        });
     }
 }
 
