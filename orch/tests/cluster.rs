@@ -4,8 +4,8 @@
 
 #![cfg(feature = "cli")]
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,42 +13,7 @@ use orch::core::kinds::{Phase, Workload};
 use orch::core::{Api, ListParams, Object, ObjectMeta, Store};
 use orch::store::api::RemoteStore;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn orch(args: &[&str], log: &Path) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_orch"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("start orch"),
-    )
-}
-
-fn token(data: &Path, user: &str, group: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_orch"))
-        .args(["token", "create", "--data-dir", data.to_str().unwrap(), "--user", user, "--group", group])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
+use common::{orch, token};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_and_two_agents_run_a_users_workloads() {

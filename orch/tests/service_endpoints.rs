@@ -10,8 +10,8 @@
 
 #![cfg(feature = "cli")]
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,44 +19,9 @@ use hickory_resolver::proto::op::ResponseCode;
 use orch::core::kinds::{EndpointSlice, Node, PortTarget, Service, ServicePort, Workload};
 use orch::core::{Api, ListParams, Object, ObjectMeta, Store};
 use orch::store::api::RemoteStore;
+
+use common::{orch, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn orch(args: &[&str], log: &Path) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_orch"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("start orch"),
-    )
-}
-
-fn token(data: &Path, user: &str, group: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_orch"))
-        .args(["token", "create", "--data-dir", data.to_str().unwrap(), "--user", user, "--group", group])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 /// A free range of `n` ports on `address`.
 fn free_range(address: &str, n: u16) -> String {

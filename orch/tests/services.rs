@@ -5,9 +5,9 @@
 
 #![cfg(feature = "cli")]
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,39 +18,9 @@ use orch::core::kinds::{
 };
 use orch::core::{Api, Object, ObjectMeta, Store};
 use orch::store::api::RemoteStore;
+
+use common::{free_port, orch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn orch(args: &[&str], log: &Path) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_orch"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("start orch"),
-    )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 async fn ask_dns(server: SocketAddr, name: &str) -> Option<Message> {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;

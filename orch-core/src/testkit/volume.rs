@@ -2,11 +2,13 @@
 //! sections, checked on a fresh provider per case.
 //!
 //! ```no_run
-//! # async fn fresh_provider() -> std::sync::Arc<dyn orch_core::VolumeProvider> { unimplemented!() }
-//! # async fn run() {
-//! // A provider's test: each case gets a fresh provider serving node `n1`.
-//! orch_core::testkit::volume::suite(fresh_provider, "n1").await;
-//! # }
+//! use std::sync::Arc;
+//! use orch_core::VolumeProvider;
+//!
+//! // A provider's test: each case gets a fresh provider serving node `n1`, made by `fresh`.
+//! async fn conformance(fresh: impl Fn() -> Arc<dyn VolumeProvider>) {
+//!     orch_core::testkit::volume::suite(|| std::future::ready(fresh()), "n1").await;
+//! }
 //! ```
 //!
 //! The suite writes and reads files in published paths, so it runs where the provider publishes
