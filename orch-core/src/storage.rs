@@ -24,6 +24,8 @@ pub struct VolumeCapabilities {
     pub enforces_size: bool,
     /// Whether each volume lives on one node and can be published only there.
     pub node_local: bool,
+    /// Room for all its volumes in bytes, when it is bounded (a node's local capacity).
+    pub capacity: Option<Quantity>,
 }
 
 /// A volume to create.

@@ -159,7 +159,12 @@ fn check_name(name: &str) -> Result<(), VolumeError> {
 #[async_trait]
 impl VolumeProvider for LocalVolumes {
     fn capabilities(&self) -> VolumeCapabilities {
-        VolumeCapabilities { access_modes: vec![AccessMode::ReadWriteOnce], enforces_size: false, node_local: true }
+        VolumeCapabilities {
+            access_modes: vec![AccessMode::ReadWriteOnce],
+            enforces_size: false,
+            node_local: true,
+            capacity: Some(self.capacity),
+        }
     }
 
     async fn create(&self, req: &CreateVolume) -> Result<ProvidedVolume, VolumeError> {

@@ -26,14 +26,14 @@ pub use deployment::{
 pub(crate) use event::is_camel_case;
 pub use event::{EVENT_MESSAGE_LIMIT, Event, EventType, ObjectReference};
 pub use job::{COMPLETION_INDEX_ANNOTATION, CompletionMode, Job, JobStatus, format_indexes, job_condition};
-pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, Taint, TaintEffect};
+pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, NodeStorage, Taint, TaintEffect};
 pub use service::{
     DEFAULT_ENDPOINTS_PER_SLICE, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, PortTarget,
     SERVICE_NAME_LABEL, Service, ServicePort, ServiceStatus, ServiceType,
 };
 pub use volume::{
-    AccessMode, ClaimPhase, ClaimReference, PersistentVolume, PersistentVolumeStatus, ReclaimPolicy, VolumeClaim,
-    VolumeClaimStatus, VolumePhase,
+    AccessMode, CLAIM_PROTECTION_FINALIZER, ClaimPhase, ClaimReference, PersistentVolume, PersistentVolumeStatus,
+    ReclaimPolicy, VOLUME_RECLAIM_FINALIZER, VolumeClaim, VolumeClaimStatus, VolumePhase, volume_name_for_claim,
 };
 pub use workflow::{FailurePolicy, STEP_ANNOTATION, StepPhase, StepStatus, Workflow, WorkflowStatus, WorkflowStep};
 pub use workload::{

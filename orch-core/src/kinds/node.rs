@@ -39,6 +39,22 @@ pub struct NodeStatus {
     /// How to reach the node.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<NodeAddress>,
+    /// The volume classes whose volumes this node's agent provides, with the room for them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub storage: Vec<NodeStorage>,
+}
+
+/// Node-local storage of one volume class that a node's agent provides: volumes of the class are
+/// created on this node, up to `capacity` in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct NodeStorage {
+    /// The volume class (`local`, `docker`).
+    pub volume_class: String,
+    /// Room for all volumes of the class on this node, in bytes.
+    pub capacity: crate::quantity::Quantity,
+    /// The access modes its volumes offer.
+    pub access_modes: Vec<super::AccessMode>,
 }
 
 /// One device on a node, tracked individually (a GPU, for example).
@@ -135,6 +151,25 @@ impl Resource for Node {
             let devices = status.devices.iter().filter(|d| &d.resource == res).count();
             if devices > 0 && *q != Quantity::from_units(devices as i64) {
                 v.reject(format!("status.capacity.{res}"), format!("is {q} but {devices} devices of it are listed"));
+            }
+        }
+        for (i, st) in status.storage.iter().enumerate() {
+            if st.volume_class.is_empty() {
+                v.reject(format!("status.storage[{i}].volumeClass"), "must name a volume class");
+            } else {
+                v.check_with(
+                    || format!("status.storage[{i}].volumeClass"),
+                    validation::dns1123_subdomain(&st.volume_class),
+                );
+                if status.storage[..i].iter().any(|o| o.volume_class == st.volume_class) {
+                    v.reject(format!("status.storage[{i}].volumeClass"), format!("{:?} is listed twice", st.volume_class));
+                }
+            }
+            if st.capacity.is_negative() {
+                v.reject(format!("status.storage[{i}].capacity"), format!("must not be negative (is {})", st.capacity));
+            }
+            if st.access_modes.is_empty() {
+                v.reject(format!("status.storage[{i}].accessModes"), "must offer at least one access mode");
             }
         }
         validate_conditions("status.conditions", &status.conditions, v);

@@ -12,6 +12,20 @@ use crate::object::{Resource, Scope};
 use crate::quantity::Quantity;
 use crate::validation::{self, Validator};
 
+/// The finalizer the volume binder keeps on a claim while workloads use it, and until its volume
+/// is deleted or released as the claim's reclaim policy says.
+pub const CLAIM_PROTECTION_FINALIZER: &str = "orch.dev/claim-protection";
+
+/// The finalizer on a provided volume until the provider that holds its data has deleted it
+/// (for a node-local volume: the agent of its node).
+pub const VOLUME_RECLAIM_FINALIZER: &str = "orch.dev/volume-reclaim";
+
+/// The name of the volume provided for the claim with uid `claim_uid`: `pvc-<uid>`, so a claim
+/// deleted and created again under its name never finds the old one's data.
+pub fn volume_name_for_claim(claim_uid: &str) -> String {
+    format!("pvc-{claim_uid}")
+}
+
 /// How a volume may be shared between nodes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum AccessMode {
