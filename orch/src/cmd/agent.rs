@@ -69,10 +69,24 @@ pub(crate) struct AgentArgs {
     /// endpoints, before it is stopped (when its spec does not say).
     #[arg(long, default_value_t = 2)]
     pre_stop_delay: u64,
+    /// Room for the node's `local` volumes (under `<data-dir>/data/local-volumes`), a byte
+    /// quantity such as `10Gi`; advertised in the node's `status.storage`. Default: the free
+    /// space of the data directory's file system when the agent starts.
+    #[arg(long, value_parser = parse_local_storage)]
+    local_storage: Option<orch_core::Quantity>,
     #[command(flatten)]
     proxy: super::net::ProxyArgs,
     #[command(flatten)]
     dns: super::net::DnsArgs,
+}
+
+/// A whole, non-negative number of bytes (`10Gi`, `500Mi`, `1000000`).
+fn parse_local_storage(s: &str) -> Result<orch_core::Quantity, String> {
+    let q: orch_core::Quantity = s.parse().map_err(|e: orch_core::quantity::QuantityError| e.to_string())?;
+    if q.is_negative() || q.nanos() % 1_000_000_000 != 0 {
+        return Err(format!("{s:?}: must be a whole number of bytes >= 0, such as 10Gi"));
+    }
+    Ok(q)
 }
 
 fn runtime(args: &AgentArgs, node: &str) -> Result<Arc<dyn Runtime>, BoxError> {
@@ -127,6 +141,7 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     config.address = args.address;
     config.port_range = args.port_range.clone();
     config.pre_stop_delay = std::time::Duration::from_secs(args.pre_stop_delay);
+    config.local_storage = args.local_storage;
     let runtime = runtime(&args, &node)?;
 
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
@@ -171,4 +186,15 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_storage_is_a_whole_number_of_bytes() {
+        assert_eq!(super::parse_local_storage("10Gi").unwrap(), orch_core::Quantity::from_bytes(10 << 30));
+        assert!(super::parse_local_storage("-1Gi").unwrap_err().contains("whole number of bytes >= 0"));
+        assert!(super::parse_local_storage("1.5").unwrap_err().contains("whole number of bytes"));
+        assert!(super::parse_local_storage("ten").unwrap_err().contains("invalid quantity"));
+    }
 }
