@@ -382,3 +382,25 @@ async fn a_program_runs_inside_its_volume_when_asked_and_other_expansions_are_re
     }
     stop(agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_workload_starts_as_soon_as_its_claim_is_bound_not_on_a_timer() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let data_root = root();
+    // Timers far beyond the test's limit: only the claim and volume watches can wake it.
+    let slow = AgentConfig {
+        resync_interval: Duration::from_secs(600),
+        backoff_base: Duration::from_secs(600),
+        ..config(&data_root)
+    };
+    let agent = start(Agent::new(slow, store.clone(), runtime.clone()), true);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    let claim = create_claim(&store, "db-data", "local").await;
+    api.create(&workload("db", COUNTER, vec![claim_volume("data", "db-data")])).await.unwrap();
+    wait_reason(&api, "db", "WaitingForVolume").await;
+    bind(&store, &claim, "node-1").await;
+    wait_until("db running", LIMIT, async || (api.get("db").await.ok()?.status.phase == Phase::Running).then_some(()))
+        .await;
+    stop(agent).await;
+}

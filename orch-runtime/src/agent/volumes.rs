@@ -46,6 +46,12 @@ pub(super) const VOLUME_UNAVAILABLE: &str = "VolumeUnavailable";
 /// The workload was stopped for using more than an `emptyDir` size limit.
 pub(super) const EVICTED: &str = "Evicted";
 
+/// Whether the workload waits for its volumes (its status says one of the reasons above).
+pub(super) fn waits_for_volumes(status: &orch_core::kinds::WorkloadStatus) -> bool {
+    [WAITING_FOR_VOLUME, VOLUME_NODE_CONFLICT, VOLUME_CLASS_UNAVAILABLE, VOLUME_UNAVAILABLE]
+        .contains(&status.reason.as_str())
+}
+
 /// Why a workload's volumes cannot be made available now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Unavailable {
