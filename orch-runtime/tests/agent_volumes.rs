@@ -404,3 +404,27 @@ async fn a_waiting_workload_starts_as_soon_as_its_claim_is_bound_not_on_a_timer(
         .await;
     stop(agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_a_shared_cache_reclaims_on_its_timer() {
+    use orch_core::{Cache, CacheConfig};
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let data_root = root();
+    let shared: Cache<Workload> = Cache::spawn(store.clone(), CacheConfig::default());
+    let agent = Agent::new(config(&data_root), store.clone(), runtime.clone()).with_shared_cache(shared);
+    let agent = start(agent, true);
+    // A workload writes to its claim's volume, then goes; then the volume is deleted.
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    let claim = create_claim(&store, "db-data", "local").await;
+    let pv = bind(&store, &claim, "node-1").await;
+    api.create(&workload("db", COUNTER, vec![claim_volume("data", "db-data")])).await.unwrap();
+    let count = data_root.join("local-volumes").join(&pv).join("data").join("count");
+    wait_until("the program wrote to its volume", LIMIT, async || count.is_file().then_some(())).await;
+    api.delete("db", &DeleteOptions::default()).await.unwrap();
+    let pvs: Api<PersistentVolume> = Api::all(store.clone());
+    pvs.delete(&pv, &DeleteOptions::default()).await.unwrap();
+    wait_until("the volume reclaimed", LIMIT, async || pvs.get_opt(&pv).await.unwrap().is_none().then_some(())).await;
+    assert!(!data_root.join("local-volumes").join(&pv).exists(), "its data is deleted");
+    stop(agent).await;
+}

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use orch_core::cache::{Cache, CacheConfig, ObjectRef};
 use orch_core::controller::queue::{QueueConfig, WorkQueue};
-use orch_core::kinds::{PersistentVolume, VolumeClaim, Workload};
+use orch_core::kinds::Workload;
 use orch_core::meta::{Clock, TokioClock};
 use orch_core::object::{Object, Resource};
 use orch_core::runtime::{Handle, InstanceState, Runtime};
@@ -302,56 +302,9 @@ impl Agent {
                 }
             });
         }
-        // The volumes of this node being deleted are reclaimed (on each change, and on the resync
-        // timer while one waits, in use); a restarted agent finishes what the last one left.
-        // A change of a volume of this node, or of a claim, wakes the workloads waiting for their
-        // volumes. (Agents sharing a workload cache, thousands in one process, watch no claims:
-        // their waiting workloads look again on their timer.)
         {
-            let selection = Selection::kind(PersistentVolume::KIND)
-                .with_fields(FieldSelector::equals("spec.nodeName", node.clone()));
-            let pvs: Cache<PersistentVolume> =
-                Cache::spawn(this.store.clone(), CacheConfig { selection, ..CacheConfig::default() });
-            let mut changes = pvs.subscribe();
-            let claims: Option<Cache<VolumeClaim>> =
-                this.shared.is_none().then(|| Cache::spawn(this.store.clone(), CacheConfig::default()));
-            let mut claim_changes = claims.as_ref().map(Cache::subscribe);
-            let (this, every, queue, mine) = (this.clone(), this.config.resync_interval, queue.clone(), mine.clone());
-            tasks.spawn(async move {
-                // The claim cache lives as long as this task.
-                let _claims = claims;
-                pvs.ready().await;
-                let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    this.reclaim(&pvs.list()).await;
-                    let changed = tokio::select! {
-                        change = changes.recv() => match change {
-                            Some(_) => true,
-                            None => return,
-                        },
-                        change = async {
-                            match claim_changes.as_mut() {
-                                Some(rx) => rx.recv().await,
-                                None => std::future::pending().await,
-                            }
-                        } => match change {
-                            Some(_) => true,
-                            None => return,
-                        },
-                        _ = tick.tick() => false,
-                    };
-                    while changes.try_recv().is_ok() {}
-                    if let Some(rx) = claim_changes.as_mut() {
-                        while rx.try_recv().is_ok() {}
-                    }
-                    if changed {
-                        for w in mine().iter().filter(|w| volumes::waits_for_volumes(&w.status)) {
-                            queue.add(ObjectRef::of(w));
-                        }
-                    }
-                }
-            });
+            let (this, queue, mine) = (this.clone(), queue.clone(), mine.clone());
+            tasks.spawn(async move { this.watch_volumes(queue, mine).await });
         }
         // Renewals: through the process's shared renewal task, or through one of its own on
         // `renew_interval` (the same mechanism for one agent). A failed renewal means the lease

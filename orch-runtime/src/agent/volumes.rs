@@ -20,12 +20,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use orch_core::cache::{Cache, CacheConfig};
+use orch_core::controller::queue::WorkQueue;
 use orch_core::kinds::{
     ClaimPhase, NodeStorage, PersistentVolume, VOLUME_RECLAIM_FINALIZER, Volume, VolumeClaim, VolumeSource, Workload,
 };
 use orch_core::runtime::HostVolume;
 use orch_core::storage::CreateVolume;
-use orch_core::{Api, Object, ObjectRef, Quantity, VolumeError, VolumeProvider};
+use orch_core::{
+    Api, FieldSelector, ListParams, Object, ObjectRef, Quantity, Resource, Selection, VolumeError, VolumeProvider,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{Agent, AgentError};
@@ -519,6 +523,84 @@ impl Agent {
         }
         if let Err(e) = self.publications.set(key, &kept) {
             tracing::warn!(workload = %key, error = %e, "cannot record the volumes published for it");
+        }
+    }
+
+    /// Reclaims the volumes of this node being deleted (on each change of one, and on the resync
+    /// timer while one waits, in use); a restarted agent so finishes what the last one left.
+    /// A change of a volume of this node, or of a claim, wakes the workloads waiting for their
+    /// volumes.
+    ///
+    /// Agents sharing a workload cache (thousands in one process, where a watch per agent would
+    /// wake every agent on every write) open no watch: they read their node's volumes from the
+    /// store on the resync timer, and their waiting workloads look again on their own timer.
+    pub(super) async fn watch_volumes(
+        self: Arc<Self>,
+        queue: WorkQueue<ObjectRef>,
+        mine: impl Fn() -> Vec<Arc<Object<Workload>>> + Send + 'static,
+    ) {
+        let of_node = FieldSelector::equals("spec.nodeName", self.config.node_name.clone());
+        let watched = self.shared.is_none().then(|| {
+            let selection = Selection::kind(PersistentVolume::KIND).with_fields(of_node.clone());
+            let pvs: Cache<PersistentVolume> =
+                Cache::spawn(self.store.clone(), CacheConfig { selection, ..CacheConfig::default() });
+            let claims: Cache<VolumeClaim> = Cache::spawn(self.store.clone(), CacheConfig::default());
+            let changes = (pvs.subscribe(), claims.subscribe());
+            (pvs, claims, changes)
+        });
+        let (pvs, _claims, mut changes) = match watched {
+            Some((pvs, claims, changes)) => {
+                pvs.ready().await;
+                (Some(pvs), Some(claims), Some(changes))
+            }
+            None => (None, None, None),
+        };
+        let every = self.config.resync_interval;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let api: Api<PersistentVolume> = Api::all(self.store.clone());
+        loop {
+            let current = match &pvs {
+                Some(pvs) => pvs.list(),
+                None => {
+                    let params = ListParams { fields: of_node.clone(), ..ListParams::default() };
+                    match api.list(&params).await {
+                        Ok(list) => list.items.into_iter().map(Arc::new).collect(),
+                        Err(e) => {
+                            tracing::warn!(node = %self.config.node_name, error = %e, "cannot list the node's volumes");
+                            Vec::new()
+                        }
+                    }
+                }
+            };
+            self.reclaim(&current).await;
+            let changed = match changes.as_mut() {
+                Some((pv_changes, claim_changes)) => {
+                    let changed = tokio::select! {
+                        change = pv_changes.recv() => match change {
+                            Some(_) => true,
+                            None => return,
+                        },
+                        change = claim_changes.recv() => match change {
+                            Some(_) => true,
+                            None => return,
+                        },
+                        _ = tick.tick() => false,
+                    };
+                    while pv_changes.try_recv().is_ok() {}
+                    while claim_changes.try_recv().is_ok() {}
+                    changed
+                }
+                None => {
+                    tick.tick().await;
+                    false
+                }
+            };
+            if changed {
+                for w in mine().iter().filter(|w| waits_for_volumes(&w.status)) {
+                    queue.add(ObjectRef::of(w));
+                }
+            }
         }
     }
 
