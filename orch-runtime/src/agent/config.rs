@@ -49,8 +49,9 @@ pub struct AgentConfig {
     /// Rotated log files kept per stream (default 3).
     pub log_keep: usize,
     /// Where the agent keeps what it makes on the node: the `emptyDir` volumes of its workloads
-    /// live under `<data_root>/volumes/` (default: `orch-agent/<node>` in the system's temp
-    /// directory).
+    /// live under `<data_root>/volumes/`, its `local` volumes under `<data_root>/local-volumes/`
+    /// and its record of published volumes under `<data_root>/published/` (default:
+    /// `orch-agent/<node>` in the system's temp directory).
     pub data_root: PathBuf,
     /// The address other nodes reach this node's workloads at (reported in the node's status
     /// and in each workload's; default 127.0.0.1, right for a cluster on one machine).
