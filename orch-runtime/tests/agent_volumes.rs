@@ -428,3 +428,32 @@ async fn an_agent_on_a_shared_cache_reclaims_on_its_timer() {
     assert!(!data_root.join("local-volumes").join(&pv).exists(), "its data is deleted");
     stop(agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_deleted_while_the_agent_is_down_is_unpublished_by_the_next_agent() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let data_root = root();
+    let agent = start(Agent::new(config(&data_root), store.clone(), runtime.clone()), true);
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    let claim = create_claim(&store, "db-data", "local").await;
+    let pv = bind(&store, &claim, "node-1").await;
+    let db = api.create(&workload("db", COUNTER, vec![claim_volume("data", "db-data")])).await.unwrap();
+    let volume = data_root.join("local-volumes").join(&pv);
+    let consumers = || -> Vec<String> {
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(volume.join("volume.json")).unwrap()).unwrap();
+        serde_json::from_value(record["consumers"].clone()).unwrap()
+    };
+    wait_until("the program wrote to its volume", LIMIT, async || volume.join("data/count").is_file().then_some(()))
+        .await;
+    assert_eq!(consumers(), vec![db.metadata.uid.clone()], "published for the workload's uid");
+    stop(agent).await;
+    api.delete("db", &DeleteOptions::default()).await.unwrap();
+    assert!(api.get_opt("db").await.unwrap().is_none(), "gone while no agent runs");
+
+    let agent = start(Agent::new(config(&data_root), store.clone(), runtime.clone()), true);
+    wait_until("the volume unpublished", LIMIT, async || consumers().is_empty().then_some(())).await;
+    assert!(volume.join("data/count").is_file(), "unpublishing keeps the data");
+    stop(agent).await;
+}

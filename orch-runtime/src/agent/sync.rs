@@ -532,20 +532,22 @@ impl Agent {
                     }
                     Step::StartProbes { handle } => self.watch_health(key, c, &handle, queue),
                     Step::Start { attempt, restarts, crashes } => {
-                        if host_volumes.is_none() {
-                            host_volumes = Some(self.resolve_volumes(key, &workload, &tag).await);
-                        }
-                        let volumes = match host_volumes.as_ref() {
-                            Some(Ok(v)) => v.clone(),
-                            Some(Err(why)) => {
+                        let resolved = match host_volumes.take() {
+                            Some(resolved) => resolved,
+                            None => self.resolve_volumes(key, &workload, &tag).await,
+                        };
+                        let volumes = resolved.clone();
+                        host_volumes = Some(resolved);
+                        let volumes = match volumes {
+                            Ok(v) => v,
+                            Err(why) => {
                                 // Never run without its data: wait, saying why.
                                 statuses.push(waiting(c, &format!("{}: {}", why.reason, why.message), restarts));
-                                note = Some(why.clone());
+                                note = Some(why);
                                 let after = self.config.backoff_base;
                                 next_look = Some(next_look.map_or(after, |n| n.min(after)));
                                 continue;
                             }
-                            None => unreachable!("resolved just above"),
                         };
                         if let Err(reason) = &ports {
                             // Never start without the ports it is reached at: wait, saying why.
@@ -592,7 +594,8 @@ impl Agent {
 
     /// Stops and removes every instance of `key` (keeping their last lines unless
     /// `forget_logs`), removes its `emptyDir`s, unpublishes its claim volumes and frees its
-    /// ports; answers the last state of each stopped instance, by container.
+    /// ports; answers, by container, each stopped instance's record and (when its logs are kept,
+    /// for an eviction) its last state.
     async fn release(
         &self,
         key: &ObjectRef,
@@ -607,10 +610,13 @@ impl Agent {
         let mut last = Vec::with_capacity(gone.len());
         for (container, t) in gone {
             self.runtime.stop(&t.handle, grace).await.ok();
-            let state = self.runtime.status(&t.handle).await.unwrap_or(InstanceState::Lost);
-            if !forget_logs {
+            // Only an eviction reports how its instances ended.
+            let state = if forget_logs {
+                InstanceState::Lost
+            } else {
                 self.keep_previous_logs(key, &container, &t.handle).await;
-            }
+                self.runtime.status(&t.handle).await.unwrap_or(InstanceState::Lost)
+            };
             self.runtime.remove(&t.handle).await.ok();
             self.health.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.handle.id);
             last.push((container, t, state));
