@@ -409,8 +409,8 @@ impl Agent {
         }
     }
 
-    /// Measures the sized `emptyDir`s of the workloads in `running` (off the async threads);
-    /// one over its limit is recorded for eviction and its workload queued.
+    /// Measures the sized `emptyDir`s of the workloads in `running` that have not ended (off the
+    /// async threads); one over its limit is recorded for eviction and its workload queued.
     async fn check_size_limits(
         &self,
         queue: &WorkQueue<ObjectRef>,
@@ -418,9 +418,9 @@ impl Agent {
         running: &std::collections::HashSet<(&str, &str)>,
     ) {
         for w in mine {
-            if !running.contains(&(w.metadata.namespace.as_str(), w.metadata.name.as_str()))
-                || sync::is_evicted(&w.status)
-            {
+            // Only what may still run is evicted: a workload that ended stays as it ended.
+            let ended = matches!(w.status.phase, orch_core::kinds::Phase::Succeeded | orch_core::kinds::Phase::Failed);
+            if ended || !running.contains(&(w.metadata.namespace.as_str(), w.metadata.name.as_str())) {
                 continue;
             }
             let key = ObjectRef::of(w);
