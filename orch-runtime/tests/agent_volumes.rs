@@ -457,3 +457,29 @@ async fn a_workload_deleted_while_the_agent_is_down_is_unpublished_by_the_next_a
     assert!(volume.join("data/count").is_file(), "unpublishing keeps the data");
     stop(agent).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_too_large_for_the_node_waits_with_the_providers_reason() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(root()).unwrap());
+    let data_root = root();
+    let agent = start(Agent::new(config(&data_root), store.clone(), runtime.clone()), true);
+    let claims: Api<VolumeClaim> = Api::namespaced(store.clone(), "default");
+    let spec = VolumeClaim { size: "2Gi".parse().unwrap(), volume_class: "local".into(), ..Default::default() };
+    let claim = claims.create(&Object::new(ObjectMeta::named("huge"), spec)).await.unwrap();
+    let pv = bind(&store, &claim, "node-1").await;
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    api.create(&workload("db", COUNTER, vec![claim_volume("data", "huge")])).await.unwrap();
+    let message = wait_reason(&api, "db", "VolumeUnavailable").await;
+    assert_eq!(
+        message,
+        format!(
+            "spec.volumes[0] (\"data\"): claim \"huge\" (volume {pv:?}): creating its volume: volume {pv:?} needs 2Gi \
+             but node \"node-1\" (local capacity 1Gi) has only 1Gi left"
+        )
+    );
+    assert_eq!(api.get("db").await.unwrap().status.phase, Phase::Pending);
+    assert!(runtime.list().await.unwrap().is_empty(), "nothing runs without its data");
+    assert!(!data_root.join("local-volumes").join(&pv).exists(), "nothing is left of the refused volume");
+    stop(agent).await;
+}

@@ -234,17 +234,15 @@ impl Publications {
                 let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                     continue;
                 };
-                let set: BTreeSet<Publication> = match std::fs::read(&path).map(|t| serde_json::from_slice(&t)) {
-                    Ok(Ok(set)) => set,
-                    Ok(Err(e)) => {
-                        tracing::warn!(file = %path.display(), error = %e, "unreadable record of published volumes");
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(file = %path.display(), error = %e, "unreadable record of published volumes");
-                        continue;
-                    }
-                };
+                let read = std::fs::read(&path).map_err(|e| e.to_string());
+                let set: BTreeSet<Publication> =
+                    match read.and_then(|t| serde_json::from_slice(&t).map_err(|e| e.to_string())) {
+                        Ok(set) => set,
+                        Err(error) => {
+                            tracing::warn!(file = %path.display(), %error, "unreadable record of published volumes");
+                            continue;
+                        }
+                    };
                 let key = ObjectRef::new(ns.file_name().to_string_lossy(), name);
                 found.push(key.clone());
                 held.insert(key, set);
