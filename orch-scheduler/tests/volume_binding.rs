@@ -20,7 +20,7 @@ use orch_store::MemoryStore;
 use proptest::prelude::*;
 
 fn gib(n: i64) -> Quantity {
-    Quantity::from_units(n * 1024 * 1024 * 1024)
+    format!("{n}Gi").parse().unwrap()
 }
 
 fn node(name: &str, cpu: i64, local: Option<i64>) -> Object<Node> {
