@@ -65,7 +65,8 @@ async fn start() -> Plane {
 }
 
 fn claim(name: &str, size: i64, class: &str, policy: ReclaimPolicy) -> Object<VolumeClaim> {
-    let spec = VolumeClaim { size: gib(size), volume_class: class.into(), reclaim_policy: policy, ..Default::default() };
+    let spec =
+        VolumeClaim { size: gib(size), volume_class: class.into(), reclaim_policy: policy, ..Default::default() };
     Object::new(ObjectMeta::namespaced("default", name), spec)
 }
 

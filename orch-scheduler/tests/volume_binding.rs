@@ -235,10 +235,8 @@ fn steps() -> impl Strategy<Value = (Vec<i64>, Vec<i64>, Vec<Step>)> {
         proptest::collection::vec(prop_oneof![Just(0i64), 4i64..12], 1..5),
         proptest::collection::vec(1i64..6, 1..6),
         proptest::collection::vec(
-            (proptest::collection::vec(0usize..6, 0..3), 100i64..1500).prop_map(|(claims, cpu_milli)| Step {
-                claims,
-                cpu_milli,
-            }),
+            (proptest::collection::vec(0usize..6, 0..3), 100i64..1500)
+                .prop_map(|(claims, cpu_milli)| Step { claims, cpu_milli }),
             1..25,
         ),
     )

@@ -125,7 +125,9 @@ impl VolumeBinding {
                 ClaimPhase::Bound => {
                     let pv_name = claim.status.volume_name.clone().unwrap_or_default();
                     let Some(pv) = self.volumes.get(&ObjectRef::new("", pv_name.as_str())) else {
-                        return Err(Unfit::new(format!("volume claim {name:?} is bound to volume {pv_name:?}, not found")));
+                        return Err(Unfit::new(format!(
+                            "volume claim {name:?} is bound to volume {pv_name:?}, not found"
+                        )));
                     };
                     let Some(node) = &pv.spec.node_name else { continue };
                     if let Some(trouble) = Self::node_trouble(snapshot, w, node) {
