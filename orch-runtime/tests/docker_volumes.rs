@@ -312,6 +312,26 @@ async fn a_bad_node_capacity_is_refused() {
     assert!(matches!(&err, VolumeError::Invalid { field, .. } if field == "capacity"), "{err}");
 }
 
+#[tokio::test]
+async fn without_an_engine_open_fails_saying_what_to_do() {
+    let mut config = orch_runtime::DockerConfig::new("n1");
+    config.host = Some("unix:///nonexistent/orch-test/docker.sock".into());
+    let runtime = DockerRuntime::new(config).unwrap();
+    let state = fresh_state("no-engine");
+    let err = DockerVolumes::open(runtime, &state, q("1Gi")).await.unwrap_err();
+    let VolumeError::Backend { message, source, .. } = &err else { panic!("expected Backend, got {err:?}") };
+    assert!(message.contains("no Docker daemon answers at unix:///nonexistent/orch-test/docker.sock"), "{message}");
+    let runtime_error = source.downcast_ref::<orch_core::RuntimeError>().expect("the runtime's error is the source");
+    assert!(
+        matches!(
+            orch_runtime::DockerError::of(runtime_error),
+            Some(orch_runtime::DockerError::DaemonNotRunning { .. })
+        ),
+        "{runtime_error:?}"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}
+
 fn sh(scope: &Scope, id: &str, script: &str, data: &Path) -> InstanceSpec {
     InstanceSpec {
         id: id.into(),
