@@ -403,3 +403,68 @@ impl VolumeProvider for DockerVolumes {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DockerConfig;
+
+    fn volumes() -> DockerVolumes {
+        DockerVolumes {
+            runtime: DockerRuntime::new(DockerConfig::new("n1")).unwrap(),
+            capacity: "1Gi".parse().unwrap(),
+            state_file: PathBuf::from("/nonexistent/state.json"),
+            consumers: Mutex::default(),
+        }
+    }
+
+    fn volume(labels: &[(&str, &str)]) -> Volume {
+        Volume {
+            name: "orch_n1_db".into(),
+            driver: DRIVER.into(),
+            mountpoint: "/var/lib/docker/volumes/orch_n1_db/_data".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        }
+    }
+
+    const OURS: [(&str, &str); 5] = [
+        (labels::MANAGED_BY, labels::MANAGED_BY_VALUE),
+        (labels::NODE, "n1"),
+        (labels::PROVIDED_VOLUME, "db"),
+        (labels::CAPACITY, "1048576"),
+        (labels::ACCESS_MODE, "ReadWriteOnce"),
+    ];
+
+    #[test]
+    fn labels_describe_the_volume_and_only_ours_are_read() {
+        let v = volumes();
+        let found = v.read("db", &volume(&OURS)).unwrap();
+        assert_eq!(
+            (found.capacity, found.access_mode, found.mountpoint.as_str()),
+            ("1Mi".parse().unwrap(), AccessMode::ReadWriteOnce, "/var/lib/docker/volumes/orch_n1_db/_data")
+        );
+        // Another node's, another orch volume's, or nobody's: refused, not taken over.
+        for (key, value) in [(labels::NODE, "n2"), (labels::PROVIDED_VOLUME, "other"), (labels::MANAGED_BY, "me")] {
+            let labels: Vec<_> = OURS.iter().map(|&(k, v)| if k == key { (k, value) } else { (k, v) }).collect();
+            let err = v.read("db", &volume(&labels)).unwrap_err();
+            assert!(
+                matches!(&err, VolumeError::Refused { reason, .. } if reason.contains("orch did not make it")),
+                "{err}"
+            );
+        }
+        assert!(matches!(v.read("db", &volume(&[])), Err(VolumeError::Refused { .. })));
+    }
+
+    #[test]
+    fn malformed_labels_are_a_backend_error_naming_the_label() {
+        let v = volumes();
+        for (key, value) in [(labels::CAPACITY, "1Mi"), (labels::ACCESS_MODE, "Sometimes")] {
+            let labels: Vec<_> = OURS.iter().map(|&(k, v)| if k == key { (k, value) } else { (k, v) }).collect();
+            match v.read("db", &volume(&labels)) {
+                Err(VolumeError::Backend { message, .. }) => assert!(message.contains(key), "{message}"),
+                other => panic!("{key}: expected Backend, got {other:?}"),
+            }
+        }
+    }
+}
