@@ -13,6 +13,8 @@
 //!   [`workflow`];
 //! - [`endpoints`]: keeps each service's endpoints in bounded slices and gives services their
 //!   cluster addresses and node ports;
+//! - [`volumes`]: provides a volume for each claim on the node of its first workload, binds
+//!   them, and reclaims volumes when their claims go;
 //! - [`gc`]: the garbage collector, following owner references (background, foreground and
 //!   orphan deletes).
 //!
@@ -41,6 +43,7 @@ pub mod job;
 pub mod node_lifecycle;
 pub mod provisioner;
 pub mod replicaset;
+pub mod volumes;
 pub mod workflow;
 mod workloads;
 
@@ -53,4 +56,5 @@ pub use job::JobController;
 pub use node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 pub use provisioner::{PassReport, Provisioner, ProvisionerConfig};
 pub use replicaset::ReplicaSetController;
+pub use volumes::VolumeBinder;
 pub use workflow::WorkflowController;

@@ -60,6 +60,9 @@ pub const LABEL_INDEX: &str = "label";
 pub const OWNER_INDEX: &str = "owner";
 /// Name of the index of workloads by the node they are bound to; values are node names.
 pub const NODE_INDEX: &str = "node";
+/// Name of the index of workloads by the volume claims they use; values are
+/// `<namespace>/<claim>`.
+pub const CLAIM_INDEX: &str = "claim";
 
 /// A change to a cache, as its subscribers see it.
 #[derive(Debug, Clone)]

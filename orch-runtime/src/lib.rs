@@ -12,9 +12,10 @@
 //! | [`ProcessRuntime`] | `process` (default) | real OS processes, each in its own process group, with per-instance directories and log files, limits through cgroups; survives an agent restart |
 //! | [`SimulatedRuntime`] | `simulated` (default) | virtual instances on virtual nodes with declarative behaviour and fault injection, in `tokio::time` (virtual time on a paused runtime) |
 //! | `DockerRuntime` | `docker` | containers on a Docker Engine over its API (bollard), labelled per node and instance; survives an agent restart |
+//! | `DockerVolumes` | `docker` | a [`VolumeProvider`](orch_core::VolumeProvider) of Docker named volumes (driver `local`) on the node's engine, labelled with their size and access mode, sizes accounted against the node's capacity (not enforced) |
 //!
 //! The process, simulated and Docker runtimes pass `orch_core::testkit::runtime`; [`LocalVolumes`]
-//! passes `orch_core::testkit::volume`.
+//! and `DockerVolumes` pass `orch_core::testkit::volume`.
 //!
 //! ```no_run
 //! # #[cfg(feature = "process")]
@@ -50,11 +51,12 @@ pub mod process;
 #[cfg(feature = "simulated")]
 #[cfg_attr(docsrs, doc(cfg(feature = "simulated")))]
 pub mod simulated;
+mod volume_checks;
 
 pub use agent::{Agent, AgentConfig, AgentError, SharedRenewals, instances_of, previous_logs_path};
 #[cfg(feature = "docker")]
 #[cfg_attr(docsrs, doc(cfg(feature = "docker")))]
-pub use docker::{DockerConfig, DockerError, DockerRuntime};
+pub use docker::{DockerConfig, DockerError, DockerRuntime, DockerVolumes};
 pub use local_nodes::LocalNodes;
 pub use local_volumes::LocalVolumes;
 #[cfg(feature = "process")]

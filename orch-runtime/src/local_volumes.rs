@@ -16,16 +16,19 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use orch_core::kinds::AccessMode;
 use orch_core::storage::{CreateVolume, ProvidedVolume, Published, VolumeCapabilities};
-use orch_core::{Quantity, VolumeError, VolumeProvider, validation};
+use orch_core::{Quantity, VolumeError, VolumeProvider};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
+
+use crate::volume_checks::{
+    bytes, check_create, check_fits, check_name, check_node, check_node_capacity, check_same, free_bytes,
+};
 
 const RECORD: &str = "volume.json";
 const DATA: &str = "data";
 /// Directories being deleted are first renamed to a name starting with this (never a valid
 /// volume name), so a crash mid-delete leaves nothing that looks like a volume.
 const DELETING: &str = ".deleting-";
-const NANOS_PER_BYTE: i128 = 1_000_000_000;
 
 /// What `volume.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,10 +63,6 @@ fn backend(volume: &str, message: String, e: io::Error) -> VolumeError {
     VolumeError::Backend { volume: volume.to_string(), message, source: Box::new(e) }
 }
 
-fn bytes(q: &Quantity) -> i128 {
-    q.nanos() / NANOS_PER_BYTE
-}
-
 impl LocalVolumes {
     /// Opens (creating it if needed) the data root of node `node`, whose local storage for
     /// volumes is `capacity` bytes, and finds the volumes already there. Leftovers of a delete
@@ -75,12 +74,7 @@ impl LocalVolumes {
     ) -> Result<LocalVolumes, VolumeError> {
         let root = root.into();
         let node = node.into();
-        if capacity.is_negative() || capacity.nanos() % NANOS_PER_BYTE != 0 {
-            return Err(VolumeError::Invalid {
-                field: "capacity".into(),
-                reason: format!("must be a whole number of bytes >= 0 (is {capacity})"),
-            });
-        }
+        check_node_capacity(&capacity)?;
         let at = |e| backend("", format!("opening the volume root {}", root.display()), e);
         tokio::fs::create_dir_all(&root).await.map_err(at)?;
         let mut volumes = BTreeMap::new();
@@ -123,8 +117,7 @@ impl LocalVolumes {
     }
 
     fn free_bytes(&self, volumes: &BTreeMap<String, Record>) -> i128 {
-        let used: i128 = volumes.values().map(|r| bytes(&r.capacity)).sum();
-        (bytes(&self.capacity) - used).max(0)
+        free_bytes(&self.capacity, volumes.values().map(|r| bytes(&r.capacity)).sum())
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -140,20 +133,6 @@ impl LocalVolumes {
         tokio::fs::write(&tmp, text).await.map_err(at)?;
         tokio::fs::rename(&tmp, dir.join(RECORD)).await.map_err(at)
     }
-
-    fn check_node(&self, volume: &str, node: &str) -> Result<(), VolumeError> {
-        if node != self.node {
-            return Err(VolumeError::Refused {
-                volume: volume.to_string(),
-                reason: format!("it lives on node {:?}, not {node:?}", self.node),
-            });
-        }
-        Ok(())
-    }
-}
-
-fn check_name(name: &str) -> Result<(), VolumeError> {
-    validation::dns1123_subdomain(name).map_err(|reason| VolumeError::Invalid { field: "name".into(), reason })
 }
 
 #[async_trait]
@@ -168,23 +147,7 @@ impl VolumeProvider for LocalVolumes {
     }
 
     async fn create(&self, req: &CreateVolume) -> Result<ProvidedVolume, VolumeError> {
-        check_name(&req.name)?;
-        let c = &req.capacity;
-        if c.is_negative() || c.is_zero() || c.nanos() % NANOS_PER_BYTE != 0 {
-            return Err(VolumeError::Invalid {
-                field: "capacity".into(),
-                reason: format!("must be a whole number of bytes more than 0 (is {c})"),
-            });
-        }
-        if req.access_mode != AccessMode::ReadWriteOnce {
-            return Err(VolumeError::Refused {
-                volume: req.name.clone(),
-                reason: format!("local volumes offer ReadWriteOnce only, not {}", req.access_mode),
-            });
-        }
-        if let Some(node) = &req.node {
-            self.check_node(&req.name, node)?;
-        }
+        check_create(req, "local volumes", &self.node)?;
         let provided = ProvidedVolume {
             name: req.name.clone(),
             capacity: req.capacity,
@@ -193,26 +156,12 @@ impl VolumeProvider for LocalVolumes {
         };
         let mut volumes = self.volumes.lock().await;
         if let Some(existing) = volumes.get(&req.name) {
-            if existing.capacity != req.capacity || existing.access_mode != req.access_mode {
-                return Err(VolumeError::Refused {
-                    volume: req.name.clone(),
-                    reason: format!(
-                        "exists with capacity {} and {}, not {} and {}",
-                        existing.capacity, existing.access_mode, req.capacity, req.access_mode
-                    ),
-                });
-            }
+            check_same(req, &existing.capacity, existing.access_mode)?;
             return Ok(ProvidedVolume { capacity: existing.capacity, ..provided });
         }
-        let free = self.free_bytes(&volumes);
-        if bytes(c) > free {
-            return Err(VolumeError::InsufficientCapacity {
-                volume: req.name.clone(),
-                requested: *c,
-                available: Quantity::from_bytes(free as i64),
-                where_: format!("node {:?} (local capacity {})", self.node, self.capacity),
-            });
-        }
+        check_fits(req, self.free_bytes(&volumes), || {
+            format!("node {:?} (local capacity {})", self.node, self.capacity)
+        })?;
         let dir = self.dir(&req.name);
         // A directory left by a create that crashed before its record: start it afresh, so a
         // new volume is empty.
@@ -224,7 +173,7 @@ impl VolumeProvider for LocalVolumes {
         tokio::fs::create_dir_all(dir.join(DATA))
             .await
             .map_err(|e| backend(&req.name, format!("creating {}", dir.join(DATA).display()), e))?;
-        let record = Record { capacity: *c, access_mode: req.access_mode, consumers: BTreeSet::new() };
+        let record = Record { capacity: req.capacity, access_mode: req.access_mode, consumers: BTreeSet::new() };
         if let Err(e) = self.write_record(&req.name, &record).await {
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(e);
@@ -262,7 +211,7 @@ impl VolumeProvider for LocalVolumes {
         }
         let mut volumes = self.volumes.lock().await;
         let Some(record) = volumes.get(name) else { return Err(VolumeError::NotFound { volume: name.to_string() }) };
-        self.check_node(name, node)?;
+        check_node(name, &self.node, node)?;
         if !record.consumers.contains(consumer) {
             let mut next = record.clone();
             next.consumers.insert(consumer.to_string());

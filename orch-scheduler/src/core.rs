@@ -159,6 +159,12 @@ impl<S: Scheduler> SchedulingCore<S> {
         self.queue.on_event(ev, self.now_ms);
     }
 
+    /// Tells the queue that something outside nodes and workloads changed (volume claims, for
+    /// instance): workloads waiting for one of `events` are retried.
+    pub fn on_event(&mut self, events: Events) {
+        self.queue.on_event(events, self.now_ms);
+    }
+
     /// Removes a node; returns the workloads that were placed on it (now out of the snapshot).
     pub fn remove_node(&mut self, name: &str) -> Vec<Placed> {
         let gone = self.snapshot.remove_node(name);

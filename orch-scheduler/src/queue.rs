@@ -36,14 +36,19 @@ impl Events {
     pub const WORKLOAD_DELETED: Events = Events(8);
     /// A workload waiting to be scheduled arrived (gangs wait for members).
     pub const WORKLOAD_PENDING: Events = Events(16);
+    /// A volume claim or a provided volume changed (created, bound, deleted).
+    pub const STORAGE: Events = Events(32);
     /// Every event.
-    pub const ALL: Events = Events(31);
+    pub const ALL: Events = Events(63);
 
     /// Whether the two sets share an event.
     pub fn intersects(self, other: Events) -> bool {
         self.0 & other.0 != 0
     }
 }
+
+/// How many kinds of events there are (bits of [`Events::ALL`]).
+const EVENT_KINDS: usize = Events::ALL.0.count_ones() as usize;
 
 impl std::ops::BitOr for Events {
     type Output = Events;
@@ -83,7 +88,7 @@ pub struct SchedulingQueue {
     next_id: u64,
     events: u64,
     /// Unschedulable workloads waiting on each event bit, so events nobody waits for cost nothing.
-    waiting_on: [usize; 5],
+    waiting_on: [usize; EVENT_KINDS],
     /// The latest events with their counter, to tell whether one that matters to a failed
     /// workload happened while it was being scheduled.
     recent: std::collections::VecDeque<(u64, Events)>,
@@ -110,7 +115,7 @@ impl SchedulingQueue {
             unschedulable: BTreeSet::new(),
             next_id: 0,
             events: 0,
-            waiting_on: [0; 5],
+            waiting_on: [0; EVENT_KINDS],
             recent: std::collections::VecDeque::new(),
             retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(10)),
             flush_ms: 300_000,

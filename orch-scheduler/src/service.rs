@@ -75,7 +75,12 @@ pub struct SchedulerService<S: Scheduler + 'static = Framework> {
     clock: Option<Arc<dyn Clock>>,
     /// Tells people why a workload waits (`FailedScheduling` events); made when it starts.
     recorder: Option<orch_core::events::Recorder>,
+    /// Other caches whose changes wake waiting workloads, with the events they stand for.
+    wakers: Vec<Waker>,
 }
+
+/// Forwards a cache's changes as scheduling events, until the receiver is gone.
+type Waker = Box<dyn FnOnce(mpsc::UnboundedSender<crate::queue::Events>) -> BoxFuture<'static, ()> + Send>;
 
 impl<S: Scheduler + 'static> std::fmt::Debug for SchedulerService<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +92,20 @@ impl SchedulerService<Framework> {
     /// The default scheduler with a profile.
     pub fn new(profile: Profile) -> Self {
         SchedulerService::with_scheduler(Framework::new(profile))
+    }
+
+    /// The scheduler with `profile` plus [`VolumeBinding`](crate::plugins::VolumeBinding)
+    /// reading these caches, retrying waiting workloads whenever a claim or a volume changes.
+    /// In a manager: `SchedulerService::with_volumes(profile, manager.cache(), manager.cache())`.
+    pub fn with_volumes(
+        profile: Profile,
+        claims: Cache<orch_core::kinds::VolumeClaim>,
+        volumes: Cache<orch_core::kinds::PersistentVolume>,
+    ) -> Self {
+        let plugin = crate::plugins::VolumeBinding::new(claims.clone(), volumes.clone());
+        SchedulerService::new(profile.with(plugin, 0))
+            .wake_on(&claims, crate::queue::Events::STORAGE)
+            .wake_on(&volumes, crate::queue::Events::STORAGE)
     }
 }
 
@@ -102,6 +121,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
             name,
             clock: None,
             recorder: None,
+            wakers: Vec::new(),
         }
     }
 
@@ -119,6 +139,24 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
     /// Uses `clock` for condition timestamps (default: the manager's clock).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
+        self
+    }
+
+    /// Retries workloads waiting for `events` whenever an object of `cache` changes: plugins that
+    /// read other kinds (as [`VolumeBinding`](crate::plugins::VolumeBinding) reads claims and
+    /// volumes) name here what should wake the workloads they turned away.
+    pub fn wake_on<K: orch_core::object::Resource>(mut self, cache: &Cache<K>, events: crate::queue::Events) -> Self {
+        let mut changes = cache.subscribe();
+        self.wakers.push(Box::new(move |tx| {
+            async move {
+                while changes.recv().await.is_some() {
+                    if tx.send(events).is_err() {
+                        break;
+                    }
+                }
+            }
+            .boxed()
+        }));
         self
     }
 
@@ -160,6 +198,12 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
             Some(orch_core::events::Recorder::with_clock(store.clone(), "scheduler", Default::default(), clock));
         let mut node_events = nodes.subscribe();
         let mut workload_events = workloads.subscribe();
+        let (wake_tx, mut wakes) = mpsc::unbounded_channel();
+        let mut wakers = JoinSet::new();
+        for w in self.wakers.drain(..) {
+            wakers.spawn(w(wake_tx.clone()));
+        }
+        drop(wake_tx);
         tokio::select! {
             _ = nodes.ready() => {}
             _ = stop.wait_for(|s| *s) => return,
@@ -200,6 +244,9 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
             while let Ok(ev) = workload_events.try_recv() {
                 self.workload_event(ev);
             }
+            while let Ok(ev) = wakes.try_recv() {
+                self.core.on_event(ev);
+            }
             while let Ok((key, result)) = done_rx.try_recv() {
                 self.bind_done(key, result, &workloads);
             }
@@ -237,6 +284,7 @@ impl<S: Scheduler + 'static> SchedulerService<S> {
                     CacheEvent::Deleted(n) => drop(self.core.remove_node(&n.metadata.name)),
                 },
                 Some(ev) = workload_events.recv() => self.workload_event(ev),
+                Some(ev) = wakes.recv() => self.core.on_event(ev),
                 Some((key, result)) = done_rx.recv() => self.bind_done(key, result, &workloads),
                 // Whoever reported leadership or shutdown is gone: stop.
                 changed = leader.changed() => if changed.is_err() { break },

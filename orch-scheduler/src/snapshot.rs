@@ -7,7 +7,10 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use orch_core::cache::ObjectRef;
-use orch_core::kinds::{AffinityTerm, Node, Protocol, Taint, TaintEffect, Workload, WorkloadAffinity, resource as res};
+use orch_core::kinds::{
+    AffinityTerm, Node, NodeStorage, Protocol, Taint, TaintEffect, VolumeSource, Workload, WorkloadAffinity,
+    resource as res,
+};
 use orch_core::labels::Labels;
 use orch_core::object::Object;
 use orch_core::quantity::Quantity;
@@ -79,6 +82,8 @@ pub struct WorkloadInfo {
     pub requests: Vec<(Dim, i64)>,
     /// Host ports it needs.
     pub host_ports: Vec<(Protocol, u32)>,
+    /// The volume claims it uses (in its namespace), sorted, without repeats.
+    pub claims: Vec<String>,
     /// Equivalence class: workloads with the same class are interchangeable to every node-local
     /// plugin, so their per-node results are computed once and reused.
     pub class: u64,
@@ -126,7 +131,17 @@ impl WorkloadInfo {
         let _ = serde_json::to_writer(&mut w, &spec.affinity);
         let _ = serde_json::to_writer(&mut w, &spec.topology_spread_constraints);
         let class = h.finish();
-        WorkloadInfo { key: ObjectRef::of(&object), object, requests, host_ports, class, seq }
+        let mut claims: Vec<String> = spec
+            .volumes
+            .iter()
+            .filter_map(|v| match &v.source {
+                VolumeSource::Claim { claim_name } => Some(claim_name.clone()),
+                _ => None,
+            })
+            .collect();
+        claims.sort_unstable();
+        claims.dedup();
+        WorkloadInfo { key: ObjectRef::of(&object), object, requests, host_ports, claims, class, seq }
     }
 
     /// The workload's spec.
@@ -217,6 +232,8 @@ pub struct NodeInfo {
     pub used_ports: Vec<(Protocol, u32)>,
     /// GPUs, one by one, when the node reports them.
     pub devices: Vec<DeviceSlot>,
+    /// The volume classes its agent provides, with the room for them (`status.storage`).
+    pub storage: Vec<NodeStorage>,
 }
 
 impl NodeInfo {
@@ -233,6 +250,7 @@ impl NodeInfo {
             workloads: Vec::new(),
             used_ports: Vec::new(),
             devices: Vec::new(),
+            storage: Vec::new(),
         };
         n.refresh(node);
         n
@@ -246,6 +264,7 @@ impl NodeInfo {
         self.taints = node.spec.taints.clone();
         self.unschedulable = node.spec.unschedulable;
         let status = &node.status;
+        self.storage.clone_from(&status.storage);
         let source = if status.allocatable.is_empty() { &status.capacity } else { &status.allocatable };
         let mut alloc = vec![0i64; 3];
         self.max_workloads = u32::MAX;
@@ -525,6 +544,8 @@ pub struct Snapshot {
     counters: Mutex<HashMap<String, MatchCounts>>,
     groups: HashMap<String, u32>,
     pending_groups: HashMap<String, u32>,
+    /// Volume claims of placed workloads: the nodes using each, with how many workloads there.
+    claims: HashMap<ObjectRef, Vec<(NodeId, u32)>>,
     /// Sequence number of the next node change.
     change_seq: u64,
     /// Node slots that changed, the last one at `change_seq - 1`.
@@ -569,6 +590,7 @@ impl Clone for Snapshot {
             ),
             groups: self.groups.clone(),
             pending_groups: self.pending_groups.clone(),
+            claims: self.claims.clone(),
             change_seq: self.change_seq,
             changes: self.changes.clone(),
             slots_epoch: self.slots_epoch,
@@ -595,6 +617,7 @@ impl Default for Snapshot {
             counters: Mutex::new(HashMap::new()),
             groups: HashMap::new(),
             pending_groups: HashMap::new(),
+            claims: HashMap::new(),
             change_seq: 0,
             changes: VecDeque::new(),
             slots_epoch: 0,
@@ -666,6 +689,17 @@ impl Snapshot {
     /// Placed workloads of a gang (bound or assumed).
     pub fn group_placed(&self, group: &str) -> u32 {
         self.groups.get(group).copied().unwrap_or(0)
+    }
+
+    /// The nodes where placed workloads (bound or assumed) use the volume claim `claim`, with how
+    /// many workloads on each; empty when none does.
+    pub fn claim_users(&self, claim: &ObjectRef) -> &[(NodeId, u32)] {
+        self.claims.get(claim).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Every volume claim placed workloads use, with the nodes using it.
+    pub fn claims_in_use(&self) -> impl Iterator<Item = (&ObjectRef, &[(NodeId, u32)])> + '_ {
+        self.claims.iter().map(|(k, v)| (k, v.as_slice()))
     }
 
     /// Members of a gang waiting to be scheduled.
@@ -838,6 +872,13 @@ impl Snapshot {
         if let Some(g) = info.group_key() {
             *self.groups.entry(g).or_default() += 1;
         }
+        for c in &info.claims {
+            let users = self.claims.entry(ObjectRef::new(info.namespace(), c.as_str())).or_default();
+            match users.iter_mut().find(|(n, _)| *n == id) {
+                Some((_, count)) => *count += 1,
+                None => users.push((id, 1)),
+            }
+        }
         self.placed.insert(info.key.clone(), Placed { info, placement, assumed });
         self.touch(id);
     }
@@ -884,6 +925,20 @@ impl Snapshot {
             *n -= 1;
             if *n == 0 {
                 self.groups.remove(&g);
+            }
+        }
+        for c in &p.info.claims {
+            let key = ObjectRef::new(p.info.namespace(), c.as_str());
+            if let Some(users) = self.claims.get_mut(&key) {
+                if let Some(i) = users.iter().position(|(n, _)| *n == id) {
+                    users[i].1 -= 1;
+                    if users[i].1 == 0 {
+                        users.swap_remove(i);
+                    }
+                }
+                if users.is_empty() {
+                    self.claims.remove(&key);
+                }
             }
         }
         self.touch(id);

@@ -26,7 +26,9 @@ pub use deployment::{
 pub(crate) use event::is_camel_case;
 pub use event::{EVENT_MESSAGE_LIMIT, Event, EventType, ObjectReference};
 pub use job::{COMPLETION_INDEX_ANNOTATION, CompletionMode, Job, JobStatus, format_indexes, job_condition};
-pub use node::{Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, NodeStorage, Taint, TaintEffect};
+pub use node::{
+    Device, NODE_LEASE_NAMESPACE, Node, NodeAddress, NodeLease, NodeStatus, NodeStorage, Taint, TaintEffect,
+};
 pub use service::{
     DEFAULT_ENDPOINTS_PER_SLICE, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, PortTarget,
     SERVICE_NAME_LABEL, Service, ServicePort, ServiceStatus, ServiceType,

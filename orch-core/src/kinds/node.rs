@@ -162,7 +162,10 @@ impl Resource for Node {
                     validation::dns1123_subdomain(&st.volume_class),
                 );
                 if status.storage[..i].iter().any(|o| o.volume_class == st.volume_class) {
-                    v.reject(format!("status.storage[{i}].volumeClass"), format!("{:?} is listed twice", st.volume_class));
+                    v.reject(
+                        format!("status.storage[{i}].volumeClass"),
+                        format!("{:?} is listed twice", st.volume_class),
+                    );
                 }
             }
             if st.capacity.is_negative() {

@@ -24,6 +24,9 @@
 //!   [`DockerConfig::orphan_grace`] (nothing adopted it after an agent restart) is removed.
 //! - **Images.** A local image is used as it is; a missing one fails the start with
 //!   [`DockerError::ImageNotFound`] naming it, unless [`DockerConfig::pull`] allows a pull.
+//! - **Named volumes.** [`DockerVolumes`] provides orch volumes as Docker named volumes on the
+//!   node's engine; the agent hands their directory to this runtime as a host path, which it
+//!   bind-mounts like any other.
 //! - **Errors.** Daemon down, permission denied on the socket, a missing image, a host port in
 //!   use: a [`RuntimeError::Unavailable`] whose message says what to do and whose source is a
 //!   [`DockerError`] ([`DockerError::of`]). Bad specs: `InvalidSpec` naming the field.
@@ -31,6 +34,7 @@
 mod error;
 mod image;
 mod spec;
+mod volumes;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
@@ -56,11 +60,13 @@ use serde::{Deserialize, Serialize};
 
 pub use error::DockerError;
 pub use image::busybox_rootfs;
+pub use volumes::DockerVolumes;
 
 const NAME: &str = "docker";
 const HANDLE_VERSION: u32 = 1;
 
-/// The labels this runtime puts on its containers (and on the volumes it makes for them).
+/// The labels this runtime puts on its containers (and on the volumes it makes for them), and
+/// those [`DockerVolumes`] puts on its named volumes.
 pub mod labels {
     /// Marks what orch made; its value is [`MANAGED_BY_VALUE`].
     pub const MANAGED_BY: &str = "orch.dev/managed-by";
@@ -76,6 +82,14 @@ pub mod labels {
     pub const VOLUME: &str = "orch.dev/volume";
     /// On a container made only to look into an image (never started, removed at once).
     pub const LOOK: &str = "orch.dev/look";
+    /// On a named volume of [`DockerVolumes`](super::DockerVolumes): the orch volume it holds
+    /// (the `PersistentVolume`'s name). Its node is in [`NODE`].
+    pub const PROVIDED_VOLUME: &str = "orch.dev/provided-volume";
+    /// On a named volume of [`DockerVolumes`](super::DockerVolumes): its size in bytes.
+    pub const CAPACITY: &str = "orch.dev/capacity";
+    /// On a named volume of [`DockerVolumes`](super::DockerVolumes): its access mode
+    /// (`ReadWriteOnce`).
+    pub const ACCESS_MODE: &str = "orch.dev/access-mode";
 }
 
 /// Whether a start may pull an image the node does not have.

@@ -14,6 +14,10 @@
 //! | [`Gang`] | pre-filter, permit | all-or-nothing placement of a scheduling group, with a timeout |
 //! | [`Preemption`] | post-filter | evicts the fewest, lowest-priority workloads that make room |
 //!
+//! [`VolumeBinding`] (filter: a workload goes where its volume claims' data is, or where a pending
+//! claim fits) reads claims and volumes from caches, so it is not in the default profile: a
+//! control plane that provides volumes adds it (`orch server` does).
+//!
 //! GPU placement policies from the literature (random, dot product, GPU clustering, GPU packing,
 //! best fit, FGD) and the fragmentation measure are in [`gpu`]; they are not in the default
 //! profile.
@@ -25,6 +29,7 @@ pub mod gpu;
 mod node;
 mod preemption;
 mod spread;
+mod volume;
 
 pub use affinity::WorkloadAffinity;
 pub use fit::{BalancedAllocation, ResourcesFit, ScoringStrategy};
@@ -32,6 +37,7 @@ pub use gang::Gang;
 pub use node::{NodeAffinity, NodeName, NodeUnschedulable, PrioritySort, TaintToleration, UNSCHEDULABLE_TAINT};
 pub use preemption::Preemption;
 pub use spread::TopologySpread;
+pub use volume::VolumeBinding;
 
 use super::DEFAULT_SCHEDULER;
 use super::framework::Profile;

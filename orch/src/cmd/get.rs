@@ -86,6 +86,10 @@ pub(crate) fn columns(kind: &str, wide: bool) -> Vec<&'static str> {
         "Workflow" => vec!["NAME", "STATUS", "AGE"],
         "Service" => vec!["NAME", "TYPE", "CLUSTER-ADDRESS", "PORT(S)", "ENDPOINTS", "AGE"],
         "EndpointSlice" => vec!["NAME", "SERVICE", "ENDPOINTS", "AGE"],
+        "VolumeClaim" => vec!["NAME", "STATUS", "VOLUME", "SIZE", "ACCESS MODE", "CLASS", "AGE"],
+        "PersistentVolume" => {
+            vec!["NAME", "CAPACITY", "ACCESS MODES", "RECLAIM POLICY", "STATUS", "CLAIM", "NODE", "AGE"]
+        }
         "Event" => vec!["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"],
         _ => vec!["NAME", "AGE"],
     };
@@ -220,6 +224,41 @@ pub(crate) fn row(obj: &DynamicObject, wide: bool) -> Vec<String> {
             let svc = obj.metadata.labels.get(orch_core::kinds::SERVICE_NAME_LABEL).cloned().unwrap_or_default();
             let eps = spec["endpoints"].as_array().map_or(0, Vec::len);
             vec![name, svc, eps.to_string(), created]
+        }
+        "VolumeClaim" => {
+            let phase = status["phase"].as_str().unwrap_or("Pending");
+            let phase = if obj.metadata.deletion_timestamp.is_some() { "Terminating" } else { phase };
+            vec![
+                name,
+                phase.to_string(),
+                status["volumeName"].as_str().unwrap_or("").to_string(),
+                s(&spec["size"]),
+                spec["accessMode"].as_str().unwrap_or("ReadWriteOnce").to_string(),
+                s(&spec["volumeClass"]),
+                created,
+            ]
+        }
+        "PersistentVolume" => {
+            let modes = spec["accessModes"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                .unwrap_or_default();
+            let claim = &spec["claimRef"];
+            let claim = if claim.is_object() {
+                format!("{}/{}", s(&claim["namespace"]), s(&claim["name"]))
+            } else {
+                String::new()
+            };
+            vec![
+                name,
+                s(&spec["capacity"]),
+                modes,
+                spec["reclaimPolicy"].as_str().unwrap_or("Delete").to_string(),
+                status["phase"].as_str().unwrap_or("Available").to_string(),
+                claim,
+                s(&spec["nodeName"]),
+                created,
+            ]
         }
         "Event" => {
             let io = &spec["involvedObject"];
@@ -357,4 +396,38 @@ pub(crate) async fn run(conn: &ConnArgs, args: GetArgs) -> Result<(), BoxError> 
         let _ = std::io::stdout().flush();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dynamic(v: serde_json::Value) -> DynamicObject {
+        orch_core::RawJson::from_value(&v).decode().unwrap()
+    }
+
+    #[test]
+    fn claims_and_volumes_show_their_binding() {
+        let claim = dynamic(serde_json::json!({
+            "kind": "VolumeClaim",
+            "metadata": {"name": "data-db-0", "namespace": "default"},
+            "spec": {"size": "1Gi", "volumeClass": "local"},
+            "status": {"phase": "Bound", "volumeName": "pvc-1"}
+        }));
+        assert_eq!(columns("VolumeClaim", false).len(), row(&claim, false).len());
+        assert_eq!(row(&claim, false)[..6], ["data-db-0", "Bound", "pvc-1", "1Gi", "ReadWriteOnce", "local"]);
+        let pv = dynamic(serde_json::json!({
+            "kind": "PersistentVolume",
+            "metadata": {"name": "pvc-1"},
+            "spec": {"capacity": "1Gi", "accessModes": ["ReadWriteOnce"], "volumeClass": "local",
+                     "reclaimPolicy": "Retain", "nodeName": "n1",
+                     "claimRef": {"namespace": "default", "name": "data-db-0"}},
+            "status": {"phase": "Released"}
+        }));
+        assert_eq!(columns("PersistentVolume", false).len(), row(&pv, false).len());
+        assert_eq!(
+            row(&pv, false)[..7],
+            ["pvc-1", "1Gi", "ReadWriteOnce", "Retain", "Released", "default/data-db-0", "n1"]
+        );
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use orch_controllers::{
     DaemonSetController, DeploymentController, EndpointsConfig, EndpointsController, GarbageCollector, JobController,
-    NodeLifecycle, ReplicaSetController, WorkflowController,
+    NodeLifecycle, ReplicaSetController, VolumeBinder, WorkflowController,
 };
 use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::{Manager, Store};
@@ -105,7 +105,10 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
         manager =
             manager.with_leader_election(LeaderElectionConfig::new("orch-system", "control-plane", identity.clone()));
     }
-    manager.add(SchedulerService::new(Profile::default_profile()));
+    // The scheduler places workloads where their volume claims' data lives; the binder provides
+    // each claim's volume on the node of its first workload and reclaims it when the claim goes.
+    manager.add(SchedulerService::with_volumes(Profile::default_profile(), manager.cache(), manager.cache()));
+    manager.add(VolumeBinder::builder());
     manager.add(NodeLifecycle::builder(Default::default()));
     // The workload controllers and the garbage collector of owner references.
     manager.add(DeploymentController::builder());

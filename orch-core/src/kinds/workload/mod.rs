@@ -233,10 +233,27 @@ impl Resource for Workload {
     }
 
     fn indexers() -> Vec<(String, crate::cache::Indexer<Self>)> {
-        vec![(
-            crate::cache::NODE_INDEX.to_string(),
-            std::sync::Arc::new(|w: &crate::Object<Workload>| w.spec.node_name.iter().cloned().collect()),
-        )]
+        vec![
+            (
+                crate::cache::NODE_INDEX.to_string(),
+                std::sync::Arc::new(|w: &crate::Object<Workload>| w.spec.node_name.iter().cloned().collect()),
+            ),
+            (
+                crate::cache::CLAIM_INDEX.to_string(),
+                std::sync::Arc::new(|w: &crate::Object<Workload>| {
+                    w.spec
+                        .volumes
+                        .iter()
+                        .filter_map(|v| match &v.source {
+                            VolumeSource::Claim { claim_name } => {
+                                Some(format!("{}/{claim_name}", w.metadata.namespace))
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                }),
+            ),
+        ]
     }
 }
 
