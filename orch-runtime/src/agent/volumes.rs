@@ -437,6 +437,7 @@ impl Agent {
         }
         let pv_name = match (&claim.status.phase, &claim.status.volume_name) {
             (ClaimPhase::Bound, Some(name)) => name.clone(),
+            (ClaimPhase::Lost, Some(name)) => return Err(wait(format!("is Lost: its volume {name:?} is gone"))),
             (phase, _) => return Err(wait(format!("is {phase:?}, not bound to a volume yet"))),
         };
         let pvs: Api<PersistentVolume> = Api::all(self.store.clone());
@@ -676,6 +677,105 @@ mod tests {
         assert!(!old[1].1.host_path.exists(), "the earlier incarnation's emptyDir is removed");
         remove(&root, &key);
         assert!(!workload_dir(&root, &key).exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// Every answer of `claim_target`, in the order a binder makes them.
+    #[cfg(feature = "simulated")]
+    #[tokio::test]
+    async fn a_claim_resolves_only_once_bound_to_a_volume_of_this_node_of_a_class_it_provides() {
+        use orch_core::Store;
+        use orch_core::kinds::ClaimReference;
+        let store: Arc<dyn Store> = Arc::new(orch_store::MemoryStore::new());
+        let root = scratch_root("claims");
+        let local =
+            crate::LocalVolumes::open(root.join("local"), "node-1", Quantity::from_bytes(1 << 30)).await.unwrap();
+        let config = super::super::AgentConfig { data_root: root.clone(), ..super::super::AgentConfig::new("node-1") };
+        let agent = Agent::new(config, store.clone(), Arc::new(crate::SimCluster::new().node("node-1")))
+            .with_volume_provider(LOCAL_CLASS, Arc::new(local));
+        let key = ObjectRef::new("default", "db");
+        let v = vol("data", VolumeSource::Claim { claim_name: "c".into() });
+        let answer = async || match agent.claim_target(0, &v, "c", &key, "uid-1").await {
+            Ok(t) => Ok((t.create, t.publication)),
+            Err(u) => {
+                Err((u.reason, u.message.trim_start_matches("spec.volumes[0] (\"data\"): claim \"c\" ").to_string()))
+            }
+        };
+        let waits = |why: &str| Err((WAITING_FOR_VOLUME, why.to_string()));
+        assert_eq!(answer().await, waits("does not exist in namespace \"default\""));
+
+        let claims: Api<VolumeClaim> = Api::namespaced(store.clone(), "default");
+        let spec = VolumeClaim { size: "1Mi".parse().unwrap(), volume_class: "local".into(), ..Default::default() };
+        let claim = claims.create(&Object::new(orch_core::ObjectMeta::named("c"), spec)).await.unwrap();
+        assert_eq!(answer().await, waits("is Pending, not bound to a volume yet"));
+        let mut bound = claim.clone();
+        bound.status.phase = ClaimPhase::Bound;
+        bound.status.volume_name = Some("pv-1".into());
+        let bound = claims.replace_status(&bound).await.unwrap();
+        assert_eq!(answer().await, waits("is bound to volume \"pv-1\", which does not exist"));
+
+        let pvs: Api<PersistentVolume> = Api::all(store.clone());
+        let pv = PersistentVolume {
+            capacity: "1Mi".parse().unwrap(),
+            access_modes: vec![orch_core::kinds::AccessMode::ReadWriteOnce],
+            volume_class: "local".into(),
+            node_name: Some("node-2".into()),
+            claim_ref: Some(ClaimReference { namespace: "default".into(), name: "other".into(), uid: String::new() }),
+            ..Default::default()
+        };
+        pvs.create(&Object::new(orch_core::ObjectMeta::named("pv-1"), pv)).await.unwrap();
+        assert_eq!(answer().await, waits("is bound to volume \"pv-1\", which is bound to another claim"));
+        let set = async |f: &dyn Fn(&mut PersistentVolume)| {
+            pvs.retry_on_conflict("pv-1", |o| {
+                f(&mut o.spec);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        };
+        let uid = claim.metadata.uid.clone();
+        set(&|pv| {
+            pv.claim_ref = Some(ClaimReference { namespace: "default".into(), name: "c".into(), uid: uid.clone() })
+        })
+        .await;
+        assert_eq!(
+            answer().await,
+            Err((
+                VOLUME_NODE_CONFLICT,
+                "is bound to volume \"pv-1\", which lives on node \"node-2\", not on this node \"node-1\"".into()
+            ))
+        );
+        set(&|pv| {
+            pv.node_name = Some("node-1".into());
+            pv.volume_class = "fast".into();
+        })
+        .await;
+        assert_eq!(
+            answer().await,
+            Err((
+                VOLUME_CLASS_UNAVAILABLE,
+                "is bound to volume \"pv-1\" of class \"fast\", which node \"node-1\" does not provide (it provides: \
+                 local)"
+                    .into()
+            ))
+        );
+        set(&|pv| pv.volume_class = "local".into()).await;
+        let (create, publication) = answer().await.unwrap();
+        assert_eq!(
+            create,
+            CreateVolume {
+                name: "pv-1".into(),
+                capacity: "1Mi".parse().unwrap(),
+                access_mode: orch_core::kinds::AccessMode::ReadWriteOnce,
+                node: Some("node-1".into()),
+            }
+        );
+        assert_eq!(publication, Publication { class: "local".into(), volume: "pv-1".into(), consumer: "uid-1".into() });
+
+        let mut lost = bound;
+        lost.status.phase = ClaimPhase::Lost;
+        claims.replace_status(&lost).await.unwrap();
+        assert_eq!(answer().await, waits("is Lost: its volume \"pv-1\" is gone"));
         let _ = std::fs::remove_dir_all(&root);
     }
 
