@@ -74,6 +74,11 @@ pub(crate) struct AgentArgs {
     /// space of the data directory's file system when the agent starts.
     #[arg(long, value_parser = parse_local_storage)]
     local_storage: Option<orch_core::Quantity>,
+    /// With `--runtime docker`: also provide the volume class `docker` (Docker named volumes on
+    /// the node's engine, consumers recorded under `<data-dir>/data/docker-volumes`) with this
+    /// much room (`50Gi`). Without it the node provides no `docker` class.
+    #[arg(long, value_parser = parse_local_storage)]
+    docker_storage: Option<orch_core::Quantity>,
     #[command(flatten)]
     proxy: super::net::ProxyArgs,
     #[command(flatten)]
@@ -89,17 +94,36 @@ fn parse_local_storage(s: &str) -> Result<orch_core::Quantity, String> {
     Ok(q)
 }
 
-fn runtime(args: &AgentArgs, node: &str) -> Result<Arc<dyn Runtime>, BoxError> {
+/// A volume class the node provides besides `local`, and its provider.
+type Provider = (String, Arc<dyn orch_core::VolumeProvider>);
+
+/// The node's runtime, and the volume provider that comes with it (`docker` on the Docker
+/// runtime, when `--docker-storage` gives its room).
+async fn runtime(args: &AgentArgs, node: &str) -> Result<(Arc<dyn Runtime>, Option<Provider>), BoxError> {
     match args.runtime {
-        RuntimeKind::Process => Ok(Arc::new(
-            orch_runtime::ProcessRuntime::new(args.data_dir.join("instances"))
-                .map_err(|e| format!("process runtime under {}: {e}", args.data_dir.display()))?,
+        RuntimeKind::Process => Ok((
+            Arc::new(
+                orch_runtime::ProcessRuntime::new(args.data_dir.join("instances"))
+                    .map_err(|e| format!("process runtime under {}: {e}", args.data_dir.display()))?,
+            ),
+            None,
         )),
         #[cfg(feature = "docker")]
-        RuntimeKind::Docker => Ok(Arc::new(
-            orch_runtime::DockerRuntime::new(orch_runtime::DockerConfig::new(node))
-                .map_err(|e| format!("docker runtime: {e}"))?,
-        )),
+        RuntimeKind::Docker => {
+            let docker = orch_runtime::DockerRuntime::new(orch_runtime::DockerConfig::new(node))
+                .map_err(|e| format!("docker runtime: {e}"))?;
+            let provider = match args.docker_storage {
+                Some(room) => {
+                    let state = args.data_dir.join("data").join("docker-volumes");
+                    let volumes = orch_runtime::DockerVolumes::open(docker.clone(), state, room)
+                        .await
+                        .map_err(|e| format!("--docker-storage: docker volumes: {e}"))?;
+                    Some(("docker".to_string(), Arc::new(volumes) as Arc<dyn orch_core::VolumeProvider>))
+                }
+                None => None,
+            };
+            Ok((Arc::new(docker), provider))
+        }
         #[cfg(not(feature = "docker"))]
         RuntimeKind::Docker => {
             let _ = node;
@@ -109,6 +133,9 @@ fn runtime(args: &AgentArgs, node: &str) -> Result<Arc<dyn Runtime>, BoxError> {
 }
 
 pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
+    if args.docker_storage.is_some() && !matches!(args.runtime, RuntimeKind::Docker) {
+        return Err("--docker-storage: Docker volumes need --runtime docker".into());
+    }
     let prometheus = metrics()?;
     let stop = on_signal();
     let node = args.name.clone().unwrap_or_else(host_name);
@@ -142,7 +169,7 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     config.port_range = args.port_range.clone();
     config.pre_stop_delay = std::time::Duration::from_secs(args.pre_stop_delay);
     config.local_storage = args.local_storage;
-    let runtime = runtime(&args, &node)?;
+    let (runtime, provider) = runtime(&args, &node).await?;
 
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let ops_task =
@@ -175,7 +202,11 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
     tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
     let net = super::net::start(Some((&args.proxy, args.address)), &args.dns, store.clone(), stop.clone()).await?;
     ready_tx.send_replace(true);
-    Agent::new(config, store, runtime).run(stopped(stop.clone()), args.drain).await?;
+    let mut agent = Agent::new(config, store, runtime);
+    if let Some((class, provider)) = provider {
+        agent = agent.with_volume_provider(class, provider);
+    }
+    agent.run(stopped(stop.clone()), args.drain).await?;
     net.wait().await?;
     if let Some(t) = ops_task {
         t.await??;
