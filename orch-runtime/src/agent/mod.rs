@@ -3,6 +3,11 @@
 //!
 //! It reconciles against what really runs (the runtime's own list and states), not against its
 //! memory, so after an agent restart it adopts running instances instead of restarting them.
+//!
+//! It makes each workload's volumes available before starting it (see `volumes`): claims
+//! through the volume provider of their class on this node (`local` by default), which the node
+//! advertises in `status.storage`; it reclaims the volumes of its node being deleted, and evicts
+//! workloads whose `emptyDir` grows past its size limit.
 
 mod config;
 mod error;
@@ -16,15 +21,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use orch_core::VolumeProvider;
 use orch_core::cache::{Cache, CacheConfig, ObjectRef};
 use orch_core::controller::queue::{QueueConfig, WorkQueue};
-use orch_core::kinds::Workload;
+use orch_core::kinds::{ContainerStatus, Phase, Workload};
 use orch_core::meta::{Clock, TokioClock};
 use orch_core::object::{Object, Resource};
 use orch_core::runtime::{Handle, InstanceState, Runtime};
 use orch_core::selector::FieldSelector;
 use orch_core::store::{Selection, Store};
-use orch_core::{VolumeProvider, kinds::ContainerStatus};
 use tokio::time::Instant;
 
 pub use config::{AgentConfig, DEFAULT_PORT_RANGE};
@@ -419,7 +424,7 @@ impl Agent {
     ) {
         for w in mine {
             // Only what may still run is evicted: a workload that ended stays as it ended.
-            let ended = matches!(w.status.phase, orch_core::kinds::Phase::Succeeded | orch_core::kinds::Phase::Failed);
+            let ended = matches!(w.status.phase, Phase::Succeeded | Phase::Failed);
             if ended || !running.contains(&(w.metadata.namespace.as_str(), w.metadata.name.as_str())) {
                 continue;
             }
