@@ -304,8 +304,9 @@ async fn an_empty_dir_over_its_size_limit_is_evicted_and_one_within_it_runs_on()
             source: VolumeSource::EmptyDir { size_limit: Some(limit.parse().unwrap()) },
         }]
     };
-    // 200 KiB, then more: past its 64Ki limit.
-    let greedy = "head -c 204800 /dev/zero > \"$ORCH_VOLUME_SCRATCH/big\"; sleep 60";
+    // 200 KiB, past its 64Ki limit, moved in at once (the usage the agent sees is exact).
+    let greedy = "head -c 204800 /dev/zero > \"$ORCH_VOLUME_SCRATCH/../big\" && mv \"$ORCH_VOLUME_SCRATCH/../big\" \
+                  \"$ORCH_VOLUME_SCRATCH/big\"; sleep 60";
     api.create(&workload("greedy", greedy, sized("64Ki"))).await.unwrap();
     let modest = "head -c 1000 /dev/zero > \"$ORCH_VOLUME_SCRATCH/small\"; sleep 60";
     api.create(&workload("modest", modest, sized("64Ki"))).await.unwrap();
