@@ -80,6 +80,7 @@ pub(crate) fn columns(kind: &str, wide: bool) -> Vec<&'static str> {
         "Deployment" => vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
         "ReplicaSet" => vec!["NAME", "DESIRED", "CURRENT", "READY", "AGE"],
         "DaemonSet" => vec!["NAME", "DESIRED", "CURRENT", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+        "StatefulSet" => vec!["NAME", "READY", "AGE"],
         "Workload" => vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
         "Node" => vec!["NAME", "STATUS", "AGE"],
         "Job" => vec!["NAME", "STATUS", "COMPLETIONS", "AGE"],
@@ -95,7 +96,9 @@ pub(crate) fn columns(kind: &str, wide: bool) -> Vec<&'static str> {
     };
     if wide {
         match kind {
-            "Deployment" | "ReplicaSet" | "DaemonSet" => c.extend(["CONTAINERS", "COMMAND", "SELECTOR"]),
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" => {
+                c.extend(["CONTAINERS", "COMMAND", "SELECTOR"])
+            }
             "Workload" => c.extend(["NODE", "REASON"]),
             "Node" => c.extend(["CPU", "MEMORY", "VERSION"]),
             _ => {}
@@ -155,6 +158,9 @@ pub(crate) fn row(obj: &DynamicObject, wide: bool) -> Vec<String> {
             n(&status["numberAvailable"]).to_string(),
             created,
         ],
+        "StatefulSet" => {
+            vec![name, format!("{}/{}", n(&status["readyReplicas"]), spec["replicas"].as_u64().unwrap_or(1)), created]
+        }
         "Workload" => {
             let total = spec["containers"].as_array().map_or(0, Vec::len);
             let ready =
@@ -275,7 +281,7 @@ pub(crate) fn row(obj: &DynamicObject, wide: bool) -> Vec<String> {
     };
     if wide {
         match obj.kind.as_str() {
-            "Deployment" | "ReplicaSet" | "DaemonSet" => {
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" => {
                 let (names, cmds) = containers(&spec);
                 r.extend([names, cmds, selector_text(&spec)]);
             }
