@@ -17,7 +17,7 @@ use orch_core::kinds::{
     VolumeMount, VolumeSource, Workload, find_condition, set_condition, stateful_set_condition,
 };
 use orch_core::store::DeleteOptions;
-use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Store, Timestamp, TokioClock, testkit};
+use orch_core::{Api, Clock, ListParams, Manager, Object, ObjectMeta, Store, Timestamp, TokioClock, testkit};
 
 const LIMIT: Duration = Duration::from_secs(600);
 /// Long enough for the controller to act many times over: what has not happened by then waits.
@@ -25,6 +25,7 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 struct Plane {
     store: Arc<dyn Store>,
+    clock: Arc<TokioClock>,
     task: tokio::task::JoinHandle<orch_core::Result<()>>,
 }
 
@@ -38,11 +39,22 @@ impl Plane {
     async fn start(backend: Backend, name: &str) -> Plane {
         let clock = Arc::new(TokioClock::starting_at(Timestamp(1_800_000_000_000)));
         let store = common::store(backend, name, clock.clone());
-        let mut manager = Manager::new(store.clone()).with_clock(clock);
+        let task = Plane::manager(&store, &clock);
+        Plane { store, clock, task }
+    }
+
+    fn manager(store: &Arc<dyn Store>, clock: &Arc<TokioClock>) -> tokio::task::JoinHandle<orch_core::Result<()>> {
+        let mut manager = Manager::new(store.clone()).with_clock(clock.clone());
         manager.add(StatefulSetController::builder());
         manager.add(GarbageCollector::builtin());
-        let task = tokio::spawn(manager.run(std::future::pending()));
-        Plane { store, task }
+        tokio::spawn(manager.run(std::future::pending()))
+    }
+
+    /// Stops the controllers and starts fresh ones (empty caches, nothing remembered).
+    async fn restart(&mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        self.task = Plane::manager(&self.store, &self.clock);
     }
 
     fn sets(&self) -> Api<StatefulSet> {
@@ -91,12 +103,17 @@ impl Plane {
         names
     }
 
-    /// Marks a workload running and ready, as an agent would once its probe passes.
+    /// Marks a workload running and ready (long ago), as an agent would once its probe passes.
     async fn ready(&self, name: &str) {
+        self.ready_since(name, Timestamp(1)).await;
+    }
+
+    /// Marks a workload running and ready since `since`.
+    async fn ready_since(&self, name: &str, since: Timestamp) {
         let w = self.workloads().get(name).await.unwrap();
         let mut status = w.status.clone();
         status.phase = Phase::Running;
-        set_condition(&mut status.conditions, Condition::new("Ready", ConditionStatus::True, "Test"), Timestamp(1));
+        set_condition(&mut status.conditions, Condition::new("Ready", ConditionStatus::True, "Test"), since);
         self.workloads().write_status(&w.metadata, &status).await.unwrap();
     }
 
@@ -208,6 +225,25 @@ async fn ordered_start_creates_each_replica_with_its_claim_once_the_one_before_i
 }
 
 #[tokio::test(start_paused = true)]
+async fn ordered_start_waits_for_min_ready_seconds() {
+    let plane = Plane::start(Backend::Memory, "sts-min-ready").await;
+    let mut spec = db(2);
+    spec.min_ready_seconds = 60;
+    create(&plane, spec).await;
+    plane.wait_names(&["db-0"]).await;
+    let since = plane.clock.now();
+    plane.ready_since("db-0", since).await;
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    assert_eq!(plane.names().await, ["db-0"], "ready, not yet available: db-1 waits");
+    let s = plane.sets().get("db").await.unwrap();
+    assert_eq!((s.status.ready_replicas, s.status.available_replicas), (1, 0));
+    plane.wait_names(&["db-0", "db-1"]).await;
+    let w = plane.workloads().get("db-1").await.unwrap();
+    let waited = w.metadata.creation_timestamp.unwrap().since(since);
+    assert!(waited >= Duration::from_secs(60), "created {waited:?} after db-0 was ready");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_deleted_or_failed_replica_comes_back_under_its_name_with_its_claim() {
     for backend in BACKENDS {
         let plane = Plane::start(backend, "sts-stable").await;
@@ -240,6 +276,25 @@ async fn a_deleted_or_failed_replica_comes_back_under_its_name_with_its_claim() 
         .await;
         assert_eq!(plane.names().await, ["db-0", "db-1", "db-2"], "({backend:?})");
         assert_eq!(plane.claim_names().await, ["data-db-0", "data-db-1", "data-db-2"]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_controller_keeps_every_replica_and_claim() {
+    for backend in BACKENDS {
+        let mut plane = Plane::start(backend, "sts-restart").await;
+        create(&plane, db(2)).await;
+        for name in ["db-0", "db-1"] {
+            plane.appear_and_ready(name).await;
+        }
+        let uids: Vec<String> = futures::future::join_all(["db-0", "db-1"].map(|n| plane.uid(n))).await;
+        let claims = plane.claim_names().await;
+        plane.restart().await;
+        plane.set(|s| s.replicas = 3).await;
+        plane.appear_and_ready("db-2").await;
+        let after: Vec<String> = futures::future::join_all(["db-0", "db-1"].map(|n| plane.uid(n))).await;
+        assert_eq!(after, uids, "the same workloads, adopted by name ({backend:?})");
+        assert_eq!(plane.claim_names().await, [claims, vec!["data-db-2".to_string()]].concat());
     }
 }
 
@@ -481,4 +536,105 @@ async fn bad_input_is_refused_naming_each_field() {
         assert!(text.contains(field), "{field} not in {text}");
     }
     assert!(plane.sets().list(&ListParams::default()).await.unwrap().items.is_empty());
+}
+
+/// What a watcher of every workload saw, in store order: each creation and deletion, with the
+/// state of the other replicas at that revision (name -> (template hash, ready)).
+#[derive(Debug, Default)]
+struct Journal {
+    state: std::collections::BTreeMap<String, (String, bool)>,
+    created: Vec<String>,
+    deleted: Vec<String>,
+    problems: Vec<String>,
+}
+
+async fn journal(store: Arc<dyn Store>, hash_of_new: Arc<std::sync::Mutex<String>>) -> Arc<std::sync::Mutex<Journal>> {
+    use futures::StreamExt;
+    let api: Api<Workload> = Api::namespaced(store, "default");
+    let listed = api.list(&ListParams::default()).await.unwrap();
+    let mut stream = api.watch(&ListParams::default(), Some(listed.revision + 1)).await.unwrap();
+    let out: Arc<std::sync::Mutex<Journal>> = Arc::default();
+    let j = out.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(e)) = stream.next().await {
+            let mut guard = j.lock().unwrap();
+            let j = &mut *guard;
+            match e {
+                orch_core::Event::Added(w) | orch_core::Event::Modified(w) => {
+                    let name = w.metadata.name.clone();
+                    let i = orch_controllers::statefulset::ordinal_of("db", &name).unwrap();
+                    if !j.state.contains_key(&name) {
+                        // Ordered start: every replica below is ready.
+                        for k in 0..i {
+                            if !j.state.get(&format!("db-{k}")).is_some_and(|s| s.1) {
+                                let msg = format!("{name} created before db-{k} was ready");
+                                j.problems.push(msg);
+                            }
+                        }
+                        j.created.push(name.clone());
+                    }
+                    let hash = w.metadata.labels.get(TEMPLATE_HASH_LABEL).cloned().unwrap_or_default();
+                    let ready = common::is_ready(&w) && !w.metadata.is_being_deleted();
+                    j.state.insert(name, (hash, ready));
+                }
+                orch_core::Event::Deleted(w) => {
+                    let name = w.metadata.name.clone();
+                    let i = orch_controllers::statefulset::ordinal_of("db", &name).unwrap();
+                    // Rolling update: every replica above runs the new template and is ready.
+                    let new = hash_of_new.lock().unwrap().clone();
+                    for (other, (hash, ready)) in &j.state {
+                        let k = orch_controllers::statefulset::ordinal_of("db", other).unwrap();
+                        if k > i && (*hash != new || !ready) {
+                            let msg = format!("{name} replaced while {other} was {hash} (ready: {ready})");
+                            j.problems.push(msg);
+                        }
+                    }
+                    j.state.remove(&name);
+                    j.deleted.push(name);
+                }
+                orch_core::Event::Progress(_) => {}
+            }
+        }
+    });
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn on_simulated_nodes_replicas_start_in_order_and_update_from_the_top() {
+    for backend in BACKENDS {
+        let plane =
+            common::Plane::start(backend, "sts-sim", 2, vec![common::with(StatefulSetController::builder)]).await;
+        let sets: Api<StatefulSet> = Api::namespaced(plane.store.clone(), "default");
+        let spec = StatefulSet::new("db", 3, common::sim(common::service("1"), "SIM_START_DELAY", "2"));
+        let new_hash = Arc::new(std::sync::Mutex::new(spec.template.hash()));
+        let seen = journal(plane.store.clone(), new_hash.clone()).await;
+        sets.create(&Object::new(ObjectMeta::named("db"), spec)).await.unwrap();
+        let all_ready = async |version: &str| {
+            testkit::wait_until(&format!("3 replicas of version {version} ready"), LIMIT, async || {
+                let ws = plane.workloads().list(&ListParams::default()).await.ok()?.items;
+                let ok = ws.len() == 3
+                    && ws.iter().all(|w| common::is_ready(w) && w.spec.containers[0].env[0].value == version);
+                ok.then_some(())
+            })
+            .await
+        };
+        all_ready("1").await;
+        assert_eq!(seen.lock().unwrap().created, ["db-0", "db-1", "db-2"], "({backend:?})");
+
+        let v2 = common::sim(common::service("2"), "SIM_START_DELAY", "2");
+        let mut t = sets.get("db").await.unwrap().spec.template;
+        t.spec = v2.clone();
+        *new_hash.lock().unwrap() = t.hash();
+        sets.retry_on_conflict("db", |s| {
+            s.spec.template.spec = v2.clone();
+            Ok(())
+        })
+        .await
+        .unwrap();
+        all_ready("2").await;
+        let j = seen.lock().unwrap();
+        assert_eq!(j.deleted, ["db-2", "db-1", "db-0"], "highest first ({backend:?})");
+        assert_eq!(j.created, ["db-0", "db-1", "db-2", "db-2", "db-1", "db-0"]);
+        assert!(j.problems.is_empty(), "{:?} ({backend:?})", j.problems);
+    }
 }
