@@ -1,8 +1,11 @@
-//! The stateful set controller on the memory and embedded stores in virtual time, with the
+//! The stateful set controller on the memory and embedded stores in virtual time, mostly with the
 //! workloads' readiness written by the test (no agent runs them, so the test decides when each
-//! replica is ready): ordered start, stable names, a claim per replica kept on scale down and
-//! after the set is gone, partitioned rolling update from the highest ordinal, parallel start,
-//! `OnDelete`, and bad input refused.
+//! replica is ready): ordered start, `minReadySeconds`, stable names, a claim per replica kept on
+//! scale down and after the set is gone, partitioned rolling update from the highest ordinal,
+//! parallel start, `OnDelete`, a claim being deleted, a restarted controller, and bad input
+//! refused. Two more: on simulated nodes (agents, probes, the scheduler), ordered start and the
+//! highest-first update checked at every watch event; and with the scheduler's volume binding and
+//! the volume binder, a replica deleted comes back on the node its data lives on.
 
 mod common;
 
@@ -637,4 +640,73 @@ async fn on_simulated_nodes_replicas_start_in_order_and_update_from_the_top() {
         assert_eq!(j.created, ["db-0", "db-1", "db-2", "db-2", "db-1", "db-0"]);
         assert!(j.problems.is_empty(), "{:?} ({backend:?})", j.problems);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_the_scheduler_and_the_binder_a_replica_comes_back_where_its_data_is() {
+    use orch_core::kinds::{Node, NodeStorage, PersistentVolume};
+    let clock = Arc::new(TokioClock::starting_at(Timestamp(1_800_000_000_000)));
+    let store = common::store(Backend::Memory, "sts-binding", clock.clone());
+    let nodes: Api<Node> = Api::all(store.clone());
+    for name in ["n1", "n2", "n3"] {
+        let mut n = Object::new(ObjectMeta::named(name), Node::default());
+        n.status.allocatable =
+            [("cpu", "8"), ("memory", "8Gi"), ("pods", "110")].map(|(k, v)| (k.to_string(), v.parse().unwrap())).into();
+        n.status.storage = vec![NodeStorage {
+            volume_class: "local".into(),
+            capacity: "10Gi".parse().unwrap(),
+            access_modes: vec![AccessMode::ReadWriteOnce],
+        }];
+        nodes.create(&n).await.unwrap();
+    }
+    let mut manager = Manager::new(store.clone()).with_clock(clock.clone());
+    manager.add(orch_scheduler::SchedulerService::with_volumes(
+        orch_scheduler::Profile::default_profile(),
+        manager.cache(),
+        manager.cache(),
+    ));
+    manager.add(orch_controllers::VolumeBinder::builder());
+    manager.add(StatefulSetController::builder());
+    manager.add(GarbageCollector::builtin());
+    let plane = Plane { store: store.clone(), clock, task: tokio::spawn(manager.run(std::future::pending())) };
+    let volumes: Api<PersistentVolume> = Api::all(store);
+    create(&plane, db(2)).await;
+
+    // Each replica is placed, and its claim gets a volume on that replica's node.
+    let mut homes = Vec::new();
+    for i in 0..2 {
+        let name = format!("db-{i}");
+        let w = testkit::wait_until(&format!("{name} placed"), LIMIT, async || {
+            plane.workloads().get(&name).await.ok().filter(|w| w.spec.node_name.is_some())
+        })
+        .await;
+        let node = w.spec.node_name.clone().unwrap();
+        let pv = testkit::wait_until(&format!("data-{name} bound"), LIMIT, async || {
+            let c = plane.claims().get(&format!("data-{name}")).await.ok()?;
+            volumes.get(c.status.volume_name.as_deref()?).await.ok()
+        })
+        .await;
+        assert_eq!(pv.spec.node_name.as_deref(), Some(node.as_str()), "the data lives where {name} runs");
+        plane.ready(&name).await;
+        homes.push(node);
+    }
+
+    // Deleted, each comes back under its name on the node of its data, though that node is now
+    // the busiest (the scheduler would otherwise prefer another).
+    for (i, home) in homes.iter().enumerate() {
+        let name = format!("db-{i}");
+        let mut hog = Workload::command("main", &["hog"]);
+        hog.node_name = Some(home.clone());
+        hog.containers[0].resources.requests.insert("cpu".into(), "7".parse().unwrap());
+        plane.workloads().create(&Object::new(ObjectMeta::named(format!("hog-{i}")), hog)).await.unwrap();
+        let old = plane.uid(&name).await;
+        plane.workloads().delete(&name, &DeleteOptions::default()).await.unwrap();
+        let back = testkit::wait_until(&format!("{name} placed again"), LIMIT, async || {
+            plane.workloads().get(&name).await.ok().filter(|w| w.metadata.uid != old && w.spec.node_name.is_some())
+        })
+        .await;
+        assert_eq!(back.spec.node_name.as_ref(), Some(home), "{name} follows its data");
+        plane.ready(&name).await;
+    }
+    assert_eq!(volumes.list(&ListParams::default()).await.unwrap().items.len(), 2, "no volume made twice");
 }
