@@ -95,6 +95,8 @@ struct Pass<'a> {
     claims: orch_core::Cache<VolumeClaim>,
     /// Set when a replica waits for a claim being deleted.
     claim_wait: Option<String>,
+    /// What the pass stopped to wait for, for people (`db-1 to be available`).
+    waiting: Option<String>,
     /// The earliest time a ready replica becomes available.
     next_available: Option<Timestamp>,
 }
@@ -232,11 +234,15 @@ impl Pass<'_> {
         match api.delete(&w.metadata.name, &DeleteOptions::default()).await {
             Ok(Deleted::Gone(o) | Deleted::Pending(o)) => {
                 self.ctl.gate.wrote(&self.key, o.metadata.resource_version);
-                let type_ = if why == "failed" { EventType::Warning } else { EventType::Normal };
+                let (type_, reason) = if why == "failed" {
+                    (EventType::Warning, "RecreatingFailedWorkload")
+                } else {
+                    (EventType::Normal, "SuccessfulDelete")
+                };
                 self.ctl.recorder.get(self.ctx).record(
                     &self.me,
                     type_,
-                    "SuccessfulDelete",
+                    reason,
                     format!("deleted workload {} ({why})", w.metadata.name),
                 );
                 Ok(())
@@ -301,6 +307,7 @@ impl Controller for StatefulSetController {
             owned: owned.clone(),
             claims,
             claim_wait: None,
+            waiting: None,
             next_available: None,
         };
         let ordered = set.spec.pod_management_policy == PodManagementPolicy::OrderedReady;
@@ -327,7 +334,10 @@ impl Controller for StatefulSetController {
             status.current_replicas = status.updated_replicas;
         }
         let now = pass.now;
-        let updated = updated_condition(&set, &replicas, &status, &update_hash);
+        let mut updated = updated_condition(&set, &replicas, &status, &update_hash);
+        if let (ConditionStatus::False, Some(w)) = (updated.status, &pass.waiting) {
+            updated.message = format!("{}; waiting for {w}", updated.message);
+        }
         set_condition(&mut status.conditions, updated, now);
         let failure = match (&result, &pass.claim_wait) {
             (Err(e), _) => Some(Condition {
@@ -374,6 +384,7 @@ impl StatefulSetController {
         // Replicas 0..n: missing ones are created (claims first), failed or finished ones
         // deleted to come back under their name. In order, the first one that is not available
         // stops the pass.
+        let name = |i: u32| replica_name(&pass.set.metadata.name, i);
         let mut first_unhealthy: Option<u32> = None;
         for (i, slot) in replicas.iter().enumerate() {
             let i = i as u32;
@@ -383,17 +394,20 @@ impl StatefulSetController {
                         pass.create(i).await?;
                     }
                     if ordered {
+                        pass.waiting = Some(format!("{} to be created and available", name(i)));
                         return Ok(());
                     }
                 }
                 Some(w) if w.metadata.is_being_deleted() => {
                     if ordered {
+                        pass.waiting = Some(format!("{} to be gone and created again", name(i)));
                         return Ok(());
                     }
                 }
                 Some(w) if matches!(w.status.phase, Phase::Failed | Phase::Succeeded) => {
                     pass.delete(w, if w.status.phase == Phase::Failed { "failed" } else { "finished" }).await?;
                     if ordered {
+                        pass.waiting = Some(format!("{} to be created again", name(i)));
                         return Ok(());
                     }
                 }
@@ -403,6 +417,7 @@ impl StatefulSetController {
                     if !pass.available(w) {
                         first_unhealthy.get_or_insert(i);
                         if ordered {
+                            pass.waiting = Some(format!("{} to be available", name(i)));
                             return Ok(());
                         }
                     }
@@ -418,31 +433,41 @@ impl StatefulSetController {
         for (i, w) in condemned.iter().rev() {
             if w.metadata.is_being_deleted() {
                 if ordered {
+                    pass.waiting = Some(format!("{} to be gone", name(*i)));
                     return Ok(());
                 }
                 continue;
             }
             if ordered && !pass.available(w) && first_unhealthy != Some(*i) {
+                let lowest = first_unhealthy.map_or_else(String::new, name);
+                pass.waiting = Some(format!("{lowest} to be available before {} goes", name(*i)));
                 return Ok(());
             }
             pass.delete(w, "scaled down").await?;
             if ordered {
+                pass.waiting = Some(format!("{} to be gone", name(*i)));
                 return Ok(());
             }
         }
         // The rolling update: the highest replica at or above the partition on another revision
         // goes (it comes back on the template's); one at a time, each waiting for the one above.
         if let StatefulSetUpdate::RollingUpdate(r) = pass.set.spec.update_strategy {
-            for i in (r.partition as usize..replicas.len()).rev() {
-                let Some(w) = &replicas[i] else { return Ok(()) };
+            for i in (r.partition..replicas.len() as u32).rev() {
+                let Some(w) = &replicas[i as usize] else {
+                    pass.waiting = Some(format!("{} to be created", name(i)));
+                    return Ok(());
+                };
                 if w.metadata.is_being_deleted() {
+                    pass.waiting = Some(format!("{} to be gone and created again", name(i)));
                     return Ok(());
                 }
                 if hash_of(w) != pass.update_hash {
                     pass.delete(w, "rolling update").await?;
+                    pass.waiting = Some(format!("{} to come back on the new revision", name(i)));
                     return Ok(());
                 }
                 if !pass.available(w) {
+                    pass.waiting = Some(format!("{} to be available", name(i)));
                     return Ok(());
                 }
             }
@@ -466,7 +491,7 @@ fn updated_condition(
         .filter_map(|(i, w)| w.as_ref().filter(|w| hash_of(w) != update_hash).map(|_| i as u32))
         .collect();
     let (ok, reason, message) = if status.replicas != n {
-        (false, "Scaling", format!("{} of {n} replicas exist", status.replicas))
+        (false, "Scaling", format!("{} replicas exist, {n} wanted", status.replicas))
     } else if outdated.is_empty() && status.available_replicas == n {
         (true, "RolloutComplete", format!("{n} replicas run revision {}", status.update_revision))
     } else if outdated.is_empty() {

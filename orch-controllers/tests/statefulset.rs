@@ -176,6 +176,11 @@ async fn create(plane: &Plane, spec: StatefulSet) -> Object<StatefulSet> {
     plane.sets().create(&Object::new(ObjectMeta::named("db"), spec)).await.unwrap()
 }
 
+async fn updated_message(plane: &Plane) -> String {
+    let s = plane.sets().get("db").await.unwrap();
+    find_condition(&s.status.conditions, stateful_set_condition::UPDATED).map(|c| c.message.clone()).unwrap_or_default()
+}
+
 async fn updated_reason(plane: &Plane) -> String {
     let s = plane.sets().get("db").await.unwrap();
     find_condition(&s.status.conditions, stateful_set_condition::UPDATED).map(|c| c.reason.clone()).unwrap_or_default()
@@ -190,6 +195,8 @@ async fn ordered_start_creates_each_replica_with_its_claim_once_the_one_before_i
         tokio::time::sleep(SETTLE).await;
         assert_eq!(plane.names().await, ["db-0"], "db-1 waits for db-0 to be ready ({backend:?})");
         assert_eq!(plane.claim_names().await, ["data-db-0"]);
+        let message = updated_message(&plane).await;
+        assert!(message.ends_with("waiting for db-0 to be available"), "{message}");
 
         let w = plane.workloads().get("db-0").await.unwrap();
         assert_eq!(
@@ -279,6 +286,12 @@ async fn a_deleted_or_failed_replica_comes_back_under_its_name_with_its_claim() 
         .await;
         assert_eq!(plane.names().await, ["db-0", "db-1", "db-2"], "({backend:?})");
         assert_eq!(plane.claim_names().await, ["data-db-0", "data-db-1", "data-db-2"]);
+        let events: Api<orch_core::kinds::Event> = Api::namespaced(plane.store.clone(), "default");
+        let events = events.list(&ListParams::default()).await.unwrap().items;
+        assert!(
+            events.iter().any(|e| e.spec.reason == "RecreatingFailedWorkload" && e.spec.message.contains("db-2")),
+            "a warning says db-2 failed and comes back"
+        );
     }
 }
 
@@ -326,6 +339,8 @@ async fn scale_down_goes_from_the_highest_one_at_a_time_and_keeps_the_claims() {
         tokio::time::sleep(SETTLE).await;
         let db1 = plane.workloads().get("db-1").await.unwrap();
         assert!(!db1.metadata.is_being_deleted(), "db-1 waits until db-2 is gone ({backend:?})");
+        let message = updated_message(&plane).await;
+        assert!(message.ends_with("waiting for db-2 to be gone"), "{message}");
         plane
             .workloads()
             .retry_on_conflict("db-2", |w| {

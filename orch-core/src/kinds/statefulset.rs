@@ -146,7 +146,8 @@ impl StatefulSet {
 pub mod stateful_set_condition {
     /// Whether every replica runs the current template and is available: reasons
     /// `RolloutComplete`, `RollingUpdate` (replacing), `PartitionedUpdate` (replicas below the
-    /// partition keep the old template), `WaitingForDeletes` (`OnDelete`), `Scaling`.
+    /// partition keep the old template), `WaitingForDeletes` (`OnDelete`), `Scaling`,
+    /// `WaitingForAvailable`; the message ends with what the controller waits for.
     pub const UPDATED: &str = "Updated";
     /// Whether the controller could create what it needs: reasons `Created`, `FailedCreate`,
     /// `ClaimTerminating` (a replica waits for its claim, being deleted, to go).
