@@ -30,8 +30,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::admission::{Admission, AdmissionRequest, BuiltinValidation, Operation, UserInfo};
-use super::auth::{Access, AuditLog, AuditRecord, Authorizer, Tokens};
+use super::auth::{Access, AuditLog, AuditRecord, Authorizer, JoinTokens, Tokens};
 use super::kinds::{self, Kinds};
+use super::pki::{self, CertificateIdentity, ClusterCa};
 use super::wire::{self, ListMeta, ListOut, Status, WireObject, decode_segment};
 
 /// What protects the server from its clients. A client is told apart by its address.
@@ -77,6 +78,65 @@ impl Default for Limits {
     }
 }
 
+/// How nodes join: the CA that signs their certificates, the join tokens it accepts, and how long
+/// a node certificate lasts (its agent renews it at two thirds of that).
+///
+/// An agent presents a join token once, with a certificate signing request, to
+/// `POST /orch/v1/join`, and gets its certificate (`CN=system:node:<name>`, `O=system:nodes`);
+/// from then on it authenticates with it, and renews it at `POST /orch/v1/certificates/renew`.
+#[derive(Clone)]
+pub struct NodeJoin {
+    ca: Arc<ClusterCa>,
+    tokens: JoinSource,
+    validity: Duration,
+}
+
+#[derive(Clone)]
+enum JoinSource {
+    /// Read at each join, so tokens created while the server runs are seen.
+    File(std::path::PathBuf),
+    Fixed(JoinTokens),
+}
+
+impl std::fmt::Debug for NodeJoin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeJoin").field("validity", &self.validity).finish()
+    }
+}
+
+impl NodeJoin {
+    /// Nodes join with certificates of `ca`, valid 24 hours; no join token yet.
+    pub fn new(ca: Arc<ClusterCa>) -> Self {
+        NodeJoin { ca, tokens: JoinSource::Fixed(JoinTokens::new()), validity: Duration::from_secs(24 * 3600) }
+    }
+
+    /// The join tokens of a file (see [`JoinTokens`]), read again at each join.
+    pub fn tokens_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tokens = JoinSource::File(path.into());
+        self
+    }
+
+    /// These join tokens.
+    pub fn tokens(mut self, tokens: JoinTokens) -> Self {
+        self.tokens = JoinSource::Fixed(tokens);
+        self
+    }
+
+    /// How long a node certificate is valid (default 24 hours).
+    pub fn validity(mut self, validity: Duration) -> Self {
+        self.validity = validity;
+        self
+    }
+
+    fn token_ok(&self, token: &str) -> Result<bool, Error> {
+        let now = orch_core::SystemClock.now();
+        Ok(match &self.tokens {
+            JoinSource::File(path) => JoinTokens::load(path)?.check(token, now),
+            JoinSource::Fixed(t) => t.check(token, now),
+        })
+    }
+}
+
 /// Builds an [`ApiServer`].
 pub struct ApiServerBuilder {
     store: Arc<dyn Store>,
@@ -87,9 +147,17 @@ pub struct ApiServerBuilder {
     tokens: Option<Tokens>,
     authorizer: Option<Authorizer>,
     audit: Option<AuditLog>,
+    join: Option<NodeJoin>,
 }
 
 impl ApiServerBuilder {
+    /// Lets nodes join with a join token and renew their certificates (see [`NodeJoin`]).
+    /// Serve over TLS ([`ApiServer::serve_tls`]): node certificates are only seen there.
+    pub fn node_join(mut self, join: NodeJoin) -> Self {
+        self.join = Some(join);
+        self
+    }
+
     /// Authenticates clients by bearer token: a request with an unknown token is refused (401);
     /// one without a token is anonymous (`system:anonymous`, group `system:unauthenticated`).
     pub fn authentication(mut self, tokens: Tokens) -> Self {
@@ -149,6 +217,7 @@ impl ApiServerBuilder {
                 tokens: self.tokens,
                 authorizer: self.authorizer,
                 audit: self.audit,
+                join: self.join,
                 lines: Arc::default(),
             }),
         }
@@ -186,6 +255,7 @@ struct Shared {
     tokens: Option<Tokens>,
     authorizer: Option<Authorizer>,
     audit: Option<AuditLog>,
+    join: Option<NodeJoin>,
     lines: Arc<LineCache>,
 }
 
@@ -201,14 +271,15 @@ struct ClientState {
 pub struct RunningServer {
     /// The address it listens on.
     pub addr: SocketAddr,
+    tls: bool,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl RunningServer {
-    /// The base URL (`http://127.0.0.1:port`).
+    /// The base URL (`https://127.0.0.1:port`, or `http://` without TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     /// Stops accepting, ends open watches, waits for requests in flight, and returns.
@@ -235,6 +306,7 @@ impl ApiServer {
             tokens: None,
             authorizer: None,
             audit: None,
+            join: None,
         }
     }
 
@@ -322,6 +394,39 @@ impl ApiServer {
             .await
     }
 
+    /// Serves on `listener` over TLS (HTTP/2 and HTTP/1.1 by ALPN) until `shutdown` resolves;
+    /// clients may authenticate with certificates of the CA `tls` trusts (see
+    /// [`ClusterCa::server_config`]).
+    pub async fn serve_tls(
+        &self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let closing = self.shared.closing.clone();
+        pki::serve_tls(listener, self.router(), tls, async move {
+            shutdown.await;
+            closing.send_replace(true);
+        })
+        .await
+    }
+
+    /// Binds `addr` and serves over TLS in a task of its own until [`RunningServer::shutdown`].
+    pub async fn spawn_tls(&self, addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> std::io::Result<RunningServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, mut stopped) = watch::channel(false);
+        let server = self.clone();
+        let task = tokio::spawn(async move {
+            server
+                .serve_tls(listener, tls, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        Ok(RunningServer { addr, tls: true, stop, task })
+    }
+
     /// Ends every open watch (their clients resume elsewhere or after a restart), as a stop
     /// does: a graceful shutdown of a server mounted through [`router`](ApiServer::router)
     /// calls this first, or open watches hold it forever.
@@ -342,7 +447,7 @@ impl ApiServer {
                 })
                 .await
         });
-        Ok(RunningServer { addr, stop, task })
+        Ok(RunningServer { addr, tls: false, stop, task })
     }
 }
 
@@ -390,6 +495,10 @@ enum Target {
     Lease(u64),
     /// `/orch/v1/batch/update`.
     BatchUpdate,
+    /// `/orch/v1/join`: a node's join token and signing request.
+    Join,
+    /// `/orch/v1/certificates/renew`: a node's new signing request.
+    Renew,
 }
 
 fn not_found(path: &str) -> Status {
@@ -403,6 +512,8 @@ fn parse_target(kinds: &Kinds, path: &str) -> Result<Target, Status> {
             "/compact" => Ok(Target::Compact),
             "/leases" => Ok(Target::Leases),
             "/batch/update" => Ok(Target::BatchUpdate),
+            "/join" => Ok(Target::Join),
+            "/certificates/renew" => Ok(Target::Renew),
             _ => match rest.strip_prefix("/leases/") {
                 Some(id) => id
                     .parse()
@@ -621,15 +732,21 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let user = match (&s.tokens, token) {
-        (Some(tokens), Some(t)) => match tokens.authenticate(t) {
+    let cert = req.extensions().get::<CertificateIdentity>().cloned();
+    let user = match (&cert, &s.tokens, token) {
+        // A client certificate the CA signed (the handshake checked that) names the user.
+        (Some(id), _, _) => match check_certificate(&s, id).await {
+            Ok(()) => id.user.clone(),
+            Err(st) => return status_response(st),
+        },
+        (None, Some(tokens), Some(t)) => match tokens.authenticate(t) {
             Some(u) => u.clone(),
             // The token itself is never echoed or logged.
             None => return status_response(Status::failure(401, "Unauthorized", "the bearer token is not valid")),
         },
         _ => UserInfo::anonymous(),
     };
-    let client_id = if s.tokens.is_some() && user != UserInfo::anonymous() {
+    let client_id = if (s.tokens.is_some() || cert.is_some()) && user != UserInfo::anonymous() {
         format!("user {}", user.name)
     } else {
         peer.unwrap_or_else(|| "local".into())
@@ -659,7 +776,10 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
         Ok(q) => q,
         Err(st) => return status_response(st),
     };
-    if let Some(rules) = &s.authorizer {
+    // Joining is what a node without credentials does (its join token is checked there);
+    // renewing checks that the client is the node.
+    let own_checks = matches!(target, Target::Join | Target::Renew);
+    if let Some(rules) = s.authorizer.as_ref().filter(|_| !own_checks) {
         let access = access_of(&parts.method, &target, query.watch);
         let allowed = rules.allows(&user, &access);
         if let Some(log) = &s.audit {
@@ -712,6 +832,19 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             ));
         }
     };
+    if own_checks {
+        if parts.method != Method::POST {
+            return status_response(Status::failure(
+                405,
+                "MethodNotAllowed",
+                format!("{} is answered to POST only", parts.uri.path()),
+            ));
+        }
+        return match node_certificate(&s, &target, cert.as_ref(), &body).await {
+            Ok(r) => r,
+            Err(st) => status_response(st),
+        };
+    }
     let work = dispatch(&s, &user, parts.method, &parts.headers, target, query, body);
     match tokio::time::timeout(s.limits.request_timeout, work).await {
         Ok(Ok(r)) => r,
@@ -723,6 +856,81 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             status_response(st)
         }
     }
+}
+
+/// Refuses an expired or revoked client certificate.
+async fn check_certificate(s: &Shared, id: &CertificateIdentity) -> Result<(), Status> {
+    // The handshake checked the expiry; a connection may outlive it.
+    if id.not_after <= orch_core::SystemClock.now() {
+        return Err(Status::failure(
+            401,
+            "Unauthorized",
+            format!("the client certificate of {:?} expired at {}", id.user.name, id.not_after.to_jiff()),
+        ));
+    }
+    if let Some(node) = id.node() {
+        let revoked = pki::is_revoked(&*s.store, node, &id.serial).await.map_err(|e| Status::from_error(&e))?;
+        if revoked {
+            return Err(Status::failure(
+                401,
+                "Unauthorized",
+                format!("the certificate of node {node:?} (serial {}) is revoked", id.serial),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JoinBody {
+    token: String,
+    node: String,
+    csr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RenewBody {
+    csr: String,
+}
+
+/// `POST /orch/v1/join` and `POST /orch/v1/certificates/renew`: signs a node's certificate.
+async fn node_certificate(s: &Shared, target: &Target, cert: Option<&CertificateIdentity>, body: &[u8]) -> Answer {
+    let Some(join) = &s.join else {
+        return Err(Status::failure(404, "NotFound", "this server does not sign node certificates (it serves no TLS)"));
+    };
+    let (node, csr) = if *target == Target::Join {
+        let b: JoinBody = read_json(body, "join request")?;
+        pki::check_node_name(&b.node).map_err(|e| Status::from_error(&e))?;
+        // The token is never echoed or logged; an unknown and an expired one read alike.
+        if !join.token_ok(&b.token).map_err(|e| Status::from_error(&e))? {
+            return Err(Status::failure(401, "Unauthorized", "the join token is not valid or has expired"));
+        }
+        (b.node, b.csr)
+    } else {
+        let b: RenewBody = read_json(body, "renewal request")?;
+        let Some(node) = cert.and_then(|c| c.node()) else {
+            return Err(Status::failure(
+                403,
+                "Forbidden",
+                "only a node, authenticated by its certificate, renews its certificate",
+            ));
+        };
+        (node.to_string(), b.csr)
+    };
+    let issued = join.ca.sign_node_csr(&csr, &node, join.validity).map_err(|e| Status::from_error(&e))?;
+    pki::record_issued(&*s.store, &node, &issued).await.map_err(|e| Status::from_error(&e))?;
+    tracing::info!(node = %node, serial = %issued.serial, renewal = (*target == Target::Renew), "signed a node certificate");
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "certificate": issued.cert_pem,
+            "ca": join.ca.cert_pem(),
+            "serial": issued.serial,
+            "notAfter": issued.not_after.to_jiff().to_string(),
+        }),
+    ))
 }
 
 /// What a request does, for the rules.
@@ -750,6 +958,7 @@ fn access_of<'a>(method: &Method, target: &'a Target, watch: bool) -> Access<'a>
         Target::Leases | Target::Lease(_) => ("Lease", "", ""),
         // A batch may touch any kind: only a rule for every kind allows it.
         Target::BatchUpdate => ("*", "", ""),
+        Target::Join | Target::Renew => ("NodeCertificate", "", ""),
     };
     Access { verb, kind, namespace, name }
 }
