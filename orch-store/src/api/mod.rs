@@ -18,6 +18,8 @@ pub mod auth;
 #[cfg(feature = "server")]
 pub mod kinds;
 #[cfg(feature = "server")]
+mod node_auth;
+#[cfg(feature = "server")]
 pub mod pki;
 #[cfg(feature = "remote")]
 mod remote;

@@ -260,6 +260,33 @@ impl RemoteStore {
         &self.inner.base
     }
 
+    /// Sends one request like [`raw`](RemoteStore::raw), and answers the status code and the
+    /// body as it arrives, whatever the code (a followed log, for one, or a command's own
+    /// reading of a `Status`). Only a failure to reach the server is an error.
+    pub async fn raw_response(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        json_body: Option<Vec<u8>>,
+    ) -> Result<(u16, futures::stream::BoxStream<'static, Result<Bytes>>)> {
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| Error::invalid("RemoteStore", "method", format!("{method:?} is not an HTTP method")))?;
+        let body = json_body.map(|b| (Bytes::from(b), "application/json"));
+        let req = self.inner.request(method, path_and_query, body);
+        let what = format!("{} {}", req.method(), req.uri().path());
+        let resp = self.inner.inner_client().request(req).await.map_err(|e| match tls::explain(&e) {
+            Some(why) => unavailable(format!("{what}: {why}"), e),
+            None => unavailable(format!("{what}: cannot reach the server"), e),
+        })?;
+        let code = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .into_data_stream()
+            .map(move |r| r.map_err(|e| unavailable(format!("{what}: the answer was cut off"), e)))
+            .boxed();
+        Ok((code, body))
+    }
+
     /// Presents this certificate and key (PEM) from now on, as an agent does after renewing its
     /// node certificate: calls that follow go over a new connection that presents it (open
     /// watches keep theirs until they reconnect). Only for an `https://` store.

@@ -32,6 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use super::admission::{Admission, AdmissionRequest, BuiltinValidation, Operation, UserInfo};
 use super::auth::{Access, AuditLog, AuditRecord, Authorizer, JoinTokens, Tokens};
 use super::kinds::{self, Kinds};
+use super::node_auth::{self, NodeDecision};
 use super::pki::{self, CertificateIdentity, ClusterCa};
 use super::wire::{self, ListMeta, ListOut, Status, WireObject, decode_segment};
 
@@ -701,6 +702,18 @@ impl Shared {
         Ok(())
     }
 
+    fn audit_record(&self, user: &UserInfo, access: Access<'_>, allowed: bool) {
+        if let Some(log) = &self.audit {
+            log.record(&AuditRecord {
+                time: orch_core::SystemClock.now(),
+                user: &user.name,
+                groups: &user.groups,
+                access,
+                allowed,
+            });
+        }
+    }
+
     fn check_size(&self, obj: &DynamicObject) -> Result<(), Status> {
         let size = obj.spec.len()
             + obj.status.len()
@@ -779,30 +792,44 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     // Joining is what a node without credentials does (its join token is checked there);
     // renewing checks that the client is the node.
     let own_checks = matches!(target, Target::Join | Target::Renew);
+    // A node's writes that depend on the body and the stored object are decided once the body
+    // is read.
+    let mut node_pending: Option<NodeDecision> = None;
     if let Some(rules) = s.authorizer.as_ref().filter(|_| !own_checks) {
         let access = access_of(&parts.method, &target, query.watch);
-        let allowed = rules.allows(&user, &access);
-        if let Some(log) = &s.audit {
-            log.record(&AuditRecord {
-                time: orch_core::SystemClock.now(),
-                user: &user.name,
-                groups: &user.groups,
-                access,
-                allowed,
-            });
+        let status_write = matches!(target, Target::Object { status: true, .. });
+        // Nodes get what the node authorizer gives them, and whatever the rules add.
+        let node = user
+            .groups
+            .iter()
+            .any(|g| g == pki::NODES)
+            .then(|| node_auth::decide(pki::node_of(&user), &access, status_write));
+        let by_rules = rules.allows(&user, &access);
+        let (allowed, why) = match node {
+            Some(NodeDecision::Allow) => (true, None),
+            Some(NodeDecision::Deny(why)) => (by_rules, Some(why)),
+            Some(pending) => {
+                if !by_rules {
+                    node_pending = Some(pending);
+                }
+                (true, None)
+            }
+            None => (by_rules, None),
+        };
+        if node_pending.is_none() {
+            s.audit_record(&user, access, allowed);
         }
         if !allowed {
-            let what = if access.name.is_empty() { String::new() } else { format!(" {:?}", access.name) };
-            let ns = if access.namespace.is_empty() {
-                String::new()
-            } else {
-                format!(" in namespace {:?}", access.namespace)
-            };
-            return status_response(Status::failure(
-                403,
-                "Forbidden",
-                format!("user {:?} cannot {} {}{what}{ns}", user.name, access.verb, access.kind),
-            ));
+            let message = why.unwrap_or_else(|| {
+                let what = if access.name.is_empty() { String::new() } else { format!(" {:?}", access.name) };
+                let ns = if access.namespace.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in namespace {:?}", access.namespace)
+                };
+                format!("user {:?} cannot {} {}{what}{ns}", user.name, access.verb, access.kind)
+            });
+            return status_response(Status::failure(403, "Forbidden", message));
         }
     }
     let is_watch = parts.method == Method::GET && query.watch && matches!(target, Target::Collection { .. });
@@ -832,6 +859,18 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             ));
         }
     };
+    if let Some(decision) = &node_pending {
+        let key = match &target {
+            Target::Object { key, .. } => Some(key),
+            _ => None,
+        };
+        let node = pki::node_of(&user).unwrap_or_default();
+        let checked = node_auth::check(&*s.store, node, decision, key, parts.method == Method::PATCH, &body).await;
+        s.audit_record(&user, access_of(&parts.method, &target, query.watch), checked.is_ok());
+        if let Err(why) = checked {
+            return status_response(Status::failure(403, "Forbidden", why));
+        }
+    }
     if own_checks {
         if parts.method != Method::POST {
             return status_response(Status::failure(
