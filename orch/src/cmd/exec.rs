@@ -93,7 +93,7 @@ pub(crate) async fn relay_exec(
         Err(answer) => return *answer,
     };
     let token = bearer(&headers);
-    let w = match read_as_caller(&relay.self_url, token.clone(), &ns, &name).await {
+    let w = match read_as_caller(&relay.self_url, relay.ca.as_deref(), token.clone(), &ns, &name).await {
         Ok(w) => w,
         Err(e) => return error_response(&e),
     };
@@ -224,22 +224,22 @@ pub(crate) async fn run(conn: &ConnArgs, args: ExecArgs) -> Result<(), BoxError>
     }
     let [name] = names.as_slice() else { return Err("name one workload".into()) };
     let req = ExecRequest { container: args.container, command: args.command, timeout_seconds: args.timeout };
-    let uri = format!(
-        "{}/apis/orch.dev/v1/namespaces/{}/workloads/{}/exec",
-        client.remote.server(),
+    let path = format!(
+        "/apis/orch.dev/v1/namespaces/{}/workloads/{}/exec",
         encode_segment(&client.namespace),
         encode_segment(name)
     );
-    let mut http = hyper::Request::post(&uri).header(header::CONTENT_TYPE, "application/json");
-    if let Some(t) = &client.token {
-        http = http.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    // Through the client's connection: its TLS, its certificate or token.
+    let (status, mut body) = client
+        .remote
+        .raw_response("POST", &path, Some(serde_json::to_vec(&req)?))
+        .await
+        .map_err(|e| format!("cannot reach {}{path}: {e}", client.remote.server()))?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+        bytes.extend_from_slice(&chunk?);
     }
-    let http = http.body(Full::new(Bytes::from(serde_json::to_vec(&req)?)))?;
-    let http_client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let resp = http_client.request(http).await.map_err(|e| format!("cannot reach {uri}: {e}"))?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
+    if !(200..300).contains(&status) {
         let message = serde_json::from_slice::<Status>(&bytes)
             .map(|s| s.message)
             .unwrap_or_else(|_| format!("the server answered {status}: {}", String::from_utf8_lossy(&bytes)));

@@ -140,11 +140,15 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
 /// Reads the workload through the API as the caller: the caller's right to read it.
 pub(crate) async fn read_as_caller(
     api_url: &str,
+    ca: Option<&[u8]>,
     token: Option<String>,
     ns: &str,
     name: &str,
 ) -> Result<orch_core::Object<Workload>, Error> {
     let mut b = RemoteStore::builder(api_url.to_string());
+    if let Some(ca) = ca {
+        b = b.ca_pem(ca);
+    }
     if let Some(t) = token {
         b = b.bearer_token(t);
     }
@@ -189,6 +193,8 @@ type Tickets = Arc<std::sync::Mutex<std::collections::HashMap<String, (Grant, to
 pub(crate) struct Relay {
     /// This server's own API, to read as the caller.
     pub(crate) self_url: String,
+    /// The CA that signed this server's certificate, when it serves https.
+    pub(crate) ca: Option<Arc<[u8]>>,
     pub(crate) store: Arc<dyn Store>,
     tickets: Tickets,
 }
@@ -234,9 +240,15 @@ fn new_ticket() -> String {
 
 /// The relay route, merged into the API server's router (it is more specific than the API's
 /// own catch-all, so it wins for this one path).
-pub(crate) fn relay_routes(listen: SocketAddr, store: Arc<dyn Store>) -> Router {
+pub(crate) fn relay_routes(listen: SocketAddr, ca: Option<&str>, store: Arc<dyn Store>) -> Router {
     let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
-    let relay = Relay { self_url: format!("http://{host}:{}", listen.port()), store, tickets: Tickets::default() };
+    let scheme = if ca.is_some() { "https" } else { "http" };
+    let relay = Relay {
+        self_url: format!("{scheme}://{host}:{}", listen.port()),
+        ca: ca.map(|c| Arc::from(c.as_bytes())),
+        store,
+        tickets: Tickets::default(),
+    };
     Router::new()
         .route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log", get(relay_logs))
         .route("/orch/v1/log-tickets/{ticket}", axum::routing::post(redeem))
@@ -266,7 +278,7 @@ async fn relay_logs(
     headers: HeaderMap,
 ) -> Response {
     let token = bearer(&headers);
-    let w = match read_as_caller(&relay.self_url, token.clone(), &ns, &name).await {
+    let w = match read_as_caller(&relay.self_url, relay.ca.as_deref(), token.clone(), &ns, &name).await {
         Ok(w) => w,
         Err(e) => return error_response(&e),
     };
@@ -349,11 +361,16 @@ impl NodeApi {
 pub(crate) fn agent_routes(
     node: String,
     api_url: String,
+    ca: Option<Vec<u8>>,
     store: Arc<dyn Store>,
     runtime: Arc<dyn Runtime>,
     data_root: std::path::PathBuf,
 ) -> Result<Router, BoxError> {
-    let server = RemoteStore::builder(api_url).build()?;
+    let mut server = RemoteStore::builder(api_url);
+    if let Some(ca) = ca {
+        server = server.ca_pem(ca);
+    }
+    let server = server.build()?;
     let state = NodeApi { node, server, store, runtime, data_root };
     Ok(Router::new()
         .route("/logs/{ns}/{name}", get(agent_logs))
@@ -477,22 +494,23 @@ pub(crate) async fn run(conn: &ConnArgs, args: LogsArgs) -> Result<(), BoxError>
     }
     let [name] = names.as_slice() else { return Err("name one workload".into()) };
     let q = LogQuery { container: args.container, follow: args.follow, previous: args.previous, tail_lines: args.tail };
-    let uri = format!(
-        "{}/apis/orch.dev/v1/namespaces/{}/workloads/{}/log{}",
-        client.remote.server(),
+    let path = format!(
+        "/apis/orch.dev/v1/namespaces/{}/workloads/{}/log{}",
         encode_segment(&client.namespace),
         encode_segment(name),
         q.to_query()
     );
-    let mut req = hyper::Request::get(&uri);
-    if let Some(t) = &client.token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let resp = http_client().request(req.body(Empty::new())?).await.map_err(|e| format!("cannot reach {uri}: {e}"))?;
-    let status = resp.status();
-    let mut body = resp.into_body();
-    if !status.is_success() {
-        let bytes = body.collect().await?.to_bytes();
+    // Through the client's connection: its TLS, its certificate or token.
+    let (status, mut body) = client
+        .remote
+        .raw_response("GET", &path, None)
+        .await
+        .map_err(|e| format!("cannot reach {}{path}: {e}", client.remote.server()))?;
+    if !(200..300).contains(&status) {
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            bytes.extend_from_slice(&chunk?);
+        }
         let message = serde_json::from_slice::<Status>(&bytes)
             .map(|s| s.message)
             .unwrap_or_else(|_| format!("the server answered {status}: {}", String::from_utf8_lossy(&bytes)));
@@ -500,14 +518,13 @@ pub(crate) async fn run(conn: &ConnArgs, args: LogsArgs) -> Result<(), BoxError>
     }
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            match out.write_all(&data).and_then(|()| out.flush()) {
-                Ok(()) => {}
-                // The reader has gone (`orch logs -f w | head`): done.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
+    while let Some(chunk) = body.next().await {
+        let data = chunk?;
+        match out.write_all(&data).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            // The reader has gone (`orch logs -f w | head`): done.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -519,7 +536,7 @@ mod tests {
 
     fn relay() -> Relay {
         let store: Arc<dyn Store> = Arc::new(orch_store::MemoryStore::new());
-        Relay { self_url: "http://127.0.0.1:1".into(), store, tickets: Tickets::default() }
+        Relay { self_url: "http://127.0.0.1:1".into(), ca: None, store, tickets: Tickets::default() }
     }
 
     fn grant() -> Grant {
