@@ -96,6 +96,8 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
             "--data-dir",
             node_dir.to_str().unwrap(),
             "--drain",
+            "--listen",
+            "127.0.0.1:0",
         ],
         &dir.join("node-1.log"),
     );
@@ -132,13 +134,29 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     .await;
     let workloads: Api<Workload> = Api::namespaced(admin.clone(), "default");
     workloads
-        .create(&Object::new(ObjectMeta::named("late"), Workload::command("main", &["sleep", "300"])))
+        .create(&Object::new(
+            ObjectMeta::named("late"),
+            Workload::command("main", &["sh", "-c", "echo hello from late; sleep 300"]),
+        ))
         .await
         .unwrap();
     wait_for("the workload runs on the renewed certificate", async || {
         workloads.get("late").await.ok().filter(|w| w.status.phase == Phase::Running).map(|_| ())
     })
     .await;
+
+    // Logs and exec through the server, as a user with a client certificate.
+    let admin_crt = admin_dir.join("admin.crt");
+    let as_admin = ["--server", &url, "--ca", ca_s, "--cert", admin_crt.to_str().unwrap()];
+    let logs = wait_for("the workload's output", async || {
+        let out = Command::new(env!("CARGO_BIN_EXE_orch")).args(as_admin).args(["logs", "late"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("hello from late").then_some(text)
+    })
+    .await;
+    assert!(logs.contains("hello from late"), "{logs}");
+    let said = run(&[&as_admin[..], &["exec", "late", "--", "echo", "hi"]].concat());
+    assert_eq!(said.trim(), "hi");
 
     // Revoked: the node's certificate is refused from the next request on.
     let out = run(&[

@@ -412,6 +412,38 @@ impl ApiServer {
         .await
     }
 
+    /// Authenticates a request to a route of one's own merged into [`router`](ApiServer::router)
+    /// (its bearer token, or the client certificate [`serve_tls`](ApiServer::serve_tls)
+    /// attached to it) and authorizes `access` by the server's rules and node authorizer,
+    /// recording the decision in the audit log: the checks the API's own routes make. Answers
+    /// the user, or the `Status` (401, 403) to answer. A node's write that the node authorizer
+    /// would decide from the stored object is refused here.
+    pub async fn check_access(
+        &self,
+        headers: &HeaderMap,
+        identity: Option<&CertificateIdentity>,
+        access: Access<'_>,
+    ) -> Result<UserInfo, Status> {
+        let s = &self.shared;
+        let user = s.authenticate(headers, identity).await?;
+        let Some(rules) = &s.authorizer else { return Ok(user) };
+        let node =
+            user.groups.iter().any(|g| g == pki::NODES).then(|| node_auth::decide(pki::node_of(&user), &access, false));
+        let allowed = node == Some(NodeDecision::Allow) || rules.allows(&user, &access);
+        s.audit_record(&user, access, allowed);
+        if !allowed {
+            let what = if access.name.is_empty() { String::new() } else { format!(" {:?}", access.name) };
+            let ns =
+                if access.namespace.is_empty() { String::new() } else { format!(" in namespace {:?}", access.namespace) };
+            return Err(Status::failure(
+                403,
+                "Forbidden",
+                format!("user {:?} cannot {} {}{what}{ns}", user.name, access.verb, access.kind),
+            ));
+        }
+        Ok(user)
+    }
+
     /// Binds `addr` and serves over TLS in a task of its own until [`RunningServer::shutdown`].
     pub async fn spawn_tls(&self, addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> std::io::Result<RunningServer> {
         let listener = TcpListener::bind(addr).await?;
@@ -702,6 +734,26 @@ impl Shared {
         Ok(())
     }
 
+    /// Who the client is: its client certificate's user (refused when expired or revoked), the
+    /// user of its bearer token (refused when unknown), or anonymous.
+    async fn authenticate(&self, headers: &HeaderMap, cert: Option<&CertificateIdentity>) -> Result<UserInfo, Status> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match (cert, &self.tokens, token) {
+            // A client certificate the CA signed (the handshake checked that) names the user.
+            (Some(id), _, _) => check_certificate(self, id).await.map(|()| id.user.clone()),
+            (None, Some(tokens), Some(t)) => match tokens.authenticate(t) {
+                Some(u) => Ok(u.clone()),
+                // The token itself is never echoed or logged.
+                None => Err(Status::failure(401, "Unauthorized", "the bearer token is not valid")),
+            },
+            _ => Ok(UserInfo::anonymous()),
+        }
+    }
+
     fn audit_record(&self, user: &UserInfo, access: Access<'_>, allowed: bool) {
         if let Some(log) = &self.audit {
             log.record(&AuditRecord {
@@ -739,25 +791,10 @@ impl Shared {
 /// Every request that is not discovery comes here.
 async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
     let cert = req.extensions().get::<CertificateIdentity>().cloned();
-    let user = match (&cert, &s.tokens, token) {
-        // A client certificate the CA signed (the handshake checked that) names the user.
-        (Some(id), _, _) => match check_certificate(&s, id).await {
-            Ok(()) => id.user.clone(),
-            Err(st) => return status_response(st),
-        },
-        (None, Some(tokens), Some(t)) => match tokens.authenticate(t) {
-            Some(u) => u.clone(),
-            // The token itself is never echoed or logged.
-            None => return status_response(Status::failure(401, "Unauthorized", "the bearer token is not valid")),
-        },
-        _ => UserInfo::anonymous(),
+    let user = match s.authenticate(req.headers(), cert.as_ref()).await {
+        Ok(u) => u,
+        Err(st) => return status_response(st),
     };
     let client_id = if (s.tokens.is_some() || cert.is_some()) && user != UserInfo::anonymous() {
         format!("user {}", user.name)

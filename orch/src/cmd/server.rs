@@ -199,13 +199,12 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
         let cert = ca.server_certificate(&names).map_err(|e| format!("the server certificate: {e}"))?;
         let config = ca.server_config(&cert)?;
         tracing::info!(names = %names.join(","), ca = %args.data_dir.join("ca.crt").display(), "serving https");
-        let ca_pem = ca.cert_pem().to_string();
         api = api.node_join(
             NodeJoin::new(Arc::new(ca))
                 .tokens_file(args.data_dir.join("join-tokens"))
                 .validity(args.node_cert_validity),
         );
-        Some((config, ca_pem))
+        Some(config)
     };
     let tokens_file = args.data_dir.join("tokens");
     if tokens_file.exists() || tls.is_some() {
@@ -226,7 +225,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     let api = api.build();
     let ops = ops_routes(prometheus, ready.clone());
     // `orch logs` goes through the server to the workload's agent.
-    let logs = super::logs::relay_routes(args.listen, tls.as_ref().map(|t| t.1.as_str()), store.clone());
+    let logs = super::logs::relay_routes(api.clone(), store.clone());
     let router = api.router().merge(ops.clone()).merge(logs);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -244,7 +243,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
         closer.close();
     };
     let serving: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
-        Some((config, _)) => Box::pin(orch_store::api::serve_tls(listener, router, config, shutdown)),
+        Some(config) => Box::pin(orch_store::api::serve_tls(listener, router, config, shutdown)),
         None => {
             // Small answers go out at once (Nagle's delay would add tens of milliseconds).
             let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
