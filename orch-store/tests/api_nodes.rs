@@ -6,13 +6,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use orch_core::kinds::{NODE_LEASE_NAMESPACE, Node, NodeLease, Phase, Workload};
 use orch_core::{Api, Clock, Object, ObjectMeta, Store, SystemClock, Timestamp};
 use orch_store::MemoryStore;
 use orch_store::api::auth::ADMINS;
 use orch_store::api::pki::{self, CertificateIdentity};
 use orch_store::api::{
-    ApiServer, AuditLog, Authorizer, ClusterCa, JoinTokens, NodeJoin, RemoteStore, RunningServer, Tokens, UserInfo,
+    ApiServer, AuditLog, Authorizer, ClusterCa, JoinTokens, Limits, NodeJoin, RemoteStore, RunningServer, Tokens,
+    UserInfo,
 };
 use serde_json::json;
 
@@ -59,6 +61,7 @@ impl Cluster {
             .authentication(tokens)
             .authorization(Authorizer::with_builtin_roles())
             .audit(AuditLog::writer(audit.clone()))
+            .limits(Limits { revocation_check_interval: Duration::from_millis(200), ..Limits::default() })
             .node_join(NodeJoin::new(ca.clone()).tokens(joins).validity(validity))
             .build();
         let cert = ca.server_certificate(&["127.0.0.1".into()]).unwrap();
@@ -213,6 +216,38 @@ async fn a_revoked_node_certificate_is_refused_on_the_next_request() {
     // Nodes cannot read or write the records themselves.
     let e = again.get(&orch_core::ObjectKey::new(pki::NODE_CERTIFICATE_KIND, "", "n1")).await.unwrap_err();
     assert!(e.to_string().contains("403"), "{e}");
+    c.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_open_watch_of_a_revoked_node_ends() {
+    let c = Cluster::start(Duration::from_secs(3600)).await;
+    let (n1, _, _) = c.join("n1").await;
+    let req = orch_core::WatchRequest {
+        selection: orch_core::Selection::kind("Node"),
+        from_revision: None,
+        progress_interval: None,
+    };
+    let mut watch = n1.watch(&req).await.unwrap();
+    Api::<Node>::all(store(&n1)).create(&node("n1")).await.unwrap();
+    let first = watch.next().await.unwrap().unwrap();
+    assert!(matches!(first, orch_core::WatchEvent::Added(_)), "{first:?}");
+    pki::revoke_node(&c.admin(), "n1").await.unwrap();
+    // The server ends the watch; its reconnection is refused.
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match watch.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e.to_string()),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends");
+    if let Some(e) = end {
+        assert!(e.contains("revoked"), "{e}");
+    }
     c.running.shutdown().await.unwrap();
 }
 

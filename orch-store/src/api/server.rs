@@ -61,6 +61,10 @@ pub struct Limits {
     /// Longest a watch may last before the server ends it (a client resumes from its last
     /// revision); `None` for no limit. A client's `timeoutSeconds` may ask for less.
     pub max_watch_duration: Option<Duration>,
+    /// How often an open watch of a node authenticated by its certificate checks that the
+    /// certificate has not been revoked (it ends when it has, and when the certificate
+    /// expires).
+    pub revocation_check_interval: Duration,
 }
 
 impl Default for Limits {
@@ -75,6 +79,7 @@ impl Default for Limits {
             max_watches_per_client: 20_000,
             request_timeout: Duration::from_secs(60),
             max_watch_duration: None,
+            revocation_check_interval: Duration::from_secs(10),
         }
     }
 }
@@ -433,8 +438,11 @@ impl ApiServer {
         s.audit_record(&user, access, allowed);
         if !allowed {
             let what = if access.name.is_empty() { String::new() } else { format!(" {:?}", access.name) };
-            let ns =
-                if access.namespace.is_empty() { String::new() } else { format!(" in namespace {:?}", access.namespace) };
+            let ns = if access.namespace.is_empty() {
+                String::new()
+            } else {
+                format!(" in namespace {:?}", access.namespace)
+            };
             return Err(Status::failure(
                 403,
                 "Forbidden",
@@ -871,7 +879,7 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     }
     let is_watch = parts.method == Method::GET && query.watch && matches!(target, Target::Collection { .. });
     if is_watch {
-        return match watch_collection(&s, &client, target, &query).await {
+        return match watch_collection(&s, &client, target, &query, cert.as_ref()).await {
             Ok(r) => r,
             Err(st) => status_response(st),
         };
@@ -1456,7 +1464,13 @@ impl Drop for WatchSlot {
     }
 }
 
-async fn watch_collection(s: &Arc<Shared>, client: &Arc<ClientState>, target: Target, q: &Query) -> Answer {
+async fn watch_collection(
+    s: &Arc<Shared>,
+    client: &Arc<ClientState>,
+    target: Target,
+    q: &Query,
+    cert: Option<&CertificateIdentity>,
+) -> Answer {
     let Target::Collection { kind, namespace } = target else { unreachable!("only collections are watched") };
     let open = client.watches.fetch_add(1, Ordering::Relaxed);
     let slot = WatchSlot(client.clone());
@@ -1499,6 +1513,7 @@ async fn watch_collection(s: &Arc<Shared>, client: &Arc<ClientState>, target: Ta
         bookmarks,
         closing: s.closing.subscribe(),
         deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
+        credential: cert.map(|c| Credential::new(s.store.clone(), c, s.limits.revocation_check_interval)),
         done: false,
         _slot: slot,
     };
@@ -1522,8 +1537,59 @@ struct WatchState {
     bookmarks: bool,
     closing: watch::Receiver<bool>,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    credential: Option<Credential>,
     done: bool,
     _slot: WatchSlot,
+}
+
+/// The client certificate a watch was opened with: the watch ends when it expires or (a node's)
+/// is revoked, as a new request would be refused.
+struct Credential {
+    store: Arc<dyn Store>,
+    node: Option<String>,
+    serial: String,
+    not_after: orch_core::Timestamp,
+    every: Duration,
+    tick: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Credential {
+    fn new(store: Arc<dyn Store>, cert: &CertificateIdentity, every: Duration) -> Self {
+        let mut c = Credential {
+            store,
+            node: cert.node().map(str::to_string),
+            serial: cert.serial.clone(),
+            not_after: cert.not_after,
+            every,
+            tick: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        };
+        let next = c.next();
+        c.tick.as_mut().reset(next);
+        c
+    }
+
+    /// When to look next: at the expiry, or sooner for a node (revocation).
+    fn next(&self) -> tokio::time::Instant {
+        let left = self.not_after.since(orch_core::SystemClock.now());
+        let wait = if self.node.is_some() { left.min(self.every) } else { left };
+        tokio::time::Instant::now() + wait
+    }
+
+    /// Resolves when it is time to look; true when the watch must end.
+    async fn lapsed(&mut self) -> bool {
+        self.tick.as_mut().await;
+        if self.not_after <= orch_core::SystemClock.now() {
+            return true;
+        }
+        if let Some(node) = &self.node
+            && pki::is_revoked(&*self.store, node, &self.serial).await.unwrap_or(false)
+        {
+            return true;
+        }
+        let next = self.next();
+        self.tick.as_mut().reset(next);
+        false
+    }
 }
 
 /// The watch lines of recent events, shared by every watch of the server: an event many watches
@@ -1606,11 +1672,18 @@ fn watch_body(state: WatchState) -> impl Stream<Item = Result<Bytes, Infallible>
                     None => futures::future::pending().await,
                 }
             };
+            let credential = async {
+                match st.credential.as_mut() {
+                    Some(c) => c.lapsed().await,
+                    None => futures::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 biased;
                 e = st.stream.next() => e,
                 _ = closing => return None,
                 _ = deadline => return None,
+                lapsed = credential => if lapsed { return None } else { continue },
             };
             let line = match next {
                 Some(Ok(WatchEvent::Added(o))) => st.lines.line("ADDED", &o),
