@@ -166,6 +166,8 @@ impl ApiServerBuilder {
 
     /// Authenticates clients by bearer token: a request with an unknown token is refused (401);
     /// one without a token is anonymous (`system:anonymous`, group `system:unauthenticated`).
+    /// Over TLS, a client certificate the CA signed authenticates its holder as well (`CN` the
+    /// user, `O` the groups), with or without this.
     pub fn authentication(mut self, tokens: Tokens) -> Self {
         self.tokens = Some(tokens);
         self
