@@ -82,25 +82,28 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     let join = run(&["token", "create", "--data-dir", data_s, "--join", "--ttl", "10m"]).trim().to_string();
     assert!(join.starts_with("orchjoin-"), "{join}");
     let node_dir = dir.join("node-1");
-    let _agent = orch(
-        &[
-            "agent",
-            "--ca",
-            ca_s,
-            "--server",
-            &url,
-            "--join-token",
-            &join,
-            "--name",
-            "node-1",
-            "--data-dir",
-            node_dir.to_str().unwrap(),
-            "--drain",
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        &dir.join("node-1.log"),
-    );
+    let agent_args = |join: &str, log: &str| {
+        orch(
+            &[
+                "agent",
+                "--ca",
+                ca_s,
+                "--server",
+                &url,
+                "--join-token",
+                join,
+                "--name",
+                "node-1",
+                "--data-dir",
+                node_dir.to_str().unwrap(),
+                "--drain",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &dir.join(log),
+        )
+    };
+    let agent = agent_args(&join, "node-1.log");
 
     let admin_cert = std::fs::read(admin_dir.join("admin.crt")).unwrap();
     let admin_key = std::fs::read(admin_dir.join("admin.key")).unwrap();
@@ -181,9 +184,34 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     let e = as_node.current_revision().await.unwrap_err().to_string();
     assert!(e.contains("revoked"), "{e}");
 
-    drop(_agent);
-    let logs: String =
-        ["server.log", "node-1.log"].iter().map(|f| std::fs::read_to_string(dir.join(f)).unwrap()).collect();
+    // Restarted with a new join token, the agent finds its certificate refused and joins again.
+    drop(agent);
+    let join2 = run(&["token", "create", "--data-dir", data_s, "--join", "--ttl", "10m"]).trim().to_string();
+    let revoked_serial = serial(&node_cert);
+    let agent = agent_args(&join2, "node-1-again.log");
+    wait_for("a new certificate", async || (serial(&node_cert) != revoked_serial).then_some(())).await;
+    wait_for("the node works again", async || {
+        let again: Arc<dyn Store> = Arc::new(
+            RemoteStore::builder(url.clone())
+                .ca_pem(std::fs::read(&ca).unwrap())
+                .client_identity(
+                    std::fs::read(&node_cert).unwrap(),
+                    std::fs::read(node_dir.join("pki/node.key")).unwrap(),
+                )
+                .build()
+                .unwrap(),
+        );
+        again.current_revision().await.ok()
+    })
+    .await;
+
+    drop(agent);
+    let logs: String = ["server.log", "node-1.log", "node-1-again.log"]
+        .iter()
+        .map(|f| std::fs::read_to_string(dir.join(f)).unwrap())
+        .collect();
+    assert!(logs.contains("joining again"), "{logs}");
+    assert!(!logs.contains(&join2), "the join token appears in a log");
     assert!(logs.contains("renewed the node certificate"), "{logs}");
     assert!(!logs.contains(&join), "the join token appears in a log");
     assert!(!logs.contains("PRIVATE KEY"), "a key appears in a log");

@@ -121,17 +121,23 @@ fn subject(common_name: &str, groups: &[&str]) -> DistinguishedName {
     dn
 }
 
-/// Writes `text` to `path`, readable by its owner only when `secret`.
+/// Writes `text` to `path` whole (a reader sees the old file or the new one, never a part),
+/// readable by its owner only when `secret`.
 fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), Error> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let cannot = |e| failed(format!("cannot write {}", path.display()), e);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     if secret {
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).map_err(|e| failed(format!("cannot write {}", path.display()), e))?;
-    f.write_all(text.as_bytes()).map_err(|e| failed(format!("cannot write {}", path.display()), e))
+    let mut f = opts.open(&tmp).map_err(cannot)?;
+    f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(cannot)?;
+    std::fs::rename(&tmp, path).map_err(cannot)
 }
 
 /// Writes a certificate and its key beside each other (`<dir>/<name>.crt`, `<dir>/<name>.key`,

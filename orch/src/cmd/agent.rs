@@ -159,6 +159,8 @@ async fn keep_renewed(
     mut current: CertificateIdentity,
     mut stop: watch::Receiver<bool>,
 ) {
+    // After a failure, wait longer each time (a server away, or this node revoked).
+    let mut backoff = Duration::from_millis(200);
     loop {
         let now = SystemClock.now();
         let left = current.not_after.since(now);
@@ -171,13 +173,15 @@ async fn keep_renewed(
             Ok(id) => {
                 tracing::info!(serial = %id.serial, expires = %id.not_after.to_jiff(), "renewed the node certificate");
                 current = id;
+                backoff = Duration::from_millis(200);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot renew the node certificate yet; retrying");
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot renew the node certificate");
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1).min(left / 10).max(Duration::from_millis(200))) => {}
+                    _ = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
@@ -206,7 +210,23 @@ async fn connect(
     })?;
     let ca_pem = std::fs::read(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
     let dir = pki_dir(args);
-    let (cert, key) = match stored_identity(&dir, node) {
+    // A certificate from an earlier join, unless the server refuses it (revoked) and there is a
+    // join token to join again with.
+    let mut stored = stored_identity(&dir, node);
+    if let (Some((cert, key)), Some(_)) = (&stored, &args.join_token) {
+        let probe = RemoteStore::builder(args.server.clone())
+            .ca_pem(ca_pem.clone())
+            .client_identity(cert.clone(), key.clone())
+            .reconnect_for(Duration::ZERO)
+            .build()?;
+        if let Err(e) = probe.current_revision().await
+            && e.to_string().contains("401")
+        {
+            tracing::warn!(error = %e, "the server refuses the node certificate of an earlier join; joining again");
+            stored = None;
+        }
+    }
+    let (cert, key) = match stored {
         Some(found) => {
             tracing::info!(path = %dir.display(), "using the node certificate from an earlier join");
             found
