@@ -57,11 +57,7 @@ impl Tokens {
             let (Some(h), Some(user)) = (parts.next(), parts.next()) else {
                 return Err(Error::invalid("Tokens", format!("line {}", i + 1), "expected `sha256-hex user [groups]`"));
             };
-            let bytes: Vec<u8> = (0..h.len())
-                .step_by(2)
-                .filter_map(|j| h.get(j..j + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                .collect();
-            let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+            let Some(digest) = parse_hash(h) else {
                 return Err(Error::invalid("Tokens", format!("line {}", i + 1), "the hash must be 64 hex digits"));
             };
             let groups = parts.next().map(|g| g.split(',').map(str::to_string).collect()).unwrap_or_default();
@@ -309,5 +305,31 @@ impl AuditLog {
         if let Err(e) = out.write_all(&line).and_then(|_| out.flush()) {
             tracing::warn!(error = %e, "cannot write the audit log");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orch_core::{Clock, SystemClock, Timestamp};
+
+    #[test]
+    fn join_token_files_hold_hashes_with_their_expiry() {
+        let now = SystemClock.now();
+        let (token, line) = JoinTokens::generate(now.plus(std::time::Duration::from_secs(3600)));
+        assert!(!line.contains(&token), "the file holds the hash, not the token");
+        let tokens = JoinTokens::parse(&format!("# a comment\n\n{line}\n")).unwrap();
+        assert!(tokens.check(&token, now));
+        assert!(!tokens.check(&token, now.plus(std::time::Duration::from_secs(3601))), "expired");
+        assert!(!tokens.check("orchjoin-guess", now));
+        let old = JoinTokens::new().with("t", Timestamp(now.as_millis() - 1));
+        assert!(!old.check("t", now));
+        let e = JoinTokens::parse(&format!("{line}\nabc 2026-01-01T00:00:00Z\n")).unwrap_err();
+        assert!(e.to_string().contains("line 2") && e.to_string().contains("64 hex digits"), "{e}");
+        let hash = line.split_whitespace().next().unwrap();
+        let e = JoinTokens::parse(&format!("{hash} tomorrow")).unwrap_err();
+        assert!(e.to_string().contains("RFC 3339"), "{e}");
+        let e = JoinTokens::parse(hash).unwrap_err();
+        assert!(e.to_string().contains("expected"), "{e}");
     }
 }

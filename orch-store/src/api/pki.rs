@@ -5,7 +5,6 @@
 //! and [`serve_tls`], which serves any axum app over TLS, telling it each client's certificate.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -554,11 +553,6 @@ pub async fn serve_tls(
     }
     graceful.shutdown().await;
     Ok(())
-}
-
-/// The address `peer` as the requests of [`serve_tls`] carry it (for handlers of one's own).
-pub fn peer_address(req: &axum::extract::Request) -> Option<SocketAddr> {
-    req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 
 #[cfg(test)]
