@@ -28,7 +28,9 @@ use tokio::task::JoinSet;
 use orch_core::cache::{CacheEvent, CacheRegistry};
 use orch_core::controller::queue::{QueueConfig, WorkQueue};
 use orch_core::error::Error;
-use orch_core::kinds::{DaemonSet, Deployment, EndpointSlice, Job, ReplicaSet, Service, Workflow, Workload};
+use orch_core::kinds::{
+    DaemonSet, Deployment, EndpointSlice, Job, ReplicaSet, Service, StatefulSet, Workflow, Workload,
+};
 use orch_core::meta::{ObjectMeta, OwnerReference};
 use orch_core::object::{ObjectKey, Resource};
 use orch_core::runnable::{Leadership, RunParts, Runnable, stopped};
@@ -63,12 +65,13 @@ impl GarbageCollector {
     }
 
     /// A collector of the built-in kinds that own or are owned: deployments, replica sets, daemon
-    /// sets, jobs, workflows, workloads, services and endpoint slices.
+    /// sets, stateful sets, jobs, workflows, workloads, services and endpoint slices.
     pub fn builtin() -> Self {
         GarbageCollector::new()
             .kind::<Deployment>()
             .kind::<ReplicaSet>()
             .kind::<DaemonSet>()
+            .kind::<StatefulSet>()
             .kind::<Job>()
             .kind::<Workflow>()
             .kind::<Workload>()

@@ -9,7 +9,8 @@
 //!   when workloads fit nowhere (packing them with the scheduler's own plugins), and gives back
 //!   nodes that stay empty;
 //! - the workload controllers: [`deployment`] (rolling update, recreate, proportional scaling,
-//!   rollback by hand and by itself) with [`replicaset`], [`daemonset`], [`job`] and
+//!   rollback by hand and by itself) with [`replicaset`], [`daemonset`], [`statefulset`]
+//!   (stable names, a claim per replica, ordered start, partitioned rolling update), [`job`] and
 //!   [`workflow`];
 //! - [`endpoints`]: keeps each service's endpoints in bounded slices and gives services their
 //!   cluster addresses and node ports;
@@ -43,6 +44,7 @@ pub mod job;
 pub mod node_lifecycle;
 pub mod provisioner;
 pub mod replicaset;
+pub mod statefulset;
 pub mod volumes;
 pub mod workflow;
 mod workloads;
@@ -56,5 +58,6 @@ pub use job::JobController;
 pub use node_lifecycle::{NodeLifecycle, NodeLifecycleConfig};
 pub use provisioner::{PassReport, Provisioner, ProvisionerConfig};
 pub use replicaset::ReplicaSetController;
+pub use statefulset::StatefulSetController;
 pub use volumes::VolumeBinder;
 pub use workflow::WorkflowController;

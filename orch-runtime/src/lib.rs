@@ -5,7 +5,7 @@
 //!
 //! | part | feature | what it does |
 //! |---|---|---|
-//! | [`Agent`] | always | registers its node, keeps a heartbeat lease, runs the workloads bound to the node with restart policies, crash-loop backoff, probes and log rotation; adopts what runs after its own restart |
+//! | [`Agent`] | always | registers its node, keeps a heartbeat lease, runs the workloads bound to the node with restart policies, crash-loop backoff, probes and log rotation; makes their volumes available (claims through volume providers, `local` by default), evicts past `emptyDir` size limits, reclaims its node's volumes; adopts what runs after its own restart |
 //! | [`net`] | always (`dns` for the DNS server) | service traffic on a node: the in-process [`Resolver`](net::Resolver), the [`NodeProxy`](net::NodeProxy) (TCP and UDP, power of two choices over ready endpoints), the cluster DNS server on hickory-server |
 //! | [`LocalNodes`] | always | a [`NodeProvider`](orch_core::provider::NodeProvider) that runs each node as an agent in this process (simulated clusters, tests) |
 //! | [`LocalVolumes`] | always | a [`VolumeProvider`](orch_core::VolumeProvider) for a node's local storage: a directory per volume under a data root, sizes accounted against the node's capacity (not enforced) |

@@ -12,8 +12,9 @@
 //! exits with `oom_killed` set. Where the host does not allow it, limits are not enforced.
 //!
 //! Refused by this backend, with the field and the reason: images, volume mounts (a volume's
-//! host directory is given to the process as `ORCH_VOLUME_<NAME>` instead), and limits on a host
-//! where they cannot be enforced.
+//! host directory is given to the process as `ORCH_VOLUME_<NAME>` instead, and a `workingDir` of
+//! `$(ORCH_VOLUME_<NAME>)` runs the program inside it), and limits on a host where they cannot be
+//! enforced.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -175,17 +176,38 @@ impl ProcessRuntime {
     }
 }
 
+/// The directory a program runs in: `dir` as given, or for `$(ORCH_VOLUME_<NAME>)` the host
+/// directory of that volume (the one form expanded; any other `$(` is refused).
+fn working_dir(dir: &str, volumes: &[orch_core::runtime::HostVolume]) -> Result<PathBuf, RuntimeError> {
+    if !dir.contains("$(") {
+        return Ok(PathBuf::from(dir));
+    }
+    let var = dir.strip_prefix("$(").and_then(|r| r.strip_suffix(')')).filter(|v| v.starts_with("ORCH_VOLUME_"));
+    let Some(var) = var else {
+        return Err(RuntimeError::invalid(
+            "container.workingDir",
+            format!("{dir:?}: only the whole of $(ORCH_VOLUME_<NAME>) is expanded"),
+        ));
+    };
+    match volumes.iter().find(|v| orch_core::kinds::Volume::env_var(&v.name) == var) {
+        Some(v) => Ok(v.host_path.clone()),
+        None => Err(RuntimeError::invalid(
+            "container.workingDir",
+            format!(
+                "$({var}) names none of the instance's volumes (it has: {})",
+                volumes.iter().map(|v| orch_core::kinds::Volume::env_var(&v.name)).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
 /// Where `program` would be found: a path as given, or the first match on the `PATH` the process
 /// gets (the container's own `PATH` when it sets one).
-fn find_program(program: &str, c: &orch_core::kinds::Container, instance_dir: &Path) -> Option<PathBuf> {
+fn find_program(program: &str, c: &orch_core::kinds::Container, work_dir: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let runnable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if program.contains('/') {
-        let p = if program.starts_with('/') {
-            PathBuf::from(program)
-        } else {
-            c.working_dir.as_deref().map_or(instance_dir, Path::new).join(program)
-        };
+        let p = if program.starts_with('/') { PathBuf::from(program) } else { work_dir.join(program) };
         return runnable(&p).then_some(p);
     }
     let path = c
@@ -289,15 +311,23 @@ impl Runtime for ProcessRuntime {
                 format!("this node cannot enforce limits ({reason})"),
             ));
         }
-        if let Some(dir) = &c.working_dir
-            && !Path::new(dir).is_dir()
-        {
-            return Err(RuntimeError::invalid("container.workingDir", format!("{dir} is not a directory")));
-        }
+        let work_dir = match &c.working_dir {
+            Some(dir) => {
+                let expanded = working_dir(dir, &spec.volumes)?;
+                if !expanded.is_dir() {
+                    return Err(RuntimeError::invalid(
+                        "container.workingDir",
+                        format!("{} is not a directory", expanded.display()),
+                    ));
+                }
+                expanded
+            }
+            None => self.dir(&spec.id),
+        };
         // Limits reach this point only where they are enforced (refused above elsewhere).
         let limits = if self.limits.enforced() { Limits::of(c)? } else { Limits::default() };
         let limited = self.limits.enforced() && !limits.is_empty();
-        if limited && find_program(program, c, &self.dir(&spec.id)).is_none() {
+        if limited && find_program(program, c, &work_dir).is_none() {
             // Run directly, the spawn itself says this; through the group-joining shell it would be
             // an exit code instead.
             return Err(RuntimeError::invalid("container.command[0]", format!("cannot run {program}: not found")));
@@ -345,7 +375,7 @@ impl Runtime for ProcessRuntime {
         cmd.args(&c.command[1..])
             .args(&c.args)
             .env("ORCH_INSTANCE_ID", &spec.id)
-            .current_dir(c.working_dir.as_deref().map_or(dir.as_path(), Path::new))
+            .current_dir(&work_dir)
             .stdin(std::process::Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -355,12 +385,7 @@ impl Runtime for ProcessRuntime {
             cmd.env(&e.name, &e.value);
         }
         for v in &spec.volumes {
-            let var: String = v
-                .name
-                .chars()
-                .map(|ch| if ch.is_ascii_alphanumeric() { ch.to_ascii_uppercase() } else { '_' })
-                .collect();
-            cmd.env(format!("ORCH_VOLUME_{var}"), &v.host_path);
+            cmd.env(orch_core::kinds::Volume::env_var(&v.name), &v.host_path);
         }
         let mut child = match cmd.spawn() {
             Ok(child) => child,
@@ -758,6 +783,46 @@ mod tests {
         assert!(
             matches!(rt.start(&missing).await.unwrap_err(), RuntimeError::InvalidSpec { field, .. } if field == "volumes[0].hostPath")
         );
+    }
+
+    #[tokio::test]
+    async fn the_working_dir_can_be_a_volume_and_other_expansions_are_refused() {
+        let rt = runtime("workdir");
+        let vol = rt.root.join("db-data");
+        std::fs::create_dir_all(&vol).unwrap();
+        let volumes = vec![orch_core::runtime::HostVolume { name: "db-data".into(), host_path: vol.clone() }];
+        let mut spec = sh("inside", "pwd && echo here > relative.txt");
+        spec.container.working_dir = Some("$(ORCH_VOLUME_DB_DATA)".into());
+        spec.volumes = volumes.clone();
+        let h = rt.start(&spec).await.unwrap();
+        rt.wait(&h).await.unwrap();
+        let out: Vec<LogLine> = rt.logs(&h, LogOptions::default()).await.unwrap().collect().await;
+        assert_eq!(Path::new(&out[0].line).canonicalize().unwrap(), vol.canonicalize().unwrap());
+        assert_eq!(
+            std::fs::read_to_string(vol.join("relative.txt")).unwrap().trim(),
+            "here",
+            "it ran inside its volume"
+        );
+
+        for (i, (dir, says)) in [
+            ("$(ORCH_VOLUME_OTHER)", "names none of the instance's volumes (it has: ORCH_VOLUME_DB_DATA)"),
+            ("$(HOME)", "only the whole of $(ORCH_VOLUME_<NAME>) is expanded"),
+            ("$(ORCH_VOLUME_DB_DATA)/sub", "only the whole of $(ORCH_VOLUME_<NAME>) is expanded"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut bad = sh(&format!("bad{i}"), "true");
+            bad.container.working_dir = Some(dir.into());
+            bad.volumes = volumes.clone();
+            match rt.start(&bad).await.unwrap_err() {
+                RuntimeError::InvalidSpec { field, reason } => {
+                    assert_eq!(field, "container.workingDir");
+                    assert!(reason.contains(says), "{dir}: {reason}");
+                }
+                e => panic!("{dir}: {e}"),
+            }
+        }
     }
 
     #[tokio::test]

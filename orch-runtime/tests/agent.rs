@@ -391,7 +391,7 @@ async fn a_workload_whose_volume_cannot_be_provided_waits_with_the_reason_and_ne
         }
     })
     .await;
-    assert!(reason.starts_with("VolumeUnavailable: spec.volumes[0] (\"data\"): claim \"db-data\""), "{reason}");
+    assert!(reason.starts_with("WaitingForVolume: spec.volumes[0] (\"data\"): claim \"db-data\""), "{reason}");
     assert_eq!(api.get("db").await.unwrap().status.phase, Phase::Pending);
     assert!(runtime.list().await.unwrap().is_empty(), "it never runs without its data");
     let _ = stop.send(());

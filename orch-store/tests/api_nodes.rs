@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use orch_core::kinds::{NODE_LEASE_NAMESPACE, Node, NodeLease, Phase, Workload};
+use orch_core::kinds::{NODE_LEASE_NAMESPACE, Node, NodeLease, PersistentVolume, Phase, Workload};
 use orch_core::{Api, Clock, Object, ObjectMeta, Store, SystemClock, Timestamp};
 use orch_store::MemoryStore;
 use orch_store::api::auth::ADMINS;
@@ -301,6 +301,31 @@ async fn a_node_writes_only_its_own_node_lease_and_bound_workloads_status() {
     let patch = json!({"spec": {"nodeName": "n1"}}).to_string().into_bytes();
     let e = n1.raw("PATCH", "/apis/orch.dev/v1/namespaces/ns/workloads/theirs", Some(patch)).await.unwrap_err();
     assert!(e.to_string().contains("403"), "{e}");
+
+    // Volumes: the agent removes its reclaim finalizer from those on its node, nothing else.
+    let pvs = Api::<PersistentVolume>::all(admin.clone());
+    let pv = |name: &str, on: &str| {
+        let spec: PersistentVolume = serde_json::from_value(json!({
+            "capacity": "1Gi", "accessModes": ["ReadWriteOnce"], "volumeClass": "local", "nodeName": on,
+        }))
+        .unwrap();
+        let mut meta = ObjectMeta::named(name);
+        meta.finalizers.push("orch.dev/reclaim".into());
+        Object::new(meta, spec)
+    };
+    pvs.create(&pv("pv-mine", "n1")).await.unwrap();
+    pvs.create(&pv("pv-theirs", "n2")).await.unwrap();
+    let node_pvs = Api::<PersistentVolume>::all(store(&n1));
+    let mut v = node_pvs.get("pv-mine").await.unwrap();
+    v.spec.capacity = "2Gi".parse().unwrap();
+    denied(node_pvs.replace(&v).await.map(|_| ()), "grow a volume on its node");
+    let mut v = node_pvs.get("pv-mine").await.unwrap();
+    v.metadata.finalizers.clear();
+    node_pvs.replace(&v).await.unwrap();
+    let mut t = node_pvs.get("pv-theirs").await.unwrap();
+    t.metadata.finalizers.clear();
+    denied(node_pvs.replace(&t).await.map(|_| ()), "write another node's volume");
+    denied(node_pvs.delete("pv-mine", &Default::default()).await.map(|_| ()), "delete a volume");
 
     // Reads an agent needs: yes; other kinds: no.
     assert_eq!(workloads.list(&Default::default()).await.unwrap().items.len(), 2);

@@ -323,9 +323,14 @@ async fn workload_controller_kinds_are_served_checked_and_deleted_as_asked() {
     let app = router(store.clone());
     let (_, list) = get(&app, "/apis/orch.dev/v1").await;
     let resources = list["resources"].as_array().unwrap();
-    for (name, short) in
-        [("deployments", "deploy"), ("replicasets", "rs"), ("daemonsets", "ds"), ("workflows", "wf"), ("events", "ev")]
-    {
+    for (name, short) in [
+        ("deployments", "deploy"),
+        ("replicasets", "rs"),
+        ("daemonsets", "ds"),
+        ("statefulsets", "sts"),
+        ("workflows", "wf"),
+        ("events", "ev"),
+    ] {
         let r = resources.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name} listed"));
         assert_eq!(r["shortNames"], json!([short]), "{name}");
     }
@@ -340,6 +345,17 @@ async fn workload_controller_kinds_are_served_checked_and_deleted_as_asked() {
     let (code, st) = call(&app, Method::POST, deployments, Some(bad), "application/json").await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{st}");
     assert!(st["message"].as_str().unwrap().contains("replicas"), "{st}");
+    // A stateful set, posted under its short name, is checked like the others.
+    let bad_set = json!({
+        "apiVersion": "orch.dev/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db", "namespace": "team-a"},
+        "spec": {"selector": {"matchLabels": {"app": "db"}}, "template": {"metadata": {"labels": {"app": "other"}},
+                 "spec": {"containers": [{"name": "main", "command": ["db"]}]}}},
+    });
+    let (code, st) =
+        call(&app, Method::POST, "/apis/orch.dev/v1/namespaces/team-a/sts", Some(bad_set), "application/json").await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("spec.template.metadata.labels"), "{st}");
     // An orphaning delete reaches the store: the object is marked for the garbage collector.
     let (code, _) = call(&app, Method::POST, WORKLOADS, Some(workload("owner")), "application/json").await;
     assert_eq!(code, StatusCode::CREATED);

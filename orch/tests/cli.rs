@@ -539,6 +539,18 @@ fn every_command_against_a_real_cluster() {
     assert_eq!(orch.ok(&["uncordon", "node-2"]), "node/node-2 uncordoned\n");
     assert_eq!(orch.ok(&["uncordon", "node-2"]), "node/node-2 already uncordoned\n");
 
+    // A stateful set: replicas with stable names, started in order.
+    assert_eq!(orch.ok(&["apply", "-f", &f("counter.yaml")]), "statefulset/counter created\n");
+    orch.until(&["get", "wl", "-l", "app=counter"], "both replicas run", |o| {
+        o.contains("counter-0") && o.contains("counter-1") && o.matches("Running").count() == 2
+    });
+    insta::assert_snapshot!(
+        "get_statefulsets",
+        normalise(&orch.until(&["get", "sts"], "the stateful set counts them", |o| o.contains("2/2")))
+    );
+    assert_eq!(orch.ok(&["delete", "sts", "counter"]), "statefulset/counter deleted\n");
+    orch.until(&["get", "wl", "-l", "app=counter", "-o", "name"], "its workloads go with it", str::is_empty);
+
     // Prune: what was applied before with the set's label and is no longer in the files goes.
     orch.ok(&["apply", "-f", &f("extra.yaml")]);
     let out = orch.ok(&["apply", "-f", &f("web.yaml"), "--prune", "-l", "set=cli-test", "--dry-run=server"]);

@@ -1,5 +1,5 @@
 //! The built-in kinds: [`Node`], its heartbeat [`NodeLease`], [`Workload`], [`Event`], [`Deployment`] with
-//! its revisions ([`ReplicaSet`]), [`Job`], [`Workflow`], [`DaemonSet`], [`Service`] with its
+//! its revisions ([`ReplicaSet`]), [`Job`], [`Workflow`], [`DaemonSet`], [`StatefulSet`], [`Service`] with its
 //! [`EndpointSlice`]s, [`VolumeClaim`] with the [`PersistentVolume`] that serves it, and the types they
 //! share.
 
@@ -9,6 +9,7 @@ mod event;
 mod job;
 mod node;
 mod service;
+mod statefulset;
 mod volume;
 mod workflow;
 mod workload;
@@ -32,6 +33,10 @@ pub use node::{
 pub use service::{
     DEFAULT_ENDPOINTS_PER_SLICE, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, PortTarget,
     SERVICE_NAME_LABEL, Service, ServicePort, ServiceStatus, ServiceType,
+};
+pub use statefulset::{
+    ORDINAL_LABEL, PodManagementPolicy, StatefulRollingUpdate, StatefulSet, StatefulSetStatus, StatefulSetUpdate,
+    VolumeClaimTemplate, stateful_set_condition,
 };
 pub use volume::{
     AccessMode, CLAIM_PROTECTION_FINALIZER, ClaimPhase, ClaimReference, PersistentVolume, PersistentVolumeStatus,

@@ -5,8 +5,8 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use orch_core::Labels;
 use orch_core::kinds::{Resources, Taint};
+use orch_core::{Labels, Quantity};
 
 /// The host ports an agent allocates from unless told otherwise.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
@@ -49,8 +49,9 @@ pub struct AgentConfig {
     /// Rotated log files kept per stream (default 3).
     pub log_keep: usize,
     /// Where the agent keeps what it makes on the node: the `emptyDir` volumes of its workloads
-    /// live under `<data_root>/volumes/` (default: `orch-agent/<node>` in the system's temp
-    /// directory).
+    /// live under `<data_root>/volumes/`, its `local` volumes under `<data_root>/local-volumes/`
+    /// and its record of published volumes under `<data_root>/published/` (default:
+    /// `orch-agent/<node>` in the system's temp directory).
     pub data_root: PathBuf,
     /// The address other nodes reach this node's workloads at (reported in the node's status
     /// and in each workload's; default 127.0.0.1, right for a cluster on one machine).
@@ -61,6 +62,13 @@ pub struct AgentConfig {
     /// An empty range (start after end) gives no port: a workload needing one is not started
     /// and waits with `PortsUnavailable`, naming the range.
     pub port_range: RangeInclusive<u16>,
+    /// Room for the volumes of class `local` on this node, in bytes (`10Gi`): what the node
+    /// advertises in `status.storage` and what `local` volumes are accounted against (they live
+    /// under `<data_root>/local-volumes/`). `None` (the default) takes the free space of the
+    /// file system holding `data_root` when the agent starts (read with `statvfs`), so it is
+    /// measured again at every agent start. Ignored when a `local` provider is given with
+    /// [`Agent::with_volume_provider`](super::Agent::with_volume_provider).
+    pub local_storage: Option<Quantity>,
 }
 
 impl AgentConfig {
@@ -85,6 +93,7 @@ impl AgentConfig {
             data_root: std::env::temp_dir().join("orch-agent").join(&name),
             address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port_range: DEFAULT_PORT_RANGE,
+            local_storage: None,
         }
     }
 }

@@ -20,4 +20,14 @@ pub enum AgentError {
         #[source]
         source: RuntimeError,
     },
+    /// A volume provider could not be set up (the default `local` one could not open its
+    /// directory, or a provider was given for a class that is not a valid name).
+    #[error("volume class {class:?}: {source}")]
+    Volume {
+        /// The volume class of the provider.
+        class: String,
+        /// The provider's error.
+        #[source]
+        source: orch_core::VolumeError,
+    },
 }

@@ -1,4 +1,4 @@
-//! How a node shows it is alive: it registers its `Node` (capacity, labels, taints) and keeps a
+//! How a node shows it is alive: it registers its `Node` (capacity, labels, taints, storage) and keeps a
 //! `NodeLease` on a store lease, renewed on a timer ([`SharedRenewals`], one per process or one
 //! per agent); a failed renewal starts a new heartbeat.
 
@@ -100,10 +100,12 @@ impl SharedRenewals {
 }
 
 impl Agent {
-    /// Registers (or updates) this node's `Node` object.
+    /// Registers (or updates) this node's `Node` object: capacity, addresses, the volume classes
+    /// it provides (`status.storage`), `Ready`.
     pub(super) async fn register(&self) -> Result<()> {
         let nodes: Api<Node> = Api::all(self.store.clone());
         let capacity = self.config.capacity.clone().unwrap_or_else(host_capacity);
+        let storage = self.node_storage();
         let now = self.clock.now();
         loop {
             let existing = nodes.get_opt(&self.config.node_name).await?;
@@ -114,6 +116,7 @@ impl Agent {
             });
             node.status.capacity = capacity.clone();
             node.status.allocatable = capacity.clone();
+            node.status.storage = storage.clone();
             node.status.addresses = vec![orch_core::kinds::NodeAddress {
                 type_: "InternalIP".into(),
                 address: self.config.address.to_string(),

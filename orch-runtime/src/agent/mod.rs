@@ -3,6 +3,11 @@
 //!
 //! It reconciles against what really runs (the runtime's own list and states), not against its
 //! memory, so after an agent restart it adopts running instances instead of restarting them.
+//!
+//! It makes each workload's volumes available before starting it (see `volumes`): claims
+//! through the volume provider of their class on this node (`local` by default), which the node
+//! advertises in `status.storage`; it reclaims the volumes of its node being deleted, and evicts
+//! workloads whose `emptyDir` grows past its size limit.
 
 mod config;
 mod error;
@@ -12,13 +17,14 @@ mod probes;
 mod sync;
 mod volumes;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use orch_core::VolumeProvider;
 use orch_core::cache::{Cache, CacheConfig, ObjectRef};
 use orch_core::controller::queue::{QueueConfig, WorkQueue};
-use orch_core::kinds::Workload;
+use orch_core::kinds::{ContainerStatus, Phase, Workload};
 use orch_core::meta::{Clock, TokioClock};
 use orch_core::object::{Object, Resource};
 use orch_core::runtime::{Handle, InstanceState, Runtime};
@@ -61,6 +67,22 @@ pub struct Agent {
     /// Tells people when a container crash-loops (`BackOff` events); made on first use, on the
     /// agent's clock.
     recorder: std::sync::OnceLock<orch_core::events::Recorder>,
+    /// The volume providers of this node, by volume class (`local` is added by `run` unless
+    /// given).
+    providers: BTreeMap<String, Arc<dyn VolumeProvider>>,
+    /// The claim volumes published for each workload, kept on disk.
+    publications: volumes::Publications,
+    /// Workloads found over an `emptyDir` size limit, until their eviction is written.
+    evictions: Mutex<HashMap<ObjectRef, Eviction>>,
+}
+
+/// A workload to evict: the incarnation (uid), why, and once its instances are stopped, their
+/// last statuses.
+#[derive(Debug, Clone)]
+struct Eviction {
+    uid: String,
+    message: String,
+    statuses: Option<Vec<ContainerStatus>>,
 }
 
 /// Aborts the agent's tasks when dropped: when [`Agent::run`] returns or is dropped mid-way.
@@ -143,6 +165,7 @@ const PREVIOUS_LOG_LINES: usize = 10_000;
 impl Agent {
     /// An agent for the node in `config`.
     pub fn new(config: AgentConfig, store: Arc<dyn Store>, runtime: Arc<dyn Runtime>) -> Self {
+        let config_root = config.data_root.clone();
         Agent {
             ports: ports::Ports::new(config.port_range.clone(), config.address, &config.data_root),
             config,
@@ -157,7 +180,23 @@ impl Agent {
             written: Default::default(),
             spawned: Default::default(),
             recorder: std::sync::OnceLock::new(),
+            providers: BTreeMap::new(),
+            publications: volumes::Publications::new(&config_root),
+            evictions: Default::default(),
         }
+    }
+
+    /// Provides volumes of class `class` (a DNS-1123 subdomain such as `local` or `docker`) from
+    /// `provider` on this node: the node lists the class in `status.storage` with the
+    /// provider's capacity and access modes, the volumes of the class bound to claims of the
+    /// workloads here are created and published through it, and those of this node being
+    /// deleted are reclaimed through it. Without a provider for `local`, the agent opens
+    /// [`LocalVolumes`](crate::LocalVolumes) under `<data_root>/local-volumes` with
+    /// [`AgentConfig::local_storage`] as its capacity. An invalid class makes
+    /// [`run`](Agent::run) fail naming it.
+    pub fn with_volume_provider(mut self, class: impl Into<String>, provider: Arc<dyn VolumeProvider>) -> Self {
+        self.providers.insert(class.into(), provider);
+        self
     }
 
     /// Reads workloads from `cache`, shared with the other agents of this process, instead of
@@ -193,7 +232,8 @@ impl Agent {
 
     /// Runs until `shutdown` completes. With `drain`, stops every instance before returning;
     /// otherwise leaves them running for the next agent to adopt.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>, drain: bool) -> Result<(), AgentError> {
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>, drain: bool) -> Result<(), AgentError> {
+        self.open_volume_providers().await?;
         self.register().await?;
         let lease_id = self.heartbeat().await?;
         let _owned = AbortOnDrop(self.spawned.clone());
@@ -220,6 +260,10 @@ impl Agent {
         // The ports held before a restart, from the agent's files and then from the statuses of
         // the workloads bound here; every holder is synced (its workload may be gone).
         for key in this.ports.load() {
+            queue.add(key);
+        }
+        // Likewise the workloads that volumes were published for (they may be gone).
+        for key in this.publications.load() {
             queue.add(key);
         }
         let address = this.config.address.to_string();
@@ -262,6 +306,10 @@ impl Agent {
                     this.resync(&queue, &mine()).await;
                 }
             });
+        }
+        {
+            let (this, queue, mine) = (this.clone(), queue.clone(), mine.clone());
+            tasks.spawn(async move { this.watch_volumes(queue, mine).await });
         }
         // Renewals: through the process's shared renewal task, or through one of its own on
         // `renew_interval` (the same mechanism for one agent). A failed renewal means the lease
@@ -322,7 +370,10 @@ impl Agent {
 
     /// Compares what runs with what the agent last saw, like kubelet's relist: queues the
     /// workloads whose instances changed state or vanished, the workloads bound here with no
-    /// instance yet, and the instances whose workload is gone; rotates logs on the way.
+    /// instance yet (unless evicted), the instances whose workload is gone, and the workloads
+    /// gone from here that still hold published volumes; rotates logs on the way, and measures
+    /// the sized `emptyDir`s of the workloads that run, queueing for eviction those over their
+    /// limit.
     async fn resync(&self, queue: &WorkQueue<ObjectRef>, mine: &[Arc<Object<Workload>>]) {
         let tracked: Vec<(ObjectRef, Arc<Handle>, Option<InstanceState>)> = self
             .instances
@@ -334,13 +385,21 @@ impl Agent {
         {
             let running: std::collections::HashSet<(&str, &str)> = tracked.iter().map(|(r, _, _)| named(r)).collect();
             for w in mine {
-                if !running.contains(&(w.metadata.namespace.as_str(), w.metadata.name.as_str())) {
+                if !running.contains(&(w.metadata.namespace.as_str(), w.metadata.name.as_str()))
+                    && !sync::is_evicted(&w.status)
+                {
                     queue.add(ObjectRef::of(w));
                 }
             }
+            self.check_size_limits(queue, mine, &running).await;
         }
         let bound: std::collections::HashSet<(&str, &str)> =
             mine.iter().map(|w| (w.metadata.namespace.as_str(), w.metadata.name.as_str())).collect();
+        for key in self.publications.keys() {
+            if !bound.contains(&named(&key)) {
+                queue.add(key);
+            }
+        }
         let rotate = self.runtime.capabilities().log_files;
         for (key, handle, seen) in tracked {
             if rotate
@@ -353,6 +412,51 @@ impl Agent {
                 queue.add(key);
             }
         }
+    }
+
+    /// Measures the sized `emptyDir`s of the workloads in `running` that have not ended (off the
+    /// async threads); one over its limit is recorded for eviction and its workload queued.
+    async fn check_size_limits(
+        &self,
+        queue: &WorkQueue<ObjectRef>,
+        mine: &[Arc<Object<Workload>>],
+        running: &std::collections::HashSet<(&str, &str)>,
+    ) {
+        for w in mine {
+            // Only what may still run is evicted: a workload that ended stays as it ended.
+            let ended = matches!(w.status.phase, Phase::Succeeded | Phase::Failed);
+            if ended || !running.contains(&(w.metadata.namespace.as_str(), w.metadata.name.as_str())) {
+                continue;
+            }
+            let key = ObjectRef::of(w);
+            let dirs =
+                volumes::sized_empty_dirs(&self.config.data_root, &key, &uid_tag(&w.metadata.uid), &w.spec.volumes);
+            if dirs.is_empty() {
+                continue;
+            }
+            let Ok(Some(message)) = tokio::task::spawn_blocking(move || volumes::over_limit(&dirs)).await else {
+                continue;
+            };
+            let mut evictions = self.evictions.lock().unwrap_or_else(|e| e.into_inner());
+            if evictions.get(&key).is_none_or(|e| e.uid != w.metadata.uid) {
+                tracing::info!(workload = %key, %message, "evicting a workload over its emptyDir size limit");
+                evictions.insert(key.clone(), Eviction { uid: w.metadata.uid.clone(), message, statuses: None });
+            }
+            queue.add(key);
+        }
+    }
+
+    /// Tells people about the agent's decisions (crash loops, evictions, volumes it cannot
+    /// provide); made on first use, on the agent's clock.
+    fn recorder(&self) -> &orch_core::events::Recorder {
+        self.recorder.get_or_init(|| {
+            orch_core::events::Recorder::with_clock(
+                self.store.clone(),
+                format!("agent/{}", self.config.node_name),
+                Default::default(),
+                self.clock.clone(),
+            )
+        })
     }
 
     /// Takes over what the runtime already runs (after an agent restart): the newest attempt of

@@ -293,6 +293,11 @@ fn waiting(c: &Container, reason: &str, restarts: u32) -> ContainerStatus {
     }
 }
 
+/// Whether the agent evicted the workload (it never runs on its node again).
+pub(super) fn is_evicted(status: &WorkloadStatus) -> bool {
+    status.phase == Phase::Failed && status.reason == volumes::EVICTED
+}
+
 /// The status of a container whose instance exited and stays so.
 pub(super) fn terminated(name: String, e: &ExitStatus, restarts: u32) -> ContainerStatus {
     let code = e.code.unwrap_or_else(|| e.signal.map_or(-1, |s| 128 + s));
@@ -421,6 +426,27 @@ impl Agent {
             }
         }
         let grace = workload.spec.termination_grace_period_seconds.map_or(self.config.stop_grace, Duration::from_secs);
+        if is_evicted(&workload.status) {
+            // Evicted: it never runs here again; what it held goes (once).
+            let holds = self.instances.lock().unwrap_or_else(|e| e.into_inner()).keys().any(|(r, _)| r == key)
+                || !self.publications.get(key).is_empty()
+                || volumes::workload_dir(&self.config.data_root, key).exists();
+            if holds {
+                self.release(key, grace, false).await;
+            }
+            self.evictions.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+            return Ok(None);
+        }
+        let eviction = self
+            .evictions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .filter(|e| e.uid == workload.metadata.uid)
+            .cloned();
+        if let Some(eviction) = eviction {
+            return self.evict(key, &workload, eviction, grace).await;
+        }
         let tag = uid_tag(&workload.metadata.uid);
         // Instances of containers no longer in the spec go.
         let dropped: Vec<Tracked> = {
@@ -449,7 +475,9 @@ impl Agent {
             Err(_) => self.ports.held(key),
         };
         // Resolved at the first start this pass needs.
-        let mut host_volumes: Option<Result<Vec<HostVolume>, String>> = None;
+        let mut host_volumes: Option<Result<Vec<HostVolume>, volumes::Unavailable>> = None;
+        // Why the workload waits for its volumes, if it does.
+        let mut note: Option<volumes::Unavailable> = None;
         for c in &workload.spec.containers {
             let slot = (key.clone(), c.name.clone());
             let tracked = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).cloned();
@@ -504,14 +532,18 @@ impl Agent {
                     }
                     Step::StartProbes { handle } => self.watch_health(key, c, &handle, queue),
                     Step::Start { attempt, restarts, crashes } => {
-                        let resolved = host_volumes.get_or_insert_with(|| {
-                            volumes::resolve(&self.config.data_root, key, &tag, &workload.spec.volumes)
-                        });
-                        let volumes = match resolved {
-                            Ok(v) => v.clone(),
-                            Err(reason) => {
+                        let resolved = match host_volumes.take() {
+                            Some(resolved) => resolved,
+                            None => self.resolve_volumes(key, &workload, &tag).await,
+                        };
+                        let volumes = resolved.clone();
+                        host_volumes = Some(resolved);
+                        let volumes = match volumes {
+                            Ok(v) => v,
+                            Err(why) => {
                                 // Never run without its data: wait, saying why.
-                                statuses.push(waiting(c, &format!("VolumeUnavailable: {reason}"), restarts));
+                                statuses.push(waiting(c, &format!("{}: {}", why.reason, why.message), restarts));
+                                note = Some(why);
                                 let after = self.config.backoff_base;
                                 next_look = Some(next_look.map_or(after, |n| n.min(after)));
                                 continue;
@@ -534,7 +566,7 @@ impl Agent {
                 }
             }
         }
-        if !self.report(&workload, statuses, held).await? {
+        if !self.report(&workload, statuses, held, note.as_ref()).await? {
             // The status write lost a race with a newer version (possibly the echo of this
             // agent's own last write, which is not synced): look again once the cache has it.
             let soon = Duration::from_millis(10);
@@ -552,21 +584,120 @@ impl Agent {
         }
     }
 
-    /// Stops and removes every instance of `key`, and frees its volumes and ports.
+    /// Stops and removes every instance of `key`, and frees its volumes and ports (it is gone
+    /// from this node).
     async fn tear_down(&self, key: &ObjectRef, grace: Duration) {
         self.written.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
-        let gone: Vec<Tracked> = {
+        self.evictions.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.release(key, grace, true).await;
+    }
+
+    /// Stops and removes every instance of `key` (keeping their last lines unless
+    /// `forget_logs`), removes its `emptyDir`s, unpublishes its claim volumes and frees its
+    /// ports; answers, by container, each stopped instance's record and (when its logs are kept,
+    /// for an eviction) its last state.
+    async fn release(
+        &self,
+        key: &ObjectRef,
+        grace: Duration,
+        forget_logs: bool,
+    ) -> Vec<(String, Tracked, InstanceState)> {
+        let gone: Vec<(String, Tracked)> = {
             let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
             let keys: Vec<_> = instances.keys().filter(|(r, _)| r == key).cloned().collect();
-            keys.into_iter().filter_map(|k| instances.remove(&k)).collect()
+            keys.into_iter().filter_map(|k| instances.remove(&k).map(|t| (k.1, t))).collect()
         };
-        for t in gone {
+        let mut last = Vec::with_capacity(gone.len());
+        for (container, t) in gone {
             self.runtime.stop(&t.handle, grace).await.ok();
+            // Only an eviction reports how its instances ended.
+            let state = if forget_logs {
+                InstanceState::Lost
+            } else {
+                self.keep_previous_logs(key, &container, &t.handle).await;
+                self.runtime.status(&t.handle).await.unwrap_or(InstanceState::Lost)
+            };
             self.runtime.remove(&t.handle).await.ok();
+            self.health.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.handle.id);
+            last.push((container, t, state));
         }
         volumes::remove(&self.config.data_root, key);
-        self.forget_previous_logs(key);
+        self.unpublish_all(key).await;
+        if forget_logs {
+            self.forget_previous_logs(key);
+        }
         self.ports.release(key);
+        last
+    }
+
+    /// Evicts the workload `key` as kubelet does: its instances are stopped, what it held on the
+    /// node goes, and its status turns `Failed` with reason `Evicted` and the message (and an
+    /// event says so). It never runs here again.
+    async fn evict(
+        &self,
+        key: &ObjectRef,
+        workload: &Object<Workload>,
+        mut eviction: super::Eviction,
+        grace: Duration,
+    ) -> Result<Option<Duration>, AgentError> {
+        let statuses = match eviction.statuses.take() {
+            Some(statuses) => statuses,
+            None => {
+                let last = self.release(key, grace, false).await;
+                let now = self.clock.now();
+                let statuses: Vec<ContainerStatus> = workload
+                    .spec
+                    .containers
+                    .iter()
+                    .map(|c| {
+                        let stopped = last.iter().find(|(name, _, _)| *name == c.name);
+                        let restarts = stopped.map_or(0, |(_, t, _)| t.restarts);
+                        let exit = match stopped {
+                            Some((_, _, InstanceState::Exited(e))) => *e,
+                            Some((_, t, _)) => t.last_exit.unwrap_or(ExitStatus {
+                                code: None,
+                                signal: Some(9),
+                                oom_killed: false,
+                                finished_at: now,
+                            }),
+                            None => ExitStatus { code: None, signal: Some(9), oom_killed: false, finished_at: now },
+                        };
+                        terminated(c.name.clone(), &exit, restarts)
+                    })
+                    .collect();
+                // Kept until the status is written (a lost race retries with them).
+                self.evictions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key.clone(), super::Eviction { statuses: Some(statuses.clone()), ..eviction.clone() });
+                self.recorder().record(
+                    &orch_core::kinds::ObjectReference::of(workload),
+                    orch_core::kinds::EventType::Warning,
+                    volumes::EVICTED,
+                    eviction.message.clone(),
+                );
+                statuses
+            }
+        };
+        let now = self.clock.now();
+        let mut status = WorkloadStatus {
+            phase: Phase::Failed,
+            restart_count: statuses.iter().map(|s| s.restart_count).sum(),
+            start_time: workload.status.start_time.or(Some(now)),
+            conditions: workload.status.conditions.clone(),
+            container_statuses: statuses,
+            reason: volumes::EVICTED.into(),
+            message: eviction.message,
+            address: self.config.address.to_string(),
+            ..Default::default()
+        };
+        set_condition(&mut status.conditions, Condition::new("Ready", ConditionStatus::False, volumes::EVICTED), now);
+        if self.write_status(workload, &status).await? {
+            self.evictions.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+            Ok(None)
+        } else {
+            Ok(Some(Duration::from_millis(10)))
+        }
     }
 
     /// Starts a new instance of `c`; returns its status, and when to look again if it failed.
@@ -649,6 +780,7 @@ impl Agent {
         workload: &Object<Workload>,
         statuses: Vec<ContainerStatus>,
         ports: Vec<PortStatus>,
+        note: Option<&volumes::Unavailable>,
     ) -> Result<bool, AgentError> {
         let now = self.clock.now();
         let running = statuses.iter().any(|s| matches!(s.state, ContainerState::Running { .. }));
@@ -672,7 +804,8 @@ impl Agent {
             container_statuses: statuses,
             address: self.config.address.to_string(),
             ports,
-            ..Default::default()
+            reason: note.map(|n| n.reason.to_string()).unwrap_or_default(),
+            message: note.map(|n| n.message.clone()).unwrap_or_default(),
         };
         let cond = if ready { ConditionStatus::True } else { ConditionStatus::False };
         set_condition(
@@ -692,15 +825,7 @@ impl Agent {
                     && p.restart_count == c.restart_count
             });
             if backing_off && !was {
-                let recorder = self.recorder.get_or_init(|| {
-                    orch_core::events::Recorder::with_clock(
-                        self.store.clone(),
-                        format!("agent/{}", self.config.node_name),
-                        Default::default(),
-                        self.clock.clone(),
-                    )
-                });
-                recorder.record(
+                self.recorder().record(
                     &orch_core::kinds::ObjectReference::of(workload),
                     orch_core::kinds::EventType::Warning,
                     "BackOff",
@@ -711,9 +836,25 @@ impl Agent {
                 );
             }
         }
+        // A workload newly waiting for its volumes, or for another reason: say so once.
+        if let Some(n) = note
+            && (workload.status.reason != n.reason || workload.status.message != n.message)
+        {
+            self.recorder().record(
+                &orch_core::kinds::ObjectReference::of(workload),
+                orch_core::kinds::EventType::Warning,
+                n.reason,
+                n.message.clone(),
+            );
+        }
+        self.write_status(workload, &status).await
+    }
+
+    /// Writes `status` (only the status goes out, and only the new resource version comes back);
+    /// false when the write lost a race with a newer version.
+    async fn write_status(&self, workload: &Object<Workload>, status: &WorkloadStatus) -> Result<bool, AgentError> {
         let api: Api<Workload> = Api::namespaced(self.store.clone(), &workload.metadata.namespace);
-        // Only the status goes out (and only the new resource version comes back).
-        match api.write_status(&workload.metadata, &status).await {
+        match api.write_status(&workload.metadata, status).await {
             Ok(written) => {
                 self.written
                     .lock()

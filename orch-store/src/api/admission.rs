@@ -8,7 +8,7 @@
 
 use orch_core::kinds::{
     DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, PersistentVolume, ReplicaSet, Service,
-    VolumeClaim, Workflow, Workload,
+    StatefulSet, VolumeClaim, Workflow, Workload,
 };
 use orch_core::{DynamicObject, Error, Object, ObjectKey, Resource};
 
@@ -66,7 +66,7 @@ pub trait Admission: Send + Sync + 'static {
 }
 
 /// Checks orch's built-in kinds (`Workload`, `Node`, `NodeLease`, `Deployment`, `ReplicaSet`,
-/// `DaemonSet`, `Job`, `Workflow`, `Event`, `Service`, `EndpointSlice`, `VolumeClaim`, `PersistentVolume`) as the typed `Api` does:
+/// `DaemonSet`, `StatefulSet`, `Job`, `Workflow`, `Event`, `Service`, `EndpointSlice`, `VolumeClaim`, `PersistentVolume`) as the typed `Api` does:
 /// every bad field named, the spec and status decoded.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BuiltinValidation;
@@ -106,6 +106,8 @@ impl Admission for BuiltinValidation {
             (ReplicaSet::KIND, true) => check_status::<ReplicaSet>(obj),
             (DaemonSet::KIND, false) => check::<DaemonSet>(obj),
             (DaemonSet::KIND, true) => check_status::<DaemonSet>(obj),
+            (StatefulSet::KIND, false) => check::<StatefulSet>(obj),
+            (StatefulSet::KIND, true) => check_status::<StatefulSet>(obj),
             (Job::KIND, false) => check::<Job>(obj),
             (Job::KIND, true) => check_status::<Job>(obj),
             (Workflow::KIND, false) => check::<Workflow>(obj),

@@ -2,7 +2,7 @@
 
 use orch_core::kinds::{
     DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, PersistentVolume, ReplicaSet, Service,
-    VolumeClaim, Workflow, Workload,
+    StatefulSet, VolumeClaim, Workflow, Workload,
 };
 use orch_core::{Resource, Scope};
 use serde_json::{Value, json};
@@ -60,7 +60,8 @@ pub struct Kinds {
 
 impl Default for Kinds {
     /// orch's built-in kinds: `Node` (cluster-scoped, `no`), `Workload` (`wl`), `NodeLease`,
-    /// `Deployment` (`deploy`), `ReplicaSet` (`rs`), `DaemonSet` (`ds`), `Job`, `Workflow` (`wf`)
+    /// `Deployment` (`deploy`), `ReplicaSet` (`rs`), `DaemonSet` (`ds`), `StatefulSet` (`sts`), `Job`,
+    /// `Workflow` (`wf`),
     /// `Event` (`ev`), `Service` (`svc`), `EndpointSlice`, `VolumeClaim` (`vc`, `pvc`) and
     /// `PersistentVolume` (cluster-scoped, `pv`, `vol`).
     fn default() -> Self {
@@ -72,6 +73,7 @@ impl Default for Kinds {
                 KindInfo::of::<Deployment>().short_names(&["deploy"]),
                 KindInfo::of::<ReplicaSet>().short_names(&["rs"]),
                 KindInfo::of::<DaemonSet>().short_names(&["ds"]),
+                KindInfo::of::<StatefulSet>().short_names(&["sts"]),
                 KindInfo::of::<Job>(),
                 KindInfo::of::<Workflow>().short_names(&["wf"]),
                 KindInfo::of::<Event>().short_names(&["ev"]),

@@ -1,9 +1,10 @@
 //! The node authorizer (Kubernetes' node authorization with its node restriction): what a
 //! client in `system:nodes`, as `system:node:<name>`, may do. It may write its own `Node` and
 //! `NodeLease`, the workloads bound to it (their status, and their metadata such as the
-//! agent's finalizer, never their spec), events and store leases; it may read what an agent
-//! reads (nodes, node leases, workloads, services, endpoint slices, events, volume claims and
-//! volumes). Everything else is denied; the server's rules may still allow more.
+//! agent's finalizer, never their spec), the metadata of the volumes on it (the reclaim
+//! finalizer), events and store leases; it may read what an agent reads (nodes, node leases,
+//! workloads, services, endpoint slices, events, volume claims and volumes). Everything else is
+//! denied; the server's rules may still allow more.
 
 use orch_core::{ObjectKey, Store};
 use serde_json::Value;
@@ -36,9 +37,9 @@ pub(crate) enum NodeDecision {
     Deny(String),
     /// Allowed when the object created is named after the node.
     CreateOwn,
-    /// Allowed when the stored workload is bound to the node and, unless `status`, the
-    /// request leaves its spec as it is.
-    BoundWorkload {
+    /// Allowed when the stored object (a workload, or a volume) is bound to the node
+    /// (`spec.nodeName`) and, unless `status`, the request leaves its spec as it is.
+    BoundToNode {
         /// A write of the status subresource.
         status: bool,
     },
@@ -65,7 +66,11 @@ pub(crate) fn decide(node: Option<&str>, access: &Access<'_>, status: bool) -> N
         {
             NodeDecision::Allow
         }
-        ("Workload", _) if write && !access.name.is_empty() => NodeDecision::BoundWorkload { status },
+        ("Workload", _) if write && !access.name.is_empty() => NodeDecision::BoundToNode { status },
+        // The agent removes its reclaim finalizer from the volumes on its node.
+        ("PersistentVolume", _) if write && !status && !access.name.is_empty() => {
+            NodeDecision::BoundToNode { status: false }
+        }
         ("Event", "create" | "update" | "patch") => NodeDecision::Allow,
         // Store leases carry a node's heartbeat and its events' lifetime.
         ("Lease", "create" | "update" | "delete") => NodeDecision::Allow,
@@ -93,8 +98,8 @@ pub(crate) async fn check(
                 other => Err(format!("node {node:?} may only create its own object, not {:?}", other.unwrap_or(""))),
             }
         }
-        NodeDecision::BoundWorkload { status } => {
-            let Some(key) = key else { return Err(format!("node {node:?} may only write named workloads")) };
+        NodeDecision::BoundToNode { status } => {
+            let Some(key) = key else { return Err(format!("node {node:?} may only write named objects")) };
             let current = match store.get(key).await {
                 Ok(obj) => obj,
                 // Nothing to protect: the write itself answers that it is not found.
@@ -105,9 +110,7 @@ pub(crate) async fn check(
             let bound = spec.get("nodeName").and_then(Value::as_str);
             if bound != Some(node) {
                 return Err(format!(
-                    "node {node:?} may not write workload {}/{}: it is bound to {}",
-                    key.namespace,
-                    key.name,
+                    "node {node:?} may not write {key}: it is bound to {}",
                     bound.map_or_else(|| "no node".to_string(), |n| format!("node {n:?}"))
                 ));
             }
@@ -129,10 +132,7 @@ pub(crate) async fn check(
                 doc.get("spec").cloned().unwrap_or(Value::Null) != spec
             };
             if touches_spec {
-                return Err(format!(
-                    "node {node:?} may change the status and metadata of workload {}/{}, not its spec",
-                    key.namespace, key.name
-                ));
+                return Err(format!("node {node:?} may change the status and metadata of {key}, not its spec"));
             }
             Ok(())
         }
@@ -161,6 +161,13 @@ mod tests {
         ));
         assert!(matches!(decide(n, &access("create", "Workload", "ns", ""), false), NodeDecision::Deny(_)));
         assert!(matches!(decide(n, &access("delete", "Workload", "ns", "w"), false), NodeDecision::Deny(_)));
+        assert_eq!(
+            decide(n, &access("update", "PersistentVolume", "", "pv"), false),
+            NodeDecision::BoundToNode { status: false }
+        );
+        assert!(matches!(decide(n, &access("update", "PersistentVolume", "", "pv"), true), NodeDecision::Deny(_)));
+        assert!(matches!(decide(n, &access("delete", "PersistentVolume", "", "pv"), false), NodeDecision::Deny(_)));
+        assert!(matches!(decide(n, &access("update", "VolumeClaim", "ns", "c"), false), NodeDecision::Deny(_)));
         assert!(matches!(decide(n, &access("get", "NodeCertificate", "", "n1"), false), NodeDecision::Deny(_)));
         assert!(matches!(decide(n, &access("list", "Deployment", "ns", ""), false), NodeDecision::Deny(_)));
         assert_eq!(decide(n, &access("watch", "Workload", "", ""), false), NodeDecision::Allow);

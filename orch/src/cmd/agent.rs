@@ -80,23 +80,61 @@ pub(crate) struct AgentArgs {
     /// endpoints, before it is stopped (when its spec does not say).
     #[arg(long, default_value_t = 2)]
     pre_stop_delay: u64,
+    /// Room for the node's `local` volumes (under `<data-dir>/data/local-volumes`), a byte
+    /// quantity such as `10Gi`; advertised in the node's `status.storage`. Default: the free
+    /// space of the data directory's file system when the agent starts.
+    #[arg(long, value_parser = parse_local_storage)]
+    local_storage: Option<orch_core::Quantity>,
+    /// With `--runtime docker`: also provide the volume class `docker` (Docker named volumes on
+    /// the node's engine, consumers recorded under `<data-dir>/data/docker-volumes`) with this
+    /// much room (`50Gi`). Without it the node provides no `docker` class.
+    #[arg(long, value_parser = parse_local_storage)]
+    docker_storage: Option<orch_core::Quantity>,
     #[command(flatten)]
     proxy: super::net::ProxyArgs,
     #[command(flatten)]
     dns: super::net::DnsArgs,
 }
 
-fn runtime(args: &AgentArgs, node: &str) -> Result<Arc<dyn Runtime>, BoxError> {
+/// A whole, non-negative number of bytes (`10Gi`, `500Mi`, `1000000`).
+fn parse_local_storage(s: &str) -> Result<orch_core::Quantity, String> {
+    let q: orch_core::Quantity = s.parse().map_err(|e: orch_core::quantity::QuantityError| e.to_string())?;
+    if q.is_negative() || q.nanos() % 1_000_000_000 != 0 {
+        return Err(format!("{s:?}: must be a whole number of bytes >= 0, such as 10Gi"));
+    }
+    Ok(q)
+}
+
+/// A volume class the node provides besides `local`, and its provider.
+type Provider = (String, Arc<dyn orch_core::VolumeProvider>);
+
+/// The node's runtime, and the volume provider that comes with it (`docker` on the Docker
+/// runtime, when `--docker-storage` gives its room).
+async fn runtime(args: &AgentArgs, node: &str) -> Result<(Arc<dyn Runtime>, Option<Provider>), BoxError> {
     match args.runtime {
-        RuntimeKind::Process => Ok(Arc::new(
-            orch_runtime::ProcessRuntime::new(args.data_dir.join("instances"))
-                .map_err(|e| format!("process runtime under {}: {e}", args.data_dir.display()))?,
+        RuntimeKind::Process => Ok((
+            Arc::new(
+                orch_runtime::ProcessRuntime::new(args.data_dir.join("instances"))
+                    .map_err(|e| format!("process runtime under {}: {e}", args.data_dir.display()))?,
+            ),
+            None,
         )),
         #[cfg(feature = "docker")]
-        RuntimeKind::Docker => Ok(Arc::new(
-            orch_runtime::DockerRuntime::new(orch_runtime::DockerConfig::new(node))
-                .map_err(|e| format!("docker runtime: {e}"))?,
-        )),
+        RuntimeKind::Docker => {
+            let docker = orch_runtime::DockerRuntime::new(orch_runtime::DockerConfig::new(node))
+                .map_err(|e| format!("docker runtime: {e}"))?;
+            let provider = match args.docker_storage {
+                Some(room) => {
+                    let state = args.data_dir.join("data").join("docker-volumes");
+                    let volumes = orch_runtime::DockerVolumes::open(docker.clone(), state, room)
+                        .await
+                        .map_err(|e| format!("--docker-storage: docker volumes: {e}"))?;
+                    Some(("docker".to_string(), Arc::new(volumes) as Arc<dyn orch_core::VolumeProvider>))
+                }
+                None => None,
+            };
+            Ok((Arc::new(docker), provider))
+        }
         #[cfg(not(feature = "docker"))]
         RuntimeKind::Docker => {
             let _ = node;
@@ -266,6 +304,9 @@ async fn connect(
 }
 
 pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxError> {
+    if args.docker_storage.is_some() && !matches!(args.runtime, RuntimeKind::Docker) {
+        return Err("--docker-storage: Docker volumes need --runtime docker".into());
+    }
     let prometheus = metrics()?;
     let stop = on_signal();
     let node = args.name.clone().unwrap_or_else(host_name);
@@ -299,7 +340,8 @@ pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxE
     config.address = args.address;
     config.port_range = args.port_range.clone();
     config.pre_stop_delay = std::time::Duration::from_secs(args.pre_stop_delay);
-    let runtime = runtime(&args, &node)?;
+    config.local_storage = args.local_storage;
+    let (runtime, provider) = runtime(&args, &node).await?;
 
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let ops_task =
@@ -333,7 +375,11 @@ pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxE
     tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
     let net = super::net::start(Some((&args.proxy, args.address)), &args.dns, store.clone(), stop.clone()).await?;
     ready_tx.send_replace(true);
-    Agent::new(config, store, runtime).run(stopped(stop.clone()), args.drain).await?;
+    let mut agent = Agent::new(config, store, runtime);
+    if let Some((class, provider)) = provider {
+        agent = agent.with_volume_provider(class, provider);
+    }
+    agent.run(stopped(stop.clone()), args.drain).await?;
     net.wait().await?;
     if let Some(t) = ops_task {
         t.await??;
@@ -344,4 +390,15 @@ pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxE
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_storage_is_a_whole_number_of_bytes() {
+        assert_eq!(super::parse_local_storage("10Gi").unwrap(), orch_core::Quantity::from_bytes(10 << 30));
+        assert!(super::parse_local_storage("-1Gi").unwrap_err().contains("whole number of bytes >= 0"));
+        assert!(super::parse_local_storage("1.5").unwrap_err().contains("whole number of bytes"));
+        assert!(super::parse_local_storage("ten").unwrap_err().contains("invalid quantity"));
+    }
 }

@@ -12,7 +12,7 @@ use super::BoxError;
 use super::client::{Client, ConnArgs, age, split_targets, table};
 
 /// Output formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Output {
     /// A table with the usual columns.
     Table,
@@ -24,6 +24,133 @@ pub(crate) enum Output {
     Json,
     /// `kind/name`, one a line.
     Name,
+    /// Fields picked by a template, as kubectl's `-o jsonpath=`.
+    JsonPath(JsonPath),
+}
+
+/// Reads `-o`: `table`, `wide`, `yaml`, `json`, `name` or `jsonpath=TEMPLATE`.
+fn parse_output(s: &str) -> Result<Output, String> {
+    Ok(match s {
+        "table" => Output::Table,
+        "wide" => Output::Wide,
+        "yaml" => Output::Yaml,
+        "json" => Output::Json,
+        "name" => Output::Name,
+        _ => match s.strip_prefix("jsonpath=") {
+            Some(t) => Output::JsonPath(JsonPath::parse(t)?),
+            None => {
+                return Err(format!(
+                    "{s:?} is not an output format (table, wide, yaml, json, name, jsonpath=TEMPLATE)"
+                ));
+            }
+        },
+    })
+}
+
+/// A subset of kubectl's JSONPath templates: text, and fields in braces (`{.status.phase}`,
+/// `{.items[0].metadata.name}`, `{.items[*].metadata.name}`, `{"\n"}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JsonPath(Vec<Piece>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Path(Vec<Step>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Field(String),
+    Index(usize),
+    All,
+}
+
+impl JsonPath {
+    fn parse(template: &str) -> Result<JsonPath, String> {
+        let mut pieces = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                pieces.push(Piece::Text(rest[..open].to_string()));
+            }
+            let close = rest[open..].find('}').ok_or_else(|| format!("jsonpath {template:?}: a `{{` is not closed"))?;
+            let expr = rest[open + 1..open + close].trim();
+            rest = &rest[open + close + 1..];
+            if let Some(lit) = expr.strip_prefix('"').and_then(|e| e.strip_suffix('"')) {
+                pieces.push(Piece::Text(lit.replace("\\n", "\n").replace("\\t", "\t")));
+                continue;
+            }
+            let path = expr.strip_prefix('.').unwrap_or(expr);
+            let mut steps = Vec::new();
+            for part in path.split('.').filter(|p| !p.is_empty()) {
+                let (field, mut tail) = match part.find('[') {
+                    Some(i) => (&part[..i], &part[i..]),
+                    None => (part, ""),
+                };
+                if !field.is_empty() {
+                    steps.push(Step::Field(field.to_string()));
+                }
+                while let Some(t) = tail.strip_prefix('[') {
+                    let end = t.find(']').ok_or_else(|| format!("jsonpath {template:?}: a `[` is not closed"))?;
+                    let inner = &t[..end];
+                    steps.push(if inner == "*" {
+                        Step::All
+                    } else {
+                        Step::Index(
+                            inner.parse().map_err(|_| {
+                                format!("jsonpath {template:?}: [{inner}] is not an index (a number or *)")
+                            })?,
+                        )
+                    });
+                    tail = &t[end + 1..];
+                }
+                if !tail.is_empty() {
+                    return Err(format!("jsonpath {template:?}: cannot read {part:?}"));
+                }
+            }
+            pieces.push(Piece::Path(steps));
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_string()));
+        }
+        Ok(JsonPath(pieces))
+    }
+
+    /// The template filled from `v`: each path's values joined by spaces; a missing field is
+    /// empty, as kubectl prints it.
+    fn render(&self, v: &Value) -> String {
+        let mut out = String::new();
+        for p in &self.0 {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Path(steps) => {
+                    let mut at = vec![v];
+                    for step in steps {
+                        at = at
+                            .into_iter()
+                            .flat_map(|x| -> Vec<&Value> {
+                                match step {
+                                    Step::Field(f) => x.get(f).into_iter().collect(),
+                                    Step::Index(i) => x.get(*i).into_iter().collect(),
+                                    Step::All => x.as_array().map(|a| a.iter().collect()).unwrap_or_default(),
+                                }
+                            })
+                            .collect();
+                    }
+                    let texts: Vec<String> = at
+                        .into_iter()
+                        .map(|x| match x {
+                            Value::String(s) => s.clone(),
+                            Value::Null => String::new(),
+                            other => other.to_string(),
+                        })
+                        .collect();
+                    out.push_str(&texts.join(" "));
+                }
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -38,8 +165,8 @@ pub(crate) struct GetArgs {
     /// A kind, then names (or `kind/name`).
     #[arg(required = true)]
     targets: Vec<String>,
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    /// Output format: table, wide, yaml, json, name, or jsonpath=TEMPLATE (`{.status.phase}`).
+    #[arg(short = 'o', long, value_parser = parse_output, default_value = "table")]
     output: Output,
     /// Only objects whose labels match (`app=web,tier!=db`).
     #[arg(short = 'l', long)]
@@ -80,6 +207,7 @@ pub(crate) fn columns(kind: &str, wide: bool) -> Vec<&'static str> {
         "Deployment" => vec!["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
         "ReplicaSet" => vec!["NAME", "DESIRED", "CURRENT", "READY", "AGE"],
         "DaemonSet" => vec!["NAME", "DESIRED", "CURRENT", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+        "StatefulSet" => vec!["NAME", "READY", "AGE"],
         "Workload" => vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
         "Node" => vec!["NAME", "STATUS", "AGE"],
         "Job" => vec!["NAME", "STATUS", "COMPLETIONS", "AGE"],
@@ -95,7 +223,9 @@ pub(crate) fn columns(kind: &str, wide: bool) -> Vec<&'static str> {
     };
     if wide {
         match kind {
-            "Deployment" | "ReplicaSet" | "DaemonSet" => c.extend(["CONTAINERS", "COMMAND", "SELECTOR"]),
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" => {
+                c.extend(["CONTAINERS", "COMMAND", "SELECTOR"])
+            }
             "Workload" => c.extend(["NODE", "REASON"]),
             "Node" => c.extend(["CPU", "MEMORY", "VERSION"]),
             _ => {}
@@ -155,6 +285,9 @@ pub(crate) fn row(obj: &DynamicObject, wide: bool) -> Vec<String> {
             n(&status["numberAvailable"]).to_string(),
             created,
         ],
+        "StatefulSet" => {
+            vec![name, format!("{}/{}", n(&status["readyReplicas"]), spec["replicas"].as_u64().unwrap_or(1)), created]
+        }
         "Workload" => {
             let total = spec["containers"].as_array().map_or(0, Vec::len);
             let ready =
@@ -275,7 +408,7 @@ pub(crate) fn row(obj: &DynamicObject, wide: bool) -> Vec<String> {
     };
     if wide {
         match obj.kind.as_str() {
-            "Deployment" | "ReplicaSet" | "DaemonSet" => {
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" => {
                 let (names, cmds) = containers(&spec);
                 r.extend([names, cmds, selector_text(&spec)]);
             }
@@ -335,7 +468,7 @@ pub(crate) async fn run(conn: &ConnArgs, args: GetArgs) -> Result<(), BoxError> 
     };
     let wide = args.output == Output::Wide;
     let all_ns = args.all_namespaces && kind.namespaced;
-    match args.output {
+    match &args.output {
         Output::Table | Output::Wide => {
             if objs.is_empty() && !args.watch {
                 match &ns {
@@ -364,6 +497,15 @@ pub(crate) async fn run(conn: &ConnArgs, args: GetArgs) -> Result<(), BoxError> 
                 outln!("{}/{}", o.kind.to_ascii_lowercase(), o.metadata.name);
             }
         }
+        Output::JsonPath(t) => {
+            // One named object is the template's root; otherwise the list is, as with kubectl.
+            let v = if names.len() == 1 {
+                to_value(&objs[0])
+            } else {
+                serde_json::json!({"kind": format!("{}List", kind.kind), "items": objs.iter().map(to_value).collect::<Vec<_>>()})
+            };
+            out!("{}", t.render(&v));
+        }
     }
     if !args.watch {
         return Ok(());
@@ -381,7 +523,7 @@ pub(crate) async fn run(conn: &ConnArgs, args: GetArgs) -> Result<(), BoxError> 
         if !names.is_empty() && !names.contains(&obj.metadata.name) {
             continue;
         }
-        match args.output {
+        match &args.output {
             Output::Table | Output::Wide => {
                 let mut text = rows_text(std::slice::from_ref(obj), &kind.kind, wide, all_ns, false);
                 if deleted {
@@ -392,6 +534,7 @@ pub(crate) async fn run(conn: &ConnArgs, args: GetArgs) -> Result<(), BoxError> 
             Output::Yaml => out!("---\n{}", to_yaml(std::slice::from_ref(obj))),
             Output::Json => outln!("{}", serde_json::to_string(&to_value(obj))?),
             Output::Name => outln!("{}/{}", obj.kind.to_ascii_lowercase(), obj.metadata.name),
+            Output::JsonPath(t) => outln!("{}", t.render(&to_value(obj))),
         }
         let _ = std::io::stdout().flush();
     }
@@ -404,6 +547,21 @@ mod tests {
 
     fn dynamic(v: serde_json::Value) -> DynamicObject {
         orch_core::RawJson::from_value(&v).decode().unwrap()
+    }
+
+    #[test]
+    fn jsonpath_picks_fields_indexes_and_every_item() {
+        let v = serde_json::json!({"items": [
+            {"metadata": {"name": "a"}, "status": {"phase": "Running", "n": 2}},
+            {"metadata": {"name": "b"}, "status": {}}
+        ]});
+        let t = |s: &str| JsonPath::parse(s).unwrap().render(&v);
+        assert_eq!(t("{.items[*].metadata.name}"), "a b");
+        assert_eq!(t("{.items[0].status.phase}/{.items[0].status.n}{\"\\n\"}"), "Running/2\n");
+        assert_eq!(t("x{.items[1].status.phase}y"), "xy", "a missing field is empty");
+        assert!(JsonPath::parse("{.items[x]}").unwrap_err().contains("is not an index"));
+        assert!(JsonPath::parse("{.status").unwrap_err().contains("not closed"));
+        assert!(parse_output("xml").unwrap_err().contains("jsonpath=TEMPLATE"));
     }
 
     #[test]

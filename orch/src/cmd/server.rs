@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use orch_controllers::{
     DaemonSetController, DeploymentController, EndpointsConfig, EndpointsController, GarbageCollector, JobController,
-    NodeLifecycle, ReplicaSetController, VolumeBinder, WorkflowController,
+    NodeLifecycle, ReplicaSetController, StatefulSetController, VolumeBinder, WorkflowController,
 };
 use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::{Manager, Store};
@@ -169,6 +169,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     manager.add(DeploymentController::builder());
     manager.add(ReplicaSetController::builder());
     manager.add(DaemonSetController::builder());
+    manager.add(StatefulSetController::builder());
     manager.add(JobController::builder());
     manager.add(WorkflowController::builder());
     manager.add(GarbageCollector::builtin());

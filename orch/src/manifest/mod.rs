@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 
 use orch_core::kinds::{
     DaemonSet, Deployment, EndpointSlice, Event, Job, Node, NodeLease, PersistentVolume, ReplicaSet, Service,
-    VolumeClaim, Workflow, Workload,
+    StatefulSet, VolumeClaim, Workflow, Workload,
 };
 use orch_core::{DynamicObject, Error, Object, ObjectMeta, RawJson, Resource, Scope};
 
@@ -228,8 +228,8 @@ impl Manifests {
         Manifests { kinds: BTreeMap::new(), namespace: None }
     }
 
-    /// Every built-in kind: Node, NodeLease, Workload, Deployment, ReplicaSet, DaemonSet, Job,
-    /// Workflow, Event, Service, EndpointSlice, VolumeClaim, PersistentVolume.
+    /// Every built-in kind: Node, NodeLease, Workload, Deployment, ReplicaSet, DaemonSet,
+    /// StatefulSet, Job, Workflow, Event, Service, EndpointSlice, VolumeClaim, PersistentVolume.
     pub fn builtin() -> Self {
         let mut m = Manifests::empty();
         m.register::<Node>()
@@ -238,6 +238,7 @@ impl Manifests {
             .register::<Deployment>()
             .register::<ReplicaSet>()
             .register::<DaemonSet>()
+            .register::<StatefulSet>()
             .register::<Job>()
             .register::<Workflow>()
             .register::<Event>()

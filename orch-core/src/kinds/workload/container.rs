@@ -26,7 +26,9 @@ pub struct Container {
     /// Environment variables.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
-    /// Working directory.
+    /// Working directory: an absolute path, or `$(ORCH_VOLUME_<NAME>)` for the directory of
+    /// the workload's volume `<name>` on a runtime that gives volumes to programs by directory
+    /// (the process runtime), so a program can run inside its volume.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
     /// Resources the scheduler reserves (requests) and the runtime enforces (limits).
@@ -126,6 +128,18 @@ pub struct Volume {
     pub name: String,
     /// Where its data comes from.
     pub source: VolumeSource,
+}
+
+impl Volume {
+    /// The environment variable a runtime that gives volumes to programs by directory (the
+    /// process runtime) names this volume's directory by: `ORCH_VOLUME_<NAME>`, the name upper
+    /// case with every other character than a letter or digit as `_` (`scratch-1` gives
+    /// `ORCH_VOLUME_SCRATCH_1`).
+    pub fn env_var(name: &str) -> String {
+        let var: String =
+            name.chars().map(|ch| if ch.is_ascii_alphanumeric() { ch.to_ascii_uppercase() } else { '_' }).collect();
+        format!("ORCH_VOLUME_{var}")
+    }
 }
 
 /// A volume mounted into a container.

@@ -323,6 +323,33 @@ mod tests {
     }
 
     #[test]
+    fn a_working_dir_is_absolute_or_the_whole_variable_of_one_of_its_volumes() {
+        let with_dir = |dir: &str| {
+            let mut w = Workload::command("main", &["/bin/true"]);
+            w.volumes = vec![Volume { name: "db-data".into(), source: VolumeSource::EmptyDir { size_limit: None } }];
+            w.containers[0].working_dir = Some(dir.into());
+            Object::new(ObjectMeta::namespaced("default", "w"), w).validate()
+        };
+        with_dir("/srv").unwrap();
+        with_dir("$(ORCH_VOLUME_DB_DATA)").unwrap();
+        assert_eq!(Volume::env_var("db-data"), "ORCH_VOLUME_DB_DATA");
+        for (dir, says) in [
+            ("srv", "must be an absolute path or $(ORCH_VOLUME_<NAME>)"),
+            (
+                "$(ORCH_VOLUME_LOGS)",
+                "$(ORCH_VOLUME_LOGS) names none of the workload's volumes (it has: ORCH_VOLUME_DB_DATA)",
+            ),
+            ("$(HOME)", "only the whole of $(ORCH_VOLUME_<NAME>) is expanded"),
+            ("$(ORCH_VOLUME_DB_DATA)/sub", "only the whole of $(ORCH_VOLUME_<NAME>) is expanded"),
+        ] {
+            let e = with_dir(dir).unwrap_err();
+            let crate::Error::Invalid { source, .. } = &e else { panic!("{e}") };
+            assert!(source.has_field("spec.containers[0].workingDir"), "{dir}: {e}");
+            assert!(e.to_string().contains(says), "{dir}: {e}");
+        }
+    }
+
+    #[test]
     fn tolerations_and_node_terms() {
         let taint =
             Taint { key: "dedicated".into(), value: "gpu".into(), effect: TaintEffect::NoSchedule, time_added: None };

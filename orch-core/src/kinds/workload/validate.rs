@@ -89,6 +89,29 @@ fn validate_workload_affinity(field: &str, a: &WorkloadAffinity, v: &mut Validat
 }
 
 /// Checks a workload's spec, naming every bad field under `spec.`.
+/// A working directory is an absolute path, or `$(ORCH_VOLUME_<NAME>)` naming one of the
+/// workload's volumes (no other `$(...)` is expanded).
+fn validate_working_dir(field: &str, dir: &str, volumes: &[Volume], v: &mut Validator) {
+    if !dir.contains("$(") {
+        if !dir.starts_with('/') {
+            v.reject(field, "must be an absolute path or $(ORCH_VOLUME_<NAME>)");
+        }
+        return;
+    }
+    let named = dir.strip_prefix("$(").and_then(|r| r.strip_suffix(')')).filter(|n| n.starts_with("ORCH_VOLUME_"));
+    match named {
+        Some(var) if volumes.iter().any(|vol| Volume::env_var(&vol.name) == var) => {}
+        Some(var) => v.reject(
+            field,
+            format!(
+                "$({var}) names none of the workload's volumes (it has: {})",
+                volumes.iter().map(|vol| Volume::env_var(&vol.name)).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        None => v.reject(field, format!("{dir:?}: only the whole of $(ORCH_VOLUME_<NAME>) is expanded")),
+    }
+}
+
 pub(super) fn validate_spec(w: &Workload, v: &mut Validator) {
     if w.containers.is_empty() {
         v.reject("spec.containers", "must have at least one container");
@@ -153,10 +176,8 @@ pub(super) fn validate_spec(w: &Workload, v: &mut Validator) {
                 v.reject(format!("{f}.env[{ei}].name"), "must be non-empty, without '=' or NUL");
             }
         }
-        if let Some(dir) = &c.working_dir
-            && !dir.starts_with('/')
-        {
-            v.reject(format!("{f}.workingDir"), "must be an absolute path");
+        if let Some(dir) = &c.working_dir {
+            validate_working_dir(&format!("{f}.workingDir"), dir, &w.volumes, v);
         }
         validate_resources(&format!("{f}.resources.requests"), &c.resources.requests, v);
         validate_resources(&format!("{f}.resources.limits"), &c.resources.limits, v);
