@@ -199,16 +199,24 @@ fn start_cluster(orch: &Cli, dir: &Path) -> (Cluster, String, String, String) {
     let data = dir.join("server");
     let admin = token(orch, &data, "alice", "system:admins");
     let reader = token(orch, &data, "bob", "system:readers");
-    let nodes: Vec<String> = ["node-1", "node-2"].iter().map(|n| token(orch, &data, n, "system:nodes")).collect();
+    let nodes: Vec<String> =
+        ["node-1", "node-2"].iter().map(|n| token(orch, &data, &format!("system:node:{n}"), "system:nodes")).collect();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
     let mut procs = vec![Proc(
-        orch.cmd(&["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log("server.log"))
-            .spawn()
-            .unwrap(),
+        orch.cmd(&[
+            "server",
+            "--insecure-http",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(log("server.log"))
+        .spawn()
+        .unwrap(),
     )];
     for (node, t) in ["node-1", "node-2"].iter().zip(&nodes) {
         let node_dir = dir.join(node);
@@ -601,8 +609,11 @@ fn contexts_are_chosen_by_flag_environment_or_config() {
         "error_unknown_context",
         orch.fails(&["--context", "c", "get", "nodes"], 1).replace(dir.to_str().unwrap(), "<dir>")
     );
-    // TLS does not exist yet: an https server or a CA is refused, not ignored.
+    // An https server needs the CA to trust; a CA for a plain http server is refused, not
+    // ignored; a CA file that is not there is named.
     insta::assert_snapshot!("error_https", orch.fails(&["--server", "https://10.0.0.1:7440", "get", "nodes"], 1));
+    let e = orch.fails(&["--server", "https://10.0.0.1:7440", "--ca", "/nonexistent/ca.crt", "get", "nodes"], 1);
+    assert!(e.contains("--ca /nonexistent/ca.crt"), "{e}");
     let text = std::fs::read_to_string(dir.join("sub/config.yaml"))
         .unwrap()
         .replace("name: a\n", "name: a\n  ca: /etc/orch/ca.pem\n");
@@ -621,6 +632,8 @@ fn every_command_has_help_with_an_example_and_completions_exist() {
         &["server"],
         &["agent"],
         &["token", "create"],
+        &["certs", "issue"],
+        &["node", "revoke"],
         &["apply"],
         &["diff"],
         &["get"],

@@ -23,11 +23,12 @@ async fn a_server_and_two_agents_run_a_users_workloads() {
     let admin = token(&data, "alice", "system:admins");
     let reader = token(&data, "bob", "system:readers");
     // Tokens are read when the server starts: all of them first.
-    let node_tokens: Vec<String> = ["node-1", "node-2"].iter().map(|n| token(&data, n, "system:nodes")).collect();
+    let node_tokens: Vec<String> =
+        ["node-1", "node-2"].iter().map(|n| token(&data, &format!("system:node:{n}"), "system:nodes")).collect();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let _server = orch(
-        &["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.to_str().unwrap()],
+        &["server", "--insecure-http", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data.to_str().unwrap()],
         &dir.join("server.log"),
     );
     let mut agents = Vec::new();

@@ -31,7 +31,7 @@ fn free_port() -> u16 {
 fn start_server(dir: &Path, log: &Path) -> Server {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_orch"))
-        .args(["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args(["server", "--insecure-http", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())

@@ -103,7 +103,8 @@ async fn two_nodes_on_one_machine_reach_each_others_services() {
     let _ = std::fs::remove_dir_all(&dir);
     let data = dir.join("server");
     let admin = token(&data, "alice", "system:admins");
-    let node_tokens: Vec<String> = ["node-1", "node-2"].iter().map(|n| token(&data, n, "system:nodes")).collect();
+    let node_tokens: Vec<String> =
+        ["node-1", "node-2"].iter().map(|n| token(&data, &format!("system:node:{n}"), "system:nodes")).collect();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let dns_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -111,6 +112,7 @@ async fn two_nodes_on_one_machine_reach_each_others_services() {
     let server = orch(
         &[
             "server",
+            "--insecure-http",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--data-dir",

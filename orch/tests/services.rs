@@ -44,6 +44,7 @@ async fn the_server_answers_dns_and_the_agent_proxies_a_service() {
     let server = orch(
         &[
             "server",
+            "--insecure-http",
             "--listen",
             &format!("127.0.0.1:{api_port}"),
             "--data-dir",

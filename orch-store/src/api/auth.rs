@@ -2,9 +2,10 @@
 //! rules, default deny, built-in admin and read-only roles), and the audit log of every decision.
 //!
 //! The server checks both only when it is given them (`ApiServerBuilder::authentication` and
-//! `authorization`): without, every client is anonymous and allowed. Tokens travel in clear
-//! until the server speaks TLS, which it does not yet: keep such a server on loopback or a
-//! private network.
+//! `authorization`): without, every client is anonymous and allowed. A client may also
+//! authenticate with a certificate of the cluster CA (see [`pki`](super::pki)); nodes get theirs
+//! by presenting a short-lived [`JoinTokens`] token once. Serve over TLS: over plain HTTP a
+//! token travels in clear.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -56,11 +57,7 @@ impl Tokens {
             let (Some(h), Some(user)) = (parts.next(), parts.next()) else {
                 return Err(Error::invalid("Tokens", format!("line {}", i + 1), "expected `sha256-hex user [groups]`"));
             };
-            let bytes: Vec<u8> = (0..h.len())
-                .step_by(2)
-                .filter_map(|j| h.get(j..j + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                .collect();
-            let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+            let Some(digest) = parse_hash(h) else {
                 return Err(Error::invalid("Tokens", format!("line {}", i + 1), "the hash must be 64 hex digits"));
             };
             let groups = parts.next().map(|g| g.split(',').map(str::to_string).collect()).unwrap_or_default();
@@ -96,6 +93,84 @@ impl Tokens {
     pub fn authenticate(&self, token: &str) -> Option<&UserInfo> {
         self.by_hash.get(&hash(token))
     }
+}
+
+/// Join tokens: short-lived secrets an agent presents once, to the join endpoint only, to have
+/// its node certificate signed. Kept as SHA-256 hashes with their expiry.
+///
+/// The file form is one token per line, `sha256-hex expiry` (RFC 3339; `#` starts a comment).
+#[derive(Debug, Clone, Default)]
+pub struct JoinTokens {
+    by_hash: HashMap<[u8; 32], orch_core::Timestamp>,
+}
+
+impl JoinTokens {
+    /// No tokens.
+    pub fn new() -> Self {
+        JoinTokens::default()
+    }
+
+    /// Reads the file form; an error names the line and what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let mut tokens = JoinTokens::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |reason: &str| Error::invalid("JoinTokens", format!("line {}", i + 1), reason);
+            let mut parts = line.split_whitespace();
+            let (Some(h), Some(expiry)) = (parts.next(), parts.next()) else {
+                return Err(bad("expected `sha256-hex expiry`"));
+            };
+            let digest = parse_hash(h).ok_or_else(|| bad("the hash must be 64 hex digits"))?;
+            let expiry = orch_core::Timestamp::parse_rfc3339(expiry)
+                .map_err(|e| bad(&format!("the expiry must be an RFC 3339 time: {e}")))?;
+            tokens.by_hash.insert(digest, expiry);
+        }
+        Ok(tokens)
+    }
+
+    /// Reads a join token file; a missing file holds no tokens.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => JoinTokens::parse(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(JoinTokens::new()),
+            Err(e) => Err(Error::Unavailable {
+                message: format!("cannot read the join token file {}", path.display()),
+                source: Some(Box::new(e)),
+            }),
+        }
+    }
+
+    /// A new random join token that expires at `expiry`: the token itself (give it to the
+    /// node; it is not kept) and the line to add to the join token file.
+    pub fn generate(expiry: orch_core::Timestamp) -> (String, String) {
+        let token = format!("orchjoin-{}", uuid::Uuid::new_v4().simple());
+        let line = format!("{} {}", hex(&hash(&token)), expiry.to_jiff());
+        (token, line)
+    }
+
+    /// Adds a token (builder style, for tests and embedding).
+    pub fn with(mut self, token: &str, expiry: orch_core::Timestamp) -> Self {
+        self.by_hash.insert(hash(token), expiry);
+        self
+    }
+
+    /// Checks a token at `now`: unknown and expired tokens are refused alike (the answer does
+    /// not tell a guesser which).
+    pub fn check(&self, token: &str, now: orch_core::Timestamp) -> bool {
+        self.by_hash.get(&hash(token)).is_some_and(|expiry| *expiry > now)
+    }
+}
+
+fn parse_hash(h: &str) -> Option<[u8; 32]> {
+    if h.len() != 64 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..h.len()).step_by(2).map(|j| h.get(j..j + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+    <[u8; 32]>::try_from(bytes?.as_slice()).ok()
 }
 
 /// One rule: who (users or groups), which verbs, on which kinds, namespaces and names. An empty
@@ -230,5 +305,31 @@ impl AuditLog {
         if let Err(e) = out.write_all(&line).and_then(|_| out.flush()) {
             tracing::warn!(error = %e, "cannot write the audit log");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orch_core::{Clock, SystemClock, Timestamp};
+
+    #[test]
+    fn join_token_files_hold_hashes_with_their_expiry() {
+        let now = SystemClock.now();
+        let (token, line) = JoinTokens::generate(now.plus(std::time::Duration::from_secs(3600)));
+        assert!(!line.contains(&token), "the file holds the hash, not the token");
+        let tokens = JoinTokens::parse(&format!("# a comment\n\n{line}\n")).unwrap();
+        assert!(tokens.check(&token, now));
+        assert!(!tokens.check(&token, now.plus(std::time::Duration::from_secs(3601))), "expired");
+        assert!(!tokens.check("orchjoin-guess", now));
+        let old = JoinTokens::new().with("t", Timestamp(now.as_millis() - 1));
+        assert!(!old.check("t", now));
+        let e = JoinTokens::parse(&format!("{line}\nabc 2026-01-01T00:00:00Z\n")).unwrap_err();
+        assert!(e.to_string().contains("line 2") && e.to_string().contains("64 hex digits"), "{e}");
+        let hash = line.split_whitespace().next().unwrap();
+        let e = JoinTokens::parse(&format!("{hash} tomorrow")).unwrap_err();
+        assert!(e.to_string().contains("RFC 3339"), "{e}");
+        let e = JoinTokens::parse(hash).unwrap_err();
+        assert!(e.to_string().contains("expected"), "{e}");
     }
 }

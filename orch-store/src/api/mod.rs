@@ -5,8 +5,9 @@
 //! | piece | feature | what it is |
 //! |---|---|---|
 //! | [`wire`] | `server` or `remote` | the JSON shapes both sides share: objects, lists, watch lines, `Status` errors, paths |
-//! | `ApiServer` | `server` | axum over hyper (HTTP/1.1 and HTTP/2): CRUD, status, merge and JSON patch, watch, leases, discovery, limits |
-//! | `RemoteStore` | `remote` | a `Store` over HTTP/2: passes the store conformance suite; watches resume after a lost connection |
+//! | `ApiServer` | `server` | axum over hyper (HTTP/1.1 and HTTP/2), over TLS or plain: CRUD, status, merge and JSON patch, watch, leases, discovery, limits |
+//! | [`auth`], [`pki`] | `server` | bearer tokens, rules, the audit log; the cluster CA, client and node certificates, node join and revocation |
+//! | `RemoteStore` | `remote` | a `Store` over HTTP/2 (https trusting the cluster CA, with a client certificate or a token): passes the store conformance suite; watches resume after a lost connection |
 
 pub mod wire;
 
@@ -16,18 +17,26 @@ pub mod admission;
 pub mod auth;
 #[cfg(feature = "server")]
 pub mod kinds;
+#[cfg(feature = "server")]
+mod node_auth;
+#[cfg(feature = "server")]
+pub mod pki;
 #[cfg(feature = "remote")]
 mod remote;
 #[cfg(feature = "server")]
 mod server;
+#[cfg(any(feature = "server", feature = "remote"))]
+mod tls;
 
 #[cfg(feature = "server")]
 pub use admission::{Admission, AdmissionRequest, BuiltinValidation, Operation, UserInfo};
 #[cfg(feature = "server")]
-pub use auth::{AuditLog, Authorizer, Rule, Tokens};
+pub use auth::{AuditLog, Authorizer, JoinTokens, Rule, Tokens};
 #[cfg(feature = "server")]
 pub use kinds::{KindInfo, Kinds};
+#[cfg(feature = "server")]
+pub use pki::{CertificateIdentity, ClusterCa, Issued, serve_tls};
 #[cfg(feature = "remote")]
 pub use remote::{RemoteStore, RemoteStoreBuilder};
 #[cfg(feature = "server")]
-pub use server::{ApiServer, ApiServerBuilder, Limits, RunningServer};
+pub use server::{ApiServer, ApiServerBuilder, Limits, NodeJoin, RunningServer};

@@ -1,6 +1,6 @@
 //! [`RemoteStore`]: a [`Store`] that is an API server somewhere else.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -8,6 +8,7 @@ use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode, header};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -20,17 +21,47 @@ use orch_core::{
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::tls;
 use super::wire::{self, ListIn, Status, WatchLineIn, encode_query};
 
 /// Builds a [`RemoteStore`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RemoteStoreBuilder {
     base: String,
     token: Option<String>,
     reconnect_for: Duration,
+    ca_pem: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RemoteStoreBuilder {
+    // The token and the key stay out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteStoreBuilder")
+            .field("server", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "REDACTED"))
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
 }
 
 impl RemoteStoreBuilder {
+    /// Trusts the CA of this PEM certificate (the cluster CA, `ca.crt` in the server's data
+    /// directory) for an `https://` server: a server whose certificate it did not sign is
+    /// refused. An `https://` server needs it.
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate and key (PEM) to an `https://` server: the server
+    /// takes the user from its `CN` and the groups from its `O`s.
+    pub fn client_identity(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
     /// Sends `Authorization: Bearer <token>` with every request.
     pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
@@ -48,32 +79,80 @@ impl RemoteStoreBuilder {
     /// The store. No connection is made until the first call.
     pub fn build(self) -> Result<RemoteStore> {
         let base = self.base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
+        let https = base.starts_with("https://");
+        if !https && !base.starts_with("http://") {
             return Err(Error::invalid(
                 "RemoteStore",
                 "server",
-                format!("must be an http:// URL (with scheme, host and port), not {base:?}"),
+                format!("must be an https:// or http:// URL (with scheme, host and port), not {base:?}"),
             ));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        // HTTP/2 with prior knowledge: every call and every watch of this store share one
-        // connection, multiplexed.
-        // An idle watcher holds back at most its stream's window of the connection's: with the
-        // connection's window far larger than a stream's, an unread watch never stalls the
-        // other calls that share the connection.
-        let client = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .http2_initial_stream_window_size(1 << 20)
-            .http2_initial_connection_window_size(i32::MAX as u32)
-            .http2_max_concurrent_reset_streams(1 << 16)
-            .build(connector);
+        if https && self.ca_pem.is_none() {
+            return Err(Error::invalid(
+                "RemoteStore",
+                "ca",
+                format!("{base} is https: give the cluster CA's certificate to trust (the server's ca.crt)"),
+            ));
+        }
+        if !https && (self.ca_pem.is_some() || self.identity.is_some()) {
+            return Err(Error::invalid(
+                "RemoteStore",
+                "server",
+                format!("{base} is plain http: a CA or client certificate would be sent nowhere; use https://"),
+            ));
+        }
+        let tls = self.ca_pem.map(|ca| Tls { ca });
+        let client = connect(tls.as_ref(), self.identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())))?;
         let (closer, _) = watch::channel(());
         Ok(RemoteStore {
-            inner: Arc::new(Inner { client, base, token: self.token, reconnect_for: self.reconnect_for }),
+            inner: Arc::new(Inner {
+                client: RwLock::new(client),
+                tls,
+                base,
+                token: self.token,
+                reconnect_for: self.reconnect_for,
+            }),
             closer: Arc::new(closer),
         })
     }
+}
+
+/// What a client's TLS is built from (kept to build it again with a renewed certificate).
+struct Tls {
+    ca: Vec<u8>,
+}
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+fn connect(tls: Option<&Tls>, identity: Option<(&[u8], &[u8])>) -> Result<HttpClient> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let config = match tls {
+        Some(t) => tls::client_config(&t.ca, identity)?,
+        // Never used for an http:// server, but the connector wants one.
+        None => rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| unavailable("TLS versions", e))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http2()
+        .wrap_connector(http);
+    // HTTP/2 (with prior knowledge over plain http, by ALPN over TLS): every call and every
+    // watch of this store share one connection, multiplexed.
+    // An idle watcher holds back at most its stream's window of the connection's: with the
+    // connection's window far larger than a stream's, an unread watch never stalls the
+    // other calls that share the connection.
+    Ok(Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .http2_initial_stream_window_size(1 << 20)
+        .http2_initial_connection_window_size(i32::MAX as u32)
+        .http2_max_concurrent_reset_streams(1 << 16)
+        .build(connector))
 }
 
 /// A [`Store`] whose calls go to an orch API server ([`ApiServer`](super::ApiServer)): the
@@ -92,7 +171,9 @@ pub struct RemoteStore {
 }
 
 struct Inner {
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// Replaced whole when the client certificate is: new calls open a new connection with it.
+    client: RwLock<HttpClient>,
+    tls: Option<Tls>,
     base: String,
     token: Option<String>,
     reconnect_for: Duration,
@@ -160,7 +241,13 @@ fn read<'a, T: Deserialize<'a>>(body: &'a [u8], what: &str) -> Result<T> {
 impl RemoteStore {
     /// A store speaking to the server at `url` (`http://host:port`).
     pub fn builder(url: impl Into<String>) -> RemoteStoreBuilder {
-        RemoteStoreBuilder { base: url.into(), token: None, reconnect_for: Duration::from_secs(60) }
+        RemoteStoreBuilder {
+            base: url.into(),
+            token: None,
+            reconnect_for: Duration::from_secs(60),
+            ca_pem: None,
+            identity: None,
+        }
     }
 
     /// A store speaking to the server at `url` with the default settings.
@@ -171,6 +258,49 @@ impl RemoteStore {
     /// The server's base URL.
     pub fn server(&self) -> &str {
         &self.inner.base
+    }
+
+    /// Sends one request like [`raw`](RemoteStore::raw), and answers the status code and the
+    /// body as it arrives, whatever the code (a followed log, for one, or a command's own
+    /// reading of a `Status`). Only a failure to reach the server is an error.
+    pub async fn raw_response(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        json_body: Option<Vec<u8>>,
+    ) -> Result<(u16, futures::stream::BoxStream<'static, Result<Bytes>>)> {
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| Error::invalid("RemoteStore", "method", format!("{method:?} is not an HTTP method")))?;
+        let body = json_body.map(|b| (Bytes::from(b), "application/json"));
+        let req = self.inner.request(method, path_and_query, body);
+        let what = format!("{} {}", req.method(), req.uri().path());
+        let resp = self.inner.inner_client().request(req).await.map_err(|e| match tls::explain(&e) {
+            Some(why) => unavailable(format!("{what}: {why}"), e),
+            None => unavailable(format!("{what}: cannot reach the server"), e),
+        })?;
+        let code = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .into_data_stream()
+            .map(move |r| r.map_err(|e| unavailable(format!("{what}: the answer was cut off"), e)))
+            .boxed();
+        Ok((code, body))
+    }
+
+    /// Presents this certificate and key (PEM) from now on, as an agent does after renewing its
+    /// node certificate: calls that follow go over a new connection that presents it (open
+    /// watches keep theirs until they reconnect). Only for an `https://` store.
+    pub fn set_client_identity(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<()> {
+        let Some(tls) = &self.inner.tls else {
+            return Err(Error::invalid(
+                "RemoteStore",
+                "server",
+                "plain http: there is no TLS to present a certificate on",
+            ));
+        };
+        let client = connect(Some(tls), Some((cert_pem, key_pem)))?;
+        *self.inner.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+        Ok(())
     }
 
     /// Sends one request to any path of the server (with its query, e.g.
@@ -187,6 +317,10 @@ impl RemoteStore {
 }
 
 impl Inner {
+    fn inner_client(&self) -> HttpClient {
+        self.client.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn request(&self, method: Method, path: &str, body: Option<(Bytes, &'static str)>) -> Request<Full<Bytes>> {
         let mut b = Request::builder().method(method).uri(format!("{}{path}", self.base));
         b = b.header(header::ACCEPT, "application/json");
@@ -206,8 +340,11 @@ impl Inner {
     /// Sends a request and answers the response, with its body, once it is a success.
     async fn send(&self, req: Request<Full<Bytes>>) -> Result<hyper::Response<Incoming>> {
         let what = format!("{} {}", req.method(), req.uri().path());
-        let resp =
-            self.client.request(req).await.map_err(|e| unavailable(format!("{what}: cannot reach the server"), e))?;
+        let client = self.inner_client();
+        let resp = client.request(req).await.map_err(|e| match tls::explain(&e) {
+            Some(why) => unavailable(format!("{what}: {why}"), e),
+            None => unavailable(format!("{what}: cannot reach the server"), e),
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }

@@ -30,8 +30,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::admission::{Admission, AdmissionRequest, BuiltinValidation, Operation, UserInfo};
-use super::auth::{Access, AuditLog, AuditRecord, Authorizer, Tokens};
+use super::auth::{Access, AuditLog, AuditRecord, Authorizer, JoinTokens, Tokens};
 use super::kinds::{self, Kinds};
+use super::node_auth::{self, NodeDecision};
+use super::pki::{self, CertificateIdentity, ClusterCa};
 use super::wire::{self, ListMeta, ListOut, Status, WireObject, decode_segment};
 
 /// What protects the server from its clients. A client is told apart by its address.
@@ -59,6 +61,10 @@ pub struct Limits {
     /// Longest a watch may last before the server ends it (a client resumes from its last
     /// revision); `None` for no limit. A client's `timeoutSeconds` may ask for less.
     pub max_watch_duration: Option<Duration>,
+    /// How often an open watch of a node authenticated by its certificate checks that the
+    /// certificate has not been revoked (it ends when it has, and when the certificate
+    /// expires).
+    pub revocation_check_interval: Duration,
 }
 
 impl Default for Limits {
@@ -73,7 +79,67 @@ impl Default for Limits {
             max_watches_per_client: 20_000,
             request_timeout: Duration::from_secs(60),
             max_watch_duration: None,
+            revocation_check_interval: Duration::from_secs(10),
         }
+    }
+}
+
+/// How nodes join: the CA that signs their certificates, the join tokens it accepts, and how long
+/// a node certificate lasts (its agent renews it at two thirds of that).
+///
+/// An agent presents a join token once, with a certificate signing request, to
+/// `POST /orch/v1/join`, and gets its certificate (`CN=system:node:<name>`, `O=system:nodes`);
+/// from then on it authenticates with it, and renews it at `POST /orch/v1/certificates/renew`.
+#[derive(Clone)]
+pub struct NodeJoin {
+    ca: Arc<ClusterCa>,
+    tokens: JoinSource,
+    validity: Duration,
+}
+
+#[derive(Clone)]
+enum JoinSource {
+    /// Read at each join, so tokens created while the server runs are seen.
+    File(std::path::PathBuf),
+    Fixed(JoinTokens),
+}
+
+impl std::fmt::Debug for NodeJoin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeJoin").field("validity", &self.validity).finish()
+    }
+}
+
+impl NodeJoin {
+    /// Nodes join with certificates of `ca`, valid 24 hours; no join token yet.
+    pub fn new(ca: Arc<ClusterCa>) -> Self {
+        NodeJoin { ca, tokens: JoinSource::Fixed(JoinTokens::new()), validity: Duration::from_secs(24 * 3600) }
+    }
+
+    /// The join tokens of a file (see [`JoinTokens`]), read again at each join.
+    pub fn tokens_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tokens = JoinSource::File(path.into());
+        self
+    }
+
+    /// These join tokens.
+    pub fn tokens(mut self, tokens: JoinTokens) -> Self {
+        self.tokens = JoinSource::Fixed(tokens);
+        self
+    }
+
+    /// How long a node certificate is valid (default 24 hours).
+    pub fn validity(mut self, validity: Duration) -> Self {
+        self.validity = validity;
+        self
+    }
+
+    fn token_ok(&self, token: &str) -> Result<bool, Error> {
+        let now = orch_core::SystemClock.now();
+        Ok(match &self.tokens {
+            JoinSource::File(path) => JoinTokens::load(path)?.check(token, now),
+            JoinSource::Fixed(t) => t.check(token, now),
+        })
     }
 }
 
@@ -87,11 +153,21 @@ pub struct ApiServerBuilder {
     tokens: Option<Tokens>,
     authorizer: Option<Authorizer>,
     audit: Option<AuditLog>,
+    join: Option<NodeJoin>,
 }
 
 impl ApiServerBuilder {
+    /// Lets nodes join with a join token and renew their certificates (see [`NodeJoin`]).
+    /// Serve over TLS ([`ApiServer::serve_tls`]): node certificates are only seen there.
+    pub fn node_join(mut self, join: NodeJoin) -> Self {
+        self.join = Some(join);
+        self
+    }
+
     /// Authenticates clients by bearer token: a request with an unknown token is refused (401);
     /// one without a token is anonymous (`system:anonymous`, group `system:unauthenticated`).
+    /// Over TLS, a client certificate the CA signed authenticates its holder as well (`CN` the
+    /// user, `O` the groups), with or without this.
     pub fn authentication(mut self, tokens: Tokens) -> Self {
         self.tokens = Some(tokens);
         self
@@ -149,6 +225,7 @@ impl ApiServerBuilder {
                 tokens: self.tokens,
                 authorizer: self.authorizer,
                 audit: self.audit,
+                join: self.join,
                 lines: Arc::default(),
             }),
         }
@@ -186,6 +263,7 @@ struct Shared {
     tokens: Option<Tokens>,
     authorizer: Option<Authorizer>,
     audit: Option<AuditLog>,
+    join: Option<NodeJoin>,
     lines: Arc<LineCache>,
 }
 
@@ -201,14 +279,15 @@ struct ClientState {
 pub struct RunningServer {
     /// The address it listens on.
     pub addr: SocketAddr,
+    tls: bool,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl RunningServer {
-    /// The base URL (`http://127.0.0.1:port`).
+    /// The base URL (`https://127.0.0.1:port`, or `http://` without TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     /// Stops accepting, ends open watches, waits for requests in flight, and returns.
@@ -235,6 +314,7 @@ impl ApiServer {
             tokens: None,
             authorizer: None,
             audit: None,
+            join: None,
         }
     }
 
@@ -322,6 +402,74 @@ impl ApiServer {
             .await
     }
 
+    /// Serves on `listener` over TLS (HTTP/2 and HTTP/1.1 by ALPN) until `shutdown` resolves;
+    /// clients may authenticate with certificates of the CA `tls` trusts (see
+    /// [`ClusterCa::server_config`]).
+    pub async fn serve_tls(
+        &self,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let closing = self.shared.closing.clone();
+        pki::serve_tls(listener, self.router(), tls, async move {
+            shutdown.await;
+            closing.send_replace(true);
+        })
+        .await
+    }
+
+    /// Authenticates a request to a route of one's own merged into [`router`](ApiServer::router)
+    /// (its bearer token, or the client certificate [`serve_tls`](ApiServer::serve_tls)
+    /// attached to it) and authorizes `access` by the server's rules and node authorizer,
+    /// recording the decision in the audit log: the checks the API's own routes make. Answers
+    /// the user, or the `Status` (401, 403) to answer. A node's write that the node authorizer
+    /// would decide from the stored object is refused here.
+    pub async fn check_access(
+        &self,
+        headers: &HeaderMap,
+        identity: Option<&CertificateIdentity>,
+        access: Access<'_>,
+    ) -> Result<UserInfo, Status> {
+        let s = &self.shared;
+        let user = s.authenticate(headers, identity).await?;
+        let Some(rules) = &s.authorizer else { return Ok(user) };
+        let node =
+            user.groups.iter().any(|g| g == pki::NODES).then(|| node_auth::decide(pki::node_of(&user), &access, false));
+        let allowed = node == Some(NodeDecision::Allow) || rules.allows(&user, &access);
+        s.audit_record(&user, access, allowed);
+        if !allowed {
+            let what = if access.name.is_empty() { String::new() } else { format!(" {:?}", access.name) };
+            let ns = if access.namespace.is_empty() {
+                String::new()
+            } else {
+                format!(" in namespace {:?}", access.namespace)
+            };
+            return Err(Status::failure(
+                403,
+                "Forbidden",
+                format!("user {:?} cannot {} {}{what}{ns}", user.name, access.verb, access.kind),
+            ));
+        }
+        Ok(user)
+    }
+
+    /// Binds `addr` and serves over TLS in a task of its own until [`RunningServer::shutdown`].
+    pub async fn spawn_tls(&self, addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> std::io::Result<RunningServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let (stop, mut stopped) = watch::channel(false);
+        let server = self.clone();
+        let task = tokio::spawn(async move {
+            server
+                .serve_tls(listener, tls, async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        Ok(RunningServer { addr, tls: true, stop, task })
+    }
+
     /// Ends every open watch (their clients resume elsewhere or after a restart), as a stop
     /// does: a graceful shutdown of a server mounted through [`router`](ApiServer::router)
     /// calls this first, or open watches hold it forever.
@@ -342,7 +490,7 @@ impl ApiServer {
                 })
                 .await
         });
-        Ok(RunningServer { addr, stop, task })
+        Ok(RunningServer { addr, tls: false, stop, task })
     }
 }
 
@@ -390,6 +538,10 @@ enum Target {
     Lease(u64),
     /// `/orch/v1/batch/update`.
     BatchUpdate,
+    /// `/orch/v1/join`: a node's join token and signing request.
+    Join,
+    /// `/orch/v1/certificates/renew`: a node's new signing request.
+    Renew,
 }
 
 fn not_found(path: &str) -> Status {
@@ -403,6 +555,8 @@ fn parse_target(kinds: &Kinds, path: &str) -> Result<Target, Status> {
             "/compact" => Ok(Target::Compact),
             "/leases" => Ok(Target::Leases),
             "/batch/update" => Ok(Target::BatchUpdate),
+            "/join" => Ok(Target::Join),
+            "/certificates/renew" => Ok(Target::Renew),
             _ => match rest.strip_prefix("/leases/") {
                 Some(id) => id
                     .parse()
@@ -590,6 +744,38 @@ impl Shared {
         Ok(())
     }
 
+    /// Who the client is: its client certificate's user (refused when expired or revoked), the
+    /// user of its bearer token (refused when unknown), or anonymous.
+    async fn authenticate(&self, headers: &HeaderMap, cert: Option<&CertificateIdentity>) -> Result<UserInfo, Status> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match (cert, &self.tokens, token) {
+            // A client certificate the CA signed (the handshake checked that) names the user.
+            (Some(id), _, _) => check_certificate(self, id).await.map(|()| id.user.clone()),
+            (None, Some(tokens), Some(t)) => match tokens.authenticate(t) {
+                Some(u) => Ok(u.clone()),
+                // The token itself is never echoed or logged.
+                None => Err(Status::failure(401, "Unauthorized", "the bearer token is not valid")),
+            },
+            _ => Ok(UserInfo::anonymous()),
+        }
+    }
+
+    fn audit_record(&self, user: &UserInfo, access: Access<'_>, allowed: bool) {
+        if let Some(log) = &self.audit {
+            log.record(&AuditRecord {
+                time: orch_core::SystemClock.now(),
+                user: &user.name,
+                groups: &user.groups,
+                access,
+                allowed,
+            });
+        }
+    }
+
     fn check_size(&self, obj: &DynamicObject) -> Result<(), Status> {
         let size = obj.spec.len()
             + obj.status.len()
@@ -615,21 +801,12 @@ impl Shared {
 /// Every request that is not discovery comes here.
 async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let user = match (&s.tokens, token) {
-        (Some(tokens), Some(t)) => match tokens.authenticate(t) {
-            Some(u) => u.clone(),
-            // The token itself is never echoed or logged.
-            None => return status_response(Status::failure(401, "Unauthorized", "the bearer token is not valid")),
-        },
-        _ => UserInfo::anonymous(),
+    let cert = req.extensions().get::<CertificateIdentity>().cloned();
+    let user = match s.authenticate(req.headers(), cert.as_ref()).await {
+        Ok(u) => u,
+        Err(st) => return status_response(st),
     };
-    let client_id = if s.tokens.is_some() && user != UserInfo::anonymous() {
+    let client_id = if (s.tokens.is_some() || cert.is_some()) && user != UserInfo::anonymous() {
         format!("user {}", user.name)
     } else {
         peer.unwrap_or_else(|| "local".into())
@@ -659,35 +836,52 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
         Ok(q) => q,
         Err(st) => return status_response(st),
     };
-    if let Some(rules) = &s.authorizer {
+    // Joining is what a node without credentials does (its join token is checked there);
+    // renewing checks that the client is the node.
+    let own_checks = matches!(target, Target::Join | Target::Renew);
+    // A node's writes that depend on the body and the stored object are decided once the body
+    // is read.
+    let mut node_pending: Option<NodeDecision> = None;
+    if let Some(rules) = s.authorizer.as_ref().filter(|_| !own_checks) {
         let access = access_of(&parts.method, &target, query.watch);
-        let allowed = rules.allows(&user, &access);
-        if let Some(log) = &s.audit {
-            log.record(&AuditRecord {
-                time: orch_core::SystemClock.now(),
-                user: &user.name,
-                groups: &user.groups,
-                access,
-                allowed,
-            });
+        let status_write = matches!(target, Target::Object { status: true, .. });
+        // Nodes get what the node authorizer gives them, and whatever the rules add.
+        let node = user
+            .groups
+            .iter()
+            .any(|g| g == pki::NODES)
+            .then(|| node_auth::decide(pki::node_of(&user), &access, status_write));
+        let by_rules = rules.allows(&user, &access);
+        let (allowed, why) = match node {
+            Some(NodeDecision::Allow) => (true, None),
+            Some(NodeDecision::Deny(why)) => (by_rules, Some(why)),
+            Some(pending) => {
+                if !by_rules {
+                    node_pending = Some(pending);
+                }
+                (true, None)
+            }
+            None => (by_rules, None),
+        };
+        if node_pending.is_none() {
+            s.audit_record(&user, access, allowed);
         }
         if !allowed {
-            let what = if access.name.is_empty() { String::new() } else { format!(" {:?}", access.name) };
-            let ns = if access.namespace.is_empty() {
-                String::new()
-            } else {
-                format!(" in namespace {:?}", access.namespace)
-            };
-            return status_response(Status::failure(
-                403,
-                "Forbidden",
-                format!("user {:?} cannot {} {}{what}{ns}", user.name, access.verb, access.kind),
-            ));
+            let message = why.unwrap_or_else(|| {
+                let what = if access.name.is_empty() { String::new() } else { format!(" {:?}", access.name) };
+                let ns = if access.namespace.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in namespace {:?}", access.namespace)
+                };
+                format!("user {:?} cannot {} {}{what}{ns}", user.name, access.verb, access.kind)
+            });
+            return status_response(Status::failure(403, "Forbidden", message));
         }
     }
     let is_watch = parts.method == Method::GET && query.watch && matches!(target, Target::Collection { .. });
     if is_watch {
-        return match watch_collection(&s, &client, target, &query).await {
+        return match watch_collection(&s, &client, target, &query, cert.as_ref()).await {
             Ok(r) => r,
             Err(st) => status_response(st),
         };
@@ -712,6 +906,31 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             ));
         }
     };
+    if let Some(decision) = &node_pending {
+        let key = match &target {
+            Target::Object { key, .. } => Some(key),
+            _ => None,
+        };
+        let node = pki::node_of(&user).unwrap_or_default();
+        let checked = node_auth::check(&*s.store, node, decision, key, parts.method == Method::PATCH, &body).await;
+        s.audit_record(&user, access_of(&parts.method, &target, query.watch), checked.is_ok());
+        if let Err(why) = checked {
+            return status_response(Status::failure(403, "Forbidden", why));
+        }
+    }
+    if own_checks {
+        if parts.method != Method::POST {
+            return status_response(Status::failure(
+                405,
+                "MethodNotAllowed",
+                format!("{} is answered to POST only", parts.uri.path()),
+            ));
+        }
+        return match node_certificate(&s, &target, cert.as_ref(), &body).await {
+            Ok(r) => r,
+            Err(st) => status_response(st),
+        };
+    }
     let work = dispatch(&s, &user, parts.method, &parts.headers, target, query, body);
     match tokio::time::timeout(s.limits.request_timeout, work).await {
         Ok(Ok(r)) => r,
@@ -723,6 +942,81 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             status_response(st)
         }
     }
+}
+
+/// Refuses an expired or revoked client certificate.
+async fn check_certificate(s: &Shared, id: &CertificateIdentity) -> Result<(), Status> {
+    // The handshake checked the expiry; a connection may outlive it.
+    if id.not_after <= orch_core::SystemClock.now() {
+        return Err(Status::failure(
+            401,
+            "Unauthorized",
+            format!("the client certificate of {:?} expired at {}", id.user.name, id.not_after.to_jiff()),
+        ));
+    }
+    if let Some(node) = id.node() {
+        let revoked = pki::is_revoked(&*s.store, node, &id.serial).await.map_err(|e| Status::from_error(&e))?;
+        if revoked {
+            return Err(Status::failure(
+                401,
+                "Unauthorized",
+                format!("the certificate of node {node:?} (serial {}) is revoked", id.serial),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct JoinBody {
+    token: String,
+    node: String,
+    csr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RenewBody {
+    csr: String,
+}
+
+/// `POST /orch/v1/join` and `POST /orch/v1/certificates/renew`: signs a node's certificate.
+async fn node_certificate(s: &Shared, target: &Target, cert: Option<&CertificateIdentity>, body: &[u8]) -> Answer {
+    let Some(join) = &s.join else {
+        return Err(Status::failure(404, "NotFound", "this server does not sign node certificates (it serves no TLS)"));
+    };
+    let (node, csr) = if *target == Target::Join {
+        let b: JoinBody = read_json(body, "join request")?;
+        pki::check_node_name(&b.node).map_err(|e| Status::from_error(&e))?;
+        // The token is never echoed or logged; an unknown and an expired one read alike.
+        if !join.token_ok(&b.token).map_err(|e| Status::from_error(&e))? {
+            return Err(Status::failure(401, "Unauthorized", "the join token is not valid or has expired"));
+        }
+        (b.node, b.csr)
+    } else {
+        let b: RenewBody = read_json(body, "renewal request")?;
+        let Some(node) = cert.and_then(|c| c.node()) else {
+            return Err(Status::failure(
+                403,
+                "Forbidden",
+                "only a node, authenticated by its certificate, renews its certificate",
+            ));
+        };
+        (node.to_string(), b.csr)
+    };
+    let issued = join.ca.sign_node_csr(&csr, &node, join.validity).map_err(|e| Status::from_error(&e))?;
+    pki::record_issued(&*s.store, &node, &issued).await.map_err(|e| Status::from_error(&e))?;
+    tracing::info!(node = %node, serial = %issued.serial, renewal = (*target == Target::Renew), "signed a node certificate");
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "certificate": issued.cert_pem,
+            "ca": join.ca.cert_pem(),
+            "serial": issued.serial,
+            "notAfter": issued.not_after.to_jiff().to_string(),
+        }),
+    ))
 }
 
 /// What a request does, for the rules.
@@ -750,6 +1044,7 @@ fn access_of<'a>(method: &Method, target: &'a Target, watch: bool) -> Access<'a>
         Target::Leases | Target::Lease(_) => ("Lease", "", ""),
         // A batch may touch any kind: only a rule for every kind allows it.
         Target::BatchUpdate => ("*", "", ""),
+        Target::Join | Target::Renew => ("NodeCertificate", "", ""),
     };
     Access { verb, kind, namespace, name }
 }
@@ -1171,7 +1466,13 @@ impl Drop for WatchSlot {
     }
 }
 
-async fn watch_collection(s: &Arc<Shared>, client: &Arc<ClientState>, target: Target, q: &Query) -> Answer {
+async fn watch_collection(
+    s: &Arc<Shared>,
+    client: &Arc<ClientState>,
+    target: Target,
+    q: &Query,
+    cert: Option<&CertificateIdentity>,
+) -> Answer {
     let Target::Collection { kind, namespace } = target else { unreachable!("only collections are watched") };
     let open = client.watches.fetch_add(1, Ordering::Relaxed);
     let slot = WatchSlot(client.clone());
@@ -1214,6 +1515,7 @@ async fn watch_collection(s: &Arc<Shared>, client: &Arc<ClientState>, target: Ta
         bookmarks,
         closing: s.closing.subscribe(),
         deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
+        credential: cert.map(|c| Credential::new(s.store.clone(), c, s.limits.revocation_check_interval)),
         done: false,
         _slot: slot,
     };
@@ -1237,8 +1539,59 @@ struct WatchState {
     bookmarks: bool,
     closing: watch::Receiver<bool>,
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    credential: Option<Credential>,
     done: bool,
     _slot: WatchSlot,
+}
+
+/// The client certificate a watch was opened with: the watch ends when it expires or (a node's)
+/// is revoked, as a new request would be refused.
+struct Credential {
+    store: Arc<dyn Store>,
+    node: Option<String>,
+    serial: String,
+    not_after: orch_core::Timestamp,
+    every: Duration,
+    tick: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Credential {
+    fn new(store: Arc<dyn Store>, cert: &CertificateIdentity, every: Duration) -> Self {
+        let mut c = Credential {
+            store,
+            node: cert.node().map(str::to_string),
+            serial: cert.serial.clone(),
+            not_after: cert.not_after,
+            every,
+            tick: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        };
+        let next = c.next();
+        c.tick.as_mut().reset(next);
+        c
+    }
+
+    /// When to look next: at the expiry, or sooner for a node (revocation).
+    fn next(&self) -> tokio::time::Instant {
+        let left = self.not_after.since(orch_core::SystemClock.now());
+        let wait = if self.node.is_some() { left.min(self.every) } else { left };
+        tokio::time::Instant::now() + wait
+    }
+
+    /// Resolves when it is time to look; true when the watch must end.
+    async fn lapsed(&mut self) -> bool {
+        self.tick.as_mut().await;
+        if self.not_after <= orch_core::SystemClock.now() {
+            return true;
+        }
+        if let Some(node) = &self.node
+            && pki::is_revoked(&*self.store, node, &self.serial).await.unwrap_or(false)
+        {
+            return true;
+        }
+        let next = self.next();
+        self.tick.as_mut().reset(next);
+        false
+    }
 }
 
 /// The watch lines of recent events, shared by every watch of the server: an event many watches
@@ -1321,11 +1674,18 @@ fn watch_body(state: WatchState) -> impl Stream<Item = Result<Bytes, Infallible>
                     None => futures::future::pending().await,
                 }
             };
+            let credential = async {
+                match st.credential.as_mut() {
+                    Some(c) => c.lapsed().await,
+                    None => futures::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 biased;
                 e = st.stream.next() => e,
                 _ = closing => return None,
                 _ = deadline => return None,
+                lapsed = credential => if lapsed { return None } else { continue },
             };
             let line = match next {
                 Some(Ok(WatchEvent::Added(o))) => st.lines.line("ADDED", &o),

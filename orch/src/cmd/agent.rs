@@ -1,12 +1,15 @@
 //! `orch agent`: a node, speaking to a control plane through `RemoteStore`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use orch_core::{Labels, Runtime, Store};
+use orch_core::{Clock, Labels, Runtime, Store, SystemClock};
 use orch_runtime::{Agent, AgentConfig};
 use orch_store::api::RemoteStore;
+use orch_store::api::pki::{self, CertificateIdentity};
+use tokio::sync::watch;
 
 use super::{BoxError, host_name, metrics, on_signal, ops_routes, serve_ops, stopped};
 
@@ -20,14 +23,22 @@ enum RuntimeKind {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:
-  orch agent --server http://10.0.0.1:7440 --join-token \"$NODE_TOKEN\" --listen 0.0.0.0:7441
-  orch agent --server http://127.0.0.1:7440 --name node-2 --labels zone=b --runtime docker")]
+#[command(after_help = "Joining an https server: the agent presents the join token (`orch token create
+--join` on the server) once, with a signing request for a key it makes, and keeps the node
+certificate it gets in <data-dir>/pki (node.crt, node.key); it authenticates with it from then
+on, renews it at two thirds of its life, and needs no token to restart. `--ca` is the cluster
+CA's certificate (the server's ca.crt). Against a plain http server (--insecure-http) the token
+is a bearer token (`orch token create --group system:nodes`).
+
+Examples:
+  orch --ca ca.crt agent --server https://10.0.0.1:7440 --join-token \"$JOIN_TOKEN\" --listen 0.0.0.0:7441
+  orch --ca ca.crt agent --server https://10.0.0.1:7440 --name node-2 --labels zone=b --runtime docker")]
 pub(crate) struct AgentArgs {
-    /// The control plane's API (`http://host:7440`).
+    /// The control plane's API (`https://host:7440`).
     #[arg(long)]
     server: String,
-    /// The token this node presents to the control plane.
+    /// The join token this node presents once to get its certificate (over plain http: the
+    /// bearer token it presents with every call).
     #[arg(long, env = "ORCH_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// Which runtime runs the workloads.
@@ -132,18 +143,179 @@ async fn runtime(args: &AgentArgs, node: &str) -> Result<(Arc<dyn Runtime>, Opti
     }
 }
 
-pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
+/// Where the node keeps its certificate and key.
+fn pki_dir(args: &AgentArgs) -> PathBuf {
+    args.data_dir.join("pki")
+}
+
+/// The node's certificate and key from an earlier join, if they are still good for this node.
+fn stored_identity(dir: &Path, node: &str) -> Option<(String, String)> {
+    let cert = std::fs::read_to_string(dir.join("node.crt")).ok()?;
+    let key = std::fs::read_to_string(dir.join("node.key")).ok()?;
+    let id = CertificateIdentity::from_pem(&cert).ok()?;
+    let fresh = id.not_after > SystemClock.now();
+    (fresh && id.node() == Some(node)).then_some((cert, key))
+}
+
+#[derive(serde::Deserialize)]
+struct SignedAnswer {
+    certificate: String,
+}
+
+/// Presents the join token once, with a signing request for a new key; keeps what comes back.
+async fn join(server: &RemoteStore, dir: &Path, node: &str, token: &str) -> Result<(String, String), orch_core::Error> {
+    let (csr, key) = pki::node_csr(node)?;
+    let body = serde_json::json!({"token": token, "node": node, "csr": csr});
+    let answer = server.raw("POST", "/orch/v1/join", Some(body.to_string().into_bytes())).await?;
+    let signed: SignedAnswer = serde_json::from_slice(&answer).map_err(|e| orch_core::Error::Unavailable {
+        message: "the server's join answer cannot be read".into(),
+        source: Some(Box::new(e)),
+    })?;
+    pki::write_pair(dir, "node", &signed.certificate, &key)?;
+    Ok((signed.certificate, key))
+}
+
+/// Renews the node's certificate over its authenticated connection, then presents the new one.
+async fn renew(store: &RemoteStore, dir: &Path, node: &str) -> Result<CertificateIdentity, orch_core::Error> {
+    let (csr, key) = pki::node_csr(node)?;
+    let body = serde_json::json!({"csr": csr});
+    let answer = store.raw("POST", "/orch/v1/certificates/renew", Some(body.to_string().into_bytes())).await?;
+    let signed: SignedAnswer = serde_json::from_slice(&answer).map_err(|e| orch_core::Error::Unavailable {
+        message: "the server's renewal answer cannot be read".into(),
+        source: Some(Box::new(e)),
+    })?;
+    pki::write_pair(dir, "node", &signed.certificate, &key)?;
+    store.set_client_identity(signed.certificate.as_bytes(), key.as_bytes())?;
+    CertificateIdentity::from_pem(&signed.certificate)
+}
+
+/// Renews the certificate when two thirds of its remaining life have passed, until `stop`.
+async fn keep_renewed(
+    store: RemoteStore,
+    dir: PathBuf,
+    node: String,
+    mut current: CertificateIdentity,
+    mut stop: watch::Receiver<bool>,
+) {
+    // After a failure, wait longer each time (a server away, or this node revoked).
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let now = SystemClock.now();
+        let left = current.not_after.since(now);
+        let wait = left * 2 / 3;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match renew(&store, &dir, &node).await {
+            Ok(id) => {
+                tracing::info!(serial = %id.serial, expires = %id.not_after.to_jiff(), "renewed the node certificate");
+                current = id;
+                backoff = Duration::from_millis(200);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot renew the node certificate");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The connection to the control plane with the node's credentials: over https its node
+/// certificate (joining first when it has none), kept renewed; over plain http the token.
+async fn connect(
+    args: &AgentArgs,
+    ca: Option<&Path>,
+    node: &str,
+    stop: &watch::Receiver<bool>,
+) -> Result<RemoteStore, BoxError> {
+    if !args.server.starts_with("https://") {
+        if ca.is_some() {
+            return Err(format!("--ca: the server {} is plain http; use its https:// URL", args.server).into());
+        }
+        let mut remote = RemoteStore::builder(args.server.clone());
+        if let Some(t) = &args.join_token {
+            remote = remote.bearer_token(t.clone());
+        }
+        return Ok(remote.build()?);
+    }
+    let ca = ca.ok_or_else(|| {
+        format!("--ca: the server {} is https: give the cluster CA's certificate (its ca.crt)", args.server)
+    })?;
+    let ca_pem = std::fs::read(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+    let dir = pki_dir(args);
+    // A certificate from an earlier join, unless the server refuses it (revoked) and there is a
+    // join token to join again with.
+    let mut stored = stored_identity(&dir, node);
+    if let (Some((cert, key)), Some(_)) = (&stored, &args.join_token) {
+        let probe = RemoteStore::builder(args.server.clone())
+            .ca_pem(ca_pem.clone())
+            .client_identity(cert.clone(), key.clone())
+            .reconnect_for(Duration::ZERO)
+            .build()?;
+        if let Err(e) = probe.current_revision().await
+            && e.to_string().contains("401")
+        {
+            tracing::warn!(error = %e, "the server refuses the node certificate of an earlier join; joining again");
+            stored = None;
+        }
+    }
+    let (cert, key) = match stored {
+        Some(found) => {
+            tracing::info!(path = %dir.display(), "using the node certificate from an earlier join");
+            found
+        }
+        None => {
+            let token = args.join_token.as_deref().ok_or_else(|| {
+                format!(
+                    "node {node} has no certificate in {} yet: give --join-token (`orch token create --join` on the server)",
+                    dir.display()
+                )
+            })?;
+            let anonymous = RemoteStore::builder(args.server.clone()).ca_pem(ca_pem.clone()).build()?;
+            // The control plane may be starting too: try a while; a refused token is final.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                match join(&anonymous, &dir, node, token).await {
+                    Ok(pair) => {
+                        tracing::info!(node = %node, "joined: got a node certificate");
+                        break pair;
+                    }
+                    Err(e) if e.to_string().contains("401") || e.to_string().contains("400") => {
+                        return Err(format!("cannot join {}: {e}", args.server).into());
+                    }
+                    Err(e) if tokio::time::Instant::now() < deadline && !*stop.borrow() => {
+                        tracing::warn!(server = %args.server, error = %e, "cannot join yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(format!("cannot join {}: {e}", args.server).into()),
+                }
+            }
+        }
+    };
+    let current = CertificateIdentity::from_pem(&cert)?;
+    let remote = RemoteStore::builder(args.server.clone()).ca_pem(ca_pem).client_identity(cert, key).build()?;
+    tokio::spawn(keep_renewed(remote.clone(), dir, node.to_string(), current, stop.clone()));
+    Ok(remote)
+}
+
+pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxError> {
     if args.docker_storage.is_some() && !matches!(args.runtime, RuntimeKind::Docker) {
         return Err("--docker-storage: Docker volumes need --runtime docker".into());
     }
     let prometheus = metrics()?;
     let stop = on_signal();
     let node = args.name.clone().unwrap_or_else(host_name);
-    let mut remote = RemoteStore::builder(args.server.clone());
-    if let Some(t) = &args.join_token {
-        remote = remote.bearer_token(t.clone());
-    }
-    let store: Arc<dyn Store> = Arc::new(remote.build()?);
+    let remote = connect(&args, ca.as_deref(), &node, &stop).await?;
+    let ca_pem = match &ca {
+        Some(path) if args.server.starts_with("https://") => Some(std::fs::read(path)?),
+        _ => None,
+    };
+    let store: Arc<dyn Store> = Arc::new(remote);
     // The control plane may be starting too: wait for it a while, then give up saying why.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
@@ -188,6 +360,7 @@ pub(crate) async fn run(args: AgentArgs) -> Result<(), BoxError> {
             let app = super::logs::agent_routes(
                 node.clone(),
                 args.server.clone(),
+                ca_pem.clone(),
                 store.clone(),
                 runtime.clone(),
                 config.data_root.clone(),

@@ -20,10 +20,21 @@ pub(crate) struct ConnArgs {
     /// is `$ORCH_CONFIG`, by default `~/.config/orch/config.yaml` (see `orch config`).
     #[arg(long, global = true, env = "ORCH_CONTEXT")]
     pub(crate) context: Option<String>,
-    /// The API server (`http://host:7440`), overriding the context's (give it before the
+    /// The API server (`https://host:7440`), overriding the context's (give it before the
     /// command: `orch --server URL get nodes`).
     #[arg(long, env = "ORCH_SERVER")]
     pub(crate) server: Option<String>,
+    /// The cluster CA's certificate (the server's `<data-dir>/ca.crt`), overriding the
+    /// context's: an https server whose certificate it did not sign is refused.
+    #[arg(long, global = true, env = "ORCH_CA")]
+    pub(crate) ca: Option<PathBuf>,
+    /// A client certificate (PEM) to authenticate with, instead of a token (`orch certs
+    /// issue` makes one); its key is the file beside it ending in `.key`, or `--key`.
+    #[arg(long, global = true, env = "ORCH_CERT")]
+    pub(crate) cert: Option<PathBuf>,
+    /// The client certificate's key (default: `--cert` with `.key` for `.crt`).
+    #[arg(long, global = true, env = "ORCH_KEY", requires = "cert")]
+    pub(crate) key: Option<PathBuf>,
     /// The bearer token, overriding the context's.
     #[arg(long, global = true, env = "ORCH_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
@@ -53,9 +64,12 @@ pub(crate) struct Context {
     pub(crate) token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) namespace: Option<String>,
-    /// A CA certificate: refused, the server speaks plain HTTP (see `check`).
+    /// The file of the cluster CA's certificate, trusted for an https server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ca: Option<String>,
+    /// The file of a client certificate to present (its key beside it, `.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) cert: Option<String>,
 }
 
 /// `ORCH_CONFIG`, or `$XDG_CONFIG_HOME/orch/config.yaml`, or `~/.config/orch/config.yaml`.
@@ -100,21 +114,41 @@ impl Config {
     }
 }
 
-/// Refuses what the server cannot honour: TLS.
+/// Refuses a server URL and CA that cannot work together: https needs the CA to trust, plain
+/// http has no use for one.
 pub(crate) fn check_server(server: &str, ca: Option<&str>, context: &str) -> Result<(), BoxError> {
+    if server.starts_with("https://") {
+        if ca.is_none() {
+            let context = if context.starts_with('(') { "NAME" } else { context };
+            return Err(format!(
+                "server {server:?}: https needs the cluster CA to trust: give --ca FILE (the server's <data-dir>/ca.crt) or set the context's (`orch config set-context {context} --ca FILE`)"
+            )
+            .into());
+        }
+        return Ok(());
+    }
+    if !server.starts_with("http://") {
+        return Err(
+            format!("server {server:?}: must be an https:// or http:// URL such as https://127.0.0.1:7440").into()
+        );
+    }
     if ca.is_some() {
         return Err(format!(
-            "context {context:?}: `ca` is set, but orch's API server speaks plain HTTP (no TLS yet): remove it rather than trust a certificate nothing checks"
+            "context {context:?}: `ca` is set, but the server {server:?} is plain http (started with --insecure-http): use its https:// URL"
         )
         .into());
     }
-    if server.starts_with("https://") {
-        return Err(format!("server {server:?}: orch's API server speaks plain HTTP (no TLS yet); use http://").into());
-    }
-    if !server.starts_with("http://") {
-        return Err(format!("server {server:?}: must be an http:// URL such as http://127.0.0.1:7440").into());
-    }
     Ok(())
+}
+
+/// Reads a file the connection needs, saying which and why not.
+pub(crate) fn read_pem(path: &std::path::Path, what: &str) -> Result<Vec<u8>, BoxError> {
+    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()).into())
+}
+
+/// The key file beside a certificate file: `alice.crt` -> `alice.key`.
+pub(crate) fn key_beside(cert: &std::path::Path) -> PathBuf {
+    cert.with_extension("key")
 }
 
 /// A connection to a server, with the namespace commands work in.
@@ -122,8 +156,6 @@ pub(crate) struct Client {
     pub(crate) remote: RemoteStore,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) namespace: String,
-    /// The bearer token in use, if any.
-    pub(crate) token: Option<String>,
     kinds: Vec<KindName>,
 }
 
@@ -159,9 +191,11 @@ impl Client {
             .server
             .clone()
             .or_else(|| context.map(|c| c.server.clone()))
-            .unwrap_or_else(|| "http://127.0.0.1:7440".into());
+            .unwrap_or_else(|| "https://127.0.0.1:7440".into());
         let context_name = context.map_or("(flags)", |c| c.name.as_str());
-        check_server(&server, context.and_then(|c| c.ca.as_deref()), context_name)?;
+        let ca = args.ca.clone().or_else(|| context.and_then(|c| c.ca.as_ref().map(PathBuf::from)));
+        check_server(&server, ca.as_deref().and_then(|p| p.to_str()), context_name)?;
+        let cert = args.cert.clone().or_else(|| context.and_then(|c| c.cert.as_ref().map(PathBuf::from)));
         let token = args.token.clone().or_else(|| context.and_then(|c| c.token.clone()));
         let namespace = args
             .namespace
@@ -171,6 +205,13 @@ impl Client {
         let mut b = RemoteStore::builder(server.clone()).reconnect_for(std::time::Duration::from_secs(5));
         if let Some(t) = &token {
             b = b.bearer_token(t.clone());
+        }
+        if let Some(ca) = &ca {
+            b = b.ca_pem(read_pem(ca, "--ca")?);
+        }
+        if let Some(cert) = &cert {
+            let key = args.key.clone().unwrap_or_else(|| key_beside(cert));
+            b = b.client_identity(read_pem(cert, "--cert")?, read_pem(&key, "--key")?);
         }
         let remote = b.build()?;
         #[derive(Deserialize)]
@@ -183,7 +224,7 @@ impl Client {
             .map_err(|e| format!("cannot reach the API server at {server}: {e}"))?;
         let list: List = serde_json::from_slice(&body)?;
         let kinds = list.resources.into_iter().filter(|k| !k.name.contains('/')).collect();
-        Ok(Client { store: Arc::new(remote.clone()), remote, namespace, token, kinds })
+        Ok(Client { store: Arc::new(remote.clone()), remote, namespace, kinds })
     }
 
     /// The kind a user's word names: plural, singular, short name or kind (any case).

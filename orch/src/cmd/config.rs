@@ -7,10 +7,12 @@ use super::client::{Config, ConnArgs, Context, check_server, config_path, table}
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum ConfigCommand {
     /// Adds a context or changes one (only the fields given).
-    /// (`--token` and `--namespace` set the context's token and namespace.)
+    /// (`--token`, `--ca`, `--cert` and `--namespace` set the context's token, CA file, client
+    /// certificate file and namespace.)
     #[command(after_help = "Examples:
-  orch config set-context local --server http://127.0.0.1:7440 --namespace default
-  orch config set-context prod --server http://10.0.0.5:7440 --token \"$(cat prod.token)\"")]
+  orch config set-context local --server https://127.0.0.1:7440 --ca orch-data/ca.crt --namespace default
+  orch config set-context prod --server https://10.0.0.5:7440 --ca prod-ca.crt --token \"$(cat prod.token)\"
+  orch config set-context alice --server https://10.0.0.5:7440 --ca prod-ca.crt --cert alice/alice.crt")]
     SetContext {
         /// The context's name.
         name: String,
@@ -47,6 +49,13 @@ pub(crate) fn run(conn: &ConnArgs, cmd: ConfigCommand) -> Result<(), BoxError> {
         ConfigCommand::SetContext { name, server_url } => {
             let server_url = server_url.or_else(|| conn.server.clone());
             let (token_value, ns) = (conn.token.clone(), conn.namespace.clone());
+            let absolute = |p: &std::path::Path| -> Result<String, BoxError> {
+                let p = std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))?;
+                if !p.exists() {
+                    return Err(format!("{}: no such file", p.display()).into());
+                }
+                Ok(p.to_string_lossy().into_owned())
+            };
             if name.is_empty() || name.contains(char::is_whitespace) {
                 return Err(format!("context name {name:?} must be one word").into());
             }
@@ -58,6 +67,12 @@ pub(crate) fn run(conn: &ConnArgs, cmd: ConfigCommand) -> Result<(), BoxError> {
             });
             if let Some(s) = server_url {
                 ctx.server = s;
+            }
+            if let Some(ca) = &conn.ca {
+                ctx.ca = Some(absolute(ca)?);
+            }
+            if let Some(cert) = &conn.cert {
+                ctx.cert = Some(absolute(cert)?);
             }
             if ctx.server.is_empty() {
                 return Err(format!("context {name:?} is new: give its --server").into());
@@ -102,7 +117,11 @@ pub(crate) fn run(conn: &ConnArgs, cmd: ConfigCommand) -> Result<(), BoxError> {
                         c.name.clone(),
                         c.server.clone(),
                         c.namespace.clone().unwrap_or_else(|| "default".into()),
-                        if c.token.is_some() { "token".into() } else { "none".into() },
+                        match (&c.token, &c.cert) {
+                            (_, Some(_)) => "certificate".into(),
+                            (Some(_), None) => "token".into(),
+                            (None, None) => "none".into(),
+                        },
                     ]
                 })
                 .collect();

@@ -5,10 +5,10 @@
 //! The way is that of `orch logs` (see there): the API server checks the caller, hands the
 //! node's agent a single-use ticket for this command in this workload, and the agent redeems it
 //! before it runs anything. Running a command needs more than reading the workload: the
-//! server checks that the caller may update it (a dry-run update as the caller).
+//! server checks that the caller may update it.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Full};
@@ -16,14 +16,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use orch_core::Api;
 use orch_core::kinds::Workload;
-use orch_store::api::RemoteStore;
-use orch_store::api::wire::{self, Status, encode_segment};
+use orch_store::api::CertificateIdentity;
+use orch_store::api::auth::Access;
+use orch_store::api::wire::{Status, encode_segment};
 use serde::{Deserialize, Serialize};
 
 use super::client::{Client as ApiClient, ConnArgs, split_targets};
 use super::logs::{
-    Grant, NodeApi, Refused, Relay, TICKET_HEADER, bearer, error_response, failure, pick_container, read_as_caller,
-    refuse,
+    Grant, NodeApi, Refused, Relay, TICKET_HEADER, checked_workload, error_response, failure, pick_container, refuse,
 };
 use super::{BoxError, Exit};
 
@@ -85,6 +85,7 @@ fn parse_request(body: &[u8]) -> Result<ExecRequest, Refused> {
 pub(crate) async fn relay_exec(
     State(relay): State<Relay>,
     Path((ns, name)): Path<(String, String)>,
+    identity: Option<Extension<CertificateIdentity>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -92,39 +93,24 @@ pub(crate) async fn relay_exec(
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    let token = bearer(&headers);
-    let w = match read_as_caller(&relay.self_url, token.clone(), &ns, &name).await {
+    let identity = identity.as_ref().map(|e| &e.0);
+    let w = match checked_workload(&relay, &headers, identity, "get", &ns, &name).await {
         Ok(w) => w,
-        Err(e) => return error_response(&e),
+        Err(answer) => return answer,
     };
-    // May the caller change this workload? A dry-run update as the caller says, through the
-    // server's own authorization (and its audit log).
-    let mut as_caller = RemoteStore::builder(relay.self_url.clone());
-    if let Some(t) = &token {
-        as_caller = as_caller.bearer_token(t.clone());
-    }
-    let dynamic = match w.to_dynamic() {
-        Ok(d) => d,
-        Err(e) => return error_response(&e),
-    };
-    let path = format!("{}?dryRun=All", wire::object_path(&dynamic.key()));
-    match as_caller.build() {
-        Ok(store) => {
-            if let Err(e) = store.raw("PUT", &path, Some(wire::object_json(&dynamic).into_bytes())).await
-                && !e.is_conflict()
-            {
-                let text = e.to_string();
-                if text.contains("403") {
-                    return failure(
-                        403,
-                        "Forbidden",
-                        format!("running a command in workload {ns}/{name} needs the right to update it: {text}"),
-                    );
-                }
-                return error_response(&e);
-            }
-        }
-        Err(e) => return error_response(&e),
+    // May the caller change this workload? The server's own authorization says (and its audit
+    // log records it).
+    let access = Access { verb: "update", kind: "Workload", namespace: &ns, name: &name };
+    if let Err(st) = relay.api.check_access(&headers, identity, access).await {
+        let message = if st.code == 403 {
+            format!(
+                "running a command in workload {ns}/{name} needs the right to update it: 403 Forbidden: {}",
+                st.message
+            )
+        } else {
+            format!("{} {}: {}", st.code, st.reason, st.message)
+        };
+        return failure(st.code, &st.reason, message);
     }
     let (node, addr) = match relay.agent_of(&w).await {
         Ok(found) => found,
@@ -224,22 +210,22 @@ pub(crate) async fn run(conn: &ConnArgs, args: ExecArgs) -> Result<(), BoxError>
     }
     let [name] = names.as_slice() else { return Err("name one workload".into()) };
     let req = ExecRequest { container: args.container, command: args.command, timeout_seconds: args.timeout };
-    let uri = format!(
-        "{}/apis/orch.dev/v1/namespaces/{}/workloads/{}/exec",
-        client.remote.server(),
+    let path = format!(
+        "/apis/orch.dev/v1/namespaces/{}/workloads/{}/exec",
         encode_segment(&client.namespace),
         encode_segment(name)
     );
-    let mut http = hyper::Request::post(&uri).header(header::CONTENT_TYPE, "application/json");
-    if let Some(t) = &client.token {
-        http = http.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    // Through the client's connection: its TLS, its certificate or token.
+    let (status, mut body) = client
+        .remote
+        .raw_response("POST", &path, Some(serde_json::to_vec(&req)?))
+        .await
+        .map_err(|e| format!("cannot reach {}{path}: {e}", client.remote.server()))?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+        bytes.extend_from_slice(&chunk?);
     }
-    let http = http.body(Full::new(Bytes::from(serde_json::to_vec(&req)?)))?;
-    let http_client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let resp = http_client.request(http).await.map_err(|e| format!("cannot reach {uri}: {e}"))?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
+    if !(200..300).contains(&status) {
         let message = serde_json::from_slice::<Status>(&bytes)
             .map(|s| s.message)
             .unwrap_or_else(|_| format!("the server answered {status}: {}", String::from_utf8_lossy(&bytes)));

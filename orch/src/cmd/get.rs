@@ -39,7 +39,9 @@ fn parse_output(s: &str) -> Result<Output, String> {
         _ => match s.strip_prefix("jsonpath=") {
             Some(t) => Output::JsonPath(JsonPath::parse(t)?),
             None => {
-                return Err(format!("{s:?} is not an output format (table, wide, yaml, json, name, jsonpath=TEMPLATE)"));
+                return Err(format!(
+                    "{s:?} is not an output format (table, wide, yaml, json, name, jsonpath=TEMPLATE)"
+                ));
             }
         },
     })

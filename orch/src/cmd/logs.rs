@@ -2,8 +2,8 @@
 //!
 //! The path is the Kubernetes one, `GET /apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log`
 //! (`container`, `follow`, `previous`, `tailLines`). The server checks the caller exactly as for
-//! reading the workload (it reads it through its own API with the caller's token, so
-//! authentication, authorization and the audit log apply), finds the workload's node, and
+//! reading the workload (`ApiServer::check_access`: the caller's token or client certificate,
+//! the rules, the audit log), finds the workload's node, and
 //! relays the request to the address that node's agent published (the `orch.dev/agent-api`
 //! annotation, set by `orch agent --listen`).
 //!
@@ -13,12 +13,11 @@
 //! so it serves only what the server has authorized, and a node that published a false address
 //! learns nothing it could use elsewhere.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -31,8 +30,9 @@ use hyper_util::rt::TokioExecutor;
 use orch_core::kinds::{Node, Workload};
 use orch_core::runtime::LogOptions;
 use orch_core::{Api, Error, Runtime, Store};
-use orch_store::api::RemoteStore;
+use orch_store::api::auth::Access;
 use orch_store::api::wire::{Status, encode_query, encode_segment};
+use orch_store::api::{ApiServer, CertificateIdentity, RemoteStore};
 use serde::Deserialize;
 
 use super::BoxError;
@@ -129,27 +129,22 @@ pub(crate) fn error_response(e: &Error) -> Response {
     failure(code, &s.reason, text)
 }
 
-pub(crate) fn bearer(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string)
-}
-
-/// Reads the workload through the API as the caller: the caller's right to read it.
-pub(crate) async fn read_as_caller(
-    api_url: &str,
-    token: Option<String>,
+/// Checks the caller as the API checks its own calls (its token or client certificate, the
+/// rules and node authorizer, the audit log) for `verb` on the workload `ns/name`, then reads it.
+/// `Err` is the answer to send.
+pub(crate) async fn checked_workload(
+    relay: &Relay,
+    headers: &HeaderMap,
+    identity: Option<&CertificateIdentity>,
+    verb: &str,
     ns: &str,
     name: &str,
-) -> Result<orch_core::Object<Workload>, Error> {
-    let mut b = RemoteStore::builder(api_url.to_string());
-    if let Some(t) = token {
-        b = b.bearer_token(t);
+) -> Result<orch_core::Object<Workload>, Response> {
+    let access = Access { verb, kind: "Workload", namespace: ns, name };
+    if let Err(st) = relay.api.check_access(headers, identity, access).await {
+        return Err(failure(st.code, &st.reason, format!("{} {}: {}", st.code, st.reason, st.message)));
     }
-    let store: Arc<dyn Store> = Arc::new(b.build()?);
-    Api::<Workload>::namespaced(store, ns).get(name).await
+    Api::<Workload>::namespaced(relay.store.clone(), ns).get(name).await.map_err(|e| error_response(&e))
 }
 
 pub(crate) fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
@@ -187,8 +182,8 @@ type Tickets = Arc<std::sync::Mutex<std::collections::HashMap<String, (Grant, to
 
 #[derive(Clone)]
 pub(crate) struct Relay {
-    /// This server's own API, to read as the caller.
-    pub(crate) self_url: String,
+    /// This server's API: it checks callers.
+    pub(crate) api: ApiServer,
     pub(crate) store: Arc<dyn Store>,
     tickets: Tickets,
 }
@@ -234,9 +229,8 @@ fn new_ticket() -> String {
 
 /// The relay route, merged into the API server's router (it is more specific than the API's
 /// own catch-all, so it wins for this one path).
-pub(crate) fn relay_routes(listen: SocketAddr, store: Arc<dyn Store>) -> Router {
-    let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
-    let relay = Relay { self_url: format!("http://{host}:{}", listen.port()), store, tickets: Tickets::default() };
+pub(crate) fn relay_routes(api: ApiServer, store: Arc<dyn Store>) -> Router {
+    let relay = Relay { api, store, tickets: Tickets::default() };
     Router::new()
         .route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log", get(relay_logs))
         .route("/orch/v1/log-tickets/{ticket}", axum::routing::post(redeem))
@@ -263,12 +257,12 @@ async fn relay_logs(
     State(relay): State<Relay>,
     Path((ns, name)): Path<(String, String)>,
     Query(q): Query<LogQuery>,
+    identity: Option<Extension<CertificateIdentity>>,
     headers: HeaderMap,
 ) -> Response {
-    let token = bearer(&headers);
-    let w = match read_as_caller(&relay.self_url, token.clone(), &ns, &name).await {
+    let w = match checked_workload(&relay, &headers, identity.as_ref().map(|e| &e.0), "get", &ns, &name).await {
         Ok(w) => w,
-        Err(e) => return error_response(&e),
+        Err(answer) => return answer,
     };
     let (node, addr) = match relay.agent_of(&w).await {
         Ok(found) => found,
@@ -349,11 +343,16 @@ impl NodeApi {
 pub(crate) fn agent_routes(
     node: String,
     api_url: String,
+    ca: Option<Vec<u8>>,
     store: Arc<dyn Store>,
     runtime: Arc<dyn Runtime>,
     data_root: std::path::PathBuf,
 ) -> Result<Router, BoxError> {
-    let server = RemoteStore::builder(api_url).build()?;
+    let mut server = RemoteStore::builder(api_url);
+    if let Some(ca) = ca {
+        server = server.ca_pem(ca);
+    }
+    let server = server.build()?;
     let state = NodeApi { node, server, store, runtime, data_root };
     Ok(Router::new()
         .route("/logs/{ns}/{name}", get(agent_logs))
@@ -477,22 +476,23 @@ pub(crate) async fn run(conn: &ConnArgs, args: LogsArgs) -> Result<(), BoxError>
     }
     let [name] = names.as_slice() else { return Err("name one workload".into()) };
     let q = LogQuery { container: args.container, follow: args.follow, previous: args.previous, tail_lines: args.tail };
-    let uri = format!(
-        "{}/apis/orch.dev/v1/namespaces/{}/workloads/{}/log{}",
-        client.remote.server(),
+    let path = format!(
+        "/apis/orch.dev/v1/namespaces/{}/workloads/{}/log{}",
         encode_segment(&client.namespace),
         encode_segment(name),
         q.to_query()
     );
-    let mut req = hyper::Request::get(&uri);
-    if let Some(t) = &client.token {
-        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let resp = http_client().request(req.body(Empty::new())?).await.map_err(|e| format!("cannot reach {uri}: {e}"))?;
-    let status = resp.status();
-    let mut body = resp.into_body();
-    if !status.is_success() {
-        let bytes = body.collect().await?.to_bytes();
+    // Through the client's connection: its TLS, its certificate or token.
+    let (status, mut body) = client
+        .remote
+        .raw_response("GET", &path, None)
+        .await
+        .map_err(|e| format!("cannot reach {}{path}: {e}", client.remote.server()))?;
+    if !(200..300).contains(&status) {
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            bytes.extend_from_slice(&chunk?);
+        }
         let message = serde_json::from_slice::<Status>(&bytes)
             .map(|s| s.message)
             .unwrap_or_else(|_| format!("the server answered {status}: {}", String::from_utf8_lossy(&bytes)));
@@ -500,14 +500,13 @@ pub(crate) async fn run(conn: &ConnArgs, args: LogsArgs) -> Result<(), BoxError>
     }
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            match out.write_all(&data).and_then(|()| out.flush()) {
-                Ok(()) => {}
-                // The reader has gone (`orch logs -f w | head`): done.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
+    while let Some(chunk) = body.next().await {
+        let data = chunk?;
+        match out.write_all(&data).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            // The reader has gone (`orch logs -f w | head`): done.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
@@ -519,7 +518,7 @@ mod tests {
 
     fn relay() -> Relay {
         let store: Arc<dyn Store> = Arc::new(orch_store::MemoryStore::new());
-        Relay { self_url: "http://127.0.0.1:1".into(), store, tickets: Tickets::default() }
+        Relay { api: orch_store::api::ApiServer::new(store.clone()), store, tickets: Tickets::default() }
     }
 
     fn grant() -> Grant {

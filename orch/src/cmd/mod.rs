@@ -14,6 +14,7 @@ macro_rules! outln {
 
 mod agent;
 mod apply;
+mod certs;
 mod client;
 mod config;
 mod delete;
@@ -43,8 +44,8 @@ use tokio::sync::watch;
     version,
     about,
     after_help = "Examples:
-  orch server --data-dir /var/lib/orch           # a control plane
-  orch agent --server http://10.0.0.1:7440       # a node
+  orch server --data-dir /var/lib/orch                                         # a control plane (https)
+  orch --ca ca.crt agent --server https://10.0.0.1:7440 --join-token \"$JOIN\"   # a node
   orch apply -f examples/manifests/web.yaml
   orch get deployments
   orch rollout status deployment/web"
@@ -87,9 +88,15 @@ enum Command {
     Server(server::ServerArgs),
     /// Runs a node agent against a control plane.
     Agent(agent::AgentArgs),
-    /// Manages the bearer tokens of a server's users and nodes.
+    /// Manages the bearer tokens of a server's users and its nodes' join tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Issues client certificates of a server's cluster CA.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+    /// Manages nodes' credentials.
+    #[command(subcommand)]
+    Node(certs::NodeCommand),
     /// Creates or updates the objects that files describe.
     Apply(apply::ApplyArgs),
     /// Shows what `apply` would change.
@@ -162,8 +169,10 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
     let conn = &cli.conn;
     match cli.command {
         Command::Server(args) => server::run(args).await,
-        Command::Agent(args) => agent::run(args).await,
+        Command::Agent(args) => agent::run(args, conn.ca.clone()).await,
         Command::Token(cmd) => token::run(cmd),
+        Command::Certs(cmd) => certs::issue(cmd),
+        Command::Node(cmd) => certs::node(conn, cmd).await,
         Command::Apply(args) => apply::apply(conn, args).await,
         Command::Diff(args) => apply::diff(conn, args).await,
         Command::Get(args) => get::run(conn, args).await,

@@ -15,18 +15,37 @@ use orch_core::controller::leader::LeaderElectionConfig;
 use orch_core::{Manager, Store};
 use orch_scheduler::{Profile, SchedulerService};
 use orch_store::api::auth::{ADMINS, READERS};
-use orch_store::api::{ApiServer, AuditLog, Authorizer, Limits, Rule, Tokens};
+use orch_store::api::{ApiServer, AuditLog, Authorizer, ClusterCa, Limits, NodeJoin, Tokens};
 
 use super::{BoxError, host_name, metrics, on_signal, ops_routes, serve_ops, stopped};
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:
-  orch server --data-dir /var/lib/orch --listen 0.0.0.0:7440
-  orch server --etcd http://10.0.0.1:2379,http://10.0.0.2:2379 --name cp-1    # replicated")]
+#[command(after_help = "Serves https: on first start it creates the cluster CA in its data directory
+(ca.crt, and ca.key readable by its owner only) and signs its own certificate with it at each
+start, for the listen address, localhost, this host's name and every --tls-san. Clients trust
+ca.crt (`orch --ca`); agents join with `orch token create --join`; users get certificates with
+`orch certs issue` or tokens with `orch token create`.
+
+Examples:
+  orch server --data-dir /var/lib/orch --listen 0.0.0.0:7440 --tls-san cp.example.org,10.0.0.1
+  orch server --etcd http://10.0.0.1:2379,http://10.0.0.2:2379 --name cp-1    # replicated (copy ca.crt and ca.key to each)
+  orch server --insecure-http                                                 # plain http: tests, loopback")]
 pub(crate) struct ServerArgs {
     /// Address the API listens on (HTTP/1.1 and HTTP/2).
     #[arg(long, default_value = "127.0.0.1:7440")]
     listen: SocketAddr,
+    /// Serve plain http instead of https: no CA, no client certificates, no node join; tokens
+    /// travel in clear. For tests and loopback only.
+    #[arg(long)]
+    insecure_http: bool,
+    /// More names and addresses for the server's certificate (comma-separated), as clients
+    /// reach it.
+    #[arg(long, value_delimiter = ',')]
+    tls_san: Vec<String>,
+    /// How long a node certificate is valid; agents renew theirs at two thirds of it
+    /// (`30s`, `10m`, `24h`).
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    node_cert_validity: Duration,
     /// Address of /metrics, /healthz and /readyz (also served on the API address).
     #[arg(long)]
     ops_listen: Option<SocketAddr>,
@@ -63,6 +82,42 @@ pub(crate) struct ServerArgs {
     endpoints_per_slice: usize,
     #[command(flatten)]
     dns: super::net::DnsArgs,
+}
+
+/// `90s`, `10m`, `24h`, `7d`.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?}: expected a number and a unit, e.g. 90s, 10m, 24h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err(format!("{s:?}: must be more than zero"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The names the server's certificate carries: the listen address (loopback when it listens
+/// on every interface), localhost, this host's name, and `--tls-san`.
+fn server_names(args: &ServerArgs) -> Vec<String> {
+    let mut names = Vec::new();
+    let ip = args.listen.ip();
+    if ip.is_unspecified() {
+        names.push("127.0.0.1".to_string());
+    } else {
+        names.push(ip.to_string());
+    }
+    names.push("localhost".into());
+    names.push(host_name());
+    names.extend(args.tls_san.iter().cloned());
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| !n.is_empty() && seen.insert(n.clone()));
+    names
 }
 
 fn parse_per_slice(s: &str) -> Result<usize, String> {
@@ -133,24 +188,32 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
         ..Limits::default()
     };
     let mut api = ApiServer::builder(store.clone()).limits(limits);
+    let tls = if args.insecure_http {
+        tracing::warn!(
+            "--insecure-http: serving plain http; tokens travel in clear and nodes cannot join with certificates"
+        );
+        None
+    } else {
+        let ca = ClusterCa::load_or_create(&args.data_dir)
+            .map_err(|e| format!("the cluster CA in {}: {e}", args.data_dir.display()))?;
+        let names = server_names(&args);
+        let cert = ca.server_certificate(&names).map_err(|e| format!("the server certificate: {e}"))?;
+        let config = ca.server_config(&cert)?;
+        tracing::info!(names = %names.join(","), ca = %args.data_dir.join("ca.crt").display(), "serving https");
+        api = api.node_join(
+            NodeJoin::new(Arc::new(ca))
+                .tokens_file(args.data_dir.join("join-tokens"))
+                .validity(args.node_cert_validity),
+        );
+        Some(config)
+    };
     let tokens_file = args.data_dir.join("tokens");
-    if tokens_file.exists() {
-        let tokens = Tokens::load(&tokens_file)?;
-        // Agents (group system:nodes) may work on nodes, their leases and workloads; every other
+    if tokens_file.exists() || tls.is_some() {
+        let tokens = if tokens_file.exists() { Tokens::load(&tokens_file)? } else { Tokens::new() };
+        // Agents (`system:node:<name>` in system:nodes) get what the node authorizer gives:
+        // their own node and lease, the status of their workloads, what they read. Every other
         // user gets what the built-in roles give its groups; anonymous clients nothing.
-        let rules = Authorizer::with_builtin_roles()
-            .rule(Rule {
-                subjects: vec!["group:system:nodes".into()],
-                kinds: vec!["Node".into(), "NodeLease".into(), "Workload".into(), "Lease".into(), "Revision".into()],
-                ..Rule::default()
-            })
-            // Their node proxies and DNS servers read services and where they are served.
-            .rule(Rule {
-                subjects: vec!["group:system:nodes".into()],
-                verbs: vec!["get".into(), "list".into(), "watch".into()],
-                kinds: vec!["Service".into(), "EndpointSlice".into()],
-                ..Rule::default()
-            });
+        let rules = Authorizer::with_builtin_roles();
         let audit_path = args.data_dir.join("audit.log");
         let audit = AuditLog::file(&audit_path).map_err(|e| format!("cannot open {}: {e}", audit_path.display()))?;
         tracing::info!(tokens = %tokens_file.display(), audit = %audit_path.display(), admins = ADMINS, readers = READERS, "authentication and authorization on");
@@ -163,15 +226,11 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     let api = api.build();
     let ops = ops_routes(prometheus, ready.clone());
     // `orch logs` goes through the server to the workload's agent.
-    let logs = super::logs::relay_routes(args.listen, store.clone());
-    let app = api.router().merge(ops.clone()).merge(logs).into_make_service_with_connect_info::<SocketAddr>();
+    let logs = super::logs::relay_routes(api.clone(), store.clone());
+    let router = api.router().merge(ops.clone()).merge(logs);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    // Small answers go out at once (Nagle's delay would add tens of milliseconds).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     tracing::info!(addr = %args.listen, replica = %identity, "API server listening");
     let ops_task = args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops, stop.clone())));
 
@@ -179,11 +238,22 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     let stop_for_api = stop.clone();
     let plane = tokio::spawn(manager.run(stopped(stop.clone())));
     let closer = api.clone();
-    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let shutdown = async move {
         stopped(stop_for_api).await;
         // Open watches end now; calls in flight finish.
         closer.close();
-    });
+    };
+    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match tls {
+        Some(config) => Box::pin(orch_store::api::serve_tls(listener, router, config, shutdown)),
+        None => {
+            // Small answers go out at once (Nagle's delay would add tens of milliseconds).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let app = router.into_make_service_with_connect_info::<SocketAddr>();
+            Box::pin(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await })
+        }
+    };
     // A call that hangs past the grace period does not hold the stop.
     let result = tokio::select! {
         r = serving => r.map_err(BoxError::from),

@@ -1,0 +1,177 @@
+//! The node authorizer (Kubernetes' node authorization with its node restriction): what a
+//! client in `system:nodes`, as `system:node:<name>`, may do. It may write its own `Node` and
+//! `NodeLease`, the workloads bound to it (their status, and their metadata such as the
+//! agent's finalizer, never their spec), the metadata of the volumes on it (the reclaim
+//! finalizer), events and store leases; it may read what an agent reads (nodes, node leases,
+//! workloads, services, endpoint slices, events, volume claims and volumes). Everything else is
+//! denied; the server's rules may still allow more.
+
+use orch_core::{ObjectKey, Store};
+use serde_json::Value;
+
+use super::auth::Access;
+
+/// Kinds an agent reads (its node, the workloads, what its proxy, DNS and volumes need).
+const READ_KINDS: &[&str] = &[
+    "Node",
+    "NodeLease",
+    "Workload",
+    "Service",
+    "EndpointSlice",
+    "Event",
+    "VolumeClaim",
+    "PersistentVolume",
+    "Revision",
+    "Lease",
+];
+
+/// The namespace of node leases (`orch_core::kinds::NODE_LEASE_NAMESPACE`).
+const LEASE_NAMESPACE: &str = orch_core::kinds::NODE_LEASE_NAMESPACE;
+
+/// What the node authorizer says before it has seen the request's body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NodeDecision {
+    /// Allowed.
+    Allow,
+    /// Denied, and why.
+    Deny(String),
+    /// Allowed when the object created is named after the node.
+    CreateOwn,
+    /// Allowed when the stored object (a workload, or a volume) is bound to the node
+    /// (`spec.nodeName`) and, unless `status`, the request leaves its spec as it is.
+    BoundToNode {
+        /// A write of the status subresource.
+        status: bool,
+    },
+}
+
+/// Decides from the request alone. `node` is the node the client is (`None`: a member of
+/// `system:nodes` not named `system:node:<name>`).
+pub(crate) fn decide(node: Option<&str>, access: &Access<'_>, status: bool) -> NodeDecision {
+    let Some(node) = node else {
+        return NodeDecision::Deny("a member of system:nodes must be named system:node:<node name>".into());
+    };
+    let deny = || {
+        let what = if access.name.is_empty() { String::new() } else { format!(" {:?}", access.name) };
+        NodeDecision::Deny(format!("node {node:?} may not {} {}{what}", access.verb, access.kind))
+    };
+    let write = matches!(access.verb, "update" | "patch");
+    match (access.kind, access.verb) {
+        (kind, "get" | "list" | "watch") if READ_KINDS.contains(&kind) => NodeDecision::Allow,
+        ("Node", "create") => NodeDecision::CreateOwn,
+        ("Node", _) if write && access.name == node => NodeDecision::Allow,
+        ("NodeLease", "create") if access.namespace == LEASE_NAMESPACE => NodeDecision::CreateOwn,
+        ("NodeLease", _)
+            if (write || access.verb == "delete") && access.namespace == LEASE_NAMESPACE && access.name == node =>
+        {
+            NodeDecision::Allow
+        }
+        ("Workload", _) if write && !access.name.is_empty() => NodeDecision::BoundToNode { status },
+        // The agent removes its reclaim finalizer from the volumes on its node.
+        ("PersistentVolume", _) if write && !status && !access.name.is_empty() => {
+            NodeDecision::BoundToNode { status: false }
+        }
+        ("Event", "create" | "update" | "patch") => NodeDecision::Allow,
+        // Store leases carry a node's heartbeat and its events' lifetime.
+        ("Lease", "create" | "update" | "delete") => NodeDecision::Allow,
+        _ => deny(),
+    }
+}
+
+/// Checks what [`decide`] left to the body and the stored object. `Err` is the reason of a
+/// denial.
+pub(crate) async fn check(
+    store: &dyn Store,
+    node: &str,
+    decision: &NodeDecision,
+    key: Option<&ObjectKey>,
+    patch: bool,
+    body: &[u8],
+) -> Result<(), String> {
+    match decision {
+        NodeDecision::Allow => Ok(()),
+        NodeDecision::Deny(why) => Err(why.clone()),
+        NodeDecision::CreateOwn => {
+            let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            match doc.pointer("/metadata/name").and_then(Value::as_str) {
+                Some(name) if name == node => Ok(()),
+                other => Err(format!("node {node:?} may only create its own object, not {:?}", other.unwrap_or(""))),
+            }
+        }
+        NodeDecision::BoundToNode { status } => {
+            let Some(key) = key else { return Err(format!("node {node:?} may only write named objects")) };
+            let current = match store.get(key).await {
+                Ok(obj) => obj,
+                // Nothing to protect: the write itself answers that it is not found.
+                Err(e) if e.is_not_found() => return Ok(()),
+                Err(e) => return Err(format!("cannot read {key} to check its node: {e}")),
+            };
+            let spec: Value = current.spec.decode().unwrap_or(Value::Null);
+            let bound = spec.get("nodeName").and_then(Value::as_str);
+            if bound != Some(node) {
+                return Err(format!(
+                    "node {node:?} may not write {key}: it is bound to {}",
+                    bound.map_or_else(|| "no node".to_string(), |n| format!("node {n:?}"))
+                ));
+            }
+            if *status {
+                return Ok(());
+            }
+            let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let touches_spec = if patch {
+                match &doc {
+                    Value::Object(m) => m.contains_key("spec"),
+                    Value::Array(ops) => ops.iter().any(|op| {
+                        ["path", "from"].iter().any(|f| {
+                            op.get(*f).and_then(Value::as_str).is_some_and(|p| p == "/spec" || p.starts_with("/spec/"))
+                        })
+                    }),
+                    _ => true,
+                }
+            } else {
+                doc.get("spec").cloned().unwrap_or(Value::Null) != spec
+            };
+            if touches_spec {
+                return Err(format!("node {node:?} may change the status and metadata of {key}, not its spec"));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access<'a>(verb: &'a str, kind: &'a str, namespace: &'a str, name: &'a str) -> Access<'a> {
+        Access { verb, kind, namespace, name }
+    }
+
+    #[test]
+    fn a_node_writes_only_its_own_node_and_lease() {
+        let n = Some("n1");
+        assert_eq!(decide(n, &access("update", "Node", "", "n1"), true), NodeDecision::Allow);
+        assert!(matches!(decide(n, &access("update", "Node", "", "n2"), true), NodeDecision::Deny(_)));
+        assert!(matches!(decide(n, &access("delete", "Node", "", "n1"), false), NodeDecision::Deny(_)));
+        assert_eq!(decide(n, &access("create", "Node", "", ""), false), NodeDecision::CreateOwn);
+        assert_eq!(decide(n, &access("delete", "NodeLease", LEASE_NAMESPACE, "n1"), false), NodeDecision::Allow);
+        assert!(matches!(
+            decide(n, &access("delete", "NodeLease", LEASE_NAMESPACE, "n2"), false),
+            NodeDecision::Deny(_)
+        ));
+        assert!(matches!(decide(n, &access("create", "Workload", "ns", ""), false), NodeDecision::Deny(_)));
+        assert!(matches!(decide(n, &access("delete", "Workload", "ns", "w"), false), NodeDecision::Deny(_)));
+        assert_eq!(
+            decide(n, &access("update", "PersistentVolume", "", "pv"), false),
+            NodeDecision::BoundToNode { status: false }
+        );
+        assert!(matches!(decide(n, &access("update", "PersistentVolume", "", "pv"), true), NodeDecision::Deny(_)));
+        assert!(matches!(decide(n, &access("delete", "PersistentVolume", "", "pv"), false), NodeDecision::Deny(_)));
+        assert!(matches!(decide(n, &access("update", "VolumeClaim", "ns", "c"), false), NodeDecision::Deny(_)));
+        assert!(matches!(decide(n, &access("get", "NodeCertificate", "", "n1"), false), NodeDecision::Deny(_)));
+        assert!(matches!(decide(n, &access("list", "Deployment", "ns", ""), false), NodeDecision::Deny(_)));
+        assert_eq!(decide(n, &access("watch", "Workload", "", ""), false), NodeDecision::Allow);
+        let NodeDecision::Deny(why) = decide(None, &access("get", "Node", "", "n1"), false) else { panic!() };
+        assert!(why.contains("system:node:"), "{why}");
+    }
+}

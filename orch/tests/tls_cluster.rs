@@ -1,0 +1,221 @@
+//! The secure way to run a cluster, as the README does it: `orch server` serving https with the
+//! CA it creates; an admin with a client certificate from `orch certs issue`; an agent joining
+//! with a join token from `orch token create --join`, renewing its short-lived node certificate
+//! and running a workload past the first one's expiry; `orch node revoke` shutting it out; no
+//! token or key in any log.
+
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orch::core::kinds::{Node, Phase, Workload};
+use orch::core::{Api, ListParams, Object, ObjectMeta, Store};
+use orch::store::api::RemoteStore;
+use orch::store::api::pki::CertificateIdentity;
+
+use common::{free_port, orch};
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_orch"))
+        .args(args)
+        .env("ORCH_CONFIG", "/nonexistent/config.yaml")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "orch {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn serial(path: &Path) -> String {
+    CertificateIdentity::from_pem(&std::fs::read_to_string(path).unwrap()).unwrap().serial
+}
+
+async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(t) = check().await {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_renew_and_are_revoked_over_tls() {
+    let dir = std::env::temp_dir().join(format!("orch-tls-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("server");
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let data_s = data.to_str().unwrap();
+    let _server = orch(
+        &["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", data_s, "--node-cert-validity", "3s"],
+        &dir.join("server.log"),
+    );
+    let ca = data.join("ca.crt");
+    wait_for("the server creates its CA", async || ca.exists().then_some(())).await;
+    let ca_s = ca.to_str().unwrap();
+    let key_mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(data.join("ca.key")).unwrap().permissions());
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    // An admin with a client certificate; a join token for the node.
+    let admin_dir = dir.join("admin");
+    run(&[
+        "certs",
+        "issue",
+        "--data-dir",
+        data_s,
+        "--user",
+        "admin",
+        "--group",
+        "system:admins",
+        "--out",
+        admin_dir.to_str().unwrap(),
+    ]);
+    let join = run(&["token", "create", "--data-dir", data_s, "--join", "--ttl", "10m"]).trim().to_string();
+    assert!(join.starts_with("orchjoin-"), "{join}");
+    let node_dir = dir.join("node-1");
+    let agent_args = |join: &str, log: &str| {
+        orch(
+            &[
+                "agent",
+                "--ca",
+                ca_s,
+                "--server",
+                &url,
+                "--join-token",
+                join,
+                "--name",
+                "node-1",
+                "--data-dir",
+                node_dir.to_str().unwrap(),
+                "--drain",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &dir.join(log),
+        )
+    };
+    let agent = agent_args(&join, "node-1.log");
+
+    let admin_cert = std::fs::read(admin_dir.join("admin.crt")).unwrap();
+    let admin_key = std::fs::read(admin_dir.join("admin.key")).unwrap();
+    let admin: Arc<dyn Store> = Arc::new(
+        RemoteStore::builder(url.clone())
+            .ca_pem(std::fs::read(&ca).unwrap())
+            .client_identity(admin_cert, admin_key)
+            .build()
+            .unwrap(),
+    );
+    let nodes: Api<Node> = Api::all(admin.clone());
+    wait_for("the node registers", async || {
+        nodes.list(&ListParams::default()).await.ok().filter(|l| l.items.len() == 1).map(|_| ())
+    })
+    .await;
+    // The command line with the CA and the admin's certificate.
+    let listed =
+        run(&["--server", &url, "--ca", ca_s, "--cert", admin_dir.join("admin.crt").to_str().unwrap(), "get", "nodes"]);
+    assert!(listed.contains("node-1"), "{listed}");
+
+    // The node renews its certificate (valid 3 s) at two thirds of its life, and keeps working
+    // after the first one has expired.
+    let node_cert = node_dir.join("pki/node.crt");
+    let first = serial(&node_cert);
+    let joined = Instant::now();
+    // Past the first certificate's expiry, with a newer one in place.
+    wait_for("a renewal past the first certificate's expiry", async || {
+        let now = serial(&node_cert);
+        (now != first && joined.elapsed() > Duration::from_secs(4)).then_some(now)
+    })
+    .await;
+    let workloads: Api<Workload> = Api::namespaced(admin.clone(), "default");
+    workloads
+        .create(&Object::new(
+            ObjectMeta::named("late"),
+            Workload::command("main", &["sh", "-c", "echo hello from late; sleep 300"]),
+        ))
+        .await
+        .unwrap();
+    wait_for("the workload runs on the renewed certificate", async || {
+        workloads.get("late").await.ok().filter(|w| w.status.phase == Phase::Running).map(|_| ())
+    })
+    .await;
+
+    // Logs and exec through the server, as a user with a client certificate.
+    let admin_crt = admin_dir.join("admin.crt");
+    let as_admin = ["--server", &url, "--ca", ca_s, "--cert", admin_crt.to_str().unwrap()];
+    let logs = wait_for("the workload's output", async || {
+        let out = Command::new(env!("CARGO_BIN_EXE_orch")).args(as_admin).args(["logs", "late"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("hello from late").then_some(text)
+    })
+    .await;
+    assert!(logs.contains("hello from late"), "{logs}");
+    let said = run(&[&as_admin[..], &["exec", "late", "--", "echo", "hi"]].concat());
+    assert_eq!(said.trim(), "hi");
+
+    // Revoked: the node's certificate is refused from the next request on.
+    let out = run(&[
+        "--server",
+        &url,
+        "--ca",
+        ca_s,
+        "--cert",
+        admin_dir.join("admin.crt").to_str().unwrap(),
+        "node",
+        "revoke",
+        "node-1",
+    ]);
+    assert!(out.contains("revoked"), "{out}");
+    let as_node: Arc<dyn Store> = Arc::new(
+        RemoteStore::builder(url.clone())
+            .ca_pem(std::fs::read(&ca).unwrap())
+            .client_identity(std::fs::read(&node_cert).unwrap(), std::fs::read(node_dir.join("pki/node.key")).unwrap())
+            .build()
+            .unwrap(),
+    );
+    let e = as_node.current_revision().await.unwrap_err().to_string();
+    assert!(e.contains("revoked"), "{e}");
+
+    // Restarted with a new join token, the agent finds its certificate refused (revoked) or
+    // expired (it lives 3 s here) and joins again.
+    drop(agent);
+    let join2 = run(&["token", "create", "--data-dir", data_s, "--join", "--ttl", "10m"]).trim().to_string();
+    let revoked_serial = serial(&node_cert);
+    let agent = agent_args(&join2, "node-1-again.log");
+    wait_for("a new certificate", async || (serial(&node_cert) != revoked_serial).then_some(())).await;
+    wait_for("the node works again", async || {
+        let again: Arc<dyn Store> = Arc::new(
+            RemoteStore::builder(url.clone())
+                .ca_pem(std::fs::read(&ca).unwrap())
+                .client_identity(
+                    std::fs::read(&node_cert).unwrap(),
+                    std::fs::read(node_dir.join("pki/node.key")).unwrap(),
+                )
+                .build()
+                .unwrap(),
+        );
+        again.current_revision().await.ok()
+    })
+    .await;
+
+    drop(agent);
+    let logs: String = ["server.log", "node-1.log", "node-1-again.log"]
+        .iter()
+        .map(|f| std::fs::read_to_string(dir.join(f)).unwrap())
+        .collect();
+    let again = std::fs::read_to_string(dir.join("node-1-again.log")).unwrap();
+    assert!(again.contains("joined: got a node certificate"), "{again}");
+    assert!(!logs.contains(&join2), "the join token appears in a log");
+    assert!(logs.contains("renewed the node certificate"), "{logs}");
+    assert!(!logs.contains(&join), "the join token appears in a log");
+    assert!(!logs.contains("PRIVATE KEY"), "a key appears in a log");
+    let _ = std::fs::remove_dir_all(&dir);
+}
