@@ -54,11 +54,13 @@ fn run(program: &OsStr, args: &[&OsStr]) -> io::Result<()> {
 }
 
 /// Whether `dir` is a mount point: it is on another device than its parent. A missing `dir`
-/// is not.
+/// (or one under a file) is not.
 pub(crate) fn is_mountpoint(dir: &Path) -> io::Result<bool> {
     let here = match std::fs::symlink_metadata(dir) {
         Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::ENOTDIR) => {
+            return Ok(false);
+        }
         Err(e) => return Err(e),
     };
     let parent = std::fs::metadata(dir.join(".."))?;
@@ -95,7 +97,8 @@ pub(crate) fn remove_volume_dir(dir: &Path) -> io::Result<()> {
 /// Bytes a mounted file system offers to unprivileged writers (`statvfs` `f_bavail`).
 fn available(dir: &Path) -> io::Result<u64> {
     let st = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
-    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    let bytes = u128::from(st.blocks_available()) * u128::from(st.fragment_size());
+    Ok(u64::try_from(bytes).unwrap_or(u64::MAX))
 }
 
 /// A fresh sparse `image` of `size` bytes, formatted ext4.

@@ -312,10 +312,24 @@ mod enforced {
             .collect()
     }
 
+    /// The loop devices still backed by files under `root` once their file systems are
+    /// unmounted: each detaches with its unmount (autoclear), which a kernel may finish a
+    /// moment later, so they are given a while (5 s), not forever.
+    async fn loop_devices_left(root: &Path) -> Vec<String> {
+        for _ in 0..50 {
+            if loop_devices_under(root).is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        loop_devices_under(root)
+    }
+
     /// Unmounts and removes `root`; fails the test if anything stays mounted.
     async fn clean(root: &Path) {
         LocalVolumes::unmount_all(root).await.unwrap();
         assert_eq!(mounts_under(root), Vec::<String>::new(), "nothing stays mounted");
+        assert_eq!(loop_devices_left(root).await, Vec::<String>::new(), "no loop device stays");
         std::fs::remove_dir_all(root).unwrap();
     }
 
@@ -387,6 +401,30 @@ mod enforced {
         clean(&root).await;
     }
 
+    /// The sizing rule of the documentation: a volume of capacity C offers (statvfs f_bavail)
+    /// from C + 64 KiB + C/1024 to that plus 64 KiB + C/256, whatever its size.
+    #[tokio::test]
+    async fn each_file_system_offers_its_capacity_within_the_documented_window() {
+        if !loop_mounts("sizing").await {
+            return;
+        }
+        let root = fresh_root("enforced-sizing");
+        let p = enforcing(&root, "8Gi").await;
+        for (name, size) in [("a", "1Mi"), ("b", "16Mi"), ("c", "300Mi"), ("d", "2Gi")] {
+            p.create(&request(name, size, "n1")).await.unwrap();
+            let path = p.publish(name, "n1", "c1").await.unwrap().path;
+            let st = nix::sys::statvfs::statvfs(&path).unwrap();
+            let offered = st.blocks_available() as u64 * st.fragment_size() as u64;
+            let c = q(size).nanos() as u64 / 1_000_000_000;
+            let low = c + 64 * 1024 + c / 1024;
+            let high = low + 64 * 1024 + c / 256;
+            assert!((low..=high).contains(&offered), "{size}: offers {offered}, not within {low}..={high}");
+            p.unpublish(name, "n1", "c1").await.unwrap();
+            p.delete(name).await.unwrap();
+        }
+        clean(&root).await;
+    }
+
     #[tokio::test]
     async fn data_and_consumers_survive_a_reopen_and_a_reboot() {
         if !loop_mounts("reopen enforced").await {
@@ -448,7 +486,7 @@ mod enforced {
 
         p.delete("v").await.unwrap();
         assert!(mounts_under(&root).is_empty(), "no mount left: {:?}", mounts_under(&root));
-        assert!(loop_devices_under(&root).is_empty(), "no loop device left: {:?}", loop_devices_under(&root));
+        assert_eq!(loop_devices_left(&root).await, Vec::<String>::new(), "no loop device left");
         assert!(!root.join("v").exists());
         assert_eq!(p.available().await, q("1Gi"));
         clean(&root).await;
@@ -473,7 +511,7 @@ mod enforced {
 
         let p = enforcing(&root, "1Gi").await;
         assert!(mounts_under(&root).is_empty(), "the leftovers are unmounted: {:?}", mounts_under(&root));
-        assert!(loop_devices_under(&root).is_empty(), "{:?}", loop_devices_under(&root));
+        assert_eq!(loop_devices_left(&root).await, Vec::<String>::new(), "no loop device left");
         assert!(!root.join("half").exists() && !root.join(".deleting-gone-0000000000000001").exists());
         assert_eq!(p.available().await, q("1Gi"));
         assert!(matches!(p.publish("half", "n1", "c").await, Err(VolumeError::NotFound { .. })));
