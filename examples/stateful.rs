@@ -27,11 +27,11 @@ use std::time::Duration;
 
 use orch_controllers::{GarbageCollector, StatefulSetController, VolumeBinder};
 use orch_core::kinds::{
-    ClaimPhase, EnvVar, Phase, PersistentVolume, ReclaimPolicy, StatefulSet, VolumeClaim, VolumeClaimTemplate,
+    ClaimPhase, EnvVar, PersistentVolume, Phase, ReclaimPolicy, StatefulSet, VolumeClaim, VolumeClaimTemplate,
     VolumePhase, Workload,
 };
 use orch_core::{Api, DeleteOptions, Manager, Object, ObjectMeta, Runtime, Store};
-use orch_runtime::{Agent, AgentConfig, ProcessRuntime};
+use orch_runtime::{Agent, AgentConfig, LocalVolumes, ProcessRuntime};
 use orch_scheduler::{Profile, SchedulerService};
 use orch_store::MemoryStore;
 
@@ -240,6 +240,11 @@ async fn main() -> Result<(), Error> {
     plane.await??;
     for a in agents {
         a.await??;
+    }
+    // Where sizes are enforced each local volume is a loop-mounted file system: unmounted
+    // before its directory goes.
+    for name in ["node-1", "node-2"] {
+        LocalVolumes::unmount_all(base.join(name).join("data").join("local-volumes")).await?;
     }
     let _ = std::fs::remove_dir_all(&base);
     result?;

@@ -8,7 +8,7 @@
 //! | [`Agent`] | always | registers its node, keeps a heartbeat lease, runs the workloads bound to the node with restart policies, crash-loop backoff, probes and log rotation; makes their volumes available (claims through volume providers, `local` by default), evicts past `emptyDir` size limits, reclaims its node's volumes; adopts what runs after its own restart |
 //! | [`net`] | always (`dns` for the DNS server) | service traffic on a node: the in-process [`Resolver`](net::Resolver), the [`NodeProxy`](net::NodeProxy) (TCP and UDP, power of two choices over ready endpoints), the cluster DNS server on hickory-server |
 //! | [`LocalNodes`] | always | a [`NodeProvider`](orch_core::provider::NodeProvider) that runs each node as an agent in this process (simulated clusters, tests) |
-//! | [`LocalVolumes`] | always | a [`VolumeProvider`](orch_core::VolumeProvider) for a node's local storage: a directory per volume under a data root, sizes accounted against the node's capacity (not enforced) |
+//! | [`LocalVolumes`] | always | a [`VolumeProvider`](orch_core::VolumeProvider) for a node's local storage: a directory per volume under a data root, sizes accounted against the node's capacity and enforced where loop mounts work (an ext4 image per volume, [`Enforcement`]) |
 //! | [`ProcessRuntime`] | `process` (default) | real OS processes, each in its own process group, with per-instance directories and log files, limits through cgroups; survives an agent restart |
 //! | [`SimulatedRuntime`] | `simulated` (default) | virtual instances on virtual nodes with declarative behaviour and fault injection, in `tokio::time` (virtual time on a paused runtime) |
 //! | `DockerRuntime` | `docker` | containers on a Docker Engine over its API (bollard), labelled per node and instance; survives an agent restart |
@@ -44,6 +44,7 @@ pub mod cgroup;
 pub mod docker;
 pub mod local_nodes;
 pub mod local_volumes;
+mod loop_fs;
 pub mod net;
 #[cfg(feature = "process")]
 #[cfg_attr(docsrs, doc(cfg(feature = "process")))]
@@ -58,7 +59,7 @@ pub use agent::{Agent, AgentConfig, AgentError, SharedRenewals, instances_of, pr
 #[cfg_attr(docsrs, doc(cfg(feature = "docker")))]
 pub use docker::{DockerConfig, DockerError, DockerRuntime, DockerVolumes};
 pub use local_nodes::LocalNodes;
-pub use local_volumes::LocalVolumes;
+pub use local_volumes::{Enforcement, LocalVolumes, LocalVolumesBuilder};
 #[cfg(feature = "process")]
 #[cfg_attr(docsrs, doc(cfg(feature = "process")))]
 pub use process::ProcessRuntime;

@@ -4,14 +4,23 @@
 //! Each volume is `<root>/<name>/` holding `data/` (what consumers see) and `volume.json` (its
 //! size, access mode and current consumers), so a restarted agent finds its volumes, their sizes
 //! and who uses them. The node's local capacity is given; the sizes of its volumes are accounted
-//! against it, and a volume that does not fit is refused with what is left. Sizes are only
-//! accounted, not enforced: a consumer can write past its volume's size
-//! ([`capabilities`](VolumeProvider::capabilities) says `enforces_size: false`). Enforcing
-//! them (project quotas on XFS or ext4, or a loop-mounted file system per volume) is not built.
+//! against it, and a volume that does not fit is refused with what is left.
+//!
+//! Sizes are also enforced where the machine allows it ([`Enforcement`]): each volume is then
+//! an ext4 file system in a sparse image file `<root>/<name>/image`, loop-mounted on
+//! `<root>/<name>/data`, so a consumer writing past the volume's size gets `ENOSPC`. The image
+//! is sized so that the capacity is usable (the rule is in `loop_fs`: the file system offers
+//! the capacity plus `64 KiB + capacity / 1024`, and at most `64 KiB + capacity / 256` more).
+//! Only the capacity counts in the node's accounting, not the file system's overhead. A
+//! re-opened provider mounts its volumes that are not mounted (after a reboot), and a delete
+//! unmounts (detaching the loop device) before it removes anything. Without enforcement
+//! ([`Enforcement::Off`], or [`Enforcement::Auto`] where loop mounts do not work) sizes are only
+//! accounted: a consumer can write past its volume's size
+//! ([`capabilities`](VolumeProvider::capabilities) says `enforces_size: false`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use orch_core::kinds::AccessMode;
@@ -20,15 +29,57 @@ use orch_core::{Quantity, VolumeError, VolumeProvider};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use crate::loop_fs;
 use crate::volume_checks::{
     bytes, check_create, check_fits, check_name, check_node, check_node_capacity, check_same, free_bytes,
 };
 
 const RECORD: &str = "volume.json";
 const DATA: &str = "data";
+const IMAGE: &str = "image";
 /// Directories being deleted are first renamed to a name starting with this (never a valid
 /// volume name), so a crash mid-delete leaves nothing that looks like a volume.
 const DELETING: &str = ".deleting-";
+/// The probe of [`Enforcement::Auto`] and [`Enforcement::Required`] works in a directory
+/// named so (never a valid volume name); one left by a crash is removed by the next open.
+const PROBE: &str = ".probe-";
+
+/// Whether [`LocalVolumes`] enforces the sizes of the volumes it creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Enforcement {
+    /// Enforce where loop-mounted file systems work under the root (checked once, at open, by
+    /// making, formatting and mounting a tiny one); else only account, saying why in the log.
+    #[default]
+    Auto,
+    /// Enforce; opening fails, saying what does not work, where loop mounts do not.
+    Required,
+    /// Only account: a volume is a plain directory.
+    Off,
+}
+
+impl std::fmt::Display for Enforcement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Enforcement::Auto => "auto",
+            Enforcement::Required => "required",
+            Enforcement::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for Enforcement {
+    type Err = String;
+
+    /// `auto`, `required` or `off`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Enforcement::Auto),
+            "required" => Ok(Enforcement::Required),
+            "off" => Ok(Enforcement::Off),
+            other => Err(format!("must be auto, required or off (is {other:?})")),
+        }
+    }
+}
 
 /// What `volume.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,14 +89,25 @@ struct Record {
     access_mode: AccessMode,
     #[serde(default)]
     consumers: BTreeSet<String>,
+    /// The size of the image file in bytes, for a volume that is a loop-mounted file system;
+    /// absent for a plain directory (sizes not enforced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image_size: Option<u64>,
 }
 
 /// Node-local volumes: a directory per volume under a data root, sizes accounted against the
-/// node's local capacity. Volumes offer `ReadWriteOnce` only and are published on their node only.
+/// node's local capacity and, where loop mounts work, enforced. Volumes offer `ReadWriteOnce`
+/// only and are published on their node only.
 pub struct LocalVolumes {
     root: PathBuf,
     node: String,
     capacity: Quantity,
+    mkfs: PathBuf,
+    /// Whether new volumes are loop-mounted file systems.
+    enforcing: bool,
+    /// Whether every volume's size is enforced (enforcing, and no plain directory left by an
+    /// earlier open without enforcement).
+    enforces_size: bool,
     volumes: Mutex<BTreeMap<String, Record>>,
 }
 
@@ -55,6 +117,7 @@ impl std::fmt::Debug for LocalVolumes {
             .field("root", &self.root)
             .field("node", &self.node)
             .field("capacity", &self.capacity)
+            .field("enforcing", &self.enforcing)
             .finish_non_exhaustive()
     }
 }
@@ -63,17 +126,38 @@ fn backend(volume: &str, message: String, e: io::Error) -> VolumeError {
     VolumeError::Backend { volume: volume.to_string(), message, source: Box::new(e) }
 }
 
-impl LocalVolumes {
-    /// Opens (creating it if needed) the data root of node `node`, whose local storage for
-    /// volumes is `capacity` bytes, and finds the volumes already there. Leftovers of a delete
-    /// interrupted by a crash are removed.
-    pub async fn open(
-        root: impl Into<PathBuf>,
-        node: impl Into<String>,
-        capacity: Quantity,
-    ) -> Result<LocalVolumes, VolumeError> {
-        let root = root.into();
-        let node = node.into();
+/// Runs blocking file system work (subprocesses, mounts) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(io::Error::other)?
+}
+
+/// How to open [`LocalVolumes`]: made by [`LocalVolumes::builder`].
+#[derive(Debug, Clone)]
+pub struct LocalVolumesBuilder {
+    root: PathBuf,
+    node: String,
+    capacity: Quantity,
+    enforcement: Enforcement,
+    mkfs: PathBuf,
+}
+
+impl LocalVolumesBuilder {
+    /// Whether to enforce sizes ([`Enforcement::Auto`] unless told).
+    pub fn enforcement(mut self, enforcement: Enforcement) -> Self {
+        self.enforcement = enforcement;
+        self
+    }
+
+    /// The program that formats a volume's image (`mkfs.ext4`, looked up on `PATH`, unless told).
+    pub fn mkfs_program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.mkfs = program.into();
+        self
+    }
+
+    /// Opens the provider: see [`LocalVolumes::open`]. With [`Enforcement::Required`] it fails,
+    /// saying what does not work, where loop-mounted file systems cannot be made under the root.
+    pub async fn open(self) -> Result<LocalVolumes, VolumeError> {
+        let LocalVolumesBuilder { root, node, capacity, enforcement, mkfs } = self;
         check_node_capacity(&capacity)?;
         let at = |e| backend("", format!("opening the volume root {}", root.display()), e);
         tokio::fs::create_dir_all(&root).await.map_err(at)?;
@@ -81,23 +165,124 @@ impl LocalVolumes {
         let mut entries = tokio::fs::read_dir(&root).await.map_err(at)?;
         while let Some(entry) = entries.next_entry().await.map_err(at)? {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(DELETING) {
-                tokio::fs::remove_dir_all(entry.path()).await.map_err(|e| {
-                    backend(&name, format!("removing the remains of a deleted volume at {}", entry.path().display()), e)
+            let path = entry.path();
+            if !entry.file_type().await.map_err(at)?.is_dir() {
+                continue;
+            }
+            if name.starts_with(DELETING) || name.starts_with(PROBE) {
+                let doomed = path.clone();
+                blocking(move || loop_fs::remove_volume_dir(&doomed)).await.map_err(|e| {
+                    backend(&name, format!("removing the remains of a deleted volume at {}", path.display()), e)
                 })?;
                 continue;
             }
-            // A directory without a record is a create that did not finish: the next create
-            // of that name starts it afresh.
-            let Ok(text) = tokio::fs::read(entry.path().join(RECORD)).await else { continue };
+            let Ok(text) = tokio::fs::read(path.join(RECORD)).await else {
+                // A directory without a record is a create that did not finish: it goes (its
+                // file system unmounted first, if it got that far).
+                let doomed = path.clone();
+                blocking(move || loop_fs::remove_volume_dir(&doomed))
+                    .await
+                    .map_err(|e| backend(&name, format!("removing the unfinished volume at {}", path.display()), e))?;
+                continue;
+            };
             let record: Record = serde_json::from_slice(&text).map_err(|e| VolumeError::Backend {
                 volume: name.clone(),
-                message: format!("reading {}", entry.path().join(RECORD).display()),
+                message: format!("reading {}", path.join(RECORD).display()),
                 source: Box::new(e),
             })?;
+            if record.image_size.is_some() {
+                // After a reboot nothing is mounted: the volume's file system is mounted again.
+                let (image, data) = (path.join(IMAGE), path.join(DATA));
+                blocking(move || if loop_fs::is_mountpoint(&data)? { Ok(()) } else { loop_fs::mount(&image, &data) })
+                    .await
+                    .map_err(|e| backend(&name, format!("mounting the file system of {}", path.display()), e))?;
+            }
             volumes.insert(name, record);
         }
-        Ok(LocalVolumes { root, node, capacity, volumes: Mutex::new(volumes) })
+        let enforcing = match enforcement {
+            Enforcement::Off => false,
+            Enforcement::Auto | Enforcement::Required => {
+                let probe_dir = root.join(format!("{PROBE}{:016x}", fastrand::u64(..)));
+                let program = mkfs.clone();
+                match blocking(move || loop_fs::probe(&program, &probe_dir)).await {
+                    Ok(()) => {
+                        tracing::info!(root = %root.display(), "local volume sizes are enforced (loop-mounted ext4)");
+                        true
+                    }
+                    Err(e) if enforcement == Enforcement::Required => {
+                        return Err(backend(
+                            "",
+                            format!(
+                                "size enforcement is required but loop-mounted file systems \
+                                 (made with {}, mounted with mount -o loop) do not work under {}",
+                                mkfs.display(),
+                                root.display()
+                            ),
+                            e,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            root = %root.display(),
+                            reason = %e,
+                            "local volume sizes are accounted, not enforced: loop-mounted file systems do not work here"
+                        );
+                        false
+                    }
+                }
+            }
+        };
+        let enforces_size = enforcing && volumes.values().all(|r| r.image_size.is_some());
+        Ok(LocalVolumes { root, node, capacity, mkfs, enforcing, enforces_size, volumes: Mutex::new(volumes) })
+    }
+}
+
+impl LocalVolumes {
+    /// Opens (creating it if needed) the data root of node `node`, whose local storage for
+    /// volumes is `capacity` bytes, and finds the volumes already there, mounting the file
+    /// systems of those that are not mounted. Leftovers of a create or a delete interrupted by
+    /// a crash are removed. Sizes are enforced where loop mounts work ([`Enforcement::Auto`]);
+    /// [`builder`](Self::builder) chooses otherwise.
+    pub async fn open(
+        root: impl Into<PathBuf>,
+        node: impl Into<String>,
+        capacity: Quantity,
+    ) -> Result<LocalVolumes, VolumeError> {
+        Self::builder(root, node, capacity).open().await
+    }
+
+    /// How to open the data root of node `node` with `capacity` bytes for volumes, with
+    /// [`Enforcement::Auto`] and `mkfs.ext4` unless told otherwise.
+    pub fn builder(root: impl Into<PathBuf>, node: impl Into<String>, capacity: Quantity) -> LocalVolumesBuilder {
+        LocalVolumesBuilder {
+            root: root.into(),
+            node: node.into(),
+            capacity,
+            enforcement: Enforcement::Auto,
+            mkfs: PathBuf::from("mkfs.ext4"),
+        }
+    }
+
+    /// Unmounts the file systems of the volumes under `root` (for a node shutting down, or a
+    /// test cleaning up); their data stays in their images and the next
+    /// [`open`](Self::open) mounts them again. Fails, leaving it mounted, on a file system still
+    /// in use.
+    pub async fn unmount_all(root: impl AsRef<Path>) -> Result<(), VolumeError> {
+        let root = root.as_ref().to_path_buf();
+        let at = |e| backend("", format!("reading the volume root {}", root.display()), e);
+        let mut entries = match tokio::fs::read_dir(&root).await {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            other => other.map_err(at)?,
+        };
+        while let Some(entry) = entries.next_entry().await.map_err(at)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let data = entry.path().join(DATA);
+            let shown = data.display().to_string();
+            blocking(move || loop_fs::unmount(&data))
+                .await
+                .map_err(|e| backend(&name, format!("unmounting {shown}"), e))?;
+        }
+        Ok(())
     }
 
     /// The node whose storage this is.
@@ -133,6 +318,26 @@ impl LocalVolumes {
         tokio::fs::write(&tmp, text).await.map_err(at)?;
         tokio::fs::rename(&tmp, dir.join(RECORD)).await.map_err(at)
     }
+
+    /// Makes the directory of a new volume `name` (empty, nothing left of an earlier one): its
+    /// `data/` and, when enforcing, its image mounted there. Answers the image's size.
+    async fn make(&self, name: &str, capacity: u64) -> Result<Option<u64>, VolumeError> {
+        let dir = self.dir(name);
+        // A directory left by a create that crashed before its record: start it afresh, so a
+        // new volume is empty.
+        let doomed = dir.clone();
+        blocking(move || loop_fs::remove_volume_dir(&doomed))
+            .await
+            .map_err(|e| backend(name, format!("clearing {}", dir.display()), e))?;
+        let data = dir.join(DATA);
+        tokio::fs::create_dir_all(&data).await.map_err(|e| backend(name, format!("creating {}", data.display()), e))?;
+        if !self.enforcing {
+            return Ok(None);
+        }
+        let (mkfs, image) = (self.mkfs.clone(), dir.join(IMAGE));
+        let made = blocking(move || loop_fs::make(&mkfs, &image, &data, capacity)).await;
+        made.map(Some).map_err(|e| backend(name, format!("making the file system of {}", dir.join(IMAGE).display()), e))
+    }
 }
 
 #[async_trait]
@@ -140,7 +345,7 @@ impl VolumeProvider for LocalVolumes {
     fn capabilities(&self) -> VolumeCapabilities {
         VolumeCapabilities {
             access_modes: vec![AccessMode::ReadWriteOnce],
-            enforces_size: false,
+            enforces_size: self.enforces_size,
             node_local: true,
             capacity: Some(self.capacity),
         }
@@ -162,22 +367,28 @@ impl VolumeProvider for LocalVolumes {
         check_fits(req, self.free_bytes(&volumes), || {
             format!("node {:?} (local capacity {})", self.node, self.capacity)
         })?;
-        let dir = self.dir(&req.name);
-        // A directory left by a create that crashed before its record: start it afresh, so a
-        // new volume is empty.
-        if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
-            tokio::fs::remove_dir_all(&dir)
-                .await
-                .map_err(|e| backend(&req.name, format!("clearing {}", dir.display()), e))?;
-        }
-        tokio::fs::create_dir_all(dir.join(DATA))
-            .await
-            .map_err(|e| backend(&req.name, format!("creating {}", dir.join(DATA).display()), e))?;
-        let record = Record { capacity: req.capacity, access_mode: req.access_mode, consumers: BTreeSet::new() };
-        if let Err(e) = self.write_record(&req.name, &record).await {
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            return Err(e);
-        }
+        let capacity = u64::try_from(bytes(&req.capacity)).expect("checked positive");
+        // The record comes last: until it is written, nothing here looks like a volume.
+        let made = match self.make(&req.name, capacity).await {
+            Ok(image_size) => {
+                let record = Record {
+                    capacity: req.capacity,
+                    access_mode: req.access_mode,
+                    consumers: BTreeSet::new(),
+                    image_size,
+                };
+                self.write_record(&req.name, &record).await.map(|()| record)
+            }
+            Err(e) => Err(e),
+        };
+        let record = match made {
+            Ok(record) => record,
+            Err(e) => {
+                let dir = self.dir(&req.name);
+                let _ = blocking(move || loop_fs::remove_volume_dir(&dir)).await;
+                return Err(e);
+            }
+        };
         volumes.insert(req.name.clone(), record);
         Ok(provided)
     }
@@ -193,13 +404,20 @@ impl VolumeProvider for LocalVolumes {
             });
         }
         let dir = self.dir(name);
+        // Unmounted first (detaching its loop device): a file system still in use fails here,
+        // the volume kept as it was.
+        let data = dir.join(DATA);
+        blocking(move || loop_fs::unmount(&data))
+            .await
+            .map_err(|e| backend(name, format!("unmounting {}", dir.join(DATA).display()), e))?;
         let doomed = self.root.join(format!("{DELETING}{name}-{:016x}", fastrand::u64(..)));
         tokio::fs::rename(&dir, &doomed).await.map_err(|e| backend(name, format!("deleting {}", dir.display()), e))?;
         volumes.remove(name);
         drop(volumes);
         // The volume is gone once renamed; the removal of its data may take a while and is
         // finished by `open` should it be interrupted.
-        tokio::fs::remove_dir_all(&doomed)
+        let removing = doomed.clone();
+        blocking(move || loop_fs::remove_volume_dir(&removing))
             .await
             .map_err(|e| backend(name, format!("removing the data of {}", doomed.display()), e))
     }
@@ -212,13 +430,22 @@ impl VolumeProvider for LocalVolumes {
         let mut volumes = self.volumes.lock().await;
         let Some(record) = volumes.get(name) else { return Err(VolumeError::NotFound { volume: name.to_string() }) };
         check_node(name, &self.node, node)?;
+        let data = self.dir(name).join(DATA);
+        if record.image_size.is_some() {
+            // Mounted since open, unless something unmounted it: a consumer never gets the
+            // empty directory under the file system.
+            let (image, at) = (self.dir(name).join(IMAGE), data.clone());
+            blocking(move || if loop_fs::is_mountpoint(&at)? { Ok(()) } else { loop_fs::mount(&image, &at) })
+                .await
+                .map_err(|e| backend(name, format!("mounting {}", data.display()), e))?;
+        }
         if !record.consumers.contains(consumer) {
             let mut next = record.clone();
             next.consumers.insert(consumer.to_string());
             self.write_record(name, &next).await?;
             volumes.insert(name.to_string(), next);
         }
-        Ok(Published { path: self.dir(name).join(DATA) })
+        Ok(Published { path: data })
     }
 
     async fn unpublish(&self, name: &str, node: &str, consumer: &str) -> Result<(), VolumeError> {

@@ -48,6 +48,14 @@ fn config(data_root: &std::path::Path) -> AgentConfig {
     }
 }
 
+/// Unmounts what the test's volume providers mounted under `data_root` (each `local` volume is
+/// a loop-mounted file system where sizes are enforced), so no test leaves a mount behind.
+async fn unmount(data_root: &std::path::Path) {
+    for provider in ["local-volumes", "extra"] {
+        LocalVolumes::unmount_all(data_root.join(provider)).await.unwrap();
+    }
+}
+
 type Running = (oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), AgentError>>);
 
 fn start(agent: Agent, drain: bool) -> Running {
@@ -161,6 +169,17 @@ async fn a_claim_waits_until_bound_and_its_data_outlives_the_instance_and_the_ag
     let count = data_root.join("local-volumes").join(&pv).join("data").join("count");
     let read = || std::fs::read_to_string(&count).ok().map(|s| s.trim().to_string());
     wait_until("the first start counted on the volume", LIMIT, async || (read()? == "1").then_some(())).await;
+    // The agent enforces its sizes where loop mounts work (required in CI): the volume's
+    // directory is then a file system of its own.
+    if std::env::var("ORCH_REQUIRE_LOOP").as_deref() == Ok("1") {
+        let dir = std::fs::canonicalize(count.parent().unwrap()).unwrap();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            info.lines().any(|l| l.split(' ').nth(4) == Some(dir.to_string_lossy().as_ref())),
+            "{} is a mount point",
+            dir.display()
+        );
+    }
     let running = wait_until("db running", LIMIT, async || {
         let w = api.get("db").await.ok()?;
         (w.status.phase == Phase::Running).then_some(w)
@@ -197,6 +216,7 @@ async fn a_claim_waits_until_bound_and_its_data_outlives_the_instance_and_the_ag
     assert!(!data_root.join("local-volumes").join(&pv).exists(), "the volume's data is deleted");
     assert!(runtime.list().await.unwrap().is_empty());
     stop(agent).await;
+    unmount(&data_root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,6 +246,7 @@ async fn a_reclaim_left_pending_is_finished_by_the_restarted_agent() {
     wait_until("the volume reclaimed", LIMIT, async || pvs.get_opt(&pv).await.unwrap().is_none().then_some(())).await;
     assert!(!data_root.join("local-volumes").join(&pv).exists(), "its data is deleted");
     stop(agent).await;
+    unmount(&data_root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,6 +310,7 @@ async fn volumes_of_another_node_or_class_are_refused_and_the_node_lists_its_sto
     })
     .await;
     stop(agent).await;
+    unmount(&data_root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,6 +368,7 @@ async fn an_empty_dir_over_its_size_limit_is_evicted_and_one_within_it_runs_on()
     let modest = api.get("modest").await.unwrap();
     assert_eq!(modest.status.phase, Phase::Running, "within its limit it runs on");
     stop(agent).await;
+    unmount(&data_root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,6 +405,7 @@ async fn a_program_runs_inside_its_volume_when_asked_and_other_expansions_are_re
         assert!(e.contains("spec.containers[0].workingDir") && e.contains(says), "{dir}: {e}");
     }
     stop(agent).await;
+    unmount(&data_root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,6 +428,7 @@ async fn a_waiting_workload_starts_as_soon_as_its_claim_is_bound_not_on_a_timer(
     wait_until("db running", LIMIT, async || (api.get("db").await.ok()?.status.phase == Phase::Running).then_some(()))
         .await;
     stop(agent).await;
+    unmount(&data_root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,6 +453,7 @@ async fn an_agent_on_a_shared_cache_reclaims_on_its_timer() {
     wait_until("the volume reclaimed", LIMIT, async || pvs.get_opt(&pv).await.unwrap().is_none().then_some(())).await;
     assert!(!data_root.join("local-volumes").join(&pv).exists(), "its data is deleted");
     stop(agent).await;
+    unmount(&data_root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,6 +483,7 @@ async fn a_workload_deleted_while_the_agent_is_down_is_unpublished_by_the_next_a
     wait_until("the volume unpublished", LIMIT, async || consumers().is_empty().then_some(())).await;
     assert!(volume.join("data/count").is_file(), "unpublishing keeps the data");
     stop(agent).await;
+    unmount(&data_root).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,4 +510,5 @@ async fn a_claim_too_large_for_the_node_waits_with_the_providers_reason() {
     assert!(runtime.list().await.unwrap().is_empty(), "nothing runs without its data");
     assert!(!data_root.join("local-volumes").join(&pv).exists(), "nothing is left of the refused volume");
     stop(agent).await;
+    unmount(&data_root).await;
 }

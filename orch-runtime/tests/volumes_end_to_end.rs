@@ -93,5 +93,9 @@ async fn a_claim_is_provided_on_the_node_with_room_and_its_data_reclaimed_when_d
     for a in agents {
         a.await.unwrap().unwrap();
     }
+    for root in &roots {
+        // Each `local` volume is a loop-mounted file system where sizes are enforced.
+        orch_runtime::LocalVolumes::unmount_all(root.join("local-volumes")).await.unwrap();
+    }
     plane.await.unwrap().unwrap();
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 use orch_core::kinds::{Resources, Taint};
 use orch_core::{Labels, Quantity};
 
+use crate::Enforcement;
+
 /// The host ports an agent allocates from unless told otherwise.
 pub const DEFAULT_PORT_RANGE: RangeInclusive<u16> = 20000..=29999;
 
@@ -69,6 +71,11 @@ pub struct AgentConfig {
     /// measured again at every agent start. Ignored when a `local` provider is given with
     /// [`Agent::with_volume_provider`](super::Agent::with_volume_provider).
     pub local_storage: Option<Quantity>,
+    /// Whether the sizes of `local` volumes are enforced: [`Enforcement::Auto`] (the default)
+    /// makes each volume a loop-mounted ext4 file system where that works under
+    /// `<data_root>/local-volumes/`, else only accounts them, saying why in the log. Ignored
+    /// when a `local` provider is given.
+    pub local_storage_enforcement: Enforcement,
 }
 
 impl AgentConfig {
@@ -94,6 +101,7 @@ impl AgentConfig {
             address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port_range: DEFAULT_PORT_RANGE,
             local_storage: None,
+            local_storage_enforcement: Enforcement::Auto,
         }
     }
 }

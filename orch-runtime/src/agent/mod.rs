@@ -192,7 +192,8 @@ impl Agent {
     /// workloads here are created and published through it, and those of this node being
     /// deleted are reclaimed through it. Without a provider for `local`, the agent opens
     /// [`LocalVolumes`](crate::LocalVolumes) under `<data_root>/local-volumes` with
-    /// [`AgentConfig::local_storage`] as its capacity. An invalid class makes
+    /// [`AgentConfig::local_storage`] as its capacity, enforcing sizes as
+    /// [`AgentConfig::local_storage_enforcement`] says. An invalid class makes
     /// [`run`](Agent::run) fail naming it.
     pub fn with_volume_provider(mut self, class: impl Into<String>, provider: Arc<dyn VolumeProvider>) -> Self {
         self.providers.insert(class.into(), provider);

@@ -329,7 +329,9 @@ impl Agent {
             })?,
         };
         let root = self.config.data_root.join("local-volumes");
-        let local = crate::LocalVolumes::open(root, self.config.node_name.clone(), capacity)
+        let local = crate::LocalVolumes::builder(root, self.config.node_name.clone(), capacity)
+            .enforcement(self.config.local_storage_enforcement)
+            .open()
             .await
             .map_err(|source| AgentError::Volume { class: class(), source })?;
         self.providers.insert(class(), Arc::new(local));

@@ -85,6 +85,11 @@ pub(crate) struct AgentArgs {
     /// space of the data directory's file system when the agent starts.
     #[arg(long, value_parser = parse_local_storage)]
     local_storage: Option<orch_core::Quantity>,
+    /// Whether the sizes of `local` volumes are enforced (each a loop-mounted ext4 image):
+    /// `auto` where loop mounts work (else only accounted, saying why in the log), `required`
+    /// (the agent does not start without them), `off` (only accounted).
+    #[arg(long, default_value = "auto", value_name = "auto|required|off")]
+    local_storage_enforce: orch_runtime::Enforcement,
     /// With `--runtime docker`: also provide the volume class `docker` (Docker named volumes on
     /// the node's engine, consumers recorded under `<data-dir>/data/docker-volumes`) with this
     /// much room (`50Gi`). Without it the node provides no `docker` class.
@@ -341,6 +346,7 @@ pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxE
     config.port_range = args.port_range.clone();
     config.pre_stop_delay = std::time::Duration::from_secs(args.pre_stop_delay);
     config.local_storage = args.local_storage;
+    config.local_storage_enforcement = args.local_storage_enforce;
     let (runtime, provider) = runtime(&args, &node).await?;
 
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
@@ -400,5 +406,23 @@ mod tests {
         assert!(super::parse_local_storage("-1Gi").unwrap_err().contains("whole number of bytes >= 0"));
         assert!(super::parse_local_storage("1.5").unwrap_err().contains("whole number of bytes"));
         assert!(super::parse_local_storage("ten").unwrap_err().contains("invalid quantity"));
+    }
+
+    #[test]
+    fn local_storage_enforce_is_auto_unless_told() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: super::AgentArgs,
+        }
+        let parse =
+            |extra: &[&str]| Cli::try_parse_from([&["orch", "--server", "http://127.0.0.1:7440"], extra].concat());
+        let enforce = |extra: &[&str]| parse(extra).map(|c| c.agent.local_storage_enforce);
+        assert_eq!(enforce(&[]).unwrap(), orch_runtime::Enforcement::Auto);
+        assert_eq!(enforce(&["--local-storage-enforce", "required"]).unwrap(), orch_runtime::Enforcement::Required);
+        assert_eq!(enforce(&["--local-storage-enforce", "off"]).unwrap(), orch_runtime::Enforcement::Off);
+        let err = parse(&["--local-storage-enforce", "maybe"]).err().unwrap().to_string();
+        assert!(err.contains("must be auto, required or off"), "{err}");
     }
 }
