@@ -6,16 +6,18 @@
 //! using it, which [`VolumeBinding`](https://docs.rs/orch-scheduler) places only on a node whose
 //! agent provides the class with room for it. The binder then creates the volume
 //! ([`volume_name_for_claim`]) on that node, with the claim's size, access mode, class and
-//! reclaim policy, and the [`VOLUME_RECLAIM_FINALIZER`] the node's agent removes once it deleted
-//! the data; then the claim turns `Bound`. The node's agent creates the storage itself when a
-//! workload first uses it.
+//! reclaim policy, the [`VOLUME_RECLAIM_FINALIZER`] the node's agent removes once it deleted the
+//! data, and the [`VOLUME_PROTECTION_FINALIZER`] the binder removes once the claim is gone (so a
+//! bound volume deleted by hand waits for its claim, data and all); then the claim turns `Bound`.
+//! The node's agent creates the storage itself when a workload first uses it.
 //!
 //! Claims carry the [`CLAIM_PROTECTION_FINALIZER`]: a deleted claim stays until no workload uses
 //! it; then its volume is deleted (`Delete`) or turns `Released` with its data (`Retain`), and the
 //! claim goes. A bound claim whose volume is gone turns `Lost`.
 //!
-//! A claim no node can ever hold (a class no node provides, a size larger than any node's room
-//! for the class) says so in its `Bound` condition (`UnknownVolumeClass`, `TooLarge`).
+//! A claim no node can ever hold (a class no node provides, an access mode the class does not
+//! offer, a size larger than any node's room for the class) says so in its `Bound` condition
+//! (`UnknownVolumeClass`, `UnsupportedAccessMode`, `TooLarge`).
 
 use std::sync::Arc;
 
@@ -24,8 +26,8 @@ use orch_core::controller::{Action, Context, Controller, ControllerBuilder};
 use orch_core::error::Error;
 use orch_core::kinds::{
     CLAIM_PROTECTION_FINALIZER, ClaimPhase, ClaimReference, Condition, ConditionStatus, EventType, Node,
-    ObjectReference, PersistentVolume, Phase, VOLUME_RECLAIM_FINALIZER, VolumeClaim, VolumePhase, VolumeSource,
-    Workload, find_condition, set_condition, volume_name_for_claim,
+    ObjectReference, PersistentVolume, Phase, VOLUME_PROTECTION_FINALIZER, VOLUME_RECLAIM_FINALIZER, VolumeClaim,
+    VolumePhase, VolumeSource, Workload, find_condition, set_condition, volume_name_for_claim,
 };
 use orch_core::meta::ObjectMeta;
 use orch_core::object::Object;
@@ -76,15 +78,16 @@ fn holds_volumes(w: &Object<Workload>) -> bool {
 
 /// Why no node can ever hold `claim` as the cluster is, if none can.
 fn never_fits(claim: &VolumeClaim, nodes: &[Arc<Object<Node>>]) -> Option<(&'static str, String)> {
-    let offers: Vec<_> = nodes
-        .iter()
-        .flat_map(|n| n.status.storage.iter())
-        .filter(|s| s.volume_class == claim.volume_class && s.access_modes.contains(&claim.access_mode))
-        .collect();
+    let of_class: Vec<_> =
+        nodes.iter().flat_map(|n| n.status.storage.iter()).filter(|s| s.volume_class == claim.volume_class).collect();
+    if of_class.is_empty() {
+        return Some(("UnknownVolumeClass", format!("no node provides volume class {:?}", claim.volume_class)));
+    }
+    let offers: Vec<_> = of_class.into_iter().filter(|s| s.access_modes.contains(&claim.access_mode)).collect();
     if offers.is_empty() {
         return Some((
-            "UnknownVolumeClass",
-            format!("no node provides volume class {:?} with access mode {}", claim.volume_class, claim.access_mode),
+            "UnsupportedAccessMode",
+            format!("volume class {:?} does not offer {} on any node", claim.volume_class, claim.access_mode),
         ));
     }
     let largest = offers.iter().map(|s| s.capacity).max().expect("not empty");
@@ -132,10 +135,12 @@ impl VolumeBinder {
             return Ok(Action::Done);
         }
         let volumes = ctx.api_all::<PersistentVolume>();
-        if let Some(name) = &claim.status.volume_name
-            && let Some(pv) = volumes.get_opt(name).await?
+        // The volume provided for it, even when the claim went before it was marked bound.
+        let name = claim.status.volume_name.clone().unwrap_or_else(|| volume_name_for_claim(&claim.metadata.uid));
+        if let Some(pv) = volumes.get_opt(&name).await?
             && pv.spec.claim_ref.as_ref().is_some_and(|r| r.uid == claim.metadata.uid)
         {
+            let name = &name;
             match pv.spec.reclaim_policy {
                 orch_core::kinds::ReclaimPolicy::Delete => {
                     if !pv.metadata.is_being_deleted() {
@@ -153,6 +158,19 @@ impl VolumeBinder {
                         volumes.write_status(&pv.metadata, &status).await?;
                     }
                 }
+            }
+            // Its claim is going: the volume is no longer protected (a `Delete` volume's agent
+            // now deletes the data; a `Released` one may be deleted by an operator).
+            match volumes
+                .retry_on_conflict(name, |v| {
+                    v.metadata.finalizers.retain(|f| f != VOLUME_PROTECTION_FINALIZER);
+                    Ok(())
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
             }
         }
         let api = ctx.api::<VolumeClaim>(&claim.metadata.namespace);
@@ -177,7 +195,7 @@ impl VolumeBinder {
             Some(pv) => pv,
             None => {
                 let mut meta = ObjectMeta::named(name.clone());
-                meta.finalizers = vec![VOLUME_RECLAIM_FINALIZER.to_string()];
+                meta.finalizers = vec![VOLUME_RECLAIM_FINALIZER.to_string(), VOLUME_PROTECTION_FINALIZER.to_string()];
                 let spec = PersistentVolume {
                     capacity: claim.spec.size,
                     access_modes: vec![claim.spec.access_mode],
@@ -197,6 +215,9 @@ impl VolumeBinder {
                 }
             }
         };
+        // A volume provided earlier (the claim's first consumer went before the claim was marked
+        // bound) stays where its data is, whatever node this consumer is on.
+        let node = pv.spec.node_name.as_deref().unwrap_or(node);
         if pv.status.phase != VolumePhase::Bound {
             let mut status = pv.status.clone();
             status.phase = VolumePhase::Bound;
@@ -247,10 +268,10 @@ impl Controller for VolumeBinder {
         match claim.status.phase {
             ClaimPhase::Bound => {
                 let name = claim.status.volume_name.clone().unwrap_or_default();
-                let ours = |pv: &Object<PersistentVolume>| {
-                    pv.spec.claim_ref.as_ref().is_some_and(|r| r.uid == claim.metadata.uid)
-                        && !pv.metadata.is_being_deleted()
-                };
+                // A volume being deleted is still there, data and all (its protection holds it
+                // while this claim exists): only a volume gone or given to another claim is lost.
+                let ours =
+                    |pv: &Object<PersistentVolume>| pv.spec.claim_ref.as_ref().is_some_and(|r| r.uid == claim.metadata.uid);
                 let cached = ctx.cache::<PersistentVolume>().and_then(|c| c.get(&ObjectRef::new("", name.as_str())));
                 // The cache may lag behind a volume just provided: a miss is checked in the store.
                 let ours = match cached {

@@ -10,8 +10,8 @@ use orch_controllers::VolumeBinder;
 use orch_controllers::volumes::BOUND_CONDITION;
 use orch_core::kinds::{
     AccessMode, CLAIM_PROTECTION_FINALIZER, ClaimPhase, Node, NodeStorage, PersistentVolume, ReclaimPolicy,
-    VOLUME_RECLAIM_FINALIZER, Volume, VolumeClaim, VolumePhase, VolumeSource, Workload, find_condition,
-    volume_name_for_claim,
+    VOLUME_PROTECTION_FINALIZER, VOLUME_RECLAIM_FINALIZER, Volume, VolumeClaim, VolumePhase, VolumeSource, Workload,
+    find_condition, volume_name_for_claim,
 };
 use orch_core::testkit::wait_until;
 use orch_core::{Api, DeleteOptions, Manager, Object, ObjectMeta, Quantity, Store};
@@ -133,7 +133,10 @@ async fn a_claim_waits_for_its_first_consumer_and_gets_a_volume_on_its_node() {
     assert_eq!(pv.spec.access_modes, vec![AccessMode::ReadWriteOnce]);
     assert_eq!(pv.spec.claim_ref.as_ref().unwrap().uid, c.metadata.uid);
     assert_eq!(pv.status.phase, VolumePhase::Bound);
-    assert_eq!(pv.metadata.finalizers, vec![VOLUME_RECLAIM_FINALIZER.to_string()]);
+    assert_eq!(
+        pv.metadata.finalizers,
+        vec![VOLUME_RECLAIM_FINALIZER.to_string(), VOLUME_PROTECTION_FINALIZER.to_string()]
+    );
     assert!(find_condition(&c.status.conditions, BOUND_CONDITION).unwrap().message.contains("on node n2"));
 }
 
@@ -146,6 +149,11 @@ async fn a_claim_no_node_can_hold_says_why() {
     p.claims.create(&claim("huge", 21, "local", ReclaimPolicy::Delete)).await.unwrap();
     let msg = p.bound_condition("huge", "TooLarge").await;
     assert!(msg.contains("the most is 20Gi"), "{msg}");
+    let mut shared = claim("shared", 1, "local", ReclaimPolicy::Delete);
+    shared.spec.access_mode = AccessMode::ReadWriteMany;
+    p.claims.create(&shared).await.unwrap();
+    let msg = p.bound_condition("shared", "UnsupportedAccessMode").await;
+    assert!(msg.contains("volume class \"local\" does not offer ReadWriteMany"), "{msg}");
 }
 
 #[tokio::test]
@@ -163,9 +171,9 @@ async fn a_deleted_claim_waits_for_its_workloads_then_deletes_its_volume() {
     p.workloads.delete("db", &DeleteOptions::default()).await.unwrap();
     p.gone(&p.claims, "data").await;
     // The volume is being deleted; its node's agent deletes the data and lets it go.
-    let pv = wait_until("the volume is being deleted", LIMIT, async || {
+    let pv = wait_until("the volume is being deleted, no longer protected", LIMIT, async || {
         let pv = p.volumes.get(&pv.metadata.name).await.ok()?;
-        pv.metadata.is_being_deleted().then_some(pv)
+        (pv.metadata.is_being_deleted() && pv.metadata.finalizers == [VOLUME_RECLAIM_FINALIZER]).then_some(pv)
     })
     .await;
     p.volumes
@@ -194,17 +202,68 @@ async fn a_retained_volume_outlives_its_claim_released() {
     })
     .await;
     assert!(!pv.metadata.is_being_deleted(), "a retained volume is kept");
+    assert_eq!(pv.metadata.finalizers, [VOLUME_RECLAIM_FINALIZER], "no longer protected: an operator may delete it");
     assert_eq!(pv.spec.claim_ref.as_ref().unwrap().name, "keep", "it still says whose data it holds");
 }
 
 #[tokio::test]
-async fn a_bound_claim_whose_volume_vanished_is_lost() {
+async fn a_bound_volume_deleted_by_hand_waits_for_its_claim_and_a_vanished_one_is_lost() {
     let p = start().await;
     p.claims.create(&claim("data", 1, "local", ReclaimPolicy::Delete)).await.unwrap();
     p.workloads.create(&user("db", "data", Some("n1"))).await.unwrap();
     let (_, pv) = p.bound("data").await;
+    // Deleted by hand while bound: protected, it stays (and so does the data) while the claim does.
     p.volumes.delete(&pv.metadata.name, &DeleteOptions::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = p.volumes.get(&pv.metadata.name).await.unwrap();
+    assert!(held.metadata.finalizers.contains(&VOLUME_PROTECTION_FINALIZER.to_string()), "{:?}", held.metadata);
+    assert_eq!(p.claims.get("data").await.unwrap().status.phase, ClaimPhase::Bound);
+
+    // Gone all the same (its finalizers forced away): the claim is lost.
+    p.volumes
+        .retry_on_conflict(&pv.metadata.name, |v| {
+            v.metadata.finalizers.clear();
+            Ok(())
+        })
+        .await
+        .unwrap();
+    p.gone(&p.volumes, &pv.metadata.name).await;
     let msg = p.bound_condition("data", "VolumeLost").await;
     assert!(msg.contains("the data is lost"), "{msg}");
     assert_eq!(p.claims.get("data").await.unwrap().status.phase, ClaimPhase::Lost);
+}
+
+#[tokio::test]
+async fn a_claim_deleted_before_it_was_marked_bound_still_reclaims_its_volume() {
+    let p = start().await;
+    let c = p.claims.create(&claim("data", 1, "local", ReclaimPolicy::Delete)).await.unwrap();
+    // The volume exists (provided), the claim does not say so yet: its status lags.
+    let name = volume_name_for_claim(&c.metadata.uid);
+    let mut meta = ObjectMeta::named(name.as_str());
+    meta.finalizers = vec![VOLUME_RECLAIM_FINALIZER.into(), VOLUME_PROTECTION_FINALIZER.into()];
+    let spec = PersistentVolume {
+        capacity: gib(1),
+        access_modes: vec![AccessMode::ReadWriteOnce],
+        volume_class: "local".into(),
+        node_name: Some("n1".into()),
+        claim_ref: Some(orch_core::kinds::ClaimReference {
+            namespace: "default".into(),
+            name: "data".into(),
+            uid: c.metadata.uid.clone(),
+        }),
+        ..Default::default()
+    };
+    p.volumes.create(&Object::new(meta, spec)).await.unwrap();
+    wait_until("the claim is protected", LIMIT, async || {
+        let c = p.claims.get("data").await.ok()?;
+        c.metadata.finalizers.contains(&CLAIM_PROTECTION_FINALIZER.to_string()).then_some(())
+    })
+    .await;
+    p.claims.delete("data", &DeleteOptions::default()).await.unwrap();
+    p.gone(&p.claims, "data").await;
+    wait_until("its volume is being deleted", LIMIT, async || {
+        let pv = p.volumes.get(&name).await.ok()?;
+        (pv.metadata.is_being_deleted() && pv.metadata.finalizers == [VOLUME_RECLAIM_FINALIZER]).then_some(())
+    })
+    .await;
 }

@@ -20,6 +20,10 @@ pub const CLAIM_PROTECTION_FINALIZER: &str = "orch.dev/claim-protection";
 /// (for a node-local volume: the agent of its node).
 pub const VOLUME_RECLAIM_FINALIZER: &str = "orch.dev/volume-reclaim";
 
+/// The finalizer the volume binder keeps on a provided volume while its claim exists: deleting a
+/// bound volume waits for its claim to go, so its data is never deleted under a claim.
+pub const VOLUME_PROTECTION_FINALIZER: &str = "orch.dev/volume-protection";
+
 /// The name of the volume provided for the claim with uid `claim_uid`: `pvc-<uid>`, so a claim
 /// deleted and created again under its name never finds the old one's data.
 pub fn volume_name_for_claim(claim_uid: &str) -> String {
