@@ -270,8 +270,9 @@ impl Controller for VolumeBinder {
                 let name = claim.status.volume_name.clone().unwrap_or_default();
                 // A volume being deleted is still there, data and all (its protection holds it
                 // while this claim exists): only a volume gone or given to another claim is lost.
-                let ours =
-                    |pv: &Object<PersistentVolume>| pv.spec.claim_ref.as_ref().is_some_and(|r| r.uid == claim.metadata.uid);
+                let ours = |pv: &Object<PersistentVolume>| {
+                    pv.spec.claim_ref.as_ref().is_some_and(|r| r.uid == claim.metadata.uid)
+                };
                 let cached = ctx.cache::<PersistentVolume>().and_then(|c| c.get(&ObjectRef::new("", name.as_str())));
                 // The cache may lag behind a volume just provided: a miss is checked in the store.
                 let ours = match cached {

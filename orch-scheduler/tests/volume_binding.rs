@@ -230,10 +230,29 @@ struct Step {
     cpu_milli: i64,
 }
 
-fn steps() -> impl Strategy<Value = (Vec<i64>, Vec<i64>, Vec<Step>)> {
+/// Where a claim starts: pending, bound to a volume on node `n`, or pending with its volume
+/// already provided on node `n` (its status not written yet).
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    Pending,
+    Bound(usize),
+    Provided(usize),
+}
+
+fn steps() -> impl Strategy<Value = (Vec<i64>, Vec<(i64, Start)>, Vec<Step>)> {
     (
         proptest::collection::vec(prop_oneof![Just(0i64), 4i64..12], 1..5),
-        proptest::collection::vec(1i64..6, 1..6),
+        proptest::collection::vec(
+            (
+                1i64..6,
+                prop_oneof![
+                    Just(Start::Pending),
+                    (0usize..5).prop_map(Start::Bound),
+                    (0usize..5).prop_map(Start::Provided)
+                ],
+            ),
+            1..6,
+        ),
         proptest::collection::vec(
             (proptest::collection::vec(0usize..6, 0..3), 100i64..1500)
                 .prop_map(|(claims, cpu_milli)| Step { claims, cpu_milli }),
@@ -245,20 +264,47 @@ fn steps() -> impl Strategy<Value = (Vec<i64>, Vec<i64>, Vec<Step>)> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
-    /// Whatever the nodes, claims and workloads: every claim's users are on one node, and the
-    /// pending claims placed on a node never add up to more than its room for their class.
+    /// Whatever the nodes, claims (pending, bound, or with a volume provided already) and
+    /// workloads: every claim's users are on one node, the one its volume is on when it has one,
+    /// and the pending claims placed on a node never add up to more than its room for their class
+    /// left by the volumes there.
     #[test]
     fn a_claim_is_never_used_from_two_nodes_and_no_node_is_overcommitted(
-        (node_room, claim_sizes, steps) in steps()
+        (node_room, claims_at, steps) in steps()
     ) {
+        let claim_sizes: Vec<i64> = claims_at.iter().map(|(g, _)| *g).collect();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
             let claims_api: Api<VolumeClaim> = Api::namespaced(store.clone(), "default");
+            let volumes_api: Api<PersistentVolume> = Api::all(store.clone());
             let mut sizes = HashMap::new();
-            for (i, g) in claim_sizes.iter().enumerate() {
-                claims_api.create(&claim(&format!("c{i}"), *g, "local")).await.unwrap();
-                sizes.insert(format!("c{i}"), *g);
+            // Claims with a volume: the node it lives on. Room each node's volumes take.
+            let mut lives_on: HashMap<String, String> = HashMap::new();
+            let mut volume_room: HashMap<String, i64> = HashMap::new();
+            for (i, (g, start)) in claims_at.iter().enumerate() {
+                let name = format!("c{i}");
+                let c = claims_api.create(&claim(&name, *g, "local")).await.unwrap();
+                sizes.insert(name.clone(), *g);
+                let (Start::Bound(n) | Start::Provided(n)) = *start else { continue };
+                let node = format!("n{}", n % node_room.len());
+                let pv_name = orch_core::kinds::volume_name_for_claim(&c.metadata.uid);
+                let spec = PersistentVolume {
+                    capacity: gib(*g),
+                    access_modes: vec![AccessMode::ReadWriteOnce],
+                    volume_class: "local".into(),
+                    node_name: Some(node.clone()),
+                    ..Default::default()
+                };
+                volumes_api.create(&Object::new(ObjectMeta::named(pv_name.as_str()), spec)).await.unwrap();
+                if let Start::Bound(_) = start {
+                    let mut status = c.status.clone();
+                    status.phase = ClaimPhase::Bound;
+                    status.volume_name = Some(pv_name);
+                    claims_api.write_status(&c.metadata, &status).await.unwrap();
+                }
+                *volume_room.entry(node.clone()).or_default() += *g;
+                lives_on.insert(name, node);
             }
             let claims = Cache::<VolumeClaim>::spawn(store.clone(), Default::default());
             let volumes = Cache::<PersistentVolume>::spawn(store.clone(), Default::default());
@@ -292,10 +338,17 @@ proptest! {
             for (claim, nodes) in &claim_nodes {
                 prop_assert_eq!(nodes.len(), 1, "claim {} used from {:?}", claim, nodes);
                 let n = nodes.iter().next().unwrap();
-                *used.entry(n.clone()).or_default() += sizes[claim];
+                match lives_on.get(claim) {
+                    Some(home) => prop_assert_eq!(n, home, "claim {} used away from its volume", claim),
+                    None => *used.entry(n.clone()).or_default() += sizes[claim],
+                }
             }
             for (n, u) in used {
-                prop_assert!(u <= room[&n], "node {} holds {}Gi of claims in {}Gi", n, u, room[&n]);
+                let taken = volume_room.get(&n).copied().unwrap_or(0);
+                prop_assert!(
+                    u + taken <= room[&n],
+                    "node {} holds {}Gi of pending claims beside {}Gi of volumes in {}Gi", n, u, taken, room[&n]
+                );
             }
             Ok(())
         })?;

@@ -40,7 +40,8 @@ pub use statefulset::{
 };
 pub use volume::{
     AccessMode, CLAIM_PROTECTION_FINALIZER, ClaimPhase, ClaimReference, PersistentVolume, PersistentVolumeStatus,
-    ReclaimPolicy, VOLUME_PROTECTION_FINALIZER, VOLUME_RECLAIM_FINALIZER, VolumeClaim, VolumeClaimStatus, VolumePhase, volume_name_for_claim,
+    ReclaimPolicy, VOLUME_PROTECTION_FINALIZER, VOLUME_RECLAIM_FINALIZER, VolumeClaim, VolumeClaimStatus, VolumePhase,
+    volume_name_for_claim,
 };
 pub use workflow::{FailurePolicy, STEP_ANNOTATION, StepPhase, StepStatus, Workflow, WorkflowStatus, WorkflowStep};
 pub use workload::{

@@ -4,6 +4,8 @@
 //! - a claim bound to a node-local volume pins the workload to the volume's node; when that node
 //!   is gone, cordoned or tainted against the workload, the workload waits and says so ("volume
 //!   claim web-data lives on node-2 (not ready)");
+//! - a claim not bound yet whose volume was already provided (for a first consumer that went
+//!   before the claim read `Bound`) pins the workload to that volume's node;
 //! - a claim not bound yet whose claim is already used by a placed workload (bound or assumed)
 //!   pins the workload to that workload's node, so a single-node volume is never used from two
 //!   nodes, even before its volume exists;
@@ -23,7 +25,9 @@ use crate::framework::{Ctx, Locality, Plugin, Points, Prepare, Unfit};
 use crate::queue::Events;
 use crate::snapshot::{NodeId, NodeInfo, Snapshot, WorkloadInfo};
 use orch_core::cache::{Cache, ObjectRef};
-use orch_core::kinds::{AccessMode, ClaimPhase, PersistentVolume, TaintEffect, VolumeClaim, VolumePhase};
+use orch_core::kinds::{
+    AccessMode, ClaimPhase, PersistentVolume, TaintEffect, VolumeClaim, VolumePhase, volume_name_for_claim,
+};
 use orch_core::quantity::Quantity;
 
 const NANOS_PER_BYTE: i128 = 1_000_000_000;
@@ -137,7 +141,19 @@ impl VolumeBinding {
                     pin(&mut plan, id, format!("volume claim {name:?} lives on node {node}"))?;
                 }
                 ClaimPhase::Pending => {
-                    if let Some(&(id, _)) = snapshot.claim_users(&key).first() {
+                    // Its volume may exist already (provided for a first consumer that went
+                    // before the claim read Bound): its data decides.
+                    let provided = self
+                        .volumes
+                        .get(&ObjectRef::new("", volume_name_for_claim(&claim.metadata.uid)))
+                        .and_then(|pv| pv.spec.node_name.clone());
+                    if let Some(node) = provided {
+                        if let Some(trouble) = Self::node_trouble(snapshot, w, &node) {
+                            return Err(Unfit::new(format!("volume claim {name:?} lives on node {node} ({trouble})")));
+                        }
+                        let id = snapshot.node_id(&node).expect("node_trouble checked it exists");
+                        pin(&mut plan, id, format!("volume claim {name:?} lives on node {node}"))?;
+                    } else if let Some(&(id, _)) = snapshot.claim_users(&key).first() {
                         let node = snapshot.node(id).map(|n| n.name.to_string()).unwrap_or_default();
                         if let Some(trouble) = Self::node_trouble(snapshot, w, &node) {
                             return Err(Unfit::new(format!(
