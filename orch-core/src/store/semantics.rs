@@ -76,9 +76,35 @@ fn same_caller_metadata(a: &ObjectMeta, b: &ObjectMeta) -> bool {
         && a.lease == b.lease
 }
 
+/// Spec fields of built-in kinds that cannot change once set, as JSON pointers into the spec:
+/// a provided volume stays on its node, with its size, class, modes and claim; a claim keeps its
+/// size, access mode and class (what its volume was provided with). Reclaim policies may change.
+const IMMUTABLE: &[(&str, &[&str])] = &[
+    ("PersistentVolume", &["/nodeName", "/capacity", "/accessModes", "/volumeClass", "/claimRef"]),
+    ("VolumeClaim", &["/size", "/accessMode", "/volumeClass"]),
+];
+
+/// Refuses a change of a field of [`IMMUTABLE`] that was set, naming each.
+fn check_immutable(current: &DynamicObject, new: &DynamicObject) -> Result<()> {
+    let Some((_, fields)) = IMMUTABLE.iter().find(|(k, _)| *k == new.kind) else { return Ok(()) };
+    if current.spec == new.spec {
+        return Ok(());
+    }
+    let (old, now) = (current.spec.to_value(), new.spec.to_value());
+    let mut v = Validator::new();
+    for f in *fields {
+        let was = old.pointer(f).filter(|x| !x.is_null());
+        if was.is_some() && was != now.pointer(f) {
+            v.reject(format!("spec.{}", &f[1..]), "cannot change once set");
+        }
+    }
+    v.finish().map_err(|source| Error::Invalid { kind: new.kind.clone(), source })
+}
+
 /// Prepares an update of metadata and spec (the resource version has already been checked).
 pub fn update(current: &DynamicObject, new: DynamicObject) -> Result<Plan> {
     validate(&new)?;
+    check_immutable(current, &new)?;
     if current.metadata.is_being_deleted()
         && let Some(added) = new.metadata.finalizers.iter().find(|f| !current.metadata.finalizers.contains(f))
     {
@@ -161,6 +187,31 @@ mod tests {
 
     fn obj(spec: &str) -> DynamicObject {
         DynamicObject::new("Thing", ObjectMeta::namespaced("ns", "a")).with_spec(RawJson::parse(spec).unwrap())
+    }
+
+    #[test]
+    fn a_provided_volume_keeps_its_node_size_and_claim_but_not_its_policy() {
+        let pv = |spec: &str| {
+            DynamicObject::new("PersistentVolume", ObjectMeta::named("pvc-1")).with_spec(RawJson::parse(spec).unwrap())
+        };
+        let cur = create(
+            pv(r#"{"nodeName":"n1","capacity":"1Gi","claimRef":{"name":"c"},"reclaimPolicy":"Delete"}"#),
+            Timestamp(5),
+        )
+        .unwrap();
+        let moved = pv(r#"{"nodeName":"n2","capacity":"2Gi","claimRef":{"name":"c"},"reclaimPolicy":"Delete"}"#);
+        let err = update(&cur, moved).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("spec.nodeName: cannot change once set"), "{msg}");
+        assert!(msg.contains("spec.capacity: cannot change once set"), "{msg}");
+        assert!(!msg.contains("claimRef"), "{msg}");
+        let retained = pv(r#"{"nodeName":"n1","capacity":"1Gi","claimRef":{"name":"c"},"reclaimPolicy":"Retain"}"#);
+        assert!(matches!(update(&cur, retained).unwrap(), Plan::Put(_)));
+        // Unset fields may be set; other kinds have no such rule.
+        let unset = create(pv(r#"{"capacity":"1Gi"}"#), Timestamp(5)).unwrap();
+        assert!(matches!(update(&unset, pv(r#"{"capacity":"1Gi","nodeName":"n1"}"#)).unwrap(), Plan::Put(_)));
+        let thing = create(obj(r#"{"nodeName":"n1"}"#), Timestamp(5)).unwrap();
+        assert!(update(&thing, obj(r#"{"nodeName":"n2"}"#)).is_ok());
     }
 
     #[test]
