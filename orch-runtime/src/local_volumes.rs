@@ -17,6 +17,10 @@
 //! ([`Enforcement::Off`], or [`Enforcement::Auto`] where loop mounts do not work) sizes are only
 //! accounted: a consumer can write past its volume's size
 //! ([`capabilities`](VolumeProvider::capabilities) says `enforces_size: false`).
+//!
+//! A volume found damaged at open (its `volume.json` unreadable, or its file system not
+//! mountable) is left untouched, data and all, and refused for every use, saying why and where
+//! it is; the provider serves the others. Its size is not known, so it is not accounted.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -109,6 +113,9 @@ pub struct LocalVolumes {
     /// earlier open without enforcement).
     enforces_size: bool,
     volumes: Mutex<BTreeMap<String, Record>>,
+    /// Volumes found at open whose record could not be read or whose file system could not be
+    /// mounted, with why: left untouched (their data may be recoverable), refused for every use.
+    damaged: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for LocalVolumes {
@@ -162,6 +169,7 @@ impl LocalVolumesBuilder {
         let at = |e| backend("", format!("opening the volume root {}", root.display()), e);
         tokio::fs::create_dir_all(&root).await.map_err(at)?;
         let mut volumes = BTreeMap::new();
+        let mut damaged = BTreeMap::new();
         let mut entries = tokio::fs::read_dir(&root).await.map_err(at)?;
         while let Some(entry) = entries.next_entry().await.map_err(at)? {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -185,17 +193,30 @@ impl LocalVolumesBuilder {
                     .map_err(|e| backend(&name, format!("removing the unfinished volume at {}", path.display()), e))?;
                 continue;
             };
-            let record: Record = serde_json::from_slice(&text).map_err(|e| VolumeError::Backend {
-                volume: name.clone(),
-                message: format!("reading {}", path.join(RECORD).display()),
-                source: Box::new(e),
-            })?;
+            // One damaged volume does not keep the node from serving the others.
+            let mut skip = |why: String| {
+                tracing::warn!(volume = %name, %why, "a local volume is damaged; it is left untouched and refused");
+                damaged.insert(name.clone(), why);
+            };
+            let record: Record = match serde_json::from_slice(&text) {
+                Ok(record) => record,
+                Err(e) => {
+                    skip(format!("its record {} is unreadable: {e}", path.join(RECORD).display()));
+                    continue;
+                }
+            };
             if record.image_size.is_some() {
                 // After a reboot nothing is mounted: the volume's file system is mounted again.
                 let (image, data) = (path.join(IMAGE), path.join(DATA));
-                blocking(move || if loop_fs::is_mountpoint(&data)? { Ok(()) } else { loop_fs::mount(&image, &data) })
-                    .await
-                    .map_err(|e| backend(&name, format!("mounting the file system of {}", path.display()), e))?;
+                let mounted =
+                    blocking(
+                        move || if loop_fs::is_mountpoint(&data)? { Ok(()) } else { loop_fs::mount(&image, &data) },
+                    )
+                    .await;
+                if let Err(e) = mounted {
+                    skip(format!("its file system {} cannot be mounted: {e}", path.join(IMAGE).display()));
+                    continue;
+                }
             }
             volumes.insert(name, record);
         }
@@ -233,7 +254,7 @@ impl LocalVolumesBuilder {
             }
         };
         let enforces_size = enforcing && volumes.values().all(|r| r.image_size.is_some());
-        Ok(LocalVolumes { root, node, capacity, mkfs, enforcing, enforces_size, volumes: Mutex::new(volumes) })
+        Ok(LocalVolumes { root, node, capacity, mkfs, enforcing, enforces_size, volumes: Mutex::new(volumes), damaged })
     }
 }
 
@@ -305,6 +326,20 @@ impl LocalVolumes {
         free_bytes(&self.capacity, volumes.values().map(|r| bytes(&r.capacity)).sum())
     }
 
+    /// Refuses a volume found damaged at open (its data is left for an operator).
+    fn check_sound(&self, name: &str) -> Result<(), VolumeError> {
+        match self.damaged.get(name) {
+            None => Ok(()),
+            Some(why) => Err(VolumeError::Refused {
+                volume: name.to_string(),
+                reason: format!(
+                    "damaged and left untouched: {why}; repair or move {} by hand, then restart the agent",
+                    self.dir(name).display()
+                ),
+            }),
+        }
+    }
+
     fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
@@ -353,6 +388,7 @@ impl VolumeProvider for LocalVolumes {
 
     async fn create(&self, req: &CreateVolume) -> Result<ProvidedVolume, VolumeError> {
         check_create(req, "local volumes", &self.node)?;
+        self.check_sound(&req.name)?;
         let provided = ProvidedVolume {
             name: req.name.clone(),
             capacity: req.capacity,
@@ -395,6 +431,7 @@ impl VolumeProvider for LocalVolumes {
 
     async fn delete(&self, name: &str) -> Result<(), VolumeError> {
         check_name(name)?;
+        self.check_sound(name)?;
         let mut volumes = self.volumes.lock().await;
         let Some(record) = volumes.get(name) else { return Ok(()) };
         if !record.consumers.is_empty() {
@@ -427,6 +464,7 @@ impl VolumeProvider for LocalVolumes {
         if consumer.is_empty() {
             return Err(VolumeError::Invalid { field: "consumer".into(), reason: "must not be empty".into() });
         }
+        self.check_sound(name)?;
         let mut volumes = self.volumes.lock().await;
         let Some(record) = volumes.get(name) else { return Err(VolumeError::NotFound { volume: name.to_string() }) };
         check_node(name, &self.node, node)?;

@@ -148,6 +148,45 @@ async fn a_reopened_provider_finds_its_volumes_their_sizes_data_and_consumers() 
 }
 
 #[tokio::test]
+async fn a_volume_with_a_damaged_record_is_left_untouched_and_the_others_serve() {
+    let root = fresh_root("damaged");
+    let p = accounting(&root, "10Gi").await;
+    for name in ["good", "bad"] {
+        p.create(&request(name, "1Gi", "n1")).await.unwrap();
+        let path = p.publish(name, "n1", "c").await.unwrap().path;
+        std::fs::write(path.join("precious"), name).unwrap();
+    }
+    drop(p);
+    let record = std::fs::read_dir(root.join("bad"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_file())
+        .expect("the volume's record");
+    std::fs::write(&record, "{ not json").unwrap();
+
+    let p = accounting(&root, "10Gi").await;
+    let good = p.publish("good", "n1", "c").await.unwrap().path;
+    assert_eq!(std::fs::read_to_string(good.join("precious")).unwrap(), "good");
+    for refused in [
+        p.publish("bad", "n1", "c").await.map(|_| ()),
+        p.create(&request("bad", "1Gi", "n1")).await.map(|_| ()),
+        p.delete("bad").await,
+    ] {
+        match refused {
+            Err(VolumeError::Refused { volume, reason }) => {
+                assert_eq!(volume, "bad");
+                assert!(reason.starts_with("damaged and left untouched: its record"), "{reason}");
+            }
+            other => panic!("a damaged volume is refused: {other:?}"),
+        }
+    }
+    let kept = root.join("bad").join("data").join("precious");
+    assert_eq!(std::fs::read_to_string(kept).unwrap(), "bad", "its data is kept for an operator");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
 async fn a_bad_node_capacity_is_refused() {
     let root = fresh_root("bad-capacity");
     let err = LocalVolumes::open(&root, "n1", q("-1")).await.unwrap_err();

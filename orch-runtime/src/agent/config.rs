@@ -67,8 +67,9 @@ pub struct AgentConfig {
     /// Room for the volumes of class `local` on this node, in bytes (`10Gi`): what the node
     /// advertises in `status.storage` and what `local` volumes are accounted against (they live
     /// under `<data_root>/local-volumes/`). `None` (the default) takes the free space of the
-    /// file system holding `data_root` when the agent starts (read with `statvfs`), so it is
-    /// measured again at every agent start. Ignored when a `local` provider is given with
+    /// file system holding `data_root` when the agent first starts (read with `statvfs`) and
+    /// keeps it in `<data_root>/local-capacity`, so the node advertises the same room on every
+    /// start. Ignored when a `local` provider is given with
     /// [`Agent::with_volume_provider`](super::Agent::with_volume_provider).
     pub local_storage: Option<Quantity>,
     /// Whether the sizes of `local` volumes are enforced: [`Enforcement::Auto`] (the default)

@@ -72,8 +72,13 @@ pub struct Agent {
     providers: BTreeMap<String, Arc<dyn VolumeProvider>>,
     /// The claim volumes published for each workload, kept on disk.
     publications: volumes::Publications,
-    /// Workloads found over an `emptyDir` size limit, until their eviction is written.
+    /// Workloads found over an `emptyDir` size limit, or bound to a node their volume is not
+    /// on, until their eviction is written.
     evictions: Mutex<HashMap<ObjectRef, Eviction>>,
+    /// Held while claim volumes are looked up, created and published, and while a volume is
+    /// reclaimed: a volume is never created again, or published, after its reclaim read it
+    /// unused, nor deleted between a workload's read of it and its publish.
+    volume_ops: tokio::sync::Mutex<()>,
 }
 
 /// A workload to evict: the incarnation (uid), why, and once its instances are stopped, their
@@ -81,6 +86,8 @@ pub struct Agent {
 #[derive(Debug, Clone)]
 struct Eviction {
     uid: String,
+    /// `Evicted` (over a size limit) or `VolumeNodeConflict` (its volume lives elsewhere).
+    reason: &'static str,
     message: String,
     statuses: Option<Vec<ContainerStatus>>,
 }
@@ -183,6 +190,7 @@ impl Agent {
             providers: BTreeMap::new(),
             publications: volumes::Publications::new(&config_root),
             evictions: Default::default(),
+            volume_ops: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -441,7 +449,10 @@ impl Agent {
             let mut evictions = self.evictions.lock().unwrap_or_else(|e| e.into_inner());
             if evictions.get(&key).is_none_or(|e| e.uid != w.metadata.uid) {
                 tracing::info!(workload = %key, %message, "evicting a workload over its emptyDir size limit");
-                evictions.insert(key.clone(), Eviction { uid: w.metadata.uid.clone(), message, statuses: None });
+                evictions.insert(
+                    key.clone(),
+                    Eviction { uid: w.metadata.uid.clone(), reason: volumes::EVICTED, message, statuses: None },
+                );
             }
             queue.add(key);
         }

@@ -293,9 +293,10 @@ fn waiting(c: &Container, reason: &str, restarts: u32) -> ContainerStatus {
     }
 }
 
-/// Whether the agent evicted the workload (it never runs on its node again).
+/// Whether the agent evicted the workload, for using more than a size limit or for being bound
+/// away from its volume's node (it never runs on its node again).
 pub(super) fn is_evicted(status: &WorkloadStatus) -> bool {
-    status.phase == Phase::Failed && status.reason == volumes::EVICTED
+    status.phase == Phase::Failed && [volumes::EVICTED, volumes::VOLUME_NODE_CONFLICT].contains(&status.reason.as_str())
 }
 
 /// The status of a container whose instance exited and stays so.
@@ -478,6 +479,8 @@ impl Agent {
         let mut host_volumes: Option<Result<Vec<HostVolume>, volumes::Unavailable>> = None;
         // Why the workload waits for its volumes, if it does.
         let mut note: Option<volumes::Unavailable> = None;
+        // Its volume lives on another node: it can never run here.
+        let mut conflict: Option<volumes::Unavailable> = None;
         for c in &workload.spec.containers {
             let slot = (key.clone(), c.name.clone());
             let tracked = self.instances.lock().unwrap_or_else(|e| e.into_inner()).get(&slot).cloned();
@@ -540,6 +543,10 @@ impl Agent {
                         host_volumes = Some(resolved);
                         let volumes = match volumes {
                             Ok(v) => v,
+                            Err(why) if why.reason == volumes::VOLUME_NODE_CONFLICT => {
+                                conflict = Some(why);
+                                continue;
+                            }
                             Err(why) => {
                                 // Never run without its data: wait, saying why.
                                 statuses.push(waiting(c, &format!("{}: {}", why.reason, why.message), restarts));
@@ -565,6 +572,18 @@ impl Agent {
                     }
                 }
             }
+        }
+        if let Some(why) = conflict {
+            // Bound by hand away from its volume: refused for good, as an eviction (a
+            // controller's replacement is placed by the scheduler, on the volume's node).
+            let eviction = super::Eviction {
+                uid: workload.metadata.uid.clone(),
+                reason: volumes::VOLUME_NODE_CONFLICT,
+                message: why.message,
+                statuses: None,
+            };
+            self.evictions.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), eviction.clone());
+            return self.evict(key, &workload, eviction, grace).await;
         }
         if !self.report(&workload, statuses, held, note.as_ref()).await? {
             // The status write lost a race with a newer version (possibly the echo of this
@@ -631,8 +650,8 @@ impl Agent {
     }
 
     /// Evicts the workload `key` as kubelet does: its instances are stopped, what it held on the
-    /// node goes, and its status turns `Failed` with reason `Evicted` and the message (and an
-    /// event says so). It never runs here again.
+    /// node goes, and its status turns `Failed` with the eviction's reason (`Evicted`, or
+    /// `VolumeNodeConflict`) and message (and an event says so). It never runs here again.
     async fn evict(
         &self,
         key: &ObjectRef,
@@ -673,7 +692,7 @@ impl Agent {
                 self.recorder().record(
                     &orch_core::kinds::ObjectReference::of(workload),
                     orch_core::kinds::EventType::Warning,
-                    volumes::EVICTED,
+                    eviction.reason,
                     eviction.message.clone(),
                 );
                 statuses
@@ -686,12 +705,12 @@ impl Agent {
             start_time: workload.status.start_time.or(Some(now)),
             conditions: workload.status.conditions.clone(),
             container_statuses: statuses,
-            reason: volumes::EVICTED.into(),
+            reason: eviction.reason.into(),
             message: eviction.message,
             address: self.config.address.to_string(),
             ..Default::default()
         };
-        set_condition(&mut status.conditions, Condition::new("Ready", ConditionStatus::False, volumes::EVICTED), now);
+        set_condition(&mut status.conditions, Condition::new("Ready", ConditionStatus::False, eviction.reason), now);
         if self.write_status(workload, &status).await? {
             self.evictions.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
             Ok(None)

@@ -14,7 +14,8 @@
 //! runs without its data.
 //!
 //! The agent also reclaims the volumes of its node: a `PersistentVolume` of this node being
-//! deleted with [`VOLUME_RECLAIM_FINALIZER`] is deleted at its provider, then the finalizer goes.
+//! deleted, whose only finalizer left is [`VOLUME_RECLAIM_FINALIZER`], is deleted at its
+//! provider, then the finalizer goes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -303,6 +304,33 @@ fn free_space(dir: &Path) -> Result<Quantity, std::io::Error> {
     Ok(Quantity::from_bytes(i64::try_from(bytes).unwrap_or(i64::MAX)))
 }
 
+/// Where the default local capacity is kept once measured.
+const CAPACITY_FILE: &str = "local-capacity";
+
+/// The default local capacity of the node: the free space of the data root's file system when
+/// first measured, kept in `<data_root>/local-capacity` so that the node advertises the same
+/// room on every start (the space its volumes use later is part of it, not taken from it).
+fn default_capacity(data_root: &Path) -> Result<Quantity, (String, std::io::Error)> {
+    let file = data_root.join(CAPACITY_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(text) => {
+            return text.trim().parse::<Quantity>().map_err(|e| {
+                let e = std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+                (format!("reading the local capacity kept in {} (remove it to measure again)", file.display()), e)
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err((format!("reading {}", file.display()), e)),
+    }
+    let measured =
+        free_space(data_root).map_err(|e| (format!("reading the free space of {}", data_root.display()), e))?;
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, format!("{measured}\n"))
+        .and_then(|()| std::fs::rename(&tmp, &file))
+        .map_err(|e| (format!("keeping the local capacity in {}", file.display()), e))?;
+    Ok(measured)
+}
+
 impl Agent {
     /// Opens the default `local` provider unless one was given for the class, and checks the
     /// class names.
@@ -319,13 +347,9 @@ impl Agent {
         let class = || LOCAL_CLASS.to_string();
         let capacity = match self.config.local_storage {
             Some(q) => q,
-            None => free_space(&self.config.data_root).map_err(|e| AgentError::Volume {
+            None => default_capacity(&self.config.data_root).map_err(|(message, e)| AgentError::Volume {
                 class: class(),
-                source: VolumeError::Backend {
-                    volume: String::new(),
-                    message: format!("reading the free space of {}", self.config.data_root.display()),
-                    source: Box::new(e),
-                },
+                source: VolumeError::Backend { volume: String::new(), message, source: Box::new(e) },
             })?,
         };
         let root = self.config.data_root.join("local-volumes");
@@ -368,6 +392,11 @@ impl Agent {
         uid_tag: &str,
     ) -> Result<Vec<HostVolume>, Unavailable> {
         let volumes = &workload.spec.volumes;
+        // No reclaim runs between reading a claim's volume and publishing it.
+        let _ops = match volumes.iter().any(|v| matches!(v.source, VolumeSource::Claim { .. })) {
+            true => Some(self.volume_ops.lock().await),
+            false => None,
+        };
         let mut targets = Vec::new();
         for (i, v) in volumes.iter().enumerate() {
             if let VolumeSource::Claim { claim_name } = &v.source {
@@ -478,13 +507,29 @@ impl Agent {
                 ),
             ));
         };
+        let refused = |why: String| Unavailable::new(VOLUME_UNAVAILABLE, format!("{about}: volume {pv_name:?} {why}"));
+        // The volume's own mode: the claim's when the volume offers it.
+        let access_mode = match pv.spec.access_modes.as_slice() {
+            [] => claim.spec.access_mode,
+            modes if modes.contains(&claim.spec.access_mode) => claim.spec.access_mode,
+            modes => {
+                return Err(refused(format!(
+                    "offers {modes:?}, not the claim's access mode {:?}",
+                    claim.spec.access_mode
+                )));
+            }
+        };
+        if pv.spec.node_name.is_none() && provider.capabilities().node_local {
+            // Each node would make its own copy: the volume must say where its data lives.
+            return Err(refused(format!("of node-local class {class:?} names no node (spec.nodeName)")));
+        }
         Ok(Target {
             index: i,
             provider: provider.clone(),
             create: CreateVolume {
                 name: pv_name.clone(),
                 capacity: pv.spec.capacity,
-                access_mode: claim.spec.access_mode,
+                access_mode,
                 node: Some(me.to_string()),
             },
             publication: Publication { class: class.clone(), volume: pv_name, consumer: uid.to_string() },
@@ -605,17 +650,20 @@ impl Agent {
         }
     }
 
-    /// Reclaims the volumes of this node that are being deleted: each is deleted at its
-    /// provider, then its [`VOLUME_RECLAIM_FINALIZER`] goes (an update on its resource version,
+    /// Reclaims the volumes of this node that are being deleted and hold no finalizer but
+    /// [`VOLUME_RECLAIM_FINALIZER`]: each is deleted at its provider, then that finalizer goes (an update on its resource version,
     /// so a newer state is never overwritten). A volume still in use waits for the next round.
     pub(super) async fn reclaim(&self, pvs: &[Arc<Object<PersistentVolume>>]) {
         let me = self.config.node_name.as_str();
         let api: Api<PersistentVolume> = Api::all(self.store.clone());
         for pv in pvs {
             let name = &pv.metadata.name;
+            // The data goes last: only once every other finalizer (the protection held while its
+            // claim exists among them) has gone.
             if !pv.metadata.is_being_deleted()
                 || pv.spec.node_name.as_deref() != Some(me)
                 || !pv.metadata.finalizers.iter().any(|f| f == VOLUME_RECLAIM_FINALIZER)
+                || pv.metadata.finalizers.iter().any(|f| f != VOLUME_RECLAIM_FINALIZER)
             {
                 continue;
             }
@@ -624,7 +672,11 @@ impl Agent {
                     "cannot reclaim a volume of this node: no provider of its class here");
                 continue;
             };
-            match provider.delete(name).await {
+            let deleted = {
+                let _ops = self.volume_ops.lock().await;
+                provider.delete(name).await
+            };
+            match deleted {
                 Ok(()) => {}
                 Err(VolumeError::InUse { consumers, .. }) => {
                     tracing::info!(volume = %name, ?consumers, "volume still in use; its reclaim waits");
@@ -699,9 +751,10 @@ mod tests {
         let v = vol("data", VolumeSource::Claim { claim_name: "c".into() });
         let answer = async || match agent.claim_target(0, &v, "c", &key, "uid-1").await {
             Ok(t) => Ok((t.create, t.publication)),
-            Err(u) => {
-                Err((u.reason, u.message.trim_start_matches("spec.volumes[0] (\"data\"): claim \"c\" ").to_string()))
-            }
+            Err(u) => Err((
+                u.reason,
+                u.message.trim_start_matches("spec.volumes[0] (\"data\"): claim \"c\"").trim_start().to_string(),
+            )),
         };
         let waits = |why: &str| Err((WAITING_FOR_VOLUME, why.to_string()));
         assert_eq!(answer().await, waits("does not exist in namespace \"default\""));
@@ -717,29 +770,33 @@ mod tests {
         assert_eq!(answer().await, waits("is bound to volume \"pv-1\", which does not exist"));
 
         let pvs: Api<PersistentVolume> = Api::all(store.clone());
-        let pv = PersistentVolume {
-            capacity: "1Mi".parse().unwrap(),
-            access_modes: vec![orch_core::kinds::AccessMode::ReadWriteOnce],
-            volume_class: "local".into(),
-            node_name: Some("node-2".into()),
-            claim_ref: Some(ClaimReference { namespace: "default".into(), name: "other".into(), uid: String::new() }),
-            ..Default::default()
-        };
-        pvs.create(&Object::new(orch_core::ObjectMeta::named("pv-1"), pv)).await.unwrap();
-        assert_eq!(answer().await, waits("is bound to volume \"pv-1\", which is bound to another claim"));
-        let set = async |f: &dyn Fn(&mut PersistentVolume)| {
-            pvs.retry_on_conflict("pv-1", |o| {
-                f(&mut o.spec);
-                Ok(())
-            })
-            .await
-            .unwrap();
-        };
         let uid = claim.metadata.uid.clone();
-        set(&|pv| {
-            pv.claim_ref = Some(ClaimReference { namespace: "default".into(), name: "c".into(), uid: uid.clone() })
+        let claim_ref = |name: &str, uid: &str| {
+            Some(ClaimReference { namespace: "default".into(), name: name.into(), uid: uid.into() })
+        };
+        // Where a volume lives, its class and modes cannot change: each case is a volume anew.
+        let put = async |f: &dyn Fn(&mut PersistentVolume)| {
+            let mut pv = PersistentVolume {
+                capacity: "1Mi".parse().unwrap(),
+                access_modes: vec![orch_core::kinds::AccessMode::ReadWriteOnce],
+                volume_class: "local".into(),
+                node_name: Some("node-1".into()),
+                claim_ref: claim_ref("c", &uid),
+                ..Default::default()
+            };
+            f(&mut pv);
+            if pvs.get_opt("pv-1").await.unwrap().is_some() {
+                pvs.delete("pv-1", &orch_core::DeleteOptions::default()).await.unwrap();
+            }
+            pvs.create(&Object::new(orch_core::ObjectMeta::named("pv-1"), pv)).await.unwrap();
+        };
+        put(&|pv| {
+            pv.node_name = Some("node-2".into());
+            pv.claim_ref = claim_ref("other", "");
         })
         .await;
+        assert_eq!(answer().await, waits("is bound to volume \"pv-1\", which is bound to another claim"));
+        put(&|pv| pv.node_name = Some("node-2".into())).await;
         assert_eq!(
             answer().await,
             Err((
@@ -747,11 +804,7 @@ mod tests {
                 "is bound to volume \"pv-1\", which lives on node \"node-2\", not on this node \"node-1\"".into()
             ))
         );
-        set(&|pv| {
-            pv.node_name = Some("node-1".into());
-            pv.volume_class = "fast".into();
-        })
-        .await;
+        put(&|pv| pv.volume_class = "fast".into()).await;
         assert_eq!(
             answer().await,
             Err((
@@ -761,7 +814,17 @@ mod tests {
                     .into()
             ))
         );
-        set(&|pv| pv.volume_class = "local".into()).await;
+        // A node-local volume must say which node holds it; the claim's mode must be the volume's.
+        put(&|pv| pv.node_name = None).await;
+        let refused = |why: &str| Err((VOLUME_UNAVAILABLE, format!(": volume \"pv-1\" {why}")));
+        assert_eq!(answer().await, refused("of node-local class \"local\" names no node (spec.nodeName)"));
+        put(&|pv| {
+            pv.node_name = None;
+            pv.access_modes = vec![orch_core::kinds::AccessMode::ReadOnlyMany];
+        })
+        .await;
+        assert_eq!(answer().await, refused("offers [ReadOnlyMany], not the claim's access mode ReadWriteOnce"));
+        put(&|_| {}).await;
         let (create, publication) = answer().await.unwrap();
         assert_eq!(
             create,
@@ -798,6 +861,23 @@ mod tests {
         let message = over_limit(&tight).unwrap();
         assert!(message.starts_with("emptyDir \"scratch\" uses 3.0Ki"), "{message}");
         assert!(message.ends_with("over its sizeLimit 2Ki"), "{message}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_default_local_capacity_is_measured_once_and_kept() {
+        let root = scratch_root("capacity");
+        std::fs::create_dir_all(&root).unwrap();
+        let measured = default_capacity(&root).unwrap();
+        assert!(measured.nanos() > 0);
+        let kept = std::fs::read_to_string(root.join(CAPACITY_FILE)).unwrap();
+        assert_eq!(kept.trim().parse::<Quantity>().unwrap(), measured);
+        // Later starts read what was kept, not the file system's free space now.
+        std::fs::write(root.join(CAPACITY_FILE), "3Gi\n").unwrap();
+        assert_eq!(default_capacity(&root).unwrap(), "3Gi".parse::<Quantity>().unwrap());
+        std::fs::write(root.join(CAPACITY_FILE), "lots").unwrap();
+        let (message, _) = default_capacity(&root).unwrap_err();
+        assert!(message.contains("local-capacity (remove it to measure again)"), "{message}");
         let _ = std::fs::remove_dir_all(&root);
     }
 
