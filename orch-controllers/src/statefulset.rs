@@ -15,8 +15,9 @@
 //! - `RollingUpdate` replaces the replicas whose ordinal is at least the partition and whose
 //!   revision is not the template's, from the highest ordinal down, one at a time, each waiting
 //!   for the one above to be replaced and available. A replica below the partition that must be
-//!   created again gets the current (old) revision, copied from a sibling that runs it.
-//!   `OnDelete` replaces only the replicas someone deletes.
+//!   created again gets the current (old) revision, from the template the status records for it
+//!   (`currentTemplate`, written whenever a revision becomes current), even when no replica
+//!   runs it any more. `OnDelete` replaces only the replicas someone deletes.
 //!
 //! Workloads have no hostname or subdomain, so `serviceName` gives replicas no DNS names.
 
@@ -29,8 +30,8 @@ use orch_core::controller::{Action, Context, Controller, ControllerBuilder};
 use orch_core::error::Error;
 use orch_core::kinds::{
     Condition, ConditionStatus, EventType, ORDINAL_LABEL, ObjectReference, Phase, PodManagementPolicy, StatefulSet,
-    StatefulSetStatus, StatefulSetUpdate, TEMPLATE_HASH_LABEL, VolumeClaim, VolumeSource, Workload, set_condition,
-    stateful_set_condition,
+    StatefulSetStatus, StatefulSetUpdate, TEMPLATE_HASH_LABEL, TemplateMeta, VolumeClaim, VolumeSource, Workload,
+    WorkloadTemplate, set_condition, stateful_set_condition,
 };
 use orch_core::meta::{ObjectMeta, Timestamp};
 use orch_core::object::Object;
@@ -90,6 +91,8 @@ struct Pass<'a> {
     min_ready: Duration,
     update_hash: String,
     current_hash: String,
+    /// The template of the current revision, when known.
+    current_template: Option<WorkloadTemplate>,
     /// Every workload the set owns, for copying the current revision.
     owned: Vec<Arc<Object<Workload>>>,
     claims: orch_core::Cache<VolumeClaim>,
@@ -158,14 +161,15 @@ impl Pass<'_> {
     }
 
     /// The workload of replica `ordinal`: the current revision when a rolling update's
-    /// partition keeps this ordinal on it (copied from a sibling that runs it), else the
-    /// template's.
+    /// partition keeps this ordinal on it (from the recorded template, or copied from a sibling
+    /// that runs it when none is recorded), else the template's.
     fn replica(&self, ordinal: u32) -> Object<Workload> {
         let set = self.set;
         let name = &set.metadata.name;
         let keep_current = matches!(set.spec.update_strategy, StatefulSetUpdate::RollingUpdate(r) if ordinal < r.partition)
             && self.current_hash != self.update_hash;
-        let sibling = keep_current
+        let recorded = self.current_template.as_ref().filter(|_| keep_current);
+        let sibling = (keep_current && recorded.is_none())
             .then(|| {
                 self.owned
                     .iter()
@@ -174,15 +178,21 @@ impl Pass<'_> {
             })
             .flatten();
         let mut meta = ObjectMeta::namespaced(set.metadata.namespace.clone(), replica_name(name, ordinal));
-        let mut spec = match sibling {
-            Some(w) => {
+        let mut spec = match (recorded, sibling) {
+            (Some(t), _) => {
+                meta.labels = t.metadata.labels.clone();
+                meta.labels.insert(TEMPLATE_HASH_LABEL, self.current_hash.clone());
+                meta.annotations = t.metadata.annotations.clone();
+                t.spec.clone()
+            }
+            (None, Some(w)) => {
                 meta.labels = w.metadata.labels.clone();
                 meta.annotations = w.metadata.annotations.clone();
                 let mut spec = w.spec.clone();
                 spec.node_name = None;
                 spec
             }
-            None => {
+            (None, None) => {
                 meta.labels = set.spec.template.metadata.labels.clone();
                 meta.labels.insert(TEMPLATE_HASH_LABEL, self.update_hash.clone());
                 meta.annotations = set.spec.template.metadata.annotations.clone();
@@ -283,6 +293,19 @@ impl Controller for StatefulSetController {
             .into_iter()
             .filter(|w| w.metadata.controller_owner().is_some_and(|o| o.uid == set.metadata.uid))
             .collect();
+        let current_template = if current_hash == update_hash {
+            Some(set.spec.template.clone())
+        } else {
+            // Recorded when the revision became current; a status written without it (by an
+            // earlier controller) gets it from a replica that still runs that revision.
+            set.status.current_template.clone().filter(|t| t.hash() == current_hash).or_else(|| {
+                owned
+                    .iter()
+                    .filter(|w| hash_of(w) == current_hash)
+                    .map(|w| template_of(w, &set.spec))
+                    .find(|t| t.hash() == current_hash)
+            })
+        };
         let n = set.spec.replicas;
         let mut replicas: Vec<Option<Arc<Object<Workload>>>> = vec![None; n as usize];
         let mut condemned: Vec<(u32, Arc<Object<Workload>>)> = Vec::new();
@@ -304,6 +327,7 @@ impl Controller for StatefulSetController {
             min_ready: Duration::from_secs(u64::from(set.spec.min_ready_seconds)),
             update_hash: update_hash.clone(),
             current_hash: current_hash.clone(),
+            current_template: current_template.clone(),
             owned: owned.clone(),
             claims,
             claim_wait: None,
@@ -318,6 +342,7 @@ impl Controller for StatefulSetController {
             observed_generation: set.metadata.generation,
             update_revision: update_revision.clone(),
             current_revision,
+            current_template,
             conditions: set.status.conditions.clone(),
             ..Default::default()
         };
@@ -331,6 +356,7 @@ impl Controller for StatefulSetController {
         let complete = status.replicas == n && status.updated_replicas == n && status.ready_replicas == n;
         if complete {
             status.current_revision = update_revision;
+            status.current_template = Some(set.spec.template.clone());
             status.current_replicas = status.updated_replicas;
         }
         let now = pass.now;
@@ -474,6 +500,21 @@ impl StatefulSetController {
         }
         Ok(())
     }
+}
+
+/// The template `w` was made from, as far as `w` tells: its labels and annotations without the
+/// ones the controller adds, its spec without its node and the claim volumes the controller
+/// adds. The caller checks it against the revision's hash.
+fn template_of(w: &Object<Workload>, set: &StatefulSet) -> WorkloadTemplate {
+    let mut labels = w.metadata.labels.clone();
+    labels.remove(TEMPLATE_HASH_LABEL);
+    labels.remove(ORDINAL_LABEL);
+    let mut spec = w.spec.clone();
+    spec.node_name = None;
+    spec.volumes.retain(|v| {
+        !(matches!(v.source, VolumeSource::Claim { .. }) && set.volume_claim_templates.iter().any(|t| t.name == v.name))
+    });
+    WorkloadTemplate { metadata: TemplateMeta { labels, annotations: w.metadata.annotations.clone() }, spec }
 }
 
 /// The `Updated` condition: whether every replica runs the template and is available, or what

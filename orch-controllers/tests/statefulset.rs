@@ -2,6 +2,7 @@
 //! workloads' readiness written by the test (no agent runs them, so the test decides when each
 //! replica is ready): ordered start, `minReadySeconds`, stable names, a claim per replica kept on
 //! scale down and after the set is gone, partitioned rolling update from the highest ordinal,
+//! a replica below the partition recreated on the old revision when no replica runs it any more,
 //! parallel start, `OnDelete`, a claim being deleted, a restarted controller, and bad input
 //! refused. Two more: on simulated nodes (agents, probes, the scheduler), ordered start and the
 //! highest-first update checked at every watch event; and with the scheduler's volume binding and
@@ -419,7 +420,7 @@ async fn a_partitioned_rolling_update_replaces_only_the_ordinals_above_it_highes
         assert_eq!(
             back.spec.volumes.iter().find(|v| v.name == "data").map(|v| &v.source),
             Some(&VolumeSource::Claim { claim_name: "data-db-1".into() }),
-            "copied from a sibling, with its own claim"
+            "the current revision, with its own claim"
         );
         assert_eq!(back.metadata.labels.get(ORDINAL_LABEL).map(String::as_str), Some("1"));
         plane.ready("db-1").await;
@@ -446,6 +447,78 @@ async fn a_partitioned_rolling_update_replaces_only_the_ordinals_above_it_highes
         .await;
         assert_eq!(s.status.current_replicas, 4);
         assert_eq!(plane.claim_names().await, ["data-db-0", "data-db-1", "data-db-2", "data-db-3"]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn below_the_partition_a_replica_keeps_the_current_revision_when_no_replica_runs_it() {
+    for backend in BACKENDS {
+        let mut plane = Plane::start(backend, "sts-partition-alone").await;
+        let mut spec = db(1);
+        spec.update_strategy = StatefulSetUpdate::RollingUpdate(StatefulRollingUpdate { partition: 1 });
+        let v1 = create(&plane, spec).await.spec.template;
+        let old = plane.appear_and_ready("db-0").await.metadata.uid;
+        let s = testkit::wait_until("the current template recorded", LIMIT, async || {
+            plane.sets().get("db").await.ok().filter(|s| s.status.current_template.is_some())
+        })
+        .await;
+        assert_eq!(s.status.current_template.as_ref(), Some(&v1), "({backend:?})");
+        assert_eq!(s.status.current_revision, format!("db-{}", v1.hash()));
+
+        plane.set(|s| version(s, "2")).await;
+        testkit::wait_until("the set saw the change", LIMIT, async || {
+            (updated_reason(&plane).await == "PartitionedUpdate").then_some(())
+        })
+        .await;
+        // A status without the template (as an earlier controller wrote it) gets it back from
+        // the replica that runs the current revision.
+        loop {
+            let s = plane.sets().get("db").await.unwrap();
+            let mut status = s.status.clone();
+            status.current_template = None;
+            match plane.sets().write_status(&s.metadata, &status).await {
+                Ok(_) => break,
+                Err(e) if e.is_conflict() => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        testkit::wait_until("the current template recorded again", LIMIT, async || {
+            plane.sets().get("db").await.ok().filter(|s| s.status.current_template.as_ref() == Some(&v1))
+        })
+        .await;
+        // Fresh controllers remember nothing: the old template comes from the set's status.
+        plane.restart().await;
+        // db-0 is the only replica: once it is gone, none runs the current revision.
+        plane.workloads().delete("db-0", &DeleteOptions::default()).await.unwrap();
+        let back = testkit::wait_until("db-0 back", LIMIT, async || {
+            plane.workloads().get("db-0").await.ok().filter(|w| w.metadata.uid != old)
+        })
+        .await;
+        assert_eq!(back.metadata.labels.get(TEMPLATE_HASH_LABEL), Some(&v1.hash()), "({backend:?})");
+        assert_eq!(back.spec.containers[0].env[0].value, "1", "the old template's spec");
+        assert_eq!(back.spec.containers[0].command, v1.spec.containers[0].command);
+        assert_eq!(
+            back.spec.volumes.iter().find(|v| v.name == "data").map(|v| &v.source),
+            Some(&VolumeSource::Claim { claim_name: "data-db-0".into() })
+        );
+        assert_eq!(back.metadata.labels.get(ORDINAL_LABEL).map(String::as_str), Some("0"));
+        assert_eq!(back.metadata.labels.get("app").map(String::as_str), Some("db"));
+        plane.ready("db-0").await;
+
+        // Scaling up: db-1 is at the partition and gets the new revision; db-0 keeps the old.
+        plane.set(|s| s.replicas = 2).await;
+        let db1 = plane.appear_and_ready("db-1").await;
+        let v2 = plane.sets().get("db").await.unwrap().spec.template.hash();
+        assert_eq!(db1.metadata.labels.get(TEMPLATE_HASH_LABEL), Some(&v2));
+        assert_eq!(db1.spec.containers[0].env[0].value, "2");
+        let s = testkit::wait_until("two ready replicas", LIMIT, async || {
+            plane.sets().get("db").await.ok().filter(|s| s.status.ready_replicas == 2)
+        })
+        .await;
+        assert_eq!(s.status.current_revision, format!("db-{}", v1.hash()), "({backend:?})");
+        assert_eq!(s.status.current_template.as_ref(), Some(&v1));
+        assert_eq!((s.status.current_replicas, s.status.updated_replicas), (1, 1));
+        assert_eq!(plane.hash("db-0").await, v1.hash());
     }
 }
 
@@ -536,6 +609,7 @@ async fn a_claim_being_deleted_holds_its_replica_back_with_a_reason() {
 async fn bad_input_is_refused_naming_each_field() {
     let plane = Plane::start(Backend::Memory, "sts-bad").await;
     let mut spec = db(2);
+    spec.replicas = orch_core::kinds::MAX_REPLICAS + 1;
     spec.selector = orch_core::LabelSelector::from_labels([("app", "other")]);
     spec.volume_claim_templates[0].spec.volume_class = String::new();
     spec.volume_claim_templates.push(spec.volume_claim_templates[0].clone());
@@ -546,6 +620,7 @@ async fn bad_input_is_refused_naming_each_field() {
     let e = plane.sets().create(&Object::new(ObjectMeta::named("db"), spec)).await.unwrap_err();
     let text = e.to_string();
     for field in [
+        "spec.replicas: must be at most 100000",
         "spec.template.metadata.labels: must match spec.selector",
         "spec.volumeClaimTemplates[0].spec.volumeClass",
         "spec.volumeClaimTemplates[1].name: duplicate claim template name \"data\"",

@@ -62,6 +62,14 @@ pub trait Resource: Serialize + DeserializeOwned + Clone + fmt::Debug + PartialE
         let _ = v;
     }
 
+    /// Checks what the spec implies for the object's own metadata (names derived from
+    /// `metadata.name`, say); report each bad field under its full path (`metadata.name`,
+    /// `spec.…`). [`Object::validate`] calls it after [`validate`](Resource::validate), on every
+    /// typed write and on what admission checks; nothing by default.
+    fn validate_with_metadata(&self, meta: &ObjectMeta, v: &mut Validator) {
+        let _ = (meta, v);
+    }
+
     /// Checks the status; report each bad field under its path starting at `status.`.
     fn validate_status(status: &Self::Status, v: &mut Validator) {
         let _ = (status, v);
@@ -151,6 +159,7 @@ impl<K: Resource> Object<K> {
         let mut v = Validator::new();
         self.metadata.validate(K::SCOPE == Scope::Namespaced, &mut v);
         self.spec.validate(&mut v);
+        self.spec.validate_with_metadata(&self.metadata, &mut v);
         K::validate_status(&self.status, &mut v);
         v.finish().map_err(|source| Error::Invalid { kind: K::KIND.into(), source })
     }

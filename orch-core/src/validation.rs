@@ -115,14 +115,17 @@ pub fn dns1123_label(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest DNS-1123 subdomain, and so the longest object name.
+pub(crate) const MAX_SUBDOMAIN_LEN: usize = 253;
+
 /// Checks a DNS-1123 subdomain: at most 253 characters, dot-separated DNS-1123 labels. Used for
 /// object names.
 pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
     if s.is_empty() {
         return Err("must not be empty".into());
     }
-    if s.len() > 253 {
-        return Err(format!("must be at most 253 characters (is {})", s.len()));
+    if s.len() > MAX_SUBDOMAIN_LEN {
+        return Err(format!("must be at most {MAX_SUBDOMAIN_LEN} characters (is {})", s.len()));
     }
     let b = s.as_bytes();
     if !b.iter().all(|&c| is_alnum_lower(c) || c == b'-' || c == b'.') {

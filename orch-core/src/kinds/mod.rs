@@ -35,8 +35,8 @@ pub use service::{
     SERVICE_NAME_LABEL, Service, ServicePort, ServiceStatus, ServiceType,
 };
 pub use statefulset::{
-    ORDINAL_LABEL, PodManagementPolicy, StatefulRollingUpdate, StatefulSet, StatefulSetStatus, StatefulSetUpdate,
-    VolumeClaimTemplate, stateful_set_condition,
+    MAX_REPLICAS, ORDINAL_LABEL, PodManagementPolicy, StatefulRollingUpdate, StatefulSet, StatefulSetStatus,
+    StatefulSetUpdate, VolumeClaimTemplate, stateful_set_condition,
 };
 pub use volume::{
     AccessMode, CLAIM_PROTECTION_FINALIZER, ClaimPhase, ClaimReference, PersistentVolume, PersistentVolumeStatus,

@@ -5,13 +5,18 @@ use serde::{Deserialize, Serialize};
 
 use super::deployment::validate_template_for;
 use super::{Condition, TEMPLATE_HASH_LABEL, Volume, VolumeClaim, VolumeSource, WorkloadTemplate, validate_conditions};
+use crate::meta::ObjectMeta;
 use crate::object::{Resource, Scope};
 use crate::selector::LabelSelector;
-use crate::validation::{self, Validator};
+use crate::validation::{self, MAX_SUBDOMAIN_LEN, Validator};
 
 /// The label holding a stateful set replica's ordinal (`0`, `1`, …); set by the controller on
 /// each workload and on each claim it makes.
 pub const ORDINAL_LABEL: &str = "orch.dev/ordinal";
+
+/// The most replicas a stateful set may ask for (`spec.replicas`); each one is a workload and
+/// claims of its own, made in order.
+pub const MAX_REPLICAS: u32 = 100_000;
 
 /// How a stateful set starts and stops its replicas.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -82,13 +87,16 @@ impl VolumeClaimTemplate {
 /// claims from `volumeClaimTemplates`; a replica that is deleted or fails comes back under the
 /// same name with the same claims.
 ///
+/// Those names are object names, so a set is refused when the name of its last replica or of
+/// that replica's claims would be longer than an object name may be (253 characters).
+///
 /// `serviceName` names the headless service that governs the set, as in Kubernetes; orch's
 /// workloads have no hostname or subdomain, so no per-replica DNS name is provided: select the
 /// replicas with a service, or one replica by its [`ORDINAL_LABEL`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct StatefulSet {
-    /// How many replicas should run (default 1).
+    /// How many replicas should run (default 1, at most [`MAX_REPLICAS`]).
     pub replicas: u32,
     /// Which workloads belong to it; must match the template's labels and not be empty.
     pub selector: LabelSelector,
@@ -177,6 +185,11 @@ pub struct StatefulSetStatus {
     /// The revision of the current template.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub update_revision: String,
+    /// The template of `currentRevision`, recorded when a revision becomes current: a replica
+    /// below a rolling update's partition that is created again gets it, even when no replica
+    /// runs it any more.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_template: Option<WorkloadTemplate>,
     /// `Updated` and `ReplicaFailure` (see [`stateful_set_condition`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -188,6 +201,9 @@ impl Resource for StatefulSet {
     type Status = StatefulSetStatus;
 
     fn validate(&self, v: &mut Validator) {
+        if self.replicas > MAX_REPLICAS {
+            v.reject("spec.replicas", format!("must be at most {MAX_REPLICAS} (is {})", self.replicas));
+        }
         // The template is checked as each replica sees it: with its claim volumes, so mounts of
         // a claim template's volume are known.
         let mut template = self.template.clone();
@@ -232,6 +248,34 @@ impl Resource for StatefulSet {
         }
     }
 
+    /// The replicas (`<set>-<ordinal>`) and their claims (`<template>-<set>-<ordinal>`) must be
+    /// valid object names up to the last ordinal, or that replica could never be created.
+    fn validate_with_metadata(&self, meta: &ObjectMeta, v: &mut Validator) {
+        let Some(last) = self.replicas.checked_sub(1) else { return };
+        // A bad set name is reported under `metadata.name` by the metadata's own checks.
+        if validation::dns1123_subdomain(&meta.name).is_err() {
+            return;
+        }
+        let replica = format!("{}-{last}", meta.name);
+        if replica.len() > MAX_SUBDOMAIN_LEN {
+            v.reject(
+                "metadata.name",
+                format!("replica name {replica:?} would be longer than {MAX_SUBDOMAIN_LEN} characters"),
+            );
+            // Every claim name contains the replica's: the set's name is what must be shorter.
+            return;
+        }
+        for (i, t) in self.volume_claim_templates.iter().enumerate() {
+            let claim = t.claim_name(&meta.name, last);
+            if validation::dns1123_label(&t.name).is_ok() && claim.len() > MAX_SUBDOMAIN_LEN {
+                v.reject(
+                    format!("spec.volumeClaimTemplates[{i}].name"),
+                    format!("claim name {claim:?} would be longer than {MAX_SUBDOMAIN_LEN} characters"),
+                );
+            }
+        }
+    }
+
     fn validate_status(status: &StatefulSetStatus, v: &mut Validator) {
         validate_conditions("status.conditions", &status.conditions, v);
     }
@@ -241,7 +285,6 @@ impl Resource for StatefulSet {
 mod tests {
     use super::*;
     use crate::kinds::{AccessMode, ReclaimPolicy, VolumeMount, Workload};
-    use crate::meta::ObjectMeta;
     use crate::object::Object;
 
     fn claim(size: &str) -> VolumeClaim {
@@ -296,8 +339,11 @@ mod tests {
         assert_eq!(partitioned, StatefulSetUpdate::RollingUpdate(StatefulRollingUpdate { partition: 7 }));
         let mut status = StatefulSetStatus { current_revision: "db-abc".into(), ..Default::default() };
         status.update_revision = "db-def".into();
+        assert!(serde_json::to_value(&status).unwrap().get("currentTemplate").is_none(), "none: left out");
+        status.current_template = Some(s.spec.template.clone());
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["currentRevision"], "db-abc");
+        assert_eq!(json["currentTemplate"], serde_json::to_value(&s.spec.template).unwrap());
         assert_eq!(serde_json::from_value::<StatefulSetStatus>(json).unwrap(), status);
     }
 
@@ -365,6 +411,65 @@ mod tests {
         let (text, errors) = invalid(s);
         assert!(errors.has_field("spec.template.spec.volumes[0].name"), "{text}");
         assert!(text.contains("the controller adds that volume"), "{text}");
+    }
+
+    #[test]
+    fn more_than_max_replicas_is_refused() {
+        let mut s = db();
+        s.replicas = MAX_REPLICAS;
+        Object::new(ObjectMeta::namespaced("default", "db"), s.clone()).validate().unwrap();
+        s.replicas = MAX_REPLICAS + 1;
+        let (text, errors) = invalid(s);
+        assert!(errors.has_field("spec.replicas"), "{text}");
+        assert!(text.contains("spec.replicas: must be at most 100000 (is 100001)"), "{text}");
+    }
+
+    /// The longest set name whose replicas `0..replicas` still have valid names.
+    fn longest_name(replicas: u32) -> String {
+        let digits = (replicas - 1).to_string().len();
+        "d".repeat(MAX_SUBDOMAIN_LEN - 1 - digits)
+    }
+
+    #[test]
+    fn a_name_too_long_for_the_last_replica_is_refused() {
+        let mut s = db();
+        s.volume_claim_templates.clear();
+        s.template.spec.containers[0].volume_mounts.clear();
+        s.replicas = 10;
+        let name = longest_name(10);
+        Object::new(ObjectMeta::namespaced("default", &name), s.clone()).validate().unwrap();
+
+        // One more replica: `<name>-10` has one character too many; `<name>-9` would fit.
+        s.replicas = 11;
+        let err = Object::new(ObjectMeta::namespaced("default", &name), s.clone()).validate().unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("metadata.name: replica name \"{name}-10\" would be longer than 253 characters")),
+            "{text}"
+        );
+        s.replicas = 0;
+        Object::new(ObjectMeta::namespaced("default", &name), s).validate().unwrap();
+    }
+
+    #[test]
+    fn a_claim_name_too_long_for_the_last_replica_is_refused() {
+        let mut s = db();
+        s.replicas = 10;
+        // `data-<name>-9` is 5 characters longer than `<name>-9`.
+        let name = "d".repeat(MAX_SUBDOMAIN_LEN - "data-".len() - "-9".len());
+        Object::new(ObjectMeta::namespaced("default", &name), s.clone()).validate().unwrap();
+        s.volume_claim_templates[0].name = "datas".into();
+        for m in &mut s.template.spec.containers[0].volume_mounts {
+            m.name = "datas".into();
+        }
+        let err = Object::new(ObjectMeta::namespaced("default", &name), s).validate().unwrap_err();
+        let crate::Error::Invalid { source, .. } = &err else { panic!("{err}") };
+        assert!(source.has_field("spec.volumeClaimTemplates[0].name"), "{err}");
+        assert!(!source.has_field("metadata.name"), "the replica's own name fits: {err}");
+        assert!(
+            err.to_string().contains(&format!("claim name \"datas-{name}-9\" would be longer than 253 characters")),
+            "{err}"
+        );
     }
 
     #[test]
