@@ -1,6 +1,7 @@
 //! The secure way to run a cluster, as the README does it: `orch server` serving https with the
 //! CA it creates; an admin with a client certificate from `orch certs issue`; an agent joining
-//! with a join token from `orch token create --join`, renewing its short-lived node certificate
+//! with a join token from `orch token create --join` (which pins the CA: a token alone is
+//! enough, a forged pin or another CA is refused), renewing its short-lived node certificate
 //! and running a workload past the first one's expiry; `orch node revoke` shutting it out; no
 //! token or key in any log.
 
@@ -81,29 +82,46 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     ]);
     let join = run(&["token", "create", "--data-dir", data_s, "--join", "--ttl", "10m"]).trim().to_string();
     assert!(join.starts_with("orchjoin-"), "{join}");
+    // The token pins the cluster CA.
+    let digest = orch::store::api::ca_digest(&std::fs::read(&ca).unwrap()).unwrap();
+    assert!(join.ends_with(&format!(".sha256-{digest}")), "{join}");
     let node_dir = dir.join("node-1");
-    let agent_args = |join: &str, log: &str| {
-        orch(
-            &[
-                "agent",
-                "--ca",
-                ca_s,
-                "--server",
-                &url,
-                "--join-token",
-                join,
-                "--name",
-                "node-1",
-                "--data-dir",
-                node_dir.to_str().unwrap(),
-                "--drain",
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            &dir.join(log),
-        )
+    let agent_command = |join: &str, ca: Option<&str>| {
+        let mut args: Vec<String> = ["agent", "--server", &url, "--join-token", join, "--name", "node-1"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        args.extend(["--data-dir", node_dir.to_str().unwrap(), "--drain", "--listen", "127.0.0.1:0"].map(String::from));
+        if let Some(ca) = ca {
+            args.extend(["--ca".to_string(), ca.to_string()]);
+        }
+        args
     };
-    let agent = agent_args(&join, "node-1.log");
+    let agent_args = |join: &str, ca: Option<&str>, log: &str| {
+        let args = agent_command(join, ca);
+        orch(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir.join(log))
+    };
+
+    // A token pinning another CA, or a `--ca` that is not the pinned one: refused before joining.
+    let refused = |join: &str, ca: Option<&str>| {
+        let out = Command::new(env!("CARGO_BIN_EXE_orch"))
+            .args(agent_command(join, ca))
+            .env("ORCH_CONFIG", "/nonexistent/config.yaml")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "an agent with a wrong pin must not start");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let forged = format!("{}.sha256-{}", join.split_once(".sha256-").unwrap().0, "0".repeat(64));
+    let e = refused(&forged, None);
+    assert!(e.contains("no certificate the server sent is the CA the join token pins"), "{e}");
+    let other_ca = dir.join("other-ca.crt");
+    std::fs::write(&other_ca, std::fs::read_to_string(admin_dir.join("admin.crt")).unwrap()).unwrap();
+    let e = refused(&join, Some(other_ca.to_str().unwrap()));
+    assert!(e.contains("not the CA the join token pins"), "{e}");
+    assert!(!node_dir.join("pki/node.crt").exists(), "nothing joined");
+
+    let agent = agent_args(&join, Some(ca_s), "node-1.log");
 
     let admin_cert = std::fs::read(admin_dir.join("admin.crt")).unwrap();
     let admin_key = std::fs::read(admin_dir.join("admin.key")).unwrap();
@@ -189,7 +207,9 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     drop(agent);
     let join2 = run(&["token", "create", "--data-dir", data_s, "--join", "--ttl", "10m"]).trim().to_string();
     let revoked_serial = serial(&node_cert);
-    let agent = agent_args(&join2, "node-1-again.log");
+    // This time with the token alone: the agent finds the CA it pins on the server.
+    std::fs::remove_file(node_dir.join("pki/ca.crt")).ok();
+    let agent = agent_args(&join2, None, "node-1-again.log");
     wait_for("a new certificate", async || (serial(&node_cert) != revoked_serial).then_some(())).await;
     wait_for("the node works again", async || {
         let again: Arc<dyn Store> = Arc::new(
@@ -213,6 +233,8 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
         .collect();
     let again = std::fs::read_to_string(dir.join("node-1-again.log")).unwrap();
     assert!(again.contains("joined: got a node certificate"), "{again}");
+    assert!(again.contains("trusting the cluster CA the join token pins"), "{again}");
+    assert_eq!(std::fs::read(node_dir.join("pki/ca.crt")).unwrap(), std::fs::read(&ca).unwrap(), "the CA is kept");
     assert!(!logs.contains(&join2), "the join token appears in a log");
     assert!(logs.contains("renewed the node certificate"), "{logs}");
     assert!(!logs.contains(&join), "the join token appears in a log");

@@ -7,6 +7,7 @@
 //! | [`wire`] | `server` or `remote` | the JSON shapes both sides share: objects, lists, watch lines, `Status` errors, paths |
 //! | `ApiServer` | `server` | axum over hyper (HTTP/1.1 and HTTP/2), over TLS or plain: CRUD, status, merge and JSON patch, watch, leases, discovery, limits |
 //! | [`auth`], [`pki`] | `server` | bearer tokens, rules, the audit log; the cluster CA, client and node certificates, node join and revocation |
+//! | `discover_ca` | `remote` | a joining node finds the cluster CA from the digest its join token pins |
 //! | `RemoteStore` | `remote` | a `Store` over HTTP/2 (https trusting the cluster CA, with a client certificate or a token): passes the store conformance suite; watches resume after a lost connection |
 
 pub mod wire;
@@ -15,6 +16,8 @@ pub mod wire;
 pub mod admission;
 #[cfg(feature = "server")]
 pub mod auth;
+#[cfg(feature = "remote")]
+mod discovery;
 #[cfg(feature = "server")]
 pub mod kinds;
 #[cfg(feature = "server")]
@@ -32,6 +35,8 @@ mod tls;
 pub use admission::{Admission, AdmissionRequest, BuiltinValidation, Operation, UserInfo};
 #[cfg(feature = "server")]
 pub use auth::{AuditLog, Authorizer, JoinTokens, Rule, Tokens};
+#[cfg(feature = "remote")]
+pub use discovery::{ca_digest, discover_ca, pinned_join_token, split_join_token};
 #[cfg(feature = "server")]
 pub use kinds::{KindInfo, Kinds};
 #[cfg(feature = "server")]

@@ -257,8 +257,8 @@ impl ClusterCa {
         self.sign(params, &csr.public_key, valid)
     }
 
-    /// The server side of TLS: this certificate, and client certificates signed by the CA
-    /// accepted but not required (a client may authenticate with a bearer token instead).
+    /// The server side of TLS: this certificate (sent with the CA's), and client certificates
+    /// signed by the CA accepted but not required (a client may authenticate with a bearer token instead).
     pub fn server_config(&self, server: &Issued) -> Result<Arc<rustls::ServerConfig>, Error> {
         let provider = tls::provider();
         let roots = Arc::new(tls::roots(self.cert_pem.as_bytes())?);
@@ -274,7 +274,12 @@ impl ClusterCa {
             .map_err(|e| failed("TLS versions", e))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(
-                tls::certs_from_pem(server.cert_pem.as_bytes(), "server certificate")?,
+                // The CA goes with the chain: a joining node checks it against its token's digest.
+                [
+                    tls::certs_from_pem(server.cert_pem.as_bytes(), "server certificate")?,
+                    tls::certs_from_pem(self.cert_pem.as_bytes(), "ca")?,
+                ]
+                .concat(),
                 tls::key_from_pem(key.as_bytes(), "server key")?,
             )
             .map_err(|e| failed("the server certificate and key do not fit", e))?;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use orch_core::{Clock, Labels, Runtime, Store, SystemClock};
 use orch_runtime::{Agent, AgentConfig};
-use orch_store::api::RemoteStore;
 use orch_store::api::pki::{self, CertificateIdentity};
+use orch_store::api::{RemoteStore, ca_digest, discover_ca, split_join_token};
 use tokio::sync::watch;
 
 use super::{BoxError, host_name, metrics, on_signal, ops_routes, serve_ops, stopped};
@@ -26,12 +26,14 @@ enum RuntimeKind {
 #[command(after_help = "Joining an https server: the agent presents the join token (`orch token create
 --join` on the server) once, with a signing request for a key it makes, and keeps the node
 certificate it gets in <data-dir>/pki (node.crt, node.key); it authenticates with it from then
-on, renews it at two thirds of its life, and needs no token to restart. `--ca` is the cluster
-CA's certificate (the server's ca.crt). Against a plain http server (--insecure-http) the token
+on, renews it at two thirds of its life, and needs no token to restart. The token pins the
+cluster CA (`.sha256-<digest>` at its end): the agent trusts the CA the server sends only if it
+matches, and keeps it in <data-dir>/pki/ca.crt; `--ca` (the server's ca.crt) may be given
+instead, and must then be the pinned one. Against a plain http server (--insecure-http) the token
 is a bearer token (`orch token create --group system:nodes`).
 
 Examples:
-  orch --ca ca.crt agent --server https://10.0.0.1:7440 --join-token \"$JOIN_TOKEN\" --listen 0.0.0.0:7441
+  orch agent --server https://10.0.0.1:7440 --join-token \"$JOIN_TOKEN\" --listen 0.0.0.0:7441
   orch --ca ca.crt agent --server https://10.0.0.1:7440 --name node-2 --labels zone=b --runtime docker")]
 pub(crate) struct AgentArgs {
     /// The control plane's API (`https://host:7440`).
@@ -237,7 +239,7 @@ async fn connect(
     ca: Option<&Path>,
     node: &str,
     stop: &watch::Receiver<bool>,
-) -> Result<RemoteStore, BoxError> {
+) -> Result<(RemoteStore, Option<Vec<u8>>), BoxError> {
     if !args.server.starts_with("https://") {
         if ca.is_some() {
             return Err(format!("--ca: the server {} is plain http; use its https:// URL", args.server).into());
@@ -246,17 +248,21 @@ async fn connect(
         if let Some(t) = &args.join_token {
             remote = remote.bearer_token(t.clone());
         }
-        return Ok(remote.build()?);
+        return Ok((remote.build()?, None));
     }
-    let ca = ca.ok_or_else(|| {
-        format!("--ca: the server {} is https: give the cluster CA's certificate (its ca.crt)", args.server)
-    })?;
-    let ca_pem = std::fs::read(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
     let dir = pki_dir(args);
+    let (token, pin) = match args.join_token.as_deref() {
+        Some(t) => {
+            let (secret, pin) = split_join_token(t).map_err(|e| format!("--join-token: {e}"))?;
+            (Some(secret), pin)
+        }
+        None => (None, None),
+    };
+    let ca_pem = cluster_ca(args, ca, &dir, pin.as_deref(), stop).await?;
     // A certificate from an earlier join, unless the server refuses it (revoked) and there is a
     // join token to join again with.
     let mut stored = stored_identity(&dir, node);
-    if let (Some((cert, key)), Some(_)) = (&stored, &args.join_token) {
+    if let (Some((cert, key)), Some(_)) = (&stored, token) {
         let probe = RemoteStore::builder(args.server.clone())
             .ca_pem(ca_pem.clone())
             .client_identity(cert.clone(), key.clone())
@@ -275,7 +281,7 @@ async fn connect(
             found
         }
         None => {
-            let token = args.join_token.as_deref().ok_or_else(|| {
+            let token = token.ok_or_else(|| {
                 format!(
                     "node {node} has no certificate in {} yet: give --join-token (`orch token create --join` on the server)",
                     dir.display()
@@ -303,9 +309,59 @@ async fn connect(
         }
     };
     let current = CertificateIdentity::from_pem(&cert)?;
-    let remote = RemoteStore::builder(args.server.clone()).ca_pem(ca_pem).client_identity(cert, key).build()?;
+    let remote = RemoteStore::builder(args.server.clone()).ca_pem(ca_pem.clone()).client_identity(cert, key).build()?;
     tokio::spawn(keep_renewed(remote.clone(), dir, node.to_string(), current, stop.clone()));
-    Ok(remote)
+    Ok((remote, Some(ca_pem)))
+}
+
+/// The cluster CA to trust (PEM): `--ca`, which must be the CA the join token pins if it pins
+/// one; else the CA the pinned token finds on the server (kept in `<pki>/ca.crt` for later
+/// starts); else the one kept from an earlier join.
+async fn cluster_ca(
+    args: &AgentArgs,
+    ca: Option<&Path>,
+    dir: &Path,
+    pin: Option<&str>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<u8>, BoxError> {
+    let kept = dir.join("ca.crt");
+    if let Some(path) = ca {
+        let pem = std::fs::read(path).map_err(|e| format!("--ca {}: {e}", path.display()))?;
+        if let Some(pin) = pin
+            && ca_digest(&pem).map_err(|e| format!("--ca {}: {e}", path.display()))? != pin
+        {
+            return Err(format!("--ca {}: not the CA the join token pins (sha256 {pin})", path.display()).into());
+        }
+        return Ok(pem);
+    }
+    if let Some(pin) = pin {
+        // The control plane may be starting too: try a while; a CA that does not match is final.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let pem = loop {
+            match discover_ca(&args.server, pin).await {
+                Ok(pem) => break pem,
+                Err(e @ orch_core::Error::Unavailable { .. })
+                    if tokio::time::Instant::now() < deadline && !*stop.borrow() =>
+                {
+                    tracing::warn!(server = %args.server, error = %e, "cannot reach the server for its CA yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(format!("--join-token: {e}").into()),
+            }
+        };
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::write(&kept, &pem).map_err(|e| format!("cannot keep the cluster CA in {}: {e}", kept.display()))?;
+        tracing::info!(path = %kept.display(), sha256 = %pin, "trusting the cluster CA the join token pins");
+        return Ok(pem.into_bytes());
+    }
+    std::fs::read(&kept).map_err(|_| {
+        format!(
+            "--ca: the server {} is https: give the cluster CA's certificate (its ca.crt), or a join token that pins \
+             it (`orch token create --join`)",
+            args.server
+        )
+        .into()
+    })
 }
 
 pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxError> {
@@ -315,11 +371,7 @@ pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxE
     let prometheus = metrics()?;
     let stop = on_signal();
     let node = args.name.clone().unwrap_or_else(host_name);
-    let remote = connect(&args, ca.as_deref(), &node, &stop).await?;
-    let ca_pem = match &ca {
-        Some(path) if args.server.starts_with("https://") => Some(std::fs::read(path)?),
-        _ => None,
-    };
+    let (remote, ca_pem) = connect(&args, ca.as_deref(), &node, &stop).await?;
     let store: Arc<dyn Store> = Arc::new(remote);
     // The control plane may be starting too: wait for it a while, then give up saying why.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -31,7 +31,9 @@ pub(crate) enum TokenCommand {
         #[arg(long, value_delimiter = ',', conflicts_with = "join")]
         group: Vec<String>,
         /// A join token for nodes: presented once by `orch agent --join-token` for a node
-        /// certificate.
+        /// certificate. It pins the cluster CA of the data directory (`.sha256-<digest>` at its
+        /// end; the CA is made there if the server has not made it yet), so a node needs no
+        /// `--ca`.
         #[arg(long)]
         join: bool,
         /// How long the join token is good (`30m`, `1h`, `7d`).
@@ -47,6 +49,10 @@ pub(crate) fn run(cmd: TokenCommand) -> Result<(), BoxError> {
                 .map_err(|e| format!("cannot create the data directory {}: {e}", data_dir.display()))?;
             let expiry = SystemClock.now().plus(ttl);
             let (token, line) = JoinTokens::generate(expiry);
+            // Pinned to the cluster CA, made here now if the server has not made it yet.
+            let ca = orch_store::api::ClusterCa::load_or_create(&data_dir)
+                .map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
+            let token = orch_store::api::pinned_join_token(&token, ca.cert_pem().as_bytes())?;
             append(&data_dir.join("join-tokens"), &line)?;
             eprintln!("expires at {}", expiry.to_jiff());
             println!("{token}");
