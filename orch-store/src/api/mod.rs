@@ -40,7 +40,7 @@ pub use discovery::{ca_digest, discover_ca, pinned_join_token, split_join_token}
 #[cfg(feature = "server")]
 pub use kinds::{KindInfo, Kinds};
 #[cfg(feature = "server")]
-pub use pki::{CertificateIdentity, ClusterCa, Issued, serve_tls};
+pub use pki::{AgentServerCert, CertificateIdentity, ClusterCa, Issued, agent_client_config, serve_tls};
 #[cfg(feature = "remote")]
 pub use remote::{RemoteStore, RemoteStoreBuilder};
 #[cfg(feature = "server")]

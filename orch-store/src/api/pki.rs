@@ -247,13 +247,20 @@ impl ClusterCa {
     }
 
     /// Signs a node's certificate signing request (PEM) as `system:node:<node>` in
-    /// `system:nodes`, whatever subject the request asked for: only its key is taken.
+    /// `system:nodes`, whatever subject the request asked for: only its key is taken. It
+    /// authenticates the node to the API server and its agent's API to the server (for
+    /// `ServerAuth`, the DNS name is the node's name: see [`agent_client_config`]).
     pub fn sign_node_csr(&self, csr_pem: &str, node: &str, valid: Duration) -> Result<Issued, Error> {
         check_node_name(node)?;
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
             Error::invalid("CertificateSigningRequest", "csr", format!("not a valid PEM signing request: {e}"))
         })?;
-        let params = client_params(&format!("{NODE_USER_PREFIX}{node}"), &[NODES]);
+        let mut params = client_params(&format!("{NODE_USER_PREFIX}{node}"), &[NODES]);
+        // The node's agent serves its API (logs, exec) with it too, named after the node.
+        params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+        let name = rcgen::string::Ia5String::try_from(node.to_string())
+            .map_err(|e| Error::invalid("Node", "name", format!("{node:?}: {e}")))?;
+        params.subject_alt_names = vec![rcgen::SanType::DnsName(name)];
         self.sign(params, &csr.public_key, valid)
     }
 
@@ -330,6 +337,117 @@ pub fn node_csr(node: &str) -> Result<(String, String), Error> {
     let csr = params.serialize_request(&key).map_err(rcgen_failed("cannot make the signing request"))?;
     let pem = csr.pem().map_err(rcgen_failed("cannot encode the signing request"))?;
     Ok((pem, key.serialize_pem()))
+}
+
+/// The certificate an agent serves its API with: its node certificate, replaced when it is
+/// renewed (connections made after see the new one).
+#[derive(Debug)]
+pub struct AgentServerCert {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl AgentServerCert {
+    /// Serves `cert_pem` with `key_pem` (the node's certificate and key).
+    pub fn new(cert_pem: &str, key_pem: &str) -> Result<Arc<AgentServerCert>, Error> {
+        Ok(Arc::new(AgentServerCert { current: std::sync::RwLock::new(certified(cert_pem, key_pem)?) }))
+    }
+
+    /// Serves the renewed certificate from now on.
+    pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), Error> {
+        let next = certified(cert_pem, key_pem)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+
+    /// The server side of TLS for the agent's API (no client certificate asked: the API server
+    /// vouches for each request with a single-use ticket).
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, Error> {
+        let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| failed("TLS versions", e))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for AgentServerCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+fn certified(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::sign::CertifiedKey>, Error> {
+    let certs = tls::certs_from_pem(cert_pem.as_bytes(), "node certificate")?;
+    let key = tls::key_from_pem(key_pem.as_bytes(), "node key")?;
+    let key = tls::provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| Error::invalid("Certificate", "node key", format!("not a usable key: {e}")))?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(certs, key)))
+}
+
+/// The client side of TLS to the agent of `node`: trusts only the cluster CA `ca_pem`, and
+/// takes only that node's certificate (its DNS name is the node's name), whatever address the
+/// agent is reached at.
+pub fn agent_client_config(ca_pem: &[u8], node: &str) -> Result<rustls::ClientConfig, Error> {
+    let roots = Arc::new(tls::roots(ca_pem)?);
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, tls::provider())
+        .build()
+        .map_err(|e| failed("cannot build the agent certificate verifier", e))?;
+    let node = rustls::pki_types::ServerName::try_from(node.to_string())
+        .map_err(|e| Error::invalid("Node", "name", format!("{node:?}: {e}")))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| failed("TLS versions", e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AsNode { inner, node }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Verifies a certificate as the named node's, not as the address dialled.
+#[derive(Debug)]
+struct AsNode {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    node: rustls::pki_types::ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AsNode {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _dialled: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(end_entity, intermediates, &self.node, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Who a client certificate says its holder is, and which certificate it is.
@@ -577,6 +695,45 @@ mod tests {
         assert_eq!(id.serial, issued.serial);
         assert_eq!(id.not_after, issued.not_after);
         assert!(format!("{issued:?}").find("PRIVATE").is_none());
+    }
+
+    /// A TLS handshake from a client trusting `ca` as the agent of `node`, to a server with `cert`.
+    async fn handshake(cert: &Arc<AgentServerCert>, ca: &str, node: &str) -> Result<(), String> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config().unwrap());
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = acceptor.accept(tcp).await;
+        });
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(agent_client_config(ca.as_bytes(), node).unwrap()));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Dialled by address: the certificate must still be the node's.
+        let dialled = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let result = connector.connect(dialled, tcp).await.map(|_| ()).map_err(|e| e.to_string());
+        server.abort();
+        result
+    }
+
+    #[tokio::test]
+    async fn an_agent_serves_its_node_certificate_and_is_verified_as_its_node() {
+        let ca = ClusterCa::generate("test CA").unwrap();
+        let issue = |node: &str| {
+            let (csr, key) = node_csr(node).unwrap();
+            (ca.sign_node_csr(&csr, node, Duration::from_secs(3600)).unwrap().cert_pem, key)
+        };
+        let (cert, key) = issue("node-1");
+        let served = AgentServerCert::new(&cert, &key).unwrap();
+        handshake(&served, ca.cert_pem(), "node-1").await.unwrap();
+        let e = handshake(&served, ca.cert_pem(), "node-2").await.unwrap_err();
+        assert!(e.to_lowercase().contains("not valid for name"), "another node's agent is refused: {e}");
+        let other = ClusterCa::generate("another CA").unwrap();
+        let e = handshake(&served, other.cert_pem(), "node-1").await.unwrap_err();
+        assert!(e.to_lowercase().contains("unknown"), "another cluster's CA is refused: {e}");
+        // A renewed certificate is served from then on.
+        let (renewed, renewed_key) = issue("node-2");
+        served.replace(&renewed, &renewed_key).unwrap();
+        handshake(&served, ca.cert_pem(), "node-2").await.unwrap();
     }
 
     #[test]
