@@ -77,7 +77,10 @@ pub use meta::{Clock, LeaseId, ObjectMeta, OwnerReference, SystemClock, Timestam
 pub use object::{API_VERSION, DynamicObject, JsonError, Object, ObjectKey, RawJson, Resource, Scope};
 pub use quantity::Quantity;
 pub use runnable::{Leadership, RunParts, Runnable};
-pub use runtime::{ExecOutput, Handle, InstanceSpec, InstanceState, Runtime, RuntimeError};
+pub use runtime::{
+    ExecOutput, ExecSession, ExecStreamOptions, Handle, InstanceSpec, InstanceState, Runtime, RuntimeError,
+    TerminalSize,
+};
 pub use selector::{FieldSelector, LabelSelector, Requirement};
 pub use storage::{VolumeError, VolumeProvider};
 pub use store::{

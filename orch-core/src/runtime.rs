@@ -16,8 +16,10 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
@@ -143,6 +145,60 @@ pub struct ExecOutput {
 /// The most of each stream [`Runtime::exec_output`] keeps (4 MiB); the rest is dropped.
 pub const EXEC_OUTPUT_LIMIT: usize = 4 << 20;
 
+/// The size of a terminal, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalSize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// How [`Runtime::exec_stream`] runs a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExecStreamOptions {
+    /// The command gets a standard input the caller writes to ([`ExecSession::stdin`]);
+    /// without it, it reads end-of-file at once (or, on a terminal, nothing ever).
+    pub stdin: bool,
+    /// The command runs on a terminal of its own, of this size: its standard input, output and
+    /// error are that terminal, so its output is one stream (as on any terminal) and what the
+    /// caller writes is typed on it.
+    pub tty: Option<TerminalSize>,
+}
+
+/// Changes the size of an exec's terminal ([`ExecSession::resize`]).
+pub type Resize = Box<dyn FnMut(TerminalSize) -> BoxFuture<'static, Result<(), RuntimeError>> + Send>;
+
+/// A command started by [`Runtime::exec_stream`], its streams open. Dropping the session
+/// abandons the command: a backend that can stop it does (the process runtime kills its
+/// process group).
+pub struct ExecSession {
+    /// Its standard input (when [`ExecStreamOptions::stdin`] asked for one). What is written
+    /// reaches the command; `shutdown` ends the input: the command reads end-of-file (on a
+    /// terminal, the end-of-file character is typed, as a user would).
+    pub stdin: Option<Pin<Box<dyn tokio::io::AsyncWrite + Send>>>,
+    /// Its standard output; on a terminal, everything the terminal shows. It ends once the
+    /// command and whatever it started that holds the stream have closed it.
+    pub stdout: Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    /// Its standard error; `None` on a terminal, where it is part of `stdout`.
+    pub stderr: Option<Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
+    /// Resizes its terminal; `None` without one.
+    pub resize: Option<Resize>,
+    /// Resolves to the command's exit code once it has ended (128 + the signal's number when a
+    /// signal ended it, as a shell reports it).
+    pub exit: BoxFuture<'static, Result<i32, RuntimeError>>,
+}
+
+impl fmt::Debug for ExecSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecSession")
+            .field("stdin", &self.stdin.is_some())
+            .field("stderr", &self.stderr.is_some())
+            .field("tty", &self.resize.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// One line of output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {
@@ -195,6 +251,13 @@ pub enum RuntimeError {
         /// The underlying error.
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// This backend cannot do what was asked (an interactive exec on simulated nodes, say);
+    /// the message says what and where it can be done.
+    #[error("{message}")]
+    Unsupported {
+        /// What cannot be done, and why.
+        message: String,
     },
     /// An operating-system call failed.
     #[error("{context}: {source}")]
@@ -312,6 +375,30 @@ pub trait Runtime: Send + Sync + fmt::Debug + 'static {
         Err(RuntimeError::Unavailable {
             message: format!("the {} runtime cannot run a command in {} and return its output", self.name(), handle.id),
             source: None,
+        })
+    }
+
+    /// Starts `command` inside the instance, as [`exec_output`](Self::exec_output) would run it,
+    /// with its streams open to the caller while it runs: what `orch exec -i -t` drives. Backends
+    /// that cannot keep the default, which refuses with [`RuntimeError::Unsupported`].
+    ///
+    /// # To ensure correctness
+    /// A command that cannot be started (an empty command, a missing program) is refused here
+    /// where the backend can tell before it starts anything (the Docker Engine cannot: it
+    /// reports a missing program as output and exit code 126 or 127, as `docker exec` does). Output is handed over as the command writes it, never
+    /// held until it ends. [`ExecSession::exit`] resolves only once the command has ended; a
+    /// caller that reads both output streams to their end and then awaits it has seen all the
+    /// output. With [`ExecStreamOptions::tty`] the command's standard streams are a terminal
+    /// of that size, and [`ExecSession::resize`] is `Some`.
+    async fn exec_stream(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        options: ExecStreamOptions,
+    ) -> Result<ExecSession, RuntimeError> {
+        let _ = (command, options);
+        Err(RuntimeError::Unsupported {
+            message: format!("the {} runtime cannot run an interactive command in {}", self.name(), handle.id),
         })
     }
 

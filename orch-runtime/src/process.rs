@@ -27,8 +27,8 @@ use futures::stream::BoxStream;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use orch_core::runtime::{
-    Capabilities, ExitStatus, Handle, InstanceSpec, InstanceState, LogLine, LogOptions, LogStream, Runtime,
-    RuntimeError,
+    Capabilities, ExecSession, ExecStreamOptions, ExitStatus, Handle, InstanceSpec, InstanceState, LogLine, LogOptions,
+    LogStream, Runtime, RuntimeError, TerminalSize,
 };
 use orch_core::{Clock, SystemClock, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -259,6 +259,174 @@ fn signal_group(pid: i32, signal: Signal) {
 fn exit_from(status: std::process::ExitStatus, finished_at: Timestamp) -> ExitStatus {
     use std::os::unix::process::ExitStatusExt;
     ExitStatus { code: status.code(), signal: status.signal(), oom_killed: false, finished_at }
+}
+
+/// An exit code as a shell reports it: 128 + the signal's number when a signal ended it.
+fn shell_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(-1)
+}
+
+/// Kills the process group of an exec that was abandoned (its session dropped) before it ended.
+struct AbandonGuard {
+    group: i32,
+    ended: bool,
+}
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        if !self.ended {
+            signal_group(self.group, Signal::SIGKILL);
+        }
+    }
+}
+
+/// A child's standard input whose `shutdown` closes the pipe (tokio's does nothing), so the
+/// command reads end-of-file.
+struct ClosingStdin(Option<tokio::process::ChildStdin>);
+
+impl tokio::io::AsyncWrite for ClosingStdin {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.0.as_mut() {
+            Some(w) => std::pin::Pin::new(w).poll_write(cx, buf),
+            None => std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.as_mut() {
+            Some(w) => std::pin::Pin::new(w).poll_flush(cx),
+            None => std::task::Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0 = None;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl ProcessRuntime {
+    /// The command of an exec: `program` and its arguments, run like
+    /// [`exec_output`](Runtime::exec_output) runs it (in the instance's directory, with the
+    /// agent's environment).
+    fn exec_command(&self, handle: &Handle, command: &[String]) -> Result<tokio::process::Command, RuntimeError> {
+        let Some(program) = command.first().filter(|p| !p.is_empty()) else {
+            return Err(RuntimeError::invalid("command", "must not be empty"));
+        };
+        let dir = self.dir(&handle.id);
+        if find_program(program, &orch_core::kinds::Container::default(), &dir).is_none() {
+            return Err(RuntimeError::invalid("command[0]", format!("cannot run {program}: not found")));
+        }
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&command[1..]).current_dir(dir).kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// An exec on pipes: standard input (when asked for), output and error kept apart.
+    fn exec_piped(&self, handle: &Handle, command: &[String], stdin: bool) -> Result<ExecSession, RuntimeError> {
+        use std::process::Stdio;
+        let mut cmd = self.exec_command(handle, command)?;
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group, so an abandoned session kills whatever it started too.
+            .process_group(0);
+        let mut child =
+            cmd.spawn().map_err(|e| RuntimeError::invalid("command[0]", format!("cannot run {}: {e}", command[0])))?;
+        let group = child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0);
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(RuntimeError::invalid("command", "its output could not be captured"));
+        };
+        let input = child.stdin.take().map(|w| Box::pin(ClosingStdin(Some(w))) as _);
+        Ok(ExecSession {
+            stdin: input,
+            stdout: Box::pin(stdout),
+            stderr: Some(Box::pin(stderr)),
+            resize: None,
+            exit: wait_exec(child, group, command[0].clone()),
+        })
+    }
+
+    /// An exec on a pseudo-terminal of its own: a new session whose controlling terminal it is
+    /// (through `setsid -c`, so that Ctrl-C and job control reach the command as on a login
+    /// terminal), its standard streams all that terminal.
+    fn exec_on_tty(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        size: TerminalSize,
+    ) -> Result<ExecSession, RuntimeError> {
+        let mut cmd = self.exec_command(handle, command)?;
+        let (reader, writer, resizer, slave) = crate::pty::open(size)?;
+        let io = |e| RuntimeError::io("sharing a pseudo-terminal", e);
+        let (out, err) = (slave.try_clone().map_err(io)?, slave.try_clone().map_err(io)?);
+        let setsid = find_program("setsid", &orch_core::kinds::Container::default(), Path::new("/"));
+        if let Some(setsid) = &setsid {
+            // A new session needs a process that leads no group: this one, spawned in the
+            // agent's group, calls setsid(2) itself (no fork), makes the terminal (its standard
+            // input) its controlling terminal, and becomes the command: same pid, a group of
+            // its own.
+            let std = cmd.as_std();
+            let mut wrapped = tokio::process::Command::new(setsid);
+            wrapped.arg("-c").arg("--").arg(std.get_program()).args(std.get_args());
+            if let Some(dir) = std.get_current_dir() {
+                wrapped.current_dir(dir);
+            }
+            wrapped.kill_on_drop(true);
+            cmd = wrapped;
+        } else {
+            tracing::warn!(
+                "setsid (util-linux or busybox) is not on the agent's PATH: the exec's terminal is not its \
+                 controlling terminal (Ctrl-C does not interrupt it)"
+            );
+            cmd.process_group(0);
+        }
+        cmd.stdin(slave).stdout(out).stderr(err);
+        let spawned = cmd.spawn();
+        // The command holds the terminal's slave side now; ours go, so that the master reads
+        // its end once the command (and all it started there) has closed it.
+        drop(cmd);
+        let child =
+            spawned.map_err(|e| RuntimeError::invalid("command[0]", format!("cannot run {}: {e}", command[0])))?;
+        let group = child.id().and_then(|id| i32::try_from(id).ok()).unwrap_or(0);
+        Ok(ExecSession {
+            stdin: Some(Box::pin(writer)),
+            stdout: Box::pin(reader),
+            stderr: None,
+            resize: Some(Box::new(move |size| {
+                let done = crate::pty::resize(&resizer, size);
+                Box::pin(async move { done })
+            })),
+            exit: wait_exec(child, group, command[0].clone()),
+        })
+    }
+}
+
+/// Waits for an exec's command; dropped before it ends, kills the command's group.
+fn wait_exec(
+    mut child: tokio::process::Child,
+    group: i32,
+    program: String,
+) -> futures::future::BoxFuture<'static, Result<i32, RuntimeError>> {
+    let guard = AbandonGuard { group, ended: false };
+    Box::pin(async move {
+        // The whole guard moves in (not just its flag): dropped with the future, it kills.
+        let mut guard = guard;
+        let status = child.wait().await;
+        guard.ended = true;
+        status.map(shell_code).map_err(|e| RuntimeError::io(format!("waiting for {program}"), e))
+    })
 }
 
 #[async_trait]
@@ -654,6 +822,28 @@ impl Runtime for ProcessRuntime {
         }
     }
 
+    /// Runs the command as [`exec_output`](Runtime::exec_output) does (on the host, in the
+    /// instance's directory, with the agent's environment), on pipes or, with a terminal, on a
+    /// pseudo-terminal that is its controlling terminal.
+    async fn exec_stream(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        options: ExecStreamOptions,
+    ) -> Result<ExecSession, RuntimeError> {
+        self.data(handle)?;
+        match options.tty {
+            None => self.exec_piped(handle, command, options.stdin),
+            Some(size) => {
+                let mut session = self.exec_on_tty(handle, command, size)?;
+                if !options.stdin {
+                    session.stdin = None;
+                }
+                Ok(session)
+            }
+        }
+    }
+
     async fn exec(&self, handle: &Handle, command: &[String], timeout: Duration) -> Result<i32, RuntimeError> {
         self.data(handle)?;
         let Some(program) = command.first() else {
@@ -904,6 +1094,110 @@ mod tests {
                 || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
         })
         .await;
+        rt.remove(&h).await.unwrap();
+    }
+
+    /// Reads `r` into `seen` until `pattern` has appeared in all that was read so far.
+    async fn read_until(r: &mut (impl tokio::io::AsyncRead + Unpin), seen: &mut Vec<u8>, pattern: &str) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(seen).contains(pattern) {
+            // Long enough that only a wrong behaviour reaches it; then it says what came.
+            let n = tokio::time::timeout(Duration::from_secs(60), r.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no {pattern:?} in a minute: {:?}", String::from_utf8_lossy(seen)))
+                .unwrap();
+            assert!(n > 0, "the stream ended before {pattern:?}: {:?}", String::from_utf8_lossy(seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exec_stream_passes_input_and_output_live_and_the_exit_code() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = runtime("exec-stream");
+        let h = rt.start(&sh("svc", "exec sleep 30")).await.unwrap();
+        let cmd = |s: &str| vec!["/bin/sh".to_string(), "-c".to_string(), s.to_string()];
+        let options = ExecStreamOptions { stdin: true, tty: None };
+        // Each line comes back while the command still runs (it waits for the next one).
+        let mut s = rt
+            .exec_stream(&h, &cmd("while read l; do echo got-$l; echo err-$l >&2; done; exit 3"), options)
+            .await
+            .unwrap();
+        assert!(s.resize.is_none(), "no terminal, nothing to resize");
+        let mut stdin = s.stdin.take().unwrap();
+        let mut stderr = s.stderr.take().unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        stdin.write_all(b"a\n").await.unwrap();
+        read_until(&mut s.stdout, &mut out, "got-a\n").await;
+        read_until(&mut stderr, &mut err, "err-a\n").await;
+        stdin.write_all(b"b\n").await.unwrap();
+        read_until(&mut s.stdout, &mut out, "got-b\n").await;
+        assert_eq!((out.as_slice(), err.as_slice()), (&b"got-a\ngot-b\n"[..], &b"err-a\n"[..]));
+        // The end of the input ends the loop.
+        stdin.shutdown().await.unwrap();
+        let mut rest = String::new();
+        s.stdout.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "");
+        assert_eq!(s.exit.await.unwrap(), 3);
+
+        // Without stdin the command reads end-of-file at once.
+        let s = rt.exec_stream(&h, &cmd("cat; echo done"), ExecStreamOptions::default()).await.unwrap();
+        assert!(s.stdin.is_none());
+        let mut out = String::new();
+        let mut stdout = s.stdout;
+        stdout.read_to_string(&mut out).await.unwrap();
+        assert_eq!((out.as_str(), s.exit.await.unwrap()), ("done\n", 0));
+
+        // A program that cannot run is refused, not an exit code; so is an empty command.
+        let e = rt.exec_stream(&h, &["/no/such/program".to_string()], options).await.unwrap_err();
+        assert!(e.to_string().contains("cannot run /no/such/program"), "{e}");
+        assert!(rt.exec_stream(&h, &[], options).await.is_err());
+
+        // An abandoned session (its caller gone) kills the command and what it started.
+        let mut s = rt.exec_stream(&h, &cmd("sleep 60 & echo $!; wait"), options).await.unwrap();
+        let mut line = Vec::new();
+        read_until(&mut s.stdout, &mut line, "\n").await;
+        let pid: i32 = String::from_utf8(line).unwrap().trim().parse().unwrap();
+        drop(s);
+        orch_core::testkit::wait_until("the abandoned command's child is gone", Duration::from_secs(10), async || {
+            kill(Pid::from_raw(pid), None).is_err()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+        })
+        .await;
+        rt.remove(&h).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exec_stream_on_a_terminal_sizes_it_and_makes_it_the_controlling_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = runtime("exec-tty");
+        let h = rt.start(&sh("svc", "exec sleep 30")).await.unwrap();
+        let cmd = |s: &str| vec!["/bin/sh".to_string(), "-c".to_string(), s.to_string()];
+        let options = ExecStreamOptions { stdin: true, tty: Some(TerminalSize { rows: 33, cols: 101 }) };
+        let script = "test -t 0 && test -t 1 && test -t 2 && echo on-a-tty; stty size; \
+                      read l; stty size; { : </dev/tty; } 2>&1 && echo controlling; cat; echo after-eof; exit 5";
+        let mut s = rt.exec_stream(&h, &cmd(script), options).await.unwrap();
+        assert!(s.stderr.is_none(), "one terminal, one stream");
+        let mut stdin = s.stdin.take().unwrap();
+        let mut resize = s.resize.take().expect("a terminal can be resized");
+        // Terminal output ends lines with CR LF.
+        let mut seen = Vec::new();
+        read_until(&mut s.stdout, &mut seen, "on-a-tty\r\n33 101\r\n").await;
+        resize(TerminalSize { rows: 40, cols: 120 }).await.unwrap();
+        stdin.write_all(b"go\n").await.unwrap();
+        // What is typed is echoed, as on any terminal, then the new size shows.
+        read_until(&mut s.stdout, &mut seen, "40 120\r\n").await;
+        // /dev/tty opens only on a controlling terminal.
+        read_until(&mut s.stdout, &mut seen, "controlling\r\n").await;
+        stdin.write_all(b"typed\n").await.unwrap();
+        read_until(&mut s.stdout, &mut seen, "typed\r\ntyped\r\n").await;
+        // The end of the input is the end-of-file character: cat ends, the script goes on.
+        stdin.shutdown().await.unwrap();
+        let mut rest = String::new();
+        s.stdout.read_to_string(&mut rest).await.unwrap();
+        assert!(rest.contains("after-eof"), "{rest:?}");
+        assert_eq!(s.exit.await.unwrap(), 5);
         rt.remove(&h).await.unwrap();
     }
 }

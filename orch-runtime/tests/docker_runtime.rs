@@ -288,6 +288,64 @@ async fn exec_runs_inside_the_container() {
     rt.stop(&h, Duration::from_secs(5)).await.unwrap();
 }
 
+/// Reads `r` into `seen` until `pattern` has appeared in all that was read so far.
+async fn read_until(r: &mut (impl tokio::io::AsyncRead + Unpin), seen: &mut Vec<u8>, pattern: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(seen).contains(pattern) {
+        let n = tokio::time::timeout(PATIENCE, r.read(&mut buf)).await.expect("output in time").unwrap();
+        assert!(n > 0, "the stream ended before {pattern:?}: {:?}", String::from_utf8_lossy(seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_stream_attaches_input_output_and_a_terminal() {
+    use orch_core::runtime::{ExecStreamOptions, TerminalSize};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if skip("exec_stream_attaches_input_output_and_a_terminal") {
+        return;
+    }
+    let scope = Scope::new("exec-stream");
+    let rt = DockerRuntime::connect(scope.config()).await.unwrap();
+    let h = rt.start(&sh(&scope, "attached", "sleep 60")).await.unwrap();
+    let cmd = |s: &str| vec!["/bin/sh".to_string(), "-c".to_string(), s.to_string()];
+    // Pipes: each line comes back while the command waits for the next; stderr apart.
+    let options = ExecStreamOptions { stdin: true, tty: None };
+    let mut s =
+        rt.exec_stream(&h, &cmd("while read l; do echo got-$l; echo err-$l >&2; done; exit 3"), options).await.unwrap();
+    let (mut stdin, mut stderr) = (s.stdin.take().unwrap(), s.stderr.take().unwrap());
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    stdin.write_all(b"a\n").await.unwrap();
+    read_until(&mut s.stdout, &mut out, "got-a\n").await;
+    read_until(&mut stderr, &mut err, "err-a\n").await;
+    assert_eq!((out.as_slice(), err.as_slice()), (&b"got-a\n"[..], &b"err-a\n"[..]));
+    stdin.shutdown().await.unwrap();
+    let mut rest = String::new();
+    s.stdout.read_to_string(&mut rest).await.unwrap();
+    assert_eq!((rest.as_str(), s.exit.await.unwrap()), ("", 3));
+
+    // The Engine's terminal, sized, resized, and ended by the end-of-file character.
+    let options = ExecStreamOptions { stdin: true, tty: Some(TerminalSize { rows: 33, cols: 101 }) };
+    let script = "test -t 0 && test -t 1 && echo on-a-tty; read l; stty size; cat; echo after-eof; exit 5";
+    let mut s = rt.exec_stream(&h, &cmd(script), options).await.unwrap();
+    assert!(s.stderr.is_none(), "one terminal, one stream");
+    let mut stdin = s.stdin.take().unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut s.stdout, &mut seen, "on-a-tty\r\n").await;
+    (s.resize.as_mut().unwrap())(TerminalSize { rows: 40, cols: 120 }).await.unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    read_until(&mut s.stdout, &mut seen, "40 120\r\n").await;
+    stdin.write_all(b"typed\n").await.unwrap();
+    read_until(&mut s.stdout, &mut seen, "typed\r\ntyped\r\n").await;
+    stdin.shutdown().await.unwrap();
+    let mut rest = String::new();
+    s.stdout.read_to_string(&mut rest).await.unwrap();
+    assert!(rest.contains("after-eof"), "{rest:?}");
+    assert_eq!(s.exit.await.unwrap(), 5);
+    rt.stop(&h, Duration::from_secs(5)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unclaimed_containers_are_removed_after_the_grace_period() {
     if skip("unclaimed_containers_are_removed_after_the_grace_period") {
