@@ -42,6 +42,6 @@ pub use kinds::{KindInfo, Kinds};
 #[cfg(feature = "server")]
 pub use pki::{AgentServerCert, CertificateIdentity, ClusterCa, Issued, agent_client_config, serve_tls};
 #[cfg(feature = "remote")]
-pub use remote::{RemoteStore, RemoteStoreBuilder};
+pub use remote::{RemoteStore, RemoteStoreBuilder, Upgrade};
 #[cfg(feature = "server")]
 pub use server::{ApiServer, ApiServerBuilder, Limits, NodeJoin, RunningServer};

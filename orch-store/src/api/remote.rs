@@ -102,11 +102,14 @@ impl RemoteStoreBuilder {
             ));
         }
         let tls = self.ca_pem.map(|ca| Tls { ca });
-        let client = connect(tls.as_ref(), self.identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())))?;
+        let identity = self.identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice()));
+        let client = connect(tls.as_ref(), identity)?;
+        let upgrades = connect_http1(tls.as_ref(), identity)?;
         let (closer, _) = watch::channel(());
         Ok(RemoteStore {
             inner: Arc::new(Inner {
                 client: RwLock::new(client),
+                upgrades: RwLock::new(upgrades),
                 tls,
                 base,
                 token: self.token,
@@ -124,11 +127,15 @@ struct Tls {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-fn connect(tls: Option<&Tls>, identity: Option<(&[u8], &[u8])>) -> Result<HttpClient> {
+fn tcp() -> HttpConnector {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
-    let config = match tls {
+    http
+}
+
+fn tls_config(tls: Option<&Tls>, identity: Option<(&[u8], &[u8])>) -> Result<rustls::ClientConfig> {
+    Ok(match tls {
         Some(t) => tls::client_config(&t.ca, identity)?,
         // Never used for an http:// server, but the connector wants one.
         None => rustls::ClientConfig::builder_with_provider(tls::provider())
@@ -136,12 +143,26 @@ fn connect(tls: Option<&Tls>, identity: Option<(&[u8], &[u8])>) -> Result<HttpCl
             .map_err(|e| unavailable("TLS versions", e))?
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
-    };
+    })
+}
+
+/// The client for protocol upgrades ([`RemoteStore::upgrade`]): HTTP/1.1 only, since HTTP/2
+/// has no `Upgrade`; each upgrade takes a connection of its own.
+fn connect_http1(tls: Option<&Tls>, identity: Option<(&[u8], &[u8])>) -> Result<HttpClient> {
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(config)
+        .with_tls_config(tls_config(tls, identity)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp());
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+fn connect(tls: Option<&Tls>, identity: Option<(&[u8], &[u8])>) -> Result<HttpClient> {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(tls, identity)?)
         .https_or_http()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(tcp());
     // HTTP/2 (with prior knowledge over plain http, by ALPN over TLS): every call and every
     // watch of this store share one connection, multiplexed.
     // An idle watcher holds back at most its stream's window of the connection's: with the
@@ -173,10 +194,21 @@ pub struct RemoteStore {
 struct Inner {
     /// Replaced whole when the client certificate is: new calls open a new connection with it.
     client: RwLock<HttpClient>,
+    /// The HTTP/1.1 client of [`RemoteStore::upgrade`], replaced with `client`.
+    upgrades: RwLock<HttpClient>,
     tls: Option<Tls>,
     base: String,
     token: Option<String>,
     reconnect_for: Duration,
+}
+
+/// What [`RemoteStore::upgrade`] got back.
+#[derive(Debug)]
+pub enum Upgrade {
+    /// The server switched protocols: the connection, to read and write both ways.
+    Switched(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+    /// The server answered without switching: its status code and body (usually a `Status`).
+    Answered(u16, Bytes),
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -299,8 +331,43 @@ impl RemoteStore {
             ));
         };
         let client = connect(Some(tls), Some((cert_pem, key_pem)))?;
+        let upgrades = connect_http1(Some(tls), Some((cert_pem, key_pem)))?;
         *self.inner.client.write().unwrap_or_else(|e| e.into_inner()) = client;
+        *self.inner.upgrades.write().unwrap_or_else(|e| e.into_inner()) = upgrades;
         Ok(())
+    }
+
+    /// Asks the server to switch this one request's connection to `protocol` (an HTTP/1.1
+    /// `GET` with `Connection: Upgrade`, `Upgrade: protocol`), with the store's TLS and
+    /// credential: on `101 Switching Protocols` the connection is then a byte stream both ways
+    /// (`orch exec -i` speaks its own framing on it). Any other answer comes back as it is, its
+    /// status code and body; only a failure to reach the server is an error.
+    pub async fn upgrade(&self, path_and_query: &str, protocol: &str) -> Result<Upgrade> {
+        let mut req = self.inner.request(Method::GET, path_and_query, None);
+        let value = header::HeaderValue::from_str(protocol)
+            .map_err(|_| Error::invalid("RemoteStore", "protocol", format!("{protocol:?} is not a header value")))?;
+        req.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("upgrade"));
+        req.headers_mut().insert(header::UPGRADE, value);
+        let what = format!("GET {}", req.uri().path());
+        let client = self.inner.upgrades.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let resp = client.request(req).await.map_err(|e| match tls::explain(&e) {
+            Some(why) => unavailable(format!("{what}: {why}"), e),
+            None => unavailable(format!("{what}: cannot reach the server"), e),
+        })?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upgraded = hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| unavailable(format!("{what}: the protocol switch failed"), e))?;
+            return Ok(Upgrade::Switched(hyper_util::rt::TokioIo::new(upgraded)));
+        }
+        let code = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unavailable(format!("{what}: the answer was cut off"), e))?
+            .to_bytes();
+        Ok(Upgrade::Answered(code, body))
     }
 
     /// Sends one request to any path of the server (with its query, e.g.

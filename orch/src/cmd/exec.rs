@@ -1,11 +1,21 @@
-//! `orch exec`: runs a command in a workload's container and shows what it printed, with its
-//! exit code. Not interactive: no input and no terminal, only the output (at most 4 MiB of
-//! each stream) once the command ends.
+//! `orch exec`: runs a command in a workload's container.
+//!
+//! Without `-i`/`-t` it is a call like any other: the command gets no input and no terminal,
+//! and its output (at most 4 MiB of each stream) comes back once it ends, with its exit code.
+//! With `-i` (the caller's standard input becomes the command's) or `-t` (the command gets a
+//! terminal) it is a session: an HTTP/1.1 upgrade to a byte stream on both hops, framed as
+//! [`frame`] says, the output shown as it is written (see [`interactive`]).
 //!
 //! The way is that of `orch logs` (see there): the API server checks the caller, hands the
 //! node's agent a single-use ticket for this command in this workload, and the agent redeems it
 //! before it runs anything. Running a command needs more than reading the workload: the
 //! server checks that the caller may update it.
+
+mod frame;
+mod interactive;
+mod terminal;
+
+pub(crate) use interactive::{agent_exec_stream, relay_exec_stream};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Path, State};
@@ -31,14 +41,28 @@ use super::{BoxError, Exit};
 #[command(after_help = "Examples:
   orch exec web-6d5f8c-x2k4q -- cat /etc/hostname
   orch exec wl/web-6d5f8c-x2k4q -c main --timeout 10 -- sh -c 'ls; env'
-The command's exit code is orch's; it gets no input and no terminal.")]
+  orch exec -i -t web-6d5f8c-x2k4q -- sh          # a shell, on a terminal
+  printf 'b\\na\\n' | orch exec -i web-6d5f8c-x2k4q -- sort
+The command's exit code is orch's. Without -i/-t it gets no input and no terminal, and its output
+comes once it ends. With -i it reads orch's standard input (whose end closes the command's), and
+its output comes as it is written. With -t it runs on a terminal of its own, sized as orch's: when
+orch's standard input is a terminal, that is in raw mode for the session (keys such as Ctrl-C go
+to the command) and resizes follow; when it is not, orch warns and the command gets its terminal
+all the same (as `docker exec -t` does; kubectl drops the terminal instead).")]
 pub(crate) struct ExecArgs {
     /// The workload (`NAME` or `workload/NAME`).
     target: String,
     /// The container (needed when the workload has several).
     #[arg(short = 'c', long)]
     container: Option<String>,
-    /// Kill the command after this many seconds.
+    /// Pass orch's standard input to the command, and its output as it comes.
+    #[arg(short = 'i', long)]
+    stdin: bool,
+    /// Run the command on a terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Kill the command after this many seconds (without -i/-t: a session lasts as long as the
+    /// command).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
     /// The command and its arguments (after `--`).
@@ -81,6 +105,55 @@ fn parse_request(body: &[u8]) -> Result<ExecRequest, Refused> {
     Ok(req)
 }
 
+/// Checks that the caller may run a command in workload `ns/name` (read it and update it),
+/// then reads it. `Err` is the answer to send.
+async fn authorized(
+    relay: &Relay,
+    headers: &HeaderMap,
+    identity: Option<&CertificateIdentity>,
+    ns: &str,
+    name: &str,
+) -> Result<orch_core::Object<Workload>, Response> {
+    let w = checked_workload(relay, headers, identity, "get", ns, name).await?;
+    // May the caller change this workload? The server's own authorization says (and its audit
+    // log records it).
+    let access = Access { verb: "update", kind: "Workload", namespace: ns, name };
+    if let Err(st) = relay.api.check_access(headers, identity, access).await {
+        let message = if st.code == 403 {
+            format!(
+                "running a command in workload {ns}/{name} needs the right to update it: 403 Forbidden: {}",
+                st.message
+            )
+        } else {
+            format!("{} {}: {}", st.code, st.reason, st.message)
+        };
+        return Err(failure(st.code, &st.reason, message));
+    }
+    Ok(w)
+}
+
+/// The newest instance of the container a request names (or the workload's only one) on this
+/// node: the container's name and the instance's handle. `Err` is the answer to send.
+async fn newest_instance(
+    api: &NodeApi,
+    ns: &str,
+    name: &str,
+    container: Option<&str>,
+) -> Result<(String, orch_core::Handle), Response> {
+    let w = Api::<Workload>::namespaced(api.store.clone(), ns).get(name).await.map_err(|e| error_response(&e))?;
+    if w.spec.node_name.as_deref() != Some(api.node.as_str()) {
+        return Err(failure(404, "NotFound", format!("workload {ns}/{name} does not run on node {}", api.node)));
+    }
+    let container = pick_container(&w, container).map_err(|answer| *answer)?;
+    let instances = orch_runtime::instances_of(api.runtime.as_ref(), ns, name)
+        .await
+        .map_err(|e| failure(500, "InternalError", format!("the runtime cannot list its instances: {e}")))?;
+    let Some((_, _, handle)) = instances.into_iter().rev().find(|(c, _, _)| *c == container) else {
+        return Err(failure(409, "Conflict", format!("container {container} of workload {ns}/{name} is not running")));
+    };
+    Ok((container, handle))
+}
+
 /// The server's side: check, ticket, relay.
 pub(crate) async fn relay_exec(
     State(relay): State<Relay>,
@@ -93,25 +166,10 @@ pub(crate) async fn relay_exec(
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    let identity = identity.as_ref().map(|e| &e.0);
-    let w = match checked_workload(&relay, &headers, identity, "get", &ns, &name).await {
+    let w = match authorized(&relay, &headers, identity.as_ref().map(|e| &e.0), &ns, &name).await {
         Ok(w) => w,
         Err(answer) => return answer,
     };
-    // May the caller change this workload? The server's own authorization says (and its audit
-    // log records it).
-    let access = Access { verb: "update", kind: "Workload", namespace: &ns, name: &name };
-    if let Err(st) = relay.api.check_access(&headers, identity, access).await {
-        let message = if st.code == 403 {
-            format!(
-                "running a command in workload {ns}/{name} needs the right to update it: 403 Forbidden: {}",
-                st.message
-            )
-        } else {
-            format!("{} {}: {}", st.code, st.reason, st.message)
-        };
-        return failure(st.code, &st.reason, message);
-    }
     let (node, addr) = match relay.agent_of(&w).await {
         Ok(found) => found,
         Err(answer) => return *answer,
@@ -166,23 +224,9 @@ pub(crate) async fn agent_exec(
     if let Err(answer) = api.redeem(&headers, &wanted).await {
         return *answer;
     }
-    let w = match Api::<Workload>::namespaced(api.store.clone(), &ns).get(&name).await {
-        Ok(w) => w,
-        Err(e) => return error_response(&e),
-    };
-    if w.spec.node_name.as_deref() != Some(api.node.as_str()) {
-        return failure(404, "NotFound", format!("workload {ns}/{name} does not run on node {}", api.node));
-    }
-    let container = match pick_container(&w, req.container.as_deref()) {
-        Ok(c) => c,
-        Err(answer) => return *answer,
-    };
-    let instances = match orch_runtime::instances_of(api.runtime.as_ref(), &ns, &name).await {
-        Ok(i) => i,
-        Err(e) => return failure(500, "InternalError", format!("the runtime cannot list its instances: {e}")),
-    };
-    let Some((_, _, handle)) = instances.into_iter().rev().find(|(c, _, _)| *c == container) else {
-        return failure(409, "Conflict", format!("container {container} of workload {ns}/{name} is not running"));
+    let (container, handle) = match newest_instance(&api, &ns, &name, req.container.as_deref()).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
     };
     let timeout = std::time::Duration::from_secs(req.timeout_seconds);
     match api.runtime.exec_output(&handle, &req.command, timeout).await {
@@ -209,6 +253,9 @@ pub(crate) async fn run(conn: &ConnArgs, args: ExecArgs) -> Result<(), BoxError>
         return Err("exec runs in workloads: `orch exec NAME -- CMD` or `orch exec workload/NAME -- CMD`".into());
     }
     let [name] = names.as_slice() else { return Err("name one workload".into()) };
+    if args.stdin || args.tty {
+        return interactive::run(&client, name, args).await;
+    }
     let req = ExecRequest { container: args.container, command: args.command, timeout_seconds: args.timeout };
     let path = format!(
         "/apis/orch.dev/v1/namespaces/{}/workloads/{}/exec",

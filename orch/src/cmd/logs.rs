@@ -234,7 +234,10 @@ pub(crate) fn relay_routes(api: ApiServer, store: Arc<dyn Store>) -> Router {
     Router::new()
         .route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log", get(relay_logs))
         .route("/orch/v1/log-tickets/{ticket}", axum::routing::post(redeem))
-        .route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/exec", axum::routing::post(super::exec::relay_exec))
+        .route(
+            "/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/exec",
+            axum::routing::post(super::exec::relay_exec).get(super::exec::relay_exec_stream),
+        )
         .with_state(relay)
 }
 
@@ -356,7 +359,7 @@ pub(crate) fn agent_routes(
     let state = NodeApi { node, server, store, runtime, data_root };
     Ok(Router::new()
         .route("/logs/{ns}/{name}", get(agent_logs))
-        .route("/exec/{ns}/{name}", axum::routing::post(super::exec::agent_exec))
+        .route("/exec/{ns}/{name}", axum::routing::post(super::exec::agent_exec).get(super::exec::agent_exec_stream))
         .with_state(state))
 }
 
