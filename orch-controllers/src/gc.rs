@@ -35,7 +35,7 @@ use orch_core::meta::{ObjectMeta, OwnerReference};
 use orch_core::object::{ObjectKey, Resource};
 use orch_core::runnable::{Leadership, RunParts, Runnable, stopped};
 use orch_core::store::{
-    DeleteOptions, FOREGROUND_FINALIZER, Guard, ORPHAN_FINALIZER, Propagation, Store, WriteOptions,
+    DeleteOptions, DeleteOutcome, FOREGROUND_FINALIZER, Guard, ORPHAN_FINALIZER, Propagation, Store, WriteOptions,
 };
 
 /// The garbage collector (add it to a [`Manager`](orch_core::Manager)).
@@ -94,11 +94,33 @@ impl GarbageCollector {
     }
 }
 
-/// What the collector needs of an object: its metadata.
-#[derive(Debug, Clone)]
+/// An object as a cache holds it, seen through its metadata only (shared, never copied).
+trait Meta: Send + Sync {
+    fn meta(&self) -> &ObjectMeta;
+}
+
+impl<K: Resource> Meta for orch_core::Object<K> {
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+}
+
+/// What the collector needs of an object: its kind and metadata.
+#[derive(Clone)]
 struct Seen {
-    key: ObjectKey,
-    meta: ObjectMeta,
+    kind: &'static str,
+    obj: Arc<dyn Meta>,
+}
+
+impl Seen {
+    fn meta(&self) -> &ObjectMeta {
+        self.obj.meta()
+    }
+
+    fn key(&self) -> ObjectKey {
+        let m = self.meta();
+        ObjectKey::new(self.kind, m.namespace.clone(), m.name.clone())
+    }
 }
 
 enum Change {
@@ -106,28 +128,28 @@ enum Change {
     Deleted(Seen),
 }
 
-/// One kind, seen through its shared cache.
+/// One kind the collector knows (bound to its shared cache when the collector runs).
 trait Kind: Send + Sync {
     fn name(&self) -> &'static str;
     fn start(&self, caches: &CacheRegistry, store: &Arc<dyn Store>);
-    fn all(&self, caches: &CacheRegistry, store: &Arc<dyn Store>) -> Vec<Seen>;
-    fn owned_by(&self, caches: &CacheRegistry, store: &Arc<dyn Store>, uid: &str) -> Vec<Seen>;
+    fn bind(&self, caches: &CacheRegistry, store: &Arc<dyn Store>) -> Box<dyn Bound>;
+}
+
+/// One kind, seen through its shared cache.
+trait Bound: Send + Sync {
+    fn all(&self) -> Vec<Seen>;
+    fn owned_by(&self, uid: &str) -> Vec<Seen>;
     /// Subscribes at once, and returns the future that forwards every change until the
     /// receiver is gone.
-    fn feed(
-        &self,
-        caches: &CacheRegistry,
-        store: &Arc<dyn Store>,
-        tx: mpsc::UnboundedSender<Change>,
-    ) -> BoxFuture<'static, ()>;
+    fn feed(&self, tx: mpsc::UnboundedSender<Change>) -> BoxFuture<'static, ()>;
     /// Resolves once the kind's cache holds everything.
-    fn ready(&self, caches: &CacheRegistry, store: &Arc<dyn Store>) -> BoxFuture<'static, ()>;
+    fn ready(&self) -> BoxFuture<'static, ()>;
 }
 
 struct Typed<K>(std::marker::PhantomData<fn() -> K>);
 
-fn seen<K: Resource>(o: &orch_core::Object<K>) -> Seen {
-    Seen { key: o.key(), meta: o.metadata.clone() }
+fn seen<K: Resource>(o: Arc<orch_core::Object<K>>) -> Seen {
+    Seen { kind: K::KIND, obj: o }
 }
 
 impl<K: Resource> Kind for Typed<K> {
@@ -137,24 +159,25 @@ impl<K: Resource> Kind for Typed<K> {
     fn start(&self, caches: &CacheRegistry, store: &Arc<dyn Store>) {
         caches.get_or_start::<K>(store);
     }
-    fn all(&self, caches: &CacheRegistry, store: &Arc<dyn Store>) -> Vec<Seen> {
-        caches.get_or_start::<K>(store).list().iter().map(|o| seen(o)).collect()
+    fn bind(&self, caches: &CacheRegistry, store: &Arc<dyn Store>) -> Box<dyn Bound> {
+        Box::new(caches.get_or_start::<K>(store))
     }
-    fn owned_by(&self, caches: &CacheRegistry, store: &Arc<dyn Store>, uid: &str) -> Vec<Seen> {
-        caches.get_or_start::<K>(store).owned_by(uid).iter().map(|o| seen(o)).collect()
+}
+
+impl<K: Resource> Bound for orch_core::Cache<K> {
+    fn all(&self) -> Vec<Seen> {
+        self.list().into_iter().map(seen).collect()
     }
-    fn feed(
-        &self,
-        caches: &CacheRegistry,
-        store: &Arc<dyn Store>,
-        tx: mpsc::UnboundedSender<Change>,
-    ) -> BoxFuture<'static, ()> {
-        let mut events = caches.get_or_start::<K>(store).subscribe();
+    fn owned_by(&self, uid: &str) -> Vec<Seen> {
+        orch_core::Cache::owned_by(self, uid).into_iter().map(seen).collect()
+    }
+    fn feed(&self, tx: mpsc::UnboundedSender<Change>) -> BoxFuture<'static, ()> {
+        let mut events = self.subscribe();
         async move {
             while let Some(e) = events.recv().await {
                 let change = match e {
-                    CacheEvent::Applied(o) => Change::Applied(seen(&o)),
-                    CacheEvent::Deleted(o) => Change::Deleted(seen(&o)),
+                    CacheEvent::Applied(o) => Change::Applied(seen(o)),
+                    CacheEvent::Deleted(o) => Change::Deleted(seen(o)),
                 };
                 if tx.send(change).is_err() {
                     return;
@@ -163,8 +186,8 @@ impl<K: Resource> Kind for Typed<K> {
         }
         .boxed()
     }
-    fn ready(&self, caches: &CacheRegistry, store: &Arc<dyn Store>) -> BoxFuture<'static, ()> {
-        let cache = caches.get_or_start::<K>(store);
+    fn ready(&self) -> BoxFuture<'static, ()> {
+        let cache = self.clone();
         async move { cache.ready().await }.boxed()
     }
 }
@@ -173,12 +196,12 @@ fn holds_gc_finalizer(meta: &ObjectMeta) -> bool {
     meta.is_being_deleted() && meta.finalizers.iter().any(|f| f == FOREGROUND_FINALIZER || f == ORPHAN_FINALIZER)
 }
 
-/// Where the collector acts from: the store, the caches, its kinds, what it knows is gone.
+/// Where the collector acts from: the store, its kinds' caches, what it knows is gone.
 struct Shared {
     store: Arc<dyn Store>,
-    caches: CacheRegistry,
-    kinds: Vec<Arc<dyn Kind>>,
-    /// Owner uids known to be gone for good.
+    kinds: Vec<Box<dyn Bound>>,
+    /// Uids known to be gone for good (uids are never reused): owners found missing, and
+    /// objects the store said it removed, which the caches may still show for a while.
     gone: Mutex<HashSet<String>>,
 }
 
@@ -189,14 +212,23 @@ enum Next {
 }
 
 impl Shared {
+    fn is_gone(&self, uid: &str) -> bool {
+        self.gone.lock().unwrap_or_else(|e| e.into_inner()).contains(uid)
+    }
+
+    fn mark_gone(&self, uid: &str) {
+        self.gone.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.to_string());
+    }
+
+    /// The cached objects that name `uid` among their owners, except those known to be gone.
     fn dependents(&self, uid: &str) -> Vec<Seen> {
         let mut out = Vec::new();
         for k in &self.kinds {
-            for d in k.owned_by(&self.caches, &self.store, uid) {
-                if d.meta.owner_references.iter().any(|o| o.uid == uid) {
-                    out.push(d);
-                }
-            }
+            out.extend(k.owned_by(uid).into_iter().filter(|d| d.meta().owner_references.iter().any(|o| o.uid == uid)));
+        }
+        if !out.is_empty() {
+            let gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+            out.retain(|d| !gone.contains(&d.meta().uid));
         }
         out
     }
@@ -204,7 +236,7 @@ impl Shared {
     /// Whether the owner a reference names still exists (as that very object), and whether it
     /// is being deleted in the foreground.
     async fn owner(&self, o: &OwnerReference, namespace: &str) -> Result<Option<bool>, Error> {
-        if self.gone.lock().unwrap_or_else(|e| e.into_inner()).contains(&o.uid) {
+        if self.is_gone(&o.uid) {
             return Ok(None);
         }
         let mut keys = vec![ObjectKey::new(o.kind.clone(), namespace, o.name.clone())];
@@ -223,7 +255,7 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         }
-        self.gone.lock().unwrap_or_else(|e| e.into_inner()).insert(o.uid.clone());
+        self.mark_gone(&o.uid);
         Ok(None)
     }
 
@@ -245,24 +277,32 @@ impl Shared {
             let dependents = self.dependents(&meta.uid);
             if orphan {
                 for d in &dependents {
-                    self.release(&d.key, &meta.uid, &write).await?;
+                    self.release(&d.key(), &meta.uid, &write).await?;
                 }
             } else {
-                for d in dependents.iter().filter(|d| !d.meta.is_being_deleted()) {
-                    let propagation = if self.dependents(&d.meta.uid).is_empty() {
+                let mut removed = HashSet::new();
+                for d in dependents.iter().filter(|d| !d.meta().is_being_deleted()) {
+                    let propagation = if self.dependents(&d.meta().uid).is_empty() {
                         Propagation::Background
                     } else {
                         Propagation::Foreground
                     };
                     let opts = DeleteOptions { guard: guard.clone(), propagation, ..Default::default() };
-                    match self.store.delete(&d.key, &opts).await {
-                        Ok(_) | Err(Error::NotFound(_)) => {}
+                    match self.store.delete(&d.key(), &opts).await {
+                        // Nothing is left at its key: this dependent is gone, whatever the
+                        // caches say yet.
+                        Ok(DeleteOutcome::Deleted(_)) | Err(Error::NotFound(_)) => {
+                            self.mark_gone(&d.meta().uid);
+                            removed.insert(&d.meta().uid);
+                        }
+                        Ok(DeleteOutcome::Pending(_)) => {}
                         Err(e) => return Err(e),
                     }
                 }
-                let blocking = dependents
-                    .iter()
-                    .any(|d| d.meta.owner_references.iter().any(|o| o.uid == meta.uid && o.block_owner_deletion));
+                let blocking = dependents.iter().any(|d| {
+                    !removed.contains(&d.meta().uid)
+                        && d.meta().owner_references.iter().any(|o| o.uid == meta.uid && o.block_owner_deletion)
+                });
                 if blocking {
                     // Each dependent's deletion brings the owner back here; this is a backstop.
                     return Ok(Next::Again(Duration::from_secs(5)));
@@ -271,8 +311,15 @@ impl Shared {
             let finalizer = if orphan { ORPHAN_FINALIZER } else { FOREGROUND_FINALIZER };
             let mut next = (*obj).clone();
             next.metadata.finalizers.retain(|f| f != finalizer);
+            // Without finalizers, the update is the object's removal.
+            let last = next.metadata.finalizers.is_empty();
             return match self.store.update(next, &write).await {
-                Ok(_) | Err(Error::NotFound(_)) => Ok(Next::Done),
+                Ok(_) | Err(Error::NotFound(_)) => {
+                    if last {
+                        self.mark_gone(&meta.uid);
+                    }
+                    Ok(Next::Done)
+                }
                 Err(e) if e.is_conflict() => Ok(Next::Again(Duration::ZERO)),
                 Err(e) => Err(e),
             };
@@ -295,7 +342,11 @@ impl Shared {
                 if self.dependents(&meta.uid).is_empty() { Propagation::Background } else { Propagation::Foreground };
             let opts = DeleteOptions { resource_version: Some(meta.resource_version), guard, propagation };
             return match self.store.delete(key, &opts).await {
-                Ok(_) | Err(Error::NotFound(_)) => Ok(Next::Done),
+                Ok(DeleteOutcome::Deleted(_)) | Err(Error::NotFound(_)) => {
+                    self.mark_gone(&meta.uid);
+                    Ok(Next::Done)
+                }
+                Ok(DeleteOutcome::Pending(_)) => Ok(Next::Done),
                 Err(e) if e.is_conflict() => Ok(Next::Again(Duration::ZERO)),
                 Err(e) => Err(e),
             };
@@ -362,25 +413,27 @@ fn fingerprint(meta: &ObjectMeta) -> u64 {
 
 async fn run(gc: GarbageCollector, parts: RunParts) {
     let RunParts { store, caches, mut leader, mut shutdown, .. } = parts;
-    let shared = Arc::new(Shared { store, caches, kinds: gc.kinds, gone: Mutex::new(HashSet::new()) });
+    let kinds = gc.kinds.iter().map(|k| k.bind(&caches, &store)).collect();
+    let shared = Arc::new(Shared { store, kinds, gone: Mutex::new(HashSet::new()) });
     let (tx, rx) = mpsc::unbounded_channel();
     let mut feeders = JoinSet::new();
     for k in &shared.kinds {
-        feeders.spawn(k.feed(&shared.caches, &shared.store, tx.clone()));
+        feeders.spawn(k.feed(tx.clone()));
     }
     drop(tx);
     for k in &shared.kinds {
-        k.ready(&shared.caches, &shared.store).await;
+        k.ready().await;
     }
     let queue: WorkQueue<ObjectKey> = WorkQueue::with_metrics(QueueConfig::default(), "garbage-collector");
     // Everything there is, once: owners that vanished while no collector ran are found here.
     let mut fingerprints: HashMap<String, u64> = HashMap::new();
     for k in &shared.kinds {
-        for s in k.all(&shared.caches, &shared.store) {
-            if !s.meta.owner_references.is_empty() || holds_gc_finalizer(&s.meta) {
-                queue.add(s.key.clone());
+        for s in k.all() {
+            let meta = s.meta();
+            if !meta.owner_references.is_empty() || holds_gc_finalizer(meta) {
+                queue.add(s.key());
             }
-            fingerprints.insert(s.meta.uid.clone(), fingerprint(&s.meta));
+            fingerprints.insert(meta.uid.clone(), fingerprint(meta));
         }
     }
     let changes = tokio::spawn(follow(rx, shared.clone(), queue.clone(), fingerprints));
@@ -442,23 +495,26 @@ async fn follow(
     while let Some(change) = rx.recv().await {
         match change {
             Change::Applied(s) => {
-                let f = fingerprint(&s.meta);
-                let before = fingerprints.insert(s.meta.uid.clone(), f);
-                let worth = holds_gc_finalizer(&s.meta) || !s.meta.owner_references.is_empty();
+                let meta = s.meta();
+                let f = fingerprint(meta);
+                let before = fingerprints.insert(meta.uid.clone(), f);
+                let worth = holds_gc_finalizer(meta) || !meta.owner_references.is_empty();
                 if worth && before != Some(f) {
-                    queue.add(s.key);
+                    queue.add(s.key());
                 }
             }
             Change::Deleted(s) => {
-                fingerprints.remove(&s.meta.uid);
-                shared.gone.lock().unwrap_or_else(|e| e.into_inner()).insert(s.meta.uid.clone());
-                for d in shared.dependents(&s.meta.uid) {
-                    queue.add(d.key);
+                let meta = s.meta();
+                fingerprints.remove(&meta.uid);
+                shared.mark_gone(&meta.uid);
+                for d in shared.dependents(&meta.uid) {
+                    queue.add(d.key());
                 }
-                // An owner waiting in the foreground looks again.
-                for o in &s.meta.owner_references {
-                    queue.add(ObjectKey::new(o.kind.clone(), s.key.namespace.clone(), o.name.clone()));
-                    if !s.key.namespace.is_empty() {
+                // An owner waiting in the foreground looks again (one known to be gone has
+                // nothing left to wait for).
+                for o in meta.owner_references.iter().filter(|o| !shared.is_gone(&o.uid)) {
+                    queue.add(ObjectKey::new(o.kind.clone(), meta.namespace.clone(), o.name.clone()));
+                    if !meta.namespace.is_empty() {
                         queue.add(ObjectKey::new(o.kind.clone(), "", o.name.clone()));
                     }
                 }

@@ -433,7 +433,9 @@ impl<K: Resource> Cache<K> {
             WatchEvent::Deleted(o) => {
                 let r = ObjectRef::new(&o.metadata.namespace, &o.metadata.name);
                 self.remove(&mut st, &r).map(|old| {
-                    let last = self.decode(o).map(Arc::new).unwrap_or_else(|| old.clone());
+                    // A deletion keeps the generation, so the cached spec is the last one: a
+                    // collected tree decodes metadata only, not a spec per object.
+                    let last = self.decode_after(o, Some(&old)).map(Arc::new).unwrap_or_else(|| old.clone());
                     (CacheEvent::Deleted(last), Some(old))
                 })
             }
