@@ -546,6 +546,24 @@ impl Runtime for SimulatedRuntime {
             .is_some_and(|i| Instant::now() >= i.started + i.behaviour.start_delay);
         Ok(if running && started { 0 } else { 1 })
     }
+
+    /// Refused: a simulated instance runs no program to attach to.
+    async fn exec_stream(
+        &self,
+        handle: &Handle,
+        command: &[String],
+        _options: orch_core::runtime::ExecStreamOptions,
+    ) -> Result<orch_core::ExecSession, RuntimeError> {
+        self.state(handle)?;
+        let program = command.first().map_or("", String::as_str);
+        Err(RuntimeError::Unsupported {
+            message: format!(
+                "simulated instance {} runs no program: {program:?} cannot run in it interactively (run the \
+                 workload on a node with the process or Docker runtime)",
+                handle.id
+            ),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -591,6 +609,16 @@ mod tests {
         assert_eq!(check(rt.clone(), h.clone()).await, 1, "still starting");
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(check(rt.clone(), h.clone()).await, 0, "running");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_interactive_exec_is_refused_saying_why() {
+        let rt = SimCluster::new().node("n1");
+        let h = rt.start(&spec("w", &[])).await.unwrap();
+        let options = orch_core::runtime::ExecStreamOptions { stdin: true, tty: None };
+        let e = rt.exec_stream(&h, &["sh".into()], options).await.unwrap_err();
+        assert!(matches!(e, RuntimeError::Unsupported { .. }), "{e:?}");
+        assert!(e.to_string().contains("simulated instance w runs no program"), "{e}");
     }
 
     #[tokio::test(start_paused = true)]
