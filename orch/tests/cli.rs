@@ -512,6 +512,12 @@ fn every_command_against_a_real_cluster() {
     assert!(e.contains("needs the right to update it") && e.contains("403"), "{e}");
     let e = orch.fails(&["exec", "talk", "--", "/no/such/program"], 1);
     assert!(e.contains("cannot run \"/no/such/program\" in main"), "{e}");
+    // Interactive (-i), over plain http with a token: the input reaches the command.
+    let mut child = orch.cmd(&["exec", "-i", "talk", "--", "sh", "-c", "cat; exit 4"]);
+    let mut child = child.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"typed\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!((out.status.code(), String::from_utf8_lossy(&out.stdout).as_ref()), (Some(4), "typed\n"));
     orch.ok(&["delete", "wl", "talk"]);
 
     // A daemon set: one workload a node, which a drain leaves in place.
