@@ -383,7 +383,8 @@ pub(crate) async fn run(client: &ApiClient, name: &str, args: ExecArgs) -> Resul
     } else {
         None
     };
-    let ended = session(io, args.stdin, tty.is_some() && input_is_terminal).await;
+    // SIGWINCH comes only where orch has a terminal; its size is read from whichever stream is one.
+    let ended = session(io, args.stdin, tty.is_some()).await;
     // The terminal is itself again before anything more is printed.
     drop(raw);
     match ended? {
