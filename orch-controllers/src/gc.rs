@@ -217,7 +217,20 @@ impl Shared {
     }
 
     fn mark_gone(&self, uid: &str) {
-        self.gone.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.to_string());
+        let mut gone = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        if !gone.contains(uid) {
+            gone.insert(uid.to_string());
+        }
+    }
+
+    /// How a collected object goes: in the foreground when it owns something (its dependents
+    /// go first), else in the background.
+    fn propagation(&self, uid: &str) -> Propagation {
+        let owns = self
+            .kinds
+            .iter()
+            .any(|k| k.owned_by(uid).iter().any(|d| d.meta().owner_references.iter().any(|o| o.uid == uid)));
+        if owns && !self.dependents(uid).is_empty() { Propagation::Foreground } else { Propagation::Background }
     }
 
     /// The cached objects that name `uid` among their owners, except those known to be gone.
@@ -282,12 +295,11 @@ impl Shared {
             } else {
                 let mut removed = HashSet::new();
                 for d in dependents.iter().filter(|d| !d.meta().is_being_deleted()) {
-                    let propagation = if self.dependents(&d.meta().uid).is_empty() {
-                        Propagation::Background
-                    } else {
-                        Propagation::Foreground
+                    let opts = DeleteOptions {
+                        guard: guard.clone(),
+                        propagation: self.propagation(&d.meta().uid),
+                        ..Default::default()
                     };
-                    let opts = DeleteOptions { guard: guard.clone(), propagation, ..Default::default() };
                     match self.store.delete(&d.key(), &opts).await {
                         // Nothing is left at its key: this dependent is gone, whatever the
                         // caches say yet.
@@ -338,9 +350,11 @@ impl Shared {
         }
         if missing.len() == meta.owner_references.len() {
             // Every owner is gone: so goes the object (unless it changed meanwhile).
-            let propagation =
-                if self.dependents(&meta.uid).is_empty() { Propagation::Background } else { Propagation::Foreground };
-            let opts = DeleteOptions { resource_version: Some(meta.resource_version), guard, propagation };
+            let opts = DeleteOptions {
+                resource_version: Some(meta.resource_version),
+                guard,
+                propagation: self.propagation(&meta.uid),
+            };
             return match self.store.delete(key, &opts).await {
                 Ok(DeleteOutcome::Deleted(_)) | Err(Error::NotFound(_)) => {
                     self.mark_gone(&meta.uid);
