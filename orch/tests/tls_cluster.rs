@@ -166,7 +166,12 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     })
     .await;
 
-    // Logs and exec through the server, as a user with a client certificate.
+    // Logs and exec through the server, as a user with a client certificate. The server reaches
+    // the agent over https, taking only node-1's certificate (its first one has expired by now:
+    // the agent serves the renewed one).
+    let node = nodes.get("node-1").await.unwrap();
+    let agent_api = node.metadata.annotations.get("orch.dev/agent-api").cloned().unwrap_or_default();
+    assert!(agent_api.starts_with("https://127.0.0.1:"), "{agent_api}");
     let admin_crt = admin_dir.join("admin.crt");
     let as_admin = ["--server", &url, "--ca", ca_s, "--cert", admin_crt.to_str().unwrap()];
     let logs = wait_for("the workload's output", async || {

@@ -398,14 +398,13 @@ pub fn agent_client_config(ca_pem: &[u8], node: &str) -> Result<rustls::ClientCo
         .map_err(|e| failed("cannot build the agent certificate verifier", e))?;
     let node = rustls::pki_types::ServerName::try_from(node.to_string())
         .map_err(|e| Error::invalid("Node", "name", format!("{node:?}: {e}")))?;
-    let mut config = rustls::ClientConfig::builder_with_provider(tls::provider())
+    // No ALPN here: the HTTP connector sets what it speaks (HTTP/1.1: the agent's exec upgrades).
+    Ok(rustls::ClientConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| failed("TLS versions", e))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AsNode { inner, node }))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+        .with_no_client_auth())
 }
 
 /// Verifies a certificate as the named node's, not as the address dialled.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use orch_core::{Clock, Labels, Runtime, Store, SystemClock};
 use orch_runtime::{Agent, AgentConfig};
 use orch_store::api::pki::{self, CertificateIdentity};
-use orch_store::api::{RemoteStore, ca_digest, discover_ca, split_join_token};
+use orch_store::api::{AgentServerCert, RemoteStore, ca_digest, discover_ca, split_join_token};
 use tokio::sync::watch;
 
 use super::{BoxError, host_name, metrics, on_signal, ops_routes, serve_ops, stopped};
@@ -183,7 +183,12 @@ async fn join(server: &RemoteStore, dir: &Path, node: &str, token: &str) -> Resu
 }
 
 /// Renews the node's certificate over its authenticated connection, then presents the new one.
-async fn renew(store: &RemoteStore, dir: &Path, node: &str) -> Result<CertificateIdentity, orch_core::Error> {
+async fn renew(
+    store: &RemoteStore,
+    served: &AgentServerCert,
+    dir: &Path,
+    node: &str,
+) -> Result<CertificateIdentity, orch_core::Error> {
     let (csr, key) = pki::node_csr(node)?;
     let body = serde_json::json!({"csr": csr});
     let answer = store.raw("POST", "/orch/v1/certificates/renew", Some(body.to_string().into_bytes())).await?;
@@ -193,12 +198,14 @@ async fn renew(store: &RemoteStore, dir: &Path, node: &str) -> Result<Certificat
     })?;
     pki::write_pair(dir, "node", &signed.certificate, &key)?;
     store.set_client_identity(signed.certificate.as_bytes(), key.as_bytes())?;
+    served.replace(&signed.certificate, &key)?;
     CertificateIdentity::from_pem(&signed.certificate)
 }
 
 /// Renews the certificate when two thirds of its remaining life have passed, until `stop`.
 async fn keep_renewed(
     store: RemoteStore,
+    served: Arc<AgentServerCert>,
     dir: PathBuf,
     node: String,
     mut current: CertificateIdentity,
@@ -214,7 +221,7 @@ async fn keep_renewed(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        match renew(&store, &dir, &node).await {
+        match renew(&store, &served, &dir, &node).await {
             Ok(id) => {
                 tracing::info!(serial = %id.serial, expires = %id.not_after.to_jiff(), "renewed the node certificate");
                 current = id;
@@ -239,7 +246,7 @@ async fn connect(
     ca: Option<&Path>,
     node: &str,
     stop: &watch::Receiver<bool>,
-) -> Result<(RemoteStore, Option<Vec<u8>>), BoxError> {
+) -> Result<(RemoteStore, Option<Vec<u8>>, Option<Arc<AgentServerCert>>), BoxError> {
     if !args.server.starts_with("https://") {
         if ca.is_some() {
             return Err(format!("--ca: the server {} is plain http; use its https:// URL", args.server).into());
@@ -248,7 +255,7 @@ async fn connect(
         if let Some(t) = &args.join_token {
             remote = remote.bearer_token(t.clone());
         }
-        return Ok((remote.build()?, None));
+        return Ok((remote.build()?, None, None));
     }
     let dir = pki_dir(args);
     let (token, pin) = match args.join_token.as_deref() {
@@ -309,9 +316,11 @@ async fn connect(
         }
     };
     let current = CertificateIdentity::from_pem(&cert)?;
+    // The node's API (logs, exec) is served with the same certificate, renewed with it.
+    let served = AgentServerCert::new(&cert, &key)?;
     let remote = RemoteStore::builder(args.server.clone()).ca_pem(ca_pem.clone()).client_identity(cert, key).build()?;
-    tokio::spawn(keep_renewed(remote.clone(), dir, node.to_string(), current, stop.clone()));
-    Ok((remote, Some(ca_pem)))
+    tokio::spawn(keep_renewed(remote.clone(), served.clone(), dir, node.to_string(), current, stop.clone()));
+    Ok((remote, Some(ca_pem), Some(served)))
 }
 
 /// The cluster CA to trust (PEM): `--ca`, which must be the CA the join token pins if it pins
@@ -371,7 +380,7 @@ pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxE
     let prometheus = metrics()?;
     let stop = on_signal();
     let node = args.name.clone().unwrap_or_else(host_name);
-    let (remote, ca_pem) = connect(&args, ca.as_deref(), &node, &stop).await?;
+    let (remote, ca_pem, served) = connect(&args, ca.as_deref(), &node, &stop).await?;
     let store: Arc<dyn Store> = Arc::new(remote);
     // The control plane may be starting too: wait for it a while, then give up saying why.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -404,32 +413,43 @@ pub(crate) async fn run(args: AgentArgs, ca: Option<PathBuf>) -> Result<(), BoxE
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let ops_task =
         args.ops_listen.map(|addr| tokio::spawn(serve_ops(addr, ops_routes(prometheus, ready), stop.clone())));
-    let api_task = match args.listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("--listen: cannot listen on {addr}: {e}"))?;
-            let bound = listener.local_addr()?;
-            // Listening on every interface: the server reaches it at the node's `--address`.
-            let url = args.advertise.clone().unwrap_or_else(|| {
-                let ip = if bound.ip().is_unspecified() { args.address } else { bound.ip() };
-                format!("http://{}", std::net::SocketAddr::new(ip, bound.port()))
-            });
-            let app = super::logs::agent_routes(
-                node.clone(),
-                args.server.clone(),
-                ca_pem.clone(),
-                store.clone(),
-                runtime.clone(),
-                config.data_root.clone(),
-            )?;
-            tokio::spawn(super::logs::publish_address(store.clone(), node.clone(), url.clone()));
-            tracing::info!(%url, "serving the node's API (logs)");
-            let stop = stop.clone();
-            Some(tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await }))
-        }
-        None => None,
-    };
+    let api_task =
+        match args.listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("--listen: cannot listen on {addr}: {e}"))?;
+                let bound = listener.local_addr()?;
+                // Listening on every interface: the server reaches it at the node's `--address`.
+                // Over https when the node has a certificate (it joined an https server).
+                let scheme = if served.is_some() { "https" } else { "http" };
+                let url = args.advertise.clone().unwrap_or_else(|| {
+                    let ip = if bound.ip().is_unspecified() { args.address } else { bound.ip() };
+                    format!("{scheme}://{}", std::net::SocketAddr::new(ip, bound.port()))
+                });
+                let app = super::logs::agent_routes(
+                    node.clone(),
+                    args.server.clone(),
+                    ca_pem.clone(),
+                    store.clone(),
+                    runtime.clone(),
+                    config.data_root.clone(),
+                )?;
+                tokio::spawn(super::logs::publish_address(store.clone(), node.clone(), url.clone()));
+                tracing::info!(%url, "serving the node's API (logs, exec)");
+                let stop = stop.clone();
+                match &served {
+                    Some(served) => {
+                        let tls = served.server_config()?;
+                        Some(tokio::spawn(orch_store::api::serve_tls(listener, app, tls, stopped(stop))))
+                    }
+                    None => Some(tokio::spawn(async move {
+                        axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await
+                    })),
+                }
+            }
+            None => None,
+        };
     tracing::info!(node = %node, server = %args.server, runtime = ?args.runtime, "agent starting");
     let net = super::net::start(Some((&args.proxy, args.address)), &args.dns, store.clone(), stop.clone()).await?;
     ready_tx.send_replace(true);

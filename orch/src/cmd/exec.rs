@@ -22,8 +22,6 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use orch_core::Api;
 use orch_core::kinds::Workload;
 use orch_store::api::CertificateIdentity;
@@ -190,8 +188,7 @@ pub(crate) async fn relay_exec(
     else {
         return failure(500, "InternalError", format!("bad agent address {addr:?} on node {node}"));
     };
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    match client.request(forward).await {
+    match super::logs::send_to_agent(&relay, &node, &addr, forward).await {
         Ok(resp) => {
             let status = resp.status();
             let mut out = Response::new(Body::from_stream(resp.into_body().into_data_stream()));
@@ -199,7 +196,7 @@ pub(crate) async fn relay_exec(
             out.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
             out
         }
-        Err(e) => failure(502, "BadGateway", format!("cannot reach the agent of node {node} at {addr}: {e}")),
+        Err(answer) => answer,
     }
 }
 

@@ -12,6 +12,9 @@
 //! agent redeems it with the server (`POST /orch/v1/log-tickets/{ticket}`) before it answers,
 //! so it serves only what the server has authorized, and a node that published a false address
 //! learns nothing it could use elsewhere.
+//!
+//! In an https cluster the agent serves its API over https with its node certificate, and the
+//! server verifies it as the certificate of the workload's node (`send_to_agent`).
 
 use std::sync::Arc;
 
@@ -147,8 +150,53 @@ pub(crate) async fn checked_workload(
     Api::<Workload>::namespaced(relay.store.clone(), ns).get(name).await.map_err(|e| error_response(&e))
 }
 
-pub(crate) fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
-    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+/// Sends `req` to the agent of `node` at `addr`: over https, verified as that node's agent by
+/// its node certificate (signed by the cluster CA, named after the node), when the cluster
+/// serves https; over plain http only in a cluster that does (`--insecure-http`). A failure is
+/// the answer to give the caller.
+pub(crate) async fn send_to_agent<B>(
+    relay: &Relay,
+    node: &str,
+    addr: &str,
+    req: hyper::Request<B>,
+) -> Result<hyper::Response<hyper::body::Incoming>, Response>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let unreachable = |e: &dyn std::fmt::Display| {
+        failure(502, "BadGateway", format!("cannot reach the agent of node {node} at {addr}: {e}"))
+    };
+    let https = addr.starts_with("https://");
+    match &relay.agent_ca {
+        Some(ca) if https => {
+            let config = orch_store::api::agent_client_config(ca, node).map_err(|e| unreachable(&e))?;
+            let connector =
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only().enable_http1().build();
+            let client: Client<_, B> = Client::builder(TokioExecutor::new()).build(connector);
+            client.request(req).await.map_err(|e| unreachable(&e))
+        }
+        Some(_) => Err(failure(
+            502,
+            "BadGateway",
+            format!(
+                "the agent of node {node} serves plain http at {addr}; this cluster's agents serve https with their \
+                 node certificates (an agent that joined with a join token does)"
+            ),
+        )),
+        None if https => Err(failure(
+            502,
+            "BadGateway",
+            format!(
+                "the agent of node {node} serves https at {addr}, but this server has no cluster CA (--insecure-http)"
+            ),
+        )),
+        None => {
+            let client: Client<_, B> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+            client.request(req).await.map_err(|e| unreachable(&e))
+        }
+    }
 }
 
 /// Relays a response body as it arrives.
@@ -186,6 +234,8 @@ pub(crate) struct Relay {
     pub(crate) api: ApiServer,
     pub(crate) store: Arc<dyn Store>,
     tickets: Tickets,
+    /// The cluster CA (PEM) agents' certificates chain to; `None` on a plain http server.
+    agent_ca: Option<Vec<u8>>,
 }
 
 impl Relay {
@@ -229,8 +279,8 @@ fn new_ticket() -> String {
 
 /// The relay route, merged into the API server's router (it is more specific than the API's
 /// own catch-all, so it wins for this one path).
-pub(crate) fn relay_routes(api: ApiServer, store: Arc<dyn Store>) -> Router {
-    let relay = Relay { api, store, tickets: Tickets::default() };
+pub(crate) fn relay_routes(api: ApiServer, store: Arc<dyn Store>, agent_ca: Option<Vec<u8>>) -> Router {
+    let relay = Relay { api, store, tickets: Tickets::default(), agent_ca };
     Router::new()
         .route("/apis/orch.dev/v1/namespaces/{ns}/workloads/{name}/log", get(relay_logs))
         .route("/orch/v1/log-tickets/{ticket}", axum::routing::post(redeem))
@@ -280,10 +330,10 @@ async fn relay_logs(
         command: Vec::new(),
     };
     let ticket = relay.issue(grant);
-    let Ok(req) = hyper::Request::get(&uri).header(TICKET_HEADER, ticket).body(Empty::new()) else {
+    let Ok(req) = hyper::Request::get(&uri).header(TICKET_HEADER, ticket).body(Empty::<Bytes>::new()) else {
         return failure(500, "InternalError", format!("bad agent address {addr:?} on node {node}"));
     };
-    match http_client().request(req).await {
+    match send_to_agent(&relay, &node, &addr, req).await {
         Ok(resp) => {
             let status = resp.status();
             let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
@@ -294,7 +344,7 @@ async fn relay_logs(
             }
             out
         }
-        Err(e) => failure(502, "BadGateway", format!("cannot reach the agent of node {node} at {addr}: {e}")),
+        Err(answer) => answer,
     }
 }
 
@@ -521,7 +571,12 @@ mod tests {
 
     fn relay() -> Relay {
         let store: Arc<dyn Store> = Arc::new(orch_store::MemoryStore::new());
-        Relay { api: orch_store::api::ApiServer::new(store.clone()), store, tickets: Tickets::default() }
+        Relay {
+            api: orch_store::api::ApiServer::new(store.clone()),
+            store,
+            tickets: Tickets::default(),
+            agent_ca: None,
+        }
     }
 
     fn grant() -> Grant {

@@ -188,6 +188,9 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
         ..Limits::default()
     };
     let mut api = ApiServer::builder(store.clone()).limits(limits);
+    // The cluster CA, when serving https: agents serve their API (logs, exec) with node
+    // certificates it signed.
+    let mut agent_ca: Option<Vec<u8>> = None;
     let tls = if args.insecure_http {
         tracing::warn!(
             "--insecure-http: serving plain http; tokens travel in clear and nodes cannot join with certificates"
@@ -199,6 +202,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
         let names = server_names(&args);
         let cert = ca.server_certificate(&names).map_err(|e| format!("the server certificate: {e}"))?;
         let config = ca.server_config(&cert)?;
+        agent_ca = Some(ca.cert_pem().as_bytes().to_vec());
         tracing::info!(names = %names.join(","), ca = %args.data_dir.join("ca.crt").display(), "serving https");
         api = api.node_join(
             NodeJoin::new(Arc::new(ca))
@@ -226,7 +230,7 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), BoxError> {
     let api = api.build();
     let ops = ops_routes(prometheus, ready.clone());
     // `orch logs` goes through the server to the workload's agent.
-    let logs = super::logs::relay_routes(api.clone(), store.clone());
+    let logs = super::logs::relay_routes(api.clone(), store.clone(), agent_ca);
     let router = api.router().merge(ops.clone()).merge(logs);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

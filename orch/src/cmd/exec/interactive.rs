@@ -169,9 +169,9 @@ pub(crate) async fn relay_exec_stream(
     let unreachable = |e: &dyn std::fmt::Display| {
         failure(502, "BadGateway", format!("cannot reach the agent of node {node} at {addr}: {e}"))
     };
-    let resp = match super::super::logs::http_client().request(forward).await {
+    let resp = match super::super::logs::send_to_agent(&relay, &node, &addr, forward).await {
         Ok(resp) => resp,
-        Err(e) => return unreachable(&e),
+        Err(answer) => return answer,
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The agent's refusal (a ticket, a container, a command it cannot run), as it is.
