@@ -324,10 +324,14 @@ fn default_capacity(data_root: &Path) -> Result<Quantity, (String, std::io::Erro
     }
     let measured =
         free_space(data_root).map_err(|e| (format!("reading the free space of {}", data_root.display()), e))?;
-    let tmp = file.with_extension("tmp");
-    std::fs::write(&tmp, format!("{measured}\n"))
-        .and_then(|()| std::fs::rename(&tmp, &file))
-        .map_err(|e| (format!("keeping the local capacity in {}", file.display()), e))?;
+    // A temporary file of its own: agents sharing a data root (simulated ones, in one process)
+    // may measure at once; the last rename wins, and each keeps what it measured.
+    let tmp = data_root.join(format!(".{CAPACITY_FILE}.{:016x}", fastrand::u64(..)));
+    let kept = std::fs::write(&tmp, format!("{measured}\n")).and_then(|()| std::fs::rename(&tmp, &file));
+    if let Err(e) = kept {
+        let _ = std::fs::remove_file(&tmp);
+        return Err((format!("keeping the local capacity in {}", file.display()), e));
+    }
     Ok(measured)
 }
 
