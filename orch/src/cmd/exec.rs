@@ -130,6 +130,22 @@ async fn authorized(
     Ok(w)
 }
 
+/// What both kinds of exec do before they reach the agent: the caller may update the workload,
+/// its node's agent is found, and a single-use ticket is issued for this command there.
+/// Answers the node, the agent's address and the ticket.
+pub(super) async fn ticket_for(
+    relay: &Relay,
+    headers: &HeaderMap,
+    identity: Option<&CertificateIdentity>,
+    (ns, name): (&str, &str),
+    command: Vec<String>,
+) -> Result<(String, String, String), Response> {
+    let w = authorized(relay, headers, identity, ns, name).await?;
+    let (node, addr) = relay.agent_of(&w).await.map_err(|answer| *answer)?;
+    let grant = Grant { action: "exec".into(), namespace: ns.into(), name: name.into(), node: node.clone(), command };
+    Ok((node, addr, relay.issue(grant)))
+}
+
 /// The newest instance of the container a request names (or the workload's only one) on this
 /// node: the container's name and the instance's handle. `Err` is the answer to send.
 async fn newest_instance(
@@ -164,22 +180,11 @@ pub(crate) async fn relay_exec(
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    let w = match authorized(&relay, &headers, identity.as_ref().map(|e| &e.0), &ns, &name).await {
-        Ok(w) => w,
+    let identity = identity.as_ref().map(|e| &e.0);
+    let (node, addr, ticket) = match ticket_for(&relay, &headers, identity, (&ns, &name), req.command).await {
+        Ok(found) => found,
         Err(answer) => return answer,
     };
-    let (node, addr) = match relay.agent_of(&w).await {
-        Ok(found) => found,
-        Err(answer) => return *answer,
-    };
-    let grant = Grant {
-        action: "exec".into(),
-        namespace: ns.clone(),
-        name: name.clone(),
-        node: node.clone(),
-        command: req.command,
-    };
-    let ticket = relay.issue(grant);
     let uri = format!("{addr}/exec/{}/{}", encode_segment(&ns), encode_segment(&name));
     let Ok(forward) = hyper::Request::post(&uri)
         .header(TICKET_HEADER, ticket)

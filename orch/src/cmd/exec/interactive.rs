@@ -30,7 +30,7 @@ use super::super::client::Client as ApiClient;
 use super::super::logs::{Grant, NodeApi, Refused, Relay, TICKET_HEADER, failure, refuse};
 use super::frame::{Frame, PROTOCOL};
 use super::terminal::{DEFAULT_SIZE, RawMode};
-use super::{ExecArgs, authorized, newest_instance};
+use super::{ExecArgs, newest_instance, ticket_for};
 
 /// What a session asks for, in the query of both hops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,22 +141,11 @@ pub(crate) async fn relay_exec_stream(
         Ok(r) => r,
         Err(answer) => return *answer,
     };
-    let w = match authorized(&relay, &headers, identity.as_ref().map(|e| &e.0), &ns, &name).await {
-        Ok(w) => w,
+    let identity = identity.as_ref().map(|e| &e.0);
+    let (node, addr, ticket) = match ticket_for(&relay, &headers, identity, (&ns, &name), req.command).await {
+        Ok(found) => found,
         Err(answer) => return answer,
     };
-    let (node, addr) = match relay.agent_of(&w).await {
-        Ok(found) => found,
-        Err(answer) => return *answer,
-    };
-    let grant = Grant {
-        action: "exec".into(),
-        namespace: ns.clone(),
-        name: name.clone(),
-        node: node.clone(),
-        command: req.command,
-    };
-    let ticket = relay.issue(grant);
     let uri = format!("{addr}/exec/{}/{}?{query}", encode_segment(&ns), encode_segment(&name));
     let Ok(forward) = hyper::Request::get(&uri)
         .header(TICKET_HEADER, ticket)
