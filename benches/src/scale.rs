@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orch_controllers::NodeLifecycle;
+use orch_core::TokioClock;
 use orch_core::kinds::{Phase, Resources, RestartPolicy, Workload};
 use orch_core::{Api, CacheEvent, FieldSelector, ListParams, Manager, Object, ObjectMeta, Runtime, Store, Timestamp};
-use orch_core::{TokioClock, testkit};
-use orch_runtime::{Agent, AgentConfig, SharedRenewals, SimCluster};
+use orch_runtime::{Agent, AgentConfig, Enforcement, SharedRenewals, SimCluster};
 use orch_scheduler::{Profile, SchedulerService};
 use orch_store::{MemoryStore, RedbStore};
 
@@ -115,12 +115,17 @@ async fn run_on(scale: &Scale) -> Report {
     let cluster = SimCluster::new();
     let capacity: Resources =
         [("cpu", "32"), ("memory", "128Gi"), ("pods", "110")].map(|(k, v)| (k.into(), v.parse().expect("q"))).into();
+    // The agents' files in a directory of this run's own, so no run sees another's.
+    let data = std::env::temp_dir().join(format!("orch-scale-{}-{:016x}", std::process::id(), fastrand::u64(..)));
     let mut agents = Vec::with_capacity(scale.nodes);
     for n in 0..scale.nodes {
         let name = node_name(n);
         let mut config = AgentConfig::new(&name);
         config.resync_interval = Duration::from_secs(300);
+        config.data_root = data.join(&name);
         config.capacity = Some(capacity.clone());
+        // No volumes here: the nodes' local storage is only accounted (no loop-mount probe).
+        config.local_storage_enforcement = Enforcement::Off;
         let runtime: Arc<dyn Runtime> = Arc::new(cluster.node(&name));
         let agent = Agent::new(config, store.clone(), runtime)
             .with_clock(clock.clone())
@@ -136,10 +141,19 @@ async fn run_on(scale: &Scale) -> Report {
         agents.push((tx, task));
     }
     let nodes: Api<orch_core::kinds::Node> = Api::all(store.clone());
-    testkit::wait_until("every node registered", Duration::from_secs(600), async || {
-        nodes.list(&ListParams::default()).await.is_ok_and(|l| l.items.len() == scale.nodes)
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        // An agent that stops here failed to start: say why rather than wait for its node.
+        if let Some(n) = agents.iter().position(|(_, task)| task.is_finished()) {
+            let outcome = (&mut agents[n].1).await;
+            panic!("the agent of {} stopped before every node registered: {outcome:?}", node_name(n));
+        }
+        if nodes.list(&ListParams::default()).await.is_ok_and(|l| l.items.len() == scale.nodes) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after 600 s waiting for every node to register");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Create → all Running, in wall time.
     let mut events = workloads.subscribe();
@@ -219,6 +233,7 @@ async fn run_on(scale: &Scale) -> Report {
     }
     let _ = stop_manager.send(());
     let _ = running_manager.await;
+    let _ = std::fs::remove_dir_all(&data);
     Report {
         workloads: total,
         to_running,

@@ -22,9 +22,11 @@
 //! mountable) is left untouched, data and all, and refused for every use, saying why and where
 //! it is; the provider serves the others. Its size is not known, so it is not accounted.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use orch_core::kinds::AccessMode;
@@ -51,8 +53,9 @@ const PROBE: &str = ".probe-";
 /// Whether [`LocalVolumes`] enforces the sizes of the volumes it creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Enforcement {
-    /// Enforce where loop-mounted file systems work under the root (checked once, at open, by
-    /// making, formatting and mounting a tiny one); else only account, saying why in the log.
+    /// Enforce where loop-mounted file systems work under the root (checked by making,
+    /// formatting and mounting a tiny one, once per file system in a process); else only
+    /// account, saying why in the log.
     #[default]
     Auto,
     /// Enforce; opening fails, saying what does not work, where loop mounts do not.
@@ -136,6 +139,31 @@ fn backend(volume: &str, message: String, e: io::Error) -> VolumeError {
 /// Runs blocking file system work (subprocesses, mounts) off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(io::Error::other)?
+}
+
+/// What the probe found, by file system (its device number) and `mkfs` program: `Err` says what
+/// did not work.
+type Probes = HashMap<(u64, PathBuf), Arc<tokio::sync::OnceCell<Result<(), String>>>>;
+
+static PROBES: LazyLock<std::sync::Mutex<Probes>> = LazyLock::new(Default::default);
+
+/// Whether loop-mounted file systems made with `mkfs` work under `root` (which exists): probed
+/// once per file system and program in a process, so the agents of many simulated nodes, whose
+/// roots share one file system, make one probe between them (the others wait for its answer).
+async fn loop_mounts_work(root: &Path, mkfs: &Path) -> io::Result<()> {
+    let dev = tokio::fs::metadata(root).await?.dev();
+    let cell = {
+        let mut probes = PROBES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        probes.entry((dev, mkfs.to_path_buf())).or_default().clone()
+    };
+    let found = cell
+        .get_or_init(|| async {
+            let probe_dir = root.join(format!("{PROBE}{:016x}", fastrand::u64(..)));
+            let program = mkfs.to_path_buf();
+            blocking(move || loop_fs::probe(&program, &probe_dir)).await.map_err(|e| e.to_string())
+        })
+        .await;
+    found.clone().map_err(io::Error::other)
 }
 
 /// How to open [`LocalVolumes`]: made by [`LocalVolumes::builder`].
@@ -222,36 +250,32 @@ impl LocalVolumesBuilder {
         }
         let enforcing = match enforcement {
             Enforcement::Off => false,
-            Enforcement::Auto | Enforcement::Required => {
-                let probe_dir = root.join(format!("{PROBE}{:016x}", fastrand::u64(..)));
-                let program = mkfs.clone();
-                match blocking(move || loop_fs::probe(&program, &probe_dir)).await {
-                    Ok(()) => {
-                        tracing::info!(root = %root.display(), "local volume sizes are enforced (loop-mounted ext4)");
-                        true
-                    }
-                    Err(e) if enforcement == Enforcement::Required => {
-                        return Err(backend(
-                            "",
-                            format!(
-                                "size enforcement is required but loop-mounted file systems \
-                                 (made with {}, mounted with mount -o loop) do not work under {}",
-                                mkfs.display(),
-                                root.display()
-                            ),
-                            e,
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            root = %root.display(),
-                            reason = %e,
-                            "local volume sizes are accounted, not enforced: loop-mounted file systems do not work here"
-                        );
-                        false
-                    }
+            Enforcement::Auto | Enforcement::Required => match loop_mounts_work(&root, &mkfs).await {
+                Ok(()) => {
+                    tracing::info!(root = %root.display(), "local volume sizes are enforced (loop-mounted ext4)");
+                    true
                 }
-            }
+                Err(e) if enforcement == Enforcement::Required => {
+                    return Err(backend(
+                        "",
+                        format!(
+                            "size enforcement is required but loop-mounted file systems \
+                                 (made with {}, mounted with mount -o loop) do not work under {}",
+                            mkfs.display(),
+                            root.display()
+                        ),
+                        e,
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        root = %root.display(),
+                        reason = %e,
+                        "local volume sizes are accounted, not enforced: loop-mounted file systems do not work here"
+                    );
+                    false
+                }
+            },
         };
         let enforces_size = enforcing && volumes.values().all(|r| r.image_size.is_some());
         Ok(LocalVolumes { root, node, capacity, mkfs, enforcing, enforces_size, volumes: Mutex::new(volumes), damaged })

@@ -256,6 +256,48 @@ proptest::proptest! {
     }
 }
 
+/// Many providers opening at once on one file system (the agents of simulated nodes) probe loop
+/// mounts once between them and all get its answer; another `mkfs` program is probed anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loop_mounts_are_probed_once_per_file_system_and_program() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = fresh_root("probe-once");
+    std::fs::create_dir_all(&dir).unwrap();
+    // A formatter that records each run and fails, so that no loop mount is tried.
+    let counting = |name: &str| {
+        let (program, runs) = (dir.join(name), dir.join(format!("{name}.runs")));
+        std::fs::write(&program, format!("#!/bin/sh\necho run >> '{}'\nexit 3\n", runs.display())).unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (program, runs)
+    };
+    let runs_of = |runs: &Path| std::fs::read_to_string(runs).unwrap_or_default().lines().count();
+    let (first, first_runs) = counting("mkfs-a");
+    let opens = (0..8).map(|i| {
+        let root = dir.join(format!("node-{i}"));
+        let program = first.clone();
+        tokio::spawn(async move { LocalVolumes::builder(root, "n1", q("1Gi")).mkfs_program(program).open().await })
+    });
+    for open in futures::future::join_all(opens).await {
+        let p = open.unwrap().expect("auto opens without enforcement when the probe fails");
+        assert!(!p.capabilities().enforces_size);
+    }
+    assert_eq!(runs_of(&first_runs), 1, "one probe for eight providers on one file system");
+    let required = LocalVolumes::builder(dir.join("node-r"), "n1", q("1Gi"))
+        .enforcement(Enforcement::Required)
+        .mkfs_program(&first)
+        .open()
+        .await
+        .unwrap_err();
+    let source = std::error::Error::source(&required).map(|s| s.to_string()).unwrap_or_default();
+    assert!(source.contains("exit status: 3"), "the probe's answer names what failed: {source}");
+    assert_eq!(runs_of(&first_runs), 1, "the answer is kept");
+
+    let (second, second_runs) = counting("mkfs-b");
+    LocalVolumes::builder(dir.join("node-b"), "n1", q("1Gi")).mkfs_program(&second).open().await.unwrap();
+    assert_eq!(runs_of(&second_runs), 1, "another program is probed on its own");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 mod readme {
     use std::path::{Path, PathBuf};
 
