@@ -113,3 +113,92 @@ async fn a_client_certificate_of_another_ca_is_refused_at_the_handshake() {
     assert!(text.contains("refused the TLS handshake"), "{text}");
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_revoked_user_certificate_is_refused_and_its_open_watch_ends() {
+    use futures::StreamExt;
+    use orch_store::api::Limits;
+    use orch_store::api::revocation::{self, Revocation};
+
+    let ca = ClusterCa::generate("cluster").unwrap();
+    let limits = Limits { revocation_check_interval: Duration::from_millis(200), ..Limits::default() };
+    let running =
+        server(&ca, |b| b.authentication(Tokens::new()).authorization(Authorizer::with_builtin_roles()).limits(limits))
+            .await;
+    let hour = Duration::from_secs(3600);
+    let admin_cert = ca.client_certificate("root", &["system:admins"], hour).unwrap();
+    let alice_cert = ca.client_certificate("alice", &["system:admins"], hour).unwrap();
+    let (admin, alice) = (client(&running, &ca, Some(&admin_cert)), client(&running, &ca, Some(&alice_cert)));
+    alice.create(thing("ns", "a"), &WriteOptions::default()).await.unwrap();
+    let req = orch_core::WatchRequest {
+        selection: orch_core::Selection::kind("Thing"),
+        from_revision: None,
+        progress_interval: None,
+    };
+    let mut watch = alice.watch(&req).await.unwrap();
+
+    // Revoked by its serial in the form tools print it (upper case, colons).
+    let printed = alice_cert.serial.as_bytes().chunks(2).map(|p| std::str::from_utf8(p).unwrap().to_uppercase());
+    let printed: Vec<String> = printed.collect();
+    let revocation = Revocation { user: Some("alice".into()), not_after: None };
+    assert!(revocation::revoke_certificate(&admin, &printed.join(":"), revocation.clone()).await.unwrap());
+    assert!(!revocation::revoke_certificate(&admin, &alice_cert.serial, revocation).await.unwrap(), "once");
+    let e = alice.get(&ObjectKey::new("Thing", "ns", "a")).await.unwrap_err().to_string();
+    assert!(e.contains("revoked") && e.contains(&alice_cert.serial), "{e}");
+    // The same user with another certificate, and other users, are not affected.
+    let alice_again = ca.client_certificate("alice", &["system:admins"], hour).unwrap();
+    client(&running, &ca, Some(&alice_again)).get(&ObjectKey::new("Thing", "ns", "a")).await.unwrap();
+    admin.get(&ObjectKey::new("Thing", "ns", "a")).await.unwrap();
+    let listed = revocation::revoked_certificates(&admin).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].0.as_str(), listed[0].1.user.as_deref()), (alice_cert.serial.as_str(), Some("alice")));
+
+    // The watch opened before ends; its reconnection is refused.
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match watch.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e.to_string()),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends");
+    if let Some(e) = end {
+        assert!(e.contains("revoked"), "{e}");
+    }
+
+    // Only admins revoke; a node's certificate is revoked with its node; a bad serial is refused.
+    let reader_cert = ca.client_certificate("viewer", &[READERS], hour).unwrap();
+    let reader = client(&running, &ca, Some(&reader_cert));
+    let r = Revocation { user: None, not_after: None };
+    let e = revocation::revoke_certificate(&reader, &admin_cert.serial, r.clone()).await.unwrap_err().to_string();
+    assert!(e.contains("cannot create CertificateRevocation"), "{e}");
+    let node = Revocation { user: Some("system:node:n1".into()), not_after: None };
+    let e = revocation::revoke_certificate(&admin, "0a1b", node).await.unwrap_err().to_string();
+    assert!(e.contains("orch node revoke n1"), "{e}");
+    let e = revocation::revoke_certificate(&admin, "0a:zz", r).await.unwrap_err().to_string();
+    assert!(e.contains("serial") && e.contains("'z' is not a hexadecimal digit"), "{e}");
+    admin.get(&ObjectKey::new("Thing", "ns", "a")).await.unwrap();
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn revocations_of_expired_certificates_are_dropped() {
+    use orch_store::api::revocation::{self, Revocation};
+    let store = MemoryStore::new();
+    let now = orch_core::Clock::now(&orch_core::SystemClock);
+    let past = Revocation { user: Some("old".into()), not_after: Some(now.as_millis() - 1_000) };
+    let future = Revocation { user: Some("new".into()), not_after: Some(now.as_millis() + 3_600_000) };
+    let forever = Revocation { user: None, not_after: None };
+    assert!(revocation::revoke_certificate(&store, "01", past).await.unwrap());
+    assert!(revocation::revoke_certificate(&store, "02", future).await.unwrap());
+    assert!(revocation::revoke_certificate(&store, "3", forever).await.unwrap());
+    let serials: Vec<String> =
+        revocation::revoked_certificates(&store).await.unwrap().into_iter().map(|(s, _)| s).collect();
+    assert_eq!(serials, ["02", "03"], "the expired one is dropped; an odd digit count gets its leading zero");
+    let later = orch_core::Timestamp(now.as_millis() + 7_200_000);
+    assert_eq!(revocation::drop_expired(&store, later).await.unwrap(), 1);
+    assert_eq!(revocation::revoked_certificates(&store).await.unwrap().len(), 1, "kept until deleted");
+}

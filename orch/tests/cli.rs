@@ -639,6 +639,8 @@ fn every_command_has_help_with_an_example_and_completions_exist() {
         &["agent"],
         &["token", "create"],
         &["certs", "issue"],
+        &["certs", "revoke"],
+        &["certs", "revoked"],
         &["node", "revoke"],
         &["apply"],
         &["diff"],

@@ -1,5 +1,6 @@
 //! The secure way to run a cluster, as the README does it: `orch server` serving https with the
-//! CA it creates; an admin with a client certificate from `orch certs issue`; an agent joining
+//! CA it creates; an admin with a client certificate from `orch certs issue`; a user's
+//! certificate revoked with `orch certs revoke`; an agent joining
 //! with a join token from `orch token create --join` (which pins the CA: a token alone is
 //! enough, a forged pin or another CA is refused), renewing its short-lived node certificate
 //! and running a workload past the first one's expiry; `orch node revoke` shutting it out; no
@@ -142,6 +143,40 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
         run(&["--server", &url, "--ca", ca_s, "--cert", admin_dir.join("admin.crt").to_str().unwrap(), "get", "nodes"]);
     assert!(listed.contains("node-1"), "{listed}");
 
+    // A user's certificate, revoked from the command line: refused from the next request on.
+    let alice_dir = dir.join("alice");
+    let issued = run(&[
+        "certs",
+        "issue",
+        "--data-dir",
+        data_s,
+        "--user",
+        "alice",
+        "--group",
+        "system:readers",
+        "--out",
+        alice_dir.to_str().unwrap(),
+    ]);
+    let alice_crt = alice_dir.join("alice.crt");
+    let alice_serial = serial(&alice_crt);
+    assert!(issued.contains(&format!("serial {alice_serial}")), "{issued}");
+    let as_alice = ["--server", &url, "--ca", ca_s, "--cert", alice_crt.to_str().unwrap()];
+    assert!(run(&[&as_alice[..], &["get", "nodes"]].concat()).contains("node-1"));
+    let admin_crt = admin_dir.join("admin.crt");
+    let admin_args = ["--server", &url, "--ca", ca_s, "--cert", admin_crt.to_str().unwrap()];
+    let out = run(&[&admin_args[..], &["certs", "revoke", alice_crt.to_str().unwrap()]].concat());
+    assert!(out.contains("revoked") && out.contains(&alice_serial), "{out}");
+    let refused_alice = Command::new(env!("CARGO_BIN_EXE_orch"))
+        .args(as_alice)
+        .args(["get", "nodes"])
+        .env("ORCH_CONFIG", "/nonexistent/config.yaml")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&refused_alice.stderr);
+    assert!(!refused_alice.status.success() && e.contains("revoked"), "{e}");
+    let listed = run(&[&admin_args[..], &["certs", "revoked"]].concat());
+    assert!(listed.contains(&alice_serial) && listed.contains("alice"), "{listed}");
+
     // The node renews its certificate (valid 3 s) at two thirds of its life, and keeps working
     // after the first one has expired.
     let node_cert = node_dir.join("pki/node.crt");
@@ -172,7 +207,6 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     let node = nodes.get("node-1").await.unwrap();
     let agent_api = node.metadata.annotations.get("orch.dev/agent-api").cloned().unwrap_or_default();
     assert!(agent_api.starts_with("https://127.0.0.1:"), "{agent_api}");
-    let admin_crt = admin_dir.join("admin.crt");
     let as_admin = ["--server", &url, "--ca", ca_s, "--cert", admin_crt.to_str().unwrap()];
     let logs = wait_for("the workload's output", async || {
         let out = Command::new(env!("CARGO_BIN_EXE_orch")).args(as_admin).args(["logs", "late"]).output().unwrap();

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | [`wire`] | `server` or `remote` | the JSON shapes both sides share: objects, lists, watch lines, `Status` errors, paths |
 //! | `ApiServer` | `server` | axum over hyper (HTTP/1.1 and HTTP/2), over TLS or plain: CRUD, status, merge and JSON patch, watch, leases, discovery, limits |
-//! | [`auth`], [`pki`] | `server` | bearer tokens, rules, the audit log; the cluster CA, client and node certificates, node join and revocation |
+//! | [`auth`], [`pki`], [`revocation`] | `server` | bearer tokens, rules, the audit log; the cluster CA, client and node certificates, node join; revoked node and user certificates |
 //! | `discover_ca` | `remote` | a joining node finds the cluster CA from the digest its join token pins |
 //! | `RemoteStore` | `remote` | a `Store` over HTTP/2 (https trusting the cluster CA, with a client certificate or a token): passes the store conformance suite; watches resume after a lost connection |
 
@@ -26,6 +26,8 @@ mod node_auth;
 pub mod pki;
 #[cfg(feature = "remote")]
 mod remote;
+#[cfg(feature = "server")]
+pub mod revocation;
 #[cfg(feature = "server")]
 mod server;
 #[cfg(any(feature = "server", feature = "remote"))]

@@ -34,6 +34,7 @@ use super::auth::{Access, AuditLog, AuditRecord, Authorizer, JoinTokens, Tokens}
 use super::kinds::{self, Kinds};
 use super::node_auth::{self, NodeDecision};
 use super::pki::{self, CertificateIdentity, ClusterCa};
+use super::revocation;
 use super::wire::{self, ListMeta, ListOut, Status, WireObject, decode_segment};
 
 /// What protects the server from its clients. A client is told apart by its address.
@@ -61,7 +62,7 @@ pub struct Limits {
     /// Longest a watch may last before the server ends it (a client resumes from its last
     /// revision); `None` for no limit. A client's `timeoutSeconds` may ask for less.
     pub max_watch_duration: Option<Duration>,
-    /// How often an open watch of a node authenticated by its certificate checks that the
+    /// How often an open watch of a client authenticated by its certificate checks that the
     /// certificate has not been revoked (it ends when it has, and when the certificate
     /// expires).
     pub revocation_check_interval: Duration,
@@ -954,17 +955,10 @@ async fn check_certificate(s: &Shared, id: &CertificateIdentity) -> Result<(), S
             format!("the client certificate of {:?} expired at {}", id.user.name, id.not_after.to_jiff()),
         ));
     }
-    if let Some(node) = id.node() {
-        let revoked = pki::is_revoked(&*s.store, node, &id.serial).await.map_err(|e| Status::from_error(&e))?;
-        if revoked {
-            return Err(Status::failure(
-                401,
-                "Unauthorized",
-                format!("the certificate of node {node:?} (serial {}) is revoked", id.serial),
-            ));
-        }
+    match revocation::revoked_because(&*s.store, id).await.map_err(|e| Status::from_error(&e))? {
+        Some(why) => Err(Status::failure(401, "Unauthorized", why)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -1544,48 +1538,36 @@ struct WatchState {
     _slot: WatchSlot,
 }
 
-/// The client certificate a watch was opened with: the watch ends when it expires or (a node's)
-/// is revoked, as a new request would be refused.
+/// The client certificate a watch was opened with: the watch ends when it expires or is
+/// revoked, as a new request would be refused.
 struct Credential {
     store: Arc<dyn Store>,
-    node: Option<String>,
-    serial: String,
-    not_after: orch_core::Timestamp,
+    cert: CertificateIdentity,
     every: Duration,
     tick: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Credential {
     fn new(store: Arc<dyn Store>, cert: &CertificateIdentity, every: Duration) -> Self {
-        let mut c = Credential {
-            store,
-            node: cert.node().map(str::to_string),
-            serial: cert.serial.clone(),
-            not_after: cert.not_after,
-            every,
-            tick: Box::pin(tokio::time::sleep(Duration::ZERO)),
-        };
+        let mut c = Credential { store, cert: cert.clone(), every, tick: Box::pin(tokio::time::sleep(Duration::ZERO)) };
         let next = c.next();
         c.tick.as_mut().reset(next);
         c
     }
 
-    /// When to look next: at the expiry, or sooner for a node (revocation).
+    /// When to look next: at the revocation check's interval, or the expiry when sooner.
     fn next(&self) -> tokio::time::Instant {
-        let left = self.not_after.since(orch_core::SystemClock.now());
-        let wait = if self.node.is_some() { left.min(self.every) } else { left };
-        tokio::time::Instant::now() + wait
+        let left = self.cert.not_after.since(orch_core::SystemClock.now());
+        tokio::time::Instant::now() + left.min(self.every)
     }
 
     /// Resolves when it is time to look; true when the watch must end.
     async fn lapsed(&mut self) -> bool {
         self.tick.as_mut().await;
-        if self.not_after <= orch_core::SystemClock.now() {
+        if self.cert.not_after <= orch_core::SystemClock.now() {
             return true;
         }
-        if let Some(node) = &self.node
-            && pki::is_revoked(&*self.store, node, &self.serial).await.unwrap_or(false)
-        {
+        if revocation::revoked_because(&*self.store, &self.cert).await.is_ok_and(|why| why.is_some()) {
             return true;
         }
         let next = self.next();

@@ -1,10 +1,12 @@
-//! `orch certs issue`: a client certificate of the cluster CA for a user; `orch node revoke`:
-//! shuts a node's certificates out.
+//! `orch certs issue`: a client certificate of the cluster CA for a user; `orch certs revoke`
+//! and `orch certs revoked`: shut a user's certificate out and list those shut out;
+//! `orch node revoke`: shuts a node's certificates out.
 
 use std::path::PathBuf;
 
-use orch_store::api::ClusterCa;
 use orch_store::api::pki;
+use orch_store::api::revocation::{self, Revocation};
+use orch_store::api::{CertificateIdentity, ClusterCa};
 
 use super::BoxError;
 use super::client::{Client, ConnArgs};
@@ -35,6 +37,24 @@ pub(crate) enum CertsCommand {
         #[arg(long, default_value = "365d", value_parser = super::server::parse_duration)]
         validity: std::time::Duration,
     },
+    /// Revokes a user's client certificate: every server replica refuses it from the next
+    /// request on and ends the watches opened with it. Name the certificate by its file (the
+    /// revocation is dropped once it expires) or by its serial (kept until deleted). A node's
+    /// certificates are revoked with `orch node revoke`.
+    #[command(after_help = "Examples:
+  orch certs revoke alice/alice.crt
+  orch certs revoke --serial 4f:1a:...:9c")]
+    Revoke {
+        /// The certificate's file (PEM).
+        #[arg(value_name = "CERT_FILE", required_unless_present = "serial", conflicts_with = "serial")]
+        file: Option<PathBuf>,
+        /// The certificate's serial number, in hexadecimal (`0a1b...` or `0A:1B:...`).
+        #[arg(long)]
+        serial: Option<String>,
+    },
+    /// Lists the revoked client certificates: serial, user, and when the revocation is dropped.
+    #[command(after_help = "Example:\n  orch certs revoked")]
+    Revoked,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -49,8 +69,21 @@ pub(crate) enum NodeCommand {
     },
 }
 
-pub(crate) fn issue(cmd: CertsCommand) -> Result<(), BoxError> {
-    let CertsCommand::Issue { data_dir, user, group, out, validity } = cmd;
+pub(crate) async fn certs(conn: &ConnArgs, cmd: CertsCommand) -> Result<(), BoxError> {
+    match cmd {
+        CertsCommand::Issue { data_dir, user, group, out, validity } => issue(data_dir, user, group, out, validity),
+        CertsCommand::Revoke { file, serial } => revoke(conn, file, serial).await,
+        CertsCommand::Revoked => revoked(conn).await,
+    }
+}
+
+fn issue(
+    data_dir: PathBuf,
+    user: String,
+    group: Vec<String>,
+    out: PathBuf,
+    validity: std::time::Duration,
+) -> Result<(), BoxError> {
     let ca = ClusterCa::load(&data_dir).map_err(|e| format!("--data-dir {}: {e}", data_dir.display()))?;
     let groups: Vec<&str> = group.iter().map(String::as_str).collect();
     let issued = ca.client_certificate(&user, &groups, validity)?;
@@ -60,6 +93,54 @@ pub(crate) fn issue(cmd: CertsCommand) -> Result<(), BoxError> {
     outln!("{}", cert_path.display());
     outln!("{}", key_path.display());
     outln!("{}", out.join("ca.crt").display());
+    outln!("serial {}", issued.serial);
+    Ok(())
+}
+
+async fn revoke(conn: &ConnArgs, file: Option<PathBuf>, serial: Option<String>) -> Result<(), BoxError> {
+    let (serial, record) = match (file, serial) {
+        (Some(path), _) => {
+            let pem = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let id = CertificateIdentity::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+            (id.serial, Revocation { user: Some(id.user.name), not_after: Some(id.not_after.as_millis()) })
+        }
+        (None, Some(serial)) => (serial, Revocation { user: None, not_after: None }),
+        (None, None) => return Err("name the certificate: its file, or --serial".into()),
+    };
+    let client = Client::connect(conn).await?;
+    let serial = revocation::normalize_serial(&serial)?;
+    let who = record.user.as_deref().map(|u| format!(" of {u:?}")).unwrap_or_default();
+    if revocation::revoke_certificate(&*client.store, &serial, record).await? {
+        outln!("revoked the certificate{who} with serial {serial}");
+    } else {
+        outln!("the certificate{who} with serial {serial} was revoked already");
+    }
+    Ok(())
+}
+
+async fn revoked(conn: &ConnArgs) -> Result<(), BoxError> {
+    let client = Client::connect(conn).await?;
+    let list = revocation::revoked_certificates(&*client.store).await?;
+    if list.is_empty() {
+        outln!("no certificate is revoked");
+        return Ok(());
+    }
+    let rows: Vec<[String; 3]> = list
+        .into_iter()
+        .map(|(serial, r)| {
+            let until = match r.not_after {
+                Some(ms) => orch_core::Timestamp(ms).to_string(),
+                None => "kept until deleted".into(),
+            };
+            [serial, r.user.unwrap_or_else(|| "-".into()), until]
+        })
+        .collect();
+    let width = |i: usize| rows.iter().map(|r| r[i].len()).max().unwrap_or(0).max(6);
+    let (w0, w1) = (width(0), width(1));
+    outln!("{:w0$}  {:w1$}  DROPPED AT", "SERIAL", "USER");
+    for [serial, user, until] in rows {
+        outln!("{serial:w0$}  {user:w1$}  {until}");
+    }
     Ok(())
 }
 

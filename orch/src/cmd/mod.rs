@@ -91,7 +91,7 @@ enum Command {
     /// Manages the bearer tokens of a server's users and its nodes' join tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
-    /// Issues client certificates of a server's cluster CA.
+    /// Issues client certificates of a server's cluster CA, and revokes them.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
     /// Manages nodes' credentials.
@@ -171,7 +171,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
         Command::Server(args) => server::run(args).await,
         Command::Agent(args) => agent::run(args, conn.ca.clone()).await,
         Command::Token(cmd) => token::run(cmd),
-        Command::Certs(cmd) => certs::issue(cmd),
+        Command::Certs(cmd) => certs::certs(conn, cmd).await,
         Command::Node(cmd) => certs::node(conn, cmd).await,
         Command::Apply(args) => apply::apply(conn, args).await,
         Command::Diff(args) => apply::diff(conn, args).await,
