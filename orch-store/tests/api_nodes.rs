@@ -1,6 +1,7 @@
 //! Nodes over TLS: joining with a short-lived join token for a node certificate; renewing it
 //! over the authenticated connection; an expired or revoked certificate refused; the node
-//! authorizer's matrix (a node writes only its own node, lease and bound workloads' status);
+//! authorizer's matrix (a node writes only its own node, lease and bound workloads' status, and
+//! uses only the store leases granted to it);
 //! no token or key in the logs.
 
 use std::sync::{Arc, Mutex};
@@ -333,6 +334,57 @@ async fn a_node_writes_only_its_own_node_lease_and_bound_workloads_status() {
     assert!(e.to_string().contains("403"), "{e}");
     let audit = c.audit.text();
     assert!(audit.contains("\"user\":\"system:node:n1\"") && audit.contains("\"allowed\":false"), "{audit}");
+    c.running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_uses_only_the_store_leases_granted_to_it() {
+    let c = Cluster::start(Duration::from_secs(3600)).await;
+    let (n1, _, _) = c.join("n1").await;
+    let (n2, _, _) = c.join("n2").await;
+    let admin = c.admin();
+    let denied = |r: Result<(), orch_core::Error>, what: &str| {
+        let e = r.err().unwrap_or_else(|| panic!("{what}: allowed")).to_string();
+        assert!(e.contains("403") && e.contains("store leases granted to it"), "{what}: {e}");
+    };
+    let ttl = Duration::from_secs(60);
+    let l1 = n1.grant_lease(ttl).await.unwrap().id;
+    let l2 = n2.grant_lease(ttl).await.unwrap().id;
+    let by_admin = admin.grant_lease(ttl).await.unwrap().id;
+    let leased = |n: &str, lease: u64| {
+        let mut meta = ObjectMeta::named(n);
+        meta.lease = Some(lease);
+        Object::new(meta, NodeLease { holder: n.into() })
+    };
+    let mine = Api::<NodeLease>::namespaced(store(&n1), NODE_LEASE_NAMESPACE);
+    let theirs = Api::<NodeLease>::namespaced(store(&n2), NODE_LEASE_NAMESPACE);
+
+    // Its own lease: attach, keep alive. Another node's, or one an admin granted: no.
+    mine.create(&leased("n1", l1)).await.unwrap();
+    n1.keep_alive(l1).await.unwrap();
+    denied(theirs.create(&leased("n2", l1)).await.map(|_| ()), "attach to another node's lease");
+    denied(theirs.create(&leased("n2", by_admin)).await.map(|_| ()), "attach to an admin's lease");
+    denied(n2.keep_alive(l1).await.map(|_| ()), "keep another node's lease alive");
+    denied(n2.revoke_lease(l1).await, "revoke another node's lease");
+    denied(n1.keep_alive(by_admin).await.map(|_| ()), "keep an admin's lease alive");
+    theirs.create(&leased("n2", l2)).await.unwrap();
+    // Nor through a patch, of either kind.
+    let path = format!("/apis/orch.dev/v1/namespaces/{NODE_LEASE_NAMESPACE}/nodeleases/n2");
+    let merge = json!({"metadata": {"lease": l1}}).to_string().into_bytes();
+    denied(n2.raw("PATCH", &path, Some(merge)).await.map(|_| ()), "a merge patch onto another node's lease");
+    let ops = json!([{"op": "replace", "path": "/metadata/lease", "value": l1}]).to_string().into_bytes();
+    denied(n2.raw("PATCH", &path, Some(ops)).await.map(|_| ()), "a JSON patch onto another node's lease");
+    let copy = json!([{"op": "copy", "from": "/metadata/name", "path": "/metadata/lease"}]).to_string().into_bytes();
+    let e = n2.raw("PATCH", &path, Some(copy)).await.unwrap_err().to_string();
+    assert!(e.contains("403") && e.contains("may not copy"), "{e}");
+
+    // An admin may; the owner revokes its lease, and what was attached goes with it.
+    admin.keep_alive(l1).await.unwrap();
+    n1.revoke_lease(l1).await.unwrap();
+    assert!(mine.get("n1").await.unwrap_err().is_not_found());
+    assert_eq!(theirs.get("n2").await.unwrap().metadata.lease, Some(l2), "the others' are untouched");
+    let record = orch_core::ObjectKey::new("StoreLeaseOwner", "", l1.to_string());
+    assert!(admin.get(&record).await.unwrap_err().is_not_found(), "the owner record goes with the lease");
     c.running.shutdown().await.unwrap();
 }
 

@@ -2,11 +2,11 @@
 //! client in `system:nodes`, as `system:node:<name>`, may do. It may write its own `Node` and
 //! `NodeLease`, the workloads bound to it (their status, and their metadata such as the
 //! agent's finalizer, never their spec), the metadata of the volumes on it (the reclaim
-//! finalizer), events and store leases; it may read what an agent reads (nodes, node leases,
+//! finalizer), events, and the store leases granted to it; it may read what an agent reads (nodes, node leases,
 //! workloads, services, endpoint slices, events, volume claims and volumes). Everything else is
 //! denied; the server's rules may still allow more.
 
-use orch_core::{ObjectKey, Store};
+use orch_core::{DynamicObject, Error, LeaseId, ObjectKey, ObjectMeta, RawJson, Store, WriteOptions};
 use serde_json::Value;
 
 use super::auth::Access;
@@ -43,6 +43,69 @@ pub(crate) enum NodeDecision {
         /// A write of the status subresource.
         status: bool,
     },
+    /// Allowed when the store lease was granted to the node.
+    OwnLease,
+}
+
+/// The kind of the records of which node was granted a store lease: cluster-scoped, named by
+/// the lease's id, attached to the lease (so they go with it).
+pub(crate) const LEASE_OWNER_KIND: &str = "StoreLeaseOwner";
+
+fn owner_key(lease: LeaseId) -> ObjectKey {
+    ObjectKey::new(LEASE_OWNER_KIND, "", lease.to_string())
+}
+
+/// Records that `node` was granted `lease`.
+pub(crate) async fn record_lease_owner(store: &dyn Store, lease: LeaseId, node: &str) -> Result<(), Error> {
+    let mut meta = ObjectMeta::named(lease.to_string());
+    meta.lease = Some(lease);
+    let spec = RawJson::encode(&serde_json::json!({ "node": node })).map_err(|e| e.within(owner_key(lease), "spec"))?;
+    store.create(DynamicObject::new(LEASE_OWNER_KIND, meta).with_spec(spec), &WriteOptions::default()).await.map(|_| ())
+}
+
+/// Whether `lease` was granted to `node`; `Err` says why not.
+pub(crate) async fn check_lease(store: &dyn Store, node: &str, lease: LeaseId) -> Result<(), String> {
+    let owner = match store.get(&owner_key(lease)).await {
+        Ok(record) => record.spec.decode::<Value>().ok().and_then(|v| v.get("node")?.as_str().map(str::to_string)),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(format!("cannot read the owner of lease {lease}: {e}")),
+    };
+    match owner {
+        Some(owner) if owner == node => Ok(()),
+        _ => Err(format!("node {node:?} may only use the store leases granted to it, not lease {lease}")),
+    }
+}
+
+/// The store leases a write's body attaches its object to (`metadata.lease`, also as a merge
+/// patch or through JSON patch operations); `Err` for a JSON patch that copies or moves a value
+/// into it (what it would be is not in the body).
+pub(crate) fn leases_in(body: &[u8]) -> Result<Vec<LeaseId>, String> {
+    let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let lease_of = |v: Option<&Value>| v.and_then(|m| m.get("lease")).and_then(Value::as_u64);
+    let mut found = Vec::new();
+    match &doc {
+        Value::Object(m) => found.extend(lease_of(m.get("metadata"))),
+        Value::Array(ops) => {
+            for op in ops {
+                let (path, value) = (op.get("path").and_then(Value::as_str).unwrap_or(""), op.get("value"));
+                let kind = op.get("op").and_then(Value::as_str).unwrap_or("");
+                let into_lease = path == "/metadata/lease" || path == "/metadata" || path.is_empty() || path == "/";
+                if !into_lease || matches!(kind, "remove" | "test") {
+                    continue;
+                }
+                if matches!(kind, "copy" | "move") {
+                    return Err(format!("a node may not {kind} a value into {path:?} (it may hold a store lease)"));
+                }
+                match path {
+                    "/metadata/lease" => found.extend(value.and_then(Value::as_u64)),
+                    "/metadata" => found.extend(lease_of(value)),
+                    _ => found.extend(lease_of(value.and_then(|v| v.get("metadata")))),
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(found)
 }
 
 /// Decides from the request alone. `node` is the node the client is (`None`: a member of
@@ -72,8 +135,10 @@ pub(crate) fn decide(node: Option<&str>, access: &Access<'_>, status: bool) -> N
             NodeDecision::BoundToNode { status: false }
         }
         ("Event", "create" | "update" | "patch") => NodeDecision::Allow,
-        // Store leases carry a node's heartbeat and its events' lifetime.
-        ("Lease", "create" | "update" | "delete") => NodeDecision::Allow,
+        // Store leases carry a node's heartbeat and its events' lifetime: a node grants its
+        // own (the server records it as their owner), and keeps alive and revokes only those.
+        ("Lease", "create") => NodeDecision::Allow,
+        ("Lease", "update" | "delete") => NodeDecision::OwnLease,
         _ => deny(),
     }
 }
@@ -91,6 +156,8 @@ pub(crate) async fn check(
     match decision {
         NodeDecision::Allow => Ok(()),
         NodeDecision::Deny(why) => Err(why.clone()),
+        // The server checks it with the lease's id (`check_lease`).
+        NodeDecision::OwnLease => Err(format!("node {node:?} may only use the store leases granted to it")),
         NodeDecision::CreateOwn => {
             let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
             match doc.pointer("/metadata/name").and_then(Value::as_str) {
@@ -142,6 +209,24 @@ pub(crate) async fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_leases_a_body_attaches_to_are_found_in_every_form() {
+        let of = |v: serde_json::Value| leases_in(v.to_string().as_bytes());
+        assert_eq!(of(serde_json::json!({"metadata": {"name": "x", "lease": 7}})), Ok(vec![7]));
+        assert_eq!(of(serde_json::json!({"metadata": {"name": "x"}, "spec": {"lease": 9}})), Ok(vec![]));
+        let ops = serde_json::json!([
+            {"op": "add", "path": "/metadata/lease", "value": 1},
+            {"op": "replace", "path": "/metadata", "value": {"lease": 2}},
+            {"op": "replace", "path": "", "value": {"metadata": {"lease": 3}}},
+            {"op": "remove", "path": "/metadata/lease"},
+            {"op": "add", "path": "/spec/lease", "value": 4},
+        ]);
+        assert_eq!(of(ops), Ok(vec![1, 2, 3]));
+        let moved = of(serde_json::json!([{"op": "move", "from": "/spec/x", "path": "/metadata/lease"}]));
+        assert!(moved.unwrap_err().contains("may not move"));
+        assert_eq!(leases_in(b"not json"), Ok(vec![]), "the decoder refuses it later");
+    }
 
     fn access<'a>(verb: &'a str, kind: &'a str, namespace: &'a str, name: &'a str) -> Access<'a> {
         Access { verb, kind, namespace, name }

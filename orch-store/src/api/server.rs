@@ -843,6 +843,9 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     // A node's writes that depend on the body and the stored object are decided once the body
     // is read.
     let mut node_pending: Option<NodeDecision> = None;
+    // A node the rules do not allow more than the node authorizer does: the store leases its
+    // writes attach objects to must be its own.
+    let mut restricted_node: Option<String> = None;
     if let Some(rules) = s.authorizer.as_ref().filter(|_| !own_checks) {
         let access = access_of(&parts.method, &target, query.watch);
         let status_write = matches!(target, Target::Object { status: true, .. });
@@ -853,6 +856,9 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             .any(|g| g == pki::NODES)
             .then(|| node_auth::decide(pki::node_of(&user), &access, status_write));
         let by_rules = rules.allows(&user, &access);
+        if node.is_some() && !by_rules {
+            restricted_node = pki::node_of(&user).map(str::to_string);
+        }
         let (allowed, why) = match node {
             Some(NodeDecision::Allow) => (true, None),
             Some(NodeDecision::Deny(why)) => (by_rules, Some(why)),
@@ -913,9 +919,33 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             _ => None,
         };
         let node = pki::node_of(&user).unwrap_or_default();
-        let checked = node_auth::check(&*s.store, node, decision, key, parts.method == Method::PATCH, &body).await;
+        let checked = match (decision, &target) {
+            (NodeDecision::OwnLease, Target::Lease(id)) => node_auth::check_lease(&*s.store, node, *id).await,
+            _ => node_auth::check(&*s.store, node, decision, key, parts.method == Method::PATCH, &body).await,
+        };
         s.audit_record(&user, access_of(&parts.method, &target, query.watch), checked.is_ok());
         if let Err(why) = checked {
+            return status_response(Status::failure(403, "Forbidden", why));
+        }
+    }
+    let writes_object = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+        && matches!(target, Target::Object { .. } | Target::Collection { .. });
+    if let Some(node) = restricted_node.as_deref().filter(|_| writes_object) {
+        let checked = match node_auth::leases_in(&body) {
+            Ok(leases) => {
+                let mut checked = Ok(());
+                for lease in leases {
+                    checked = node_auth::check_lease(&*s.store, node, lease).await;
+                    if checked.is_err() {
+                        break;
+                    }
+                }
+                checked
+            }
+            Err(why) => Err(why),
+        };
+        if let Err(why) = checked {
+            s.audit_record(&user, access_of(&parts.method, &target, query.watch), false);
             return status_response(Status::failure(403, "Forbidden", why));
         }
     }
@@ -1141,6 +1171,13 @@ async fn dispatch(
         (Method::POST, Target::Leases) => {
             let b: LeaseBody = read_json(&body, "lease")?;
             let l = store.grant_lease(Duration::from_millis(b.ttl_ms)).await.map_err(err)?;
+            // A node's lease is recorded as its own; without the record, no lease.
+            if let Some(node) = pki::node_of(user).filter(|_| user.groups.iter().any(|g| g == pki::NODES))
+                && let Err(e) = node_auth::record_lease_owner(&**store, l.id, node).await
+            {
+                let _ = store.revoke_lease(l.id).await;
+                return Err(err(e));
+            }
             Ok(json_response(StatusCode::CREATED, &lease_json(&l)))
         }
         (Method::GET, Target::Lease(id)) => {
