@@ -295,7 +295,9 @@ impl Shared {
             } else {
                 let mut removed = HashSet::new();
                 for d in dependents.iter().filter(|d| !d.meta().is_being_deleted()) {
+                    // The dependent the cache holds, not another object given its name since.
                     let opts = DeleteOptions {
+                        uid: Some(d.meta().uid.clone()),
                         guard: guard.clone(),
                         propagation: self.propagation(&d.meta().uid),
                         ..Default::default()
@@ -352,6 +354,7 @@ impl Shared {
             // Every owner is gone: so goes the object (unless it changed meanwhile).
             let opts = DeleteOptions {
                 resource_version: Some(meta.resource_version),
+                uid: Some(meta.uid.clone()),
                 guard,
                 propagation: self.propagation(&meta.uid),
             };

@@ -419,6 +419,7 @@ impl<K: Resource> Api<K> {
     pub async fn delete(&self, name: &str, opts: &DeleteOptions) -> Result<Deleted<K>> {
         let opts = DeleteOptions {
             resource_version: opts.resource_version,
+            uid: opts.uid.clone(),
             guard: self.guard_for(opts.guard.as_ref())?,
             propagation: opts.propagation,
         };

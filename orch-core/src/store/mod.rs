@@ -51,6 +51,10 @@ pub struct WriteOptions {
 pub struct DeleteOptions {
     /// Delete only if the object is at this resource version (`Conflict` otherwise).
     pub resource_version: Option<u64>,
+    /// Delete only the object with this uid: another object at the key (the one meant was
+    /// deleted and its name taken again) is left as it is and the delete answers `NotFound`, as
+    /// the object meant is gone. What a garbage collector deleting from a cache needs.
+    pub uid: Option<String>,
     /// Refuse the delete with `PreconditionFailed` unless the guard holds.
     pub guard: Option<Guard>,
     /// What becomes of the objects it owns (through their owner references).

@@ -7,10 +7,11 @@
 //! embedded and etcd stores cannot drift apart on generation bumps, finalizers or status
 //! separation.
 
+use crate::ObjectKey;
 use crate::error::{Error, Result};
 use crate::meta::{ObjectMeta, Timestamp};
 use crate::object::DynamicObject;
-use crate::store::{FOREGROUND_FINALIZER, ORPHAN_FINALIZER, Propagation, Selection};
+use crate::store::{DeleteOptions, FOREGROUND_FINALIZER, ORPHAN_FINALIZER, Propagation, Selection};
 use crate::validation::Validator;
 
 /// What a write turns into.
@@ -152,6 +153,15 @@ pub fn update_status(current: &DynamicObject, new: DynamicObject) -> Result<Plan
     out.status = new.status;
     out.metadata.version += 1;
     Ok(Plan::Put(out))
+}
+
+/// Checks a delete's uid precondition against the object at its key: another object there is
+/// `NotFound` (the one meant is gone).
+pub fn check_delete_uid(key: &ObjectKey, current: &DynamicObject, opts: &DeleteOptions) -> Result<()> {
+    match &opts.uid {
+        Some(uid) if *uid != current.metadata.uid => Err(Error::NotFound(key.clone())),
+        _ => Ok(()),
+    }
 }
 
 /// Prepares a delete: removal, or a deletion mark while finalizers remain. A foreground or

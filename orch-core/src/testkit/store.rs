@@ -50,6 +50,7 @@ macro_rules! __store_cases {
             update_missing_fails,
             status_and_spec_are_separate,
             delete_removes_and_checks_version,
+            delete_with_a_uid_spares_another_object_at_the_key,
             finalizers_hold_deletion,
             delete_propagation_marks_with_its_finalizer,
             keys_are_isolated_by_kind_and_namespace,
@@ -405,6 +406,31 @@ async fn status_and_spec_are_separate(f: Factory) {
     let mut stale = (*a).clone();
     stale.status = RawJson::from_value(&serde_json::json!({"have": 7}));
     assert!(s.update_status(stale, &w()).await.unwrap_err().is_conflict());
+}
+
+async fn delete_with_a_uid_spares_another_object_at_the_key(f: Factory) {
+    let s = f().await;
+    let first = s.create(thing("a", serde_json::json!(1)), &w()).await.unwrap();
+    s.delete(&key("a"), &DeleteOptions::default()).await.unwrap();
+    let second = s.create(thing("a", serde_json::json!(2)), &w()).await.unwrap();
+    // A delete meant for the first object finds it gone, and leaves the second as it is.
+    let meant = DeleteOptions { uid: Some(first.metadata.uid.clone()), ..Default::default() };
+    assert!(s.delete(&key("a"), &meant).await.unwrap_err().is_not_found());
+    let kept = s.get(&key("a")).await.unwrap();
+    assert_eq!(
+        (kept.metadata.uid.as_str(), kept.metadata.resource_version),
+        (second.metadata.uid.as_str(), second.metadata.resource_version)
+    );
+    // With both preconditions, each is checked.
+    let stale = DeleteOptions {
+        uid: Some(second.metadata.uid.clone()),
+        resource_version: Some(second.metadata.resource_version + 1000),
+        ..Default::default()
+    };
+    assert!(s.delete(&key("a"), &stale).await.unwrap_err().is_conflict());
+    let exact = DeleteOptions { uid: Some(second.metadata.uid.clone()), ..Default::default() };
+    assert!(matches!(s.delete(&key("a"), &exact).await.unwrap(), DeleteOutcome::Deleted(_)));
+    assert!(s.get(&key("a")).await.unwrap_err().is_not_found());
 }
 
 async fn delete_removes_and_checks_version(f: Factory) {

@@ -537,10 +537,13 @@ impl Store for RemoteStore {
             Propagation::Foreground => Some("Foreground"),
             Propagation::Orphan => Some("Orphan"),
         };
-        let body = (opts.resource_version.is_some() || propagation.is_some()).then(|| {
+        let body = (opts.resource_version.is_some() || opts.uid.is_some() || propagation.is_some()).then(|| {
             let mut text = serde_json::json!({"kind": "DeleteOptions", "apiVersion": "v1"});
             if let Some(rv) = opts.resource_version {
-                text["preconditions"] = serde_json::json!({"resourceVersion": rv.to_string()});
+                text["preconditions"]["resourceVersion"] = serde_json::json!(rv.to_string());
+            }
+            if let Some(uid) = &opts.uid {
+                text["preconditions"]["uid"] = serde_json::json!(uid);
             }
             if let Some(p) = propagation {
                 text["propagationPolicy"] = serde_json::json!(p);

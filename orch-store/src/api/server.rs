@@ -1302,17 +1302,14 @@ async fn dispatch(
                     )
                 })?),
             };
-            if let Some(uid) = &pre.uid {
-                let cur = store.get(&key).await.map_err(err)?;
-                if cur.metadata.uid != *uid {
-                    return Err(err(Error::Conflict { key, expected: rv.unwrap_or(0), current: Some(cur) }));
-                }
-            }
             let mut probe =
                 DynamicObject::new(key.kind.clone(), orch_core::ObjectMeta::namespaced(&key.namespace, &key.name));
             s.admit(Operation::Delete, &key, user, dry_run, &mut probe).map_err(err)?;
             if dry_run {
                 let cur = store.get(&key).await.map_err(err)?;
+                if pre.uid.as_ref().is_some_and(|uid| *uid != cur.metadata.uid) {
+                    return Err(err(Error::NotFound(key)));
+                }
                 if let Some(rv) = rv
                     && rv != cur.metadata.resource_version
                 {
@@ -1320,7 +1317,7 @@ async fn dispatch(
                 }
                 return Ok(object_response(StatusCode::OK, &cur));
             }
-            let opts = DeleteOptions { resource_version: rv, guard: q.guard.clone(), propagation };
+            let opts = DeleteOptions { resource_version: rv, uid: pre.uid, guard: q.guard.clone(), propagation };
             match store.delete(&key, &opts).await.map_err(err)? {
                 DeleteOutcome::Deleted(o) => Ok(object_response(StatusCode::OK, &o)),
                 DeleteOutcome::Pending(o) => Ok(object_response(StatusCode::ACCEPTED, &o)),

@@ -781,6 +781,7 @@ impl Store for EtcdStore {
         loop {
             let found = self.inner.read_for_write(&k, guard).await?;
             let cur = self.inner.check(key, found, guard, opts.resource_version)?;
+            semantics::check_delete_uid(key, &cur, opts)?;
             let cur_rev = to_i64(cur.metadata.resource_version);
             let (mut next, removing) = match semantics::delete(&cur, self.inner.clock.now(), opts.propagation) {
                 Plan::Unchanged => return Ok(DeleteOutcome::Pending(Arc::new(cur))),

@@ -434,6 +434,7 @@ impl Store for MemoryStore {
         self.write(
             |st| {
                 let cur = st.current(key, opts.guard.as_ref(), opts.resource_version)?;
+                semantics::check_delete_uid(key, &cur, opts)?;
                 let plan = semantics::delete(&cur, now, opts.propagation);
                 let removing = matches!(plan, Plan::Remove(_));
                 let obj = st.apply(key, Some(cur.clone()), plan).unwrap_or(cur);

@@ -398,6 +398,7 @@ impl Batch<'_> {
             Op::Delete { key, opts, wall, reply, .. } => {
                 let r = (|| {
                     let cur = self.current(&key, opts.guard.as_ref(), opts.resource_version)?;
+                    semantics::check_delete_uid(&key, &cur, &opts)?;
                     let plan = semantics::delete(&cur, wall, opts.propagation);
                     let removing = matches!(plan, Plan::Remove(_));
                     let obj = self.apply(key, Some(cur.clone()), plan).unwrap_or(cur);
