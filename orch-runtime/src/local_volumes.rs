@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use async_trait::async_trait;
 use orch_core::kinds::AccessMode;
@@ -143,27 +143,30 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 
 
 /// What the probe found, by file system (its device number) and `mkfs` program: `Err` says what
 /// did not work.
-type Probes = HashMap<(u64, PathBuf), Arc<tokio::sync::OnceCell<Result<(), String>>>>;
+type Probes = HashMap<(u64, PathBuf), Arc<OnceLock<Result<(), String>>>>;
 
 static PROBES: LazyLock<std::sync::Mutex<Probes>> = LazyLock::new(Default::default);
 
 /// Whether loop-mounted file systems made with `mkfs` work under `root` (which exists): probed
 /// once per file system and program in a process, so the agents of many simulated nodes, whose
-/// roots share one file system, make one probe between them (the others wait for its answer).
+/// roots share one file system, make one probe between them. The others wait for its answer on
+/// blocking threads of their own, so a runtime with paused time does not move its clock past
+/// the wait.
 async fn loop_mounts_work(root: &Path, mkfs: &Path) -> io::Result<()> {
-    let dev = tokio::fs::metadata(root).await?.dev();
-    let cell = {
-        let mut probes = PROBES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        probes.entry((dev, mkfs.to_path_buf())).or_default().clone()
-    };
-    let found = cell
-        .get_or_init(|| async {
+    let (root, mkfs) = (root.to_path_buf(), mkfs.to_path_buf());
+    blocking(move || {
+        let dev = std::fs::metadata(&root)?.dev();
+        let cell = {
+            let mut probes = PROBES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            probes.entry((dev, mkfs.clone())).or_default().clone()
+        };
+        let found = cell.get_or_init(|| {
             let probe_dir = root.join(format!("{PROBE}{:016x}", fastrand::u64(..)));
-            let program = mkfs.to_path_buf();
-            blocking(move || loop_fs::probe(&program, &probe_dir)).await.map_err(|e| e.to_string())
-        })
-        .await;
-    found.clone().map_err(io::Error::other)
+            loop_fs::probe(&mkfs, &probe_dir).map_err(|e| e.to_string())
+        });
+        found.clone().map_err(io::Error::other)
+    })
+    .await
 }
 
 /// How to open [`LocalVolumes`]: made by [`LocalVolumes::builder`].

@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 const NAME: &str = "simulated";
-const HANDLE_VERSION: u32 = 1;
+/// Version 2: `data` is the node's name, a plain string.
+const HANDLE_VERSION: u32 = 2;
 
 /// How a simulated instance behaves, from its container's environment:
 /// `SIM_START_DELAY` and `SIM_RUN` in seconds (`SIM_RUN` absent: runs until stopped),
@@ -252,7 +253,7 @@ impl SimulatedRuntime {
     }
 
     fn check(&self, handle: &Handle) -> Result<(), RuntimeError> {
-        if handle.runtime != NAME || handle.version != HANDLE_VERSION || handle.data["node"] != self.node.as_str() {
+        if handle.runtime != NAME || handle.version != HANDLE_VERSION || handle.data != self.node.as_str() {
             return Err(RuntimeError::BadHandle {
                 id: handle.id.clone(),
                 runtime: NAME.into(),
@@ -375,7 +376,7 @@ impl Runtime for SimulatedRuntime {
             runtime: NAME.into(),
             version: HANDLE_VERSION,
             id: spec.id.clone(),
-            data: serde_json::json!({ "node": self.node }),
+            data: serde_json::Value::String(self.node.clone()),
         })
     }
 
@@ -459,7 +460,7 @@ impl Runtime for SimulatedRuntime {
                 runtime: NAME.into(),
                 version: HANDLE_VERSION,
                 id: id.clone(),
-                data: serde_json::json!({ "node": self.node }),
+                data: serde_json::Value::String(self.node.clone()),
             })
             .collect())
     }

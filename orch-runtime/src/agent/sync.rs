@@ -42,8 +42,10 @@ pub(super) struct Tracked {
     pub(super) last_exit: Option<ExitStatus>,
     /// The uid tag of the workload it was started for.
     pub(super) uid_tag: String,
-    /// The container spec it was started from; `None` when adopted (taken as current then).
-    pub(super) spec: Option<Arc<Container>>,
+    /// A hash of the container spec it was started from ([`spec_hash`], as kubelet keeps one):
+    /// a copy per instance would cost more than the rest of the record. `None` when adopted
+    /// (taken as current then).
+    pub(super) spec: Option<u64>,
     /// Stopped by the agent for failing its liveness or startup probe: its exit is a failure,
     /// whatever its code.
     pub(super) unhealthy_kill: bool,
@@ -142,6 +144,28 @@ pub(super) struct Plan {
     pub(super) look_after: Option<Duration>,
 }
 
+/// A hash of a container spec (of its JSON form): equal specs hash alike; a changed one, but
+/// for a 64-bit collision, does not.
+pub(super) fn spec_hash(c: &Container) -> u64 {
+    use std::hash::Hasher;
+    struct Into<'a>(&'a mut std::hash::DefaultHasher);
+    impl std::io::Write for Into<'_> {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.write(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    // A container always serializes.
+    if serde_json::to_writer(Into(&mut hasher), c).is_err() {
+        return 0;
+    }
+    hasher.finish()
+}
+
 /// Decides what one container needs (pure: no runtime, no clock, no store).
 pub(super) fn plan_container(o: Observed<'_>) -> Plan {
     let c = o.container;
@@ -151,7 +175,7 @@ pub(super) fn plan_container(o: Observed<'_>) -> Plan {
     // An instance of another spec, or of an earlier workload with this name, is replaced (that
     // is an update, not a crash).
     let outdated = record.as_ref().is_some_and(|t| {
-        t.uid_tag != o.uid_tag || (t.generation != o.generation && t.spec.as_ref().is_some_and(|spec| **spec != *c))
+        t.uid_tag != o.uid_tag || (t.generation != o.generation && t.spec.is_some_and(|hash| hash != spec_hash(c)))
     });
     let mut replaced_attempt = None;
     if let Some(t) = record.as_ref().filter(|_| outdated) {
@@ -179,7 +203,7 @@ pub(super) fn plan_container(o: Observed<'_>) -> Plan {
         (Some(t), InstanceState::Running { started_at }) => {
             if t.spec.is_none() {
                 // Adopted: it runs the current spec from now on.
-                t.spec = Some(Arc::new(c.clone()));
+                t.spec = Some(spec_hash(c));
                 dirty = true;
             }
             let probed = c.startup_probe.is_some() || c.readiness_probe.is_some() || c.liveness_probe.is_some();
@@ -754,12 +778,13 @@ impl Agent {
         };
         match self.runtime.start(&spec).await {
             Ok(handle) => {
+                let handle = Arc::new(handle);
                 let started_at = self.clock.now();
                 // What the next resync compares against (without it, every new instance would
                 // look changed to it once).
                 let seen = self.runtime.status(&handle).await.ok();
                 let t = Tracked {
-                    handle: Arc::new(handle.clone()),
+                    handle: handle.clone(),
                     attempt,
                     restarts,
                     started: Instant::now(),
@@ -767,7 +792,7 @@ impl Agent {
                     not_before: None,
                     last_exit: None,
                     uid_tag: tag.to_string(),
-                    spec: Some(Arc::new(c.clone())),
+                    spec: Some(spec_hash(c)),
                     unhealthy_kill: false,
                     generation: workload.metadata.generation,
                     seen,
@@ -906,6 +931,22 @@ mod tests {
         Container { name: "main".into(), command: args.iter().map(|s| s.to_string()).collect(), ..Default::default() }
     }
 
+    #[test]
+    fn a_spec_hash_is_the_same_for_equal_specs_and_another_for_any_change() {
+        let c = container(&["serve", "--port", "80"]);
+        assert_eq!(spec_hash(&c), spec_hash(&c.clone()));
+        let mut changes = vec![container(&["serve", "--port", "81"]), container(&["serve", "--port"])];
+        let mut env = c.clone();
+        env.env.push(orch_core::kinds::EnvVar { name: "MODE".into(), value: "fast".into() });
+        changes.push(env);
+        let mut cpu = c.clone();
+        cpu.resources.requests.insert("cpu".into(), "100m".parse().unwrap());
+        changes.push(cpu);
+        for changed in &changes {
+            assert_ne!(spec_hash(changed), spec_hash(&c), "{changed:?}");
+        }
+    }
+
     fn record(c: &Container, attempt: u32, started: Instant) -> Tracked {
         Tracked {
             handle: Arc::new(Handle {
@@ -921,7 +962,7 @@ mod tests {
             not_before: None,
             last_exit: None,
             uid_tag: "tag".into(),
-            spec: Some(Arc::new(c.clone())),
+            spec: Some(spec_hash(c)),
             unhealthy_kill: false,
             generation: 1,
             seen: None,
