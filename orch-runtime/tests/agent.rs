@@ -264,6 +264,14 @@ async fn readiness_waits_for_the_http_probe_and_liveness_restarts() {
         (api.get("sick").await.unwrap().status.restart_count >= 1).then_some(())
     })
     .await;
+    // The stop is told by an event of the workload.
+    let events: Api<orch_core::kinds::Event> = Api::namespaced(store.clone(), "default");
+    let unhealthy = wait_until("an Unhealthy event", LIMIT, async || {
+        let list = events.list(&orch_core::ListParams::default()).await.unwrap().items;
+        list.into_iter().find(|e| e.spec.reason == "Unhealthy" && e.spec.involved_object.name == "sick")
+    })
+    .await;
+    assert!(unhealthy.spec.message.contains("container main failed its liveness or startup probe"));
     stop.send(()).unwrap();
     agent.await.unwrap().unwrap();
 }

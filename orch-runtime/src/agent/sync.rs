@@ -860,23 +860,38 @@ impl Agent {
         if status == workload.status {
             return Ok(true);
         }
-        // A container newly waiting out a crash-loop backoff: say so once per crash.
+        // A container newly waiting out a crash-loop backoff, or stopped for failing its
+        // liveness or startup probe: say so once per restart.
         for c in &status.container_statuses {
-            let backing_off = matches!(&c.state, ContainerState::Waiting { reason } if reason == "CrashLoopBackOff");
-            let before = workload.status.container_statuses.iter().find(|p| p.name == c.name);
-            let was = before.is_some_and(|p| {
-                matches!(&p.state, ContainerState::Waiting { reason } if reason == "CrashLoopBackOff")
-                    && p.restart_count == c.restart_count
-            });
-            if backing_off && !was {
-                self.recorder().record(
-                    &orch_core::kinds::ObjectReference::of(workload),
-                    orch_core::kinds::EventType::Warning,
+            let ContainerState::Waiting { reason } = &c.state else { continue };
+            let (event, message) = match reason.as_str() {
+                "CrashLoopBackOff" => (
                     "BackOff",
                     format!(
                         "container {} exited; restarting it after a backoff ({} restarts)",
                         c.name, c.restart_count
                     ),
+                ),
+                "Unhealthy" => (
+                    "Unhealthy",
+                    format!(
+                        "container {} failed its liveness or startup probe; stopping it to restart it ({} restarts)",
+                        c.name, c.restart_count
+                    ),
+                ),
+                _ => continue,
+            };
+            let before = workload.status.container_statuses.iter().find(|p| p.name == c.name);
+            let was = before.is_some_and(|p| {
+                matches!(&p.state, ContainerState::Waiting { reason: r } if r == reason)
+                    && p.restart_count == c.restart_count
+            });
+            if !was {
+                self.recorder().record(
+                    &orch_core::kinds::ObjectReference::of(workload),
+                    orch_core::kinds::EventType::Warning,
+                    event,
+                    message,
                 );
             }
         }
