@@ -4,6 +4,8 @@
 //! uses only the store leases granted to it);
 //! no token or key in the logs.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -235,17 +237,7 @@ async fn an_open_watch_of_a_revoked_node_ends() {
     assert!(matches!(first, orch_core::WatchEvent::Added(_)), "{first:?}");
     pki::revoke_node(&c.admin(), "n1").await.unwrap();
     // The server ends the watch; its reconnection is refused.
-    let end = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match watch.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Some(e.to_string()),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the watch ends");
+    let end = common::watch_end(&mut watch, Duration::from_secs(20)).await;
     if let Some(e) = end {
         assert!(e.contains("revoked"), "{e}");
     }

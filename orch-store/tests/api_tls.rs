@@ -2,6 +2,8 @@
 //! an error that says so; client certificates (`CN` = user, `O` = groups) authorized by their
 //! groups; a client certificate of another CA refused at the handshake.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,7 +118,6 @@ async fn a_client_certificate_of_another_ca_is_refused_at_the_handshake() {
 
 #[tokio::test]
 async fn a_revoked_user_certificate_is_refused_and_its_open_watch_ends() {
-    use futures::StreamExt;
     use orch_store::api::Limits;
     use orch_store::api::revocation::{self, Revocation};
 
@@ -154,17 +155,7 @@ async fn a_revoked_user_certificate_is_refused_and_its_open_watch_ends() {
     assert_eq!((listed[0].0.as_str(), listed[0].1.user.as_deref()), (alice_cert.serial.as_str(), Some("alice")));
 
     // The watch opened before ends; its reconnection is refused.
-    let end = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match watch.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Some(e.to_string()),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the watch ends");
+    let end = common::watch_end(&mut watch, Duration::from_secs(20)).await;
     if let Some(e) = end {
         assert!(e.contains("revoked"), "{e}");
     }

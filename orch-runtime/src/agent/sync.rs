@@ -148,8 +148,8 @@ pub(super) struct Plan {
 /// for a 64-bit collision, does not.
 pub(super) fn spec_hash(c: &Container) -> u64 {
     use std::hash::Hasher;
-    struct Into<'a>(&'a mut std::hash::DefaultHasher);
-    impl std::io::Write for Into<'_> {
+    struct HashWriter<'a>(&'a mut std::hash::DefaultHasher);
+    impl std::io::Write for HashWriter<'_> {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
             self.0.write(bytes);
             Ok(bytes.len())
@@ -160,7 +160,7 @@ pub(super) fn spec_hash(c: &Container) -> u64 {
     }
     let mut hasher = std::hash::DefaultHasher::new();
     // A container always serializes.
-    if serde_json::to_writer(Into(&mut hasher), c).is_err() {
+    if serde_json::to_writer(HashWriter(&mut hasher), c).is_err() {
         return 0;
     }
     hasher.finish()

@@ -76,10 +76,36 @@ pub(crate) async fn check_lease(store: &dyn Store, node: &str, lease: LeaseId) -
     }
 }
 
+/// Whether every store lease a write's body attaches its object to ([`leases_in`]) was granted
+/// to `node`; `Err` says why not.
+pub(crate) async fn check_body_leases(store: &dyn Store, node: &str, body: &[u8]) -> Result<(), String> {
+    for lease in leases_in(body)? {
+        check_lease(store, node, lease).await?;
+    }
+    Ok(())
+}
+
 /// The store leases a write's body attaches its object to (`metadata.lease`, also as a merge
 /// patch or through JSON patch operations); `Err` for a JSON patch that copies or moves a value
 /// into it (what it would be is not in the body).
 pub(crate) fn leases_in(body: &[u8]) -> Result<Vec<LeaseId>, String> {
+    // An object or a merge patch (every write of an agent): read its `metadata.lease` alone,
+    // skipping the rest, rather than build the whole document.
+    #[derive(serde::Deserialize)]
+    struct Attached {
+        #[serde(default)]
+        metadata: Option<MetaLease>,
+    }
+    #[derive(serde::Deserialize)]
+    struct MetaLease {
+        #[serde(default)]
+        lease: Option<LeaseId>,
+    }
+    if body.trim_ascii_start().first() == Some(&b'{')
+        && let Ok(attached) = serde_json::from_slice::<Attached>(body)
+    {
+        return Ok(attached.metadata.and_then(|m| m.lease).into_iter().collect());
+    }
     let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let lease_of = |v: Option<&Value>| v.and_then(|m| m.get("lease")).and_then(Value::as_u64);
     let mut found = Vec::new();

@@ -28,3 +28,20 @@ pub fn scratch_dir(suite: &str) -> std::path::PathBuf {
     })
     .clone()
 }
+
+/// Reads `watch` until it ends, for at most `limit`: its last error, or `None` when it ended
+/// without one. Panics when it does not end in time.
+pub async fn watch_end(watch: &mut orch_core::WatchStream, limit: std::time::Duration) -> Option<String> {
+    use futures::StreamExt;
+    tokio::time::timeout(limit, async {
+        loop {
+            match watch.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e.to_string()),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends")
+}
