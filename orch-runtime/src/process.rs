@@ -589,8 +589,12 @@ impl Runtime for ProcessRuntime {
             for k in (1..keep).rev() {
                 let _ = std::fs::rename(numbered(k), numbered(k + 1));
             }
-            std::fs::copy(&path, numbered(1)).map_err(io)?;
+            // Copied aside, then truncated, then named: `<file>.1` appears whole, and only once
+            // the current file starts over.
+            let aside = dir.join(format!(".{file}.rotating"));
+            std::fs::copy(&path, &aside).map_err(io)?;
             std::fs::File::options().write(true).open(&path).and_then(|f| f.set_len(0)).map_err(io)?;
+            std::fs::rename(&aside, numbered(1)).map_err(io)?;
         }
         Ok(())
     }
