@@ -155,8 +155,36 @@ async fn run_on(scale: &Scale) -> Report {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Create → all Running, in wall time.
+    // Create → all Running, in wall time. The count runs beside the creates and takes in every
+    // change queued whenever it runs (`try_recv` is not held to tokio's budget of 128 receives a
+    // turn, which among thousands of busy agent tasks would let its queue, and with it an old
+    // version of every workload, grow for the whole run).
     let mut events = workloads.subscribe();
+    let (all_running, running_seen) = tokio::sync::oneshot::channel::<usize>();
+    let counter = tokio::spawn(async move {
+        let mut running: HashSet<String> = HashSet::with_capacity(total);
+        let take = |running: &mut HashSet<String>, event: CacheEvent<Workload>| {
+            if let CacheEvent::Applied(w) = event
+                && w.status.phase == Phase::Running
+            {
+                running.insert(w.metadata.name.clone());
+            }
+        };
+        let mut closed = false;
+        loop {
+            while let Ok(event) = events.try_recv() {
+                take(&mut running, event);
+            }
+            if closed || running.len() >= total {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_secs(600), events.recv()).await {
+                Ok(Some(event)) => take(&mut running, event),
+                _ => closed = true,
+            }
+        }
+        let _ = all_running.send(running.len());
+    });
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     let began = Instant::now();
     for i in 0..total {
@@ -167,17 +195,10 @@ async fn run_on(scale: &Scale) -> Report {
         requests.insert("memory".into(), "100Mi".parse().expect("q"));
         api.create(&Object::new(ObjectMeta::named(format!("w-{i:06}")), w)).await.expect("create");
     }
-    let mut running: HashSet<String> = HashSet::with_capacity(total);
-    while running.len() < total {
-        match tokio::time::timeout(Duration::from_secs(600), events.recv()).await {
-            Ok(Some(CacheEvent::Applied(w))) if w.status.phase == Phase::Running => {
-                running.insert(w.metadata.name.clone());
-            }
-            Ok(Some(_)) => {}
-            _ => panic!("only {} of {total} workloads running", running.len()),
-        }
-    }
+    let running = running_seen.await.expect("the count of running workloads ends with a number");
+    assert_eq!(running, total, "only {running} of {total} workloads running");
     let to_running = began.elapsed();
+    counter.await.expect("count");
     let peak = peak_rss();
 
     // One node's workloads, listed from the store by field selector.

@@ -145,6 +145,8 @@ struct Shared<K: Resource> {
     /// Subscribers to the objects with one index value: index → value → senders.
     keyed: Mutex<HashMap<String, KeyedSubscribers<K>>>,
     decode_errors: std::sync::atomic::AtomicU64,
+    /// Full lists taken (the first one, and one after every `Compacted`).
+    lists: std::sync::atomic::AtomicU64,
 }
 
 /// A read handle on a cache of kind `K`. Clones share the same cache.
@@ -200,6 +202,7 @@ impl<K: Resource> Cache<K> {
                 subscribers: Mutex::new(Vec::new()),
                 keyed: Mutex::new(HashMap::new()),
                 decode_errors: Default::default(),
+                lists: Default::default(),
             }),
         }
     }
@@ -252,6 +255,13 @@ impl<K: Resource> Cache<K> {
     /// Objects of this kind that could not be decoded (skipped, with a warning).
     pub fn decode_errors(&self) -> u64 {
         self.shared.decode_errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Full lists the cache has taken: 1 once ready, one more each time its watch fell so far
+    /// behind that the store had compacted the events it still needed (a re-list decodes every
+    /// object again; a cache that keeps up never needs one).
+    pub fn lists(&self) -> u64 {
+        self.shared.lists.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// True once the first list is in.
@@ -394,6 +404,7 @@ impl<K: Resource> Cache<K> {
             st.revision = revision;
             st.complete = revision;
         }
+        self.shared.lists.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.announce(events);
         self.shared.ready.send_replace(true);
     }
@@ -551,37 +562,59 @@ async fn reflect<K: Resource>(store: Arc<dyn Store>, config: CacheConfig<K>, cac
                 continue;
             }
         };
-        loop {
-            let next = tokio::select! {
+        // Whether anyone still reads the cache is checked every 30 s, events or not.
+        let check = tokio::time::sleep(Duration::from_secs(30));
+        tokio::pin!(check);
+        'watching: loop {
+            let mut next = tokio::select! {
                 next = stream.next() => next,
-                // Check now and then whether the cache is still wanted.
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                _ = &mut check => {
                     if Arc::strong_count(&cache.shared) == 1 { return; }
+                    check.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(30));
                     continue;
                 }
             };
-            match next {
-                Some(Ok(event)) => {
-                    cache.apply(&event);
-                    retries.succeed();
+            // Every event the stream already holds is applied in this turn. Taking one per turn
+            // spends tokio's cooperative budget on every event, and among thousands of busy
+            // tasks on one thread the cache would fall behind its store until the events it
+            // needs are compacted and it must list everything again.
+            let mut taken = 0;
+            loop {
+                match next {
+                    Some(Ok(event)) => {
+                        cache.apply(&event);
+                        retries.succeed();
+                    }
+                    Some(Err(Error::Compacted { .. })) => {
+                        need_list = true;
+                        break 'watching;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(kind = K::KIND, error = %e, "watch broke; resuming");
+                        tokio::time::sleep(retries.fail()).await;
+                        break 'watching;
+                    }
+                    None => {
+                        tokio::time::sleep(retries.fail()).await;
+                        break 'watching;
+                    }
                 }
-                Some(Err(Error::Compacted { .. })) => {
-                    need_list = true;
+                taken += 1;
+                if taken == DRAIN_PER_TURN {
+                    tokio::task::yield_now().await;
                     break;
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(kind = K::KIND, error = %e, "watch broke; resuming");
-                    tokio::time::sleep(retries.fail()).await;
-                    break;
-                }
-                None => {
-                    tokio::time::sleep(retries.fail()).await;
-                    break;
+                match stream.next().now_or_never() {
+                    Some(more) => next = more,
+                    None => break,
                 }
             }
         }
     }
 }
+
+/// Events a reflector applies in one turn at most, so that other tasks on its thread still run.
+const DRAIN_PER_TURN: usize = 4096;
 
 /// One cache per kind, shared by everything in a manager (controllers, the scheduler, your own
 /// components): a kind is listed and watched once per process, however many read it.

@@ -209,3 +209,45 @@ async fn index_subscribers_hear_only_their_value_including_moves() {
     );
     assert_eq!(drain(&mut n2), ["applied mover on Some(\"node-2\")", "deleted mover"]);
 }
+
+/// On one thread among many busy tasks, a writer that writes in bursts (as an in-process store
+/// lets it) must not leave the cache so far behind that the events it needs are compacted: the
+/// reflector takes in every event its watch already holds in one turn, and never lists again.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_cache_keeps_up_with_bursts_among_busy_tasks() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().history_limit(1_500).build());
+    let cache = Cache::<Workload>::spawn(store.clone(), CacheConfig::default());
+    cache.ready().await;
+    assert_eq!(cache.lists(), 1);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy: Vec<_> = (0..200)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    // A task like the others, writing in bursts of 1,000, each far more than tokio's budget of
+    // 128 a turn.
+    tokio::spawn(async move {
+        for burst in 0..10 {
+            for i in 0..1_000 {
+                api.create(&workload(&format!("w-{burst}-{i}"), "web")).await.unwrap();
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    // The busy tasks stop first: a paused clock moves only once every task waits.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for b in busy {
+        b.await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "every object in the cache", || cache.len() == 10_000).await;
+    assert_eq!(cache.lists(), 1, "the cache fell behind the compaction of its store and listed again");
+}
