@@ -377,11 +377,19 @@ impl<K: Resource> Cache<K> {
     }
 
     /// Replaces the contents with a full list taken at `revision`, announcing the difference.
-    fn replace(&self, items: Vec<Object<K>>, revision: u64) {
+    fn replace(&self, items: Vec<Arc<Object<K>>>, revision: u64) {
         let mut events = Vec::new();
         {
             let mut st = self.write();
-            let mut seen = HashSet::with_capacity(items.len());
+            let gone: Vec<Arc<ObjectRef>> = {
+                let seen: HashSet<(&str, &str)> =
+                    items.iter().map(|o| (o.metadata.namespace.as_str(), o.metadata.name.as_str())).collect();
+                st.objects
+                    .keys()
+                    .filter(|r| !seen.contains(&(r.namespace.as_str(), r.name.as_str())))
+                    .cloned()
+                    .collect()
+            };
             for obj in items {
                 let r = ObjectRef::of(&obj);
                 let unchanged = st
@@ -389,13 +397,10 @@ impl<K: Resource> Cache<K> {
                     .get(&r)
                     .is_some_and(|cur| cur.metadata.resource_version == obj.metadata.resource_version);
                 if !unchanged {
-                    let obj = Arc::new(obj);
-                    let old = self.put(&mut st, r.clone(), obj.clone());
+                    let old = self.put(&mut st, r, obj.clone());
                     events.push((CacheEvent::Applied(obj), old));
                 }
-                seen.insert(r);
             }
-            let gone: Vec<Arc<ObjectRef>> = st.objects.keys().filter(|r| !seen.contains(&***r)).cloned().collect();
             for r in gone {
                 if let Some(old) = self.remove(&mut st, &r) {
                     events.push((CacheEvent::Deleted(old), None));
@@ -504,12 +509,13 @@ async fn list_all<K: Resource>(
     selection: &Selection,
     page_size: usize,
     cache: &Cache<K>,
-) -> Result<(Vec<Object<K>>, u64)> {
+) -> Result<(Vec<Arc<Object<K>>>, u64)> {
     let mut req = ListRequest::new(selection.clone()).limit(page_size.max(1));
     let mut items = Vec::new();
     loop {
         let page = store.list(&req).await?;
-        items.extend(page.items.iter().filter_map(|o| cache.decode(o)));
+        items.reserve(page.items.len());
+        items.extend(page.items.iter().filter_map(|o| cache.decode(o).map(Arc::new)));
         match page.continue_token {
             Some(token) => req.continue_token = Some(token),
             None => return Ok((items, page.revision)),

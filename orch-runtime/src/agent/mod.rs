@@ -72,6 +72,8 @@ pub struct Agent {
     providers: BTreeMap<String, Arc<dyn VolumeProvider>>,
     /// The claim volumes published for each workload, kept on disk.
     publications: volumes::Publications,
+    /// The workloads with `emptyDir` directories on this node.
+    dirs: volumes::WorkloadDirs,
     /// Workloads found over an `emptyDir` size limit, or bound to a node their volume is not
     /// on, until their eviction is written.
     evictions: Mutex<HashMap<ObjectRef, Eviction>>,
@@ -189,6 +191,7 @@ impl Agent {
             recorder: std::sync::OnceLock::new(),
             providers: BTreeMap::new(),
             publications: volumes::Publications::new(&config_root),
+            dirs: volumes::WorkloadDirs::new(&config_root),
             evictions: Default::default(),
             volume_ops: tokio::sync::Mutex::new(()),
         }
@@ -275,6 +278,7 @@ impl Agent {
         for key in this.publications.load() {
             queue.add(key);
         }
+        this.dirs.load();
         let address = this.config.address.to_string();
         for w in mine().iter().filter(|w| w.status.address == address) {
             this.ports.adopt_status(&ObjectRef::of(w), &uid_tag(&w.metadata.uid), &w.status.ports);

@@ -455,7 +455,7 @@ impl Agent {
             // Evicted: it never runs here again; what it held goes (once).
             let holds = self.instances.lock().unwrap_or_else(|e| e.into_inner()).keys().any(|(r, _)| r == key)
                 || !self.publications.get(key).is_empty()
-                || volumes::workload_dir(&self.config.data_root, key).exists();
+                || self.dirs.has(key);
             if holds {
                 self.release(key, grace, false).await;
             }
@@ -664,7 +664,7 @@ impl Agent {
             self.health.lock().unwrap_or_else(|e| e.into_inner()).remove(&t.handle.id);
             last.push((container, t, state));
         }
-        volumes::remove(&self.config.data_root, key);
+        volumes::remove(&self.config.data_root, &self.dirs, key);
         self.unpublish_all(key).await;
         if forget_logs {
             self.forget_previous_logs(key);

@@ -17,7 +17,7 @@
 //! deleted, whose only finalizer left is [`VOLUME_RECLAIM_FINALIZER`], is deleted at its
 //! provider, then the finalizer goes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -82,18 +82,23 @@ pub(super) fn workload_dir(data_root: &Path, key: &ObjectRef) -> PathBuf {
 /// Claims are left to the agent (they need the store and a provider).
 fn resolve_local(
     data_root: &Path,
+    dirs: &WorkloadDirs,
     key: &ObjectRef,
     uid_tag: &str,
     volumes: &[Volume],
 ) -> Result<Vec<(usize, HostVolume)>, String> {
     let mut resolved = Vec::with_capacity(volumes.len());
     let own = workload_dir(data_root, key);
+    // Earlier incarnations can only have left a directory the record knows of.
+    let earlier = dirs.has(key);
     for (i, v) in volumes.iter().enumerate() {
         let host_path = match &v.source {
             VolumeSource::HostPath { path } => PathBuf::from(path),
             // A size limit is watched on every resync, not here.
             VolumeSource::EmptyDir { .. } => {
                 let dir = own.join(uid_tag).join(&v.name);
+                // Recorded first: a directory half made is still removed with the workload.
+                dirs.add(key);
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| format!("spec.volumes[{i}] ({:?}): creating {}: {e}", v.name, dir.display()))?;
                 dir
@@ -104,7 +109,7 @@ fn resolve_local(
     }
     // Directories of earlier incarnations of this workload (deleted and created again under the
     // same name) go.
-    if let Ok(entries) = std::fs::read_dir(&own) {
+    if earlier && let Ok(entries) = std::fs::read_dir(&own) {
         for entry in entries.flatten() {
             if entry.file_name() != uid_tag {
                 let _ = std::fs::remove_dir_all(entry.path());
@@ -115,12 +120,60 @@ fn resolve_local(
 }
 
 /// Removes every `emptyDir` of the workload (it is gone from this node).
-pub(super) fn remove(data_root: &Path, key: &ObjectRef) {
+pub(super) fn remove(data_root: &Path, dirs: &WorkloadDirs, key: &ObjectRef) {
+    if !dirs.take(key) {
+        return;
+    }
     let dir = workload_dir(data_root, key);
     if let Err(e) = std::fs::remove_dir_all(&dir)
         && e.kind() != std::io::ErrorKind::NotFound
     {
         tracing::warn!(workload = %key, dir = %dir.display(), error = %e, "cannot remove the workload's volumes");
+    }
+}
+
+/// The workloads that have a directory under `<data_root>/volumes` (their `emptyDir`s), kept in
+/// memory so that starting or removing a workload without one touches no file. Read from disk
+/// when the agent starts, then kept by [`resolve_local`] and [`remove`], the only code that makes
+/// or removes those directories.
+#[derive(Debug)]
+pub(super) struct WorkloadDirs {
+    root: PathBuf,
+    held: Mutex<HashSet<ObjectRef>>,
+}
+
+impl WorkloadDirs {
+    pub(super) fn new(data_root: &Path) -> Self {
+        WorkloadDirs { root: data_root.join("volumes"), held: Default::default() }
+    }
+
+    /// Reads which workloads have a directory, left by earlier runs of the agent.
+    pub(super) fn load(&self) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(namespaces) = std::fs::read_dir(&self.root) else { return };
+        for ns in namespaces.flatten() {
+            let Ok(names) = std::fs::read_dir(ns.path()) else { continue };
+            for name in names.flatten() {
+                held.insert(ObjectRef::new(ns.file_name().to_string_lossy(), name.file_name().to_string_lossy()));
+            }
+        }
+    }
+
+    /// Whether `key` may have a directory.
+    pub(super) fn has(&self, key: &ObjectRef) -> bool {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).contains(key)
+    }
+
+    fn add(&self, key: &ObjectRef) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if !held.contains(key) {
+            held.insert(key.clone());
+        }
+    }
+
+    /// Forgets `key`; whether it may have had a directory.
+    fn take(&self, key: &ObjectRef) -> bool {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).remove(key)
     }
 }
 
@@ -407,7 +460,7 @@ impl Agent {
                 targets.push(self.claim_target(i, v, claim_name, key, &workload.metadata.uid).await?);
             }
         }
-        let mut resolved = resolve_local(&self.config.data_root, key, uid_tag, volumes)
+        let mut resolved = resolve_local(&self.config.data_root, &self.dirs, key, uid_tag, volumes)
             .map_err(|m| Unavailable::new(VOLUME_UNAVAILABLE, m))?;
         let before = self.publications.get(key);
         let wanted: BTreeSet<Publication> = targets.iter().map(|t| t.publication.clone()).collect();
@@ -726,15 +779,38 @@ mod tests {
             vol("data", VolumeSource::Claim { claim_name: "db-data".into() }),
             vol("scratch", VolumeSource::EmptyDir { size_limit: Some("1Gi".parse().unwrap()) }),
         ];
-        let old = resolve_local(&root, &key, "aaaa", &volumes).unwrap();
+        let dirs = WorkloadDirs::new(&root);
+        let old = resolve_local(&root, &dirs, &key, "aaaa", &volumes).unwrap();
         assert_eq!(old.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 2], "claims are the agent's");
         assert!(old[1].1.host_path.is_dir());
-        let new = resolve_local(&root, &key, "bbbb", &volumes).unwrap();
+        let new = resolve_local(&root, &dirs, &key, "bbbb", &volumes).unwrap();
         assert_eq!(new[0].1.host_path, PathBuf::from("/srv/data"));
         assert_eq!(new[1].1.host_path, workload_dir(&root, &key).join("bbbb").join("scratch"));
         assert!(!old[1].1.host_path.exists(), "the earlier incarnation's emptyDir is removed");
-        remove(&root, &key);
+        remove(&root, &dirs, &key);
         assert!(!workload_dir(&root, &key).exists());
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn directories_left_by_an_earlier_run_are_known_and_go() {
+        let root = scratch_root("earlier-run");
+        let key = ObjectRef::new("default", "db");
+        let scratch = [vol("scratch", VolumeSource::EmptyDir { size_limit: None })];
+        let before = WorkloadDirs::new(&root);
+        let old = resolve_local(&root, &before, &key, "aaaa", &scratch).unwrap();
+        assert!(old[0].1.host_path.is_dir());
+        // A new run of the agent: the record starts empty and is read from disk.
+        let dirs = WorkloadDirs::new(&root);
+        assert!(!dirs.has(&key));
+        dirs.load();
+        assert!(dirs.has(&key), "the directory of the earlier run is known");
+        // The next incarnation has no emptyDir, yet the earlier one's directory goes.
+        resolve_local(&root, &dirs, &key, "bbbb", &[]).unwrap();
+        assert!(!old[0].1.host_path.exists(), "the earlier incarnation's emptyDir is removed");
+        remove(&root, &dirs, &key);
+        assert!(!workload_dir(&root, &key).exists());
+        assert!(!dirs.has(&key));
         let _ = std::fs::remove_dir_all(&root);
     }
 
