@@ -24,6 +24,40 @@ pub struct JsonError {
     pub source: serde_json::Error,
 }
 
+/// Deserializes a sequence into a vector only as large as it holds (`deserialize_with`).
+/// serde's own `Vec` starts at four slots when the format gives no length, as JSON never does:
+/// a workload's one container would take four containers' room (1.6 KB, 0.4 KB of it used) in
+/// every cache that holds the workload.
+pub(crate) fn exact_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Exact<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Exact<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a sequence")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            // A length the input claims is trusted only up to 1 MiB of room.
+            let claimed = seq.size_hint().unwrap_or(0).min((1 << 20) / std::mem::size_of::<T>().max(1));
+            let mut items = Vec::with_capacity(claimed);
+            while let Some(item) = seq.next_element()? {
+                if items.len() == items.capacity() {
+                    items.reserve_exact(items.len().max(1));
+                }
+                items.push(item);
+            }
+            items.shrink_to_fit();
+            Ok(items)
+        }
+    }
+    d.deserialize_seq(Exact(std::marker::PhantomData))
+}
+
 /// `path: `, or nothing for an empty path: how errors put the field before the reason.
 pub(crate) fn field_prefix(path: &str) -> String {
     if path.is_empty() { String::new() } else { format!("{path}: ") }
@@ -536,6 +570,30 @@ mod tests {
         assert_eq!(e.within("Thing ns/a", "spec").path, "spec");
         let e = RawJson::parse(r#"[1,"x"]"#).unwrap().decode::<Vec<u32>>().unwrap_err().within("T a", "status");
         assert_eq!(e.path, "status[1]");
+    }
+
+    #[test]
+    fn exact_vectors_hold_no_spare_room_and_their_errors_name_the_item() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Spec {
+            #[serde(deserialize_with = "super::exact_vec")]
+            items: Vec<crate::Quantity>,
+        }
+        for n in [0usize, 1, 3, 5, 9] {
+            let items: Vec<String> = (0..n).map(|i| format!("\"{i}m\"")).collect();
+            let doc = RawJson::parse(&format!(r#"{{"items":[{}]}}"#, items.join(","))).unwrap();
+            let spec = doc.decode::<Spec>().unwrap();
+            assert_eq!(spec.items.len(), n);
+            assert_eq!(spec.items.capacity(), n, "{n} items");
+            if let Some(last) = spec.items.last() {
+                assert_eq!(*last, format!("{}m", n - 1).parse().unwrap(), "in order");
+            }
+        }
+        let e = RawJson::parse(r#"{"items":["1","2","1x"]}"#).unwrap().decode::<Spec>().unwrap_err();
+        assert_eq!(e.path, "items[2]");
+        let e = RawJson::parse(r#"{"items":{"a":"1"}}"#).unwrap().decode::<Spec>().unwrap_err();
+        assert_eq!(e.path, "items");
+        assert!(e.to_string().contains("a sequence"), "{e}");
     }
 
     #[test]

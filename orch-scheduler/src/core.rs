@@ -213,9 +213,14 @@ impl<S: Scheduler> SchedulingCore<S> {
                         } else {
                             // A newer version (the bound one, or new labels): refresh what the
                             // snapshot knows, keeping the placement and its devices.
-                            let placement = p.placement.clone();
-                            let info = Arc::new(WorkloadInfo::new(object.clone(), p.info.seq));
-                            self.snapshot.place(info, placement, false);
+                            match p.info.refreshed(object.clone()) {
+                                Some(info) => self.snapshot.refresh(Arc::new(info)),
+                                None => {
+                                    let placement = p.placement.clone();
+                                    let info = Arc::new(WorkloadInfo::new(object.clone(), p.info.seq));
+                                    self.snapshot.place(info, placement, false);
+                                }
+                            }
                         }
                     }
                     _ => {

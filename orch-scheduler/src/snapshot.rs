@@ -144,6 +144,27 @@ impl WorkloadInfo {
         WorkloadInfo { key: ObjectRef::of(&object), object, requests, host_ports, claims, class, seq }
     }
 
+    /// The digest of `object`, a newer version of this workload with the same spec (the same
+    /// generation) and labels, such as one with a new status: everything derived is reused and
+    /// only the object is new. `None` when anything it is derived from may differ.
+    pub fn refreshed(&self, object: Arc<Object<Workload>>) -> Option<Self> {
+        let (was, now) = (&self.object.metadata, &object.metadata);
+        let same = was.uid == now.uid
+            && was.generation == now.generation
+            && was.namespace == now.namespace
+            && was.name == now.name
+            && was.labels == now.labels;
+        same.then(|| WorkloadInfo {
+            key: self.key.clone(),
+            object,
+            requests: self.requests.clone(),
+            host_ports: self.host_ports.clone(),
+            claims: self.claims.clone(),
+            class: self.class,
+            seq: self.seq,
+        })
+    }
+
     /// The workload's spec.
     pub fn spec(&self) -> &Workload {
         &self.object.spec
@@ -880,6 +901,22 @@ impl Snapshot {
             }
         }
         self.placed.insert(info.key.clone(), Placed { info, placement, assumed });
+        self.touch(id);
+    }
+
+    /// Swaps in a newer digest of a placed workload that counts the same on its node (made by
+    /// [`WorkloadInfo::refreshed`]), and marks it bound in the store: requests, ports, claims,
+    /// devices and every count stay as they are.
+    pub fn refresh(&mut self, info: Arc<WorkloadInfo>) {
+        let Some(p) = self.placed.get_mut(&info.key) else { return };
+        let id = p.placement.node;
+        p.info = info.clone();
+        p.assumed = false;
+        if let Some(node) = self.nodes.get_mut(id as usize).and_then(Option::as_mut)
+            && let Some(slot) = node.workloads.iter_mut().find(|w| w.key == info.key)
+        {
+            *slot = info;
+        }
         self.touch(id);
     }
 

@@ -98,6 +98,50 @@ fn unschedulable(outs: &[Outcome]) -> Vec<String> {
         .collect()
 }
 
+/// A bound workload's new status reuses its digest (same generation and labels) yet the
+/// snapshot holds the newest object; a label change digests it again; neither counts it twice.
+#[test]
+fn a_bound_workloads_new_versions_count_once_and_are_the_ones_seen() {
+    use orch_scheduler::snapshot::CPU;
+    let mut c = core();
+    c.upsert_node(&node("n0", "4", "8Gi", &[]));
+    let mut spec = workload("w", "1", "1Gi");
+    spec.node_name = Some("n0".into());
+    let mut first = (*obj("w1", spec, &[("app", "web")])).clone();
+    first.metadata.uid = "u1".into();
+    first.metadata.generation = 2;
+    first.metadata.resource_version = 10;
+    c.upsert_workload(Arc::new(first.clone()));
+    let key = orch_core::cache::ObjectRef::new("default", "w1");
+    let class = c.snapshot().placed(&key).unwrap().info.class;
+    let n0 = c.snapshot().node_id("n0").unwrap();
+    let counted = |c: &SchedulingCore| {
+        let node = c.snapshot().node(n0).unwrap();
+        (node.requested(CPU), node.workloads.len(), node.workloads[0].object.metadata.resource_version)
+    };
+    assert_eq!(counted(&c), (1000, 1, 10));
+
+    // A status write: same spec, same labels.
+    let mut running = first.clone();
+    running.metadata.resource_version = 11;
+    running.status.phase = orch_core::kinds::Phase::Running;
+    c.upsert_workload(Arc::new(running.clone()));
+    let placed = c.snapshot().placed(&key).unwrap();
+    assert_eq!(placed.info.object.status.phase, orch_core::kinds::Phase::Running, "the newest object is seen");
+    assert_eq!(placed.info.class, class);
+    assert!(!placed.assumed);
+    assert_eq!(counted(&c), (1000, 1, 11), "counted once, the node holds the newest object too");
+
+    // New labels change what it matches: digested again, still counted once.
+    let mut relabelled = running;
+    relabelled.metadata.resource_version = 12;
+    relabelled.metadata.labels.insert("app", "db");
+    c.upsert_workload(Arc::new(relabelled));
+    let placed = c.snapshot().placed(&key).unwrap();
+    assert_ne!(placed.info.class, class, "the class follows the labels");
+    assert_eq!(counted(&c), (1000, 1, 12));
+}
+
 #[test]
 fn least_allocated_spreads_and_most_allocated_packs() {
     let mut c = core();

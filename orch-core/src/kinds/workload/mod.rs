@@ -22,6 +22,7 @@ pub use scheduling::*;
 #[serde(rename_all = "camelCase", default)]
 pub struct Workload {
     /// What runs; at least one.
+    #[serde(deserialize_with = "crate::json::exact_vec")]
     pub containers: Vec<Container>,
     /// Storage the containers can mount.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -140,12 +141,12 @@ pub struct WorkloadStatus {
     /// Lifecycle phase.
     pub phase: Phase,
     /// `Scheduled`, `Ready`…
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "crate::json::exact_vec")]
     pub conditions: Vec<Condition>,
     /// Restarts across all containers.
     pub restart_count: u32,
     /// Per-container state.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", deserialize_with = "crate::json::exact_vec")]
     pub container_statuses: Vec<ContainerStatus>,
     /// When the agent first started it.
     #[serde(skip_serializing_if = "Option::is_none")]
