@@ -11,9 +11,11 @@
 //! Time is passed in (milliseconds on any monotonic clock) so the queue runs the same under a
 //! simulation as under a real clock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+use hashbrown::HashMap;
 
 use crate::snapshot::WorkloadInfo;
 use orch_core::backoff::Backoff;
@@ -80,6 +82,7 @@ struct Item {
 /// The queue of workloads waiting for a placement.
 #[derive(Debug)]
 pub struct SchedulingQueue {
+    // hashbrown's default hasher (foldhash): these maps take every workload event.
     items: HashMap<ObjectRef, Item>,
     ids: HashMap<u64, ObjectRef>,
     active: BTreeSet<((i64, u64), u64)>,

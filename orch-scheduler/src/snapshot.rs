@@ -559,7 +559,8 @@ pub struct Snapshot {
     by_name: HashMap<Arc<str>, NodeId>,
     free_slots: Vec<NodeId>,
     live: usize,
-    placed: HashMap<ObjectRef, Placed>,
+    /// hashbrown's default hasher (foldhash): every workload event looks here.
+    placed: hashbrown::HashMap<ObjectRef, Placed>,
     topology: HashMap<String, Topology>,
     anti_terms: HashMap<String, ExistingTerm>,
     counters: Mutex<HashMap<String, MatchCounts>>,
@@ -632,7 +633,7 @@ impl Default for Snapshot {
             by_name: HashMap::new(),
             free_slots: Vec::new(),
             live: 0,
-            placed: HashMap::new(),
+            placed: hashbrown::HashMap::new(),
             topology: HashMap::new(),
             anti_terms: HashMap::new(),
             counters: Mutex::new(HashMap::new()),
