@@ -59,7 +59,7 @@ mod volume_checks;
 pub use agent::{Agent, AgentConfig, AgentError, SharedRenewals, instances_of, previous_logs_path};
 #[cfg(feature = "docker")]
 #[cfg_attr(docsrs, doc(cfg(feature = "docker")))]
-pub use docker::{DockerConfig, DockerError, DockerRuntime, DockerVolumes};
+pub use docker::{ContainerDns, DockerConfig, DockerError, DockerRuntime, DockerVolumes};
 pub use local_nodes::LocalNodes;
 pub use local_volumes::{Enforcement, LocalVolumes, LocalVolumesBuilder};
 #[cfg(feature = "process")]

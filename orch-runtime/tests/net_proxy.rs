@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use orch_core::kinds::{EndpointConditions, Protocol, ServicePort, ServiceType};
-use orch_runtime::net::{Frontend, NodeProxy, ProxyConfig, ProxyStatus};
+use orch_runtime::net::{Frontend, LocalRoute, NodeProxy, ProxyConfig, ProxyStatus};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
@@ -377,4 +377,78 @@ async fn a_stopping_proxy_waits_for_open_connections_up_to_the_grace_period() {
     stop.send(()).unwrap();
     timeout(LIMIT, task).await.expect("run returns after the grace period").unwrap();
     open.closed().await;
+}
+
+/// Whether this process may add routes (`CAP_NET_ADMIN`); says why not, or fails where CI
+/// requires it (`ORCH_REQUIRE_NET_ADMIN=1`).
+fn may_route(test: &str) -> bool {
+    let probe: std::net::IpAddr = format!("10.98.{}.254", std::process::id() % 250).parse().unwrap();
+    match LocalRoute::add(probe) {
+        Ok(_) => true,
+        Err(e) if std::env::var("ORCH_REQUIRE_NET_ADMIN").is_ok_and(|v| v == "1") => {
+            panic!("{test}: routes are required here (ORCH_REQUIRE_NET_ADMIN=1) but cannot be added: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped {test}: cannot add a local route here ({e}); it takes CAP_NET_ADMIN");
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_address_outside_loopback_is_made_local_while_it_is_served_and_no_longer() {
+    if !may_route("a_cluster_address_outside_loopback_is_made_local_while_it_is_served_and_no_longer") {
+        return;
+    }
+    // An address of this process's own, outside 127/8: the machine does not have it.
+    let ip = format!("10.98.{}.1", std::process::id() % 250);
+    let bindable = |port: u16| std::net::TcpListener::bind((ip.as_str(), port)).map(drop);
+    assert_eq!(bindable(0).unwrap_err().kind(), std::io::ErrorKind::AddrNotAvailable);
+
+    let c = Cluster::new().await;
+    let server = EchoServer::start("a").await;
+    let proxy = start(&c, config());
+    c.service("wide", service_spec(&[("http", 8080), ("admin", 8081)]), Some(&ip)).await;
+    c.slice("wide", "wide-1", vec![endpoint("127.0.0.1", &[("http", server.addr.port())], true)]).await;
+    let front = tcp(&format!("{ip}:8080"));
+    serving(&proxy.status, front, &[server.addr]).await;
+    assert_eq!(proxy.status.routed(), [ip.parse::<std::net::IpAddr>().unwrap()], "one route for both ports");
+    let mut client = EchoClient::connect(front.addr).await.expect("proxied through the routed address");
+    assert_eq!(client.ask("hi").await.as_deref(), Some("a:hi"));
+
+    // One port goes: the other still holds the route.
+    let mut wide = c.services.get("wide").await.unwrap();
+    wide.spec.ports.retain(|p| p.name == "http");
+    c.services.replace(&wide).await.unwrap();
+    not_listening(&proxy.status, tcp(&format!("{ip}:8081"))).await;
+    assert_eq!(proxy.status.routed().len(), 1);
+    assert!(EchoClient::connect(front.addr).await.is_some(), "the remaining port is served");
+
+    // The service goes: so do its listeners and the route; the address is not this machine's.
+    c.delete_service("wide").await;
+    not_listening(&proxy.status, front).await;
+    assert!(proxy.status.routed().is_empty());
+    assert_eq!(bindable(0).unwrap_err().kind(), std::io::ErrorKind::AddrNotAvailable, "the route was removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_local_routes_an_address_the_machine_lacks_is_reported_not_served() {
+    let c = Cluster::new().await;
+    let proxy = start(&c, ProxyConfig { local_routes: false, ..config() });
+    let ip = format!("10.98.{}.2", std::process::id() % 250);
+    c.service("far", service_spec(&[("", 8080)]), Some(&ip)).await;
+    let failed = timeout(LIMIT, async {
+        let mut status = proxy.status.clone();
+        loop {
+            if let Some(f) = status.failed().into_iter().next() {
+                return f;
+            }
+            status.changed().await;
+        }
+    })
+    .await
+    .expect("the port is reported");
+    assert_eq!(failed.frontend, tcp(&format!("{ip}:8080")));
+    assert!(failed.reason.contains("assign"), "{}", failed.reason);
+    assert!(proxy.status.routed().is_empty());
 }

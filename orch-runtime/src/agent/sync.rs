@@ -773,8 +773,12 @@ impl Agent {
             id: instance_id(key, &c.name, &workload.metadata.uid, attempt),
             container,
             volumes,
-            labels: [("orch.dev/node", self.config.node_name.as_str()), ("orch.dev/workload", key.name.as_str())]
-                .into(),
+            labels: [
+                ("orch.dev/node", self.config.node_name.as_str()),
+                ("orch.dev/namespace", key.namespace.as_str()),
+                ("orch.dev/workload", key.name.as_str()),
+            ]
+            .into(),
         };
         match self.runtime.start(&spec).await {
             Ok(handle) => {

@@ -127,6 +127,27 @@ pub struct DockerConfig {
     pub orphan_grace: Option<Duration>,
     /// The timeout of one request to the daemon (streams such as `wait` and `logs` excepted).
     pub request_timeout: Duration,
+    /// The cluster DNS server containers use (`None`: the daemon's default, the host's
+    /// resolvers). See [`ContainerDns`].
+    pub dns: Option<ContainerDns>,
+}
+
+/// How containers find services by name: the cluster DNS server as their only name server, and
+/// the cluster's search domains, so that `web` (a service in the workload's own namespace),
+/// `web.other` and `web.other.svc` resolve as they do in a Kubernetes pod (`ndots:5`).
+///
+/// A resolver configuration cannot name a port, so the server must answer on port 53, and at an
+/// address a container reaches: on a bridge network, not `127.0.0.0/8` (the container's own
+/// loopback) but, for instance, an address made local on the node (`10.97.0.10`, which the DNS
+/// server's `local_route` setting makes local). Names outside the cluster domain go to the
+/// server's upstreams. The workload's namespace comes from the instance's `orch.dev/namespace`
+/// label, which the agent sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerDns {
+    /// The name servers (the cluster DNS server's address).
+    pub servers: Vec<std::net::IpAddr>,
+    /// The cluster domain (`cluster.local`).
+    pub cluster_domain: String,
 }
 
 impl DockerConfig {
@@ -140,6 +161,7 @@ impl DockerConfig {
             network: None,
             orphan_grace: Some(Duration::from_secs(120)),
             request_timeout: Duration::from_secs(60),
+            dns: None,
         }
     }
 

@@ -195,6 +195,17 @@ pub(super) fn create_body(
         mounts: (!mounts.is_empty()).then_some(mounts),
         ..Default::default()
     };
+    if let Some(dns) = &config.dns {
+        let domain = &dns.cluster_domain;
+        let mut search = Vec::with_capacity(3);
+        if let Some(ns) = spec.labels.get("orch.dev/namespace") {
+            search.push(format!("{ns}.svc.{domain}"));
+        }
+        search.extend([format!("svc.{domain}"), domain.clone()]);
+        host.dns = Some(dns.servers.iter().map(ToString::to_string).collect());
+        host.dns_search = Some(search);
+        host.dns_options = Some(vec!["ndots:5".to_string()]);
+    }
     if let Some(q) = c.resources.limits.get(resource::MEMORY) {
         let bytes = q.units_ceil();
         if bytes < MIN_MEMORY {
@@ -263,6 +274,29 @@ mod tests {
             volumes: Vec::new(),
             labels: [("orch.dev/node", "n1"), ("orch.dev/workload", "web")].into(),
         }
+    }
+
+    #[test]
+    fn containers_get_the_cluster_dns_and_their_namespaces_search_domains_when_configured() {
+        let plain = create_body(&DockerConfig::new("n1"), &spec(), Some(2)).unwrap().host_config.unwrap();
+        assert_eq!((plain.dns, plain.dns_search, plain.dns_options), (None, None, None));
+        let mut config = DockerConfig::new("n1");
+        config.dns = Some(super::super::ContainerDns {
+            servers: vec!["10.97.0.10".parse().unwrap()],
+            cluster_domain: "cluster.local".into(),
+        });
+        let mut s = spec();
+        s.labels = [("orch.dev/namespace", "shop"), ("orch.dev/workload", "web")].into();
+        let host = create_body(&config, &s, Some(2)).unwrap().host_config.unwrap();
+        assert_eq!(host.dns, Some(vec!["10.97.0.10".to_string()]));
+        assert_eq!(
+            host.dns_search,
+            Some(vec!["shop.svc.cluster.local".to_string(), "svc.cluster.local".into(), "cluster.local".into()])
+        );
+        assert_eq!(host.dns_options, Some(vec!["ndots:5".to_string()]));
+        // Without a namespace label (an instance started outside an agent): the cluster-wide ones.
+        let host = create_body(&config, &spec(), Some(2)).unwrap().host_config.unwrap();
+        assert_eq!(host.dns_search, Some(vec!["svc.cluster.local".to_string(), "cluster.local".into()]));
     }
 
     fn field(e: RuntimeError) -> String {

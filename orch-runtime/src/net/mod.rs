@@ -32,6 +32,8 @@
 pub mod dns;
 pub mod proxy;
 pub mod resolver;
+pub mod route;
 
 pub use proxy::{BindFailure, Frontend, NodeProxy, ProxyConfig, ProxyStatus};
+pub use route::LocalRoute;
 pub use resolver::{ResolvedEndpoint, ResolvedEndpointPort, ResolvedPort, ResolvedService, Resolver, ServiceChange};

@@ -65,6 +65,11 @@ pub struct DnsConfig {
     pub upstream_timeout: Duration,
     /// How long a TCP client may stay idle (default 10 s).
     pub tcp_timeout: Duration,
+    /// When `listen` is an address this machine does not have, make it local (a
+    /// [`LocalRoute`](super::LocalRoute) on the loopback interface, removed when the server is
+    /// dropped) instead of failing: how a cluster DNS address such as `10.97.0.10:53` is served
+    /// to containers on a Docker bridge network (default on; takes `CAP_NET_ADMIN`).
+    pub local_route: bool,
 }
 
 impl DnsConfig {
@@ -78,6 +83,7 @@ impl DnsConfig {
             upstreams: Vec::new(),
             upstream_timeout: Duration::from_secs(2),
             tcp_timeout: Duration::from_secs(10),
+            local_route: true,
         }
     }
 }
@@ -113,11 +119,16 @@ pub enum DnsError {
 pub struct DnsServer {
     server: Server<Handler>,
     local_addr: SocketAddr,
+    /// The route that made the address local, if the server made one (removed on drop).
+    route: Option<super::LocalRoute>,
 }
 
 impl std::fmt::Debug for DnsServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DnsServer").field("local_addr", &self.local_addr).finish()
+        f.debug_struct("DnsServer")
+            .field("local_addr", &self.local_addr)
+            .field("local_route", &self.route.as_ref().map(super::LocalRoute::addr))
+            .finish()
     }
 }
 
@@ -127,7 +138,22 @@ impl DnsServer {
     pub async fn bind(config: DnsConfig, resolver: Resolver) -> Result<Self, DnsError> {
         let zone = Zone::new(&config.cluster_domain, config.ttl)
             .map_err(|reason| DnsError::Config { field: "cluster_domain", reason })?;
-        let (udp, local_addr, tcp) = bind_both(config.listen, config.tcp).await?;
+        let (bound, route) = match bind_both(config.listen, config.tcp).await {
+            Err(DnsError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrNotAvailable && config.local_route =>
+            {
+                let route = super::LocalRoute::add(config.listen.ip()).map_err(|e| DnsError::Config {
+                    field: "listen",
+                    reason: format!(
+                        "{} is not an address of this machine and making it local failed: {e} (takes CAP_NET_ADMIN)",
+                        config.listen.ip()
+                    ),
+                })?;
+                (bind_both(config.listen, config.tcp).await, Some(route))
+            }
+            other => (other, None),
+        };
+        let (udp, local_addr, tcp) = bound?;
         let handler = Handler {
             resolver,
             zone,
@@ -138,7 +164,7 @@ impl DnsServer {
         if let Some(tcp) = tcp {
             server.register_listener(tcp, config.tcp_timeout, 64 * 1024);
         }
-        Ok(DnsServer { server, local_addr })
+        Ok(DnsServer { server, local_addr, route })
     }
 
     /// Where it answers (the real port when the config said 0).

@@ -11,8 +11,13 @@
 //! connection from the moment its slice change reaches the proxy; its open connections get the
 //! grace period to finish, then are closed; so do open TCP connections when the proxy stops.
 //!
+//! A cluster address outside `127.0.0.0/8` (a cluster range such as `10.96.0.0/16`, which a
+//! container on a Docker bridge network reaches through its gateway, this machine) is made local
+//! with a [`LocalRoute`] on the loopback interface while a listener uses it, and the route is
+//! removed with the last one ([`ProxyConfig::local_routes`]; this takes `CAP_NET_ADMIN`).
+//!
 //! A port that cannot be bound (taken by another program, or an address this machine does not
-//! have) is logged, counted in `orch_proxy_bind_failures_total`, listed by
+//! have and could not be given) is logged, counted in `orch_proxy_bind_failures_total`, listed by
 //! [`ProxyStatus::failed`], and tried again every [`ProxyConfig::rebind_interval`]; the proxy
 //! keeps serving everything else.
 
@@ -32,6 +37,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use self::balance::Pool;
+use super::route::LocalRoute;
 use super::resolver::{ResolvedService, Resolver, ServiceChange};
 
 /// How the node proxy behaves.
@@ -49,6 +55,11 @@ pub struct ProxyConfig {
     pub udp_idle_timeout: Duration,
     /// How often ports that could not be bound are tried again (default 5 s).
     pub rebind_interval: Duration,
+    /// Make a cluster address that this machine does not have local (a route of type `local`
+    /// on the loopback interface) while the proxy listens on it (default on). Without it, or
+    /// without `CAP_NET_ADMIN`, only cluster addresses the machine has (all of `127/8`) can be
+    /// served.
+    pub local_routes: bool,
 }
 
 impl Default for ProxyConfig {
@@ -60,6 +71,7 @@ impl Default for ProxyConfig {
             connect_attempts: 3,
             udp_idle_timeout: Duration::from_secs(30),
             rebind_interval: Duration::from_secs(5),
+            local_routes: true,
         }
     }
 }
@@ -111,6 +123,22 @@ struct Table {
     listeners: HashMap<Frontend, Listener>,
     by_service: HashMap<ObjectRef, Vec<Frontend>>,
     failed: HashMap<Frontend, BindFailure>,
+    /// The local routes the proxy added, with how many listeners use each.
+    routes: HashMap<IpAddr, (LocalRoute, usize)>,
+}
+
+impl Table {
+    /// Takes `f`'s listener out; its address's local route goes with its last listener.
+    fn remove(&mut self, f: &Frontend) -> Option<Listener> {
+        let l = self.listeners.remove(f)?;
+        if let Some((_, users)) = self.routes.get_mut(&f.addr.ip()) {
+            *users -= 1;
+            if *users == 0 {
+                self.routes.remove(&f.addr.ip());
+            }
+        }
+        Some(l)
+    }
 }
 
 /// A read handle on what a running [`NodeProxy`] serves: for tests, status pages and benches.
@@ -135,6 +163,13 @@ impl ProxyStatus {
     pub fn listening(&self) -> Vec<Frontend> {
         let mut v: Vec<Frontend> = self.lock().listeners.keys().copied().collect();
         v.sort_by_key(|f| (f.addr, f.protocol == Protocol::UDP));
+        v
+    }
+
+    /// The addresses it made local with a [`LocalRoute`] (see [`ProxyConfig::local_routes`]).
+    pub fn routed(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.lock().routes.keys().copied().collect();
+        v.sort();
         v
     }
 
@@ -285,6 +320,7 @@ impl NodeProxy {
         for l in closed {
             l.close().await;
         }
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).routes.clear();
         self.applied.send_modify(|n| *n += 1);
         // Closing the listeners drained their endpoints: each open connection ends by itself, at
         // the latest when the grace period is over.
@@ -304,7 +340,7 @@ impl NodeProxy {
             for f in &had {
                 if !want.iter().any(|(w, _)| w == f)
                     && t.listeners.get(f).is_some_and(|l| &l.service == service)
-                    && let Some(l) = t.listeners.remove(f)
+                    && let Some(l) = t.remove(f)
                 {
                     closed.push(l);
                 }
@@ -334,18 +370,18 @@ impl NodeProxy {
         for (f, endpoints) in to_bind {
             let pool = Arc::new(Pool::default());
             pool.set(&endpoints);
-            let bound = match f.protocol {
-                Protocol::TCP => tokio::net::TcpListener::bind(f.addr)
-                    .await
-                    .map(|l| tokio::spawn(tcp::serve(l, pool.clone(), self.config.clone(), self.open.clone()))),
-                Protocol::UDP => tokio::net::UdpSocket::bind(f.addr)
-                    .await
-                    .map(|s| tokio::spawn(udp::serve(s, pool.clone(), self.config.clone()))),
-            };
+            let cluster = current.and_then(|s| s.cluster_address) == Some(f.addr.ip());
+            let (bound, route) = self.bind(f, cluster, &pool).await;
             let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
             match bound {
                 Ok(task) => {
                     t.failed.remove(&f);
+                    if let Some((_, users)) = t.routes.get_mut(&f.addr.ip()) {
+                        *users += 1;
+                    } else if let Some(route) = route {
+                        tracing::info!(service = %service, addr = %f.addr.ip(), "proxy made a cluster address local");
+                        t.routes.insert(f.addr.ip(), (route, 1));
+                    }
                     t.listeners.insert(f, Listener { service: service.clone(), pool, task });
                     t.by_service.entry(service.clone()).or_default().push(f);
                     tracing::debug!(service = %service, addr = %f.addr, protocol = ?f.protocol, "proxy listening");
@@ -361,7 +397,45 @@ impl NodeProxy {
             }
         }
         let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        metrics::gauge!("orch_proxy_local_routes").set(t.routes.len() as f64);
         metrics::gauge!("orch_proxy_listeners").set(t.listeners.len() as f64);
         metrics::gauge!("orch_proxy_bind_failed_ports").set(t.failed.len() as f64);
+    }
+
+    /// Binds `f` and starts serving it. A cluster address this machine does not have is made
+    /// local first when the config allows (the route is returned; it is dropped, and so
+    /// removed, when the bind fails anyway).
+    async fn bind(
+        &self,
+        f: Frontend,
+        cluster: bool,
+        pool: &Arc<Pool>,
+    ) -> (std::io::Result<JoinHandle<()>>, Option<LocalRoute>) {
+        let mut route = None;
+        loop {
+            let bound = match f.protocol {
+                Protocol::TCP => tokio::net::TcpListener::bind(f.addr)
+                    .await
+                    .map(|l| tokio::spawn(tcp::serve(l, pool.clone(), self.config.clone(), self.open.clone()))),
+                Protocol::UDP => tokio::net::UdpSocket::bind(f.addr)
+                    .await
+                    .map(|s| tokio::spawn(udp::serve(s, pool.clone(), self.config.clone()))),
+            };
+            let not_local = matches!(&bound, Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable);
+            let routed = self.table.lock().unwrap_or_else(|e| e.into_inner()).routes.contains_key(&f.addr.ip());
+            if !(not_local && cluster && self.config.local_routes && route.is_none() && !routed) {
+                return (bound, route);
+            }
+            match LocalRoute::add(f.addr.ip()) {
+                Ok(r) => route = Some(r),
+                Err(e) => {
+                    let reason = format!(
+                        "{}; making it local failed: {e} (a cluster address outside 127.0.0.0/8 takes CAP_NET_ADMIN)",
+                        bound.err().map(|e| e.to_string()).unwrap_or_default()
+                    );
+                    return (Err(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, reason)), None);
+                }
+            }
+        }
     }
 }
