@@ -128,8 +128,10 @@ async fn runtime(args: &AgentArgs, node: &str) -> Result<(Arc<dyn Runtime>, Opti
         )),
         #[cfg(feature = "docker")]
         RuntimeKind::Docker => {
-            let docker = orch_runtime::DockerRuntime::new(orch_runtime::DockerConfig::new(node))
-                .map_err(|e| format!("docker runtime: {e}"))?;
+            let mut config = orch_runtime::DockerConfig::new(node);
+            // Containers find services by name through the cluster DNS, when they can reach it.
+            config.dns = args.dns.for_containers();
+            let docker = orch_runtime::DockerRuntime::new(config).map_err(|e| format!("docker runtime: {e}"))?;
             let provider = match args.docker_storage {
                 Some(room) => {
                     let state = args.data_dir.join("data").join("docker-volumes");

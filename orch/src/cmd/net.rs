@@ -17,6 +17,9 @@ use super::{BoxError, stopped};
 #[derive(Debug, clap::Args)]
 pub(crate) struct DnsArgs {
     /// Serve cluster DNS on this address, UDP and TCP (e.g. `127.0.0.1:5353`); off when unset.
+    /// An address this machine does not have is made local (a route on `lo`, which takes
+    /// CAP_NET_ADMIN). On an agent with `--runtime docker`, an address outside 127/8 at port 53
+    /// (`10.97.0.10:53`) is also given to its containers as their name server.
     #[arg(long)]
     dns_listen: Option<SocketAddr>,
     /// The domain the DNS server answers for.
@@ -51,6 +54,24 @@ fn upstream(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>()
         .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
         .map_err(|_| format!("{s:?} is not an address (ip or ip:port)"))
+}
+
+#[cfg(feature = "docker")]
+impl DnsArgs {
+    /// The cluster DNS server as containers on a bridge network can use it: `--dns-listen` when
+    /// it is on port 53 at an address outside `127.0.0.0/8` (made local on the node, which is
+    /// their gateway); otherwise none, with a warning when there is a server they cannot use.
+    pub(crate) fn for_containers(&self) -> Option<orch_runtime::ContainerDns> {
+        let addr = self.dns_listen?;
+        if addr.port() != 53 || addr.ip().is_loopback() || addr.ip().is_unspecified() {
+            tracing::warn!(
+                %addr,
+                "containers cannot use this cluster DNS address (it must be port 53 at one address outside 127.0.0.0/8, e.g. --dns-listen 10.97.0.10:53); they get the Docker daemon's resolvers"
+            );
+            return None;
+        }
+        Some(orch_runtime::ContainerDns { servers: vec![addr.ip()], cluster_domain: self.cluster_domain.clone() })
+    }
 }
 
 impl ProxyArgs {
@@ -111,5 +132,27 @@ impl Net {
             t.await??;
         }
         Ok(())
+    }
+}
+
+#[cfg(all(test, feature = "docker"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_get_the_cluster_dns_only_where_a_bridge_can_reach_it() {
+        let args = |listen: Option<&str>| DnsArgs {
+            dns_listen: listen.map(|l| l.parse().unwrap()),
+            cluster_domain: "corp.local".into(),
+            dns_upstreams: Vec::new(),
+            dns_ttl: 5,
+        };
+        let given = args(Some("10.97.0.10:53")).for_containers().expect("port 53 outside 127/8");
+        assert_eq!(given.servers, ["10.97.0.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(given.cluster_domain, "corp.local");
+        assert_eq!(args(None).for_containers(), None);
+        assert_eq!(args(Some("127.0.0.1:53")).for_containers(), None, "the container's own loopback");
+        assert_eq!(args(Some("10.97.0.10:5353")).for_containers(), None, "resolv.conf names no port");
+        assert_eq!(args(Some("0.0.0.0:53")).for_containers(), None, "no one address to give");
     }
 }

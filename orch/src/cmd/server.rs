@@ -71,7 +71,10 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value_t = 20_000)]
     client_watches: usize,
     /// The block services' cluster addresses come from (IPv4 CIDR). The default lies in
-    /// 127/8, which every Linux node answers on without setup.
+    /// 127/8, which every Linux node answers on without setup, but which containers on a
+    /// Docker bridge network cannot reach (it is their own loopback); a block outside it
+    /// (`10.96.0.0/16`) is reached from them too, through node proxies that make each address
+    /// local (CAP_NET_ADMIN).
     #[arg(long, default_value = orch_controllers::endpoints::DEFAULT_CLUSTER_RANGE, value_parser = parse_cidr)]
     cluster_address_range: orch_controllers::endpoints::AddressRange,
     /// The range node ports come from, `first-last`.
