@@ -157,10 +157,9 @@ async fn containers_on_a_bridge_find_a_service_by_name_and_reach_it() {
         ..Default::default()
     };
     services.create(&Object::new(ObjectMeta::named("web"), svc)).await.unwrap();
-    let cluster = eventually("a cluster address from the block", async || {
-        services.get("web").await.ok()?.status.cluster_address
-    })
-    .await;
+    let cluster =
+        eventually("a cluster address from the block", async || services.get("web").await.ok()?.status.cluster_address)
+            .await;
     assert!(cluster.starts_with(&format!("10.96.{block}.")), "{cluster}");
 
     let container = eventually("the client container runs", async || {

@@ -35,5 +35,5 @@ pub mod resolver;
 pub mod route;
 
 pub use proxy::{BindFailure, Frontend, NodeProxy, ProxyConfig, ProxyStatus};
-pub use route::LocalRoute;
 pub use resolver::{ResolvedEndpoint, ResolvedEndpointPort, ResolvedPort, ResolvedService, Resolver, ServiceChange};
+pub use route::LocalRoute;

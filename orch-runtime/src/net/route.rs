@@ -109,8 +109,7 @@ fn attribute(m: &mut Vec<u8>, kind: u16, payload: &[u8]) {
 
 /// Sends one route request and reads the kernel's acknowledgement.
 fn request(kind: u16, flags: u16, addr: IpAddr) -> io::Result<()> {
-    let fd: OwnedFd =
-        rustix::net::socket_with(AddressFamily::NETLINK, SocketType::RAW, SocketFlags::CLOEXEC, None)?;
+    let fd: OwnedFd = rustix::net::socket_with(AddressFamily::NETLINK, SocketType::RAW, SocketFlags::CLOEXEC, None)?;
     let seq = 1;
     let msg = message(kind, flags, addr, loopback_index()?, seq);
     rustix::net::sendto(&fd, &msg, SendFlags::empty(), &SocketAddrNetlink::new(0, 0))?;

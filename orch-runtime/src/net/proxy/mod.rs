@@ -37,8 +37,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use self::balance::Pool;
-use super::route::LocalRoute;
 use super::resolver::{ResolvedService, Resolver, ServiceChange};
+use super::route::LocalRoute;
 
 /// How the node proxy behaves.
 #[derive(Debug, Clone)]
