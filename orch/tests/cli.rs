@@ -589,6 +589,34 @@ fn every_command_against_a_real_cluster() {
     insta::assert_snapshot!("error_bad_manifest", orch.fails(&["apply", "-f", &f("bad.yaml")], 1).replace(&f(""), ""));
     let e = orch.fails(&["get", "deploy", "-l", "app in (x"], 1);
     assert!(e.starts_with("orch: -l \"app in (x\""), "{e}");
+
+    // Tokens kept in the store: made through the API by the admin, good at once, listed without
+    // the secret, revoked with no restart.
+    let made = orch.run(&["token", "create", "--user", "carol", "--group", "system:readers", "--ttl", "1h"]);
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    let carol = made.stdout.trim().to_string();
+    let id = made.stderr.trim().strip_prefix("token id ").expect("the id on stderr").to_string();
+    assert!(orch.ok(&["get", "nodes", "--token", &carol]).contains("node-1"));
+    let e = orch.fails(&["delete", "deploy", "nothing", "--token", &carol], 1);
+    assert!(e.contains("cannot delete"), "a reader: {e}");
+    let listed = orch.ok(&["token", "list"]);
+    assert!(listed.contains(&id) && listed.contains("carol") && listed.contains("system:readers"), "{listed}");
+    assert!(!listed.contains(&carol), "the secret is not kept: {listed}");
+    let e = orch.fails(&["token", "list", "--token", &carol], 1);
+    assert!(e.contains("cannot list BearerToken") || e.contains("Forbidden"), "{e}");
+    assert_eq!(orch.ok(&["token", "revoke", &id]), format!("revoked token {id}\n"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = orch.run(&["get", "nodes", "--token", &carol]);
+        if r.code == 1 && r.stderr.contains("the bearer token is not valid") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the revoked token still works: {}{}", r.stdout, r.stderr);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = orch.fails(&["token", "revoke", &id], 1);
+    assert!(e.contains("no token") && e.contains("orch token list"), "{e}");
+    assert!(orch.ok(&["token", "revoke", "--user", "nobody"]).contains("has no token"));
 }
 
 #[test]

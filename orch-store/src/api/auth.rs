@@ -23,11 +23,11 @@ pub const ADMINS: &str = "system:admins";
 /// The group of the built-in read-only role: `get`, `list` and `watch` on everything.
 pub const READERS: &str = "system:readers";
 
-fn hash(token: &str) -> [u8; 32] {
+pub(super) fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -187,6 +187,9 @@ pub struct Rule {
     pub namespaces: Vec<String>,
     /// Object names.
     pub names: Vec<String>,
+    /// Kinds the rule does not cover even where `kinds` does (the read-only role leaves out
+    /// `BearerToken`, as Kubernetes' `view` role leaves out secrets).
+    pub except_kinds: Vec<String>,
 }
 
 fn any(list: &[String], value: &str) -> bool {
@@ -199,11 +202,12 @@ impl Rule {
         Rule { subjects: vec![format!("group:{group}")], ..Rule::default() }
     }
 
-    /// `get`, `list` and `watch` on everything, for members of `group`.
+    /// `get`, `list` and `watch` on everything but bearer tokens, for members of `group`.
     pub fn read_only(group: &str) -> Self {
         Rule {
             subjects: vec![format!("group:{group}")],
             verbs: vec!["get".into(), "list".into(), "watch".into()],
+            except_kinds: vec![super::bearer::BEARER_TOKEN_KIND.into()],
             ..Rule::default()
         }
     }
@@ -221,6 +225,7 @@ impl Rule {
         self.applies_to(user)
             && any(&self.verbs, req.verb)
             && any(&self.kinds, req.kind)
+            && !self.except_kinds.iter().any(|k| k == req.kind)
             && any(&self.namespaces, req.namespace)
             // A rule for named objects does not cover a whole collection.
             && any(&self.names, req.name)

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | [`wire`] | `server` or `remote` | the JSON shapes both sides share: objects, lists, watch lines, `Status` errors, paths |
 //! | `ApiServer` | `server` | axum over hyper (HTTP/1.1 and HTTP/2), over TLS or plain: CRUD, status, merge and JSON patch, watch, leases, discovery, limits |
-//! | [`auth`], [`pki`], [`revocation`] | `server` | bearer tokens, rules, the audit log; the cluster CA, client and node certificates, node join; revoked node and user certificates |
+//! | [`auth`], [`bearer`], [`pki`], [`revocation`] | `server` | bearer tokens (a file read at start, and tokens in the store, made and revoked through the API), rules, the audit log; the cluster CA, client and node certificates, node join; revoked node and user certificates |
 //! | `discover_ca` | `remote` | a joining node finds the cluster CA from the digest its join token pins |
 //! | `RemoteStore` | `remote` | a `Store` over HTTP/2 (https trusting the cluster CA, with a client certificate or a token): passes the store conformance suite; watches resume after a lost connection |
 
@@ -16,6 +16,8 @@ pub mod wire;
 pub mod admission;
 #[cfg(feature = "server")]
 pub mod auth;
+#[cfg(feature = "server")]
+pub mod bearer;
 #[cfg(feature = "remote")]
 mod discovery;
 #[cfg(feature = "server")]

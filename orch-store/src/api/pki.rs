@@ -525,6 +525,12 @@ pub struct NodeCertificates {
     pub revoked: Vec<CertificateEntry>,
 }
 
+impl orch_core::Resource for NodeCertificates {
+    const KIND: &'static str = NODE_CERTIFICATE_KIND;
+    const SCOPE: orch_core::Scope = orch_core::Scope::Cluster;
+    type Status = ();
+}
+
 fn record_key(node: &str) -> ObjectKey {
     ObjectKey::new(NODE_CERTIFICATE_KIND, "", node)
 }

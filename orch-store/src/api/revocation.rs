@@ -32,6 +32,12 @@ pub struct Revocation {
     pub not_after: Option<i64>,
 }
 
+impl orch_core::Resource for Revocation {
+    const KIND: &'static str = CERTIFICATE_REVOCATION_KIND;
+    const SCOPE: orch_core::Scope = orch_core::Scope::Cluster;
+    type Status = ();
+}
+
 /// A serial as the store names it: lowercase hex without separators. Takes the forms tools
 /// print (`0A:1B:...`, `0x0a1b...`, any case); fails naming the field and the reason.
 pub fn normalize_serial(serial: &str) -> Result<String, Error> {

@@ -37,9 +37,11 @@ use super::pki::{self, CertificateIdentity, ClusterCa};
 use super::revocation;
 use super::wire::{self, ListMeta, ListOut, Status, WireObject, decode_segment};
 
+mod credentials;
 mod nodes;
 mod request;
 mod watches;
+use credentials::{Credentials, Held};
 pub use nodes::NodeJoin;
 use nodes::{check_certificate, node_certificate};
 use request::{Query, Target, parse_query, parse_target, revision_param, selection};
@@ -165,7 +167,7 @@ impl ApiServerBuilder {
         let (closing, _) = watch::channel(false);
         ApiServer {
             shared: Arc::new(Shared {
-                store: self.store,
+                store: self.store.clone(),
                 kinds: self.kinds,
                 limits: self.limits,
                 admission: self.admission,
@@ -177,6 +179,7 @@ impl ApiServerBuilder {
                 audit: self.audit,
                 join: self.join,
                 lines: Arc::default(),
+                credentials: Credentials::new(self.store.clone()),
             }),
         }
     }
@@ -215,6 +218,8 @@ struct Shared {
     audit: Option<AuditLog>,
     join: Option<NodeJoin>,
     lines: Arc<LineCache>,
+    /// Stored bearer tokens and revoked certificates, from caches.
+    credentials: Credentials,
 }
 
 /// What the server keeps per client.
@@ -382,7 +387,7 @@ impl ApiServer {
         access: Access<'_>,
     ) -> Result<UserInfo, Status> {
         let s = &self.shared;
-        let user = s.authenticate(headers, identity).await?;
+        let (user, _) = s.authenticate(headers, identity).await?;
         let Some(rules) = &s.authorizer else { return Ok(user) };
         let node =
             user.groups.iter().any(|g| g == pki::NODES).then(|| node_auth::decide(pki::node_of(&user), &access, false));
@@ -507,8 +512,14 @@ impl Shared {
     }
 
     /// Who the client is: its client certificate's user (refused when expired or revoked), the
-    /// user of its bearer token (refused when unknown), or anonymous.
-    async fn authenticate(&self, headers: &HeaderMap, cert: Option<&CertificateIdentity>) -> Result<UserInfo, Status> {
+    /// user of its bearer token (from the token file, or kept in the store; refused when
+    /// unknown, expired or revoked), or anonymous. With it, what an open watch must go on
+    /// holding: a certificate, or a stored token.
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        cert: Option<&CertificateIdentity>,
+    ) -> Result<(UserInfo, Option<Held>), Status> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -516,13 +527,18 @@ impl Shared {
             .map(str::trim);
         match (cert, &self.tokens, token) {
             // A client certificate the CA signed (the handshake checked that) names the user.
-            (Some(id), _, _) => check_certificate(self, id).await.map(|()| id.user.clone()),
+            (Some(id), _, _) => {
+                check_certificate(self, id).await.map(|()| (id.user.clone(), Some(Held::Certificate(id.clone()))))
+            }
             (None, Some(tokens), Some(t)) => match tokens.authenticate(t) {
-                Some(u) => Ok(u.clone()),
-                // The token itself is never echoed or logged.
-                None => Err(Status::failure(401, "Unauthorized", "the bearer token is not valid")),
+                Some(u) => Ok((u.clone(), None)),
+                None => match self.credentials.stored_token(t).await.map_err(|e| Status::from_error(&e))? {
+                    Some((u, held)) => Ok((u, Some(held))),
+                    // The token itself is never echoed or logged.
+                    None => Err(Status::failure(401, "Unauthorized", "the bearer token is not valid")),
+                },
             },
-            _ => Ok(UserInfo::anonymous()),
+            _ => Ok((UserInfo::anonymous(), None)),
         }
     }
 
@@ -564,7 +580,7 @@ impl Shared {
 async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
     let cert = req.extensions().get::<CertificateIdentity>().cloned();
-    let user = match s.authenticate(req.headers(), cert.as_ref()).await {
+    let (user, held) = match s.authenticate(req.headers(), cert.as_ref()).await {
         Ok(u) => u,
         Err(st) => return status_response(st),
     };
@@ -649,7 +665,7 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
     }
     let is_watch = parts.method == Method::GET && query.watch && matches!(target, Target::Collection { .. });
     if is_watch {
-        return match watch_collection(&s, &client, target, &query, cert.as_ref()).await {
+        return match watch_collection(&s, &client, target, &query, held).await {
             Ok(r) => r,
             Err(st) => status_response(st),
         };

@@ -170,7 +170,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), BoxError> {
     match cli.command {
         Command::Server(args) => server::run(args).await,
         Command::Agent(args) => agent::run(args, conn.ca.clone()).await,
-        Command::Token(cmd) => token::run(cmd),
+        Command::Token(cmd) => token::run(conn, cmd).await,
         Command::Certs(cmd) => certs::certs(conn, cmd).await,
         Command::Node(cmd) => certs::node(conn, cmd).await,
         Command::Apply(args) => apply::apply(conn, args).await,

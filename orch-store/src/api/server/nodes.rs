@@ -72,7 +72,7 @@ pub(super) async fn check_certificate(s: &Shared, id: &CertificateIdentity) -> R
             format!("the client certificate of {:?} expired at {}", id.user.name, id.not_after.to_jiff()),
         ));
     }
-    match revocation::revoked_because(&*s.store, id).await.map_err(|e| Status::from_error(&e))? {
+    match s.credentials.revoked_because(id).await.map_err(|e| Status::from_error(&e))? {
         Some(why) => Err(Status::failure(401, "Unauthorized", why)),
         None => Ok(()),
     }

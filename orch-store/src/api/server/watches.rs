@@ -1,6 +1,6 @@
 //! Watches: a collection's changes as a stream of watch lines, each client's count of open
-//! watches, the client certificate a watch was opened with (the watch ends when it expires or is
-//! revoked), and the watch lines of recent events, encoded once for every watch that sees them.
+//! watches, the client certificate or stored token a watch was opened with (the watch ends when
+//! it expires or is revoked), and the watch lines of recent events, encoded once for every watch that sees them.
 
 use super::*;
 
@@ -18,7 +18,7 @@ pub(super) async fn watch_collection(
     client: &Arc<ClientState>,
     target: Target,
     q: &Query,
-    cert: Option<&CertificateIdentity>,
+    held: Option<Held>,
 ) -> Answer {
     let Target::Collection { kind, namespace } = target else { unreachable!("only collections are watched") };
     let open = client.watches.fetch_add(1, Ordering::Relaxed);
@@ -62,7 +62,7 @@ pub(super) async fn watch_collection(
         bookmarks,
         closing: s.closing.subscribe(),
         deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
-        credential: cert.map(|c| Credential::new(s.store.clone(), c, s.limits.revocation_check_interval)),
+        credential: held.map(|h| Credential::new(s.clone(), h, s.limits.revocation_check_interval)),
         done: false,
         _slot: slot,
     };
@@ -91,39 +91,28 @@ struct WatchState {
     _slot: WatchSlot,
 }
 
-/// The client certificate a watch was opened with: the watch ends when it expires or is
-/// revoked, as a new request would be refused.
+/// The client certificate or stored token a watch was opened with: the watch ends when it
+/// expires or is revoked, as a new request would be refused.
 struct Credential {
-    store: Arc<dyn Store>,
-    cert: CertificateIdentity,
+    server: Arc<Shared>,
+    held: Held,
     every: Duration,
     tick: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Credential {
-    fn new(store: Arc<dyn Store>, cert: &CertificateIdentity, every: Duration) -> Self {
-        let mut c = Credential { store, cert: cert.clone(), every, tick: Box::pin(tokio::time::sleep(Duration::ZERO)) };
-        let next = c.next();
-        c.tick.as_mut().reset(next);
-        c
-    }
-
-    /// When to look next: at the revocation check's interval, or the expiry when sooner.
-    fn next(&self) -> tokio::time::Instant {
-        let left = self.cert.not_after.since(orch_core::SystemClock.now());
-        tokio::time::Instant::now() + left.min(self.every)
+    fn new(server: Arc<Shared>, held: Held, every: Duration) -> Self {
+        let first = Credentials::next_look(&held, every);
+        Credential { server, held, every, tick: Box::pin(tokio::time::sleep(first)) }
     }
 
     /// Resolves when it is time to look; true when the watch must end.
     async fn lapsed(&mut self) -> bool {
         self.tick.as_mut().await;
-        if self.cert.not_after <= orch_core::SystemClock.now() {
+        if !self.server.credentials.still_good(&self.held).await {
             return true;
         }
-        if revocation::revoked_because(&*self.store, &self.cert).await.is_ok_and(|why| why.is_some()) {
-            return true;
-        }
-        let next = self.next();
+        let next = tokio::time::Instant::now() + Credentials::next_look(&self.held, self.every);
         self.tick.as_mut().reset(next);
         false
     }
