@@ -407,7 +407,8 @@ async fn a_cluster_address_outside_loopback_is_made_local_while_it_is_served_and
 
     let c = Cluster::new().await;
     let server = EchoServer::start("a").await;
-    let proxy = start(&c, config());
+    let grace = Duration::from_millis(1500);
+    let proxy = start(&c, ProxyConfig { grace, rebind_interval: Duration::from_millis(100), ..config() });
     c.service("wide", service_spec(&[("http", 8080), ("admin", 8081)]), Some(&ip)).await;
     c.slice("wide", "wide-1", vec![endpoint("127.0.0.1", &[("http", server.addr.port())], true)]).await;
     let front = tcp(&format!("{ip}:8080"));
@@ -424,11 +425,50 @@ async fn a_cluster_address_outside_loopback_is_made_local_while_it_is_served_and
     assert_eq!(proxy.status.routed().len(), 1);
     assert!(EchoClient::connect(front.addr).await.is_some(), "the remaining port is served");
 
-    // The service goes: so do its listeners and the route; the address is not this machine's.
+    // The service goes: its listeners at once; the route after the grace period, so the
+    // connection still open to the address goes on meanwhile.
     c.delete_service("wide").await;
+    let gone = std::time::Instant::now();
     not_listening(&proxy.status, front).await;
-    assert!(proxy.status.routed().is_empty());
+    assert_eq!(client.ask("still").await.as_deref(), Some("a:still"), "an open connection finishes its work");
+    assert_eq!(proxy.status.routed().len(), 1, "kept for the grace period");
+    timeout(LIMIT, async {
+        while !proxy.status.routed().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the route goes after the grace period");
+    assert!(gone.elapsed() >= grace, "not before the grace period: {:?}", gone.elapsed());
     assert_eq!(bindable(0).unwrap_err().kind(), std::io::ErrorKind::AddrNotAvailable, "the route was removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_a_killed_proxy_left_is_taken_over_and_removed() {
+    if !may_route("a_route_a_killed_proxy_left_is_taken_over_and_removed") {
+        return;
+    }
+    let ip = format!("10.98.{}.3", std::process::id() % 250);
+    // What a proxy killed while serving the address leaves behind.
+    std::mem::forget(LocalRoute::add(ip.parse().unwrap()).unwrap());
+    let bindable = |port: u16| std::net::TcpListener::bind((ip.as_str(), port)).map(drop);
+    assert!(bindable(0).is_ok(), "the leftover route makes the address local");
+
+    let c = Cluster::new().await;
+    let proxy =
+        start(&c, ProxyConfig { grace: Duration::ZERO, rebind_interval: Duration::from_millis(50), ..config() });
+    c.service("left", service_spec(&[("", 8080)]), Some(&ip)).await;
+    let front = tcp(&format!("{ip}:8080"));
+    serving(&proxy.status, front, &[]).await;
+    assert_eq!(proxy.status.routed().len(), 1, "the proxy holds the leftover route");
+    c.delete_service("left").await;
+    timeout(LIMIT, async {
+        while bindable(0).is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the leftover route is removed with the service");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

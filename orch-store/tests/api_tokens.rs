@@ -24,7 +24,11 @@ fn thing(ns: &str, name: &str) -> DynamicObject {
 }
 
 async fn server() -> RunningServer {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    replica(Arc::new(MemoryStore::new())).await
+}
+
+/// A server over `store`: several over one store are replicas of one control plane.
+async fn replica(store: Arc<dyn Store>) -> RunningServer {
     let tokens = Tokens::new().with(ADMIN_TOKEN, UserInfo { name: "root".into(), groups: vec![ADMINS.into()] });
     let limits = Limits { revocation_check_interval: Duration::from_millis(200), ..Limits::default() };
     ApiServer::builder(store)
@@ -150,4 +154,40 @@ async fn bad_tokens_and_ids_are_refused_naming_the_field() {
     assert!(is_unauthorized(&e), "{e}");
     assert!(bearer::list_tokens(&admin).await.unwrap().is_empty(), "nothing half-made");
     running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn replicas_over_one_store_accept_a_new_token_at_once_and_the_revoking_one_refuses_it_at_once() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (a, b) = (replica(store.clone()).await, replica(store).await);
+    let admin_a = client(&a, ADMIN_TOKEN);
+    admin_a.create(thing("ns", "x"), &WriteOptions::default()).await.unwrap();
+    let now = SystemClock.now();
+    // Each replica's caches are started and listed (a stored token was looked up there).
+    let warm = bearer::create_token(&admin_a, "warm", &[READERS.into()], None, now).await.unwrap();
+    for r in [&a, &b] {
+        client(r, &warm.token).get(&ObjectKey::new("Thing", "ns", "x")).await.unwrap();
+    }
+
+    // Made on one replica, good on the other at once (its cache may not have it yet: the store
+    // is asked).
+    let made = bearer::create_token(&admin_a, "erin", &[READERS.into()], None, now).await.unwrap();
+    client(&b, &made.token).get(&ObjectKey::new("Thing", "ns", "x")).await.unwrap();
+    client(&a, &made.token).get(&ObjectKey::new("Thing", "ns", "x")).await.unwrap();
+
+    // Revoked on one replica: refused there on the very next request; on the other as soon as
+    // its watch has the deletion.
+    assert!(bearer::revoke_token(&admin_a, &made.id).await.unwrap());
+    let e = client(&a, &made.token).get(&ObjectKey::new("Thing", "ns", "x")).await.unwrap_err();
+    assert!(is_unauthorized(&e), "the revoking replica: {e}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match client(&b, &made.token).get(&ObjectKey::new("Thing", "ns", "x")).await {
+            Err(e) if is_unauthorized(&e) => break,
+            other => assert!(std::time::Instant::now() < deadline, "still accepted: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
 }

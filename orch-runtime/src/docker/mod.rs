@@ -6,7 +6,9 @@
 //!   and newer all work.
 //! - **Containers.** One per instance, named `orch_<node>_<instance id>` and labelled with
 //!   `orch.dev/managed-by=orch`, `orch.dev/node`, `orch.dev/instance`, `orch.dev/handle-version`
-//!   (see [`labels`]) beside the spec's own labels (the agent adds `orch.dev/workload`). Command
+//!   (see [`labels`]) beside the spec's own labels (the agent adds `orch.dev/namespace` and
+//!   `orch.dev/workload`). With [`DockerConfig::dns`], containers get the cluster DNS server and
+//!   their namespace's search domains. Command
 //!   and args replace the image's entry point and CMD, as in Kubernetes; env, working directory,
 //!   exposed and host ports, memory and CPU limits are applied. A mount of a volume that the spec
 //!   resolves to a host directory is a bind mount; any other mount gets a fresh volume of the

@@ -35,14 +35,16 @@ const AF_INET6: u8 = 10;
 
 /// A local route for one address, removed when dropped (see the [module](self)).
 #[derive(Debug)]
+#[must_use = "the route is removed when this value is dropped"]
 pub struct LocalRoute {
     addr: IpAddr,
 }
 
 impl LocalRoute {
-    /// Makes `addr` local to this machine. A route for it that is already there (left by an
-    /// earlier run that was killed) is taken over. Fails with the kernel's reason: `Operation
-    /// not permitted` without `CAP_NET_ADMIN`.
+    /// Makes `addr` local to this machine. A route the kernel already has for it (one an
+    /// earlier run left when it was killed) is taken over: removed when this value is dropped,
+    /// if it is orch's (an interface's own address is never removed). Fails with the kernel's
+    /// reason: `Operation not permitted` without `CAP_NET_ADMIN`.
     pub fn add(addr: IpAddr) -> io::Result<LocalRoute> {
         match request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, addr) {
             Ok(()) => {}
@@ -138,7 +140,7 @@ fn acknowledgement(reply: &[u8], seq: u32) -> Option<io::Result<()>> {
         }
         if kind == NLMSG_ERROR && word(at + 8) == seq && len >= 20 {
             let code = i32::from_ne_bytes(reply[at + 16..at + 20].try_into().expect("four bytes"));
-            return Some(if code == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(-code)) });
+            return Some(if code == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(code.saturating_neg())) });
         }
         at += (len + 3) & !3;
     }
@@ -158,7 +160,10 @@ mod tests {
         assert_eq!(u16::from_ne_bytes([m[4], m[5]]), RTM_NEWROUTE);
         assert_eq!(u16::from_ne_bytes([m[6], m[7]]), NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL);
         assert_eq!(&m[16..24], &[AF_INET, 32, 0, 0, RT_TABLE_LOCAL, ROUTE_PROTOCOL, RT_SCOPE_HOST, RTN_LOCAL]);
-        assert_eq!(&m[28..36], &[8, 0, 1, 0, 10, 96, 0, 7]);
+        assert_eq!(&m[28..30], &8u16.to_ne_bytes());
+        assert_eq!(&m[30..32], &RTA_DST.to_ne_bytes());
+        assert_eq!(&m[32..36], &[10, 96, 0, 7]);
+        assert_eq!(&m[36..44], &[&8u16.to_ne_bytes()[..], &RTA_OIF.to_ne_bytes(), &1u32.to_ne_bytes()].concat()[..]);
         let v6 = message(RTM_DELROUTE, 0, "fd00::7".parse().unwrap(), 1, 9);
         assert_eq!((v6.len(), v6[16], v6[17]), (56, AF_INET6, 128));
     }

@@ -1,13 +1,14 @@
 //! Bearer tokens kept in the store: made and revoked through the API by an admin
-//! (`orch token create --user`, `orch token revoke`), seen by every server replica at once, no
-//! restart needed.
+//! (`orch token create --user`, `orch token revoke`), seen by every server replica, no restart
+//! needed.
 //!
 //! Each is a cluster-scoped `BearerToken` object. It holds the SHA-256 of the token, never the
 //! token itself, and is named by the first 32 hex digits of that hash (the token's id, which
 //! `orch token list` shows and `orch token revoke` takes). A server looks a presented token up
 //! by its id in a cache of these objects and compares the whole hash. A token past its expiry is
-//! refused, and dropped by the next token made. Deleting the object revokes the token: every
-//! server refuses it from then on, and ends the watches opened with it.
+//! refused, and dropped by the next token made. Deleting the object revokes the token: the server
+//! that deletes it refuses it from its next request on, every other replica as soon as its watch
+//! sees the deletion (milliseconds), and each ends the watches opened with it.
 //!
 //! The token file of a server's data directory ([`Tokens`](super::Tokens)) stays the way to give
 //! the first admin a token; it is read when the server starts.
@@ -117,21 +118,28 @@ pub async fn create_token(
     }
     let body = RawJson::encode(&spec).map_err(|e| e.within(key(&id), "spec"))?;
     store.create(DynamicObject::new(BEARER_TOKEN_KIND, meta).with_spec(body), &WriteOptions::default()).await?;
-    drop_expired(store, now).await?;
+    // The token is made: tidying up after others does not undo it.
+    if let Err(e) = drop_expired(store, now).await {
+        tracing::warn!(error = %e, "cannot drop expired bearer tokens");
+    }
     Ok(NewToken { token, id })
 }
 
-/// Every stored token, by id.
+/// Every stored token, by id. An object that is not a token (written by hand) is left out,
+/// with a warning naming it; it authenticates nobody, and `revoke_token` deletes it by its id.
 pub async fn list_tokens(store: &dyn Store) -> Result<Vec<(String, BearerToken)>, Error> {
     let listed = store.list(&ListRequest::new(Selection::kind(BEARER_TOKEN_KIND))).await?;
-    listed
+    Ok(listed
         .items
         .into_iter()
-        .map(|o| {
-            let t = o.spec.decode::<BearerToken>().map_err(|e| e.within(o.key(), "spec"))?;
-            Ok((o.metadata.name.clone(), t))
+        .filter_map(|o| match o.spec.decode::<BearerToken>() {
+            Ok(t) => Some((o.metadata.name.clone(), t)),
+            Err(e) => {
+                tracing::warn!(object = %o.key(), error = %e.within(o.key(), "spec"), "not a bearer token; left out");
+                None
+            }
         })
-        .collect()
+        .collect())
 }
 
 /// Revokes the token with this id (or the token itself): answers `false` when there is none.

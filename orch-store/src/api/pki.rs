@@ -585,8 +585,8 @@ pub async fn record_issued(store: &dyn Store, node: &str, issued: &Issued) -> Re
     change_record(store, node, |r| r.issued.push(entry.clone())).await.map(|_| ())
 }
 
-/// Revokes every certificate issued to `node`: each server refuses them from its next request
-/// on. Answers the serials revoked (none when the node has no live certificate). The node may
+/// Revokes every certificate issued to `node`: through the API, the server that records it
+/// refuses them from its next request on, every other replica as soon as its watch sees it. Answers the serials revoked (none when the node has no live certificate). The node may
 /// join again with a new join token.
 pub async fn revoke_node(store: &dyn Store, node: &str) -> Result<Vec<String>, Error> {
     let mut revoked = Vec::new();

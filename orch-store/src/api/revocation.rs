@@ -1,7 +1,7 @@
 //! Revoked client certificates of users and controllers. Each revoked serial is a
-//! `CertificateRevocation` object in the store (cluster-scoped, named by the serial), so every
-//! server replica refuses the certificate from its next request on, and ends the watches opened
-//! with it. A node's certificates are revoked by node instead ([`pki::revoke_node`]), since a
+//! `CertificateRevocation` object in the store (cluster-scoped, named by the serial): the server
+//! replica that records it refuses the certificate from its next request on, every other one as
+//! soon as its watch sees the record (milliseconds), and each ends the watches opened with it. A node's certificates are revoked by node instead ([`pki::revoke_node`]), since a
 //! node renews its own.
 //!
 //! A revocation is kept until the certificate expires (a certificate past its expiry is refused

@@ -726,9 +726,16 @@ async fn handle(State(s): State<Arc<Shared>>, req: Request) -> Response {
             Err(st) => status_response(st),
         };
     }
+    // A write of a credential (a token, a revocation) holds for this server's next request.
+    let credential = (parts.method != Method::GET).then(|| credentials::written(&target, &body)).flatten();
     let work = dispatch(&s, &user, parts.method, &parts.headers, target, query, body);
     match tokio::time::timeout(s.limits.request_timeout, work).await {
-        Ok(Ok(r)) => r,
+        Ok(Ok(r)) => {
+            if let Some((kind, name)) = credential.filter(|_| r.status().is_success()) {
+                s.credentials.settle(kind, &name).await;
+            }
+            r
+        }
         Ok(Err(st)) => status_response(st),
         Err(_) => {
             let mut st =

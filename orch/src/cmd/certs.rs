@@ -59,8 +59,8 @@ pub(crate) enum CertsCommand {
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum NodeCommand {
-    /// Revokes every certificate issued to a node: each server replica refuses them from the
-    /// next request on (the record is in the store). The node may join again with a new join
+    /// Revokes every certificate issued to a node: refused from the next request on (the record
+    /// is in the store; other server replicas see it within milliseconds). The node may join again with a new join
     /// token.
     #[command(after_help = "Example:\n  orch node revoke node-3")]
     Revoke {

@@ -50,8 +50,8 @@ pub(crate) enum TokenCommand {
     /// Lists the tokens kept in the store: id, user, groups, expiry (never the tokens).
     #[command(after_help = "Example:\n  orch token list")]
     List,
-    /// Revokes tokens kept in the store: every server replica refuses them from the next request
-    /// on and ends the watches opened with them. (A token of the data directory's file is
+    /// Revokes tokens kept in the store: refused from the next request on (other server
+    /// replicas see it within milliseconds), and the watches opened with them end. (A token of the data directory's file is
     /// revoked by removing its line and restarting the server.)
     #[command(after_help = "Examples:
   orch token revoke 3f9c0a...      # by the id `orch token list` shows

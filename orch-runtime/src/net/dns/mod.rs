@@ -65,10 +65,11 @@ pub struct DnsConfig {
     pub upstream_timeout: Duration,
     /// How long a TCP client may stay idle (default 10 s).
     pub tcp_timeout: Duration,
-    /// When `listen` is an address this machine does not have, make it local (a
+    /// When `listen` is an IPv4 address outside `127.0.0.0/8`, hold it local to this machine (a
     /// [`LocalRoute`](super::LocalRoute) on the loopback interface, removed when the server is
-    /// dropped) instead of failing: how a cluster DNS address such as `10.97.0.10:53` is served
-    /// to containers on a Docker bridge network (default on; takes `CAP_NET_ADMIN`).
+    /// dropped): how a cluster DNS address such as `10.97.0.10:53` is served to containers on a
+    /// Docker bridge network (default on; takes `CAP_NET_ADMIN`, without which only the
+    /// machine's own addresses can be bound).
     pub local_route: bool,
 }
 
@@ -138,22 +139,30 @@ impl DnsServer {
     pub async fn bind(config: DnsConfig, resolver: Resolver) -> Result<Self, DnsError> {
         let zone = Zone::new(&config.cluster_domain, config.ttl)
             .map_err(|reason| DnsError::Config { field: "cluster_domain", reason })?;
-        let (bound, route) = match bind_both(config.listen, config.tcp).await {
-            Err(DnsError::Bind { source, .. })
-                if source.kind() == std::io::ErrorKind::AddrNotAvailable && config.local_route =>
+        // An IPv4 address outside 127/8 is made local first (one a killed run left is taken
+        // over); where that fails the bind is still tried: it may be one of the machine's own.
+        let ip = config.listen.ip();
+        let routable = config.local_route && ip.is_ipv4() && !ip.is_loopback() && !ip.is_unspecified();
+        let (route, refused) = match routable {
+            true => match super::LocalRoute::add(ip) {
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some(e)),
+            },
+            false => (None, None),
+        };
+        let (udp, local_addr, tcp) = match (bind_both(config.listen, config.tcp).await, refused) {
+            (Err(DnsError::Bind { source, .. }), Some(why))
+                if source.kind() == std::io::ErrorKind::AddrNotAvailable =>
             {
-                let route = super::LocalRoute::add(config.listen.ip()).map_err(|e| DnsError::Config {
+                return Err(DnsError::Config {
                     field: "listen",
                     reason: format!(
-                        "{} is not an address of this machine and making it local failed: {e} (takes CAP_NET_ADMIN)",
-                        config.listen.ip()
+                        "{ip} is not an address of this machine and making it local failed: {why} (takes CAP_NET_ADMIN)"
                     ),
-                })?;
-                (bind_both(config.listen, config.tcp).await, Some(route))
+                });
             }
-            other => (other, None),
+            (bound, _) => bound?,
         };
-        let (udp, local_addr, tcp) = bound?;
         let handler = Handler {
             resolver,
             zone,

@@ -11,10 +11,12 @@
 //! connection from the moment its slice change reaches the proxy; its open connections get the
 //! grace period to finish, then are closed; so do open TCP connections when the proxy stops.
 //!
-//! A cluster address outside `127.0.0.0/8` (a cluster range such as `10.96.0.0/16`, which a
-//! container on a Docker bridge network reaches through its gateway, this machine) is made local
-//! with a [`LocalRoute`] on the loopback interface while a listener uses it, and the route is
-//! removed with the last one ([`ProxyConfig::local_routes`]; this takes `CAP_NET_ADMIN`).
+//! An IPv4 cluster address outside `127.0.0.0/8` (a cluster range such as `10.96.0.0/16`, which
+//! a container on a Docker bridge network reaches through its gateway, this machine) is made
+//! local with a [`LocalRoute`] on the loopback interface while a listener uses it (one a killed
+//! run left is taken over), and the route is removed the grace period after its last listener
+//! closed, so open connections to the address can finish, or when the proxy has stopped
+//! ([`ProxyConfig::local_routes`]; this takes `CAP_NET_ADMIN`).
 //!
 //! A port that cannot be bound (taken by another program, or an address this machine does not
 //! have and could not be given) is logged, counted in `orch_proxy_bind_failures_total`, listed by
@@ -100,6 +102,16 @@ struct Listener {
     service: ObjectRef,
     pool: Arc<Pool>,
     task: JoinHandle<()>,
+    /// Whether it holds a use of its address's local route.
+    routed: bool,
+}
+
+/// A local route the proxy holds and how many listeners use it. One that no listener uses is
+/// kept for the grace period (since `idle_since`), for the connections still open to it.
+struct HeldRoute {
+    _route: LocalRoute,
+    users: usize,
+    idle_since: Option<tokio::time::Instant>,
 }
 
 impl Listener {
@@ -123,21 +135,29 @@ struct Table {
     listeners: HashMap<Frontend, Listener>,
     by_service: HashMap<ObjectRef, Vec<Frontend>>,
     failed: HashMap<Frontend, BindFailure>,
-    /// The local routes the proxy added, with how many listeners use each.
-    routes: HashMap<IpAddr, (LocalRoute, usize)>,
+    /// The local routes the proxy holds.
+    routes: HashMap<IpAddr, HeldRoute>,
 }
 
 impl Table {
-    /// Takes `f`'s listener out; its address's local route goes with its last listener.
+    /// Takes `f`'s listener out; its address's local route starts its grace period when this
+    /// was its last listener.
     fn remove(&mut self, f: &Frontend) -> Option<Listener> {
         let l = self.listeners.remove(f)?;
-        if let Some((_, users)) = self.routes.get_mut(&f.addr.ip()) {
-            *users -= 1;
-            if *users == 0 {
-                self.routes.remove(&f.addr.ip());
+        if l.routed
+            && let Some(r) = self.routes.get_mut(&f.addr.ip())
+        {
+            r.users -= 1;
+            if r.users == 0 {
+                r.idle_since = Some(tokio::time::Instant::now());
             }
         }
         Some(l)
+    }
+
+    /// Removes the routes no listener has used for `grace`.
+    fn sweep(&mut self, grace: Duration) {
+        self.routes.retain(|_, r| r.users > 0 || r.idle_since.is_none_or(|t| t.elapsed() < grace));
     }
 }
 
@@ -166,7 +186,8 @@ impl ProxyStatus {
         v
     }
 
-    /// The addresses it made local with a [`LocalRoute`] (see [`ProxyConfig::local_routes`]).
+    /// The addresses it holds local with a [`LocalRoute`] (see [`ProxyConfig::local_routes`]),
+    /// those whose last listener closed less than the grace period ago included.
     pub fn routed(&self) -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> = self.lock().routes.keys().copied().collect();
         v.sort();
@@ -299,6 +320,7 @@ impl NodeProxy {
                     self.applied.send_modify(|n| *n += 1);
                 }
                 _ = rebind.tick() => {
+                    self.table.lock().unwrap_or_else(|e| e.into_inner()).sweep(self.config.grace);
                     let services: Vec<ObjectRef> = {
                         let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
                         let mut v: Vec<ObjectRef> = t.failed.values().map(|f| f.service.clone()).collect();
@@ -320,12 +342,13 @@ impl NodeProxy {
         for l in closed {
             l.close().await;
         }
-        self.table.lock().unwrap_or_else(|e| e.into_inner()).routes.clear();
         self.applied.send_modify(|n| *n += 1);
         // Closing the listeners drained their endpoints: each open connection ends by itself, at
-        // the latest when the grace period is over.
+        // the latest when the grace period is over. Their addresses stay local until then.
         let mut open = self.open.subscribe();
         let _ = tokio::time::timeout(self.config.grace, open.wait_for(|n| *n == 0)).await;
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).routes.clear();
+        metrics::gauge!("orch_proxy_local_routes").set(0.0);
     }
 
     /// Brings one service's listeners in line with its current state.
@@ -376,13 +399,20 @@ impl NodeProxy {
             match bound {
                 Ok(task) => {
                     t.failed.remove(&f);
-                    if let Some((_, users)) = t.routes.get_mut(&f.addr.ip()) {
-                        *users += 1;
-                    } else if let Some(route) = route {
-                        tracing::info!(service = %service, addr = %f.addr.ip(), "proxy made a cluster address local");
-                        t.routes.insert(f.addr.ip(), (route, 1));
-                    }
-                    t.listeners.insert(f, Listener { service: service.clone(), pool, task });
+                    let routed = match (t.routes.get_mut(&f.addr.ip()), route) {
+                        (Some(held), _) => {
+                            held.users += 1;
+                            held.idle_since = None;
+                            true
+                        }
+                        (None, Some(route)) => {
+                            tracing::info!(service = %service, addr = %f.addr.ip(), "proxy made a cluster address local");
+                            t.routes.insert(f.addr.ip(), HeldRoute { _route: route, users: 1, idle_since: None });
+                            true
+                        }
+                        (None, None) => false,
+                    };
+                    t.listeners.insert(f, Listener { service: service.clone(), pool, task, routed });
                     t.by_service.entry(service.clone()).or_default().push(f);
                     tracing::debug!(service = %service, addr = %f.addr, protocol = ?f.protocol, "proxy listening");
                 }
@@ -402,40 +432,42 @@ impl NodeProxy {
         metrics::gauge!("orch_proxy_bind_failed_ports").set(t.failed.len() as f64);
     }
 
-    /// Binds `f` and starts serving it. A cluster address this machine does not have is made
-    /// local first when the config allows (the route is returned; it is dropped, and so
-    /// removed, when the bind fails anyway).
+    /// Binds `f` and starts serving it. An IPv4 cluster address outside 127/8 is made local
+    /// first when the config allows and no route is held for it yet: the new route is returned
+    /// (dropped, and so removed, when the bind fails anyway). Where the route cannot be added
+    /// the bind is still tried: the address may be one of the machine's own.
     async fn bind(
         &self,
         f: Frontend,
         cluster: bool,
         pool: &Arc<Pool>,
     ) -> (std::io::Result<JoinHandle<()>>, Option<LocalRoute>) {
-        let mut route = None;
-        loop {
-            let bound = match f.protocol {
-                Protocol::TCP => tokio::net::TcpListener::bind(f.addr)
-                    .await
-                    .map(|l| tokio::spawn(tcp::serve(l, pool.clone(), self.config.clone(), self.open.clone()))),
-                Protocol::UDP => tokio::net::UdpSocket::bind(f.addr)
-                    .await
-                    .map(|s| tokio::spawn(udp::serve(s, pool.clone(), self.config.clone()))),
-            };
-            let not_local = matches!(&bound, Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable);
-            let routed = self.table.lock().unwrap_or_else(|e| e.into_inner()).routes.contains_key(&f.addr.ip());
-            if !(not_local && cluster && self.config.local_routes && route.is_none() && !routed) {
-                return (bound, route);
+        let ip = f.addr.ip();
+        let routable = cluster && self.config.local_routes && ip.is_ipv4() && !ip.is_loopback();
+        let held = self.table.lock().unwrap_or_else(|e| e.into_inner()).routes.contains_key(&ip);
+        let (route, refused) = match routable && !held {
+            true => match LocalRoute::add(ip) {
+                Ok(r) => (Some(r), None),
+                Err(e) => (None, Some(e)),
+            },
+            false => (None, None),
+        };
+        let bound = match f.protocol {
+            Protocol::TCP => tokio::net::TcpListener::bind(f.addr)
+                .await
+                .map(|l| tokio::spawn(tcp::serve(l, pool.clone(), self.config.clone(), self.open.clone()))),
+            Protocol::UDP => tokio::net::UdpSocket::bind(f.addr)
+                .await
+                .map(|s| tokio::spawn(udp::serve(s, pool.clone(), self.config.clone()))),
+        };
+        match (bound, refused) {
+            (Err(e), Some(why)) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                let reason = format!(
+                    "{e}; making it local failed: {why} (a cluster address outside 127.0.0.0/8 takes CAP_NET_ADMIN)"
+                );
+                (Err(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, reason)), None)
             }
-            match LocalRoute::add(f.addr.ip()) {
-                Ok(r) => route = Some(r),
-                Err(e) => {
-                    let reason = format!(
-                        "{}; making it local failed: {e} (a cluster address outside 127.0.0.0/8 takes CAP_NET_ADMIN)",
-                        bound.err().map(|e| e.to_string()).unwrap_or_default()
-                    );
-                    return (Err(std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, reason)), None);
-                }
-            }
+            (bound, _) => (bound, route),
         }
     }
 }
