@@ -16,12 +16,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use docker_support::{Scope, skip};
-use net_support::{Cluster, EchoServer, LIMIT, endpoint, service_spec};
+use net_support::{Cluster, EchoServer, LIMIT, endpoint, may_route, service_spec};
 use orch_core::Runtime;
 use orch_core::kinds::Container;
 use orch_core::runtime::InstanceSpec;
 use orch_runtime::net::dns::{DnsConfig, DnsServer};
-use orch_runtime::net::{LocalRoute, NodeProxy, ProxyConfig};
+use orch_runtime::net::{NodeProxy, ProxyConfig};
 use orch_runtime::{ContainerDns, DockerRuntime};
 use tokio::sync::watch;
 
@@ -29,19 +29,6 @@ use tokio::sync::watch;
 fn addresses() -> (IpAddr, IpAddr) {
     let n = std::process::id() % 250;
     (format!("10.99.{n}.1").parse().unwrap(), format!("10.99.{n}.53").parse().unwrap())
-}
-
-fn may_route(test: &str) -> bool {
-    match LocalRoute::add(addresses().1) {
-        Ok(_) => true,
-        Err(e) if std::env::var("ORCH_REQUIRE_NET_ADMIN").is_ok_and(|v| v == "1") => {
-            panic!("{test}: routes are required here (ORCH_REQUIRE_NET_ADMIN=1) but cannot be added: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped {test}: cannot add a local route here ({e}); it takes CAP_NET_ADMIN");
-            false
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -379,22 +379,6 @@ async fn a_stopping_proxy_waits_for_open_connections_up_to_the_grace_period() {
     open.closed().await;
 }
 
-/// Whether this process may add routes (`CAP_NET_ADMIN`); says why not, or fails where CI
-/// requires it (`ORCH_REQUIRE_NET_ADMIN=1`).
-fn may_route(test: &str) -> bool {
-    let probe: std::net::IpAddr = format!("10.98.{}.254", std::process::id() % 250).parse().unwrap();
-    match LocalRoute::add(probe) {
-        Ok(_) => true,
-        Err(e) if std::env::var("ORCH_REQUIRE_NET_ADMIN").is_ok_and(|v| v == "1") => {
-            panic!("{test}: routes are required here (ORCH_REQUIRE_NET_ADMIN=1) but cannot be added: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped {test}: cannot add a local route here ({e}); it takes CAP_NET_ADMIN");
-            false
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_address_outside_loopback_is_made_local_while_it_is_served_and_no_longer() {
     if !may_route("a_cluster_address_outside_loopback_is_made_local_while_it_is_served_and_no_longer") {

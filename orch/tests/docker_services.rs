@@ -15,7 +15,6 @@ mod common;
 
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use orch::core::kinds::{ContainerPort, Node, PortTarget, Service, ServicePort, Workload};
 use orch::core::{Api, Object, ObjectMeta, Store};
@@ -23,7 +22,7 @@ use orch::runtime::net::LocalRoute;
 use orch::runtime::{DockerConfig, DockerRuntime};
 use orch::store::api::RemoteStore;
 
-use common::{free_port, orch, token};
+use common::{eventually, free_port, orch, token};
 
 /// Why this test cannot run here, if it cannot (panics instead where CI requires it).
 async fn unavailable(image: &str) -> Option<String> {
@@ -49,17 +48,6 @@ async fn unavailable(image: &str) -> Option<String> {
         }
     };
     Some(why)
-}
-
-async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Runs `docker` with `args`: its exit code and output.

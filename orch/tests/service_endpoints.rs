@@ -13,14 +13,14 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hickory_resolver::proto::op::ResponseCode;
 use orch::core::kinds::{EndpointSlice, Node, PortTarget, Service, ServicePort, Workload};
 use orch::core::{Api, ListParams, Object, ObjectMeta, Store};
 use orch::store::api::RemoteStore;
 
-use common::{orch, token};
+use common::{eventually, orch, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A free range of `n` ports on `address`.
@@ -84,17 +84,6 @@ async fn dns_answer(server: std::net::SocketAddr, name: &str) -> Option<(Respons
 /// The host port of `node`'s endpoint among `found`.
 fn found_port(found: &[(String, u32, String)], node: &str) -> u32 {
     found.iter().find(|(_, _, n)| n == node).map(|(_, p, _)| *p).expect("an endpoint on the node")
-}
-
-async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

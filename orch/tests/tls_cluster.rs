@@ -20,7 +20,7 @@ use orch::core::{Api, ListParams, Object, ObjectMeta, Store};
 use orch::store::api::RemoteStore;
 use orch::store::api::pki::CertificateIdentity;
 
-use common::{free_port, orch};
+use common::{eventually, free_port, orch};
 
 fn run(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_orch"))
@@ -34,17 +34,6 @@ fn run(args: &[&str]) -> String {
 
 fn serial(path: &Path) -> String {
     CertificateIdentity::from_pem(&std::fs::read_to_string(path).unwrap()).unwrap().serial
-}
-
-async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(t) = check().await {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +50,7 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
         &dir.join("server.log"),
     );
     let ca = data.join("ca.crt");
-    wait_for("the server creates its CA", async || ca.exists().then_some(())).await;
+    eventually("the server creates its CA", async || ca.exists().then_some(())).await;
     let ca_s = ca.to_str().unwrap();
     let key_mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(data.join("ca.key")).unwrap().permissions());
@@ -134,7 +123,7 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
             .unwrap(),
     );
     let nodes: Api<Node> = Api::all(admin.clone());
-    wait_for("the node registers", async || {
+    eventually("the node registers", async || {
         nodes.list(&ListParams::default()).await.ok().filter(|l| l.items.len() == 1).map(|_| ())
     })
     .await;
@@ -183,7 +172,7 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     let first = serial(&node_cert);
     let joined = Instant::now();
     // Past the first certificate's expiry, with a newer one in place.
-    wait_for("a renewal past the first certificate's expiry", async || {
+    eventually("a renewal past the first certificate's expiry", async || {
         let now = serial(&node_cert);
         (now != first && joined.elapsed() > Duration::from_secs(4)).then_some(now)
     })
@@ -196,7 +185,7 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
         ))
         .await
         .unwrap();
-    wait_for("the workload runs on the renewed certificate", async || {
+    eventually("the workload runs on the renewed certificate", async || {
         workloads.get("late").await.ok().filter(|w| w.status.phase == Phase::Running).map(|_| ())
     })
     .await;
@@ -208,7 +197,7 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     let agent_api = node.metadata.annotations.get("orch.dev/agent-api").cloned().unwrap_or_default();
     assert!(agent_api.starts_with("https://127.0.0.1:"), "{agent_api}");
     let as_admin = ["--server", &url, "--ca", ca_s, "--cert", admin_crt.to_str().unwrap()];
-    let logs = wait_for("the workload's output", async || {
+    let logs = eventually("the workload's output", async || {
         let out = Command::new(env!("CARGO_BIN_EXE_orch")).args(as_admin).args(["logs", "late"]).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.contains("hello from late").then_some(text)
@@ -249,8 +238,8 @@ async fn nodes_join_renew_and_are_revoked_over_tls() {
     // This time with the token alone: the agent finds the CA it pins on the server.
     std::fs::remove_file(node_dir.join("pki/ca.crt")).ok();
     let agent = agent_args(&join2, None, "node-1-again.log");
-    wait_for("a new certificate", async || (serial(&node_cert) != revoked_serial).then_some(())).await;
-    wait_for("the node works again", async || {
+    eventually("a new certificate", async || (serial(&node_cert) != revoked_serial).then_some(())).await;
+    eventually("the node works again", async || {
         let again: Arc<dyn Store> = Arc::new(
             RemoteStore::builder(url.clone())
                 .ca_pem(std::fs::read(&ca).unwrap())

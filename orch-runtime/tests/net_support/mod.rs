@@ -193,3 +193,19 @@ impl EchoClient {
         }
     }
 }
+
+/// Whether this process may add routes (`CAP_NET_ADMIN`); says why not, or fails where CI
+/// requires it (`ORCH_REQUIRE_NET_ADMIN=1`).
+pub fn may_route(test: &str) -> bool {
+    let probe: std::net::IpAddr = format!("10.98.{}.254", std::process::id() % 250).parse().unwrap();
+    match orch_runtime::net::LocalRoute::add(probe) {
+        Ok(_) => true,
+        Err(e) if std::env::var("ORCH_REQUIRE_NET_ADMIN").is_ok_and(|v| v == "1") => {
+            panic!("{test}: routes are required here (ORCH_REQUIRE_NET_ADMIN=1) but cannot be added: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped {test}: cannot add a local route here ({e}); it takes CAP_NET_ADMIN");
+            false
+        }
+    }
+}

@@ -91,7 +91,12 @@ impl Tokens {
 
     /// The user a token belongs to.
     pub fn authenticate(&self, token: &str) -> Option<&UserInfo> {
-        self.by_hash.get(&hash(token))
+        self.by_digest(&hash(token))
+    }
+
+    /// The user of the token whose SHA-256 is `digest`.
+    pub(super) fn by_digest(&self, digest: &[u8; 32]) -> Option<&UserInfo> {
+        self.by_hash.get(digest)
     }
 }
 

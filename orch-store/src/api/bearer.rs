@@ -181,10 +181,11 @@ pub async fn drop_expired(store: &dyn Store, now: Timestamp) -> Result<usize, Er
     Ok(dropped)
 }
 
-/// The user a stored token authenticates at `now`, given the token's object (`None`: the object
-/// is for another token, or the token expired).
-pub fn user_of(object: &BearerToken, token: &str, now: Timestamp) -> Option<UserInfo> {
-    let matches = hex(&hash(token)) == object.sha256;
-    (matches && object.expires.is_none_or(|at| at > now))
-        .then(|| UserInfo { name: object.user.clone(), groups: object.groups.clone() })
+impl BearerToken {
+    /// The user this token authenticates at `now`, if the token whose SHA-256 (hex) is
+    /// `sha256` is this one and has not expired.
+    pub fn user_at(&self, sha256: &str, now: Timestamp) -> Option<UserInfo> {
+        (self.sha256 == sha256 && self.expires.is_none_or(|at| at > now))
+            .then(|| UserInfo { name: self.user.clone(), groups: self.groups.clone() })
+    }
 }

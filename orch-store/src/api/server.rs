@@ -530,14 +530,17 @@ impl Shared {
             (Some(id), _, _) => {
                 check_certificate(self, id).await.map(|()| (id.user.clone(), Some(Held::Certificate(id.clone()))))
             }
-            (None, Some(tokens), Some(t)) => match tokens.authenticate(t) {
-                Some(u) => Ok((u.clone(), None)),
-                None => match self.credentials.stored_token(t).await.map_err(|e| Status::from_error(&e))? {
-                    Some((u, held)) => Ok((u, Some(held))),
-                    // The token itself is never echoed or logged.
-                    None => Err(Status::failure(401, "Unauthorized", "the bearer token is not valid")),
-                },
-            },
+            (None, Some(tokens), Some(t)) => {
+                let digest = super::auth::hash(t);
+                match tokens.by_digest(&digest) {
+                    Some(u) => Ok((u.clone(), None)),
+                    None => match self.credentials.stored_token(&digest).await.map_err(|e| Status::from_error(&e))? {
+                        Some((u, held)) => Ok((u, Some(held))),
+                        // The token itself is never echoed or logged.
+                        None => Err(Status::failure(401, "Unauthorized", "the bearer token is not valid")),
+                    },
+                }
+            }
             _ => Ok((UserInfo::anonymous(), None)),
         }
     }

@@ -34,8 +34,9 @@ struct Caches {
 pub(super) enum Held {
     /// A client certificate: good until it expires or is revoked.
     Certificate(CertificateIdentity),
-    /// A bearer token kept in the store (by its id and hash): good until deleted or expired.
-    StoredToken { id: String, token_hash: [u8; 32], expires: Option<Timestamp> },
+    /// A bearer token kept in the store (by its SHA-256 in hex, whose first 32 digits are its
+    /// id): good until deleted or expired.
+    StoredToken { sha256: String, expires: Option<Timestamp> },
 }
 
 /// The credential kind and name a write to `target` with `body` changes, if it changes one.
@@ -71,13 +72,13 @@ impl Credentials {
 
     /// The user of a bearer token kept in the store, with what a watch opened with it holds;
     /// `None` for a token that is not there or expired.
-    pub(super) async fn stored_token(&self, token: &str) -> Result<Option<(UserInfo, Held)>, Error> {
-        let id = bearer::token_id(token);
+    pub(super) async fn stored_token(&self, digest: &[u8; 32]) -> Result<Option<(UserInfo, Held)>, Error> {
+        let sha256 = super::super::auth::hex(digest);
         let now = orch_core::SystemClock.now();
-        let object = self.token_object(&id).await?;
+        let object = self.token_object(&sha256[..32]).await?;
         Ok(object.and_then(|t| {
-            let user = bearer::user_of(&t, token, now)?;
-            Some((user, Held::StoredToken { id, token_hash: super::super::auth::hash(token), expires: t.expires }))
+            let user = t.user_at(&sha256, now)?;
+            Some((user, Held::StoredToken { sha256, expires: t.expires }))
         }))
     }
 
@@ -155,8 +156,8 @@ impl Credentials {
         match held {
             // A store that cannot answer does not end the watch.
             Held::Certificate(cert) => cert.not_after > now && !matches!(self.revoked_because(cert).await, Ok(Some(_))),
-            Held::StoredToken { id, token_hash, .. } => match self.token_object(id).await {
-                Ok(Some(t)) => t.sha256 == super::super::auth::hex(token_hash) && t.expires.is_none_or(|at| at > now),
+            Held::StoredToken { sha256, .. } => match self.token_object(&sha256[..32]).await {
+                Ok(Some(t)) => t.user_at(sha256, now).is_some(),
                 // Gone: revoked.
                 Ok(None) => false,
                 Err(_) => true,
