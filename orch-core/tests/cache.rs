@@ -251,3 +251,20 @@ async fn a_cache_keeps_up_with_bursts_among_busy_tasks() {
     eventually(Duration::from_secs(10), "every object in the cache", || cache.len() == 10_000).await;
     assert_eq!(cache.lists(), 1, "the cache fell behind the compaction of its store and listed again");
 }
+
+/// A task that writes to an in-process store in one long loop, never waiting on anything else,
+/// must still let the watchers on its thread run: every write takes a unit of the task's
+/// cooperative budget, so the writer yields before its watchers fall behind the history.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_writer_that_never_waits_still_lets_the_cache_keep_up() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::builder().history_limit(1_000).build());
+    let cache = Cache::<Workload>::spawn(store.clone(), CacheConfig::default());
+    cache.ready().await;
+    let api: Api<Workload> = Api::namespaced(store.clone(), "default");
+    // Five times the history in one loop, on the test's own task.
+    for i in 0..5_000 {
+        api.create(&workload(&format!("w-{i}"), "web")).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "every object in the cache", || cache.len() == 5_000).await;
+    assert_eq!(cache.lists(), 1, "the writer starved the cache until its events were compacted");
+}
