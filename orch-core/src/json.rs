@@ -6,6 +6,8 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod canonical;
+
 /// A document that could not be encoded or decoded; it becomes
 /// [`Error::Serialization`](crate::Error::Serialization) through `?`.
 ///
@@ -318,6 +320,13 @@ impl RawJson {
 
     /// Encodes any serializable value.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, JsonError> {
+        let mut out = Vec::with_capacity(256);
+        if canonical::write(value, &mut out).is_ok() {
+            // Only UTF-8 is written: keys and strings come from `str`s, the rest is ASCII.
+            if let Ok(text) = std::str::from_utf8(&out) {
+                return Ok(RawJson(Arc::from(text)));
+            }
+        }
         serde_json::to_value(value).map(|v| Self::from_value(&v)).map_err(|source| JsonError {
             what: std::any::type_name::<T>().into(),
             path: String::new(),
@@ -476,7 +485,7 @@ mod tests {
 
     /// Any JSON document: strings with quotes, escapes, control and non-ASCII characters,
     /// integers at the edges, fractions, nested arrays and objects.
-    fn any_json() -> impl Strategy<Value = serde_json::Value> {
+    pub(super) fn any_json() -> impl Strategy<Value = serde_json::Value> {
         use serde_json::Value;
         let text = || proptest::string::string_regex("[a-c\"\\\\/\n\u{1}\u{7f}é😀 ]{0,4}").unwrap();
         let leaf = prop_oneof![
