@@ -15,7 +15,7 @@ use orch_store::MemoryStore;
 use orch_store::api::admission::UserInfo;
 use orch_store::api::auth::{ADMINS, READERS};
 use orch_store::api::bearer::{self, BEARER_TOKEN_KIND};
-use orch_store::api::{ApiServer, Authorizer, Limits, RemoteStore, RunningServer, Tokens};
+use orch_store::api::{ApiServer, Authorizer, Limits, RemoteStore, Rule, RunningServer, Tokens};
 
 const ADMIN_TOKEN: &str = "the-admin-token-from-the-file";
 
@@ -190,4 +190,57 @@ async fn replicas_over_one_store_accept_a_new_token_at_once_and_the_revoking_one
     }
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// A rule that lets a group write tokens lets its members make their own, not tokens that are
+/// someone else's or carry a group they lack: that takes `system:admins`. Token objects written
+/// straight through the API (not by `create_token`) are checked by the server.
+#[tokio::test]
+async fn writing_tokens_never_gives_more_than_the_writer_has() {
+    let tokens = Tokens::new()
+        .with(ADMIN_TOKEN, UserInfo { name: "root".into(), groups: vec![ADMINS.into()] })
+        .with("carols-token", UserInfo { name: "carol".into(), groups: vec!["issuers".into()] });
+    let issuers = Rule {
+        subjects: vec!["group:issuers".into()],
+        kinds: vec![BEARER_TOKEN_KIND.into()],
+        verbs: vec!["create".into(), "update".into(), "patch".into(), "get".into(), "list".into(), "delete".into()],
+        ..Rule::default()
+    };
+    let running = ApiServer::builder(Arc::new(MemoryStore::new()))
+        .authentication(tokens)
+        .authorization(Authorizer::with_builtin_roles().rule(issuers))
+        .build()
+        .spawn("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (admin, carol) = (client(&running, ADMIN_TOKEN), client(&running, "carols-token"));
+    let now = SystemClock.now();
+
+    let e = bearer::create_token(&carol, "root", &[ADMINS.to_string()], None, now).await.unwrap_err().to_string();
+    assert!(e.contains("spec.user") && e.contains("only members of system:admins"), "{e}");
+    let e = bearer::create_token(&carol, "carol", &[ADMINS.to_string()], None, now).await.unwrap_err().to_string();
+    assert!(e.contains("spec.groups[0]") && e.contains("not in this group"), "{e}");
+    assert!(bearer::list_tokens(&admin).await.unwrap().is_empty(), "nothing made");
+
+    // Her own token, with her own group, works.
+    let own = bearer::create_token(&carol, "carol", &["issuers".to_string()], None, now).await.unwrap();
+    assert_eq!(bearer::list_tokens(&client(&running, &own.token)).await.unwrap().len(), 1, "it authenticates her");
+    // Nor can she turn it into someone else's.
+    let key = ObjectKey::new(BEARER_TOKEN_KIND, "", &own.id);
+    let mut stored = (*carol.get(&key).await.unwrap()).clone();
+    let mut spec: bearer::BearerToken = stored.spec.decode().unwrap();
+    spec.user = "root".into();
+    stored.spec = orch_core::RawJson::encode(&spec).unwrap();
+    let e = carol.update(stored, &WriteOptions::default()).await.unwrap_err().to_string();
+    assert!(e.contains("spec.user"), "{e}");
+    assert_eq!(bearer::list_tokens(&admin).await.unwrap()[0].1.user, "carol", "unchanged");
+
+    // An admin makes anyone's; a token object that is not a token is refused, naming the field.
+    bearer::create_token(&admin, "dave", &[READERS.to_string()], None, now).await.unwrap();
+    let bad = DynamicObject::new(BEARER_TOKEN_KIND, ObjectMeta::named("0123456789abcdef0123456789abcdef"))
+        .with_spec(orch_core::RawJson::parse(r#"{"user":"eve","sha256":"nope"}"#).unwrap());
+    let e = admin.create(bad, &WriteOptions::default()).await.unwrap_err().to_string();
+    assert!(e.contains("spec.sha256") && e.contains("64 lowercase hex digits"), "{e}");
+    assert_eq!(bearer::list_tokens(&admin).await.unwrap().len(), 2);
+    running.shutdown().await.unwrap();
 }

@@ -12,6 +12,8 @@ use orch_core::kinds::{
 };
 use orch_core::{DynamicObject, Error, Object, ObjectKey, Resource};
 
+use super::bearer::{BEARER_TOKEN_KIND, BearerToken};
+
 /// What a request does to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -66,7 +68,8 @@ pub trait Admission: Send + Sync + 'static {
 }
 
 /// Checks orch's built-in kinds (`Workload`, `Node`, `NodeLease`, `Deployment`, `ReplicaSet`,
-/// `DaemonSet`, `StatefulSet`, `Job`, `Workflow`, `Event`, `Service`, `EndpointSlice`, `VolumeClaim`, `PersistentVolume`) as the typed `Api` does:
+/// `DaemonSet`, `StatefulSet`, `Job`, `Workflow`, `Event`, `Service`, `EndpointSlice`, `VolumeClaim`, `PersistentVolume`,
+/// `BearerToken`) as the typed `Api` does:
 /// every bad field named, the spec and status decoded.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BuiltinValidation;
@@ -122,6 +125,7 @@ impl Admission for BuiltinValidation {
             (VolumeClaim::KIND, true) => check_status::<VolumeClaim>(obj),
             (PersistentVolume::KIND, false) => check::<PersistentVolume>(obj),
             (PersistentVolume::KIND, true) => check_status::<PersistentVolume>(obj),
+            (BEARER_TOKEN_KIND, false) => check::<BearerToken>(obj),
             _ => Ok(()),
         }
     }

@@ -189,3 +189,39 @@ impl BearerToken {
             .then(|| UserInfo { name: self.user.clone(), groups: self.groups.clone() })
     }
 }
+
+/// Refuses a `BearerToken` write that would authenticate someone with more than the writer has:
+/// a token for another user, or with a group the writer is not in, takes membership in
+/// [`ADMINS`](super::auth::ADMINS). Anyone allowed to write tokens may make their own (as a
+/// personal access token). The server checks this on every create, update and patch of a
+/// token while it authorizes requests.
+pub(crate) fn check_identity(writer: &UserInfo, obj: &DynamicObject) -> Result<(), Error> {
+    if writer.groups.iter().any(|g| g == super::auth::ADMINS) {
+        return Ok(());
+    }
+    let token: BearerToken = obj.spec.decode().map_err(|e| e.within(obj.key(), "spec"))?;
+    if token.user != writer.name {
+        return Err(Error::invalid(
+            BEARER_TOKEN_KIND,
+            "spec.user",
+            format!(
+                "{:?}: only members of {} may make tokens for other users ({:?} may make its own)",
+                token.user,
+                super::auth::ADMINS,
+                writer.name
+            ),
+        ));
+    }
+    if let Some((i, g)) = token.groups.iter().enumerate().find(|(_, g)| !writer.groups.contains(g)) {
+        return Err(Error::invalid(
+            BEARER_TOKEN_KIND,
+            format!("spec.groups[{i}]"),
+            format!(
+                "{g:?}: {:?} is not in this group, and only members of {} may give it",
+                writer.name,
+                super::auth::ADMINS
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -31,6 +31,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::admission::{Admission, AdmissionRequest, BuiltinValidation, Operation, UserInfo};
 use super::auth::{Access, AuditLog, AuditRecord, Authorizer, JoinTokens, Tokens};
+use super::bearer::{self, BEARER_TOKEN_KIND};
 use super::kinds::{self, Kinds};
 use super::node_auth::{self, NodeDecision};
 use super::pki::{self, CertificateIdentity, ClusterCa};
@@ -497,6 +498,12 @@ impl Shared {
         obj: &mut DynamicObject,
     ) -> Result<(), Error> {
         let req = AdmissionRequest { operation: op, key, user, dry_run };
+        if self.authorizer.is_some()
+            && key.kind == BEARER_TOKEN_KIND
+            && matches!(op, Operation::Create | Operation::Update)
+        {
+            bearer::check_identity(user, obj)?;
+        }
         for hook in &self.admission {
             hook.admit(&req, obj).map_err(|e| match e {
                 // A spec that does not decode is the client's input at fault, not the server.
