@@ -430,8 +430,9 @@ async fn a_program_runs_inside_its_volume_when_asked_and_other_expansions_are_re
     api.create(&w).await.unwrap();
     let volume_dir = data_root.join("local-volumes").join(&pv).join("data");
     let where_ = volume_dir.join("where");
+    // The shell makes the file before it writes the line: wait for the whole line.
     let wrote = wait_until("the program wrote into its working directory", LIMIT, async || {
-        std::fs::read_to_string(&where_).ok()
+        std::fs::read_to_string(&where_).ok().filter(|s| s.ends_with('\n'))
     })
     .await;
     assert_eq!(std::path::Path::new(wrote.trim()).canonicalize().unwrap(), volume_dir.canonicalize().unwrap());
