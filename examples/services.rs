@@ -30,8 +30,7 @@ use orch_controllers::{
     DeploymentController, EndpointsConfig, EndpointsController, GarbageCollector, ReplicaSetController,
 };
 use orch_core::kinds::{
-    ContainerPort, Deployment, EnvVar, IntOrPercent, PortTarget, RollingUpdate, Service, ServicePort, Strategy,
-    Workload,
+    ContainerPort, Deployment, EnvVar, IntOrPercent, RollingUpdate, Service, ServicePort, Strategy, Workload,
 };
 use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Runtime, Store};
 use orch_runtime::net::dns::{DnsConfig, DnsServer};
@@ -196,11 +195,7 @@ async fn main() -> Result<(), Error> {
     });
     deployments.create(&Object::new(ObjectMeta::named("web"), d)).await?;
     let services: Api<Service> = Api::namespaced(store.clone(), "default");
-    let svc = Service {
-        selector: [("app".to_string(), "web".to_string())].into(),
-        ports: vec![ServicePort { port: 80, target_port: Some(PortTarget::Name("http".into())), ..Default::default() }],
-        ..Default::default()
-    };
+    let svc = Service::selecting(&[("app", "web")], vec![ServicePort::to_named(80, "http")]);
     services.create(&Object::new(ObjectMeta::named("web"), svc)).await?;
     wait_for("two ready replicas", async || {
         let s = resolver.resolve("web.default")?;

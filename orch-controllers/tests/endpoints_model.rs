@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use orch_controllers::endpoints::slices::{plan, select};
 use orch_core::kinds::{
-    Condition, ConditionStatus, Endpoint, Phase, PortStatus, PortTarget, Service, ServicePort, Workload, set_condition,
+    Condition, ConditionStatus, Endpoint, Phase, PortStatus, Service, ServicePort, Workload, set_condition,
 };
 use orch_core::{Object, ObjectMeta, Timestamp};
 use proptest::prelude::*;
@@ -60,11 +60,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     #[test]
     fn every_matching_workload_is_in_exactly_one_bounded_slice(ops in prop::collection::vec(op(), 1..60), max in 1usize..5) {
-        let svc = Service {
-            selector: [("app".to_string(), "web".to_string())].into(),
-            ports: vec![ServicePort { port: 80, target_port: Some(PortTarget::Name("http".into())), ..Default::default() }],
-            ..Default::default()
-        };
+        let svc = Service::selecting(&[("app", "web")], vec![ServicePort::to_named(80, "http")]);
         let mut workloads: BTreeMap<u8, Object<Workload>> = BTreeMap::new();
         let mut slices: Vec<(String, Vec<Endpoint>)> = Vec::new();
         let mut next_slice = 0;

@@ -164,7 +164,7 @@ async fn processes_get_their_ports_uniquely_and_the_ports_come_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_workload_is_terminating_in_its_endpoints_before_it_is_signalled() {
     use orch_controllers::{EndpointsController, GarbageCollector};
-    use orch_core::kinds::{EndpointSlice, PRE_STOP_FINALIZER, PortTarget, Service, ServicePort};
+    use orch_core::kinds::{EndpointSlice, PRE_STOP_FINALIZER, Service, ServicePort};
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let mut manager = orch_core::Manager::new(store.clone());
     manager.add(EndpointsController::builder(Default::default()));
@@ -183,11 +183,7 @@ async fn a_deleted_workload_is_terminating_in_its_endpoints_before_it_is_signall
     let api: Api<Workload> = Api::namespaced(store.clone(), "default");
     api.create(&w).await.unwrap();
     let services: Api<Service> = Api::namespaced(store.clone(), "default");
-    let svc = Service {
-        selector: [("app".to_string(), "web".to_string())].into(),
-        ports: vec![ServicePort { port: 80, target_port: Some(PortTarget::Name("http".into())), ..Default::default() }],
-        ..Default::default()
-    };
+    let svc = Service::selecting(&[("app", "web")], vec![ServicePort::to_named(80, "http")]);
     services.create(&Object::new(ObjectMeta::named("web"), svc)).await.unwrap();
     let slices: Api<EndpointSlice> = Api::namespaced(store.clone(), "default");
     let endpoint = async || {

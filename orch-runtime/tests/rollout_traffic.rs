@@ -13,8 +13,7 @@ use std::time::Duration;
 use orch_controllers::endpoints::{AddressRange, EndpointsConfig};
 use orch_controllers::{DeploymentController, EndpointsController, GarbageCollector, ReplicaSetController};
 use orch_core::kinds::{
-    ContainerPort, Deployment, EnvVar, IntOrPercent, PortTarget, RollingUpdate, Service, ServicePort, Strategy,
-    Workload,
+    ContainerPort, Deployment, EnvVar, IntOrPercent, RollingUpdate, Service, ServicePort, Strategy, Workload,
 };
 use orch_core::testkit::wait_until;
 use orch_core::{Api, ListParams, Manager, Object, ObjectMeta, Runtime, Store};
@@ -122,11 +121,7 @@ async fn a_rolling_update_under_load_loses_no_request() {
     });
     deployments.create(&Object::new(ObjectMeta::named("web"), d)).await.unwrap();
     let services: Api<Service> = Api::namespaced(store.clone(), "default");
-    let svc = Service {
-        selector: [("app".to_string(), "web".to_string())].into(),
-        ports: vec![ServicePort { port: 80, target_port: Some(PortTarget::Name("http".into())), ..Default::default() }],
-        ..Default::default()
-    };
+    let svc = Service::selecting(&[("app", "web")], vec![ServicePort::to_named(80, "http")]);
     services.create(&Object::new(ObjectMeta::named("web"), svc)).await.unwrap();
     let address = wait_until("two ready endpoints behind the cluster address", LIMIT, async || {
         let s = resolver.resolve("web.default")?;

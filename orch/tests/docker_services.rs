@@ -16,7 +16,7 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 
-use orch::core::kinds::{ContainerPort, Node, PortTarget, Service, ServicePort, Workload};
+use orch::core::kinds::{ContainerPort, Node, Service, ServicePort, Workload};
 use orch::core::{Api, Object, ObjectMeta, Store};
 use orch::runtime::net::LocalRoute;
 use orch::runtime::{DockerConfig, DockerRuntime};
@@ -139,11 +139,7 @@ async fn containers_on_a_bridge_find_a_service_by_name_and_reach_it() {
     client.node_name = Some(node.clone());
     workloads.create(&Object::new(ObjectMeta::named("client"), client)).await.unwrap();
     let services: Api<Service> = Api::namespaced(store.clone(), "default");
-    let svc = Service {
-        selector: [("app".to_string(), "web".to_string())].into(),
-        ports: vec![ServicePort { port: 80, target_port: Some(PortTarget::Name("http".into())), ..Default::default() }],
-        ..Default::default()
-    };
+    let svc = Service::selecting(&[("app", "web")], vec![ServicePort::to_named(80, "http")]);
     services.create(&Object::new(ObjectMeta::named("web"), svc)).await.unwrap();
     let cluster =
         eventually("a cluster address from the block", async || services.get("web").await.ok()?.status.cluster_address)

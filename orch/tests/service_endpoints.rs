@@ -189,11 +189,7 @@ async fn two_nodes_on_one_machine_reach_each_others_services() {
             .unwrap();
     }
     let services: Api<Service> = Api::namespaced(store.clone(), "default");
-    let svc = Service {
-        selector: [("app".to_string(), "web".to_string())].into(),
-        ports: vec![ServicePort { port: 80, target_port: Some(PortTarget::Name("http".into())), ..Default::default() }],
-        ..Default::default()
-    };
+    let svc = Service::selecting(&[("app", "web")], vec![ServicePort::to_named(80, "http")]);
     services.create(&Object::new(ObjectMeta::named("web"), svc)).await.unwrap();
     let slices: Api<EndpointSlice> = Api::namespaced(store.clone(), "default");
     let found = eventually("two ready endpoints, one per slice", async || {

@@ -66,6 +66,12 @@ impl ServicePort {
         ServicePort { port, ..Default::default() }
     }
 
+    /// The port clients use for `port`, forwarding to each endpoint's container port named
+    /// `target` (whatever number it has there).
+    pub fn to_named(port: u32, target: &str) -> Self {
+        ServicePort { port, target_port: Some(PortTarget::Name(target.into())), ..Default::default() }
+    }
+
     /// The target, with the default (`port`) applied.
     pub fn target(&self) -> PortTarget {
         self.target_port.clone().unwrap_or(PortTarget::Number(self.port))
@@ -94,6 +100,18 @@ pub struct Service {
     /// they are ready, as a stateful set's members do).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub publish_not_ready: bool,
+}
+
+impl Service {
+    /// A cluster-internal service with `ports` in front of the workloads carrying every label of
+    /// `selector`.
+    pub fn selecting(selector: &[(&str, &str)], ports: Vec<ServicePort>) -> Self {
+        Service {
+            selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ports,
+            ..Default::default()
+        }
+    }
 }
 
 /// What the endpoints controller observes about a service.

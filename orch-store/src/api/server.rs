@@ -498,12 +498,6 @@ impl Shared {
         obj: &mut DynamicObject,
     ) -> Result<(), Error> {
         let req = AdmissionRequest { operation: op, key, user, dry_run };
-        if self.authorizer.is_some()
-            && key.kind == BEARER_TOKEN_KIND
-            && matches!(op, Operation::Create | Operation::Update)
-        {
-            bearer::check_identity(user, obj)?;
-        }
         for hook in &self.admission {
             hook.admit(&req, obj).map_err(|e| match e {
                 // A spec that does not decode is the client's input at fault, not the server.
@@ -514,6 +508,13 @@ impl Shared {
                 ),
                 e => e,
             })?;
+        }
+        // After validation: a token that does not decode is refused as bad input first.
+        if self.authorizer.is_some()
+            && key.kind == BEARER_TOKEN_KIND
+            && matches!(op, Operation::Create | Operation::Update)
+        {
+            bearer::check_identity(user, obj)?;
         }
         Ok(())
     }
